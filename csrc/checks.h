@@ -1,0 +1,101 @@
+// Argument validation shared by the CPU and CUDA kernels (torch side only).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include "dtype.h"
+
+namespace lora_ext {
+
+inline DType to_dtype(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::F32;
+    case at::kHalf:
+      return DType::F16;
+    case at::kBFloat16:
+      return DType::BF16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
+                  "; supported are float32, float16 and bfloat16");
+  }
+}
+
+inline void check_same_device_dtype(const char* op, const at::Tensor& ref, const char* ref_name,
+                                    const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device(), "; all tensors must be on one device");
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but ", ref_name, " has ", ref.scalar_type(), "; dtypes must match");
+}
+
+inline void check_no_overlap(const char* op, const at::Tensor& out, const char* out_name,
+                             const at::Tensor& in, const char* in_name) {
+  TORCH_CHECK(at::get_overlap_status(out, in) == at::MemOverlapStatus::No, op, ": ", out_name,
+              " (written in place) shares memory with ", in_name, "; pass separate tensors");
+}
+
+// Validated view of lora_apply_'s arguments as 2-D problems:
+//   x2 [T, in] (unit column stride), A [r, in], B [out, r] (contiguous), y2 [T, out].
+// y2 aliases y when y can be viewed that way; otherwise y2 is a contiguous
+// copy and the kernel's result must be copied back (copy_back == true).
+struct LoraApplyArgs {
+  at::Tensor y2, x2, A, B;
+  int64_t T, in, out, r;
+  DType dtype;
+  bool copy_back;
+};
+
+inline LoraApplyArgs check_lora_apply(const char* op, const at::Tensor& y, const at::Tensor& x,
+                                      const at::Tensor& A, const at::Tensor& B) {
+  TORCH_CHECK(A.dim() == 2, op, ": A must be 2-D [r, in], got shape ", A.sizes());
+  TORCH_CHECK(B.dim() == 2, op, ": B must be 2-D [out, r], got shape ", B.sizes());
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dim [..., in], got a scalar");
+  TORCH_CHECK(y.dim() == x.dim(), op, ": y must have the same number of dims as x ([..., out] vs",
+              " [..., in]), got y ", y.sizes(), " and x ", x.sizes());
+  const int64_t in = x.size(-1), r = A.size(0), out = B.size(0);
+  TORCH_CHECK(r >= 1, op, ": rank r = A.size(0) must be >= 1, got A ", A.sizes());
+  TORCH_CHECK(A.size(1) == in, op, ": A must be [r, in] with in = x.size(-1) = ", in, ", got A ",
+              A.sizes());
+  TORCH_CHECK(B.size(1) == r, op, ": B must be [out, r] with r = A.size(0) = ", r, ", got B ",
+              B.sizes());
+  TORCH_CHECK(y.size(-1) == out, op, ": y.size(-1) must equal out = B.size(0) = ", out,
+              ", got y ", y.sizes());
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) {
+    TORCH_CHECK(y.size(d) == x.size(d), op, ": leading dims of y and x must match, got y ",
+                y.sizes(), " and x ", x.sizes());
+  }
+  DType dt = to_dtype(x, op, "x");
+  check_same_device_dtype(op, x, "x", A, "A");
+  check_same_device_dtype(op, x, "x", B, "B");
+  check_same_device_dtype(op, x, "x", y, "y");
+  TORCH_CHECK(at::has_internal_overlap(y) != at::MemOverlap::Yes, op,
+              ": y has internal overlap (e.g. an expanded tensor); it cannot be written in place");
+  check_no_overlap(op, y, "y", x, "x");
+  check_no_overlap(op, y, "y", A, "A");
+  check_no_overlap(op, y, "y", B, "B");
+
+  LoraApplyArgs a;
+  a.in = in;
+  a.out = out;
+  a.r = r;
+  a.dtype = dt;
+  a.x2 = x.reshape({-1, in});
+  if (a.x2.stride(1) != 1 || (a.x2.size(0) > 1 && a.x2.stride(0) < in)) a.x2 = a.x2.contiguous();
+  a.T = a.x2.size(0);
+  a.A = A.contiguous();
+  a.B = B.contiguous();
+  // y must be written in place: use a 2-D view when its layout allows, else a copy.
+  a.copy_back = false;
+  if (y.dim() == 2 && y.stride(1) == 1 && (y.size(0) <= 1 || y.stride(0) >= out)) {
+    a.y2 = y;
+  } else if (y.is_contiguous()) {
+    a.y2 = y.view({-1, out});
+  } else {
+    a.y2 = y.reshape({-1, out}).contiguous();
+    a.copy_back = true;
+  }
+  return a;
+}
+
+}  // namespace lora_ext

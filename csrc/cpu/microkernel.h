@@ -1,0 +1,50 @@
+// fp32 register-blocked micro-kernel shared by the CPU kernels (torch-free).
+//
+// Tiling: C[6, 16] = sum_k a_rows[m][k] * panel[k][0:16]
+//   - 6 rows of the left operand are given as row pointers, so token rows can
+//     be read in place from x (any row stride) and short tails point at a zero row;
+//   - the right operand is packed once per call into 16-wide panels
+//     [K][16] (zero padded), so each k step is 2 vector loads + 6 broadcasts
+//     feeding 12 independent FMAs of 8 lanes (12 accumulators + 3 temporaries
+//     fit the 16 AVX2 registers).
+// The vector type is GCC's generic vector extension; on x86-64 the function is
+// cloned for AVX2+FMA (x86-64-v3) and AVX-512 (x86-64-v4) and picked at load time.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace lora_ext::cpu {
+
+constexpr int kMR = 6;   // rows per micro tile
+constexpr int kNR = 16;  // columns per micro tile (one packed panel)
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LORA_EXT_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define LORA_EXT_CLONES
+#endif
+
+// out[6][16] = sum_{k < K} rows[m][k] * panel[k * 16 + n]
+void micro_6x16(int64_t K, const float* const rows[kMR], const float* panel, float out[kMR][kNR]);
+
+// Packs the rows src[j, 0:K] (j < N, row stride ld, any of the three element
+// types converted by `load`) as panels: dst[p][k][c] = src[p*16 + c][k], zero past N.
+// dst holds ceil(N/16) * K * 16 floats.
+template <class T, class Load>
+void pack_panels(const T* src, int64_t N, int64_t K, int64_t ld, float* dst, Load load,
+                 int64_t p_begin, int64_t p_end) {
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    float* d = dst + p * K * kNR;
+    for (int c = 0; c < kNR; ++c) {
+      const int64_t j = p * kNR + c;
+      if (j < N) {
+        const T* s = src + j * ld;
+        for (int64_t k = 0; k < K; ++k) d[k * kNR + c] = load(s[k]);
+      } else {
+        for (int64_t k = 0; k < K; ++k) d[k * kNR + c] = 0.f;
+      }
+    }
+  }
+}
+
+}  // namespace lora_ext::cpu

@@ -1,0 +1,242 @@
+// CUDA kernels of lora_apply_: y[T, out] += s * (x[T, in] A[r, in]^T) B[out, r]^T,
+// in two launches through an fp32 workspace u[T, r] (no fp16 intermediate).
+//
+// Small T (<= 8 tokens, decode): memory-bound, the bytes are A and B.
+//   shrink_small: grid (K splits, ceil(r/8)), 8 warps per block, warp = one rank row of A;
+//     lanes stride their K range with 16-byte loads of A[j] and of each token row, keep
+//     T fp32 partial sums, reduce with shuffles and add into u (atomics when K is split).
+//   expand_small: one thread per output column o reads its row B[o, :r] with 16-byte loads,
+//     broadcasts u[t, :], and adds s * acc into y[t, o] for every token (one rounding).
+// Large T (prefill / training): both halves are the NT product C = a b^T in gemm_nt,
+//   tiles of 64 rows x BN (16/32/64) columns, K in steps of 32 through shared memory
+//   (converted to fp32 on the way in), a 4 x BN/16 register tile per thread; the shrink
+//   splits K over blockIdx.z (atomics into the zeroed u) when too few tiles fill the GPU.
+#include "common.cuh"
+#include "launch.h"
+
+namespace lora_ext::cuda {
+namespace {
+
+constexpr int kSmallT = 8;
+constexpr int kThreads = 256;
+
+template <class T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    shrink_small(const T* __restrict__ x, int64_t ldx, const T* __restrict__ A,
+                 float* __restrict__ u, int T_, int64_t in, int64_t r, int64_t kchunk,
+                 bool atomic) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * (kThreads / 32) + warp;
+  if (j >= r) return;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kchunk;
+  const int64_t k1 = min(in, k0 + kchunk);
+  float acc[kSmallT];
+#pragma unroll
+  for (int t = 0; t < kSmallT; ++t) acc[t] = 0.f;
+  const T* a = A + j * in;
+  for (int64_t k = k0 + lane * VEC; k < k1; k += 32 * VEC) {
+    float av[VEC];
+    load_f32<T, VEC>(a + k, av);
+#pragma unroll
+    for (int t = 0; t < kSmallT; ++t) {
+      if (t < T_) {
+        float xv[VEC];
+        load_f32<T, VEC>(x + t * ldx + k, xv);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[t] = fmaf(av[i], xv[i], acc[t]);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kSmallT; ++t) {
+    if (t < T_) {
+      const float s = warp_sum(acc[t]);
+      if (lane == 0) {
+        if (atomic) {
+          atomicAdd(u + t * r + j, s);
+        } else {
+          u[t * r + j] = s;
+        }
+      }
+    }
+  }
+}
+
+template <class T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    expand_small(T* __restrict__ y, int64_t ldy, const float* __restrict__ u,
+                 const T* __restrict__ B, int T_, int64_t out, int64_t r, float scale) {
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (o >= out) return;
+  float acc[kSmallT];
+#pragma unroll
+  for (int t = 0; t < kSmallT; ++t) acc[t] = 0.f;
+  const T* b = B + o * r;
+  for (int64_t j = 0; j < r; j += VEC) {
+    float bv[VEC];
+    load_f32<T, VEC>(b + j, bv);
+#pragma unroll
+    for (int t = 0; t < kSmallT; ++t) {
+      if (t < T_) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[t] = fmaf(bv[i], __ldg(u + t * r + j + i), acc[t]);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kSmallT; ++t) {
+    if (t < T_) {
+      T* p = y + t * ldy + o;
+      *p = from_f32<T>(to_f32(*p) + scale * acc[t]);
+    }
+  }
+}
+
+// Epilogues of gemm_nt.
+struct StoreU {  // shrink: u[m, n] (+)= v
+  float* u;
+  int64_t ldu;
+  bool atomic;
+  __device__ void operator()(int64_t m, int64_t n, float v) const {
+    if (atomic) {
+      atomicAdd(u + m * ldu + n, v);
+    } else {
+      u[m * ldu + n] = v;
+    }
+  }
+};
+template <class T>
+struct AddY {  // expand: y[m, n] += s * v, rounded once
+  T* y;
+  int64_t ldy;
+  float scale;
+  __device__ void operator()(int64_t m, int64_t n, float v) const {
+    T* p = y + m * ldy + n;
+    *p = from_f32<T>(to_f32(*p) + scale * v);
+  }
+};
+
+// C[M, N] = a[M, K] b[N, K]^T over the K range [z * kchunk, (z + 1) * kchunk).
+// Thread (ty, tx) = (tid / 16, tid % 16) owns rows ty*4 .. ty*4+3 and columns tx + 16c.
+template <class TA, class TB, int BN, class Epi>
+__global__ void __launch_bounds__(kThreads)
+    gemm_nt(const TA* __restrict__ a, int64_t lda, const TB* __restrict__ b, int64_t ldb,
+            int64_t M, int64_t N, int64_t K, int64_t kchunk, Epi epi) {
+  constexpr int BM = 64, BK = 32, CN = BN / 16;
+  __shared__ float As[BK][BM + 1];
+  __shared__ float Bs[BK][BN + 1];
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const int64_t kbeg = static_cast<int64_t>(blockIdx.z) * kchunk;
+  const int64_t kend = min(K, kbeg + kchunk);
+  float acc[4][CN];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int c = 0; c < CN; ++c) acc[i][c] = 0.f;
+
+  for (int64_t k0 = kbeg; k0 < kend; k0 += BK) {
+    for (int e = tid; e < BM * BK; e += kThreads) {
+      const int row = e / BK, col = e % BK;
+      const int64_t gm = m0 + row, gk = k0 + col;
+      As[col][row] = (gm < M && gk < kend) ? to_f32(a[gm * lda + gk]) : 0.f;
+    }
+    for (int e = tid; e < BN * BK; e += kThreads) {
+      const int row = e / BK, col = e % BK;
+      const int64_t gn = n0 + row, gk = k0 + col;
+      Bs[col][row] = (gn < N && gk < kend) ? to_f32(b[gn * ldb + gk]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int k = 0; k < BK; ++k) {
+      float av[4], bv[CN];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) av[i] = As[k][ty * 4 + i];
+#pragma unroll
+      for (int c = 0; c < CN; ++c) bv[c] = Bs[k][tx + 16 * c];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int c = 0; c < CN; ++c) acc[i][c] = fmaf(av[i], bv[c], acc[i][c]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int c = 0; c < CN; ++c) {
+      const int64_t m = m0 + ty * 4 + i, n = n0 + tx + 16 * c;
+      if (m < M && n < N) epi(m, n, acc[i][c]);
+    }
+}
+
+// Splits K so that about two waves of `tiles` blocks run, each split >= min_chunk long and a
+// multiple of `step`; returns the chunk length.
+int64_t split_k(int64_t K, int64_t tiles, int num_sms, int64_t step, int64_t min_chunk) {
+  int64_t splits = ceil_div(2 * static_cast<int64_t>(num_sms), tiles);
+  splits = std::max<int64_t>(1, std::min(splits, K / min_chunk));
+  return ceil_div(ceil_div(K, splits), step) * step;
+}
+
+template <class T, int BN>
+void shrink_tiled(const LoraApplyParams& p, cudaStream_t s) {
+  const dim3 tiles(ceil_div(p.T, 64), ceil_div(p.r, BN));
+  const int64_t kchunk = split_k(p.in, tiles.x * tiles.y, p.num_sms, 32, 256);
+  const dim3 grid(tiles.x, tiles.y, ceil_div(p.in, kchunk));
+  const bool atomic = grid.z > 1;
+  if (atomic) cudaMemsetAsync(p.u, 0, sizeof(float) * p.T * p.r, s);
+  gemm_nt<T, T, BN, StoreU><<<grid, kThreads, 0, s>>>(
+      static_cast<const T*>(p.x), p.ldx, static_cast<const T*>(p.A), p.in, p.T, p.r, p.in,
+      kchunk, StoreU{p.u, p.r, atomic});
+}
+
+template <class T>
+void run(const LoraApplyParams& p, cudaStream_t s) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* A = static_cast<const T*>(p.A);
+  const T* B = static_cast<const T*>(p.B);
+  T* y = static_cast<T*>(p.y);
+  constexpr int V = kVec<T>;
+  if (p.T <= kSmallT) {
+    const bool vx = p.in % V == 0 && p.ldx % V == 0 && aligned16(x) && aligned16(A);
+    const int64_t step = 32 * (vx ? V : 1);
+    const int64_t gy = ceil_div(p.r, kThreads / 32);
+    const int64_t kchunk = split_k(p.in, gy, p.num_sms, step, 4 * step);
+    const dim3 grid(ceil_div(p.in, kchunk), gy);
+    const bool atomic = grid.x > 1;
+    if (atomic) cudaMemsetAsync(p.u, 0, sizeof(float) * p.T * p.r, s);
+    const int nt = static_cast<int>(p.T);
+    if (vx) {
+      shrink_small<T, V><<<grid, kThreads, 0, s>>>(x, p.ldx, A, p.u, nt, p.in, p.r, kchunk, atomic);
+    } else {
+      shrink_small<T, 1><<<grid, kThreads, 0, s>>>(x, p.ldx, A, p.u, nt, p.in, p.r, kchunk, atomic);
+    }
+    const int64_t gx = ceil_div(p.out, kThreads);
+    if (p.r % V == 0 && aligned16(B)) {
+      expand_small<T, V><<<gx, kThreads, 0, s>>>(y, p.ldy, p.u, B, nt, p.out, p.r, p.scale);
+    } else {
+      expand_small<T, 1><<<gx, kThreads, 0, s>>>(y, p.ldy, p.u, B, nt, p.out, p.r, p.scale);
+    }
+    return;
+  }
+  if (p.r <= 16) {
+    shrink_tiled<T, 16>(p, s);
+  } else if (p.r <= 32) {
+    shrink_tiled<T, 32>(p, s);
+  } else {
+    shrink_tiled<T, 64>(p, s);
+  }
+  const dim3 grid(ceil_div(p.T, 64), ceil_div(p.out, 64), 1);
+  gemm_nt<float, T, 64, AddY<T>><<<grid, kThreads, 0, s>>>(p.u, p.r, B, p.r, p.T, p.out, p.r, p.r,
+                                                          AddY<T>{y, p.ldy, p.scale});
+}
+
+}  // namespace
+
+cudaError_t lora_apply(DType dt, const LoraApplyParams& p, cudaStream_t stream) {
+  dispatch(dt, [&](auto tag) { run<typename decltype(tag)::type>(p, stream); });
+  return cudaGetLastError();
+}
+
+}  // namespace lora_ext::cuda

@@ -1,0 +1,10 @@
+// Registers every CUDA launcher for the CUDA dispatch key.
+#include <torch/library.h>
+
+#include "kernels.h"
+
+namespace lora_ext::cuda {
+
+TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) { m.impl("lora_apply_", &lora_apply_cuda); }
+
+}  // namespace lora_ext::cuda

@@ -1,0 +1,39 @@
+// Every op's schema, in one place. Kernels live in csrc/cpu (CPU dispatch key)
+// and csrc/cuda (CUDA dispatch key); fake kernels and autograd in lora_ext/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#ifdef LORA_EXT_WITH_CUDA
+namespace lora_ext::cuda {
+const char* compiled_archs();
+}
+#endif
+
+namespace {
+std::vector<std::string> build_info() {
+  std::vector<std::string> info{"cpu"};
+#ifdef LORA_EXT_WITH_CUDA
+  info.push_back(std::string("cuda:") + lora_ext::cuda::compiled_archs());
+#endif
+  return info;
+}
+}  // namespace
+
+extern "C" {
+// `import lora_ext._C` loads this library, which runs the registrations below.
+// The module itself is empty: every op is reached through torch.ops.lora_ext.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}
+}
+
+TORCH_LIBRARY(lora_ext, m) {
+  // y[T, out] += scale * (x[T, in] @ A[r, in]^T) @ B[out, r]^T, in place.
+  m.def("lora_apply_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scale) -> ()");
+  // Build facts of this binary: compiled backends and CUDA archs.
+  m.def("build_info() -> str[]", &build_info);
+}
