@@ -80,7 +80,6 @@ class Build(BuildExtension):
     """BuildExtension + a ptxas register/spill summary; the build fails on spills."""
 
     def run(self):
-        shutil.rmtree(PTXAS_DIR, ignore_errors=True)
         super().run()
         if WITH_CUDA:
             summary, spills = ptxas_report.summarise(PTXAS_DIR)

@@ -31,6 +31,9 @@ inline void check_same_device_dtype(const char* op, const at::Tensor& ref, const
 
 inline void check_no_overlap(const char* op, const at::Tensor& out, const char* out_name,
                              const at::Tensor& in, const char* in_name) {
+  if (!out.has_storage() || !in.has_storage() || out.numel() == 0 || in.numel() == 0 ||
+      !out.storage().is_alias_of(in.storage()))
+    return;
   TORCH_CHECK(at::get_overlap_status(out, in) == at::MemOverlapStatus::No, op, ": ", out_name,
               " (written in place) shares memory with ", in_name, "; pass separate tensors");
 }
