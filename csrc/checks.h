@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <c10/util/accumulate.h>
 
 #include "dtype.h"
 
@@ -83,9 +84,10 @@ inline LoraApplyArgs check_lora_apply(const char* op, const at::Tensor& y, const
   a.out = out;
   a.r = r;
   a.dtype = dt;
-  a.x2 = x.reshape({-1, in});
+  // T from the leading dims, not reshape(-1, in): -1 is ambiguous when in == 0.
+  a.T = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  a.x2 = x.reshape({a.T, in});
   if (a.x2.stride(1) != 1 || (a.x2.size(0) > 1 && a.x2.stride(0) < in)) a.x2 = a.x2.contiguous();
-  a.T = a.x2.size(0);
   a.A = A.contiguous();
   a.B = B.contiguous();
   // y must be written in place: use a 2-D view when its layout allows, else a copy.
@@ -93,9 +95,9 @@ inline LoraApplyArgs check_lora_apply(const char* op, const at::Tensor& y, const
   if (y.dim() == 2 && y.stride(1) == 1 && (y.size(0) <= 1 || y.stride(0) >= out)) {
     a.y2 = y;
   } else if (y.is_contiguous()) {
-    a.y2 = y.view({-1, out});
+    a.y2 = y.view({a.T, out});
   } else {
-    a.y2 = y.reshape({-1, out}).contiguous();
+    a.y2 = y.reshape({a.T, out}).contiguous();
     a.copy_back = true;
   }
   return a;

@@ -52,3 +52,12 @@ def summarise(log_dir: str) -> tuple[str, list[str]]:
         if k["spill_st"] or k["spill_ld"]:
             spills.append(f"{name} [{k['arch']}]: {k['spill_st']} B spill stores, {k['spill_ld']} B spill loads")
     return "\n".join(lines), spills
+
+
+if __name__ == "__main__":  # used by CMakeLists.txt: python ptxas_report.py LOG_DIR
+    import sys
+
+    text, spilling = summarise(sys.argv[1])
+    print(text)
+    if spilling:
+        sys.exit("kernels spill registers (0 bytes allowed):\n" + "\n".join(spilling))
