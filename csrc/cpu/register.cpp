@@ -5,6 +5,10 @@
 
 namespace lora_ext::cpu {
 
-TORCH_LIBRARY_IMPL(lora_ext, CPU, m) { m.impl("lora_apply_", &lora_apply_cpu); }
+TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
+  m.impl("lora_apply_", &lora_apply_cpu);
+  m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);
+  m.impl("lora_linear_bwd", &lora_linear_bwd_cpu);
+}
 
 }  // namespace lora_ext::cpu

@@ -5,6 +5,10 @@
 
 namespace lora_ext::cuda {
 
-TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) { m.impl("lora_apply_", &lora_apply_cuda); }
+TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
+  m.impl("lora_apply_", &lora_apply_cuda);
+  m.impl("lora_linear_fwd", &lora_linear_fwd_cuda);
+  m.impl("lora_linear_bwd", &lora_linear_bwd_cuda);
+}
 
 }  // namespace lora_ext::cuda
