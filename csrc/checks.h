@@ -149,8 +149,8 @@ inline LoraLinearArgs check_lora_linear(const char* op, const at::Tensor& x, con
   a.out = out;
   a.r = r;
   a.dtype = dt;
-  a.x2 = x.reshape({-1, in}).contiguous();
-  a.T = a.x2.size(0);
+  a.T = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);  // not -1: in may be 0
+  a.x2 = x.reshape({a.T, in}).contiguous();
   a.A = A.contiguous();
   a.B = B.contiguous();
   return a;

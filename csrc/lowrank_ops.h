@@ -23,7 +23,8 @@ template <class Backend>
 void lora_apply_impl(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                      double scale) {
   LoraApplyArgs a = check_lora_apply("lora_apply_", y, x, A, B);
-  if (a.T == 0 || a.out == 0) return;
+  // Nothing to add; in == 0 also gives x a null data pointer, which LowRankJob reads as "u given".
+  if (a.T == 0 || a.out == 0 || a.in == 0) return;
   at::Tensor u = at::empty({a.T, a.r}, x.options().dtype(at::kFloat));
   LowRankJob j;
   j.x = a.x2.data_ptr();
