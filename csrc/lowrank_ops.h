@@ -58,6 +58,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_impl(
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = a.out;
   if (a.T == 0) return {y2.view(shape), u};
+  if (a.in == 0) return {y2.view(shape), u.zero_()};  // x A^T is empty: no LoRA term
   LowRankJob j;
   j.x = a.x2.data_ptr();
   j.ldx = a.in;
@@ -98,7 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
   const at::Tensor gB = at::empty({a.T, a.r}, x.options().dtype(at::kFloat));
   at::Tensor dx, dW, dA, dB;
   if (output_mask[0]) dx = at::mm(g2, fan_in_fan_out ? weight.t() : weight);
-  if (a.T > 0) {
+  if (a.T > 0 && a.out == 0) {
+    gB.zero_();  // g B is an empty sum
+  } else if (a.T > 0) {
     const at::Tensor Bt = a.B.t().contiguous();  // [r, out]: gB = g Bt^T
     const at::Tensor At = a.A.t().contiguous();  // [in, r]: dx += s gB At^T
     LowRankJob j;

@@ -32,7 +32,7 @@ def reference(x, W, b, A, B, s, fan_in_fan_out=False, mask=None):
 
 
 SHAPES = [(1, 16, 8, 1), (7, 33, 65, 3), (9, 128, 64, 16), (100, 96, 80, 8), (64, 257, 129, 33),
-          (0, 16, 8, 2)]
+          (0, 16, 8, 2), (3, 0, 5, 2), (3, 5, 0, 2)]
 
 
 @pytest.mark.parametrize("device", devices())
