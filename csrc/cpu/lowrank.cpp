@@ -56,8 +56,10 @@ void run(const LowRankJob& j) {
     std::vector<float> zeros(std::max(in, rpad), 0.f);
     std::vector<float> xbuf(shrink && (!kF32 || mask_x) ? kTB * in : 0);
     std::vector<float> u(kTB * rpad, 0.f);
-    float tile[kMR][kNR];
+    std::vector<float> ybuf(expand && !kF32 ? kTB * out : 0);
+    float tile[kMR][kNR], scratch[kNR];
     const float* rows[kMR];
+    float* crow[kMR];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * kTB, nt = std::min(kTB, j.T - t0);
       if (shrink) {
@@ -92,21 +94,41 @@ void run(const LowRankJob& j) {
           std::copy(j.u + (t0 + i) * r, j.u + (t0 + i + 1) * r, u.data() + i * rpad);
       }
       if (!expand) continue;
-      for (int64_t p = 0; p < op; ++p) {
-        const int64_t o0 = p * kNR, nc = std::min<int64_t>(kNR, out - o0);
-        for (int64_t g = 0; g < nt; g += kMR) {
-          for (int m = 0; m < kMR; ++m) rows[m] = g + m < nt ? u.data() + (g + m) * rpad : zeros.data();
-          micro_6x16(r, rows, Bpk.data() + p * r * kNR, tile);
+      // Expand into fp32 rows of y: in place for fp32, else staged through ybuf (one rounding).
+      auto yrow = [&](int64_t i) -> float* {
+        if constexpr (kF32) {
+          return y + (t0 + i) * j.ldy;
+        } else {
+          return ybuf.data() + i * out;
+        }
+      };
+      if constexpr (!kF32) {
+        for (int64_t i = 0; i < nt; ++i)
+          for (int64_t o = 0; o < out; ++o) ybuf[i * out + o] = static_cast<float>(y[(t0 + i) * j.ldy + o]);
+      }
+      // 6 rows at a time, left to right: 6 sequential streams through y; B panels stay in cache.
+      for (int64_t g = 0; g < nt; g += kMR) {
+        for (int m = 0; m < kMR; ++m) rows[m] = g + m < nt ? u.data() + (g + m) * rpad : zeros.data();
+        for (int64_t p = 0; p < op; ++p) {
+          const int64_t o0 = p * kNR, nc = std::min<int64_t>(kNR, out - o0);
+          const float* panel = Bpk.data() + p * r * kNR;
+          if (nc == kNR && !mask_y) {
+            for (int m = 0; m < kMR; ++m) crow[m] = g + m < nt ? yrow(g + m) + o0 : scratch;
+            micro_6x16_acc(r, rows, panel, crow, j.scale);
+            continue;
+          }
+          micro_6x16(r, rows, panel, tile);
           for (int m = 0; m < kMR && g + m < nt; ++m) {
-            const int64_t t = t0 + g + m;
-            T* yr = y + t * j.ldy + o0;
-            const uint64_t base = static_cast<uint64_t>(t) * out + o0;
-            for (int64_t c = 0; c < nc; ++c) {
-              const float f = j.scale * (mask_y ? drop.factor(base + c) : 1.f);
-              yr[c] = static_cast<T>(static_cast<float>(yr[c]) + f * tile[m][c]);
-            }
+            float* yr = yrow(g + m) + o0;
+            const uint64_t base = static_cast<uint64_t>(t0 + g + m) * out + o0;
+            for (int64_t c = 0; c < nc; ++c)
+              yr[c] += j.scale * (mask_y ? drop.factor(base + c) : 1.f) * tile[m][c];
           }
         }
+      }
+      if constexpr (!kF32) {
+        for (int64_t i = 0; i < nt; ++i)
+          for (int64_t o = 0; o < out; ++o) y[(t0 + i) * j.ldy + o] = static_cast<T>(ybuf[i * out + o]);
       }
     }
   });

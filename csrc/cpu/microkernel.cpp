@@ -1,32 +1,116 @@
+// The 6x16 fp32 micro-kernels (see microkernel.h), compiled three times: AVX-512 (one 16-lane
+// register per row, k unrolled by two into 12 independent accumulators), AVX2+FMA (two 8-lane
+// registers per row, 12 accumulators) and the baseline ISA; picked once at load time.
 #include "microkernel.h"
 
 namespace lora_ext::cpu {
+namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned loads/stores
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
 
-LORA_EXT_CLONES
-void micro_6x16(int64_t K, const float* const rows[kMR], const float* panel, float out[kMR][kNR]) {
-  v8 c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {};
-  v8 c30 = {}, c31 = {}, c40 = {}, c41 = {}, c50 = {}, c51 = {};
-  const float *r0 = rows[0], *r1 = rows[1], *r2 = rows[2];
-  const float *r3 = rows[3], *r4 = rows[4], *r5 = rows[5];
-  for (int64_t k = 0; k < K; ++k) {
-    const v8 b0 = *reinterpret_cast<const v8u*>(panel + k * kNR);
-    const v8 b1 = *reinterpret_cast<const v8u*>(panel + k * kNR + 8);
-    float a;
-    a = r0[k]; c00 += a * b0; c01 += a * b1;
-    a = r1[k]; c10 += a * b0; c11 += a * b1;
-    a = r2[k]; c20 += a * b0; c21 += a * b1;
-    a = r3[k]; c30 += a * b0; c31 += a * b1;
-    a = r4[k]; c40 += a * b0; c41 += a * b1;
-    a = r5[k]; c50 += a * b0; c51 += a * b1;
+// acc[m][0..1] (two v8 per row) = sum_k rows[m][k] * panel[k][0:16]
+#define LORA_EXT_LOOP_V8                                                      \
+  v8 acc[kMR][2] = {};                                                        \
+  for (int64_t k = 0; k < K; ++k) {                                           \
+    const v8 b0 = *reinterpret_cast<const v8u*>(panel + k * kNR);             \
+    const v8 b1 = *reinterpret_cast<const v8u*>(panel + k * kNR + 8);         \
+    _Pragma("GCC unroll 6") for (int m = 0; m < kMR; ++m) {                   \
+      const float a = rows[m][k];                                             \
+      acc[m][0] += a * b0;                                                    \
+      acc[m][1] += a * b1;                                                    \
+    }                                                                         \
   }
-  const v8 acc[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+
+// acc[m] (one v16 per row) over even k + acc2[m] over odd k, summed at the end
+#define LORA_EXT_LOOP_V16                                                     \
+  v16 acc[kMR] = {}, acc2[kMR] = {};                                          \
+  int64_t k = 0;                                                              \
+  for (; k + 1 < K; k += 2) {                                                 \
+    const v16 b0 = *reinterpret_cast<const v16u*>(panel + k * kNR);           \
+    const v16 b1 = *reinterpret_cast<const v16u*>(panel + (k + 1) * kNR);     \
+    _Pragma("GCC unroll 6") for (int m = 0; m < kMR; ++m) {                   \
+      acc[m] += rows[m][k] * b0;                                              \
+      acc2[m] += rows[m][k + 1] * b1;                                         \
+    }                                                                         \
+  }                                                                           \
+  if (k < K) {                                                                \
+    const v16 b0 = *reinterpret_cast<const v16u*>(panel + k * kNR);           \
+    _Pragma("GCC unroll 6") for (int m = 0; m < kMR; ++m) acc[m] += rows[m][k] * b0; \
+  }                                                                           \
+  _Pragma("GCC unroll 6") for (int m = 0; m < kMR; ++m) acc[m] += acc2[m];
+
+#define LORA_EXT_DEFINE_V8(suffix, attr)                                                       \
+  attr void tile_##suffix(int64_t K, const float* const* rows, const float* panel,            \
+                          float (*out)[kNR]) {                                                \
+    LORA_EXT_LOOP_V8                                                                          \
+    for (int m = 0; m < kMR; ++m) {                                                           \
+      *reinterpret_cast<v8u*>(&out[m][0]) = acc[m][0];                                        \
+      *reinterpret_cast<v8u*>(&out[m][8]) = acc[m][1];                                        \
+    }                                                                                         \
+  }                                                                                           \
+  attr void acc_##suffix(int64_t K, const float* const* rows, const float* panel,             \
+                         float* const* c, float alpha) {                                      \
+    for (int m = 0; m < kMR; ++m) __builtin_prefetch(c[m] + 4 * kNR, 1);                      \
+    LORA_EXT_LOOP_V8                                                                          \
+    for (int m = 0; m < kMR; ++m) {                                                           \
+      v8u* dst = reinterpret_cast<v8u*>(c[m]);                                                \
+      dst[0] = dst[0] + alpha * acc[m][0];                                                    \
+      dst[1] = dst[1] + alpha * acc[m][1];                                                    \
+    }                                                                                         \
+  }
+
+LORA_EXT_DEFINE_V8(base, )
+#if defined(__x86_64__) && defined(__GNUC__)
+LORA_EXT_DEFINE_V8(avx2, __attribute__((target("avx2,fma"))))
+
+#define LORA_EXT_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
+LORA_EXT_AVX512 void tile_avx512(int64_t K, const float* const* rows, const float* panel,
+                                 float (*out)[kNR]) {
+  LORA_EXT_LOOP_V16
+  for (int m = 0; m < kMR; ++m) *reinterpret_cast<v16u*>(&out[m][0]) = acc[m];
+}
+LORA_EXT_AVX512 void acc_avx512(int64_t K, const float* const* rows, const float* panel,
+                                float* const* c, float alpha) {
+  for (int m = 0; m < kMR; ++m) __builtin_prefetch(c[m] + 4 * kNR, 1);
+  LORA_EXT_LOOP_V16
   for (int m = 0; m < kMR; ++m) {
-    *reinterpret_cast<v8u*>(&out[m][0]) = acc[m][0];
-    *reinterpret_cast<v8u*>(&out[m][8]) = acc[m][1];
+    v16u* dst = reinterpret_cast<v16u*>(c[m]);
+    dst[0] = dst[0] + alpha * acc[m];
   }
+}
+#endif
+
+using TileFn = void (*)(int64_t, const float* const*, const float*, float (*)[kNR]);
+using AccFn = void (*)(int64_t, const float* const*, const float*, float* const*, float);
+
+struct Kernels {
+  TileFn tile;
+  AccFn acc;
+};
+
+Kernels pick() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) return {tile_avx512, acc_avx512};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {tile_avx2, acc_avx2};
+#endif
+  return {tile_base, acc_base};
+}
+
+const Kernels kKernels = pick();
+
+}  // namespace
+
+void micro_6x16(int64_t K, const float* const rows[kMR], const float* panel, float out[kMR][kNR]) {
+  kKernels.tile(K, rows, panel, out);
+}
+
+void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel, float* const c[kMR],
+                    float alpha) {
+  kKernels.acc(K, rows, panel, c, alpha);
 }
 
 }  // namespace lora_ext::cpu

@@ -7,8 +7,8 @@
 //     [K][16] (zero padded), so each k step is 2 vector loads + 6 broadcasts
 //     feeding 12 independent FMAs of 8 lanes (12 accumulators + 3 temporaries
 //     fit the 16 AVX2 registers).
-// The vector type is GCC's generic vector extension; on x86-64 the function is
-// cloned for AVX2+FMA (x86-64-v3) and AVX-512 (x86-64-v4) and picked at load time.
+// Written with GCC's generic vector extensions; on x86-64 an AVX-512 and an AVX2+FMA build are
+// picked at load time (microkernel.cpp), else the baseline ISA.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -18,14 +18,13 @@ namespace lora_ext::cpu {
 constexpr int kMR = 6;   // rows per micro tile
 constexpr int kNR = 16;  // columns per micro tile (one packed panel)
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LORA_EXT_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define LORA_EXT_CLONES
-#endif
-
 // out[6][16] = sum_{k < K} rows[m][k] * panel[k * 16 + n]
 void micro_6x16(int64_t K, const float* const rows[kMR], const float* panel, float out[kMR][kNR]);
+
+// c[m][0:16] += alpha * sum_{k < K} rows[m][k] * panel[k * 16 + n]  (all 16 columns valid;
+// rows past the valid ones may point at a zero row and c[m] at scratch).
+void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel, float* const c[kMR],
+                    float alpha);
 
 // Packs the rows src[j, 0:K] (j < N, row stride ld, any of the three element
 // types converted by `load`) as panels: dst[p][k][c] = src[p*16 + c][k], zero past N.
