@@ -63,8 +63,10 @@ def test_forward_backward_match_reference(device, dtype, shape, variant):
 def test_dropout_mask_shared_by_forward_and_backward(device, dtype):
     # With A = B = I and scale 1 the LoRA branch is exactly dropout(x): read the mask off it.
     T, n, p = 64, 48, 0.3
-    x = torch.randn(T, n, device=device, dtype=dtype).requires_grad_()
-    W = torch.randn(n, n, device=device, dtype=dtype) / n**0.5
+    # |x| >= 0.5 and a small W, so that the kept/dropped ratio reads clearly even in bf16
+    x = torch.randn(T, n)
+    x = (x.sign() * (0.5 + x.abs())).to(device, dtype).requires_grad_()
+    W = torch.randn(n, n, device=device, dtype=dtype) * (0.05 / n**0.5)
     eye = torch.eye(n, device=device, dtype=dtype)
     A, B = eye.clone().requires_grad_(), eye.clone().requires_grad_()
     y = lora_linear(x, W, None, A, B, 1.0, dropout_p=p, training=True)
