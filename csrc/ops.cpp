@@ -34,6 +34,15 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(lora_ext, m) {
   // y[T, out] += scale * (x[T, in] @ A[r, in]^T) @ B[out, r]^T, in place.
   m.def("lora_apply_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scale) -> ()");
+  // weight += sum_a scale_a * B_a A_a ((B A)^T with fan_in_fan_out), fp32, rounded once.
+  m.def("merge_(Tensor(a!) weight, Tensor[] A, Tensor[] B, float[] scales, bool fan_in_fan_out) -> ()");
+  // Exact move of a merged weight from the old to the new adapter set (csrc/merge_math.h).
+  m.def("remerge_(Tensor(a!) weight, Tensor(b!) codes, Tensor(c!) fails, int bits, Tensor[] A_old, "
+        "Tensor[] B_old, float[] s_old, Tensor[] A_new, Tensor[] B_new, float[] s_new, "
+        "bool fan_in_fan_out) -> ()");
+  // weight.view(-1)[idx] = merged value of vals under the adapter set.
+  m.def("merge_points_(Tensor(a!) weight, Tensor idx, Tensor vals, Tensor[] A, Tensor[] B, "
+        "float[] scales, bool fan_in_fan_out) -> ()");
   // Build facts of this binary: compiled backends and CUDA archs.
   m.def("build_info() -> str[]", &build_info);
 }

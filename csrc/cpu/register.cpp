@@ -5,6 +5,11 @@
 
 namespace lora_ext::cpu {
 
-TORCH_LIBRARY_IMPL(lora_ext, CPU, m) { m.impl("lora_apply_", &lora_apply_cpu); }
+TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
+  m.impl("lora_apply_", &lora_apply_cpu);
+  m.impl("merge_", &merge_cpu);
+  m.impl("remerge_", &remerge_cpu);
+  m.impl("merge_points_", &merge_points_cpu);
+}
 
 }  // namespace lora_ext::cpu
