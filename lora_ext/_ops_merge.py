@@ -108,6 +108,8 @@ class MergeState:
     ``overhead()`` is their size as a fraction of the weight's bytes (typically 3-12% for bf16);
     the adapter copies cost ``r * (in + out)`` elements each, reported by ``adapter_bytes()``.
     Everything is dropped when the last adapter is unmerged (the weight is then W0 again).
+    Should the side information ever outgrow the weight (deltas far larger than W0 almost
+    everywhere), the state keeps a plain copy of W0 instead, so it never exceeds 100%.
     The state follows the weight across devices (CPU and CUDA kernels compute the same bits).
     """
 
@@ -123,6 +125,7 @@ class MergeState:
         self._codes: torch.Tensor | None = None
         self._exc_idx: torch.Tensor | None = None
         self._exc_val: torch.Tensor | None = None
+        self._dense: torch.Tensor | None = None  # W0 itself, only for pathological deltas
 
     # ---- queries ----
     @property
@@ -131,13 +134,18 @@ class MergeState:
         return [a.name for a in self._adapters]
 
     @property
+    def dense(self) -> bool:
+        """True when the state fell back to a plain copy of W0 (side info would be larger)."""
+        return self._dense is not None
+
+    @property
     def num_exceptions(self) -> int:
         return 0 if self._exc_idx is None else int(self._exc_idx.numel())
 
     def nbytes(self) -> int:
         """Bytes of side information (codes and exceptions)."""
-        return sum(t.numel() * t.element_size() for t in (self._codes, self._exc_idx, self._exc_val)
-                   if t is not None)
+        return sum(t.numel() * t.element_size()
+                   for t in (self._codes, self._exc_idx, self._exc_val, self._dense) if t is not None)
 
     def overhead(self) -> float:
         """Side information as a fraction of the weight's bytes (0 when nothing is merged)."""
@@ -192,6 +200,10 @@ class MergeState:
             raise ValueError("MergeState: weight must be contiguous for an exact merge")
         old = self._adapters
         dev, numel = weight.device, weight.numel()
+        if self._dense is not None:
+            self._check_same(weight)
+            self._apply_dense(weight, new)
+            return
         if not old:
             _validate(weight, new, self._fifo)
             self._shape, self._dtype = tuple(weight.shape), weight.dtype
@@ -200,9 +212,8 @@ class MergeState:
             self._codes = torch.zeros((numel * self.bits + 31) // 32, dtype=torch.int32, device=dev)
             self._exc_idx = torch.zeros(0, dtype=_idx_dtype(numel), device=dev)
             self._exc_val = torch.zeros(0, dtype=weight.dtype, device=dev)
-        elif tuple(weight.shape) != self._shape or weight.dtype != self._dtype:
-            raise ValueError(f"MergeState: weight is now {tuple(weight.shape)} {weight.dtype}, but "
-                             f"{self._shape} {self._dtype} when merged; cannot unmerge exactly")
+        else:
+            self._check_same(weight)
         self._codes, self._exc_idx, self._exc_val = (
             t.to(dev) for t in (self._codes, self._exc_idx, self._exc_val))
         for a in old + new:  # adapter snapshots follow the weight too
@@ -234,20 +245,64 @@ class MergeState:
         self._adapters = new
         if not new:  # weight is W0 again, bit for bit
             self._reset()
+        elif self.nbytes() > weight.numel() * weight.element_size():
+            self._densify(weight)
+
+    def _check_same(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != self._shape or weight.dtype != self._dtype:
+            raise ValueError(f"MergeState: weight is now {tuple(weight.shape)} {weight.dtype}, but "
+                             f"{self._shape} {self._dtype} when merged; cannot unmerge exactly")
+
+    def _densify(self, weight: torch.Tensor) -> None:
+        """Pathological deltas (|S| >> |W0| almost everywhere): a plain copy of W0 is smaller."""
+        w0 = weight.clone()
+        unused = torch.zeros((w0.numel() + 31) // 32, dtype=torch.int32, device=w0.device)
+        a = self._adapters
+        torch.ops.lora_ext.remerge_.default(w0, self._codes, unused, self.bits,
+                                            [x.A for x in a], [x.B for x in a],
+                                            [x.scale for x in a], [], [], [], self._fifo)
+        w0.view(-1)[self._exc_idx.long()] = self._exc_val
+        self._dense = w0
+        self._codes = self._exc_idx = self._exc_val = None
+
+    def _apply_dense(self, weight: torch.Tensor, new: list[_Adapter]) -> None:
+        self._dense = self._dense.to(weight.device)
+        for a in new:
+            a.A, a.B = a.A.to(weight.device), a.B.to(weight.device)
+        if new:
+            _validate(weight, new, self._fifo)
+        weight.copy_(self._dense)
+        if new:
+            torch.ops.lora_ext.merge_.default(weight, [a.A for a in new], [a.B for a in new],
+                                              [a.scale for a in new], self._fifo)
+        self._adapters = new
+        if not new:
+            self._reset()
 
     def _reset(self) -> None:
         self._adapters = []
-        self._codes = self._exc_idx = self._exc_val = None
+        self._codes = self._exc_idx = self._exc_val = self._dense = None
         self._shape = self._dtype = None
         self.bits = 0
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _validate(weight: torch.Tensor, adapters: list[_Adapter], fifo: bool) -> None:
+    if weight.dtype not in _FLOATS:
+        raise ValueError(f"merge: weight has dtype {weight.dtype}; supported are float32, float16 "
+                         "and bfloat16")
     out, inp = (weight.shape[1], weight.shape[0]) if fifo else tuple(weight.shape)
     for a in adapters:
-        if a.A.dim() != 2 or a.B.dim() != 2 or a.A.shape[1] != inp or a.B.shape != (out, a.A.shape[0]):
+        if a.A.dtype not in _FLOATS or a.B.dtype not in _FLOATS:
+            raise ValueError(f"merge: adapter {a.name!r} has dtypes A {a.A.dtype}, B {a.B.dtype}; "
+                             "supported are float32, float16 and bfloat16")
+        if (a.A.dim() != 2 or a.B.dim() != 2 or a.A.shape[0] < 1 or a.A.shape[1] != inp
+                or a.B.shape != (out, a.A.shape[0])):
             raise ValueError(f"merge: adapter {a.name!r} has A {tuple(a.A.shape)}, B {tuple(a.B.shape)}; "
-                             f"the weight {tuple(weight.shape)} needs A [r, {inp}] and B [{out}, r]"
+                             f"the weight {tuple(weight.shape)} needs A [r, {inp}] and B [{out}, r], "
+                             "r >= 1"
                              + (" (fan_in_fan_out)" if fifo else ""))
         if a.A.device != weight.device or a.B.device != weight.device:
             raise ValueError(f"merge: adapter {a.name!r} is on {a.A.device}/{a.B.device} but the "
