@@ -34,6 +34,16 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(lora_ext, m) {
   // y[T, out] += scale * (x[T, in] @ A[r, in]^T) @ B[out, r]^T, in place.
   m.def("lora_apply_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scale) -> ()");
+  // lora_linear: (y, u) with y = x W^T + bias + scale * (dropout(x) A^T) B^T and u the fp32
+  // [T, r] activation saved for backward; W is [in, out] when fan_in_fan_out.
+  m.def(
+      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, float scale, "
+      "float dropout_p, Tensor? seed, bool fan_in_fan_out) -> (Tensor, Tensor)");
+  // Gradients (dx, dweight, dA, dB) of lora_linear_fwd for output_mask [x, weight, A, B].
+  m.def(
+      "lora_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor A, Tensor B, Tensor u, "
+      "float scale, float dropout_p, Tensor? seed, bool fan_in_fan_out, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // weight += sum_a scale_a * B_a A_a ((B A)^T with fan_in_fan_out), fp32, rounded once.
   m.def("merge_(Tensor(a!) weight, Tensor[] A, Tensor[] B, float[] scales, bool fan_in_fan_out) -> ()");
   // Exact move of a merged weight from the old to the new adapter set (csrc/merge_math.h).
