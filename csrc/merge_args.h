@@ -23,7 +23,10 @@
 namespace lora_ext {
 
 struct MergeOperands {
-  at::Tensor L, R;  // fp32, contiguous: L [Ppad, Rt], R [Rt, Qpad]; undefined when Rt == 0
+  // fp32, contiguous: L [Ppad, Rt]; R [Rt, Qpad], or with panels > 0 R [Qpad / panels, Rt,
+  // panels] (column panel t holds R[:, t * panels : (t + 1) * panels], read contiguously).
+  // Undefined when Rt == 0.
+  at::Tensor L, R;
   int64_t Rt = 0;
 };
 
@@ -39,7 +42,7 @@ inline void check_adapter_dtype(const char* op, const at::Tensor& t, const char*
 inline MergeOperands merge_operands(const char* op, const at::Tensor& W, bool fifo, bool transposed,
                                     at::TensorList As, at::TensorList Bs,
                                     at::ArrayRef<double> scales, int64_t row_pad,
-                                    int64_t col_pad) {
+                                    int64_t col_pad, int64_t panels = 0) {
   TORCH_CHECK(As.size() == Bs.size() && As.size() == scales.size(), op,
               ": A, B and scales must have the same length, got ", As.size(), ", ", Bs.size(),
               " and ", scales.size());
@@ -83,6 +86,7 @@ inline MergeOperands merge_operands(const char* op, const at::Tensor& W, bool fi
   o.R = at::zeros({Rt, Qpad}, W.options().dtype(at::kFloat));
   o.L.narrow(0, 0, P).copy_(at::cat(ls, 1));
   o.R.narrow(1, 0, Q).copy_(at::cat(rs, 0));
+  if (panels > 0) o.R = o.R.view({Rt, Qpad / panels, panels}).permute({1, 0, 2}).contiguous();
   return o;
 }
 
