@@ -44,6 +44,15 @@ TORCH_LIBRARY(lora_ext, m) {
       "lora_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor A, Tensor B, Tensor u, "
       "float scale, float dropout_p, Tensor? seed, bool fan_in_fan_out, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // weight += sum_a scale_a * B_a A_a ((B A)^T with fan_in_fan_out), fp32, rounded once.
+  m.def("merge_(Tensor(a!) weight, Tensor[] A, Tensor[] B, float[] scales, bool fan_in_fan_out) -> ()");
+  // Exact move of a merged weight from the old to the new adapter set (csrc/merge_math.h).
+  m.def("remerge_(Tensor(a!) weight, Tensor(b!) codes, Tensor(c!) fails, int bits, Tensor[] A_old, "
+        "Tensor[] B_old, float[] s_old, Tensor[] A_new, Tensor[] B_new, float[] s_new, "
+        "bool fan_in_fan_out) -> ()");
+  // weight.view(-1)[idx] = merged value of vals under the adapter set.
+  m.def("merge_points_(Tensor(a!) weight, Tensor idx, Tensor vals, Tensor[] A, Tensor[] B, "
+        "float[] scales, bool fan_in_fan_out) -> ()");
   // Build facts of this binary: compiled backends and CUDA archs.
   m.def("build_info() -> str[]", &build_info);
 }

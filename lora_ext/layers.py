@@ -108,6 +108,19 @@ class LoRALinear(nn.Module):
         return lora_linear(x, self.weight, self.bias, A, B, self.scaling, self.lora_dropout,
                            self.training, self.fan_in_fan_out)
 
+    def merge(self, safe: bool = False, exact: bool = True) -> None:
+        """Folds the adapter into the weight (no-op if merged); forward then skips LoRA.
+        exact=True keeps what is needed to unmerge bit for bit (lora_ext.merge_layer)."""
+        from .merge import merge_layer
+
+        merge_layer(self, safe=safe, exact=exact)
+
+    def unmerge(self) -> None:
+        """Takes the adapter out of the weight again (lora_ext.unmerge_layer)."""
+        from .merge import unmerge_layer
+
+        unmerge_layer(self)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.lora_alpha}, scaling={self.scaling:.4g}, dropout={self.lora_dropout}"
@@ -169,6 +182,19 @@ class LoRAEmbedding(nn.Module):
             return out
         after_a = self._embed(ids, self.lora_embedding_A.t())
         return out + (after_a @ self.lora_embedding_B.t()) * self.scaling
+
+    def merge(self, safe: bool = False, exact: bool = True) -> None:
+        """Folds the adapter into the weight (no-op if merged); forward then skips LoRA.
+        exact=True keeps what is needed to unmerge bit for bit (lora_ext.merge_layer)."""
+        from .merge import merge_layer
+
+        merge_layer(self, safe=safe, exact=exact)
+
+    def unmerge(self) -> None:
+        """Takes the adapter out of the weight again (lora_ext.unmerge_layer)."""
+        from .merge import unmerge_layer
+
+        unmerge_layer(self)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, alpha={self.lora_alpha}"

@@ -93,3 +93,5 @@ torch.library.register_autograd("lora_ext::lora_linear_fwd", _lora_linear_backwa
 def build_info() -> list[str]:
     """Backends compiled into lora_ext._C: ``["cpu"]`` or ``["cpu", "cuda:<archs>"]``."""
     return list(torch.ops.lora_ext.build_info.default())
+
+from ._ops_merge import *  # noqa: F401,F403,E402

@@ -9,6 +9,9 @@ TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("lora_apply_", &lora_apply_cpu);
   m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);
   m.impl("lora_linear_bwd", &lora_linear_bwd_cpu);
+  m.impl("merge_", &merge_cpu);
+  m.impl("remerge_", &remerge_cpu);
+  m.impl("merge_points_", &merge_points_cpu);
 }
 
 }  // namespace lora_ext::cpu

@@ -17,5 +17,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& u, double scale, double dropout_p,
     const c10::optional<at::Tensor>& seed, bool fan_in_fan_out, std::array<bool, 4> output_mask);
+void merge_cuda(at::Tensor weight, at::TensorList A, at::TensorList B, at::ArrayRef<double> scales,
+                bool fan_in_fan_out);
+void remerge_cuda(at::Tensor weight, at::Tensor codes, at::Tensor fails, int64_t bits,
+                  at::TensorList A_old, at::TensorList B_old, at::ArrayRef<double> s_old,
+                  at::TensorList A_new, at::TensorList B_new, at::ArrayRef<double> s_new,
+                  bool fan_in_fan_out);
+void merge_points_cuda(at::Tensor weight, const at::Tensor& idx, const at::Tensor& vals,
+                       at::TensorList A, at::TensorList B, at::ArrayRef<double> scales,
+                       bool fan_in_fan_out);
 
 }  // namespace lora_ext::cuda

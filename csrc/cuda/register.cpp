@@ -9,6 +9,9 @@ TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("lora_apply_", &lora_apply_cuda);
   m.impl("lora_linear_fwd", &lora_linear_fwd_cuda);
   m.impl("lora_linear_bwd", &lora_linear_bwd_cuda);
+  m.impl("merge_", &merge_cuda);
+  m.impl("remerge_", &remerge_cuda);
+  m.impl("merge_points_", &merge_points_cuda);
 }
 
 }  // namespace lora_ext::cuda

@@ -1,0 +1,155 @@
+"""Merge benchmarks.
+
+1. merge_ (W += s B A, fp32 sum rounded once) vs torch's W.addmm_(B, A, alpha=s) and vs the
+   bytes-moved roofline: W read and written once at the measured copy bandwidth (W.copy_).
+2. Exact merge + unmerge through a MergeState (side information included) vs plain ones.
+3. Side information of the exact unmerge as a fraction of W, for several delta sizes.
+4. Inference time of a merged model vs the base model (no LoRA) and vs the unmerged LoRA model.
+
+Run: python bench/bench_merge.py [--device cpu|cuda] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lora_ext  # noqa: E402
+from bench.common import save, table, time_fn  # noqa: E402
+from lora_ext.ops import MergeState, merge_, unmerge_  # noqa: E402
+
+
+def _dt(dt) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def make(n_out, n_in, r, dt, device, ratio=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(n_out, n_in, generator=g) * 0.02).to(device, dt)
+    A = (torch.randn(r, n_in, generator=g) / r**0.25).to(device, dt)
+    B = (torch.randn(n_out, r, generator=g) * (0.02 * ratio / r**0.25)).to(device, dt)
+    return W, A, B
+
+
+def bench_kernel(device, quick):
+    sizes = [(4096, 4096)] if device == "cpu" or quick else [(4096, 4096), (8192, 8192)]
+    ranks = [16] if quick else [8, 16, 64]
+    rows = []
+    for dt in (torch.float32, torch.bfloat16):
+        for (o, i) in sizes:
+            for r in ranks:
+                W, A, B = make(o, i, r, dt, device)
+                src = W.clone()  # touched memory: an untouched torch.empty reads zero pages
+                t_copy = time_fn(lambda: W.copy_(src), device, min_time_s=0.3)
+                t_ours = time_fn(lambda: merge_(W, A, B, 1e-9), device, min_time_s=0.3)
+                t_torch = time_fn(lambda: W.addmm_(B, A, alpha=1e-9), device, min_time_s=0.3)
+                nbytes = 2 * W.numel() * W.element_size() + (A.numel() + B.numel()) * A.element_size()
+                copy_bw = 2 * W.numel() * W.element_size() / t_copy / 1e6  # GB/s
+                roof = nbytes / copy_bw / 1e6
+                rows.append({"out": o, "in": i, "r": r, "dtype": _dt(dt), "merge_ms": t_ours,
+                             "addmm_ms": t_torch, "speedup": t_torch / t_ours, "copy_ms": t_copy,
+                             "roofline_ms": roof, "%roofline": 100 * roof / t_ours,
+                             "GB/s": nbytes / t_ours / 1e6})
+    return rows
+
+
+def bench_exact(device, quick):
+    rows = []
+    for dt in (torch.float32, torch.bfloat16):
+        W, A, B = make(4096, 4096, 16, dt, device)
+        W0 = W.clone()
+
+        def plain_cycle():
+            merge_(W, A, B, 2.0)
+            unmerge_(W, A, B, 2.0)
+
+        state = MergeState()
+
+        def exact_cycle():
+            merge_(W, A, B, 2.0, state=state)
+            unmerge_(W, state=state)
+
+        t_plain = time_fn(plain_cycle, device, reps=5)
+        W.copy_(W0)
+        t_exact = time_fn(exact_cycle, device, reps=5)
+        assert torch.equal(W, W0)
+        rows.append({"out": 4096, "in": 4096, "r": 16, "dtype": _dt(dt), "plain_cycle_ms": t_plain,
+                     "exact_cycle_ms": t_exact, "exact/plain": t_exact / t_plain})
+    return rows
+
+
+def bench_overhead(device, quick):
+    rows = []
+    n = 1024 if quick else 4096
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for ratio in (0.001, 0.01, 0.03, 0.1, 0.3, 1.0):
+            W, A, B = make(n, n, 16, dt, device, ratio=ratio, seed=1)
+            state = MergeState()
+            merge_(W, A, B, 1.0, state=state)
+            rows.append({"dtype": _dt(dt), "|dW|/|W0|": ratio, "bits": state.bits,
+                         "exceptions_%": 100 * state.num_exceptions / W.numel(),
+                         "side_info_%W": 100 * state.overhead(),
+                         "adapter_copy_%W": 100 * state.adapter_bytes() / (W.numel() * W.element_size())})
+            unmerge_(W, state=state)
+    return rows
+
+
+class MLP(nn.Module):
+    def __init__(self, width, depth):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def bench_inference(device, quick):
+    rows = []
+    width, depth = (1024, 4) if quick or device == "cpu" else (4096, 8)
+    for dt in (torch.float32, torch.bfloat16):
+        for T in (1, 64) if device == "cpu" else (1, 512):
+            torch.manual_seed(0)
+            base = MLP(width, depth).to(device, dt).eval()
+            model = MLP(width, depth).to(device, dt).eval()
+            model.load_state_dict(base.state_dict())
+            lora_ext.inject(model, target_modules=r"layers\.\d+", r=16, alpha=32)
+            with torch.no_grad():
+                for m in lora_ext.lora_layers(model).values():
+                    m.lora_B.normal_(0, 0.01)
+            x = torch.randn(T, width, device=device, dtype=dt)
+            with torch.no_grad():
+                t_base = time_fn(lambda: base(x), device, min_time_s=0.3)
+                t_lora = time_fn(lambda: model(x), device, min_time_s=0.3)
+                lora_ext.merge(model)
+                t_merged = time_fn(lambda: model(x), device, min_time_s=0.3)
+            rows.append({"width": width, "depth": depth, "T": T, "dtype": _dt(dt), "base_ms": t_base,
+                         "lora_ms": t_lora, "merged_ms": t_merged, "merged/base": t_merged / t_base})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    parts = {"kernel": bench_kernel, "exact": bench_exact, "overhead": bench_overhead,
+             "inference": bench_inference}
+    out = {}
+    for name, fn in parts.items():
+        rows = fn(a.device, a.quick)
+        table(f"merge: {name} on {a.device}", rows)
+        out[name] = rows
+    if not a.quick:
+        flat = [{"part": k, **r} for k, rows in out.items() for r in rows]
+        print("wrote", save("merge", flat, device=a.device))
+    return out
+
+
+if __name__ == "__main__":
+    main()

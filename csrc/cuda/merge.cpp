@@ -1,0 +1,109 @@
+// CUDA launchers of merge_, remerge_ and merge_points_: validate (../merge_args.h), build
+// the padded fp32 operands L and R (small: Rt * (P + Q) floats) and launch.
+#include "../merge_args.h"
+#include "guard.h"
+#include "kernels.h"
+
+namespace lora_ext::cuda {
+namespace {
+
+constexpr int64_t kRowPad = 64;   // multiple of every tile's rows
+constexpr int64_t kColPad = 256;  // multiple of every tile's columns
+
+void check_cuda(const char* op, const at::Tensor& W) {
+  TORCH_CHECK(W.is_cuda(), op, ": CUDA kernel called with weight on ", W.device());
+}
+
+void set_operands(const MergeOperands& o, const float*& L, const float*& R, int64_t& Rt,
+                  int64_t& ldr) {
+  Rt = o.Rt;
+  L = Rt ? o.L.data_ptr<float>() : nullptr;
+  R = Rt ? o.R.data_ptr<float>() : nullptr;
+  ldr = Rt ? o.R.size(1) : 0;
+}
+
+void check_grid(const char* op, int64_t Q) {
+  TORCH_CHECK(Q <= int64_t{65535} * 128, op, ": weight rows longer than ", int64_t{65535} * 128,
+              " elements are not supported on CUDA, got ", Q);
+}
+
+}  // namespace
+
+void merge_cuda(at::Tensor weight, at::TensorList A, at::TensorList B, at::ArrayRef<double> scales,
+                bool fan_in_fan_out) {
+  const char* op = "merge_";
+  WeightView v = weight_view(op, weight);
+  check_cuda(op, weight);
+  const bool copy = !v.view.defined();
+  at::Tensor work = copy ? weight.contiguous() : v.view;
+  if (copy) {
+    v.P = work.size(0);
+    v.Q = work.size(1);
+    v.ld = v.Q;
+  }
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const MergeOperands o =
+      merge_operands(op, weight, fan_in_fan_out, v.transposed, A, B, scales, kRowPad, kColPad);
+  if (o.Rt == 0 || weight.numel() == 0) return;
+  check_grid(op, v.Q);
+  MergeParams p{};
+  p.w = work.data_ptr();
+  p.P = v.P;
+  p.Q = v.Q;
+  p.ld = v.ld;
+  set_operands(o, p.L, p.R, p.Rt, p.ldr);
+  p.exact = false;
+  C10_CUDA_CHECK(merge(to_dtype(weight, op, "weight"), p, current_stream(weight)));
+  if (copy) weight.copy_(work);
+}
+
+void remerge_cuda(at::Tensor weight, at::Tensor codes, at::Tensor fails, int64_t bits,
+                  at::TensorList A_old, at::TensorList B_old, at::ArrayRef<double> s_old,
+                  at::TensorList A_new, at::TensorList B_new, at::ArrayRef<double> s_new,
+                  bool fan_in_fan_out) {
+  const char* op = "remerge_";
+  check_remerge(op, weight, codes, fails, bits);
+  check_cuda(op, weight);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const MergeOperands o =
+      merge_operands(op, weight, fan_in_fan_out, false, A_old, B_old, s_old, kRowPad, kColPad);
+  const MergeOperands n =
+      merge_operands(op, weight, fan_in_fan_out, false, A_new, B_new, s_new, kRowPad, kColPad);
+  if ((o.Rt == 0 && n.Rt == 0) || weight.numel() == 0) return;
+  check_grid(op, weight.size(1));
+  MergeParams p{};
+  p.w = weight.data_ptr();
+  p.P = weight.size(0);
+  p.Q = weight.size(1);
+  p.ld = p.Q;
+  set_operands(n, p.L, p.R, p.Rt, p.ldr);
+  set_operands(o, p.Lo, p.Ro, p.Rto, p.ldro);
+  p.codes = reinterpret_cast<uint32_t*>(codes.data_ptr<int32_t>());
+  p.fails = reinterpret_cast<uint32_t*>(fails.data_ptr<int32_t>());
+  p.bits = static_cast<int>(bits);
+  p.exact = true;
+  C10_CUDA_CHECK(merge(to_dtype(weight, op, "weight"), p, current_stream(weight)));
+}
+
+void merge_points_cuda(at::Tensor weight, const at::Tensor& idx, const at::Tensor& vals,
+                       at::TensorList A, at::TensorList B, at::ArrayRef<double> scales,
+                       bool fan_in_fan_out) {
+  const char* op = "merge_points_";
+  check_points(op, weight, idx, vals);
+  check_cuda(op, weight);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const MergeOperands o = merge_operands(op, weight, fan_in_fan_out, false, A, B, scales, 1, 1);
+  if (idx.numel() == 0) return;
+  const at::Tensor i = idx.contiguous(), v = vals.contiguous();
+  MergePointsParams p{};
+  p.w = weight.data_ptr();
+  p.P = weight.size(0);
+  p.Q = weight.size(1);
+  p.idx = i.data_ptr<int64_t>();
+  p.vals = v.data_ptr();
+  p.n = i.numel();
+  set_operands(o, p.L, p.R, p.Rt, p.ldr);
+  C10_CUDA_CHECK(merge_points(to_dtype(weight, op, "weight"), p, current_stream(weight)));
+}
+
+}  // namespace lora_ext::cuda

@@ -1,0 +1,288 @@
+// CUDA kernels of merge_ / remerge_ / merge_points_ (element math: ../merge_math.h, shared
+// with the CPU kernels, so both give the same bits).
+//
+// Tiling of merge_kernel: a block of 256 threads (8 warps) owns a tile of BP rows x BQ
+// columns of W [P, Q]. A thread owns RPT rows (warp * RPT + i) and V columns laid out as
+// V/4 groups of 4: columns h * 128 + lane * 4 + u, so a warp reads each row piece with
+// 8- or 16-byte accesses that cover 256 / 512 contiguous bytes, and its float4 reads of the
+// R tile in shared memory are conflict free.
+//   16-bit W: RPT = 4, V = 8 -> tile 32 x 256;  fp32 W: RPT = 8, V = 4 -> tile 64 x 128.
+// The thread first issues the loads of its 32 W elements, then computes their fp32 delta
+// S = L R in registers: the rank is walked in chunks of kJC = 16 staged in shared memory
+// (R chunk [16][BQ], L chunk [16][BP]); each rank step is 1-2 float4 loads of L
+// (broadcast), 1-2 float4 loads of R and 32 FMAs in a fixed order (so S matches the CPU).
+// W is read once and written once; nothing but the two small staging arrays is used.
+// The exact variant computes S for the old and for the new adapter set, reconstructs W0,
+// checks the new value and ORs failure bits (rare) and first-merge codes into int32 words.
+#include <type_traits>
+
+#include "../merge_math.h"
+#include "common.cuh"
+#include "launch.h"
+
+namespace lora_ext::cuda {
+namespace {
+
+namespace mm = lora_ext::merge_math;
+
+constexpr int kThreads = 256;
+constexpr int kJC = 16;  // rank chunk staged in shared memory
+
+template <class F>
+struct Tile {
+  static constexpr int V = F::kBits == 16 ? 8 : 4;  // columns per thread
+  static constexpr int G = V / 4;                   // groups of 4 columns
+  static constexpr int RPT = F::kBits == 16 ? 4 : 8;
+  static constexpr int BP = 8 * RPT;   // rows per block (8 warps)
+  static constexpr int BQ = 32 * V;    // columns per block
+  static constexpr int LS = BP + 4;    // padded row of the L chunk in shared memory
+};
+
+// Raw bits of 4 consecutive elements of a row, packed: 2 words for 16-bit, 4 for fp32.
+template <class F>
+constexpr int kWords = F::kBits == 16 ? 2 : 4;
+
+template <class F>
+__device__ __forceinline__ uint32_t get(const uint32_t (&g)[kWords<F>], int u) {
+  if constexpr (F::kBits == 16) {
+    return (g[u >> 1] >> ((u & 1) * 16)) & 0xFFFFu;
+  } else {
+    return g[u];
+  }
+}
+
+template <class F>
+__device__ __forceinline__ void set(uint32_t (&g)[kWords<F>], int u, uint32_t v) {
+  if constexpr (F::kBits == 16) {
+    const int sh = (u & 1) * 16;
+    g[u >> 1] = (g[u >> 1] & ~(0xFFFFu << sh)) | (v << sh);
+  } else {
+    g[u] = v;
+  }
+}
+
+// Loads / stores the n (<= 4) in-bounds elements of a group; 8- or 16-byte accesses when
+// the group is whole and `vec` (aligned rows).
+template <class F>
+__device__ __forceinline__ void load4(const void* base, int64_t off, bool vec, int n,
+                                      uint32_t (&g)[kWords<F>]) {
+  using Raw = std::conditional_t<F::kBits == 16, uint16_t, uint32_t>;
+  const Raw* b = static_cast<const Raw*>(base) + off;
+  if (vec && n == 4) {
+    if constexpr (F::kBits == 16) {
+      const uint2 r = *reinterpret_cast<const uint2*>(b);
+      g[0] = r.x, g[1] = r.y;
+    } else {
+      const uint4 r = *reinterpret_cast<const uint4*>(b);
+      g[0] = r.x, g[1] = r.y, g[2] = r.z, g[3] = r.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWords<F>; ++i) g[i] = 0;
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (u < n) set<F>(g, u, b[u]);
+  }
+}
+
+template <class F>
+__device__ __forceinline__ void store4(void* base, int64_t off, bool vec, int n,
+                                       const uint32_t (&g)[kWords<F>]) {
+  using Raw = std::conditional_t<F::kBits == 16, uint16_t, uint32_t>;
+  Raw* b = static_cast<Raw*>(base) + off;
+  if (vec && n == 4) {
+    if constexpr (F::kBits == 16) {
+      *reinterpret_cast<uint2*>(b) = make_uint2(g[0], g[1]);
+    } else {
+      *reinterpret_cast<uint4*>(b) = make_uint4(g[0], g[1], g[2], g[3]);
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (u < n) b[u] = static_cast<Raw>(get<F>(g, u));
+  }
+}
+
+// acc[i][h*4+u] = fma chain over j < Rt of L[row_i, j] * R[j, col(h, u)], from +0.
+// Called by every thread of the block (it synchronises).
+template <class F>
+__device__ __forceinline__ void delta(const float* __restrict__ L, const float* __restrict__ R,
+                                      int64_t Rt, int64_t ldr, int64_t p0, int64_t q0,
+                                      float (*Rs)[Tile<F>::BQ], float (*Ls)[Tile<F>::LS],
+                                      float (&acc)[Tile<F>::RPT][Tile<F>::V]) {
+  using TL = Tile<F>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < TL::RPT; ++i)
+#pragma unroll
+    for (int v = 0; v < TL::V; ++v) acc[i][v] = 0.f;
+  for (int64_t j0 = 0; j0 < Rt; j0 += kJC) {
+    const int jn = static_cast<int>(min(static_cast<int64_t>(kJC), Rt - j0));
+    __syncthreads();  // the previous chunk is consumed
+    for (int t = threadIdx.x; t < jn * (TL::BQ / 4); t += kThreads) {
+      const int jj = t / (TL::BQ / 4), c4 = t % (TL::BQ / 4);
+      *reinterpret_cast<float4*>(&Rs[jj][c4 * 4]) =
+          __ldg(reinterpret_cast<const float4*>(R + (j0 + jj) * ldr + q0) + c4);
+    }
+    for (int t = threadIdx.x; t < jn * TL::BP; t += kThreads) {
+      const int r = t / jn, jj = t % jn;
+      Ls[jj][r] = __ldg(L + (p0 + r) * Rt + j0 + jj);
+    }
+    __syncthreads();
+#pragma unroll 2
+    for (int jj = 0; jj < jn; ++jj) {
+      float lv[TL::RPT], rv[TL::V];
+#pragma unroll
+      for (int i = 0; i < TL::RPT; i += 4) {
+        const float4 x = *reinterpret_cast<const float4*>(&Ls[jj][warp * TL::RPT + i]);
+        lv[i] = x.x, lv[i + 1] = x.y, lv[i + 2] = x.z, lv[i + 3] = x.w;
+      }
+#pragma unroll
+      for (int h = 0; h < TL::G; ++h) {
+        const float4 x = *reinterpret_cast<const float4*>(&Rs[jj][h * 128 + lane * 4]);
+        rv[h * 4] = x.x, rv[h * 4 + 1] = x.y, rv[h * 4 + 2] = x.z, rv[h * 4 + 3] = x.w;
+      }
+#pragma unroll
+      for (int i = 0; i < TL::RPT; ++i)
+#pragma unroll
+        for (int v = 0; v < TL::V; ++v) acc[i][v] = __fmaf_rn(lv[i], rv[v], acc[i][v]);
+    }
+  }
+}
+
+template <class F, bool EXACT>
+__global__ void __launch_bounds__(kThreads, EXACT ? 1 : 2) merge_kernel(const MergeParams p) {
+  using TL = Tile<F>;
+  __shared__ __align__(16) float Rs[kJC][TL::BQ];
+  __shared__ __align__(16) float Ls[kJC][TL::LS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * TL::BP;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * TL::BQ;
+  const bool vec = p.ld % 4 == 0 && (reinterpret_cast<uintptr_t>(p.w) & (F::kBits == 16 ? 7 : 15)) == 0;
+
+  uint32_t w[TL::RPT][TL::G][kWords<F>];  // raw bits of the thread's elements, packed
+#pragma unroll
+  for (int i = 0; i < TL::RPT; ++i) {
+    const int64_t row = p0 + warp * TL::RPT + i;
+#pragma unroll
+    for (int h = 0; h < TL::G; ++h) {
+      const int64_t col = q0 + h * 128 + lane * 4;
+      const int n = row < p.P ? static_cast<int>(max(int64_t{0}, min(int64_t{4}, p.Q - col))) : 0;
+      load4<F>(p.w, row * p.ld + col, vec, n, w[i][h]);
+    }
+  }
+
+  float acc[TL::RPT][TL::V];
+  if constexpr (EXACT) {
+    const int k = p.bits;
+    const bool has_old = p.Rto > 0, has_new = p.Rt > 0;
+    if (has_old) delta<F>(p.Lo, p.Ro, p.Rto, p.ldro, p0, q0, Rs, Ls, acc);
+    float so[TL::RPT][TL::V];
+#pragma unroll
+    for (int i = 0; i < TL::RPT; ++i)
+#pragma unroll
+      for (int v = 0; v < TL::V; ++v) so[i][v] = has_old ? acc[i][v] : 0.f;
+    if (has_new) delta<F>(p.L, p.R, p.Rt, p.ldr, p0, q0, Rs, Ls, acc);
+#pragma unroll
+    for (int i = 0; i < TL::RPT; ++i) {
+      const int64_t row = p0 + warp * TL::RPT + i;
+#pragma unroll
+      for (int h = 0; h < TL::G; ++h) {
+        const int64_t col = q0 + h * 128 + lane * 4;
+        int64_t word = -1;  // first-merge codes, OR-ed one word at a time
+        uint32_t bits = 0;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          if (row >= p.P || col + u >= p.Q) continue;
+          const int64_t e = row * p.Q + col + u;
+          uint32_t x = get<F>(w[i][h], u);
+          uint32_t code;
+          if (!has_old) {
+            code = mm::code_of<F>(x, k);
+            const int64_t bit = e * k;
+            if (k > 0 && (bit >> 5) != word) {
+              if (word >= 0 && bits) atomicOr(p.codes + word, bits);
+              word = bit >> 5;
+              bits = 0;
+            }
+            if (k > 0) bits |= code << (bit & 31);
+          } else {
+            code = mm::read_code(p.codes, e, k);
+          }
+          if (!mm::transition<F>(x, so[i][h * 4 + u], has_new ? acc[i][h * 4 + u] : 0.f, code, k,
+                                 has_old, has_new))
+            atomicOr(p.fails + (e >> 5), 1u << (e & 31));
+          set<F>(w[i][h], u, x);
+        }
+        if (word >= 0 && bits) atomicOr(p.codes + word, bits);
+      }
+    }
+  } else {
+    delta<F>(p.L, p.R, p.Rt, p.ldr, p0, q0, Rs, Ls, acc);
+#pragma unroll
+    for (int i = 0; i < TL::RPT; ++i)
+#pragma unroll
+      for (int h = 0; h < TL::G; ++h)
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          set<F>(w[i][h], u, mm::merged<F>(get<F>(w[i][h], u), acc[i][h * 4 + u], true));
+  }
+
+#pragma unroll
+  for (int i = 0; i < TL::RPT; ++i) {
+    const int64_t row = p0 + warp * TL::RPT + i;
+    if (row >= p.P) continue;
+#pragma unroll
+    for (int h = 0; h < TL::G; ++h) {
+      const int64_t col = q0 + h * 128 + lane * 4;
+      const int n = static_cast<int>(max(int64_t{0}, min(int64_t{4}, p.Q - col)));
+      store4<F>(p.w, row * p.ld + col, vec, n, w[i][h]);
+    }
+  }
+}
+
+template <class F>
+__global__ void __launch_bounds__(kThreads) points_kernel(const MergePointsParams p) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (t >= p.n) return;
+  const int64_t e = p.idx[t];
+  if (e < 0 || e >= p.P * p.Q) return;  // the launcher rejects these; never touch memory
+  const int64_t row = e / p.Q, col = e % p.Q;
+  float s = 0.f;
+  for (int64_t j = 0; j < p.Rt; ++j) s = __fmaf_rn(p.L[row * p.Rt + j], p.R[j * p.ldr + col], s);
+  using Raw = std::conditional_t<F::kBits == 16, uint16_t, uint32_t>;
+  const uint32_t v = static_cast<const Raw*>(p.vals)[t];
+  static_cast<Raw*>(p.w)[e] = static_cast<Raw>(mm::merged<F>(v, s, p.Rt > 0));
+}
+
+template <class Fn>
+void dispatch_format(DType dt, Fn&& fn) {
+  dispatch_dtype<mm::F32, mm::F16, mm::BF16>(dt, [&](auto tag) { fn(typename decltype(tag)::type{}); });
+}
+
+}  // namespace
+
+cudaError_t merge(DType dt, const MergeParams& p, cudaStream_t stream) {
+  dispatch_format(dt, [&](auto f) {
+    using F = decltype(f);
+    using TL = Tile<F>;
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.P, TL::BP)),
+                    static_cast<unsigned>(ceil_div(p.Q, TL::BQ)));
+    if (p.exact) {
+      merge_kernel<F, true><<<grid, kThreads, 0, stream>>>(p);
+    } else {
+      merge_kernel<F, false><<<grid, kThreads, 0, stream>>>(p);
+    }
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t merge_points(DType dt, const MergePointsParams& p, cudaStream_t stream) {
+  dispatch_format(dt, [&](auto f) {
+    const unsigned blocks = static_cast<unsigned>(ceil_div(p.n, kThreads));
+    points_kernel<decltype(f)><<<blocks, kThreads, 0, stream>>>(p);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace lora_ext::cuda
