@@ -37,3 +37,4 @@ def _lora_apply_fake(y, x, A, B, scale):
 def build_info() -> list[str]:
     """Backends compiled into lora_ext._C: ``["cpu"]`` or ``["cpu", "cuda:<archs>"]``."""
     return list(torch.ops.lora_ext.build_info.default())
+from ._ops_multi import *  # noqa: F401,F403

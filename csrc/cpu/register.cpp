@@ -5,6 +5,11 @@
 
 namespace lora_ext::cpu {
 
-TORCH_LIBRARY_IMPL(lora_ext, CPU, m) { m.impl("lora_apply_", &lora_apply_cpu); }
+TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
+  m.impl("lora_apply_", &lora_apply_cpu);
+  m.impl("multi_lora_", &multi_lora_cpu);
+  m.impl("lora_shrink", &lora_shrink_cpu);
+  m.impl("lora_expand_", &lora_expand_cpu);
+}
 
 }  // namespace lora_ext::cpu
