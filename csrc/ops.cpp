@@ -41,8 +41,10 @@ TORCH_LIBRARY(lora_ext, m) {
         "Tensor scales, Tensor ranks, int[]? out_slices=None, Tensor(b!)? bad_index_count=None) "
         "-> ()");
   // Its halves: u[(n,) T, r_max] fp32 = per-token A x, and y += scales * B u.
-  m.def("lora_shrink(Tensor x, Tensor A_pool, Tensor indices, Tensor ranks, "
-        "Tensor(a!)? bad_index_count=None) -> Tensor");
+  // (Two overloads: a functional one, and one that also counts bad indices.)
+  m.def("lora_shrink(Tensor x, Tensor A_pool, Tensor indices, Tensor ranks) -> Tensor");
+  m.def("lora_shrink.counted(Tensor x, Tensor A_pool, Tensor indices, Tensor ranks, "
+        "Tensor(a!) bad_index_count) -> Tensor");
   m.def("lora_expand_(Tensor(a!) y, Tensor u, Tensor B_pool, Tensor indices, Tensor scales, "
         "Tensor ranks, int[]? out_slices=None, Tensor(b!)? bad_index_count=None) -> ()");
   // Build facts of this binary: compiled backends and CUDA archs.

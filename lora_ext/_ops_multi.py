@@ -53,7 +53,9 @@ def lora_shrink(x: torch.Tensor, A_pool: torch.Tensor, indices: torch.Tensor,
     With a 4-D A_pool [n, S, r_max, in] the result is [n, T, r_max]. Entries past the
     token's rank and rows of tokens without adapter are zero.
     """
-    return torch.ops.lora_ext.lora_shrink.default(x, A_pool, indices, ranks, bad_index_count)
+    if bad_index_count is None:
+        return torch.ops.lora_ext.lora_shrink.default(x, A_pool, indices, ranks)
+    return torch.ops.lora_ext.lora_shrink.counted(x, A_pool, indices, ranks, bad_index_count)
 
 
 def lora_expand_(y: torch.Tensor, u: torch.Tensor, B_pool: torch.Tensor, indices: torch.Tensor,
@@ -94,7 +96,12 @@ def _multi_lora_fake(y, x, A_pool, B_pool, indices, scales, ranks, out_slices=No
 
 
 @torch.library.register_fake("lora_ext::lora_shrink")
-def _lora_shrink_fake(x, A_pool, indices, ranks, bad_index_count=None):
+def _lora_shrink_fake(x, A_pool, indices, ranks):
+    return _lora_shrink_counted_fake(x, A_pool, indices, ranks, None)
+
+
+@torch.library.register_fake("lora_ext::lora_shrink.counted")
+def _lora_shrink_counted_fake(x, A_pool, indices, ranks, bad_index_count):
     torch._check(A_pool.dim() in (3, 4), lambda: "lora_shrink: A_pool must be 3-D or 4-D")
     torch._check(A_pool.shape[-1] == x.shape[-1], lambda: "lora_shrink: A_pool.shape[-1] != in")
     T = _tokens(x)

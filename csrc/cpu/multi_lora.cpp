@@ -206,7 +206,7 @@ void multi_lora_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool,
   finish_y(a, y);
 }
 
-at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A_pool,
+static at::Tensor shrink_impl(const at::Tensor& x, const at::Tensor& A_pool,
                            const at::Tensor& indices, const at::Tensor& ranks,
                            const std::optional<at::Tensor>& bad_index_count) {
   const char* op = "lora_shrink";
@@ -220,6 +220,17 @@ at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A_pool,
       shrink_phase<typename decltype(tag)::type>(a, g, u.data_ptr<float>());
     });
   return A_pool.dim() == 4 ? u : u.view({a.T, a.r_max});
+}
+
+at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A_pool,
+                           const at::Tensor& indices, const at::Tensor& ranks) {
+  return shrink_impl(x, A_pool, indices, ranks, std::nullopt);
+}
+
+at::Tensor lora_shrink_counted_cpu(const at::Tensor& x, const at::Tensor& A_pool,
+                                 const at::Tensor& indices, const at::Tensor& ranks,
+                                 at::Tensor bad_index_count) {
+  return shrink_impl(x, A_pool, indices, ranks, bad_index_count);
 }
 
 void lora_expand_cpu(at::Tensor y, const at::Tensor& u, const at::Tensor& B_pool,

@@ -9,6 +9,7 @@ TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("lora_apply_", &lora_apply_cpu);
   m.impl("multi_lora_", &multi_lora_cpu);
   m.impl("lora_shrink", &lora_shrink_cpu);
+  m.impl("lora_shrink.counted", &lora_shrink_counted_cpu);
   m.impl("lora_expand_", &lora_expand_cpu);
 }
 

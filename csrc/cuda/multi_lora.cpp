@@ -61,7 +61,7 @@ void multi_lora_cuda(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool
   if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
 }
 
-at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A_pool,
+static at::Tensor shrink_impl(const at::Tensor& x, const at::Tensor& A_pool,
                             const at::Tensor& indices, const at::Tensor& ranks,
                             const std::optional<at::Tensor>& bad_index_count) {
   const char* op = "lora_shrink";
@@ -81,6 +81,17 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A_pool,
     C10_CUDA_CHECK(multi_lora(a.dtype, p, plan, kMultiShrink | kMultiReduce, current_stream(x)));
   }
   return A_pool.dim() == 4 ? out : out.view({a.T, a.r_max});
+}
+
+at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A_pool,
+                           const at::Tensor& indices, const at::Tensor& ranks) {
+  return shrink_impl(x, A_pool, indices, ranks, std::nullopt);
+}
+
+at::Tensor lora_shrink_counted_cuda(const at::Tensor& x, const at::Tensor& A_pool,
+                                 const at::Tensor& indices, const at::Tensor& ranks,
+                                 at::Tensor bad_index_count) {
+  return shrink_impl(x, A_pool, indices, ranks, bad_index_count);
 }
 
 void lora_expand_cuda(at::Tensor y, const at::Tensor& u, const at::Tensor& B_pool,
