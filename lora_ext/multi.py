@@ -70,7 +70,7 @@ class LoRAContext:
 
     def tokens(self, T: int) -> torch.Tensor:
         torch._check(T <= self.indices.shape[0],
-                     lambda: f"LoRAContext: {T} tokens exceed max_tokens = {self.indices.shape[0]}")
+                     lambda: "LoRAContext: the batch has more tokens than max_tokens")
         return self.indices[:T]
 
     def check(self) -> None:
