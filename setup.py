@@ -82,7 +82,8 @@ class Build(BuildExtension):
     def run(self):
         super().run()
         if WITH_CUDA:
-            summary, spills = ptxas_report.summarise(PTXAS_DIR)
+            stems = {os.path.basename(p).split(".")[0] for p in _sources("csrc/cuda/*.cu")}
+            summary, spills = ptxas_report.summarise(PTXAS_DIR, stems)
             print(summary)
             if spills:
                 raise RuntimeError("kernels spill registers (0 bytes allowed):\n" + "\n".join(spills))

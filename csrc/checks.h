@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <c10/util/accumulate.h>
 
 #include "dtype.h"
 
@@ -83,9 +84,10 @@ inline LoraApplyArgs check_lora_apply(const char* op, const at::Tensor& y, const
   a.out = out;
   a.r = r;
   a.dtype = dt;
-  a.x2 = x.reshape({-1, in});
+  // T from the leading dims, not reshape(-1, in): -1 is ambiguous when in == 0.
+  a.T = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  a.x2 = x.reshape({a.T, in});
   if (a.x2.stride(1) != 1 || (a.x2.size(0) > 1 && a.x2.stride(0) < in)) a.x2 = a.x2.contiguous();
-  a.T = a.x2.size(0);
   a.A = A.contiguous();
   a.B = B.contiguous();
   // y must be written in place: use a 2-D view when its layout allows, else a copy.
@@ -93,11 +95,64 @@ inline LoraApplyArgs check_lora_apply(const char* op, const at::Tensor& y, const
   if (y.dim() == 2 && y.stride(1) == 1 && (y.size(0) <= 1 || y.stride(0) >= out)) {
     a.y2 = y;
   } else if (y.is_contiguous()) {
-    a.y2 = y.view({-1, out});
+    a.y2 = y.view({a.T, out});
   } else {
-    a.y2 = y.reshape({-1, out}).contiguous();
+    a.y2 = y.reshape({a.T, out}).contiguous();
     a.copy_back = true;
   }
+  return a;
+}
+
+// Validated 2-D views of lora_linear's arguments. The weight is [out, in], or [in, out] with
+// fan_in_fan_out (transformers' Conv1D).
+struct LoraLinearArgs {
+  at::Tensor x2, A, B;
+  int64_t T, in, out, r;
+  DType dtype;
+};
+
+inline LoraLinearArgs check_lora_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                        const c10::optional<at::Tensor>& bias, const at::Tensor& A,
+                                        const at::Tensor& B, double dropout_p,
+                                        const c10::optional<at::Tensor>& seed, bool fan_in_fan_out) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., in], got a scalar");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D, got shape ", weight.sizes());
+  TORCH_CHECK(A.dim() == 2, op, ": A must be 2-D [r, in], got shape ", A.sizes());
+  TORCH_CHECK(B.dim() == 2, op, ": B must be 2-D [out, r], got shape ", B.sizes());
+  const int64_t in = x.size(-1);
+  const int64_t w_in = fan_in_fan_out ? weight.size(0) : weight.size(1);
+  const int64_t out = fan_in_fan_out ? weight.size(1) : weight.size(0);
+  TORCH_CHECK(w_in == in, op, ": weight ", weight.sizes(), (fan_in_fan_out ? " ([in, out])" : " ([out, in])"),
+              " does not fit x.size(-1) = ", in);
+  const int64_t r = A.size(0);
+  TORCH_CHECK(r >= 1, op, ": rank r = A.size(0) must be >= 1, got A ", A.sizes());
+  TORCH_CHECK(A.size(1) == in, op, ": A must be [r, in] = [", r, ", ", in, "], got ", A.sizes());
+  TORCH_CHECK(B.size(0) == out && B.size(1) == r, op, ": B must be [out, r] = [", out, ", ", r,
+              "], got ", B.sizes());
+  DType dt = to_dtype(x, op, "x");
+  check_same_device_dtype(op, x, "x", weight, "weight");
+  check_same_device_dtype(op, x, "x", A, "A");
+  check_same_device_dtype(op, x, "x", B, "B");
+  if (bias.has_value() && bias->defined()) {
+    check_same_device_dtype(op, x, "x", *bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must be [out] = [", out,
+                "], got ", bias->sizes());
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed.has_value() && seed->defined() && seed->numel() == 1 &&
+                    seed->scalar_type() == at::kLong && seed->device() == x.device(),
+                op, ": dropout needs `seed`, a one-element int64 tensor on x's device");
+  }
+  LoraLinearArgs a;
+  a.in = in;
+  a.out = out;
+  a.r = r;
+  a.dtype = dt;
+  a.T = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);  // not -1: in may be 0
+  a.x2 = x.reshape({a.T, in}).contiguous();
+  a.A = A.contiguous();
+  a.B = B.contiguous();
   return a;
 }
 

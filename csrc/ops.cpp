@@ -47,6 +47,16 @@ TORCH_LIBRARY(lora_ext, m) {
         "Tensor(a!) bad_index_count) -> Tensor");
   m.def("lora_expand_(Tensor(a!) y, Tensor u, Tensor B_pool, Tensor indices, Tensor scales, "
         "Tensor ranks, int[]? out_slices=None, Tensor(b!)? bad_index_count=None) -> ()");
+  // lora_linear: (y, u) with y = x W^T + bias + scale * (dropout(x) A^T) B^T and u the fp32
+  // [T, r] activation saved for backward; W is [in, out] when fan_in_fan_out.
+  m.def(
+      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, float scale, "
+      "float dropout_p, Tensor? seed, bool fan_in_fan_out) -> (Tensor, Tensor)");
+  // Gradients (dx, dweight, dA, dB) of lora_linear_fwd for output_mask [x, weight, A, B].
+  m.def(
+      "lora_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor A, Tensor B, Tensor u, "
+      "float scale, float dropout_p, Tensor? seed, bool fan_in_fan_out, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Build facts of this binary: compiled backends and CUDA archs.
   m.def("build_info() -> str[]", &build_info);
 }

@@ -5,4 +5,10 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.lora_ext)
 from . import ops  # noqa: F401
-from .multi import LoRAContext, MultiLoRALinear, attach_context  # noqa: F401,E402
+from .adapters import Adapter, LayerWeights, load_adapter
+from .inject import inject, lora_layers, lora_state_dict, mark_only_lora_trainable
+from .layers import LoRAEmbedding, LoRALinear
+from .multi import LoRAContext, MultiLoRALinear, attach_context
+
+__all__ = ["ops", "Adapter", "LayerWeights", "load_adapter", "LoRALinear", "LoRAEmbedding", "inject", "lora_layers", "lora_state_dict",
+           "mark_only_lora_trainable", "LoRAContext", "MultiLoRALinear", "attach_context"]

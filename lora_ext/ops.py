@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["lora_apply_", "build_info"]
+__all__ = ["lora_apply_", "lora_linear", "build_info"]
 
 
 def lora_apply_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -32,6 +32,62 @@ def _lora_apply_fake(y, x, A, B, scale):
                  lambda: f"lora_apply_: shapes y {tuple(y.shape)}, x {tuple(x.shape)}, "
                          f"A {tuple(A.shape)}, B {tuple(B.shape)} do not fit")
     return None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                B: torch.Tensor, scale: float, dropout_p: float = 0.0, training: bool = False,
+                fan_in_fan_out: bool = False) -> torch.Tensor:
+    """LoRA linear layer: ``y = x @ W.T + bias + scale * (dropout(x) @ A.T) @ B.T``.
+
+    Shapes: x [..., in], weight [out, in] ([in, out] with ``fan_in_fan_out``, transformers'
+    Conv1D), bias [out] or None, A [r, in], B [out, r] -> y [..., out].
+    Differentiable in x, A, B, bias (and weight if it requires grad; it is normally frozen).
+    The base GEMM runs on BLAS/cuBLAS; the low-rank shrink (with the dropout mask) and the expand
+    epilogue are lora_ext kernels. Saved for backward per token: x (shared with the caller) and
+    the fp32 [T, r] activation x A^T (4·r bytes); the dropout mask is regenerated from a seed.
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
+    p = float(dropout_p) if training else 0.0
+    seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64) if p > 0 else None
+    y, _ = torch.ops.lora_ext.lora_linear_fwd.default(x, weight, bias, A, B, float(scale), p, seed,
+                                                       fan_in_fan_out)
+    return y
+
+
+@torch.library.register_fake("lora_ext::lora_linear_fwd")
+def _lora_linear_fwd_fake(x, weight, bias, A, B, scale, dropout_p, seed, fan_in_fan_out):
+    out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    T = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
+    for d in x.shape[:-1]:
+        torch._check(d >= 0)
+    return x.new_empty((*x.shape[:-1], out)), x.new_empty((T, A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("lora_ext::lora_linear_bwd")
+def _lora_linear_bwd_fake(grad, x, weight, A, B, u, scale, dropout_p, seed, fan_in_fan_out, mask):
+    return (torch.empty_like(x) if mask[0] else None, torch.empty_like(weight) if mask[1] else None,
+            torch.empty_like(A) if mask[2] else None, torch.empty_like(B) if mask[3] else None)
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    x, weight, bias, A, B, scale, dropout_p, seed, fan_in_fan_out = inputs
+    ctx.save_for_backward(x, weight, A, B, output[1], seed)
+    ctx.scale, ctx.dropout_p, ctx.fan_in_fan_out = scale, dropout_p, fan_in_fan_out
+
+
+def _lora_linear_backward(ctx, grad_y, grad_u):
+    x, weight, A, B, u, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dW, dA, dB = torch.ops.lora_ext.lora_linear_bwd.default(
+        grad_y, x, weight, A, B, u, ctx.scale, ctx.dropout_p, seed, ctx.fan_in_fan_out,
+        [need[0], need[1], need[3], need[4]])
+    dbias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if need[2] else None
+    return dx, dW, dbias, dA, dB, None, None, None, None
+
+
+torch.library.register_autograd("lora_ext::lora_linear_fwd", _lora_linear_backward,
+                                setup_context=_lora_linear_setup)
 
 
 def build_info() -> list[str]:

@@ -7,12 +7,16 @@ import subprocess
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"Used (\d+) registers.*?(\d+) bytes smem")
+_USED = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
 
 
-def parse(log_dir: str) -> list[dict]:
+def parse(log_dir: str, stems: set[str] | None = None) -> list[dict]:
+    """Kernel reports of the logs in log_dir (only <stem>.o.ptxas for stems, when given)."""
     kernels = []
     for path in sorted(glob.glob(os.path.join(log_dir, "*.ptxas"))):
+        if stems is not None and os.path.basename(path).split(".")[0] not in stems:
+            continue
         cur = None
         for line in open(path):
             if m := _ENTRY.search(line):
@@ -22,7 +26,9 @@ def parse(log_dir: str) -> list[dict]:
             elif cur and (m := _SPILL.search(line)):
                 cur["stack"], cur["spill_st"], cur["spill_ld"] = map(int, m.groups())
             elif cur and (m := _USED.search(line)):
-                cur["regs"], cur["smem"] = int(m.group(1)), int(m.group(2))
+                cur["regs"] = int(m.group(1))
+                if s := _SMEM.search(line):
+                    cur["smem"] = int(s.group(1))
     return kernels
 
 
@@ -35,9 +41,9 @@ def demangle(names: list[str]) -> list[str]:
     return got if len(got) == len(names) else names
 
 
-def summarise(log_dir: str) -> tuple[str, list[str]]:
+def summarise(log_dir: str, stems: set[str] | None = None) -> tuple[str, list[str]]:
     """Returns (summary text, list of spilling kernels)."""
-    kernels = parse(log_dir)
+    kernels = parse(log_dir, stems)
     if not kernels:
         return "ptxas: no kernel reports found", []
     names = demangle([k["name"] for k in kernels])
@@ -52,3 +58,12 @@ def summarise(log_dir: str) -> tuple[str, list[str]]:
         if k["spill_st"] or k["spill_ld"]:
             spills.append(f"{name} [{k['arch']}]: {k['spill_st']} B spill stores, {k['spill_ld']} B spill loads")
     return "\n".join(lines), spills
+
+
+if __name__ == "__main__":  # used by CMakeLists.txt: python ptxas_report.py LOG_DIR
+    import sys
+
+    text, spilling = summarise(sys.argv[1])
+    print(text)
+    if spilling:
+        sys.exit("kernels spill registers (0 bytes allowed):\n" + "\n".join(spilling))

@@ -1,11 +1,31 @@
-// CPU kernels, registered for the CPU dispatch key in register.cpp.
+// CPU kernels (raw pointers) and the CPU ops built on them, registered in register.cpp.
 #pragma once
 #include <ATen/ATen.h>
 
+#include <array>
+#include <tuple>
+
+#include "../dtype.h"
+#include "../lowrank.h"
+
 namespace lora_ext::cpu {
+
+// The single-adapter low-rank job of csrc/lowrank.h.
+void lowrank_cpu(DType dt, const LowRankJob& job);
+// dst[t, :] = keep(t * width + k) * src[t, :] (rows of length width, src row stride ld).
+void dropout_rows_cpu(DType dt, const void* src, int64_t ld, void* dst, int64_t T, int64_t width,
+                      float p, int64_t seed);
 
 void lora_apply_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                     double scale);
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& A, const at::Tensor& B, double scale, double dropout_p,
+    const c10::optional<at::Tensor>& seed, bool fan_in_fan_out);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& u, double scale, double dropout_p,
+    const c10::optional<at::Tensor>& seed, bool fan_in_fan_out, std::array<bool, 4> output_mask);
 
 void multi_lora_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool,
                     const at::Tensor& B_pool, const at::Tensor& indices, const at::Tensor& scales,

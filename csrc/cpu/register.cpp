@@ -11,6 +11,8 @@ TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("lora_shrink", &lora_shrink_cpu);
   m.impl("lora_shrink.counted", &lora_shrink_counted_cpu);
   m.impl("lora_expand_", &lora_expand_cpu);
+  m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);
+  m.impl("lora_linear_bwd", &lora_linear_bwd_cpu);
 }
 
 }  // namespace lora_ext::cpu

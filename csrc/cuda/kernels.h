@@ -1,11 +1,22 @@
-// CUDA launchers (torch side), registered for the CUDA dispatch key in register.cpp.
+// CUDA ops (torch side), registered for the CUDA dispatch key in register.cpp.
 #pragma once
 #include <ATen/ATen.h>
+
+#include <array>
+#include <tuple>
 
 namespace lora_ext::cuda {
 
 void lora_apply_cuda(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                      double scale);
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& A, const at::Tensor& B, double scale, double dropout_p,
+    const c10::optional<at::Tensor>& seed, bool fan_in_fan_out);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& u, double scale, double dropout_p,
+    const c10::optional<at::Tensor>& seed, bool fan_in_fan_out, std::array<bool, 4> output_mask);
 
 void multi_lora_cuda(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool,
                      const at::Tensor& B_pool, const at::Tensor& indices, const at::Tensor& scales,

@@ -6,22 +6,15 @@
 #include <cstdint>
 
 #include "../dtype.h"
+#include "../lowrank.h"
 
 namespace lora_ext::cuda {
 
-// y[T, out] += scale * (x[T, in] A[r, in]^T) B[out, r]^T. u is an fp32 workspace [T, r].
-// Rows of x and y have strides ldx and ldy; A and B are contiguous.
-struct LoraApplyParams {
-  void* y;
-  const void* x;
-  const void* A;
-  const void* B;
-  float* u;
-  int64_t T, in, out, r, ldx, ldy;
-  float scale;
-  int num_sms;
-};
-cudaError_t lora_apply(DType dt, const LoraApplyParams& p, cudaStream_t stream);
+// The single-adapter low-rank job of csrc/lowrank.h (seed in device memory).
+cudaError_t lowrank(DType dt, const LowRankJob& job, cudaStream_t stream);
+// dst[t, :] = keep(t * width + k) * src[t, :] (src row stride ld, dst contiguous).
+cudaError_t dropout_rows(DType dt, const void* src, int64_t ld, void* dst, int64_t T, int64_t width,
+                         float p, const int64_t* seed, int num_sms, cudaStream_t stream);
 
 // multi_lora_ / lora_shrink / lora_expand_: one adapter per token (see multi_lora_kernels.cu).
 // Shapes as in csrc/multi_checks.h; pools contiguous, rows of x / y with strides ldx / ldy.

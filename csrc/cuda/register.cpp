@@ -11,6 +11,8 @@ TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("lora_shrink", &lora_shrink_cuda);
   m.impl("lora_shrink.counted", &lora_shrink_counted_cuda);
   m.impl("lora_expand_", &lora_expand_cuda);
+  m.impl("lora_linear_fwd", &lora_linear_fwd_cuda);
+  m.impl("lora_linear_bwd", &lora_linear_bwd_cuda);
 }
 
 }  // namespace lora_ext::cuda

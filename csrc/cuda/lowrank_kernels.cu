@@ -1,5 +1,7 @@
-// CUDA kernels of lora_apply_: y[T, out] += s * (x[T, in] A[r, in]^T) B[out, r]^T,
-// in two launches through an fp32 workspace u[T, r] (no fp16 intermediate).
+// CUDA kernels of the single-adapter low-rank job (csrc/lowrank.h), used by lora_apply_ and
+// lora_linear: shrink u[T, r] = (keep ⊙ x) A^T into fp32, expand y += s * keep ⊙ (u B^T),
+// two launches through u (no fp16 intermediate). Dropout masks come from a counter-based hash
+// of (seed, element index), the seed read from device memory (graph-safe).
 //
 // Small T (<= 8 tokens, decode): memory-bound, the bytes are A and B.
 //   shrink_small: grid (K splits, ceil(r/8)), 8 warps per block, warp = one rank row of A;
@@ -12,6 +14,7 @@
 //   (converted to fp32 on the way in), a 4 x BN/16 register tile per thread; the shrink
 //   splits K over blockIdx.z (atomics into the zeroed u) when too few tiles fill the GPU.
 #include "common.cuh"
+#include "../lowrank.h"
 #include "launch.h"
 
 namespace lora_ext::cuda {
@@ -20,11 +23,20 @@ namespace {
 constexpr int kSmallT = 8;
 constexpr int kThreads = 256;
 
+// Dropout as passed to kernels: the seed stays in device memory and is read in the kernel.
+struct DropArg {
+  bool on = false;
+  float p = 0.f;
+  const int64_t* seed = nullptr;
+  __device__ Dropout make() const { return Dropout::make(p, on ? static_cast<uint64_t>(*seed) : 0); }
+};
+
 template <class T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     shrink_small(const T* __restrict__ x, int64_t ldx, const T* __restrict__ A,
                  float* __restrict__ u, int T_, int64_t in, int64_t r, int64_t kchunk,
-                 bool atomic) {
+                 bool atomic, DropArg drop) {
+  const Dropout d = drop.make();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t j = static_cast<int64_t>(blockIdx.y) * (kThreads / 32) + warp;
   if (j >= r) return;
@@ -42,6 +54,10 @@ __global__ void __launch_bounds__(kThreads)
       if (t < T_) {
         float xv[VEC];
         load_f32<T, VEC>(x + t * ldx + k, xv);
+        if (drop.on) {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) xv[i] *= d.factor(static_cast<uint64_t>(t) * in + k + i);
+        }
 #pragma unroll
         for (int i = 0; i < VEC; ++i) acc[t] = fmaf(av[i], xv[i], acc[t]);
       }
@@ -65,7 +81,9 @@ __global__ void __launch_bounds__(kThreads)
 template <class T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     expand_small(T* __restrict__ y, int64_t ldy, const float* __restrict__ u,
-                 const T* __restrict__ B, int T_, int64_t out, int64_t r, float scale) {
+                 const T* __restrict__ B, int T_, int64_t out, int64_t r, float scale,
+                 DropArg drop) {
+  const Dropout d = drop.make();
   const int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (o >= out) return;
   float acc[kSmallT];
@@ -82,6 +100,10 @@ __global__ void __launch_bounds__(kThreads)
         for (int i = 0; i < VEC; ++i) acc[t] = fmaf(bv[i], __ldg(u + t * r + j + i), acc[t]);
       }
     }
+  }
+  if (drop.on) {
+#pragma unroll
+    for (int t = 0; t < kSmallT; ++t) acc[t] *= d.factor(static_cast<uint64_t>(t) * out + o);
   }
 #pragma unroll
   for (int t = 0; t < kSmallT; ++t) {
@@ -106,13 +128,15 @@ struct StoreU {  // shrink: u[m, n] (+)= v
   }
 };
 template <class T>
-struct AddY {  // expand: y[m, n] += s * v, rounded once
+struct AddY {  // expand: y[m, n] += s * keep(m * N + n) * v, rounded once
   T* y;
-  int64_t ldy;
+  int64_t ldy, N;
   float scale;
+  DropArg drop;
   __device__ void operator()(int64_t m, int64_t n, float v) const {
     T* p = y + m * ldy + n;
-    *p = from_f32<T>(to_f32(*p) + scale * v);
+    const float f = drop.on ? scale * drop.make().factor(static_cast<uint64_t>(m) * N + n) : scale;
+    *p = from_f32<T>(to_f32(*p) + f * v);
   }
 };
 
@@ -121,7 +145,8 @@ struct AddY {  // expand: y[m, n] += s * v, rounded once
 template <class TA, class TB, int BN, class Epi>
 __global__ void __launch_bounds__(kThreads)
     gemm_nt(const TA* __restrict__ a, int64_t lda, const TB* __restrict__ b, int64_t ldb,
-            int64_t M, int64_t N, int64_t K, int64_t kchunk, Epi epi) {
+            int64_t M, int64_t N, int64_t K, int64_t kchunk, Epi epi, DropArg drop_a) {
+  const Dropout da = drop_a.make();
   constexpr int BM = 64, BK = 32, CN = BN / 16;
   __shared__ float As[BK][BM + 1];
   __shared__ float Bs[BK][BN + 1];
@@ -140,7 +165,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = tid; e < BM * BK; e += kThreads) {
       const int row = e / BK, col = e % BK;
       const int64_t gm = m0 + row, gk = k0 + col;
-      As[col][row] = (gm < M && gk < kend) ? to_f32(a[gm * lda + gk]) : 0.f;
+      float v = (gm < M && gk < kend) ? to_f32(a[gm * lda + gk]) : 0.f;
+      if (drop_a.on) v *= da.factor(static_cast<uint64_t>(gm) * K + gk);
+      As[col][row] = v;
     }
     for (int e = tid; e < BN * BK; e += kThreads) {
       const int row = e / BK, col = e % BK;
@@ -180,62 +207,109 @@ int64_t split_k(int64_t K, int64_t tiles, int num_sms, int64_t step, int64_t min
 }
 
 template <class T, int BN>
-void shrink_tiled(const LoraApplyParams& p, cudaStream_t s) {
-  const dim3 tiles(ceil_div(p.T, 64), ceil_div(p.r, BN));
-  const int64_t kchunk = split_k(p.in, tiles.x * tiles.y, p.num_sms, 32, 256);
-  const dim3 grid(tiles.x, tiles.y, ceil_div(p.in, kchunk));
+void shrink_tiled(const LowRankJob& j, DropArg drop, cudaStream_t s) {
+  const dim3 tiles(ceil_div(j.T, 64), ceil_div(j.r, BN));
+  const int64_t kchunk = split_k(j.in, tiles.x * tiles.y, j.num_sms, 32, 256);
+  const dim3 grid(tiles.x, tiles.y, ceil_div(j.in, kchunk));
   const bool atomic = grid.z > 1;
-  if (atomic) cudaMemsetAsync(p.u, 0, sizeof(float) * p.T * p.r, s);
+  if (atomic) cudaMemsetAsync(j.u, 0, sizeof(float) * j.T * j.r, s);
   gemm_nt<T, T, BN, StoreU><<<grid, kThreads, 0, s>>>(
-      static_cast<const T*>(p.x), p.ldx, static_cast<const T*>(p.A), p.in, p.T, p.r, p.in,
-      kchunk, StoreU{p.u, p.r, atomic});
+      static_cast<const T*>(j.x), j.ldx, static_cast<const T*>(j.A), j.in, j.T, j.r, j.in, kchunk,
+      StoreU{j.u, j.r, atomic}, drop);
 }
 
 template <class T>
-void run(const LoraApplyParams& p, cudaStream_t s) {
-  const T* x = static_cast<const T*>(p.x);
-  const T* A = static_cast<const T*>(p.A);
-  const T* B = static_cast<const T*>(p.B);
-  T* y = static_cast<T*>(p.y);
+void shrink(const LowRankJob& j, DropArg drop, cudaStream_t s) {
+  if (j.in == 0) {
+    cudaMemsetAsync(j.u, 0, sizeof(float) * j.T * j.r, s);
+    return;
+  }
+  const T* x = static_cast<const T*>(j.x);
+  const T* A = static_cast<const T*>(j.A);
   constexpr int V = kVec<T>;
-  if (p.T <= kSmallT) {
-    const bool vx = p.in % V == 0 && p.ldx % V == 0 && aligned16(x) && aligned16(A);
+  if (j.T <= kSmallT) {
+    const bool vx = j.in % V == 0 && j.ldx % V == 0 && aligned16(x) && aligned16(A);
     const int64_t step = 32 * (vx ? V : 1);
-    const int64_t gy = ceil_div(p.r, kThreads / 32);
-    const int64_t kchunk = split_k(p.in, gy, p.num_sms, step, 4 * step);
-    const dim3 grid(ceil_div(p.in, kchunk), gy);
+    const int64_t gy = ceil_div(j.r, kThreads / 32);
+    const int64_t kchunk = split_k(j.in, gy, j.num_sms, step, 4 * step);
+    const dim3 grid(ceil_div(j.in, kchunk), gy);
     const bool atomic = grid.x > 1;
-    if (atomic) cudaMemsetAsync(p.u, 0, sizeof(float) * p.T * p.r, s);
-    const int nt = static_cast<int>(p.T);
+    if (atomic) cudaMemsetAsync(j.u, 0, sizeof(float) * j.T * j.r, s);
+    const int nt = static_cast<int>(j.T);
     if (vx) {
-      shrink_small<T, V><<<grid, kThreads, 0, s>>>(x, p.ldx, A, p.u, nt, p.in, p.r, kchunk, atomic);
+      shrink_small<T, V><<<grid, kThreads, 0, s>>>(x, j.ldx, A, j.u, nt, j.in, j.r, kchunk, atomic, drop);
     } else {
-      shrink_small<T, 1><<<grid, kThreads, 0, s>>>(x, p.ldx, A, p.u, nt, p.in, p.r, kchunk, atomic);
+      shrink_small<T, 1><<<grid, kThreads, 0, s>>>(x, j.ldx, A, j.u, nt, j.in, j.r, kchunk, atomic, drop);
     }
-    const int64_t gx = ceil_div(p.out, kThreads);
-    if (p.r % V == 0 && aligned16(B)) {
-      expand_small<T, V><<<gx, kThreads, 0, s>>>(y, p.ldy, p.u, B, nt, p.out, p.r, p.scale);
+  } else if (j.r <= 16) {
+    shrink_tiled<T, 16>(j, drop, s);
+  } else if (j.r <= 32) {
+    shrink_tiled<T, 32>(j, drop, s);
+  } else {
+    shrink_tiled<T, 64>(j, drop, s);
+  }
+}
+
+template <class T>
+void expand(const LowRankJob& j, DropArg drop, cudaStream_t s) {
+  if (j.out == 0) return;
+  const T* B = static_cast<const T*>(j.B);
+  T* y = static_cast<T*>(j.y);
+  constexpr int V = kVec<T>;
+  if (j.T <= kSmallT) {
+    const int64_t gx = ceil_div(j.out, kThreads);
+    const int nt = static_cast<int>(j.T);
+    if (j.r % V == 0 && aligned16(B)) {
+      expand_small<T, V><<<gx, kThreads, 0, s>>>(y, j.ldy, j.u, B, nt, j.out, j.r, j.scale, drop);
     } else {
-      expand_small<T, 1><<<gx, kThreads, 0, s>>>(y, p.ldy, p.u, B, nt, p.out, p.r, p.scale);
+      expand_small<T, 1><<<gx, kThreads, 0, s>>>(y, j.ldy, j.u, B, nt, j.out, j.r, j.scale, drop);
     }
     return;
   }
-  if (p.r <= 16) {
-    shrink_tiled<T, 16>(p, s);
-  } else if (p.r <= 32) {
-    shrink_tiled<T, 32>(p, s);
-  } else {
-    shrink_tiled<T, 64>(p, s);
+  const dim3 grid(ceil_div(j.T, 64), ceil_div(j.out, 64), 1);
+  gemm_nt<float, T, 64, AddY<T>><<<grid, kThreads, 0, s>>>(
+      j.u, j.r, B, j.r, j.T, j.out, j.r, j.r, AddY<T>{y, j.ldy, j.out, j.scale, drop}, DropArg{});
+}
+
+// dst[t, k] = keep(t * width + k) * src[t * ld + k]; grid-stride over all elements.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    dropout_rows_kernel(const T* __restrict__ src, int64_t ld, T* __restrict__ dst, int64_t T_,
+                        int64_t width, DropArg drop) {
+  const Dropout d = drop.make();
+  const int64_t n = T_ * width;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t t = i / width, k = i - t * width;
+    dst[i] = from_f32<T>(to_f32(src[t * ld + k]) * d.factor(static_cast<uint64_t>(i)));
   }
-  const dim3 grid(ceil_div(p.T, 64), ceil_div(p.out, 64), 1);
-  gemm_nt<float, T, 64, AddY<T>><<<grid, kThreads, 0, s>>>(p.u, p.r, B, p.r, p.T, p.out, p.r, p.r,
-                                                          AddY<T>{y, p.ldy, p.scale});
 }
 
 }  // namespace
 
-cudaError_t lora_apply(DType dt, const LoraApplyParams& p, cudaStream_t stream) {
-  dispatch(dt, [&](auto tag) { run<typename decltype(tag)::type>(p, stream); });
+cudaError_t lowrank(DType dt, const LowRankJob& j, cudaStream_t stream) {
+  if (j.T == 0) return cudaSuccess;
+  const bool on = j.dropout_p > 0.f;
+  const DropArg dx{on && j.mask_x, j.dropout_p, j.seed};
+  const DropArg dy{on && j.mask_y, j.dropout_p, j.seed};
+  dispatch(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (j.x) shrink<T>(j, dx, stream);
+    if (j.y) expand<T>(j, dy, stream);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t dropout_rows(DType dt, const void* src, int64_t ld, void* dst, int64_t T, int64_t width,
+                         float p, const int64_t* seed, int num_sms, cudaStream_t stream) {
+  if (T == 0 || width == 0) return cudaSuccess;
+  const DropArg drop{true, p, seed};
+  const int64_t blocks = std::min<int64_t>(ceil_div(T * width, kThreads), 8LL * num_sms);
+  dispatch(dt, [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    dropout_rows_kernel<T_><<<blocks, kThreads, 0, stream>>>(static_cast<const T_*>(src), ld,
+                                                           static_cast<T_*>(dst), T, width, drop);
+  });
   return cudaGetLastError();
 }
 

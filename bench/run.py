@@ -1,0 +1,33 @@
+"""Runs every benchmark on one device and writes JSON under bench/results/ (or $LORA_EXT_BENCH_OUT).
+
+python bench/run.py [--device cpu|cuda] [--quick] [--only NAME ...]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name -> module in bench/ exposing main(argv)
+BENCHMARKS = ["roofline", "lora_apply", "lora_linear"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="a few sizes only, no result files")
+    p.add_argument("--only", nargs="*", default=None, choices=BENCHMARKS)
+    a = p.parse_args(argv)
+    for name in a.only or BENCHMARKS:
+        mod = importlib.import_module(f"bench.bench_{name}")
+        mod.main(["--device", a.device] + (["--quick"] if a.quick else []))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+// Tensor-level glue of the single-adapter ops (lora_apply_, lora_linear fwd/bwd), written once
+// and instantiated per backend. A Backend provides
+//   static void run(DType, LowRankJob&, const at::Tensor& like);          // the low-rank kernel
+//   static void dropout_rows(DType, const at::Tensor& src, at::Tensor& dst, double p,
+//                            const at::Tensor& seed);                      // dst = keep ⊙ src
+// Base GEMMs go through ATen (BLAS / cuBLAS); the low-rank shrink/expand, the dropout masks
+// and the epilogues are ours.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "checks.h"
+#include "lowrank.h"
+
+namespace lora_ext {
+
+inline const int64_t* seed_ptr(const c10::optional<at::Tensor>& seed, double p) {
+  return p > 0.0 ? seed->data_ptr<int64_t>() : nullptr;
+}
+
+template <class Backend>
+void lora_apply_impl(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                     double scale) {
+  LoraApplyArgs a = check_lora_apply("lora_apply_", y, x, A, B);
+  // Nothing to add; in == 0 also gives x a null data pointer, which LowRankJob reads as "u given".
+  if (a.T == 0 || a.out == 0 || a.in == 0) return;
+  at::Tensor u = at::empty({a.T, a.r}, x.options().dtype(at::kFloat));
+  LowRankJob j;
+  j.x = a.x2.data_ptr();
+  j.ldx = a.T > 1 ? a.x2.stride(0) : a.in;
+  j.A = a.A.data_ptr();
+  j.u = u.data_ptr<float>();
+  j.B = a.B.data_ptr();
+  j.y = a.y2.data_ptr();
+  j.ldy = a.T > 1 ? a.y2.stride(0) : a.out;
+  j.T = a.T;
+  j.in = a.in;
+  j.out = a.out;
+  j.r = a.r;
+  j.scale = static_cast<float>(scale);
+  Backend::run(a.dtype, j, x);
+  if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
+}
+
+// (y [..., out], u [T, r] fp32): y = x W^T + bias + scale * (keep ⊙ x) A^T B^T; u is saved
+// for backward (the only per-token state besides x; the dropout mask is regenerated).
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_impl(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& A, const at::Tensor& B, double scale, double dropout_p,
+    const c10::optional<at::Tensor>& seed, bool fan_in_fan_out) {
+  LoraLinearArgs a = check_lora_linear("lora_linear", x, weight, bias, A, B, dropout_p, seed,
+                                       fan_in_fan_out);
+  const at::Tensor wt = fan_in_fan_out ? weight : weight.t();
+  at::Tensor y2 = (bias.has_value() && bias->defined()) ? at::addmm(*bias, a.x2, wt) : at::mm(a.x2, wt);
+  at::Tensor u = at::empty({a.T, a.r}, x.options().dtype(at::kFloat));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = a.out;
+  if (a.T == 0) return {y2.view(shape), u};
+  LowRankJob j;
+  j.x = a.x2.data_ptr();
+  j.ldx = a.in;
+  j.A = a.A.data_ptr();
+  j.u = u.data_ptr<float>();
+  j.B = a.B.data_ptr();
+  j.y = y2.data_ptr();
+  j.ldy = a.out;
+  j.T = a.T;
+  j.in = a.in;
+  j.out = a.out;
+  j.r = a.r;
+  j.scale = static_cast<float>(scale);
+  j.dropout_p = static_cast<float>(dropout_p);
+  j.seed = seed_ptr(seed, dropout_p);
+  j.mask_x = true;
+  Backend::run(a.dtype, j, x);
+  return {y2.view(shape), u};
+}
+
+// Gradients of lora_linear for output_mask = [x, weight, A, B] (undefined where not asked).
+// With g = grad [T, out], gB = g B [T, r] (fp32):
+//   dx = g W + scale * keep ⊙ (gB A),  dA = scale * gB^T (keep ⊙ x),  dB = scale * g^T u,
+//   dW = g^T x (only if the weight is trainable).
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& u, double scale, double dropout_p,
+    const c10::optional<at::Tensor>& seed, bool fan_in_fan_out, std::array<bool, 4> output_mask) {
+  LoraLinearArgs a = check_lora_linear("lora_linear_backward", x, weight, c10::nullopt, A, B,
+                                       dropout_p, seed, fan_in_fan_out);
+  check_same_device_dtype("lora_linear_backward", x, "x", grad, "grad");
+  TORCH_CHECK(grad.numel() == a.T * a.out && grad.size(-1) == a.out,
+              "lora_linear_backward: grad must be [..., out] with out = ", a.out, ", got ", grad.sizes());
+  TORCH_CHECK(u.scalar_type() == at::kFloat && u.dim() == 2 && u.size(0) == a.T && u.size(1) == a.r,
+              "lora_linear_backward: u must be the fp32 [T, r] saved by the forward, got ", u.sizes());
+  const at::Tensor g2 = grad.reshape({-1, a.out}).contiguous();
+  const at::Tensor gB = at::empty({a.T, a.r}, x.options().dtype(at::kFloat));
+  at::Tensor dx, dW, dA, dB;
+  if (output_mask[0]) dx = at::mm(g2, fan_in_fan_out ? weight.t() : weight);
+  if (a.T > 0) {
+    const at::Tensor Bt = a.B.t().contiguous();  // [r, out]: gB = g Bt^T
+    const at::Tensor At = a.A.t().contiguous();  // [in, r]: dx += s gB At^T
+    LowRankJob j;
+    j.x = g2.data_ptr();
+    j.ldx = a.out;
+    j.A = Bt.data_ptr();
+    j.u = gB.data_ptr<float>();
+    j.T = a.T;
+    j.in = a.out;
+    j.r = a.r;
+    if (output_mask[0]) {
+      j.B = At.data_ptr();
+      j.y = dx.data_ptr();
+      j.ldy = a.in;
+      j.out = a.in;
+      j.scale = static_cast<float>(scale);
+      j.dropout_p = static_cast<float>(dropout_p);
+      j.seed = seed_ptr(seed, dropout_p);
+      j.mask_y = true;
+    }
+    Backend::run(a.dtype, j, x);
+  } else if (output_mask[0]) {
+    dx.zero_();
+  }
+  if (output_mask[2]) {
+    at::Tensor xd = a.x2;
+    if (dropout_p > 0.0 && a.T > 0) {
+      xd = at::empty_like(a.x2);
+      Backend::dropout_rows(a.dtype, a.x2, xd, dropout_p, *seed);
+    }
+    dA = at::mm(gB.mul(scale).to(x.scalar_type()).t(), xd);
+  }
+  if (output_mask[3]) dB = at::mm(g2.t(), u.mul(scale).to(x.scalar_type()));
+  if (output_mask[1]) dW = fan_in_fan_out ? at::mm(a.x2.t(), g2) : at::mm(g2.t(), a.x2);
+  if (dx.defined()) dx = dx.view(x.sizes());
+  return {dx, dW, dA, dB};
+}
+
+}  // namespace lora_ext

@@ -1,0 +1,138 @@
+"""LoRALinear / LoRAEmbedding modules and model surgery (inject, trainable marking, state dict)."""
+import math
+
+import pytest
+import torch
+from conftest import devices, rel_err
+from models import tiny_gpt2, tiny_llama
+from torch import nn
+
+import lora_ext
+from lora_ext import LoRAEmbedding, LoRALinear
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.v_proj, self.o_proj = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.emb = nn.Embedding(10, 16)
+        self.norm = nn.LayerNorm(16)
+        self.lm_head = nn.Linear(16, 10, bias=False)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = self.norm(self.o_proj(self.q_proj(h) * self.v_proj(h)))
+        return self.lm_head(h)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_from_linear_keeps_output_and_shares_weight(device):
+    lin = nn.Linear(24, 12).to(device)
+    layer = LoRALinear.from_linear(lin, r=4, alpha=8)
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    assert not layer.weight.requires_grad and layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert layer.lora_A.shape == (4, 24) and layer.lora_B.shape == (12, 4)
+    assert layer.scaling == 2.0 and torch.count_nonzero(layer.lora_B) == 0
+    x = torch.randn(5, 24, device=device)
+    torch.testing.assert_close(layer(x), lin(x))
+
+
+def test_hparams_and_init():
+    lin = nn.Linear(32, 8)
+    assert LoRALinear.from_linear(lin, r=16, alpha=8, use_rslora=True).scaling == pytest.approx(8 / 4)
+    g = LoRALinear.from_linear(lin, r=4, init="gaussian")
+    assert abs(g.lora_A.std().item() - 0.25) < 0.08
+    k = LoRALinear.from_linear(lin, r=4)
+    bound = 1 / math.sqrt(32)  # kaiming_uniform(a=sqrt(5)) on [r, in]
+    assert k.lora_A.abs().max().item() <= bound + 1e-6
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="rank"):
+            LoRALinear.from_linear(lin, r=bad)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout"):
+            LoRALinear.from_linear(lin, dropout=bad)
+    with pytest.raises(ValueError, match="init"):
+        LoRALinear.from_linear(lin, init="pissa")
+    with pytest.raises(TypeError, match="Conv2d"):
+        LoRALinear.from_linear(nn.Conv2d(3, 3, 3))
+
+
+def test_embedding_layer_matches_formula():
+    emb = nn.Embedding(10, 6, padding_idx=0)
+    layer = LoRAEmbedding.from_embedding(emb, r=3, alpha=6)
+    ids = torch.tensor([[0, 3, 9], [1, 1, 2]])
+    torch.testing.assert_close(layer(ids), emb(ids))  # A starts at zero
+    layer.lora_embedding_A.data.normal_()
+    ref = emb(ids) + 2.0 * layer.lora_embedding_A.t()[ids] @ layer.lora_embedding_B.t()
+    torch.testing.assert_close(layer(ids), ref)
+
+
+def test_inject_suffixes_regex_all_linear_and_errors():
+    m = Block()
+    assert sorted(lora_ext.inject(m, ["q_proj", "v_proj"], r=2)) == ["q_proj", "v_proj"]
+    assert isinstance(m.q_proj, LoRALinear) and isinstance(m.o_proj, nn.Linear)
+    m = Block()
+    assert lora_ext.inject(m, r"(q|o)_proj", r=2) == ["q_proj", "o_proj"]
+    m = Block()
+    assert sorted(lora_ext.inject(m, "all-linear", r=2)) == ["o_proj", "q_proj", "v_proj"]
+    m = Block()
+    names = lora_ext.inject(m, ["q_proj", "emb"], r=8, rank_pattern={"q_proj": 4},
+                            alpha_pattern={"emb": 32})
+    assert names == ["q_proj", "emb"] and m.q_proj.r == 4 and m.emb.scaling == 4.0
+    assert isinstance(m.emb, LoRAEmbedding)
+    with pytest.raises(ValueError, match="matched no module"):
+        lora_ext.inject(Block(), ["k_proj"])
+    with pytest.raises(TypeError, match="'norm' is a LayerNorm"):
+        lora_ext.inject(Block(), ["norm"])
+    with pytest.raises(ValueError, match="'q_proj'.*rank"):
+        lora_ext.inject(Block(), ["q_proj"], r=0)
+
+
+def test_mark_only_lora_trainable_and_state_dict():
+    m = Block()
+    lora_ext.inject(m, ["q_proj", "v_proj"], r=2)
+    lora_ext.mark_only_lora_trainable(m)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"q_proj.lora_A", "q_proj.lora_B", "v_proj.lora_A", "v_proj.lora_B"}
+    lora_ext.mark_only_lora_trainable(m, bias="lora_only")
+    assert m.q_proj.bias.requires_grad and not m.o_proj.bias.requires_grad
+    lora_ext.mark_only_lora_trainable(m, bias="all")
+    assert m.o_proj.bias.requires_grad
+    with pytest.raises(ValueError, match="bias"):
+        lora_ext.mark_only_lora_trainable(m, bias="some")
+    sd = lora_ext.lora_state_dict(m)
+    assert set(sd) == {f"base_model.model.{n}.lora_{ab}.weight" for n in ("q_proj", "v_proj") for ab in "AB"}
+
+
+def test_gpt2_conv1d_injection():
+    model = tiny_gpt2()
+    ids = torch.randint(0, 128, (2, 8))
+    ref = model(ids).logits
+    names = lora_ext.inject(model, ["c_attn"], r=4)
+    layer = model.transformer.h[0].attn.c_attn
+    assert len(names) == 2 and layer.fan_in_fan_out and layer.lora_A.shape == (4, 64)
+    assert layer.lora_B.shape == (192, 4) and layer.base_class.__name__ == "Conv1D"
+    torch.testing.assert_close(model(ids).logits, ref)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_injected_model_compiles_fullgraph_forward_backward(device):
+    model = tiny_llama().to(device)
+    lora_ext.inject(model, ["q_proj", "v_proj"], r=4, dropout=0.1)
+    lora_ext.mark_only_lora_trainable(model)
+    for m in lora_ext.lora_layers(model).values():
+        m.lora_B.data.normal_(std=0.02)
+    model.train()
+    ids = torch.randint(0, 128, (2, 16), device=device)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(lambda i: model(input_ids=i, labels=i).loss)(ids)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    compiled = torch.compile(lambda i: model(input_ids=i, labels=i).loss, fullgraph=True)
+    loss = compiled(ids)
+    loss.backward()
+    grads = [m.lora_A.grad for m in lora_ext.lora_layers(model).values()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    model.eval()
+    eager = model(input_ids=ids).logits
+    comp = torch.compile(lambda i: model(input_ids=i).logits, fullgraph=True)(ids)
+    assert rel_err(comp, eager) < 1e-5
