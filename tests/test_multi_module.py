@@ -99,6 +99,8 @@ def test_layer_errors():
     layer.context.set_indices([0, 7, -1])
     with pytest.raises(RuntimeError, match="out of range"), torch.no_grad():
         layer(torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match="max_tokens"), torch.no_grad():
+        layer(torch.randn(5, 8))
 
 
 @pytest.mark.parametrize("device", devices())
