@@ -54,14 +54,14 @@ def run(device: str = "cpu", quick: bool = False) -> tuple[list[dict], float]:
     rows = []
     i = o = 4096
     for T, r, D, dt, kind in cases(device, quick):
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device=device).manual_seed(0)
         S = D
-        x = torch.randn(T, i, generator=g).to(device, dt)
+        x = torch.randn(T, i, generator=g, device=device).to(dt)
         y = torch.zeros(T, o, device=device, dtype=dt)
-        A = (torch.randn(S, r, i, generator=g) / i**0.5).to(device, dt)
-        B = (torch.randn(S, o, r, generator=g) / r**0.5).to(device, dt)
-        idx = (torch.randperm(T, generator=g) % D).to(torch.int32).to(device)
-        sc = torch.rand(S, generator=g).to(device)
+        A = (torch.randn(S, r, i, generator=g, device=device) / i**0.5).to(dt)
+        B = (torch.randn(S, o, r, generator=g, device=device) / r**0.5).to(dt)
+        idx = (torch.randperm(T, generator=g, device=device) % D).to(torch.int32)
+        sc = torch.rand(S, generator=g, device=device)
         rk = torch.full((S,), r, dtype=torch.int32, device=device)
         groups = [(a, torch.nonzero(idx == a).flatten()) for a in range(S)]
         groups = [(a, t) for a, t in groups if t.numel()]
