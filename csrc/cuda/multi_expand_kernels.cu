@@ -9,7 +9,7 @@
 //     and broadcasts u from smem.
 //   tensor cores (> 8 tokens): 64 tokens x 64 columns, K = r in steps of 32 through smem,
 //     u split into hi + lo TF32 parts (B too when fp32), wmma m16n16k8, fp32 accumulation;
-//     the tile goes out through smem with coalesced read-modify-writes of y.
+//     the tile goes out through smem with 16-byte read-modify-writes of y when aligned.
 #include "multi_lora.cuh"
 
 namespace lora_ext::cuda::multi {
@@ -19,7 +19,8 @@ constexpr int kUChunk = 512;  // ranks of u staged per pass in the streaming pat
 
 template <class T, int V>
 __global__ void __launch_bounds__(kThreads, 1)
-    expand_kernel(const MultiLoraParams p, bool grouped, int64_t ksplit, bool count_bad) {
+    expand_kernel(const MultiLoraParams p, bool grouped, int64_t ksplit, bool count_bad,
+                  bool vec_y) {
   constexpr int kOps = 2 * kBM * kLd, kOut = kBM * (kBNE + 4), kUs = kSkinny * kUChunk;
   constexpr int kA = kOps > kOut ? kOps : kOut;
   __shared__ __align__(32) float smem[kA > kUs ? kA : kUs];
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < kSkinny / 2; ++i) acc[i] = 0.f;
     for (int64_t jc = 0; jc < rank; jc += kUChunk) {
       const int jn = static_cast<int>(min(static_cast<int64_t>(kUChunk), rank - jc));
-      #pragma unroll 1
+#pragma unroll 1
       for (int e = threadIdx.x; e < kSkinny * kUChunk; e += kThreads) {
         const int q = e / kUChunk, j = e % kUChunk;
         float s = 0.f;
@@ -106,15 +107,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* Xs = smem;
   float* Ws = smem + kBM * kLd;
   for (int64_t k = 0; k < rank; k += kBK) {
-    #pragma unroll 1
-    for (int e = threadIdx.x; e < kBM * kBK; e += kThreads) {
-      const int q = e / kBK, j = e % kBK;
-      float s = 0.f;
-      if (q < ntok && k + j < rank) {
-        const float* src = u + toks[q] * p.r_max + k + j;
-        for (int64_t z = 0; z < ksplit; ++z) s += src[z * zstride];
+    // u rows (sum of the split-K partials): the first partial of all 16 elements a thread
+    // owns is loaded at once, then the other splits
+    constexpr int kUIters = kBM * kBK / kThreads;
+    float sv[kUIters];
+#pragma unroll
+    for (int it = 0; it < kUIters; ++it) {
+      const int e = threadIdx.x + it * kThreads, q = e / kBK, j = e % kBK;
+      sv[it] = q < ntok && k + j < rank ? u[toks[q] * p.r_max + k + j] : 0.f;
+    }
+    for (int64_t z = 1; z < ksplit; ++z) {
+#pragma unroll
+      for (int it = 0; it < kUIters; ++it) {
+        const int e = threadIdx.x + it * kThreads, q = e / kBK, j = e % kBK;
+        if (q < ntok && k + j < rank) sv[it] += u[z * zstride + toks[q] * p.r_max + k + j];
       }
-      Xs[q * kLd + j] = s;
+    }
+#pragma unroll
+    for (int it = 0; it < kUIters; ++it) {
+      const int e = threadIdx.x + it * kThreads;
+      Xs[(e / kBK) * kLd + e % kBK] = sv[it];
     }
     load_tile<T, V, kBNE>(Ws, [&](int r) { return B + r * p.r_max; }, static_cast<int>(ncols), k,
                           rank);
@@ -128,12 +140,34 @@ __global__ void __launch_bounds__(kThreads, 1)
     nvcuda::wmma::store_matrix_sync(Cs + warp * 16 * (kBNE + 4) + c * 16, acc[c], kBNE + 4,
                                     nvcuda::wmma::mem_row_major);
   __syncthreads();
-  #pragma unroll 1
-  for (int e = threadIdx.x; e < kBM * kBNE; e += kThreads) {
-    const int q = e / kBNE, c = e % kBNE;
-    if (q < ntok && c < ncols) {
-      T* py = y + toks[q] * p.ldy + o0 + c;
-      *py = from_f32<T>(to_f32(*py) + scale * Cs[q * (kBNE + 4) + c]);
+  if (vec_y) {  // 16-byte read-modify-writes of y; a thread's loads are all issued first
+    constexpr int VY = kVec<T>, kChunks = kBNE / VY, kIters = kBM * kChunks / kThreads;
+    uint4 raw[kIters];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int e = threadIdx.x + it * kThreads, q = e / kChunks, c = (e % kChunks) * VY;
+      if (q < ntok && c < ncols)
+        raw[it] = *reinterpret_cast<const uint4*>(y + toks[q] * p.ldy + o0 + c);
+    }
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int e = threadIdx.x + it * kThreads, q = e / kChunks, c = (e % kChunks) * VY;
+      if (q < ntok && c < ncols) {
+        T* v = reinterpret_cast<T*>(&raw[it]);
+        const float* cs = Cs + q * (kBNE + 4) + c;
+#pragma unroll
+        for (int i = 0; i < VY; ++i) v[i] = from_f32<T>(to_f32(v[i]) + scale * cs[i]);
+        *reinterpret_cast<uint4*>(y + toks[q] * p.ldy + o0 + c) = raw[it];
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int e = threadIdx.x; e < kBM * kBNE; e += kThreads) {
+      const int q = e / kBNE, c = e % kBNE;
+      if (q < ntok && c < ncols) {
+        T* py = y + toks[q] * p.ldy + o0 + c;
+        *py = from_f32<T>(to_f32(*py) + scale * Cs[q * (kBNE + 4) + c]);
+      }
     }
   }
 }
@@ -146,10 +180,13 @@ void expand_t(const MultiLoraParams& p, const MultiLoraPlan& plan, int64_t kspli
   for (int64_t i = 0; i < p.n; ++i) ytiles += ceil_div(p.out_off[i + 1] - p.out_off[i], kBNE);
   if (ytiles == 0) return;
   const dim3 grid(plan.tiles, ytiles);
+  // y rows and every slice boundary V-aligned: the tile epilogue uses 16-byte accesses.
+  bool vec_y = aligned16(p.y) && p.ldy % V == 0;
+  for (int64_t i = 0; i <= p.n; ++i) vec_y = vec_y && p.out_off[i] % V == 0;
   if (p.r_max % V == 0 && aligned16(p.B)) {
-    expand_kernel<T, V><<<grid, kThreads, 0, s>>>(p, plan.grouped, ksplit, count_bad);
+    expand_kernel<T, V><<<grid, kThreads, 0, s>>>(p, plan.grouped, ksplit, count_bad, vec_y);
   } else {
-    expand_kernel<T, 1><<<grid, kThreads, 0, s>>>(p, plan.grouped, ksplit, count_bad);
+    expand_kernel<T, 1><<<grid, kThreads, 0, s>>>(p, plan.grouped, ksplit, count_bad, vec_y);
   }
 }
 

@@ -80,25 +80,38 @@ __device__ __forceinline__ void load_tokens(const MultiLoraParams& p, bool group
 // dst[row * kLd + c] = row_ptr(row)[k0 + c] as fp32 for row < ROWS, c < kBK; zero where
 // row >= nrows or k0 + c >= kend. With V > 1 the row pointers and k0 are V-aligned and a
 // vector never passes the end of the row storage (the caller checked), only kend.
+// All of a thread's global loads are issued before its shared-memory stores.
 template <class T, int V, int ROWS, class RowPtr>
 __device__ __forceinline__ void load_tile(float* dst, RowPtr row_ptr, int nrows, int64_t k0,
                                           int64_t kend) {
-  constexpr int kPerRow = kBK / V;
-  #pragma unroll 1
-  for (int e = threadIdx.x; e < ROWS * kPerRow; e += kThreads) {
-    const int row = e / kPerRow, col = (e % kPerRow) * V;
-    const int64_t gk = k0 + col;
-    float v[V];
-    if (row < nrows && gk < kend) {
-      load_f32<T, V>(row_ptr(row) + gk, v);
+  constexpr int kPerRow = kBK / V, kN = ROWS * kPerRow;
+  constexpr int kIters = (kN + kThreads - 1) / kThreads;
+  constexpr int kBatch = kIters < 4 ? kIters : 4;  // loads in flight per thread (<= 16 floats)
 #pragma unroll
-      for (int i = 0; i < V; ++i) v[i] = gk + i < kend ? v[i] : 0.f;
-    } else {
+  for (int b0 = 0; b0 < kIters; b0 += kBatch) {
+    float v[kBatch][V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) v[i] = 0.f;
+    for (int ib = 0; ib < kBatch; ++ib) {
+      const int e = threadIdx.x + (b0 + ib) * kThreads;
+      const int row = e / kPerRow, col = (e % kPerRow) * V;
+      const int64_t gk = k0 + col;
+      if (b0 + ib < kIters && e < kN && row < nrows && gk < kend) {
+        load_f32<T, V>(row_ptr(row) + gk, v[ib]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[ib][i] = 0.f;
+      }
     }
 #pragma unroll
-    for (int i = 0; i < V; ++i) dst[row * kLd + col + i] = v[i];
+    for (int ib = 0; ib < kBatch; ++ib) {
+      const int e = threadIdx.x + (b0 + ib) * kThreads;
+      const int row = e / kPerRow, col = (e % kPerRow) * V;
+      if (b0 + ib < kIters && e < kN) {
+#pragma unroll
+        for (int i = 0; i < V; ++i)
+          dst[row * kLd + col + i] = k0 + col + i < kend ? v[ib][i] : 0.f;
+      }
+    }
   }
 }
 
@@ -112,8 +125,8 @@ __device__ __forceinline__ void mma_step(const float* Xs, const float* Ws, AccFr
   namespace wmma = nvcuda::wmma;
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
-#pragma unroll
-  for (int kk = 0; kk < kBK; kk += 8) {
+#pragma unroll 1
+  for (int kk = 0; kk < kBK; kk += 8) {  // not unrolled: bounds the live fragments
     FragA ah, al;
     wmma::load_matrix_sync(ah, Xs + kk, kLd);
 #pragma unroll
