@@ -34,6 +34,19 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(lora_ext, m) {
   // y[T, out] += scale * (x[T, in] @ A[r, in]^T) @ B[out, r]^T, in place.
   m.def("lora_apply_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scale) -> ()");
+  // Multi-adapter batch: y[t] += scales[a] * B_pool[a, :, :r_a] A_pool[a, :r_a] x[t] with
+  // a = indices[t] (-1: no adapter), r_a = ranks[a]; out_slices splits y's columns among
+  // A_pool[i] (then [n, S, r_max, in]). CUDA adds out-of-range indices to bad_index_count.
+  m.def("multi_lora_(Tensor(a!) y, Tensor x, Tensor A_pool, Tensor B_pool, Tensor indices, "
+        "Tensor scales, Tensor ranks, int[]? out_slices=None, Tensor(b!)? bad_index_count=None) "
+        "-> ()");
+  // Its halves: u[(n,) T, r_max] fp32 = per-token A x, and y += scales * B u.
+  // (Two overloads: a functional one, and one that also counts bad indices.)
+  m.def("lora_shrink(Tensor x, Tensor A_pool, Tensor indices, Tensor ranks) -> Tensor");
+  m.def("lora_shrink.counted(Tensor x, Tensor A_pool, Tensor indices, Tensor ranks, "
+        "Tensor(a!) bad_index_count) -> Tensor");
+  m.def("lora_expand_(Tensor(a!) y, Tensor u, Tensor B_pool, Tensor indices, Tensor scales, "
+        "Tensor ranks, int[]? out_slices=None, Tensor(b!)? bad_index_count=None) -> ()");
   // lora_linear: (y, u) with y = x W^T + bias + scale * (dropout(x) A^T) B^T and u the fp32
   // [T, r] activation saved for backward; W is [in, out] when fan_in_fan_out.
   m.def(

@@ -95,3 +95,4 @@ def build_info() -> list[str]:
     return list(torch.ops.lora_ext.build_info.default())
 
 from ._ops_merge import *  # noqa: F401,F403,E402
+from ._ops_multi import *  # noqa: F401,F403,E402

@@ -15,6 +15,14 @@
 
 namespace lora_ext::cpu {
 
+// Function multi-versioning for vectorised loops written with the generic vector types: the
+// AVX2+FMA (x86-64-v3) or AVX-512 (x86-64-v4) clone is picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LORA_EXT_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define LORA_EXT_CLONES
+#endif
+
 constexpr int kMR = 6;   // rows per micro tile
 constexpr int kNR = 16;  // columns per micro tile (one packed panel)
 

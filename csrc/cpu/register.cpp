@@ -7,6 +7,10 @@ namespace lora_ext::cpu {
 
 TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("lora_apply_", &lora_apply_cpu);
+  m.impl("multi_lora_", &multi_lora_cpu);
+  m.impl("lora_shrink", &lora_shrink_cpu);
+  m.impl("lora_shrink.counted", &lora_shrink_counted_cpu);
+  m.impl("lora_expand_", &lora_expand_cpu);
   m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);
   m.impl("lora_linear_bwd", &lora_linear_bwd_cpu);
   m.impl("merge_", &merge_cpu);

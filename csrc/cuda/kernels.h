@@ -27,4 +27,18 @@ void merge_points_cuda(at::Tensor weight, const at::Tensor& idx, const at::Tenso
                        at::TensorList A, at::TensorList B, at::ArrayRef<double> scales,
                        bool fan_in_fan_out);
 
+void multi_lora_cuda(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool,
+                     const at::Tensor& B_pool, const at::Tensor& indices, const at::Tensor& scales,
+                     const at::Tensor& ranks, at::OptionalIntArrayRef out_slices,
+                     const std::optional<at::Tensor>& bad_index_count);
+at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A_pool,
+                           const at::Tensor& indices, const at::Tensor& ranks);
+at::Tensor lora_shrink_counted_cuda(const at::Tensor& x, const at::Tensor& A_pool,
+                                 const at::Tensor& indices, const at::Tensor& ranks,
+                                 at::Tensor bad_index_count);
+void lora_expand_cuda(at::Tensor y, const at::Tensor& u, const at::Tensor& B_pool,
+                      const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& ranks,
+                      at::OptionalIntArrayRef out_slices,
+                      const std::optional<at::Tensor>& bad_index_count);
+
 }  // namespace lora_ext::cuda

@@ -51,6 +51,39 @@ struct MergePointsParams {
 };
 cudaError_t merge_points(DType dt, const MergePointsParams& p, cudaStream_t stream);
 
+// multi_lora_ / lora_shrink / lora_expand_: one adapter per token (see multi_lora_kernels.cu).
+// Shapes as in csrc/multi_checks.h; pools contiguous, rows of x / y with strides ldx / ldy.
+constexpr int kMultiMaxSlices = 8;
+struct MultiLoraParams {
+  void* y;
+  const void* x;
+  const void* A;           // [n, S, r_max, in]
+  const void* B;           // [S, out, r_max]
+  const void* idx;         // [T] int32 or int64
+  const float* scales;     // [S] or [n, S]
+  const int32_t* ranks;    // [S] or [n, S]
+  int* bad;                // out-of-range index counter, or nullptr
+  float* u;                // fp32 split-K partials [ksplit, n, T, r_max] (the given u: ksplit 1)
+  float* u_out;            // lora_shrink's result [n, T, r_max]
+  int32_t* ws;             // int workspace of plan.ws_ints
+  int64_t T, in, out, S, r_max, n, ldx, ldy, slot_stride;
+  int64_t out_off[kMultiMaxSlices + 1];
+  bool idx64;
+  int num_sms;
+};
+// Launch plan, from shapes only (so the workspaces are graph-capture safe).
+struct MultiLoraPlan {
+  bool grouped;    // tokens sorted by adapter on the device (else one token per tile)
+  int64_t tiles;   // upper bound of token tiles (grid.x)
+  int64_t ksplit;  // split-K factor of the shrink
+  int64_t kchunk;  // K elements per split
+  int64_t ws_ints; // int workspace size
+};
+enum MultiPhase : int { kMultiShrink = 1, kMultiExpand = 2, kMultiReduce = 4 };
+MultiLoraPlan multi_lora_plan(const MultiLoraParams& p, bool allow_split);
+cudaError_t multi_lora(DType dt, const MultiLoraParams& p, const MultiLoraPlan& plan, int phases,
+                       cudaStream_t stream);
+
 // Comma-separated SM architectures this binary holds code for (nvcc's __CUDA_ARCH_LIST__).
 const char* compiled_archs();
 // Multiprocessor count of a device, cached after the first query.

@@ -7,6 +7,10 @@ namespace lora_ext::cuda {
 
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("lora_apply_", &lora_apply_cuda);
+  m.impl("multi_lora_", &multi_lora_cuda);
+  m.impl("lora_shrink", &lora_shrink_cuda);
+  m.impl("lora_shrink.counted", &lora_shrink_counted_cuda);
+  m.impl("lora_expand_", &lora_expand_cuda);
   m.impl("lora_linear_fwd", &lora_linear_fwd_cuda);
   m.impl("lora_linear_bwd", &lora_linear_bwd_cuda);
   m.impl("merge_", &merge_cuda);

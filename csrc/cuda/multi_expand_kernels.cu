@@ -1,0 +1,200 @@
+// Expand half of multi_lora_: y[t, o] += scales[sl, a] * sum_{j < r} B[a, o, j] u[sl, t, j] for
+// the tokens t of a tile (adapter a) and a tile of 64 output columns o of slice sl; u is the
+// sum of the shrink's split-K partials (fixed order), y is rounded once.
+//
+// Grid: x = token tiles (as the shrink), y = output column tiles of all slices. 128 threads.
+//   streaming (<= 8 tokens): the tile's u rows go to smem (512 ranks at a time); thread
+//     (c, h) owns column o0 + c (c < 64) and tokens h, h+2, h+4, h+6: it reads its row
+//     B[a, o, :r] with 16-byte loads (a warp covers 32 consecutive rows: contiguous bytes)
+//     and broadcasts u from smem.
+//   tensor cores (> 8 tokens): 64 tokens x 64 columns, K = r in steps of 32 through smem,
+//     u split into hi + lo TF32 parts (B too when fp32), wmma m16n16k8, fp32 accumulation;
+//     the tile goes out through smem with 16-byte read-modify-writes of y when aligned.
+#include "multi_lora.cuh"
+
+namespace lora_ext::cuda::multi {
+namespace {
+
+constexpr int kUChunk = 512;  // ranks of u staged per pass in the streaming path
+
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads, 1)
+    expand_kernel(const MultiLoraParams p, bool grouped, int64_t ksplit, bool count_bad,
+                  bool vec_y) {
+  constexpr int kOps = 2 * kBM * kLd, kOut = kBM * (kBNE + 4), kUs = kSkinny * kUChunk;
+  constexpr int kA = kOps > kOut ? kOps : kOut;
+  __shared__ __align__(32) float smem[kA > kUs ? kA : kUs];
+  __shared__ int64_t toks[kBM];
+  Tile tl;
+  if (!resolve_tile(p, grouped, count_bad && blockIdx.y == 0, tl)) return;
+  int64_t yt = blockIdx.y, sl = -1, o0 = 0, ncols = 0;
+  for (int s = 0; s < p.n; ++s) {
+    const int64_t w = p.out_off[s + 1] - p.out_off[s], nt = (w + kBNE - 1) / kBNE;
+    if (yt < nt) {
+      sl = s;
+      o0 = p.out_off[s] + yt * kBNE;
+      ncols = min(static_cast<int64_t>(kBNE), p.out_off[s + 1] - o0);
+      break;
+    }
+    yt -= nt;
+  }
+  if (sl < 0) return;
+  const int64_t rank = rank_of(p, sl, tl.a);
+  if (rank == 0) return;
+  const float scale = p.scales[sl * p.slot_stride + tl.a];
+  load_tokens(p, grouped, tl, toks);
+  __syncthreads();
+
+  const T* B = static_cast<const T*>(p.B) + (tl.a * p.out + o0) * p.r_max;
+  const int64_t zstride = p.n * p.T * p.r_max;
+  const float* u = p.u + sl * p.T * p.r_max;
+  T* y = static_cast<T*>(p.y);
+  const int ntok = tl.ntok;
+
+  if (ntok <= kSkinny) {
+    float* Us = smem;  // [kSkinny][kUChunk]
+    const int c = threadIdx.x % kBNE, h = threadIdx.x / kBNE;
+    float acc[kSkinny / 2];
+#pragma unroll
+    for (int i = 0; i < kSkinny / 2; ++i) acc[i] = 0.f;
+    for (int64_t jc = 0; jc < rank; jc += kUChunk) {
+      const int jn = static_cast<int>(min(static_cast<int64_t>(kUChunk), rank - jc));
+#pragma unroll 1
+      for (int e = threadIdx.x; e < kSkinny * kUChunk; e += kThreads) {
+        const int q = e / kUChunk, j = e % kUChunk;
+        float s = 0.f;
+        if (q < ntok && j < jn) {
+          const float* src = u + toks[q] * p.r_max + jc + j;
+          for (int64_t z = 0; z < ksplit; ++z) s += src[z * zstride];
+        }
+        Us[e] = s;
+      }
+      __syncthreads();
+      if (c < ncols) {
+        const T* b = B + c * p.r_max + jc;
+        for (int j = 0; j < jn; j += V) {
+          float bv[V];
+          load_f32<T, V>(b + j, bv);
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            const float bb = j + i < jn ? bv[i] : 0.f;
+#pragma unroll
+            for (int qi = 0; qi < kSkinny / 2; ++qi)
+              acc[qi] = fmaf(bb, Us[(h + 2 * qi) * kUChunk + j + i], acc[qi]);
+          }
+        }
+      }
+      __syncthreads();
+    }
+    if (c < ncols) {
+#pragma unroll
+      for (int qi = 0; qi < kSkinny / 2; ++qi) {
+        const int q = h + 2 * qi;
+        if (q < ntok) {
+          T* py = y + toks[q] * p.ldy + o0 + c;
+          *py = from_f32<T>(to_f32(*py) + scale * acc[qi]);
+        }
+      }
+    }
+    return;
+  }
+
+  constexpr bool kSplitB = sizeof(T) == 4;
+  const int warp = threadIdx.x >> 5;
+  AccFrag acc[kBNE / 16];
+#pragma unroll
+  for (int c = 0; c < kBNE / 16; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);
+  float* Xs = smem;
+  float* Ws = smem + kBM * kLd;
+  for (int64_t k = 0; k < rank; k += kBK) {
+    // u rows (sum of the split-K partials): the first partial of all 16 elements a thread
+    // owns is loaded at once, then the other splits
+    constexpr int kUIters = kBM * kBK / kThreads;
+    float sv[kUIters];
+#pragma unroll
+    for (int it = 0; it < kUIters; ++it) {
+      const int e = threadIdx.x + it * kThreads, q = e / kBK, j = e % kBK;
+      sv[it] = q < ntok && k + j < rank ? u[toks[q] * p.r_max + k + j] : 0.f;
+    }
+    for (int64_t z = 1; z < ksplit; ++z) {
+#pragma unroll
+      for (int it = 0; it < kUIters; ++it) {
+        const int e = threadIdx.x + it * kThreads, q = e / kBK, j = e % kBK;
+        if (q < ntok && k + j < rank) sv[it] += u[z * zstride + toks[q] * p.r_max + k + j];
+      }
+    }
+#pragma unroll
+    for (int it = 0; it < kUIters; ++it) {
+      const int e = threadIdx.x + it * kThreads;
+      Xs[(e / kBK) * kLd + e % kBK] = sv[it];
+    }
+    load_tile<T, V, kBNE>(Ws, [&](int r) { return B + r * p.r_max; }, static_cast<int>(ncols), k,
+                          rank);
+    __syncthreads();
+    mma_step<kBNE / 16, true, kSplitB>(Xs + warp * 16 * kLd, Ws, acc);
+    __syncthreads();
+  }
+  float* Cs = smem;  // [kBM][kBNE + 4]
+#pragma unroll
+  for (int c = 0; c < kBNE / 16; ++c)
+    nvcuda::wmma::store_matrix_sync(Cs + warp * 16 * (kBNE + 4) + c * 16, acc[c], kBNE + 4,
+                                    nvcuda::wmma::mem_row_major);
+  __syncthreads();
+  if (vec_y) {  // 16-byte read-modify-writes of y; a thread's loads are all issued first
+    constexpr int VY = kVec<T>, kChunks = kBNE / VY, kIters = kBM * kChunks / kThreads;
+    uint4 raw[kIters];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int e = threadIdx.x + it * kThreads, q = e / kChunks, c = (e % kChunks) * VY;
+      if (q < ntok && c < ncols)
+        raw[it] = *reinterpret_cast<const uint4*>(y + toks[q] * p.ldy + o0 + c);
+    }
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int e = threadIdx.x + it * kThreads, q = e / kChunks, c = (e % kChunks) * VY;
+      if (q < ntok && c < ncols) {
+        T* v = reinterpret_cast<T*>(&raw[it]);
+        const float* cs = Cs + q * (kBNE + 4) + c;
+#pragma unroll
+        for (int i = 0; i < VY; ++i) v[i] = from_f32<T>(to_f32(v[i]) + scale * cs[i]);
+        *reinterpret_cast<uint4*>(y + toks[q] * p.ldy + o0 + c) = raw[it];
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int e = threadIdx.x; e < kBM * kBNE; e += kThreads) {
+      const int q = e / kBNE, c = e % kBNE;
+      if (q < ntok && c < ncols) {
+        T* py = y + toks[q] * p.ldy + o0 + c;
+        *py = from_f32<T>(to_f32(*py) + scale * Cs[q * (kBNE + 4) + c]);
+      }
+    }
+  }
+}
+
+template <class T>
+void expand_t(const MultiLoraParams& p, const MultiLoraPlan& plan, int64_t ksplit, bool count_bad,
+              cudaStream_t s) {
+  constexpr int V = kVec<T>;
+  int64_t ytiles = 0;
+  for (int64_t i = 0; i < p.n; ++i) ytiles += ceil_div(p.out_off[i + 1] - p.out_off[i], kBNE);
+  if (ytiles == 0) return;
+  const dim3 grid(plan.tiles, ytiles);
+  // y rows and every slice boundary V-aligned: the tile epilogue uses 16-byte accesses.
+  bool vec_y = aligned16(p.y) && p.ldy % V == 0;
+  for (int64_t i = 0; i <= p.n; ++i) vec_y = vec_y && p.out_off[i] % V == 0;
+  if (p.r_max % V == 0 && aligned16(p.B)) {
+    expand_kernel<T, V><<<grid, kThreads, 0, s>>>(p, plan.grouped, ksplit, count_bad, vec_y);
+  } else {
+    expand_kernel<T, 1><<<grid, kThreads, 0, s>>>(p, plan.grouped, ksplit, count_bad, vec_y);
+  }
+}
+
+}  // namespace
+
+void launch_expand(DType dt, const MultiLoraParams& p, const MultiLoraPlan& plan, int64_t ksplit,
+                   bool count_bad, cudaStream_t s) {
+  dispatch(dt, [&](auto tag) { expand_t<typename decltype(tag)::type>(p, plan, ksplit, count_bad, s); });
+}
+
+}  // namespace lora_ext::cuda::multi

@@ -1,0 +1,116 @@
+// CUDA launchers of multi_lora_, lora_shrink and lora_expand_: validate, allocate the fp32
+// split-K partials and the int workspace (sizes from shapes only, so CUDA-graph capture
+// works and replays read whatever indices/ranks/scales the captured tensors then hold), launch.
+#include "../multi_checks.h"
+#include "guard.h"
+#include "kernels.h"
+
+namespace lora_ext::cuda {
+namespace {
+
+MultiLoraParams make_params(const MultiArgs& a, const std::optional<at::Tensor>& bad,
+                            const at::Tensor& ref) {
+  MultiLoraParams p{};
+  p.y = a.y2.defined() ? a.y2.data_ptr() : nullptr;
+  p.x = a.x2.defined() ? a.x2.data_ptr() : nullptr;
+  p.A = a.A.defined() ? a.A.data_ptr() : nullptr;
+  p.B = a.B.defined() ? a.B.data_ptr() : nullptr;
+  p.idx = a.idx.data_ptr();
+  p.idx64 = a.idx64;
+  p.scales = a.scales.defined() ? a.scales.data_ptr<float>() : nullptr;
+  p.ranks = a.ranks.data_ptr<int32_t>();
+  p.bad = bad.has_value() ? bad->data_ptr<int>() : nullptr;
+  p.T = a.T;
+  p.in = a.in;
+  p.out = a.out;
+  p.S = a.S;
+  p.r_max = a.r_max;
+  p.n = a.n;
+  p.ldx = a.x2.defined() && a.T > 1 ? a.x2.stride(0) : a.in;
+  p.ldy = a.y2.defined() && a.T > 1 ? a.y2.stride(0) : a.out;
+  p.slot_stride = a.slot_stride;
+  for (int64_t i = 0; i <= kMultiMaxSlices; ++i)
+    p.out_off[i] = i < static_cast<int64_t>(a.out_off.size()) ? a.out_off[i] : a.out;
+  p.num_sms = sm_count(ref);
+  return p;
+}
+
+at::Tensor workspace(const MultiLoraPlan& plan, const at::Tensor& ref) {
+  return at::empty({plan.ws_ints}, ref.options().dtype(at::kInt));
+}
+
+}  // namespace
+
+void multi_lora_cuda(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool,
+                     const at::Tensor& B_pool, const at::Tensor& indices, const at::Tensor& scales,
+                     const at::Tensor& ranks, at::OptionalIntArrayRef out_slices,
+                     const std::optional<at::Tensor>& bad_index_count) {
+  const char* op = "multi_lora_";
+  MultiArgs a = check_multi_lora(op, y, x, A_pool, B_pool, indices, scales, ranks, out_slices);
+  check_bad_count(op, bad_index_count, x);
+  TORCH_CHECK(x.is_cuda(), op, ": CUDA kernel called with x on ", x.device());
+  if (a.T == 0 || a.out == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  MultiLoraParams p = make_params(a, bad_index_count, x);
+  const MultiLoraPlan plan = multi_lora_plan(p, true);
+  at::Tensor u = at::empty({plan.ksplit * a.n * a.T * a.r_max}, x.options().dtype(at::kFloat));
+  at::Tensor ws = workspace(plan, x);
+  p.u = u.data_ptr<float>();
+  p.ws = ws.data_ptr<int32_t>();
+  C10_CUDA_CHECK(multi_lora(a.dtype, p, plan, kMultiShrink | kMultiExpand, current_stream(x)));
+  if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
+}
+
+static at::Tensor shrink_impl(const at::Tensor& x, const at::Tensor& A_pool,
+                            const at::Tensor& indices, const at::Tensor& ranks,
+                            const std::optional<at::Tensor>& bad_index_count) {
+  const char* op = "lora_shrink";
+  MultiArgs a = check_shrink(op, x, A_pool, indices, ranks);
+  check_bad_count(op, bad_index_count, x);
+  TORCH_CHECK(x.is_cuda(), op, ": CUDA kernel called with x on ", x.device());
+  at::Tensor out = at::empty({a.n, a.T, a.r_max}, x.options().dtype(at::kFloat));
+  if (a.T > 0) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    MultiLoraParams p = make_params(a, bad_index_count, x);
+    const MultiLoraPlan plan = multi_lora_plan(p, true);
+    at::Tensor u = at::empty({plan.ksplit * a.n * a.T * a.r_max}, x.options().dtype(at::kFloat));
+    at::Tensor ws = workspace(plan, x);
+    p.u = u.data_ptr<float>();
+    p.u_out = out.data_ptr<float>();
+    p.ws = ws.data_ptr<int32_t>();
+    C10_CUDA_CHECK(multi_lora(a.dtype, p, plan, kMultiShrink | kMultiReduce, current_stream(x)));
+  }
+  return A_pool.dim() == 4 ? out : out.view({a.T, a.r_max});
+}
+
+at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A_pool,
+                           const at::Tensor& indices, const at::Tensor& ranks) {
+  return shrink_impl(x, A_pool, indices, ranks, std::nullopt);
+}
+
+at::Tensor lora_shrink_counted_cuda(const at::Tensor& x, const at::Tensor& A_pool,
+                                 const at::Tensor& indices, const at::Tensor& ranks,
+                                 at::Tensor bad_index_count) {
+  return shrink_impl(x, A_pool, indices, ranks, bad_index_count);
+}
+
+void lora_expand_cuda(at::Tensor y, const at::Tensor& u, const at::Tensor& B_pool,
+                      const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& ranks,
+                      at::OptionalIntArrayRef out_slices,
+                      const std::optional<at::Tensor>& bad_index_count) {
+  const char* op = "lora_expand_";
+  MultiArgs a = check_expand(op, y, u, B_pool, indices, scales, ranks, out_slices);
+  check_bad_count(op, bad_index_count, y);
+  TORCH_CHECK(y.is_cuda(), op, ": CUDA kernel called with y on ", y.device());
+  if (a.T == 0 || a.out == 0) return;
+  const c10::cuda::CUDAGuard guard(y.device());
+  MultiLoraParams p = make_params(a, bad_index_count, y);
+  const MultiLoraPlan plan = multi_lora_plan(p, false);
+  at::Tensor ws = workspace(plan, y);
+  p.u = a.u.data_ptr<float>();
+  p.ws = ws.data_ptr<int32_t>();
+  C10_CUDA_CHECK(multi_lora(a.dtype, p, plan, kMultiExpand, current_stream(y)));
+  if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
+}
+
+}  // namespace lora_ext::cuda

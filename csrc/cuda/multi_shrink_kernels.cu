@@ -1,0 +1,139 @@
+// Shrink half of multi_lora_: u[z, sl, t, j] = A[sl, a, j, kz] . x[t, kz] for the tokens t of
+// a tile (adapter a), rank rows j < ranks[sl, a], K range kz of split z (partials, no atomics;
+// the expand sums the splits in a fixed order, so results are deterministic).
+//
+// Grid: x = token tiles (upper bound, idle blocks exit), y = slice x rank tile of BN rows
+// (16 or 64; tiles past the adapter's rank exit: no work on padded ranks), z = K splits.
+// 128 threads. Two paths per block, picked from the tile's token count on the device:
+//   streaming (<= 8 tokens, decode): each warp takes 2 rank rows at a time; lanes walk the
+//     K range with 16-byte loads of both A rows and of each token row (x rows are re-read
+//     from L1/L2), fp32 accumulators for 2 x 8 (row, token) pairs, shuffle reductions.
+//   tensor cores (> 8 tokens): 64 x BN output tile, K in steps of 32 through shared memory
+//     (gathered token rows of x and the BN rows of A, as fp32), wmma TF32 m16n16k8 with fp32
+//     accumulation; warp w owns token rows 16w..16w+15; the tile goes out through smem.
+#include "multi_lora.cuh"
+
+namespace lora_ext::cuda::multi {
+namespace {
+
+template <class T, int BN, int V>
+__global__ void __launch_bounds__(kThreads, 1)
+    shrink_kernel(const MultiLoraParams p, bool grouped, int64_t kchunk, bool count_bad) {
+  constexpr int kOps = kBM * kLd + BN * kLd, kOut = kBM * (BN + 4);
+  __shared__ __align__(32) float smem[kOps > kOut ? kOps : kOut];
+  __shared__ int64_t toks[kBM];
+  Tile tl;
+  if (!resolve_tile(p, grouped, count_bad && blockIdx.y == 0 && blockIdx.z == 0, tl)) return;
+  const int64_t nrt = (p.r_max + BN - 1) / BN;
+  const int64_t sl = blockIdx.y / nrt, n0 = (blockIdx.y % nrt) * BN;
+  const int64_t rank = rank_of(p, sl, tl.a);
+  if (n0 >= rank) return;
+  const int nrows = static_cast<int>(min(static_cast<int64_t>(BN), rank - n0));
+  const int64_t k0 = blockIdx.z * kchunk, k1 = min(p.in, k0 + kchunk);
+  load_tokens(p, grouped, tl, toks);
+  __syncthreads();
+
+  const T* x = static_cast<const T*>(p.x);
+  const T* A = static_cast<const T*>(p.A) + ((sl * p.S + tl.a) * p.r_max + n0) * p.in;
+  float* u = p.u + (static_cast<int64_t>(blockIdx.z) * p.n + sl) * p.T * p.r_max + n0;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int ntok = tl.ntok;
+
+  if (ntok <= kSkinny) {
+    const T* xr[kSkinny];
+#pragma unroll
+    for (int q = 0; q < kSkinny; ++q) xr[q] = x + (q < ntok ? toks[q] : toks[0]) * p.ldx;
+    for (int row = 2 * warp; row < nrows; row += 8) {
+      const bool two = row + 1 < nrows;
+      const T* a0 = A + row * p.in;
+      const T* a1 = two ? a0 + p.in : a0;
+      float acc0[kSkinny], acc1[kSkinny];
+#pragma unroll
+      for (int q = 0; q < kSkinny; ++q) acc0[q] = acc1[q] = 0.f;
+#pragma unroll(sizeof(T) == 4 ? 1 : 2)
+      for (int64_t k = k0 + lane * V; k < k1; k += 32 * V) {
+        float av0[V], av1[V];
+        load_f32<T, V>(a0 + k, av0);
+        load_f32<T, V>(a1 + k, av1);
+#pragma unroll
+        for (int q = 0; q < kSkinny; ++q) {
+          if (q < ntok) {
+            float xv[V];
+            load_f32<T, V>(xr[q] + k, xv);
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+              acc0[q] = fmaf(av0[i], xv[i], acc0[q]);
+              acc1[q] = fmaf(av1[i], xv[i], acc1[q]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kSkinny; ++q) {
+        if (q < ntok) {
+          const float s0 = warp_sum(acc0[q]), s1 = warp_sum(acc1[q]);
+          if (lane == 0) {
+            u[toks[q] * p.r_max + row] = s0;
+            if (two) u[toks[q] * p.r_max + row + 1] = s1;
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  constexpr int NF = BN / 16;
+  constexpr bool kSplit = sizeof(T) == 4;  // fp32 operands need hi + lo TF32 parts
+  AccFrag acc[NF];
+#pragma unroll
+  for (int c = 0; c < NF; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);
+  float* Xs = smem;
+  float* Ws = smem + kBM * kLd;
+  for (int64_t k = k0; k < k1; k += kBK) {
+    load_tile<T, V, kBM>(Xs, [&](int r) { return x + toks[r] * p.ldx; }, ntok, k, k1);
+    load_tile<T, V, BN>(Ws, [&](int r) { return A + r * p.in; }, nrows, k, k1);
+    __syncthreads();
+    mma_step<NF, kSplit, kSplit>(Xs + warp * 16 * kLd, Ws, acc);
+    __syncthreads();
+  }
+  float* Cs = smem;  // [kBM][BN + 4], reusing the operand tiles after the last sync
+#pragma unroll
+  for (int c = 0; c < NF; ++c)
+    nvcuda::wmma::store_matrix_sync(Cs + warp * 16 * (BN + 4) + c * 16, acc[c], BN + 4,
+                                    nvcuda::wmma::mem_row_major);
+  __syncthreads();
+  #pragma unroll 1
+  for (int e = threadIdx.x; e < kBM * BN; e += kThreads) {
+    const int q = e / BN, j = e % BN;
+    if (q < ntok && j < nrows) u[toks[q] * p.r_max + j] = Cs[q * (BN + 4) + j];
+  }
+}
+
+template <class T, int BN>
+void shrink_bn(const MultiLoraParams& p, const MultiLoraPlan& plan, bool count_bad,
+               cudaStream_t s) {
+  constexpr int V = kVec<T>;
+  const dim3 grid(plan.tiles, p.n * ceil_div(p.r_max, BN), plan.ksplit);
+  const bool vec = p.in % V == 0 && p.ldx % V == 0 && aligned16(p.x) && aligned16(p.A);
+  if (vec) {
+    shrink_kernel<T, BN, V><<<grid, kThreads, 0, s>>>(p, plan.grouped, plan.kchunk, count_bad);
+  } else {
+    shrink_kernel<T, BN, 1><<<grid, kThreads, 0, s>>>(p, plan.grouped, plan.kchunk, count_bad);
+  }
+}
+
+}  // namespace
+
+void launch_shrink(DType dt, const MultiLoraParams& p, const MultiLoraPlan& plan, bool count_bad,
+                   cudaStream_t s) {
+  dispatch(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (p.r_max <= 16) {
+      shrink_bn<T, 16>(p, plan, count_bad, s);
+    } else {
+      shrink_bn<T, 64>(p, plan, count_bad, s);
+    }
+  });
+}
+
+}  // namespace lora_ext::cuda::multi

@@ -1,0 +1,154 @@
+"""MultiLoRALinear + LoRAContext: slots, per-token indices, slices, torch.compile without
+recompiles on index/adapter changes, CUDA graph replay."""
+import pytest
+import torch
+from conftest import RTOL, devices, rel_err
+from torch import nn
+
+from lora_ext import LoRAContext, MultiLoRALinear, attach_context
+
+
+def adapters(n, in_f, out_f, ranks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(r, in_f, generator=g) / in_f**0.5, torch.randn(out_f, r, generator=g), 0.5 + k)
+            for k, r in enumerate(ranks[:n])]
+
+
+def expected(base, x, idx, ads):
+    """fp64: base(x) + per-token adapter."""
+    x2 = x.reshape(-1, x.shape[-1]).double().cpu()
+    y = x2 @ base.weight.double().cpu().T + base.bias.double().cpu()
+    for t, a in enumerate(idx.tolist()):
+        if a >= 0 and ads[a] is not None:
+            A, B, s = ads[a]
+            y[t] += s * (B.double() @ (A.double() @ x2[t]))
+    return y.reshape(*x.shape[:-1], -1)
+
+
+class Model(nn.Module):
+    def __init__(self, d, slots, r_max, ctx, dtype, device):
+        super().__init__()
+        self.l1 = MultiLoRALinear(nn.Linear(d, 2 * d).to(device, dtype), slots, r_max)
+        self.l2 = MultiLoRALinear(nn.Linear(2 * d, d).to(device, dtype), slots, r_max)
+        attach_context(self, ctx)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_matches_reference(device, dtype):
+    base = nn.Linear(48, 40).to(device, dtype)
+    ctx = LoRAContext(64, device)
+    layer = MultiLoRALinear(base, num_slots=4, r_max=16, context=ctx)
+    ads = adapters(3, 48, 40, [16, 3, 9])
+    for s, (A, B, sc) in enumerate(ads):
+        layer.set_slot(s, A.to(device, dtype), B.to(device, dtype), sc)
+    ads.append(None)  # slot 3 stays empty
+    x = torch.randn(2, 5, 48).to(device, dtype)
+    idx = torch.tensor([0, 1, 2, 3, -1, 2, 2, 0, 1, -1], dtype=torch.int32)
+    ctx.set_indices(idx)
+    with torch.no_grad():
+        y = layer(x)
+    ref = expected(base, x, idx, [None if a is None else (a[0].to(dtype), a[1].to(dtype), a[2]) for a in ads])
+    assert y.shape == (2, 5, 40) and rel_err(y, ref) < RTOL[dtype]
+    layer.clear_slot(1)
+    ads[1] = None
+    with torch.no_grad():
+        y = layer(x)
+    ref = expected(base, x, idx, [None if a is None else (a[0].to(dtype), a[1].to(dtype), a[2]) for a in ads])
+    assert rel_err(y, ref) < RTOL[dtype]
+
+
+@pytest.mark.parametrize("device", devices())
+def test_sliced_layer(device):
+    base = nn.Linear(32, 64 + 16 + 16).to(device)
+    layer = MultiLoRALinear(base, 3, 8, out_slices=[64, 16, 16], context=LoRAContext(16, device))
+    g = torch.Generator().manual_seed(1)
+    q = (torch.randn(4, 32, generator=g), torch.randn(64, 4, generator=g))
+    v = (torch.randn(8, 32, generator=g), torch.randn(16, 8, generator=g))
+    layer.set_slot(1, [q[0], None, v[0]], [q[1], None, v[1]], 2.0)  # k not adapted
+    x = torch.randn(6, 32, device=device)
+    layer.context.set_indices([1, -1, 1, 0, 1, 1])
+    with torch.no_grad():
+        y = layer(x)
+    ref = (x.double() @ base.weight.double().T + base.bias.double()).cpu()
+    for t in (0, 2, 4, 5):
+        ref[t, :64] += 2.0 * (q[1].double() @ (q[0].double() @ x[t].double().cpu()))
+        ref[t, 80:] += 2.0 * (v[1].double() @ (v[0].double() @ x[t].double().cpu()))
+    assert rel_err(y, ref) < 1e-5
+
+
+def test_layer_errors():
+    layer = MultiLoRALinear(nn.Linear(8, 6), 2, 4)
+    with pytest.raises(RuntimeError, match="no LoRAContext"):
+        with torch.no_grad():
+            layer(torch.randn(3, 8))
+    layer.context = LoRAContext(4)
+    with pytest.raises(ValueError, match="1 <= r <= 4"):
+        layer.set_slot(0, torch.randn(5, 8), torch.randn(6, 5), 1.0)
+    with pytest.raises(ValueError, match="B must be"):
+        layer.set_slot(0, torch.randn(2, 8), torch.randn(6, 3), 1.0)
+    with pytest.raises(IndexError):
+        layer.clear_slot(2)
+    with pytest.raises(RuntimeError, match="inference layer"):
+        layer(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="max_tokens"):
+        layer.context.set_indices(torch.zeros(5, dtype=torch.int32))
+    layer.context.set_indices([0, 7, -1])
+    with pytest.raises(RuntimeError, match="out of range"), torch.no_grad():
+        layer(torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match="max_tokens"), torch.no_grad():
+        layer(torch.randn(5, 8))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_compile_no_recompile_on_swaps(device):
+    torch._dynamo.reset()
+    ctx = LoRAContext(32, device)
+    model = Model(16, 3, 8, ctx, torch.float32, device)
+    ads = adapters(3, 16, 32, [8, 2, 5], seed=3)
+    for s, (A, B, sc) in enumerate(ads):
+        model.l1.set_slot(s, A.to(device), B.to(device), sc)
+    cmodel = torch.compile(model, fullgraph=True)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(4):
+            if step == 2:  # swap an adapter of a different rank into slot 1
+                A, B, sc = adapters(1, 16, 32, [7], seed=9)[0]
+                model.l1.set_slot(1, A.to(device), B.to(device), sc)
+                model.l2.set_slot(0, *[t.to(device) for t in adapters(1, 32, 16, [3])[0][:2]], 0.25)
+            x = torch.randn(2, 6, 16, device=device)
+            ctx.set_indices(torch.randint(-1, 3, (12,), generator=gen))
+            ref = model(x)
+            out = cmodel(x)
+            assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.cuda
+def test_cuda_graph_model_replay():
+    ctx = LoRAContext(64, "cuda")
+    model = Model(64, 4, 16, ctx, torch.bfloat16, "cuda")
+    for s, (A, B, sc) in enumerate(adapters(4, 64, 128, [16, 4, 8, 1])):
+        model.l1.set_slot(s, A.cuda().bfloat16(), B.cuda().bfloat16(), sc)
+    xs = torch.randn(40, 64, device="cuda", dtype=torch.bfloat16)
+    ctx.set_indices(torch.zeros(40, dtype=torch.int32))
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            model(xs)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            ys = model(xs)
+        for seed in range(3):
+            idx = torch.randint(-1, 4, (40,), generator=torch.Generator().manual_seed(seed))
+            ctx.set_indices(idx)
+            xs.copy_(torch.randn_like(xs))
+            g.replay()
+            ref = model(xs)
+            torch.cuda.synchronize()
+            assert rel_err(ys, ref) < RTOL[torch.bfloat16]
+        ctx.check()
