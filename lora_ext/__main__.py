@@ -1,4 +1,4 @@
-"""Command line: python -m lora_ext {info,bench}."""
+"""Command line: python -m lora_ext {demo,info,bench}."""
 from __future__ import annotations
 
 import argparse
@@ -70,11 +70,20 @@ def bench(argv: list[str]) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora_ext")
     sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="train 3 adapters, save them (PEFT format), serve one mixed batch")
+    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    d.add_argument("--steps", type=int, default=150, help="training steps per adapter")
+    d.add_argument("--out", default=None, help="directory for the adapters (default: a temp dir)")
     sub.add_parser("info", help="version, torch/CUDA, compiled backends and archs, GPUs")
     sub.add_parser("bench", help="run the benchmarks (bench/run.py; --help there)", add_help=False)
     args, rest = p.parse_known_args(argv)
     if args.cmd == "info":
         return info()
+    if args.cmd == "demo":
+        from .demo import run
+
+        run(args.device, args.steps, args.out)
+        return 0
     return bench(rest)
 
 

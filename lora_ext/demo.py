@@ -49,7 +49,8 @@ def train_adapter(base, rank: int, step: int, steps: int, device, show: bool) ->
     gen = torch.Generator().manual_seed(step + 100)
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"train r={rank:<2} step={step:+d}", disable=not show, leave=True)
+    bar = tqdm(range(steps), desc=f"train r={rank:<2} step={step:+d}", disable=not show, leave=True,
+               mininterval=0.5)
     for _ in bar:
         ids = sequences(step, 16, gen, device)
         loss = model(input_ids=ids, labels=ids).loss
@@ -76,7 +77,7 @@ def _median_ms(fn, device, reps=7) -> float:
 @torch.no_grad()
 def run(device=None, steps: int = 150, out_dir: str | None = None, show: bool = True) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     base = tiny_llama(device)
     out_dir = out_dir or tempfile.mkdtemp(prefix="lora_ext_demo_")
     info = {}
