@@ -5,14 +5,13 @@ Run: python bench/bench_lora_apply.py [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import save, table, time_fn  # noqa: E402
+from bench.common import cli, time_fn  # noqa: E402
 from lora_ext.ops import lora_apply_  # noqa: E402
 
 
@@ -49,15 +48,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args(argv)
-    rows = run(a.device, a.quick)
-    table(f"lora_apply_ vs y.addmm_(x @ A.T, B.T) on {a.device}", rows)
-    if not a.quick:
-        print("wrote", save("lora_apply", rows, device=a.device))
-    return rows
+    return cli("lora_apply", "lora_apply_ vs y.addmm_(x @ A.T, B.T) on {device}", run, __doc__, argv)
 
 
 if __name__ == "__main__":

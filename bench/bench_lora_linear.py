@@ -6,7 +6,6 @@ python bench/bench_lora_linear.py [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import save, table, time_fn  # noqa: E402
+from bench.common import cli, time_fn  # noqa: E402
 from lora_ext import LoRALinear  # noqa: E402
 
 
@@ -54,15 +53,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args(argv)
-    rows = run(a.device, a.quick)
-    table(f"LoRALinear fwd+bwd on {a.device} (goal: <= 1.05x base)", rows)
-    if not a.quick:
-        print("wrote", save("lora_linear", rows, device=a.device))
-    return rows
+    return cli("lora_linear", "LoRALinear fwd+bwd on {device} (goal: <= 1.05x base)", run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ python bench/bench_pool.py [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -16,7 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import save, table, time_fn  # noqa: E402
+from bench.common import cli, time_fn  # noqa: E402
 import lora_ext  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -91,15 +90,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args(argv)
-    rows = run(a.device, a.quick)
-    table(f"mixed-batch forward, small Llama, on {a.device}", rows)
-    if not a.quick:
-        print("wrote", save("pool", rows, device=a.device))
-    return rows
+    return cli("pool", "mixed-batch forward, small Llama, on {device}", run, __doc__, argv)
 
 
 if __name__ == "__main__":

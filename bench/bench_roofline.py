@@ -3,14 +3,13 @@ copy bandwidth (device-to-device, bytes read + written) and dense matmul rate.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import save, table, time_fn  # noqa: E402
+from bench.common import cli, time_fn  # noqa: E402
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
@@ -35,15 +34,7 @@ def copy_bandwidth_gbs(device: str) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args(argv)
-    rows = run(a.device, a.quick)
-    table(f"ceilings on {a.device}", rows)
-    if not a.quick:
-        print("wrote", save("roofline", rows, device=a.device))
-    return rows
+    return cli("roofline", "ceilings on {device}", run, __doc__, argv)
 
 
 if __name__ == "__main__":

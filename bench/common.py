@@ -74,3 +74,18 @@ def table(title: str, rows: list[dict]) -> None:
     for r in rows:
         t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()])
     Console(width=160).print(t)
+
+
+def cli(name: str, title: str, run, doc: str | None = None, argv=None) -> list[dict]:
+    """The command line every benchmark shares: --device, --quick; prints a table, saves JSON."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="a few sizes only, no result file")
+    a = p.parse_args(argv)
+    rows = run(a.device, a.quick)
+    table(title.format(device=a.device), rows)
+    if not a.quick:
+        print("wrote", save(name, rows, device=a.device))
+    return rows

@@ -34,7 +34,24 @@ def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-class LoRALinear(nn.Module):
+class _Mergeable:
+    """merge()/unmerge() of the LoRA layers (the work is in lora_ext.merge)."""
+
+    def merge(self, safe: bool = False, exact: bool = True) -> None:
+        """Folds the adapter into the weight (no-op if merged); forward then skips LoRA.
+        exact=True keeps what is needed to unmerge bit for bit (lora_ext.merge_layer)."""
+        from .merge import merge_layer
+
+        merge_layer(self, safe=safe, exact=exact)
+
+    def unmerge(self) -> None:
+        """Takes the adapter out of the weight again (lora_ext.unmerge_layer)."""
+        from .merge import unmerge_layer
+
+        unmerge_layer(self)
+
+
+class LoRALinear(_Mergeable, nn.Module):
     """y = x W^T + b + scaling * B A dropout(x), W frozen, A/B trained (fused lora_linear op).
 
     ``fan_in_fan_out=True`` stores W as [in, out] (transformers' Conv1D layout).
@@ -108,19 +125,6 @@ class LoRALinear(nn.Module):
         return lora_linear(x, self.weight, self.bias, A, B, self.scaling, self.lora_dropout,
                            self.training, self.fan_in_fan_out)
 
-    def merge(self, safe: bool = False, exact: bool = True) -> None:
-        """Folds the adapter into the weight (no-op if merged); forward then skips LoRA.
-        exact=True keeps what is needed to unmerge bit for bit (lora_ext.merge_layer)."""
-        from .merge import merge_layer
-
-        merge_layer(self, safe=safe, exact=exact)
-
-    def unmerge(self) -> None:
-        """Takes the adapter out of the weight again (lora_ext.unmerge_layer)."""
-        from .merge import unmerge_layer
-
-        unmerge_layer(self)
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.lora_alpha}, scaling={self.scaling:.4g}, dropout={self.lora_dropout}"
@@ -128,7 +132,7 @@ class LoRALinear(nn.Module):
                 + (", merged=True" if self.merged else ""))
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(_Mergeable, nn.Module):
     """nn.Embedding + LoRA (PEFT layout): y = E[ids] + scaling * A^T[ids] B^T, E frozen."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 8, alpha: float = 8,
@@ -182,19 +186,6 @@ class LoRAEmbedding(nn.Module):
             return out
         after_a = self._embed(ids, self.lora_embedding_A.t())
         return out + (after_a @ self.lora_embedding_B.t()) * self.scaling
-
-    def merge(self, safe: bool = False, exact: bool = True) -> None:
-        """Folds the adapter into the weight (no-op if merged); forward then skips LoRA.
-        exact=True keeps what is needed to unmerge bit for bit (lora_ext.merge_layer)."""
-        from .merge import merge_layer
-
-        merge_layer(self, safe=safe, exact=exact)
-
-    def unmerge(self) -> None:
-        """Takes the adapter out of the weight again (lora_ext.unmerge_layer)."""
-        from .merge import unmerge_layer
-
-        unmerge_layer(self)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, alpha={self.lora_alpha}"
