@@ -2,11 +2,15 @@
 // expand y += s * u B^T, with optional dropout masks; used by lora_apply_ and lora_linear.
 //
 // Tiling: A and B are packed once per call into fp32 16-wide panels (A^T: [in][16] per 16 ranks,
-// B^T: [r][16] per 16 output columns). Tokens are split into blocks of kTB rows across threads
-// (at::parallel_for); for each block the fp32 [kTB, r] intermediate stays in a thread-local
+// B^T: [r][16] per 16 output columns). Tokens are split into blocks of up to kTB rows (fewer when
+// T is small, so every thread gets blocks) across threads (at::parallel_for); for each block the
+// fp32 [block, r] intermediate stays in a thread-local
 // buffer (L1/L2) between the shrink and the expand, so x is read once and y is read and written
 // once. fp16/bf16 (and masked) rows are converted to fp32 on the fly; the 6x16 micro-kernel
 // (microkernel.h) does all the arithmetic.
+// Few tokens (decode, T <= kSmallT, no dropout): packing would cost more than the product, so
+// the unpacked vector kernels of multi_microkernel.h run instead, parallel over ranks (shrink)
+// and over output rows (expand).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -17,17 +21,82 @@
 #include "../lowrank.h"
 #include "kernels.h"
 #include "microkernel.h"
+#include "multi_microkernel.h"
 
 namespace lora_ext::cpu {
 namespace {
 
-constexpr int64_t kTB = 4 * kMR;  // tokens per thread block
+constexpr int64_t kTB = 4 * kMR;  // most tokens per thread block
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <class T>
 float to_f32(T v) {
   return static_cast<float>(v);
+}
+
+constexpr int64_t kSmallT = 16;
+
+// Element types of multi_microkernel.h: same bits as the c10 types.
+template <class T>
+struct Bits {
+  using type = T;
+};
+template <>
+struct Bits<c10::Half> {
+  using type = _Float16;
+};
+template <>
+struct Bits<c10::BFloat16> {
+  using type = uint16_t;
+};
+
+#define LORA_EXT_SMALL_KERNELS(E, SUF)                                                       \
+  inline void shrink_small(const E* A, int64_t lda, int64_t r, const E* const* x, int nt,   \
+                           int64_t K, float* const* u) {                                     \
+    shrink_tile_##SUF(A, lda, r, x, nt, K, u);                                               \
+  }                                                                                          \
+  inline void expand_small(const E* B, int64_t ldb, int64_t r, int64_t n, const float* u,   \
+                           float* out) {                                                     \
+    expand_rows_##SUF(B, ldb, r, n, u, out);                                                 \
+  }
+LORA_EXT_SMALL_KERNELS(float, f32)
+LORA_EXT_SMALL_KERNELS(_Float16, f16)
+LORA_EXT_SMALL_KERNELS(uint16_t, bf16)
+#undef LORA_EXT_SMALL_KERNELS
+
+// T <= kSmallT tokens, no masks: u = x A^T by rank blocks, y += s u B^T by output-row blocks.
+template <class T>
+void run_small(const LowRankJob& j) {
+  using E = typename Bits<T>::type;
+  const int64_t in = j.in, out = j.out, r = j.r, nt = j.T;
+  std::vector<float> ubuf(j.u ? 0 : nt * r);
+  float* u = j.u ? j.u : ubuf.data();
+  if (j.x != nullptr) {
+    const E* x[kSmallT];
+    for (int64_t t = 0; t < nt; ++t)
+      x[t] = reinterpret_cast<const E*>(static_cast<const T*>(j.x) + t * j.ldx);
+    const E* A = static_cast<const E*>(j.A);
+    at::parallel_for(0, r, 4, [&](int64_t j0, int64_t j1) {
+      for (int64_t t0 = 0; t0 < nt; t0 += 4) {
+        float* urows[4];
+        for (int i = 0; i < 4; ++i) urows[i] = u + std::min(t0 + i, nt - 1) * r + j0;
+        shrink_small(A + j0 * in, in, j1 - j0, x + t0, static_cast<int>(std::min<int64_t>(4, nt - t0)),
+                     in, urows);
+      }
+    });
+  }
+  if (j.y == nullptr) return;
+  const E* B = static_cast<const E*>(j.B);
+  at::parallel_for(0, out, 256, [&](int64_t o0, int64_t o1) {
+    std::vector<float> acc(o1 - o0);
+    for (int64_t t = 0; t < nt; ++t) {
+      expand_small(B + o0 * r, r, r, o1 - o0, u + t * r, acc.data());
+      T* yr = static_cast<T*>(j.y) + t * j.ldy + o0;
+      for (int64_t o = 0; o < o1 - o0; ++o)
+        yr[o] = static_cast<T>(static_cast<float>(yr[o]) + j.scale * acc[o]);
+    }
+  });
 }
 
 template <class T>
@@ -52,16 +121,18 @@ void run(const LowRankJob& j) {
   });
 
   constexpr bool kF32 = std::is_same_v<T, float>;
-  at::parallel_for(0, ceil_div(j.T, kTB), 1, [&](int64_t b0, int64_t b1) {
+  // at least ~4 blocks per thread, in whole micro tiles
+  const int64_t tb = std::min(kTB, kMR * ceil_div(ceil_div(j.T, 4 * at::get_num_threads()), kMR));
+  at::parallel_for(0, ceil_div(j.T, tb), 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> zeros(std::max(in, rpad), 0.f);
-    std::vector<float> xbuf(shrink && (!kF32 || mask_x) ? kTB * in : 0);
-    std::vector<float> u(kTB * rpad, 0.f);
-    std::vector<float> ybuf(expand && !kF32 ? kTB * out : 0);
+    std::vector<float> xbuf(shrink && (!kF32 || mask_x) ? tb * in : 0);
+    std::vector<float> u(tb * rpad, 0.f);
+    std::vector<float> ybuf(expand && !kF32 ? tb * out : 0);
     float tile[kMR][kNR], scratch[kNR];
     const float* rows[kMR];
     float* crow[kMR];
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t t0 = blk * kTB, nt = std::min(kTB, j.T - t0);
+      const int64_t t0 = blk * tb, nt = std::min(tb, j.T - t0);
       if (shrink) {
         // Left-operand rows in fp32: read in place for unmasked fp32, else converted/masked.
         if (!xbuf.empty()) {
@@ -138,8 +209,14 @@ void run(const LowRankJob& j) {
 
 void lowrank_cpu(DType dt, const LowRankJob& job) {
   if (job.T == 0) return;
+  const bool masked = job.dropout_p > 0.f && (job.mask_x || job.mask_y);
   dispatch_dtype<float, c10::Half, c10::BFloat16>(dt, [&](auto tag) {
-    run<typename decltype(tag)::type>(job);
+    using T = typename decltype(tag)::type;
+    if (job.T <= kSmallT && !masked) {
+      run_small<T>(job);
+    } else {
+      run<T>(job);
+    }
   });
 }
 
