@@ -90,7 +90,7 @@ class Build(BuildExtension):
 
 
 def _extension():
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unused-function"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unused-function", "-Wno-psabi"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if WITH_CUDA:
         os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
