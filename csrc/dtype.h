@@ -10,6 +10,13 @@
 #pragma once
 #include <stdexcept>
 
+// Functions shared by host and device code (element math used by CPU and CUDA kernels alike).
+#if defined(__CUDACC__)
+#define LORA_EXT_HD __host__ __device__ __forceinline__
+#else
+#define LORA_EXT_HD inline
+#endif
+
 namespace lora_ext {
 
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };

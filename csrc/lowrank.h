@@ -10,11 +10,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LORA_EXT_HD __host__ __device__ __forceinline__
-#else
-#define LORA_EXT_HD inline
-#endif
+#include "dtype.h"  // LORA_EXT_HD
 
 namespace lora_ext {
 
