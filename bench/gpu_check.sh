@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+# CUDA_HOME: as given, else /usr/local/cuda when it has nvcc, else setup.py finds nvcc on PATH
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 BUDGET=${BUDGET:-470}
 status=0
 start=$SECONDS
@@ -24,22 +26,22 @@ left() {  # seconds for the next stage: min(cap, what the budget leaves), at lea
 
 stage build
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv >"$OUT/build.log" 2>&1
-if ! timeout "$(left 200)" python setup.py build_ext --inplace >>"$OUT/build.log" 2>&1; then
+if ! timeout "$(left 200)" "$PY" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
 fi
 grep -E "^ptxas|spill" "$OUT/build.log" | tail -6
-python -m lora_ext info 2>&1 | tee -a "$OUT/build.log"
+"$PY" -m lora_ext info 2>&1 | tee -a "$OUT/build.log"
 
 stage tests
-timeout "$(left 150)" python -m pytest tests -q -rfEs -p no:cacheprovider --maxfail=20 \
+timeout "$(left 150)" "$PY" -m pytest tests -q -rfEs -p no:cacheprovider --maxfail=20 \
   >"$OUT/pytest.log" 2>&1 || status=1
 tail -15 "$OUT/pytest.log"
 
 stage sanitizer
-SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 SAN_TESTS=$(ls tests/test_multi_lora.py tests/test_merge.py tests/test_lora_apply.py 2>/dev/null)
 if [ -x "$SAN" ]; then
-  timeout "$(left 70)" "$SAN" --tool memcheck --error-exitcode 9 python -m pytest $SAN_TESTS -q -m cuda \
+  timeout "$(left 70)" "$SAN" --tool memcheck --error-exitcode 9 "$PY" -m pytest $SAN_TESTS -q -m cuda \
     -k "not compile and not graph and not cycles" -p no:cacheprovider >"$OUT/sanitizer.log" 2>&1 || status=1
   tail -5 "$OUT/sanitizer.log"
 else
@@ -49,11 +51,11 @@ fi
 stage bench
 : >"$OUT/bench.log"
 for b in roofline lora_apply lora_linear merge multi_lora pool; do
-  LORA_EXT_BENCH_OUT="$OUT" timeout "$(left 90)" python bench/run.py --device cuda --only "$b" \
+  LORA_EXT_BENCH_OUT="$OUT" timeout "$(left 90)" "$PY" bench/run.py --device cuda --only "$b" \
     >>"$OUT/bench.log" 2>&1 || { status=1; echo "bench $b failed or timed out" | tee -a "$OUT/bench.log"; }
 done
 tail -80 "$OUT/bench.log"
-python - "$OUT" <<'PY'
+"$PY" - "$OUT" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
 docs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "*-cuda.json")))]
