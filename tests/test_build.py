@@ -1,0 +1,44 @@
+"""Build tooling: the ptxas spill check and the CPU-only build decision."""
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import ptxas_report  # noqa: E402
+
+LOG = """ptxas info    : Compiling entry function '_Z4goodPf' for 'sm_90a'
+ptxas info    : Function properties for _Z4goodPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 16640 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z3badPf' for 'sm_90a'
+ptxas info    : Function properties for _Z3badPf
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers, 400 bytes cmem[0]
+"""
+
+
+def test_ptxas_report_flags_spills(tmp_path):
+    (tmp_path / "k_kernels.o.ptxas").write_text(LOG)
+    (tmp_path / "stale.o.ptxas").write_text(LOG.replace("bad", "old"))
+    summary, spills = ptxas_report.summarise(str(tmp_path), {"k_kernels"})
+    assert "sm_90a: 2 kernels, registers max 255, smem max 16640 B, spill bytes 8" in summary
+    assert len(spills) == 1 and "bad" in spills[0] and "4 B spill stores" in spills[0]
+    _, none = ptxas_report.summarise(str(tmp_path), {"nothing"})
+    assert none == []
+
+
+def test_cpu_only_build_says_why():
+    env = dict(os.environ, LORA_EXT_CPU_ONLY="1")
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "lora_ext: CUDA kernels skipped: LORA_EXT_CPU_ONLY=1; building CPU kernels only" in out.stdout
+
+
+def test_build_info_lists_backends():
+    info = torch.ops.lora_ext.build_info.default()
+    assert info[0] == "cpu"
+    assert all(b.startswith("cuda:") for b in info[1:])
