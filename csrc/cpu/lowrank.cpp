@@ -27,6 +27,7 @@ namespace lora_ext::cpu {
 namespace {
 
 constexpr int64_t kTB = 4 * kMR;  // most tokens per thread block
+constexpr int64_t kKC = 256;      // K chunk of the shrink (A panel chunk: 16 KiB)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -144,17 +145,21 @@ void run(const LowRankJob& j) {
               dst[k] = static_cast<float>(src[k]) * (mask_x ? drop.factor(base + k) : 1.f);
           }
         }
+        // K in chunks of kKC so each A panel chunk (kKC x 16 floats) stays in L1 across groups
+        std::fill(u.begin(), u.end(), 0.f);
         for (int64_t p = 0; p < rp; ++p) {
-          for (int64_t g = 0; g < nt; g += kMR) {
-            for (int m = 0; m < kMR; ++m) {
-              const int64_t i = g + m;
-              rows[m] = i >= nt ? zeros.data()
-                        : xbuf.empty() ? reinterpret_cast<const float*>(x + (t0 + i) * j.ldx)
-                                       : xbuf.data() + i * in;
+          for (int64_t kc = 0; kc < in; kc += kKC) {
+            const int64_t kn = std::min(kKC, in - kc);
+            for (int64_t g = 0; g < nt; g += kMR) {
+              for (int m = 0; m < kMR; ++m) {
+                const int64_t i = g + m;
+                rows[m] = (i >= nt ? zeros.data()
+                           : xbuf.empty() ? reinterpret_cast<const float*>(x + (t0 + i) * j.ldx)
+                                          : xbuf.data() + i * in) + kc;
+                crow[m] = i < nt ? u.data() + i * rpad + p * kNR : scratch;
+              }
+              micro_6x16_acc(kn, rows, Apk.data() + (p * in + kc) * kNR, crow, 1.f);
             }
-            micro_6x16(in, rows, Apk.data() + p * in * kNR, tile);
-            for (int m = 0; m < kMR && g + m < nt; ++m)
-              std::copy(tile[m], tile[m] + kNR, u.data() + (g + m) * rpad + p * kNR);
           }
         }
         if (j.u)
