@@ -39,6 +39,19 @@ at::Tensor workspace(const MultiLoraPlan& plan, const at::Tensor& ref) {
   return at::empty({plan.ws_ints}, ref.options().dtype(at::kInt));
 }
 
+// Launches the phases in `stages`, starting with the shrink: allocates its fp32 split-K
+// partials and the int workspace (shapes only). u_out: where kMultiReduce writes u, or null.
+void launch_with_shrink(const MultiArgs& a, MultiLoraParams& p, const at::Tensor& x,
+                        float* u_out, int stages) {
+  const MultiLoraPlan plan = multi_lora_plan(p, true);
+  at::Tensor u = at::empty({plan.ksplit * a.n * a.T * a.r_max}, x.options().dtype(at::kFloat));
+  at::Tensor ws = workspace(plan, x);
+  p.u = u.data_ptr<float>();
+  p.u_out = u_out;
+  p.ws = ws.data_ptr<int32_t>();
+  C10_CUDA_CHECK(multi_lora(a.dtype, p, plan, stages, current_stream(x)));
+}
+
 }  // namespace
 
 void multi_lora_cuda(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool,
@@ -52,12 +65,7 @@ void multi_lora_cuda(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool
   if (a.T == 0 || a.out == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   MultiLoraParams p = make_params(a, bad_index_count, x);
-  const MultiLoraPlan plan = multi_lora_plan(p, true);
-  at::Tensor u = at::empty({plan.ksplit * a.n * a.T * a.r_max}, x.options().dtype(at::kFloat));
-  at::Tensor ws = workspace(plan, x);
-  p.u = u.data_ptr<float>();
-  p.ws = ws.data_ptr<int32_t>();
-  C10_CUDA_CHECK(multi_lora(a.dtype, p, plan, kMultiShrink | kMultiExpand, current_stream(x)));
+  launch_with_shrink(a, p, x, nullptr, kMultiShrink | kMultiExpand);
   if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
 }
 
@@ -72,13 +80,7 @@ static at::Tensor shrink_impl(const at::Tensor& x, const at::Tensor& A_pool,
   if (a.T > 0) {
     const c10::cuda::CUDAGuard guard(x.device());
     MultiLoraParams p = make_params(a, bad_index_count, x);
-    const MultiLoraPlan plan = multi_lora_plan(p, true);
-    at::Tensor u = at::empty({plan.ksplit * a.n * a.T * a.r_max}, x.options().dtype(at::kFloat));
-    at::Tensor ws = workspace(plan, x);
-    p.u = u.data_ptr<float>();
-    p.u_out = out.data_ptr<float>();
-    p.ws = ws.data_ptr<int32_t>();
-    C10_CUDA_CHECK(multi_lora(a.dtype, p, plan, kMultiShrink | kMultiReduce, current_stream(x)));
+    launch_with_shrink(a, p, x, out.data_ptr<float>(), kMultiShrink | kMultiReduce);
   }
   return A_pool.dim() == 4 ? out : out.view({a.T, a.r_max});
 }
