@@ -29,6 +29,7 @@ struct LowRankJob {
   bool mask_x = false;            // dropout on x in the shrink
   bool mask_y = false;            // dropout on the expand's output
   int num_sms = 1;                // CUDA only
+  float* work = nullptr;          // CUDA only: split-K partials, lowrank_workspace() floats
 };
 
 // splitmix64 finaliser of (seed, index): a counter-based generator, identical on CPU and GPU.

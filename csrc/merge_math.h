@@ -20,6 +20,13 @@
 // becomes an exception (its W0 is kept exactly in a sparse list by the caller).
 // So the invariant "rec(W, S_current, code) == W0 for every non-exception element"
 // holds by construction after every merge/unmerge, in any order, for any count.
+//
+// NaN. CPUs keep a NaN operand's payload through an add, GPUs return their own canonical
+// NaN, so NaN bits are defined here, not by the hardware: a NaN element of W0 is a fixed
+// point (merged and restored bit for bit, payload and sign included), and a NaN produced by
+// the merge (inf - inf, a NaN in A/B) is written as the format's canonical quiet NaN
+// (kNaN: 0x7FC00000 / 0x7E00 / 0x7FC0). ±inf, ±0 and subnormals need no special case
+// (IEEE adds without flush-to-zero on both sides).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -31,13 +38,30 @@ namespace lora_ext::merge_math {
 // Element formats: raw bit patterns held in uint32_t.
 struct F32 {
   static constexpr int kBits = 32;
+  static constexpr uint32_t kNaN = 0x7FC00000u;
 };
 struct F16 {
   static constexpr int kBits = 16;
+  static constexpr uint32_t kNaN = 0x7E00u;
 };
 struct BF16 {
   static constexpr int kBits = 16;
+  static constexpr uint32_t kNaN = 0x7FC0u;
 };
+
+// Is the fp32 bit pattern b a NaN?
+LORA_EXT_HD bool nan_bits(uint32_t b) { return (b & 0x7FFFFFFFu) > 0x7F800000u; }
+// Is the element bit pattern w a NaN?
+template <class F>
+LORA_EXT_HD bool is_nan(uint32_t w) {
+  if constexpr (F::kBits == 32) {
+    return nan_bits(w);
+  } else if constexpr (F::kNaN == 0x7E00u) {
+    return (w & 0x7FFFu) > 0x7C00u;
+  } else {
+    return (w & 0x7FFFu) > 0x7F80u;
+  }
+}
 
 LORA_EXT_HD uint32_t f32_bits(float f) {
 #if defined(__CUDA_ARCH__)
@@ -87,17 +111,20 @@ LORA_EXT_HD float decode(F16, uint32_t h) {
   return bits_f32(sign | ((e + 112) << 23) | (m << 13));
 }
 
-// ---- encoders: round to nearest even, integer only ----
-LORA_EXT_HD uint32_t encode(F32, float f) { return f32_bits(f); }
+// ---- encoders: round to nearest even, integer only; every NaN becomes kNaN ----
+LORA_EXT_HD uint32_t encode(F32, float f) {
+  const uint32_t x = f32_bits(f);
+  return nan_bits(x) ? F32::kNaN : x;
+}
 LORA_EXT_HD uint32_t encode(BF16, float f) {
   const uint32_t x = f32_bits(f);
-  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (x >> 16) | 0x40u;  // NaN stays (quiet) NaN
+  if (nan_bits(x)) return BF16::kNaN;
   return (x + 0x7FFFu + ((x >> 16) & 1u)) >> 16;
 }
 LORA_EXT_HD uint32_t encode(F16, float f) {
   const uint32_t x = f32_bits(f);
   const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
-  if (ax > 0x7F800000u) return sign | 0x7E00u | ((ax >> 13) & 0x3FFu);  // NaN
+  if (ax > 0x7F800000u) return F16::kNaN;
   if (ax >= 0x477FF000u) return sign | 0x7C00u;  // >= 65520 rounds to inf (and inf)
   if (ax >= 0x38800000u) {                        // normal half: rebias exponent, round 13 bits
     const uint32_t m = ax - 0x38000000u;
@@ -134,9 +161,11 @@ LORA_EXT_HD uint32_t code_of(uint32_t w0, int k) {
   return static_cast<uint32_t>(key<F>(w0)) & ((1u << k) - 1u);
 }
 
-// Reconstructs W0 from the merged value w, the merged sum s and W0's code.
+// Reconstructs W0 from the merged value w, the merged sum s and W0's code (a NaN w is its
+// own W0: NaN elements of W0 are fixed points).
 template <class F>
 LORA_EXT_HD uint32_t rec(uint32_t w, float s, uint32_t code, int k) {
+  if (is_nan<F>(w)) return w;
   const float wf = decode(F{}, w);
   const float t = wf - s;                                 // W0 ~ t
   const float bv = t - wf, av = t - bv;                   // TwoSum: wf - s == t + err exactly
@@ -150,10 +179,11 @@ LORA_EXT_HD uint32_t rec(uint32_t w, float s, uint32_t code, int k) {
   return from_key<F>(base + ((static_cast<int64_t>(code) - base) & mask));
 }
 
-// Merged value of w0 under the sum s (has_delta == false: the empty set, w0 itself).
+// Merged value of w0 under the sum s (has_delta == false: the empty set, w0 itself; a NaN
+// w0 stays as it is).
 template <class F>
 LORA_EXT_HD uint32_t merged(uint32_t w0, float s, bool has_delta) {
-  return has_delta ? encode(F{}, decode(F{}, w0) + s) : w0;
+  return has_delta && !is_nan<F>(w0) ? encode(F{}, decode(F{}, w0) + s) : w0;
 }
 
 // One element of a transition between adapter sets: w (current bits) -> new bits.

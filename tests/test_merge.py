@@ -407,3 +407,79 @@ def test_cuda_large_ranks_and_tails(dtype):
         merge_(base, A, B, -0.9)
         merge_(cpu, A.cpu(), B.cpu(), -0.9)
         assert same_bits(base, cpu)
+
+
+# Bit patterns with every kind of special value, per dtype: payload and signalling NaNs of both
+# signs, +-inf, +-0, smallest/largest subnormals, normals.
+SPECIAL_BITS = {
+    torch.float32: [0x7FC00000, 0x7FC12345, 0x7F800001, 0xFFC0ABCD, 0xFF800F00, 0x7F800000, 0xFF800000,
+                    0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x3F800000, 0xC0400000, 0x2F000000],
+    torch.float16: [0x7E00, 0x7E55, 0x7C01, 0xFE77, 0xFC10, 0x7C00, 0xFC00, 0x0000, 0x8000, 0x0001,
+                    0x83FF, 0x3C00, 0xC200, 0x1000],
+    torch.bfloat16: [0x7FC0, 0x7FC5, 0x7F81, 0xFFD3, 0xFF90, 0x7F80, 0xFF80, 0x0000, 0x8000, 0x0001,
+                     0x807F, 0x3F80, 0xC040, 0x2F00],
+}
+CANONICAL_NAN = {torch.float32: 0x7FC00000, torch.float16: 0x7E00, torch.bfloat16: 0x7FC0}
+
+
+def special_weight(dtype, rows, device):
+    pats = torch.tensor(SPECIAL_BITS[dtype], dtype=torch.int64)
+    n = rows * 37
+    raw = pats[torch.arange(n) * 5 % len(pats)]
+    raw = torch.where(raw >= 2 ** (raw.new_tensor(torch.finfo(dtype).bits) - 1),
+                      raw - 2 ** raw.new_tensor(torch.finfo(dtype).bits), raw)
+    return raw.to(INT[dtype]).view(dtype).view(rows, 37).to(device)
+
+
+def merged_reference(W0, A, B, s):
+    """merge_math.h's definition for a rank-1 adapter: S = fma(fl32(s*B), A, +0); W0 NaN stays
+    (bits included), a NaN result is the canonical NaN, anything else is round(W0 + S)."""
+    S = (B.float().cpu() * s) @ A.float().cpu() + 0.0  # rank 1: one rounded product, -0 -> +0
+    w0 = W0.cpu()
+    out = (w0.float() + S).to(W0.dtype)
+    canon = torch.tensor(CANONICAL_NAN[W0.dtype], dtype=torch.int64).to(INT[W0.dtype]).view(W0.dtype)
+    out = torch.where(torch.isnan(w0.float() + S), canon, out)
+    return torch.where(torch.isnan(w0), w0, out)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_bits_are_defined(device, dtype):
+    # 13 x 37: AVX2 6 x 16 full tiles and scalar tails on the CPU, one partial tile on CUDA.
+    W0 = special_weight(dtype, 13, device)
+    A = torch.linspace(-2, 2, 37).view(1, 37)
+    B = torch.linspace(-1, 1.5, 13).view(13, 1)
+    A[0, 3], B[5, 0] = 3e38, -3e38  # S = -inf at (5, 3): W0 = +inf there gives NaN (inf - inf)
+    A[0, 7] = float("nan")           # a NaN column in A: NaN sums everywhere in column 7
+    A, B = A.to(dtype=dtype, device=device), B.to(dtype=dtype, device=device)
+    W0[5, 3] = float("inf")
+    ref = merged_reference(W0, A, B, 1.0)
+    W = W0.clone()
+    merge_(W, A, B, 1.0)
+    assert same_bits(W, ref), (bits(W.cpu()) != bits(ref)).nonzero()[:5].tolist()
+    # exact merges restore every element bit for bit, NaN payloads and signs included
+    A[0, 7] = 0.5
+    for s in (1e-3, 1.0, 1e3):
+        state, W = MergeState(), W0.clone()
+        merge_(W, A, B, s, state=state)
+        unmerge_(W, state=state)
+        assert same_bits(W, W0), (dtype, s)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_bits_cpu_and_cuda_agree(dtype):
+    W0 = special_weight(dtype, 70, "cpu")
+    A = torch.randn(3, 37).to(dtype)
+    B = (torch.randn(70, 3) * 1e3).to(dtype)
+    A[0, 7], B[9, 2] = float("nan"), float("inf")
+    cpu, gpu = W0.clone(), W0.cuda()
+    merge_(cpu, A, B, 0.7)
+    merge_(gpu, A.cuda(), B.cuda(), 0.7)
+    assert same_bits(cpu, gpu)
+    A[0, 7], B[9, 2] = 1.0, 2.0
+    state, W = MergeState(), W0.clone()  # merge on one device, unmerge on the other
+    merge_(W, A, B, 0.7, state=state)
+    W = W.cuda()
+    unmerge_(W, state=state)
+    assert same_bits(W, W0)

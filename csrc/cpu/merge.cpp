@@ -89,28 +89,40 @@ LORA_EXT_AVX2 void s_tile_avx2(const float* L, int64_t Rt, const float* R, int64
   }
 }
 
-// w[0:8] = merged(w, s): the same bits as merge_math's scalar encoders (F16C rounds to
-// nearest even and keeps NaN payloads the same way; bf16 is the integer rounding vectorised).
+// w[0:8] = merged(w, s): the same bits as merge_math's scalar merged() (F16C and the bf16
+// integer rounding round to nearest even; a NaN w stays, a NaN sum becomes F::kNaN).
+LORA_EXT_AVX2 inline __m256 unord(__m256 v) { return _mm256_cmp_ps(v, v, _CMP_UNORD_Q); }
+// 8 x 32-bit lane masks -> 8 x 16-bit lane masks.
+LORA_EXT_AVX2 inline __m128i mask16(__m256 m) {
+  const __m256i i = _mm256_castps_si256(m);
+  return _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+}
+
 template <class F>
 LORA_EXT_AVX2 inline void add8(void* w, __m256 s) {
   if constexpr (F::kBits == 32) {
     float* p = static_cast<float*>(w);
-    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), s));
+    const __m256 w0 = _mm256_loadu_ps(p), v = _mm256_add_ps(w0, s);
+    const __m256 nan = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(F::kNaN)));
+    _mm256_storeu_ps(p, _mm256_blendv_ps(_mm256_blendv_ps(v, nan, unord(v)), w0, unord(w0)));
   } else if constexpr (std::is_same_v<F, merge_math::F16>) {
     __m128i* p = static_cast<__m128i*>(w);
-    const __m256 v = _mm256_add_ps(_mm256_cvtph_ps(_mm_loadu_si128(p)), s);
-    _mm_storeu_si128(p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m128i raw = _mm_loadu_si128(p);
+    const __m256 w0 = _mm256_cvtph_ps(raw), v = _mm256_add_ps(w0, s);
+    __m128i y = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    y = _mm_blendv_epi8(y, _mm_set1_epi16(static_cast<short>(F::kNaN)), mask16(unord(v)));
+    _mm_storeu_si128(p, _mm_blendv_epi8(y, raw, mask16(unord(w0))));
   } else {
     __m128i* p = static_cast<__m128i*>(w);
     const __m256i in = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p)), 16);
-    const __m256 v = _mm256_add_ps(_mm256_castsi256_ps(in), s);
+    const __m256 w0 = _mm256_castsi256_ps(in), v = _mm256_add_ps(w0, s);
     const __m256i x = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
     const __m256i rounded = _mm256_srli_epi32(
         _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x40));
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    const __m256i y = _mm256_blendv_epi8(rounded, quiet, nan);
+    __m256i y = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(static_cast<int>(F::kNaN)),
+                                   _mm256_castps_si256(unord(v)));
+    y = _mm256_blendv_epi8(y, _mm256_srli_epi32(in, 16), _mm256_castps_si256(unord(w0)));
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(y, y), 0x08);
     _mm_storeu_si128(p, _mm256_castsi256_si128(packed));
   }
@@ -313,7 +325,7 @@ void merge_points_cpu(at::Tensor weight, const at::Tensor& idx, const at::Tensor
                       at::TensorList A, at::TensorList B, at::ArrayRef<double> scales,
                       bool fan_in_fan_out) {
   const char* op = "merge_points_";
-  check_points(op, weight, idx, vals);
+  check_points(op, weight, idx, vals, /*check_range=*/true);
   TORCH_CHECK(weight.device().is_cpu(), op, ": CPU kernel called with weight on ", weight.device());
   const MergeOperands o = merge_operands(op, weight, fan_in_fan_out, false, A, B, scales, 1, 1);
   if (idx.numel() == 0) return;

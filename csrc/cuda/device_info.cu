@@ -16,19 +16,34 @@ const char* compiled_archs() {
 #endif
 }
 
-int num_sms(int device) {
+namespace {
+
+// Device attribute `attr` of `device`, cached after the first query (fallback when it fails).
+int cached_attr(cudaDeviceAttr attr, int slot, int device, int fallback) {
   constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
+  static std::atomic<int> cache[3][kMaxDevices] = {};
   if (device < 0 || device >= kMaxDevices) device = 0;
-  int n = cache[device].load(std::memory_order_relaxed);
-  if (n == 0) {
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) {
-      cudaGetLastError();  // clear the sticky-free error; fall back to a typical count
-      n = 108;
-    }
-    cache[device].store(n, std::memory_order_relaxed);
+  const int c = cache[slot][device].load(std::memory_order_relaxed);  // value + 1; 0: unknown
+  if (c > 0) return c - 1;
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, attr, device) != cudaSuccess || n < 0) {
+    cudaGetLastError();  // clear the error; fall back to a typical value
+    n = fallback;
   }
+  cache[slot][device].store(n + 1, std::memory_order_relaxed);
   return n;
+}
+
+}  // namespace
+
+int num_sms(int device) {
+  const int n = cached_attr(cudaDevAttrMultiProcessorCount, 0, device, 108);
+  return n > 0 ? n : 108;
+}
+
+int compute_capability(int device) {
+  return cached_attr(cudaDevAttrComputeCapabilityMajor, 1, device, 8) * 10 +
+         cached_attr(cudaDevAttrComputeCapabilityMinor, 2, device, 0);
 }
 
 }  // namespace lora_ext::cuda

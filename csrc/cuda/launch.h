@@ -10,7 +10,10 @@
 
 namespace lora_ext::cuda {
 
-// The single-adapter low-rank job of csrc/lowrank.h (seed in device memory).
+// The single-adapter low-rank job of csrc/lowrank.h (seed in device memory). The shrink's
+// split-K partials go to job.work (lowrank_workspace(job) floats, from shapes and job.num_sms
+// only) and are summed in a fixed order, so results are bitwise deterministic.
+int64_t lowrank_workspace(DType dt, const LowRankJob& job);
 cudaError_t lowrank(DType dt, const LowRankJob& job, cudaStream_t stream);
 // dst[t, :] = keep(t * width + k) * src[t, :] (src row stride ld, dst contiguous).
 cudaError_t dropout_rows(DType dt, const void* src, int64_t ld, void* dst, int64_t T, int64_t width,
@@ -69,24 +72,29 @@ struct MultiLoraParams {
   int64_t T, in, out, S, r_max, n, ldx, ldy, slot_stride;
   int64_t out_off[kMultiMaxSlices + 1];
   bool idx64;
+  bool tc;                 // tensor-core tiles allowed (device is sm_80+)
   int num_sms;
 };
 // Launch plan, from shapes only (so the workspaces are graph-capture safe).
 struct MultiLoraPlan {
-  bool grouped;    // tokens sorted by adapter on the device (else one token per tile)
-  int64_t tiles;   // upper bound of token tiles (grid.x)
-  int64_t ksplit;  // split-K factor of the shrink
+  bool grouped;    // tokens sorted by adapter on the device (else one tile per adapter)
+  int64_t tiles;   // upper bound of token tiles
+  int64_t ksplit;  // split-K factor of the shrink (from `in` only)
   int64_t kchunk;  // K elements per split
   int64_t ws_ints; // int workspace size
+  int64_t blocks;  // largest grid (blocks) of the launches; must stay below 2^31
 };
 enum MultiPhase : int { kMultiShrink = 1, kMultiExpand = 2, kMultiReduce = 4 };
 MultiLoraPlan multi_lora_plan(const MultiLoraParams& p, bool allow_split);
+// Output column tiles of all slices (expand grid).
+int64_t expand_tiles(const MultiLoraParams& p);
 cudaError_t multi_lora(DType dt, const MultiLoraParams& p, const MultiLoraPlan& plan, int phases,
                        cudaStream_t stream);
 
 // Comma-separated SM architectures this binary holds code for (nvcc's __CUDA_ARCH_LIST__).
 const char* compiled_archs();
-// Multiprocessor count of a device, cached after the first query.
+// Multiprocessor count and compute capability (major * 10 + minor) of a device, cached.
 int num_sms(int device);
+int compute_capability(int device);
 
 }  // namespace lora_ext::cuda

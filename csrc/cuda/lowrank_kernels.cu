@@ -4,15 +4,21 @@
 // of (seed, element index), the seed read from device memory (graph-safe).
 //
 // Small T (<= 8 tokens, decode): memory-bound, the bytes are A and B.
-//   shrink_small: grid (K splits, ceil(r/8)), 8 warps per block, warp = one rank row of A;
-//     lanes stride their K range with 16-byte loads of A[j] and of each token row, keep
-//     T fp32 partial sums, reduce with shuffles and add into u (atomics when K is split).
+//   shrink_small: grid x = K splits x ceil(r/8) row groups, 8 warps per block, warp = one rank
+//     row of A; lanes stride their K range with 16-byte loads of A[j] and of each token row,
+//     keep T fp32 partial sums and reduce with shuffles.
 //   expand_small: one thread per output column o reads its row B[o, :r] with 16-byte loads,
 //     broadcasts u[t, :], and adds s * acc into y[t, o] for every token (one rounding).
 // Large T (prefill / training): both halves are the NT product C = a b^T in gemm_nt,
-//   tiles of 64 rows x BN (16/32/64) columns, K in steps of 32 through shared memory
-//   (converted to fp32 on the way in), a 4 x BN/16 register tile per thread; the shrink
-//   splits K over blockIdx.z (atomics into the zeroed u) when too few tiles fill the GPU.
+//   tiles of 64 rows x BN (16/32/64) columns (grid x = all tiles, no 65535 limit), K in steps
+//   of 32 through shared memory (converted to fp32 on the way in), a 4 x BN/16 register tile
+//   per thread.
+// Split K (when too few blocks would fill the GPU): split z writes its partial sums to
+// job.work[z, T, r] and sum_splits adds them in the order z = 0, 1, ... into u: no atomics,
+// the same bits on every run.
+#include <algorithm>
+#include <type_traits>
+
 #include "common.cuh"
 #include "../lowrank.h"
 #include "launch.h"
@@ -31,17 +37,58 @@ struct DropArg {
   __device__ Dropout make() const { return Dropout::make(p, on ? static_cast<uint64_t>(*seed) : 0); }
 };
 
+// Launch plan, from the job's shapes, alignment and SM count only (so lowrank_workspace and
+// lowrank agree, and a captured CUDA graph replays the same launches).
+struct Plan {
+  bool small = false;  // T <= kSmallT: shrink_small / expand_small
+  bool vec = false;    // shrink_small: 16-byte loads
+  int bn = 16;         // gemm_nt column tile of the tiled shrink
+  int64_t rows = 1;    // shrink_small: row groups; tiled: row tiles (of bn)
+  int64_t kchunk = 0, ksplit = 1;
+};
+
+// Splits K so that about two waves of `tiles` blocks run, each split >= min_chunk long and a
+// multiple of `step` (at most kMaxSplits); returns the chunk length.
+constexpr int64_t kMaxSplits = 64;
+int64_t split_k(int64_t K, int64_t tiles, int num_sms, int64_t step, int64_t min_chunk) {
+  int64_t splits = ceil_div(2 * static_cast<int64_t>(num_sms), tiles);
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, K / min_chunk, kMaxSplits}));
+  return ceil_div(ceil_div(K, splits), step) * step;
+}
+
+template <class T>
+Plan plan_for(const LowRankJob& j) {
+  constexpr int V = kVec<T>;
+  Plan pl;
+  pl.small = j.T <= kSmallT;
+  if (pl.small) {
+    pl.vec = j.in % V == 0 && j.ldx % V == 0 && aligned16(j.x) && aligned16(j.A);
+    const int64_t step = 32 * (pl.vec ? V : 1);
+    pl.rows = ceil_div(j.r, kThreads / 32);
+    pl.kchunk = split_k(j.in, pl.rows, j.num_sms, step, step);
+  } else {
+    pl.bn = j.r <= 16 ? 16 : (j.r <= 32 ? 32 : 64);
+    pl.rows = ceil_div(j.r, pl.bn);
+    pl.kchunk = split_k(j.in, ceil_div(j.T, 64) * pl.rows, j.num_sms, 32, 256);
+  }
+  pl.kchunk = std::max<int64_t>(1, pl.kchunk);
+  pl.ksplit = ceil_div(j.in, pl.kchunk);
+  return pl;
+}
+
 template <class T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     shrink_small(const T* __restrict__ x, int64_t ldx, const T* __restrict__ A,
-                 float* __restrict__ u, int T_, int64_t in, int64_t r, int64_t kchunk,
-                 bool atomic, DropArg drop) {
+                 float* __restrict__ out, int T_, int64_t in, int64_t r, int64_t kchunk,
+                 unsigned ksplit, DropArg drop) {
   const Dropout d = drop.make();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t j = static_cast<int64_t>(blockIdx.y) * (kThreads / 32) + warp;
+  const unsigned z = blockIdx.x % ksplit;
+  const int64_t j = static_cast<int64_t>(blockIdx.x / ksplit) * (kThreads / 32) + warp;
   if (j >= r) return;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kchunk;
+  const int64_t k0 = z * kchunk;
   const int64_t k1 = min(in, k0 + kchunk);
+  float* u = out + static_cast<int64_t>(z) * T_ * r;
   float acc[kSmallT];
 #pragma unroll
   for (int t = 0; t < kSmallT; ++t) acc[t] = 0.f;
@@ -67,14 +114,19 @@ __global__ void __launch_bounds__(kThreads)
   for (int t = 0; t < kSmallT; ++t) {
     if (t < T_) {
       const float s = warp_sum(acc[t]);
-      if (lane == 0) {
-        if (atomic) {
-          atomicAdd(u + t * r + j, s);
-        } else {
-          u[t * r + j] = s;
-        }
-      }
+      if (lane == 0) u[t * r + j] = s;
     }
+  }
+}
+
+// u[e] = sum over z = 0, 1, ... of work[z * n + e] (fixed order).
+__global__ void __launch_bounds__(kThreads)
+    sum_splits(const float* __restrict__ work, int64_t ksplit, int64_t n, float* __restrict__ u) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    float s = work[e];
+    for (int64_t z = 1; z < ksplit; ++z) s += work[z * n + e];
+    u[e] = s;
   }
 }
 
@@ -114,45 +166,42 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Epilogues of gemm_nt.
-struct StoreU {  // shrink: u[m, n] (+)= v
+// Epilogues of gemm_nt (v: the product element, output dropout already applied).
+struct StoreU {  // shrink: u[z][m, n] = v (split z's partial, or u itself when K is not split)
   float* u;
-  int64_t ldu;
-  bool atomic;
+  int64_t ldu, zstride;
   __device__ void operator()(int64_t m, int64_t n, float v) const {
-    if (atomic) {
-      atomicAdd(u + m * ldu + n, v);
-    } else {
-      u[m * ldu + n] = v;
-    }
+    u[blockIdx.z * zstride + m * ldu + n] = v;
   }
 };
 template <class T>
-struct AddY {  // expand: y[m, n] += s * keep(m * N + n) * v, rounded once
+struct AddY {  // expand: y[m, n] += s * v, rounded once
   T* y;
-  int64_t ldy, N;
+  int64_t ldy;
   float scale;
-  DropArg drop;
   __device__ void operator()(int64_t m, int64_t n, float v) const {
     T* p = y + m * ldy + n;
-    const float f = drop.on ? scale * drop.make().factor(static_cast<uint64_t>(m) * N + n) : scale;
-    *p = from_f32<T>(to_f32(*p) + f * v);
+    *p = from_f32<T>(to_f32(*p) + scale * v);
   }
 };
 
-// C[M, N] = a[M, K] b[N, K]^T over the K range [z * kchunk, (z + 1) * kchunk).
-// Thread (ty, tx) = (tid / 16, tid % 16) owns rows ty*4 .. ty*4+3 and columns tx + 16c.
+// C[M, N] = a[M, K] b[N, K]^T over the K range [z * kchunk, (z + 1) * kchunk), blockIdx.x =
+// row tile + column tile * ceil(M / 64). drop_a masks a (index m * K + k), drop_c the product
+// (index m * N + n). Thread (ty, tx) = (tid / 16, tid % 16) owns rows ty*4 .. ty*4+3 and
+// columns tx + 16c.
 template <class TA, class TB, int BN, class Epi>
 __global__ void __launch_bounds__(kThreads)
     gemm_nt(const TA* __restrict__ a, int64_t lda, const TB* __restrict__ b, int64_t ldb,
-            int64_t M, int64_t N, int64_t K, int64_t kchunk, Epi epi, DropArg drop_a) {
-  const Dropout da = drop_a.make();
+            int64_t M, int64_t N, int64_t K, int64_t kchunk, Epi epi, DropArg drop_a,
+            DropArg drop_c) {
+  const Dropout da = drop_a.make(), dc = drop_c.make();
   constexpr int BM = 64, BK = 32, CN = BN / 16;
   __shared__ float As[BK][BM + 1];
   __shared__ float Bs[BK][BN + 1];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const int64_t mtiles = (M + BM - 1) / BM;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x % mtiles) * BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x / mtiles) * BN;
   const int64_t kbeg = static_cast<int64_t>(blockIdx.z) * kchunk;
   const int64_t kend = min(K, kbeg + kchunk);
   float acc[4][CN];
@@ -194,65 +243,65 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int c = 0; c < CN; ++c) {
       const int64_t m = m0 + ty * 4 + i, n = n0 + tx + 16 * c;
-      if (m < M && n < N) epi(m, n, acc[i][c]);
+      if (m < M && n < N)
+        epi(m, n, drop_c.on ? acc[i][c] * dc.factor(static_cast<uint64_t>(m) * N + n) : acc[i][c]);
     }
 }
 
-// Splits K so that about two waves of `tiles` blocks run, each split >= min_chunk long and a
-// multiple of `step`; returns the chunk length.
-int64_t split_k(int64_t K, int64_t tiles, int num_sms, int64_t step, int64_t min_chunk) {
-  int64_t splits = ceil_div(2 * static_cast<int64_t>(num_sms), tiles);
-  splits = std::max<int64_t>(1, std::min(splits, K / min_chunk));
-  return ceil_div(ceil_div(K, splits), step) * step;
-}
-
-template <class T, int BN>
-void shrink_tiled(const LowRankJob& j, DropArg drop, cudaStream_t s) {
-  const dim3 tiles(ceil_div(j.T, 64), ceil_div(j.r, BN));
-  const int64_t kchunk = split_k(j.in, tiles.x * tiles.y, j.num_sms, 32, 256);
-  const dim3 grid(tiles.x, tiles.y, ceil_div(j.in, kchunk));
-  const bool atomic = grid.z > 1;
-  if (atomic) cudaMemsetAsync(j.u, 0, sizeof(float) * j.T * j.r, s);
-  gemm_nt<T, T, BN, StoreU><<<grid, kThreads, 0, s>>>(
-      static_cast<const T*>(j.x), j.ldx, static_cast<const T*>(j.A), j.in, j.T, j.r, j.in, kchunk,
-      StoreU{j.u, j.r, atomic}, drop);
-}
+// Launch errors are returned by lowrank(); the first failing call wins.
+#define LORA_EXT_TRY(call)               \
+  do {                                   \
+    const cudaError_t err_ = (call);     \
+    if (err_ != cudaSuccess) return err_; \
+  } while (0)
 
 template <class T>
-void shrink(const LowRankJob& j, DropArg drop, cudaStream_t s) {
-  if (j.in == 0) {
-    cudaMemsetAsync(j.u, 0, sizeof(float) * j.T * j.r, s);
-    return;
-  }
+cudaError_t shrink(const LowRankJob& j, DropArg drop, cudaStream_t s) {
+  const size_t ubytes = sizeof(float) * j.T * j.r;
+  if (j.in == 0) return cudaMemsetAsync(j.u, 0, ubytes, s);
+  const Plan pl = plan_for<T>(j);
   const T* x = static_cast<const T*>(j.x);
   const T* A = static_cast<const T*>(j.A);
-  constexpr int V = kVec<T>;
-  if (j.T <= kSmallT) {
-    const bool vx = j.in % V == 0 && j.ldx % V == 0 && aligned16(x) && aligned16(A);
-    const int64_t step = 32 * (vx ? V : 1);
-    const int64_t gy = ceil_div(j.r, kThreads / 32);
-    const int64_t kchunk = split_k(j.in, gy, j.num_sms, step, 4 * step);
-    const dim3 grid(ceil_div(j.in, kchunk), gy);
-    const bool atomic = grid.x > 1;
-    if (atomic) cudaMemsetAsync(j.u, 0, sizeof(float) * j.T * j.r, s);
+  float* out = pl.ksplit > 1 ? j.work : j.u;
+  if (pl.small) {
+    constexpr int V = kVec<T>;
+    const int64_t blocks = pl.ksplit * pl.rows;
     const int nt = static_cast<int>(j.T);
-    if (vx) {
-      shrink_small<T, V><<<grid, kThreads, 0, s>>>(x, j.ldx, A, j.u, nt, j.in, j.r, kchunk, atomic, drop);
+    const unsigned ks = static_cast<unsigned>(pl.ksplit);
+    if (pl.vec) {
+      shrink_small<T, V><<<blocks, kThreads, 0, s>>>(x, j.ldx, A, out, nt, j.in, j.r, pl.kchunk,
+                                                    ks, drop);
     } else {
-      shrink_small<T, 1><<<grid, kThreads, 0, s>>>(x, j.ldx, A, j.u, nt, j.in, j.r, kchunk, atomic, drop);
+      shrink_small<T, 1><<<blocks, kThreads, 0, s>>>(x, j.ldx, A, out, nt, j.in, j.r, pl.kchunk,
+                                                    ks, drop);
     }
-  } else if (j.r <= 16) {
-    shrink_tiled<T, 16>(j, drop, s);
-  } else if (j.r <= 32) {
-    shrink_tiled<T, 32>(j, drop, s);
   } else {
-    shrink_tiled<T, 64>(j, drop, s);
+    const dim3 grid(ceil_div(j.T, 64) * pl.rows, 1, pl.ksplit);
+    const StoreU epi{out, j.r, j.T * j.r};
+    auto launch = [&](auto bn) {
+      gemm_nt<T, T, decltype(bn)::value, StoreU><<<grid, kThreads, 0, s>>>(
+          x, j.ldx, A, j.in, j.T, j.r, j.in, pl.kchunk, epi, drop, DropArg{});
+    };
+    if (pl.bn == 16) {
+      launch(std::integral_constant<int, 16>{});
+    } else if (pl.bn == 32) {
+      launch(std::integral_constant<int, 32>{});
+    } else {
+      launch(std::integral_constant<int, 64>{});
+    }
   }
+  LORA_EXT_TRY(cudaGetLastError());
+  if (pl.ksplit > 1) {
+    const int64_t n = j.T * j.r;
+    const int64_t blocks = std::min<int64_t>(ceil_div(n, kThreads), 4LL * j.num_sms);
+    sum_splits<<<blocks, kThreads, 0, s>>>(j.work, pl.ksplit, n, j.u);
+  }
+  return cudaGetLastError();
 }
 
 template <class T>
-void expand(const LowRankJob& j, DropArg drop, cudaStream_t s) {
-  if (j.out == 0) return;
+cudaError_t expand(const LowRankJob& j, DropArg drop, cudaStream_t s) {
+  if (j.out == 0) return cudaSuccess;
   const T* B = static_cast<const T*>(j.B);
   T* y = static_cast<T*>(j.y);
   constexpr int V = kVec<T>;
@@ -264,11 +313,12 @@ void expand(const LowRankJob& j, DropArg drop, cudaStream_t s) {
     } else {
       expand_small<T, 1><<<gx, kThreads, 0, s>>>(y, j.ldy, j.u, B, nt, j.out, j.r, j.scale, drop);
     }
-    return;
+  } else {
+    const dim3 grid(ceil_div(j.T, 64) * ceil_div(j.out, 64), 1, 1);
+    gemm_nt<float, T, 64, AddY<T>><<<grid, kThreads, 0, s>>>(
+        j.u, j.r, B, j.r, j.T, j.out, j.r, j.r, AddY<T>{y, j.ldy, j.scale}, DropArg{}, drop);
   }
-  const dim3 grid(ceil_div(j.T, 64), ceil_div(j.out, 64), 1);
-  gemm_nt<float, T, 64, AddY<T>><<<grid, kThreads, 0, s>>>(
-      j.u, j.r, B, j.r, j.T, j.out, j.r, j.r, AddY<T>{y, j.ldy, j.out, j.scale, drop}, DropArg{});
+  return cudaGetLastError();
 }
 
 // dst[t, k] = keep(t * width + k) * src[t * ld + k]; grid-stride over all elements.
@@ -287,17 +337,25 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
+int64_t lowrank_workspace(DType dt, const LowRankJob& j) {
+  if (j.T == 0 || j.x == nullptr || j.in == 0) return 0;
+  return dispatch(dt, [&](auto tag) {
+    const Plan pl = plan_for<typename decltype(tag)::type>(j);
+    return pl.ksplit > 1 ? pl.ksplit * j.T * j.r : int64_t{0};
+  });
+}
+
 cudaError_t lowrank(DType dt, const LowRankJob& j, cudaStream_t stream) {
   if (j.T == 0) return cudaSuccess;
   const bool on = j.dropout_p > 0.f;
   const DropArg dx{on && j.mask_x, j.dropout_p, j.seed};
   const DropArg dy{on && j.mask_y, j.dropout_p, j.seed};
-  dispatch(dt, [&](auto tag) {
+  return dispatch(dt, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
-    if (j.x) shrink<T>(j, dx, stream);
-    if (j.y) expand<T>(j, dy, stream);
+    if (j.x) LORA_EXT_TRY(shrink<T>(j, dx, stream));
+    if (j.y) LORA_EXT_TRY(expand<T>(j, dy, stream));
+    return cudaSuccess;
   });
-  return cudaGetLastError();
 }
 
 cudaError_t dropout_rows(DType dt, const void* src, int64_t ld, void* dst, int64_t T, int64_t width,

@@ -1,6 +1,8 @@
 // CUDA launchers of merge_, remerge_ and merge_points_: validate (../merge_args.h), build
 // the padded fp32 operands L and R (small: Rt * (P + Q) floats) and launch.
 #include "../merge_args.h"
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+
 #include "guard.h"
 #include "kernels.h"
 
@@ -22,11 +24,6 @@ void set_operands(const MergeOperands& o, const float*& L, const float*& R, int6
   ldr = Rt ? o.R.size(1) : 0;
 }
 
-void check_grid(const char* op, int64_t Q) {
-  TORCH_CHECK(Q <= int64_t{65535} * 128, op, ": weight rows longer than ", int64_t{65535} * 128,
-              " elements are not supported on CUDA, got ", Q);
-}
-
 }  // namespace
 
 void merge_cuda(at::Tensor weight, at::TensorList A, at::TensorList B, at::ArrayRef<double> scales,
@@ -45,7 +42,6 @@ void merge_cuda(at::Tensor weight, at::TensorList A, at::TensorList B, at::Array
   const MergeOperands o =
       merge_operands(op, weight, fan_in_fan_out, v.transposed, A, B, scales, kRowPad, kColPad);
   if (o.Rt == 0 || weight.numel() == 0) return;
-  check_grid(op, v.Q);
   MergeParams p{};
   p.w = work.data_ptr();
   p.P = v.P;
@@ -70,7 +66,6 @@ void remerge_cuda(at::Tensor weight, at::Tensor codes, at::Tensor fails, int64_t
   const MergeOperands n =
       merge_operands(op, weight, fan_in_fan_out, false, A_new, B_new, s_new, kRowPad, kColPad);
   if ((o.Rt == 0 && n.Rt == 0) || weight.numel() == 0) return;
-  check_grid(op, weight.size(1));
   MergeParams p{};
   p.w = weight.data_ptr();
   p.P = weight.size(0);
@@ -89,9 +84,11 @@ void merge_points_cuda(at::Tensor weight, const at::Tensor& idx, const at::Tenso
                        at::TensorList A, at::TensorList B, at::ArrayRef<double> scales,
                        bool fan_in_fan_out) {
   const char* op = "merge_points_";
-  check_points(op, weight, idx, vals);
   check_cuda(op, weight);
   const c10::cuda::CUDAGuard guard(weight.device());
+  const bool capturing =
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  check_points(op, weight, idx, vals, /*check_range=*/!capturing);
   const MergeOperands o = merge_operands(op, weight, fan_in_fan_out, false, A, B, scales, 1, 1);
   if (idx.numel() == 0) return;
   const at::Tensor i = idx.contiguous(), v = vals.contiguous();

@@ -156,8 +156,9 @@ __global__ void __launch_bounds__(kThreads, EXACT ? 1 : 2) merge_kernel(const Me
   __shared__ __align__(16) float Rs[kJC][TL::BQ];
   __shared__ __align__(16) float Ls[kJC][TL::LS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * TL::BP;
-  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * TL::BQ;
+  const int64_t ptiles = (p.P + TL::BP - 1) / TL::BP;  // blockIdx.x = row tile + ptiles * column tile
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x % ptiles) * TL::BP;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x / ptiles) * TL::BQ;
   const bool vec = p.ld % 4 == 0 && (reinterpret_cast<uintptr_t>(p.w) & (F::kBits == 16 ? 7 : 15)) == 0;
 
   uint32_t w[TL::RPT][TL::G][kWords<F>];  // raw bits of the thread's elements, packed
@@ -256,30 +257,32 @@ __global__ void __launch_bounds__(kThreads) points_kernel(const MergePointsParam
 }
 
 template <class Fn>
-void dispatch_format(DType dt, Fn&& fn) {
-  dispatch_dtype<mm::F32, mm::F16, mm::BF16>(dt, [&](auto tag) { fn(typename decltype(tag)::type{}); });
+decltype(auto) dispatch_format(DType dt, Fn&& fn) {
+  return dispatch_dtype<mm::F32, mm::F16, mm::BF16>(
+      dt, [&](auto tag) { return fn(typename decltype(tag)::type{}); });
 }
 
 }  // namespace
 
 cudaError_t merge(DType dt, const MergeParams& p, cudaStream_t stream) {
-  dispatch_format(dt, [&](auto f) {
+  return dispatch_format(dt, [&](auto f) {
     using F = decltype(f);
     using TL = Tile<F>;
-    const dim3 grid(static_cast<unsigned>(ceil_div(p.P, TL::BP)),
-                    static_cast<unsigned>(ceil_div(p.Q, TL::BQ)));
+    const int64_t blocks = ceil_div(p.P, TL::BP) * ceil_div(p.Q, TL::BQ);
+    if (blocks >= (int64_t{1} << 31)) return cudaErrorInvalidConfiguration;
+    const dim3 grid(static_cast<unsigned>(blocks));
     if (p.exact) {
       merge_kernel<F, true><<<grid, kThreads, 0, stream>>>(p);
     } else {
       merge_kernel<F, false><<<grid, kThreads, 0, stream>>>(p);
     }
+    return cudaGetLastError();
   });
-  return cudaGetLastError();
 }
 
 cudaError_t merge_points(DType dt, const MergePointsParams& p, cudaStream_t stream) {
   dispatch_format(dt, [&](auto f) {
-    const unsigned blocks = static_cast<unsigned>(ceil_div(p.n, kThreads));
+    const unsigned blocks = static_cast<unsigned>(ceil_div(p.n, kThreads));  // n < 2^31 (launcher)
     points_kernel<decltype(f)><<<blocks, kThreads, 0, stream>>>(p);
   });
   return cudaGetLastError();

@@ -2,12 +2,13 @@
 // the tokens t of a tile (adapter a) and a tile of 64 output columns o of slice sl; u is the
 // sum of the shrink's split-K partials (fixed order), y is rounded once.
 //
-// Grid: x = token tiles (as the shrink), y = output column tiles of all slices. 128 threads.
-//   streaming (<= 8 tokens): the tile's u rows go to smem (512 ranks at a time); thread
-//     (c, h) owns column o0 + c (c < 64) and tokens h, h+2, h+4, h+6: it reads its row
-//     B[a, o, :r] with 16-byte loads (a warp covers 32 consecutive rows: contiguous bytes)
-//     and broadcasts u from smem.
-//   tensor cores (> 8 tokens): 64 tokens x 64 columns, K = r in steps of 32 through smem,
+// Grid: x = token tile + tiles * output column tile (of all slices). 128 threads. Paths as
+// the shrink's (multi_lora.cuh says which):
+//   streaming: 8 tokens at a time, their u rows go to smem (512 ranks at a time, only the
+//     tokens and ranks that exist); thread (c, h) owns column o0 + c (c < 64) and tokens h,
+//     h+2, h+4, h+6: it reads its row B[a, o, :r] with 16-byte loads (a warp covers 32
+//     consecutive rows: contiguous bytes) and broadcasts u from smem.
+//   tensor cores: 64 tokens x 64 columns, K = r in steps of 32 through smem,
 //     u split into hi + lo TF32 parts (B too when fp32), wmma m16n16k8, fp32 accumulation;
 //     the tile goes out through smem with 16-byte read-modify-writes of y when aligned.
 #include "multi_lora.cuh"
@@ -19,15 +20,16 @@ constexpr int kUChunk = 512;  // ranks of u staged per pass in the streaming pat
 
 template <class T, int V>
 __global__ void __launch_bounds__(kThreads, 1)
-    expand_kernel(const MultiLoraParams p, bool grouped, int64_t ksplit, bool count_bad,
-                  bool vec_y) {
+    expand_kernel(const MultiLoraParams p, bool grouped, int64_t tiles, int64_t ksplit,
+                  bool count_bad, bool vec_y) {
   constexpr int kOps = 2 * kBM * kLd, kOut = kBM * (kBNE + 4), kUs = kSkinny * kUChunk;
   constexpr int kA = kOps > kOut ? kOps : kOut;
   __shared__ __align__(32) float smem[kA > kUs ? kA : kUs];
   __shared__ int64_t toks[kBM];
+  const int64_t tile = blockIdx.x % tiles;
+  int64_t yt = blockIdx.x / tiles, sl = -1, o0 = 0, ncols = 0;
   Tile tl;
-  if (!resolve_tile(p, grouped, count_bad && blockIdx.y == 0, tl)) return;
-  int64_t yt = blockIdx.y, sl = -1, o0 = 0, ncols = 0;
+  if (!resolve_tile(p, grouped, tile, count_bad && yt == 0, tl)) return;
   for (int s = 0; s < p.n; ++s) {
     const int64_t w = p.out_off[s + 1] - p.out_off[s], nt = (w + kBNE - 1) / kBNE;
     if (yt < nt) {
@@ -51,48 +53,50 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* y = static_cast<T*>(p.y);
   const int ntok = tl.ntok;
 
-  if (ntok <= kSkinny) {
+  if (!tl.tc) {
     float* Us = smem;  // [kSkinny][kUChunk]
     const int c = threadIdx.x % kBNE, h = threadIdx.x / kBNE;
-    float acc[kSkinny / 2];
+    for (int q0 = 0; q0 < ntok; q0 += kSkinny) {  // one pass unless a big tile lacks tensor cores
+      const int nq = min(kSkinny, ntok - q0);
+      float acc[kSkinny / 2];
 #pragma unroll
-    for (int i = 0; i < kSkinny / 2; ++i) acc[i] = 0.f;
-    for (int64_t jc = 0; jc < rank; jc += kUChunk) {
-      const int jn = static_cast<int>(min(static_cast<int64_t>(kUChunk), rank - jc));
+      for (int i = 0; i < kSkinny / 2; ++i) acc[i] = 0.f;
+      for (int64_t jc = 0; jc < rank; jc += kUChunk) {
+        const int jn = static_cast<int>(min(static_cast<int64_t>(kUChunk), rank - jc));
 #pragma unroll 1
-      for (int e = threadIdx.x; e < kSkinny * kUChunk; e += kThreads) {
-        const int q = e / kUChunk, j = e % kUChunk;
-        float s = 0.f;
-        if (q < ntok && j < jn) {
-          const float* src = u + toks[q] * p.r_max + jc + j;
-          for (int64_t z = 0; z < ksplit; ++z) s += src[z * zstride];
+        for (int e = threadIdx.x; e < nq * jn; e += kThreads) {
+          const int q = e / jn, j = e - q * jn;
+          const float* src = u + toks[q0 + q] * p.r_max + jc + j;
+          float s = src[0];
+          for (int64_t z = 1; z < ksplit; ++z) s += src[z * zstride];
+          Us[q * kUChunk + j] = s;
         }
-        Us[e] = s;
-      }
-      __syncthreads();
-      if (c < ncols) {
-        const T* b = B + c * p.r_max + jc;
-        for (int j = 0; j < jn; j += V) {
-          float bv[V];
-          load_f32<T, V>(b + j, bv);
+        __syncthreads();
+        if (c < ncols) {
+          const T* b = B + c * p.r_max + jc;
+          for (int j = 0; j < jn; j += V) {
+            float bv[V];
+            load_f32<T, V>(b + j, bv);
 #pragma unroll
-          for (int i = 0; i < V; ++i) {
-            const float bb = j + i < jn ? bv[i] : 0.f;
+            for (int i = 0; i < V; ++i) {
+              if (j + i < jn) {
 #pragma unroll
-            for (int qi = 0; qi < kSkinny / 2; ++qi)
-              acc[qi] = fmaf(bb, Us[(h + 2 * qi) * kUChunk + j + i], acc[qi]);
+                for (int qi = 0; qi < kSkinny / 2; ++qi)
+                  if (h + 2 * qi < nq) acc[qi] = fmaf(bv[i], Us[(h + 2 * qi) * kUChunk + j + i], acc[qi]);
+              }
+            }
           }
         }
+        __syncthreads();
       }
-      __syncthreads();
-    }
-    if (c < ncols) {
+      if (c < ncols) {
 #pragma unroll
-      for (int qi = 0; qi < kSkinny / 2; ++qi) {
-        const int q = h + 2 * qi;
-        if (q < ntok) {
-          T* py = y + toks[q] * p.ldy + o0 + c;
-          *py = from_f32<T>(to_f32(*py) + scale * acc[qi]);
+        for (int qi = 0; qi < kSkinny / 2; ++qi) {
+          const int q = h + 2 * qi;
+          if (q < nq) {
+            T* py = y + toks[q0 + q] * p.ldy + o0 + c;
+            *py = from_f32<T>(to_f32(*py) + scale * acc[qi]);
+          }
         }
       }
     }
@@ -114,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int it = 0; it < kUIters; ++it) {
       const int e = threadIdx.x + it * kThreads, q = e / kBK, j = e % kBK;
-      sv[it] = q < ntok && k + j < rank ? u[toks[q] * p.r_max + k + j] : 0.f;
+      sv[it] = q < ntok && k + j < rank ? u[toks[q] * p.r_max + k + j] : 0.f;  // split 0
     }
     for (int64_t z = 1; z < ksplit; ++z) {
 #pragma unroll
@@ -176,17 +180,18 @@ template <class T>
 void expand_t(const MultiLoraParams& p, const MultiLoraPlan& plan, int64_t ksplit, bool count_bad,
               cudaStream_t s) {
   constexpr int V = kVec<T>;
-  int64_t ytiles = 0;
-  for (int64_t i = 0; i < p.n; ++i) ytiles += ceil_div(p.out_off[i + 1] - p.out_off[i], kBNE);
+  const int64_t ytiles = expand_tiles(p);
   if (ytiles == 0) return;
-  const dim3 grid(plan.tiles, ytiles);
+  const dim3 grid(plan.tiles * ytiles);
   // y rows and every slice boundary V-aligned: the tile epilogue uses 16-byte accesses.
   bool vec_y = aligned16(p.y) && p.ldy % V == 0;
   for (int64_t i = 0; i <= p.n; ++i) vec_y = vec_y && p.out_off[i] % V == 0;
   if (p.r_max % V == 0 && aligned16(p.B)) {
-    expand_kernel<T, V><<<grid, kThreads, 0, s>>>(p, plan.grouped, ksplit, count_bad, vec_y);
+    expand_kernel<T, V><<<grid, kThreads, 0, s>>>(p, plan.grouped, plan.tiles, ksplit, count_bad,
+                                                  vec_y);
   } else {
-    expand_kernel<T, 1><<<grid, kThreads, 0, s>>>(p, plan.grouped, ksplit, count_bad, vec_y);
+    expand_kernel<T, 1><<<grid, kThreads, 0, s>>>(p, plan.grouped, plan.tiles, ksplit, count_bad,
+                                                  vec_y);
   }
 }
 

@@ -32,7 +32,18 @@ MultiLoraParams make_params(const MultiArgs& a, const std::optional<at::Tensor>&
   for (int64_t i = 0; i <= kMultiMaxSlices; ++i)
     p.out_off[i] = i < static_cast<int64_t>(a.out_off.size()) ? a.out_off[i] : a.out;
   p.num_sms = sm_count(ref);
+  p.tc = compute_capability(ref.device().index()) >= 80;  // wmma TF32 tiles need sm_80+
   return p;
+}
+
+MultiLoraPlan make_plan(const char* op, const MultiLoraParams& p, bool allow_split) {
+  const MultiLoraPlan plan = multi_lora_plan(p, allow_split);
+  TORCH_CHECK(p.T < (int64_t{1} << 31) && plan.ws_ints < (int64_t{1} << 31), op, ": T = ", p.T,
+              " tokens and ", p.S, " slots are more than the int32 token sort allows; split the batch");
+  TORCH_CHECK(plan.blocks < (int64_t{1} << 31), op, ": T = ", p.T, " tokens with out = ", p.out,
+              " columns and ", p.S, " slots need ", plan.blocks,
+              " thread blocks, more than one CUDA launch allows (2^31 - 1); split the batch");
+  return plan;
 }
 
 at::Tensor workspace(const MultiLoraPlan& plan, const at::Tensor& ref) {
@@ -41,9 +52,9 @@ at::Tensor workspace(const MultiLoraPlan& plan, const at::Tensor& ref) {
 
 // Launches the phases in `stages`, starting with the shrink: allocates its fp32 split-K
 // partials and the int workspace (shapes only). u_out: where kMultiReduce writes u, or null.
-void launch_with_shrink(const MultiArgs& a, MultiLoraParams& p, const at::Tensor& x,
-                        float* u_out, int stages) {
-  const MultiLoraPlan plan = multi_lora_plan(p, true);
+void launch_with_shrink(const char* op, const MultiArgs& a, MultiLoraParams& p,
+                        const at::Tensor& x, float* u_out, int stages) {
+  const MultiLoraPlan plan = make_plan(op, p, true);
   at::Tensor u = at::empty({plan.ksplit * a.n * a.T * a.r_max}, x.options().dtype(at::kFloat));
   at::Tensor ws = workspace(plan, x);
   p.u = u.data_ptr<float>();
@@ -65,7 +76,7 @@ void multi_lora_cuda(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool
   if (a.T == 0 || a.out == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   MultiLoraParams p = make_params(a, bad_index_count, x);
-  launch_with_shrink(a, p, x, nullptr, kMultiShrink | kMultiExpand);
+  launch_with_shrink(op, a, p, x, nullptr, kMultiShrink | kMultiExpand);
   if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
 }
 
@@ -80,7 +91,7 @@ static at::Tensor shrink_impl(const at::Tensor& x, const at::Tensor& A_pool,
   if (a.T > 0) {
     const c10::cuda::CUDAGuard guard(x.device());
     MultiLoraParams p = make_params(a, bad_index_count, x);
-    launch_with_shrink(a, p, x, out.data_ptr<float>(), kMultiShrink | kMultiReduce);
+    launch_with_shrink(op, a, p, x, out.data_ptr<float>(), kMultiShrink | kMultiReduce);
   }
   return A_pool.dim() == 4 ? out : out.view({a.T, a.r_max});
 }
@@ -107,7 +118,7 @@ void lora_expand_cuda(at::Tensor y, const at::Tensor& u, const at::Tensor& B_poo
   if (a.T == 0 || a.out == 0) return;
   const c10::cuda::CUDAGuard guard(y.device());
   MultiLoraParams p = make_params(a, bad_index_count, y);
-  const MultiLoraPlan plan = multi_lora_plan(p, false);
+  const MultiLoraPlan plan = make_plan(op, p, false);
   at::Tensor ws = workspace(plan, y);
   p.u = a.u.data_ptr<float>();
   p.ws = ws.data_ptr<int32_t>();

@@ -1,11 +1,16 @@
 // Device helpers shared by the multi-adapter kernels (multi_*_kernels.cu). CUDA headers only.
 //
-// Work is cut into token tiles: in grouped mode (T > kUngroupedMaxT) a tile is <= kBM tokens
-// of one adapter, taken from the device-side sort (perm + segment/tile offsets in ws); in
-// ungrouped mode tile i is token i. A tile of <= kSkinny tokens runs a streaming (GEMV)
-// path, a bigger one a TF32 tensor-core path (wmma m16n16k8, fp32 accumulation) whose
-// operands are staged as fp32 in shared memory: 16-bit inputs are exact in TF32, fp32
-// operands are split into hi + lo TF32 parts (3 products, ~fp32 accuracy).
+// Work is cut into token tiles of one adapter each. Grouped mode (T > kUngroupedMaxT): a tile
+// is <= kBM tokens of one adapter, taken from the device-side stable sort (perm + segment/tile
+// offsets in ws). Ungrouped mode: block i serves token i's adapter if i is that adapter's first
+// token, with all of its tokens (<= kUngroupedMaxT, ascending), and exits otherwise.
+// Every tile of an adapter with <= kSkinny tokens in the batch runs a streaming (GEMV) path;
+// an adapter with more runs a TF32 tensor-core path (wmma m16n16k8, fp32 accumulation; sm_80+,
+// else the streaming path in groups of kSkinny tokens) whose operands are staged as fp32 in
+// shared memory: 16-bit inputs are exact in TF32, fp32 operands are split into hi + lo TF32
+// parts (3 products, ~fp32 accuracy). The path depends only on that count, and the split-K
+// chunks only on `in`, so a token's bits do not depend on its position or on the other
+// adapters in the batch, and the results are the same on every run.
 #pragma once
 #include <mma.h>
 
@@ -22,6 +27,7 @@ constexpr int kSkinny = 8;             // tiles of <= kSkinny tokens stream inst
 constexpr int kBNE = 64;               // output columns per expand tile
 constexpr int64_t kUngroupedMaxT = 16; // up to this many tokens, no sort: one token per tile
 constexpr int64_t kKAlign = 256;       // split-K chunks are multiples of this
+constexpr int64_t kMaxSplits = 16;     // at most this many K chunks
 
 __device__ __forceinline__ int64_t load_idx(const void* idx, bool idx64, int64_t t) {
   return idx64 ? static_cast<const int64_t*>(idx)[t] : static_cast<const int32_t*>(idx)[t];
@@ -35,22 +41,27 @@ __device__ __forceinline__ int64_t rank_of(const MultiLoraParams& p, int64_t sl,
 
 struct Tile {
   int64_t a;      // adapter slot
-  int64_t start;  // grouped: position in perm; ungrouped: the token
-  int ntok;
+  int64_t start;  // grouped: position in perm; ungrouped: the adapter's first token
+  int ntok;       // tokens in this tile
+  bool tc;        // tensor-core path (the adapter has > kSkinny tokens, sm_80+)
 };
 
-// Maps blockIdx.x to a tile; false when the block has no work (past the last tile, or an
-// ungrouped token without a valid adapter, which `count_bad` adds to p.bad once).
-__device__ __forceinline__ bool resolve_tile(const MultiLoraParams& p, bool grouped, bool count_bad,
-                                             Tile& t) {
-  const int64_t tile = blockIdx.x;
+// Maps token tile `tile` to its tokens; false when the block has no work (past the last tile,
+// an ungrouped token that is not its adapter's first, or one without a valid adapter, which
+// `count_bad` adds to p.bad once).
+__device__ __forceinline__ bool resolve_tile(const MultiLoraParams& p, bool grouped, int64_t tile,
+                                             bool count_bad, Tile& t) {
   if (!grouped) {
     const int64_t a = load_idx(p.idx, p.idx64, tile);
     if (a < 0 || a >= p.S) {
       if (count_bad && a != -1 && p.bad != nullptr && threadIdx.x == 0) atomicAdd(p.bad, 1);
       return false;
     }
-    t = {a, tile, 1};
+    for (int64_t i = 0; i < tile; ++i)
+      if (load_idx(p.idx, p.idx64, i) == a) return false;
+    int n = 1;
+    for (int64_t i = tile + 1; i < p.T; ++i) n += load_idx(p.idx, p.idx64, i) == a ? 1 : 0;
+    t = {a, tile, n, p.tc && n > kSkinny};
     return true;
   }
   const int32_t* seg = p.ws + p.T;       // seg_off[S + 1]
@@ -65,16 +76,22 @@ __device__ __forceinline__ bool resolve_tile(const MultiLoraParams& p, bool grou
       hi = mid;
     }
   }
-  const int64_t start = seg[lo] + (tile - toff[lo]) * kBM;
-  t = {lo, start, static_cast<int>(min(static_cast<int64_t>(kBM), seg[lo + 1] - start))};
+  const int64_t start = seg[lo] + (tile - toff[lo]) * kBM, count = seg[lo + 1] - seg[lo];
+  t = {lo, start, static_cast<int>(min(static_cast<int64_t>(kBM), seg[lo + 1] - start)),
+       p.tc && count > kSkinny};
   return true;
 }
 
 // Token ids of the tile into toks[0, ntok); the caller syncs.
 __device__ __forceinline__ void load_tokens(const MultiLoraParams& p, bool grouped, const Tile& t,
                                             int64_t* toks) {
-  if (static_cast<int>(threadIdx.x) < t.ntok)
-    toks[threadIdx.x] = grouped ? static_cast<int64_t>(p.ws[t.start + threadIdx.x]) : t.start;
+  if (grouped) {
+    if (static_cast<int>(threadIdx.x) < t.ntok) toks[threadIdx.x] = p.ws[t.start + threadIdx.x];
+  } else if (threadIdx.x == 0) {
+    int q = 0;
+    for (int64_t i = t.start; i < p.T; ++i)
+      if (load_idx(p.idx, p.idx64, i) == t.a) toks[q++] = i;
+  }
 }
 
 // dst[row * kLd + c] = row_ptr(row)[k0 + c] as fp32 for row < ROWS, c < kBK; zero where

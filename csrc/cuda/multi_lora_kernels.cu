@@ -1,12 +1,17 @@
 // Host side of multi_lora_ / lora_shrink / lora_expand_ on CUDA, plus the two small kernels:
-//   group_tokens (one block of 1024 threads): counting sort of the tokens by adapter with no
-//     host sync. Counts per slot (shared-memory atomics; a global scratch when S is large),
-//     one block-wide scan giving seg_off[S + 1] (tokens) and tile_off[S + 1] (64-token
-//     tiles), then a scatter into perm[T]. Indices outside -1 .. S-1 are skipped and added
-//     to the bad-index counter. The GEMM-like kernels size their grids from the shape-only
-//     bound ceil(T / 64) + min(S, T) tiles; blocks past tile_off[S] exit at once.
-//   reduce_partials: lora_shrink's result = sum of the split-K partials, zero past a token's
-//     rank and for tokens without a valid adapter.
+//   group_tokens (one block of 1024 threads): stable counting sort of the tokens by adapter
+//     with no host sync and no atomics on positions. Warp w owns a contiguous run of tokens;
+//     pass 1 counts them per slot (__match_any_sync groups the lanes of one slot, its lowest
+//     lane adds the group's size to the warp's own row cnt[w][slot]); a block-wide scan gives
+//     seg_off[S + 1] (tokens), tile_off[S + 1] (64-token tiles) and, per slot, each warp's
+//     start; pass 2 walks the same tokens and places each at its start + its rank among the
+//     earlier lanes of its group. perm therefore lists every slot's tokens in ascending order.
+//     Indices outside -1 .. S-1 are skipped and added to the bad-index counter. The GEMM-like
+//     kernels size their grids from the shape-only bound ceil(T / 64) + min(S, T) tiles;
+//     blocks past tile_off[S] exit at once.
+//   reduce_partials: the sum of the split-K partials in the order z = 0, 1, ...; zero past a
+//     token's rank and for tokens without a valid adapter (lora_shrink's result, or in place
+//     for the expand of a grouped multi_lora_).
 // Everything is sized from shapes, so a launch sequence can be captured in a CUDA graph and
 // replayed with new indices, ranks and scales.
 #include <algorithm>
@@ -18,41 +23,45 @@ namespace multi {
 namespace {
 
 constexpr int kGroupThreads = 1024;
-constexpr int64_t kSmemCountMax = 4096;  // slots counted in shared memory
+constexpr int kGroupWarps = kGroupThreads / 32;
 
 __global__ void __launch_bounds__(kGroupThreads)
-    group_tokens(const void* idx, bool idx64, int64_t T, int64_t S, int32_t* ws, int* bad,
-                 bool smem_counts) {
-  extern __shared__ int dyn[];
+    group_tokens(const void* idx, bool idx64, int T, int S, int32_t* ws, int* bad) {
   __shared__ int warp_c[32], warp_t[32];
   int32_t* perm = ws;
   int32_t* seg = ws + T;
   int32_t* toff = seg + S + 1;
-  int* cnt = smem_counts ? dyn : toff + S + 1;  // [S] counts, then [S] cursors
-  int* cur = cnt + S;
+  int32_t* cnt = toff + S + 1;  // [kGroupWarps][S]: counts, then each warp's next position
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int per_warp = (T + 32 * kGroupWarps - 1) / (32 * kGroupWarps) * 32;
+  const int t0 = warp * per_warp, t1 = min(T, t0 + per_warp);
+  int32_t* mine = cnt + warp * S;
+  const unsigned below = (1u << lane) - 1u;
 
-  for (int64_t i = tid; i < S; i += kGroupThreads) cnt[i] = 0;
-  __syncthreads();
+  for (int i = lane; i < S; i += 32) mine[i] = 0;
+  __syncwarp();
   int nbad = 0;
-  for (int64_t t = tid; t < T; t += kGroupThreads) {
-    const int64_t a = load_idx(idx, idx64, t);
-    if (a >= 0 && a < S) {
-      atomicAdd(cnt + a, 1);
-    } else if (a != -1) {
-      ++nbad;
-    }
+  for (int base = t0; base < t1; base += 32) {
+    const int t = base + lane;
+    const int64_t a = t < t1 ? load_idx(idx, idx64, t) : -1;
+    const bool ok = a >= 0 && a < S;
+    if (t < t1 && !ok && a != -1) ++nbad;
+    const unsigned peers = __match_any_sync(0xffffffffu, ok ? static_cast<unsigned>(a) : ~0u);
+    if (ok && (peers & below) == 0) mine[a] += __popc(peers);
+    __syncwarp();
   }
   if (nbad > 0 && bad != nullptr) atomicAdd(bad, nbad);
   __syncthreads();
 
   // Block-wide exclusive scan of (tokens, tiles) over contiguous chunks of slots.
-  const int64_t chunk = (S + kGroupThreads - 1) / kGroupThreads;
-  const int64_t b = min(static_cast<int64_t>(S), tid * chunk), e = min(static_cast<int64_t>(S), b + chunk);
+  const int chunk = (S + kGroupThreads - 1) / kGroupThreads;
+  const int b = min(S, tid * chunk), e = min(S, b + chunk);
   int cs = 0, ts = 0;
-  for (int64_t i = b; i < e; ++i) {
-    cs += cnt[i];
-    ts += (cnt[i] + kBM - 1) / kBM;
+  for (int i = b; i < e; ++i) {
+    int c = 0;
+    for (int w = 0; w < kGroupWarps; ++w) c += cnt[w * S + i];
+    cs += c;
+    ts += (c + kBM - 1) / kBM;
   }
   int ci = cs, ti = ts;  // inclusive warp scan
 #pragma unroll
@@ -83,51 +92,78 @@ __global__ void __launch_bounds__(kGroupThreads)
   }
   __syncthreads();
   int cp = warp_c[warp] + ci - cs, tp = warp_t[warp] + ti - ts;
-  for (int64_t i = b; i < e; ++i) {
+  for (int i = b; i < e; ++i) {
     seg[i] = cp;
     toff[i] = tp;
-    cur[i] = cp;
-    cp += cnt[i];
-    tp += (cnt[i] + kBM - 1) / kBM;
+    const int first = cp;
+    for (int w = 0; w < kGroupWarps; ++w) {  // counts -> each warp's first position
+      const int c = cnt[w * S + i];
+      cnt[w * S + i] = cp;
+      cp += c;
+    }
+    tp += (cp - first + kBM - 1) / kBM;
   }
   if (tid == kGroupThreads - 1) {
     seg[S] = cp;
     toff[S] = tp;
   }
   __syncthreads();
-  for (int64_t t = tid; t < T; t += kGroupThreads) {
-    const int64_t a = load_idx(idx, idx64, t);
-    if (a >= 0 && a < S) perm[atomicAdd(cur + a, 1)] = static_cast<int32_t>(t);
+  for (int base = t0; base < t1; base += 32) {
+    const int t = base + lane;
+    const int64_t a = t < t1 ? load_idx(idx, idx64, t) : -1;
+    const bool ok = a >= 0 && a < S;
+    const unsigned peers = __match_any_sync(0xffffffffu, ok ? static_cast<unsigned>(a) : ~0u);
+    const int leader = __ffs(peers) - 1;
+    int pos = 0;
+    if (ok && lane == leader) {
+      pos = mine[a];
+      mine[a] = pos + __popc(peers);
+    }
+    pos = __shfl_sync(0xffffffffu, pos, leader) + __popc(peers & below);
+    if (ok) perm[pos] = static_cast<int32_t>(t);
+    __syncwarp();
   }
 }
 
-__global__ void reduce_partials(const MultiLoraParams p, int64_t ksplit) {
+// out[e] = sum over z of u[z * total + e] (fixed order), zero where no adapter row applies.
+// out may be u itself (each element is read before it is written, by the same thread).
+__global__ void reduce_partials(const MultiLoraParams p, int64_t ksplit, float* out) {
   const int64_t total = p.n * p.T * p.r_max;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = e % p.r_max, t = (e / p.r_max) % p.T, sl = e / (p.r_max * p.T);
     const int64_t a = load_idx(p.idx, p.idx64, t);
     float s = 0.f;
-    if (a >= 0 && a < p.S && j < rank_of(p, sl, a))
-      for (int64_t z = 0; z < ksplit; ++z) s += p.u[z * total + e];
-    p.u_out[e] = s;
+    if (a >= 0 && a < p.S && j < rank_of(p, sl, a)) {
+      s = p.u[e];
+      for (int64_t z = 1; z < ksplit; ++z) s += p.u[z * total + e];
+    }
+    out[e] = s;
   }
 }
 
 }  // namespace
 }  // namespace multi
 
+int64_t expand_tiles(const MultiLoraParams& p) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < p.n; ++i) n += ceil_div(p.out_off[i + 1] - p.out_off[i], multi::kBNE);
+  return n;
+}
+
 MultiLoraPlan multi_lora_plan(const MultiLoraParams& p, bool allow_split) {
   using namespace multi;
   MultiLoraPlan plan;
   plan.grouped = p.T > kUngroupedMaxT;
   plan.tiles = plan.grouped ? ceil_div(p.T, kBM) + std::min(p.S, p.T) : p.T;
-  const int64_t rtiles = p.n * ceil_div(p.r_max, p.r_max <= 16 ? 16 : 64);
-  int64_t ksplit = allow_split ? ceil_div(2 * static_cast<int64_t>(p.num_sms), plan.tiles * rtiles) : 1;
-  ksplit = std::max<int64_t>(1, std::min<int64_t>({ksplit, 16, ceil_div(p.in, kKAlign)}));
-  plan.kchunk = std::max<int64_t>(kKAlign, ceil_div(ceil_div(p.in, ksplit), kKAlign) * kKAlign);
+  // K chunks from `in` alone (<= kMaxSplits multiples of kKAlign): a token's sums do not
+  // depend on the batch.
+  plan.kchunk = allow_split ? std::max<int64_t>(kKAlign, ceil_div(ceil_div(p.in, kMaxSplits), kKAlign) * kKAlign)
+                            : std::max<int64_t>(1, p.in);
   plan.ksplit = std::max<int64_t>(1, ceil_div(p.in, plan.kchunk));
-  plan.ws_ints = plan.grouped ? p.T + 2 * (p.S + 1) + 2 * p.S : 1;
+  plan.ws_ints = plan.grouped ? p.T + 2 * (p.S + 1) + kGroupWarps * p.S : 1;
+  const int64_t rtiles = p.n * ceil_div(p.r_max, p.r_max <= 16 ? 16 : 64);
+  plan.blocks = plan.tiles * std::max(rtiles, expand_tiles(p));
   return plan;
 }
 
@@ -136,18 +172,21 @@ cudaError_t multi_lora(DType dt, const MultiLoraParams& p, const MultiLoraPlan& 
   using namespace multi;
   const bool shrink = phases & kMultiShrink, expand = phases & kMultiExpand;
   if (plan.grouped && (shrink || expand)) {
-    const bool sm = p.S <= kSmemCountMax;
-    group_tokens<<<1, kGroupThreads, sm ? 2 * p.S * sizeof(int) : 0, stream>>>(
-        p.idx, p.idx64, p.T, p.S, p.ws, p.bad, sm);
+    group_tokens<<<1, kGroupThreads, 0, stream>>>(p.idx, p.idx64, static_cast<int>(p.T),
+                                                  static_cast<int>(p.S), p.ws, p.bad);
   }
   if (shrink) launch_shrink(dt, p, plan, !plan.grouped, stream);
-  if (phases & kMultiReduce) {
+  // Grouped expands read the summed u (one pass) rather than summing the partials per output
+  // tile; both add in the same order, so the bits are the same either way.
+  const bool reduce = (phases & kMultiReduce) || (shrink && expand && plan.grouped && plan.ksplit > 1);
+  if (reduce) {
     const int64_t total = p.n * p.T * p.r_max;
     const int64_t blocks = std::min<int64_t>(ceil_div(total, 256), 8 * static_cast<int64_t>(p.num_sms));
-    if (blocks > 0) reduce_partials<<<blocks, 256, 0, stream>>>(p, plan.ksplit);
+    if (blocks > 0)
+      reduce_partials<<<blocks, 256, 0, stream>>>(p, plan.ksplit, p.u_out ? p.u_out : p.u);
   }
   if (expand)
-    launch_expand(dt, p, plan, shrink ? plan.ksplit : 1, !plan.grouped && !shrink, stream);
+    launch_expand(dt, p, plan, shrink && !reduce ? plan.ksplit : 1, !plan.grouped && !shrink, stream);
   return cudaGetLastError();
 }
 

@@ -1,16 +1,16 @@
 // Shrink half of multi_lora_: u[z, sl, t, j] = A[sl, a, j, kz] . x[t, kz] for the tokens t of
 // a tile (adapter a), rank rows j < ranks[sl, a], K range kz of split z (partials, no atomics;
-// the expand sums the splits in a fixed order, so results are deterministic).
+// they are summed later in a fixed order, so results are deterministic).
 //
-// Grid: x = token tiles (upper bound, idle blocks exit), y = slice x rank tile of BN rows
-// (16 or 64; tiles past the adapter's rank exit: no work on padded ranks), z = K splits.
-// 128 threads. Two paths per block, picked from the tile's token count on the device:
-//   streaming (<= 8 tokens, decode): each warp takes 2 rank rows at a time; lanes walk the
-//     K range with 16-byte loads of both A rows and of each token row (x rows are re-read
-//     from L1/L2), fp32 accumulators for 2 x 8 (row, token) pairs, shuffle reductions.
-//   tensor cores (> 8 tokens): 64 x BN output tile, K in steps of 32 through shared memory
-//     (gathered token rows of x and the BN rows of A, as fp32), wmma TF32 m16n16k8 with fp32
-//     accumulation; warp w owns token rows 16w..16w+15; the tile goes out through smem.
+// Grid: x = token tile + tiles * (slice x rank tile of BN rows: 16 or 64; tiles past the
+// adapter's rank exit, no work on padded ranks), z = K splits. 128 threads. Two paths per
+// tile (multi_lora.cuh says which):
+//   streaming (decode): each warp takes 2 rank rows at a time; lanes walk the K range with
+//     16-byte loads of both A rows and of the token rows (8 tokens at a time; x rows are
+//     re-read from L1/L2), fp32 accumulators for 2 x 8 (row, token) pairs, shuffle reductions.
+//   tensor cores: 64 x BN output tile, K in steps of 32 through shared memory (gathered token
+//     rows of x and the BN rows of A, as fp32), wmma TF32 m16n16k8 with fp32 accumulation;
+//     warp w owns token rows 16w..16w+15; the tile goes out through smem.
 #include "multi_lora.cuh"
 
 namespace lora_ext::cuda::multi {
@@ -18,14 +18,16 @@ namespace {
 
 template <class T, int BN, int V>
 __global__ void __launch_bounds__(kThreads, 1)
-    shrink_kernel(const MultiLoraParams p, bool grouped, int64_t kchunk, bool count_bad) {
+    shrink_kernel(const MultiLoraParams p, bool grouped, int64_t tiles, int64_t kchunk,
+                  bool count_bad) {
   constexpr int kOps = kBM * kLd + BN * kLd, kOut = kBM * (BN + 4);
   __shared__ __align__(32) float smem[kOps > kOut ? kOps : kOut];
   __shared__ int64_t toks[kBM];
+  const int64_t tile = blockIdx.x % tiles, by = blockIdx.x / tiles;
   Tile tl;
-  if (!resolve_tile(p, grouped, count_bad && blockIdx.y == 0 && blockIdx.z == 0, tl)) return;
+  if (!resolve_tile(p, grouped, tile, count_bad && by == 0 && blockIdx.z == 0, tl)) return;
   const int64_t nrt = (p.r_max + BN - 1) / BN;
-  const int64_t sl = blockIdx.y / nrt, n0 = (blockIdx.y % nrt) * BN;
+  const int64_t sl = by / nrt, n0 = (by % nrt) * BN;
   const int64_t rank = rank_of(p, sl, tl.a);
   if (n0 >= rank) return;
   const int nrows = static_cast<int>(min(static_cast<int64_t>(BN), rank - n0));
@@ -39,42 +41,45 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int ntok = tl.ntok;
 
-  if (ntok <= kSkinny) {
-    const T* xr[kSkinny];
+  if (!tl.tc) {
+    for (int q0 = 0; q0 < ntok; q0 += kSkinny) {  // one pass unless a big tile lacks tensor cores
+      const int nq = min(kSkinny, ntok - q0);
+      const T* xr[kSkinny];
 #pragma unroll
-    for (int q = 0; q < kSkinny; ++q) xr[q] = x + (q < ntok ? toks[q] : toks[0]) * p.ldx;
-    for (int row = 2 * warp; row < nrows; row += 8) {
-      const bool two = row + 1 < nrows;
-      const T* a0 = A + row * p.in;
-      const T* a1 = two ? a0 + p.in : a0;
-      float acc0[kSkinny], acc1[kSkinny];
+      for (int q = 0; q < kSkinny; ++q) xr[q] = x + toks[q0 + (q < nq ? q : 0)] * p.ldx;
+      for (int row = 2 * warp; row < nrows; row += 8) {
+        const bool two = row + 1 < nrows;
+        const T* a0 = A + row * p.in;
+        const T* a1 = two ? a0 + p.in : a0;
+        float acc0[kSkinny], acc1[kSkinny];
 #pragma unroll
-      for (int q = 0; q < kSkinny; ++q) acc0[q] = acc1[q] = 0.f;
+        for (int q = 0; q < kSkinny; ++q) acc0[q] = acc1[q] = 0.f;
 #pragma unroll(sizeof(T) == 4 ? 1 : 2)
-      for (int64_t k = k0 + lane * V; k < k1; k += 32 * V) {
-        float av0[V], av1[V];
-        load_f32<T, V>(a0 + k, av0);
-        load_f32<T, V>(a1 + k, av1);
+        for (int64_t k = k0 + lane * V; k < k1; k += 32 * V) {
+          float av0[V], av1[V];
+          load_f32<T, V>(a0 + k, av0);
+          load_f32<T, V>(a1 + k, av1);
 #pragma unroll
-        for (int q = 0; q < kSkinny; ++q) {
-          if (q < ntok) {
-            float xv[V];
-            load_f32<T, V>(xr[q] + k, xv);
+          for (int q = 0; q < kSkinny; ++q) {
+            if (q < nq) {
+              float xv[V];
+              load_f32<T, V>(xr[q] + k, xv);
 #pragma unroll
-            for (int i = 0; i < V; ++i) {
-              acc0[q] = fmaf(av0[i], xv[i], acc0[q]);
-              acc1[q] = fmaf(av1[i], xv[i], acc1[q]);
+              for (int i = 0; i < V; ++i) {
+                acc0[q] = fmaf(av0[i], xv[i], acc0[q]);
+                acc1[q] = fmaf(av1[i], xv[i], acc1[q]);
+              }
             }
           }
         }
-      }
 #pragma unroll
-      for (int q = 0; q < kSkinny; ++q) {
-        if (q < ntok) {
-          const float s0 = warp_sum(acc0[q]), s1 = warp_sum(acc1[q]);
-          if (lane == 0) {
-            u[toks[q] * p.r_max + row] = s0;
-            if (two) u[toks[q] * p.r_max + row + 1] = s1;
+        for (int q = 0; q < kSkinny; ++q) {
+          if (q < nq) {
+            const float s0 = warp_sum(acc0[q]), s1 = warp_sum(acc1[q]);
+            if (lane == 0) {
+              u[toks[q0 + q] * p.r_max + row] = s0;
+              if (two) u[toks[q0 + q] * p.r_max + row + 1] = s1;
+            }
           }
         }
       }
@@ -113,12 +118,12 @@ template <class T, int BN>
 void shrink_bn(const MultiLoraParams& p, const MultiLoraPlan& plan, bool count_bad,
                cudaStream_t s) {
   constexpr int V = kVec<T>;
-  const dim3 grid(plan.tiles, p.n * ceil_div(p.r_max, BN), plan.ksplit);
+  const dim3 grid(plan.tiles * p.n * ceil_div(p.r_max, BN), 1, plan.ksplit);
   const bool vec = p.in % V == 0 && p.ldx % V == 0 && aligned16(p.x) && aligned16(p.A);
   if (vec) {
-    shrink_kernel<T, BN, V><<<grid, kThreads, 0, s>>>(p, plan.grouped, plan.kchunk, count_bad);
+    shrink_kernel<T, BN, V><<<grid, kThreads, 0, s>>>(p, plan.grouped, plan.tiles, plan.kchunk, count_bad);
   } else {
-    shrink_kernel<T, BN, 1><<<grid, kThreads, 0, s>>>(p, plan.grouped, plan.kchunk, count_bad);
+    shrink_kernel<T, BN, 1><<<grid, kThreads, 0, s>>>(p, plan.grouped, plan.tiles, plan.kchunk, count_bad);
   }
 }
 

@@ -12,6 +12,9 @@ struct CudaBackend {
     TORCH_CHECK(like.is_cuda(), "lora_ext: CUDA kernel called with a tensor on ", like.device());
     const c10::cuda::CUDAGuard guard(like.device());
     j.num_sms = sm_count(like);
+    const int64_t ws = lowrank_workspace(dt, j);
+    const at::Tensor work = at::empty({ws}, like.options().dtype(at::kFloat));
+    j.work = ws > 0 ? work.data_ptr<float>() : nullptr;
     C10_CUDA_CHECK(lowrank(dt, j, current_stream(like)));
   }
   static void dropout_rows(DType dt, const at::Tensor& src, at::Tensor& dst, double p,
