@@ -410,14 +410,15 @@ def check_merge_finite(weight: torch.Tensor, As, Bs, scales, *, fan_in_fan_out: 
     rows = weight.shape[0]
     step = max(1, chunk // max(weight.shape[1], 1))
     for r0 in range(0, rows, step):
-        w = weight[r0:r0 + step].float()
+        r1 = min(rows, r0 + step)
+        w = weight[r0:r1].to(torch.float32, copy=True)  # a copy: the check never writes weight
         for A, B, s in zip(As, Bs, scales):
             if fan_in_fan_out:
                 w += A[:, r0:r0 + step].float().t() @ (B.float() * s).t()
             else:
                 w += (B[r0:r0 + step].float() * s) @ A.float()
         if not torch.isfinite(w.to(weight.dtype)).all():
-            raise ValueError(f"merge: merging would overflow to inf/NaN in rows {r0}..{r0 + step - 1} "
+            raise ValueError(f"merge: merging would overflow to inf/NaN in rows {r0}..{r1 - 1} "
                              f"of the {weight.dtype} weight; nothing was changed")
 
 

@@ -344,6 +344,19 @@ def test_safe_merge(device):
     with pytest.raises(ValueError, match="non-finite"):
         merge_(W, A, B, 1e-6, safe=True)
     assert torch.equal(W, before)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_safe_merge_fp32_never_writes_and_names_real_rows(device):
+    # fp32: the check's working copy must not alias the weight; the message names real rows
+    W = torch.full((20, 6), 3e38, dtype=torch.float32, device=device)
+    A = torch.ones(2, 6, device=device)
+    B = torch.full((20, 2), 1e38, device=device)
+    before = W.clone()
+    with pytest.raises(ValueError, match=r"rows 0\.\.19 of") as e:
+        merge_(W, A, B, 1.0, safe=True)
+    assert "104" not in str(e.value)
+    assert torch.equal(W, before)
     merge_(W, A, B.nan_to_num(0.0) * 0, 1.0, safe=True)  # fine: nothing raised
 
 
