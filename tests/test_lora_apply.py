@@ -150,3 +150,19 @@ def test_cuda_graph_capture_replay(T):
         g.replay()
         torch.cuda.synchronize()
         assert rel_err(y_static, reference(y_new, x_new, A, B, 1.0)) < RTOL[torch.bfloat16]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [2, 40])
+def test_cuda_grid_limits(T):
+    # out > 65535 * 64 columns and, for decode, r > 65535 * 8 rank rows: beyond the old y-grids
+    o = 65536 * 64 + 70
+    y, x, A, B = make(T, 24, o, 3, torch.bfloat16, "cuda")
+    ref = reference(y[:, -200:], x, A, B[-200:], 0.5)
+    lora_apply_(y, x, A, B, 0.5)
+    assert rel_err(y[:, -200:], ref) < RTOL[torch.bfloat16]
+    if T == 2:
+        y, x, A, B = make(T, 16, 8, 65536 * 8 + 9, torch.bfloat16, "cuda")
+        ref = reference(y, x, A, B, 1e-3)
+        lora_apply_(y, x, A, B, 1e-3)
+        assert rel_err(y, ref) < RTOL[torch.bfloat16]

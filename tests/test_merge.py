@@ -496,3 +496,35 @@ def test_nan_bits_cpu_and_cuda_agree(dtype):
     W = W.cuda()
     unmerge_(W, state=state)
     assert same_bits(W, W0)
+
+
+@pytest.mark.cuda
+def test_cuda_merge_points_graph_capture_and_wide_rows():
+    # merge_points_ checks indices on the host only outside capture (a sync); captured, it
+    # replays with new indices and values
+    W, A, B = adapter((30, 40), 4, torch.bfloat16, "cuda")
+    idx = torch.tensor([0, 7, 1199], device="cuda")
+    vals = torch.zeros(3, dtype=torch.bfloat16, device="cuda")
+    pts = torch.ops.lora_ext.merge_points_
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        pts(W.clone(), idx, vals, [A], [B], [1.0], False)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        pts(W, idx, vals, [A], [B], [1.0], False)
+    idx.copy_(torch.tensor([3, 4, 5]))
+    vals.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    g.replay()
+    cpu = W.cpu()
+    pts(cpu, idx.cpu(), vals.cpu(), [A.cpu()], [B.cpu()], [1.0], False)
+    assert same_bits(W, cpu)
+    with pytest.raises(RuntimeError, match="idx must lie"):  # eager: still checked
+        pts(W, torch.tensor([1200], device="cuda"), vals[:1], [A], [B], [1.0], False)
+    # rows longer than 65535 column tiles (a grid.y limit before)
+    W, A, B = adapter((2, 65535 * 128 + 300), 2, torch.float32, "cuda")
+    cpu = W.cpu()
+    merge_(W, A, B, 0.5)
+    merge_(cpu, A.cpu(), B.cpu(), 0.5)
+    assert same_bits(W, cpu)

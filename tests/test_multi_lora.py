@@ -303,3 +303,39 @@ def test_cuda_graph_capture_replay(T, dtype):
         ok[ok >= 6] = -1
         assert rel_err(ys, reference(y_new, x_new, A, B, ok, sc, rk)) < RTOL[dtype]
         assert int(count) == (1 if step == 2 else 0)
+
+
+@pytest.mark.cuda
+def test_cuda_streaming_only_path_matches(tmp_path):
+    # GPUs below sm_80 have no TF32 wmma: the launcher must keep every tile on the streaming
+    # path (tiles of up to 64 tokens in groups of 8). LORA_EXT_MULTI_TENSOR_CORES=0 forces that
+    # path here, in a fresh process (the switch is read once).
+    import subprocess
+    import sys
+    code = (
+        "import sys, torch; sys.path.insert(0, %r)\n"
+        "from test_multi_lora import make, reference, rel_err, RTOL\n"
+        "from lora_ext.ops import multi_lora_\n"
+        "for T, pat in [(300, 'equal'), (130, 'random'), (16, 'equal')]:\n"
+        "    for dt in (torch.float32, torch.bfloat16):\n"
+        "        y, x, A, B, idx, sc, rk = make(T, 256, 130, 4, 24, dt, 'cuda', pat)\n"
+        "        ref = reference(y, x, A, B, idx, sc, rk)\n"
+        "        multi_lora_(y, x, A, B, idx, sc, rk)\n"
+        "        assert rel_err(y, ref) < RTOL[dt], (T, pat, dt)\n"
+        "print('ok')\n" % str(__import__("pathlib").Path(__file__).parent))
+    env = dict(__import__("os").environ, LORA_EXT_MULTI_TENSOR_CORES="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.cuda
+def test_cuda_grid_limits():
+    # more than 65535 output tiles of 64 columns (a y-grid limit before), decode and prefill
+    o = 65536 * 64 + 70
+    for T in (3, 40):
+        y, x, A, B, idx, sc, rk = make(T, 32, 1, 2, 2, torch.bfloat16, "cuda", "random", mixed=False)
+        B = torch.randn(2, o, 2, device="cuda", dtype=torch.bfloat16)
+        y = torch.zeros(T, o, device="cuda", dtype=torch.bfloat16)
+        multi_lora_(y, x, A, B, idx, sc, rk)
+        ref = reference(y[:, -300:].clone().zero_(), x, A, B[:, -300:], idx, sc, rk)
+        assert rel_err(y[:, -300:], ref) < RTOL[torch.bfloat16]

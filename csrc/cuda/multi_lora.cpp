@@ -1,12 +1,25 @@
 // CUDA launchers of multi_lora_, lora_shrink and lora_expand_: validate, allocate the fp32
 // split-K partials and the int workspace (sizes from shapes only, so CUDA-graph capture
 // works and replays read whatever indices/ranks/scales the captured tensors then hold), launch.
+#include <cstdlib>
+#include <string>
+
 #include "../multi_checks.h"
 #include "guard.h"
 #include "kernels.h"
 
 namespace lora_ext::cuda {
 namespace {
+
+// Tensor-core tiles need sm_80+; LORA_EXT_MULTI_TENSOR_CORES=0 forces the streaming path on
+// any GPU (how the sm_70/sm_75 path is tested on newer GPUs).
+bool use_tensor_cores(const at::Tensor& ref) {
+  static const bool allowed = [] {
+    const char* v = std::getenv("LORA_EXT_MULTI_TENSOR_CORES");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return allowed && compute_capability(ref.device().index()) >= 80;
+}
 
 MultiLoraParams make_params(const MultiArgs& a, const std::optional<at::Tensor>& bad,
                             const at::Tensor& ref) {
@@ -32,7 +45,7 @@ MultiLoraParams make_params(const MultiArgs& a, const std::optional<at::Tensor>&
   for (int64_t i = 0; i <= kMultiMaxSlices; ++i)
     p.out_off[i] = i < static_cast<int64_t>(a.out_off.size()) ? a.out_off[i] : a.out;
   p.num_sms = sm_count(ref);
-  p.tc = compute_capability(ref.device().index()) >= 80;  // wmma TF32 tiles need sm_80+
+  p.tc = use_tensor_cores(ref);
   return p;
 }
 
