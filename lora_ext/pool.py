@@ -19,8 +19,13 @@ Design:
   (RuntimeError if every one is in use). Evicted adapters stay in a pinned host cache up to
   host_cache_bytes (LRU); reloading from it (or prefetch(name)) copies on a side stream.
 - One lock guards the slot table, so loads/unloads may come from several threads while batches
-  run. A slot is never overwritten while GPU work that reads it may still run: each batch records
-  a CUDA event per slot on exit and a writer waits for it on its own stream first.
+  run. On CUDA each slot has an event marking the end of all queued work that touches it: every
+  write or clear (load, unload, eviction, on-demand load in batch(), prefetch on the side stream)
+  first makes its stream wait for it and then records a new one, and each batch records one on
+  exit. So a slot is never written while a batch may still read it, and writes on the current and
+  side streams never overlap. A prefetch's event is also kept on the entry (`ready`); the first
+  batch using it makes the current stream wait for it. Device temporaries of a side-stream write
+  are allocated on the side stream, so the caching allocator reuses them only after that write.
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ class _Entry:
         self.name, self.adapter, self.source = name, adapter, source
         self.slot: int | None = None   # resident slot, or None
         self.in_use = 0                # open batches using it
-        self.ready: torch.cuda.Event | None = None  # pending side-stream load
+        self.ready: torch.cuda.Event | None = None  # pending side-stream load (prefetch)
 
 
 class AdapterPool:
@@ -64,10 +69,12 @@ class AdapterPool:
         self._entries: dict[str, _Entry] = {}
         self._resident: OrderedDict[str, None] = OrderedDict()  # LRU order, oldest first
         self._slot_owner: list[str | None] = [None] * max_adapters
-        self._slot_free_event: list[torch.cuda.Event | None] = [None] * max_adapters
         self._host: OrderedDict[str, int] = OrderedDict()  # host-cached adapters -> bytes
         self._lock = threading.RLock()
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # per slot: the end of all queued work touching it (at first: the pools' zero fill)
+        created = torch.cuda.current_stream(self.device).record_event() if self._side is not None else None
+        self._slot_event: list[torch.cuda.Event | None] = [created] * max_adapters
         self._seq_slots = torch.full((max_tokens,), -1, dtype=torch.int32, device=self.device)
         self._per_token = False
         self._hook = model.register_forward_pre_hook(self._expand_indices, with_kwargs=True)
@@ -216,10 +223,8 @@ class AdapterPool:
             with self._lock:
                 for e in used:
                     e.in_use -= 1
-                    if self.device.type == "cuda" and e.slot is not None:
-                        ev = torch.cuda.Event()
-                        ev.record(torch.cuda.current_stream(self.device))
-                        self._slot_free_event[e.slot] = ev
+                    if self._side is not None and e.slot is not None:
+                        self._slot_event[e.slot] = torch.cuda.current_stream(self.device).record_event()
             self._per_token = False
 
     # ------------------------------------------------------------------ slots
@@ -243,12 +248,12 @@ class AdapterPool:
 
     def _release_slot(self, e: _Entry) -> None:
         slot = e.slot
-        self._wait_slot(slot, None)
-        for layer in self.layers.values():
-            layer.clear_slot(slot)
+        with self._slot_work(slot):  # after batches reading it and a pending prefetch into it
+            for layer in self.layers.values():
+                layer.clear_slot(slot)
         self._slot_owner[slot] = None
         self._resident.pop(e.name, None)
-        e.slot = None
+        e.slot, e.ready = None, None
 
     def _cache_on_host(self, e: _Entry) -> None:
         """Keeps an evicted adapter's (pinned) host copy within host_cache_bytes, else drops it if
@@ -267,20 +272,25 @@ class AdapterPool:
                 self._host.move_to_end(victim, last=False)
                 break
 
-    def _wait_slot(self, slot: int, stream) -> None:
-        ev = self._slot_free_event[slot]
-        if ev is not None:
-            (stream or torch.cuda.current_stream(self.device)).wait_event(ev)
-            self._slot_free_event[slot] = None
+    @contextlib.contextmanager
+    def _slot_work(self, slot: int, stream=None):
+        """Runs the block (writes to `slot`) on `stream` (None: the current one), ordered after all
+        queued work touching the slot; the slot's event then marks the end of the block's work."""
+        if self._side is None:  # CPU: everything is synchronous
+            yield
+            return
+        stream = stream or torch.cuda.current_stream(self.device)
+        stream.wait_event(self._slot_event[slot])
+        with torch.cuda.stream(stream):  # temporaries are allocated on (and reused by) `stream`
+            yield
+        self._slot_event[slot] = stream.record_event()
 
     def _write_slot(self, e: _Entry, slot: int, stream) -> None:
         if e.adapter is None:  # dropped from the host cache: read the file again
             ad = Adapter.load(e.source)
             e.adapter = Adapter({k: LayerWeights(_pin(w.A), _pin(w.B), w.scale, w.kind)
                                  for k, w in ad.layers.items()}, ad.config, e.name)
-        self._wait_slot(slot, stream)
-        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with ctx:
+        with self._slot_work(slot, stream):
             for mod, layer in self.layers.items():
                 w = e.adapter.layers.get(mod)
                 if w is None:
@@ -288,9 +298,7 @@ class AdapterPool:
                 else:
                     layer.set_slot(slot, w.A.to(self.device, non_blocking=True),
                                    w.B.to(self.device, non_blocking=True), w.scale)
-            if stream is not None:
-                e.ready = torch.cuda.Event()
-                e.ready.record(stream)
+        e.ready = self._slot_event[slot] if stream is not None else None
         self._slot_owner[slot] = e.name
         e.slot = slot
         self._resident[e.name] = None

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import devices, rel_err
 from models import tiny_llama
 
 import lora_ext
@@ -193,3 +193,72 @@ def test_cuda_graph_replay_with_new_names(saved):
         with ref_pool.batch(names):
             ref = ref_model(input_ids=ids).logits
         assert rel_err(out, ref) < 1e-4
+
+
+def stall(device, stream=None):
+    """Queues ~0.5 s of GPU work on `stream` (default: the current one), so what follows stays pending."""
+    if device == "cuda":
+        with torch.cuda.stream(stream or torch.cuda.current_stream()):
+            torch.cuda._sleep(int(1e9))
+
+
+def slot_ranks(pool, slot=0):
+    return {int(layer.ranks[slot]) for layer in pool.layers.values()}
+
+
+@pytest.mark.parametrize("device", devices())
+@torch.no_grad()
+def test_prefetch_orders_after_running_batch(saved, device):
+    """prefetch() evicting the adapter of a still-running batch neither tears that batch nor leaves
+    the prefetched slot cleared (rank 0: base output only) by the eviction queued behind the batch."""
+    base, paths = saved
+    base = copy.deepcopy(base).to(device)
+    model, pool = make_pool(base, {"b": paths["a3"], "a": paths["a1"]}, max_adapters=1)  # "a" evicts "b"
+    ref_model, ref_pool = make_pool(base, paths)
+    ids = torch.randint(0, 128, (2, 8), device=device)
+    with pool.batch(["a", "a"]):
+        stall(device)
+        out_a = model(input_ids=ids).logits
+    pool.prefetch("b")
+    assert pool.resident() == ["b"]
+    with pool.batch(["b", "b"]):
+        out_b = model(input_ids=ids).logits
+    assert slot_ranks(pool) == {RANKS[3]}
+    for out, name in ((out_a, "a1"), (out_b, "a3")):
+        with ref_pool.batch([name, name]):
+            assert rel_err(out, ref_model(input_ids=ids).logits) < 1e-4
+
+
+@pytest.mark.parametrize("device", devices())
+@torch.no_grad()
+def test_writes_order_after_pending_prefetch(saved, device):
+    """Replacing, evicting or unloading an adapter whose prefetch is still running waits for it."""
+    base, paths = saved
+    base = copy.deepcopy(base).to(device)
+    model, pool = make_pool(base, {"b": paths["a3"], "a": paths["a1"]}, max_adapters=1)
+    ref_model, ref_pool = make_pool(base, paths)
+    ids = torch.randint(0, 128, (2, 8), device=device)
+
+    def check(name, ref_name, rank):
+        with pool.batch([name, name]):
+            got = model(input_ids=ids).logits
+        with ref_pool.batch([ref_name, ref_name]):
+            ref = ref_model(input_ids=ids).logits
+        assert pool.resident() == [name] and slot_ranks(pool) == {rank}
+        assert rel_err(got, ref) < 1e-4
+
+    stall(device, pool._side)  # keeps each prefetch below pending on the side stream
+    pool.prefetch("b")  # evicts "a"
+    pool.load("b", paths["a2"])  # replaces "b" in place
+    check("b", "a2", RANKS[2])
+    stall(device, pool._side)
+    pool.prefetch("a")  # evicts "b"
+    with pool.batch(["b"]):  # loads "b" again, evicting "a"
+        pass
+    check("b", "a2", RANKS[2])
+    stall(device, pool._side)
+    pool.prefetch("a")
+    pool.unload("a")
+    pool.load("c", paths["a0"])  # into the slot "a" was prefetched to
+    check("c", "a0", RANKS[0])
+    assert pool.names() == ["b", "c"]
