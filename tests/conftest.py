@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -9,6 +11,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 HAS_CUDA = torch.cuda.is_available()
+
+# tests/emu runs in its own AddressSanitizer process (tests/test_emulation.py starts it).
+collect_ignore = [] if os.environ.get("LORA_EXT_EMU_INNER") == "1" else ["emu"]
 
 
 def pytest_collection_modifyitems(config, items):

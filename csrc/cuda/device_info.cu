@@ -20,6 +20,11 @@ namespace {
 
 // Device attribute `attr` of `device`, cached after the first query (fallback when it fails).
 int cached_attr(cudaDeviceAttr attr, int slot, int device, int fallback) {
+#if defined(LORA_EXT_EMU)  // the emulated device's attributes change between tests: no cache
+  (void)slot;
+  int v = 0;
+  return cudaDeviceGetAttribute(&v, attr, device) == cudaSuccess ? v : fallback;
+#endif
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[3][kMaxDevices] = {};
   if (device < 0 || device >= kMaxDevices) device = 0;

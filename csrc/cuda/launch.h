@@ -1,14 +1,40 @@
 // Host entry points of the CUDA kernels, torch-free: the .cpp launchers call these
 // with raw pointers and the current stream; each returns the launch's cudaError_t.
+// Built with -DLORA_EXT_EMU, <cuda_runtime.h> and friends are csrc/cuda/emu's CPU emulation.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "../dtype.h"
 #include "../lowrank.h"
 
 namespace lora_ext::cuda {
+
+// Every kernel launch goes through LORA_EXT_LAUNCH(kernel, grid, block, smem, stream, args...):
+// `kernel<<<grid, block, smem, stream>>>(args...)` under nvcc, the CPU emulator under
+// LORA_EXT_EMU (which also records the launch site for its coverage report).
+struct LaunchSite {
+  const char* file;
+  int line;
+};
+#if defined(LORA_EXT_EMU)
+template <class... P, class... A>
+inline void launch_kernel(LaunchSite site, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, A&&... args) {
+  emu::launch(site.file, site.line, grid, block, smem, stream,
+              [&] { kernel(static_cast<P>(args)...); });
+}
+#elif defined(__CUDACC__)
+template <class... P, class... A>
+inline void launch_kernel(LaunchSite, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, A&&... args) {
+  kernel<<<grid, block, smem, stream>>>(std::forward<A>(args)...);
+}
+#endif
+#define LORA_EXT_LAUNCH(...) \
+  ::lora_ext::cuda::launch_kernel(::lora_ext::cuda::LaunchSite{__FILE__, __LINE__}, __VA_ARGS__)
 
 // The single-adapter low-rank job of csrc/lowrank.h (seed in device memory). The shrink's
 // split-K partials go to job.work (lowrank_workspace(job) floats, from shapes and job.num_sms

@@ -269,18 +269,18 @@ cudaError_t shrink(const LowRankJob& j, DropArg drop, cudaStream_t s) {
     const int nt = static_cast<int>(j.T);
     const unsigned ks = static_cast<unsigned>(pl.ksplit);
     if (pl.vec) {
-      shrink_small<T, V><<<blocks, kThreads, 0, s>>>(x, j.ldx, A, out, nt, j.in, j.r, pl.kchunk,
+      LORA_EXT_LAUNCH(shrink_small<T, V>, blocks, kThreads, 0, s, x, j.ldx, A, out, nt, j.in, j.r, pl.kchunk,
                                                     ks, drop);
     } else {
-      shrink_small<T, 1><<<blocks, kThreads, 0, s>>>(x, j.ldx, A, out, nt, j.in, j.r, pl.kchunk,
+      LORA_EXT_LAUNCH(shrink_small<T, 1>, blocks, kThreads, 0, s, x, j.ldx, A, out, nt, j.in, j.r, pl.kchunk,
                                                     ks, drop);
     }
   } else {
     const dim3 grid(ceil_div(j.T, 64) * pl.rows, 1, pl.ksplit);
     const StoreU epi{out, j.r, j.T * j.r};
     auto launch = [&](auto bn) {
-      gemm_nt<T, T, decltype(bn)::value, StoreU><<<grid, kThreads, 0, s>>>(
-          x, j.ldx, A, j.in, j.T, j.r, j.in, pl.kchunk, epi, drop, DropArg{});
+      LORA_EXT_LAUNCH(gemm_nt<T, T, decltype(bn)::value, StoreU>, grid, kThreads, 0, s, x, j.ldx, A,
+                      j.in, j.T, j.r, j.in, pl.kchunk, epi, drop, DropArg{});
     };
     if (pl.bn == 16) {
       launch(std::integral_constant<int, 16>{});
@@ -294,7 +294,7 @@ cudaError_t shrink(const LowRankJob& j, DropArg drop, cudaStream_t s) {
   if (pl.ksplit > 1) {
     const int64_t n = j.T * j.r;
     const int64_t blocks = std::min<int64_t>(ceil_div(n, kThreads), 4LL * j.num_sms);
-    sum_splits<<<blocks, kThreads, 0, s>>>(j.work, pl.ksplit, n, j.u);
+    LORA_EXT_LAUNCH(sum_splits, blocks, kThreads, 0, s, j.work, pl.ksplit, n, j.u);
   }
   return cudaGetLastError();
 }
@@ -309,14 +309,14 @@ cudaError_t expand(const LowRankJob& j, DropArg drop, cudaStream_t s) {
     const int64_t gx = ceil_div(j.out, kThreads);
     const int nt = static_cast<int>(j.T);
     if (j.r % V == 0 && aligned16(B)) {
-      expand_small<T, V><<<gx, kThreads, 0, s>>>(y, j.ldy, j.u, B, nt, j.out, j.r, j.scale, drop);
+      LORA_EXT_LAUNCH(expand_small<T, V>, gx, kThreads, 0, s, y, j.ldy, j.u, B, nt, j.out, j.r, j.scale, drop);
     } else {
-      expand_small<T, 1><<<gx, kThreads, 0, s>>>(y, j.ldy, j.u, B, nt, j.out, j.r, j.scale, drop);
+      LORA_EXT_LAUNCH(expand_small<T, 1>, gx, kThreads, 0, s, y, j.ldy, j.u, B, nt, j.out, j.r, j.scale, drop);
     }
   } else {
     const dim3 grid(ceil_div(j.T, 64) * ceil_div(j.out, 64), 1, 1);
-    gemm_nt<float, T, 64, AddY<T>><<<grid, kThreads, 0, s>>>(
-        j.u, j.r, B, j.r, j.T, j.out, j.r, j.r, AddY<T>{y, j.ldy, j.scale}, DropArg{}, drop);
+    LORA_EXT_LAUNCH(gemm_nt<float, T, 64, AddY<T>>, grid, kThreads, 0, s, j.u, j.r, B, j.r, j.T,
+                    j.out, j.r, j.r, AddY<T>{y, j.ldy, j.scale}, DropArg{}, drop);
   }
   return cudaGetLastError();
 }
@@ -365,7 +365,7 @@ cudaError_t dropout_rows(DType dt, const void* src, int64_t ld, void* dst, int64
   const int64_t blocks = std::min<int64_t>(ceil_div(T * width, kThreads), 8LL * num_sms);
   dispatch(dt, [&](auto tag) {
     using T_ = typename decltype(tag)::type;
-    dropout_rows_kernel<T_><<<blocks, kThreads, 0, stream>>>(static_cast<const T_*>(src), ld,
+    LORA_EXT_LAUNCH(dropout_rows_kernel<T_>, blocks, kThreads, 0, stream, static_cast<const T_*>(src), ld,
                                                            static_cast<T_*>(dst), T, width, drop);
   });
   return cudaGetLastError();

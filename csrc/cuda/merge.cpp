@@ -1,8 +1,6 @@
 // CUDA launchers of merge_, remerge_ and merge_points_: validate (../merge_args.h), build
 // the padded fp32 operands L and R (small: Rt * (P + Q) floats) and launch.
 #include "../merge_args.h"
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-
 #include "guard.h"
 #include "kernels.h"
 
@@ -13,7 +11,7 @@ constexpr int64_t kRowPad = 64;   // multiple of every tile's rows
 constexpr int64_t kColPad = 256;  // multiple of every tile's columns
 
 void check_cuda(const char* op, const at::Tensor& W) {
-  TORCH_CHECK(W.is_cuda(), op, ": CUDA kernel called with weight on ", W.device());
+  TORCH_CHECK(on_device(W), op, ": CUDA kernel called with weight on ", W.device());
 }
 
 void set_operands(const MergeOperands& o, const float*& L, const float*& R, int64_t& Rt,
@@ -38,7 +36,7 @@ void merge_cuda(at::Tensor weight, at::TensorList A, at::TensorList B, at::Array
     v.Q = work.size(1);
     v.ld = v.Q;
   }
-  const c10::cuda::CUDAGuard guard(weight.device());
+  const DeviceGuard guard(weight.device());
   const MergeOperands o =
       merge_operands(op, weight, fan_in_fan_out, v.transposed, A, B, scales, kRowPad, kColPad);
   if (o.Rt == 0 || weight.numel() == 0) return;
@@ -49,7 +47,7 @@ void merge_cuda(at::Tensor weight, at::TensorList A, at::TensorList B, at::Array
   p.ld = v.ld;
   set_operands(o, p.L, p.R, p.Rt, p.ldr);
   p.exact = false;
-  C10_CUDA_CHECK(merge(to_dtype(weight, op, "weight"), p, current_stream(weight)));
+  LORA_EXT_CUDA_CHECK(merge(to_dtype(weight, op, "weight"), p, current_stream(weight)));
   if (copy) weight.copy_(work);
 }
 
@@ -60,7 +58,7 @@ void remerge_cuda(at::Tensor weight, at::Tensor codes, at::Tensor fails, int64_t
   const char* op = "remerge_";
   check_remerge(op, weight, codes, fails, bits);
   check_cuda(op, weight);
-  const c10::cuda::CUDAGuard guard(weight.device());
+  const DeviceGuard guard(weight.device());
   const MergeOperands o =
       merge_operands(op, weight, fan_in_fan_out, false, A_old, B_old, s_old, kRowPad, kColPad);
   const MergeOperands n =
@@ -77,7 +75,7 @@ void remerge_cuda(at::Tensor weight, at::Tensor codes, at::Tensor fails, int64_t
   p.fails = reinterpret_cast<uint32_t*>(fails.data_ptr<int32_t>());
   p.bits = static_cast<int>(bits);
   p.exact = true;
-  C10_CUDA_CHECK(merge(to_dtype(weight, op, "weight"), p, current_stream(weight)));
+  LORA_EXT_CUDA_CHECK(merge(to_dtype(weight, op, "weight"), p, current_stream(weight)));
 }
 
 void merge_points_cuda(at::Tensor weight, const at::Tensor& idx, const at::Tensor& vals,
@@ -85,10 +83,8 @@ void merge_points_cuda(at::Tensor weight, const at::Tensor& idx, const at::Tenso
                        bool fan_in_fan_out) {
   const char* op = "merge_points_";
   check_cuda(op, weight);
-  const c10::cuda::CUDAGuard guard(weight.device());
-  const bool capturing =
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-  check_points(op, weight, idx, vals, /*check_range=*/!capturing);
+  const DeviceGuard guard(weight.device());
+  check_points(op, weight, idx, vals, /*check_range=*/!capturing());
   const MergeOperands o = merge_operands(op, weight, fan_in_fan_out, false, A, B, scales, 1, 1);
   if (idx.numel() == 0) return;
   const at::Tensor i = idx.contiguous(), v = vals.contiguous();
@@ -100,7 +96,7 @@ void merge_points_cuda(at::Tensor weight, const at::Tensor& idx, const at::Tenso
   p.vals = v.data_ptr();
   p.n = i.numel();
   set_operands(o, p.L, p.R, p.Rt, p.ldr);
-  C10_CUDA_CHECK(merge_points(to_dtype(weight, op, "weight"), p, current_stream(weight)));
+  LORA_EXT_CUDA_CHECK(merge_points(to_dtype(weight, op, "weight"), p, current_stream(weight)));
 }
 
 }  // namespace lora_ext::cuda

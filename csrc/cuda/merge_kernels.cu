@@ -272,9 +272,9 @@ cudaError_t merge(DType dt, const MergeParams& p, cudaStream_t stream) {
     if (blocks >= (int64_t{1} << 31)) return cudaErrorInvalidConfiguration;
     const dim3 grid(static_cast<unsigned>(blocks));
     if (p.exact) {
-      merge_kernel<F, true><<<grid, kThreads, 0, stream>>>(p);
+      LORA_EXT_LAUNCH(merge_kernel<F, true>, grid, kThreads, 0, stream, p);
     } else {
-      merge_kernel<F, false><<<grid, kThreads, 0, stream>>>(p);
+      LORA_EXT_LAUNCH(merge_kernel<F, false>, grid, kThreads, 0, stream, p);
     }
     return cudaGetLastError();
   });
@@ -283,7 +283,7 @@ cudaError_t merge(DType dt, const MergeParams& p, cudaStream_t stream) {
 cudaError_t merge_points(DType dt, const MergePointsParams& p, cudaStream_t stream) {
   dispatch_format(dt, [&](auto f) {
     const unsigned blocks = static_cast<unsigned>(ceil_div(p.n, kThreads));  // n < 2^31 (launcher)
-    points_kernel<decltype(f)><<<blocks, kThreads, 0, stream>>>(p);
+    LORA_EXT_LAUNCH(points_kernel<decltype(f)>, blocks, kThreads, 0, stream, p);
   });
   return cudaGetLastError();
 }

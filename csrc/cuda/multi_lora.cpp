@@ -73,7 +73,7 @@ void launch_with_shrink(const char* op, const MultiArgs& a, MultiLoraParams& p,
   p.u = u.data_ptr<float>();
   p.u_out = u_out;
   p.ws = ws.data_ptr<int32_t>();
-  C10_CUDA_CHECK(multi_lora(a.dtype, p, plan, stages, current_stream(x)));
+  LORA_EXT_CUDA_CHECK(multi_lora(a.dtype, p, plan, stages, current_stream(x)));
 }
 
 }  // namespace
@@ -85,9 +85,9 @@ void multi_lora_cuda(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool
   const char* op = "multi_lora_";
   MultiArgs a = check_multi_lora(op, y, x, A_pool, B_pool, indices, scales, ranks, out_slices);
   check_bad_count(op, bad_index_count, x);
-  TORCH_CHECK(x.is_cuda(), op, ": CUDA kernel called with x on ", x.device());
+  TORCH_CHECK(on_device(x), op, ": CUDA kernel called with x on ", x.device());
   if (a.T == 0 || a.out == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   MultiLoraParams p = make_params(a, bad_index_count, x);
   launch_with_shrink(op, a, p, x, nullptr, kMultiShrink | kMultiExpand);
   if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
@@ -99,10 +99,10 @@ static at::Tensor shrink_impl(const at::Tensor& x, const at::Tensor& A_pool,
   const char* op = "lora_shrink";
   MultiArgs a = check_shrink(op, x, A_pool, indices, ranks);
   check_bad_count(op, bad_index_count, x);
-  TORCH_CHECK(x.is_cuda(), op, ": CUDA kernel called with x on ", x.device());
+  TORCH_CHECK(on_device(x), op, ": CUDA kernel called with x on ", x.device());
   at::Tensor out = at::empty({a.n, a.T, a.r_max}, x.options().dtype(at::kFloat));
   if (a.T > 0) {
-    const c10::cuda::CUDAGuard guard(x.device());
+    const DeviceGuard guard(x.device());
     MultiLoraParams p = make_params(a, bad_index_count, x);
     launch_with_shrink(op, a, p, x, out.data_ptr<float>(), kMultiShrink | kMultiReduce);
   }
@@ -127,15 +127,15 @@ void lora_expand_cuda(at::Tensor y, const at::Tensor& u, const at::Tensor& B_poo
   const char* op = "lora_expand_";
   MultiArgs a = check_expand(op, y, u, B_pool, indices, scales, ranks, out_slices);
   check_bad_count(op, bad_index_count, y);
-  TORCH_CHECK(y.is_cuda(), op, ": CUDA kernel called with y on ", y.device());
+  TORCH_CHECK(on_device(y), op, ": CUDA kernel called with y on ", y.device());
   if (a.T == 0 || a.out == 0) return;
-  const c10::cuda::CUDAGuard guard(y.device());
+  const DeviceGuard guard(y.device());
   MultiLoraParams p = make_params(a, bad_index_count, y);
   const MultiLoraPlan plan = make_plan(op, p, false);
   at::Tensor ws = workspace(plan, y);
   p.u = a.u.data_ptr<float>();
   p.ws = ws.data_ptr<int32_t>();
-  C10_CUDA_CHECK(multi_lora(a.dtype, p, plan, kMultiExpand, current_stream(y)));
+  LORA_EXT_CUDA_CHECK(multi_lora(a.dtype, p, plan, kMultiExpand, current_stream(y)));
   if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
 }
 

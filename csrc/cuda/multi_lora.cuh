@@ -138,7 +138,7 @@ using AccFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, flo
 // SA / SB: split that operand into hi + lo TF32 parts (it is not exactly representable).
 template <int NF, bool SA, bool SB>
 __device__ __forceinline__ void mma_step(const float* Xs, const float* Ws, AccFrag (&acc)[NF]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(LORA_EXT_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
   namespace wmma = nvcuda::wmma;
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
@@ -168,7 +168,7 @@ __device__ __forceinline__ void mma_step(const float* Xs, const float* Ws, AccFr
     }
   }
 #else
-  __trap();  // tensor-core tiles need sm_80+
+  __trap();  // tensor-core tiles need sm_80+ (the launcher never sends them here)
 #endif
 }
 

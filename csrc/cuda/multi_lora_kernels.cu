@@ -172,7 +172,7 @@ cudaError_t multi_lora(DType dt, const MultiLoraParams& p, const MultiLoraPlan& 
   using namespace multi;
   const bool shrink = phases & kMultiShrink, expand = phases & kMultiExpand;
   if (plan.grouped && (shrink || expand)) {
-    group_tokens<<<1, kGroupThreads, 0, stream>>>(p.idx, p.idx64, static_cast<int>(p.T),
+    LORA_EXT_LAUNCH(group_tokens, 1, kGroupThreads, 0, stream, p.idx, p.idx64, static_cast<int>(p.T),
                                                   static_cast<int>(p.S), p.ws, p.bad);
   }
   if (shrink) launch_shrink(dt, p, plan, !plan.grouped, stream);
@@ -183,7 +183,7 @@ cudaError_t multi_lora(DType dt, const MultiLoraParams& p, const MultiLoraPlan& 
     const int64_t total = p.n * p.T * p.r_max;
     const int64_t blocks = std::min<int64_t>(ceil_div(total, 256), 8 * static_cast<int64_t>(p.num_sms));
     if (blocks > 0)
-      reduce_partials<<<blocks, 256, 0, stream>>>(p, plan.ksplit, p.u_out ? p.u_out : p.u);
+      LORA_EXT_LAUNCH(reduce_partials, blocks, 256, 0, stream, p, plan.ksplit, p.u_out ? p.u_out : p.u);
   }
   if (expand)
     launch_expand(dt, p, plan, shrink && !reduce ? plan.ksplit : 1, !plan.grouped && !shrink, stream);

@@ -9,18 +9,18 @@ namespace {
 
 struct CudaBackend {
   static void run(DType dt, LowRankJob& j, const at::Tensor& like) {
-    TORCH_CHECK(like.is_cuda(), "lora_ext: CUDA kernel called with a tensor on ", like.device());
-    const c10::cuda::CUDAGuard guard(like.device());
+    TORCH_CHECK(on_device(like), "lora_ext: CUDA kernel called with a tensor on ", like.device());
+    const DeviceGuard guard(like.device());
     j.num_sms = sm_count(like);
     const int64_t ws = lowrank_workspace(dt, j);
     const at::Tensor work = at::empty({ws}, like.options().dtype(at::kFloat));
     j.work = ws > 0 ? work.data_ptr<float>() : nullptr;
-    C10_CUDA_CHECK(lowrank(dt, j, current_stream(like)));
+    LORA_EXT_CUDA_CHECK(lowrank(dt, j, current_stream(like)));
   }
   static void dropout_rows(DType dt, const at::Tensor& src, at::Tensor& dst, double p,
                            const at::Tensor& seed) {
-    const c10::cuda::CUDAGuard guard(src.device());
-    C10_CUDA_CHECK(cuda::dropout_rows(dt, src.data_ptr(), src.stride(0), dst.data_ptr(), src.size(0),
+    const DeviceGuard guard(src.device());
+    LORA_EXT_CUDA_CHECK(cuda::dropout_rows(dt, src.data_ptr(), src.stride(0), dst.data_ptr(), src.size(0),
                                       src.size(1), static_cast<float>(p), seed.data_ptr<int64_t>(),
                                       sm_count(src), current_stream(src)));
   }
@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& A, const at::Tensor& B, double scale, double dropout_p,
     const c10::optional<at::Tensor>& seed, bool fan_in_fan_out) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   return lora_linear_fwd_impl<CudaBackend>(x, weight, bias, A, B, scale, dropout_p, seed, fan_in_fan_out);
 }
 
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& u, double scale, double dropout_p,
     const c10::optional<at::Tensor>& seed, bool fan_in_fan_out, std::array<bool, 4> output_mask) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   return lora_linear_bwd_impl<CudaBackend>(grad, x, weight, A, B, u, scale, dropout_p, seed,
                                            fan_in_fan_out, output_mask);
 }

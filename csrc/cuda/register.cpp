@@ -1,11 +1,16 @@
-// Registers every CUDA launcher for the CUDA dispatch key.
+// Registers every CUDA launcher for the CUDA dispatch key (emulated build: for the CPU key of
+// the lora_ext_emu library, see csrc/cuda/emu).
 #include <torch/library.h>
 
 #include "kernels.h"
 
 namespace lora_ext::cuda {
 
+#if defined(LORA_EXT_EMU)
+TORCH_LIBRARY_IMPL(lora_ext_emu, CPU, m) {
+#else
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
+#endif
   m.impl("lora_apply_", &lora_apply_cuda);
   m.impl("multi_lora_", &multi_lora_cuda);
   m.impl("lora_shrink", &lora_shrink_cuda);

@@ -1,0 +1,233 @@
+"""Every CUDA launch site of lora_ext, run by the emulator on shapes that reach each path (tails and
+odd sizes included), against the CPU kernels: bit for bit where the design says identical (merge,
+remerge, merge_points, dropout masks), within fp32-accumulation tolerance elsewhere; every case
+under several schedules (thread/block orders and atomic orders), which must give identical bits."""
+import pytest
+import torch
+from conftest import same_bits, under_schedules
+
+CPU = torch.ops.lora_ext
+RTOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - b).norm() / max(b.norm().item(), 1e-30)).item()
+
+
+def rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+# ------------------------------------------------------------------ lora_apply_ / lora_linear
+# (T, in, out, r): decode with split K and 16-byte loads, decode unaligned (in odd: scalar loads,
+# r odd: scalar expand), tiled with r <= 16 / <= 32 / > 32 (BN = 16/32/64), tiled with split K.
+APPLY = [(3, 600, 70, 8), (5, 301, 33, 5), (70, 96, 90, 12), (40, 64, 65, 20), (9, 40, 30, 40),
+         (70, 600, 24, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,i,o,r", APPLY)
+def test_lora_apply(emu, dtype, T, i, o, r):
+    if dtype == torch.float16 and (T, i) not in ((3, 600), (70, 600)):
+        pytest.skip("fp16: the split-K decode and tiled cases")
+    x, A, B = rand(T, i, dtype=dtype, seed=1), rand(r, i, dtype=dtype, seed=2, scale=i ** -0.5), \
+        rand(o, r, dtype=dtype, seed=3)
+    y0 = rand(T, o, dtype=dtype, seed=4)
+    ref = y0.clone()
+    CPU.lora_apply_(ref, x, A, B, 0.7)
+
+    def run():
+        y = y0.clone()
+        emu.ops.lora_apply_(y, x, A, B, 0.7)
+        return y
+    assert rel_err(under_schedules(emu, run), ref) < RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [4, 40])
+def test_lora_linear_fwd_bwd_with_dropout(emu, dtype, T):
+    i, o, r, p = 70, 45, 6, 0.25
+    x, W = rand(T, i, dtype=dtype, seed=5), rand(o, i, dtype=dtype, seed=6, scale=0.1)
+    A, B = rand(r, i, dtype=dtype, seed=7, scale=0.2), rand(o, r, dtype=dtype, seed=8)
+    bias, seed = rand(o, dtype=dtype, seed=9), torch.tensor([123456789], dtype=torch.int64)
+    g = rand(T, o, dtype=dtype, seed=10)
+    y_ref, u_ref = CPU.lora_linear_fwd(x, W, bias, A, B, 0.5, p, seed, False)
+    y, u = under_schedules(emu, lambda: emu.ops.lora_linear_fwd(x, W, bias, A, B, 0.5, p, seed, False))
+    assert rel_err(y, y_ref) < RTOL[dtype] and rel_err(u, u_ref) < RTOL[torch.float32] * 10
+    mask = [True, False, True, True]
+    ref = CPU.lora_linear_bwd(g, x, W, A, B, u_ref, 0.5, p, seed, False, mask)
+    out = under_schedules(emu, lambda: tuple(
+        t for t in emu.ops.lora_linear_bwd(g, x, W, A, B, u_ref, 0.5, p, seed, False, mask) if t is not None))
+    for a, b in zip(out, [t for t in ref if t is not None]):
+        assert rel_err(a, b) < RTOL[dtype]
+
+
+@pytest.mark.parametrize("T", [3, 20])
+def test_dropout_mask_bit_for_bit(emu, T):
+    # one-hot A: u[t, j] = keep(t, k_j) / (1 - p) * x[t, k_j], one rounding: the masks must agree
+    i, r, p = 50, 50, 0.4
+    x = rand(T, i, seed=11)
+    A, B, W = torch.eye(r, i), torch.zeros(3, r), torch.zeros(3, i)
+    seed = torch.tensor([987654321], dtype=torch.int64)
+    _, u_ref = CPU.lora_linear_fwd(x, W, None, A, B, 1.0, p, seed, False)
+    _, u = under_schedules(emu, lambda: emu.ops.lora_linear_fwd(x, W, None, A, B, 1.0, p, seed, False))
+    assert same_bits(u, u_ref)
+    assert 0.2 < (u == 0).float().mean() < 0.6
+    # the backward's dropout_rows kernel (dA = s gB^T (keep * x)) uses the same mask
+    g = rand(T, 3, seed=12)
+    dA_ref = CPU.lora_linear_bwd(g, x, W, A, rand(3, r, seed=13), u_ref, 1.0, p, seed, False,
+                                 [False, False, True, False])[2]
+    dA = emu.ops.lora_linear_bwd(g, x, W, A, rand(3, r, seed=13), u_ref, 1.0, p, seed, False,
+                                 [False, False, True, False])[2]
+    assert rel_err(dA, dA_ref) < 1e-6
+
+
+# ------------------------------------------------------------------ merge family (bit for bit)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("P,Q,ranks,sliced", [(70, 300, [20], False), (33, 257, [3, 5], True),
+                                                (5, 9, [1], False)])
+def test_merge_bit_for_bit(emu, dtype, P, Q, ranks, sliced):
+    # rank chunks of 16 with a tail, row/column tails, and a misaligned weight (scalar accesses)
+    W0 = rand(P, Q + 1, dtype=dtype, seed=14, scale=0.05)
+    W0 = W0[:, 1:] if sliced else W0[:, :Q].contiguous()
+    As = [rand(r, Q, dtype=dtype, seed=20 + r) for r in ranks]
+    Bs = [rand(P, r, dtype=dtype, seed=30 + r, scale=0.01) for r in ranks]
+    scales = [0.5 * (k + 1) for k in range(len(ranks))]
+    ref = W0.clone()
+    CPU.merge_(ref, As, Bs, scales, False)
+
+    def run():
+        W = W0.clone()
+        emu.ops.merge_(W, As, Bs, scales, False)
+        return W
+    assert same_bits(under_schedules(emu, run), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_remerge_and_points_bit_for_bit(emu, dtype):
+    P, Q, bits = 40, 130, 2
+    W0 = rand(P, Q, dtype=dtype, seed=40, scale=0.02)
+    W0[0, :4] = 0  # elements whose W0 the codes cannot restore: exceptions
+    A1, B1 = rand(4, Q, dtype=dtype, seed=41), rand(P, 4, dtype=dtype, seed=42, scale=0.01)
+    A2, B2 = rand(18, Q, dtype=dtype, seed=43), rand(P, 18, dtype=dtype, seed=44, scale=0.01)
+    words = (P * Q * bits + 31) // 32, (P * Q + 31) // 32
+
+    def steps(ops):
+        W, codes, fails = W0.clone(), torch.zeros(words[0], dtype=torch.int32), torch.zeros(words[1], dtype=torch.int32)
+        out = []
+        for old, new in (([], [(A1, B1, 1.5)]), ([(A1, B1, 1.5)], [(A1, B1, 1.5), (A2, B2, -0.5)]),
+                         ([(A1, B1, 1.5), (A2, B2, -0.5)], [])):
+            ops.remerge_(W, codes, fails, bits, [a for a, _, _ in old], [b for _, b, _ in old],
+                         [s for _, _, s in old], [a for a, _, _ in new], [b for _, b, _ in new],
+                         [s for _, _, s in new], False)
+            out += [W.clone(), codes.clone(), fails.clone()]
+        idx = torch.tensor([0, 1, 5, P * Q - 1])
+        ops.merge_points_(W, idx, W0.view(-1)[idx], [A2], [B2], [0.25], False)
+        return tuple(out + [W])
+    for a, b in zip(under_schedules(emu, lambda: steps(emu.ops)), steps(CPU)):
+        assert same_bits(a, b)
+
+
+# ------------------------------------------------------------------ multi-adapter ops
+def multi_inputs(T, i, o, S, r_max, dtype, idx, n=None, seed=0):
+    x = rand(T, i, dtype=dtype, seed=seed + 1)
+    A = rand(*((S, r_max, i) if n is None else (n, S, r_max, i)), dtype=dtype, seed=seed + 2, scale=i ** -0.5)
+    B = rand(S, o, r_max, dtype=dtype, seed=seed + 3, scale=r_max ** -0.5)
+    shape = (S,) if n is None else (n, S)
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.randint(1, r_max + 1, shape, generator=g).to(torch.int32)
+    scales = torch.rand(shape, generator=g) + 0.5
+    y = rand(T, o, dtype=dtype, seed=seed + 4)
+    return y, x, A, B, idx, scales, ranks
+
+
+def check_multi(emu, y, x, A, B, idx, scales, ranks, dtype, out_slices=None, **device):
+    valid = torch.where((idx >= 0) & (idx < B.shape[0]), idx, torch.full_like(idx, -1))
+    ref = y.clone()
+    CPU.multi_lora_(ref, x, A, B, valid, scales, ranks, out_slices)
+
+    def run():
+        out, bad = y.clone(), torch.zeros(1, dtype=torch.int32)
+        emu.ops.multi_lora_(out, x, A, B, idx, scales, ranks, out_slices, bad)
+        return out, bad
+    out, bad = under_schedules(emu, run, **device)
+    assert rel_err(out, ref) < RTOL[dtype]
+    assert int(bad) == int(((idx < -1) | (idx >= B.shape[0])).sum())
+    return out
+
+
+# (T, in, out, S, r_max, index pattern): ungrouped streaming (distinct adapters, -1, out of range),
+# ungrouped tensor cores (> 8 tokens of one adapter), grouped one slot (T = 72: a tail tile of 8),
+# grouped random with -1 / out-of-range, r_max > 16 (BN = 64), odd in (scalar loads), mixed paths.
+MULTI = [(5, 600, 70, 4, 8, "distinct"), (12, 520, 40, 3, 16, "one"), (72, 600, 64, 1, 16, "one"),
+         (130, 96, 90, 5, 24, "random"), (40, 37, 33, 3, 7, "random"), (30, 64, 48, 4, 16, "mixed")]
+
+
+def indices(T, S, pattern, g):
+    if pattern == "distinct":
+        idx = torch.tensor([0, -1, 3, 7, 1])[:T]
+    elif pattern == "one":
+        idx = torch.zeros(T, dtype=torch.long)
+    elif pattern == "mixed":  # adapter 0: 20 tokens (tensor cores), the others <= 8 (streaming)
+        idx = torch.cat([torch.zeros(20, dtype=torch.long), torch.arange(10) % 3 + 1])
+        idx = idx[torch.randperm(T, generator=g)]
+    else:
+        idx = torch.randint(-1, S, (T,), generator=g)
+        idx[3], idx[T - 2] = S + 2, -7  # out of range: counted, not applied
+    return idx.to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", MULTI, ids=lambda c: "-".join(map(str, c)))
+def test_multi_lora(emu, dtype, case):
+    T, i, o, S, r_max, pattern = case
+    g = torch.Generator().manual_seed(T)
+    args = multi_inputs(T, i, o, S, r_max, dtype, indices(T, S, pattern, g))
+    check_multi(emu, *args, dtype)
+
+
+def test_multi_lora_batch_invariance(emu):
+    # T = 72, one slot: every token equals itself computed in a T = 64 batch
+    y, x, A, B, idx, scales, ranks = multi_inputs(72, 300, 40, 1, 16, torch.bfloat16, torch.zeros(72, dtype=torch.int32))
+    full = check_multi(emu, y, x, A, B, idx, scales, ranks, torch.bfloat16)
+    part = y[8:].clone()
+    emu.ops.multi_lora_(part, x[8:], A, B, idx[8:], scales, ranks)
+    assert same_bits(part, full[8:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_lora_out_slices_int64(emu, dtype):
+    T, i, S, r_max, slices = 40, 64, 3, 16, [24, 8, 40]
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(-1, S, (T,), generator=g)  # int64 indices
+    y, x, A, B, _, scales, ranks = multi_inputs(T, i, sum(slices), S, r_max, dtype, idx, n=3)
+    check_multi(emu, y, x, A, B, idx, scales, ranks, dtype, out_slices=slices)
+
+
+def test_multi_lora_without_tensor_cores(emu):
+    # an sm_75 device: every tile (up to 64 tokens) takes the streaming path, 8 tokens at a time
+    y, x, A, B, idx, scales, ranks = multi_inputs(100, 64, 40, 2, 16, torch.float32,
+                                                  (torch.arange(100) % 2).to(torch.int32))
+    check_multi(emu, y, x, A, B, idx, scales, ranks, torch.float32, cc=75)
+
+
+@pytest.mark.parametrize("T", [6, 50])
+def test_shrink_and_expand_halves(emu, T):
+    S, i, o, r_max = 3, 300, 50, 16
+    g = torch.Generator().manual_seed(T)
+    y, x, A, B, idx, scales, ranks = multi_inputs(T, i, o, S, r_max, torch.float32,
+                                                  torch.randint(-1, S, (T,), generator=g).to(torch.int32))
+    u_ref = CPU.lora_shrink(x, A, idx, ranks)
+    u = under_schedules(emu, lambda: emu.ops.lora_shrink(x, A, idx, ranks))
+    assert rel_err(u, u_ref) < 1e-5
+    ref = y.clone()
+    CPU.lora_expand_(ref, u_ref, B, idx, scales, ranks)
+
+    def run():
+        out = y.clone()
+        emu.ops.lora_expand_(out, u_ref, B, idx, scales, ranks)
+        return out
+    assert rel_err(under_schedules(emu, run), ref) < 1e-5
