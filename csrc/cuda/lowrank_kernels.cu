@@ -269,11 +269,11 @@ cudaError_t shrink(const LowRankJob& j, DropArg drop, cudaStream_t s) {
     const int nt = static_cast<int>(j.T);
     const unsigned ks = static_cast<unsigned>(pl.ksplit);
     if (pl.vec) {
-      LORA_EXT_LAUNCH(shrink_small<T, V>, blocks, kThreads, 0, s, x, j.ldx, A, out, nt, j.in, j.r, pl.kchunk,
-                                                    ks, drop);
+      LORA_EXT_LAUNCH(shrink_small<T, V>, blocks, kThreads, 0, s, x, j.ldx, A, out, nt, j.in, j.r,
+                      pl.kchunk, ks, drop);
     } else {
-      LORA_EXT_LAUNCH(shrink_small<T, 1>, blocks, kThreads, 0, s, x, j.ldx, A, out, nt, j.in, j.r, pl.kchunk,
-                                                    ks, drop);
+      LORA_EXT_LAUNCH(shrink_small<T, 1>, blocks, kThreads, 0, s, x, j.ldx, A, out, nt, j.in, j.r,
+                      pl.kchunk, ks, drop);
     }
   } else {
     const dim3 grid(ceil_div(j.T, 64) * pl.rows, 1, pl.ksplit);
@@ -309,9 +309,11 @@ cudaError_t expand(const LowRankJob& j, DropArg drop, cudaStream_t s) {
     const int64_t gx = ceil_div(j.out, kThreads);
     const int nt = static_cast<int>(j.T);
     if (j.r % V == 0 && aligned16(B)) {
-      LORA_EXT_LAUNCH(expand_small<T, V>, gx, kThreads, 0, s, y, j.ldy, j.u, B, nt, j.out, j.r, j.scale, drop);
+      LORA_EXT_LAUNCH(expand_small<T, V>, gx, kThreads, 0, s, y, j.ldy, j.u, B, nt, j.out, j.r,
+                      j.scale, drop);
     } else {
-      LORA_EXT_LAUNCH(expand_small<T, 1>, gx, kThreads, 0, s, y, j.ldy, j.u, B, nt, j.out, j.r, j.scale, drop);
+      LORA_EXT_LAUNCH(expand_small<T, 1>, gx, kThreads, 0, s, y, j.ldy, j.u, B, nt, j.out, j.r,
+                      j.scale, drop);
     }
   } else {
     const dim3 grid(ceil_div(j.T, 64) * ceil_div(j.out, 64), 1, 1);
@@ -365,8 +367,8 @@ cudaError_t dropout_rows(DType dt, const void* src, int64_t ld, void* dst, int64
   const int64_t blocks = std::min<int64_t>(ceil_div(T * width, kThreads), 8LL * num_sms);
   dispatch(dt, [&](auto tag) {
     using T_ = typename decltype(tag)::type;
-    LORA_EXT_LAUNCH(dropout_rows_kernel<T_>, blocks, kThreads, 0, stream, static_cast<const T_*>(src), ld,
-                                                           static_cast<T_*>(dst), T, width, drop);
+    LORA_EXT_LAUNCH(dropout_rows_kernel<T_>, blocks, kThreads, 0, stream,
+                    static_cast<const T_*>(src), ld, static_cast<T_*>(dst), T, width, drop);
   });
   return cudaGetLastError();
 }

@@ -187,11 +187,11 @@ void expand_t(const MultiLoraParams& p, const MultiLoraPlan& plan, int64_t kspli
   bool vec_y = aligned16(p.y) && p.ldy % V == 0;
   for (int64_t i = 0; i <= p.n; ++i) vec_y = vec_y && p.out_off[i] % V == 0;
   if (p.r_max % V == 0 && aligned16(p.B)) {
-    LORA_EXT_LAUNCH(expand_kernel<T, V>, grid, kThreads, 0, s, p, plan.grouped, plan.tiles, ksplit, count_bad,
-                                                  vec_y);
+    LORA_EXT_LAUNCH(expand_kernel<T, V>, grid, kThreads, 0, s, p, plan.grouped, plan.tiles, ksplit,
+                    count_bad, vec_y);
   } else {
-    LORA_EXT_LAUNCH(expand_kernel<T, 1>, grid, kThreads, 0, s, p, plan.grouped, plan.tiles, ksplit, count_bad,
-                                                  vec_y);
+    LORA_EXT_LAUNCH(expand_kernel<T, 1>, grid, kThreads, 0, s, p, plan.grouped, plan.tiles, ksplit,
+                    count_bad, vec_y);
   }
 }
 

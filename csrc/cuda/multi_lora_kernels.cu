@@ -158,7 +158,8 @@ MultiLoraPlan multi_lora_plan(const MultiLoraParams& p, bool allow_split) {
   plan.tiles = plan.grouped ? ceil_div(p.T, kBM) + std::min(p.S, p.T) : p.T;
   // K chunks from `in` alone (<= kMaxSplits multiples of kKAlign): a token's sums do not
   // depend on the batch.
-  plan.kchunk = allow_split ? std::max<int64_t>(kKAlign, ceil_div(ceil_div(p.in, kMaxSplits), kKAlign) * kKAlign)
+  plan.kchunk = allow_split ? std::max<int64_t>(
+                                  kKAlign, ceil_div(ceil_div(p.in, kMaxSplits), kKAlign) * kKAlign)
                             : std::max<int64_t>(1, p.in);
   plan.ksplit = std::max<int64_t>(1, ceil_div(p.in, plan.kchunk));
   plan.ws_ints = plan.grouped ? p.T + 2 * (p.S + 1) + kGroupWarps * p.S : 1;
@@ -172,21 +173,25 @@ cudaError_t multi_lora(DType dt, const MultiLoraParams& p, const MultiLoraPlan& 
   using namespace multi;
   const bool shrink = phases & kMultiShrink, expand = phases & kMultiExpand;
   if (plan.grouped && (shrink || expand)) {
-    LORA_EXT_LAUNCH(group_tokens, 1, kGroupThreads, 0, stream, p.idx, p.idx64, static_cast<int>(p.T),
-                                                  static_cast<int>(p.S), p.ws, p.bad);
+    LORA_EXT_LAUNCH(group_tokens, 1, kGroupThreads, 0, stream, p.idx, p.idx64,
+                    static_cast<int>(p.T), static_cast<int>(p.S), p.ws, p.bad);
   }
   if (shrink) launch_shrink(dt, p, plan, !plan.grouped, stream);
   // Grouped expands read the summed u (one pass) rather than summing the partials per output
   // tile; both add in the same order, so the bits are the same either way.
-  const bool reduce = (phases & kMultiReduce) || (shrink && expand && plan.grouped && plan.ksplit > 1);
+  const bool reduce =
+      (phases & kMultiReduce) || (shrink && expand && plan.grouped && plan.ksplit > 1);
   if (reduce) {
     const int64_t total = p.n * p.T * p.r_max;
-    const int64_t blocks = std::min<int64_t>(ceil_div(total, 256), 8 * static_cast<int64_t>(p.num_sms));
+    const int64_t blocks =
+        std::min<int64_t>(ceil_div(total, 256), 8 * static_cast<int64_t>(p.num_sms));
     if (blocks > 0)
-      LORA_EXT_LAUNCH(reduce_partials, blocks, 256, 0, stream, p, plan.ksplit, p.u_out ? p.u_out : p.u);
+      LORA_EXT_LAUNCH(reduce_partials, blocks, 256, 0, stream, p, plan.ksplit,
+                      p.u_out ? p.u_out : p.u);
   }
   if (expand)
-    launch_expand(dt, p, plan, shrink && !reduce ? plan.ksplit : 1, !plan.grouped && !shrink, stream);
+    launch_expand(dt, p, plan, shrink && !reduce ? plan.ksplit : 1, !plan.grouped && !shrink,
+                  stream);
   return cudaGetLastError();
 }
 

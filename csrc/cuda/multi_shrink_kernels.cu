@@ -121,9 +121,11 @@ void shrink_bn(const MultiLoraParams& p, const MultiLoraPlan& plan, bool count_b
   const dim3 grid(plan.tiles * p.n * ceil_div(p.r_max, BN), 1, plan.ksplit);
   const bool vec = p.in % V == 0 && p.ldx % V == 0 && aligned16(p.x) && aligned16(p.A);
   if (vec) {
-    LORA_EXT_LAUNCH(shrink_kernel<T, BN, V>, grid, kThreads, 0, s, p, plan.grouped, plan.tiles, plan.kchunk, count_bad);
+    LORA_EXT_LAUNCH(shrink_kernel<T, BN, V>, grid, kThreads, 0, s, p, plan.grouped, plan.tiles,
+                    plan.kchunk, count_bad);
   } else {
-    LORA_EXT_LAUNCH(shrink_kernel<T, BN, 1>, grid, kThreads, 0, s, p, plan.grouped, plan.tiles, plan.kchunk, count_bad);
+    LORA_EXT_LAUNCH(shrink_kernel<T, BN, 1>, grid, kThreads, 0, s, p, plan.grouped, plan.tiles,
+                    plan.kchunk, count_bad);
   }
 }
 
