@@ -8,6 +8,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "checks.h"
@@ -79,6 +80,19 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_impl(
   return {y2.view(shape), u};
 }
 
+// a[T, p]^T b[T, q] -> [p, q] fp32, the operands widened to fp32 a block of rows at a time (so
+// the temporaries stay small). Used for the fp16 weight gradients: the forward keeps u and gB
+// in fp32, and rounding s * u or s * gB to fp16 would turn large values into inf.
+inline at::Tensor mm_tn_f32(const at::Tensor& a, const at::Tensor& b) {
+  constexpr int64_t kRows = 4096;
+  at::Tensor out = at::zeros({a.size(1), b.size(1)}, a.options().dtype(at::kFloat));
+  for (int64_t t0 = 0; t0 < a.size(0); t0 += kRows) {
+    const int64_t n = std::min(kRows, a.size(0) - t0);
+    out.addmm_(a.narrow(0, t0, n).t().to(at::kFloat), b.narrow(0, t0, n).to(at::kFloat));
+  }
+  return out;
+}
+
 // Gradients of lora_linear for output_mask = [x, weight, A, B] (undefined where not asked).
 // With g = grad [T, out], gB = g B [T, r] (fp32):
 //   dx = g W + scale * keep ⊙ (gB A),  dA = scale * gB^T (keep ⊙ x),  dB = scale * g^T u,
@@ -132,9 +146,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
       xd = at::empty_like(a.x2);
       Backend::dropout_rows(a.dtype, a.x2, xd, dropout_p, *seed);
     }
-    dA = at::mm(gB.mul(scale).to(x.scalar_type()).t(), xd);
+    dA = x.scalar_type() == at::kHalf ? mm_tn_f32(gB, xd).mul_(scale).to(at::kHalf)
+                                      : at::mm(gB.mul(scale).to(x.scalar_type()).t(), xd);
   }
-  if (output_mask[3]) dB = at::mm(g2.t(), u.mul(scale).to(x.scalar_type()));
+  if (output_mask[3])
+    dB = x.scalar_type() == at::kHalf ? mm_tn_f32(g2, u).mul_(scale).to(at::kHalf)
+                                      : at::mm(g2.t(), u.mul(scale).to(x.scalar_type()));
   if (output_mask[1]) dW = fan_in_fan_out ? at::mm(a.x2.t(), g2) : at::mm(g2.t(), a.x2);
   if (dx.defined()) dx = dx.view(x.sizes());
   return {dx, dW, dA, dB};

@@ -9,7 +9,10 @@
 //   indices: T int32/int64 (any shape with T elements), -1 = no adapter
 //   scales [S] or [n, S] fp32, ranks [S] or [n, S] int32 in 0..r_max (0 = empty slot)
 #pragma once
+#include <cmath>
+#include <initializer_list>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -22,6 +25,7 @@ struct MultiArgs {
   at::Tensor y2, x2, u, A, B, idx, scales, ranks;
   int64_t T = 0, in = 0, out = 0, S = 0, r_max = 0, n = 1;
   int64_t slot_stride = 0;         // stride between slices in scales/ranks (0 when [S])
+  float u_scale = 1.f;             // lora_shrink: u = u_scale * A x
   std::vector<int64_t> out_off;    // n + 1 column offsets of the slices in y / B_pool
   DType dtype = DType::F32;
   bool idx64 = false, copy_back = false;
@@ -58,8 +62,9 @@ inline void check_slices(const char* op, MultiArgs& a, at::OptionalIntArrayRef s
   a.n = static_cast<int64_t>(sl->size());
   TORCH_CHECK(a.n >= 1 && a.n <= kMaxSlices, op, ": out_slices must list 1 to ", kMaxSlices,
               " column widths, got ", a.n);
-  for (int64_t w : *sl) {
-    TORCH_CHECK(w >= 0, op, ": out_slices entries must be >= 0, got ", *sl);
+  for (int64_t w : *sl) {  // each entry checked against what is left: no overflow
+    TORCH_CHECK(w >= 0 && w <= a.out - a.out_off.back(), op, ": out_slices ", *sl,
+                " must be >= 0 and sum to out = ", a.out);
     a.out_off.push_back(a.out_off.back() + w);
   }
   TORCH_CHECK(a.out_off.back() == a.out, op, ": out_slices ", *sl, " must sum to out = ", a.out);
@@ -163,14 +168,19 @@ inline MultiArgs check_multi_lora(const char* op, const at::Tensor& y, const at:
   check_no_overlap(op, y, "y", x, "x");
   check_no_overlap(op, y, "y", A_pool, "A_pool");
   check_no_overlap(op, y, "y", B_pool, "B_pool");
+  check_no_overlap(op, y, "y", indices, "indices");
+  check_no_overlap(op, y, "y", scales, "scales");
+  check_no_overlap(op, y, "y", ranks, "ranks");
   set_y(a, y);
   return a;
 }
 
-// lora_shrink(x, A_pool, indices, ranks) -> u
+// lora_shrink(x, A_pool, indices, ranks, scale) -> u
 inline MultiArgs check_shrink(const char* op, const at::Tensor& x, const at::Tensor& A_pool,
-                              const at::Tensor& indices, const at::Tensor& ranks) {
+                              const at::Tensor& indices, const at::Tensor& ranks, double scale) {
   MultiArgs a;
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  a.u_scale = static_cast<float>(scale);
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dim [..., in], got a scalar");
   a.in = x.size(-1);
   a.dtype = to_dtype(x, op, "x");
@@ -187,14 +197,16 @@ inline MultiArgs check_shrink(const char* op, const at::Tensor& x, const at::Ten
   return a;
 }
 
-// lora_expand_(y, u, B_pool, indices, scales, ranks, out_slices)
+// lora_expand_(y, u, B_pool, indices, scales, ranks, out_slices); u float32 or y's dtype (a
+// 16-bit u is widened once: it is [T, r], small next to y).
 inline MultiArgs check_expand(const char* op, const at::Tensor& y, const at::Tensor& u,
                               const at::Tensor& B_pool, const at::Tensor& indices,
                               const at::Tensor& scales, const at::Tensor& ranks,
                               at::OptionalIntArrayRef out_slices) {
   MultiArgs a;
-  TORCH_CHECK(u.scalar_type() == at::kFloat, op, ": u must be float32 (lora_shrink's output), got ",
-              u.scalar_type());
+  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == y.scalar_type(), op,
+              ": u must be float32 (lora_shrink's output) or y's dtype ", y.scalar_type(),
+              ", got ", u.scalar_type());
   TORCH_CHECK(u.dim() == (out_slices.has_value() ? 3 : 2), op, ": u must be ",
               out_slices.has_value() ? "[n, T, r_max] with out_slices" : "[T, r_max]",
               ", got shape ", u.sizes());
@@ -214,20 +226,26 @@ inline MultiArgs check_expand(const char* op, const at::Tensor& y, const at::Ten
   check_slot_args(op, a, y, indices, &scales, ranks);
   check_no_overlap(op, y, "y", u, "u");
   check_no_overlap(op, y, "y", B_pool, "B_pool");
-  a.u = u.reshape({a.n, a.T, a.r_max}).contiguous();
+  check_no_overlap(op, y, "y", indices, "indices");
+  check_no_overlap(op, y, "y", scales, "scales");
+  check_no_overlap(op, y, "y", ranks, "ranks");
+  a.u = u.reshape({a.n, a.T, a.r_max}).to(at::kFloat).contiguous();
   set_y(a, y);
   return a;
 }
 
-// The optional device-side counter of out-of-range indices (CUDA adds to it; CPU raises).
+// The optional device-side counter of out-of-range indices (CUDA adds to it; CPU raises): an
+// int32 tensor on the data's device sharing no memory with the op's other tensors.
+using NamedTensors = std::initializer_list<std::pair<const at::Tensor*, const char*>>;
 inline void check_bad_count(const char* op, const std::optional<at::Tensor>& bad,
-                            const at::Tensor& ref) {
+                            const at::Tensor& ref, NamedTensors others) {
   if (!bad.has_value()) return;
   TORCH_CHECK(bad->scalar_type() == at::kInt && bad->numel() >= 1 && bad->is_contiguous(), op,
               ": bad_index_count must be a contiguous int32 tensor with >= 1 element, got ",
               bad->scalar_type(), " ", bad->sizes());
   TORCH_CHECK(bad->device() == ref.device(), op, ": bad_index_count is on ", bad->device(),
               " but the data is on ", ref.device());
+  for (const auto& [t, name] : others) check_no_overlap(op, *bad, "bad_index_count", *t, name);
 }
 
 }  // namespace lora_ext

@@ -40,13 +40,16 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def("multi_lora_(Tensor(a!) y, Tensor x, Tensor A_pool, Tensor B_pool, Tensor indices, "
         "Tensor scales, Tensor ranks, int[]? out_slices=None, Tensor(b!)? bad_index_count=None) "
         "-> ()");
-  // Its halves: u[(n,) T, r_max] fp32 = per-token A x, and y += scales * B u.
-  // (Two overloads: a functional one, and one that also counts bad indices.)
-  m.def("lora_shrink(Tensor x, Tensor A_pool, Tensor indices, Tensor ranks) -> Tensor");
+  // Its halves: u[(n,) T, r_max] fp32 = scale * per-token A x, and y += scales * B u
+  // (add_inputs=False: y = scales * B u; u may also be in y's dtype).
+  // (Two shrink overloads: a functional one, and one that also counts bad indices.)
+  m.def("lora_shrink(Tensor x, Tensor A_pool, Tensor indices, Tensor ranks, float scale=1.0) "
+        "-> Tensor");
   m.def("lora_shrink.counted(Tensor x, Tensor A_pool, Tensor indices, Tensor ranks, "
-        "Tensor(a!) bad_index_count) -> Tensor");
+        "Tensor(a!) bad_index_count, float scale=1.0) -> Tensor");
   m.def("lora_expand_(Tensor(a!) y, Tensor u, Tensor B_pool, Tensor indices, Tensor scales, "
-        "Tensor ranks, int[]? out_slices=None, Tensor(b!)? bad_index_count=None) -> ()");
+        "Tensor ranks, int[]? out_slices=None, Tensor(b!)? bad_index_count=None, "
+        "bool add_inputs=True) -> ()");
   // lora_linear: (y, u) with y = x W^T + bias + scale * (dropout(x) A^T) B^T and u the fp32
   // [T, r] activation saved for backward; W is [in, out] when fan_in_fan_out.
   m.def(

@@ -14,16 +14,21 @@ from typing import Sequence
 
 import torch
 
+from ._checks import as_scale, one_device
+
 __all__ = ["merge_", "unmerge_", "MergeState", "check_merge_finite"]
 
 _BITS = (0, 1, 2, 4)
 
 
-def _as_lists(A, B, scale):
+def _as_lists(op, A, B, scale):
     if isinstance(A, torch.Tensor):
-        return [A], [B], [float(scale)]
+        return [A], [B], [as_scale(op, "scale", scale)]
     As, Bs = list(A), list(B)
-    scales = [float(scale)] * len(As) if isinstance(scale, (int, float)) else [float(s) for s in scale]
+    if isinstance(scale, (list, tuple)):
+        scales = [as_scale(op, f"scale[{i}]", s) for i, s in enumerate(scale)]
+    else:
+        scales = [as_scale(op, "scale", scale)] * len(As)
     return As, Bs, scales
 
 
@@ -44,7 +49,7 @@ def merge_(weight: torch.Tensor, A, B, scale, *, fan_in_fan_out: bool = False,
     ``safe=True`` raises ValueError, before touching the weight, if the result would hold
     non-finite values.
     """
-    As, Bs, scales = _as_lists(A, B, scale)
+    As, Bs, scales = _as_lists("merge_", A, B, scale)
     if safe:
         check_merge_finite(weight, As, Bs, scales, fan_in_fan_out=fan_in_fan_out)
     if state is None:
@@ -68,7 +73,7 @@ def unmerge_(weight: torch.Tensor, A=None, B=None, scale=None, *, fan_in_fan_out
     if state is None:
         if A is None or B is None or scale is None:
             raise ValueError("unmerge_: without a MergeState, A, B and scale are required")
-        As, Bs, scales = _as_lists(A, B, scale)
+        As, Bs, scales = _as_lists("unmerge_", A, B, scale)
         torch.ops.lora_ext.merge_.default(weight, As, Bs, [-s for s in scales], fan_in_fan_out)
         return weight
     state._check_layout(weight, fan_in_fan_out)
@@ -394,12 +399,14 @@ def check_merge_finite(weight: torch.Tensor, As, Bs, scales, *, fan_in_fan_out: 
     Cheap in the common case (reductions and a magnitude bound); only when the bound cannot
     rule out an overflow is the merged result computed, in row chunks of ~``chunk`` elements.
     """
+    if weight.numel() == 0:
+        return  # nothing to overflow
     lo, hi = torch.aminmax(weight)
     if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
         raise ValueError("merge: the weight already holds non-finite values (inf or NaN)")
     bound = max(abs(lo.item()), abs(hi.item()))
     for i, (A, B, s) in enumerate(zip(As, Bs, scales)):
-        amin, amax = torch.aminmax(A)
+        amin, amax = torch.aminmax(A) if A.numel() else (torch.zeros(()), torch.zeros(()))
         bsum = B.float().abs().sum(1).max().item() if B.numel() else 0.0
         vals = (amin.item(), amax.item(), bsum, float(s))
         if not all(math.isfinite(v) for v in vals):
@@ -424,6 +431,7 @@ def check_merge_finite(weight: torch.Tensor, As, Bs, scales, *, fan_in_fan_out: 
 
 @torch.library.register_fake("lora_ext::merge_")
 def _merge_fake(weight, A, B, scales, fan_in_fan_out):
+    one_device("merge_", weight=weight, A=A, B=B)
     torch._check(len(A) == len(B) == len(scales), lambda: "merge_: A, B and scales lengths differ")
     return None
 
@@ -431,11 +439,14 @@ def _merge_fake(weight, A, B, scales, fan_in_fan_out):
 @torch.library.register_fake("lora_ext::remerge_")
 def _remerge_fake(weight, codes, fails, bits, A_old, B_old, s_old, A_new, B_new, s_new,
                   fan_in_fan_out):
+    one_device("remerge_", weight=weight, codes=codes, fails=fails, A_old=A_old, B_old=B_old,
+               A_new=A_new, B_new=B_new)
     torch._check(bits in _BITS, lambda: f"remerge_: bits must be one of {_BITS}")
     return None
 
 
 @torch.library.register_fake("lora_ext::merge_points_")
 def _merge_points_fake(weight, idx, vals, A, B, scales, fan_in_fan_out):
+    one_device("merge_points_", weight=weight, idx=idx, vals=vals, A=A, B=B)
     torch._check(idx.shape == vals.shape, lambda: "merge_points_: idx and vals shapes differ")
     return None

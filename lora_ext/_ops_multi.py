@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._checks import as_scale, one_device
+
 __all__ = ["multi_lora_", "lora_shrink", "lora_expand_"]
 
 
@@ -46,29 +48,35 @@ def multi_lora_(y: torch.Tensor, x: torch.Tensor, A_pool: torch.Tensor, B_pool: 
 
 
 def lora_shrink(x: torch.Tensor, A_pool: torch.Tensor, indices: torch.Tensor,
-                ranks: torch.Tensor, *, bad_index_count: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
-    """First half: ``u[t, :r] = A_pool[a, :r] @ x[t]`` as float32 [T, r_max].
+                ranks: torch.Tensor, scale: float = 1.0, *,
+                bad_index_count: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """First half: ``u[t, :r] = scale * A_pool[a, :r] @ x[t]`` as float32 [T, r_max].
 
     With a 4-D A_pool [n, S, r_max, in] the result is [n, T, r_max]. Entries past the
-    token's rank and rows of tokens without adapter are zero.
+    token's rank and rows of tokens without adapter are zero. (``scale`` as in vLLM's
+    ``lora_shrink``; per-adapter scales belong to ``lora_expand_``.)
     """
+    scale = as_scale("lora_shrink", "scale", scale)
     if bad_index_count is None:
-        return torch.ops.lora_ext.lora_shrink.default(x, A_pool, indices, ranks)
-    return torch.ops.lora_ext.lora_shrink.counted(x, A_pool, indices, ranks, bad_index_count)
+        return torch.ops.lora_ext.lora_shrink.default(x, A_pool, indices, ranks, scale)
+    return torch.ops.lora_ext.lora_shrink.counted(x, A_pool, indices, ranks, bad_index_count, scale)
 
 
 def lora_expand_(y: torch.Tensor, u: torch.Tensor, B_pool: torch.Tensor, indices: torch.Tensor,
                  scales: torch.Tensor, ranks: torch.Tensor,
                  out_slices: Optional[Sequence[int]] = None, *,
-                 bad_index_count: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 bad_index_count: Optional[torch.Tensor] = None, add_inputs: bool = True
+                 ) -> torch.Tensor:
     """Second half, in place: ``y[t] += scales[a] * B_pool[a, :, :r] @ u[t, :r]``; returns y.
 
-    u is float32 [T, r_max] ([n, T, r_max] with out_slices), as lora_shrink returns it.
+    u is [T, r_max] ([n, T, r_max] with out_slices), float32 as lora_shrink returns it or in
+    y's dtype. ``add_inputs=False`` overwrites instead: ``y[t] = scales[a] * B_pool[a] @ u[t]``
+    (rows of tokens without adapter become zero), as vLLM's ``add_inputs``.
     """
     torch.ops.lora_ext.lora_expand_.default(
         y, u, B_pool, indices, scales, ranks,
-        None if out_slices is None else [int(s) for s in out_slices], bad_index_count)
+        None if out_slices is None else [int(s) for s in out_slices], bad_index_count,
+        bool(add_inputs))
     return y
 
 
@@ -82,6 +90,8 @@ def _tokens(x):
 @torch.library.register_fake("lora_ext::multi_lora_")
 def _multi_lora_fake(y, x, A_pool, B_pool, indices, scales, ranks, out_slices=None,
                      bad_index_count=None):
+    one_device("multi_lora_", y=y, x=x, A_pool=A_pool, B_pool=B_pool, indices=indices,
+               scales=scales, ranks=ranks, bad_index_count=bad_index_count)
     n = 1 if out_slices is None else len(out_slices)
     torch._check(A_pool.dim() == (3 if out_slices is None else 4),
                  lambda: "multi_lora_: A_pool must be [S, r_max, in] ([n, S, r_max, in] with out_slices)")
@@ -96,12 +106,14 @@ def _multi_lora_fake(y, x, A_pool, B_pool, indices, scales, ranks, out_slices=No
 
 
 @torch.library.register_fake("lora_ext::lora_shrink")
-def _lora_shrink_fake(x, A_pool, indices, ranks):
-    return _lora_shrink_counted_fake(x, A_pool, indices, ranks, None)
+def _lora_shrink_fake(x, A_pool, indices, ranks, scale=1.0):
+    return _lora_shrink_counted_fake(x, A_pool, indices, ranks, None, scale)
 
 
 @torch.library.register_fake("lora_ext::lora_shrink.counted")
-def _lora_shrink_counted_fake(x, A_pool, indices, ranks, bad_index_count):
+def _lora_shrink_counted_fake(x, A_pool, indices, ranks, bad_index_count, scale=1.0):
+    one_device("lora_shrink", x=x, A_pool=A_pool, indices=indices, ranks=ranks,
+               bad_index_count=bad_index_count)
     torch._check(A_pool.dim() in (3, 4), lambda: "lora_shrink: A_pool must be 3-D or 4-D")
     torch._check(A_pool.shape[-1] == x.shape[-1], lambda: "lora_shrink: A_pool.shape[-1] != in")
     T = _tokens(x)
@@ -112,7 +124,9 @@ def _lora_shrink_counted_fake(x, A_pool, indices, ranks, bad_index_count):
 
 @torch.library.register_fake("lora_ext::lora_expand_")
 def _lora_expand_fake(y, u, B_pool, indices, scales, ranks, out_slices=None,
-                      bad_index_count=None):
+                      bad_index_count=None, add_inputs=True):
+    one_device("lora_expand_", y=y, u=u, B_pool=B_pool, indices=indices, scales=scales,
+               ranks=ranks, bad_index_count=bad_index_count)
     torch._check(B_pool.dim() == 3 and B_pool.shape[1] == y.shape[-1]
                  and B_pool.shape[2] == u.shape[-1],
                  lambda: f"lora_expand_: shapes y {tuple(y.shape)}, u {tuple(u.shape)}, "

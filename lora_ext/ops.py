@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import as_scale, one_device
+
 __all__ = ["lora_apply_", "lora_linear", "build_info"]
 
 
@@ -21,12 +23,13 @@ def lora_apply_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tens
     x may be non-contiguous; y is written in place whatever its strides.
     Not differentiable (it mutates y): use ``lora_linear`` for training.
     """
-    torch.ops.lora_ext.lora_apply_.default(y, x, A, B, float(scale))
+    torch.ops.lora_ext.lora_apply_.default(y, x, A, B, as_scale("lora_apply_", "scale", scale))
     return y
 
 
 @torch.library.register_fake("lora_ext::lora_apply_")
 def _lora_apply_fake(y, x, A, B, scale):
+    one_device("lora_apply_", y=y, x=x, A=A, B=B)
     torch._check(A.dim() == 2 and B.dim() == 2, lambda: "lora_apply_: A and B must be 2-D")
     torch._check(A.shape[1] == x.shape[-1] and B.shape[1] == A.shape[0] and y.shape[-1] == B.shape[0],
                  lambda: f"lora_apply_: shapes y {tuple(y.shape)}, x {tuple(x.shape)}, "
@@ -46,17 +49,19 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     epilogue are lora_ext kernels. Saved for backward per token: x (shared with the caller) and
     the fp32 [T, r] activation x A^T (4·r bytes); the dropout mask is regenerated from a seed.
     """
-    if not 0.0 <= dropout_p < 1.0:
+    scale = as_scale("lora_linear", "scale", scale)
+    if not 0.0 <= as_scale("lora_linear", "dropout_p", dropout_p) < 1.0:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
     p = float(dropout_p) if training else 0.0
     seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64) if p > 0 else None
-    y, _ = torch.ops.lora_ext.lora_linear_fwd.default(x, weight, bias, A, B, float(scale), p, seed,
+    y, _ = torch.ops.lora_ext.lora_linear_fwd.default(x, weight, bias, A, B, scale, p, seed,
                                                        fan_in_fan_out)
     return y
 
 
 @torch.library.register_fake("lora_ext::lora_linear_fwd")
 def _lora_linear_fwd_fake(x, weight, bias, A, B, scale, dropout_p, seed, fan_in_fan_out):
+    one_device("lora_linear", x=x, weight=weight, bias=bias, A=A, B=B, seed=seed)
     out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     T = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
     for d in x.shape[:-1]:
@@ -66,6 +71,7 @@ def _lora_linear_fwd_fake(x, weight, bias, A, B, scale, dropout_p, seed, fan_in_
 
 @torch.library.register_fake("lora_ext::lora_linear_bwd")
 def _lora_linear_bwd_fake(grad, x, weight, A, B, u, scale, dropout_p, seed, fan_in_fan_out, mask):
+    one_device("lora_linear_backward", grad=grad, x=x, weight=weight, A=A, B=B, u=u, seed=seed)
     return (torch.empty_like(x) if mask[0] else None, torch.empty_like(weight) if mask[1] else None,
             torch.empty_like(A) if mask[2] else None, torch.empty_like(B) if mask[3] else None)
 

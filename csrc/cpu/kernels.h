@@ -41,13 +41,13 @@ void multi_lora_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool,
                     const at::Tensor& ranks, at::OptionalIntArrayRef out_slices,
                     const std::optional<at::Tensor>& bad_index_count);
 at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A_pool,
-                           const at::Tensor& indices, const at::Tensor& ranks);
+                          const at::Tensor& indices, const at::Tensor& ranks, double scale);
 at::Tensor lora_shrink_counted_cpu(const at::Tensor& x, const at::Tensor& A_pool,
                                  const at::Tensor& indices, const at::Tensor& ranks,
-                                 at::Tensor bad_index_count);
+                                 at::Tensor bad_index_count, double scale);
 void lora_expand_cpu(at::Tensor y, const at::Tensor& u, const at::Tensor& B_pool,
                      const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& ranks,
                      at::OptionalIntArrayRef out_slices,
-                     const std::optional<at::Tensor>& bad_index_count);
+                     const std::optional<at::Tensor>& bad_index_count, bool add_inputs);
 
 }  // namespace lora_ext::cpu

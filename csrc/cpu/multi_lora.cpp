@@ -193,7 +193,9 @@ void multi_lora_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool,
                     const std::optional<at::Tensor>& bad_index_count) {
   const char* op = "multi_lora_";
   MultiArgs a = check_multi_lora(op, y, x, A_pool, B_pool, indices, scales, ranks, out_slices);
-  check_bad_count(op, bad_index_count, x);
+  check_bad_count(op, bad_index_count, x,
+                  {{&y, "y"}, {&x, "x"}, {&A_pool, "A_pool"}, {&B_pool, "B_pool"},
+                   {&indices, "indices"}, {&scales, "scales"}, {&ranks, "ranks"}});
   TORCH_CHECK(x.device().is_cpu(), op, ": CPU kernel called with x on ", x.device());
   const Groups g = group_tokens(op, a);
   if (a.T == 0 || a.out == 0) return;
@@ -208,10 +210,11 @@ void multi_lora_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool,
 
 static at::Tensor shrink_impl(const at::Tensor& x, const at::Tensor& A_pool,
                            const at::Tensor& indices, const at::Tensor& ranks,
-                           const std::optional<at::Tensor>& bad_index_count) {
+                           const std::optional<at::Tensor>& bad_index_count, double scale) {
   const char* op = "lora_shrink";
-  MultiArgs a = check_shrink(op, x, A_pool, indices, ranks);
-  check_bad_count(op, bad_index_count, x);
+  MultiArgs a = check_shrink(op, x, A_pool, indices, ranks, scale);
+  check_bad_count(op, bad_index_count, x,
+                  {{&x, "x"}, {&A_pool, "A_pool"}, {&indices, "indices"}, {&ranks, "ranks"}});
   TORCH_CHECK(x.device().is_cpu(), op, ": CPU kernel called with x on ", x.device());
   const Groups g = group_tokens(op, a);
   at::Tensor u = at::zeros({a.n, a.T, a.r_max}, x.options().dtype(at::kFloat));
@@ -219,30 +222,34 @@ static at::Tensor shrink_impl(const at::Tensor& x, const at::Tensor& A_pool,
     dispatch_dtype<float, c10::Half, c10::BFloat16>(a.dtype, [&](auto tag) {
       shrink_phase<typename decltype(tag)::type>(a, g, u.data_ptr<float>());
     });
+  if (a.u_scale != 1.f) u.mul_(a.u_scale);
   return A_pool.dim() == 4 ? u : u.view({a.T, a.r_max});
 }
 
 at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A_pool,
-                           const at::Tensor& indices, const at::Tensor& ranks) {
-  return shrink_impl(x, A_pool, indices, ranks, std::nullopt);
+                           const at::Tensor& indices, const at::Tensor& ranks, double scale) {
+  return shrink_impl(x, A_pool, indices, ranks, std::nullopt, scale);
 }
 
 at::Tensor lora_shrink_counted_cpu(const at::Tensor& x, const at::Tensor& A_pool,
                                  const at::Tensor& indices, const at::Tensor& ranks,
-                                 at::Tensor bad_index_count) {
-  return shrink_impl(x, A_pool, indices, ranks, bad_index_count);
+                                 at::Tensor bad_index_count, double scale) {
+  return shrink_impl(x, A_pool, indices, ranks, bad_index_count, scale);
 }
 
 void lora_expand_cpu(at::Tensor y, const at::Tensor& u, const at::Tensor& B_pool,
                      const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& ranks,
                      at::OptionalIntArrayRef out_slices,
-                     const std::optional<at::Tensor>& bad_index_count) {
+                     const std::optional<at::Tensor>& bad_index_count, bool add_inputs) {
   const char* op = "lora_expand_";
   MultiArgs a = check_expand(op, y, u, B_pool, indices, scales, ranks, out_slices);
-  check_bad_count(op, bad_index_count, y);
+  check_bad_count(op, bad_index_count, y,
+                  {{&y, "y"}, {&u, "u"}, {&B_pool, "B_pool"}, {&indices, "indices"},
+                   {&scales, "scales"}, {&ranks, "ranks"}});
   TORCH_CHECK(y.device().is_cpu(), op, ": CPU kernel called with y on ", y.device());
   const Groups g = group_tokens(op, a);
-  if (a.T == 0 || a.out == 0) return;
+  if (!add_inputs) a.y2.zero_();
+  if (a.T == 0 || a.out == 0) return finish_y(a, y);
   dispatch_dtype<float, c10::Half, c10::BFloat16>(a.dtype, [&](auto tag) {
     expand_phase<typename decltype(tag)::type>(a, g, a.u.data_ptr<float>());
   });

@@ -94,6 +94,7 @@ struct MultiLoraParams {
   int* bad;                // out-of-range index counter, or nullptr
   float* u;                // fp32 split-K partials [ksplit, n, T, r_max] (the given u: ksplit 1)
   float* u_out;            // lora_shrink's result [n, T, r_max]
+  float u_scale;           // lora_shrink: u_out = u_scale * the sum of the partials
   int32_t* ws;             // int workspace of plan.ws_ints
   int64_t T, in, out, S, r_max, n, ldx, ldy, slot_stride;
   int64_t out_off[kMultiMaxSlices + 1];

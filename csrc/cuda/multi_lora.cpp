@@ -44,6 +44,7 @@ MultiLoraParams make_params(const MultiArgs& a, const std::optional<at::Tensor>&
   p.slot_stride = a.slot_stride;
   for (int64_t i = 0; i <= kMultiMaxSlices; ++i)
     p.out_off[i] = i < static_cast<int64_t>(a.out_off.size()) ? a.out_off[i] : a.out;
+  p.u_scale = a.u_scale;
   p.num_sms = sm_count(ref);
   p.tc = use_tensor_cores(ref);
   return p;
@@ -84,7 +85,9 @@ void multi_lora_cuda(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool
                      const std::optional<at::Tensor>& bad_index_count) {
   const char* op = "multi_lora_";
   MultiArgs a = check_multi_lora(op, y, x, A_pool, B_pool, indices, scales, ranks, out_slices);
-  check_bad_count(op, bad_index_count, x);
+  check_bad_count(op, bad_index_count, x,
+                  {{&y, "y"}, {&x, "x"}, {&A_pool, "A_pool"}, {&B_pool, "B_pool"},
+                   {&indices, "indices"}, {&scales, "scales"}, {&ranks, "ranks"}});
   TORCH_CHECK(on_device(x), op, ": CUDA kernel called with x on ", x.device());
   if (a.T == 0 || a.out == 0) return;
   const DeviceGuard guard(x.device());
@@ -95,10 +98,11 @@ void multi_lora_cuda(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool
 
 static at::Tensor shrink_impl(const at::Tensor& x, const at::Tensor& A_pool,
                             const at::Tensor& indices, const at::Tensor& ranks,
-                            const std::optional<at::Tensor>& bad_index_count) {
+                            const std::optional<at::Tensor>& bad_index_count, double scale) {
   const char* op = "lora_shrink";
-  MultiArgs a = check_shrink(op, x, A_pool, indices, ranks);
-  check_bad_count(op, bad_index_count, x);
+  MultiArgs a = check_shrink(op, x, A_pool, indices, ranks, scale);
+  check_bad_count(op, bad_index_count, x,
+                  {{&x, "x"}, {&A_pool, "A_pool"}, {&indices, "indices"}, {&ranks, "ranks"}});
   TORCH_CHECK(on_device(x), op, ": CUDA kernel called with x on ", x.device());
   at::Tensor out = at::empty({a.n, a.T, a.r_max}, x.options().dtype(at::kFloat));
   if (a.T > 0) {
@@ -110,26 +114,32 @@ static at::Tensor shrink_impl(const at::Tensor& x, const at::Tensor& A_pool,
 }
 
 at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A_pool,
-                           const at::Tensor& indices, const at::Tensor& ranks) {
-  return shrink_impl(x, A_pool, indices, ranks, std::nullopt);
+                           const at::Tensor& indices, const at::Tensor& ranks, double scale) {
+  return shrink_impl(x, A_pool, indices, ranks, std::nullopt, scale);
 }
 
 at::Tensor lora_shrink_counted_cuda(const at::Tensor& x, const at::Tensor& A_pool,
                                  const at::Tensor& indices, const at::Tensor& ranks,
-                                 at::Tensor bad_index_count) {
-  return shrink_impl(x, A_pool, indices, ranks, bad_index_count);
+                                 at::Tensor bad_index_count, double scale) {
+  return shrink_impl(x, A_pool, indices, ranks, bad_index_count, scale);
 }
 
 void lora_expand_cuda(at::Tensor y, const at::Tensor& u, const at::Tensor& B_pool,
                       const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& ranks,
                       at::OptionalIntArrayRef out_slices,
-                      const std::optional<at::Tensor>& bad_index_count) {
+                      const std::optional<at::Tensor>& bad_index_count, bool add_inputs) {
   const char* op = "lora_expand_";
   MultiArgs a = check_expand(op, y, u, B_pool, indices, scales, ranks, out_slices);
-  check_bad_count(op, bad_index_count, y);
+  check_bad_count(op, bad_index_count, y,
+                  {{&y, "y"}, {&u, "u"}, {&B_pool, "B_pool"}, {&indices, "indices"},
+                   {&scales, "scales"}, {&ranks, "ranks"}});
   TORCH_CHECK(on_device(y), op, ": CUDA kernel called with y on ", y.device());
-  if (a.T == 0 || a.out == 0) return;
   const DeviceGuard guard(y.device());
+  if (!add_inputs) a.y2.zero_();
+  if (a.T == 0 || a.out == 0) {
+    if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
+    return;
+  }
   MultiLoraParams p = make_params(a, bad_index_count, y);
   const MultiLoraPlan plan = make_plan(op, p, false);
   at::Tensor ws = workspace(plan, y);

@@ -125,9 +125,9 @@ __global__ void __launch_bounds__(kGroupThreads)
   }
 }
 
-// out[e] = sum over z of u[z * total + e] (fixed order), zero where no adapter row applies.
-// out may be u itself (each element is read before it is written, by the same thread).
-__global__ void reduce_partials(const MultiLoraParams p, int64_t ksplit, float* out) {
+// out[e] = scale * sum over z of u[z * total + e] (fixed order), zero where no adapter row
+// applies. out may be u itself (each element is read before it is written, by the same thread).
+__global__ void reduce_partials(const MultiLoraParams p, int64_t ksplit, float* out, float scale) {
   const int64_t total = p.n * p.T * p.r_max;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -138,7 +138,7 @@ __global__ void reduce_partials(const MultiLoraParams p, int64_t ksplit, float* 
       s = p.u[e];
       for (int64_t z = 1; z < ksplit; ++z) s += p.u[z * total + e];
     }
-    out[e] = s;
+    out[e] = scale == 1.f ? s : scale * s;
   }
 }
 
@@ -187,7 +187,7 @@ cudaError_t multi_lora(DType dt, const MultiLoraParams& p, const MultiLoraPlan& 
         std::min<int64_t>(ceil_div(total, 256), 8 * static_cast<int64_t>(p.num_sms));
     if (blocks > 0)
       LORA_EXT_LAUNCH(reduce_partials, blocks, 256, 0, stream, p, plan.ksplit,
-                      p.u_out ? p.u_out : p.u);
+                      p.u_out ? p.u_out : p.u, p.u_out ? p.u_scale : 1.f);
   }
   if (expand)
     launch_expand(dt, p, plan, shrink && !reduce ? plan.ksplit : 1, !plan.grouped && !shrink,

@@ -220,14 +220,15 @@ def test_shrink_and_expand_halves(emu, T):
     g = torch.Generator().manual_seed(T)
     y, x, A, B, idx, scales, ranks = multi_inputs(T, i, o, S, r_max, torch.float32,
                                                   torch.randint(-1, S, (T,), generator=g).to(torch.int32))
-    u_ref = CPU.lora_shrink(x, A, idx, ranks)
-    u = under_schedules(emu, lambda: emu.ops.lora_shrink(x, A, idx, ranks))
+    u_ref = CPU.lora_shrink(x, A, idx, ranks, 0.5)
+    u = under_schedules(emu, lambda: emu.ops.lora_shrink(x, A, idx, ranks, 0.5))
     assert rel_err(u, u_ref) < 1e-5
-    ref = y.clone()
-    CPU.lora_expand_(ref, u_ref, B, idx, scales, ranks)
+    for add_inputs in (True, False):
+        ref = y.clone()
+        CPU.lora_expand_(ref, u_ref, B, idx, scales, ranks, None, None, add_inputs)
 
-    def run():
-        out = y.clone()
-        emu.ops.lora_expand_(out, u_ref, B, idx, scales, ranks)
-        return out
-    assert rel_err(under_schedules(emu, run), ref) < 1e-5
+        def run():
+            out = y.clone()
+            emu.ops.lora_expand_(out, u_ref, B, idx, scales, ranks, None, None, add_inputs)
+            return out
+        assert rel_err(under_schedules(emu, run), ref) < 1e-5
