@@ -170,4 +170,14 @@ inline void check_points(const char* op, const at::Tensor& W, const at::Tensor& 
   check_no_overlap(op, W, "weight", vals, "vals");
 }
 
+// merge_code_failures's inputs: w0 (a weight dtype) and s (fp32) with as many elements, one device.
+inline void check_code_failures(const char* op, const at::Tensor& w0, const at::Tensor& s) {
+  to_dtype(w0, op, "w0");
+  TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": s must be float32, got ", s.scalar_type());
+  TORCH_CHECK(s.numel() == w0.numel(), op, ": s must have one sum per element of w0 (", w0.numel(),
+              "), got ", s.numel());
+  TORCH_CHECK(s.device() == w0.device(), op, ": s is on ", s.device(), " but w0 is on ",
+              w0.device());
+}
+
 }  // namespace lora_ext

@@ -204,6 +204,14 @@ LORA_EXT_HD bool transition(uint32_t& w, float s_old, float s_new, uint32_t code
   return ok;
 }
 
+// Code widths an exact merge may use, and whether the k-bit code of w0 restores it after a merge
+// under s (what merge_code_failures counts).
+LORA_EXT_HD constexpr int code_width(int c) { return c == 3 ? 4 : c; }  // c = 0..3: 0, 1, 2, 4
+template <class F>
+LORA_EXT_HD bool code_restores(uint32_t w0, float s, int k) {
+  return rec<F>(merged<F>(w0, s, true), s, code_of<F>(w0, k), k) == w0;
+}
+
 // Codes are packed little-endian into 32-bit words: element e uses bits
 // [(e*k) % 32, (e*k) % 32 + k) of word (e*k) / 32 (k divides 32, no straddling).
 LORA_EXT_HD uint32_t read_code(const uint32_t* codes, int64_t e, int k) {

@@ -69,6 +69,10 @@ TORCH_LIBRARY(lora_ext, m) {
   // weight.view(-1)[idx] = merged value of vals under the adapter set.
   m.def("merge_points_(Tensor(a!) weight, Tensor idx, Tensor vals, Tensor[] A, Tensor[] B, "
         "float[] scales, bool fan_in_fan_out) -> ()");
+  // For each code width k in (0, 1, 2, 4): how many elements w0[i] (any shape, the weight's
+  // dtype) an exact merge under the fp32 sums s[i] could not restore from k-bit codes (int64 [4]).
+  // MergeState picks its code width from these counts on a sample.
+  m.def("merge_code_failures(Tensor w0, Tensor s) -> Tensor");
   // Build facts of this binary: compiled backends and CUDA archs.
   m.def("build_info() -> str[]", &build_info);
 }

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._ops_merge import MergeState, check_merge_finite, merge_, unmerge_
+from .ops import MergeState, check_merge_finite, merge_, unmerge_
 from .adapters import Adapter, LayerWeights
 from .inject import lora_layers
 from .layers import LoRAEmbedding, LoRALinear

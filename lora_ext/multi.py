@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ._ops_multi import multi_lora_
+from .ops import multi_lora_
 
 __all__ = ["LoRAContext", "MultiLoRALinear", "attach_context"]
 

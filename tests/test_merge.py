@@ -528,3 +528,21 @@ def test_cuda_merge_points_graph_capture_and_wide_rows():
     merge_(W, A, B, 0.5)
     merge_(cpu, A.cpu(), B.cpu(), 0.5)
     assert same_bits(W, cpu)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_code_failures_counts_what_remerge_fails(device, dtype):
+    # rank 1: the kernels' S is one rounded product, which torch reproduces exactly
+    W0, A, B = adapter((37, 53), 1, dtype, device, ratio=3.0, seed=5)
+    W0.view(-1)[::7] = 0  # zeros: where the codes cannot restore W0
+    s = ((B.float() * 0.75) @ A.float() + 0.0).view(-1)
+    counts = torch.ops.lora_ext.merge_code_failures(W0, s).tolist()
+    for k, count in zip((0, 1, 2, 4), counts):
+        W = W0.clone()
+        codes = torch.zeros((W.numel() * k + 31) // 32 + 1, dtype=torch.int32, device=device)
+        fails = torch.zeros((W.numel() + 31) // 32, dtype=torch.int32, device=device)
+        torch.ops.lora_ext.remerge_(W, codes, fails, k, [], [], [], [A], [B], [0.75], False)
+        popcount = sum(bin(v & 0xFFFFFFFF).count("1") for v in fails.tolist())
+        assert popcount == count, (k, popcount, count)
+    assert counts[0] >= counts[-1] and counts[0] > 0

@@ -54,6 +54,7 @@ def cases(device):
         "merge_points_": (OPS.merge_points_.default,
                           (W16.clone(), torch.tensor([0, 5, o * i - 1], device=device),
                            W16.view(-1)[:3].clone(), [A16], [B16], [0.5], False)),
+        "merge_code_failures": (OPS.merge_code_failures.default, (W16, _t(o, i, device=device, seed=9))),
     }
 
 

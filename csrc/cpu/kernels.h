@@ -35,6 +35,7 @@ void remerge_cpu(at::Tensor weight, at::Tensor codes, at::Tensor fails, int64_t 
 void merge_points_cpu(at::Tensor weight, const at::Tensor& idx, const at::Tensor& vals,
                       at::TensorList A, at::TensorList B, at::ArrayRef<double> scales,
                       bool fan_in_fan_out);
+at::Tensor merge_code_failures_cpu(const at::Tensor& w0, const at::Tensor& s);
 
 void multi_lora_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool,
                     const at::Tensor& B_pool, const at::Tensor& indices, const at::Tensor& scales,

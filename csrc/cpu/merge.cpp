@@ -336,4 +336,20 @@ void merge_points_cpu(at::Tensor weight, const at::Tensor& idx, const at::Tensor
   });
 }
 
+at::Tensor merge_code_failures_cpu(const at::Tensor& w0, const at::Tensor& s) {
+  const char* op = "merge_code_failures";
+  check_code_failures(op, w0, s);
+  const at::Tensor w = w0.contiguous(), sc = s.contiguous();
+  at::Tensor out = at::zeros({4}, w0.options().dtype(at::kLong));
+  int64_t* cnt = out.data_ptr<int64_t>();
+  const float* sp = sc.data_ptr<float>();
+  dispatch_format(to_dtype(w0, op, "w0"), [&](auto f) {
+    using F = decltype(f);
+    const Raw<F>* wp = static_cast<const Raw<F>*>(w.data_ptr());
+    for (int64_t i = 0; i < w.numel(); ++i)
+      for (int c = 0; c < 4; ++c) cnt[c] += !mm::code_restores<F>(wp[i], sp[i], mm::code_width(c));
+  });
+  return out;
+}
+
 }  // namespace lora_ext::cpu

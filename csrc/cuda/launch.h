@@ -79,6 +79,9 @@ struct MergePointsParams {
   int64_t Rt, ldr;
 };
 cudaError_t merge_points(DType dt, const MergePointsParams& p, cudaStream_t stream);
+// counts[c] += number of i < n whose code_restores fails for code width code_width(c).
+cudaError_t merge_code_failures(DType dt, const void* w0, const float* s, int64_t n,
+                                unsigned long long* counts, int num_sms, cudaStream_t stream);
 
 // multi_lora_ / lora_shrink / lora_expand_: one adapter per token (see multi_lora_kernels.cu).
 // Shapes as in csrc/multi_checks.h; pools contiguous, rows of x / y with strides ldx / ldy.

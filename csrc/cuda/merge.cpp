@@ -99,4 +99,18 @@ void merge_points_cuda(at::Tensor weight, const at::Tensor& idx, const at::Tenso
   LORA_EXT_CUDA_CHECK(merge_points(to_dtype(weight, op, "weight"), p, current_stream(weight)));
 }
 
+at::Tensor merge_code_failures_cuda(const at::Tensor& w0, const at::Tensor& s) {
+  const char* op = "merge_code_failures";
+  check_code_failures(op, w0, s);
+  TORCH_CHECK(on_device(w0), op, ": CUDA kernel called with w0 on ", w0.device());
+  const DeviceGuard guard(w0.device());
+  const at::Tensor w = w0.contiguous(), sc = s.contiguous();
+  at::Tensor out = at::zeros({4}, w0.options().dtype(at::kLong));
+  LORA_EXT_CUDA_CHECK(cuda::merge_code_failures(
+      to_dtype(w0, op, "w0"), w.data_ptr(), sc.data_ptr<float>(), w.numel(),
+      reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>()), sm_count(w0),
+      current_stream(w0)));
+  return out;
+}
+
 }  // namespace lora_ext::cuda

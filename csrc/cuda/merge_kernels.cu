@@ -14,6 +14,7 @@
 // W is read once and written once; nothing but the two small staging arrays is used.
 // The exact variant computes S for the old and for the new adapter set, reconstructs W0,
 // checks the new value and ORs failure bits (rare) and first-merge codes into int32 words.
+#include <algorithm>
 #include <type_traits>
 
 #include "../merge_math.h"
@@ -256,6 +257,22 @@ __global__ void __launch_bounds__(kThreads) points_kernel(const MergePointsParam
   static_cast<Raw*>(p.w)[e] = static_cast<Raw>(mm::merged<F>(v, s, p.Rt > 0));
 }
 
+template <class F>
+__global__ void __launch_bounds__(kThreads)
+    code_failures_kernel(const void* w0, const float* s, int64_t n, unsigned long long* counts) {
+  using Raw = std::conditional_t<F::kBits == 16, uint16_t, uint32_t>;
+  unsigned long long c[4] = {0, 0, 0, 0};
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const uint32_t w = static_cast<const Raw*>(w0)[i];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) c[k] += !mm::code_restores<F>(w, s[i], mm::code_width(k));
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k)  // integer sums: the same whatever the order
+    if (c[k] != 0) atomicAdd(counts + k, c[k]);
+}
+
 template <class Fn>
 decltype(auto) dispatch_format(DType dt, Fn&& fn) {
   return dispatch_dtype<mm::F32, mm::F16, mm::BF16>(
@@ -284,6 +301,17 @@ cudaError_t merge_points(DType dt, const MergePointsParams& p, cudaStream_t stre
   dispatch_format(dt, [&](auto f) {
     const unsigned blocks = static_cast<unsigned>(ceil_div(p.n, kThreads));  // n < 2^31 (launcher)
     LORA_EXT_LAUNCH(points_kernel<decltype(f)>, blocks, kThreads, 0, stream, p);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t merge_code_failures(DType dt, const void* w0, const float* s, int64_t n,
+                                unsigned long long* counts, int num_sms, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>(ceil_div(n, kThreads), 4LL * num_sms);
+  dispatch_format(dt, [&](auto f) {
+    LORA_EXT_LAUNCH(code_failures_kernel<decltype(f)>, blocks, kThreads, 0, stream, w0, s, n,
+                    counts);
   });
   return cudaGetLastError();
 }

@@ -21,6 +21,7 @@ TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("merge_", &merge_cuda);
   m.impl("remerge_", &remerge_cuda);
   m.impl("merge_points_", &merge_points_cuda);
+  m.impl("merge_code_failures", &merge_code_failures_cuda);
 }
 
 }  // namespace lora_ext::cuda

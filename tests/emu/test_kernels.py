@@ -131,6 +131,15 @@ def test_remerge_and_points_bit_for_bit(emu, dtype):
         assert same_bits(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_code_failures(emu, dtype):
+    w0 = rand(3000, dtype=dtype, seed=50, scale=0.02)
+    w0[::9] = 0
+    s = rand(3000, seed=51, scale=0.05)
+    ref = CPU.merge_code_failures(w0, s)
+    assert torch.equal(under_schedules(emu, lambda: emu.ops.merge_code_failures(w0, s)), ref)
+
+
 # ------------------------------------------------------------------ multi-adapter ops
 def multi_inputs(T, i, o, S, r_max, dtype, idx, n=None, seed=0):
     x = rand(T, i, dtype=dtype, seed=seed + 1)

@@ -1,9 +1,5 @@
-"""Python wrappers of the lora_ext custom ops, their fake (meta) kernels and autograd.
-
-Every op is a torch custom op (``torch.ops.lora_ext.*``) with a CPU kernel, a CUDA kernel
-and a fake kernel registered here, so it traces under ``torch.compile(fullgraph=True)``
-and can be captured in CUDA graphs.
-"""
+"""Single-adapter low-rank ops (csrc/lowrank*.h, csrc/cpu|cuda/lowrank*): lora_apply_ and the
+autograd-aware lora_linear — wrappers, fake kernels, autograd."""
 from __future__ import annotations
 
 import torch
@@ -99,6 +95,3 @@ torch.library.register_autograd("lora_ext::lora_linear_fwd", _lora_linear_backwa
 def build_info() -> list[str]:
     """Backends compiled into lora_ext._C: ``["cpu"]`` or ``["cpu", "cuda:<archs>"]``."""
     return list(torch.ops.lora_ext.build_info.default())
-
-from ._ops_merge import *  # noqa: F401,F403,E402
-from ._ops_multi import *  # noqa: F401,F403,E402
