@@ -9,10 +9,11 @@ from .adapters import Adapter, LayerWeights, load_adapter
 from .inject import inject, lora_layers, lora_state_dict, mark_only_lora_trainable
 from .layers import LoRAEmbedding, LoRALinear
 from .merge import combine, merge, merge_and_unload, unmerge  # (the function shadows the submodule)
-from .multi import LoRAContext, MultiLoRALinear, attach_context
+from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, attach_context
 from .pool import AdapterPool
 
 __all__ = ["ops", "Adapter", "LayerWeights", "load_adapter", "LoRALinear", "LoRAEmbedding", "inject",
            "lora_layers", "lora_state_dict", "mark_only_lora_trainable", "merge", "unmerge",
-           "merge_and_unload", "combine", "LoRAContext", "MultiLoRALinear", "attach_context",
+           "merge_and_unload", "combine", "LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding",
+           "attach_context",
            "AdapterPool"]

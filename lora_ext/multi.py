@@ -4,9 +4,12 @@ Design
 ------
 ``LoRAContext`` is one small object per model holding a persistent int32 index buffer
 ``indices`` [max_tokens] (plus a device-side ``bad_index_count``). Every ``MultiLoRALinear``
-of the model keeps a reference to the same context and, for an input with T tokens, reads
-``context.indices[:T]``: token t (in row-major order of x's leading dims) uses slot
-``indices[t]``, -1 meaning "base model only".
+(nn.Linear or transformers' Conv1D) and ``MultiLoRAEmbedding`` of the model keeps a reference to
+the same context. With per-token indices, an input with T tokens reads ``context.indices[:T]``:
+token t (in row-major order of the input's leading dims) uses slot ``indices[t]``, -1 meaning
+"base model only". With per-row indices (``per_row=True``), every token of batch row b (dim 0 of
+the layer's input, any leading shape) uses ``indices[b]``, as PEFT routes ``adapter_names``.
+A layer whose input has another number of tokens (rows) than indices were set raises.
 
 The caller (e.g. an adapter pool: ``with pool.batch(names): model(ids)``) writes the indices
 *in place* (``context.set_indices(...)``) before each forward. Because the layers only see a
@@ -24,7 +27,9 @@ updated in place by ``set_slot`` / ``clear_slot``:
 Slots hold adapters of any rank 1..r_max (rank 0 = empty; padded ranks cost no work).
 With ``out_slices`` one layer serves a packed projection (q/k/v, gate/up): each slice has its
 own A (``A_pool`` [n, S, r_max, in]) and its rows of B, rank and scale.
-The layer is for inference: it mutates the base output in place and has no backward.
+``MultiLoRAEmbedding`` keeps PEFT's embedding factors (A [r, num_embeddings], B [dim, r]): a
+token's u is the A column of its id, then ``lora_expand_`` adds ``scale * B @ u``.
+The layers are for inference: they mutate the base output in place and have no backward.
 """
 from __future__ import annotations
 
@@ -33,19 +38,22 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .ops import multi_lora_
+from .layers import is_conv1d
+from .ops import lora_expand_, multi_lora_
 
-__all__ = ["LoRAContext", "MultiLoRALinear", "attach_context"]
+__all__ = ["LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding", "attach_context"]
 
 
 class LoRAContext:
-    """Per-token adapter indices shared by all MultiLoRALinear layers of a model."""
+    """Per-token or per-row adapter indices shared by all multi-adapter layers of a model."""
 
     def __init__(self, max_tokens: int, device=None):
         if max_tokens < 1:
             raise ValueError(f"LoRAContext: max_tokens must be >= 1, got {max_tokens}")
         self.indices = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
         self.bad_index_count = torch.zeros(1, dtype=torch.int32, device=device)
+        self.count: Optional[int] = None  # indices set (None: cleared, base only for any input)
+        self.per_row = False
 
     @property
     def max_tokens(self) -> int:
@@ -55,20 +63,36 @@ class LoRAContext:
     def device(self) -> torch.device:
         return self.indices.device
 
-    def set_indices(self, indices) -> None:
-        """Copies per-token slot indices (T ints, any shape) into the buffer; the rest is -1."""
+    def set_indices(self, indices, per_row: bool = False) -> None:
+        """Copies slot indices (n ints, any shape) into the buffer, the rest is -1: one per token, or
+        with per_row=True one per batch row. Layers then need inputs of exactly n tokens (rows)."""
         idx = torch.as_tensor(indices).reshape(-1)
-        T = idx.numel()
-        if T > self.max_tokens:
-            raise ValueError(f"LoRAContext: {T} tokens exceed max_tokens = {self.max_tokens}")
-        self.indices[:T].copy_(idx, non_blocking=True)
-        self.indices[T:].fill_(-1)
+        n = idx.numel()
+        if n > self.max_tokens:
+            raise ValueError(f"LoRAContext: {n} indices exceed max_tokens = {self.max_tokens}")
+        self.indices[:n].copy_(idx, non_blocking=True)
+        self.indices[n:].fill_(-1)
+        self.count, self.per_row = n, per_row
 
     def clear(self) -> None:
-        """Every token uses the base model only."""
+        """Every token uses the base model only (inputs of up to max_tokens tokens)."""
         self.indices.fill_(-1)
+        self.count, self.per_row = None, False
 
-    def tokens(self, T: int) -> torch.Tensor:
+    def tokens(self, lead: torch.Size) -> torch.Tensor:
+        """The slot of every token of a layer input whose leading (non-feature) dims are `lead`."""
+        T = lead.numel()
+        if self.per_row:
+            rows, row_len = (lead[0], lead[1:].numel()) if len(lead) else (1, 1)
+            if rows != self.count:
+                raise ValueError(f"LoRAContext: a layer input has {rows} batch rows (leading dims "
+                                 f"{tuple(lead)}) but {self.count} row indices are set (AdapterPool."
+                                 "batch(names): one name per batch row)")
+            return self.indices[:rows, None].expand(rows, row_len).reshape(-1)
+        if self.count is not None and T != self.count:
+            raise ValueError(f"LoRAContext: a layer input has {T} tokens (leading dims {tuple(lead)}) "
+                             f"but {self.count} token indices are set (AdapterPool.batch(names, "
+                             "per_token=True): one name per token)")
         torch._check(T <= self.indices.shape[0],
                      lambda: "LoRAContext: the batch has more tokens than max_tokens")
         return self.indices[:T]
@@ -82,30 +106,22 @@ class LoRAContext:
                                "(treated as no adapter)")
 
 
-class MultiLoRALinear(nn.Module):
-    """``y = base(x) + per-token LoRA`` with S adapter slots of rank <= r_max.
+class _MultiLoRA(nn.Module):
+    """S adapter slots of rank <= r_max: A_pool [S, r_max, in] ([n, S, r_max, in] with out_slices),
+    B_pool [S, out, r_max], scales and ranks, all updated in place."""
 
-    Args:
-        base: the frozen nn.Linear (its weight's dtype and device are used for the pools).
-        num_slots: S, adapters resident at once.
-        r_max: the largest rank a slot can hold.
-        out_slices: column widths of a packed projection (sum = out_features), or None.
-        context: the model's LoRAContext (or set later with ``attach_context``).
-    """
-
-    def __init__(self, base: nn.Linear, num_slots: int, r_max: int,
-                 out_slices: Optional[Sequence[int]] = None,
-                 context: Optional[LoRAContext] = None):
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, num_slots: int,
+                 r_max: int, out_slices: Optional[Sequence[int]], context: Optional[LoRAContext]):
         super().__init__()
+        name = type(self).__name__
         if num_slots < 1 or r_max < 1:
-            raise ValueError(f"MultiLoRALinear: num_slots and r_max must be >= 1, got "
-                             f"{num_slots}, {r_max}")
+            raise ValueError(f"{name}: num_slots and r_max must be >= 1, got {num_slots}, {r_max}")
         self.base = base
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = in_features, out_features
         self.num_slots, self.r_max = num_slots, r_max
         self.out_slices = None if out_slices is None else [int(s) for s in out_slices]
         if self.out_slices is not None and sum(self.out_slices) != self.out_features:
-            raise ValueError(f"MultiLoRALinear: out_slices {self.out_slices} must sum to "
+            raise ValueError(f"{name}: out_slices {self.out_slices} must sum to "
                              f"out_features = {self.out_features}")
         n = 1 if self.out_slices is None else len(self.out_slices)
         self.num_outputs = n
@@ -137,10 +153,10 @@ class MultiLoRALinear(nn.Module):
         a None pair leaves that slice without update). r <= r_max.
         """
         if not 0 <= slot < self.num_slots:
-            raise IndexError(f"MultiLoRALinear: slot {slot} out of range 0..{self.num_slots - 1}")
+            raise IndexError(f"{type(self).__name__}: slot {slot} out of range 0..{self.num_slots - 1}")
         As, Bs = ([A], [B]) if self.out_slices is None else (list(A), list(B))
         if len(As) != self.num_outputs or len(Bs) != self.num_outputs:
-            raise ValueError(f"MultiLoRALinear: expected {self.num_outputs} (A, B) pairs")
+            raise ValueError(f"{type(self).__name__}: expected {self.num_outputs} (A, B) pairs")
         off = self._slice_bounds()
         for i, (a, b) in enumerate(zip(As, Bs)):
             Ap = self.A_pool[slot] if self.out_slices is None else self.A_pool[i, slot]
@@ -151,10 +167,10 @@ class MultiLoRALinear(nn.Module):
             if a is not None:
                 r = a.shape[0]
                 if a.dim() != 2 or a.shape[1] != self.in_features or not 1 <= r <= self.r_max:
-                    raise ValueError(f"MultiLoRALinear: A must be [r, {self.in_features}] with "
+                    raise ValueError(f"{type(self).__name__}: A must be [r, {self.in_features}] with "
                                      f"1 <= r <= {self.r_max}, got {tuple(a.shape)}")
                 if tuple(b.shape) != (off[i + 1] - off[i], r):
-                    raise ValueError(f"MultiLoRALinear: B must be [{off[i + 1] - off[i]}, {r}], "
+                    raise ValueError(f"{type(self).__name__}: B must be [{off[i + 1] - off[i]}, {r}], "
                                      f"got {tuple(b.shape)}")
                 Ap[:r].copy_(a)
                 Bp[:, :r].copy_(b)
@@ -169,23 +185,20 @@ class MultiLoRALinear(nn.Module):
     def clear_slot(self, slot: int) -> None:
         """Empties a slot: tokens that still point at it get the base output only."""
         if not 0 <= slot < self.num_slots:
-            raise IndexError(f"MultiLoRALinear: slot {slot} out of range 0..{self.num_slots - 1}")
+            raise IndexError(f"{type(self).__name__}: slot {slot} out of range 0..{self.num_slots - 1}")
         self.ranks[..., slot] = 0
         self.scales[..., slot] = 0.0
         self.A_pool[..., slot, :, :].zero_()
         self.B_pool[slot].zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.context is None:
-            raise RuntimeError("MultiLoRALinear: no LoRAContext attached (pass context= or call "
+            raise RuntimeError(f"{type(self).__name__}: no LoRAContext attached (pass context= or call "
                                "lora_ext.multi.attach_context(model, ctx))")
         y = self.base(x)
         if y.requires_grad:
-            raise RuntimeError("MultiLoRALinear is an inference layer; run it under "
+            raise RuntimeError(f"{type(self).__name__} is an inference layer; run it under "
                                "torch.no_grad() or torch.inference_mode()")
-        T = x.numel() // self.in_features if self.in_features else 0
-        multi_lora_(y, x, self.A_pool, self.B_pool, self.context.tokens(T), self.scales,
-                    self.ranks, self.out_slices, bad_index_count=self.context.bad_index_count)
         return y
 
     def extra_repr(self) -> str:
@@ -193,11 +206,56 @@ class MultiLoRALinear(nn.Module):
                 f"r_max={self.r_max}, out_slices={self.out_slices}")
 
 
+class MultiLoRALinear(_MultiLoRA):
+    """``y = base(x) + per-token LoRA`` with S adapter slots of rank <= r_max.
+
+    Args:
+        base: the frozen nn.Linear or transformers Conv1D (weight [in, out]); its weight's dtype
+            and device are used for the pools.
+        num_slots: S, adapters resident at once.
+        r_max: the largest rank a slot can hold.
+        out_slices: column widths of a packed projection (sum = out_features), or None.
+        context: the model's LoRAContext (or set later with ``attach_context``).
+    """
+
+    def __init__(self, base: nn.Module, num_slots: int, r_max: int,
+                 out_slices: Optional[Sequence[int]] = None,
+                 context: Optional[LoRAContext] = None):
+        in_f, out_f = base.weight.shape if is_conv1d(base) else (base.in_features, base.out_features)
+        super().__init__(base, in_f, out_f, num_slots, r_max, out_slices, context)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._base_forward(x)
+        multi_lora_(y, x, self.A_pool, self.B_pool, self.context.tokens(x.shape[:-1]), self.scales,
+                    self.ranks, self.out_slices, bad_index_count=self.context.bad_index_count)
+        return y
+
+
+class MultiLoRAEmbedding(_MultiLoRA):
+    """``y = base(ids) + per-token LoRA`` for an nn.Embedding, PEFT's LoRA embedding per slot:
+    ``y[t] += scale * B @ A[:, ids[t]]`` with A [r, num_embeddings], B [embedding_dim, r]."""
+
+    def __init__(self, base: nn.Embedding, num_slots: int, r_max: int,
+                 context: Optional[LoRAContext] = None):
+        super().__init__(base, base.num_embeddings, base.embedding_dim, num_slots, r_max, None, context)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self._base_forward(ids)
+        idx = self.context.tokens(ids.shape)
+        # u = the A column of each token's id (any valid slot for -1 or bad indices: expand skips them)
+        u = self.A_pool[idx.clamp(0, self.num_slots - 1), :, ids.reshape(-1)].float()
+        if hasattr(self.base, "embed_scale"):  # scaled embeddings (e.g. Gemma 3), as PEFT
+            u = u * self.base.embed_scale
+        lora_expand_(y, u, self.B_pool, idx, self.scales, self.ranks,
+                     bad_index_count=self.context.bad_index_count)
+        return y
+
+
 def attach_context(model: nn.Module, context: LoRAContext) -> int:
-    """Points every MultiLoRALinear in ``model`` at ``context``; returns how many."""
+    """Points every MultiLoRALinear / MultiLoRAEmbedding in ``model`` at ``context``; returns how many."""
     n = 0
     for m in model.modules():
-        if isinstance(m, MultiLoRALinear):
+        if isinstance(m, _MultiLoRA):
             m.context = context
             n += 1
     return n

@@ -3,23 +3,28 @@
     pool = lora_ext.AdapterPool(model, target_modules=["q_proj", "v_proj"], max_adapters=16, max_rank=64)
     pool.load("sql", "adapters/sql")          # PEFT directory or an Adapter
     pool.load("chat", chat_adapter)
-    with pool.batch(["sql", None, "chat"]):   # one name per sequence of a [batch, seq] input
+    with pool.batch(["sql", None, "chat"]):   # one name per batch row (dim 0 of the input)
         logits = model(input_ids).logits
     with pool.batch(token_names, per_token=True):  # packed / flattened batches: one name per token
 
 Design:
-- The target nn.Linear layers become MultiLoRALinear layers sharing one LoRAContext; slot s of every
-  layer holds one adapter (rank <= max_rank, zero work on the padded part; a layer the adapter does
-  not target gets rank 0). Indices, scales, ranks and weights are tensors updated in place, so a
-  torch.compile'd model does not recompile when adapters are loaded, evicted or swapped, and a
-  captured CUDA graph replays with whatever the pool holds.
-- batch(names) writes per-sequence slots into a small tensor; a forward pre-hook on the model
-  expands them to per-token indices from the input's [batch, seq] shape (tensor ops only).
-- When all slots are taken, load() evicts the least recently used adapter that no open batch uses
-  (RuntimeError if every one is in use). Evicted adapters stay in a pinned host cache up to
+- The target nn.Linear / transformers Conv1D layers become MultiLoRALinear layers, nn.Embedding
+  targets MultiLoRAEmbedding layers, all sharing one LoRAContext; slot s of every layer holds one
+  adapter (rank <= max_rank, zero work on the padded part; a layer the adapter does not target gets
+  rank 0). Indices, scales, ranks and weights are tensors updated in place, so a torch.compile'd
+  model does not recompile when adapters are loaded, evicted or swapped, and a captured CUDA graph
+  replays with whatever the pool holds.
+- batch(names) writes one slot per batch row (per token) into the context; every layer expands
+  them over its input's leading dims and raises if its input has another number of rows (tokens).
+  Outside a batch the context is cleared: the model is the base model. One batch at a time: a
+  second one (another thread's, or nested) raises, since they would share the index buffer.
+- A batch validates its names and reads the files of evicted adapters it needs before it changes
+  anything, so a batch that cannot open leaves the pool as it was.
+- When all slots are taken, load() evicts the least recently used adapter that the open batch does
+  not use (RuntimeError if every one is in use). Evicted adapters stay in a pinned host cache up to
   host_cache_bytes (LRU); reloading from it (or prefetch(name)) copies on a side stream.
-- One lock guards the slot table, so loads/unloads may come from several threads while batches
-  run. On CUDA each slot has an event marking the end of all queued work that touches it: every
+- One lock guards the slot table, so loads/unloads may come from several threads while a batch
+  runs. On CUDA each slot has an event marking the end of all queued work that touches it: every
   write or clear (load, unload, eviction, on-demand load in batch(), prefetch on the side stream)
   first makes its stream wait for it and then records a new one, and each batch records one on
   exit. So a slot is never written while a batch may still read it, and writes on the current and
@@ -38,7 +43,8 @@ from torch import nn
 
 from .adapters import Adapter, LayerWeights
 from .inject import _matches, _output_head_names
-from .multi import LoRAContext, MultiLoRALinear
+from .layers import is_conv1d
+from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear
 
 __all__ = ["AdapterPool"]
 
@@ -51,7 +57,7 @@ class _Entry:
     def __init__(self, name: str, adapter: Adapter, source: str | None):
         self.name, self.adapter, self.source = name, adapter, source
         self.slot: int | None = None   # resident slot, or None
-        self.in_use = 0                # open batches using it
+        self.in_use = False            # used by the open batch
         self.ready: torch.cuda.Event | None = None  # pending side-stream load (prefetch)
 
 
@@ -75,44 +81,32 @@ class AdapterPool:
         # per slot: the end of all queued work touching it (at first: the pools' zero fill)
         created = torch.cuda.current_stream(self.device).record_event() if self._side is not None else None
         self._slot_event: list[torch.cuda.Event | None] = [created] * max_adapters
-        self._seq_slots = torch.full((max_tokens,), -1, dtype=torch.int32, device=self.device)
-        self._per_token = False
-        self._hook = model.register_forward_pre_hook(self._expand_indices, with_kwargs=True)
+        self._batch_open = False
 
     # ------------------------------------------------------------------ setup
-    def _replace_targets(self, target_modules) -> dict[str, MultiLoRALinear]:
+    def _replace_targets(self, target_modules) -> dict[str, MultiLoRALinear | MultiLoRAEmbedding]:
+        """target_modules=None: every Linear/Conv1D but the output head; embeddings only by name."""
         heads = _output_head_names(self.model)
+        targets = target_modules if target_modules is None or isinstance(target_modules, str) else list(target_modules)
         chosen = {}
         for name, m in list(self.model.named_modules()):
-            if not isinstance(m, nn.Linear) or name in heads:
+            linear = isinstance(m, nn.Linear) or is_conv1d(m)
+            if name in heads or not (linear or isinstance(m, nn.Embedding)):
                 continue
-            if target_modules is None or _matches(name, target_modules if isinstance(target_modules, str)
-                                                   else list(target_modules)):
+            if _matches(name, targets) if targets is not None else linear:
                 chosen[name] = m
         if not chosen:
-            raise ValueError(f"AdapterPool: target_modules={target_modules!r} matched no nn.Linear of "
-                             f"{type(self.model).__name__}")
+            raise ValueError(f"AdapterPool: target_modules={target_modules!r} matched no nn.Linear, Conv1D or "
+                             f"nn.Embedding of {type(self.model).__name__}")
         modules = dict(self.model.named_modules())
         layers = {}
-        for name, lin in chosen.items():
-            layer = MultiLoRALinear(lin, self.max_adapters, self.max_rank, context=self.context)
+        for name, m in chosen.items():
+            kind = MultiLoRAEmbedding if isinstance(m, nn.Embedding) else MultiLoRALinear
+            layer = kind(m, self.max_adapters, self.max_rank, context=self.context)
             parent, _, child = name.rpartition(".")
             setattr(modules[parent] if parent else self.model, child, layer)
             layers[name] = layer
         return layers
-
-    def _expand_indices(self, module, args, kwargs):
-        """Per-sequence slots -> per-token indices from the input's [batch, seq] shape."""
-        if self._per_token:
-            return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
-            return None
-        b, s = ids.shape[0], ids.shape[1]
-        self.context.indices[: b * s].copy_(self._seq_slots[:b].repeat_interleave(s))
-        return None
 
     # ------------------------------------------------------------------ registry
     def __contains__(self, name: str) -> bool:
@@ -134,9 +128,9 @@ class AdapterPool:
             if layer is None:
                 raise ValueError(f"AdapterPool.load({name!r}): module {mod!r} is not served by this pool "
                                  f"(pool targets e.g. {sorted(self.layers)[:3]})")
-            if w.kind != "linear":
-                raise ValueError(f"AdapterPool.load({name!r}): module {mod!r} holds {w.kind} weights; "
-                                 "the pool serves Linear layers only")
+            if (w.kind == "embedding") != isinstance(layer, MultiLoRAEmbedding):
+                raise ValueError(f"AdapterPool.load({name!r}): module {mod!r} ({type(layer.base).__name__}) "
+                                 f"cannot take {w.kind} weights")
             if w.r > self.max_rank:
                 raise ValueError(f"AdapterPool.load({name!r}): module {mod!r} has rank {w.r} > max_rank {self.max_rank}")
             if tuple(w.A.shape) != (w.r, layer.in_features) or tuple(w.B.shape) != (layer.out_features, w.r):
@@ -156,12 +150,9 @@ class AdapterPool:
             old = self._entries.get(name)
             if old is not None and old.in_use:
                 raise RuntimeError(f"AdapterPool.load: {name!r} is used by an open batch; replace it later")
-            host = Adapter({k: LayerWeights(_pin(w.A), _pin(w.B), w.scale, w.kind) for k, w in ad.layers.items()},
-                           ad.config, name)
-            entry = _Entry(name, host, source)
+            entry = _Entry(name, _pinned(ad, name), source)
             slot = old.slot if old is not None and old.slot is not None else self._free_slot()
             self._entries[name] = entry
-            self._host.pop(name, None)
             self._write_slot(entry, slot, stream=None)
             return slot
 
@@ -181,51 +172,64 @@ class AdapterPool:
         with self._lock:
             entry = self._entry(name)
             if entry.slot is None:
+                self._host_copy(entry)
                 self._write_slot(entry, self._free_slot(), stream=self._side)
 
     # ------------------------------------------------------------------ batches
     @contextlib.contextmanager
     def batch(self, names, per_token: bool = False):
-        """Routes each sequence (or each token with per_token=True) to its adapter for the block.
+        """Routes each batch row (or each token with per_token=True) to its adapter for the block.
 
-        names: one adapter name per sequence of a [batch, seq] input (per token with per_token);
-        None or "__base__" means the base model only. Unknown names raise KeyError.
+        names: one adapter name per batch row, i.e. dim 0 of every target layer's input whatever
+        its other dims (one per token with per_token); a layer input with another number of rows
+        (tokens) raises ValueError. None or "__base__" means the base model only. Unknown names
+        raise KeyError, more distinct names than max_adapters ValueError; a batch that cannot open
+        leaves the pool as it was. One batch at a time: a second one raises RuntimeError.
         """
         names = list(names)
-        if len(names) > self.context.max_tokens:
-            raise ValueError(f"AdapterPool.batch: {len(names)} entries exceed max_tokens {self.context.max_tokens}")
-        used: list[_Entry] = []
         with self._lock:
-            for n in names:
-                if n not in BASE_NAMES and n not in self._entries:
-                    raise KeyError(f"AdapterPool.batch: unknown adapter {n!r}; loaded: {self.names()}")
-            for n in dict.fromkeys(n for n in names if n not in BASE_NAMES):
-                e = self._entries[n]
-                if e.slot is None:
-                    self._write_slot(e, self._free_slot(), stream=None)
-                e.in_use += 1
-                used.append(e)
-                self._resident.move_to_end(n)
-            slots = [-1 if n in BASE_NAMES else self._entries[n].slot for n in names]
-            for e in used:
-                if e.ready is not None:  # a prefetch on the side stream: order after it
-                    torch.cuda.current_stream(self.device).wait_event(e.ready)
-                    e.ready = None
-        idx = torch.tensor(slots, dtype=torch.int32)
+            used = self._batch_entries(names)
+            self._batch_open = True
+            for e in used:  # not evicted by the loads below, nor by other threads
+                e.in_use = True
         try:
-            if per_token:
-                self.context.set_indices(idx)
-            else:
-                self._seq_slots[: len(slots)].copy_(idx, non_blocking=True)
-            self._per_token = per_token
+            with self._lock:
+                for e in used:
+                    if e.slot is None:
+                        self._write_slot(e, self._free_slot(), stream=None)
+                    self._resident.move_to_end(e.name)
+                    if e.ready is not None:  # a prefetch on the side stream: order after it
+                        torch.cuda.current_stream(self.device).wait_event(e.ready)
+                        e.ready = None
+                slots = [-1 if n in BASE_NAMES else self._entries[n].slot for n in names]
+            self.context.set_indices(torch.tensor(slots, dtype=torch.int32), per_row=not per_token)
             yield self
         finally:
             with self._lock:
                 for e in used:
-                    e.in_use -= 1
+                    e.in_use = False
                     if self._side is not None and e.slot is not None:
                         self._slot_event[e.slot] = torch.cuda.current_stream(self.device).record_event()
-            self._per_token = False
+                self.context.clear()
+                self._batch_open = False
+
+    def _batch_entries(self, names: list) -> list[_Entry]:
+        """The adapters a batch uses, with their host copies; raises before changing anything."""
+        if self._batch_open:
+            raise RuntimeError("AdapterPool.batch: another batch is open on this pool (in this or another "
+                               "thread); batches share the pool's indices, so open one after the other")
+        if len(names) > self.context.max_tokens:
+            raise ValueError(f"AdapterPool.batch: {len(names)} entries exceed max_tokens {self.context.max_tokens}")
+        for n in names:
+            if n not in BASE_NAMES and n not in self._entries:
+                raise KeyError(f"AdapterPool.batch: unknown adapter {n!r}; loaded: {self.names()}")
+        used = [self._entries[n] for n in dict.fromkeys(names) if n not in BASE_NAMES]
+        if len(used) > self.max_adapters:
+            raise ValueError(f"AdapterPool.batch: names has {len(used)} distinct adapters but max_adapters="
+                             f"{self.max_adapters}; split the batch")
+        for e in used:
+            self._host_copy(e)
+        return used
 
     # ------------------------------------------------------------------ slots
     def _entry(self, name: str) -> _Entry:
@@ -239,10 +243,10 @@ class AdapterPool:
                 return s
         for n in self._resident:  # least recently used first
             e = self._entries[n]
-            if e.in_use == 0:
+            if not e.in_use:
                 slot = e.slot
                 self._release_slot(e)
-                self._cache_on_host(e)
+                self._host[n] = e.adapter.nbytes()  # trimmed to host_cache_bytes after the write
                 return slot
         raise RuntimeError(f"AdapterPool: all {self.max_adapters} slots hold adapters used by open batches")
 
@@ -255,22 +259,26 @@ class AdapterPool:
         self._resident.pop(e.name, None)
         e.slot, e.ready = None, None
 
-    def _cache_on_host(self, e: _Entry) -> None:
-        """Keeps an evicted adapter's (pinned) host copy within host_cache_bytes, else drops it if
-        it can be re-read from its file."""
-        nbytes = e.adapter.nbytes()
-        self._host[e.name] = nbytes
-        if self.host_cache_bytes is None:
-            return
-        while self._host and sum(self._host.values()) > self.host_cache_bytes:
-            victim, _ = self._host.popitem(last=False)
-            v = self._entries.get(victim)
-            if v is not None and v.source is not None and v.slot is None:
-                v.adapter = None  # re-read from disk when needed
-            elif v is not None and v.slot is None:
-                self._host[victim] = v.adapter.nbytes()  # no file to re-read: must keep it
-                self._host.move_to_end(victim, last=False)
-                break
+    def _trim_host_cache(self) -> None:
+        """Keeps the (pinned) host copies of evicted adapters (self._host, oldest first) within
+        host_cache_bytes: drops those that can be re-read from their file, but not the open batch's."""
+        for n in list(self._host):
+            if self.host_cache_bytes is None or sum(self._host.values()) <= self.host_cache_bytes:
+                return
+            e = self._entries[n]
+            if e.source is not None and not e.in_use:
+                e.adapter = None
+                del self._host[n]
+
+    def _host_copy(self, e: _Entry) -> None:
+        """Reads an adapter dropped from the host cache from its file again."""
+        if e.adapter is None:
+            try:
+                e.adapter = _pinned(Adapter.load(e.source), e.name)
+            except (OSError, ValueError) as err:
+                raise type(err)(f"AdapterPool: adapter {e.name!r} was evicted and cannot be read again "
+                                f"from {e.source}: {err}") from err
+            self._host[e.name] = e.adapter.nbytes()
 
     @contextlib.contextmanager
     def _slot_work(self, slot: int, stream=None):
@@ -286,10 +294,7 @@ class AdapterPool:
         self._slot_event[slot] = stream.record_event()
 
     def _write_slot(self, e: _Entry, slot: int, stream) -> None:
-        if e.adapter is None:  # dropped from the host cache: read the file again
-            ad = Adapter.load(e.source)
-            e.adapter = Adapter({k: LayerWeights(_pin(w.A), _pin(w.B), w.scale, w.kind)
-                                 for k, w in ad.layers.items()}, ad.config, e.name)
+        """Copies `e` (with its host copy) into `slot`; e is then resident, no longer host-cached."""
         with self._slot_work(slot, stream):
             for mod, layer in self.layers.items():
                 w = e.adapter.layers.get(mod)
@@ -303,10 +308,22 @@ class AdapterPool:
         e.slot = slot
         self._resident[e.name] = None
         self._resident.move_to_end(e.name)
+        self._host.pop(e.name, None)
+        self._trim_host_cache()
 
     def close(self) -> None:
-        """Removes the pool's forward hook (the MultiLoRALinear layers stay)."""
-        self._hook.remove()
+        """Unloads every adapter (frees slots and host copies); the layers stay, serving the base model."""
+        with self._lock:
+            if self._batch_open:
+                raise RuntimeError("AdapterPool.close: a batch is open")
+            for name in self.names():
+                self.unload(name)
+
+
+def _pinned(ad: Adapter, name: str) -> Adapter:
+    """A copy of `ad` in (pinned, when CUDA is available) host memory."""
+    return Adapter({k: LayerWeights(_pin(w.A), _pin(w.B), w.scale, w.kind) for k, w in ad.layers.items()},
+                   ad.config, name)
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""MultiLoRALinear + LoRAContext: slots, per-token indices, slices, torch.compile without
-recompiles on index/adapter changes, CUDA graph replay."""
+"""MultiLoRALinear (nn.Linear, Conv1D), MultiLoRAEmbedding + LoRAContext: slots, per-token and
+per-row indices, slices, torch.compile without recompiles on index/adapter changes, CUDA graph replay."""
 import pytest
 import torch
 from conftest import RTOL, devices, rel_err
 from torch import nn
 
 from lora_ext import LoRAContext, MultiLoRALinear, attach_context
+from lora_ext.multi import MultiLoRAEmbedding
 
 
 def adapters(n, in_f, out_f, ranks, seed=0):
@@ -99,8 +100,84 @@ def test_layer_errors():
     layer.context.set_indices([0, 7, -1])
     with pytest.raises(RuntimeError, match="out of range"), torch.no_grad():
         layer(torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"5 tokens \(leading dims \(5,\)\) but 3 token indices"), torch.no_grad():
+        layer(torch.randn(5, 8))
+    layer.context.clear()  # base only, for inputs of any size up to max_tokens
     with pytest.raises(RuntimeError, match="max_tokens"), torch.no_grad():
         layer(torch.randn(5, 8))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_per_row_indices(device):
+    """per_row=True: one slot per batch row (dim 0 of the layer input), whatever the leading shape."""
+    base = nn.Linear(12, 10).to(device)
+    ctx = LoRAContext(8, device)
+    layer = MultiLoRALinear(base, 2, 4, context=ctx)
+    ads = adapters(2, 12, 10, [4, 2], seed=5)
+    for s, (A, B, sc) in enumerate(ads):
+        layer.set_slot(s, A.to(device), B.to(device), sc)
+    ctx.set_indices([1, -1, 0], per_row=True)
+    with torch.no_grad():
+        for shape in [(3, 12), (3, 4, 12), (3, 2, 5, 12)]:
+            x = torch.randn(shape, device=device)
+            idx = torch.tensor([1, -1, 0]).repeat_interleave(x[0, ..., 0].numel())
+            assert rel_err(layer(x), expected(base, x, idx, ads)) < 1e-5
+        with pytest.raises(ValueError, match=r"2 batch rows \(leading dims \(2, 4\)\) but 3 row indices"):
+            layer(torch.randn(2, 4, 12, device=device))
+        with pytest.raises(ValueError, match="1 batch rows"):
+            layer(torch.randn(12, device=device))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_conv1d_layer(device):
+    """transformers' Conv1D (weight [in, out]) is served like nn.Linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(20, 16).to(device)  # nf = out, nx = in
+    torch.nn.init.normal_(conv.bias)
+    ctx = LoRAContext(8, device)
+    layer = MultiLoRALinear(conv, 2, 8, context=ctx)
+    assert (layer.in_features, layer.out_features) == (16, 20)
+    A, B, sc = adapters(1, 16, 20, [8])[0]
+    layer.set_slot(1, A.to(device), B.to(device), sc)
+    x = torch.randn(2, 3, 16, device=device)
+    ctx.set_indices([1, -1, 1, 1, 0, -1])
+    with torch.no_grad():
+        y = layer(x)
+    lin = nn.Linear(16, 20)
+    lin.weight.data, lin.bias.data = conv.weight.detach().T.cpu(), conv.bias.detach().cpu()
+    assert rel_err(y, expected(lin, x, torch.tensor([1, -1, 1, 1, 0, -1]), [None, (A, B, sc)])) < 1e-5
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_layer(device, dtype):
+    """PEFT's LoRA embedding per token: y = E[id] + s * B @ A[:, id] (A [r, num_embeddings], B [dim, r])."""
+    emb = nn.Embedding(50, 24).to(device, dtype)
+    ctx = LoRAContext(16, device)
+    layer = MultiLoRAEmbedding(emb, 3, 8, context=ctx)
+    ads = [(A.to(dtype), B.to(dtype), sc) for A, B, sc in adapters(2, 50, 24, [8, 3], seed=7)]
+    for s, (A, B, sc) in enumerate(ads):
+        layer.set_slot(s, A.to(device), B.to(device), sc)
+    ids = torch.randint(0, 50, (2, 5), device=device)
+    idx = [0, 1, -1, 2, 0, 1, 1, -1, 0, 2]  # slot 2 stays empty
+    ctx.set_indices(idx)
+    with torch.no_grad():
+        y = layer(ids)
+    ref = emb.weight.double().cpu()[ids.reshape(-1).cpu()]
+    for t, (i, a) in enumerate(zip(ids.reshape(-1).tolist(), idx)):
+        if a in (0, 1):
+            A, B, sc = ads[a]
+            ref[t] += sc * (B.double() @ A.double()[:, i])
+    assert y.shape == (2, 5, 24) and rel_err(y, ref.reshape(2, 5, 24)) < RTOL[dtype]
+    ctx.set_indices([2, 0], per_row=True)
+    with torch.no_grad():
+        y = layer(ids)
+    A, B, sc = ads[0]
+    assert rel_err(y[0], emb(ids[0])) == 0
+    assert rel_err(y[1], emb(ids[1]).double().cpu() + sc * (A.double()[:, ids[1].cpu()].T @ B.double().T)) < RTOL[dtype]
+    with pytest.raises(ValueError, match="A must be"):
+        layer.set_slot(0, torch.randn(2, 24), torch.randn(24, 2), 1.0)
 
 
 @pytest.mark.parametrize("device", devices())

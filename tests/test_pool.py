@@ -1,12 +1,15 @@
-"""AdapterPool: PEFT mixed-batch parity, LRU eviction, host cache, compile without recompiles."""
+"""AdapterPool: PEFT mixed-batch parity (Llama; GPT-2 Conv1D + embedding), LRU eviction, host cache,
+rows vs names, failed and concurrent batches, compile without recompiles."""
 import copy
 import os
+import shutil
 import threading
 
 import pytest
 import torch
 from conftest import devices, rel_err
-from models import tiny_llama
+from models import tiny_gpt2, tiny_llama
+from torch import nn
 
 import lora_ext
 
@@ -122,6 +125,141 @@ def test_bad_adapters_leave_pool_unchanged(saved, tmp_path):
     with pytest.raises(ValueError, match="reserved"):
         pool.load("__base__", paths["a0"])
     assert pool.names() == ["a0"]
+
+
+@torch.no_grad()
+def test_failed_batch_leaves_pool_unchanged(saved, tmp_path):
+    """A batch that cannot get its adapters (more names than slots, an evicted adapter whose file
+    is gone) raises and leaves nothing in use: later loads, unloads and batches work."""
+    base, paths = saved
+    gone = shutil.copytree(paths["a0"], tmp_path / "a0")
+    model, pool = make_pool(base, {"a0": str(gone), "a1": paths["a1"], "a2": paths["a2"]}, max_adapters=2,
+                            host_cache_bytes=1)  # loading a2 evicted a0; the 1-byte cache dropped its copy
+    ref_model, ref_pool = make_pool(base, paths)
+    assert pool.resident() == ["a1", "a2"]
+    shutil.rmtree(gone)
+    with pytest.raises(FileNotFoundError, match="'a0' was evicted"):
+        with pool.batch(["a2", "a0"]):
+            pass
+    assert pool.resident() == ["a1", "a2"]
+    with pytest.raises(ValueError, match="names has 3 distinct adapters but max_adapters=2"):
+        with pool.batch(["a1", "a2", None, "a0"]):
+            pass
+    assert pool.resident() == ["a1", "a2"]
+    pool.unload("a2")
+    pool.load("a0", paths["a0"])
+    pool.load("a3", paths["a3"])  # evicts a1: nothing is left in use
+    ids = torch.randint(0, 128, (3, 6))
+    with pool.batch(["a3", None, "a0"]), ref_pool.batch(["a3", None, "a0"]):
+        assert rel_err(model(input_ids=ids).logits, ref_model(input_ids=ids).logits) < 1e-6
+
+
+@torch.no_grad()
+def test_names_must_match_rows(saved):
+    """One name per batch row (per token with per_token=True), else ValueError; never the rows of
+    an earlier batch. Outside a batch the model is the base model."""
+    base, paths = saved
+    model, pool = make_pool(base, paths)
+    ids = torch.randint(0, 128, (3, 5))
+    with pool.batch(["a0", "a1", "a2"]):
+        model(input_ids=ids)
+    for names in (["a3"], ["a3"] * 4):
+        with pytest.raises(ValueError, match=f"3 batch rows .* but {len(names)} row indices"):
+            with pool.batch(names):
+                model(input_ids=ids)
+    for n in (14, 16):
+        with pytest.raises(ValueError, match=f"15 tokens .* but {n} token indices"):
+            with pool.batch(["a3"] * n, per_token=True):
+                model(input_ids=ids.reshape(1, -1))
+    assert rel_err(model(input_ids=ids).logits, base(input_ids=ids).logits) == 0
+
+
+@torch.no_grad()
+def test_rows_of_any_leading_shape():
+    """Inputs without a sequence dim ([batch, features]) or with several are routed by batch row."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    shapes = {"0": (16, 32), "2": (32, 8)}
+    ads = {n: lora_ext.Adapter({m: lora_ext.LayerWeights(torch.randn(r, i) / 4, torch.randn(o, r) / 4, 0.5)
+                                for m, (i, o) in shapes.items()}) for n, r in (("p", 4), ("q", 2))}
+    model = copy.deepcopy(base)
+    pool = lora_ext.AdapterPool(model, target_modules=["0", "2"], max_adapters=2, max_rank=4)
+    singles = {None: base}
+    for n, ad in ads.items():
+        pool.load(n, ad)
+        singles[n] = copy.deepcopy(base)
+        lora_ext.load_adapter(singles[n], ad)
+    names = ["p", None, "q", "p"]
+    for x in (torch.randn(4, 16), torch.randn(4, 3, 16)):
+        with pool.batch(names):
+            got = model(x)
+        for i, n in enumerate(names):
+            assert rel_err(got[i], singles[n](x[i:i + 1])[0]) < 1e-5
+
+
+def test_one_batch_at_a_time(saved):
+    """A second batch while one is open (another thread's, or nested) raises instead of sharing the
+    pool's index buffer."""
+    base, paths = saved
+    model, pool = make_pool(base, paths)
+    opened, release = threading.Event(), threading.Event()
+
+    def hold():
+        with pool.batch(["a0", "a1"]):
+            opened.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert opened.wait(30)
+        with pytest.raises(RuntimeError, match="another batch is open"):
+            with pool.batch(["a2", "a3"]):
+                pass
+    finally:
+        release.set()
+        t.join()
+    with pool.batch(["a2"]):
+        with pytest.raises(RuntimeError, match="another batch is open"):
+            with pool.batch(["a3"]):
+                pass
+    pool.unload("a2")  # the refused batches left nothing in use
+    assert pool.names() == ["a0", "a1", "a3"]
+
+
+@torch.no_grad()
+def test_gpt2_conv1d_and_embedding_match_peft(tmp_path):
+    """GPT-2: Conv1D (c_attn, c_proj) and the token embedding (wte) served in one mixed batch; every
+    row's logits equal PEFT's with that adapter alone (base-only rows: the base model)."""
+    base = tiny_gpt2()
+    targets = ["c_attn", "c_proj", "wte"]
+    paths = {}
+    for i, r in enumerate((2, 4, 8)):
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, fan_in_fan_out=True)
+        pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+        torch.manual_seed(30 + i)
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.data = torch.randn_like(p) * 0.1
+        paths[f"g{i}"] = str(tmp_path / f"g{i}")
+        pm.save_pretrained(paths[f"g{i}"])
+    model = copy.deepcopy(base)
+    pool = lora_ext.AdapterPool(model, target_modules=targets, max_adapters=3, max_rank=8)
+    for n, p in paths.items():
+        pool.load(n, p)
+    assert {type(m).__name__ for m in pool.layers.values()} == {"MultiLoRALinear", "MultiLoRAEmbedding"}
+    names = ["g0", None, "g2", "g1", "g2", "__base__"]
+    ids = torch.randint(0, 128, (len(names), 7), generator=torch.Generator().manual_seed(0))
+    with pool.batch(names):
+        got = model(input_ids=ids).logits
+    for name in ("g0", "g1", "g2", None):
+        rows = [i for i, n in enumerate(names) if n == name or (name is None and n == "__base__")]
+        ref_model = base if name is None else peft.PeftModel.from_pretrained(copy.deepcopy(base), paths[name]).eval()
+        assert rel_err(got[rows], ref_model(input_ids=ids[rows]).logits) < 1e-5
+    linear_on_emb = lora_ext.Adapter({"transformer.wte": lora_ext.LayerWeights(torch.zeros(2, 128),
+                                                                                torch.zeros(64, 2), 1.0)})
+    with pytest.raises(ValueError, match=r"'transformer.wte' \(Embedding\) cannot take linear weights"):
+        pool.load("bad", linear_on_emb)
 
 
 @torch.no_grad()
