@@ -1,39 +1,23 @@
 """Builds lora_ext._C: CPU kernels always, CUDA kernels when torch and a toolkit allow.
 
 Environment:
-  TORCH_CUDA_ARCH_LIST  CUDA archs (default "8.0;9.0a" when no GPU is visible)
+  TORCH_CUDA_ARCH_LIST  CUDA archs (default: tools/build_config.py ARCH_DEFAULT when no GPU is visible)
   MAX_JOBS              parallel compile jobs (default: all cores)
   CUDA_HOME             CUDA toolkit (default: found from /usr/local/cuda or nvcc on PATH)
   LORA_EXT_CPU_ONLY=1   skip the CUDA kernels
 """
-import glob
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-
-def _find_cuda_home() -> str | None:
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    # /usr/local/bin/nvcc may be a wrapper; prefer a real toolkit directory.
-    for cand in ("/usr/local/cuda",):
-        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
-            return cand
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
-            return home
-    return None
+import build_config as cfg  # noqa: E402  (the one description of the build: tools/build_config.py)
 
 
 # torch.utils.cpp_extension reads CUDA_HOME when imported: set it first.
-_cuda_home = _find_cuda_home()
+_cuda_home = cfg.cuda_home()
 if _cuda_home:
     os.environ["CUDA_HOME"] = _cuda_home
 
@@ -53,36 +37,47 @@ def _cuda_skip_reason() -> str | None:
     return None
 
 
-def _pip_cuda_includes() -> list[str]:
-    """CUDA headers shipped in the nvidia-* wheels torch depends on (cusparse.h, cublas_v2.h)."""
-    dirs = []
-    for base in sys.path:
-        nv = os.path.join(base, "nvidia")
-        if os.path.isdir(nv):
-            dirs += sorted(glob.glob(os.path.join(nv, "cu*", "include")))
-            dirs += sorted(glob.glob(os.path.join(nv, "*", "include")))
-    seen, out = set(), []
-    for d in dirs:
-        if d not in seen and os.path.isdir(d):
-            seen.add(d)
-            out.append(d)
-    return out
-
-
-def _sources(pattern: str) -> list[str]:
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
 PTXAS_DIR = os.path.join(ROOT, "build", "ptxas")
+
+
+def _announce(msg: str) -> None:
+    """Prints msg. pip shows a build's output only with -v, so it also goes to the terminal, if any."""
+    print(msg, flush=True)
+    if not sys.stdout.isatty():
+        try:
+            with open("/dev/tty", "w") as tty:
+                tty.write(msg + "\n")
+        except OSError:
+            pass
+
+
+def _build_plan(sources: list[str]) -> str:
+    """One line: what is compiled and roughly how long it takes (C++ files including torch
+    headers take ~50 s each on one core, each .cu ~15 s per CUDA arch)."""
+    n_cu = sum(s.endswith(".cu") for s in sources)
+    n_cpp = len(sources) - n_cu
+    jobs = max(1, int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1))
+    archs = max(1, len(os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", " ").split()))
+    minutes = max(1, round((50 * n_cpp + 15 * archs * n_cu) / jobs / 60))
+    what = (f"{n_cpp} C++ and {n_cu} CUDA files ({archs} arch(s))" if n_cu else f"{n_cpp} C++ files (CPU kernels only)")
+    hint = "; LORA_EXT_CPU_ONLY=1 skips the CUDA kernels" if n_cu else ""
+    return (f"lora_ext: compiling {what}: roughly {minutes} min with MAX_JOBS={jobs} (parallel jobs), "
+            f"no output meanwhile unless `pip install -v`{hint}")
 
 
 class Build(BuildExtension):
     """BuildExtension + a ptxas register/spill summary; the build fails on spills."""
 
     def run(self):
+        try:
+            _announce(_build_plan([s for e in self.extensions for s in e.sources]))
+        except Exception:  # a progress message must never fail the build
+            pass
         super().run()
         if WITH_CUDA:
-            stems = {os.path.basename(p).split(".")[0] for p in _sources("csrc/cuda/*.cu")}
+            stems = {os.path.basename(p).split(".")[0] for p in cfg.sources(["csrc/cuda/*.cu"])}
             summary, spills = ptxas_report.summarise(PTXAS_DIR, stems)
             print(summary)
             if spills:
@@ -90,31 +85,32 @@ class Build(BuildExtension):
 
 
 def _extension():
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unused-function", "-Wno-psabi"]
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    std = f"-std=c++{cfg.CXX_STANDARD}"
+    cxx = [cfg.OPT, std] + cfg.CXX_FLAGS
+    sources = cfg.sources(cfg.CPU_SOURCES)
     if WITH_CUDA:
         os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = cfg.ARCH_DEFAULT
         os.environ["PYTORCH_NVCC"] = " ".join(
             [sys.executable, os.path.join(ROOT, "tools", "nvcc_log.py"), PTXAS_DIR,
              os.path.join(_cuda_home, "bin", "nvcc")])
         print(f"lora_ext: building CPU and CUDA kernels (CUDA_HOME={_cuda_home}, "
               f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')}, "
               f"MAX_JOBS={os.environ['MAX_JOBS']})")
-        nvcc = ["-O3", "-std=c++20", "-Xptxas=-v", "-lineinfo", "--expt-relaxed-constexpr",
-                "-DLORA_EXT_WITH_CUDA"]
+        define = f"-D{cfg.CUDA_DEFINE}"
+        nvcc = [cfg.OPT, std] + cfg.NVCC_FLAGS + [define]  # (+ cfg.NVCC_DEFINES, from torch)
         return CUDAExtension(
             "lora_ext._C",
-            sources + _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
-            include_dirs=_pip_cuda_includes(),
-            extra_compile_args={"cxx": cxx + ["-DLORA_EXT_WITH_CUDA"], "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            sources + cfg.sources(cfg.CUDA_SOURCES),
+            include_dirs=cfg.nvidia_wheel_dirs("include"),
+            extra_compile_args={"cxx": cxx + [define], "nvcc": nvcc},
+            extra_link_args=cfg.LINK_FLAGS,
         )
     print(f"lora_ext: CUDA kernels skipped: {CUDA_SKIP}; building CPU kernels only")
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     return CppExtension("lora_ext._C", sources, extra_compile_args={"cxx": cxx},
-                        extra_link_args=["-fopenmp"])
+                        extra_link_args=cfg.LINK_FLAGS)
 
 
 CUDA_SKIP = _cuda_skip_reason()

@@ -10,7 +10,6 @@ Run: python bench/bench_merge.py [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -19,7 +18,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora_ext  # noqa: E402
-from bench.common import save, table, time_fn  # noqa: E402
+from bench.common import arg_parser, save, table, time_fn  # noqa: E402
 from lora_ext.ops import MergeState, merge_, unmerge_  # noqa: E402
 
 
@@ -134,10 +133,7 @@ def bench_inference(device, quick):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args(argv)
+    a = arg_parser("merge", __doc__).parse_args(argv)
     parts = {"kernel": bench_kernel, "exact": bench_exact, "overhead": bench_overhead,
              "inference": bench_inference}
     out = {}

@@ -12,7 +12,6 @@ Run: python bench/bench_multi_lora.py [--device cpu|cuda] [--quick] [--out DIR]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench.common as common  # noqa: E402
-from bench.common import save, table, time_fn  # noqa: E402
+from bench.common import arg_parser, best_of, save, table, time_fn  # noqa: E402
 from lora_ext.ops import multi_lora_  # noqa: E402
 
 
@@ -76,13 +75,17 @@ def run(device: str = "cpu", quick: bool = False) -> tuple[list[dict], float]:
             u = torch.bmm(A[il], x[:, :, None])
             y.add_(torch.bmm(B[il], u)[:, :, 0] * sc[il, None].to(dt))
 
-        # CPU: best of 3 rounds of medians (the machine may be shared), interleaved per method
+        # CPU: best of 3 rounds of medians (the machine may be shared), interleaved per method;
+        # min/max span all rounds
         kw, rounds = ({"warmup": 3, "min_time_s": 0.1}, 3) if device == "cpu" else ({}, 1)
-        t_ours = t_loop = t_bmm = float("inf")
+        ours, loops, bmms = [], [], []
         for _ in range(rounds):
-            t_ours = min(t_ours, time_fn(lambda: multi_lora_(y, x, A, B, idx, sc, rk), device, **kw))
-            t_loop = min(t_loop, time_fn(loop, device, reps=5 if T * D > 20000 else 11, **kw))
-            t_bmm = min(t_bmm, time_fn(gather_bmm, device, reps=5, **kw)) if T <= 1024 else float("nan")
+            ours.append(time_fn(lambda: multi_lora_(y, x, A, B, idx, sc, rk), device, **kw))
+            loops.append(time_fn(loop, device, reps=5 if T * D > 20000 else 11, **kw))
+            if T <= 1024:
+                bmms.append(time_fn(gather_bmm, device, reps=5, **kw))
+        t_ours, t_loop = best_of(ours), best_of(loops)
+        t_bmm = best_of(bmms) if bmms else float("nan")
         elt = x.element_size()
         nbytes = elt * (T * i + 2 * T * o + D * r * (i + o))
         roof = nbytes / bw / 1e6
@@ -120,9 +123,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
+    p = arg_parser("multi_lora", __doc__)
     p.add_argument("--out", default=None, help="result folder (default bench/results)")
     a = p.parse_args(argv)
     if a.out:

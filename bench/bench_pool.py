@@ -15,7 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import cli, time_fn  # noqa: E402
+from bench.common import Timing, cli, sync, time_fn  # noqa: E402
 import lora_ext  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -54,10 +54,13 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     pm.eval()
     model = copy.deepcopy(base)
     pool = lora_ext.AdapterPool(model, target_modules=TARGETS, max_adapters=n_max, max_rank=16)
-    t0 = time.perf_counter()
+    load_times = []
     for n, p in paths.items():
+        t0 = time.perf_counter()
         pool.load(n, p)
-    load_disk_ms = (time.perf_counter() - t0) * 1e3 / n_max
+        sync(device)
+        load_times.append((time.perf_counter() - t0) * 1e3)
+    load_disk_ms = Timing.of(load_times)  # median (min-max) over the n_max adapters
     batch, seq = (8, 32) if quick else (16, 64)
     ids = torch.randint(0, 1024, (batch, seq), device=device)
     rows = []

@@ -1,7 +1,13 @@
 """Timing, result files and tables shared by the benchmarks.
 
-time_fn(fn) -> median milliseconds (CUDA events on GPU, perf_counter on CPU);
-save(name, rows, meta) writes bench/results/<name>-<device>.json; table(rows) prints with rich.
+time_fn(fn) -> Timing: the median in milliseconds (a float, so arithmetic on it is unchanged) that
+    also carries .min, .max and .n of the runs (CUDA events on GPU, perf_counter on CPU);
+best_of(timings) -> the best of several rounds (lowest median; min/max over all rounds);
+table(title, rows) prints with rich; a Timing cell reads "median (min–max)", and a warning follows
+    the table for every timing whose max/min exceeds SPREAD_WARN (1.5; $LORA_EXT_BENCH_SPREAD_WARN);
+save(name, rows, meta) writes bench/results/<name>-<device>.json: a Timing value is written as its
+    median, as before, plus "<key>_min" and "<key>_max" fields;
+arg_parser(name, doc) / cli(name, title, run): the command line every benchmark shares.
 """
 from __future__ import annotations
 
@@ -9,12 +15,50 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from datetime import date
 
 import torch
 
 RESULTS = os.environ.get("LORA_EXT_BENCH_OUT") or os.path.join(os.path.dirname(__file__), "results")
+# a timing whose slowest run is this many times its fastest gets a warning (noisy machine)
+SPREAD_WARN = float(os.environ.get("LORA_EXT_BENCH_SPREAD_WARN", "1.5"))
+
+
+class Timing(float):
+    """Milliseconds: the median of n runs (the float value) with the fastest and slowest run."""
+
+    def __new__(cls, median: float, min: float | None = None, max: float | None = None, n: int = 1):
+        self = super().__new__(cls, median)
+        self.min = float(median if min is None else min)
+        self.max = float(median if max is None else max)
+        self.n = n
+        return self
+
+    @classmethod
+    def of(cls, times_ms) -> "Timing":
+        ts = sorted(times_ms)
+        return cls(statistics.median(ts), ts[0], ts[-1], len(ts))
+
+    @property
+    def median(self) -> float:
+        return float(self)
+
+    @property
+    def spread(self) -> float:
+        """max / min of the runs (1.0: no spread)."""
+        return self.max / self.min if self.min > 0 else float("inf")
+
+    def __repr__(self) -> str:
+        return f"Timing(median={float(self):.4g}, min={self.min:.4g}, max={self.max:.4g}, n={self.n})"
+
+
+def best_of(timings) -> Timing:
+    """The round with the lowest median, with min/max/n over every round (the real spread)."""
+    ts = [t for t in timings if isinstance(t, Timing)]
+    best = min(ts, key=float)
+    return Timing(float(best), min(t.min for t in ts), max(t.max for t in ts), sum(t.n for t in ts))
 
 
 def sync(device) -> None:
@@ -22,8 +66,9 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn, device="cpu", warmup: int = 3, reps: int = 11, min_time_s: float = 0.0) -> float:
-    """Median wall time of fn() in milliseconds over `reps` runs (>= 5), after `warmup` runs."""
+def time_fn(fn, device="cpu", warmup: int = 3, reps: int = 11, min_time_s: float = 0.0) -> Timing:
+    """Median wall time of fn() in milliseconds over `reps` runs (>= 5), after `warmup` runs; the
+    result is a float (the median) with .min/.max/.n of the runs."""
     reps = max(reps, 5)
     for _ in range(warmup):
         fn()
@@ -43,7 +88,7 @@ def time_fn(fn, device="cpu", warmup: int = 3, reps: int = 11, min_time_s: float
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return Timing.of(times)
 
 
 def device_name(device) -> str:
@@ -57,33 +102,85 @@ def save(name: str, rows: list[dict], meta: dict | None = None, device="cpu") ->
     kind = torch.device(device).type
     path = os.path.join(RESULTS, f"{name}-{kind}.json")
     doc = {"benchmark": name, "date": date.today().isoformat(), "device": device_name(device),
-           "torch": torch.__version__, "meta": meta or {}, "rows": rows}
+           "torch": torch.__version__, "meta": meta or {}, "rows": [_with_spread(r) for r in rows],
+           "timing": "times in ms are medians of n runs; <key>_min / <key>_max: fastest / slowest run"}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     return path
+
+
+def _with_spread(row: dict) -> dict:
+    """The row as written to JSON: every Timing `k` stays a number (its median) and gains
+    `k_min` and `k_max` right after it."""
+    out = {}
+    for k, v in row.items():
+        out[k] = float(v) if isinstance(v, float) else v
+        if isinstance(v, Timing):
+            out[f"{k}_min"], out[f"{k}_max"] = v.min, v.max
+    return out
+
+
+def _cell(v) -> str:
+    if isinstance(v, Timing):
+        flag = " !" if v.spread > SPREAD_WARN else ""
+        return f"{float(v):.4g} ({v.min:.4g}–{v.max:.4g}){flag}"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def spread_warnings(rows: list[dict], limit: float | None = None) -> list[str]:
+    """One line per Timing in rows whose max/min exceeds `limit` (default SPREAD_WARN)."""
+    limit = SPREAD_WARN if limit is None else limit
+    out = []
+    for r in rows:
+        label = ", ".join(f"{k}={v}" for k, v in r.items() if not isinstance(v, float))
+        for k, v in r.items():
+            if isinstance(v, Timing) and v.spread > limit:
+                out.append(f"{k} [{label}]: min {v.min:.4g} / median {float(v):.4g} / max {v.max:.4g} ms "
+                           f"(max/min {v.spread:.2f} over {v.n} runs)")
+    return out
 
 
 def table(title: str, rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    has_times = any(isinstance(v, Timing) for r in rows for v in r.values())
     t = Table(title=title)
     cols = list(rows[0].keys()) if rows else []
     for c in cols:
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()])
-    Console(width=160).print(t)
+        t.add_row(*[_cell(v) for v in r.values()])
+    console = Console(width=160)
+    console.print(t)
+    if has_times:
+        console.print(f"times in ms: median (min–max) of the runs; ! = max/min > {SPREAD_WARN:g}",
+                      style="dim", markup=False, highlight=False)
+    warn = spread_warnings(rows)
+    if warn:
+        console.print(f"warning: {len(warn)} timing(s) in '{title}' vary by more than {SPREAD_WARN:g}x "
+                      "between runs (busy or throttling machine?): their medians are unreliable; rerun "
+                      "on an idle machine", style="yellow", markup=False, highlight=False)
+        for w in warn:
+            console.print(f"  {w}", style="yellow", markup=False, highlight=False)
+        sys.stdout.flush()
+
+
+def arg_parser(name: str, doc: str | None = None):
+    """--device, --quick; prog is the benchmark's file (not sys.argv[0]: bench/run.py and
+    `python -m lora_ext bench` call every benchmark in one process)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"bench_{name}.py", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="a few sizes only, no result file")
+    return p
 
 
 def cli(name: str, title: str, run, doc: str | None = None, argv=None) -> list[dict]:
     """The command line every benchmark shares: --device, --quick; prints a table, saves JSON."""
-    import argparse
-
-    p = argparse.ArgumentParser(description=doc)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="a few sizes only, no result file")
-    a = p.parse_args(argv)
+    a = arg_parser(name, doc).parse_args(argv)
     rows = run(a.device, a.quick)
     table(title.format(device=a.device), rows)
     if not a.quick:

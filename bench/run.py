@@ -1,6 +1,7 @@
 """Runs every benchmark on one device and writes JSON under bench/results/ (or $LORA_EXT_BENCH_OUT).
 
-python bench/run.py [--device cpu|cuda] [--quick] [--only NAME ...]
+python -m lora_ext bench (or python bench/run.py) [--device cpu|cuda] [--quick] [--only NAME ...]
+Every timing is printed as median (min–max) of its runs, with a warning when max/min > 1.5.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCHMARKS = ["roofline", "lora_apply", "lora_linear", "merge", "multi_lora", "pool"]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+def main(argv=None, prog: str | None = None) -> int:
+    """prog: the name in usage/help lines (python -m lora_ext passes its own; default: run.py)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a few sizes only, no result files")
     p.add_argument("--only", nargs="*", default=None, choices=BENCHMARKS)

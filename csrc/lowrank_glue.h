@@ -12,7 +12,7 @@
 #include <tuple>
 
 #include "checks.h"
-#include "lowrank.h"
+#include "lowrank_job.h"
 
 namespace lora_ext {
 

@@ -4,7 +4,7 @@
 // Merged value. For a weight W0 and an ordered set of adapters, the kernels compute
 //   S[p, q] = fma chain over the concatenated rank j of L[p, j] * R[j, q], from +0,
 // where L/R are fp32 copies of B (pre-multiplied by its fp32 scale) and A (see
-// merge_args.h), and write W = enc(dec(W0) + S): one fp32 add, rounded once into
+// merge_glue.h), and write W = enc(dec(W0) + S): one fp32 add, rounded once into
 // W's dtype. Every step is a correctly rounded IEEE operation (explicit fma, one
 // add, integer round-to-nearest-even encoders below), so the CPU and the GPU give
 // the same bits and a later pass recomputes exactly the S of an earlier one.

@@ -2,6 +2,9 @@
 
 python examples/finetune.py [--steps 200] [--device cpu|cuda] [--out DIR]
 The synthetic task: counting, token t is followed by (t + 1) mod V.
+The adapter is saved in HF PEFT format (adapter_config.json + adapter_model.safetensors): load it
+with lora_ext.Adapter.load(DIR) + lora_ext.load_adapter(make_model("cpu"), ...) or with
+peft.PeftModel.from_pretrained(make_model("cpu"), DIR).
 """
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ import os
 import tempfile
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import lora_ext
@@ -54,13 +56,14 @@ def train(steps: int = 200, device: str = "cpu", out_dir: str | None = None, lr:
     # the frozen base is bit-identical; only lora_A / lora_B moved
     after = model.state_dict()
     changed = {k for k in base_before if not torch.equal(base_before[k], after[k])}
-    sd = lora_ext.lora_state_dict(model)
     out_dir = out_dir or tempfile.mkdtemp(prefix="lora_ext_")
+    # PEFT format: adapter_config.json + adapter_model.safetensors (PEFT key names)
+    lora_ext.Adapter.from_model(model).save(out_dir)
     path = os.path.join(out_dir, "adapter_model.safetensors")
-    save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata={"format": "pt"})
     model_bytes = sum(v.numel() * v.element_size() for v in base_before.values())
-    result = {"targets": names, "first_loss": sum(losses[:10]) / 10, "last_loss": sum(losses[-10:]) / 10,
-              "base_params_changed": sorted(changed), "adapter_file": path,
+    k = max(1, min(10, len(losses)))  # mean of the first / last (up to) 10 steps
+    result = {"targets": names, "first_loss": sum(losses[:k]) / k, "last_loss": sum(losses[-k:]) / k,
+              "base_params_changed": sorted(changed), "adapter_dir": out_dir, "adapter_file": path,
               "adapter_bytes": os.path.getsize(path), "model_bytes": model_bytes,
               "trainable_params": sum(p.numel() for p in params),
               "total_params": sum(p.numel() for p in model.parameters())}
@@ -79,7 +82,9 @@ def main(argv=None):
           f"({100 * r['trainable_params'] / r['total_params']:.2f}%); base params changed: "
           f"{len(r['base_params_changed'])}")
     print(f"model {r['model_bytes'] / 2**20:.2f} MiB, adapter {r['adapter_bytes'] / 2**10:.1f} KiB "
-          f"({r['model_bytes'] / r['adapter_bytes']:.0f}x smaller) -> {r['adapter_file']}")
+          f"({r['model_bytes'] / r['adapter_bytes']:.0f}x smaller)")
+    print(f"adapter (PEFT format) -> {r['adapter_dir']}: lora_ext.Adapter.load(dir) or "
+          f"peft.PeftModel.from_pretrained(base, dir)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,27 @@ def _cubins(so_path: str) -> list[str]:
     return sorted(set(re.findall(r"\.(sm_\w+)\.cubin", out)))
 
 
+def _arch_names(arch_list: str, cubins: list[str]) -> list[str]:
+    """The SM targets of build_info's "cuda:<archs>" entry, named like cuobjdump names the cubins.
+
+    build_info reports nvcc's __CUDA_ARCH_LIST__ ("800,900"): compute capabilities only. An
+    arch-specific target (TORCH_CUDA_ARCH_LIST=9.0a -> compute_90a/sm_90a) or a family target
+    (sm_100f) is 900 / 1000 there, without its suffix; the cubins in the binary carry it. So each
+    capability takes the name of its cubin(s) when cuobjdump found them, else plain sm_XY.
+    """
+    import re
+
+    names = []
+    for a in (x.strip() for x in arch_list.split(",") if x.strip()):
+        if not a.isdigit():
+            names.append(a)  # "unknown": built without __CUDA_ARCH_LIST__
+            continue
+        sm = f"sm_{int(a) // 10}"
+        same = [c for c in cubins if re.fullmatch(rf"{sm}[a-z]?", c)]
+        names += same or [sm]
+    return list(dict.fromkeys(names))
+
+
 def info() -> int:
     from rich.console import Console
     from rich.table import Table
@@ -40,9 +61,11 @@ def info() -> int:
     t.add_row("torch", torch.__version__)
     t.add_row("torch CUDA", str(torch.version.cuda))
     t.add_row("backends", ", ".join(b.split(":")[0] for b in built))
-    archs = ", ".join(f"sm_{int(a) // 10}" for a in cuda_built.split(",")) if cuda_built else "-"
-    t.add_row("CUDA archs", archs)
-    if cuda_built and (cubins := _cubins(lora_ext._C.__file__)):
+    cubins = _cubins(lora_ext._C.__file__) if cuda_built else []
+    archs = _arch_names(cuda_built, cubins) if cuda_built else []
+    note = "" if cubins or not cuda_built else " (no cuobjdump: sm_90a etc. show as sm_90)"
+    t.add_row("CUDA archs", (", ".join(archs) or "-") + note)
+    if cubins and sorted(cubins) != sorted(archs):  # e.g. compute_80 code sm_86: cubins differ
         t.add_row("CUDA cubins", ", ".join(cubins))
     t.add_row("CPU threads", str(torch.get_num_threads()))
     if torch.cuda.is_available():
@@ -63,8 +86,13 @@ def bench(argv: list[str]) -> int:
         print("bench/ is part of the source tree: run from a checkout (pip install -e .)", file=sys.stderr)
         return 2
     sys.argv = [script] + argv
-    runpy.run_path(script, run_name="__main__")
-    return 0
+    run = runpy.run_path(script)["main"]  # as a module, not __main__: we call main with our prog name
+    return run(argv, prog="python -m lora_ext bench") or 0
+
+
+def _cli_extra_missing(cmd: str) -> int:
+    print(f"python -m lora_ext {cmd} needs rich and tqdm: pip install 'lora_ext[cli]'", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
@@ -77,14 +105,19 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="version, torch/CUDA, compiled backends and archs, GPUs")
     sub.add_parser("bench", help="run the benchmarks (bench/run.py; --help there)", add_help=False)
     args, rest = p.parse_known_args(argv)
-    if args.cmd == "info":
-        return info()
-    if args.cmd == "demo":
-        from .demo import run
+    try:
+        if args.cmd == "info":
+            return info()
+        if args.cmd == "demo":
+            from .demo import run
 
-        run(args.device, args.steps, args.out)
-        return 0
-    return bench(rest)
+            run(args.device, args.steps, args.out)
+            return 0
+        return bench(rest)
+    except ModuleNotFoundError as e:  # the CLI's own dependencies are an extra
+        if (e.name or "").split(".")[0] in ("rich", "tqdm"):
+            return _cli_extra_missing(args.cmd)
+        raise
 
 
 if __name__ == "__main__":

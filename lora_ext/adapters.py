@@ -5,8 +5,10 @@
     lora_ext.Adapter.from_model(model).save("out/")          # loads in peft.PeftModel.from_pretrained
 
 Pickle files (adapter_model.bin) are refused unless allow_pickle=True, then read with
-torch.load(weights_only=True). Bad files raise ValueError / FileNotFoundError naming the file
-and the module; load_adapter validates everything before it touches the model.
+torch.load(weights_only=True). Bad files (wrong types or values, NaN/inf weights unless
+allow_nonfinite=True, duplicate keys) raise ValueError / FileNotFoundError naming the file and the
+field or module; load_adapter validates everything before it touches the model. Non-LoRA tensors
+PEFT saves (modules_to_save, bias="all"/"lora_only") are kept in Adapter.extra and loaded too.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .inject import PEFT_PREFIX, _pattern_value, inject, lora_layers
+from .inject import PEFT_PREFIX, _compile_key, _pattern_value, inject, lora_layers
 from .layers import LoRAEmbedding, LoRALinear
 
 __all__ = ["Adapter", "LayerWeights", "load_adapter"]
@@ -30,6 +32,7 @@ SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                   r"(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -47,37 +50,39 @@ class LayerWeights:
 
 @dataclass
 class Adapter:
-    """A LoRA adapter: its PEFT config and the factors of every adapted module (by module path)."""
+    """A LoRA adapter: its PEFT config and the factors of every adapted module (by module path).
+
+    extra: the other tensors of a PEFT adapter (modules_to_save, biases trained with bias="all" or
+    "lora_only"), under PEFT's names less "base_model.model." (e.g. "lm_head.weight",
+    "transformer.h.0.attn.c_attn.base_layer.bias"); load_adapter loads them into the model.
+    """
     layers: dict[str, LayerWeights]
     config: dict = field(default_factory=dict)
     name: str | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        return sum(w.A.numel() * w.A.element_size() + w.B.numel() * w.B.element_size()
-                   for w in self.layers.values())
+        tensors = [t for w in self.layers.values() for t in (w.A, w.B)] + list(self.extra.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---------------------------------------------------------------- reading
     @classmethod
-    def load(cls, path: str, allow_pickle: bool = False, device="cpu", dtype=None) -> "Adapter":
-        cfg_path = os.path.join(path, CONFIG_FILE)
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"Adapter.load: {cfg_path} not found (a PEFT adapter directory "
-                                    f"holds {CONFIG_FILE} and {SAFETENSORS_FILE})")
-        try:
-            with open(cfg_path) as f:
-                config = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"Adapter.load: {cfg_path} is not valid JSON: {e}") from None
-        if config.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"Adapter.load: {cfg_path} has peft_type={config.get('peft_type')!r}, not LORA")
-        if config.get("use_dora"):
-            raise ValueError(f"Adapter.load: {cfg_path} is a DoRA adapter (use_dora=true); not supported")
-        for key in ("r", "lora_alpha"):
-            if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-                raise ValueError(f"Adapter.load: {cfg_path}: {key} must be a positive number, got {config.get(key)!r}")
-        tensors = _read_weights(path, allow_pickle)
-        return cls(_parse_layers(tensors, config, path, device, dtype), config,
-                   name=os.path.basename(os.path.normpath(path)))
+    def load(cls, path: str, allow_pickle: bool = False, device="cpu", dtype=None,
+             allow_nonfinite: bool = False) -> "Adapter":
+        config = _read_config(os.path.join(path, CONFIG_FILE))
+        file, tensors = _read_weights(path, allow_pickle)
+        where = f"Adapter.load: {file}"
+        _check_tensors(tensors, where, allow_nonfinite)
+        factors, extra = _split_factors(tensors, where)
+        conv = (lambda t: t.to(device=device, dtype=dtype or t.dtype))
+        layers = {}
+        for name, (A, B, kind) in factors.items():
+            r_cfg = _pattern_value(name, config.get("rank_pattern"), config["r"])
+            if A.shape[0] != r_cfg:
+                raise ValueError(f"{where}: module {name!r} has rank {A.shape[0]} but the config says r={r_cfg}")
+            layers[name] = LayerWeights(conv(A), conv(B), _scale_for(name, A.shape[0], config), kind)
+        return cls(layers, config, name=os.path.basename(os.path.normpath(path)),
+                   extra={k: conv(t) for k, t in extra.items()})
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "Adapter":
@@ -122,31 +127,105 @@ class Adapter:
             else:
                 tensors[f"{PEFT_PREFIX}{name}.lora_embedding_A"] = w.A.contiguous()
                 tensors[f"{PEFT_PREFIX}{name}.lora_embedding_B"] = w.B.contiguous()
+        tensors.update({PEFT_PREFIX + k: t.contiguous() for k, t in self.extra.items()})
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, os.path.join(path, SAFETENSORS_FILE),
                   metadata={"format": "pt"})
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump({"peft_type": "LORA", **self.config}, f, indent=2)
 
 
-def _read_weights(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _no_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise ValueError(f"duplicate key {dup!r}")
+    return dict(pairs)
+
+
+def _check_number(where: str, field: str, value, kind: type) -> None:
+    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, bool) or not ok or value <= 0:
+        what = "an int" if kind is int else "a finite number"
+        raise ValueError(f"{where}: {field} must be {what} > 0, got {value!r}")
+
+
+def _read_config(cfg_path: str) -> dict:
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"Adapter.load: {cfg_path} not found (a PEFT adapter directory "
+                                f"holds {CONFIG_FILE} and {SAFETENSORS_FILE})")
+    where = f"Adapter.load: {cfg_path}"
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f, object_pairs_hook=_no_duplicates)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be an adapter config") from None
+    except ValueError as e:  # from _no_duplicates
+        raise ValueError(f"{where}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where} has peft_type={config.get('peft_type')!r}, not LORA")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            raise ValueError(f"{where}: {key} must be true or false, got {config[key]!r}")
+    if config.get("use_dora"):
+        raise ValueError(f"{where} is a DoRA adapter (use_dora=true); not supported")
+    _check_number(where, "r", config.get("r"), int)
+    _check_number(where, "lora_alpha", config.get("lora_alpha"), float)
+    for fld, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+        pattern = config.get(fld) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{where}: {fld} must be a JSON object (regex -> value), got {pattern!r:.80}")
+        for key, value in pattern.items():
+            try:
+                _compile_key(key)
+            except ValueError as e:
+                raise ValueError(f"{where}: {fld} {e}") from None
+            _check_number(where, f"{fld}[{key!r}]", value, kind)
+    return config
+
+
+def _read_weights(path: str, allow_pickle: bool) -> tuple[str, dict]:
+    """(the weights file, what it holds)."""
     st, pk = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, PICKLE_FILE)
     if os.path.isfile(st):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            return load_file(st)
+            tensors = load_file(st)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ValueError(f"Adapter.load: {st} is corrupt or truncated: {e}") from None
+        with open(st, "rb") as f:  # safetensors keeps the last of duplicate keys: refuse them
+            header = f.read(int.from_bytes(f.read(8), "little"))
+        try:
+            json.loads(header, object_pairs_hook=_no_duplicates)
+        except ValueError as e:
+            raise ValueError(f"Adapter.load: {st}: {e} in the header") from None
+        return st, tensors
     if os.path.isfile(pk):
         if not allow_pickle:
             raise ValueError(f"Adapter.load: refusing to unpickle {pk} (pickle files can run code); "
                              "convert it to safetensors or pass allow_pickle=True")
         try:
-            return torch.load(pk, map_location="cpu", weights_only=True)
+            return pk, torch.load(pk, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  (any unpickling failure is a bad file)
             raise ValueError(f"Adapter.load: {pk} could not be read: {e}") from None
     raise FileNotFoundError(f"Adapter.load: no {SAFETENSORS_FILE} (or {PICKLE_FILE}) in {path}")
+
+
+def _check_tensors(tensors, where: str, allow_nonfinite: bool) -> None:
+    if not isinstance(tensors, dict):
+        raise ValueError(f"{where} holds a {type(tensors).__name__}, not a dict of tensors")
+    for key, t in tensors.items():
+        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}: entry {key!r} is a {type(t).__name__}; expected str keys and tensors")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{where}: {key} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
+        if not allow_nonfinite and not torch.isfinite(t).all():
+            raise ValueError(f"{where}: {key} holds NaN or inf values; pass allow_nonfinite=True to load it anyway")
 
 
 def _scale_for(name: str, r: int, config: dict) -> float:
@@ -154,45 +233,48 @@ def _scale_for(name: str, r: int, config: dict) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def _parse_layers(tensors: dict, config: dict, path: str, device, dtype) -> dict[str, LayerWeights]:
+def _split_factors(tensors: dict, where: str) -> tuple[dict, dict]:
+    """PEFT- or module-named tensors -> ({module: (A, B, kind)}, {other key less the prefix: tensor})."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    extra = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
-        if m is None:
-            if "lora_magnitude_vector" in key:
-                raise ValueError(f"Adapter.load: {path}: DoRA weights ({key}) are not supported")
-            continue  # modules_to_save, biases: not LoRA factors
-        parts.setdefault(m["path"], {})[m["kind"]] = t
+        if m is not None:
+            parts.setdefault(m["path"], {})[m["kind"]] = t
+        elif "lora_" in key:
+            raise ValueError(f"{where}: {key} is not supported (only lora_A/lora_B/lora_embedding_A/B; "
+                             "no DoRA magnitude vectors)")
+        else:
+            extra[key.removeprefix(PEFT_PREFIX)] = t
     if not parts:
-        raise ValueError(f"Adapter.load: {path} holds no LoRA weights (keys like "
-                         f"'{PEFT_PREFIX}<module>.lora_A.weight')")
-    layers = {}
+        raise ValueError(f"{where} holds no LoRA weights (keys like '{PEFT_PREFIX}<module>.lora_A.weight' "
+                         f"or '<module>.lora_A'; got {sorted(tensors)[:4]})")
+    factors = {}
     for name, p in parts.items():
         emb = "lora_embedding_A" in p or "lora_embedding_B" in p
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
         if a_key not in p or b_key not in p:
-            raise ValueError(f"Adapter.load: {path}: module {name!r} has {sorted(p)} but needs {a_key} and {b_key}")
+            raise ValueError(f"{where}: module {name!r} has {sorted(p)} but needs {a_key} and {b_key}")
         A, B = p[a_key], p[b_key]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise ValueError(f"Adapter.load: {path}: module {name!r} has {a_key} {tuple(A.shape)} and "
-                             f"{b_key} {tuple(B.shape)}; expected [r, in] and [out, r]")
-        r_cfg = _pattern_value(name, config.get("rank_pattern"), config["r"])
-        if A.shape[0] != r_cfg:
-            raise ValueError(f"Adapter.load: {path}: module {name!r} has rank {A.shape[0]} but the config "
-                             f"says r={r_cfg}")
-        conv = (lambda t: t.to(device=device, dtype=dtype or t.dtype))
-        layers[name] = LayerWeights(conv(A), conv(B), _scale_for(name, A.shape[0], config),
-                                    "embedding" if emb else "linear")
-    return layers
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0:
+            raise ValueError(f"{where}: module {name!r} has {a_key} {tuple(A.shape)} and "
+                             f"{b_key} {tuple(B.shape)}; expected [r, in] and [out, r] with r > 0")
+        factors[name] = (A, B, "embedding" if emb else "linear")
+    return factors, extra
 
 
-def load_adapter(model: nn.Module, adapter: Adapter) -> list[str]:
+def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -> list[str]:
     """Copies an adapter into a model; injects LoRA layers where the model has none yet.
 
+    adapter: an Adapter, or a lora_state_dict (PEFT or module names) for LoRA layers the model
+    already has (a state dict holds no alpha: the layers keep their scaling and rank).
     Every module is validated (exists, right type, shapes fit) before anything changes, so a
     mismatched adapter leaves the model untouched. A LoRA layer of another rank is resized.
+    Adapter.extra tensors (modules_to_save, biases) replace the model's, as in PEFT.
     Returns the names of the modules loaded.
     """
+    if isinstance(adapter, dict):
+        adapter = _from_state_dict(model, adapter)
     modules = dict(model.named_modules())
     plan = []
     for name, w in adapter.layers.items():
@@ -219,12 +301,46 @@ def load_adapter(model: nn.Module, adapter: Adapter) -> list[str]:
             raise ValueError(f"load_adapter: module {name!r} is {want[0]} -> {want[1]} but the adapter's "
                              f"factors are A {tuple(w.A.shape)}, B {tuple(w.B.shape)}")
         plan.append((name, m, w))
+    for key, t in adapter.extra.items():
+        mod, _, leaf = key.replace(".base_layer.", ".").rpartition(".")
+        old = getattr(modules.get(mod), leaf, None)
+        if not isinstance(old, torch.Tensor) or old.shape != t.shape:
+            raise ValueError(f"load_adapter: adapter {adapter.name or ''} holds {key} {tuple(t.shape)} "
+                             f"(modules_to_save or a bias) but the model has "
+                             f"{tuple(old.shape) if isinstance(old, torch.Tensor) else 'no such tensor'}")
     for name, m, w in plan:
         if not isinstance(m, (LoRALinear, LoRAEmbedding)):
             inject(model, f"^{re.escape(name)}$", r=w.r, alpha=w.scale * w.r)
             m = dict(model.named_modules())[name]
         _set_factors(m, w)
+    modules = dict(model.named_modules())
+    for key, t in adapter.extra.items():
+        mod, _, leaf = key.replace(".base_layer.", ".").rpartition(".")
+        old = getattr(modules[mod], leaf)
+        t = t.to(old.device, old.dtype)
+        if ".base_layer." in key:  # an adapted layer's own bias/table: PEFT loads it in place (ties kept)
+            with torch.no_grad():
+                old.copy_(t)
+        else:  # modules_to_save and other biases: PEFT uses its own copy, so ties are cut
+            setattr(modules[mod], leaf, nn.Parameter(t.clone(), old.requires_grad)
+                    if isinstance(old, nn.Parameter) else t.clone())
     return [p[0] for p in plan]
+
+
+def _from_state_dict(model: nn.Module, state_dict: dict) -> Adapter:
+    where = "load_adapter: state_dict"
+    _check_tensors(state_dict, where, allow_nonfinite=True)
+    factors, extra = _split_factors(state_dict, where)
+    found = lora_layers(model)
+    layers = {}
+    for name, (A, B, kind) in factors.items():
+        m = found.get(name)
+        if m is None or m.r != A.shape[0]:
+            problem = "is not a LoRA layer of the model" if m is None else f"has rank {m.r} in the model but {A.shape[0]} here"
+            raise ValueError(f"{where}: {name!r} {problem} (a state dict holds no alpha: inject the LoRA layers "
+                             "first, or load a PEFT adapter directory with Adapter.load)")
+        layers[name] = LayerWeights(A, B, m.scaling, kind)
+    return Adapter(layers, name="state_dict", extra=extra)
 
 
 def _set_factors(m: nn.Module, w: LayerWeights) -> None:

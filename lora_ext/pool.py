@@ -123,6 +123,11 @@ class AdapterPool:
         return list(self._resident)
 
     def _validate(self, name: str, ad: Adapter) -> None:
+        if ad.extra:  # per-request serving covers the LoRA factors only; never drop trained tensors
+            keys = sorted(ad.extra)
+            raise ValueError(f"AdapterPool.load({name!r}): the adapter carries non-LoRA tensors "
+                             f"(modules_to_save or trained biases: {keys[:3]}{' ...' if len(keys) > 3 else ''}) "
+                             "that a shared pool cannot apply per request; use lora_ext.load_adapter")
         for mod, w in ad.layers.items():
             layer = self.layers.get(mod)
             if layer is None:

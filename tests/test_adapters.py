@@ -128,3 +128,102 @@ def test_mismatched_adapter_leaves_model_unchanged(tmp_path):
     assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="no module"):
         lora_ext.load_adapter(torch.nn.Sequential(torch.nn.Linear(4, 4)), ad)
+
+
+def randomize_trainable(pm, seed=0):
+    """Random values for everything PEFT trains (LoRA factors, modules_to_save copies, biases)."""
+    torch.manual_seed(seed)
+    for p in pm.parameters():
+        if p.requires_grad:
+            p.data = torch.randn_like(p) * 0.1
+
+
+@pytest.mark.parametrize("base_fn, kw", [
+    (tiny_llama, dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])),
+    (tiny_gpt2, dict(target_modules=["c_attn"], fan_in_fan_out=True, bias="lora_only")),
+    (tiny_gpt2, dict(target_modules=["c_attn"], fan_in_fan_out=True, bias="all")),
+], ids=["modules_to_save", "bias=lora_only", "bias=all"])
+def test_non_lora_tensors_are_loaded_like_peft(tmp_path, base_fn, kw):
+    base = base_fn()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **kw))
+    randomize_trainable(pm)
+    path = os.path.join(tmp_path, "ad")
+    pm.save_pretrained(path)
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), path)
+    ad = Adapter.load(path)
+    ours = copy.deepcopy(base)
+    lora_ext.load_adapter(ours, ad)
+    ids = torch.randint(0, 128, (2, 10))
+    want = ref(ids).logits
+    assert rel_err(ours(ids).logits, want) < 1e-5
+    # and they survive a save: PEFT loads our copy to the same logits
+    ad.save(os.path.join(tmp_path, "ours"))
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), os.path.join(tmp_path, "ours"))
+    torch.testing.assert_close(again(ids).logits, want, rtol=0, atol=0)
+
+
+def test_modules_to_save_of_wrong_shape_leaves_model_unchanged(tmp_path):
+    base = tiny_llama()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                  modules_to_save=["lm_head"]))
+    pm.save_pretrained(str(tmp_path))
+    other = tiny_llama(vocab=96)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lm_head.weight \(128, 64\).*\(96, 64\)"):
+        lora_ext.load_adapter(other, Adapter.load(str(tmp_path)))
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_pattern_key_with_alternation_matches_peft(tmp_path):
+    base, pm, path = peft_adapter(tmp_path, targets=("q_proj", "k_proj", "v_proj"),
+                                  rank_pattern={"q_proj|v_proj": 2}, alpha_pattern={"k_proj|v_proj": 16})
+    ad = Adapter.load(path)
+    layer = "model.layers.0.self_attn."
+    assert [ad.layers[layer + n].r for n in ("q_proj", "k_proj", "v_proj")] == [2, 4, 2]
+    assert [ad.layers[layer + n].scale for n in ("q_proj", "k_proj", "v_proj")] == [4.0, 4.0, 8.0]
+    ours = copy.deepcopy(base)
+    lora_ext.load_adapter(ours, ad)
+    ids = torch.randint(0, 128, (2, 10))
+    assert rel_err(ours(ids).logits, pm(ids).logits) < 1e-5
+
+
+def test_lora_state_dict_module_names_load_with_load_state_dict():
+    model, fresh = tiny_llama(), tiny_llama()
+    for m in (model, fresh):
+        lora_ext.inject(m, ["q_proj", "v_proj", "embed_tokens"], r=4)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data.normal_()
+    sd = lora_ext.lora_state_dict(model, peft_names=False)
+    assert set(sd) == {k for k in model.state_dict() if k.rpartition(".")[2].startswith("lora_")}
+    missing, unexpected = fresh.load_state_dict(sd, strict=False)  # loralib's workflow
+    assert not unexpected and not any("lora_" in k for k in missing)
+    ids = torch.randint(0, 128, (2, 10))
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("peft_names", [True, False])
+def test_load_adapter_takes_a_lora_state_dict(peft_names):
+    model, fresh = tiny_llama(), tiny_llama()
+    for m in (model, fresh):
+        lora_ext.inject(m, ["q_proj", "v_proj", "embed_tokens"], r=4, alpha=8)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data.normal_()
+    sd = lora_ext.lora_state_dict(model, peft_names=peft_names)
+    assert len(lora_ext.load_adapter(fresh, sd)) == 5
+    ids = torch.randint(0, 128, (2, 10))
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_load_adapter_says_when_no_key_matched():
+    model = tiny_llama()
+    lora_ext.inject(model, ["q_proj"], r=4)
+    with pytest.raises(ValueError, match="holds no LoRA weights"):
+        lora_ext.load_adapter(model, {"q_proj.weight": torch.zeros(64, 64)})
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn.v_proj' is not a LoRA layer"):
+        lora_ext.load_adapter(model, {"model.layers.0.self_attn.v_proj.lora_A": torch.zeros(4, 64),
+                                      "model.layers.0.self_attn.v_proj.lora_B": torch.zeros(32, 4)})
+    with pytest.raises(ValueError, match="rank 4 in the model but 2"):
+        lora_ext.load_adapter(model, {"model.layers.0.self_attn.q_proj.lora_A": torch.zeros(2, 64),
+                                      "model.layers.0.self_attn.q_proj.lora_B": torch.zeros(64, 2)})

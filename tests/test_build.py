@@ -42,3 +42,25 @@ def test_build_info_lists_backends():
     info = torch.ops.lora_ext.build_info.default()
     assert info[0] == "cpu"
     assert all(b.startswith("cuda:") for b in info[1:])
+
+
+def test_build_announces_files_and_time(monkeypatch):
+    """setup.py's one line up front (pip hides build output unless -v): files, estimate, CPU-only hint."""
+    import ast
+    import glob
+
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    ns = {"os": os, "sys": sys}
+    fns = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_build_plan"]
+    exec(compile(ast.Module(fns, []), "setup.py", "exec"), ns)
+    cpu = glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    cuda = cpu + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+    n_cu = sum(p.endswith(".cu") for p in cuda)
+    monkeypatch.setenv("MAX_JOBS", "2")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    line = ns["_build_plan"](cuda)
+    assert f"compiling {len(cuda) - n_cu} C++ and {n_cu} CUDA files (2 arch(s))" in line
+    assert "MAX_JOBS=2" in line and "LORA_EXT_CPU_ONLY=1" in line and "pip install -v" in line
+    assert " min " in line
+    assert "CPU kernels only" in ns["_build_plan"](cpu)

@@ -124,6 +124,10 @@ def test_bad_adapters_leave_pool_unchanged(saved, tmp_path):
         pool.load("k", str(tmp_path))
     with pytest.raises(ValueError, match="reserved"):
         pool.load("__base__", paths["a0"])
+    extra = lora_ext.Adapter.load(paths["a0"])  # trained non-LoRA tensors: refused, never dropped
+    extra.extra["model.norm.weight"] = torch.ones(32)
+    with pytest.raises(ValueError, match="non-LoRA tensors .*model.norm.weight"):
+        pool.load("extra", extra)
     assert pool.names() == ["a0"]
 
 

@@ -1,10 +1,10 @@
-// CPU instances of the single-adapter ops (glue in csrc/lowrank_ops.h).
+// CPU instances of the single-adapter ops (glue in csrc/lowrank_glue.h).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "../lowrank_ops.h"
-#include "kernels.h"
+#include "../lowrank_glue.h"
+#include "ops_cpu.h"
 
 namespace lora_ext::cpu {
 namespace {

@@ -1,4 +1,4 @@
-// CPU kernel of the single-adapter low-rank job (csrc/lowrank.h): shrink u = x A^T,
+// CPU kernel of the single-adapter low-rank job (csrc/lowrank_job.h): shrink u = x A^T,
 // expand y += s * u B^T, with optional dropout masks; used by lora_apply_ and lora_linear.
 //
 // Tiling: A and B are packed once per call into fp32 16-wide panels (A^T: [in][16] per 16 ranks,
@@ -7,7 +7,7 @@
 // fp32 [block, r] intermediate stays in a thread-local
 // buffer (L1/L2) between the shrink and the expand, so x is read once and y is read and written
 // once. fp16/bf16 (and masked) rows are converted to fp32 on the fly; the 6x16 micro-kernel
-// (microkernel.h) does all the arithmetic.
+// (lowrank_microkernel.h) does all the arithmetic.
 // Few tokens (decode, T <= kSmallT, no dropout): packing would cost more than the product, so
 // the unpacked vector kernels of multi_microkernel.h run instead, parallel over ranks (shrink)
 // and over output rows (expand).
@@ -18,9 +18,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "../lowrank.h"
-#include "kernels.h"
-#include "microkernel.h"
+#include "../lowrank_job.h"
+#include "ops_cpu.h"
+#include "lowrank_microkernel.h"
 #include "multi_microkernel.h"
 
 namespace lora_ext::cpu {

@@ -1,7 +1,7 @@
-// The 6x16 fp32 micro-kernels (see microkernel.h), compiled three times: AVX-512 (one 16-lane
+// The 6x16 fp32 micro-kernels (see lowrank_microkernel.h), compiled three times: AVX-512 (one 16-lane
 // register per row, k unrolled by two into 12 independent accumulators), AVX2+FMA (two 8-lane
 // registers per row, 12 accumulators) and the baseline ISA; picked once at load time.
-#include "microkernel.h"
+#include "lowrank_microkernel.h"
 
 namespace lora_ext::cpu {
 namespace {

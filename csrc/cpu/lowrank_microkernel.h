@@ -8,7 +8,7 @@
 //     feeding 12 independent FMAs of 8 lanes (12 accumulators + 3 temporaries
 //     fit the 16 AVX2 registers).
 // Written with GCC's generic vector extensions; on x86-64 an AVX-512 and an AVX2+FMA build are
-// picked at load time (microkernel.cpp), else the baseline ISA.
+// picked at load time (lowrank_microkernel.cpp), else the baseline ISA.
 #pragma once
 #include <cstdint>
 #include <cstring>

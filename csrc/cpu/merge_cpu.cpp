@@ -17,9 +17,9 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "../merge_args.h"
+#include "../merge_glue.h"
 #include "../merge_math.h"
-#include "kernels.h"
+#include "ops_cpu.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>

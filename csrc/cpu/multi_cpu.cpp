@@ -16,9 +16,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "../multi_checks.h"
-#include "kernels.h"
-#include "microkernel.h"
+#include "../multi_glue.h"
+#include "ops_cpu.h"
+#include "lowrank_microkernel.h"
 #include "multi_microkernel.h"
 
 namespace lora_ext::cpu {

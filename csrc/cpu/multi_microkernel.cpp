@@ -2,7 +2,7 @@
 
 #include <cstring>
 
-#include "microkernel.h"
+#include "lowrank_microkernel.h"
 
 namespace lora_ext::cpu {
 namespace {

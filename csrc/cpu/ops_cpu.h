@@ -1,4 +1,4 @@
-// CPU kernels (raw pointers) and the CPU ops built on them, registered in register.cpp.
+// CPU kernels (raw pointers) and the CPU ops built on them, registered in register_cpu.cpp.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -6,11 +6,11 @@
 #include <tuple>
 
 #include "../dtype.h"
-#include "../lowrank.h"
+#include "../lowrank_job.h"
 
 namespace lora_ext::cpu {
 
-// The single-adapter low-rank job of csrc/lowrank.h.
+// The single-adapter low-rank job of csrc/lowrank_job.h.
 void lowrank_cpu(DType dt, const LowRankJob& job);
 // dst[t, :] = keep(t * width + k) * src[t, :] (rows of length width, src row stride ld).
 void dropout_rows_cpu(DType dt, const void* src, int64_t ld, void* dst, int64_t T, int64_t width,

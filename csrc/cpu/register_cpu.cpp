@@ -1,7 +1,7 @@
 // Registers every CPU kernel for the CPU dispatch key.
 #include <torch/library.h>
 
-#include "kernels.h"
+#include "ops_cpu.h"
 
 namespace lora_ext::cpu {
 

@@ -8,7 +8,7 @@
 #include <utility>
 
 #include "../dtype.h"
-#include "../lowrank.h"
+#include "../lowrank_job.h"
 
 namespace lora_ext::cuda {
 
@@ -36,7 +36,7 @@ inline void launch_kernel(LaunchSite, void (*kernel)(P...), dim3 grid, dim3 bloc
 #define LORA_EXT_LAUNCH(...) \
   ::lora_ext::cuda::launch_kernel(::lora_ext::cuda::LaunchSite{__FILE__, __LINE__}, __VA_ARGS__)
 
-// The single-adapter low-rank job of csrc/lowrank.h (seed in device memory). The shrink's
+// The single-adapter low-rank job of csrc/lowrank_job.h (seed in device memory). The shrink's
 // split-K partials go to job.work (lowrank_workspace(job) floats, from shapes and job.num_sms
 // only) and are summed in a fixed order, so results are bitwise deterministic.
 int64_t lowrank_workspace(DType dt, const LowRankJob& job);
@@ -83,8 +83,8 @@ cudaError_t merge_points(DType dt, const MergePointsParams& p, cudaStream_t stre
 cudaError_t merge_code_failures(DType dt, const void* w0, const float* s, int64_t n,
                                 unsigned long long* counts, int num_sms, cudaStream_t stream);
 
-// multi_lora_ / lora_shrink / lora_expand_: one adapter per token (see multi_lora_kernels.cu).
-// Shapes as in csrc/multi_checks.h; pools contiguous, rows of x / y with strides ldx / ldy.
+// multi_lora_ / lora_shrink / lora_expand_: one adapter per token (see multi_kernels.cu).
+// Shapes as in csrc/multi_glue.h; pools contiguous, rows of x / y with strides ldx / ldy.
 constexpr int kMultiMaxSlices = 8;
 struct MultiLoraParams {
   void* y;

@@ -1,8 +1,8 @@
-// CUDA instances of the single-adapter ops (glue in csrc/lowrank_ops.h): device guard, current
+// CUDA instances of the single-adapter ops (glue in csrc/lowrank_glue.h): device guard, current
 // stream, launch-error checks. Workspaces depend only on shapes, so CUDA-graph capture works.
-#include "../lowrank_ops.h"
+#include "../lowrank_glue.h"
 #include "guard.h"
-#include "kernels.h"
+#include "ops_cuda.h"
 
 namespace lora_ext::cuda {
 namespace {

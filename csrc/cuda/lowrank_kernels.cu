@@ -1,4 +1,4 @@
-// CUDA kernels of the single-adapter low-rank job (csrc/lowrank.h), used by lora_apply_ and
+// CUDA kernels of the single-adapter low-rank job (csrc/lowrank_job.h), used by lora_apply_ and
 // lora_linear: shrink u[T, r] = (keep ⊙ x) A^T into fp32, expand y += s * keep ⊙ (u B^T),
 // two launches through u (no fp16 intermediate). Dropout masks come from a counter-based hash
 // of (seed, element index), the seed read from device memory (graph-safe).
@@ -20,7 +20,7 @@
 #include <type_traits>
 
 #include "common.cuh"
-#include "../lowrank.h"
+#include "../lowrank_job.h"
 #include "launch.h"
 
 namespace lora_ext::cuda {

@@ -1,8 +1,8 @@
-// CUDA launchers of merge_, remerge_ and merge_points_: validate (../merge_args.h), build
+// CUDA launchers of merge_, remerge_ and merge_points_: validate (../merge_glue.h), build
 // the padded fp32 operands L and R (small: Rt * (P + Q) floats) and launch.
-#include "../merge_args.h"
+#include "../merge_glue.h"
 #include "guard.h"
-#include "kernels.h"
+#include "ops_cuda.h"
 
 namespace lora_ext::cuda {
 namespace {

@@ -4,9 +4,9 @@
 #include <cstdlib>
 #include <string>
 
-#include "../multi_checks.h"
+#include "../multi_glue.h"
 #include "guard.h"
-#include "kernels.h"
+#include "ops_cuda.h"
 
 namespace lora_ext::cuda {
 namespace {

@@ -3,7 +3,7 @@
 // sum of the shrink's split-K partials (fixed order), y is rounded once.
 //
 // Grid: x = token tile + tiles * output column tile (of all slices). 128 threads. Paths as
-// the shrink's (multi_lora.cuh says which):
+// the shrink's (multi_kernels.cuh says which):
 //   streaming: 8 tokens at a time, their u rows go to smem (512 ranks at a time, only the
 //     tokens and ranks that exist); thread (c, h) owns column o0 + c (c < 64) and tokens h,
 //     h+2, h+4, h+6: it reads its row B[a, o, :r] with 16-byte loads (a warp covers 32
@@ -11,7 +11,7 @@
 //   tensor cores: 64 tokens x 64 columns, K = r in steps of 32 through smem,
 //     u split into hi + lo TF32 parts (B too when fp32), wmma m16n16k8, fp32 accumulation;
 //     the tile goes out through smem with 16-byte read-modify-writes of y when aligned.
-#include "multi_lora.cuh"
+#include "multi_kernels.cuh"
 
 namespace lora_ext::cuda::multi {
 namespace {

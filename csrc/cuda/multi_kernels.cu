@@ -16,7 +16,7 @@
 // replayed with new indices, ranks and scales.
 #include <algorithm>
 
-#include "multi_lora.cuh"
+#include "multi_kernels.cuh"
 
 namespace lora_ext::cuda {
 namespace multi {

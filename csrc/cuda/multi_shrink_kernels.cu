@@ -4,14 +4,14 @@
 //
 // Grid: x = token tile + tiles * (slice x rank tile of BN rows: 16 or 64; tiles past the
 // adapter's rank exit, no work on padded ranks), z = K splits. 128 threads. Two paths per
-// tile (multi_lora.cuh says which):
+// tile (multi_kernels.cuh says which):
 //   streaming (decode): each warp takes 2 rank rows at a time; lanes walk the K range with
 //     16-byte loads of both A rows and of the token rows (8 tokens at a time; x rows are
 //     re-read from L1/L2), fp32 accumulators for 2 x 8 (row, token) pairs, shuffle reductions.
 //   tensor cores: 64 x BN output tile, K in steps of 32 through shared memory (gathered token
 //     rows of x and the BN rows of A, as fp32), wmma TF32 m16n16k8 with fp32 accumulation;
 //     warp w owns token rows 16w..16w+15; the tile goes out through smem.
-#include "multi_lora.cuh"
+#include "multi_kernels.cuh"
 
 namespace lora_ext::cuda::multi {
 namespace {

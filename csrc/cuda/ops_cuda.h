@@ -1,4 +1,4 @@
-// CUDA ops (torch side), registered for the CUDA dispatch key in register.cpp.
+// CUDA ops (torch side), registered for the CUDA dispatch key in register_cuda.cpp.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -2,7 +2,7 @@
 // the lora_ext_emu library, see csrc/cuda/emu).
 #include <torch/library.h>
 
-#include "kernels.h"
+#include "ops_cuda.h"
 
 namespace lora_ext::cuda {
 

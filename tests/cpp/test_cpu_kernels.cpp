@@ -19,8 +19,8 @@
 #include <string>
 #include <vector>
 
-#include "cpu/kernels.h"
-#include "cpu/microkernel.h"
+#include "cpu/ops_cpu.h"
+#include "cpu/lowrank_microkernel.h"
 
 namespace {
 
@@ -266,7 +266,7 @@ void test_bad_input() {
   EXPECT(at::equal(p.y, y0), "y was modified by a rejected call");
 }
 
-// ---- registrations (register.cpp) ----
+// ---- registrations (register_cpu.cpp) ----
 
 void test_registration() {
   const auto op = c10::Dispatcher::singleton().findOp(c10::OperatorName("lora_ext::lora_apply_", ""));

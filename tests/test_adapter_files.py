@@ -1,0 +1,194 @@
+"""Hostile or malformed adapter files: every one is refused with a ValueError naming the file and
+the field, in bounded time; nothing is accepted silently. Hand-written files (no PEFT needed)."""
+import contextlib
+import json
+import os
+import re
+import signal
+import struct
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_ext import Adapter
+from lora_ext.inject import _pattern_value
+
+CFG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
+
+
+def factors(name="q", r=2, A=None, B=None):
+    return {f"base_model.model.{name}.lora_A.weight": torch.randn(r, 4) if A is None else A,
+            f"base_model.model.{name}.lora_B.weight": torch.randn(3, r) if B is None else B}
+
+
+def write(tmp_path, config=None, tensors=None, raw_config=None):
+    """An adapter directory; config updates CFG, raw_config replaces the JSON text."""
+    d = os.path.join(tmp_path, "ad")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "adapter_config.json"), "w") as f:
+        f.write(raw_config if raw_config is not None else json.dumps({**CFG, **(config or {})}))
+    save_file(factors() if tensors is None else tensors, os.path.join(d, "adapter_model.safetensors"))
+    return d
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Fails (instead of hanging) when the body runs longer; re's matcher checks for signals."""
+    def expired(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_valid_file_loads(tmp_path):
+    ad = Adapter.load(write(tmp_path, {"rank_pattern": {"q": 2}, "alpha_pattern": {"q": 8}}))
+    assert ad.layers["q"].r == 2 and ad.layers["q"].scale == 4.0
+
+
+# ---------------------------------------------------------------- 7: bounded-time pattern matching
+EVIL_KEYS = [r"(a+)+b", r"(a|a)*b", r"(a|aa)+b", r"(a*)*b", r"(\w+\.?)+b", ".*" * 8 + "b", r"(.*a){12}b"]
+
+
+@pytest.mark.parametrize("key", EVIL_KEYS)
+def test_malicious_pattern_key_matches_in_bounded_time(key):
+    name = "model." + "a" * 2000
+    start = time.perf_counter()
+    with deadline(5):
+        assert _pattern_value(name, {key: 2}, 8) == 8
+        assert _pattern_value(name + "b", {key: 2}, 8) == 2
+    assert time.perf_counter() - start < 1.0
+
+
+def test_malicious_rank_pattern_in_file_loads_in_bounded_time(tmp_path):
+    name = "a" * 60
+    d = write(tmp_path, {"rank_pattern": {"(a+)+b": 4}}, factors(name))
+    start = time.perf_counter()
+    with deadline(5):
+        assert Adapter.load(d).layers[name].r == 2
+    assert time.perf_counter() - start < 1.0
+
+
+BENIGN_KEYS = ["q_proj", "q_proj|v_proj", "v_proj|q", r"layers\.0\..*", r"^model\.layers\.1\.self_attn\.q_proj$",
+               r"\d\.self_attn\.(q|k)_proj", r"[^.]+_proj", r"[^\d.]_proj", r"\w+\.\w+", r"q_proj{1,2}",
+               r"layers\.[01]\.(mlp|self_attn)\..*", r"(.*\.)?q_proj", r"a*?", "", r"\s", r"proj\Z", r"\Aq", r"x|"]
+NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
+         "model.layers.0.mlp.down_proj", "model.embed_tokens", "q_proj", "v_proj", "x", "model.layers.0.self_attn.q_projj"]
+
+
+@pytest.mark.parametrize("key", BENIGN_KEYS)
+def test_pattern_keys_match_like_peft(key):
+    for name in NAMES:  # PEFT: peft.utils.other.get_pattern_key
+        want = 1 if re.match(rf"(.*\.)?({key})$", name) else 0
+        assert _pattern_value(name, {key: 1}, 0) == want, (key, name)
+
+
+@pytest.mark.parametrize("key", [r"(?=q)q", r"(q)\1", r"(?i)Q", r"(?i:Q)", r"\bq", r"(?>q)", r"q++", r"q{100000}",
+                                 pytest.param("(" * 5000 + ")" * 5000, id="deep")])
+def test_unsupported_pattern_keys_are_refused(tmp_path, key):
+    with pytest.raises(ValueError, match="rank_pattern"):
+        Adapter.load(write(tmp_path, {"rank_pattern": {key: 2}}))
+
+
+# ---------------------------------------------------------------- 8: malformed config / weights
+@pytest.mark.parametrize("raw, field", [("[]", "JSON object"), ("null", "JSON object"), ('"LORA"', "JSON object"),
+                                        pytest.param('{"r": ' * 100000 + "2" + "}" * 100000, "nested", id="deep"),
+                                        ('{"r": 2, "lora_alpha": 4, "r": 8}', "duplicate key 'r'")])
+def test_config_not_an_object(tmp_path, raw, field):
+    with pytest.raises(ValueError, match=rf"adapter_config.json.*{field}"):
+        Adapter.load(write(tmp_path, raw_config=raw))
+
+
+@pytest.mark.parametrize("config, field", [
+    ({"rank_pattern": {"(": 2}}, "rank_pattern key '\\('"),
+    ({"alpha_pattern": {"q[": 2}}, "alpha_pattern key 'q\\['"),
+    ({"rank_pattern": ["q"]}, "rank_pattern"),
+    ({"rank_pattern": "q"}, "rank_pattern"),
+    ({"alpha_pattern": 5}, "alpha_pattern"),
+    ({"rank_pattern": {"q": "2"}}, "rank_pattern\\['q'\\]"),
+    ({"rank_pattern": {"q": 0}}, "rank_pattern\\['q'\\]"),
+    ({"rank_pattern": {"q": 2.5}}, "rank_pattern\\['q'\\]"),
+    ({"rank_pattern": {"q": True}}, "rank_pattern\\['q'\\]"),
+    ({"r": True}, "r must"),
+    ({"r": 2.0}, "r must"),
+])
+def test_bad_patterns_name_file_and_field(tmp_path, config, field):
+    with pytest.raises(ValueError, match=rf"adapter_config.json.*{field}"):
+        Adapter.load(write(tmp_path, config))
+
+
+@pytest.mark.parametrize("tensors, field", [
+    (factors(A=torch.tensor(1.0)), "lora_A"),
+    (factors(r=0), "r > 0"),
+    (factors(A=torch.randn(2, 4, 1)), "lora_A"),
+])
+def test_bad_tensor_shapes(tmp_path, tensors, field):
+    with pytest.raises(ValueError, match=rf"adapter_model.safetensors.*'q'.*{field}"):
+        Adapter.load(write(tmp_path, {"rank_pattern": {"q": 2}}, tensors))
+
+
+def test_rank_zero_via_rank_pattern_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"adapter_config.json.*rank_pattern\['q'\]"):
+        Adapter.load(write(tmp_path, {"rank_pattern": {"q": 0}}, factors(r=0)))
+
+
+@pytest.mark.parametrize("obj", [[1, 2], torch.ones(2), None, {"base_model.model.q.lora_A.weight": [1.0]}, {3: torch.ones(2)}])
+def test_pickle_holding_non_tensor_dict(tmp_path, obj):
+    d = write(tmp_path)
+    os.remove(os.path.join(d, "adapter_model.safetensors"))
+    torch.save(obj, os.path.join(d, "adapter_model.bin"))
+    with pytest.raises(ValueError, match="adapter_model.bin"):
+        Adapter.load(d, allow_pickle=True)
+
+
+# ---------------------------------------------------------------- 9: values accepted silently
+@pytest.mark.parametrize("config, field", [
+    ({"lora_alpha": float("nan")}, "lora_alpha"),
+    ({"lora_alpha": float("inf")}, "lora_alpha"),
+    ({"lora_alpha": True}, "lora_alpha"),
+    ({"alpha_pattern": {"q": float("nan")}}, "alpha_pattern\\['q'\\]"),
+    ({"alpha_pattern": {"q": float("-inf")}}, "alpha_pattern\\['q'\\]"),
+    ({"use_rslora": "false"}, "use_rslora"),
+    ({"use_rslora": 1}, "use_rslora"),
+    ({"use_dora": "false"}, "use_dora"),
+])
+def test_bad_values_name_file_and_field(tmp_path, config, field):
+    with pytest.raises(ValueError, match=rf"adapter_config.json.*{field}"):
+        Adapter.load(write(tmp_path, config))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.uint8, torch.float8_e4m3fn, torch.complex64])
+def test_non_float_weights_are_refused(tmp_path, dtype):
+    t = factors()
+    t["base_model.model.q.lora_B.weight"] = torch.ones(3, 2).to(dtype)
+    with pytest.raises(ValueError, match=rf"adapter_model.safetensors.*q.lora_B.weight.*{str(dtype).split('.')[1]}"):
+        Adapter.load(write(tmp_path, tensors=t))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_weights_refused_unless_allowed(tmp_path, bad):
+    t = factors()
+    t["base_model.model.q.lora_A.weight"][1, 2] = bad
+    d = write(tmp_path, tensors=t)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors.*q.lora_A.weight.*allow_nonfinite=True"):
+        Adapter.load(d)
+    A = Adapter.load(d, allow_nonfinite=True).layers["q"].A
+    assert not torch.isfinite(A).all()
+
+
+def test_duplicate_key_in_safetensors_header(tmp_path):
+    d = write(tmp_path)
+    data = torch.arange(2, dtype=torch.float32).numpy().tobytes()
+    header = ('{"base_model.model.q.lora_A.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+              '"base_model.model.q.lora_A.weight":{"dtype":"F16","shape":[4],"data_offsets":[0,8]}}').encode()
+    header += b" " * (-len(header) % 8)
+    with open(os.path.join(d, "adapter_model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + data)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors.*duplicate key 'base_model.model.q.lora_A.weight'"):
+        Adapter.load(d)

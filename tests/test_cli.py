@@ -1,0 +1,121 @@
+"""`python -m lora_ext info` / `bench --help`, and the benchmarks' shared timing report."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import lora_ext
+from lora_ext.__main__ import _arch_names, _cubins
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench import common  # noqa: E402
+
+ENV = dict(os.environ, COLUMNS="200")
+
+
+def _run(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "lora_ext", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- info: archs vs cubins
+def test_arch_names_follow_the_cubins():
+    # __CUDA_ARCH_LIST__ holds compute capabilities only: 9.0a is 900 there, sm_90a in the binary
+    assert _arch_names("800,900", ["sm_80", "sm_90a"]) == ["sm_80", "sm_90a"]
+    assert _arch_names("800,900", []) == ["sm_80", "sm_90"]  # no cuobjdump
+    assert _arch_names("1000,1200", ["sm_100f", "sm_120a"]) == ["sm_100f", "sm_120a"]
+    assert _arch_names("900", ["sm_90", "sm_90a"]) == ["sm_90", "sm_90a"]
+    assert _arch_names("800", ["sm_86"]) == ["sm_80"]  # compute_80 -> sm_86: the cubins row differs
+    assert _arch_names("unknown", []) == ["unknown"]
+
+
+def test_info_archs_and_cubins_agree():
+    r = _run("info")
+    assert r.returncode == 0, r.stderr
+    rows = {m.group(1).strip(): m.group(2).strip()
+            for m in re.finditer(r"│ ([^│]+?)\s*│ ([^│]*?)\s*│", r.stdout)}
+    assert rows["version"] == lora_ext.__version__
+    cuda = next((b.split(":", 1)[1] for b in lora_ext.ops.build_info() if b.startswith("cuda:")), None)
+    if cuda is None:
+        assert rows["CUDA archs"] == "-"
+        return
+    cubins = _cubins(lora_ext._C.__file__)
+    archs = rows["CUDA archs"].split(" (")[0].split(", ")
+    if cubins:
+        assert sorted(archs) == sorted(cubins), (rows, cubins)
+        assert "CUDA cubins" not in rows  # only shown when it says something else
+    else:
+        assert archs == [f"sm_{int(a) // 10}" for a in cuda.split(",")]
+
+
+# ---------------------------------------------------------------- bench --help
+def test_bench_help_names_the_command():
+    r = _run("bench", "--help")
+    assert r.returncode == 0, r.stderr
+    usage = r.stdout.splitlines()[0]
+    assert usage.startswith("usage: python -m lora_ext bench "), usage
+    assert "run.py" not in usage
+    assert "--only" in r.stdout
+
+
+def test_benchmark_parsers_name_their_file():
+    assert common.arg_parser("merge").format_usage().startswith("usage: bench_merge.py ")
+
+
+# ---------------------------------------------------------------- min / median / max
+def test_timing_is_the_median_with_min_and_max():
+    t = common.Timing.of([3.0, 1.0, 2.0, 10.0, 2.5])
+    assert t == 2.5 and (t.min, t.max, t.n) == (1.0, 10.0, 5) and t.spread == 10.0
+    assert isinstance(2 * t, float) and 5.0 / t == 2.0  # arithmetic as on the old float result
+    b = common.best_of([common.Timing.of([2, 3, 4]), common.Timing.of([1.5, 2, 9])])
+    assert (float(b), b.min, b.max, b.n) == (2.0, 1.5, 9, 6)
+    calls = []
+    ft = common.time_fn(lambda: calls.append(1), warmup=1, reps=5)
+    assert isinstance(ft, common.Timing) and ft.n == 5 and ft.min <= ft <= ft.max and len(calls) == 6
+
+
+def test_table_prints_spread_and_warns(capsys):
+    calm = common.Timing(1.0, 0.9, 1.2, 11)
+    noisy = common.Timing(2.0, 1.0, 3.0, 11)
+    common.table("t", [{"T": 1, "ours_ms": calm, "speedup": 1.5}])
+    out = capsys.readouterr().out
+    assert "1 (0.9–1.2)" in out and "median (min–max)" in out and "warning" not in out
+    common.table("t", [{"T": 1, "ours_ms": calm}, {"T": 64, "ours_ms": noisy}])
+    out = capsys.readouterr().out
+    assert "2 (1–3) !" in out
+    assert re.search(r"warning: 1 timing\(s\) in 't' vary by more than 1\.5x", out), out
+    assert "ours_ms [T=64]: min 1 / median 2 / max 3 ms" in out
+
+
+def test_saved_json_keeps_fields_and_adds_min_max(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    path = common.save("x", [{"T": 1, "ours_ms": common.Timing(2.0, 1.0, 3.0, 5), "speedup": 1.5}])
+    with open(path) as f:
+        row = json.load(f)["rows"][0]
+    assert row == {"T": 1, "ours_ms": 2.0, "ours_ms_min": 1.0, "ours_ms_max": 3.0, "speedup": 1.5}
+
+
+@pytest.mark.parametrize("name", sorted(f[6:-3] for f in os.listdir(os.path.join(ROOT, "bench"))
+                                        if f.startswith("bench_") and f.endswith(".py")))
+def test_every_benchmark_times_with_the_shared_helper(name):
+    """Each bench_*.py times through bench.common.time_fn and prints through its table/cli (so
+    every figure shows min/median/max and noisy ones are flagged), with no timer of its own."""
+    with open(os.path.join(ROOT, "bench", f"bench_{name}.py")) as f:
+        src = f.read()
+    assert "time_fn(" in src and ("cli(" in src or "table(" in src), name
+    assert "statistics.median" not in src and "elapsed_time" not in src, name
+
+
+def test_cli_without_rich_says_which_extra(monkeypatch, capsys):
+    # rich/tqdm are the `cli` extra: without them the CLI names the extra instead of a traceback
+    import sys
+
+    from lora_ext.__main__ import main
+    monkeypatch.setitem(sys.modules, "rich", None)
+    monkeypatch.setitem(sys.modules, "rich.console", None)
+    assert main(["info"]) == 2
+    assert "pip install 'lora_ext[cli]'" in capsys.readouterr().err
