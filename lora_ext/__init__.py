@@ -7,12 +7,13 @@ from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.lora_
 from . import ops  # noqa: F401
 from .adapters import Adapter, LayerWeights, load_adapter
 from .inject import inject, lora_layers, lora_state_dict, mark_only_lora_trainable
-from .layers import LoRAEmbedding, LoRALinear
-from .merge import combine, merge, merge_and_unload, unmerge  # (the function shadows the submodule)
+from .layers import LoRAEmbedding, LoRALayer, LoRALinear
+from .merge import merge, merge_and_unload, unmerge  # (the functions shadow the submodules)
+from .combine import combine
 from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, attach_context
 from .pool import AdapterPool
 
-__all__ = ["ops", "Adapter", "LayerWeights", "load_adapter", "LoRALinear", "LoRAEmbedding", "inject",
+__all__ = ["ops", "Adapter", "LayerWeights", "load_adapter", "LoRALayer", "LoRALinear", "LoRAEmbedding", "inject",
            "lora_layers", "lora_state_dict", "mark_only_lora_trainable", "merge", "unmerge",
            "merge_and_unload", "combine", "LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding",
            "attach_context",

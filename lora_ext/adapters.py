@@ -16,21 +16,21 @@ import json
 import math
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .inject import PEFT_PREFIX, _compile_key, _pattern_value, inject, lora_layers
-from .layers import LoRAEmbedding, LoRALinear
+from .inject import inject, lora_layers
+from .layers import LoRALayer
+from .targets import PEFT_PREFIX, check_pattern_key, name_regex, pattern_value, peft_config
 
 __all__ = ["Adapter", "LayerWeights", "load_adapter"]
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+_KEY = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                   r"(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -77,7 +77,7 @@ class Adapter:
         conv = (lambda t: t.to(device=device, dtype=dtype or t.dtype))
         layers = {}
         for name, (A, B, kind) in factors.items():
-            r_cfg = _pattern_value(name, config.get("rank_pattern"), config["r"])
+            r_cfg = pattern_value(name, config.get("rank_pattern"), config["r"])
             if A.shape[0] != r_cfg:
                 raise ValueError(f"{where}: module {name!r} has rank {A.shape[0]} but the config says r={r_cfg}")
             layers[name] = LayerWeights(conv(A), conv(B), _scale_for(name, A.shape[0], config), kind)
@@ -92,25 +92,12 @@ class Adapter:
             raise ValueError(f"Adapter.from_model: {type(model).__name__} has no LoRA layers (use lora_ext.inject)")
         layers = {}
         for name, m in found.items():
-            if isinstance(m, LoRALinear):
-                layers[name] = LayerWeights(m.lora_A.detach().clone(), m.lora_B.detach().clone(), m.scaling)
-            else:
-                layers[name] = LayerWeights(m.lora_embedding_A.detach().clone(),
-                                            m.lora_embedding_B.detach().clone(), m.scaling, "embedding")
-        r = Counter(m.r for m in found.values()).most_common(1)[0][0]
-        alpha = Counter(m.lora_alpha for m in found.values()).most_common(1)[0][0]
-        rslora = any(m.use_rslora for m in found.values())
-        config = {
-            "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
-            "target_modules": sorted({n.split(".")[-1] for n in found}),
-            "rank_pattern": {f"^{re.escape(n)}$": m.r for n, m in found.items() if m.r != r},
-            "alpha_pattern": {f"^{re.escape(n)}$": m.lora_alpha for n, m in found.items() if m.lora_alpha != alpha},
-            "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
-            "lora_dropout": max(getattr(m, "lora_dropout", 0.0) for m in found.values()),
-            "bias": "none", "task_type": None, "inference_mode": True, "init_lora_weights": True,
-            "modules_to_save": None, "layers_to_transform": None, "base_model_name_or_path": None,
-            "use_dora": False,
-        }
+            A, B, scale = m.lora_factors()
+            layers[name] = LayerWeights(A.detach().clone(), B.detach().clone(), scale, m.lora_kind)
+        config = peft_config({n: m.r for n, m in found.items()}, {n: m.lora_alpha for n, m in found.items()},
+                             use_rslora=any(m.use_rslora for m in found.values()),
+                             fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
+                             lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()))
         return cls(layers, config)
 
     # ---------------------------------------------------------------- writing
@@ -180,7 +167,7 @@ def _read_config(cfg_path: str) -> dict:
             raise ValueError(f"{where}: {fld} must be a JSON object (regex -> value), got {pattern!r:.80}")
         for key, value in pattern.items():
             try:
-                _compile_key(key)
+                check_pattern_key(key)
             except ValueError as e:
                 raise ValueError(f"{where}: {fld} {e}") from None
             _check_number(where, f"{fld}[{key!r}]", value, kind)
@@ -229,7 +216,7 @@ def _check_tensors(tensors, where: str, allow_nonfinite: bool) -> None:
 
 
 def _scale_for(name: str, r: int, config: dict) -> float:
-    alpha = _pattern_value(name, config.get("alpha_pattern"), config["lora_alpha"])
+    alpha = pattern_value(name, config.get("alpha_pattern"), config["lora_alpha"])
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
@@ -282,21 +269,11 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
         if m is None:
             raise ValueError(f"load_adapter: the model has no module {name!r} (adapter "
                              f"{adapter.name or ''} targets {sorted(adapter.layers)[:4]}...)")
-        if w.kind == "embedding":
-            if not isinstance(m, (nn.Embedding, LoRAEmbedding)):
-                raise ValueError(f"load_adapter: module {name!r} is a {type(m).__name__}, the adapter holds embedding weights")
-            want = (m.num_embeddings, m.embedding_dim)
-            got = (w.A.shape[1], w.B.shape[0])
-        else:
-            if not isinstance(m, LoRALinear) and not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"):
-                raise ValueError(f"load_adapter: module {name!r} is a {type(m).__name__}, the adapter holds linear weights")
-            if isinstance(m, LoRALinear):
-                want = (m.in_features, m.out_features)
-            elif isinstance(m, nn.Linear):
-                want = (m.in_features, m.out_features)
-            else:
-                want = tuple(m.weight.shape)
-            got = (w.A.shape[1], w.B.shape[0])
+        kind, want = _kind_and_size(m)
+        wanted = "embedding" if w.kind == "embedding" else "linear"
+        if kind != wanted:
+            raise ValueError(f"load_adapter: module {name!r} is a {type(m).__name__}, the adapter holds {wanted} weights")
+        got = (w.A.shape[1], w.B.shape[0])
         if want != got:
             raise ValueError(f"load_adapter: module {name!r} is {want[0]} -> {want[1]} but the adapter's "
                              f"factors are A {tuple(w.A.shape)}, B {tuple(w.B.shape)}")
@@ -309,10 +286,10 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
                              f"(modules_to_save or a bias) but the model has "
                              f"{tuple(old.shape) if isinstance(old, torch.Tensor) else 'no such tensor'}")
     for name, m, w in plan:
-        if not isinstance(m, (LoRALinear, LoRAEmbedding)):
-            inject(model, f"^{re.escape(name)}$", r=w.r, alpha=w.scale * w.r)
+        if not isinstance(m, LoRALayer):
+            inject(model, name_regex(name), r=w.r, alpha=w.scale * w.r)
             m = dict(model.named_modules())[name]
-        _set_factors(m, w)
+        m.set_lora_factors(w.A, w.B, w.scale)
     modules = dict(model.named_modules())
     for key, t in adapter.extra.items():
         mod, _, leaf = key.replace(".base_layer.", ".").rpartition(".")
@@ -343,17 +320,15 @@ def _from_state_dict(model: nn.Module, state_dict: dict) -> Adapter:
     return Adapter(layers, name="state_dict", extra=extra)
 
 
-def _set_factors(m: nn.Module, w: LayerWeights) -> None:
-    a_name, b_name = ("lora_A", "lora_B") if isinstance(m, LoRALinear) else ("lora_embedding_A", "lora_embedding_B")
-    A_old = getattr(m, a_name)
-    A, B = w.A.to(A_old.device, A_old.dtype), w.B.to(A_old.device, A_old.dtype)
-    if A_old.shape != A.shape:
-        setattr(m, a_name, nn.Parameter(A.clone(), requires_grad=A_old.requires_grad))
-        setattr(m, b_name, nn.Parameter(B.clone(), requires_grad=getattr(m, b_name).requires_grad))
-    else:
-        with torch.no_grad():
-            A_old.copy_(A)
-            getattr(m, b_name).copy_(B)
-    m.r = w.r
-    m.scaling = w.scale
-    m.lora_alpha = w.scale * (math.sqrt(w.r) if m.use_rslora else w.r)
+def _kind_and_size(m: nn.Module) -> tuple[str | None, tuple[int, int] | None]:
+    """("linear" / "embedding", (in, out)) of a module an adapter can go into, else (None, None)."""
+    if isinstance(m, LoRALayer):
+        A, B, _ = m.lora_factors()
+        return m.lora_kind, (A.shape[1], B.shape[0])
+    if isinstance(m, nn.Embedding):
+        return "embedding", (m.num_embeddings, m.embedding_dim)
+    if isinstance(m, nn.Linear):
+        return "linear", (m.in_features, m.out_features)
+    if type(m).__name__ == "Conv1D":  # transformers Conv1D: weight [in, out]
+        return "linear", tuple(m.weight.shape)
+    return None, None

@@ -4,6 +4,10 @@ Parameter names and shapes follow loralib / HF PEFT: ``lora_A`` [r, in], ``lora_
 (``lora_embedding_A`` [r, num_embeddings], ``lora_embedding_B`` [dim, r] for embeddings). The
 base ``weight``/``bias`` are frozen; ``scaling`` is alpha / r (alpha / sqrt(r) with rsLoRA).
 B (A for embeddings, as in PEFT) starts at zero, so wrapping a layer leaves its output unchanged.
+
+Both derive from LoRALayer (as PEFT's LoraLayer), which owns what the rest of lora_ext needs of a
+LoRA layer: merge()/unmerge() (exact, via lora_ext.ops.MergeState), lora_factors() /
+set_lora_factors() in PEFT's orientation, and base_module() (the unwrapped module).
 """
 from __future__ import annotations
 
@@ -13,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import lora_linear
+from .ops import MergeState, check_merge_finite, lora_linear, merge_, unmerge_
 
-__all__ = ["LoRALinear", "LoRAEmbedding", "is_conv1d"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "is_conv1d"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -34,28 +38,123 @@ def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-class _Mergeable:
-    """merge()/unmerge() of the LoRA layers (the work is in lora_ext.merge)."""
+class LoRALayer(nn.Module):
+    """Base of the LoRA layers: ``weight`` (frozen) plus factors A [r, in], B [out, r] with
+    ``scaling`` (``r``, ``lora_alpha``, ``use_rslora``, ``merged``, ``base_class`` attributes).
 
+    Subclasses set ``lora_kind`` ("linear" or "embedding", as LayerWeights.kind), ``factor_names``
+    (the A and B parameter names) and ``_weight_in_out`` (weight stored [in, out]); a Conv1D-wrapping
+    LoRALinear is kind "linear" with ``fan_in_fan_out=True``.
+    """
+
+    lora_kind: str = ""
+    factor_names: tuple[str, str] = ("", "")
+
+    @property
+    def _weight_in_out(self) -> bool:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- factors
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, scale): the layer's own A [r, in] and B [out, r] parameters (PEFT orientation;
+        embeddings: A [r, num_embeddings], B [dim, r]) and its scaling; delta = scale * B @ A."""
+        a_name, b_name = self.factor_names
+        return getattr(self, a_name), getattr(self, b_name), float(self.scaling)
+
+    def set_lora_factors(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        """Sets A [r, in], B [out, r] (converted to the layer's device and dtype) and the scaling.
+        Same rank: copied in place; another rank: new parameters (requires_grad kept), ``r`` and
+        ``lora_alpha`` updated (``lora_alpha`` = scale * r, or scale * sqrt(r) with rsLoRA)."""
+        a_name, b_name = self.factor_names
+        A_old, B_old = getattr(self, a_name), getattr(self, b_name)
+        if (A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0
+                or A.shape[1] != A_old.shape[1] or B.shape[0] != B_old.shape[0]):
+            raise ValueError(f"{type(self).__name__}.set_lora_factors: expected A [r, {A_old.shape[1]}] and "
+                             f"B [{B_old.shape[0]}, r] with r > 0, got A {tuple(A.shape)}, B {tuple(B.shape)}")
+        A, B = A.to(A_old.device, A_old.dtype), B.to(A_old.device, A_old.dtype)
+        if A_old.shape != A.shape:
+            setattr(self, a_name, nn.Parameter(A.clone(), requires_grad=A_old.requires_grad))
+            setattr(self, b_name, nn.Parameter(B.clone(), requires_grad=B_old.requires_grad))
+        else:
+            with torch.no_grad():
+                A_old.copy_(A)
+                B_old.copy_(B)
+        r = A.shape[0]
+        self.r = r
+        self.scaling = scale
+        self.lora_alpha = scale * (math.sqrt(r) if self.use_rslora else r)
+
+    # ---------------------------------------------------------------- merging
+    def check_merge(self) -> None:
+        """Raises ValueError if merging would put inf/NaN into the weight (changes nothing)."""
+        A, B, s = self.lora_factors()
+        check_merge_finite(self.weight.detach(), [A.detach()], [B.detach()], [s],
+                           fan_in_fan_out=self._weight_in_out)
+
+    @torch.no_grad()
     def merge(self, safe: bool = False, exact: bool = True) -> None:
         """Folds the adapter into the weight (no-op if merged); forward then skips LoRA.
-        exact=True keeps what is needed to unmerge bit for bit (lora_ext.merge_layer)."""
-        from .merge import merge_layer
 
-        merge_layer(self, safe=safe, exact=exact)
+        ``safe=True`` raises ValueError, before touching the weight, if the merged weight would
+        hold inf/NaN. ``exact=True`` keeps what is needed to unmerge bit for bit (a MergeState).
+        """
+        if self.merged:
+            return
+        A, B, s = self.lora_factors()
+        if safe:
+            self.check_merge()
+        state = MergeState() if exact else None
+        merge_(self.weight.data, A.detach(), B.detach(), s, fan_in_fan_out=self._weight_in_out, state=state)
+        self._merge_state = state
+        self._merged_factors = None if exact else (A.detach().clone(), B.detach().clone(), s)
+        self.merged = True
 
+    @torch.no_grad()
     def unmerge(self) -> None:
-        """Takes the adapter out of the weight again (lora_ext.unmerge_layer)."""
-        from .merge import unmerge_layer
+        """Takes the merged adapter out of the weight (bit for bit after an exact merge)."""
+        if not self.merged:
+            raise ValueError(f"unmerge: this {type(self).__name__} is not merged")
+        state = getattr(self, "_merge_state", None)
+        if state is not None:
+            unmerge_(self.weight.data, fan_in_fan_out=self._weight_in_out, state=state)
+        else:  # plain merge: subtract what was added
+            A, B, s = self._merged_factors
+            unmerge_(self.weight.data, A, B, s, fan_in_fan_out=self._weight_in_out)
+        self._merge_state = self._merged_factors = None
+        self.merged = False
 
-        unmerge_layer(self)
+    def merge_overhead(self) -> float | None:
+        """Exact-unmerge side information as a fraction of the weight's bytes (None: none kept)."""
+        state = getattr(self, "_merge_state", None) if self.merged else None
+        return None if state is None else state.overhead()
+
+    def drop_merge_state(self) -> None:
+        """Forgets how to unmerge (a merged layer then stays merged for good)."""
+        self._merge_state = self._merged_factors = None
+
+    # ---------------------------------------------------------------- unwrapping
+    def base_module(self) -> nn.Module:
+        """A module of the wrapped class (``base_class``) holding this layer's weight (merged or
+        not) and bias: what merge_and_unload puts back."""
+        W = self.weight
+        with torch.device("meta"):
+            base = self._new_base()
+        base.weight = W if isinstance(W, nn.Parameter) else nn.Parameter(W, requires_grad=False)
+        base.train(self.training)
+        return base
+
+    def _new_base(self) -> nn.Module:
+        raise NotImplementedError
 
 
-class LoRALinear(_Mergeable, nn.Module):
+class LoRALinear(LoRALayer):
     """y = x W^T + b + scaling * B A dropout(x), W frozen, A/B trained (fused lora_linear op).
 
     ``fan_in_fan_out=True`` stores W as [in, out] (transformers' Conv1D layout).
     """
+
+    lora_kind = "linear"
+    factor_names = ("lora_A", "lora_B")
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8,
                  dropout: float = 0.0, use_rslora: bool = False, bias: bool = True,
@@ -112,6 +211,27 @@ class LoRALinear(_Mergeable, nn.Module):
             raise ValueError(f"{type(self).__name__}: init must be 'kaiming' or 'gaussian', got {init!r}")
         nn.init.zeros_(self.lora_B)
 
+    @property
+    def _weight_in_out(self) -> bool:
+        return bool(self.fan_in_fan_out)
+
+    def _new_base(self) -> nn.Module:
+        cls = getattr(self, "base_class", nn.Linear)
+        if self.fan_in_fan_out:  # transformers Conv1D(nf=out, nx=in)
+            base = cls(self.out_features, self.in_features)
+        else:
+            try:
+                base = cls(self.in_features, self.out_features, bias=self.bias is not None)
+            except TypeError:  # a Linear subclass with another signature
+                base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        return base
+
+    def base_module(self) -> nn.Module:
+        base = super().base_module()
+        if hasattr(base, "bias"):
+            base.bias = self.bias
+        return base
+
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.t() if self.fan_in_fan_out else self.weight
         return F.linear(x, w, self.bias)
@@ -132,8 +252,11 @@ class LoRALinear(_Mergeable, nn.Module):
                 + (", merged=True" if self.merged else ""))
 
 
-class LoRAEmbedding(_Mergeable, nn.Module):
+class LoRAEmbedding(LoRALayer):
     """nn.Embedding + LoRA (PEFT layout): y = E[ids] + scaling * A^T[ids] B^T, E frozen."""
+
+    lora_kind = "embedding"
+    factor_names = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 8, alpha: float = 8,
                  use_rslora: bool = False, padding_idx: int | None = None, device=None, dtype=None):
@@ -175,6 +298,19 @@ class LoRAEmbedding(_Mergeable, nn.Module):
         """As PEFT: A zeros, B standard normal."""
         nn.init.zeros_(self.lora_embedding_A)
         nn.init.normal_(self.lora_embedding_B)
+
+    @property
+    def _weight_in_out(self) -> bool:  # weight [num, dim] = [in, out]: the Conv1D layout
+        return True
+
+    def _new_base(self) -> nn.Module:
+        cls = getattr(self, "base_class", nn.Embedding)
+        kw = dict(padding_idx=self.padding_idx, max_norm=self.max_norm, norm_type=self.norm_type,
+                  scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
+        try:
+            return cls(self.num_embeddings, self.embedding_dim, **kw)
+        except TypeError:  # an Embedding subclass with another signature
+            return nn.Embedding(self.num_embeddings, self.embedding_dim, **kw)
 
     def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, table, self.padding_idx, self.max_norm, self.norm_type,

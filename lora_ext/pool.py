@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, LayerWeights
-from .inject import _matches, _output_head_names
 from .layers import is_conv1d
 from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear
+from .targets import matches, output_head_names
 
 __all__ = ["AdapterPool"]
 
@@ -86,14 +86,14 @@ class AdapterPool:
     # ------------------------------------------------------------------ setup
     def _replace_targets(self, target_modules) -> dict[str, MultiLoRALinear | MultiLoRAEmbedding]:
         """target_modules=None: every Linear/Conv1D but the output head; embeddings only by name."""
-        heads = _output_head_names(self.model)
+        heads = output_head_names(self.model)
         targets = target_modules if target_modules is None or isinstance(target_modules, str) else list(target_modules)
         chosen = {}
         for name, m in list(self.model.named_modules()):
             linear = isinstance(m, nn.Linear) or is_conv1d(m)
             if name in heads or not (linear or isinstance(m, nn.Embedding)):
                 continue
-            if _matches(name, targets) if targets is not None else linear:
+            if matches(name, targets) if targets is not None else linear:
                 chosen[name] = m
         if not chosen:
             raise ValueError(f"AdapterPool: target_modules={target_modules!r} matched no nn.Linear, Conv1D or "

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_ext import Adapter
-from lora_ext.inject import _pattern_value
+from lora_ext.targets import pattern_value
 
 CFG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
 
@@ -61,8 +61,8 @@ def test_malicious_pattern_key_matches_in_bounded_time(key):
     name = "model." + "a" * 2000
     start = time.perf_counter()
     with deadline(5):
-        assert _pattern_value(name, {key: 2}, 8) == 8
-        assert _pattern_value(name + "b", {key: 2}, 8) == 2
+        assert pattern_value(name, {key: 2}, 8) == 8
+        assert pattern_value(name + "b", {key: 2}, 8) == 2
     assert time.perf_counter() - start < 1.0
 
 
@@ -86,7 +86,7 @@ NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "
 def test_pattern_keys_match_like_peft(key):
     for name in NAMES:  # PEFT: peft.utils.other.get_pattern_key
         want = 1 if re.match(rf"(.*\.)?({key})$", name) else 0
-        assert _pattern_value(name, {key: 1}, 0) == want, (key, name)
+        assert pattern_value(name, {key: 1}, 0) == want, (key, name)
 
 
 @pytest.mark.parametrize("key", [r"(?=q)q", r"(q)\1", r"(?i)Q", r"(?i:Q)", r"\bq", r"(?>q)", r"q++", r"q{100000}",
@@ -192,3 +192,51 @@ def test_duplicate_key_in_safetensors_header(tmp_path):
         f.write(struct.pack("<Q", len(header)) + header + data)
     with pytest.raises(ValueError, match=r"adapter_model.safetensors.*duplicate key 'base_model.model.q.lora_A.weight'"):
         Adapter.load(d)
+
+
+# ---------------------------------------------------------------- 9: the one PEFT config builder
+ODD_NAMES = {"h.0.attn": 4, "h.0.attn.c_proj": 2, "blocks.a+b.proj": 3, "x(1).fc": 4, "layer-1.q_proj": 1,
+             "model.layers.0.self_attn.q_proj": 2}
+
+
+def test_peft_config_round_trips_through_peft_and_load(tmp_path):
+    peft = pytest.importorskip("peft")
+    from peft.utils.other import get_pattern_key
+
+    from lora_ext.targets import name_regex, peft_config
+    alphas = {n: 2.0 * r for n, r in ODD_NAMES.items()} | {"blocks.a+b.proj": 5.0}
+    config = peft_config(ODD_NAMES, alphas)
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0
+    assert set(config["rank_pattern"]) == {name_regex(n) for n, r in ODD_NAMES.items() if r != 4}
+    assert name_regex("blocks.a+b.proj") == r"^blocks\.a\+b\.proj$"  # re.escape, as PEFT's own conversions
+    d = os.path.join(tmp_path, "rt")
+    cfg = peft.LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"})
+    cfg.save_pretrained(d)
+    cfg = peft.LoraConfig.from_pretrained(d)
+    assert cfg.rank_pattern == config["rank_pattern"] and cfg.alpha_pattern == config["alpha_pattern"]
+    for name, r in ODD_NAMES.items():  # PEFT picks the same rank and alpha for every module
+        key = get_pattern_key(cfg.rank_pattern.keys(), name)
+        assert cfg.rank_pattern.get(key, cfg.r) == r, name
+        key = get_pattern_key(cfg.alpha_pattern.keys(), name)
+        assert cfg.alpha_pattern.get(key, cfg.lora_alpha) == alphas[name], name
+    tensors = {}
+    for name, r in ODD_NAMES.items():
+        tensors |= factors(name, r, A=torch.randn(r, 4), B=torch.randn(3, r))
+    save_file(tensors, os.path.join(d, "adapter_model.safetensors"))
+    ad = Adapter.load(d)
+    assert {n: w.r for n, w in ad.layers.items()} == ODD_NAMES
+    assert {n: w.scale for n, w in ad.layers.items()} == {n: alphas[n] / r for n, r in ODD_NAMES.items()}
+
+
+def test_from_model_and_combine_write_pattern_keys_alike():
+    from torch import nn
+
+    import lora_ext
+    from lora_ext.targets import name_regex
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    lora_ext.inject(model, ["0", "1", "2"], r=4, alpha=4, rank_pattern={"^1$": 2}, alpha_pattern={"^1$": 2})
+    ad = Adapter.from_model(model)
+    assert ad.config["rank_pattern"] == {name_regex("1"): 2} == ad.config["alpha_pattern"]
+    both = lora_ext.combine([ad, ad], how="cat")  # ranks 8, 4, 8
+    assert both.config["rank_pattern"] == {name_regex("1"): 4} == both.config["alpha_pattern"]
+    assert both.config["r"] == both.config["lora_alpha"] == 8

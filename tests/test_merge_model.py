@@ -10,7 +10,7 @@ from torch import nn
 
 import lora_ext
 from lora_ext import Adapter, LayerWeights, LoRAEmbedding, LoRALinear
-from lora_ext.merge import _factors, merge_layer, merge_overhead, unmerge_layer
+from lora_ext.merge import merge_layer, merge_overhead, unmerge_layer
 from lora_ext.ops import merge_
 
 INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -25,7 +25,7 @@ def trained(model, seed=0, ratio=0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in lora_ext.lora_layers(model).values():
-            A, B, s, _ = _factors(m)
+            A, B, s = m.lora_factors()
             for p in (A, B):
                 p.copy_(torch.randn(p.shape, generator=g))
             delta = s * B.double() @ A.double()

@@ -1,0 +1,128 @@
+"""Combine LoRA adapters into one whose effect is the weighted sum of theirs.
+
+    both = lora_ext.combine([ad1, ad2], [0.7, 0.3], how="cat")   # exact: rank r1 + r2
+    lora_ext.load_adapter(model, both)          # or lora_ext.merge it, or save it (PEFT format)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .adapters import Adapter, LayerWeights
+from .targets import peft_config
+
+__all__ = ["combine"]
+
+
+def _combine_factors(items: list[tuple[torch.Tensor, torch.Tensor, float]], how: str,
+                     dtype: torch.dtype | None, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if how == "cat":
+        # B_i pre-multiplied by c_i = w_i * s_i in fp32, exactly as the merge kernels do, so
+        # merging the result (scale 1) gives the same bits as merging the adapters together.
+        A = torch.cat([a.float() for a, _, _ in items], 0)
+        B = torch.cat([b.float() * torch.tensor(c, dtype=torch.float32, device=b.device)
+                       for _, b, c in items], 1)
+    elif how == "linear":
+        ranks = {a.shape[0] for a, _, _ in items}
+        if len(ranks) != 1:
+            raise ValueError(f"combine(how='linear'): {where}: ranks differ ({sorted(ranks)}); "
+                             "use how='cat'")
+        A = sum(math.copysign(math.sqrt(abs(c)), c) * a.float() for a, _, c in items)
+        B = sum(math.sqrt(abs(c)) * b.float() for _, b, c in items)
+    else:
+        raise ValueError(f"combine: how must be 'cat' or 'linear', got {how!r}")
+    out = dtype or torch.float32
+    return A.to(out), B.to(out)
+
+
+def _as_factors(x, where: str):
+    if isinstance(x, LayerWeights):
+        return x.A, x.B, float(x.scale), x.kind
+    if isinstance(x, (tuple, list)) and len(x) == 3:
+        return x[0], x[1], float(x[2]), None
+    raise TypeError(f"combine: {where}: expected an Adapter, a LayerWeights or an (A, B, scale) "
+                    f"tuple, got {type(x).__name__}")
+
+
+def combine(adapters: Sequence, weights: Sequence[float] | None = None, how: str = "cat",
+            dtype: torch.dtype | None = None):
+    """Combines LoRA adapters into one whose effect is the weighted sum of theirs.
+
+    adapters: Adapter objects (combined module by module; a module missing from some adapters
+    takes the others'), LayerWeights, or (A, B, scale) tuples. weights: one float each
+    (default 1). Returns the same kind (tuples give a LayerWeights), with scale 1.
+
+    how="cat": exact. Rank sum r_i; A = [A_1; A_2; ...], B = [c_1 B_1, c_2 B_2, ...] with
+      c_i = w_i * s_i, so B A = sum_i w_i s_i B_i A_i. The factors are fp32 (``dtype`` to change):
+      merging the result gives the same bits as merging all adapters together (``merge_`` with
+      the lists and scales w_i s_i).
+    how="linear": PEFT's linear combination, equal ranks only: A = sum sign(c_i) sqrt|c_i| A_i,
+      B = sum sqrt|c_i| B_i. Same rank, but B A has cross terms B_i A_j: it is not the sum of
+      the effects (n copies of one adapter come out scaled by (sum sqrt w_i)^2, not sum w_i).
+    """
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("combine: no adapters given")
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise ValueError(f"combine: {len(weights)} weights for {len(adapters)} adapters")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"combine: weights must be finite, got {weights}")
+    if all(isinstance(a, Adapter) for a in adapters):
+        return _combine_adapters(adapters, weights, how, dtype)
+    if any(isinstance(a, Adapter) for a in adapters):
+        raise TypeError("combine: mix of Adapter and per-layer factors; pass one kind")
+    items, kinds = [], set()
+    for i, (a, w) in enumerate(zip(adapters, weights)):
+        A, B, s, kind = _as_factors(a, f"adapter {i}")
+        _check_pair(A, B, f"adapter {i}")
+        items.append((A, B, w * s))
+        kinds.add(kind or "linear")
+    _check_same_shapes(items, "layer")
+    if len(kinds) > 1:
+        raise ValueError("combine: linear and embedding factors mixed")
+    A, B = _combine_factors(items, how, dtype, "layer")
+    return LayerWeights(A, B, 1.0, kinds.pop())
+
+
+def _check_pair(A, B, where):
+    if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)) or A.dim() != 2 or B.dim() != 2:
+        raise ValueError(f"combine: {where}: A and B must be 2-D tensors")
+    if B.shape[1] != A.shape[0]:
+        raise ValueError(f"combine: {where}: A {tuple(A.shape)} and B {tuple(B.shape)} ranks differ")
+    if not A.is_floating_point() or not B.is_floating_point():
+        raise ValueError(f"combine: {where}: A and B must be floating point, got {A.dtype}, {B.dtype}")
+
+
+def _check_same_shapes(items, where):
+    ins, outs = {a.shape[1] for a, _, _ in items}, {b.shape[0] for _, b, _ in items}
+    if len(ins) != 1 or len(outs) != 1:
+        raise ValueError(f"combine: {where}: adapters have different in/out sizes (in {sorted(ins)}, "
+                         f"out {sorted(outs)})")
+
+
+def _combine_adapters(adapters: list[Adapter], weights, how, dtype) -> Adapter:
+    names = sorted({n for a in adapters for n in a.layers})
+    layers = {}
+    for name in names:
+        items, kinds = [], set()
+        for i, (ad, w) in enumerate(zip(adapters, weights)):
+            lw = ad.layers.get(name)
+            if lw is None:
+                continue
+            _check_pair(lw.A, lw.B, f"adapter {i}, module {name!r}")
+            items.append((lw.A, lw.B, w * lw.scale))
+            kinds.add(lw.kind)
+        if len(kinds) > 1:
+            raise ValueError(f"combine: module {name!r} is a linear layer in some adapters and an "
+                             "embedding in others")
+        _check_same_shapes(items, f"module {name!r}")
+        A, B = _combine_factors(items, how, dtype, f"module {name!r}")
+        layers[name] = LayerWeights(A, B, 1.0, kinds.pop())
+    ranks = {n: lw.r for n, lw in layers.items()}  # scale 1: alpha = r everywhere
+    config = peft_config(ranks, ranks, fan_in_fan_out=any(a.config.get("fan_in_fan_out", False) for a in adapters),
+                         base=adapters[0].config)
+    name = "+".join(a.name or f"adapter{i}" for i, a in enumerate(adapters))
+    return Adapter(layers, config, name=f"{how}({name})")
