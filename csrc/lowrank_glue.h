@@ -44,6 +44,8 @@ void lora_apply_impl(at::Tensor y, const at::Tensor& x, const at::Tensor& A, con
   if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
 }
 
+// Outputs are fresh tensors, returned with at::_unsafe_view (as aten's matmul does) so they are
+// not views: FSDP2 and autograd may then modify them in place.
 // (y [..., out], u [T, r] fp32): y = x W^T + bias + scale * (keep ⊙ x) A^T B^T; u is saved
 // for backward (the only per-token state besides x; the dropout mask is regenerated).
 template <class Backend>
@@ -58,8 +60,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_impl(
   at::Tensor u = at::empty({a.T, a.r}, x.options().dtype(at::kFloat));
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = a.out;
-  if (a.T == 0) return {y2.view(shape), u};
-  if (a.in == 0) return {y2.view(shape), u.zero_()};  // x A^T is empty: no LoRA term
+  if (a.T == 0) return {at::_unsafe_view(y2, shape), u};
+  if (a.in == 0) return {at::_unsafe_view(y2, shape), u.zero_()};  // x A^T is empty: no LoRA term
   LowRankJob j;
   j.x = a.x2.data_ptr();
   j.ldx = a.in;
@@ -77,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_impl(
   j.seed = seed_ptr(seed, dropout_p);
   j.mask_x = true;
   Backend::run(a.dtype, j, x);
-  return {y2.view(shape), u};
+  return {at::_unsafe_view(y2, shape), u};
 }
 
 // a[T, p]^T b[T, q] -> [p, q] fp32, the operands widened to fp32 a block of rows at a time (so
@@ -153,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
     dB = x.scalar_type() == at::kHalf ? mm_tn_f32(g2, u).mul_(scale).to(at::kHalf)
                                       : at::mm(g2.t(), u.mul(scale).to(x.scalar_type()));
   if (output_mask[1]) dW = fan_in_fan_out ? at::mm(a.x2.t(), g2) : at::mm(g2.t(), a.x2);
-  if (dx.defined()) dx = dx.view(x.sizes());
+  if (dx.defined()) dx = at::_unsafe_view(dx, x.sizes());
   return {dx, dW, dA, dB};
 }
 

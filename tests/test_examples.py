@@ -51,3 +51,21 @@ def test_finetune_script_saves_a_loadable_peft_adapter(tmp_path):
     pm = peft.PeftModel.from_pretrained(mod.make_model("cpu"), str(out)).eval()
     with torch.no_grad():
         torch.testing.assert_close(pm(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_distributed_example_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 examples/distributed_finetune.py` (gloo on CPU): trains with
+    FSDP2 and rank 0 writes an adapter that lora_ext loads."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "adapter"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(port), os.path.join(ROOT, "examples", "distributed_finetune.py"),
+                        "--steps", "3", "--out", str(out)], capture_output=True, text=True, env=env,
+                       timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert lora_ext.Adapter.load(str(out)).layers

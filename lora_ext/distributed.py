@@ -1,0 +1,163 @@
+"""LoRA on torch.distributed: DDP, FSDP2 (``fully_shard``) and saving the adapter of a wrapped model.
+
+    lora_ext.inject(model, ["q_proj", "v_proj"], r=8, alpha=16)
+    lora_ext.mark_only_lora_trainable(model)          # the base is frozen: only A/B get gradients
+    # DDP: plain torch; it reduces only parameters that require grad, i.e. the LoRA factors
+    model = torch.nn.parallel.DistributedDataParallel(model)
+    # or FSDP2: fully_shard on each block holding LoRA layers, then on the root
+    lora_ext.distributed.fully_shard_lora(model)
+    opt = torch.optim.AdamW(lora_ext.distributed.lora_parameters(model), lr=1e-3)
+    ...
+    lora_ext.distributed.save_adapter(model, "out/")  # every rank calls it; rank 0 writes PEFT format
+
+Under FSDP2 the parameters are sharded DTensors between forwards; FSDP2 all-gathers them into
+plain tensors before a block's forward/backward, so LoRALinear runs the fused lora_ext ops on
+ordinary tensors. save_adapter gathers DTensor factors (FSDP or tensor parallel) with
+``full_tensor()``. The tensor-parallel styles of lora_ext.tp (ColwiseParallelLoRA,
+RowwiseParallelLoRA) are re-exported here.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .adapters import Adapter, LayerWeights
+from .inject import lora_layers
+from .layers import LoRALayer
+from .targets import peft_config
+from .tp import ColwiseParallelLoRA, RowwiseParallelLoRA  # tensor parallel (lora_ext/tp.py), re-exported
+
+__all__ = ["lora_parameters", "fully_shard_lora", "save_adapter", "unwrap", "ColwiseParallelLoRA",
+           "RowwiseParallelLoRA"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / torch.compile wrappers (FSDP2 wraps in place)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _lora_layers_of(model: nn.Module, who: str) -> dict[str, LoRALayer]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who}: expected an nn.Module, got {type(model).__name__}")
+    inner = unwrap(model)
+    found = lora_layers(inner)
+    if not found:
+        raise ValueError(f"{who}: {type(inner).__name__} has no LoRA layers (use lora_ext.inject first)")
+    return found
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA factors (lora_A/lora_B, lora_embedding_A/B) of every LoRA layer, for the optimizer.
+
+    Works on a plain, a DDP-wrapped or a fully_shard-ed model (then they are the sharded DTensor
+    parameters, as FSDP2's optimizer expects). Raises ValueError when there are no LoRA layers.
+    """
+    return [getattr(m, n) for m in _lora_layers_of(model, "lora_parameters").values() for n in m.factor_names]
+
+
+def _default_blocks(model: nn.Module) -> list[nn.Module]:
+    """Elements of nn.ModuleLists holding LoRA layers (transformer blocks), outermost first; with
+    none, the LoRA layers themselves."""
+    blocks, covered = [], set()
+    for m in model.modules():
+        if id(m) in covered or not isinstance(m, nn.ModuleList):
+            continue
+        for child in m:
+            if id(child) not in covered and any(isinstance(x, LoRALayer) for x in child.modules()):
+                blocks.append(child)
+                covered.update(id(x) for x in child.modules())
+    return blocks or list(lora_layers(model).values())
+
+
+def fully_shard_lora(model: nn.Module, blocks: Iterable[nn.Module] | type | tuple[type, ...] | None = None,
+                     **kwargs) -> nn.Module:
+    """``torch.distributed.fsdp.fully_shard`` on each block, then on ``model``; returns ``model``.
+
+    blocks: modules of ``model`` or a module class (tuple of classes) to shard separately; default:
+    the elements of ``nn.ModuleList``s that hold LoRA layers (e.g. a transformer's decoder layers),
+    or, if there are none, each LoRA layer. Frozen base weights and trainable LoRA factors share a
+    block's parameter group: both are sharded, only the factors get (reduce-scattered) gradients.
+    kwargs go to fully_shard (mesh, reshard_after_forward, mp_policy, offload_policy, ...).
+    Call mark_only_lora_trainable(model) before, build the optimizer on lora_parameters(model) after.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    found = _lora_layers_of(model, "fully_shard_lora")
+    if unwrap(model) is not model:
+        raise TypeError(f"fully_shard_lora: got a {type(model).__name__}; pass the model itself, not a "
+                        "DDP / torch.compile wrapper")
+    merged = [n for n, m in found.items() if m.merged]
+    if merged:
+        raise ValueError(f"fully_shard_lora: LoRA layer(s) {merged} are merged into their weights; "
+                         "unmerge them before sharding")
+    if blocks is None:
+        chosen = _default_blocks(model)
+    elif isinstance(blocks, type) or (isinstance(blocks, tuple) and all(isinstance(b, type) for b in blocks)):
+        chosen = [m for m in model.modules() if isinstance(m, blocks) and m is not model]
+        if not chosen:
+            raise ValueError(f"fully_shard_lora: blocks={blocks!r} matched no module of {type(model).__name__}")
+    else:
+        chosen = list(blocks)
+        names = {id(m): n for n, m in model.named_modules()}
+        for b in chosen:
+            if not isinstance(b, nn.Module) or id(b) not in names or b is model:
+                raise ValueError(f"fully_shard_lora: blocks must be submodules of {type(model).__name__}; "
+                                 f"got a {type(b).__name__} that is not one")
+    for b in chosen:
+        fully_shard(b, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A full, plain CPU copy of a parameter (all-gathers a DTensor: a collective)."""
+    t = t.detach()
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.cpu().clone()
+
+
+def save_adapter(model: nn.Module, path: str) -> None:
+    """Writes the model's LoRA adapter in HF PEFT format (adapter_config.json +
+    adapter_model.safetensors, as lora_ext.Adapter.save) from rank 0.
+
+    A collective when torch.distributed is initialized: every rank must call it (sharded DTensor
+    factors are all-gathered; the other ranks wait until the files are written, and all ranks
+    raise if writing fails). Works on plain, DDP, FSDP2 (fully_shard) and tensor-parallel models;
+    without a process group it simply saves.
+    """
+    found = _lora_layers_of(model, "save_adapter")
+    layers = {}
+    for name, m in found.items():
+        A, B, scale = m.lora_factors()
+        layers[name] = LayerWeights(_full(A), _full(B), scale, m.lora_kind)
+    distributed = dist.is_available() and dist.is_initialized()
+    err = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            config = peft_config({n: m.r for n, m in found.items()}, {n: m.lora_alpha for n, m in found.items()},
+                                 use_rslora=any(m.use_rslora for m in found.values()),
+                                 fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
+                                 lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()))
+            Adapter(layers, config).save(os.fspath(path))
+        except Exception as e:  # reported to every rank below
+            if not distributed:
+                raise
+            err = f"save_adapter: rank 0 could not write {os.fspath(path)!r}: {type(e).__name__}: {e}"
+    if distributed:
+        msg = [err]
+        dist.broadcast_object_list(msg, src=0)
+        if msg[0] is not None:
+            raise RuntimeError(msg[0])
