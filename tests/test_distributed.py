@@ -309,3 +309,140 @@ def test_bad_input_names_the_module(tmp_path):
     model[0].merge()
     with pytest.raises(ValueError, match=r"fully_shard_lora: LoRA layer\(s\) \['0'\] are merged"):
         fully_shard_lora(model)
+
+
+# ---------------------------------------------------------------- 2-D mesh: FSDP2 (dp) x tensor parallel (tp)
+D2, H2, R2 = 16, 48, 4
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up_proj = nn.Linear(D2, H2)
+        self.down_proj = nn.Linear(H2, D2)
+
+    def forward(self, x):
+        return x + self.down_proj(nn.functional.gelu(self.up_proj(x)))
+
+
+class _TinyMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block() for _ in range(2))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def mlp2d_with_lora():
+    torch.manual_seed(0)
+    model = _TinyMLP()
+    lora_ext.inject(model, ["up_proj", "down_proj"], r=R2, alpha=8)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in lora_ext.lora_layers(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
+    lora_ext.mark_only_lora_trainable(model)
+    return model.train()
+
+
+def mlp2d_batch(step: int) -> torch.Tensor:
+    return torch.randn(8, 5, D2, generator=torch.Generator().manual_seed(300 + step))
+
+
+def _reference_2d() -> dict:
+    model = mlp2d_with_lora()
+    opt = torch.optim.AdamW(lora_parameters(model), lr=LR)
+    losses, grads = [], []
+    for step in range(STEPS):
+        loss = model(mlp2d_batch(step)).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+        losses.append(loss.item())
+    return {"losses": losses, "grads": grads, "model": model,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
+
+
+def _worker_2d(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        torch.save(_fsdp_tp(rank, out_dir), os.path.join(out_dir, f"fsdp_tp_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_tp(rank: int, out_dir: str) -> dict:
+    import lora_ext.tp as tp_mod
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from lora_ext.distributed import ColwiseParallelLoRA, RowwiseParallelLoRA
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = mlp2d_with_lora()
+    seen = []  # (any DTensor?, A shape, B shape) for each call of the fused op in the TP layers
+    op = tp_mod.lora_linear
+
+    def recording_op(x, weight, bias, A, B, *args):
+        seen.append((any(isinstance(t, DTensor) for t in (x, weight, bias, A, B)), tuple(A.shape), tuple(B.shape)))
+        return op(x, weight, bias, A, B, *args)
+
+    tp_mod.lora_linear = recording_op
+    parallelize_module(model, mesh["tp"], {"blocks.*.up_proj": ColwiseParallelLoRA(),
+                                           "blocks.*.down_proj": RowwiseParallelLoRA()})
+    fully_shard_lora(model, mesh=mesh["dp"])  # each block, then the root, sharded over "dp"
+    lora = lora_parameters(model)
+    meshes = {tuple(p.device_mesh.mesh_dim_names) for p in model.parameters() if isinstance(p, DTensor)}
+    sharded = all(isinstance(p, DTensor) for p in model.parameters()) and meshes == {("dp", "tp")}
+    opt = torch.optim.AdamW(lora, lr=LR)
+    dp = mesh["dp"].get_local_rank()
+    losses, grads = [], []
+    for step in range(STEPS):
+        x = _shard(mlp2d_batch(step), dp, 2)  # both tp ranks of a dp group see the same rows
+        loss = model(x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+        losses.append(loss.item())
+    tp_mod.lora_linear = op
+    save_adapter(model, os.path.join(out_dir, "fsdp_tp_adapter"))
+    return {"losses": losses, "grads": grads, "seen": seen, "sharded": sharded, "dp": dp,
+            "n_opt_state": len(opt.state), "n_lora": len(lora),
+            "params": {n: p.detach().full_tensor() for n, p in model.named_parameters() if p.requires_grad}}
+
+
+def test_fsdp2_x_tensor_parallel_2d_mesh(tmp_path):
+    """4 ranks on a (dp=2, tp=2) mesh: ColwiseParallelLoRA / RowwiseParallelLoRA on mesh['tp'],
+    then fully_shard_lora on mesh['dp']; 3 AdamW steps on the LoRA factors match one process on
+    the concatenated batch (losses, every LoRA gradient, the trained factors, the saved adapter)."""
+    port = _free_port()
+    mp.spawn(_worker_2d, args=(port, str(tmp_path)), nprocs=4, join=True)
+    results = [torch.load(str(tmp_path / f"fsdp_tp_{r}.pt"), weights_only=False) for r in range(4)]
+    ref = _reference_2d()
+    errs = []
+    for step in range(STEPS):
+        for dp in (0, 1):  # the tp ranks of a dp group compute the same loss
+            a, b = (r["losses"][step] for r in results if r["dp"] == dp)
+            assert a == pytest.approx(b, rel=RTOL, abs=ATOL)
+        loss = sum(r["losses"][step] for r in results) / 4
+        errs.append(_err(torch.tensor(loss), torch.tensor(ref["losses"][step])))
+        assert loss == pytest.approx(ref["losses"][step], rel=RTOL, abs=ATOL)
+        for r in results:
+            _compare(f"fsdp x tp step {step} grads", r["grads"][step], ref["grads"][step], errs)
+    for r in results:
+        _compare(f"fsdp x tp params after {STEPS} steps", r["params"], ref["params"], errs)
+        assert r["sharded"] and r["n_opt_state"] == r["n_lora"] == 2 * 2 * 2
+        # the fused op ran on plain local tensors: the TP shard (h/2 rows or columns) of the
+        # FSDP-unsharded (full rank r) factors
+        assert set(s[1:] for s in r["seen"]) == {((R2, D2), (H2 // 2, R2)), ((R2, H2 // 2), (D2, R2))}
+        assert not any(s[0] for s in r["seen"]) and len(r["seen"]) == 4 * STEPS
+    print(f"\nfsdp2 x tp (2x2): max abs err {max(e[0] for e in errs):.2e}, max rel err {max(e[1] for e in errs):.2e}")
+    _check_saved(str(tmp_path / "fsdp_tp_adapter"), ref["model"], "mlp")
