@@ -30,6 +30,11 @@ own A (``A_pool`` [n, S, r_max, in]) and its rows of B, rank and scale.
 ``MultiLoRAEmbedding`` keeps PEFT's embedding factors (A [r, num_embeddings], B [dim, r]): a
 token's u is the A column of its id, then ``lora_expand_`` adds ``scale * B @ u``.
 The layers are for inference: they mutate the base output in place and have no backward.
+
+Tensor parallelism (``lora_ext.tp``): ColwiseParallelLoRA / RowwiseParallelLoRA shard a
+MultiLoRALinear like its base layer: colwise keeps rows ``out_shard`` = (lo, hi) of B_pool
+(dim 1), rowwise columns ``in_shard`` of A_pool (last dim). The pools then hold this rank's
+shard only, and ``set_slot`` takes the full adapter factors and writes their local shard.
 """
 from __future__ import annotations
 
@@ -42,6 +47,11 @@ from .layers import is_conv1d
 from .ops import lora_expand_, multi_lora_
 
 __all__ = ["LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding", "attach_context"]
+
+
+def _is_dtensor(t) -> bool:
+    """True for a torch.distributed.tensor.DTensor (without importing torch.distributed when unused)."""
+    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
 
 
 class LoRAContext:
@@ -137,6 +147,15 @@ class _MultiLoRA(nn.Module):
         self.register_buffer("ranks", torch.zeros(sshape, dtype=torch.int32, device=kw["device"]),
                              persistent=False)
         self.context = context
+        # tensor parallel (lora_ext.tp): the rows of `out` (B_pool dim 1) / columns of `in`
+        # (A_pool last dim) this rank holds, as (lo, hi) of the full dim; None = all
+        self.out_shard: Optional[tuple[int, int]] = None
+        self.in_shard: Optional[tuple[int, int]] = None
+        if _is_dtensor(base.weight):
+            raise ValueError(f"{name}: the base {type(base).__name__} (in={in_features}, out={out_features}) "
+                             "is already tensor-parallel (DTensor weight); wrap the plain model first (e.g. "
+                             "create the AdapterPool), then parallelize the multi-adapter layers with "
+                             "lora_ext.tp.ColwiseParallelLoRA / RowwiseParallelLoRA")
 
     def _slice_bounds(self):
         widths = self.out_slices or [self.out_features]
@@ -150,7 +169,9 @@ class _MultiLoRA(nn.Module):
         """Loads an adapter into a slot, in place (no recompiles, graph-safe).
 
         A [r, in] and B [out, r] (with out_slices: sequences of n such pairs, B_i [out_i, r_i];
-        a None pair leaves that slice without update). r <= r_max.
+        a None pair leaves that slice without update). r <= r_max. Always the full factors: a
+        tensor-parallel layer writes only its shard (columns ``in_shard`` of A, rows
+        ``out_shard`` of B).
         """
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"{type(self).__name__}: slot {slot} out of range 0..{self.num_slots - 1}")
@@ -158,9 +179,13 @@ class _MultiLoRA(nn.Module):
         if len(As) != self.num_outputs or len(Bs) != self.num_outputs:
             raise ValueError(f"{type(self).__name__}: expected {self.num_outputs} (A, B) pairs")
         off = self._slice_bounds()
+        in_lo, in_hi = self.in_shard or (0, self.in_features)
+        out_lo, out_hi = self.out_shard or (0, self.out_features)
         for i, (a, b) in enumerate(zip(As, Bs)):
             Ap = self.A_pool[slot] if self.out_slices is None else self.A_pool[i, slot]
-            Bp = self.B_pool[slot, off[i]:off[i + 1]]
+            # the rows of slice i this rank holds: full rows lo..hi, local rows lo-out_lo..hi-out_lo
+            lo, hi = max(off[i], out_lo), min(off[i + 1], out_hi)
+            Bp = self.B_pool[slot, lo - out_lo:max(hi, lo) - out_lo]
             Ap.zero_()
             Bp.zero_()
             r = 0
@@ -172,8 +197,8 @@ class _MultiLoRA(nn.Module):
                 if tuple(b.shape) != (off[i + 1] - off[i], r):
                     raise ValueError(f"{type(self).__name__}: B must be [{off[i + 1] - off[i]}, {r}], "
                                      f"got {tuple(b.shape)}")
-                Ap[:r].copy_(a)
-                Bp[:, :r].copy_(b)
+                Ap[:r].copy_(a[:, in_lo:in_hi])
+                Bp[:, :r].copy_(b[lo - off[i]:max(hi, lo) - off[i]])
             if self.out_slices is None:
                 self.ranks[slot] = r
                 self.scales[slot] = float(scale) if r else 0.0
@@ -195,6 +220,10 @@ class _MultiLoRA(nn.Module):
         if self.context is None:
             raise RuntimeError(f"{type(self).__name__}: no LoRAContext attached (pass context= or call "
                                "lora_ext.multi.attach_context(model, ctx))")
+        if _is_dtensor(self.base.weight):
+            raise ValueError(f"{type(self).__name__}: its base layer was tensor-parallelized on its own (e.g. torch's "
+                             "ColwiseParallel on '<name>.base'), the adapter pools were not; parallelize the "
+                             "MultiLoRALinear itself with lora_ext.tp.ColwiseParallelLoRA / RowwiseParallelLoRA")
         y = self.base(x)
         if y.requires_grad:
             raise RuntimeError(f"{type(self).__name__} is an inference layer; run it under "
@@ -202,8 +231,9 @@ class _MultiLoRA(nn.Module):
         return y
 
     def extra_repr(self) -> str:
+        shard = "".join(f", {k}={v}" for k, v in (("in_shard", self.in_shard), ("out_shard", self.out_shard)) if v)
         return (f"in={self.in_features}, out={self.out_features}, slots={self.num_slots}, "
-                f"r_max={self.r_max}, out_slices={self.out_slices}")
+                f"r_max={self.r_max}, out_slices={self.out_slices}{shard}")
 
 
 class MultiLoRALinear(_MultiLoRA):

@@ -100,12 +100,15 @@ class AdapterPool:
                              f"nn.Embedding of {type(self.model).__name__}")
         modules = dict(self.model.named_modules())
         layers = {}
-        for name, m in chosen.items():
+        for name, m in chosen.items():  # all built first: a module that cannot be served changes nothing
             kind = MultiLoRAEmbedding if isinstance(m, nn.Embedding) else MultiLoRALinear
-            layer = kind(m, self.max_adapters, self.max_rank, context=self.context)
+            try:
+                layers[name] = kind(m, self.max_adapters, self.max_rank, context=self.context)
+            except ValueError as e:
+                raise ValueError(f"AdapterPool: module {name!r}: {e}") from e
+        for name, layer in layers.items():
             parent, _, child = name.rpartition(".")
             setattr(modules[parent] if parent else self.model, child, layer)
-            layers[name] = layer
         return layers
 
     # ------------------------------------------------------------------ registry
