@@ -31,6 +31,27 @@ struct MultiArgs {
   bool idx64 = false, copy_back = false;
 };
 
+using NamedTensors = std::initializer_list<std::pair<const at::Tensor*, const char*>>;
+
+// `out` (written by the op) shares no memory with any of `reads`.
+inline void check_reads(const char* op, const at::Tensor& out, const char* out_name,
+                        NamedTensors reads) {
+  for (const auto& [t, name] : reads) check_no_overlap(op, out, out_name, *t, name);
+}
+
+// The optional device-side counter of out-of-range indices (CUDA adds to it; CPU raises): an
+// int32 tensor on the data's device sharing no memory with the op's other tensors.
+inline void check_bad_count(const char* op, const std::optional<at::Tensor>& bad,
+                            const at::Tensor& ref, NamedTensors others) {
+  if (!bad.has_value()) return;
+  TORCH_CHECK(bad->scalar_type() == at::kInt && bad->numel() >= 1 && bad->is_contiguous(), op,
+              ": bad_index_count must be a contiguous int32 tensor with >= 1 element, got ",
+              bad->scalar_type(), " ", bad->sizes());
+  TORCH_CHECK(bad->device() == ref.device(), op, ": bad_index_count is on ", bad->device(),
+              " but the data is on ", ref.device());
+  check_reads(op, *bad, "bad_index_count", others);
+}
+
 // A 2-D [T, width] view of t with unit column stride (a contiguous copy when needed).
 inline at::Tensor rows_view(const at::Tensor& t, int64_t width) {
   int64_t rows = 1;
@@ -144,8 +165,8 @@ inline void check_y(const char* op, MultiArgs& a, const at::Tensor& y, const at:
 inline MultiArgs check_multi_lora(const char* op, const at::Tensor& y, const at::Tensor& x,
                                   const at::Tensor& A_pool, const at::Tensor& B_pool,
                                   const at::Tensor& indices, const at::Tensor& scales,
-                                  const at::Tensor& ranks,
-                                  at::OptionalIntArrayRef out_slices) {
+                                  const at::Tensor& ranks, at::OptionalIntArrayRef out_slices,
+                                  const std::optional<at::Tensor>& bad) {
   MultiArgs a;
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dim [..., in], got a scalar");
   a.in = x.size(-1);
@@ -165,19 +186,19 @@ inline MultiArgs check_multi_lora(const char* op, const at::Tensor& y, const at:
   check_same_device_dtype(op, x, "x", B_pool, "B_pool");
   check_same_device_dtype(op, x, "x", y, "y");
   check_slot_args(op, a, x, indices, &scales, ranks);
-  check_no_overlap(op, y, "y", x, "x");
-  check_no_overlap(op, y, "y", A_pool, "A_pool");
-  check_no_overlap(op, y, "y", B_pool, "B_pool");
-  check_no_overlap(op, y, "y", indices, "indices");
-  check_no_overlap(op, y, "y", scales, "scales");
-  check_no_overlap(op, y, "y", ranks, "ranks");
+  const NamedTensors reads = {{&x, "x"}, {&A_pool, "A_pool"}, {&B_pool, "B_pool"},
+                              {&indices, "indices"}, {&scales, "scales"}, {&ranks, "ranks"}};
+  check_reads(op, y, "y", reads);
+  check_bad_count(op, bad, x, reads);
+  if (bad.has_value()) check_no_overlap(op, *bad, "bad_index_count", y, "y");
   set_y(a, y);
   return a;
 }
 
 // lora_shrink(x, A_pool, indices, ranks, scale) -> u
 inline MultiArgs check_shrink(const char* op, const at::Tensor& x, const at::Tensor& A_pool,
-                              const at::Tensor& indices, const at::Tensor& ranks, double scale) {
+                              const at::Tensor& indices, const at::Tensor& ranks, double scale,
+                              const std::optional<at::Tensor>& bad) {
   MultiArgs a;
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   a.u_scale = static_cast<float>(scale);
@@ -194,6 +215,8 @@ inline MultiArgs check_shrink(const char* op, const at::Tensor& x, const at::Ten
   check_pool_a(op, a, A_pool, A_pool.dim() == 4);
   check_same_device_dtype(op, x, "x", A_pool, "A_pool");
   check_slot_args(op, a, x, indices, nullptr, ranks);
+  check_bad_count(op, bad, x,
+                  {{&x, "x"}, {&A_pool, "A_pool"}, {&indices, "indices"}, {&ranks, "ranks"}});
   return a;
 }
 
@@ -202,7 +225,8 @@ inline MultiArgs check_shrink(const char* op, const at::Tensor& x, const at::Ten
 inline MultiArgs check_expand(const char* op, const at::Tensor& y, const at::Tensor& u,
                               const at::Tensor& B_pool, const at::Tensor& indices,
                               const at::Tensor& scales, const at::Tensor& ranks,
-                              at::OptionalIntArrayRef out_slices) {
+                              at::OptionalIntArrayRef out_slices,
+                              const std::optional<at::Tensor>& bad) {
   MultiArgs a;
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == y.scalar_type(), op,
               ": u must be float32 (lora_shrink's output) or y's dtype ", y.scalar_type(),
@@ -224,28 +248,14 @@ inline MultiArgs check_expand(const char* op, const at::Tensor& y, const at::Ten
   check_same_device_dtype(op, y, "y", B_pool, "B_pool");
   TORCH_CHECK(u.device() == y.device(), op, ": u is on ", u.device(), " but y is on ", y.device());
   check_slot_args(op, a, y, indices, &scales, ranks);
-  check_no_overlap(op, y, "y", u, "u");
-  check_no_overlap(op, y, "y", B_pool, "B_pool");
-  check_no_overlap(op, y, "y", indices, "indices");
-  check_no_overlap(op, y, "y", scales, "scales");
-  check_no_overlap(op, y, "y", ranks, "ranks");
+  const NamedTensors reads = {{&u, "u"}, {&B_pool, "B_pool"}, {&indices, "indices"},
+                              {&scales, "scales"}, {&ranks, "ranks"}};
+  check_reads(op, y, "y", reads);
+  check_bad_count(op, bad, y, reads);
+  if (bad.has_value()) check_no_overlap(op, *bad, "bad_index_count", y, "y");
   a.u = u.reshape({a.n, a.T, a.r_max}).to(at::kFloat).contiguous();
   set_y(a, y);
   return a;
-}
-
-// The optional device-side counter of out-of-range indices (CUDA adds to it; CPU raises): an
-// int32 tensor on the data's device sharing no memory with the op's other tensors.
-using NamedTensors = std::initializer_list<std::pair<const at::Tensor*, const char*>>;
-inline void check_bad_count(const char* op, const std::optional<at::Tensor>& bad,
-                            const at::Tensor& ref, NamedTensors others) {
-  if (!bad.has_value()) return;
-  TORCH_CHECK(bad->scalar_type() == at::kInt && bad->numel() >= 1 && bad->is_contiguous(), op,
-              ": bad_index_count must be a contiguous int32 tensor with >= 1 element, got ",
-              bad->scalar_type(), " ", bad->sizes());
-  TORCH_CHECK(bad->device() == ref.device(), op, ": bad_index_count is on ", bad->device(),
-              " but the data is on ", ref.device());
-  for (const auto& [t, name] : others) check_no_overlap(op, *bad, "bad_index_count", *t, name);
 }
 
 }  // namespace lora_ext

@@ -192,10 +192,8 @@ void multi_lora_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool,
                     const at::Tensor& ranks, at::OptionalIntArrayRef out_slices,
                     const std::optional<at::Tensor>& bad_index_count) {
   const char* op = "multi_lora_";
-  MultiArgs a = check_multi_lora(op, y, x, A_pool, B_pool, indices, scales, ranks, out_slices);
-  check_bad_count(op, bad_index_count, x,
-                  {{&y, "y"}, {&x, "x"}, {&A_pool, "A_pool"}, {&B_pool, "B_pool"},
-                   {&indices, "indices"}, {&scales, "scales"}, {&ranks, "ranks"}});
+  MultiArgs a = check_multi_lora(op, y, x, A_pool, B_pool, indices, scales, ranks, out_slices,
+                                 bad_index_count);
   TORCH_CHECK(x.device().is_cpu(), op, ": CPU kernel called with x on ", x.device());
   const Groups g = group_tokens(op, a);
   if (a.T == 0 || a.out == 0) return;
@@ -212,9 +210,7 @@ static at::Tensor shrink_impl(const at::Tensor& x, const at::Tensor& A_pool,
                            const at::Tensor& indices, const at::Tensor& ranks,
                            const std::optional<at::Tensor>& bad_index_count, double scale) {
   const char* op = "lora_shrink";
-  MultiArgs a = check_shrink(op, x, A_pool, indices, ranks, scale);
-  check_bad_count(op, bad_index_count, x,
-                  {{&x, "x"}, {&A_pool, "A_pool"}, {&indices, "indices"}, {&ranks, "ranks"}});
+  MultiArgs a = check_shrink(op, x, A_pool, indices, ranks, scale, bad_index_count);
   TORCH_CHECK(x.device().is_cpu(), op, ": CPU kernel called with x on ", x.device());
   const Groups g = group_tokens(op, a);
   at::Tensor u = at::zeros({a.n, a.T, a.r_max}, x.options().dtype(at::kFloat));
@@ -242,10 +238,8 @@ void lora_expand_cpu(at::Tensor y, const at::Tensor& u, const at::Tensor& B_pool
                      at::OptionalIntArrayRef out_slices,
                      const std::optional<at::Tensor>& bad_index_count, bool add_inputs) {
   const char* op = "lora_expand_";
-  MultiArgs a = check_expand(op, y, u, B_pool, indices, scales, ranks, out_slices);
-  check_bad_count(op, bad_index_count, y,
-                  {{&y, "y"}, {&u, "u"}, {&B_pool, "B_pool"}, {&indices, "indices"},
-                   {&scales, "scales"}, {&ranks, "ranks"}});
+  MultiArgs a = check_expand(op, y, u, B_pool, indices, scales, ranks, out_slices,
+                             bad_index_count);
   TORCH_CHECK(y.device().is_cpu(), op, ": CPU kernel called with y on ", y.device());
   const Groups g = group_tokens(op, a);
   if (!add_inputs) a.y2.zero_();
