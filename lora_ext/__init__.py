@@ -12,9 +12,10 @@ from .merge import merge, merge_and_unload, unmerge  # (the functions shadow the
 from .combine import combine
 from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, attach_context
 from .pool import AdapterPool
+from .peft_patch import patch_peft, unpatch_peft
 
 __all__ = ["ops", "Adapter", "LayerWeights", "load_adapter", "LoRALayer", "LoRALinear", "LoRAEmbedding", "inject",
            "lora_layers", "lora_state_dict", "mark_only_lora_trainable", "merge", "unmerge",
            "merge_and_unload", "combine", "LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding",
            "attach_context",
-           "AdapterPool"]
+           "AdapterPool", "patch_peft", "unpatch_peft"]

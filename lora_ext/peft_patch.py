@@ -1,0 +1,250 @@
+"""Run an existing HF PEFT LoRA model on lora_ext's fused ops, in place (issue 17).
+
+``patch_peft(model)`` replaces the ``forward`` of every PEFT LoRA ``Linear`` instance (nn.Linear
+or transformers' Conv1D base) with one that reads PEFT's own state at call time (``lora_A[name]``,
+``lora_B[name]``, ``scaling[name]``, ``lora_dropout[name]``, ``base_layer``, ``merged``,
+``disable_adapters``, ``active_adapters``, ``lora_variant``...). The module tree, the parameters and
+the state_dict stay PEFT's, so save_pretrained, set_adapter/add_adapter/delete_adapter,
+disable_adapter(), merge/unmerge, rsLoRA, rank/alpha patterns and modules_to_save keep working.
+``unpatch_peft(model)`` restores the original forwards.
+
+Fast paths:
+  * one active adapter, not merged, not disabled, vanilla LoRA, plain float base weight:
+    ``lora_ext.ops.lora_linear`` (base GEMM + fused low-rank part, dropout via dropout_p);
+  * mixed batches (``model(..., adapter_names=[...])``, no autograd, no active dropout):
+    ``lora_ext.ops.multi_lora_`` once per layer, from per-layer pools of all the layer's adapters,
+    cached on the module and rebuilt when an adapter, factor tensor (data_ptr/_version) or scaling
+    changes; "__base__" rows get no adapter.
+Anything else (DoRA and other LoRA variants, lora_bias, quantized or hooked base layers, several
+active adapters at once, dtype mixes/autocast, unknown forward arguments) calls PEFT's original
+forward and warns once per (layer, reason). A disabled or merged layer has no LoRA work left to
+fuse: it calls PEFT's forward without a warning. LoRA Embedding layers stay on PEFT's forward
+(lora_ext has no fused embedding op; its LoRAEmbedding uses the same F.embedding math as PEFT), as do
+other PEFT LoRA layer types (Conv2d, bitsandbytes, ...): one warning per layer when patching.
+Layers that a later ``add_adapter`` creates are patched by calling ``patch_peft`` again.
+"""
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+from torch import nn
+
+from .layers import is_conv1d
+from .ops import lora_linear, multi_lora_
+
+__all__ = ["patch_peft", "unpatch_peft", "is_patched"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_ORIG = "_lora_ext_patched"  # set on patched instances
+_NAME = "_lora_ext_name"
+_WARNED = "_lora_ext_warned"
+_POOL = "_lora_ext_pool"
+
+
+def _peft_classes():
+    try:
+        from peft.tuners.lora.layer import Embedding, LoraLayer, Linear
+    except ImportError as e:  # pragma: no cover - peft is optional for lora_ext itself
+        raise ImportError("lora_ext.patch_peft needs the `peft` package") from e
+    return Linear, Embedding, LoraLayer
+
+
+def _warn(module: nn.Module, reason: str) -> None:
+    """warnings.warn once per (layer, reason)."""
+    seen = module.__dict__.setdefault(_WARNED, set())
+    if reason in seen:
+        return
+    seen.add(reason)
+    name = module.__dict__.get(_NAME, type(module).__name__)
+    warnings.warn(f"lora_ext.patch_peft: layer '{name}' runs PEFT's forward: {reason}", UserWarning,
+                  stacklevel=3)
+
+
+def is_patched(module: nn.Module) -> bool:
+    return _ORIG in module.__dict__
+
+
+# ------------------------------------------------------------------------------------ checks
+def _base_problem(module: nn.Module, x: torch.Tensor) -> str | None:
+    """Why the base layer cannot run inside lora_linear / next to multi_lora_ (None: it can)."""
+    base = module.base_layer
+    conv1d = is_conv1d(base)
+    if not (type(base) is nn.Linear or conv1d):
+        return f"base layer {type(base).__name__} is not a plain nn.Linear/Conv1D (quantized or wrapped)"
+    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+        return "base layer has forward hooks or a patched forward"
+    w, b = base.weight, base.bias
+    if type(w) not in (nn.Parameter, torch.Tensor) or w.dtype not in _FLOATS:
+        return f"base weight is {type(w).__name__} {w.dtype} (quantized or not a plain float tensor)"
+    if x.dtype != w.dtype or (b is not None and b.dtype != w.dtype):
+        return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
+    if x.device != w.device:
+        return "input and base weight on different devices"
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast is enabled"
+    return None
+
+
+def _adapter_problem(module: nn.Module, name: str) -> str | None:
+    """Why adapter `name` of this layer is not a vanilla LoRA lora_ext can run (None: it is)."""
+    if name in module.lora_variant or module.use_dora.get(name, False):
+        variant = module.lora_variant.get(name)
+        return f"adapter '{name}' is a LoRA variant ({type(variant).__name__ if variant else 'DoRA'})"
+    A, B = module.lora_A[name], module.lora_B[name]
+    if type(A) is not nn.Linear or type(B) is not nn.Linear or A._forward_hooks or B._forward_hooks:
+        return f"adapter '{name}' has non-standard lora_A/lora_B modules"
+    if B.bias is not None or module.lora_bias.get(name, False):
+        return f"adapter '{name}' uses lora_bias"
+    return None
+
+
+def _dropout_p(module: nn.Module, name: str) -> float | None:
+    """The active dropout probability of adapter `name` (0 in eval), None if not nn.Dropout/Identity."""
+    d = module.lora_dropout[name]
+    if type(d) is nn.Identity:
+        return 0.0
+    if type(d) is nn.Dropout:
+        return float(d.p) if d.training else 0.0
+    return None
+
+
+# ------------------------------------------------------------------------------------ single adapter
+def _single(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | None:
+    reason = _base_problem(module, x) or _adapter_problem(module, name)
+    p = _dropout_p(module, name) if reason is None else 0.0
+    if reason is None and p is None:
+        reason = f"adapter '{name}' dropout is {type(module.lora_dropout[name]).__name__}"
+    if reason is None and not 0.0 <= p < 1.0:
+        reason = f"adapter '{name}' dropout p={p} outside [0, 1)"
+    if reason is not None:
+        _warn(module, reason)
+        return None
+    base = module.base_layer
+    A, B = module.lora_A[name].weight, module.lora_B[name].weight
+    if A.dtype != x.dtype:  # e.g. fp32 adapters (PEFT's autocast_adapter_dtype) on a bf16 model
+        A, B = A.to(x.dtype), B.to(x.dtype)
+    return lora_linear(x, base.weight, base.bias, A, B, float(module.scaling[name]), p,
+                       p > 0.0, is_conv1d(base))
+
+
+# ------------------------------------------------------------------------------------ mixed batches
+def _pools(module: nn.Module, dtype: torch.dtype, device: torch.device):
+    """(slot of each adapter name, A_pool, B_pool, scales, ranks), cached on the module."""
+    names = list(module.lora_A.keys())
+    params = [(module.lora_A[n].weight, module.lora_B[n].weight) for n in names]
+    # id() of the parameters too: the cache holds them, so a new adapter's tensors can never
+    # reuse a cached (address, version) pair of a deleted one
+    key = (dtype, device) + tuple(
+        (n, id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version, float(module.scaling[n]))
+        for n, (A, B) in zip(names, params))
+    cached = module.__dict__.get(_POOL)
+    if cached is not None and cached[0] == key:
+        return cached[2]
+    As = [A.detach() for A, _ in params]
+    Bs = [B.detach() for _, B in params]
+    r_max = max(a.shape[0] for a in As)
+    S, d_in, d_out = len(names), As[0].shape[1], Bs[0].shape[0]
+    with torch.no_grad():
+        A_pool = torch.zeros(S, r_max, d_in, dtype=dtype, device=device)
+        B_pool = torch.zeros(S, d_out, r_max, dtype=dtype, device=device)
+        for s, (a, b) in enumerate(zip(As, Bs)):
+            A_pool[s, : a.shape[0]].copy_(a)
+            B_pool[s, :, : a.shape[0]].copy_(b)
+    scales = torch.tensor([float(module.scaling[n]) for n in names], dtype=torch.float32, device=device)
+    ranks = torch.tensor([a.shape[0] for a in As], dtype=torch.int32, device=device)
+    value = ({n: s for s, n in enumerate(names)}, A_pool, B_pool, scales, ranks)
+    module.__dict__[_POOL] = (key, params, value)
+    return value
+
+
+def _mixed(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | None:
+    used = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in module.lora_A]
+    reason = _base_problem(module, x) or (None if x.dim() >= 2 else "1-D input in a mixed batch")
+    for n in used:
+        if reason is not None:
+            break
+        reason = _adapter_problem(module, n)
+        if reason is None and _dropout_p(module, n) != 0.0:
+            reason = f"adapter '{n}' has active dropout in a mixed batch"
+    if reason is None and torch.is_grad_enabled() and (
+            x.requires_grad or any(module.lora_A[n].weight.requires_grad or module.lora_B[n].weight.requires_grad
+                                   for n in used)):
+        reason = "mixed batch with autograd on (multi_lora_ is inference only: use torch.no_grad())"
+    if reason is not None:
+        _warn(module, reason)
+        return None
+    y = module.base_layer(x)
+    if not used or x.numel() == 0:
+        return y
+    slot, A_pool, B_pool, scales, ranks = _pools(module, x.dtype, x.device)
+    rows = torch.tensor([slot.get(n, -1) if n != "__base__" else -1 for n in adapter_names],
+                        dtype=torch.int32)
+    per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+    indices = rows.repeat_interleave(per_row).to(x.device)
+    multi_lora_(y, x, A_pool, B_pool, indices, scales, ranks)
+    return y
+
+
+# ------------------------------------------------------------------------------------ forward
+def _patched_forward(self, x: torch.Tensor, *args, **kwargs):
+    orig = type(self).forward.__get__(self)  # PEFT's forward
+    self._check_forward_args(x, *args, **kwargs)  # PEFT's own errors (adapter_names length, merged, DoRA)
+    if self.disable_adapters or (self.merged and "adapter_names" not in kwargs):
+        return orig(x, *args, **kwargs)  # base forward only (PEFT unmerges when disabled): nothing to fuse
+    extra = [k for k, v in kwargs.items() if k != "adapter_names" and v is not None]
+    if args or extra:
+        _warn(self, f"unsupported forward arguments {extra or f'{len(args)} positional'}")
+        return orig(x, *args, **kwargs)
+    adapter_names = kwargs.get("adapter_names")
+    if adapter_names is not None:
+        y = _mixed(self, x, adapter_names)
+        return orig(x, *args, **kwargs) if y is None else y
+    active = [n for n in self.active_adapters if n in self.lora_A]
+    if len(active) > 1:
+        _warn(self, f"{len(active)} active adapters at once ({', '.join(active)})")
+        return orig(x, *args, **kwargs)
+    if not active:
+        return orig(x, *args, **kwargs)
+    y = _single(self, x, active[0])
+    return orig(x, *args, **kwargs) if y is None else y
+
+
+# ------------------------------------------------------------------------------------ public API
+def patch_peft(model: nn.Module) -> list[str]:
+    """Routes the PEFT LoRA Linear layers of ``model`` (a PeftModel, or a transformers model with
+    PEFT adapters loaded) through lora_ext's fused ops, in place, by replacing each instance's
+    forward. Returns the names of the layers patched by this call (already patched ones are
+    skipped, so calling it again after add_adapter patches only new layers). Undo with
+    ``unpatch_peft``."""
+    Linear, Embedding, LoraLayer = _peft_classes()
+    patched = []
+    for name, m in model.named_modules():
+        if not isinstance(m, LoraLayer) or is_patched(m):
+            continue
+        m.__dict__[_NAME] = name
+        if isinstance(m, Linear) and "forward" in m.__dict__:
+            _warn(m, "its forward is already replaced on the instance (by another tool)")
+        elif isinstance(m, Linear) and type(m).forward is Linear.forward:
+            m.__dict__[_ORIG] = True
+            m.forward = types.MethodType(_patched_forward, m)
+            patched.append(name)
+        elif isinstance(m, Embedding):
+            _warn(m, "no fused lora_ext op for LoRA embeddings (same F.embedding math as PEFT)")
+        else:
+            _warn(m, f"{type(m).__module__}.{type(m).__name__} layers are not supported by lora_ext")
+    return patched
+
+
+def unpatch_peft(model: nn.Module) -> list[str]:
+    """Restores the forward of every layer ``patch_peft`` patched; returns their names."""
+    restored = []
+    for name, m in model.named_modules():
+        if is_patched(m):
+            del m.__dict__[_ORIG]
+            m.__dict__.pop("forward", None)  # back to the class's (PEFT's) forward
+            restored.append(name)
+        for attr in (_NAME, _POOL, _WARNED):
+            m.__dict__.pop(attr, None)
+    return restored

@@ -1,0 +1,276 @@
+"""lora_ext.patch_peft: a PeftModel patched in place vs the same PeftModel unpatched (a deepcopy)."""
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import rel_err
+from models import tiny_gpt2, tiny_llama
+
+import lora_ext
+import lora_ext.peft_patch as pp
+
+peft = pytest.importorskip("peft")
+from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
+
+CASES = {  # builder, targets, fan_in_fan_out (GPT-2: Conv1D)
+    "llama": (tiny_llama, ["q_proj", "v_proj", "gate_proj", "embed_tokens"], False),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj"], True),
+}
+# fp32: same math, other summation order. bf16: both round every GEMM to bf16, in different orders
+# (and lora_ext runs fp32 adapters in the model's bf16, PEFT in fp32), as tests/test_peft_parity.py.
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 6e-2)}  # (logits/loss, grads)
+
+
+def build(kind, dtype=torch.float32, dropout=0.0, r=4, alpha=8, use_rslora=False, **cfg):
+    make, targets, fifo = CASES[kind]
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout,
+                             fan_in_fan_out=fifo, use_rslora=use_rslora, **cfg)
+    pm = peft.get_peft_model(make(dtype=dtype), config)
+    randomize(pm)
+    return pm
+
+
+def randomize(model, seed=1):
+    torch.manual_seed(seed)
+    for n, p in model.named_parameters():  # non-zero B (and embedding A) so LoRA matters
+        if "lora_" in n:
+            p.data = torch.randn_like(p) * 0.1
+
+
+def patch(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Llama embedding stays on PEFT's forward (one warning)
+        return lora_ext.patch_peft(model)
+
+
+class Count:
+    """Counts calls of the fused ops inside lora_ext.peft_patch."""
+
+    def __init__(self, monkeypatch):
+        self.linear = self.multi = 0
+        real_linear, real_multi = pp.lora_linear, pp.multi_lora_
+
+        def linear(*a, **k):
+            self.linear += 1
+            return real_linear(*a, **k)
+
+        def multi(*a, **k):
+            self.multi += 1
+            return real_multi(*a, **k)
+        monkeypatch.setattr(pp, "lora_linear", linear)
+        monkeypatch.setattr(pp, "multi_lora_", multi)
+
+
+def ids_for(batch=2, seq=12, seed=3):
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def lora_params(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def n_linear(model):
+    return sum(isinstance(m, PeftLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_parity_3_adamw_steps(kind, dtype, monkeypatch):
+    ref = build(kind, dtype, use_rslora=(kind == "gpt2"))
+    pm = copy.deepcopy(ref)
+    names = patch(pm)
+    assert len(names) == n_linear(pm) > 0
+    count = Count(monkeypatch)
+    pm.train(), ref.train()
+    opt_p = torch.optim.AdamW(lora_params(pm).values(), lr=1e-3)
+    opt_r = torch.optim.AdamW(lora_params(ref).values(), lr=1e-3)
+    tol_out, tol_grad = TOL[dtype]
+    for step in range(3):
+        ids = ids_for(seed=step)
+        out_p, out_r = pm(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
+        assert rel_err(out_p.logits, out_r.logits) < tol_out
+        assert abs(out_p.loss.item() - out_r.loss.item()) <= tol_out * abs(out_r.loss.item())
+        out_p.loss.backward(), out_r.loss.backward()
+        gp, gr = lora_params(pm), lora_params(ref)
+        assert gp.keys() == gr.keys() and len(gp) > 0
+        for n in gr:
+            assert rel_err(gp[n].grad, gr[n].grad) < tol_grad, (step, n)
+        opt_p.step(), opt_r.step()
+        opt_p.zero_grad(), opt_r.zero_grad()
+    assert count.linear == 3 * len(names) and count.multi == 0
+
+
+def test_dropout_trains_and_eval_is_deterministic(monkeypatch):
+    pm = build("llama", dropout=0.2)
+    patch(pm)
+    count = Count(monkeypatch)
+    pm.train()
+    ids = ids_for(batch=4, seq=16)
+    opt = torch.optim.AdamW(lora_params(pm).values(), lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step(), opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert count.linear == 6 * n_linear(pm)
+    with torch.no_grad():
+        a, b = pm(input_ids=ids).logits, pm(input_ids=ids).logits  # dropout active: masks differ
+    assert not torch.equal(a, b)
+    pm.eval()
+    ref = copy.deepcopy(pm)
+    lora_ext.unpatch_peft(ref)
+    with torch.no_grad():
+        a, b, r = pm(input_ids=ids).logits, pm(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert torch.equal(a, b)
+    assert rel_err(a, r) < 1e-5
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_adapter_lifecycle_inference(kind, monkeypatch):
+    """set_adapter / add_adapter (other rank, rsLoRA) / disable_adapter / merge / unmerge /
+    delete_adapter / merge_and_unload, all read at call time."""
+    ref = build(kind)
+    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=4, use_rslora=True, fan_in_fan_out=CASES[kind][2],
+                                         target_modules=CASES[kind][1]))
+    randomize(ref, seed=2)
+    ref.eval()
+    pm = copy.deepcopy(ref)
+    patch(pm)
+    count = Count(monkeypatch)
+    ids = ids_for()
+
+    def check(fused):
+        before = count.linear
+        with torch.no_grad():
+            assert rel_err(pm(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
+        assert (count.linear > before) == fused
+
+    check(True)
+    for m in (pm, ref):
+        m.set_adapter("b")
+    check(True)
+    with pm.disable_adapter(), ref.disable_adapter():
+        check(False)
+    for m in (pm, ref):
+        m.merge_adapter()
+    check(False)
+    for m in (pm, ref):
+        m.unmerge_adapter()
+    check(True)
+    for m in (pm, ref):
+        m.set_adapter("default")
+        m.delete_adapter("b")
+    check(True)
+    merged = pm.merge_and_unload()
+    with torch.no_grad():
+        assert rel_err(merged(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_batch_matches_peft(kind, dtype, monkeypatch):
+    fifo, targets = CASES[kind][2], CASES[kind][1]
+    ref = build(kind, dtype)
+    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, fan_in_fan_out=fifo, target_modules=targets))
+    ref.add_adapter("c", peft.LoraConfig(r=2, lora_alpha=2, use_rslora=True, fan_in_fan_out=fifo,
+                                         target_modules=targets))
+    randomize(ref, seed=5)
+    ref.eval()
+    pm = copy.deepcopy(ref)
+    names = patch(pm)
+    count = Count(monkeypatch)
+    ids = ids_for(batch=5, seq=10)
+    adapter_names = ["b", "__base__", "default", "c", "b"]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    with torch.no_grad():
+        out = pm(input_ids=ids, adapter_names=adapter_names).logits
+        assert rel_err(out, ref(input_ids=ids, adapter_names=adapter_names).logits) < tol
+    assert count.multi == len(names) and count.linear == 0
+    # each row equals the single-adapter model
+    with torch.no_grad():
+        for row, name in [(0, "b"), (3, "c")]:
+            ref.set_adapter(name)
+            single = ref(input_ids=ids[row:row + 1]).logits
+            assert rel_err(out[row:row + 1], single) < tol
+        with ref.disable_adapter():
+            assert rel_err(out[1:2], ref(input_ids=ids[1:2]).logits) < tol
+    # the per-layer pools are rebuilt when a factor changes in place
+    with torch.no_grad():
+        for m in (pm, ref):
+            for n, p in m.named_parameters():
+                if "lora_B.c." in n:
+                    p.mul_(3.0)
+        out = pm(input_ids=ids, adapter_names=adapter_names).logits
+        assert rel_err(out, ref(input_ids=ids, adapter_names=adapter_names).logits) < tol
+
+
+def test_save_load_round_trip(tmp_path):
+    pm = build("gpt2")
+    ref_keys = set(copy.deepcopy(pm).state_dict())
+    patch(pm)
+    assert set(pm.state_dict()) == ref_keys
+    pm.train()
+    opt = torch.optim.AdamW(lora_params(pm).values(), lr=1e-2)
+    ids = ids_for()
+    pm(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    pm.eval()
+    pm.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path).eval()
+    with torch.no_grad():
+        plain = loaded(input_ids=ids).logits
+        assert len(patch(loaded)) == n_linear(loaded)
+        assert rel_err(loaded(input_ids=ids).logits, pm(input_ids=ids).logits) < 1e-5
+        assert rel_err(plain, pm(input_ids=ids).logits) < 1e-5
+
+
+def test_unpatch_restores_original_forward():
+    pm = build("llama").eval()
+    ids = ids_for()
+    with torch.no_grad():
+        before = pm(input_ids=ids).logits
+    names = patch(pm)
+    assert patch(pm) == []  # idempotent
+    layers = [m for m in pm.modules() if isinstance(m, PeftLinear)]
+    assert all("forward" in m.__dict__ for m in layers)
+    assert sorted(lora_ext.unpatch_peft(pm)) == sorted(names)
+    assert all("forward" not in m.__dict__ and m.forward.__func__ is PeftLinear.forward for m in layers)
+    assert not any(k.startswith("_lora_ext") for m in layers for k in m.__dict__)
+    with torch.no_grad():
+        assert torch.equal(pm(input_ids=ids).logits, before)
+
+
+def test_fallbacks_warn_once_per_layer(monkeypatch):
+    ref = build("gpt2", use_dora=True).eval()
+    pm = copy.deepcopy(ref)
+    names = patch(pm)
+    count = Count(monkeypatch)
+    ids = ids_for()
+    with warnings.catch_warnings(record=True) as rec, torch.no_grad():
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert rel_err(pm(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
+    msgs = [str(w.message) for w in rec if "lora_ext.patch_peft" in str(w.message)]
+    assert len(msgs) == len(names)
+    assert all("DoraLinearVariant" in m for m in msgs)
+    assert {m.split("'")[1] for m in msgs} == set(names)  # each names its layer
+    assert count.linear == 0
+    # several active adapters at once: PEFT's forward, again one warning per layer
+    pm2 = build("gpt2").eval()
+    pm2.add_adapter("b", peft.LoraConfig(r=4, fan_in_fan_out=True, target_modules=CASES["gpt2"][1]))
+    pm2.base_model.set_adapter(["default", "b"])
+    patch(pm2)
+    with warnings.catch_warnings(record=True) as rec, torch.no_grad():
+        warnings.simplefilter("always")
+        pm2(input_ids=ids), pm2(input_ids=ids)
+    msgs = [str(w.message) for w in rec if "lora_ext.patch_peft" in str(w.message)]
+    assert len(msgs) == n_linear(pm2) and all("2 active adapters" in m for m in msgs)
+
+
+def test_embedding_stays_on_peft_with_one_warning():
+    pm = build("llama")
+    with pytest.warns(UserWarning, match="embed_tokens.*no fused lora_ext op"):
+        lora_ext.patch_peft(pm)
