@@ -1,11 +1,13 @@
 """LoRALinear forward+backward vs the frozen nn.Linear alone vs the PEFT-style composition
-``linear(x) + s * (x @ A.T) @ B.T`` (x requires grad, as in a mid-network layer).
+``linear(x) + s * (x @ A.T) @ B.T``, PEFT's own LoRA Linear, and that layer after
+``lora_ext.patch_peft`` (x requires grad, as in a mid-network layer).
 
-Goal: LoRALinear <= 1.05x the frozen base layer. Medians of >= 5 runs.
+Goal: LoRALinear <= 1.05x the frozen base layer. Interleaved rounds: median (min-max) over rounds.
 python bench/bench_lora_linear.py [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -13,8 +15,24 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import cli, time_fn  # noqa: E402
+from bench.common import Timing, cli, time_fn  # noqa: E402
+import lora_ext  # noqa: E402
 from lora_ext import LoRALinear  # noqa: E402
+
+
+def peft_layers(base, A, B, r):
+    """PEFT's LoRA Linear around a copy of `base` with the same factors, and a patched copy."""
+    import peft
+
+    holder = torch.nn.Module()
+    holder.proj = copy.deepcopy(base)
+    pm = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+    layer = pm.base_model.model.proj
+    layer.lora_A["default"].weight.data.copy_(A.detach())
+    layer.lora_B["default"].weight.data.copy_(B.detach())
+    patched = copy.deepcopy(pm)
+    lora_ext.patch_peft(patched)
+    return layer, patched.base_model.model.proj
 
 
 def case(device: str, quick: bool):
@@ -33,23 +51,38 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     x = torch.randn(T, n, device=device, dtype=dt, requires_grad=True)
     g = torch.randn(T, n, device=device, dtype=dt)
 
-    def step(fn):
-        def go():
-            x.grad = None
-            A.grad = B.grad = None
-            fn().backward(g)
-        return go
-
     fns = {
         "base nn.Linear": lambda: base(x),
         "PEFT-style": lambda: F.linear(x, base.weight, base.bias) + s * (x @ A.T) @ B.T,
         "lora_ext LoRALinear": lambda: layer(x),
     }
-    reps = 7 if device == "cpu" else 25
-    times = {k: time_fn(step(f), device, warmup=2, reps=reps) for k, f in fns.items()}
-    t0 = times["base nn.Linear"]
+    params = [x, A, B]
+    try:
+        peft_layer, patched = peft_layers(base, A, B, r)
+        fns["PEFT LoRA Linear"] = lambda: peft_layer(x)
+        fns["PEFT + patch_peft"] = lambda: patched(x)
+        params += [p for m in (peft_layer, patched) for p in m.parameters() if p.requires_grad]
+    except ImportError:  # peft is a test dependency
+        pass
+
+    def step(fn):
+        def go():
+            for p in params:
+                p.grad = None
+            fn().backward(g)
+        return go
+
+    # Interleaved rounds (every variant once per round) so that machine noise hits all alike;
+    # the ratio to the base layer is taken per round.
+    rounds, reps = (5, 3) if device == "cpu" else (5, 10)
+    per_round = {k: [] for k in fns}
+    for i in range(rounds):
+        for k, f in fns.items():
+            per_round[k].append(float(time_fn(step(f), device, warmup=2 if i == 0 else 1, reps=reps)))
+    base_t = per_round["base nn.Linear"]
     return [{"impl": k, "T": T, "in=out": n, "r": r, "dtype": str(dt).removeprefix("torch."),
-             "fwd+bwd ms": t, "x base": t / t0} for k, t in times.items()]
+             "fwd+bwd ms": Timing.of(ts), "x base": Timing.of([t / b for t, b in zip(ts, base_t)])}
+            for k, ts in per_round.items()]
 
 
 def main(argv=None):

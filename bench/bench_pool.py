@@ -1,6 +1,8 @@
 """Mixed-batch serving, end to end: a small Llama with 1/4/16 distinct adapters in one batch,
-lora_ext AdapterPool vs HF PEFT's ``model(..., adapter_names=[...])``; adapter load times
-(from disk and from the pool's host cache).
+decode (1 token per sequence) and prefill: lora_ext AdapterPool vs HF PEFT's
+``model(..., adapter_names=[...])``, the same PEFT model after ``lora_ext.patch_peft``, and the
+base model; adapter load times (from disk and from the pool's host cache). Variants run in
+interleaved rounds; ratios are taken per round and reported as median (min-max).
 
 python bench/bench_pool.py [--device cpu|cuda] [--quick]
 """
@@ -52,6 +54,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     for i in range(1, n_max):
         pm.load_adapter(paths[f"a{i}"], adapter_name=f"a{i}")
     pm.eval()
+    patched = copy.deepcopy(pm)
+    lora_ext.patch_peft(patched)
     model = copy.deepcopy(base)
     pool = lora_ext.AdapterPool(model, target_modules=TARGETS, max_adapters=n_max, max_rank=16)
     load_times = []
@@ -62,21 +66,30 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         load_times.append((time.perf_counter() - t0) * 1e3)
     load_disk_ms = Timing.of(load_times)  # median (min-max) over the n_max adapters
     batch, seq = (8, 32) if quick else (16, 64)
-    ids = torch.randint(0, 1024, (batch, seq), device=device)
+    rounds = 3 if quick else 5
     rows = []
-    for distinct in ([1, 4] if quick else [1, 4, 16]):
-        names = [f"a{i % distinct}" for i in range(batch)]
+    for phase, length in (("decode", 1), ("prefill", seq)):
+        ids = torch.randint(0, 1024, (batch, length), device=device)
+        for distinct in ([1, 4] if quick else [1, 4, 16]):
+            names = [f"a{i % distinct}" for i in range(batch)]
 
-        def ours():
-            with pool.batch(names):
-                model(input_ids=ids)
+            def ours():
+                with pool.batch(names):
+                    model(input_ids=ids)
 
-        t_ours = time_fn(ours, device, reps=7)
-        t_peft = time_fn(lambda: pm(input_ids=ids, adapter_names=names), device, reps=7)
-        t_base = time_fn(lambda: base(input_ids=ids), device, reps=7)
-        rows.append({"adapters": distinct, "batch x seq": f"{batch}x{seq}", "lora_ext ms": t_ours,
-                     "PEFT ms": t_peft, "base model ms": t_base, "speedup vs PEFT": t_peft / t_ours,
-                     "overhead vs base": t_ours / t_base})
+            fns = {"lora_ext": ours, "PEFT": lambda: pm(input_ids=ids, adapter_names=names),
+                   "patch_peft": lambda: patched(input_ids=ids, adapter_names=names),
+                   "base": lambda: base(input_ids=ids)}
+            t = {k: [] for k in fns}
+            for i in range(rounds):
+                for k, f in fns.items():
+                    t[k].append(float(time_fn(f, device, warmup=2 if i == 0 else 1, reps=3)))
+            ratio = lambda a, b: Timing.of([x / y for x, y in zip(t[a], t[b])])  # noqa: E731
+            rows.append({"phase": phase, "adapters": distinct, "batch x seq": f"{batch}x{length}",
+                         "lora_ext ms": Timing.of(t["lora_ext"]), "PEFT ms": Timing.of(t["PEFT"]),
+                         "patch_peft ms": Timing.of(t["patch_peft"]), "base model ms": Timing.of(t["base"]),
+                         "lora_ext x base": ratio("lora_ext", "base"), "patch_peft x base": ratio("patch_peft", "base"),
+                         "PEFT x base": ratio("PEFT", "base"), "speedup vs PEFT": ratio("PEFT", "lora_ext")})
     # load times: from disk (file read + slot write) and from the pinned host cache
     small = lora_ext.AdapterPool(copy.deepcopy(base), target_modules=TARGETS, max_adapters=1, max_rank=16)
     small.load("x", paths["a0"])
