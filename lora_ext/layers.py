@@ -11,6 +11,7 @@ set_lora_factors() in PEFT's orientation, and base_module() (the unwrapped modul
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -38,7 +39,7 @@ def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-class LoRALayer(nn.Module):
+class LoRALayer(nn.Module, abc.ABC):
     """Base of the LoRA layers: ``weight`` (frozen) plus factors A [r, in], B [out, r] with
     ``scaling`` (``r``, ``lora_alpha``, ``use_rslora``, ``merged``, ``base_class`` attributes).
 
@@ -51,8 +52,9 @@ class LoRALayer(nn.Module):
     factor_names: tuple[str, str] = ("", "")
 
     @property
+    @abc.abstractmethod
     def _weight_in_out(self) -> bool:
-        raise NotImplementedError
+        """Whether ``weight`` is stored [in, out] (Conv1D layout, embeddings)."""
 
     # ---------------------------------------------------------------- factors
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -143,8 +145,9 @@ class LoRALayer(nn.Module):
         base.train(self.training)
         return base
 
+    @abc.abstractmethod
     def _new_base(self) -> nn.Module:
-        raise NotImplementedError
+        """An empty module of ``base_class`` with this layer's shape (weight set by the caller)."""
 
 
 class LoRALinear(LoRALayer):

@@ -41,6 +41,7 @@ _ORIG = "_lora_ext_patched"  # set on patched instances
 _NAME = "_lora_ext_name"
 _WARNED = "_lora_ext_warned"
 _POOL = "_lora_ext_pool"
+_INDICES = "_lora_ext_indices"  # last (adapter_names, rows per name, slot map) -> device indices
 
 
 def _peft_classes():
@@ -179,10 +180,17 @@ def _mixed(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | 
     if not used or x.numel() == 0:
         return y
     slot, A_pool, B_pool, scales, ranks = _pools(module, x.dtype, x.device)
-    rows = torch.tensor([slot.get(n, -1) if n != "__base__" else -1 for n in adapter_names],
-                        dtype=torch.int32)
     per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
-    indices = rows.repeat_interleave(per_row).to(x.device)
+    # decode steps repeat the same names: reuse the device indices instead of a copy per call
+    key = (tuple(adapter_names), per_row, x.device)
+    cached = module.__dict__.get(_INDICES)
+    if cached is not None and cached[0] == key and cached[1] is slot:
+        indices = cached[2]
+    else:
+        rows = torch.tensor([slot.get(n, -1) if n != "__base__" else -1 for n in adapter_names],
+                            dtype=torch.int32)
+        indices = rows.repeat_interleave(per_row).to(x.device)
+        module.__dict__[_INDICES] = (key, slot, indices)
     multi_lora_(y, x, A_pool, B_pool, indices, scales, ranks)
     return y
 
@@ -245,6 +253,6 @@ def unpatch_peft(model: nn.Module) -> list[str]:
             del m.__dict__[_ORIG]
             m.__dict__.pop("forward", None)  # back to the class's (PEFT's) forward
             restored.append(name)
-        for attr in (_NAME, _POOL, _WARNED):
+        for attr in (_NAME, _POOL, _INDICES, _WARNED):
             m.__dict__.pop(attr, None)
     return restored

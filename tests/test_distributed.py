@@ -7,21 +7,19 @@ workers save what they saw to files and the test compares it with a single-proce
 """
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import lora_ext
 from lora_ext.distributed import fully_shard_lora, lora_parameters, save_adapter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dist_helpers  # noqa: E402
 from models import tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -32,15 +30,8 @@ STEPS, LR = 3, 1e-2
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(case: str, world_size: int, out_dir: str) -> list[dict]:
-    mp.spawn(_worker, args=(case, world_size, _free_port(), out_dir), nprocs=world_size, join=True)
-    return [torch.load(os.path.join(out_dir, f"{case}_{r}.pt"), weights_only=False) for r in range(world_size)]
+    return dist_helpers.spawn(__name__, "_case", world_size, case, out_dir)
 
 
 # ---------------------------------------------------------------- models and data (same in every process)
@@ -108,15 +99,8 @@ def reference(kind: str) -> dict:
 
 
 # ---------------------------------------------------------------- the workers
-def _worker(rank: int, case: str, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        out = {"ddp": _ddp, "fsdp_llama": _fsdp, "fsdp_mlp": _fsdp}[case](rank, world_size, case, out_dir)
-        torch.save(out, os.path.join(out_dir, f"{case}_{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _case(rank: int, world_size: int, case: str, out_dir: str) -> dict:
+    return {"ddp": _ddp, "fsdp_llama": _fsdp, "fsdp_mlp": _fsdp}[case](rank, world_size, case, out_dir)
 
 
 def _ddp(rank: int, world_size: int, case: str, out_dir: str) -> dict:
@@ -367,17 +351,7 @@ def _reference_2d() -> dict:
             "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
 
 
-def _worker_2d(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        torch.save(_fsdp_tp(rank, out_dir), os.path.join(out_dir, f"fsdp_tp_{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _fsdp_tp(rank: int, out_dir: str) -> dict:
+def _fsdp_tp(rank: int, world_size: int, out_dir: str) -> dict:
     import lora_ext.tp as tp_mod
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
@@ -423,9 +397,7 @@ def test_fsdp2_x_tensor_parallel_2d_mesh(tmp_path):
     """4 ranks on a (dp=2, tp=2) mesh: ColwiseParallelLoRA / RowwiseParallelLoRA on mesh['tp'],
     then fully_shard_lora on mesh['dp']; 3 AdamW steps on the LoRA factors match one process on
     the concatenated batch (losses, every LoRA gradient, the trained factors, the saved adapter)."""
-    port = _free_port()
-    mp.spawn(_worker_2d, args=(port, str(tmp_path)), nprocs=4, join=True)
-    results = [torch.load(str(tmp_path / f"fsdp_tp_{r}.pt"), weights_only=False) for r in range(4)]
+    results = dist_helpers.spawn(__name__, "_fsdp_tp", 4, str(tmp_path))
     ref = _reference_2d()
     errs = []
     for step in range(STEPS):

@@ -6,18 +6,19 @@ model (loss, input grad, every LoRA grad), and its forward must run exactly the 
 the same plan without LoRA (torch's ColwiseParallel / RowwiseParallel on plain Linears)."""
 import copy
 import os
-import socket
-import tempfile
+import sys
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import lora_ext
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dist_helpers  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp32; TP only reorders sums
 
@@ -213,35 +214,22 @@ SCENARIOS = {"parity": _parity, "comms": _comms, "bad": _bad_plans, "conv1d": _c
              "compile_fullgraph": lambda mesh: _parity(mesh, "fullgraph")}
 
 
-def _worker(rank, world, port, names, outdir):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh("cpu", (world,))
-        res = {}
-        for name in names:
-            try:
-                res[name] = SCENARIOS[name](mesh)
-            except Exception:  # reported by the test, with the traceback
-                res[name] = {"error": traceback.format_exc()}
-        torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _scenarios(rank, world, names):
+    """One rank: the named scenarios on a 1-D mesh; a failing one reports its traceback."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    res = {}
+    for name in names:
+        try:
+            res[name] = SCENARIOS[name](mesh)
+        except Exception:  # reported by the test, with the traceback
+            res[name] = {"error": traceback.format_exc()}
+    return res
 
 
 def spawn(names, world=2):
     """Runs the scenarios on `world` gloo ranks; returns one result dict per rank."""
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, _free_port(), list(names), d), nprocs=world, join=True)
-        return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return dist_helpers.spawn(__name__, "_scenarios", world, list(names))
 
 
 def _get(results, name):

@@ -6,17 +6,18 @@ collectives of the same plan on the plain model, and a plan that does not fit mu
 ValueError naming the module."""
 import copy
 import os
-import socket
-import tempfile
+import sys
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import lora_ext
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dist_helpers  # noqa: E402
 
 TOL = 1e-5  # fp32, relative to the largest logit: TP only reorders sums
 ATTN = {"model.layers.*.self_attn.q_proj": "col", "model.layers.*.self_attn.k_proj": "col",
@@ -233,34 +234,22 @@ SCENARIOS = {"attn": lambda mesh: _parity(mesh, ATTN), "mlp": lambda mesh: _pari
              "both": lambda mesh: _parity(mesh, {**ATTN, **MLP}), "comms": _comms, "bad": _bad, "gpt2": _gpt2}
 
 
-def _worker(rank, world, port, names, outdir):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh("cpu", (world,))
-        res = {}
-        for name in names:
-            try:
-                res[name] = SCENARIOS[name](mesh)
-            except Exception:  # reported by the test, with the traceback
-                res[name] = {"error": traceback.format_exc()}
-        torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _scenarios(rank, world, names):
+    """One rank: the named scenarios on a 1-D mesh; a failing one reports its traceback."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    res = {}
+    for name in names:
+        try:
+            res[name] = SCENARIOS[name](mesh)
+        except Exception:  # reported by the test, with the traceback
+            res[name] = {"error": traceback.format_exc()}
+    return res
 
 
 def spawn(names, world=2):
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, _free_port(), list(names), d), nprocs=world, join=True)
-        return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    """Runs the scenarios on `world` gloo ranks; returns one result dict per rank."""
+    return dist_helpers.spawn(__name__, "_scenarios", world, list(names))
 
 
 def _get(results, name):

@@ -12,8 +12,8 @@ struct CudaBackend {
     TORCH_CHECK(on_device(like), "lora_ext: CUDA kernel called with a tensor on ", like.device());
     const DeviceGuard guard(like.device());
     j.num_sms = sm_count(like);
-    const int64_t ws = lowrank_workspace(dt, j);
-    const at::Tensor work = at::empty({ws}, like.options().dtype(at::kFloat));
+    const int64_t ws = lowrank_workspace(dt, j);  // split-K partials: only when K is split
+    const at::Tensor work = ws > 0 ? at::empty({ws}, like.options().dtype(at::kFloat)) : at::Tensor();
     j.work = ws > 0 ? work.data_ptr<float>() : nullptr;
     LORA_EXT_CUDA_CHECK(lowrank(dt, j, current_stream(like)));
   }

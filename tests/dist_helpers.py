@@ -1,0 +1,38 @@
+"""Multi-process runs for the distributed tests: each test spawns its own gloo process group
+(torch.multiprocessing.spawn, a free TCP port) and gets back what every rank returned."""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import socket
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, module: str, fn: str, args: tuple, out_dir: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        out = getattr(importlib.import_module(module), fn)(rank, world, *args)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(module: str, fn: str, world: int, *args) -> list:
+    """Runs `module.fn(rank, world, *args)` on `world` gloo ranks; returns each rank's result."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(world, free_port(), module, fn, args, d), nprocs=world, join=True)
+        return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(world)]
