@@ -36,3 +36,25 @@ def spawn(module: str, fn: str, world: int, *args) -> list:
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(world, free_port(), module, fn, args, d), nprocs=world, join=True)
         return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def _run_scenarios(rank: int, world: int, module: str, names: list[str]) -> dict:
+    """One rank: `module.SCENARIOS[name](mesh)` for each name on a 1-D mesh; a failing scenario
+    returns {"error": its traceback} (the test reports it)."""
+    import traceback
+
+    from torch.distributed.device_mesh import init_device_mesh
+    scenarios = importlib.import_module(module).SCENARIOS
+    mesh = init_device_mesh("cpu", (world,))
+    res = {}
+    for name in names:
+        try:
+            res[name] = scenarios[name](mesh)
+        except Exception:
+            res[name] = {"error": traceback.format_exc()}
+    return res
+
+
+def spawn_scenarios(module: str, names, world: int = 2) -> list[dict]:
+    """Runs the named scenarios of `module` on `world` gloo ranks; one result dict per rank."""
+    return spawn(__name__, "_run_scenarios", world, module, list(names))

@@ -7,7 +7,6 @@ ValueError naming the module."""
 import copy
 import os
 import sys
-import traceback
 
 import pytest
 import torch
@@ -234,22 +233,9 @@ SCENARIOS = {"attn": lambda mesh: _parity(mesh, ATTN), "mlp": lambda mesh: _pari
              "both": lambda mesh: _parity(mesh, {**ATTN, **MLP}), "comms": _comms, "bad": _bad, "gpt2": _gpt2}
 
 
-def _scenarios(rank, world, names):
-    """One rank: the named scenarios on a 1-D mesh; a failing one reports its traceback."""
-    from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh("cpu", (world,))
-    res = {}
-    for name in names:
-        try:
-            res[name] = SCENARIOS[name](mesh)
-        except Exception:  # reported by the test, with the traceback
-            res[name] = {"error": traceback.format_exc()}
-    return res
-
-
 def spawn(names, world=2):
     """Runs the scenarios on `world` gloo ranks; returns one result dict per rank."""
-    return dist_helpers.spawn(__name__, "_scenarios", world, list(names))
+    return dist_helpers.spawn_scenarios(__name__, names, world)
 
 
 def _get(results, name):
