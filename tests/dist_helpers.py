@@ -58,3 +58,14 @@ def _run_scenarios(rank: int, world: int, module: str, names: list[str]) -> dict
 def spawn_scenarios(module: str, names, world: int = 2) -> list[dict]:
     """Runs the named scenarios of `module` on `world` gloo ranks; one result dict per rank."""
     return spawn(__name__, "_run_scenarios", world, module, list(names))
+
+
+def error_catcher(msgs: dict):
+    """catch(key, fn): runs fn and stores its ValueError message under key (None: no error)."""
+    def catch(key, fn):
+        try:
+            fn()
+            msgs[key] = None
+        except ValueError as e:
+            msgs[key] = str(e)
+    return catch

@@ -168,13 +168,7 @@ def _bad_plans(mesh):
 
     from lora_ext.tp import ColwiseParallelLoRA, RowwiseParallelLoRA
     msgs = {}
-
-    def catch(key, fn):
-        try:
-            fn()
-            msgs[key] = None
-        except ValueError as e:
-            msgs[key] = str(e)
+    catch = dist_helpers.error_catcher(msgs)
 
     base, _ = _models()
     catch("not_lora", lambda: parallelize_module(base, mesh, {"blocks.0.up_proj": ColwiseParallelLoRA()}))

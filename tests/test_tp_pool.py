@@ -191,13 +191,7 @@ def _bad(mesh):
 
     from lora_ext.tp import ColwiseParallelLoRA, RowwiseParallelLoRA, parallelize_lora
     msgs = {}
-
-    def catch(key, fn):
-        try:
-            fn()
-            msgs[key] = None
-        except ValueError as e:
-            msgs[key] = str(e)
+    catch = dist_helpers.error_catcher(msgs)
 
     def pooled():
         model = tiny_llama(layers=1)
