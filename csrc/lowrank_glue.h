@@ -99,6 +99,8 @@ inline at::Tensor mm_tn_f32(const at::Tensor& a, const at::Tensor& b) {
 // With g = grad [T, out], gB = g B [T, r] (fp32):
 //   dx = g W + scale * keep ⊙ (gB A),  dA = scale * gB^T (keep ⊙ x),  dB = scale * g^T u,
 //   dW = g^T x (only if the weight is trainable).
+// Backends with kFusedWeightGrads (CPU) accumulate dA and dB in the same pass over the tokens as
+// gB and the dx epilogue (csrc/lowrank_job.h), so g and x are read once; the others use GEMMs.
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
@@ -113,6 +115,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
               "lora_linear_backward: u must be the fp32 [T, r] saved by the forward, got ", u.sizes());
   const at::Tensor g2 = grad.reshape({-1, a.out}).contiguous();
   const at::Tensor gB = at::empty({a.T, a.r}, x.options().dtype(at::kFloat));
+  const bool fuse = Backend::kFusedWeightGrads && (output_mask[2] || output_mask[3]);
+  const auto f32 = x.options().dtype(at::kFloat);
+  // fused: unscaled fp32 dA [r, in] and dB^T [r, out], zero when there is nothing to sum
+  const bool empty_sum = a.T == 0 || a.out == 0;
+  at::Tensor dA32 = fuse && output_mask[2] ? (empty_sum ? at::zeros({a.r, a.in}, f32) : at::empty({a.r, a.in}, f32))
+                                           : at::Tensor();
+  at::Tensor dBt32 = fuse && output_mask[3] ? (a.T == 0 ? at::zeros({a.r, a.out}, f32) : at::empty({a.r, a.out}, f32))
+                                            : at::Tensor();
   at::Tensor dx, dW, dA, dB;
   if (output_mask[0]) dx = at::mm(g2, fan_in_fan_out ? weight.t() : weight);
   if (a.T > 0 && a.out == 0) {
@@ -128,21 +138,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
     j.T = a.T;
     j.in = a.out;
     j.r = a.r;
+    j.dropout_p = static_cast<float>(dropout_p);
+    j.seed = seed_ptr(seed, dropout_p);
     if (output_mask[0]) {
       j.B = At.data_ptr();
       j.y = dx.data_ptr();
       j.ldy = a.in;
       j.out = a.in;
       j.scale = static_cast<float>(scale);
-      j.dropout_p = static_cast<float>(dropout_p);
-      j.seed = seed_ptr(seed, dropout_p);
       j.mask_y = true;
+    }
+    if (dA32.defined() && a.in > 0) {
+      j.xf = a.x2.data_ptr();
+      j.ldxf = a.in;
+      j.nf = a.in;
+      j.mask_xf = true;
+      j.dA = dA32.data_ptr<float>();
+    }
+    if (dBt32.defined()) {
+      j.uf = u.data_ptr<float>();
+      j.dBt = dBt32.data_ptr<float>();
     }
     Backend::run(a.dtype, j, x);
   } else if (output_mask[0]) {
     dx.zero_();
   }
-  if (output_mask[2]) {
+  if (fuse) {
+    if (output_mask[2]) dA = dA32.mul_(scale).to(x.scalar_type());
+    if (output_mask[3]) dB = dBt32.t().contiguous().mul_(scale).to(x.scalar_type());
+  }
+  if (output_mask[2] && !fuse) {
     at::Tensor xd = a.x2;
     if (dropout_p > 0.0 && a.T > 0) {
       xd = at::empty_like(a.x2);
@@ -151,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
     dA = x.scalar_type() == at::kHalf ? mm_tn_f32(gB, xd).mul_(scale).to(at::kHalf)
                                       : at::mm(gB.mul(scale).to(x.scalar_type()).t(), xd);
   }
-  if (output_mask[3])
+  if (output_mask[3] && !fuse)
     dB = x.scalar_type() == at::kHalf ? mm_tn_f32(g2, u).mul_(scale).to(at::kHalf)
                                       : at::mm(g2.t(), u.mul(scale).to(x.scalar_type()));
   if (output_mask[1]) dW = fan_in_fan_out ? at::mm(a.x2.t(), g2) : at::mm(g2.t(), a.x2);

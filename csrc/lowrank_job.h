@@ -3,6 +3,10 @@
 //   shrink  u[T, r]  = (keep_x ⊙ x)[T, in] · A[r, in]^T                  (fp32 result)
 //   expand  y[T, out] += scale · keep_y ⊙ (u[T, r] · B[out, r]^T)         (rounded once)
 //
+// lora_linear's backward (g as x, B^T as A, A^T as B) may also accumulate the weight
+// gradients in the same pass over the tokens, unscaled, in fp32 (CPU backend only):
+//   dA [r, nf] = u^T (keep_f ⊙ xf)    xf [T, nf]: the forward's x (mask index t * nf + k)
+//   dBt[r, in] = uf^T x               uf [T, r]: the forward's fp32 u
 // x == nullptr: u is given (expand only). y == nullptr: shrink only (u is the output).
 // Dropout keeps element i of a [T, width] tensor (i = t * width + col) when
 // hash(seed, i) >= p * 2^32 and scales kept values by 1 / (1 - p); the same mask can be
@@ -28,6 +32,13 @@ struct LowRankJob {
   const int64_t* seed = nullptr;  // one int64, in the kernel's memory space
   bool mask_x = false;            // dropout on x in the shrink
   bool mask_y = false;            // dropout on the expand's output
+  // weight gradients (see above; CPU only): each output is written when non-null
+  const void* xf = nullptr;  // [T, nf], row stride ldxf
+  int64_t ldxf = 0, nf = 0;
+  bool mask_xf = false;      // dropout on xf (the forward's mask)
+  const float* uf = nullptr;  // [T, r] contiguous
+  float* dA = nullptr;        // [r, nf] contiguous
+  float* dBt = nullptr;       // [r, in] contiguous
   int num_sms = 1;                // CUDA only
   float* work = nullptr;          // CUDA only: split-K partials, lowrank_workspace() floats
 };

@@ -1,4 +1,8 @@
 """lora_linear op: forward and gradients vs fp64 autograd of the plain composition, dropout."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import DTYPES, RTOL, devices, rel_err
@@ -32,7 +36,7 @@ def reference(x, W, b, A, B, s, fan_in_fan_out=False, mask=None):
 
 
 SHAPES = [(1, 16, 8, 1), (7, 33, 65, 3), (9, 128, 64, 16), (100, 96, 80, 8), (64, 257, 129, 33),
-          (0, 16, 8, 2), (3, 0, 5, 2), (3, 5, 0, 2)]
+          (1000, 40, 50, 7), (0, 16, 8, 2), (3, 0, 5, 2), (3, 5, 0, 2)]
 
 
 @pytest.mark.parametrize("device", devices())
@@ -89,6 +93,67 @@ def test_dropout_mask_shared_by_forward_and_backward(device, dtype):
     assert not torch.equal(y2, y)
     y3 = lora_linear(x, W, None, A, B, 1.0, dropout_p=p, training=False)
     assert rel_err(y3, reference(x, W, None, A, B, 1.0)[0]) < tol
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("trainable", ["A", "B", "AB", "x"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_gradients_of_any_subset(device, trainable, dropout_p):
+    # Frozen x (first layer) or one frozen factor: the backward computes only what is asked,
+    # and what it computes matches the reference (dropout: same seed, mask read off the grads).
+    x, W, b, A, B = make(515, 37, 41, 5, torch.float32, device)
+    for name, t in (("x", x), ("A", A), ("B", B)):
+        t.requires_grad_(name in trainable)
+    torch.manual_seed(3)
+    y = lora_linear(x, W, b, A, B, 0.9, dropout_p=dropout_p, training=True)
+    g = torch.randn_like(y)
+    y.backward(g)
+    mask = None
+    if dropout_p:  # same seed, identity factors: the branch is dropout(ones) = keep / (1 - p)
+        torch.manual_seed(3)
+        eye = torch.eye(37, device=device)
+        probe = lora_linear(torch.ones_like(x), eye * 0, None, eye, eye, 1.0, dropout_p=dropout_p,
+                            training=True)
+        mask = probe.detach()
+    yr, (xd, _, Ad, Bd) = reference(x, W, b, A, B, 0.9, mask=mask)
+    assert rel_err(y, yr) < 1e-5
+    yr.backward(g.double())
+    for name, ours, ref in (("x", x, xd), ("A", A, Ad), ("B", B, Bd)):
+        if name in trainable:
+            assert rel_err(ours.grad, ref.grad) < 2e-5, name
+        else:
+            assert ours.grad is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_gradients_do_not_depend_on_threads(dtype):
+    # The CPU backward sums dA, dB over fixed token chunks: same bits with 1 or 2 threads.
+    x, W, b, A, B = make(2000, 64, 48, 16, dtype, "cpu")
+    grads = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            A.grad = B.grad = x.grad = None
+            lora_linear(x, W, b, A, B, 0.5).backward(torch.ones(2000, 48, dtype=dtype))
+            grads.append((A.grad.clone(), B.grad.clone()))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(p, q) for p, q in zip(*grads))
+
+
+@pytest.mark.skipif(os.environ.get("LORA_EXT_CPU_ISA") is not None, reason="already in a subprocess")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_lower_cpu_isas(isa):
+    # The CPU micro-kernels exist per ISA, and CI may run any: rerun the CPU kernel tests with a
+    # lower one forced (LORA_EXT_CPU_ISA, read when lora_ext loads).
+    here = os.path.dirname(os.path.abspath(__file__))
+    tests = [os.path.join(here, f) for f in ("test_lora_linear.py", "test_lora_apply.py")]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+                          "cpu and not compile", *tests], env={**os.environ, "LORA_EXT_CPU_ISA": isa},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
 
 
 def test_bad_input():

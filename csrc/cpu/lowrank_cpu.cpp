@@ -10,6 +10,7 @@ namespace lora_ext::cpu {
 namespace {
 
 struct CpuBackend {
+  static constexpr bool kFusedWeightGrads = true;  // dA, dB in the backward's pass (lowrank_job.h)
   static void run(DType dt, LowRankJob& j, const at::Tensor& like) {
     TORCH_CHECK(like.device().is_cpu(), "lora_ext: CPU kernel called with a tensor on ", like.device());
     lowrank_cpu(dt, j);

@@ -100,15 +100,43 @@ void run_small(const LowRankJob& j) {
   });
 }
 
+// c[j, 0:N] += sum_{k < K} a[k * lda + j] * brows[k][0:N] for j < r (a zero padded to whole
+// groups of kTR columns): the weight-gradient update of one token block.
+void tn_update(int64_t K, const float* a, int64_t lda, int64_t r, const float* const* brows,
+               int64_t N, float* c) {
+  float scratch[kNR];
+  float* crow[kTR];
+  int64_t n0 = 0;
+  for (; n0 + kNR <= N; n0 += kNR) {
+    for (int64_t j0 = 0; j0 < r; j0 += kTR) {
+      for (int m = 0; m < kTR; ++m) crow[m] = j0 + m < r ? c + (j0 + m) * N + n0 : scratch;
+      micro_tn_8x16_acc(K, a + j0, lda, brows, n0, crow);
+    }
+  }
+  for (int64_t j = 0; j < r && n0 < N; ++j)
+    for (int64_t n = n0; n < N; ++n) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += a[k * lda + j] * brows[k][n];
+      c[j * N + n] += acc;
+    }
+}
+
+// Token blocks are grouped into at most kGradChunks chunks, each with its own fp32 weight-gradient
+// partials, summed in chunk order: the bits depend on T only, not on the thread count.
+constexpr int64_t kGradChunks = 16;
+
 template <class T>
 void run(const LowRankJob& j) {
-  const int64_t in = j.in, out = j.out, r = j.r;
+  const int64_t in = j.in, out = j.out, r = j.r, nf = j.nf;
   const int64_t rp = ceil_div(r, kNR), op = ceil_div(out, kNR), rpad = rp * kNR;
+  const int64_t us = rpad;  // u row stride: whole rank groups of kTR (zero padded), kTR | kNR
   const bool shrink = j.x != nullptr, expand = j.y != nullptr;
+  const bool want_dA = j.dA != nullptr, want_dB = j.dBt != nullptr, grads = want_dA || want_dB;
   const T* x = static_cast<const T*>(j.x);
   T* y = static_cast<T*>(j.y);
   const Dropout drop = Dropout::make(j.dropout_p, j.seed ? static_cast<uint64_t>(*j.seed) : 0);
   const bool mask_x = j.dropout_p > 0.f && j.mask_x, mask_y = j.dropout_p > 0.f && j.mask_y;
+  const bool mask_xf = j.dropout_p > 0.f && j.mask_xf;
 
   std::vector<float> Apk(shrink ? rp * in * kNR : 0), Bpk(expand ? op * r * kNR : 0);
   const int64_t npa = shrink ? rp : 0, npb = expand ? op : 0;
@@ -122,18 +150,29 @@ void run(const LowRankJob& j) {
   });
 
   constexpr bool kF32 = std::is_same_v<T, float>;
-  // at least ~4 blocks per thread, in whole micro tiles
-  const int64_t tb = std::min(kTB, kMR * ceil_div(ceil_div(j.T, 4 * at::get_num_threads()), kMR));
-  at::parallel_for(0, ceil_div(j.T, tb), 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> zeros(std::max(in, rpad), 0.f);
+  // at least ~4 blocks per thread, in whole micro tiles (fixed when gradients are accumulated)
+  const int64_t tb = grads ? kTB : std::min(kTB, kMR * ceil_div(ceil_div(j.T, 4 * at::get_num_threads()), kMR));
+  const int64_t nblk = ceil_div(j.T, tb), nchunk = grads ? std::min(nblk, kGradChunks) : nblk;
+  const int64_t gsize = r * ((want_dA ? nf : 0) + (want_dB ? in : 0));  // partials per chunk
+  std::vector<float> partials(nchunk * gsize, 0.f);
+  at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> zeros(std::max({in, rpad, nf}), 0.f);
     std::vector<float> xbuf(shrink && (!kF32 || mask_x) ? tb * in : 0);
-    std::vector<float> u(tb * rpad, 0.f);
+    std::vector<float> u(tb * us, 0.f);
     std::vector<float> ybuf(expand && !kF32 ? tb * out : 0);
+    std::vector<float> xfbuf(want_dA && (!kF32 || mask_xf) ? tb * nf : 0);
+    std::vector<float> ufbuf(want_dB ? tb * us : 0, 0.f);
     float tile[kMR][kNR], scratch[kNR];
     const float* rows[kMR];
     float* crow[kMR];
-    for (int64_t blk = b0; blk < b1; ++blk) {
+    const float* brows[kTB];
+    for (int64_t blk = c0 * nblk / nchunk; blk < c1 * nblk / nchunk; ++blk) {
       const int64_t t0 = blk * tb, nt = std::min(tb, j.T - t0);
+      // chunk c holds blocks [c * nblk / nchunk, (c + 1) * nblk / nchunk)
+      int64_t c = blk * nchunk / nblk;
+      while ((c + 1) * nblk / nchunk <= blk) ++c;
+      while (c * nblk / nchunk > blk) --c;
+      float* part = partials.data() + c * gsize;
       if (shrink) {
         // Left-operand rows in fp32: read in place for unmasked fp32, else converted/masked.
         if (!xbuf.empty()) {
@@ -145,6 +184,11 @@ void run(const LowRankJob& j) {
               dst[k] = static_cast<float>(src[k]) * (mask_x ? drop.factor(base + k) : 1.f);
           }
         }
+        auto xrow = [&](int64_t i) -> const float* {
+          return i >= nt ? zeros.data()
+                 : xbuf.empty() ? reinterpret_cast<const float*>(x + (t0 + i) * j.ldx)
+                                : xbuf.data() + i * in;
+        };
         // K in chunks of kKC so each A panel chunk (kKC x 16 floats) stays in L1 across groups
         std::fill(u.begin(), u.end(), 0.f);
         for (int64_t p = 0; p < rp; ++p) {
@@ -152,11 +196,8 @@ void run(const LowRankJob& j) {
             const int64_t kn = std::min(kKC, in - kc);
             for (int64_t g = 0; g < nt; g += kMR) {
               for (int m = 0; m < kMR; ++m) {
-                const int64_t i = g + m;
-                rows[m] = (i >= nt ? zeros.data()
-                           : xbuf.empty() ? reinterpret_cast<const float*>(x + (t0 + i) * j.ldx)
-                                          : xbuf.data() + i * in) + kc;
-                crow[m] = i < nt ? u.data() + i * rpad + p * kNR : scratch;
+                rows[m] = xrow(g + m) + kc;
+                crow[m] = g + m < nt ? u.data() + (g + m) * us + p * kNR : scratch;
               }
               micro_6x16_acc(kn, rows, Apk.data() + (p * in + kc) * kNR, crow, 1.f);
             }
@@ -164,10 +205,33 @@ void run(const LowRankJob& j) {
         }
         if (j.u)
           for (int64_t i = 0; i < nt; ++i)
-            std::copy(u.data() + i * rpad, u.data() + i * rpad + r, j.u + (t0 + i) * r);
+            std::copy(u.data() + i * us, u.data() + i * us + r, j.u + (t0 + i) * r);
+        if (want_dB) {  // dBt += uf^T x, while this block of x is in cache
+          for (int64_t i = 0; i < nt; ++i) {
+            std::copy(j.uf + (t0 + i) * r, j.uf + (t0 + i + 1) * r, ufbuf.data() + i * us);
+            brows[i] = xrow(i);
+          }
+          tn_update(nt, ufbuf.data(), us, r, brows, in, part + (want_dA ? r * nf : 0));
+        }
       } else {
         for (int64_t i = 0; i < nt; ++i)
-          std::copy(j.u + (t0 + i) * r, j.u + (t0 + i + 1) * r, u.data() + i * rpad);
+          std::copy(j.u + (t0 + i) * r, j.u + (t0 + i + 1) * r, u.data() + i * us);
+      }
+      if (want_dA) {  // dA += u^T (keep ⊙ xf)
+        const T* xf = static_cast<const T*>(j.xf);
+        for (int64_t i = 0; i < nt; ++i) {
+          const T* src = xf + (t0 + i) * j.ldxf;
+          if (xfbuf.empty()) {
+            brows[i] = reinterpret_cast<const float*>(src);
+            continue;
+          }
+          float* dst = xfbuf.data() + i * nf;
+          const uint64_t base = static_cast<uint64_t>(t0 + i) * nf;
+          for (int64_t k = 0; k < nf; ++k)
+            dst[k] = static_cast<float>(src[k]) * (mask_xf ? drop.factor(base + k) : 1.f);
+          brows[i] = dst;
+        }
+        tn_update(nt, u.data(), us, r, brows, nf, part);
       }
       if (!expand) continue;
       // Expand into fp32 rows of y: in place for fp32, else staged through ybuf (one rounding).
@@ -184,7 +248,7 @@ void run(const LowRankJob& j) {
       }
       // 6 rows at a time, left to right: 6 sequential streams through y; B panels stay in cache.
       for (int64_t g = 0; g < nt; g += kMR) {
-        for (int m = 0; m < kMR; ++m) rows[m] = g + m < nt ? u.data() + (g + m) * rpad : zeros.data();
+        for (int m = 0; m < kMR; ++m) rows[m] = g + m < nt ? u.data() + (g + m) * us : zeros.data();
         for (int64_t p = 0; p < op; ++p) {
           const int64_t o0 = p * kNR, nc = std::min<int64_t>(kNR, out - o0);
           const float* panel = Bpk.data() + p * r * kNR;
@@ -208,6 +272,19 @@ void run(const LowRankJob& j) {
       }
     }
   });
+  if (!grads) return;
+  // Sum the chunk partials in chunk order into dA, dBt.
+  at::parallel_for(0, gsize, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      float acc = 0.f;
+      for (int64_t c = 0; c < nchunk; ++c) acc += partials[c * gsize + e];
+      if (want_dA && e < r * nf) {
+        j.dA[e] = acc;
+      } else {
+        j.dBt[e - (want_dA ? r * nf : 0)] = acc;
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -217,7 +294,7 @@ void lowrank_cpu(DType dt, const LowRankJob& job) {
   const bool masked = job.dropout_p > 0.f && (job.mask_x || job.mask_y);
   dispatch_dtype<float, c10::Half, c10::BFloat16>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (job.T <= kSmallT && !masked) {
+    if (job.T <= kSmallT && !masked && job.dA == nullptr && job.dBt == nullptr) {
       run_small<T>(job);
     } else {
       run<T>(job);

@@ -3,6 +3,9 @@
 // registers per row, 12 accumulators) and the baseline ISA; picked once at load time.
 #include "lowrank_microkernel.h"
 
+#include <cstdlib>
+#include <string>
+
 namespace lora_ext::cpu {
 namespace {
 
@@ -42,6 +45,32 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
   }                                                                           \
   _Pragma("GCC unroll 6") for (int m = 0; m < kMR; ++m) acc[m] += acc2[m];
 
+// The T^T N update, 8 rows: row m's scalar is a[k * lda + m], the 16-wide vector is
+// brows[k][n0:16]; c += acc at the end. 8-lane ISAs take the rows in two halves of 4 (8
+// accumulators), AVX-512 all 8 at once (8 accumulators).
+#define LORA_EXT_TN_V8(suffix, attr)                                                           \
+  attr void tn_##suffix(int64_t K, const float* a, int64_t lda, const float* const* brows,    \
+                        int64_t n0, float* const* c) {                                        \
+    for (int h = 0; h < kTR; h += 4) {                                                        \
+      v8 acc[4][2] = {};                                                                      \
+      for (int64_t k = 0; k < K; ++k) {                                                       \
+        if (h == 0) __builtin_prefetch(brows[k] + n0 + 4 * kNR);                              \
+        const v8 b0 = *reinterpret_cast<const v8u*>(brows[k] + n0);                           \
+        const v8 b1 = *reinterpret_cast<const v8u*>(brows[k] + n0 + 8);                       \
+        _Pragma("GCC unroll 4") for (int m = 0; m < 4; ++m) {                                 \
+          const float s = a[k * lda + h + m];                                                 \
+          acc[m][0] += s * b0;                                                                \
+          acc[m][1] += s * b1;                                                                \
+        }                                                                                     \
+      }                                                                                       \
+      for (int m = 0; m < 4; ++m) {                                                           \
+        v8u* dst = reinterpret_cast<v8u*>(c[h + m]);                                          \
+        dst[0] = dst[0] + acc[m][0];                                                          \
+        dst[1] = dst[1] + acc[m][1];                                                          \
+      }                                                                                       \
+    }                                                                                         \
+  }
+
 #define LORA_EXT_DEFINE_V8(suffix, attr)                                                       \
   attr void tile_##suffix(int64_t K, const float* const* rows, const float* panel,            \
                           float (*out)[kNR]) {                                                \
@@ -63,8 +92,10 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
   }
 
 LORA_EXT_DEFINE_V8(base, )
+LORA_EXT_TN_V8(base, )
 #if defined(__x86_64__) && defined(__GNUC__)
 LORA_EXT_DEFINE_V8(avx2, __attribute__((target("avx2,fma"))))
+LORA_EXT_TN_V8(avx2, __attribute__((target("avx2,fma"))))
 
 #define LORA_EXT_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
 LORA_EXT_AVX512 void tile_avx512(int64_t K, const float* const* rows, const float* panel,
@@ -81,23 +112,54 @@ LORA_EXT_AVX512 void acc_avx512(int64_t K, const float* const* rows, const float
     dst[0] = dst[0] + alpha * acc[m];
   }
 }
+LORA_EXT_AVX512 void tn_avx512(int64_t K, const float* a, int64_t lda, const float* const* brows,
+                               int64_t n0, float* const* c) {
+  // 8 independent accumulators cover the FMA latency; K stays a plain loop so they stay in registers
+  v16 acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {}, acc4 = {}, acc5 = {}, acc6 = {}, acc7 = {};
+  for (int64_t k = 0; k < K; ++k, a += lda) {
+    __builtin_prefetch(brows[k] + n0 + 4 * kNR);  // K row streams: help the prefetcher
+    const v16 b = *reinterpret_cast<const v16u*>(brows[k] + n0);
+    acc0 += a[0] * b;
+    acc1 += a[1] * b;
+    acc2 += a[2] * b;
+    acc3 += a[3] * b;
+    acc4 += a[4] * b;
+    acc5 += a[5] * b;
+    acc6 += a[6] * b;
+    acc7 += a[7] * b;
+  }
+  const v16 acc[kTR] = {acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7};
+  _Pragma("GCC unroll 8") for (int m = 0; m < kTR; ++m) {
+    v16u* dst = reinterpret_cast<v16u*>(c[m]);
+    dst[0] = dst[0] + acc[m];
+  }
+}
 #endif
 
 using TileFn = void (*)(int64_t, const float* const*, const float*, float (*)[kNR]);
 using AccFn = void (*)(int64_t, const float* const*, const float*, float* const*, float);
+using TnFn = void (*)(int64_t, const float*, int64_t, const float* const*, int64_t, float* const*);
 
 struct Kernels {
   TileFn tile;
   AccFn acc;
+  TnFn tn;
 };
 
+// The best ISA this CPU has, or a lower one named by $LORA_EXT_CPU_ISA (avx2, baseline): the
+// tests run every variant on one machine that way.
 Kernels pick() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) return {tile_avx512, acc_avx512};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {tile_avx2, acc_avx2};
+  const char* env = std::getenv("LORA_EXT_CPU_ISA");
+  const std::string cap = env ? env : "";
+  const bool any = cap.empty() || cap == "avx512";
+  if (any && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+    return {tile_avx512, acc_avx512, tn_avx512};
+  if ((any || cap == "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return {tile_avx2, acc_avx2, tn_avx2};
 #endif
-  return {tile_base, acc_base};
+  return {tile_base, acc_base, tn_base};
 }
 
 const Kernels kKernels = pick();
@@ -111,6 +173,11 @@ void micro_6x16(int64_t K, const float* const rows[kMR], const float* panel, flo
 void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel, float* const c[kMR],
                     float alpha) {
   kKernels.acc(K, rows, panel, c, alpha);
+}
+
+void micro_tn_8x16_acc(int64_t K, const float* a, int64_t lda, const float* const* brows, int64_t n0,
+                       float* const c[kTR]) {
+  kKernels.tn(K, a, lda, brows, n0, c);
 }
 
 }  // namespace lora_ext::cpu

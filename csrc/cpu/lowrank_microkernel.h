@@ -34,6 +34,15 @@ void micro_6x16(int64_t K, const float* const rows[kMR], const float* panel, flo
 void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel, float* const c[kMR],
                     float alpha);
 
+constexpr int kTR = 8;  // rows (ranks) per weight-gradient tile
+
+// Weight-gradient (T^T N) update, k running over tokens:
+//   c[m][0:16] += sum_{k < K} a[k * lda + m] * brows[k][n0 : n0 + 16]   (m < 8)
+// a: 8 columns of a [K, lda] fp32 block (the [T, r] factor, zero padded to whole groups of 8);
+// brows: K fp32 rows read in place from column n0 (16 columns must exist); c[m] may be scratch.
+void micro_tn_8x16_acc(int64_t K, const float* a, int64_t lda, const float* const* brows, int64_t n0,
+                       float* const c[kTR]);
+
 // Packs the rows src[j, 0:K] (j < N, row stride ld, any of the three element
 // types converted by `load`) as panels: dst[p][k][c] = src[p*16 + c][k], zero past N.
 // dst holds ceil(N/16) * K * 16 floats.

@@ -8,6 +8,7 @@ namespace lora_ext::cuda {
 namespace {
 
 struct CudaBackend {
+  static constexpr bool kFusedWeightGrads = false;  // dA, dB by cuBLAS
   static void run(DType dt, LowRankJob& j, const at::Tensor& like) {
     TORCH_CHECK(on_device(like), "lora_ext: CUDA kernel called with a tensor on ", like.device());
     const DeviceGuard guard(like.device());
