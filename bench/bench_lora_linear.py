@@ -74,7 +74,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
     # Interleaved rounds (every variant once per round) so that machine noise hits all alike;
     # the ratio to the base layer is taken per round.
-    rounds, reps = (5, 3) if device == "cpu" else (5, 10)
+    rounds, reps = (15, 5) if device == "cpu" else (5, 10)
     per_round = {k: [] for k in fns}
     for i in range(rounds):
         for k, f in fns.items():

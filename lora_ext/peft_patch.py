@@ -15,6 +15,11 @@ Fast paths:
     ``lora_ext.ops.multi_lora_`` once per layer, from per-layer pools of all the layer's adapters,
     cached on the module and rebuilt when an adapter, factor tensor (data_ptr/_version) or scaling
     changes; "__base__" rows get no adapter.
+  * the mixed-batch plumbing: PEFT registers a forward pre-hook on every LoRA layer for each
+    ``adapter_names`` call (two walks of ``model.modules()``); the patched LoraModel instead walks
+    the tree once, hooks only the layers it did not patch (embeddings, modules_to_save wrappers,
+    fallbacks), and hands the names to the patched layers through a context variable (per thread).
+    Beam search, aLoRA offsets and training mode keep PEFT's own path.
 Anything else (DoRA and other LoRA variants, lora_bias, quantized or hooked base layers, several
 active adapters at once, dtype mixes/autocast, unknown forward arguments) calls PEFT's original
 forward and warns once per (layer, reason). A disabled or merged layer has no LoRA work left to
@@ -25,6 +30,9 @@ Layers that a later ``add_adapter`` creates are patched by calling ``patch_peft`
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import types
 import warnings
 
@@ -42,6 +50,9 @@ _NAME = "_lora_ext_name"
 _WARNED = "_lora_ext_warned"
 _POOL = "_lora_ext_pool"
 _INDICES = "_lora_ext_indices"  # last (adapter_names, rows per name, slot map) -> device indices
+_HOOKS = "_enable_peft_forward_hooks"  # the LoraModel method patch_peft replaces on the instance
+# (ids of the patched layers of the model being called, adapter_names) inside a mixed-batch call
+_MIXED: contextvars.ContextVar = contextvars.ContextVar("lora_ext_peft_mixed", default=None)
 
 
 def _peft_classes():
@@ -50,6 +61,12 @@ def _peft_classes():
     except ImportError as e:  # pragma: no cover - peft is optional for lora_ext itself
         raise ImportError("lora_ext.patch_peft needs the `peft` package") from e
     return Linear, Embedding, LoraLayer
+
+
+def _peft_model_classes():
+    from peft.tuners.lora.model import LoraModel, _adapter_names_pre_forward_hook
+    from peft.utils.other import AuxiliaryTrainingWrapper
+    return LoraModel, AuxiliaryTrainingWrapper, _adapter_names_pre_forward_hook
 
 
 def _warn(module: nn.Module, reason: str) -> None:
@@ -133,13 +150,13 @@ def _single(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | Non
 # ------------------------------------------------------------------------------------ mixed batches
 def _pools(module: nn.Module, dtype: torch.dtype, device: torch.device):
     """(slot of each adapter name, A_pool, B_pool, scales, ranks), cached on the module."""
-    names = list(module.lora_A.keys())
-    params = [(module.lora_A[n].weight, module.lora_B[n].weight) for n in names]
+    lora_A, lora_B, scaling = module.lora_A._modules, module.lora_B._modules, module.scaling
+    names = tuple(lora_A)
+    params = [(lora_A[n]._parameters["weight"], lora_B[n]._parameters["weight"]) for n in names]
     # id() of the parameters too: the cache holds them, so a new adapter's tensors can never
     # reuse a cached (address, version) pair of a deleted one
-    key = (dtype, device) + tuple(
-        (n, id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version, float(module.scaling[n]))
-        for n, (A, B) in zip(names, params))
+    key = (dtype, device, names, [scaling[n] for n in names],
+           [(id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version) for A, B in params])
     cached = module.__dict__.get(_POOL)
     if cached is not None and cached[0] == key:
         return cached[2]
@@ -198,6 +215,9 @@ def _mixed(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | 
 # ------------------------------------------------------------------------------------ forward
 def _patched_forward(self, x: torch.Tensor, *args, **kwargs):
     orig = type(self).forward.__get__(self)  # PEFT's forward
+    mixed = _MIXED.get()
+    if mixed is not None and "adapter_names" not in kwargs and id(self) in mixed[0]:
+        kwargs["adapter_names"] = mixed[1]  # what PEFT's pre-hook would have passed
     self._check_forward_args(x, *args, **kwargs)  # PEFT's own errors (adapter_names length, merged, DoRA)
     if self.disable_adapters or (self.merged and "adapter_names" not in kwargs):
         return orig(x, *args, **kwargs)  # base forward only (PEFT unmerges when disabled): nothing to fuse
@@ -219,6 +239,55 @@ def _patched_forward(self, x: torch.Tensor, *args, **kwargs):
     return orig(x, *args, **kwargs) if y is None else y
 
 
+def _modules(root: nn.Module, LoraLayer) -> list[nn.Module]:
+    """Every module under root, once (an explicit stack: cheaper than nested generators); inside a
+    LoRA layer only its base layer (the lora_* containers hold the factors, never LoRA layers)."""
+    out, seen, stack = [], set(), [root]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        lora = isinstance(m, LoraLayer)
+        stack.extend(c for k, c in m._modules.items() if c is not None and not (lora and k.startswith("lora_")))
+    return out
+
+
+@contextlib.contextmanager
+def _mixed_batch_hooks(self, *args, **kwargs):
+    """LoraModel._enable_peft_forward_hooks for a patched model (see the module docstring)."""
+    names, beams = kwargs.get("adapter_names"), kwargs.get("num_beams")
+    if (names is None or kwargs.get("alora_offsets") is not None or self.training
+            or (isinstance(beams, int) and beams > 1)):
+        with type(self)._enable_peft_forward_hooks(self, *args, **kwargs):  # PEFT's own
+            yield
+        return
+    LoraLayer = _peft_classes()[2]
+    _, Aux, pre_hook = _peft_model_classes()
+    expected, fused, hooked = set(), set(), []
+    for m in _modules(self, LoraLayer):
+        if isinstance(m, LoraLayer):
+            expected |= m.lora_A.keys()
+            expected |= m.lora_embedding_A.keys()
+        if is_patched(m):
+            fused.add(id(m))
+        elif isinstance(m, (LoraLayer, Aux)):
+            hooked.append(m)
+    unexpected = {n for n in names if n != "__base__"} - expected
+    if unexpected:  # PEFT's message
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
+    handles = [m.register_forward_pre_hook(functools.partial(pre_hook, adapter_names=names), with_kwargs=True)
+               for m in hooked]
+    token = _MIXED.set((fused, names))
+    try:
+        yield
+    finally:
+        _MIXED.reset(token)
+        for h in handles:
+            h.remove()
+
+
 # ------------------------------------------------------------------------------------ public API
 def patch_peft(model: nn.Module) -> list[str]:
     """Routes the PEFT LoRA Linear layers of ``model`` (a PeftModel, or a transformers model with
@@ -227,8 +296,11 @@ def patch_peft(model: nn.Module) -> list[str]:
     skipped, so calling it again after add_adapter patches only new layers). Undo with
     ``unpatch_peft``."""
     Linear, Embedding, LoraLayer = _peft_classes()
+    LoraModel = _peft_model_classes()[0]
     patched = []
     for name, m in model.named_modules():
+        if isinstance(m, LoraModel) and _HOOKS not in m.__dict__:
+            m.__dict__[_HOOKS] = types.MethodType(_mixed_batch_hooks, m)
         if not isinstance(m, LoraLayer) or is_patched(m):
             continue
         m.__dict__[_NAME] = name
@@ -253,6 +325,6 @@ def unpatch_peft(model: nn.Module) -> list[str]:
             del m.__dict__[_ORIG]
             m.__dict__.pop("forward", None)  # back to the class's (PEFT's) forward
             restored.append(name)
-        for attr in (_NAME, _POOL, _INDICES, _WARNED):
+        for attr in (_NAME, _POOL, _INDICES, _WARNED, _HOOKS):
             m.__dict__.pop(attr, None)
     return restored

@@ -274,3 +274,67 @@ def test_embedding_stays_on_peft_with_one_warning():
     pm = build("llama")
     with pytest.warns(UserWarning, match="embed_tokens.*no fused lora_ext op"):
         lora_ext.patch_peft(pm)
+
+
+def test_mixed_batch_plumbing_without_per_call_hooks(monkeypatch):
+    # A patched model hands adapter_names to its patched layers without registering PEFT's
+    # per-call pre-hooks on them; the layers it did not patch (the Llama embedding) still get
+    # hooks, and PEFT's own errors and paths (unknown names, training mode) stay.
+    ref = build("llama")
+    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, target_modules=CASES["llama"][1]))
+    randomize(ref, seed=7)
+    ref.eval()
+    pm = copy.deepcopy(ref)
+    patch(pm)
+    layers = [m for m in pm.modules() if pp.is_patched(m)]
+    seen_hooks = []
+    real_multi = pp.multi_lora_
+    monkeypatch.setattr(pp, "multi_lora_", lambda *a: (seen_hooks.append(sum(len(m._forward_pre_hooks) for m in layers)),
+                                                       real_multi(*a))[1])
+    ids, names = ids_for(batch=3, seq=5), ["b", "default", "__base__"]
+    with torch.no_grad():
+        out = pm(input_ids=ids, adapter_names=names).logits
+        assert rel_err(out, ref(input_ids=ids, adapter_names=names).logits) < 1e-5
+        assert len(seen_hooks) == len(layers) and set(seen_hooks) == {0}
+        with pytest.raises(ValueError, match="non-existing adapter"):
+            pm(input_ids=ids, adapter_names=["b", "nope", "b"])
+        assert all(not m._forward_pre_hooks for m in pm.modules())  # nothing left behind
+        pm.train()
+        with pytest.raises(ValueError, match="training mode"):
+            pm(input_ids=ids, adapter_names=names)
+    assert "_enable_peft_forward_hooks" in pm.base_model.__dict__
+    lora_ext.unpatch_peft(pm)
+    assert "_enable_peft_forward_hooks" not in pm.base_model.__dict__
+
+
+def test_mixed_batches_from_two_threads():
+    # The names travel in a context variable, per thread: two threads serving different mixes
+    # through one patched model each get their own rows (PEFT's hooks are shared by all threads).
+    import threading
+
+    ref = build("gpt2")
+    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, fan_in_fan_out=True, target_modules=CASES["gpt2"][1]))
+    randomize(ref, seed=9)
+    ref.eval()
+    pm = copy.deepcopy(ref)
+    patch(pm)
+    ids = ids_for(batch=4, seq=6)
+    mixes = [["b", "default", "b", "__base__"], ["default", "__base__", "default", "b"]]
+    with torch.no_grad():
+        want = [ref(input_ids=ids, adapter_names=m).logits for m in mixes]
+    errors = []
+
+    def serve(k):
+        try:
+            with torch.no_grad():
+                for _ in range(10):
+                    assert rel_err(pm(input_ids=ids, adapter_names=mixes[k]).logits, want[k]) < 1e-5
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=serve, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
