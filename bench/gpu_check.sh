@@ -52,7 +52,7 @@ fi
 
 stage bench
 : >"$OUT/bench.log"
-for b in roofline lora_apply lora_linear merge multi_lora pool; do
+for b in roofline lora_apply lora_linear peft_train merge multi_lora pool; do
   LORA_EXT_BENCH_OUT="$OUT" timeout "$(left 90)" "$PY" bench/run.py --device cuda --only "$b" \
     >>"$OUT/bench.log" 2>&1 || { status=1; echo "bench $b failed or timed out" | tee -a "$OUT/bench.log"; }
 done

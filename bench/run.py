@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # name -> module in bench/ exposing main(argv)
-BENCHMARKS = ["roofline", "lora_apply", "lora_linear", "merge", "multi_lora", "pool", "distributed"]
+BENCHMARKS = ["roofline", "lora_apply", "lora_linear", "peft_train", "merge", "multi_lora", "pool", "distributed"]
 
 
 def main(argv=None, prog: str | None = None) -> int:

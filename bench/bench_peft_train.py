@@ -1,0 +1,72 @@
+"""A PEFT LoRA training step, patched vs unpatched: a small Llama (4 layers x 1024, LoRA r=16 on
+q/v, AdamW), forward with labels + backward + optimizer step, the same PeftModel before and after
+``lora_ext.patch_peft`` (two deepcopies, same weights). Interleaved rounds: median (min-max) of
+the per-round ratio.
+
+python bench/bench_peft_train.py [--device cpu|cuda] [--quick]
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import Timing, cli, time_fn  # noqa: E402
+import lora_ext  # noqa: E402
+
+
+def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    h = 256 if quick else 1024
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2 if quick else 4,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    base = LlamaForCausalLM(cfg).to(device, dt)
+    ref = peft.get_peft_model(base, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                    target_modules=["q_proj", "v_proj"]))
+    for n, p in ref.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(std=0.02)
+    patched = copy.deepcopy(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        n_patched = len(lora_ext.patch_peft(patched))
+    batch, seq = (2, 64) if quick else (16, 512) if device == "cuda" else (4, 128)
+    ids = torch.randint(0, 1024, (batch, seq), device=device)
+
+    def step_of(model):
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+        return step
+
+    fns = {"PEFT": step_of(ref), "PEFT + patch_peft": step_of(patched)}
+    rounds, reps = (2, 5) if quick else (9, 5)
+    t = {k: [] for k in fns}
+    for i in range(rounds):
+        for k, f in fns.items():
+            t[k].append(float(time_fn(f, device, warmup=2 if i == 0 else 1, reps=reps)))
+    ratio = Timing.of([a / b for a, b in zip(t["PEFT + patch_peft"], t["PEFT"])])
+    return [{"model": f"Llama {cfg.num_hidden_layers}x{h}", "batch x seq": f"{batch}x{seq}",
+             "dtype": str(dt).removeprefix("torch."), "LoRA layers": n_patched,
+             "PEFT ms": Timing.of(t["PEFT"]), "patch_peft ms": Timing.of(t["PEFT + patch_peft"]),
+             "patch_peft x PEFT": ratio}]
+
+
+def main(argv=None):
+    return cli("peft_train", "PEFT LoRA train step on {device}, patched vs unpatched", run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()
