@@ -44,6 +44,9 @@ void lora_apply_impl(at::Tensor y, const at::Tensor& x, const at::Tensor& A, con
   if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
 }
 
+// Backends with kExpandFirst (CPU) write the LoRA term (and bias) first and let the base GEMM
+// accumulate into it with beta = 1: y and dx are then read once less. The others run the GEMM
+// first and add the LoRA term in the expand's epilogue.
 // Outputs are fresh tensors, returned with at::_unsafe_view (as aten's matmul does) so they are
 // not views: FSDP2 and autograd may then modify them in place.
 // (y [..., out], u [T, r] fp32): y = x W^T + bias + scale * (keep ⊙ x) A^T B^T; u is saved
@@ -56,12 +59,16 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_impl(
   LoraLinearArgs a = check_lora_linear("lora_linear", x, weight, bias, A, B, dropout_p, seed,
                                        fan_in_fan_out);
   const at::Tensor wt = fan_in_fan_out ? weight : weight.t();
-  at::Tensor y2 = (bias.has_value() && bias->defined()) ? at::addmm(*bias, a.x2, wt) : at::mm(a.x2, wt);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool first = Backend::kExpandFirst && a.T > 0 && a.in > 0 && a.out > 0;
+  at::Tensor y2 = first ? at::empty({a.T, a.out}, x.options())
+                  : has_bias ? at::addmm(*bias, a.x2, wt) : at::mm(a.x2, wt);
   at::Tensor u = at::empty({a.T, a.r}, x.options().dtype(at::kFloat));
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = a.out;
   if (a.T == 0) return {at::_unsafe_view(y2, shape), u};
   if (a.in == 0) return {at::_unsafe_view(y2, shape), u.zero_()};  // x A^T is empty: no LoRA term
+  const at::Tensor b = first && has_bias ? bias->contiguous() : at::Tensor();
   LowRankJob j;
   j.x = a.x2.data_ptr();
   j.ldx = a.in;
@@ -78,7 +85,10 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_impl(
   j.dropout_p = static_cast<float>(dropout_p);
   j.seed = seed_ptr(seed, dropout_p);
   j.mask_x = true;
+  j.overwrite_y = first;  // y = bias + LoRA term, then the base GEMM adds x W^T (beta = 1)
+  j.bias = b.defined() ? b.data_ptr() : nullptr;
   Backend::run(a.dtype, j, x);
+  if (first) y2.addmm_(a.x2, wt);
   return {at::_unsafe_view(y2, shape), u};
 }
 
@@ -124,7 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
   at::Tensor dBt32 = fuse && output_mask[3] ? (a.T == 0 ? at::zeros({a.r, a.out}, f32) : at::empty({a.r, a.out}, f32))
                                             : at::Tensor();
   at::Tensor dx, dW, dA, dB;
-  if (output_mask[0]) dx = at::mm(g2, fan_in_fan_out ? weight.t() : weight);
+  const at::Tensor w_in = fan_in_fan_out ? weight.t() : weight;  // [out, in]: dx = g W
+  const bool first = Backend::kExpandFirst && output_mask[0] && a.T > 0 && a.out > 0 && a.in > 0;
+  if (output_mask[0]) dx = first ? at::empty({a.T, a.in}, x.options()) : at::mm(g2, w_in);
   if (a.T > 0 && a.out == 0) {
     gB.zero_();  // g B is an empty sum
   } else if (a.T > 0) {
@@ -147,6 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
       j.out = a.in;
       j.scale = static_cast<float>(scale);
       j.mask_y = true;
+      j.overwrite_y = first;
     }
     if (dA32.defined() && a.in > 0) {
       j.xf = a.x2.data_ptr();
@@ -160,6 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
       j.dBt = dBt32.data_ptr<float>();
     }
     Backend::run(a.dtype, j, x);
+    if (first) dx.addmm_(g2, w_in);
   } else if (output_mask[0]) {
     dx.zero_();
   }

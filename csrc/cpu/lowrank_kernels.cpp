@@ -89,13 +89,16 @@ void run_small(const LowRankJob& j) {
   }
   if (j.y == nullptr) return;
   const E* B = static_cast<const E*>(j.B);
+  const T* bias = static_cast<const T*>(j.bias);
   at::parallel_for(0, out, 256, [&](int64_t o0, int64_t o1) {
     std::vector<float> acc(o1 - o0);
     for (int64_t t = 0; t < nt; ++t) {
       expand_small(B + o0 * r, r, r, o1 - o0, u + t * r, acc.data());
       T* yr = static_cast<T*>(j.y) + t * j.ldy + o0;
-      for (int64_t o = 0; o < o1 - o0; ++o)
-        yr[o] = static_cast<T>(static_cast<float>(yr[o]) + j.scale * acc[o]);
+      for (int64_t o = 0; o < o1 - o0; ++o) {
+        const float y0 = !j.overwrite_y ? static_cast<float>(yr[o]) : bias ? static_cast<float>(bias[o0 + o]) : 0.f;
+        yr[o] = static_cast<T>(y0 + j.scale * acc[o]);
+      }
     }
   });
 }
@@ -134,6 +137,7 @@ void run(const LowRankJob& j) {
   const bool want_dA = j.dA != nullptr, want_dB = j.dBt != nullptr, grads = want_dA || want_dB;
   const T* x = static_cast<const T*>(j.x);
   T* y = static_cast<T*>(j.y);
+  const T* bias = static_cast<const T*>(j.bias);
   const Dropout drop = Dropout::make(j.dropout_p, j.seed ? static_cast<uint64_t>(*j.seed) : 0);
   const bool mask_x = j.dropout_p > 0.f && j.mask_x, mask_y = j.dropout_p > 0.f && j.mask_y;
   const bool mask_xf = j.dropout_p > 0.f && j.mask_xf;
@@ -242,17 +246,21 @@ void run(const LowRankJob& j) {
           return ybuf.data() + i * out;
         }
       };
-      if constexpr (!kF32) {
+      if constexpr (!kF32) {  // the fp32 staging rows start from y, or from the bias (overwrite)
         for (int64_t i = 0; i < nt; ++i)
-          for (int64_t o = 0; o < out; ++o) ybuf[i * out + o] = static_cast<float>(y[(t0 + i) * j.ldy + o]);
+          for (int64_t o = 0; o < out; ++o)
+            ybuf[i * out + o] = !j.overwrite_y ? static_cast<float>(y[(t0 + i) * j.ldy + o])
+                                : bias ? static_cast<float>(bias[o]) : 0.f;
       }
+      // fp32 rows written in place without being read (overwrite): y0 is the bias, not y
+      const bool fresh = kF32 && j.overwrite_y;
       // 6 rows at a time, left to right: 6 sequential streams through y; B panels stay in cache.
       for (int64_t g = 0; g < nt; g += kMR) {
         for (int m = 0; m < kMR; ++m) rows[m] = g + m < nt ? u.data() + (g + m) * us : zeros.data();
         for (int64_t p = 0; p < op; ++p) {
           const int64_t o0 = p * kNR, nc = std::min<int64_t>(kNR, out - o0);
           const float* panel = Bpk.data() + p * r * kNR;
-          if (nc == kNR && !mask_y) {
+          if (nc == kNR && !mask_y && !fresh) {
             for (int m = 0; m < kMR; ++m) crow[m] = g + m < nt ? yrow(g + m) + o0 : scratch;
             micro_6x16_acc(r, rows, panel, crow, j.scale);
             continue;
@@ -261,8 +269,14 @@ void run(const LowRankJob& j) {
           for (int m = 0; m < kMR && g + m < nt; ++m) {
             float* yr = yrow(g + m) + o0;
             const uint64_t base = static_cast<uint64_t>(t0 + g + m) * out + o0;
-            for (int64_t c = 0; c < nc; ++c)
-              yr[c] += j.scale * (mask_y ? drop.factor(base + c) : 1.f) * tile[m][c];
+            if (fresh) {
+              for (int64_t c = 0; c < nc; ++c)
+                yr[c] = (bias ? static_cast<float>(bias[o0 + c]) : 0.f) +
+                        j.scale * (mask_y ? drop.factor(base + c) : 1.f) * tile[m][c];
+            } else {
+              for (int64_t c = 0; c < nc; ++c)
+                yr[c] += j.scale * (mask_y ? drop.factor(base + c) : 1.f) * tile[m][c];
+            }
           }
         }
       }

@@ -9,6 +9,7 @@ namespace {
 
 struct CudaBackend {
   static constexpr bool kFusedWeightGrads = false;  // dA, dB by cuBLAS
+  static constexpr bool kExpandFirst = false;  // cuBLAS first (bias epilogue), LoRA term in ours
   static void run(DType dt, LowRankJob& j, const at::Tensor& like) {
     TORCH_CHECK(on_device(like), "lora_ext: CUDA kernel called with a tensor on ", like.device());
     const DeviceGuard guard(like.device());
