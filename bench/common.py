@@ -3,6 +3,8 @@
 time_fn(fn) -> Timing: the median in milliseconds (a float, so arithmetic on it is unchanged) that
     also carries .min, .max and .n of the runs (CUDA events on GPU, perf_counter on CPU);
 best_of(timings) -> the best of several rounds (lowest median; min/max over all rounds);
+interleaved(fns, device, runs) -> {name: [ms, ...]}: run i of every variant back to back, so
+    ratios taken per run (ratios(...)) see the same machine state: median (min–max) of them;
 table(title, rows) prints with rich; a Timing cell reads "median (min–max)", and a warning follows
     the table for every timing whose max/min exceeds SPREAD_WARN (1.5; $LORA_EXT_BENCH_SPREAD_WARN);
 save(name, rows, meta) writes bench/results/<name>-<device>.json: a Timing value is written as its
@@ -91,6 +93,38 @@ def time_fn(fn, device="cpu", warmup: int = 3, reps: int = 11, min_time_s: float
     return Timing.of(times)
 
 
+def _time_once(fn, device) -> float:
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved(fns: dict, device="cpu", runs: int = 30, warmup: int = 2) -> dict:
+    """{name: [ms per run]}: each run times every variant once, back to back (after `warmup`
+    untimed runs of each), so that the machine's load hits all variants of a run alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            times[k].append(_time_once(fn, device))
+    return times
+
+
+def ratios(times: dict, num: str, den: str) -> Timing:
+    """median (min–max) of the per-run ratios times[num][i] / times[den][i]."""
+    return Timing.of([a / b for a, b in zip(times[num], times[den])])
+
+
 def device_name(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -151,7 +185,7 @@ def table(title: str, rows: list[dict]) -> None:
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(*[_cell(v) for v in r.values()])
-    console = Console(width=160)
+    console = Console(width=max(160, 22 * len(cols)))  # "median (min–max) !" cells uncut
     console.print(t)
     if has_times:
         console.print(f"times in ms: median (min–max) of the runs; ! = max/min > {SPREAD_WARN:g}",
