@@ -13,13 +13,16 @@ Fast paths:
     ``lora_ext.ops.lora_linear`` (base GEMM + fused low-rank part, dropout via dropout_p);
   * mixed batches (``model(..., adapter_names=[...])``, no autograd, no active dropout):
     ``lora_ext.ops.multi_lora_`` once per layer, from per-layer pools of all the layer's adapters,
-    cached on the module and rebuilt when an adapter, factor tensor (data_ptr/_version) or scaling
-    changes; "__base__" rows get no adapter.
+    cached on the module; a used adapter's slot is rewritten when its factor tensors (identity,
+    data_ptr, _version) or scaling changed, the pools rebuilt when the adapter set changed;
+    "__base__" rows get no adapter.
   * the mixed-batch plumbing: PEFT registers a forward pre-hook on every LoRA layer for each
-    ``adapter_names`` call (two walks of ``model.modules()``); the patched LoraModel instead walks
-    the tree once, hooks only the layers it did not patch (embeddings, modules_to_save wrappers,
-    fallbacks), and hands the names to the patched layers through a context variable (per thread).
-    Beam search, aLoRA offsets and training mode keep PEFT's own path.
+    ``adapter_names`` call (two walks of ``model.modules()``); the patched LoraModel instead hooks
+    only the layers it did not patch (embeddings, modules_to_save wrappers, fallbacks) and hands
+    the names to the patched layers through a context variable (per thread). Its view of the tree
+    is cached and walked again when a module is assigned under a walked module (torch's global
+    module-registration hook) or the adapter set changes. Beam search, aLoRA offsets and training
+    mode keep PEFT's own path.
 Anything else (DoRA and other LoRA variants, lora_bias, quantized or hooked base layers, several
 active adapters at once, dtype mixes/autocast, unknown forward arguments) calls PEFT's original
 forward and warns once per (layer, reason). A disabled or merged layer has no LoRA work left to
@@ -51,6 +54,14 @@ _WARNED = "_lora_ext_warned"
 _POOL = "_lora_ext_pool"
 _INDICES = "_lora_ext_indices"  # last (adapter_names, rows per name, slot map) -> device indices
 _HOOKS = "_enable_peft_forward_hooks"  # the LoraModel method patch_peft replaces on the instance
+_WALK = "_lora_ext_walk"  # the mixed-batch view of a patched LoraModel's tree, and its signature
+# Bumped whenever a module is assigned under a module of a walked tree (torch's global
+# registration hook, installed by the first patch_peft; _TRACKED: ids of the walked modules and
+# of the LoRA layers' containers): a cached walk is reused only while its tree has not moved.
+# (A freed module's id reused by another only costs a needless walk.)
+_TREE = [0]
+_TREE_HOOK = []
+_TRACKED: set[int] = set()
 # (ids of the patched layers of the model being called, adapter_names) inside a mixed-batch call
 _MIXED: contextvars.ContextVar = contextvars.ContextVar("lora_ext_peft_mixed", default=None)
 
@@ -106,21 +117,23 @@ def _base_problem(module: nn.Module, x: torch.Tensor) -> str | None:
 
 
 def _adapter_problem(module: nn.Module, name: str) -> str | None:
-    """Why adapter `name` of this layer is not a vanilla LoRA lora_ext can run (None: it is)."""
+    """Why adapter `name` of this layer is not a vanilla LoRA lora_ext can run (None: it is).
+    (Runs per adapter and call in mixed batches: the submodules are read from _modules directly.)"""
     if name in module.lora_variant or module.use_dora.get(name, False):
         variant = module.lora_variant.get(name)
         return f"adapter '{name}' is a LoRA variant ({type(variant).__name__ if variant else 'DoRA'})"
-    A, B = module.lora_A[name], module.lora_B[name]
+    mods = module._modules
+    A, B = mods["lora_A"]._modules[name], mods["lora_B"]._modules[name]
     if type(A) is not nn.Linear or type(B) is not nn.Linear or A._forward_hooks or B._forward_hooks:
         return f"adapter '{name}' has non-standard lora_A/lora_B modules"
-    if B.bias is not None or module.lora_bias.get(name, False):
+    if B._parameters.get("bias") is not None or module.lora_bias.get(name, False):
         return f"adapter '{name}' uses lora_bias"
     return None
 
 
 def _dropout_p(module: nn.Module, name: str) -> float | None:
     """The active dropout probability of adapter `name` (0 in eval), None if not nn.Dropout/Identity."""
-    d = module.lora_dropout[name]
+    d = module._modules["lora_dropout"]._modules[name]
     if type(d) is nn.Identity:
         return 0.0
     if type(d) is nn.Dropout:
@@ -148,18 +161,41 @@ def _single(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | Non
 
 
 # ------------------------------------------------------------------------------------ mixed batches
-def _pools(module: nn.Module, dtype: torch.dtype, device: torch.device):
-    """(slot of each adapter name, A_pool, B_pool, scales, ranks), cached on the module."""
+def _stamp(A: torch.Tensor, B: torch.Tensor, scale) -> tuple:
+    # id() too: the cache holds the parameters, so a new adapter's tensors can never reuse a
+    # cached (address, version) pair of a deleted one
+    return id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version, scale
+
+
+def _pools(module: nn.Module, dtype: torch.dtype, device: torch.device, used: list[str]):
+    """(slot of each adapter name, A_pool, B_pool, scales, ranks) over all the layer's adapters,
+    cached on the module. Each call checks the adapters it uses: a slot whose factors (identity,
+    address, version) or scaling changed is rewritten; a new adapter set rebuilds the pools."""
     lora_A, lora_B, scaling = module.lora_A._modules, module.lora_B._modules, module.scaling
     names = tuple(lora_A)
+    c = module.__dict__.get(_POOL)
+    if c is not None and c["key"] == (dtype, device, names):
+        A_pool, B_pool, scales, ranks = c["value"][1:]
+        for n in used:
+            s = c["value"][0][n]
+            A, B = lora_A[n]._parameters["weight"], lora_B[n]._parameters["weight"]
+            stamp = _stamp(A, B, scaling[n])
+            if stamp == c["stamps"][s]:
+                continue
+            r = A.shape[0]
+            if A.dim() != 2 or r > A_pool.shape[1] or A.shape[1] != A_pool.shape[2] or B.shape != (B_pool.shape[1], r):
+                break  # no longer fits the pools: rebuild them
+            with torch.no_grad():
+                A_pool[s].zero_()
+                A_pool[s, :r].copy_(A)
+                B_pool[s].zero_()
+                B_pool[s, :, :r].copy_(B)
+                scales[s] = float(scaling[n])
+                ranks[s] = r
+            c["stamps"][s], c["params"][s] = stamp, (A, B)
+        else:
+            return c["value"]
     params = [(lora_A[n]._parameters["weight"], lora_B[n]._parameters["weight"]) for n in names]
-    # id() of the parameters too: the cache holds them, so a new adapter's tensors can never
-    # reuse a cached (address, version) pair of a deleted one
-    key = (dtype, device, names, [scaling[n] for n in names],
-           [(id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version) for A, B in params])
-    cached = module.__dict__.get(_POOL)
-    if cached is not None and cached[0] == key:
-        return cached[2]
     As = [A.detach() for A, _ in params]
     Bs = [B.detach() for _, B in params]
     r_max = max(a.shape[0] for a in As)
@@ -170,15 +206,17 @@ def _pools(module: nn.Module, dtype: torch.dtype, device: torch.device):
         for s, (a, b) in enumerate(zip(As, Bs)):
             A_pool[s, : a.shape[0]].copy_(a)
             B_pool[s, :, : a.shape[0]].copy_(b)
-    scales = torch.tensor([float(module.scaling[n]) for n in names], dtype=torch.float32, device=device)
+    scales = torch.tensor([float(scaling[n]) for n in names], dtype=torch.float32, device=device)
     ranks = torch.tensor([a.shape[0] for a in As], dtype=torch.int32, device=device)
     value = ({n: s for s, n in enumerate(names)}, A_pool, B_pool, scales, ranks)
-    module.__dict__[_POOL] = (key, params, value)
+    module.__dict__[_POOL] = {"key": (dtype, device, names), "value": value, "params": params,
+                              "stamps": [_stamp(A, B, scaling[n]) for n, (A, B) in zip(names, params)]}
     return value
 
 
 def _mixed(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | None:
-    used = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in module.lora_A]
+    lora_A = module._modules["lora_A"]._modules
+    used = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in lora_A]
     reason = _base_problem(module, x) or (None if x.dim() >= 2 else "1-D input in a mixed batch")
     for n in used:
         if reason is not None:
@@ -196,7 +234,7 @@ def _mixed(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | 
     y = module.base_layer(x)
     if not used or x.numel() == 0:
         return y
-    slot, A_pool, B_pool, scales, ranks = _pools(module, x.dtype, x.device)
+    slot, A_pool, B_pool, scales, ranks = _pools(module, x.dtype, x.device, used)
     per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
     # decode steps repeat the same names: reuse the device indices instead of a copy per call
     key = (tuple(adapter_names), per_row, x.device)
@@ -239,9 +277,15 @@ def _patched_forward(self, x: torch.Tensor, *args, **kwargs):
     return orig(x, *args, **kwargs) if y is None else y
 
 
+def _tree_moved(module, name, submodule):
+    if id(module) in _TRACKED:
+        _TREE[0] += 1
+
+
 def _modules(root: nn.Module, LoraLayer) -> list[nn.Module]:
     """Every module under root, once (an explicit stack: cheaper than nested generators); inside a
-    LoRA layer only its base layer (the lora_* containers hold the factors, never LoRA layers)."""
+    LoRA layer only its base layer (the lora_* containers hold the factors, never LoRA layers).
+    Every module visited, and those containers, join _TRACKED."""
     out, seen, stack = [], set(), [root]
     while stack:
         m = stack.pop()
@@ -249,8 +293,15 @@ def _modules(root: nn.Module, LoraLayer) -> list[nn.Module]:
             continue
         seen.add(id(m))
         out.append(m)
-        lora = isinstance(m, LoraLayer)
-        stack.extend(c for k, c in m._modules.items() if c is not None and not (lora and k.startswith("lora_")))
+        if isinstance(m, LoraLayer):
+            for k, c in m._modules.items():
+                if c is not None and not k.startswith("lora_"):
+                    stack.append(c)
+                elif c is not None:
+                    _TRACKED.add(id(c))  # adapter containers: tracked, not walked
+        else:
+            stack.extend(c for c in m._modules.values() if c is not None)
+    _TRACKED.update(seen)
     return out
 
 
@@ -263,17 +314,26 @@ def _mixed_batch_hooks(self, *args, **kwargs):
         with type(self)._enable_peft_forward_hooks(self, *args, **kwargs):  # PEFT's own
             yield
         return
-    LoraLayer = _peft_classes()[2]
-    _, Aux, pre_hook = _peft_model_classes()
-    expected, fused, hooked = set(), set(), []
-    for m in _modules(self, LoraLayer):
-        if isinstance(m, LoraLayer):
-            expected |= m.lora_A.keys()
-            expected |= m.lora_embedding_A.keys()
-        if is_patched(m):
-            fused.add(id(m))
-        elif isinstance(m, (LoraLayer, Aux)):
-            hooked.append(m)
+    # the tree's view (adapter names, patched layers, layers that need PEFT's hook), walked again
+    # when a module was assigned anywhere or the adapter set changed (delete_adapter, load_adapter)
+    sig = (_TREE[0], id(self), tuple(self.peft_config))  # id: a deepcopy walks its own tree
+    walk = self.__dict__.get(_WALK)
+    if walk is None or walk[0] != sig:
+        LoraLayer = _peft_classes()[2]
+        Aux = _peft_model_classes()[1]
+        expected, fused, hooked = set(), set(), []
+        for m in _modules(self, LoraLayer):
+            if isinstance(m, LoraLayer):
+                expected |= m.lora_A.keys()
+                expected |= m.lora_embedding_A.keys()
+            if is_patched(m):
+                fused.add(id(m))
+            elif isinstance(m, (LoraLayer, Aux)):
+                hooked.append(m)
+        walk = (sig, frozenset(expected), frozenset(fused), hooked)
+        self.__dict__[_WALK] = walk
+    _, expected, fused, hooked = walk
+    pre_hook = _peft_model_classes()[2]
     unexpected = {n for n in names if n != "__base__"} - expected
     if unexpected:  # PEFT's message
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
@@ -297,6 +357,9 @@ def patch_peft(model: nn.Module) -> list[str]:
     ``unpatch_peft``."""
     Linear, Embedding, LoraLayer = _peft_classes()
     LoraModel = _peft_model_classes()[0]
+    if not _TREE_HOOK:
+        _TREE_HOOK.append(nn.modules.module.register_module_module_registration_hook(_tree_moved))
+    _TREE[0] += 1  # patched layers change the mixed-batch view
     patched = []
     for name, m in model.named_modules():
         if isinstance(m, LoraModel) and _HOOKS not in m.__dict__:
@@ -325,6 +388,6 @@ def unpatch_peft(model: nn.Module) -> list[str]:
             del m.__dict__[_ORIG]
             m.__dict__.pop("forward", None)  # back to the class's (PEFT's) forward
             restored.append(name)
-        for attr in (_NAME, _POOL, _INDICES, _WARNED, _HOOKS):
+        for attr in (_NAME, _POOL, _INDICES, _WARNED, _HOOKS, _WALK):
             m.__dict__.pop(attr, None)
     return restored

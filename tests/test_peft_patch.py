@@ -338,3 +338,63 @@ def test_mixed_batches_from_two_threads():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_mixed_batch_caches_follow_the_model():
+    # The tree walk and the per-layer pools are cached; tree surgery, adapter add/delete, factor
+    # replacement (another rank) and deepcopy must each be seen by the next mixed batch.
+    ref = build("llama")
+    ref.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize(ref, seed=11)
+    ref.eval()
+    pm = copy.deepcopy(ref)
+    patch(pm)
+    ids, names = ids_for(batch=3, seq=4), ["b", "default", "b"]
+
+    def same():
+        with torch.no_grad():
+            return rel_err(pm(input_ids=ids, adapter_names=names).logits,
+                           ref(input_ids=ids, adapter_names=names).logits) < 1e-5
+
+    assert same()
+    walk = pm.base_model.__dict__[pp._WALK]
+    assert same() and pm.base_model.__dict__[pp._WALK] is walk  # reused while nothing moved
+    # surgery: a LoRA layer replaced by its base layer, in both models
+    for m in (pm, ref):
+        attn = m.base_model.model.model.layers[0].self_attn
+        attn.q_proj = attn.q_proj.base_layer
+    assert same()
+    assert pm.base_model.__dict__[pp._WALK] is not walk  # walked again
+    # a factor replaced by one of a larger rank (pools rebuilt), another scaled in place
+    for m in (pm, ref):
+        v = m.base_model.model.model.layers[1].self_attn.v_proj
+        torch.manual_seed(5)
+        v.lora_A["b"].weight = torch.nn.Parameter(torch.randn(12, v.in_features) * 0.1)
+        v.lora_B["b"].weight = torch.nn.Parameter(torch.randn(v.out_features, 12) * 0.1)
+        with torch.no_grad():
+            m.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight.mul_(2)
+    assert same()
+    # adapters added and deleted
+    for m in (pm, ref):
+        m.add_adapter("c", peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        randomize(m, seed=12)
+    lora_ext.patch_peft(pm)  # the new layer of "c" on layer 0's q_proj is a new LoRA layer
+    names = ["c", "b", "default"]
+    assert same()
+    for m in (pm, ref):
+        m.delete_adapter("c")
+    with pytest.raises(ValueError, match="non-existing adapter"), torch.no_grad():
+        pm(input_ids=ids, adapter_names=names)
+    names = ["default", "__base__", "b"]
+    assert same()
+    # a deepcopy serves with its own layers
+    pm2, ref2 = copy.deepcopy(pm), copy.deepcopy(ref)
+    for m in (pm2, ref2):
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_A.b." in n:
+                    p.mul_(-1)
+    with torch.no_grad():
+        assert rel_err(pm2(input_ids=ids, adapter_names=names).logits,
+                       ref2(input_ids=ids, adapter_names=names).logits) < 1e-5
+    assert same()
