@@ -79,6 +79,9 @@ def main(argv=None) -> dict:
             print(f"{a.mode} on {world} process(es) ({dist.get_backend()}): loss {losses[0]:.3f} -> {losses[-1]:.3f}")
             print(f"adapter (PEFT format) -> {box[0]}: lora_ext.Adapter.load(dir) or "
                   f"peft.PeftModel.from_pretrained(base, dir)")
+        # every rank done communicating before any tears its process group down (with gloo, a
+        # peer closing its sockets under another's pending work can abort that process at exit)
+        dist.barrier()
         return {"losses": losses, "adapter_dir": box[0], "world_size": world}
     finally:
         dist.destroy_process_group()
