@@ -38,6 +38,7 @@ import contextvars
 import functools
 import types
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -56,12 +57,11 @@ _INDICES = "_lora_ext_indices"  # last (adapter_names, rows per name, slot map) 
 _HOOKS = "_enable_peft_forward_hooks"  # the LoraModel method patch_peft replaces on the instance
 _WALK = "_lora_ext_walk"  # the mixed-batch view of a patched LoraModel's tree, and its signature
 # Bumped whenever a module is assigned under a module of a walked tree (torch's global
-# registration hook, installed by the first patch_peft; _TRACKED: ids of the walked modules and
-# of the LoRA layers' containers): a cached walk is reused only while its tree has not moved.
-# (A freed module's id reused by another only costs a needless walk.)
+# registration hook, installed by the first patch_peft; _TRACKED: the walked modules and the LoRA
+# layers' containers, held weakly): a cached walk is reused only while its tree has not moved.
 _TREE = [0]
 _TREE_HOOK = []
-_TRACKED: set[int] = set()
+_TRACKED: weakref.WeakSet = weakref.WeakSet()
 # (ids of the patched layers of the model being called, adapter_names) inside a mixed-batch call
 _MIXED: contextvars.ContextVar = contextvars.ContextVar("lora_ext_peft_mixed", default=None)
 
@@ -278,7 +278,7 @@ def _patched_forward(self, x: torch.Tensor, *args, **kwargs):
 
 
 def _tree_moved(module, name, submodule):
-    if id(module) in _TRACKED:
+    if module in _TRACKED:
         _TREE[0] += 1
 
 
@@ -298,10 +298,10 @@ def _modules(root: nn.Module, LoraLayer) -> list[nn.Module]:
                 if c is not None and not k.startswith("lora_"):
                     stack.append(c)
                 elif c is not None:
-                    _TRACKED.add(id(c))  # adapter containers: tracked, not walked
+                    _TRACKED.add(c)  # adapter containers: tracked, not walked
         else:
             stack.extend(c for c in m._modules.values() if c is not None)
-    _TRACKED.update(seen)
+    _TRACKED.update(out)
     return out
 
 

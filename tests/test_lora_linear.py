@@ -126,16 +126,17 @@ def test_gradients_of_any_subset(device, trainable, dropout_p):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_weight_gradients_do_not_depend_on_threads(dtype):
-    # The CPU backward sums dA, dB over fixed token chunks: same bits with 1 or 2 threads.
-    x, W, b, A, B = make(2000, 64, 48, 16, dtype, "cpu")
+@pytest.mark.parametrize("T", [2000, 20000])
+def test_weight_gradients_do_not_depend_on_threads(dtype, T):
+    # The CPU backward sums dA, dB over token chunks fixed by T: same bits with 1 or 2 threads.
+    x, W, b, A, B = make(T, 64, 48, 16, dtype, "cpu")
     grads = []
     before = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
             A.grad = B.grad = x.grad = None
-            lora_linear(x, W, b, A, B, 0.5).backward(torch.ones(2000, 48, dtype=dtype))
+            lora_linear(x, W, b, A, B, 0.5).backward(torch.ones(T, 48, dtype=dtype))
             grads.append((A.grad.clone(), B.grad.clone()))
     finally:
         torch.set_num_threads(before)

@@ -6,8 +6,12 @@
 // T is small, so every thread gets blocks) across threads (at::parallel_for); for each block the
 // fp32 [block, r] intermediate stays in a thread-local
 // buffer (L1/L2) between the shrink and the expand, so x is read once and y is read and written
-// once. fp16/bf16 (and masked) rows are converted to fp32 on the fly; the 6x16 micro-kernel
-// (lowrank_microkernel.h) does all the arithmetic.
+// once (written only, with overwrite_y). fp16/bf16 (and masked) rows are converted to fp32 on the
+// fly; the 6x16 micro-kernel (lowrank_microkernel.h) does the shrink and expand arithmetic.
+// lora_linear's backward adds the weight gradients to the same pass: while a block of g (the job's
+// x) and of the forward's x is in cache, the 8x16 T^T N micro-kernel accumulates dB^T += uf^T g and
+// dA += gB^T xf into fp32 partials of the block's chunk (blocks of kTB tokens, grad_chunks(T)
+// chunks), summed in chunk order at the end.
 // Few tokens (decode, T <= kSmallT, no dropout): packing would cost more than the product, so
 // the unpacked vector kernels of multi_microkernel.h run instead, parallel over ranks (shrink)
 // and over output rows (expand).
@@ -124,9 +128,13 @@ void tn_update(int64_t K, const float* a, int64_t lda, int64_t r, const float* c
     }
 }
 
-// Token blocks are grouped into at most kGradChunks chunks, each with its own fp32 weight-gradient
-// partials, summed in chunk order: the bits depend on T only, not on the thread count.
-constexpr int64_t kGradChunks = 16;
+// Token blocks are grouped into chunks, each with its own fp32 weight-gradient partials, summed in
+// chunk order: the count depends on T only (so do the bits, not on the thread count): 16 chunks,
+// more for long inputs (at least 1024 tokens each, at most 256) so that many threads stay busy
+// while the partials stay small next to the work.
+int64_t grad_chunks(int64_t T, int64_t nblk) {
+  return std::min(nblk, std::clamp<int64_t>(T / 1024, 16, 256));
+}
 
 template <class T>
 void run(const LowRankJob& j) {
@@ -156,7 +164,7 @@ void run(const LowRankJob& j) {
   constexpr bool kF32 = std::is_same_v<T, float>;
   // at least ~4 blocks per thread, in whole micro tiles (fixed when gradients are accumulated)
   const int64_t tb = grads ? kTB : std::min(kTB, kMR * ceil_div(ceil_div(j.T, 4 * at::get_num_threads()), kMR));
-  const int64_t nblk = ceil_div(j.T, tb), nchunk = grads ? std::min(nblk, kGradChunks) : nblk;
+  const int64_t nblk = ceil_div(j.T, tb), nchunk = grads ? grad_chunks(j.T, nblk) : nblk;
   const int64_t gsize = r * ((want_dA ? nf : 0) + (want_dB ? in : 0));  // partials per chunk
   std::vector<float> partials(nchunk * gsize, 0.f);
   at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
