@@ -27,6 +27,9 @@ def _worker(rank: int, world: int, port: int, module: str, fn: str, args: tuple,
     try:
         out = getattr(importlib.import_module(module), fn)(rank, world, *args)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        # every rank done communicating before any tears its process group down (with gloo, a
+        # peer closing its sockets under another's pending work can abort that process at exit)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
