@@ -2,7 +2,7 @@
 //
 // Dependency-free: EXPECT records a failure (file:line + message) and the test goes on; each
 // test is a function in kTests, and main returns 1 when any check failed or a test threw.
-// Covered: micro_6x16 and pack_panels against naive loops; lora_apply_cpu against an fp64
+// Covered: micro_6x16, micro_tn_8x16 and pack_panels against naive loops; lora_apply_cpu against an fp64
 // at::matmul reference (fp32/fp16/bf16, r = 1, odd widths, T = 0, layouts, thread counts);
 // bad input raising c10::Error that names the argument; the CPU/CUDA registrations.
 #include <ATen/ATen.h>
@@ -96,6 +96,38 @@ void test_micro_6x16() {
         }
         EXPECT(std::fabs(out[m][n] - ref) <= 1e-5 * mag, "K=", K, " m=", m,
               " n=", n, ": got ", out[m][n], ", want ", ref);
+      }
+    }
+  }
+}
+
+// c[m][0:16] += sum_k a[k * lda + m] * brows[k][n0:16]: accumulates onto what c holds, reads the
+// 8 columns of a at any row stride, rows of b anywhere (aliased rows too), K = 0 leaves c alone.
+void test_micro_tn_8x16() {
+  using lora_ext::cpu::kTR;
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> dist(-1.f, 1.f);
+  for (int64_t K : {0, 1, 2, 7, 24, 301}) {
+    const int64_t lda = kTR + 5, ldb = 40, n0 = 11;  // b columns [11, 27) of 40-wide rows
+    std::vector<float> a(std::max<int64_t>(K, 1) * lda), b(std::max<int64_t>(K, 1) * ldb), c(kTR * kNR);
+    for (float& v : a) v = dist(rng);
+    for (float& v : b) v = dist(rng);
+    for (float& v : c) v = dist(rng);
+    std::vector<const float*> brows(std::max<int64_t>(K, 1));
+    for (int64_t k = 0; k < K; ++k) brows[k] = b.data() + (k == 3 ? 1 : k) * ldb;  // row 3 aliases row 1
+    const std::vector<float> c0 = c;
+    float* crow[kTR];
+    for (int m = 0; m < kTR; ++m) crow[m] = c.data() + m * kNR;
+    lora_ext::cpu::micro_tn_8x16_acc(K, a.data(), lda, brows.data(), n0, crow);
+    for (int m = 0; m < kTR; ++m) {
+      for (int n = 0; n < kNR; ++n) {
+        double ref = c0[m * kNR + n], mag = std::fabs(ref);
+        for (int64_t k = 0; k < K; ++k) {
+          ref += double(a[k * lda + m]) * brows[k][n0 + n];
+          mag += std::fabs(double(a[k * lda + m]) * brows[k][n0 + n]);
+        }
+        EXPECT(std::fabs(c[m * kNR + n] - ref) <= 1e-5 * mag + 1e-7, "K=", K, " m=", m, " n=", n,
+               ": got ", c[m * kNR + n], ", want ", ref);
       }
     }
   }
@@ -284,6 +316,7 @@ struct NamedTest {
 };
 const NamedTest kTests[] = {
     {"micro_6x16", test_micro_6x16},
+    {"micro_tn_8x16", test_micro_tn_8x16},
     {"pack_panels", test_pack_panels},
     {"lora_apply_matches_reference", test_lora_apply_matches_reference},
     {"layouts", test_layouts},
