@@ -2,7 +2,8 @@
 ``linear(x) + s * (x @ A.T) @ B.T``, PEFT's own LoRA Linear, and that layer after
 ``lora_ext.patch_peft`` (x requires grad, as in a mid-network layer).
 
-Goal: LoRALinear <= 1.05x the frozen base layer. Interleaved rounds: median (min-max) over rounds.
+Goal: LoRALinear <= 1.05x the frozen base layer. Interleaved runs: median (min-max) of the per-run
+ratios.
 python bench/bench_lora_linear.py [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import Timing, cli, time_fn  # noqa: E402
+from bench.common import Timing, cli, interleaved, ratios  # noqa: E402
 import lora_ext  # noqa: E402
 from lora_ext import LoRALinear  # noqa: E402
 
@@ -72,17 +73,12 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             fn().backward(g)
         return go
 
-    # Interleaved rounds (every variant once per round) so that machine noise hits all alike;
-    # the ratio to the base layer is taken per round.
-    rounds, reps = (15, 5) if device == "cpu" else (5, 10)
-    per_round = {k: [] for k in fns}
-    for i in range(rounds):
-        for k, f in fns.items():
-            per_round[k].append(float(time_fn(step(f), device, warmup=2 if i == 0 else 1, reps=reps)))
-    base_t = per_round["base nn.Linear"]
+    # Every variant once per run, back to back, so that machine noise hits all alike; the ratio
+    # to the base layer is taken per run.
+    t = interleaved({k: step(f) for k, f in fns.items()}, device, runs=60 if device == "cpu" else 50)
     return [{"impl": k, "T": T, "in=out": n, "r": r, "dtype": str(dt).removeprefix("torch."),
-             "fwd+bwd ms": Timing.of(ts), "x base": Timing.of([t / b for t, b in zip(ts, base_t)])}
-            for k, ts in per_round.items()]
+             "fwd+bwd ms": Timing.of(ts), "x base": ratios(t, k, "base nn.Linear")}
+            for k, ts in t.items()]
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """A PEFT LoRA training step, patched vs unpatched: a small Llama (4 layers x 1024, LoRA r=16 on
 q/v, AdamW), forward with labels + backward + optimizer step, the same PeftModel before and after
-``lora_ext.patch_peft`` (two deepcopies, same weights). Interleaved rounds: median (min-max) of
-the per-round ratio.
+``lora_ext.patch_peft`` (two deepcopies, same weights). Interleaved runs: median (min-max) of
+the per-run ratio.
 
 python bench/bench_peft_train.py [--device cpu|cuda] [--quick]
 """
@@ -15,7 +15,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import Timing, cli, time_fn  # noqa: E402
+from bench.common import Timing, cli, interleaved, ratios  # noqa: E402
 import lora_ext  # noqa: E402
 
 
@@ -52,12 +52,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         return step
 
     fns = {"PEFT": step_of(ref), "PEFT + patch_peft": step_of(patched)}
-    rounds, reps = (2, 5) if quick else (9, 5)
-    t = {k: [] for k in fns}
-    for i in range(rounds):
-        for k, f in fns.items():
-            t[k].append(float(time_fn(f, device, warmup=2 if i == 0 else 1, reps=reps)))
-    ratio = Timing.of([a / b for a, b in zip(t["PEFT + patch_peft"], t["PEFT"])])
+    t = interleaved(fns, device, runs=5 if quick else 30)
+    ratio = ratios(t, "PEFT + patch_peft", "PEFT")
     return [{"model": f"Llama {cfg.num_hidden_layers}x{h}", "batch x seq": f"{batch}x{seq}",
              "dtype": str(dt).removeprefix("torch."), "LoRA layers": n_patched,
              "PEFT ms": Timing.of(t["PEFT"]), "patch_peft ms": Timing.of(t["PEFT + patch_peft"]),

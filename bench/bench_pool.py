@@ -2,8 +2,8 @@
 with 1/4/16 distinct adapters in one batch, decode (1 token per sequence) and prefill (seq 64):
 lora_ext AdapterPool vs HF PEFT's ``model(..., adapter_names=[...])``, the same PEFT model after
 ``lora_ext.patch_peft``, and the base model; adapter load times (from disk and from the pool's host
-cache). Variants run in interleaved rounds; ratios are taken per round and reported as median
-(min-max). "adapter bytes" is what the batch's distinct adapters add to the weights a decode step
+cache). Variants run interleaved (each once per run); ratios are taken per run and reported as
+median (min-max). "adapter bytes" is what the batch's distinct adapters add to the weights a decode step
 reads (decode is bound by weight reads, so it is the floor of "x base" there).
 
 python bench/bench_pool.py [--device cpu|cuda] [--quick]
@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import Timing, cli, sync, time_fn  # noqa: E402
+from bench.common import Timing, cli, interleaved, ratios, sync  # noqa: E402
 import lora_ext  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
@@ -72,8 +72,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     lora_elems = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n and ".a0." in n)
     rows = []
     for phase, length in (("decode", 1), ("prefill", seq)):
-        # (rounds, runs per round): a CPU prefill step takes ~0.5 s
-        rounds, reps = (3, 2) if quick else (10, 10) if device == "cuda" else (15, 3) if length == 1 else (5, 1)
+        # a CPU prefill step takes ~0.6 s
+        runs = 6 if quick else 100 if device == "cuda" else 45 if length == 1 else 12
         ids = torch.randint(0, 1024, (batch, length), device=device)
         for distinct in ([1, 4] if quick else [1, 4, 16]):
             names = [f"a{i % distinct}" for i in range(batch)]
@@ -85,11 +85,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             fns = {"lora_ext": ours, "PEFT": lambda: pm(input_ids=ids, adapter_names=names),
                    "patch_peft": lambda: patched(input_ids=ids, adapter_names=names),
                    "base": lambda: base(input_ids=ids)}
-            t = {k: [] for k in fns}
-            for i in range(rounds):
-                for k, f in fns.items():
-                    t[k].append(float(time_fn(f, device, warmup=2 if i == 0 else 1, reps=reps)))
-            ratio = lambda a, b: Timing.of([x / y for x, y in zip(t[a], t[b])])  # noqa: E731
+            t = interleaved(fns, device, runs=runs)
+            ratio = lambda a, b: ratios(t, a, b)  # noqa: E731
             rows.append({"phase": phase, "adapters": distinct, "batch x seq": f"{batch}x{length}",
                          "adapter bytes": f"{distinct * lora_elems / base_elems:.1%}",
                          "lora_ext ms": Timing.of(t["lora_ext"]), "PEFT ms": Timing.of(t["PEFT"]),
