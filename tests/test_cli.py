@@ -78,6 +78,15 @@ def test_timing_is_the_median_with_min_and_max():
     assert isinstance(ft, common.Timing) and ft.n == 5 and ft.min <= ft <= ft.max and len(calls) == 6
 
 
+def test_interleaved_runs_and_per_run_ratios():
+    order = []
+    t = common.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, runs=3, warmup=1)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # warmup, then each run times every variant once
+    assert [len(v) for v in t.values()] == [3, 3]
+    r = common.ratios({"x": [2.0, 6.0, 3.0], "base": [1.0, 2.0, 3.0]}, "x", "base")
+    assert (float(r), r.min, r.max, r.n) == (2.0, 1.0, 3.0, 3)
+
+
 def test_table_prints_spread_and_warns(capsys):
     calm = common.Timing(1.0, 0.9, 1.2, 11)
     noisy = common.Timing(2.0, 1.0, 3.0, 11)
@@ -102,11 +111,12 @@ def test_saved_json_keeps_fields_and_adds_min_max(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", sorted(f[6:-3] for f in os.listdir(os.path.join(ROOT, "bench"))
                                         if f.startswith("bench_") and f.endswith(".py")))
 def test_every_benchmark_times_with_the_shared_helper(name):
-    """Each bench_*.py times through bench.common.time_fn and prints through its table/cli (so
-    every figure shows min/median/max and noisy ones are flagged), with no timer of its own."""
+    """Each bench_*.py times through bench.common.time_fn or interleaved and prints through its
+    table/cli (so every figure shows min/median/max and noisy ones are flagged), with no timer of
+    its own."""
     with open(os.path.join(ROOT, "bench", f"bench_{name}.py")) as f:
         src = f.read()
-    assert "time_fn(" in src and ("cli(" in src or "table(" in src), name
+    assert ("time_fn(" in src or "interleaved(" in src) and ("cli(" in src or "table(" in src), name
     assert "statistics.median" not in src and "elapsed_time" not in src, name
 
 
