@@ -18,7 +18,7 @@ Fast paths:
     "__base__" rows get no adapter.
   * the mixed-batch plumbing: PEFT registers a forward pre-hook on every LoRA layer for each
     ``adapter_names`` call (two walks of ``model.modules()``); the patched LoraModel instead hooks
-    only the layers it did not patch (embeddings, modules_to_save wrappers, fallbacks) and hands
+    only the layers it did not patch (modules_to_save wrappers, fallbacks) and hands
     the names to the patched layers through a context variable (per thread). Its view of the tree
     is cached and walked again when a module is assigned under a walked module (torch's global
     module-registration hook) or the adapter set changes. Beam search, aLoRA offsets and training
@@ -26,9 +26,11 @@ Fast paths:
 Anything else (DoRA and other LoRA variants, lora_bias, quantized or hooked base layers, several
 active adapters at once, dtype mixes/autocast, unknown forward arguments) calls PEFT's original
 forward and warns once per (layer, reason). A disabled or merged layer has no LoRA work left to
-fuse: it calls PEFT's forward without a warning. LoRA Embedding layers stay on PEFT's forward
-(lora_ext has no fused embedding op; its LoRAEmbedding uses the same F.embedding math as PEFT), as do
-other PEFT LoRA layer types (Conv2d, bitsandbytes, ...): one warning per layer when patching.
+fuse: it calls PEFT's forward without a warning. LoRA Embedding layers run mixed batches as one
+gather + ``lora_expand_`` over per-layer pools (PEFT loops over the adapters) and PEFT's forward
+otherwise (lora_ext has no fused single-adapter embedding op: the same F.embedding math). Other
+PEFT LoRA layer types (Conv2d, bitsandbytes, ...) stay on PEFT's forward: one warning per layer
+when patching.
 Layers that a later ``add_adapter`` creates are patched by calling ``patch_peft`` again.
 """
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch
 from torch import nn
 
 from .layers import is_conv1d
-from .ops import lora_linear, multi_lora_
+from .ops import lora_expand_, lora_linear, multi_lora_
 
 __all__ = ["patch_peft", "unpatch_peft", "is_patched"]
 
@@ -167,18 +169,28 @@ def _stamp(A: torch.Tensor, B: torch.Tensor, scale) -> tuple:
     return id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version, scale
 
 
+def _factors(module: nn.Module):
+    """(adapter names, name -> (A [r, in], B [out, r]) parameters) of a LoRA Linear or Embedding."""
+    mods = module._modules
+    if "lora_A" in mods and mods["lora_A"]._modules:
+        lA, lB = mods["lora_A"]._modules, mods["lora_B"]._modules
+        return tuple(lA), lambda n: (lA[n]._parameters["weight"], lB[n]._parameters["weight"])
+    eA, eB = mods["lora_embedding_A"]._parameters, mods["lora_embedding_B"]._parameters
+    return tuple(eA), lambda n: (eA[n], eB[n])
+
+
 def _pools(module: nn.Module, dtype: torch.dtype, device: torch.device, used: list[str]):
     """(slot of each adapter name, A_pool, B_pool, scales, ranks) over all the layer's adapters,
     cached on the module. Each call checks the adapters it uses: a slot whose factors (identity,
     address, version) or scaling changed is rewritten; a new adapter set rebuilds the pools."""
-    lora_A, lora_B, scaling = module.lora_A._modules, module.lora_B._modules, module.scaling
-    names = tuple(lora_A)
+    names, factors = _factors(module)
+    scaling = module.scaling
     c = module.__dict__.get(_POOL)
     if c is not None and c["key"] == (dtype, device, names):
         A_pool, B_pool, scales, ranks = c["value"][1:]
         for n in used:
             s = c["value"][0][n]
-            A, B = lora_A[n]._parameters["weight"], lora_B[n]._parameters["weight"]
+            A, B = factors(n)
             stamp = _stamp(A, B, scaling[n])
             if stamp == c["stamps"][s]:
                 continue
@@ -195,7 +207,7 @@ def _pools(module: nn.Module, dtype: torch.dtype, device: torch.device, used: li
             c["stamps"][s], c["params"][s] = stamp, (A, B)
         else:
             return c["value"]
-    params = [(lora_A[n]._parameters["weight"], lora_B[n]._parameters["weight"]) for n in names]
+    params = [factors(n) for n in names]
     As = [A.detach() for A, _ in params]
     Bs = [B.detach() for _, B in params]
     r_max = max(a.shape[0] for a in As)
@@ -235,18 +247,57 @@ def _mixed(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | 
     if not used or x.numel() == 0:
         return y
     slot, A_pool, B_pool, scales, ranks = _pools(module, x.dtype, x.device, used)
-    per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
-    # decode steps repeat the same names: reuse the device indices instead of a copy per call
-    key = (tuple(adapter_names), per_row, x.device)
+    indices = _token_slots(module, adapter_names, x[0].numel() // x.shape[-1], x.device, slot)
+    multi_lora_(y, x, A_pool, B_pool, indices, scales, ranks)
+    return y
+
+
+def _token_slots(module: nn.Module, adapter_names, per_row: int, device, slot: dict) -> torch.Tensor:
+    """int32 pool slot of every token (-1: "__base__" or an adapter this layer lacks); decode
+    steps repeat the same names, so the device tensor is cached per (names, tokens per row)."""
+    key = (tuple(adapter_names), per_row, device)
     cached = module.__dict__.get(_INDICES)
     if cached is not None and cached[0] == key and cached[1] is slot:
-        indices = cached[2]
-    else:
-        rows = torch.tensor([slot.get(n, -1) if n != "__base__" else -1 for n in adapter_names],
-                            dtype=torch.int32)
-        indices = rows.repeat_interleave(per_row).to(x.device)
-        module.__dict__[_INDICES] = (key, slot, indices)
-    multi_lora_(y, x, A_pool, B_pool, indices, scales, ranks)
+        return cached[2]
+    rows = torch.tensor([slot.get(n, -1) if n != "__base__" else -1 for n in adapter_names], dtype=torch.int32)
+    indices = rows.repeat_interleave(per_row).to(device)
+    module.__dict__[_INDICES] = (key, slot, indices)
+    return indices
+
+
+def _mixed_embedding(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | None:
+    """PEFT's LoRA Embedding in a mixed batch: y = base(ids); y[t] += s_a * B_a A_a[:, ids[t]]
+    (times the base's embed_scale, as PEFT), the A columns gathered from the layer's pools and
+    added by one lora_expand_, instead of PEFT's loop over the adapters."""
+    eA, eB = module._modules["lora_embedding_A"]._parameters, module._modules["lora_embedding_B"]._parameters
+    used = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in eA]
+    base = module.base_layer
+    reason = None
+    if not isinstance(base, nn.Embedding) or base._forward_hooks or base._forward_pre_hooks:
+        reason = "base layer is not a plain nn.Embedding (or has hooks)"
+    elif base.max_norm is not None:
+        reason = "base embedding renormalizes rows (max_norm)"
+    elif x.dtype not in (torch.int32, torch.int64) or x.dim() < 1:
+        reason = f"ids of dtype {x.dtype} / {x.dim()}-D"
+    for n in used:
+        if reason is None and (n in module.lora_variant or module.use_dora.get(n, False)):
+            reason = f"adapter '{n}' is a LoRA variant"
+    if reason is None and torch.is_grad_enabled() and any(eA[n].requires_grad or eB[n].requires_grad for n in used):
+        reason = "mixed batch with autograd on (lora_expand_ is inference only: use torch.no_grad())"
+    if reason is not None:
+        _warn(module, reason)
+        return None
+    y = base(x)
+    if not used or x.numel() == 0:
+        return y
+    slot, A_pool, B_pool, scales, ranks = _pools(module, y.dtype, y.device, used)
+    indices = _token_slots(module, adapter_names, x[0].numel() if x.dim() > 1 else 1, x.device, slot)
+    # [T, r_max]: column ids[t] of token t's A (slot 0 for rows without an adapter: not added)
+    u = A_pool[indices.clamp(min=0).long(), :, x.reshape(-1)]
+    embed_scale = module._get_embed_scale()
+    if embed_scale is not None:
+        u = u * embed_scale.to(u.dtype)
+    lora_expand_(y.view(-1, y.shape[-1]), u, B_pool, indices, scales, ranks)
     return y
 
 
@@ -274,6 +325,23 @@ def _patched_forward(self, x: torch.Tensor, *args, **kwargs):
     if not active:
         return orig(x, *args, **kwargs)
     y = _single(self, x, active[0])
+    return orig(x, *args, **kwargs) if y is None else y
+
+
+def _patched_embedding_forward(self, x: torch.Tensor, *args, **kwargs):
+    """Mixed batches -> _mixed_embedding; everything else is PEFT's forward (the same math as
+    lora_ext's own LoRAEmbedding: there is no fused single-adapter embedding op)."""
+    orig = type(self).forward.__get__(self)
+    mixed = _MIXED.get()
+    if mixed is not None and "adapter_names" not in kwargs and id(self) in mixed[0]:
+        kwargs["adapter_names"] = mixed[1]
+    names = kwargs.get("adapter_names")
+    if names is None or args or any(k != "adapter_names" and v is not None for k, v in kwargs.items()):
+        return orig(x, *args, **kwargs)
+    self._check_forward_args(x, *args, **kwargs)
+    if self.disable_adapters:
+        return orig(x, *args, **kwargs)
+    y = _mixed_embedding(self, x, names)
     return orig(x, *args, **kwargs) if y is None else y
 
 
@@ -373,8 +441,10 @@ def patch_peft(model: nn.Module) -> list[str]:
             m.__dict__[_ORIG] = True
             m.forward = types.MethodType(_patched_forward, m)
             patched.append(name)
-        elif isinstance(m, Embedding):
-            _warn(m, "no fused lora_ext op for LoRA embeddings (same F.embedding math as PEFT)")
+        elif isinstance(m, Embedding) and "forward" not in m.__dict__ and type(m).forward is Embedding.forward:
+            m.__dict__[_ORIG] = True
+            m.forward = types.MethodType(_patched_embedding_forward, m)
+            patched.append(name)
         else:
             _warn(m, f"{type(m).__module__}.{type(m).__name__} layers are not supported by lora_ext")
     return patched

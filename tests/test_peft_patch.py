@@ -40,7 +40,7 @@ def randomize(model, seed=1):
 
 def patch(model):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the Llama embedding stays on PEFT's forward (one warning)
+        warnings.simplefilter("ignore")
         return lora_ext.patch_peft(model)
 
 
@@ -74,13 +74,18 @@ def n_linear(model):
     return sum(isinstance(m, PeftLinear) for m in model.modules())
 
 
+def n_lora(model):  # LoRA Linear + Embedding layers (what patch_peft patches)
+    from peft.tuners.lora.layer import Embedding
+    return sum(isinstance(m, (PeftLinear, Embedding)) for m in model.modules())
+
+
 @pytest.mark.parametrize("kind", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_parity_3_adamw_steps(kind, dtype, monkeypatch):
     ref = build(kind, dtype, use_rslora=(kind == "gpt2"))
     pm = copy.deepcopy(ref)
     names = patch(pm)
-    assert len(names) == n_linear(pm) > 0
+    assert len(names) == n_lora(pm) > 0
     count = Count(monkeypatch)
     pm.train(), ref.train()
     opt_p = torch.optim.AdamW(lora_params(pm).values(), lr=1e-3)
@@ -98,7 +103,7 @@ def test_training_parity_3_adamw_steps(kind, dtype, monkeypatch):
             assert rel_err(gp[n].grad, gr[n].grad) < tol_grad, (step, n)
         opt_p.step(), opt_r.step()
         opt_p.zero_grad(), opt_r.zero_grad()
-    assert count.linear == 3 * len(names) and count.multi == 0
+    assert count.linear == 3 * n_linear(pm) and count.multi == 0
 
 
 def test_dropout_trains_and_eval_is_deterministic(monkeypatch):
@@ -188,7 +193,7 @@ def test_mixed_batch_matches_peft(kind, dtype, monkeypatch):
     with torch.no_grad():
         out = pm(input_ids=ids, adapter_names=adapter_names).logits
         assert rel_err(out, ref(input_ids=ids, adapter_names=adapter_names).logits) < tol
-    assert count.multi == len(names) and count.linear == 0
+    assert count.multi == n_linear(pm) and count.linear == 0
     # each row equals the single-adapter model
     with torch.no_grad():
         for row, name in [(0, "b"), (3, "c")]:
@@ -270,16 +275,35 @@ def test_fallbacks_warn_once_per_layer(monkeypatch):
     assert len(msgs) == n_linear(pm2) and all("2 active adapters" in m for m in msgs)
 
 
-def test_embedding_stays_on_peft_with_one_warning():
-    pm = build("llama")
-    with pytest.warns(UserWarning, match="embed_tokens.*no fused lora_ext op"):
-        lora_ext.patch_peft(pm)
+def test_embedding_mixed_batches_in_one_expand(monkeypatch):
+    # The LoRA embedding is patched without a warning: PEFT's forward for one adapter (the same
+    # math), one gather + lora_expand_ for a mixed batch, every row equal to PEFT's.
+    ref = build("llama")
+    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, target_modules=["embed_tokens"]))
+    randomize(ref, seed=13)
+    ref.eval()
+    pm = copy.deepcopy(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        names = lora_ext.patch_peft(pm)
+    assert any(n.endswith("embed_tokens") for n in names)
+    expands = []
+    real = pp.lora_expand_
+    monkeypatch.setattr(pp, "lora_expand_", lambda *a, **k: (expands.append(1), real(*a, **k))[1])
+    ids = ids_for(batch=4, seq=7)
+    with torch.no_grad():
+        for mix in (["b", "default", "__base__", "b"], ["default"] * 4):
+            out = pm(input_ids=ids, adapter_names=mix).logits
+            assert rel_err(out, ref(input_ids=ids, adapter_names=mix).logits) < 1e-5
+        assert len(expands) == 2
+        assert rel_err(pm(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5  # one adapter
+    assert len(expands) == 2
 
 
 def test_mixed_batch_plumbing_without_per_call_hooks(monkeypatch):
-    # A patched model hands adapter_names to its patched layers without registering PEFT's
-    # per-call pre-hooks on them; the layers it did not patch (the Llama embedding) still get
-    # hooks, and PEFT's own errors and paths (unknown names, training mode) stay.
+    # A patched model hands adapter_names to its patched layers (Linear and Embedding) without
+    # registering PEFT's per-call pre-hooks on them, and PEFT's own errors and paths (unknown
+    # names, training mode) stay.
     ref = build("llama")
     ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, target_modules=CASES["llama"][1]))
     randomize(ref, seed=7)
@@ -295,7 +319,7 @@ def test_mixed_batch_plumbing_without_per_call_hooks(monkeypatch):
     with torch.no_grad():
         out = pm(input_ids=ids, adapter_names=names).logits
         assert rel_err(out, ref(input_ids=ids, adapter_names=names).logits) < 1e-5
-        assert len(seen_hooks) == len(layers) and set(seen_hooks) == {0}
+        assert len(seen_hooks) == n_linear(pm) and set(seen_hooks) == {0}
         with pytest.raises(ValueError, match="non-existing adapter"):
             pm(input_ids=ids, adapter_names=["b", "nope", "b"])
         assert all(not m._forward_pre_hooks for m in pm.modules())  # nothing left behind
@@ -398,3 +422,25 @@ def test_mixed_batch_caches_follow_the_model():
         assert rel_err(pm2(input_ids=ids, adapter_names=names).logits,
                        ref2(input_ids=ids, adapter_names=names).logits) < 1e-5
     assert same()
+
+
+def test_mixed_batch_reaches_modules_to_save():
+    # Layers patch_peft leaves to PEFT (a modules_to_save copy of lm_head per adapter) still get
+    # the names through PEFT's pre-hook.
+    ref = build("llama")
+    ref.add_adapter("b", peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    randomize(ref, seed=17)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "modules_to_save.b" in n:
+                p.add_(torch.randn_like(p))
+    ref.eval()
+    pm = copy.deepcopy(ref)
+    patch(pm)
+    # ("default" has no lm_head copy: PEFT's own mixed forward fails on it, so "__base__" here)
+    ids, mix = ids_for(batch=3, seq=4), ["b", "__base__", "b"]
+    with torch.no_grad():
+        out = pm(input_ids=ids, adapter_names=mix).logits
+        assert rel_err(out, ref(input_ids=ids, adapter_names=mix).logits) < 1e-5
+        ref.set_adapter("b")
+        assert rel_err(out[0:1], ref(input_ids=ids[0:1]).logits) < 1e-5  # b's lm_head copy
