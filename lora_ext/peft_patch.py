@@ -179,6 +179,16 @@ def _factors(module: nn.Module):
     return tuple(eA), lambda n: (eA[n], eB[n])
 
 
+@torch.no_grad()
+def _write_slot(A_pool: torch.Tensor, B_pool: torch.Tensor, s: int, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Slot s of the pools = (A, B), zero past their rank."""
+    r = A.shape[0]
+    A_pool[s, :r].copy_(A)
+    A_pool[s, r:].zero_()
+    B_pool[s, :, :r].copy_(B)
+    B_pool[s, :, r:].zero_()
+
+
 def _pools(module: nn.Module, dtype: torch.dtype, device: torch.device, used: list[str]):
     """(slot of each adapter name, A_pool, B_pool, scales, ranks) over all the layer's adapters,
     cached on the module. Each call checks the adapters it uses: a slot whose factors (identity,
@@ -197,33 +207,32 @@ def _pools(module: nn.Module, dtype: torch.dtype, device: torch.device, used: li
             r = A.shape[0]
             if A.dim() != 2 or r > A_pool.shape[1] or A.shape[1] != A_pool.shape[2] or B.shape != (B_pool.shape[1], r):
                 break  # no longer fits the pools: rebuild them
+            _write_slot(A_pool, B_pool, s, A, B)
             with torch.no_grad():
-                A_pool[s].zero_()
-                A_pool[s, :r].copy_(A)
-                B_pool[s].zero_()
-                B_pool[s, :, :r].copy_(B)
                 scales[s] = float(scaling[n])
                 ranks[s] = r
             c["stamps"][s], c["params"][s] = stamp, (A, B)
         else:
             return c["value"]
     params = [factors(n) for n in names]
-    As = [A.detach() for A, _ in params]
-    Bs = [B.detach() for _, B in params]
-    r_max = max(a.shape[0] for a in As)
-    S, d_in, d_out = len(names), As[0].shape[1], Bs[0].shape[0]
-    with torch.no_grad():
-        A_pool = torch.zeros(S, r_max, d_in, dtype=dtype, device=device)
-        B_pool = torch.zeros(S, d_out, r_max, dtype=dtype, device=device)
-        for s, (a, b) in enumerate(zip(As, Bs)):
-            A_pool[s, : a.shape[0]].copy_(a)
-            B_pool[s, :, : a.shape[0]].copy_(b)
+    r_max = max(A.shape[0] for A, _ in params)
+    A_pool = torch.empty(len(names), r_max, params[0][0].shape[1], dtype=dtype, device=device)
+    B_pool = torch.empty(len(names), params[0][1].shape[0], r_max, dtype=dtype, device=device)
+    for s, (A, B) in enumerate(params):
+        _write_slot(A_pool, B_pool, s, A, B)
     scales = torch.tensor([float(scaling[n]) for n in names], dtype=torch.float32, device=device)
-    ranks = torch.tensor([a.shape[0] for a in As], dtype=torch.int32, device=device)
+    ranks = torch.tensor([A.shape[0] for A, _ in params], dtype=torch.int32, device=device)
     value = ({n: s for s, n in enumerate(names)}, A_pool, B_pool, scales, ranks)
     module.__dict__[_POOL] = {"key": (dtype, device, names), "value": value, "params": params,
                               "stamps": [_stamp(A, B, scaling[n]) for n, (A, B) in zip(names, params)]}
     return value
+
+
+def _autograd_problem(module: nn.Module, used: list[str], input_grad: bool, op: str) -> str | None:
+    """Mixed batches run inference-only ops: refuse when autograd would need them."""
+    if torch.is_grad_enabled() and (input_grad or any(p.requires_grad for n in used for p in _factors(module)[1](n))):
+        return f"mixed batch with autograd on ({op} is inference only: use torch.no_grad())"
+    return None
 
 
 def _mixed(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | None:
@@ -236,10 +245,8 @@ def _mixed(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | 
         reason = _adapter_problem(module, n)
         if reason is None and _dropout_p(module, n) != 0.0:
             reason = f"adapter '{n}' has active dropout in a mixed batch"
-    if reason is None and torch.is_grad_enabled() and (
-            x.requires_grad or any(module.lora_A[n].weight.requires_grad or module.lora_B[n].weight.requires_grad
-                                   for n in used)):
-        reason = "mixed batch with autograd on (multi_lora_ is inference only: use torch.no_grad())"
+    if reason is None:
+        reason = _autograd_problem(module, used, x.requires_grad, "multi_lora_")
     if reason is not None:
         _warn(module, reason)
         return None
@@ -269,7 +276,7 @@ def _mixed_embedding(module: nn.Module, x: torch.Tensor, adapter_names) -> torch
     """PEFT's LoRA Embedding in a mixed batch: y = base(ids); y[t] += s_a * B_a A_a[:, ids[t]]
     (times the base's embed_scale, as PEFT), the A columns gathered from the layer's pools and
     added by one lora_expand_, instead of PEFT's loop over the adapters."""
-    eA, eB = module._modules["lora_embedding_A"]._parameters, module._modules["lora_embedding_B"]._parameters
+    eA = module._modules["lora_embedding_A"]._parameters
     used = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in eA]
     base = module.base_layer
     reason = None
@@ -282,8 +289,8 @@ def _mixed_embedding(module: nn.Module, x: torch.Tensor, adapter_names) -> torch
     for n in used:
         if reason is None and (n in module.lora_variant or module.use_dora.get(n, False)):
             reason = f"adapter '{n}' is a LoRA variant"
-    if reason is None and torch.is_grad_enabled() and any(eA[n].requires_grad or eB[n].requires_grad for n in used):
-        reason = "mixed batch with autograd on (lora_expand_ is inference only: use torch.no_grad())"
+    if reason is None:
+        reason = _autograd_problem(module, used, False, "lora_expand_")
     if reason is not None:
         _warn(module, reason)
         return None
@@ -302,11 +309,16 @@ def _mixed_embedding(module: nn.Module, x: torch.Tensor, adapter_names) -> torch
 
 
 # ------------------------------------------------------------------------------------ forward
+def _names_from_context(layer: nn.Module, kwargs: dict) -> None:
+    """Inside a patched model's mixed-batch call: kwargs gets what PEFT's pre-hook would pass."""
+    mixed = _MIXED.get()
+    if mixed is not None and "adapter_names" not in kwargs and id(layer) in mixed[0]:
+        kwargs["adapter_names"] = mixed[1]
+
+
 def _patched_forward(self, x: torch.Tensor, *args, **kwargs):
     orig = type(self).forward.__get__(self)  # PEFT's forward
-    mixed = _MIXED.get()
-    if mixed is not None and "adapter_names" not in kwargs and id(self) in mixed[0]:
-        kwargs["adapter_names"] = mixed[1]  # what PEFT's pre-hook would have passed
+    _names_from_context(self, kwargs)
     self._check_forward_args(x, *args, **kwargs)  # PEFT's own errors (adapter_names length, merged, DoRA)
     if self.disable_adapters or (self.merged and "adapter_names" not in kwargs):
         return orig(x, *args, **kwargs)  # base forward only (PEFT unmerges when disabled): nothing to fuse
@@ -332,9 +344,7 @@ def _patched_embedding_forward(self, x: torch.Tensor, *args, **kwargs):
     """Mixed batches -> _mixed_embedding; everything else is PEFT's forward (the same math as
     lora_ext's own LoRAEmbedding: there is no fused single-adapter embedding op)."""
     orig = type(self).forward.__get__(self)
-    mixed = _MIXED.get()
-    if mixed is not None and "adapter_names" not in kwargs and id(self) in mixed[0]:
-        kwargs["adapter_names"] = mixed[1]
+    _names_from_context(self, kwargs)
     names = kwargs.get("adapter_names")
     if names is None or args or any(k != "adapter_names" and v is not None for k, v in kwargs.items()):
         return orig(x, *args, **kwargs)

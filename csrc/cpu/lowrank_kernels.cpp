@@ -178,24 +178,21 @@ void run(const LowRankJob& j) {
     const float* rows[kMR];
     float* crow[kMR];
     const float* brows[kTB];
-    for (int64_t blk = c0 * nblk / nchunk; blk < c1 * nblk / nchunk; ++blk) {
+    // dst = fp32(keep ⊙ row t of a [T, width] tensor) (the mask index is t * width + k)
+    auto load_row = [&](const T* src, int64_t t, int64_t width, bool mask, float* dst) {
+      const uint64_t base = static_cast<uint64_t>(t) * width;
+      for (int64_t k = 0; k < width; ++k)
+        dst[k] = static_cast<float>(src[k]) * (mask ? drop.factor(base + k) : 1.f);
+    };
+    // chunk c holds blocks [c * nblk / nchunk, (c + 1) * nblk / nchunk)
+    for (int64_t blk = c0 * nblk / nchunk, c = c0; blk < c1 * nblk / nchunk; ++blk) {
       const int64_t t0 = blk * tb, nt = std::min(tb, j.T - t0);
-      // chunk c holds blocks [c * nblk / nchunk, (c + 1) * nblk / nchunk)
-      int64_t c = blk * nchunk / nblk;
       while ((c + 1) * nblk / nchunk <= blk) ++c;
-      while (c * nblk / nchunk > blk) --c;
       float* part = partials.data() + c * gsize;
       if (shrink) {
         // Left-operand rows in fp32: read in place for unmasked fp32, else converted/masked.
-        if (!xbuf.empty()) {
-          for (int64_t i = 0; i < nt; ++i) {
-            const T* src = x + (t0 + i) * j.ldx;
-            float* dst = xbuf.data() + i * in;
-            const uint64_t base = static_cast<uint64_t>(t0 + i) * in;
-            for (int64_t k = 0; k < in; ++k)
-              dst[k] = static_cast<float>(src[k]) * (mask_x ? drop.factor(base + k) : 1.f);
-          }
-        }
+        if (!xbuf.empty())
+          for (int64_t i = 0; i < nt; ++i) load_row(x + (t0 + i) * j.ldx, t0 + i, in, mask_x, xbuf.data() + i * in);
         auto xrow = [&](int64_t i) -> const float* {
           return i >= nt ? zeros.data()
                  : xbuf.empty() ? reinterpret_cast<const float*>(x + (t0 + i) * j.ldx)
@@ -235,13 +232,10 @@ void run(const LowRankJob& j) {
           const T* src = xf + (t0 + i) * j.ldxf;
           if (xfbuf.empty()) {
             brows[i] = reinterpret_cast<const float*>(src);
-            continue;
+          } else {
+            load_row(src, t0 + i, nf, mask_xf, xfbuf.data() + i * nf);
+            brows[i] = xfbuf.data() + i * nf;
           }
-          float* dst = xfbuf.data() + i * nf;
-          const uint64_t base = static_cast<uint64_t>(t0 + i) * nf;
-          for (int64_t k = 0; k < nf; ++k)
-            dst[k] = static_cast<float>(src[k]) * (mask_xf ? drop.factor(base + k) : 1.f);
-          brows[i] = dst;
         }
         tn_update(nt, u.data(), us, r, brows, nf, part);
       }

@@ -12,6 +12,8 @@ struct CudaBackend {
   static constexpr bool kExpandFirst = false;  // cuBLAS first (bias epilogue), LoRA term in ours
   static void run(DType dt, LowRankJob& j, const at::Tensor& like) {
     TORCH_CHECK(on_device(like), "lora_ext: CUDA kernel called with a tensor on ", like.device());
+    TORCH_CHECK(!j.overwrite_y && j.dA == nullptr && j.dBt == nullptr,
+                "lora_ext: the CUDA low-rank kernel has no overwrite / weight-gradient mode (CPU only)");
     const DeviceGuard guard(like.device());
     j.num_sms = sm_count(like);
     const int64_t ws = lowrank_workspace(dt, j);  // split-K partials: only when K is split
