@@ -95,6 +95,80 @@ def test_dropout_mask_shared_by_forward_and_backward(device, dtype):
     assert rel_err(y3, reference(x, W, None, A, B, 1.0)[0]) < tol
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_dropout_mask_and_gradients_match_cpu(dtype):
+    # The mask is a hash of (seed, element index): one seed gives one mask on both devices, in
+    # forward and in backward. With A = I the saved u is dropout(x) itself, so its zeros are the
+    # mask; the gradients agree only if backward regenerated the same mask on each device.
+    T, n, o, p = 37, 48, 40, 0.3
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, n, generator=g)
+    x = (x.sign() * (0.5 + x.abs())).to(dtype)  # no zeros: u == 0 exactly where dropped
+    W = (torch.randn(o, n, generator=g) / n**0.5).to(dtype)
+    b = torch.randn(o, generator=g).to(dtype)
+    A, B = torch.eye(n, dtype=dtype), (torch.randn(o, n, generator=g) / n**0.5).to(dtype)
+    grad = torch.randn(T, o, generator=g).to(dtype)
+    seed = torch.tensor([987654321], dtype=torch.int64)
+    fwd, bwd = torch.ops.lora_ext.lora_linear_fwd.default, torch.ops.lora_ext.lora_linear_bwd.default
+    out = {}
+    for dev in ("cpu", "cuda"):
+        a = [t.to(dev) for t in (x, W, b, A, B, seed, grad)]
+        y, u = fwd(a[0], a[1], a[2], a[3], a[4], 0.8, p, a[5], False)
+        dx, _, dA, dB = bwd(a[6], a[0], a[1], a[3], a[4], u, 0.8, p, a[5], False, [True, False, True, True])
+        out[dev] = [t.cpu() for t in (y, u, dx, dA, dB)]
+    keep = out["cpu"][1] != 0
+    assert abs(1 - keep.double().mean().item() - p) < 0.05
+    assert torch.equal(keep, out["cuda"][1] != 0)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, c, ref in zip(("y", "u", "dx", "dA", "dB"), out["cuda"], out["cpu"]):
+        assert rel_err(c, ref) < tol, name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_cuda_graph_capture_replay_forward_backward(dropout_p):
+    # PyTorch's whole-network capture: grads set to None before capture are allocated by the
+    # captured backward and overwritten by each replay; the dropout seed is drawn in the graph.
+    x, W, b, A, B = make(64, 96, 80, 8, torch.float32, "cuda")
+    g = torch.randn(64, 80, device="cuda")
+    leaves = (x, b, A, B)
+
+    def step():
+        y = lora_linear(x, W, b, A, B, 0.5, dropout_p=dropout_p, training=True)
+        y.backward(g)
+        return y
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            for t in leaves:
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    for t in leaves:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+        A.mul_(-1.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    if dropout_p == 0.0:
+        yr, ref_leaves = reference(x, W, b, A, B, 0.5)
+        yr.backward(g.double())
+        assert rel_err(y, yr) < 1e-5
+        for ours, ref in zip(leaves, ref_leaves):
+            assert rel_err(ours.grad, ref.grad) < 1e-5
+    else:  # a new mask per replay
+        first = y.clone()
+        graph.replay()
+        assert torch.isfinite(y).all() and not torch.equal(y, first)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("trainable", ["A", "B", "AB", "x"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])

@@ -499,6 +499,31 @@ def test_nan_bits_cpu_and_cuda_agree(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_merge_graph_capture_replay(dtype):
+    # merge_ and unmerge_ (no host sync, shapes only) captured once, replayed on new factors
+    W0, A, B = adapter((67, 300), 5, dtype, "cuda")
+    W = W0.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        merge_(W.clone(), A, B, 0.5)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        merge_(W, A, B, 0.5)
+    for k in range(2):
+        A2, B2 = adapter((67, 300), 5, dtype, "cuda", seed=k + 1)[1:]
+        A.copy_(A2)
+        B.copy_(B2)
+        W.copy_(W0)
+        g.replay()
+        cpu = W0.cpu()
+        merge_(cpu, A2.cpu(), B2.cpu(), 0.5)
+        assert same_bits(W, cpu), k
+
+
+@pytest.mark.cuda
 def test_cuda_merge_points_graph_capture_and_wide_rows():
     # merge_points_ checks indices on the host only outside capture (a sync); captured, it
     # replays with new indices and values
