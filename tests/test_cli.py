@@ -129,3 +129,35 @@ def test_cli_without_rich_says_which_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "rich.console", None)
     assert main(["info"]) == 2
     assert "pip install 'lora_ext[cli]'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- GPU validation helpers
+def test_goals_table_pass_fail_missing(tmp_path):
+    from bench import goals
+
+    doc = {"benchmark": "multi_lora", "device": "GPU", "torch": "t", "date": "d", "rows": [
+        {"T": 1, "r": 16, "case": "distinct", "%roofline": 80.0, "vs_loop": 2.0, "vs_bmm": 9.0},
+        {"T": 8192, "r": 16, "case": "prefill 8 adapters", "vs_loop": 3.0, "x_single": 1.4}]}
+    lin = {"benchmark": "lora_linear", "rows": [{"impl": "lora_ext LoRALinear", "x base": 1.02,
+                                                  "x base_min": 0.9, "x base_max": 1.2}]}
+    (tmp_path / "a.json").write_text(json.dumps([doc, lin]))
+    res = {r["goal"]: r for r in goals.evaluate(goals.load([str(tmp_path)]))}
+    assert res["multi_lora_ decode T=1: % of copy-bandwidth roofline"]["status"] == "pass"
+    assert res["multi_lora_ decode T=1: x faster than the loop over adapters"]["status"] == "FAIL"
+    assert res["multi_lora_ decode T=16: x faster than gather + bmm"]["status"] == "missing"
+    assert res["multi_lora_ prefill T=8192, 8 adapters: x faster than the loop of GEMMs"]["status"] == "pass"
+    assert res["multi_lora_ prefill T=8192, 8 adapters: x one adapter's addmm pair"]["status"] == "FAIL"
+    r = res["LoRALinear fwd+bwd: x the frozen base layer"]
+    assert r["status"] == "pass" and r["range"] == [0.9, 1.2]
+    md = goals.markdown(list(res.values()), goals.load([str(tmp_path)]))
+    assert "| multi_lora_ decode T=1: x faster than the loop over adapters | 2 |  | >= 3 | 0.667 | FAIL |" in md
+
+
+def test_sanitize_cases_dry_run_on_cpu():
+    # the program gpu_check.sh runs under compute-sanitizer, here CPU against CPU: it must reach
+    # every op with valid arguments (CUDA-only parts: out-of-range indices, the bad-index count)
+    env = dict(ENV, LORA_EXT_SANITIZE_DEVICE="cpu")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "sanitize_cases.py"), "--quick"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"sanitize_cases: \d{3} cpu results checked against the CPU kernels, 0 differ", p.stdout)
