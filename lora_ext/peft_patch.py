@@ -17,9 +17,11 @@ Fast paths:
     data_ptr, _version) or scaling changed, the pools rebuilt when the adapter set changed;
     "__base__" rows get no adapter.
   * the mixed-batch plumbing: PEFT registers a forward pre-hook on every LoRA layer for each
-    ``adapter_names`` call (two walks of ``model.modules()``); the patched LoraModel instead hooks
-    only the layers it did not patch (modules_to_save wrappers, fallbacks) and hands
-    the names to the patched layers through a context variable (per thread). Its view of the tree
+    ``adapter_names`` call (two walks of ``model.modules()``), shared by every thread calling the
+    model. The patched LoraModel instead hands the names through a context variable (per thread):
+    patched layers read it in their forward, and the layers it did not patch (modules_to_save
+    wrappers, fallbacks) get one permanent pre-hook that reads it, so concurrent mixed batches in
+    several threads each get their own names in every layer. Its view of the tree
     is cached and walked again when a module is assigned under a walked module (torch's global
     module-registration hook) or the adapter set changes. Beam search, aLoRA offsets and training
     mode keep PEFT's own path.
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import types
 import warnings
 import weakref
@@ -64,7 +65,8 @@ _WALK = "_lora_ext_walk"  # the mixed-batch view of a patched LoraModel's tree, 
 _TREE = [0]
 _TREE_HOOK = []
 _TRACKED: weakref.WeakSet = weakref.WeakSet()
-# (ids of the patched layers of the model being called, adapter_names) inside a mixed-batch call
+# (ids of the layers of the model being called that take adapter_names from it: the patched ones
+# and those with _context_pre_hook, adapter_names) inside a mixed-batch call of this thread
 _MIXED: contextvars.ContextVar = contextvars.ContextVar("lora_ext_peft_mixed", default=None)
 
 
@@ -77,9 +79,9 @@ def _peft_classes():
 
 
 def _peft_model_classes():
-    from peft.tuners.lora.model import LoraModel, _adapter_names_pre_forward_hook
+    from peft.tuners.lora.model import LoraModel
     from peft.utils.other import AuxiliaryTrainingWrapper
-    return LoraModel, AuxiliaryTrainingWrapper, _adapter_names_pre_forward_hook
+    return LoraModel, AuxiliaryTrainingWrapper
 
 
 def _warn(module: nn.Module, reason: str) -> None:
@@ -355,6 +357,28 @@ def _patched_embedding_forward(self, x: torch.Tensor, *args, **kwargs):
     return orig(x, *args, **kwargs) if y is None else y
 
 
+def _context_pre_hook(module, args, kwargs):
+    """The one forward pre-hook of a layer a patched model leaves to PEFT's forward
+    (modules_to_save wrappers, fallbacks), installed when the tree is walked: inside a mixed-batch
+    call of its model it passes the calling thread's adapter_names, as PEFT's per-call hook would;
+    otherwise it does nothing."""
+    mixed = _MIXED.get()
+    if mixed is None or id(module) not in mixed[0]:
+        return None
+    kwargs["adapter_names"] = mixed[1]
+    return args, kwargs
+
+
+def _context_hooked(m: nn.Module) -> bool:
+    return any(h is _context_pre_hook for h in m._forward_pre_hooks.values())
+
+
+def _remove_context_hook(m: nn.Module) -> None:
+    for k in [k for k, h in m._forward_pre_hooks.items() if h is _context_pre_hook]:
+        del m._forward_pre_hooks[k]
+        m._forward_pre_hooks_with_kwargs.pop(k, None)
+
+
 def _tree_moved(module, name, submodule):
     if module in _TRACKED:
         _TREE[0] += 1
@@ -399,31 +423,28 @@ def _mixed_batch_hooks(self, *args, **kwargs):
     if walk is None or walk[0] != sig:
         LoraLayer = _peft_classes()[2]
         Aux = _peft_model_classes()[1]
-        expected, fused, hooked = set(), set(), []
+        expected, reached = set(), set()
         for m in _modules(self, LoraLayer):
             if isinstance(m, LoraLayer):
                 expected |= m.lora_A.keys()
                 expected |= m.lora_embedding_A.keys()
             if is_patched(m):
-                fused.add(id(m))
+                reached.add(id(m))
             elif isinstance(m, (LoraLayer, Aux)):
-                hooked.append(m)
-        walk = (sig, frozenset(expected), frozenset(fused), hooked)
+                reached.add(id(m))
+                if not _context_hooked(m):
+                    m.register_forward_pre_hook(_context_pre_hook, with_kwargs=True)
+        walk = (sig, frozenset(expected), frozenset(reached))
         self.__dict__[_WALK] = walk
-    _, expected, fused, hooked = walk
-    pre_hook = _peft_model_classes()[2]
+    _, expected, reached = walk
     unexpected = {n for n in names if n != "__base__"} - expected
     if unexpected:  # PEFT's message
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
-    handles = [m.register_forward_pre_hook(functools.partial(pre_hook, adapter_names=names), with_kwargs=True)
-               for m in hooked]
-    token = _MIXED.set((fused, names))
+    token = _MIXED.set((reached, names))
     try:
         yield
     finally:
         _MIXED.reset(token)
-        for h in handles:
-            h.remove()
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -470,4 +491,5 @@ def unpatch_peft(model: nn.Module) -> list[str]:
             restored.append(name)
         for attr in (_NAME, _POOL, _INDICES, _WARNED, _HOOKS, _WALK):
             m.__dict__.pop(attr, None)
+        _remove_context_hook(m)
     return restored

@@ -444,3 +444,58 @@ def test_mixed_batch_reaches_modules_to_save():
         assert rel_err(out, ref(input_ids=ids, adapter_names=mix).logits) < 1e-5
         ref.set_adapter("b")
         assert rel_err(out[0:1], ref(input_ids=ids[0:1]).logits) < 1e-5  # b's lm_head copy
+
+
+def test_layers_left_to_peft_get_each_threads_names():
+    # A modules_to_save lm_head is left to PEFT's forward. Thread A pauses inside its mixed batch
+    # until thread B is inside its own; A's lm_head must still see A's names (PEFT's per-call
+    # hooks, shared by all threads, would hand it B's).
+    import threading
+
+    ref = build("llama", modules_to_save=["lm_head"])
+    ref.add_adapter("b", peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    randomize(ref, seed=19)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p))
+    ref.eval()
+    pm = copy.deepcopy(ref)
+    patch(pm)
+    ids = ids_for(batch=3, seq=4)
+    mixes = {"A": ["b", "default", "b"], "B": ["default", "b", "default"]}
+    with torch.no_grad():
+        want = {k: ref(input_ids=ids, adapter_names=m).logits for k, m in mixes.items()}
+    inside = {k: threading.Event() for k in mixes}
+    a_done = threading.Event()
+
+    def pause(module, args):  # on the first decoder layer
+        me = threading.current_thread().name
+        inside[me].set()
+        assert (inside["B"] if me == "A" else a_done).wait(timeout=30)
+
+    pm.base_model.model.model.layers[0].register_forward_pre_hook(pause)
+    got, errors = {}, []
+
+    def serve(k):
+        try:
+            with torch.no_grad():
+                got[k] = pm(input_ids=ids, adapter_names=mixes[k]).logits
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            if k == "A":
+                a_done.set()
+
+    threads = [threading.Thread(target=serve, args=(k,), name=k) for k in mixes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    for k in mixes:
+        assert rel_err(got[k], want[k]) < 1e-5, k
+    lm_head = pm.base_model.model.lm_head
+    assert sum(h is pp._context_pre_hook for h in lm_head._forward_pre_hooks.values()) == 1
+    lora_ext.unpatch_peft(pm)
+    assert not lm_head._forward_pre_hooks
