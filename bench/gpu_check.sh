@@ -5,15 +5,16 @@
 # Stages, most important first, each capped by what is left of a $BUDGET (480 s) budget:
 #   deps      unpack the carried wheels whose module is missing (bench/gpu_deps.py)
 #   build     from source for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a)
-#   cuda      every CUDA test (pytest -m cuda)
+#   cuda      every CUDA test but the torch.compile ones (pytest -m cuda)
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck, initcheck over bench/sanitize_cases.py
 #             --quick (every kernel path on small awkward shapes vs the CPU), then memcheck over
 #             all its cases if time allows
 #   bench     every GPU benchmark (ceilings measured in the same run), then bench/goals.py: the
 #             table of measured vs goal (goals-h200.md / .json)
 #   ncu       Speed Of Light + occupancy of the multi_lora_ decode and merge_ kernels (if time)
+#   compile   the CUDA torch.compile tests (inductor + triton compile slowly)
 #   rest      the CPU tests (pytest -m "not cuda"), with what time is left
-# Writes under $OUT: build.log, pytest-cuda.log, sanitizer.log, bench.log, bench-h200.json,
+# Writes under $OUT: build.log, pytest-cuda.log, pytest-cuda-compile.log, sanitizer.log, bench.log, bench-h200.json,
 # goals-h200.md, goals-h200.json, ncu.log, pytest-rest.log, multi_lora-cuda.png. Exit status 1 if any
 # stage failed; "SUMMARY" lines at the end say which.
 set -uo pipefail
@@ -62,8 +63,8 @@ note "build: ok in $((SECONDS - start)) s"
 
 stage cuda-tests
 t0=$SECONDS
-timeout "$(left 150)" "$PY" -m pytest tests -m cuda -q -rfE -p no:cacheprovider --maxfail=30 --durations=10 \
-  >"$OUT/pytest-cuda.log" 2>&1
+timeout "$(left 150)" "$PY" -m pytest tests -m cuda -k "not compile" -q -rfE -p no:cacheprovider --maxfail=30 \
+  --durations=10 >"$OUT/pytest-cuda.log" 2>&1
 rc=$?
 tail -25 "$OUT/pytest-cuda.log"
 note "cuda tests: $([ $rc = 0 ] && echo ok || echo "FAIL (rc $rc)") in $((SECONDS - t0)) s: $(counts "$OUT/pytest-cuda.log")"
@@ -155,6 +156,15 @@ PY
 else
   note "ncu: skipped (not found or no time left)"
 fi
+
+stage cuda-compile
+# torch.compile(fullgraph=True) of every op on CUDA (inductor + triton: slow to compile, so last)
+t0=$SECONDS
+timeout "$(left 90)" "$PY" -m pytest tests -m cuda -k "compile" -q -rfE -p no:cacheprovider \
+  >"$OUT/pytest-cuda-compile.log" 2>&1
+rc=$?
+tail -8 "$OUT/pytest-cuda-compile.log"
+note "cuda compile tests: $([ $rc = 0 ] && echo ok || echo "FAIL (rc $rc)") in $((SECONDS - t0)) s: $(counts "$OUT/pytest-cuda-compile.log")"
 
 stage rest
 if [ $((BUDGET - (SECONDS - start))) -gt 30 ]; then
