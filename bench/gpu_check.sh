@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU validation on a lent H200 (torch 2.11+cu130, Python 3.12, nvcc 13, 16 cores, no internet).
 # Here first: `python3 bench/gpu_deps.py download` (wheels the image may lack, into .whl/), then
-#   device run, carry [".whl"], timeout_s 560:  bash bench/gpu_check.sh
-# Stages, most important first, each capped by what is left of a $BUDGET (480 s) budget:
+#   device run, carry [".whl"], timeout_s 540:  bash bench/gpu_check.sh
+# Stages, most important first, each capped by what is left of a $BUDGET (450 s) budget:
 #   deps      unpack the carried wheels whose module is missing (bench/gpu_deps.py)
 #   build     from source for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a)
 #   cuda      every CUDA test but the torch.compile ones (pytest -m cuda)
@@ -16,7 +16,8 @@
 #   rest      the CPU tests (pytest -m "not cuda"), with what time is left
 # Writes under $OUT: build.log, pytest-cuda.log, pytest-cuda-compile.log, sanitizer.log, bench.log, bench-h200.json,
 # goals-h200.md, goals-h200.json, ncu.log, pytest-rest.log, multi_lora-cuda.png. Exit status 1 if any
-# stage failed; "SUMMARY" lines at the end say which.
+# stage failed; "SUMMARY" lines at the end say which. A short rerun of what failed:
+#   STAGES="cuda bench" CUDA_K="merge or multi" BENCHES="merge" bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -25,7 +26,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-1
 # CUDA_HOME: as given, else /usr/local/cuda when it has nvcc, else setup.py finds nvcc on PATH
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-BUDGET=${BUDGET:-480}
+BUDGET=${BUDGET:-450}
 start=$SECONDS
 summary=()
 stage() { echo "== $1 ($(date +%T), $((SECONDS - start)) s)"; }
@@ -36,6 +37,11 @@ left() {  # seconds for the next step: min(cap, what the budget leaves), at leas
   echo "$l"
 }
 note() { summary+=("$1"); echo "SUMMARY $1"; }
+# STAGES: the stages after the build to run (a rerun of what failed: STAGES="cuda sanitize");
+# CUDA_K: a pytest -k expression narrowing the CUDA tests of the cuda stage; BENCHES: which
+# benchmarks the bench stage runs
+STAGES=" ${STAGES:-cuda sanitize bench ncu compile rest} "
+want() { [[ "$STAGES" == *" $1 "* ]]; }
 finish() {
   stage done
   for s in "${summary[@]}"; do echo "SUMMARY $s"; done
@@ -61,62 +67,67 @@ grep -E "^ *lora_ext:|spill" "$OUT/build.log" | tail -8
 "$PY" -m lora_ext info 2>&1 | tee -a "$OUT/build.log"
 note "build: ok in $((SECONDS - start)) s"
 
-stage cuda-tests
-t0=$SECONDS
-timeout "$(left 150)" "$PY" -m pytest tests -m cuda -k "not compile" -q -rfE -p no:cacheprovider --maxfail=30 \
-  --durations=10 >"$OUT/pytest-cuda.log" 2>&1
-rc=$?
-tail -25 "$OUT/pytest-cuda.log"
-note "cuda tests: $([ $rc = 0 ] && echo ok || echo "FAIL (rc $rc)") in $((SECONDS - t0)) s: $(counts "$OUT/pytest-cuda.log")"
-
-stage sanitize
-SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-: >"$OUT/sanitizer.log"
-if [ ! -x "$SAN" ]; then
-  note "sanitizer: not found (skipped)"
-elif ! timeout 60 "$SAN" --tool memcheck --error-exitcode 9 "$PY" -c \
-    "import torch; torch.ones(4, device='cuda').add_(1); torch.cuda.synchronize()" >>"$OUT/sanitizer.log" 2>&1; then
-  tail -5 "$OUT/sanitizer.log"
-  note "sanitizer: does not run on this machine (gVisor refuses it?): skipped"
-else
-  # tool, cases (quick or full), cap (s), fatal?; the full memcheck only while 240 s remain for
-  # the benchmarks and the rest
-  for spec in "memcheck quick 60 1" "racecheck quick 60 1" "synccheck quick 40 1" "initcheck quick 40 0" \
-              "memcheck full 90 1"; do
-    set -- $spec
-    if [ "$2" = full ] && [ $((BUDGET - (SECONDS - start))) -lt 240 ]; then
-      note "sanitizer $1 ($2): skipped (time)"; continue
-    fi
-    t0=$SECONDS
-    args=(); [ "$2" = quick ] && args=(--quick)
-    echo "---- $1 ($2)" >>"$OUT/sanitizer.log"
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(left "$3")" "$SAN" --tool "$1" --error-exitcode 9 \
-      --print-limit 20 "$PY" bench/sanitize_cases.py "${args[@]}" >>"$OUT/sanitizer.log" 2>&1
-    rc=$?
-    res=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_cases:" "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')
-    if [ $rc = 0 ]; then
-      note "sanitizer $1 ($2): ok in $((SECONDS - t0)) s: $res"
-    elif [ "$4" = 1 ]; then
-      note "sanitizer $1 ($2): FAIL (rc $rc) in $((SECONDS - t0)) s: $res"
-    else
-      note "sanitizer $1 ($2): reports (rc $rc, informational) in $((SECONDS - t0)) s: $res"
-    fi
-  done
-  grep -E "=========|MISMATCH" "$OUT/sanitizer.log" | grep -v "^========= COMPUTE-SANITIZER" | head -40
+if want cuda; then
+  stage cuda-tests
+  t0=$SECONDS
+  timeout "$(left 150)" "$PY" -m pytest tests -m cuda -k "not compile${CUDA_K:+ and ($CUDA_K)}" -q -rfE -p no:cacheprovider --maxfail=30 \
+    --durations=10 >"$OUT/pytest-cuda.log" 2>&1
+  rc=$?
+  tail -25 "$OUT/pytest-cuda.log"
+  note "cuda tests: $([ $rc = 0 ] && echo ok || echo "FAIL (rc $rc)") in $((SECONDS - t0)) s: $(counts "$OUT/pytest-cuda.log")"
 fi
 
-stage bench
-: >"$OUT/bench.log"
-for b in multi_lora lora_linear merge pool peft_train roofline lora_apply; do
-  t0=$SECONDS
-  if LORA_EXT_BENCH_OUT="$OUT" timeout "$(left 90)" "$PY" bench/run.py --device cuda --only "$b" >>"$OUT/bench.log" 2>&1; then
-    note "bench $b: ok in $((SECONDS - t0)) s"
+if want sanitize; then
+  stage sanitize
+  SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  : >"$OUT/sanitizer.log"
+  if [ ! -x "$SAN" ]; then
+    note "sanitizer: not found (skipped)"
+  elif ! timeout 60 "$SAN" --tool memcheck --error-exitcode 9 "$PY" -c \
+      "import torch; torch.ones(4, device='cuda').add_(1); torch.cuda.synchronize()" >>"$OUT/sanitizer.log" 2>&1; then
+    tail -5 "$OUT/sanitizer.log"
+    note "sanitizer: does not run on this machine (gVisor refuses it?): skipped"
   else
-    note "bench $b: FAIL or timed out after $((SECONDS - t0)) s"
+    # tool, cases (quick or full), cap (s), fatal?; the full memcheck only while 240 s remain for
+    # the benchmarks and the rest
+    for spec in "memcheck quick 60 1" "racecheck quick 60 1" "synccheck quick 40 1" "initcheck quick 40 0" \
+                "memcheck full 90 1"; do
+      set -- $spec
+      if [ "$2" = full ] && [ $((BUDGET - (SECONDS - start))) -lt 240 ]; then
+        note "sanitizer $1 ($2): skipped (time)"; continue
+      fi
+      t0=$SECONDS
+      args=(); [ "$2" = quick ] && args=(--quick)
+      echo "---- $1 ($2)" >>"$OUT/sanitizer.log"
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(left "$3")" "$SAN" --tool "$1" --error-exitcode 9 \
+        --print-limit 20 "$PY" bench/sanitize_cases.py "${args[@]}" >>"$OUT/sanitizer.log" 2>&1
+      rc=$?
+      res=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_cases:" "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')
+      if [ $rc = 0 ]; then
+        note "sanitizer $1 ($2): ok in $((SECONDS - t0)) s: $res"
+      elif [ "$4" = 1 ]; then
+        note "sanitizer $1 ($2): FAIL (rc $rc) in $((SECONDS - t0)) s: $res"
+      else
+        note "sanitizer $1 ($2): reports (rc $rc, informational) in $((SECONDS - t0)) s: $res"
+      fi
+    done
+    grep -E "=========|MISMATCH" "$OUT/sanitizer.log" | grep -v "^========= COMPUTE-SANITIZER" | head -40
   fi
-done
-tail -120 "$OUT/bench.log"
-"$PY" - "$OUT" <<'PY'
+fi
+
+if want bench; then
+  stage bench
+  : >"$OUT/bench.log"
+  for b in ${BENCHES:-multi_lora lora_linear merge pool peft_train roofline lora_apply}; do
+    t0=$SECONDS
+    if LORA_EXT_BENCH_OUT="$OUT" timeout "$(left 90)" "$PY" bench/run.py --device cuda --only "$b" >>"$OUT/bench.log" 2>&1; then
+      note "bench $b: ok in $((SECONDS - t0)) s"
+    else
+      note "bench $b: FAIL or timed out after $((SECONDS - t0)) s"
+    fi
+  done
+  tail -120 "$OUT/bench.log"
+  "$PY" - "$OUT" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
 paths = sorted(glob.glob(os.path.join(out, "*-cuda.json")))
@@ -125,15 +136,17 @@ with open(os.path.join(out, "bench-h200.json"), "w") as f:
 for p in paths:
     os.remove(p)
 PY
-"$PY" bench/goals.py "$OUT/bench-h200.json" --md "$OUT/goals-h200.md" --json "$OUT/goals-h200.json"
+  "$PY" bench/goals.py "$OUT/bench-h200.json" --md "$OUT/goals-h200.md" --json "$OUT/goals-h200.json"
+fi
 
-stage ncu
-# the kernels of the two bandwidth goals at benchmark size: multi_lora_ decode (T = 16, 16
-# adapters, 4096, r = 16, bf16) and merge_ (4096^2, bf16, r = 16); Speed Of Light + occupancy
-NCU=$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")
-if [ -x "$NCU" ] && [ $((BUDGET - (SECONDS - start))) -gt 90 ]; then
-  timeout "$(left 60)" "$NCU" --clock-control none --section SpeedOfLight --section Occupancy \
-    --kernel-name regex:"shrink|expand|merge_kernel" --launch-skip 6 --launch-count 6 "$PY" - >"$OUT/ncu.log" 2>&1 <<'PY'
+if want ncu; then
+  stage ncu
+  # the kernels of the two bandwidth goals at benchmark size: multi_lora_ decode (T = 16, 16
+  # adapters, 4096, r = 16, bf16) and merge_ (4096^2, bf16, r = 16); Speed Of Light + occupancy
+  NCU=$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")
+  if [ -x "$NCU" ] && [ $((BUDGET - (SECONDS - start))) -gt 90 ]; then
+    timeout "$(left 60)" "$NCU" --clock-control none --section SpeedOfLight --section Occupancy \
+      --kernel-name regex:"shrink|expand|merge_kernel" --launch-skip 6 --launch-count 6 "$PY" - >"$OUT/ncu.log" 2>&1 <<'PY'
 import torch
 import lora_ext  # noqa: F401
 from lora_ext.ops import merge_, multi_lora_
@@ -150,32 +163,38 @@ for _ in range(4):
     merge_(W, A[0], B[0], 1e-3)
 torch.cuda.synchronize()
 PY
-  rc=$?
-  grep -E "^  [a-z_]+.*\(|Memory Throughput|DRAM Throughput|Duration|Compute \(SM\) Throughput|Achieved Occupancy" "$OUT/ncu.log" | head -60
-  note "ncu: rc $rc (informational; gVisor machines cannot read the counters)"
-else
-  note "ncu: skipped (not found or no time left)"
+    rc=$?
+    grep -E "^  [a-z_]+.*\(|Memory Throughput|DRAM Throughput|Duration|Compute \(SM\) Throughput|Achieved Occupancy" "$OUT/ncu.log" | head -60
+    note "ncu: rc $rc (informational; gVisor machines cannot read the counters)"
+  else
+    note "ncu: skipped (not found or no time left)"
+  fi
 fi
 
-stage cuda-compile
-# torch.compile(fullgraph=True) of every op on CUDA (inductor + triton: slow to compile, so last)
-t0=$SECONDS
-timeout "$(left 90)" "$PY" -m pytest tests -m cuda -k "compile" -q -rfE -p no:cacheprovider \
-  >"$OUT/pytest-cuda-compile.log" 2>&1
-rc=$?
-tail -8 "$OUT/pytest-cuda-compile.log"
-note "cuda compile tests: $([ $rc = 0 ] && echo ok || echo "FAIL (rc $rc)") in $((SECONDS - t0)) s: $(counts "$OUT/pytest-cuda-compile.log")"
-
-stage rest
-if [ $((BUDGET - (SECONDS - start))) -gt 30 ]; then
+if want compile; then
+  stage cuda-compile
+  # torch.compile(fullgraph=True) of every op on CUDA (inductor + triton: slow to compile, so last)
   t0=$SECONDS
-  # (tests/test_emulation.py runs the CUDA kernels on the CPU: for machines without a GPU)
-  timeout "$(left 600)" "$PY" -m pytest tests -m "not cuda" -q -rfE -p no:cacheprovider --maxfail=20 \
-    --deselect tests/test_emulation.py >"$OUT/pytest-rest.log" 2>&1
+  timeout "$(left 90)" "$PY" -m pytest tests -m cuda -k "compile" -q -rfE -p no:cacheprovider \
+    >"$OUT/pytest-cuda-compile.log" 2>&1
   rc=$?
-  tail -15 "$OUT/pytest-rest.log"
-  note "CPU tests: $([ $rc = 0 ] && echo ok || echo "FAIL or cut (rc $rc)") in $((SECONDS - t0)) s: $(counts "$OUT/pytest-rest.log")"
-else
-  note "CPU tests: no time left (CI runs them)"
+  tail -8 "$OUT/pytest-cuda-compile.log"
+  note "cuda compile tests: $([ $rc = 0 ] && echo ok || echo "FAIL (rc $rc)") in $((SECONDS - t0)) s: $(counts "$OUT/pytest-cuda-compile.log")"
 fi
+
+if want rest; then
+  stage rest
+  if [ $((BUDGET - (SECONDS - start))) -gt 30 ]; then
+    t0=$SECONDS
+    # (tests/test_emulation.py runs the CUDA kernels on the CPU: for machines without a GPU)
+    timeout "$(left 600)" "$PY" -m pytest tests -m "not cuda" -q -rfE -p no:cacheprovider --maxfail=20 \
+      --deselect tests/test_emulation.py >"$OUT/pytest-rest.log" 2>&1
+    rc=$?
+    tail -15 "$OUT/pytest-rest.log"
+    note "CPU tests: $([ $rc = 0 ] && echo ok || echo "FAIL or cut (rc $rc)") in $((SECONDS - t0)) s: $(counts "$OUT/pytest-rest.log")"
+  else
+    note "CPU tests: no time left (CI runs them)"
+  fi
+fi
+
 finish
