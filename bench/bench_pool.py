@@ -3,13 +3,17 @@ with 1/4/16 distinct adapters in one batch, decode (1 token per sequence) and pr
 lora_ext AdapterPool vs HF PEFT's ``model(..., adapter_names=[...])``, the same PEFT model after
 ``lora_ext.patch_peft``, and the base model; adapter load times (from disk and from the pool's host
 cache). Variants run interleaved (each once per run); ratios are taken per run and reported as
-median (min-max). "adapter bytes" is what the batch's distinct adapters add to the weights a decode step
-reads (decode is bound by weight reads, so it is the floor of "x base" there).
+median (min-max). On CUDA, decode is also timed as servers run it, each step one CUDA-graph
+replay (the pool's indices are tensors updated in place, so one graph serves every mix): "graph:
+lora_ext x base" against the base model's captured step. "adapter bytes" is what the batch's
+distinct adapters add to the weights a decode step reads (decode is bound by weight reads, so it
+is the floor of "x base" there).
 
 python bench/bench_pool.py [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -85,14 +89,21 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             fns = {"lora_ext": ours, "PEFT": lambda: pm(input_ids=ids, adapter_names=names),
                    "patch_peft": lambda: patched(input_ids=ids, adapter_names=names),
                    "base": lambda: base(input_ids=ids)}
+            if device == "cuda" and length == 1:  # decode as servers run it: one CUDA graph per step
+                fns.update(graphs(pool, model, base, ids, names))
             t = interleaved(fns, device, runs=runs)
             ratio = lambda a, b: ratios(t, a, b)  # noqa: E731
-            rows.append({"phase": phase, "adapters": distinct, "batch x seq": f"{batch}x{length}",
-                         "adapter bytes": f"{distinct * lora_elems / base_elems:.1%}",
-                         "lora_ext ms": Timing.of(t["lora_ext"]), "PEFT ms": Timing.of(t["PEFT"]),
-                         "patch_peft ms": Timing.of(t["patch_peft"]), "base model ms": Timing.of(t["base"]),
-                         "lora_ext x base": ratio("lora_ext", "base"), "patch_peft x base": ratio("patch_peft", "base"),
-                         "PEFT x base": ratio("PEFT", "base"), "speedup vs PEFT": ratio("PEFT", "lora_ext")})
+            row = {"phase": phase, "adapters": distinct, "batch x seq": f"{batch}x{length}",
+                   "adapter bytes": f"{distinct * lora_elems / base_elems:.1%}",
+                   "lora_ext ms": Timing.of(t["lora_ext"]), "PEFT ms": Timing.of(t["PEFT"]),
+                   "patch_peft ms": Timing.of(t["patch_peft"]), "base model ms": Timing.of(t["base"]),
+                   "lora_ext x base": ratio("lora_ext", "base"), "patch_peft x base": ratio("patch_peft", "base"),
+                   "PEFT x base": ratio("PEFT", "base"), "speedup vs PEFT": ratio("PEFT", "lora_ext")}
+            if "lora_ext graph" in t:
+                row.update({"lora_ext graph ms": Timing.of(t["lora_ext graph"]),
+                            "base graph ms": Timing.of(t["base graph"]),
+                            "graph: lora_ext x base": ratio("lora_ext graph", "base graph")})
+            rows.append(row)
     # load times: from disk (file read + slot write) and from the pinned host cache
     small = lora_ext.AdapterPool(copy.deepcopy(base), target_modules=TARGETS, max_adapters=1, max_rank=16)
     small.load("x", paths["a0"])
@@ -106,6 +117,36 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     for r in rows:
         r["load from disk ms"], r["load from host cache ms"] = load_disk_ms, load_cache_ms
     return rows
+
+
+def graphs(pool, model, base, ids, names) -> dict:
+    """{"lora_ext graph": replay of a captured pool-model step inside pool.batch(names), "base
+    graph": replay of the base model's}; {} (with a note) if the model cannot be captured."""
+    out = {}
+    try:
+        for key, net in (("lora_ext graph", model), ("base graph", base)):
+            ctx = pool.batch(names) if net is model else contextlib.nullcontext()
+            with ctx:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        net(input_ids=ids)
+                torch.cuda.current_stream().wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    net(input_ids=ids)
+            out[key] = g
+    except RuntimeError as e:  # e.g. a host sync inside the model's forward
+        print(f"bench_pool: CUDA-graph decode skipped: {e}".splitlines()[0])
+        return {}
+    g_ours, g_base = out["lora_ext graph"], out["base graph"]
+
+    def ours():
+        with pool.batch(names):
+            g_ours.replay()
+
+    return {"lora_ext graph": ours, "base graph": g_base.replay}
 
 
 def main(argv=None):

@@ -48,6 +48,8 @@ GOALS = [
       for ph in ("decode", "prefill")],
     *[(f"Llama 4x1024 {ph}, 16 adapters: PEFT + patch_peft x base (PEFT's beside it)", "pool",
        {"phase": ph, "adapters": 16}, "patch_peft x base", None, None, ["PEFT x base"]) for ph in ("decode", "prefill")],
+    ("Llama 4x1024 decode, 16 adapters, CUDA graphs: AdapterPool x base", "pool",
+     {"phase": "decode", "adapters": 16}, "graph: lora_ext x base", None, None, ["lora_ext graph ms"]),
     ("Llama 4x1024 train step: patch_peft x PEFT", "peft_train", {}, "patch_peft x PEFT", "<=", 1.0, []),
 ]
 
