@@ -20,12 +20,14 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../lowrank_job.h"
 #include "ops_cpu.h"
 #include "lowrank_microkernel.h"
 #include "multi_microkernel.h"
+#include "rows16.h"
 
 namespace lora_ext::cpu {
 namespace {
@@ -36,7 +38,7 @@ constexpr int64_t kKC = 256;      // K chunk of the shrink (A panel chunk: 16 Ki
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <class T>
-float to_f32(T v) {
+float elem_to_f32(T v) {
   return static_cast<float>(v);
 }
 
@@ -69,6 +71,24 @@ LORA_EXT_SMALL_KERNELS(float, f32)
 LORA_EXT_SMALL_KERNELS(_Float16, f16)
 LORA_EXT_SMALL_KERNELS(uint16_t, bf16)
 #undef LORA_EXT_SMALL_KERNELS
+
+// fp32 <-> T rows (rows16.h for the 16-bit types: c10's rounding, 8 lanes at a time)
+template <class T>
+void widen_row(const T* src, int64_t n, float* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(src, src + n, dst);
+  } else {
+    to_f32(reinterpret_cast<const typename Bits<T>::type*>(src), n, dst);
+  }
+}
+template <class T>
+void narrow_row(const float* src, int64_t n, T* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(src, src + n, dst);
+  } else {
+    from_f32(src, n, reinterpret_cast<typename Bits<T>::type*>(dst));
+  }
+}
 
 // T <= kSmallT tokens, no masks: u = x A^T by rank blocks, y += s u B^T by output-row blocks.
 template <class T>
@@ -155,9 +175,9 @@ void run(const LowRankJob& j) {
   at::parallel_for(0, npa + npb, 1, [&](int64_t b, int64_t e) {
     // panels [0, npa) pack A^T, panels [npa, npa + npb) pack B^T
     if (b < npa)
-      pack_panels(static_cast<const T*>(j.A), r, in, in, Apk.data(), to_f32<T>, b, std::min(e, npa));
+      pack_panels(static_cast<const T*>(j.A), r, in, in, Apk.data(), elem_to_f32<T>, b, std::min(e, npa));
     if (e > npa)
-      pack_panels(static_cast<const T*>(j.B), out, r, r, Bpk.data(), to_f32<T>,
+      pack_panels(static_cast<const T*>(j.B), out, r, r, Bpk.data(), elem_to_f32<T>,
                   std::max(b, npa) - npa, e - npa);
   });
 
@@ -180,9 +200,10 @@ void run(const LowRankJob& j) {
     const float* brows[kTB];
     // dst = fp32(keep ⊙ row t of a [T, width] tensor) (the mask index is t * width + k)
     auto load_row = [&](const T* src, int64_t t, int64_t width, bool mask, float* dst) {
+      widen_row(src, width, dst);
+      if (!mask) return;
       const uint64_t base = static_cast<uint64_t>(t) * width;
-      for (int64_t k = 0; k < width; ++k)
-        dst[k] = static_cast<float>(src[k]) * (mask ? drop.factor(base + k) : 1.f);
+      for (int64_t k = 0; k < width; ++k) dst[k] *= drop.factor(base + k);
     };
     // chunk c holds blocks [c * nblk / nchunk, (c + 1) * nblk / nchunk)
     for (int64_t blk = c0 * nblk / nchunk, c = c0; blk < c1 * nblk / nchunk; ++blk) {
@@ -249,10 +270,16 @@ void run(const LowRankJob& j) {
         }
       };
       if constexpr (!kF32) {  // the fp32 staging rows start from y, or from the bias (overwrite)
-        for (int64_t i = 0; i < nt; ++i)
-          for (int64_t o = 0; o < out; ++o)
-            ybuf[i * out + o] = !j.overwrite_y ? static_cast<float>(y[(t0 + i) * j.ldy + o])
-                                : bias ? static_cast<float>(bias[o]) : 0.f;
+        for (int64_t i = 0; i < nt; ++i) {
+          float* dst = ybuf.data() + i * out;
+          if (!j.overwrite_y) {
+            widen_row(y + (t0 + i) * j.ldy, out, dst);
+          } else if (bias) {
+            widen_row(bias, out, dst);
+          } else {
+            std::fill(dst, dst + out, 0.f);
+          }
+        }
       }
       // fp32 rows written in place without being read (overwrite): y0 is the bias, not y
       const bool fresh = kF32 && j.overwrite_y;
@@ -283,8 +310,7 @@ void run(const LowRankJob& j) {
         }
       }
       if constexpr (!kF32) {
-        for (int64_t i = 0; i < nt; ++i)
-          for (int64_t o = 0; o < out; ++o) y[(t0 + i) * j.ldy + o] = static_cast<T>(ybuf[i * out + o]);
+        for (int64_t i = 0; i < nt; ++i) narrow_row(ybuf.data() + i * out, out, y + (t0 + i) * j.ldy);
       }
     }
   });

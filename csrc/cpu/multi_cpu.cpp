@@ -14,12 +14,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../multi_glue.h"
 #include "ops_cpu.h"
 #include "lowrank_microkernel.h"
 #include "multi_microkernel.h"
+#include "rows16.h"
 
 namespace lora_ext::cpu {
 namespace {
@@ -88,6 +90,21 @@ inline void expand_rows(const uint16_t* B, int64_t ldb, int64_t r, int64_t n, co
   expand_rows_bf16(B, ldb, r, n, u, o);
 }
 
+template <class T>
+typename Raw<T>::type* raw(T* p) {
+  return reinterpret_cast<typename Raw<T>::type*>(p);
+}
+
+// y[0:n] = round(y[0:n] + s * v[0:n]), v fp32
+template <class T>
+void add_scaled(T* y, const float* v, float s, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t c = 0; c < n; ++c) y[c] += s * v[c];
+  } else {
+    axpy_rounded(raw(y), v, s, n);
+  }
+}
+
 // u[sl, t, :rank] = A[sl, a, :rank] . x[t] for every grouped token (u pre-zeroed).
 template <class T>
 void shrink_phase(const MultiArgs& a, const Groups& g, float* u) {
@@ -141,8 +158,8 @@ void expand_phase(const MultiArgs& a, const Groups& g, const float* u) {
   T* y = a.y2.data_ptr<T>();
   const int64_t ldy = a.T > 1 ? a.y2.stride(0) : a.out;
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
-    std::vector<float> panels, res(kExpandCols), zeros(a.r_max, 0.f);
-    float tile[kMR][kNR];
+    std::vector<float> panels, stage, res(kExpandCols), zeros(a.r_max, 0.f);
+    float tile[kMR][kNR], scratch[kNR];
     for (int64_t i = b; i < e; ++i) {
       const Item& it = items[i];
       const int64_t r = rank_of(a, it.sl, it.s), nc = it.o1 - it.o0;
@@ -157,24 +174,44 @@ void expand_phase(const MultiArgs& a, const Groups& g, const float* u) {
         pack_panels(Bs, nc, r, a.r_max, panels.data(),
                     [](T v) { return static_cast<float>(v); }, 0, np);
         const float* rows[kMR];
+        float* crow[kMR];
         for (int64_t q0 = 0; q0 < m; q0 += kMR) {
-          for (int q = 0; q < kMR; ++q) rows[q] = q0 + q < m ? urow(q0 + q) : zeros.data();
-          for (int64_t p = 0; p < np; ++p) {
-            micro_6x16(r, rows, panels.data() + p * r * kNR, tile);
-            const int64_t c1 = std::min<int64_t>(kNR, nc - p * kNR);
-            for (int q = 0; q < kMR && q0 + q < m; ++q) {
-              T* yr = y + toks[q0 + q] * ldy + it.o0 + p * kNR;
-              for (int64_t c = 0; c < c1; ++c)
-                yr[c] = static_cast<T>(static_cast<float>(yr[c]) + sc * tile[q][c]);
+          const int mq = static_cast<int>(std::min<int64_t>(kMR, m - q0));
+          for (int q = 0; q < kMR; ++q) rows[q] = q < mq ? urow(q0 + q) : zeros.data();
+          auto yrow = [&](int q) { return y + toks[q0 + q] * ldy + it.o0; };
+          if constexpr (std::is_same_v<T, float>) {
+            // whole panels accumulate into y in place; a partial last panel goes through a tile
+            for (int64_t p = 0; p < np; ++p) {
+              const int64_t c1 = std::min<int64_t>(kNR, nc - p * kNR);
+              if (c1 == kNR) {
+                for (int q = 0; q < kMR; ++q) crow[q] = q < mq ? yrow(q) + p * kNR : scratch;
+                micro_6x16_acc(r, rows, panels.data() + p * r * kNR, crow, sc);
+              } else {
+                micro_6x16(r, rows, panels.data() + p * r * kNR, tile);
+                for (int q = 0; q < mq; ++q) add_scaled(yrow(q) + p * kNR, tile[q], sc, c1);
+              }
             }
+          } else {
+            // 16-bit y: the rows' columns staged in fp32 (whole panels wide), accumulated, rounded
+            // once. The next group's rows (scattered: this adapter's tokens) are fetched meanwhile.
+            for (int64_t q = q0 + kMR; q < std::min(m, q0 + 2 * kMR); ++q) {
+              const char* p0 = reinterpret_cast<const char*>(y + toks[q] * ldy + it.o0);
+              for (int64_t b = 0; b < nc * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p0 + b, 1);
+            }
+            const int64_t w = np * kNR;
+            stage.resize(kMR * w);
+            for (int q = 0; q < mq; ++q) to_f32(raw(yrow(q)), nc, stage.data() + q * w);
+            for (int64_t p = 0; p < np; ++p) {
+              for (int q = 0; q < kMR; ++q) crow[q] = q < mq ? stage.data() + q * w + p * kNR : scratch;
+              micro_6x16_acc(r, rows, panels.data() + p * r * kNR, crow, sc);
+            }
+            for (int q = 0; q < mq; ++q) from_f32(stage.data() + q * w, nc, raw(yrow(q)));
           }
         }
       } else {
         for (int64_t q = 0; q < m; ++q) {
           expand_rows(reinterpret_cast<const E*>(Bs), a.r_max, r, nc, urow(q), res.data());
-          T* yr = y + toks[q] * ldy + it.o0;
-          for (int64_t c = 0; c < nc; ++c)
-            yr[c] = static_cast<T>(static_cast<float>(yr[c]) + sc * res[c]);
+          add_scaled(y + toks[q] * ldy + it.o0, res.data(), sc, nc);
         }
       }
     }

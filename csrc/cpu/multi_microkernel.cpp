@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "lowrank_microkernel.h"
+#include "vec16.h"
 
 namespace lora_ext::cpu {
 namespace {
@@ -20,10 +21,10 @@ AI v8 load8(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-AI v8 load8(const _Float16* p) {
+AI v8 load8(const _Float16* p) {  // c10's conversion, 8 lanes of integer arithmetic (vec16.h)
   h8 h;
   std::memcpy(&h, p, sizeof(h));
-  return __builtin_convertvector(h, v8);
+  return vec16::widen(h);
 }
 AI v8 load8(const uint16_t* p) {  // bf16: the top half of an fp32
   u16x8 h;

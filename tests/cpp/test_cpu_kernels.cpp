@@ -2,7 +2,8 @@
 //
 // Dependency-free: EXPECT records a failure (file:line + message) and the test goes on; each
 // test is a function in kTests, and main returns 1 when any check failed or a test threw.
-// Covered: micro_6x16, micro_tn_8x16 and pack_panels against naive loops; lora_apply_cpu against an fp64
+// Covered: micro_6x16, micro_tn_8x16 and pack_panels against naive loops; the vector 16-bit row
+// conversions (rows16.h) bit for bit against c10's scalar ones; lora_apply_cpu against an fp64
 // at::matmul reference (fp32/fp16/bf16, r = 1, odd widths, T = 0, layouts, thread counts);
 // bad input raising c10::Error that names the argument; the CPU/CUDA registrations.
 #include <ATen/ATen.h>
@@ -12,15 +13,18 @@
 #include <c10/util/StringUtil.h>
 
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <functional>
 #include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/ops_cpu.h"
 #include "cpu/lowrank_microkernel.h"
+#include "cpu/rows16.h"
 
 namespace {
 
@@ -298,6 +302,76 @@ void test_bad_input() {
   EXPECT(at::equal(p.y, y0), "y was modified by a rejected call");
 }
 
+// ---- 16-bit rows (rows16.h) against c10's scalar conversions, bit for bit ----
+
+template <class C, class E>
+void check_rows16(const char* name) {
+  // widening: every 16-bit pattern
+  std::vector<E> all(1 << 16);
+  for (uint32_t h = 0; h < (1u << 16); ++h) std::memcpy(&all[h], &h, 2);
+  std::vector<float> wide(all.size());
+  lora_ext::cpu::to_f32(all.data(), static_cast<int64_t>(all.size()), wide.data());
+  int bad = 0;
+  for (uint32_t h = 0; h < (1u << 16); ++h) {
+    const float ref = static_cast<float>(C(static_cast<uint16_t>(h), C::from_bits()));
+    bad += std::memcmp(&ref, &wide[h], 4) != 0 && !(std::isnan(ref) && std::isnan(wide[h]));
+  }
+  EXPECT(bad == 0, name, ": ", bad, " 16-bit patterns widen to other fp32 values than c10's");
+  // narrowing: every pattern with low bits at and around the rounding points (ties, both
+  // neighbours), plus random patterns; NaNs, infinities, subnormals and overflow included
+  std::vector<float> f;
+  const int drop = std::is_same_v<E, uint16_t> ? 16 : 13;  // fp32 mantissa bits the type drops
+  const uint32_t half = 1u << (drop - 1);
+  for (uint32_t hi = 0; hi < (1u << (32 - drop)); hi += (drop == 16 ? 1 : 7))
+    for (uint32_t lo : {0u, 1u, half - 1, half, half + 1, (1u << drop) - 1}) {
+      const uint32_t w = (hi << drop) | lo;
+      float v;
+      std::memcpy(&v, &w, 4);
+      f.push_back(v);
+    }
+  std::mt19937 gen(5);
+  for (int i = 0; i < (1 << 20); ++i) {
+    const uint32_t w = gen();
+    float v;
+    std::memcpy(&v, &w, 4);
+    f.push_back(v);
+  }
+  std::vector<E> narrow(f.size());
+  lora_ext::cpu::from_f32(f.data(), static_cast<int64_t>(f.size()), narrow.data());
+  bad = 0;
+  for (size_t i = 0; i < f.size(); ++i) {
+    const uint16_t ref = C(f[i]).x;
+    bad += std::memcmp(&ref, &narrow[i], 2) != 0;
+  }
+  EXPECT(bad == 0, name, ": ", bad, " of ", f.size(), " fp32 values round to other bits than c10's");
+  // y = round(y + a x), with a tail (n % 8 != 0)
+  const int64_t n = 1003;
+  std::vector<E> y(n), y0(n);
+  std::vector<float> x(n);
+  std::normal_distribution<float> nd;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t b = C(nd(gen)).x;
+    std::memcpy(&y0[i], &b, 2);
+    x[i] = nd(gen);
+  }
+  y = y0;
+  lora_ext::cpu::axpy_rounded(y.data(), x.data(), 0.37f, n);
+  bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint16_t b0;
+    std::memcpy(&b0, &y0[i], 2);
+    const float prod = 0.37f * x[i];
+    const uint16_t ref = C(static_cast<float>(C(b0, C::from_bits())) + prod).x;
+    bad += std::memcmp(&ref, &y[i], 2) != 0;
+  }
+  EXPECT(bad == 0, name, ": axpy_rounded differs from the scalar update in ", bad, " of ", n);
+}
+
+void test_rows16() {
+  check_rows16<c10::BFloat16, uint16_t>("bf16");
+  check_rows16<c10::Half, _Float16>("fp16");
+}
+
 // ---- registrations (register_cpu.cpp) ----
 
 void test_registration() {
@@ -318,6 +392,7 @@ const NamedTest kTests[] = {
     {"micro_6x16", test_micro_6x16},
     {"micro_tn_8x16", test_micro_tn_8x16},
     {"pack_panels", test_pack_panels},
+    {"rows16", test_rows16},
     {"lora_apply_matches_reference", test_lora_apply_matches_reference},
     {"layouts", test_layouts},
     {"degenerate_sizes", test_degenerate_sizes},
