@@ -2,13 +2,16 @@
 //
 // Tokens are grouped by adapter first (a counting sort: perm[T] + offsets[S + 1], which
 // also validates every index and rank). Then two at::parallel_for phases over work items:
-//   shrink: item = (slice, adapter, <= 16 tokens, <= 64 rank rows); u[slice, t, :r] =
-//     A[slice, a, :r] x[t] with shrink_tile (2 rank rows x 4 tokens of vector accumulators),
-//     so each A row is streamed once per 4 tokens and padded rank rows are never read.
+//   shrink: adapters with >= kShrinkPanelMin tokens: item = (slice, adapter, kTB tokens); the
+//     thread packs A[slice, a, :r] into 16-wide fp32 panels once per adapter of its contiguous
+//     run of items, widens each x row once, and runs the 6x16 micro-kernel over K chunks.
+//     Others: item = (slice, adapter, <= 16 tokens, <= 64 rank rows) with shrink_tile (2 rank
+//     rows x 4 tokens of vector accumulators, no packing; padded rank rows are never read).
 //   expand: item = (slice, adapter, its tokens, 256 output columns); y[t, cols] +=
 //     s_a * B[a, cols, :r] u[t, :r]. Groups of >= kPanelMin tokens pack the B block once
-//     into 16-wide fp32 panels and run the 6x16 micro-kernel (GEMM-like); smaller groups
-//     use expand_rows (8 dot products folded by shuffles) and skip the packing.
+//     into 16-wide fp32 panels and run the 6x16 micro-kernel, accumulating into fp32 y rows in
+//     place (16-bit rows: staged in fp32, rounded once); smaller groups use expand_rows (8 dot
+//     products folded by shuffles) and skip the packing.
 // u is an fp32 [n, T, r_max] buffer; y is rounded once per element.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,6 +30,8 @@ namespace lora_ext::cpu {
 namespace {
 
 constexpr int64_t kShrinkTok = 16, kShrinkRows = 64, kExpandCols = 256, kPanelMin = 6;
+// shrink panel path: adapters with this many tokens, kTB tokens per item, K chunks of kKC
+constexpr int64_t kShrinkPanelMin = 48, kTB = 4 * kMR, kKC = 256;
 
 struct Groups {
   std::vector<int32_t> perm, off;  // tokens sorted by adapter; adapter a owns [off[a], off[a+1])
@@ -106,37 +111,89 @@ void add_scaled(T* y, const float* v, float s, int64_t n) {
 }
 
 // u[sl, t, :rank] = A[sl, a, :rank] . x[t] for every grouped token (u pre-zeroed).
+// Adapters with >= kShrinkPanelMin tokens: items of kTB tokens; a thread packs the adapter's A
+// into fp32 panels when its (contiguous) run of items reaches a new adapter, converts each x row
+// once, and runs the 6x16 micro-kernel over K chunks (A panel chunks stay in L1). Others: items
+// of kShrinkTok tokens x kShrinkRows rank rows through shrink_tile (no packing).
 template <class T>
 void shrink_phase(const MultiArgs& a, const Groups& g, float* u) {
   using E = typename Raw<T>::type;
-  struct Item { int64_t sl, s, t0, t1, j0, j1; };
+  struct Item { int64_t sl, s, t0, t1, j0, j1; bool panel; };
   std::vector<Item> items;
   for (int64_t sl = 0; sl < a.n; ++sl)
     for (int64_t s = 0; s < a.S; ++s) {
-      const int64_t r = rank_of(a, sl, s);
-      for (int64_t t0 = g.off[s]; t0 < g.off[s + 1]; t0 += kShrinkTok)
+      const int64_t r = rank_of(a, sl, s), t_end = g.off[s + 1];
+      if (r > 0 && t_end - g.off[s] >= kShrinkPanelMin) {
+        for (int64_t t0 = g.off[s]; t0 < t_end; t0 += kTB)
+          items.push_back({sl, s, t0, std::min(t0 + kTB, t_end), 0, r, true});
+        continue;
+      }
+      for (int64_t t0 = g.off[s]; t0 < t_end; t0 += kShrinkTok)
         for (int64_t j0 = 0; j0 < r; j0 += kShrinkRows)
-          items.push_back({sl, s, t0, std::min<int64_t>(t0 + kShrinkTok, g.off[s + 1]), j0,
+          items.push_back({sl, s, t0, std::min<int64_t>(t0 + kShrinkTok, t_end), j0,
                            std::min(r, j0 + kShrinkRows)});
     }
   const E* x = reinterpret_cast<const E*>(a.x2.data_ptr<T>());
   const E* A = reinterpret_cast<const E*>(a.A.data_ptr<T>());
-  const int64_t ldx = a.T > 1 ? a.x2.stride(0) : a.in;
+  const int64_t ldx = a.T > 1 ? a.x2.stride(0) : a.in, in = a.in;
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+    std::vector<float> Apk, xbuf, ubuf, zeros;
+    int64_t packed = -1;  // sl * S + s of the adapter in Apk
+    float scratch[kNR];
+    const float* rows[kMR];
+    float* crow[kMR];
     for (int64_t i = b; i < e; ++i) {
       const Item& it = items[i];
-      const E* As = A + ((it.sl * a.S + it.s) * a.r_max + it.j0) * a.in;
-      for (int64_t t = it.t0; t < it.t1; t += 4) {
-        const int nt = static_cast<int>(std::min<int64_t>(4, it.t1 - t));
-        const E* xr[4];
-        float* ur[4];
-        for (int q = 0; q < nt; ++q) {
-          const int64_t tok = g.perm[t + q];
-          xr[q] = x + tok * ldx;
-          ur[q] = u + (it.sl * a.T + tok) * a.r_max + it.j0;
+      const int64_t ad = it.sl * a.S + it.s;
+      const E* As = A + (ad * a.r_max + it.j0) * in;
+      if (!it.panel) {
+        for (int64_t t = it.t0; t < it.t1; t += 4) {
+          const int nt = static_cast<int>(std::min<int64_t>(4, it.t1 - t));
+          const E* xr[4];
+          float* ur[4];
+          for (int q = 0; q < nt; ++q) {
+            const int64_t tok = g.perm[t + q];
+            xr[q] = x + tok * ldx;
+            ur[q] = u + (it.sl * a.T + tok) * a.r_max + it.j0;
+          }
+          shrink_tile(As, in, it.j1 - it.j0, xr, nt, in, ur);
         }
-        shrink_tile(As, a.in, it.j1 - it.j0, xr, nt, a.in, ur);
+        continue;
       }
+      const int64_t r = it.j1, rp = (r + kNR - 1) / kNR, us = rp * kNR, nt = it.t1 - it.t0;
+      if (packed != ad) {
+        Apk.resize(rp * in * kNR);
+        pack_panels(reinterpret_cast<const T*>(As), r, in, in, Apk.data(),
+                    [](T v) { return static_cast<float>(v); }, 0, rp);
+        packed = ad;
+      }
+      if constexpr (!std::is_same_v<T, float>) {
+        xbuf.resize(kTB * in);
+        for (int64_t q = 0; q < nt; ++q) to_f32(x + g.perm[it.t0 + q] * ldx, in, xbuf.data() + q * in);
+      }
+      zeros.resize(in, 0.f);
+      auto xrow = [&](int64_t q) -> const float* {
+        if (q >= nt) return zeros.data();
+        if constexpr (std::is_same_v<T, float>) {
+          return x + g.perm[it.t0 + q] * ldx;
+        } else {
+          return xbuf.data() + q * in;
+        }
+      };
+      ubuf.assign(kTB * us, 0.f);
+      for (int64_t p = 0; p < rp; ++p)
+        for (int64_t kc = 0; kc < in; kc += kKC) {
+          const int64_t kn = std::min(kKC, in - kc);
+          for (int64_t q0 = 0; q0 < nt; q0 += kMR) {
+            for (int m = 0; m < kMR; ++m) {
+              rows[m] = xrow(q0 + m) + kc;
+              crow[m] = q0 + m < nt ? ubuf.data() + (q0 + m) * us + p * kNR : scratch;
+            }
+            micro_6x16_acc(kn, rows, Apk.data() + (p * in + kc) * kNR, crow, 1.f);
+          }
+        }
+      for (int64_t q = 0; q < nt; ++q)
+        std::copy(ubuf.data() + q * us, ubuf.data() + q * us + r, u + (it.sl * a.T + g.perm[it.t0 + q]) * a.r_max);
     }
   });
 }
