@@ -115,13 +115,19 @@ void run_small(const LowRankJob& j) {
   const E* B = static_cast<const E*>(j.B);
   const T* bias = static_cast<const T*>(j.bias);
   at::parallel_for(0, out, 256, [&](int64_t o0, int64_t o1) {
-    std::vector<float> acc(o1 - o0);
+    const int64_t n = o1 - o0;
+    std::vector<float> acc(n), b0(j.overwrite_y ? n : 0, 0.f);
+    if (j.overwrite_y && bias) widen_row(bias + o0, n, b0.data());
     for (int64_t t = 0; t < nt; ++t) {
-      expand_small(B + o0 * r, r, r, o1 - o0, u + t * r, acc.data());
+      expand_small(B + o0 * r, r, r, n, u + t * r, acc.data());
       T* yr = static_cast<T*>(j.y) + t * j.ldy + o0;
-      for (int64_t o = 0; o < o1 - o0; ++o) {
-        const float y0 = !j.overwrite_y ? static_cast<float>(yr[o]) : bias ? static_cast<float>(bias[o0 + o]) : 0.f;
-        yr[o] = static_cast<T>(y0 + j.scale * acc[o]);
+      if (j.overwrite_y) {  // y = bias + s * acc, rounded once
+        for (int64_t o = 0; o < n; ++o) acc[o] = b0[o] + j.scale * acc[o];
+        narrow_row(acc.data(), n, yr);
+      } else if constexpr (std::is_same_v<T, float>) {
+        for (int64_t o = 0; o < n; ++o) yr[o] = yr[o] + j.scale * acc[o];
+      } else {
+        axpy_rounded(reinterpret_cast<E*>(yr), acc.data(), j.scale, n);
       }
     }
   });
