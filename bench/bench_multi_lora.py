@@ -9,7 +9,8 @@ Baselines:
   roofline   bytes moved (x read, y read + written, the used adapters' A and B read once)
              over the measured copy bandwidth of this device.
 Cases: in = out = 4096, r in {8, 16, 64}, T tokens spread over min(T, D_MAX) distinct
-adapters ("distinct") or over 4 adapters, plus the prefill case T = 8192 with 8 adapters.
+adapters ("distinct") or over 4 adapters, plus the prefill case T = 8192 with 8 adapters (on the
+CPU in fp32 and bf16; on CUDA everything is bf16).
 Run: python bench/bench_multi_lora.py [--device cpu|cuda] [--quick] [--out DIR]
 """
 from __future__ import annotations
@@ -39,6 +40,8 @@ def cases(device: str, quick: bool):
                 yield T, r, 4, dt, "4 adapters"
     if not quick:
         yield 8192, 16, 8, dt, "prefill 8 adapters"
+        if device == "cpu":  # bf16 too: torch's bf16 addmm pair runs on oneDNN (AVX512-BF16 where present)
+            yield 8192, 16, 8, torch.bfloat16, "prefill 8 adapters"
 
 
 def copy_bandwidth(device: str) -> float:
