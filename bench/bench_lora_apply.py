@@ -1,6 +1,7 @@
 """lora_apply_ vs the plain torch composition y.addmm_(x @ A.T, B.T, alpha=s).
 
 Also reports the bytes-moved floor: x read once, y read and written once, A and B read once.
+On CUDA both are timed as CUDA-graph replays (bench.common.time_graph: no launch gaps).
 Run: python bench/bench_lora_apply.py [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import cli, time_fn  # noqa: E402
+from bench.common import cli, time_graph  # noqa: E402
 from lora_ext.ops import lora_apply_  # noqa: E402
 
 
@@ -37,8 +38,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         B = (torch.randn(o, r, generator=g) / r**0.5).to(device, dt)
         y = torch.randn(T, o, generator=g).to(device, dt)
         s = 0.5
-        t_ours = time_fn(lambda: lora_apply_(y, x, A, B, s), device)
-        t_torch = time_fn(lambda: y.addmm_(x @ A.T, B.T, alpha=s), device)
+        t_ours = time_graph(lambda: lora_apply_(y, x, A, B, s), device)
+        t_torch = time_graph(lambda: y.addmm_(x @ A.T, B.T, alpha=s), device)
         elt = x.element_size()
         nbytes = elt * (T * i + 2 * T * o + r * (i + o))
         rows.append({"T": T, "in": i, "out": o, "r": r, "dtype": str(dt).removeprefix("torch."),

@@ -8,6 +8,9 @@ Baselines:
              y.addmm_(u, B0^T) ("x_single" = multi_lora_ / single; goal <= 1.3 in prefill).
   roofline   bytes moved (x read, y read + written, the used adapters' A and B read once)
              over the measured copy bandwidth of this device.
+On CUDA every method is timed as replays of a captured CUDA graph of several calls (kernel time
+without launch gaps, as in a server's captured decode step); "eager_ms" is multi_lora_ called
+eagerly, launch gaps included.
 Cases: in = out = 4096, r in {8, 16, 64}, T tokens spread over min(T, D_MAX) distinct
 adapters ("distinct") or over 4 adapters, plus the prefill case T = 8192 with 8 adapters (on the
 CPU in fp32 and bf16; on CUDA everything is bf16).
@@ -22,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench.common as common  # noqa: E402
-from bench.common import arg_parser, best_of, save, table, time_fn  # noqa: E402
+from bench.common import arg_parser, best_of, save, table, time_fn, time_graph  # noqa: E402
 from lora_ext.ops import multi_lora_  # noqa: E402
 
 
@@ -84,17 +87,21 @@ def run(device: str = "cpu", quick: bool = False) -> tuple[list[dict], float]:
             y.add_(torch.bmm(B[il], u)[:, :, 0] * sc[il, None].to(dt))
 
         # CPU: best of 3 rounds of medians (the machine may be shared), interleaved per method;
-        # min/max span all rounds
+        # min/max span all rounds. CUDA: every method timed as CUDA-graph replays (time_graph:
+        # kernel time without launch gaps), multi_lora_ also eagerly ("eager ms").
         kw, rounds = ({"warmup": 3, "min_time_s": 0.1}, 3) if device == "cpu" else ({}, 1)
+        calls = 10 if T * D <= 4096 else 2
+        ours_fn = lambda: multi_lora_(y, x, A, B, idx, sc, rk)  # noqa: E731
         ours, loops, bmms, singles = [], [], [], []
         for _ in range(rounds):
-            ours.append(time_fn(lambda: multi_lora_(y, x, A, B, idx, sc, rk), device, **kw))
-            loops.append(time_fn(loop, device, reps=5 if T * D > 20000 else 11, **kw))
-            singles.append(time_fn(single, device, **kw))
+            ours.append(time_graph(ours_fn, device, calls=calls, **kw))
+            loops.append(time_graph(loop, device, calls=calls, reps=5 if T * D > 20000 else 11, **kw))
+            singles.append(time_graph(single, device, calls=calls, **kw))
             if T <= 1024:
-                bmms.append(time_fn(gather_bmm, device, reps=5, **kw))
+                bmms.append(time_graph(gather_bmm, device, calls=calls, reps=5, **kw))
         t_ours, t_loop, t_single = best_of(ours), best_of(loops), best_of(singles)
         t_bmm = best_of(bmms) if bmms else float("nan")
+        extra = {"eager_ms": time_fn(ours_fn, device)} if device == "cuda" else {}
         elt = x.element_size()
         nbytes = elt * (T * i + 2 * T * o + D * r * (i + o))
         roof = nbytes / bw / 1e6
@@ -102,7 +109,7 @@ def run(device: str = "cpu", quick: bool = False) -> tuple[list[dict], float]:
                      "multi_lora_ms": t_ours, "loop_ms": t_loop, "gather_bmm_ms": t_bmm,
                      "single_ms": t_single, "roofline_ms": roof, "vs_loop": t_loop / t_ours,
                      "vs_bmm": t_bmm / t_ours, "x_single": t_ours / t_single,
-                     "%roofline": 100 * roof / t_ours})
+                     "%roofline": 100 * roof / t_ours, **extra})
     return rows, bw
 
 

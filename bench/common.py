@@ -2,6 +2,8 @@
 
 time_fn(fn) -> Timing: the median in milliseconds (a float, so arithmetic on it is unchanged) that
     also carries .min, .max and .n of the runs (CUDA events on GPU, perf_counter on CPU);
+time_graph(fn) -> Timing per call; on CUDA from replays of a captured graph of several calls
+    (kernel time without launch gaps), elsewhere time_fn;
 best_of(timings) -> the best of several rounds (lowest median; min/max over all rounds);
 interleaved(fns, device, runs) -> {name: [ms, ...]}: run i of every variant back to back, so
     ratios taken per run (ratios(...)) see the same machine state: median (min–max) of them;
@@ -91,6 +93,32 @@ def time_fn(fn, device="cpu", warmup: int = 3, reps: int = 11, min_time_s: float
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return Timing.of(times)
+
+
+def time_graph(fn, device="cpu", calls: int = 10, reps: int = 11, **kw) -> Timing:
+    """Milliseconds per call of fn. On CUDA, timed as replays of one CUDA graph that holds `calls`
+    calls: no launch gaps between the kernels, as in a server that captures its decode step (and
+    what METHOD.md asks for many small launches); fn runs 3 times on a side stream first. Falls
+    back to time_fn (eager, with a note) if fn cannot be captured. Elsewhere: time_fn(fn, **kw)."""
+    if torch.device(device).type != "cuda":
+        return time_fn(fn, device, reps=reps, **kw)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError as e:
+        print(f"time_graph: capture failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+              "timed eagerly", flush=True)
+        return time_fn(fn, device, reps=reps, **kw)
+    t = time_fn(graph.replay, device, warmup=1, reps=reps)
+    return Timing(float(t) / calls, t.min / calls, t.max / calls, t.n)
 
 
 def _time_once(fn, device) -> float:

@@ -78,6 +78,12 @@ def test_timing_is_the_median_with_min_and_max():
     assert isinstance(ft, common.Timing) and ft.n == 5 and ft.min <= ft <= ft.max and len(calls) == 6
 
 
+def test_time_graph_is_time_fn_off_cuda():
+    calls = []
+    t = common.time_graph(lambda: calls.append(1), "cpu", calls=10, reps=5, warmup=2)
+    assert isinstance(t, common.Timing) and t.n == 5 and len(calls) == 7  # no capture, no /calls
+
+
 def test_interleaved_runs_and_per_run_ratios():
     order = []
     t = common.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, runs=3, warmup=1)
@@ -111,12 +117,12 @@ def test_saved_json_keeps_fields_and_adds_min_max(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", sorted(f[6:-3] for f in os.listdir(os.path.join(ROOT, "bench"))
                                         if f.startswith("bench_") and f.endswith(".py")))
 def test_every_benchmark_times_with_the_shared_helper(name):
-    """Each bench_*.py times through bench.common.time_fn or interleaved and prints through its
+    """Each bench_*.py times through bench.common.time_fn, time_graph or interleaved and prints through its
     table/cli (so every figure shows min/median/max and noisy ones are flagged), with no timer of
     its own."""
     with open(os.path.join(ROOT, "bench", f"bench_{name}.py")) as f:
         src = f.read()
-    assert ("time_fn(" in src or "interleaved(" in src) and ("cli(" in src or "table(" in src), name
+    assert any(f in src for f in ("time_fn(", "time_graph(", "interleaved(")) and ("cli(" in src or "table(" in src), name
     assert "statistics.median" not in src and "elapsed_time" not in src, name
 
 
