@@ -1,6 +1,8 @@
 """LoRALinear forward+backward vs the frozen nn.Linear alone vs the PEFT-style composition
 ``linear(x) + s * (x @ A.T) @ B.T``, PEFT's own LoRA Linear, and that layer after
-``lora_ext.patch_peft`` (x requires grad, as in a mid-network layer).
+``lora_ext.patch_peft`` (x requires grad, as in a mid-network layer). On CUDA also LoRALinear with
+the other order of its halves (LORA_EXT_CUDA_EXPAND_FIRST=1: LoRA term and bias written first,
+cuBLAS accumulating into them), so one GPU run tells which order to make the default.
 
 Goal: LoRALinear <= 1.05x the frozen base layer. Interleaved runs: median (min-max) of the per-run
 ratios.
@@ -34,6 +36,22 @@ def peft_layers(base, A, B, r):
     patched = copy.deepcopy(pm)
     lora_ext.patch_peft(patched)
     return layer, patched.base_model.model.proj
+
+
+def expand_first(go):
+    """go() with LORA_EXT_CUDA_EXPAND_FIRST=1: on CUDA, lora_linear writes bias + LoRA term first
+    and cuBLAS accumulates x W^T into it (beta = 1), in forward and for dx in backward."""
+    def run():
+        old = os.environ.get("LORA_EXT_CUDA_EXPAND_FIRST")
+        os.environ["LORA_EXT_CUDA_EXPAND_FIRST"] = "1"
+        try:
+            go()
+        finally:
+            if old is None:
+                del os.environ["LORA_EXT_CUDA_EXPAND_FIRST"]
+            else:
+                os.environ["LORA_EXT_CUDA_EXPAND_FIRST"] = old
+    return run
 
 
 def case(device: str, quick: bool):
@@ -73,9 +91,12 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             fn().backward(g)
         return go
 
+    steps = {k: step(f) for k, f in fns.items()}
+    if device == "cuda":  # the CUDA backend's other order of the two halves, fwd and bwd
+        steps["lora_ext LoRALinear (expand first)"] = expand_first(steps["lora_ext LoRALinear"])
     # Every variant once per run, back to back, so that machine noise hits all alike; the ratio
     # to the base layer is taken per run.
-    t = interleaved({k: step(f) for k, f in fns.items()}, device, runs=60 if device == "cpu" else 50)
+    t = interleaved(steps, device, runs=60 if device == "cpu" else 50)
     return [{"impl": k, "T": T, "in=out": n, "r": r, "dtype": str(dt).removeprefix("torch."),
              "fwd+bwd ms": Timing.of(ts), "x base": ratios(t, k, "base nn.Linear")}
             for k, ts in t.items()]

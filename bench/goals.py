@@ -39,6 +39,8 @@ GOALS = [
      {"case": "prefill 8 adapters"}, "x_single", "<=", 1.3, ["single_ms"]),
     ("LoRALinear fwd+bwd: x the frozen base layer", "lora_linear",
      {"impl": "lora_ext LoRALinear"}, "x base", "<=", 1.05, ["T", "in=out", "dtype"]),
+    ("LoRALinear fwd+bwd, CUDA expand-first order: x the frozen base layer", "lora_linear",
+     {"impl": "lora_ext LoRALinear (expand first)"}, "x base", "<=", 1.05, []),
     ("PEFT LoRA Linear + patch_peft fwd+bwd: x the frozen base layer", "lora_linear",
      {"impl": "PEFT + patch_peft"}, "x base", "<=", 1.05, []),
     ("PEFT LoRA Linear fwd+bwd: x the frozen base layer (reference)", "lora_linear",

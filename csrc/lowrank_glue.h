@@ -44,9 +44,10 @@ void lora_apply_impl(at::Tensor y, const at::Tensor& x, const at::Tensor& A, con
   if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
 }
 
-// Backends with kExpandFirst (CPU) write the LoRA term (and bias) first and let the base GEMM
-// accumulate into it with beta = 1: y and dx are then read once less. The others run the GEMM
-// first and add the LoRA term in the expand's epilogue.
+// Backends whose expand_first() is true (CPU; CUDA with LORA_EXT_CUDA_EXPAND_FIRST=1) write the
+// LoRA term (and bias) first and let the base GEMM accumulate into it with beta = 1: y and dx are
+// then read once less by lora_ext's kernels. Otherwise the GEMM runs first (bias in its epilogue)
+// and the expand adds the LoRA term.
 // Outputs are fresh tensors, returned with at::_unsafe_view (as aten's matmul does) so they are
 // not views: FSDP2 and autograd may then modify them in place.
 // (y [..., out], u [T, r] fp32): y = x W^T + bias + scale * (keep ⊙ x) A^T B^T; u is saved
@@ -60,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_impl(
                                        fan_in_fan_out);
   const at::Tensor wt = fan_in_fan_out ? weight : weight.t();
   const bool has_bias = bias.has_value() && bias->defined();
-  const bool first = Backend::kExpandFirst && a.T > 0 && a.in > 0 && a.out > 0;
+  const bool first = Backend::expand_first() && a.T > 0 && a.in > 0 && a.out > 0;
   at::Tensor y2 = first ? at::empty({a.T, a.out}, x.options())
                   : has_bias ? at::addmm(*bias, a.x2, wt) : at::mm(a.x2, wt);
   at::Tensor u = at::empty({a.T, a.r}, x.options().dtype(at::kFloat));
@@ -135,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
                                             : at::Tensor();
   at::Tensor dx, dW, dA, dB;
   const at::Tensor w_in = fan_in_fan_out ? weight.t() : weight;  // [out, in]: dx = g W
-  const bool first = Backend::kExpandFirst && output_mask[0] && a.T > 0 && a.out > 0 && a.in > 0;
+  const bool first = Backend::expand_first() && output_mask[0] && a.T > 0 && a.out > 0 && a.in > 0;
   if (output_mask[0]) dx = first ? at::empty({a.T, a.in}, x.options()) : at::mm(g2, w_in);
   if (a.T > 0 && a.out == 0) {
     gB.zero_();  // g B is an empty sum

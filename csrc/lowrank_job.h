@@ -32,8 +32,8 @@ struct LowRankJob {
   const int64_t* seed = nullptr;  // one int64, in the kernel's memory space
   bool mask_x = false;            // dropout on x in the shrink
   bool mask_y = false;            // dropout on the expand's output
-  // CPU only: the expand writes y = bias + scale * keep_y ⊙ (u B^T) without reading y (the base
-  // GEMM then accumulates into it with beta = 1); bias [out] contiguous or null
+  // the expand writes y = bias + scale * keep_y ⊙ (u B^T) without reading y (the base GEMM then
+  // accumulates into it with beta = 1); bias [out] contiguous or null
   bool overwrite_y = false;
   const void* bias = nullptr;
   // weight gradients (see above; CPU only): each output is written when non-null

@@ -11,7 +11,7 @@ namespace {
 
 struct CpuBackend {
   static constexpr bool kFusedWeightGrads = true;  // dA, dB in the backward's pass (lowrank_job.h)
-  static constexpr bool kExpandFirst = true;  // LoRA term first, base GEMM with beta = 1
+  static constexpr bool expand_first() { return true; }  // LoRA term first, base GEMM with beta = 1
   static void run(DType dt, LowRankJob& j, const at::Tensor& like) {
     TORCH_CHECK(like.device().is_cpu(), "lora_ext: CPU kernel called with a tensor on ", like.device());
     lowrank_cpu(dt, j);

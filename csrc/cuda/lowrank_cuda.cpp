@@ -1,5 +1,7 @@
 // CUDA instances of the single-adapter ops (glue in csrc/lowrank_glue.h): device guard, current
 // stream, launch-error checks. Workspaces depend only on shapes, so CUDA-graph capture works.
+#include <cstdlib>
+
 #include "../lowrank_glue.h"
 #include "guard.h"
 #include "ops_cuda.h"
@@ -9,11 +11,19 @@ namespace {
 
 struct CudaBackend {
   static constexpr bool kFusedWeightGrads = false;  // dA, dB by cuBLAS
-  static constexpr bool kExpandFirst = false;  // cuBLAS first (bias epilogue), LoRA term in ours
+  // The order of lora_linear's two halves: cuBLAS first (bias in its epilogue), LoRA term added
+  // by the expand (default); or, with LORA_EXT_CUDA_EXPAND_FIRST=1 (read at every call, so a
+  // benchmark can time both orders in one run), the expand writes bias + LoRA term and cuBLAS
+  // accumulates into it (beta = 1). Which is faster depends on whether cuBLAS hides the read of C.
+  static bool expand_first() {
+    const char* v = std::getenv("LORA_EXT_CUDA_EXPAND_FIRST");
+    return v != nullptr && v[0] == '1';
+  }
   static void run(DType dt, LowRankJob& j, const at::Tensor& like) {
     TORCH_CHECK(on_device(like), "lora_ext: CUDA kernel called with a tensor on ", like.device());
-    TORCH_CHECK(!j.overwrite_y && j.dA == nullptr && j.dBt == nullptr,
-                "lora_ext: the CUDA low-rank kernel has no overwrite / weight-gradient mode (CPU only)");
+    TORCH_CHECK(j.dA == nullptr && j.dBt == nullptr,
+                "lora_ext: the CUDA low-rank kernel has no weight-gradient mode (CPU only)");
+    TORCH_CHECK(!j.overwrite_y || j.ldy == j.out, "lora_ext: overwrite_y needs a contiguous y");
     const DeviceGuard guard(like.device());
     j.num_sms = sm_count(like);
     const int64_t ws = lowrank_workspace(dt, j);  // split-K partials: only when K is split

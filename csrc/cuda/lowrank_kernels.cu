@@ -1,6 +1,7 @@
 // CUDA kernels of the single-adapter low-rank job (csrc/lowrank_job.h), used by lora_apply_ and
-// lora_linear: shrink u[T, r] = (keep ⊙ x) A^T into fp32, expand y += s * keep ⊙ (u B^T),
-// two launches through u (no fp16 intermediate). Dropout masks come from a counter-based hash
+// lora_linear: shrink u[T, r] = (keep ⊙ x) A^T into fp32, expand y += s * keep ⊙ (u B^T)
+// (or y = bias + s * keep ⊙ (u B^T) with overwrite_y), two launches through u (no fp16
+// intermediate). Dropout masks come from a counter-based hash
 // of (seed, element index), the seed read from device memory (graph-safe).
 //
 // Small T (<= 8 tokens, decode): memory-bound, the bytes are A and B.
@@ -175,13 +176,16 @@ struct StoreU {  // shrink: u[z][m, n] = v (split z's partial, or u itself when 
   }
 };
 template <class T>
-struct AddY {  // expand: y[m, n] += s * v, rounded once
+struct AddY {  // expand: y[m, n] += s * v, rounded once (overwrite: y = bias[n] + s * v)
   T* y;
   int64_t ldy;
   float scale;
+  bool overwrite;
+  const T* bias;
   __device__ void operator()(int64_t m, int64_t n, float v) const {
     T* p = y + m * ldy + n;
-    *p = from_f32<T>(to_f32(*p) + scale * v);
+    const float y0 = !overwrite ? to_f32(*p) : bias != nullptr ? to_f32(bias[n]) : 0.f;
+    *p = from_f32<T>(y0 + scale * v);
   }
 };
 
@@ -248,6 +252,20 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// dst[t, k] = keep(t * width + k) * src[t * ld + k]; grid-stride over all elements.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    dropout_rows_kernel(const T* __restrict__ src, int64_t ld, T* __restrict__ dst, int64_t T_,
+                        int64_t width, DropArg drop) {
+  const Dropout d = drop.make();
+  const int64_t n = T_ * width;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t t = i / width, k = i - t * width;
+    dst[i] = from_f32<T>(to_f32(src[t * ld + k]) * d.factor(static_cast<uint64_t>(i)));
+  }
+}
+
 // Launch errors are returned by lowrank(); the first failing call wins.
 #define LORA_EXT_TRY(call)               \
   do {                                   \
@@ -304,10 +322,19 @@ cudaError_t expand(const LowRankJob& j, DropArg drop, cudaStream_t s) {
   if (j.out == 0) return cudaSuccess;
   const T* B = static_cast<const T*>(j.B);
   T* y = static_cast<T*>(j.y);
+  const T* bias = static_cast<const T*>(j.bias);
   constexpr int V = kVec<T>;
   if (j.T <= kSmallT) {
     const int64_t gx = ceil_div(j.out, kThreads);
     const int nt = static_cast<int>(j.T);
+    if (j.overwrite_y) {  // few rows: start them from the bias (a row-stride-0 copy) or zero
+      if (bias != nullptr) {
+        LORA_EXT_LAUNCH(dropout_rows_kernel<T>, ceil_div(j.T * j.out, kThreads), kThreads, 0, s, bias,
+                        int64_t{0}, y, j.T, j.out, DropArg{});
+      } else {
+        LORA_EXT_TRY(cudaMemsetAsync(y, 0, sizeof(T) * j.T * j.out, s));
+      }
+    }
     if (j.r % V == 0 && aligned16(B)) {
       LORA_EXT_LAUNCH(expand_small<T, V>, gx, kThreads, 0, s, y, j.ldy, j.u, B, nt, j.out, j.r,
                       j.scale, drop);
@@ -318,23 +345,9 @@ cudaError_t expand(const LowRankJob& j, DropArg drop, cudaStream_t s) {
   } else {
     const dim3 grid(ceil_div(j.T, 64) * ceil_div(j.out, 64), 1, 1);
     LORA_EXT_LAUNCH(gemm_nt<float, T, 64, AddY<T>>, grid, kThreads, 0, s, j.u, j.r, B, j.r, j.T,
-                    j.out, j.r, j.r, AddY<T>{y, j.ldy, j.scale}, DropArg{}, drop);
+                    j.out, j.r, j.r, AddY<T>{y, j.ldy, j.scale, j.overwrite_y, bias}, DropArg{}, drop);
   }
   return cudaGetLastError();
-}
-
-// dst[t, k] = keep(t * width + k) * src[t * ld + k]; grid-stride over all elements.
-template <class T>
-__global__ void __launch_bounds__(kThreads)
-    dropout_rows_kernel(const T* __restrict__ src, int64_t ld, T* __restrict__ dst, int64_t T_,
-                        int64_t width, DropArg drop) {
-  const Dropout d = drop.make();
-  const int64_t n = T_ * width;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t t = i / width, k = i - t * width;
-    dst[i] = from_f32<T>(to_f32(src[t * ld + k]) * d.factor(static_cast<uint64_t>(i)));
-  }
 }
 
 }  // namespace

@@ -48,11 +48,17 @@ def test_lora_apply(emu, dtype, T, i, o, r):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [4, 40])
-def test_lora_linear_fwd_bwd_with_dropout(emu, dtype, T):
+@pytest.mark.parametrize("order", ["gemm_first", "expand_first", "expand_first_no_bias"])
+def test_lora_linear_fwd_bwd_with_dropout(emu, dtype, T, order, monkeypatch):
+    # expand_first: the CUDA backend's other order (LORA_EXT_CUDA_EXPAND_FIRST=1): the expand
+    # writes bias + LoRA term (decode: rows started from the bias or zero) and the GEMM adds x W^T
+    monkeypatch.setenv("LORA_EXT_CUDA_EXPAND_FIRST", "0" if order == "gemm_first" else "1")
     i, o, r, p = 70, 45, 6, 0.25
     x, W = rand(T, i, dtype=dtype, seed=5), rand(o, i, dtype=dtype, seed=6, scale=0.1)
     A, B = rand(r, i, dtype=dtype, seed=7, scale=0.2), rand(o, r, dtype=dtype, seed=8)
     bias, seed = rand(o, dtype=dtype, seed=9), torch.tensor([123456789], dtype=torch.int64)
+    if order == "expand_first_no_bias":
+        bias = None
     g = rand(T, o, dtype=dtype, seed=10)
     y_ref, u_ref = CPU.lora_linear_fwd(x, W, bias, A, B, 0.5, p, seed, False)
     y, u = under_schedules(emu, lambda: emu.ops.lora_linear_fwd(x, W, bias, A, B, 0.5, p, seed, False))
