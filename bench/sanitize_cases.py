@@ -6,10 +6,11 @@ per tool.
 Cases: T in {1, 8, 9, 17, 65, 72} (decode/streaming and tensor-core paths, partial tiles),
 r in {1, 17, 64}, odd in/out (67 x 131) and aligned ones (1024 x 256, split K), x, y and the
 factors at misaligned addresses (a storage offset of one element), lora_linear forward and
-backward with dropout (same seed on both devices: the same mask), multi_lora_ with -1 and
-out-of-range indices (counted, never touched), mixed ranks (0 included), out_slices, the two
-halves lora_shrink / lora_expand_ (add_inputs both ways), merge_ / exact merge + unmerge through a
-MergeState / merge_points_ (CPU and CUDA give the same bits).
+backward with dropout (same seed on both devices: the same mask; CUDA in both orders of its
+halves), multi_lora_ with -1 and out-of-range indices (counted, never touched), mixed ranks
+(0 included), out_slices, the two halves lora_shrink / lora_expand_ (add_inputs both ways),
+merge_ / exact merge + unmerge through a MergeState / merge_points_ (CPU and CUDA give the same
+bits).
 
 python bench/sanitize_cases.py [--quick]   (quick: T in {1, 9, 72}, r in {1, 17}; for racecheck)
 Exit status 1 if any CUDA result differs from the CPU one (printed); run with
@@ -93,13 +94,17 @@ def lora_linear_case(tag, x, A, B, dt, gen):
     seed = torch.tensor([1234567 + T], dtype=torch.int64)
     fwd, bwd = torch.ops.lora_ext.lora_linear_fwd.default, torch.ops.lora_ext.lora_linear_bwd.default
     res = {}
-    for dev in ("cpu", DEV):
+    # CUDA in both orders of its halves (LORA_EXT_CUDA_EXPAND_FIRST), against the CPU
+    for key, dev, first in (("cpu", "cpu", "0"), ("gemm first", DEV, "0"), ("expand first", DEV, "1")):
+        os.environ["LORA_EXT_CUDA_EXPAND_FIRST"] = first
         a = [t.to(dev) for t in (x, W, b, A, B, seed, g)]
         y, u = fwd(a[0], a[1], a[2], a[3], a[4], 0.5, 0.25, a[5], False)
         grads = bwd(a[6], a[0], a[1], a[3], a[4], u, 0.5, 0.25, a[5], False, [True, False, True, True])
-        res[dev] = (y, u) + tuple(grads[k] for k in (0, 2, 3))
-    for name, c, g_ in zip(("y", "u", "dx", "dA", "dB"), res[DEV], res["cpu"]):
-        check(f"lora_linear {name} (dropout 0.25) {tag}", c, g_)
+        res[key] = (y, u) + tuple(grads[k] for k in (0, 2, 3))
+    os.environ.pop("LORA_EXT_CUDA_EXPAND_FIRST")
+    for order in ("gemm first", "expand first"):
+        for name, c, g_ in zip(("y", "u", "dx", "dA", "dB"), res[order], res["cpu"]):
+            check(f"lora_linear {name} (dropout 0.25, {order}) {tag}", c, g_)
 
 
 def multi_adapter(Ts, ranks, dtypes, gen):
