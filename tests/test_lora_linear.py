@@ -97,6 +97,26 @@ def test_dropout_mask_shared_by_forward_and_backward(device, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 16, 8, 1), (9, 128, 64, 16), (100, 96, 80, 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_expand_first_order_matches_reference(dtype, shape, bias, monkeypatch):
+    # LORA_EXT_CUDA_EXPAND_FIRST=1: bias + LoRA term written first, cuBLAS accumulating into them
+    monkeypatch.setenv("LORA_EXT_CUDA_EXPAND_FIRST", "1")
+    x, W, b, A, B = make(*shape, dtype, "cuda", bias=bias)
+    y = lora_linear(x, W, b, A, B, 0.7)
+    yr, leaves = reference(x, W, b, A, B, 0.7)
+    tol = RTOL[dtype] * (1 if dtype == torch.float32 else 2)
+    assert rel_err(y, yr) < tol
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr.backward(g.double())
+    for ours, ref in zip((x, b, A, B), leaves):
+        if ours is not None:
+            assert rel_err(ours.grad, ref.grad) < tol * 2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_dropout_mask_and_gradients_match_cpu(dtype):
     # The mask is a hash of (seed, element index): one seed gives one mask on both devices, in
     # forward and in backward. With A = I the saved u is dropout(x) itself, so its zeros are the
