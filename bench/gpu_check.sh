@@ -23,6 +23,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+# the in-place build is imported from here, also by the subprocesses tests start (examples, torchrun)
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # CUDA_HOME: as given, else /usr/local/cuda when it has nvcc, else setup.py finds nvcc on PATH
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 PY=${PYTHON:-$(command -v python3 || command -v python)}
