@@ -133,3 +133,24 @@ def test_use_deterministic_algorithms(device, monkeypatch):
         merge_(Wm, A[2], B[2], 0.5, state=state, name="c")
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_multi_lora_cpu_bits_do_not_depend_on_threads(dtype):
+    # CPU work items (packed-panel shrink and expand for big groups, streaming paths for small
+    # ones) each own whole tokens: the same bits with 1 or 2 threads.
+    i, o, r, S, T = 300, 70, 16, 5, 400
+    A, B, scales, ranks = pool(S, r, i, o, dtype, "cpu")
+    ranks[3] = 5
+    x = rand(T, i, dtype=dtype, device="cpu", seed=3)
+    idx = torch.zeros(T, dtype=torch.int32)
+    idx[200:] = torch.randint(-1, S, (T - 200,), generator=torch.Generator().manual_seed(4), dtype=torch.int32)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append((run_multi(x, A, B, idx, scales, ranks), lora_shrink(x, A, idx, ranks)))
+    finally:
+        torch.set_num_threads(before)
+    assert same_bits(outs[0][0], outs[1][0]) and same_bits(outs[0][1], outs[1][1])
