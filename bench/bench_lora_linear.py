@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +43,8 @@ def expand_first(go):
     """go() with LORA_EXT_CUDA_EXPAND_FIRST=1: on CUDA, lora_linear writes bias + LoRA term first
     and cuBLAS accumulates x W^T into it (beta = 1), in forward and for dx in backward."""
     def run():
-        old = os.environ.get("LORA_EXT_CUDA_EXPAND_FIRST")
-        os.environ["LORA_EXT_CUDA_EXPAND_FIRST"] = "1"
-        try:
+        with mock.patch.dict(os.environ, {"LORA_EXT_CUDA_EXPAND_FIRST": "1"}):
             go()
-        finally:
-            if old is None:
-                del os.environ["LORA_EXT_CUDA_EXPAND_FIRST"]
-            else:
-                os.environ["LORA_EXT_CUDA_EXPAND_FIRST"] = old
     return run
 
 

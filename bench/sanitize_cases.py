@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -96,12 +97,11 @@ def lora_linear_case(tag, x, A, B, dt, gen):
     res = {}
     # CUDA in both orders of its halves (LORA_EXT_CUDA_EXPAND_FIRST), against the CPU
     for key, dev, first in (("cpu", "cpu", "0"), ("gemm first", DEV, "0"), ("expand first", DEV, "1")):
-        os.environ["LORA_EXT_CUDA_EXPAND_FIRST"] = first
-        a = [t.to(dev) for t in (x, W, b, A, B, seed, g)]
-        y, u = fwd(a[0], a[1], a[2], a[3], a[4], 0.5, 0.25, a[5], False)
-        grads = bwd(a[6], a[0], a[1], a[3], a[4], u, 0.5, 0.25, a[5], False, [True, False, True, True])
+        with mock.patch.dict(os.environ, {"LORA_EXT_CUDA_EXPAND_FIRST": first}):
+            a = [t.to(dev) for t in (x, W, b, A, B, seed, g)]
+            y, u = fwd(a[0], a[1], a[2], a[3], a[4], 0.5, 0.25, a[5], False)
+            grads = bwd(a[6], a[0], a[1], a[3], a[4], u, 0.5, 0.25, a[5], False, [True, False, True, True])
         res[key] = (y, u) + tuple(grads[k] for k in (0, 2, 3))
-    os.environ.pop("LORA_EXT_CUDA_EXPAND_FIRST")
     for order in ("gemm first", "expand first"):
         for name, c, g_ in zip(("y", "u", "dx", "dA", "dB"), res[order], res["cpu"]):
             check(f"lora_linear {name} (dropout 0.25, {order}) {tag}", c, g_)

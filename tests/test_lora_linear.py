@@ -35,6 +35,24 @@ def reference(x, W, b, A, B, s, fan_in_fan_out=False, mask=None):
     return y, (xd, bd, Ad, Bd)
 
 
+def check_against_reference(x, W, b, A, B, fan_in_fan_out=False):
+    """lora_linear (scale 0.7) forward and the gradients of x, bias, A, B vs the fp64 reference."""
+    dtype = x.dtype
+    y = lora_linear(x, W, b, A, B, 0.7, fan_in_fan_out=fan_in_fan_out)
+    yr, leaves = reference(x, W, b, A, B, 0.7, fan_in_fan_out)
+    assert y.shape == yr.shape and y.dtype == dtype
+    tol = RTOL[dtype] * (1 if dtype == torch.float32 else 2)
+    assert rel_err(y, yr) < tol
+    if y.numel() == 0:
+        return
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr.backward(g.double())
+    for ours, ref in zip((x, b, A, B), leaves):
+        if ours is not None:
+            assert rel_err(ours.grad, ref.grad) < tol * 2
+
+
 SHAPES = [(1, 16, 8, 1), (7, 33, 65, 3), (9, 128, 64, 16), (100, 96, 80, 8), (64, 257, 129, 33),
           (1000, 40, 50, 7), (0, 16, 8, 2), (3, 0, 5, 2), (3, 5, 0, 2)]
 
@@ -47,19 +65,7 @@ def test_forward_backward_match_reference(device, dtype, shape, variant):
     fif = variant == "conv1d"
     x, W, b, A, B = make(*shape, dtype, device, bias=variant != "no_bias", fan_in_fan_out=fif,
                          lead=(2,) if shape[0] == 7 else ())
-    y = lora_linear(x, W, b, A, B, 0.7, fan_in_fan_out=fif)
-    yr, leaves = reference(x, W, b, A, B, 0.7, fif)
-    assert y.shape == yr.shape and y.dtype == dtype
-    tol = RTOL[dtype] * (1 if dtype == torch.float32 else 2)
-    assert rel_err(y, yr) < tol
-    if y.numel() == 0:
-        return
-    g = torch.randn_like(y)
-    y.backward(g)
-    yr.backward(g.double())
-    for ours, ref in zip((x, b, A, B), leaves):
-        if ours is not None:
-            assert rel_err(ours.grad, ref.grad) < tol * 2
+    check_against_reference(x, W, b, A, B, fif)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -102,17 +108,7 @@ def test_dropout_mask_shared_by_forward_and_backward(device, dtype):
 def test_cuda_expand_first_order_matches_reference(dtype, shape, bias, monkeypatch):
     # LORA_EXT_CUDA_EXPAND_FIRST=1: bias + LoRA term written first, cuBLAS accumulating into them
     monkeypatch.setenv("LORA_EXT_CUDA_EXPAND_FIRST", "1")
-    x, W, b, A, B = make(*shape, dtype, "cuda", bias=bias)
-    y = lora_linear(x, W, b, A, B, 0.7)
-    yr, leaves = reference(x, W, b, A, B, 0.7)
-    tol = RTOL[dtype] * (1 if dtype == torch.float32 else 2)
-    assert rel_err(y, yr) < tol
-    g = torch.randn_like(y)
-    y.backward(g)
-    yr.backward(g.double())
-    for ours, ref in zip((x, b, A, B), leaves):
-        if ours is not None:
-            assert rel_err(ours.grad, ref.grad) < tol * 2
+    check_against_reference(*make(*shape, dtype, "cuda", bias=bias))
 
 
 @pytest.mark.cuda

@@ -424,19 +424,27 @@ def test_mixed_batch_caches_follow_the_model():
     assert same()
 
 
-def test_mixed_batch_reaches_modules_to_save():
-    # Layers patch_peft leaves to PEFT (a modules_to_save copy of lm_head per adapter) still get
-    # the names through PEFT's pre-hook.
-    ref = build("llama")
+def with_lm_head_copies(seed, default_too):
+    """(PEFT model in eval mode, its patched deepcopy): Llama with adapters "default" and "b" (r = 4
+    on q_proj), "b" with its own modules_to_save copy of lm_head ("default" too if default_too),
+    each copy perturbed so that the rows of each adapter differ."""
+    ref = build("llama", **({"modules_to_save": ["lm_head"]} if default_too else {}))
     ref.add_adapter("b", peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
-    randomize(ref, seed=17)
+    randomize(ref, seed=seed)
     with torch.no_grad():
         for n, p in ref.named_parameters():
-            if "modules_to_save.b" in n:
+            if "modules_to_save" in n and (default_too or "modules_to_save.b" in n):
                 p.add_(torch.randn_like(p))
     ref.eval()
     pm = copy.deepcopy(ref)
     patch(pm)
+    return ref, pm
+
+
+def test_mixed_batch_reaches_modules_to_save():
+    # Layers patch_peft leaves to PEFT (a modules_to_save copy of lm_head per adapter) still get
+    # the names through PEFT's pre-hook.
+    ref, pm = with_lm_head_copies(seed=17, default_too=False)
     # ("default" has no lm_head copy: PEFT's own mixed forward fails on it, so "__base__" here)
     ids, mix = ids_for(batch=3, seq=4), ["b", "__base__", "b"]
     with torch.no_grad():
@@ -452,16 +460,7 @@ def test_layers_left_to_peft_get_each_threads_names():
     # hooks, shared by all threads, would hand it B's).
     import threading
 
-    ref = build("llama", modules_to_save=["lm_head"])
-    ref.add_adapter("b", peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
-    randomize(ref, seed=19)
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "modules_to_save" in n:
-                p.add_(torch.randn_like(p))
-    ref.eval()
-    pm = copy.deepcopy(ref)
-    patch(pm)
+    ref, pm = with_lm_head_copies(seed=19, default_too=True)
     ids = ids_for(batch=3, seq=4)
     mixes = {"A": ["b", "default", "b"], "B": ["default", "b", "default"]}
     with torch.no_grad():

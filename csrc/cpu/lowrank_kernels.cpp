@@ -32,8 +32,6 @@
 namespace lora_ext::cpu {
 namespace {
 
-constexpr int64_t kTB = 4 * kMR;  // most tokens per thread block
-constexpr int64_t kKC = 256;      // K chunk of the shrink (A panel chunk: 16 KiB)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -204,6 +202,7 @@ void run(const LowRankJob& j) {
     const float* rows[kMR];
     float* crow[kMR];
     const float* brows[kTB];
+    const float* xrows[kTB];
     // dst = fp32(keep ⊙ row t of a [T, width] tensor) (the mask index is t * width + k)
     auto load_row = [&](const T* src, int64_t t, int64_t width, bool mask, float* dst) {
       widen_row(src, width, dst);
@@ -220,32 +219,17 @@ void run(const LowRankJob& j) {
         // Left-operand rows in fp32: read in place for unmasked fp32, else converted/masked.
         if (!xbuf.empty())
           for (int64_t i = 0; i < nt; ++i) load_row(x + (t0 + i) * j.ldx, t0 + i, in, mask_x, xbuf.data() + i * in);
-        auto xrow = [&](int64_t i) -> const float* {
-          return i >= nt ? zeros.data()
-                 : xbuf.empty() ? reinterpret_cast<const float*>(x + (t0 + i) * j.ldx)
-                                : xbuf.data() + i * in;
-        };
-        // K in chunks of kKC so each A panel chunk (kKC x 16 floats) stays in L1 across groups
+        for (int64_t i = 0; i < nt; ++i)
+          xrows[i] = xbuf.empty() ? reinterpret_cast<const float*>(x + (t0 + i) * j.ldx) : xbuf.data() + i * in;
         std::fill(u.begin(), u.end(), 0.f);
-        for (int64_t p = 0; p < rp; ++p) {
-          for (int64_t kc = 0; kc < in; kc += kKC) {
-            const int64_t kn = std::min(kKC, in - kc);
-            for (int64_t g = 0; g < nt; g += kMR) {
-              for (int m = 0; m < kMR; ++m) {
-                rows[m] = xrow(g + m) + kc;
-                crow[m] = g + m < nt ? u.data() + (g + m) * us + p * kNR : scratch;
-              }
-              micro_6x16_acc(kn, rows, Apk.data() + (p * in + kc) * kNR, crow, 1.f);
-            }
-          }
-        }
+        shrink_block(nt, in, rp, xrows, Apk.data(), u.data(), us, zeros.data());
         if (j.u)
           for (int64_t i = 0; i < nt; ++i)
             std::copy(u.data() + i * us, u.data() + i * us + r, j.u + (t0 + i) * r);
         if (want_dB) {  // dBt += uf^T x, while this block of x is in cache
           for (int64_t i = 0; i < nt; ++i) {
             std::copy(j.uf + (t0 + i) * r, j.uf + (t0 + i + 1) * r, ufbuf.data() + i * us);
-            brows[i] = xrow(i);
+            brows[i] = xrows[i];
           }
           tn_update(nt, ufbuf.data(), us, r, brows, in, part + (want_dA ? r * nf : 0));
         }

@@ -3,6 +3,8 @@
 // registers per row, 12 accumulators) and the baseline ISA; picked once at load time.
 #include "lowrank_microkernel.h"
 
+#include <algorithm>
+
 #include <cstdlib>
 #include <string>
 
@@ -173,6 +175,24 @@ void micro_6x16(int64_t K, const float* const rows[kMR], const float* panel, flo
 void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel, float* const c[kMR],
                     float alpha) {
   kKernels.acc(K, rows, panel, c, alpha);
+}
+
+void shrink_block(int64_t nt, int64_t K, int64_t rp, const float* const* rows, const float* Apk,
+                  float* u, int64_t us, const float* zeros) {
+  const float* a[kMR];
+  float* c[kMR];
+  float scratch[kNR];
+  for (int64_t p = 0; p < rp; ++p)
+    for (int64_t kc = 0; kc < K; kc += kKC) {
+      const int64_t kn = std::min(kKC, K - kc);
+      for (int64_t q0 = 0; q0 < nt; q0 += kMR) {
+        for (int m = 0; m < kMR; ++m) {
+          a[m] = (q0 + m < nt ? rows[q0 + m] : zeros) + kc;
+          c[m] = q0 + m < nt ? u + (q0 + m) * us + p * kNR : scratch;
+        }
+        micro_6x16_acc(kn, a, Apk + (p * K + kc) * kNR, c, 1.f);
+      }
+    }
 }
 
 void micro_tn_8x16_acc(int64_t K, const float* a, int64_t lda, const float* const* brows, int64_t n0,

@@ -34,6 +34,16 @@ void micro_6x16(int64_t K, const float* const rows[kMR], const float* panel, flo
 void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel, float* const c[kMR],
                     float alpha);
 
+constexpr int64_t kTB = 4 * kMR;  // most token rows per block of the panel kernels
+constexpr int64_t kKC = 256;      // K chunk of the panel shrink (an A panel chunk: 16 KiB, in L1)
+
+// u[q][p*16 : p*16+16] += sum_{k < K} rows[q][k] * Apk[p][k][0:16] for q < nt (<= kTB), p < rp:
+// the shrink of a block of token rows against A packed as rp panels (pack_panels), K in chunks of
+// kKC so each panel chunk stays in L1 across the 6-row groups. u rows have stride us (>= 16 rp);
+// zeros: >= K zeros, the rows past nt in the last group.
+void shrink_block(int64_t nt, int64_t K, int64_t rp, const float* const* rows, const float* Apk,
+                  float* u, int64_t us, const float* zeros);
+
 constexpr int kTR = 8;  // rows (ranks) per weight-gradient tile
 
 // Weight-gradient (T^T N) update, k running over tokens:

@@ -30,8 +30,8 @@ namespace lora_ext::cpu {
 namespace {
 
 constexpr int64_t kShrinkTok = 16, kShrinkRows = 64, kExpandCols = 256, kPanelMin = 6;
-// shrink panel path: adapters with this many tokens, kTB tokens per item, K chunks of kKC
-constexpr int64_t kShrinkPanelMin = 48, kTB = 4 * kMR, kKC = 256;
+// shrink panel path (shrink_block): adapters with this many tokens, kTB tokens per item
+constexpr int64_t kShrinkPanelMin = 48;
 
 struct Groups {
   std::vector<int32_t> perm, off;  // tokens sorted by adapter; adapter a owns [off[a], off[a+1])
@@ -139,9 +139,6 @@ void shrink_phase(const MultiArgs& a, const Groups& g, float* u) {
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
     std::vector<float> Apk, xbuf, ubuf, zeros;
     int64_t packed = -1;  // sl * S + s of the adapter in Apk
-    float scratch[kNR];
-    const float* rows[kMR];
-    float* crow[kMR];
     for (int64_t i = b; i < e; ++i) {
       const Item& it = items[i];
       const int64_t ad = it.sl * a.S + it.s;
@@ -171,27 +168,17 @@ void shrink_phase(const MultiArgs& a, const Groups& g, float* u) {
         xbuf.resize(kTB * in);
         for (int64_t q = 0; q < nt; ++q) to_f32(x + g.perm[it.t0 + q] * ldx, in, xbuf.data() + q * in);
       }
-      zeros.resize(in, 0.f);
-      auto xrow = [&](int64_t q) -> const float* {
-        if (q >= nt) return zeros.data();
+      const float* xrows[kTB];
+      for (int64_t q = 0; q < nt; ++q) {
         if constexpr (std::is_same_v<T, float>) {
-          return x + g.perm[it.t0 + q] * ldx;
+          xrows[q] = x + g.perm[it.t0 + q] * ldx;
         } else {
-          return xbuf.data() + q * in;
+          xrows[q] = xbuf.data() + q * in;
         }
-      };
+      }
+      zeros.resize(in, 0.f);
       ubuf.assign(kTB * us, 0.f);
-      for (int64_t p = 0; p < rp; ++p)
-        for (int64_t kc = 0; kc < in; kc += kKC) {
-          const int64_t kn = std::min(kKC, in - kc);
-          for (int64_t q0 = 0; q0 < nt; q0 += kMR) {
-            for (int m = 0; m < kMR; ++m) {
-              rows[m] = xrow(q0 + m) + kc;
-              crow[m] = q0 + m < nt ? ubuf.data() + (q0 + m) * us + p * kNR : scratch;
-            }
-            micro_6x16_acc(kn, rows, Apk.data() + (p * in + kc) * kNR, crow, 1.f);
-          }
-        }
+      shrink_block(nt, in, rp, xrows, Apk.data(), ubuf.data(), us, zeros.data());
       for (int64_t q = 0; q < nt; ++q)
         std::copy(ubuf.data() + q * us, ubuf.data() + q * us + r, u + (it.sl * a.T + g.perm[it.t0 + q]) * a.r_max);
     }
