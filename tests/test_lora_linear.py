@@ -234,12 +234,13 @@ def test_weight_gradients_do_not_depend_on_threads(dtype, T):
 
 
 @pytest.mark.skipif(os.environ.get("LORA_EXT_CPU_ISA") is not None, reason="already in a subprocess")
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
 def test_lower_cpu_isas(isa):
     # The CPU micro-kernels exist per ISA, and CI may run any: rerun the CPU kernel tests with a
-    # lower one forced (LORA_EXT_CPU_ISA, read when lora_ext loads).
+    # lower one forced (LORA_EXT_CPU_ISA, read when lora_ext loads; avx512: without the
+    # AVX512-BF16 dot products).
     here = os.path.dirname(os.path.abspath(__file__))
-    tests = [os.path.join(here, f) for f in ("test_lora_linear.py", "test_lora_apply.py")]
+    tests = [os.path.join(here, f) for f in ("test_lora_linear.py", "test_lora_apply.py", "test_multi_lora.py")]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
                           "cpu and not compile", *tests], env={**os.environ, "LORA_EXT_CPU_ISA": isa},
                          capture_output=True, text=True, timeout=600)

@@ -6,8 +6,10 @@
 // T is small, so every thread gets blocks) across threads (at::parallel_for); for each block the
 // fp32 [block, r] intermediate stays in a thread-local
 // buffer (L1/L2) between the shrink and the expand, so x is read once and y is read and written
-// once (written only, with overwrite_y). fp16/bf16 (and masked) rows are converted to fp32 on the
-// fly; the 6x16 micro-kernel (lowrank_microkernel.h) does the shrink and expand arithmetic.
+// once (written only, with overwrite_y). x rows are read in place (fp32; bf16 by the AVX512-BF16
+// shrink, bf16_dot.cpp, where the CPU has it) or converted to fp32 per block (fp16, masked); y rows
+// are read and written in place, rounded once in the micro-kernel's epilogue. The 6x16 micro-kernel
+// (lowrank_microkernel.h) does the shrink and expand arithmetic.
 // lora_linear's backward adds the weight gradients to the same pass: while a block of g (the job's
 // x) and of the forward's x is in cache, the 8x16 T^T N micro-kernel accumulates dB^T += uf^T g and
 // dA += gB^T xf into fp32 partials of the block's chunk (blocks of kTB tokens, grad_chunks(T)
@@ -70,22 +72,20 @@ LORA_EXT_SMALL_KERNELS(_Float16, f16)
 LORA_EXT_SMALL_KERNELS(uint16_t, bf16)
 #undef LORA_EXT_SMALL_KERNELS
 
-// fp32 <-> T rows (rows16.h for the 16-bit types: c10's rounding, 8 lanes at a time)
-template <class T>
-void widen_row(const T* src, int64_t n, float* dst) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::copy(src, src + n, dst);
-  } else {
-    to_f32(reinterpret_cast<const typename Bits<T>::type*>(src), n, dst);
-  }
+// fp32 <-> rows of E (rows16.h for the 16-bit types: c10's rounding, 8 lanes at a time)
+inline void widen_row(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
+inline void narrow_row(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
+template <class E>
+void widen_row(const E* src, int64_t n, float* dst) {
+  to_f32(src, n, dst);
+}
+template <class E>
+void narrow_row(const float* src, int64_t n, E* dst) {
+  from_f32(src, n, dst);
 }
 template <class T>
-void narrow_row(const float* src, int64_t n, T* dst) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::copy(src, src + n, dst);
-  } else {
-    from_f32(src, n, reinterpret_cast<typename Bits<T>::type*>(dst));
-  }
+const typename Bits<T>::type* bits_of(const T* p) {
+  return reinterpret_cast<const typename Bits<T>::type*>(p);
 }
 
 // T <= kSmallT tokens, no masks: u = x A^T by rank blocks, y += s u B^T by output-row blocks.
@@ -115,13 +115,13 @@ void run_small(const LowRankJob& j) {
   at::parallel_for(0, out, 256, [&](int64_t o0, int64_t o1) {
     const int64_t n = o1 - o0;
     std::vector<float> acc(n), b0(j.overwrite_y ? n : 0, 0.f);
-    if (j.overwrite_y && bias) widen_row(bias + o0, n, b0.data());
+    if (j.overwrite_y && bias) widen_row(bits_of(bias + o0), n, b0.data());
     for (int64_t t = 0; t < nt; ++t) {
       expand_small(B + o0 * r, r, r, n, u + t * r, acc.data());
       T* yr = static_cast<T*>(j.y) + t * j.ldy + o0;
       if (j.overwrite_y) {  // y = bias + s * acc, rounded once
         for (int64_t o = 0; o < n; ++o) acc[o] = b0[o] + j.scale * acc[o];
-        narrow_row(acc.data(), n, yr);
+        narrow_row(acc.data(), n, reinterpret_cast<E*>(yr));
       } else if constexpr (std::is_same_v<T, float>) {
         for (int64_t o = 0; o < n; ++o) yr[o] = yr[o] + j.scale * acc[o];
       } else {
@@ -174,38 +174,50 @@ void run(const LowRankJob& j) {
   const bool mask_x = j.dropout_p > 0.f && j.mask_x, mask_y = j.dropout_p > 0.f && j.mask_y;
   const bool mask_xf = j.dropout_p > 0.f && j.mask_xf;
 
-  std::vector<float> Apk(shrink ? rp * in * kNR : 0), Bpk(expand ? op * r * kNR : 0);
+  using E = typename Bits<T>::type;
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  // bf16 x rows read in place by the dot-product shrink (A as bf16 pairs); the weight-gradient
+  // update wants fp32 rows of x, so it keeps the fp32 shrink.
+  const bool dot = std::is_same_v<T, c10::BFloat16> && shrink && !mask_x && !want_dB && bf16_dot();
+  const int64_t in2 = (in + 1) / 2 * 2;
+  std::vector<float> Apk(shrink && !dot ? rp * in * kNR : 0), Bpk(expand ? op * r * kNR : 0);
+  std::vector<uint16_t> Apk2(dot ? rp * in2 * kNR : 0);
   const int64_t npa = shrink ? rp : 0, npb = expand ? op : 0;
   at::parallel_for(0, npa + npb, 1, [&](int64_t b, int64_t e) {
     // panels [0, npa) pack A^T, panels [npa, npa + npb) pack B^T
-    if (b < npa)
+    if (b < npa && dot) {
+      pack_pairs_bf16(reinterpret_cast<const uint16_t*>(j.A), r, in, in, Apk2.data(), b, std::min(e, npa));
+    } else if (b < npa) {
       pack_panels(static_cast<const T*>(j.A), r, in, in, Apk.data(), elem_to_f32<T>, b, std::min(e, npa));
+    }
     if (e > npa)
       pack_panels(static_cast<const T*>(j.B), out, r, r, Bpk.data(), elem_to_f32<T>,
                   std::max(b, npa) - npa, e - npa);
   });
 
-  constexpr bool kF32 = std::is_same_v<T, float>;
   // at least ~4 blocks per thread, in whole micro tiles (fixed when gradients are accumulated)
   const int64_t tb = grads ? kTB : std::min(kTB, kMR * ceil_div(ceil_div(j.T, 4 * at::get_num_threads()), kMR));
   const int64_t nblk = ceil_div(j.T, tb), nchunk = grads ? grad_chunks(j.T, nblk) : nblk;
   const int64_t gsize = r * ((want_dA ? nf : 0) + (want_dB ? in : 0));  // partials per chunk
   std::vector<float> partials(nchunk * gsize, 0.f);
   at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> zeros(std::max({in, rpad, nf}), 0.f);
-    std::vector<float> xbuf(shrink && (!kF32 || mask_x) ? tb * in : 0);
+    std::vector<float> zeros(std::max({in + 1, rpad, nf}), 0.f);
+    const E zero_row[kNR] = {};
+    E scratch_row[kNR] = {};
+    std::vector<float> xbuf(shrink && !dot && (!kF32 || mask_x) ? tb * in : 0);
     std::vector<float> u(tb * us, 0.f);
-    std::vector<float> ybuf(expand && !kF32 ? tb * out : 0);
     std::vector<float> xfbuf(want_dA && (!kF32 || mask_xf) ? tb * nf : 0);
     std::vector<float> ufbuf(want_dB ? tb * us : 0, 0.f);
-    float tile[kMR][kNR], scratch[kNR];
+    float tile[kMR][kNR], row32[kNR];
     const float* rows[kMR];
-    float* crow[kMR];
+    const E* src[kMR];
+    E* dst[kMR];
     const float* brows[kTB];
     const float* xrows[kTB];
+    const uint16_t* xrows16[kTB];
     // dst = fp32(keep ⊙ row t of a [T, width] tensor) (the mask index is t * width + k)
     auto load_row = [&](const T* src, int64_t t, int64_t width, bool mask, float* dst) {
-      widen_row(src, width, dst);
+      widen_row(bits_of(src), width, dst);
       if (!mask) return;
       const uint64_t base = static_cast<uint64_t>(t) * width;
       for (int64_t k = 0; k < width; ++k) dst[k] *= drop.factor(base + k);
@@ -215,7 +227,15 @@ void run(const LowRankJob& j) {
       const int64_t t0 = blk * tb, nt = std::min(tb, j.T - t0);
       while ((c + 1) * nblk / nchunk <= blk) ++c;
       float* part = partials.data() + c * gsize;
-      if (shrink) {
+      if (shrink && dot) {
+        for (int64_t i = 0; i < nt; ++i) xrows16[i] = reinterpret_cast<const uint16_t*>(x + (t0 + i) * j.ldx);
+        std::fill(u.begin(), u.end(), 0.f);
+        shrink_block_bf16(nt, in, rp, xrows16, Apk2.data(), u.data(), us,
+                          reinterpret_cast<const uint16_t*>(zeros.data()));
+        if (j.u)
+          for (int64_t i = 0; i < nt; ++i)
+            std::copy(u.data() + i * us, u.data() + i * us + r, j.u + (t0 + i) * r);
+      } else if (shrink) {
         // Left-operand rows in fp32: read in place for unmasked fp32, else converted/masked.
         if (!xbuf.empty())
           for (int64_t i = 0; i < nt; ++i) load_row(x + (t0 + i) * j.ldx, t0 + i, in, mask_x, xbuf.data() + i * in);
@@ -251,56 +271,32 @@ void run(const LowRankJob& j) {
         tn_update(nt, u.data(), us, r, brows, nf, part);
       }
       if (!expand) continue;
-      // Expand into fp32 rows of y: in place for fp32, else staged through ybuf (one rounding).
-      auto yrow = [&](int64_t i) -> float* {
-        if constexpr (kF32) {
-          return y + (t0 + i) * j.ldy;
-        } else {
-          return ybuf.data() + i * out;
-        }
-      };
-      if constexpr (!kF32) {  // the fp32 staging rows start from y, or from the bias (overwrite)
-        for (int64_t i = 0; i < nt; ++i) {
-          float* dst = ybuf.data() + i * out;
-          if (!j.overwrite_y) {
-            widen_row(y + (t0 + i) * j.ldy, out, dst);
-          } else if (bias) {
-            widen_row(bias, out, dst);
-          } else {
-            std::fill(dst, dst + out, 0.f);
-          }
-        }
-      }
-      // fp32 rows written in place without being read (overwrite): y0 is the bias, not y
-      const bool fresh = kF32 && j.overwrite_y;
-      // 6 rows at a time, left to right: 6 sequential streams through y; B panels stay in cache.
+      // Expand: y = src + s * u B^T rounded once into T in the micro-kernel's epilogue, src being
+      // y itself, or the bias / zeros with overwrite_y (y then written without being read). 6 rows
+      // at a time, left to right: 6 sequential streams through y; B panels stay in cache.
+      E* yb = reinterpret_cast<E*>(y);
       for (int64_t g = 0; g < nt; g += kMR) {
         for (int m = 0; m < kMR; ++m) rows[m] = g + m < nt ? u.data() + (g + m) * us : zeros.data();
         for (int64_t p = 0; p < op; ++p) {
           const int64_t o0 = p * kNR, nc = std::min<int64_t>(kNR, out - o0);
           const float* panel = Bpk.data() + p * r * kNR;
-          if (nc == kNR && !mask_y && !fresh) {
-            for (int m = 0; m < kMR; ++m) crow[m] = g + m < nt ? yrow(g + m) + o0 : scratch;
-            micro_6x16_acc(r, rows, panel, crow, j.scale);
+          for (int m = 0; m < kMR; ++m) {
+            dst[m] = g + m < nt ? yb + (t0 + g + m) * j.ldy + o0 : scratch_row;
+            src[m] = !j.overwrite_y || g + m >= nt ? dst[m] : bias ? bits_of(bias) + o0 : zero_row;
+          }
+          if (nc == kNR && !mask_y) {
+            micro_6x16_acc(r, rows, panel, src, dst, j.scale);
             continue;
           }
-          micro_6x16(r, rows, panel, tile);
+          micro_6x16(r, rows, panel, tile);  // a partial last panel, or masked: through fp32 rows
           for (int m = 0; m < kMR && g + m < nt; ++m) {
-            float* yr = yrow(g + m) + o0;
             const uint64_t base = static_cast<uint64_t>(t0 + g + m) * out + o0;
-            if (fresh) {
-              for (int64_t c = 0; c < nc; ++c)
-                yr[c] = (bias ? static_cast<float>(bias[o0 + c]) : 0.f) +
-                        j.scale * (mask_y ? drop.factor(base + c) : 1.f) * tile[m][c];
-            } else {
-              for (int64_t c = 0; c < nc; ++c)
-                yr[c] += j.scale * (mask_y ? drop.factor(base + c) : 1.f) * tile[m][c];
-            }
+            widen_row(src[m], nc, row32);
+            for (int64_t c = 0; c < nc; ++c)
+              row32[c] += j.scale * (mask_y ? drop.factor(base + c) : 1.f) * tile[m][c];
+            narrow_row(row32, nc, dst[m]);
           }
         }
-      }
-      if constexpr (!kF32) {
-        for (int64_t i = 0; i < nt; ++i) narrow_row(ybuf.data() + i * out, out, y + (t0 + i) * j.ldy);
       }
     }
   });

@@ -1,12 +1,19 @@
 // The 6x16 fp32 micro-kernels (see lowrank_microkernel.h), compiled three times: AVX-512 (one 16-lane
 // register per row, k unrolled by two into 12 independent accumulators), AVX2+FMA (two 8-lane
-// registers per row, 12 accumulators) and the baseline ISA; picked once at load time.
+// registers per row, 12 accumulators) and the baseline ISA; picked once at load time. The
+// accumulating kernel's epilogue reads and writes fp32, bf16 or fp16 rows (vec16.h conversions).
 #include "lowrank_microkernel.h"
 
 #include <algorithm>
 
 #include <cstdlib>
 #include <string>
+#include <type_traits>
+
+#include "vec16.h"
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace lora_ext::cpu {
 namespace {
@@ -15,6 +22,32 @@ typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+// 8 elements of a row of E as fp32, and back rounded into E. Tag F16C: fp16 through the F16C
+// conversion instructions (same bits as vec16's integer steps, NaN -> sign | 0x7E00 as in c10).
+struct Generic {};
+struct F16C {};
+template <class Tag>
+LORA_EXT_AI v8 ld8(Tag, const float* p) { return vec16::load<v8>(p); }
+template <class Tag>
+LORA_EXT_AI v8 ld8(Tag, const uint16_t* p) { return vec16::widen(vec16::load<vec16::u16x8>(p)); }
+LORA_EXT_AI v8 ld8(Generic, const _Float16* p) { return vec16::widen(vec16::load<vec16::h8>(p)); }
+template <class Tag>
+LORA_EXT_AI void st8(Tag, float* p, v8 v) { vec16::store(p, v); }
+template <class Tag>
+LORA_EXT_AI void st8(Tag, uint16_t* p, v8 v) { vec16::store(p, vec16::narrow(v, vec16::u16x8{})); }
+LORA_EXT_AI void st8(Generic, _Float16* p, v8 v) { vec16::store(p, vec16::narrow(v, vec16::h8{})); }
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LORA_EXT_F16C_AI inline __attribute__((always_inline, target("avx2,f16c")))
+LORA_EXT_F16C_AI v8 ld8(F16C, const _Float16* p) {
+  return (v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+LORA_EXT_F16C_AI void st8(F16C, _Float16* p, v8 v) {
+  vec16::u16x8 h = (vec16::u16x8)_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  h = (h & 0x7FFF) > 0x7C00 ? (h & 0x8000) | 0x7E00 : h;  // NaN: c10's canonical one, sign kept
+  vec16::store(p, h);
+}
+#endif
 
 // acc[m][0..1] (two v8 per row) = sum_k rows[m][k] * panel[k][0:16]
 #define LORA_EXT_LOOP_V8                                                      \
@@ -73,7 +106,7 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
     }                                                                                         \
   }
 
-#define LORA_EXT_DEFINE_V8(suffix, attr)                                                       \
+#define LORA_EXT_DEFINE_V8(suffix, attr, Tag)                                                     \
   attr void tile_##suffix(int64_t K, const float* const* rows, const float* panel,            \
                           float (*out)[kNR]) {                                                \
     LORA_EXT_LOOP_V8                                                                          \
@@ -82,36 +115,43 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
       *reinterpret_cast<v8u*>(&out[m][8]) = acc[m][1];                                        \
     }                                                                                         \
   }                                                                                           \
+  template <class E>                                                                          \
   attr void acc_##suffix(int64_t K, const float* const* rows, const float* panel,             \
-                         float* const* c, float alpha) {                                      \
-    for (int m = 0; m < kMR; ++m) __builtin_prefetch(c[m] + 4 * kNR, 1);                      \
+                         const E* const* src, E* const* dst, float alpha) {                   \
+    for (int m = 0; m < kMR; ++m) __builtin_prefetch(src[m] + 4 * kNR);                       \
     LORA_EXT_LOOP_V8                                                                          \
     for (int m = 0; m < kMR; ++m) {                                                           \
-      v8u* dst = reinterpret_cast<v8u*>(c[m]);                                                \
-      dst[0] = dst[0] + alpha * acc[m][0];                                                    \
-      dst[1] = dst[1] + alpha * acc[m][1];                                                    \
+      st8(Tag{}, dst[m], ld8(Tag{}, src[m]) + alpha * acc[m][0]);                             \
+      st8(Tag{}, dst[m] + 8, ld8(Tag{}, src[m] + 8) + alpha * acc[m][1]);                     \
     }                                                                                         \
   }
 
-LORA_EXT_DEFINE_V8(base, )
+LORA_EXT_DEFINE_V8(base, , Generic)
 LORA_EXT_TN_V8(base, )
 #if defined(__x86_64__) && defined(__GNUC__)
-LORA_EXT_DEFINE_V8(avx2, __attribute__((target("avx2,fma"))))
-LORA_EXT_TN_V8(avx2, __attribute__((target("avx2,fma"))))
+LORA_EXT_DEFINE_V8(avx2, __attribute__((target("avx2,fma,f16c"))), F16C)
+LORA_EXT_TN_V8(avx2, __attribute__((target("avx2,fma,f16c"))))
 
-#define LORA_EXT_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
+#define LORA_EXT_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
 LORA_EXT_AVX512 void tile_avx512(int64_t K, const float* const* rows, const float* panel,
                                  float (*out)[kNR]) {
   LORA_EXT_LOOP_V16
   for (int m = 0; m < kMR; ++m) *reinterpret_cast<v16u*>(&out[m][0]) = acc[m];
 }
+template <class E>
 LORA_EXT_AVX512 void acc_avx512(int64_t K, const float* const* rows, const float* panel,
-                                float* const* c, float alpha) {
-  for (int m = 0; m < kMR; ++m) __builtin_prefetch(c[m] + 4 * kNR, 1);
+                                const E* const* src, E* const* dst, float alpha) {
+  for (int m = 0; m < kMR; ++m) __builtin_prefetch(src[m] + 4 * kNR);
   LORA_EXT_LOOP_V16
   for (int m = 0; m < kMR; ++m) {
-    v16u* dst = reinterpret_cast<v16u*>(c[m]);
-    dst[0] = dst[0] + alpha * acc[m];
+    if constexpr (std::is_same_v<E, float>) {
+      *reinterpret_cast<v16u*>(dst[m]) = *reinterpret_cast<const v16u*>(src[m]) + alpha * acc[m];
+    } else {  // two 8-lane halves through vec16's conversions
+      const v8 lo = __builtin_shufflevector(acc[m], acc[m], 0, 1, 2, 3, 4, 5, 6, 7);
+      const v8 hi = __builtin_shufflevector(acc[m], acc[m], 8, 9, 10, 11, 12, 13, 14, 15);
+      st8(F16C{}, dst[m], ld8(F16C{}, src[m]) + alpha * lo);
+      st8(F16C{}, dst[m] + 8, ld8(F16C{}, src[m] + 8) + alpha * hi);
+    }
   }
 }
 LORA_EXT_AVX512 void tn_avx512(int64_t K, const float* a, int64_t lda, const float* const* brows,
@@ -139,29 +179,36 @@ LORA_EXT_AVX512 void tn_avx512(int64_t K, const float* a, int64_t lda, const flo
 #endif
 
 using TileFn = void (*)(int64_t, const float* const*, const float*, float (*)[kNR]);
-using AccFn = void (*)(int64_t, const float* const*, const float*, float* const*, float);
+template <class E>
+using AccFn = void (*)(int64_t, const float* const*, const float*, const E* const*, E* const*, float);
 using TnFn = void (*)(int64_t, const float*, int64_t, const float* const*, int64_t, float* const*);
 
 struct Kernels {
   TileFn tile;
-  AccFn acc;
+  AccFn<float> acc_f32;
+  AccFn<uint16_t> acc_bf16;
+  AccFn<_Float16> acc_f16;
   TnFn tn;
+  bool bf16_dot;
 };
 
-// The best ISA this CPU has, or a lower one named by $LORA_EXT_CPU_ISA (avx2, baseline): the
-// tests run every variant on one machine that way.
+// The best ISA this CPU has, or a lower one named by $LORA_EXT_CPU_ISA (avx512: without the
+// AVX512-BF16 dot products; avx2; baseline): the tests run every variant on one machine that way.
 Kernels pick() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   const char* env = std::getenv("LORA_EXT_CPU_ISA");
   const std::string cap = env ? env : "";
-  const bool any = cap.empty() || cap == "avx512";
-  if (any && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
-    return {tile_avx512, acc_avx512, tn_avx512};
-  if ((any || cap == "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {tile_avx2, acc_avx2, tn_avx2};
+  const bool any = cap.empty() || cap == "avx512bf16";
+  if ((any || cap == "avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("f16c"))
+    return {tile_avx512, acc_avx512<float>, acc_avx512<uint16_t>, acc_avx512<_Float16>, tn_avx512,
+            any && __builtin_cpu_supports("avx512bf16")};
+  if ((any || cap == "avx512" || cap == "avx2") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return {tile_avx2, acc_avx2<float>, acc_avx2<uint16_t>, acc_avx2<_Float16>, tn_avx2, false};
 #endif
-  return {tile_base, acc_base, tn_base};
+  return {tile_base, acc_base<float>, acc_base<uint16_t>, acc_base<_Float16>, tn_base, false};
 }
 
 const Kernels kKernels = pick();
@@ -172,10 +219,20 @@ void micro_6x16(int64_t K, const float* const rows[kMR], const float* panel, flo
   kKernels.tile(K, rows, panel, out);
 }
 
-void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel, float* const c[kMR],
-                    float alpha) {
-  kKernels.acc(K, rows, panel, c, alpha);
+void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel,
+                    const float* const src[kMR], float* const dst[kMR], float alpha) {
+  kKernels.acc_f32(K, rows, panel, src, dst, alpha);
 }
+void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel,
+                    const uint16_t* const src[kMR], uint16_t* const dst[kMR], float alpha) {
+  kKernels.acc_bf16(K, rows, panel, src, dst, alpha);
+}
+void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel,
+                    const _Float16* const src[kMR], _Float16* const dst[kMR], float alpha) {
+  kKernels.acc_f16(K, rows, panel, src, dst, alpha);
+}
+
+bool bf16_dot() { return kKernels.bf16_dot; }
 
 void shrink_block(int64_t nt, int64_t K, int64_t rp, const float* const* rows, const float* Apk,
                   float* u, int64_t us, const float* zeros) {
@@ -190,7 +247,7 @@ void shrink_block(int64_t nt, int64_t K, int64_t rp, const float* const* rows, c
           a[m] = (q0 + m < nt ? rows[q0 + m] : zeros) + kc;
           c[m] = q0 + m < nt ? u + (q0 + m) * us + p * kNR : scratch;
         }
-        micro_6x16_acc(kn, a, Apk + (p * K + kc) * kNR, c, 1.f);
+        micro_6x16_acc(kn, a, Apk + (p * K + kc) * kNR, c, c, 1.f);
       }
     }
 }

@@ -29,10 +29,16 @@ constexpr int kNR = 16;  // columns per micro tile (one packed panel)
 // out[6][16] = sum_{k < K} rows[m][k] * panel[k * 16 + n]
 void micro_6x16(int64_t K, const float* const rows[kMR], const float* panel, float out[kMR][kNR]);
 
-// c[m][0:16] += alpha * sum_{k < K} rows[m][k] * panel[k * 16 + n]  (all 16 columns valid;
-// rows past the valid ones may point at a zero row and c[m] at scratch).
-void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel, float* const c[kMR],
-                    float alpha);
+// dst[m][0:16] = src[m][0:16] + alpha * sum_{k < K} rows[m][k] * panel[k * 16 + n], rounded once
+// into the element type: float, uint16_t (bf16 bits) or _Float16, with c10's rounding (vec16.h).
+// All 16 columns valid; src[m] may be dst[m] (accumulate) or any other row (a bias row, zeros);
+// rows past the valid ones may point at a zero row and src/dst at scratch.
+void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel,
+                    const float* const src[kMR], float* const dst[kMR], float alpha);
+void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel,
+                    const uint16_t* const src[kMR], uint16_t* const dst[kMR], float alpha);
+void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel,
+                    const _Float16* const src[kMR], _Float16* const dst[kMR], float alpha);
 
 constexpr int64_t kTB = 4 * kMR;  // most token rows per block of the panel kernels
 constexpr int64_t kKC = 256;      // K chunk of the panel shrink (an A panel chunk: 16 KiB, in L1)
@@ -43,6 +49,20 @@ constexpr int64_t kKC = 256;      // K chunk of the panel shrink (an A panel chu
 // zeros: >= K zeros, the rows past nt in the last group.
 void shrink_block(int64_t nt, int64_t K, int64_t rp, const float* const* rows, const float* Apk,
                   float* u, int64_t us, const float* zeros);
+
+// bf16 shrink on the AVX512-BF16 dot-product instructions (bf16_dot.cpp): the same product as
+// shrink_block with bf16 rows read in place (no fp32 copy of x) and A packed as bf16 pairs by
+// pack_pairs_bf16; each instruction multiplies two k at once, the products are exact in fp32 and
+// summed in fp32 (inputs and results below 2^-126 count as zero: the instructions' DAZ/FTZ).
+// Used when bf16_dot() (the CPU has them and $LORA_EXT_CPU_ISA allows them).
+bool bf16_dot();
+// dst[p][kp][c][h] = src[p*16 + c][2 kp + h] (bf16 bits) for kp < ceil(K/2), zero past N and K;
+// dst holds ceil(N/16) * ceil(K/2) * 32 elements.
+void pack_pairs_bf16(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst,
+                     int64_t p_begin, int64_t p_end);
+// u[q][p*16 : p*16+16] += sum_{k < K} rows[q][k] * A[p*16 + c][k]; zeros: >= K + 1 zeros.
+void shrink_block_bf16(int64_t nt, int64_t K, int64_t rp, const uint16_t* const* rows,
+                       const uint16_t* Apk, float* u, int64_t us, const uint16_t* zeros);
 
 constexpr int kTR = 8;  // rows (ranks) per weight-gradient tile
 

@@ -4,14 +4,15 @@
 // also validates every index and rank). Then two at::parallel_for phases over work items:
 //   shrink: adapters with >= kShrinkPanelMin tokens: item = (slice, adapter, kTB tokens); the
 //     thread packs A[slice, a, :r] into 16-wide fp32 panels once per adapter of its contiguous
-//     run of items, widens each x row once, and runs the 6x16 micro-kernel over K chunks.
+//     run of items, widens each x row once, and runs the 6x16 micro-kernel over K chunks (bf16
+//     on CPUs with AVX512-BF16: A packed as bf16 pairs, x rows read in place, bf16_dot.cpp).
 //     Others: item = (slice, adapter, <= 16 tokens, <= 64 rank rows) with shrink_tile (2 rank
 //     rows x 4 tokens of vector accumulators, no packing; padded rank rows are never read).
 //   expand: item = (slice, adapter, its tokens, 256 output columns); y[t, cols] +=
 //     s_a * B[a, cols, :r] u[t, :r]. Groups of >= kPanelMin tokens pack the B block once
-//     into 16-wide fp32 panels and run the 6x16 micro-kernel, accumulating into fp32 y rows in
-//     place (16-bit rows: staged in fp32, rounded once); smaller groups use expand_rows (8 dot
-//     products folded by shuffles) and skip the packing.
+//     into 16-wide fp32 panels and run the 6x16 micro-kernel, accumulating into y rows in place
+//     (16-bit rows rounded once in its epilogue); smaller groups use expand_rows (8 dot products
+//     folded by shuffles) and skip the packing.
 // u is an fp32 [n, T, r_max] buffer; y is rounded once per element.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -136,9 +137,11 @@ void shrink_phase(const MultiArgs& a, const Groups& g, float* u) {
   const E* x = reinterpret_cast<const E*>(a.x2.data_ptr<T>());
   const E* A = reinterpret_cast<const E*>(a.A.data_ptr<T>());
   const int64_t ldx = a.T > 1 ? a.x2.stride(0) : a.in, in = a.in;
+  const bool dot = std::is_same_v<T, c10::BFloat16> && bf16_dot();
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
     std::vector<float> Apk, xbuf, ubuf, zeros;
-    int64_t packed = -1;  // sl * S + s of the adapter in Apk
+    std::vector<uint16_t> Apk2;
+    int64_t packed = -1;  // sl * S + s of the adapter in Apk / Apk2
     for (int64_t i = b; i < e; ++i) {
       const Item& it = items[i];
       const int64_t ad = it.sl * a.S + it.s;
@@ -158,27 +161,39 @@ void shrink_phase(const MultiArgs& a, const Groups& g, float* u) {
         continue;
       }
       const int64_t r = it.j1, rp = (r + kNR - 1) / kNR, us = rp * kNR, nt = it.t1 - it.t0;
-      if (packed != ad) {
-        Apk.resize(rp * in * kNR);
-        pack_panels(reinterpret_cast<const T*>(As), r, in, in, Apk.data(),
-                    [](T v) { return static_cast<float>(v); }, 0, rp);
-        packed = ad;
-      }
-      if constexpr (!std::is_same_v<T, float>) {
-        xbuf.resize(kTB * in);
-        for (int64_t q = 0; q < nt; ++q) to_f32(x + g.perm[it.t0 + q] * ldx, in, xbuf.data() + q * in);
-      }
-      const float* xrows[kTB];
-      for (int64_t q = 0; q < nt; ++q) {
-        if constexpr (std::is_same_v<T, float>) {
-          xrows[q] = x + g.perm[it.t0 + q] * ldx;
-        } else {
-          xrows[q] = xbuf.data() + q * in;
-        }
-      }
-      zeros.resize(in, 0.f);
+      zeros.resize(in + 1, 0.f);
       ubuf.assign(kTB * us, 0.f);
-      shrink_block(nt, in, rp, xrows, Apk.data(), ubuf.data(), us, zeros.data());
+      if (dot) {  // bf16 rows in place, A as bf16 pairs (bf16_dot.cpp)
+        if (packed != ad) {
+          Apk2.resize(rp * ((in + 1) / 2) * 2 * kNR);
+          pack_pairs_bf16(reinterpret_cast<const uint16_t*>(As), r, in, in, Apk2.data(), 0, rp);
+          packed = ad;
+        }
+        const uint16_t* xrows[kTB];
+        for (int64_t q = 0; q < nt; ++q) xrows[q] = reinterpret_cast<const uint16_t*>(x + g.perm[it.t0 + q] * ldx);
+        shrink_block_bf16(nt, in, rp, xrows, Apk2.data(), ubuf.data(), us,
+                          reinterpret_cast<const uint16_t*>(zeros.data()));
+      } else {
+        if (packed != ad) {
+          Apk.resize(rp * in * kNR);
+          pack_panels(reinterpret_cast<const T*>(As), r, in, in, Apk.data(),
+                      [](T v) { return static_cast<float>(v); }, 0, rp);
+          packed = ad;
+        }
+        if constexpr (!std::is_same_v<T, float>) {
+          xbuf.resize(kTB * in);
+          for (int64_t q = 0; q < nt; ++q) to_f32(x + g.perm[it.t0 + q] * ldx, in, xbuf.data() + q * in);
+        }
+        const float* xrows[kTB];
+        for (int64_t q = 0; q < nt; ++q) {
+          if constexpr (std::is_same_v<T, float>) {
+            xrows[q] = x + g.perm[it.t0 + q] * ldx;
+          } else {
+            xrows[q] = xbuf.data() + q * in;
+          }
+        }
+        shrink_block(nt, in, rp, xrows, Apk.data(), ubuf.data(), us, zeros.data());
+      }
       for (int64_t q = 0; q < nt; ++q)
         std::copy(ubuf.data() + q * us, ubuf.data() + q * us + r, u + (it.sl * a.T + g.perm[it.t0 + q]) * a.r_max);
     }
@@ -202,8 +217,9 @@ void expand_phase(const MultiArgs& a, const Groups& g, const float* u) {
   T* y = a.y2.data_ptr<T>();
   const int64_t ldy = a.T > 1 ? a.y2.stride(0) : a.out;
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
-    std::vector<float> panels, stage, res(kExpandCols), zeros(a.r_max, 0.f);
-    float tile[kMR][kNR], scratch[kNR];
+    std::vector<float> panels, res(kExpandCols), zeros(a.r_max, 0.f);
+    float tile[kMR][kNR];
+    E scratch[kNR] = {};
     for (int64_t i = b; i < e; ++i) {
       const Item& it = items[i];
       const int64_t r = rank_of(a, it.sl, it.s), nc = it.o1 - it.o0;
@@ -218,38 +234,28 @@ void expand_phase(const MultiArgs& a, const Groups& g, const float* u) {
         pack_panels(Bs, nc, r, a.r_max, panels.data(),
                     [](T v) { return static_cast<float>(v); }, 0, np);
         const float* rows[kMR];
-        float* crow[kMR];
+        E* crow[kMR];
         for (int64_t q0 = 0; q0 < m; q0 += kMR) {
           const int mq = static_cast<int>(std::min<int64_t>(kMR, m - q0));
           for (int q = 0; q < kMR; ++q) rows[q] = q < mq ? urow(q0 + q) : zeros.data();
           auto yrow = [&](int q) { return y + toks[q0 + q] * ldy + it.o0; };
-          if constexpr (std::is_same_v<T, float>) {
-            // whole panels accumulate into y in place; a partial last panel goes through a tile
-            for (int64_t p = 0; p < np; ++p) {
-              const int64_t c1 = std::min<int64_t>(kNR, nc - p * kNR);
-              if (c1 == kNR) {
-                for (int q = 0; q < kMR; ++q) crow[q] = q < mq ? yrow(q) + p * kNR : scratch;
-                micro_6x16_acc(r, rows, panels.data() + p * r * kNR, crow, sc);
-              } else {
-                micro_6x16(r, rows, panels.data() + p * r * kNR, tile);
-                for (int q = 0; q < mq; ++q) add_scaled(yrow(q) + p * kNR, tile[q], sc, c1);
-              }
+          // Whole panels: y rows += s * u B^T in the micro-kernel's epilogue (rounded once into
+          // T, read and written in place); a partial last panel through a tile. 16-bit rows: the
+          // next group's rows (scattered: this adapter's tokens) are fetched meanwhile (fp32
+          // measured slower with it).
+          for (int64_t q = q0 + kMR; !std::is_same_v<T, float> && q < std::min(m, q0 + 2 * kMR); ++q) {
+            const char* p0 = reinterpret_cast<const char*>(y + toks[q] * ldy + it.o0);
+            for (int64_t b = 0; b < nc * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p0 + b, 1);
+          }
+          for (int64_t p = 0; p < np; ++p) {
+            const int64_t c1 = std::min<int64_t>(kNR, nc - p * kNR);
+            if (c1 == kNR) {
+              for (int q = 0; q < kMR; ++q) crow[q] = q < mq ? raw(yrow(q)) + p * kNR : scratch;
+              micro_6x16_acc(r, rows, panels.data() + p * r * kNR, crow, crow, sc);
+            } else {
+              micro_6x16(r, rows, panels.data() + p * r * kNR, tile);
+              for (int q = 0; q < mq; ++q) add_scaled(yrow(q) + p * kNR, tile[q], sc, c1);
             }
-          } else {
-            // 16-bit y: the rows' columns staged in fp32 (whole panels wide), accumulated, rounded
-            // once. The next group's rows (scattered: this adapter's tokens) are fetched meanwhile.
-            for (int64_t q = q0 + kMR; q < std::min(m, q0 + 2 * kMR); ++q) {
-              const char* p0 = reinterpret_cast<const char*>(y + toks[q] * ldy + it.o0);
-              for (int64_t b = 0; b < nc * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p0 + b, 1);
-            }
-            const int64_t w = np * kNR;
-            stage.resize(kMR * w);
-            for (int q = 0; q < mq; ++q) to_f32(raw(yrow(q)), nc, stage.data() + q * w);
-            for (int64_t p = 0; p < np; ++p) {
-              for (int q = 0; q < kMR; ++q) crow[q] = q < mq ? stage.data() + q * w + p * kNR : scratch;
-              micro_6x16_acc(r, rows, panels.data() + p * r * kNR, crow, sc);
-            }
-            for (int q = 0; q < mq; ++q) from_f32(stage.data() + q * w, nc, raw(yrow(q)));
           }
         }
       } else {

@@ -3,7 +3,8 @@
 // Dependency-free: EXPECT records a failure (file:line + message) and the test goes on; each
 // test is a function in kTests, and main returns 1 when any check failed or a test threw.
 // Covered: micro_6x16, micro_tn_8x16 and pack_panels against naive loops; the vector 16-bit row
-// conversions (rows16.h) bit for bit against c10's scalar ones; lora_apply_cpu against an fp64
+// conversions (rows16.h) and micro_6x16_acc's 16-bit epilogue bit for bit against c10's scalar
+// ones; the AVX512-BF16 shrink against fp64; lora_apply_cpu against an fp64
 // at::matmul reference (fp32/fp16/bf16, r = 1, odd widths, T = 0, layouts, thread counts);
 // bad input raising c10::Error that names the argument; the CPU/CUDA registrations.
 #include <ATen/ATen.h>
@@ -372,6 +373,98 @@ void test_rows16() {
   check_rows16<c10::Half, _Float16>("fp16");
 }
 
+// ---- the accumulating micro-kernel's epilogue into 16-bit rows, and the bf16 dot shrink ----
+
+// dst = round(src + tile) with alpha = 1 (one rounding whether or not a*b+c is fused): every
+// 16-bit pattern as src, in place and from another row, bit for bit against c10's conversions
+// of micro_6x16's tile.
+template <class C, class E>
+void check_acc_epilogue(const char* name) {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> dist(-2.f, 2.f);
+  const int64_t K = 3;
+  std::vector<float> a(kMR * K), panel(K * kNR);
+  for (float& v : a) v = dist(rng);
+  for (float& v : panel) v = dist(rng);
+  const float* rows[kMR];
+  for (int m = 0; m < kMR; ++m) rows[m] = a.data() + m * K;
+  float tile[kMR][kNR];
+  lora_ext::cpu::micro_6x16(K, rows, panel.data(), tile);
+  std::vector<E> all(1 << 16);
+  for (uint32_t h = 0; h < (1u << 16); ++h) std::memcpy(&all[h], &h, 2);
+  for (bool in_place : {true, false}) {
+    std::vector<E> dst = all;
+    int bad = 0;
+    for (size_t i0 = 0; i0 < all.size(); i0 += kMR * kNR) {
+      const E* src[kMR];
+      E* out[kMR];
+      E scratch[kNR];
+      for (int m = 0; m < kMR; ++m) {
+        const size_t i = i0 + m * kNR;
+        src[m] = i < all.size() ? all.data() + i : all.data();
+        out[m] = i < all.size() ? (in_place ? dst.data() + i : dst.data() + (all.size() - kNR - i)) : scratch;
+        if (in_place) src[m] = out[m];
+      }
+      lora_ext::cpu::micro_6x16_acc(K, rows, panel.data(), src, out, 1.f);
+      for (int m = 0; m < kMR && i0 + m * kNR < all.size(); ++m)
+        for (int n = 0; n < kNR; ++n) {
+          const size_t i = i0 + m * kNR + n;
+          uint16_t h;
+          std::memcpy(&h, &all[i], 2);
+          const uint16_t ref = C(static_cast<float>(C(h, C::from_bits())) + tile[m][n]).x;
+          bad += std::memcmp(&ref, out[m] + n, 2) != 0;
+        }
+    }
+    EXPECT(bad == 0, name, in_place ? " in place" : " from another row", ": ", bad,
+           " of 65536 patterns differ from c10's round(src + tile)");
+  }
+}
+
+void test_acc_epilogue() {
+  check_acc_epilogue<c10::BFloat16, uint16_t>("bf16");
+  check_acc_epilogue<c10::Half, _Float16>("fp16");
+}
+
+// shrink_block_bf16 (where the CPU has AVX512-BF16) against an fp64 sum of the exact products:
+// odd and even K (the last element read alone), several K chunks, 1..kTB rows, r past a panel.
+void test_shrink_bf16() {
+  namespace cpu = lora_ext::cpu;
+  if (!cpu::bf16_dot()) {
+    std::printf("shrink_bf16: no AVX512-BF16 on this CPU (or LORA_EXT_CPU_ISA), fp32 path only\n");
+    return;
+  }
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd;
+  auto bf = [&](float v) { return c10::BFloat16(v).x; };
+  for (int64_t K : {1, 2, 7, 256, 513, 1030})
+    for (int64_t nt : {int64_t{1}, int64_t{5}, cpu::kTB})
+      for (int64_t r : {1, 16, 21}) {
+        const int64_t ld = K + 3, rp = (r + kNR - 1) / kNR, us = rp * kNR;
+        std::vector<uint16_t> x(nt * ld), A(r * K), Apk(rp * ((K + 1) / 2) * 2 * kNR), zeros(K + 1, 0);
+        for (int64_t i = 0; i < nt * ld; ++i) x[i] = i % ld < K ? bf(nd(rng)) : 0x7FC0;  // NaN past K
+        for (auto& v : A) v = bf(nd(rng));
+        cpu::pack_pairs_bf16(A.data(), r, K, K, Apk.data(), 0, rp);
+        std::vector<const uint16_t*> rows(nt);
+        for (int64_t q = 0; q < nt; ++q) rows[q] = x.data() + q * ld;  // x[q, K:ld] (NaN) stays unread
+        std::vector<float> u(nt * us, 0.5f);
+        cpu::shrink_block_bf16(nt, K, rp, rows.data(), Apk.data(), u.data(), us, zeros.data());
+        double worst = 0;
+        for (int64_t q = 0; q < nt; ++q)
+          for (int64_t j = 0; j < us; ++j) {
+            double ref = 0.5, mag = 0.5;
+            for (int64_t k = 0; j < r && k < K; ++k) {
+              const double p = double(c10::BFloat16(x[q * ld + k], c10::BFloat16::from_bits())) *
+                               double(c10::BFloat16(A[j * K + k], c10::BFloat16::from_bits()));
+              ref += p;
+              mag += std::fabs(p);
+            }
+            const double err = std::fabs(u[q * us + j] - ref) / mag;
+            worst = std::isnan(err) || std::isnan(worst) ? NAN : std::max(worst, err);
+          }
+        EXPECT(worst <= 4e-7 * std::sqrt(double(K)), "K=", K, " nt=", nt, " r=", r, ": error ", worst);
+      }
+}
+
 // ---- registrations (register_cpu.cpp) ----
 
 void test_registration() {
@@ -393,6 +486,8 @@ const NamedTest kTests[] = {
     {"micro_tn_8x16", test_micro_tn_8x16},
     {"pack_panels", test_pack_panels},
     {"rows16", test_rows16},
+    {"acc_epilogue", test_acc_epilogue},
+    {"shrink_bf16", test_shrink_bf16},
     {"lora_apply_matches_reference", test_lora_apply_matches_reference},
     {"layouts", test_layouts},
     {"degenerate_sizes", test_degenerate_sizes},
