@@ -6,7 +6,9 @@
 // products to 16 fp32 accumulators. k pairs are unrolled by two into 12 accumulators (6 rows x 2)
 // to cover the instruction's latency. K runs in chunks of kKC so a panel chunk (8 KiB) stays in
 // L1 across the 6-row groups of a token block; an odd K's last element is read alone (no read
-// past a row). Without the instructions (other CPUs, LORA_EXT_CPU_ISA) the fp32 kernels run.
+// past a row). Few tokens (shrink_rows_bf16, no packing): 4 rank rows x 4 token rows of dot
+// products along K, 32 k per instruction, summed across lanes at the end.
+// Without the instructions (other CPUs, LORA_EXT_CPU_ISA) the fp32 kernels run.
 #include <algorithm>
 #include <cstring>
 
@@ -36,6 +38,7 @@ void pack_pairs_bf16(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint
 namespace {
 
 #define LORA_EXT_BF16 __attribute__((target("avx512f,avx512bf16")))
+#define LORA_EXT_BF16_BW __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 inline uint32_t pair_at(const uint16_t* p) {
   uint32_t v;
@@ -69,7 +72,41 @@ LORA_EXT_BF16 void dot_6x16(int64_t np, bool odd, const uint16_t* const* rows, c
     _mm512_storeu_ps(c[m], _mm512_add_ps(_mm512_loadu_ps(c[m]), _mm512_add_ps(acc[m], acc2[m])));
 }
 
+// out[j][t] = a[j][:K] . x[t][:K] for 4 rank rows x 4 token rows: 16 accumulators, 32 k per
+// instruction pair of loads; the last K % 32 elements through masked (zero-filling) loads.
+LORA_EXT_BF16_BW void dot_rows_4x4(const uint16_t* const* a, const uint16_t* const* x, int64_t K,
+                                   float (*out)[4]) {
+  __m512 acc[4][4];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 keep = K - k >= 32 ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
+    __m512bh av[4];
+    for (int j = 0; j < 4; ++j) av[j] = (__m512bh)_mm512_maskz_loadu_epi16(keep, a[j] + k);
+    for (int t = 0; t < 4; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(keep, x[t] + k);
+      for (int j = 0; j < 4; ++j) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], av[j], xv);
+    }
+  }
+  for (int j = 0; j < 4; ++j)
+    for (int t = 0; t < 4; ++t) out[j][t] = _mm512_reduce_add_ps(acc[j][t]);
+}
+
 }  // namespace
+
+void shrink_rows_bf16(const uint16_t* A, int64_t lda, int64_t r, const uint16_t* const* x, int nt,
+                      int64_t K, float* const* u) {
+  float out[4][4];
+  const uint16_t* xs[4];
+  for (int t = 0; t < 4; ++t) xs[t] = x[t < nt ? t : 0];  // short groups repeat a row (unused)
+  for (int64_t j0 = 0; j0 < r; j0 += 4) {
+    const uint16_t* as[4];
+    for (int j = 0; j < 4; ++j) as[j] = A + std::min<int64_t>(j0 + j, r - 1) * lda;
+    dot_rows_4x4(as, xs, K, out);
+    for (int t = 0; t < nt; ++t)
+      for (int j = 0; j < 4 && j0 + j < r; ++j) u[t][j0 + j] = out[j][t];
+  }
+}
 
 void shrink_block_bf16(int64_t nt, int64_t K, int64_t rp, const uint16_t* const* rows,
                        const uint16_t* Apk, float* u, int64_t us, const uint16_t* zeros) {
@@ -89,10 +126,14 @@ void shrink_block_bf16(int64_t nt, int64_t K, int64_t rp, const uint16_t* const*
       }
     }
 }
-#else
+#else  // bf16_dot() is false off x86-64
+void shrink_rows_bf16(const uint16_t*, int64_t, int64_t, const uint16_t* const*, int, int64_t,
+                      float* const*) {
+  __builtin_trap();
+}
 void shrink_block_bf16(int64_t, int64_t, int64_t, const uint16_t* const*, const uint16_t*, float*,
                        int64_t, const uint16_t*) {
-  __builtin_trap();  // bf16_dot() is false off x86-64
+  __builtin_trap();
 }
 #endif
 

@@ -100,12 +100,19 @@ void run_small(const LowRankJob& j) {
     for (int64_t t = 0; t < nt; ++t)
       x[t] = reinterpret_cast<const E*>(static_cast<const T*>(j.x) + t * j.ldx);
     const E* A = static_cast<const E*>(j.A);
+    const bool dot = std::is_same_v<T, c10::BFloat16> && bf16_dot();
     at::parallel_for(0, r, 4, [&](int64_t j0, int64_t j1) {
       for (int64_t t0 = 0; t0 < nt; t0 += 4) {
         float* urows[4];
         for (int i = 0; i < 4; ++i) urows[i] = u + std::min(t0 + i, nt - 1) * r + j0;
-        shrink_small(A + j0 * in, in, j1 - j0, x + t0, static_cast<int>(std::min<int64_t>(4, nt - t0)),
-                     in, urows);
+        const int n4 = static_cast<int>(std::min<int64_t>(4, nt - t0));
+        if constexpr (std::is_same_v<E, uint16_t>) {
+          if (dot) {
+            shrink_rows_bf16(A + j0 * in, in, j1 - j0, x + t0, n4, in, urows);
+            continue;
+          }
+        }
+        shrink_small(A + j0 * in, in, j1 - j0, x + t0, n4, in, urows);
       }
     });
   }
@@ -116,8 +123,15 @@ void run_small(const LowRankJob& j) {
     const int64_t n = o1 - o0;
     std::vector<float> acc(n), b0(j.overwrite_y ? n : 0, 0.f);
     if (j.overwrite_y && bias) widen_row(bits_of(bias + o0), n, b0.data());
+    // 16-bit B rows widened once for all tokens (not once per token) when there are several
+    std::vector<float> Bw(!std::is_same_v<T, float> && nt > 1 ? n * r : 0);
+    if (!Bw.empty()) widen_row(B + o0 * r, n * r, Bw.data());
     for (int64_t t = 0; t < nt; ++t) {
-      expand_small(B + o0 * r, r, r, n, u + t * r, acc.data());
+      if (Bw.empty()) {
+        expand_small(B + o0 * r, r, r, n, u + t * r, acc.data());
+      } else {
+        expand_rows_f32(Bw.data(), r, r, n, u + t * r, acc.data());
+      }
       T* yr = static_cast<T*>(j.y) + t * j.ldy + o0;
       if (j.overwrite_y) {  // y = bias + s * acc, rounded once
         for (int64_t o = 0; o < n; ++o) acc[o] = b0[o] + j.scale * acc[o];

@@ -203,7 +203,7 @@ Kernels pick() {
   if ((any || cap == "avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("f16c"))
     return {tile_avx512, acc_avx512<float>, acc_avx512<uint16_t>, acc_avx512<_Float16>, tn_avx512,
-            any && __builtin_cpu_supports("avx512bf16")};
+            any && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")};
   if ((any || cap == "avx512" || cap == "avx2") && __builtin_cpu_supports("avx2") &&
       __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return {tile_avx2, acc_avx2<float>, acc_avx2<uint16_t>, acc_avx2<_Float16>, tn_avx2, false};

@@ -63,6 +63,10 @@ void pack_pairs_bf16(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint
 // u[q][p*16 : p*16+16] += sum_{k < K} rows[q][k] * A[p*16 + c][k]; zeros: >= K + 1 zeros.
 void shrink_block_bf16(int64_t nt, int64_t K, int64_t rp, const uint16_t* const* rows,
                        const uint16_t* Apk, float* u, int64_t us, const uint16_t* zeros);
+// u[t][j] = A[j, :K] . x[t, :K] for t < nt (<= 4), j < r, A rows unpacked (row stride lda): the
+// few-tokens shrink (multi_microkernel.h's shrink_tile on these instructions).
+void shrink_rows_bf16(const uint16_t* A, int64_t lda, int64_t r, const uint16_t* const* x, int nt,
+                      int64_t K, float* const* u);
 
 constexpr int kTR = 8;  // rows (ranks) per weight-gradient tile
 

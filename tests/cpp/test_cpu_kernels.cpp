@@ -425,8 +425,9 @@ void test_acc_epilogue() {
   check_acc_epilogue<c10::Half, _Float16>("fp16");
 }
 
-// shrink_block_bf16 (where the CPU has AVX512-BF16) against an fp64 sum of the exact products:
-// odd and even K (the last element read alone), several K chunks, 1..kTB rows, r past a panel.
+// shrink_block_bf16 and shrink_rows_bf16 (where the CPU has AVX512-BF16) against an fp64 sum of
+// the exact products: odd and even K (the last element read alone), several K chunks, K % 32
+// tails, 1..kTB rows, r past a panel; x past K is NaN, so a read past a row shows.
 void test_shrink_bf16() {
   namespace cpu = lora_ext::cpu;
   if (!cpu::bf16_dot()) {
@@ -436,9 +437,9 @@ void test_shrink_bf16() {
   std::mt19937 rng(11);
   std::normal_distribution<float> nd;
   auto bf = [&](float v) { return c10::BFloat16(v).x; };
-  for (int64_t K : {1, 2, 7, 256, 513, 1030})
+  for (int64_t K : {1, 2, 7, 33, 256, 513, 1030})
     for (int64_t nt : {int64_t{1}, int64_t{5}, cpu::kTB})
-      for (int64_t r : {1, 16, 21}) {
+      for (int64_t r : {1, 6, 16, 21}) {
         const int64_t ld = K + 3, rp = (r + kNR - 1) / kNR, us = rp * kNR;
         std::vector<uint16_t> x(nt * ld), A(r * K), Apk(rp * ((K + 1) / 2) * 2 * kNR), zeros(K + 1, 0);
         for (int64_t i = 0; i < nt * ld; ++i) x[i] = i % ld < K ? bf(nd(rng)) : 0x7FC0;  // NaN past K
@@ -462,6 +463,32 @@ void test_shrink_bf16() {
             worst = std::isnan(err) || std::isnan(worst) ? NAN : std::max(worst, err);
           }
         EXPECT(worst <= 4e-7 * std::sqrt(double(K)), "K=", K, " nt=", nt, " r=", r, ": error ", worst);
+        // the few-tokens kernel on the same rows, A unpacked (up to 4 tokens, u overwritten)
+        for (int64_t q0 = 0; q0 < nt; q0 += 4) {
+          const int n4 = static_cast<int>(std::min<int64_t>(4, nt - q0));
+          std::vector<float> u4(4 * r, 0.5f);
+          float* urows[4];
+          for (int t = 0; t < 4; ++t) urows[t] = u4.data() + t * r;
+          cpu::shrink_rows_bf16(A.data(), K, r, rows.data() + q0, n4, K, urows);
+          double bad = 0;
+          for (int t = 0; t < 4; ++t)
+            for (int64_t j = 0; j < r; ++j) {
+              const double got = u4[t * r + j];
+              if (t >= n4) {
+                bad += got != 0.5f;  // rows past nt untouched
+                continue;
+              }
+              double ref = 0, mag = 0;
+              for (int64_t k = 0; k < K; ++k) {
+                const double p = double(c10::BFloat16(x[(q0 + t) * ld + k], c10::BFloat16::from_bits())) *
+                                 double(c10::BFloat16(A[j * K + k], c10::BFloat16::from_bits()));
+                ref += p;
+                mag += std::fabs(p);
+              }
+              bad += !(std::fabs(got - ref) <= 4e-7 * std::sqrt(double(K)) * mag + 1e-30);
+            }
+          EXPECT(bad == 0, "shrink_rows_bf16 K=", K, " nt=", n4, " r=", r, ": ", bad, " wrong");
+        }
       }
 }
 
