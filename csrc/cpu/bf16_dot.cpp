@@ -28,8 +28,17 @@ void pack_pairs_bf16(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint
     uint16_t* d = dst + p * K2 * 2 * kNR;
     for (int c = 0; c < kNR; ++c) {
       const int64_t j = p * kNR + c;
-      for (int64_t k = 0; k < 2 * K2; ++k)
-        d[(k / 2) * 2 * kNR + 2 * c + (k & 1)] = j < N && k < K ? src[j * ld + k] : 0;
+      uint16_t* dc = d + 2 * c;  // pair kp of column c at dc[kp * 32]
+      if (j >= N) {
+        for (int64_t kp = 0; kp < K2; ++kp) dc[kp * 2 * kNR] = dc[kp * 2 * kNR + 1] = 0;
+        continue;
+      }
+      const uint16_t* s = src + j * ld;
+      for (int64_t kp = 0; kp < K / 2; ++kp) std::memcpy(dc + kp * 2 * kNR, s + 2 * kp, 4);
+      if (K % 2) {
+        dc[(K / 2) * 2 * kNR] = s[K - 1];
+        dc[(K / 2) * 2 * kNR + 1] = 0;
+      }
     }
   }
 }

@@ -196,13 +196,21 @@ void run(const LowRankJob& j) {
   const int64_t in2 = (in + 1) / 2 * 2;
   std::vector<float> Apk(shrink && !dot ? rp * in * kNR : 0), Bpk(expand ? op * r * kNR : 0);
   std::vector<uint16_t> Apk2(dot ? rp * in2 * kNR : 0);
-  const int64_t npa = shrink ? rp : 0, npb = expand ? op : 0;
+  // Packing work items: A in (panel, kPackK columns) pieces, so a few rank panels still spread
+  // over the threads; then one item per B panel.
+  constexpr int64_t kPackK = 1024;  // even: pieces start on a bf16 pair
+  const int64_t akc = ceil_div(in, kPackK), npa = shrink ? rp * akc : 0, npb = expand ? op : 0;
   at::parallel_for(0, npa + npb, 1, [&](int64_t b, int64_t e) {
-    // panels [0, npa) pack A^T, panels [npa, npa + npb) pack B^T
-    if (b < npa && dot) {
-      pack_pairs_bf16(reinterpret_cast<const uint16_t*>(j.A), r, in, in, Apk2.data(), b, std::min(e, npa));
-    } else if (b < npa) {
-      pack_panels(static_cast<const T*>(j.A), r, in, in, Apk.data(), elem_to_f32<T>, b, std::min(e, npa));
+    for (int64_t i = b; i < std::min(e, npa); ++i) {
+      const int64_t p = i / akc, k0 = i % akc * kPackK, kn = std::min(kPackK, in - k0);
+      const int64_t rows = std::min<int64_t>(kNR, r - p * kNR);
+      const T* src = static_cast<const T*>(j.A) + p * kNR * in + k0;
+      if (dot) {
+        pack_pairs_bf16(reinterpret_cast<const uint16_t*>(src), rows, kn, in,
+                        Apk2.data() + (p * in2 + k0) * kNR, 0, 1);
+      } else {
+        pack_panels(src, rows, kn, in, Apk.data() + (p * in + k0) * kNR, elem_to_f32<T>, 0, 1);
+      }
     }
     if (e > npa)
       pack_panels(static_cast<const T*>(j.B), out, r, r, Bpk.data(), elem_to_f32<T>,

@@ -138,6 +138,31 @@ LORA_EXT_AVX512 void tile_avx512(int64_t K, const float* const* rows, const floa
   LORA_EXT_LOOP_V16
   for (int m = 0; m < kMR; ++m) *reinterpret_cast<v16u*>(&out[m][0]) = acc[m];
 }
+// 16 elements of a 16-bit row as fp32 and back, in one 512-bit register (vec16's bits: bf16
+// round to nearest even with NaN -> 0x7FC0; fp16 by the F16C instructions, NaN -> sign | 0x7E00:
+// NaN lanes become the fp32 NaN that rounds to exactly that first).
+LORA_EXT_AVX512 inline v16 ld16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+}
+LORA_EXT_AVX512 inline v16 ld16(const _Float16* p) {
+  return (v16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+LORA_EXT_AVX512 inline void st16(uint16_t* p, v16 v) {
+  const __mmask16 nan = _mm512_cmp_ps_mask((__m512)v, (__m512)v, _CMP_UNORD_Q);
+  const __m512i w = _mm512_mask_mov_epi32((__m512i)v, nan, _mm512_set1_epi32(0x7FC00000));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(w, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(w, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+LORA_EXT_AVX512 inline void st16(_Float16* p, v16 v) {
+  const __mmask16 nan = _mm512_cmp_ps_mask((__m512)v, (__m512)v, _CMP_UNORD_Q);
+  const __m512i sign = _mm512_and_si512((__m512i)v, _mm512_set1_epi32(INT32_MIN));
+  const __m512i w = _mm512_mask_mov_epi32((__m512i)v, nan, _mm512_or_si512(sign, _mm512_set1_epi32(0x7FC00000)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(_mm512_castsi512_ps(w), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 template <class E>
 LORA_EXT_AVX512 void acc_avx512(int64_t K, const float* const* rows, const float* panel,
                                 const E* const* src, E* const* dst, float alpha) {
@@ -146,11 +171,8 @@ LORA_EXT_AVX512 void acc_avx512(int64_t K, const float* const* rows, const float
   for (int m = 0; m < kMR; ++m) {
     if constexpr (std::is_same_v<E, float>) {
       *reinterpret_cast<v16u*>(dst[m]) = *reinterpret_cast<const v16u*>(src[m]) + alpha * acc[m];
-    } else {  // two 8-lane halves through vec16's conversions
-      const v8 lo = __builtin_shufflevector(acc[m], acc[m], 0, 1, 2, 3, 4, 5, 6, 7);
-      const v8 hi = __builtin_shufflevector(acc[m], acc[m], 8, 9, 10, 11, 12, 13, 14, 15);
-      st8(F16C{}, dst[m], ld8(F16C{}, src[m]) + alpha * lo);
-      st8(F16C{}, dst[m] + 8, ld8(F16C{}, src[m] + 8) + alpha * hi);
+    } else {
+      st16(dst[m], ld16(src[m]) + alpha * acc[m]);
     }
   }
 }
