@@ -6,6 +6,9 @@
 #include <string>
 #include <vector>
 
+namespace lora_ext::cpu {
+const char* cpu_isa();  // csrc/cpu/lowrank_microkernel.h
+}
 #ifdef LORA_EXT_WITH_CUDA
 namespace lora_ext::cuda {
 const char* compiled_archs();
@@ -14,7 +17,7 @@ const char* compiled_archs();
 
 namespace {
 std::vector<std::string> build_info() {
-  std::vector<std::string> info{"cpu"};
+  std::vector<std::string> info{std::string("cpu:") + lora_ext::cpu::cpu_isa()};
 #ifdef LORA_EXT_WITH_CUDA
   info.push_back(std::string("cuda:") + lora_ext::cuda::compiled_archs());
 #endif
@@ -73,6 +76,6 @@ TORCH_LIBRARY(lora_ext, m) {
   // dtype) an exact merge under the fp32 sums s[i] could not restore from k-bit codes (int64 [4]).
   // MergeState picks its code width from these counts on a sample.
   m.def("merge_code_failures(Tensor w0, Tensor s) -> Tensor");
-  // Build facts of this binary: compiled backends and CUDA archs.
+  // Build facts of this binary: "cpu:<kernels picked for this CPU>", "cuda:<compiled archs>".
   m.def("build_info() -> str[]", &build_info);
 }

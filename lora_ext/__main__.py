@@ -67,6 +67,7 @@ def info() -> int:
     t.add_row("CUDA archs", (", ".join(archs) or "-") + note)
     if cubins and sorted(cubins) != sorted(archs):  # e.g. compute_80 code sm_86: cubins differ
         t.add_row("CUDA cubins", ", ".join(cubins))
+    t.add_row("CPU kernels", built[0].split(":", 1)[1])
     t.add_row("CPU threads", str(torch.get_num_threads()))
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,8 +41,26 @@ def test_cpu_only_build_says_why():
 
 def test_build_info_lists_backends():
     info = torch.ops.lora_ext.build_info.default()
-    assert info[0] == "cpu"
+    assert info[0].split(":")[0] == "cpu"
+    assert info[0].split(":")[1] in ("avx512+bf16", "avx512", "avx2", "baseline")
     assert all(b.startswith("cuda:") for b in info[1:])
+
+
+@pytest.mark.skipif(os.environ.get("LORA_EXT_CPU_ISA") is not None, reason="set by the caller")
+def test_cpu_isa_env_caps_and_names_the_kernels():
+    # LORA_EXT_CPU_ISA (read when lora_ext loads) caps the CPU kernels; build_info names those
+    # picked; an unknown value is reported on stderr, not silently taken as the baseline.
+    code = "import lora_ext; print(lora_ext.ops.build_info()[0])"
+    def picked(isa):
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LORA_EXT_CPU_ISA": isa},
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip(), r.stderr
+    assert picked("baseline")[0] == "cpu:baseline"
+    best, _ = picked("avx512bf16")
+    assert picked("avx2")[0] == ("cpu:baseline" if best == "cpu:baseline" else "cpu:avx2")
+    out, err = picked("avx-512")
+    assert out == best and "LORA_EXT_CPU_ISA=avx-512 is not one of" in err
 
 
 def test_build_announces_files_and_time(monkeypatch):

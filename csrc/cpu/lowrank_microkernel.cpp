@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -212,6 +213,7 @@ struct Kernels {
   AccFn<_Float16> acc_f16;
   TnFn tn;
   bool bf16_dot;
+  const char* name;
 };
 
 // The best ISA this CPU has, or a lower one named by $LORA_EXT_CPU_ISA (avx512: without the
@@ -221,16 +223,23 @@ Kernels pick() {
   __builtin_cpu_init();
   const char* env = std::getenv("LORA_EXT_CPU_ISA");
   const std::string cap = env ? env : "";
-  const bool any = cap.empty() || cap == "avx512bf16";
+  bool any = cap.empty() || cap == "avx512bf16";
+  if (!any && cap != "avx512" && cap != "avx2" && cap != "baseline") {
+    std::fprintf(stderr, "lora_ext: LORA_EXT_CPU_ISA=%s is not one of avx512bf16, avx512, avx2, "
+                 "baseline; using the best kernels this CPU has\n", cap.c_str());
+    any = true;
+  }
   if ((any || cap == "avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("f16c"))
+      __builtin_cpu_supports("f16c")) {
+    const bool dot = any && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
     return {tile_avx512, acc_avx512<float>, acc_avx512<uint16_t>, acc_avx512<_Float16>, tn_avx512,
-            any && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")};
+            dot, dot ? "avx512+bf16" : "avx512"};
+  }
   if ((any || cap == "avx512" || cap == "avx2") && __builtin_cpu_supports("avx2") &&
       __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return {tile_avx2, acc_avx2<float>, acc_avx2<uint16_t>, acc_avx2<_Float16>, tn_avx2, false};
+    return {tile_avx2, acc_avx2<float>, acc_avx2<uint16_t>, acc_avx2<_Float16>, tn_avx2, false, "avx2"};
 #endif
-  return {tile_base, acc_base<float>, acc_base<uint16_t>, acc_base<_Float16>, tn_base, false};
+  return {tile_base, acc_base<float>, acc_base<uint16_t>, acc_base<_Float16>, tn_base, false, "baseline"};
 }
 
 const Kernels kKernels = pick();
@@ -255,6 +264,7 @@ void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel,
 }
 
 bool bf16_dot() { return kKernels.bf16_dot; }
+const char* cpu_isa() { return kKernels.name; }
 
 void shrink_block(int64_t nt, int64_t K, int64_t rp, const float* const* rows, const float* Apk,
                   float* u, int64_t us, const float* zeros) {

@@ -56,6 +56,8 @@ void shrink_block(int64_t nt, int64_t K, int64_t rp, const float* const* rows, c
 // summed in fp32 (inputs and results below 2^-126 count as zero: the instructions' DAZ/FTZ).
 // Used when bf16_dot() (the CPU has them and $LORA_EXT_CPU_ISA allows them).
 bool bf16_dot();
+// The kernels picked at load time: "avx512+bf16", "avx512", "avx2" or "baseline".
+const char* cpu_isa();
 // dst[p][kp][c][h] = src[p*16 + c][2 kp + h] (bf16 bits) for kp < ceil(K/2), zero past N and K;
 // dst holds ceil(N/16) * ceil(K/2) * 32 elements.
 void pack_pairs_bf16(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst,

@@ -93,5 +93,10 @@ torch.library.register_autograd("lora_ext::lora_linear_fwd", _lora_linear_backwa
 
 
 def build_info() -> list[str]:
-    """Backends compiled into lora_ext._C: ``["cpu"]`` or ``["cpu", "cuda:<archs>"]``."""
+    """Backends compiled into lora_ext._C: ``["cpu:<isa>"]`` or ``["cpu:<isa>", "cuda:<archs>"]``.
+
+    ``<isa>``: the CPU kernels picked for this machine at load time (``avx512+bf16``, ``avx512``,
+    ``avx2`` or ``baseline``; ``LORA_EXT_CPU_ISA`` caps it); ``<archs>``: nvcc's compute
+    capabilities, e.g. ``800,900``.
+    """
     return list(torch.ops.lora_ext.build_info.default())
