@@ -45,7 +45,8 @@ LORA_EXT_F16C_AI v8 ld8(F16C, const _Float16* p) {
 }
 LORA_EXT_F16C_AI void st8(F16C, _Float16* p, v8 v) {
   vec16::u16x8 h = (vec16::u16x8)_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  h = (h & 0x7FFF) > 0x7C00 ? (h & 0x8000) | 0x7E00 : h;  // NaN: c10's canonical one, sign kept
+  const vec16::u16x8 nan = (vec16::u16x8)((h & 0x7FFF) > 0x7C00);  // all ones where NaN
+  h = (h & ~nan) | (((h & 0x8000) | 0x7E00) & nan);  // c10's canonical NaN, sign kept
   vec16::store(p, h);
 }
 #endif
