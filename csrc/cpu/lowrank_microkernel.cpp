@@ -13,6 +13,10 @@
 
 #include "vec16.h"
 #if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12's AVX-512 headers warn -Wuninitialized on their own _mm*_undefined_* (GCC PR105593)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #include <immintrin.h>
 #endif
 
