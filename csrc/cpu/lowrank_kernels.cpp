@@ -323,15 +323,25 @@ void run(const LowRankJob& j) {
     }
   });
   if (!grads) return;
-  // Sum the chunk partials in chunk order into dA, dBt.
-  at::parallel_for(0, gsize, 4096, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      float acc = 0.f;
-      for (int64_t c = 0; c < nchunk; ++c) acc += partials[c * gsize + e];
-      if (want_dA && e < r * nf) {
-        j.dA[e] = acc;
-      } else {
-        j.dBt[e - (want_dA ? r * nf : 0)] = acc;
+  // Sum the chunk partials in chunk order into dA, dBt: per run of kSumRun elements, chunk by
+  // chunk (sequential, vectorized), each element's sum in the order c = 0, 1, ...
+  constexpr int64_t kSumRun = 512;
+  at::parallel_for(0, ceil_div(gsize, kSumRun), 8, [&](int64_t b0, int64_t b1) {
+    float acc[kSumRun];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e0 = b * kSumRun, n = std::min(kSumRun, gsize - e0);
+      std::fill(acc, acc + n, 0.f);
+      for (int64_t c = 0; c < nchunk; ++c) {
+        const float* p = partials.data() + c * gsize + e0;
+        for (int64_t i = 0; i < n; ++i) acc[i] += p[i];
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t e = e0 + i;
+        if (want_dA && e < r * nf) {
+          j.dA[e] = acc[i];
+        } else {
+          j.dBt[e - (want_dA ? r * nf : 0)] = acc[i];
+        }
       }
     }
   });
