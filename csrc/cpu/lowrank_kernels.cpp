@@ -22,6 +22,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -221,8 +222,10 @@ void run(const LowRankJob& j) {
   const int64_t tb = grads ? kTB : std::min(kTB, kMR * ceil_div(ceil_div(j.T, 4 * at::get_num_threads()), kMR));
   const int64_t nblk = ceil_div(j.T, tb), nchunk = grads ? grad_chunks(j.T, nblk) : nblk;
   const int64_t gsize = r * ((want_dA ? nf : 0) + (want_dB ? in : 0));  // partials per chunk
-  std::vector<float> partials(nchunk * gsize, 0.f);
+  // each thread zeroes its own chunks' partials (in parallel, first touch by their user)
+  const std::unique_ptr<float[]> partials(new float[nchunk * gsize]);
   at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
+    std::fill(partials.get() + c0 * gsize, partials.get() + c1 * gsize, 0.f);
     std::vector<float> zeros(std::max({in + 1, rpad, nf}), 0.f);
     const E zero_row[kNR] = {};
     E scratch_row[kNR] = {};
@@ -248,7 +251,7 @@ void run(const LowRankJob& j) {
     for (int64_t blk = c0 * nblk / nchunk, c = c0; blk < c1 * nblk / nchunk; ++blk) {
       const int64_t t0 = blk * tb, nt = std::min(tb, j.T - t0);
       while ((c + 1) * nblk / nchunk <= blk) ++c;
-      float* part = partials.data() + c * gsize;
+      float* part = partials.get() + c * gsize;
       if (shrink && dot) {
         for (int64_t i = 0; i < nt; ++i) xrows16[i] = reinterpret_cast<const uint16_t*>(x + (t0 + i) * j.ldx);
         std::fill(u.begin(), u.end(), 0.f);
@@ -332,7 +335,7 @@ void run(const LowRankJob& j) {
       const int64_t e0 = b * kSumRun, n = std::min(kSumRun, gsize - e0);
       std::fill(acc, acc + n, 0.f);
       for (int64_t c = 0; c < nchunk; ++c) {
-        const float* p = partials.data() + c * gsize + e0;
+        const float* p = partials.get() + c * gsize + e0;
         for (int64_t i = 0; i < n; ++i) acc[i] += p[i];
       }
       for (int64_t i = 0; i < n; ++i) {
