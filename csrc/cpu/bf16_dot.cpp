@@ -13,13 +13,7 @@
 #include <cstring>
 
 #include "lowrank_microkernel.h"
-#if defined(__x86_64__) && defined(__GNUC__)
-// GCC 12's AVX-512 headers warn -Wuninitialized on their own _mm*_undefined_* (GCC PR105593)
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-#include <immintrin.h>
-#endif
+#include "vec16.h"  // <immintrin.h> on x86-64
 
 namespace lora_ext::cpu {
 

@@ -11,14 +11,7 @@
 #include <string>
 #include <type_traits>
 
-#include "vec16.h"
-#if defined(__x86_64__) && defined(__GNUC__)
-// GCC 12's AVX-512 headers warn -Wuninitialized on their own _mm*_undefined_* (GCC PR105593)
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-#include <immintrin.h>
-#endif
+#include "vec16.h"  // also <immintrin.h> on x86-64
 
 namespace lora_ext::cpu {
 namespace {
@@ -43,16 +36,8 @@ template <class Tag>
 LORA_EXT_AI void st8(Tag, uint16_t* p, v8 v) { vec16::store(p, vec16::narrow(v, vec16::u16x8{})); }
 LORA_EXT_AI void st8(Generic, _Float16* p, v8 v) { vec16::store(p, vec16::narrow(v, vec16::h8{})); }
 #if defined(__x86_64__) && defined(__GNUC__)
-#define LORA_EXT_F16C_AI inline __attribute__((always_inline, target("avx2,f16c")))
-LORA_EXT_F16C_AI v8 ld8(F16C, const _Float16* p) {
-  return (v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-LORA_EXT_F16C_AI void st8(F16C, _Float16* p, v8 v) {
-  vec16::u16x8 h = (vec16::u16x8)_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const vec16::u16x8 nan = (vec16::u16x8)((h & 0x7FFF) > 0x7C00);  // all ones where NaN
-  h = (h & ~nan) | (((h & 0x8000) | 0x7E00) & nan);  // c10's canonical NaN, sign kept
-  vec16::store(p, h);
-}
+LORA_EXT_F16C_AI v8 ld8(F16C, const _Float16* p) { return vec16::widen_f16c(vec16::load<vec16::h8>(p)); }
+LORA_EXT_F16C_AI void st8(F16C, _Float16* p, v8 v) { vec16::store(p, vec16::narrow_f16c(v)); }
 #endif
 
 // acc[m][0..1] (two v8 per row) = sum_k rows[m][k] * panel[k][0:16]

@@ -1,7 +1,8 @@
 // fp32 <-> 16-bit rows for the CPU kernels (torch-free), 8 lanes at a time, with the bits of
 // c10's scalar conversions: round to nearest even; a NaN becomes 0x7FC0 (bf16) or
 // sign | 0x7E00 (fp16). bf16 elements are their uint16_t bits, fp16 ones _Float16.
-// Each entry point is cloned for AVX2 (F16C) and AVX-512 (LORA_EXT_CLONES).
+// Each entry point is cloned for AVX2 and AVX-512 (LORA_EXT_CLONES); fp16 uses the F16C
+// instructions where the CPU has them (picked at the first call).
 #pragma once
 #include <cstdint>
 

@@ -6,6 +6,13 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12's AVX-512 headers warn -Wuninitialized on their own _mm*_undefined_* (GCC PR105593)
+#if !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+#include <immintrin.h>
+#endif
 
 namespace lora_ext::cpu::vec16 {
 
@@ -79,5 +86,18 @@ LORA_EXT_AI _Float16 narrow1(float f, _Float16) {
   v[0] = f;
   return narrow(v, h8{})[0];
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// fp16 through the F16C instructions, for functions compiled with target("avx2,f16c") or more:
+// the same bits as widen/narrow above (NaN lanes fixed up to c10's sign | 0x7E00).
+#define LORA_EXT_F16C_AI inline __attribute__((always_inline, target("avx2,f16c")))
+LORA_EXT_F16C_AI v8 widen_f16c(h8 h) { return (v8)_mm256_cvtph_ps((__m128i)h); }
+LORA_EXT_F16C_AI h8 narrow_f16c(v8 f) {
+  u16x8 h = (u16x8)_mm256_cvtps_ph((__m256)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const u16x8 nan = (u16x8)((h & 0x7FFF) > 0x7C00);  // all ones where NaN
+  h = (h & ~nan) | (((h & 0x8000) | 0x7E00) & nan);
+  return bits<h8>(h);
+}
+#endif
 
 }  // namespace lora_ext::cpu::vec16
