@@ -191,9 +191,9 @@ void run(const LowRankJob& j) {
 
   using E = typename Bits<T>::type;
   constexpr bool kF32 = std::is_same_v<T, float>;
-  // bf16 x rows read in place by the dot-product shrink (A as bf16 pairs); the weight-gradient
-  // update wants fp32 rows of x, so it keeps the fp32 shrink.
-  const bool dot = std::is_same_v<T, c10::BFloat16> && shrink && !mask_x && !want_dB && bf16_dot();
+  // bf16 x rows read in place by the dot-product shrink (A as bf16 pairs); dB's update still
+  // reads fp32 rows of x (xbuf).
+  const bool dot = std::is_same_v<T, c10::BFloat16> && shrink && !mask_x && bf16_dot();
   const int64_t in2 = (in + 1) / 2 * 2;
   std::vector<float> Apk(shrink && !dot ? rp * in * kNR : 0), Bpk(expand ? op * r * kNR : 0);
   std::vector<uint16_t> Apk2(dot ? rp * in2 * kNR : 0);
@@ -229,7 +229,7 @@ void run(const LowRankJob& j) {
     std::vector<float> zeros(std::max({in + 1, rpad, nf}), 0.f);
     const E zero_row[kNR] = {};
     E scratch_row[kNR] = {};
-    std::vector<float> xbuf(shrink && !dot && (!kF32 || mask_x) ? tb * in : 0);
+    std::vector<float> xbuf(shrink && (!dot || want_dB) && (!kF32 || mask_x) ? tb * in : 0);
     std::vector<float> u(tb * us, 0.f);
     std::vector<float> xfbuf(want_dA && (!kF32 || mask_xf) ? tb * nf : 0);
     std::vector<float> ufbuf(want_dB ? tb * us : 0, 0.f);
@@ -252,22 +252,22 @@ void run(const LowRankJob& j) {
       const int64_t t0 = blk * tb, nt = std::min(tb, j.T - t0);
       while ((c + 1) * nblk / nchunk <= blk) ++c;
       float* part = partials.get() + c * gsize;
-      if (shrink && dot) {
-        for (int64_t i = 0; i < nt; ++i) xrows16[i] = reinterpret_cast<const uint16_t*>(x + (t0 + i) * j.ldx);
-        std::fill(u.begin(), u.end(), 0.f);
-        shrink_block_bf16(nt, in, rp, xrows16, Apk2.data(), u.data(), us,
-                          reinterpret_cast<const uint16_t*>(zeros.data()));
-        if (j.u)
-          for (int64_t i = 0; i < nt; ++i)
-            std::copy(u.data() + i * us, u.data() + i * us + r, j.u + (t0 + i) * r);
-      } else if (shrink) {
-        // Left-operand rows in fp32: read in place for unmasked fp32, else converted/masked.
+      if (shrink) {
+        // Left-operand rows: bf16 read in place by the dot-product shrink; fp32 read in place
+        // when unmasked, else converted/masked into xbuf (also for dB's fp32 rows after a dot shrink)
         if (!xbuf.empty())
           for (int64_t i = 0; i < nt; ++i) load_row(x + (t0 + i) * j.ldx, t0 + i, in, mask_x, xbuf.data() + i * in);
-        for (int64_t i = 0; i < nt; ++i)
+        for (int64_t i = 0; i < nt; ++i) {
+          xrows16[i] = reinterpret_cast<const uint16_t*>(x + (t0 + i) * j.ldx);
           xrows[i] = xbuf.empty() ? reinterpret_cast<const float*>(x + (t0 + i) * j.ldx) : xbuf.data() + i * in;
+        }
         std::fill(u.begin(), u.end(), 0.f);
-        shrink_block(nt, in, rp, xrows, Apk.data(), u.data(), us, zeros.data());
+        if (dot) {
+          shrink_block_bf16(nt, in, rp, xrows16, Apk2.data(), u.data(), us,
+                            reinterpret_cast<const uint16_t*>(zeros.data()));
+        } else {
+          shrink_block(nt, in, rp, xrows, Apk.data(), u.data(), us, zeros.data());
+        }
         if (j.u)
           for (int64_t i = 0; i < nt; ++i)
             std::copy(u.data() + i * us, u.data() + i * us + r, j.u + (t0 + i) * r);
