@@ -70,6 +70,9 @@ _TRACKED: weakref.WeakSet = weakref.WeakSet()
 _MIXED: contextvars.ContextVar = contextvars.ContextVar("lora_ext_peft_mixed", default=None)
 
 
+PEFT_MIN = "0.15"  # peft.utils.other.AuxiliaryTrainingWrapper (modules_to_save et al.)
+
+
 def _peft_classes():
     try:
         from peft.tuners.lora.layer import Embedding, LoraLayer, Linear
@@ -80,7 +83,12 @@ def _peft_classes():
 
 def _peft_model_classes():
     from peft.tuners.lora.model import LoraModel
-    from peft.utils.other import AuxiliaryTrainingWrapper
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError as e:
+        import peft
+        raise ImportError(f"lora_ext.patch_peft needs peft >= {PEFT_MIN}; this is peft "
+                          f"{getattr(peft, '__version__', '?')} (pip install -U peft)") from e
     return LoraModel, AuxiliaryTrainingWrapper
 
 

@@ -58,7 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+
+try:
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+except ImportError as e:  # torch < 2.5 kept these in torch.distributed._tensor
+    raise ImportError(f"lora_ext.distributed / lora_ext.tp need torch >= 2.5 (the public "
+                      f"torch.distributed.tensor API); this is torch {torch.__version__}") from e
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 

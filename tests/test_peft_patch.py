@@ -498,3 +498,12 @@ def test_layers_left_to_peft_get_each_threads_names():
     assert sum(h is pp._context_pre_hook for h in lm_head._forward_pre_hooks.values()) == 1
     lora_ext.unpatch_peft(pm)
     assert not lm_head._forward_pre_hooks
+
+
+def test_old_peft_is_named_with_the_version_needed(monkeypatch):
+    # peft < 0.15 has no AuxiliaryTrainingWrapper: say which peft is needed, not a bare ImportError
+    import peft.utils.other as other
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    monkeypatch.delattr(other, "AuxiliaryTrainingWrapper")
+    with pytest.raises(ImportError, match=r"needs peft >= 0\.15; this is peft"):
+        lora_ext.patch_peft(model)

@@ -294,3 +294,15 @@ def test_world_size_4():
     _check_parity(_get(res, "parity"))
     for r in _get(res, "comms"):
         assert r["lora"]["fwd"][:2] == r["base"]["fwd"][:2] and r["lora"]["bwd"][0] == 6
+
+
+def test_old_torch_without_public_dtensor_is_named():
+    # torch < 2.5 has no public torch.distributed.tensor: the import says which torch is needed
+    import subprocess
+
+    code = ("import sys, types, torch\n"
+            "sys.modules['torch.distributed.tensor'] = types.ModuleType('torch.distributed.tensor')\n"
+            "import lora_ext.distributed\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode != 0 and "need torch >= 2.5" in r.stderr, r.stderr[-2000:]
