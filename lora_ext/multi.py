@@ -103,8 +103,11 @@ class LoRAContext:
             raise ValueError(f"LoRAContext: a layer input has {T} tokens (leading dims {tuple(lead)}) "
                              f"but {self.count} token indices are set (AdapterPool.batch(names, "
                              "per_token=True): one name per token)")
-        torch._check(T <= self.indices.shape[0],
-                     lambda: "LoRAContext: the batch has more tokens than max_tokens")
+        if torch.compiler.is_compiling():  # a symbolic check (Dynamo < 2.9 traces no message callable)
+            torch._check(T <= self.indices.shape[0])
+        elif T > self.indices.shape[0]:
+            raise ValueError(f"LoRAContext: a layer input has {T} tokens, more than max_tokens "
+                             f"{self.indices.shape[0]}")
         return self.indices[:T]
 
     def check(self) -> None:
