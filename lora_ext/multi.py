@@ -64,6 +64,7 @@ class LoRAContext:
         self.bad_index_count = torch.zeros(1, dtype=torch.int32, device=device)
         self.count: Optional[int] = None  # indices set (None: cleared, base only for any input)
         self.per_row = False
+        self._tokens_of = None  # (leading dims, tokens()) of the last eager call, until indices change
 
     @property
     def max_tokens(self) -> int:
@@ -83,14 +84,33 @@ class LoRAContext:
         self.indices[:n].copy_(idx, non_blocking=True)
         self.indices[n:].fill_(-1)
         self.count, self.per_row = n, per_row
+        self._tokens_of = None
 
     def clear(self) -> None:
         """Every token uses the base model only (inputs of up to max_tokens tokens)."""
         self.indices.fill_(-1)
         self.count, self.per_row = None, False
+        self._tokens_of = None
 
     def tokens(self, lead: torch.Size) -> torch.Tensor:
-        """The slot of every token of a layer input whose leading (non-feature) dims are `lead`."""
+        """The slot of every token of a layer input whose leading (non-feature) dims are `lead`.
+
+        Eager calls with the leading dims of the previous call get its tensor again (every target
+        layer of a model asks with the same dims; the indices change only through set_indices /
+        clear, which drop it): a view of ``indices``, or with per_row the per-token copy. Not under
+        torch.compile, nor while a CUDA graph is captured: there each layer's own gather is
+        recorded, so replays read the indices set at replay time."""
+        compiling = torch.compiler.is_compiling()
+        reuse = not compiling and not (self.indices.is_cuda and torch.cuda.is_current_stream_capturing())
+        cached = self._tokens_of
+        if reuse and cached is not None and cached[0] == lead:
+            return cached[1]
+        out = self._tokens(lead, compiling)
+        if reuse:
+            self._tokens_of = (lead, out)
+        return out
+
+    def _tokens(self, lead: torch.Size, compiling: bool) -> torch.Tensor:
         T = lead.numel()
         if self.per_row:
             rows, row_len = (lead[0], lead[1:].numel()) if len(lead) else (1, 1)
@@ -103,7 +123,7 @@ class LoRAContext:
             raise ValueError(f"LoRAContext: a layer input has {T} tokens (leading dims {tuple(lead)}) "
                              f"but {self.count} token indices are set (AdapterPool.batch(names, "
                              "per_token=True): one name per token)")
-        if torch.compiler.is_compiling():  # a symbolic check (Dynamo < 2.9 traces no message callable)
+        if compiling:  # a symbolic check (Dynamo < 2.9 traces no message callable)
             torch._check(T <= self.indices.shape[0])
         elif T > self.indices.shape[0]:
             raise ValueError(f"LoRAContext: a layer input has {T} tokens, more than max_tokens "

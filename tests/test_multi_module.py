@@ -126,6 +126,16 @@ def test_per_row_indices(device):
             layer(torch.randn(2, 4, 12, device=device))
         with pytest.raises(ValueError, match="1 batch rows"):
             layer(torch.randn(12, device=device))
+        # the layers of one forward share the per-token indices; new indices are never served stale
+        x = torch.randn(3, 4, 12, device=device)
+        assert ctx.tokens(x.shape[:-1]) is ctx.tokens(x.shape[:-1])
+        for rows in ([0, 1, -1], [-1, -1, 1]):
+            ctx.set_indices(rows, per_row=True)
+            idx = torch.tensor(rows).repeat_interleave(4)
+            assert torch.equal(ctx.tokens(x.shape[:-1]).cpu(), idx.to(torch.int32))
+            assert rel_err(layer(x), expected(base, x, idx, ads)) < 1e-5
+        ctx.clear()
+        assert torch.equal(ctx.tokens(torch.Size([2, 4])).cpu(), torch.full((8,), -1, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("device", devices())
