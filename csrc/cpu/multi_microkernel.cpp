@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "lowrank_microkernel.h"
+#include "rows16.h"  // f16c_conversions
 #include "vec16.h"
 
 namespace lora_ext::cpu {
@@ -34,6 +35,21 @@ AI v8 load8(const uint16_t* p) {  // bf16: the top half of an fp32
   std::memcpy(&v, &w, sizeof(v));
   return v;
 }
+#if defined(__x86_64__) && defined(__GNUC__)
+// fp16 read through the F16C instructions: the element type of the tiles instantiated in
+// functions compiled for x86-64-v3 (inline asm: the template bodies carry no target attribute)
+struct F16C16 {
+  _Float16 h;
+};
+AI v8 load8(const F16C16* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  v8 v;
+  asm("vcvtph2ps %1, %0" : "=x"(v) : "x"(h));
+  return v;
+}
+AI float tof(F16C16 v) { return static_cast<float>(v.h); }
+#endif
 AI float tof(float v) { return v; }
 AI float tof(_Float16 v) { return static_cast<float>(v); }
 AI float tof(uint16_t v) {
@@ -168,8 +184,49 @@ AI void expand_rows(const E* B, int64_t ldb, int64_t r, int64_t nrows, const flo
     expand_rows<E>(B, ldb, r, nrows, u, out);                                                 \
   }
 LORA_EXT_MULTI_DEF(float, f32)
-LORA_EXT_MULTI_DEF(_Float16, f16)
 LORA_EXT_MULTI_DEF(uint16_t, bf16)
+namespace {
+LORA_EXT_MULTI_DEF(_Float16, f16_steps)  // fp16 by vec16's integer steps
+
+using ShrinkF16 = void (*)(const _Float16*, int64_t, int64_t, const _Float16* const*, int, int64_t,
+                           float* const*);
+using ExpandF16 = void (*)(const _Float16*, int64_t, int64_t, int64_t, const float*, float*);
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LORA_EXT_V3 __attribute__((target("arch=x86-64-v3")))
+LORA_EXT_V3 void shrink_tile_f16c(const _Float16* A, int64_t lda, int64_t r, const _Float16* const* x,
+                                  int nt, int64_t K, float* const* u) {
+  shrink_tile<F16C16>(reinterpret_cast<const F16C16*>(A), lda, r,
+                      reinterpret_cast<const F16C16* const*>(x), nt, K, u);
+}
+LORA_EXT_V3 void expand_rows_f16c(const _Float16* B, int64_t ldb, int64_t r, int64_t nrows,
+                                  const float* u, float* out) {
+  expand_rows<F16C16>(reinterpret_cast<const F16C16*>(B), ldb, r, nrows, u, out);
+}
+#endif
+struct F16Tiles {
+  ShrinkF16 shrink = shrink_tile_f16_steps;
+  ExpandF16 expand = expand_rows_f16_steps;
+};
+const F16Tiles& f16_tiles() {  // F16C where f16c_conversions() (rows16.h), picked at first use
+  static const F16Tiles t = [] {
+    F16Tiles f;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (f16c_conversions()) f = {shrink_tile_f16c, expand_rows_f16c};
+#endif
+    return f;
+  }();
+  return t;
+}
+}  // namespace
 #undef LORA_EXT_MULTI_DEF
+
+void shrink_tile_f16(const _Float16* A, int64_t lda, int64_t r, const _Float16* const* x, int nt,
+                     int64_t K, float* const* u) {
+  f16_tiles().shrink(A, lda, r, x, nt, K, u);
+}
+void expand_rows_f16(const _Float16* B, int64_t ldb, int64_t r, int64_t nrows, const float* u,
+                     float* out) {
+  f16_tiles().expand(B, ldb, r, nrows, u, out);
+}
 
 }  // namespace lora_ext::cpu

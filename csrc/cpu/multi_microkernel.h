@@ -10,7 +10,8 @@
 //     at a time as 8 vector accumulators over r, folded into one vector of 8 results by a
 //     3-level shuffle-add tree (no scalar horizontal sums).
 // Elements are float, _Float16 (fp16 bits) or uint16_t (bf16 bits), converted to fp32 on
-// load. Each entry point is cloned for AVX2+FMA and AVX-512 (see lowrank_microkernel.h).
+// load. Each entry point is cloned for AVX2+FMA and AVX-512 (see lowrank_microkernel.h); fp16
+// tiles use the F16C instructions where f16c_conversions() (rows16.h).
 #pragma once
 #include <cstdint>
 

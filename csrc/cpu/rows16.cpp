@@ -43,8 +43,8 @@ LORA_EXT_CLONES void to_f32(const uint16_t* src, int64_t n, float* dst) { to_f32
 LORA_EXT_CLONES void from_f32(const float* src, int64_t n, uint16_t* dst) { from_f32_impl<uint16_t, u16x8>(src, n, dst); }
 LORA_EXT_CLONES void axpy_rounded(uint16_t* y, const float* x, float a, int64_t n) { axpy_impl<uint16_t, u16x8>(y, x, a, n); }
 
-// fp16: the F16C instructions where the CPU has them (and $LORA_EXT_CPU_ISA is not "baseline"),
-// picked at the first call; else the integer steps.
+// fp16: the F16C instructions where f16c_conversions(), picked at the first call; else the
+// integer steps.
 namespace {
 LORA_EXT_CLONES void to_f32_steps(const _Float16* src, int64_t n, float* dst) { to_f32_impl<_Float16, h8>(src, n, dst); }
 LORA_EXT_CLONES void from_f32_steps(const float* src, int64_t n, _Float16* dst) { from_f32_impl<_Float16, h8>(src, n, dst); }
@@ -85,17 +85,27 @@ const F16Rows& f16_rows() {
   static const F16Rows fns = [] {
     F16Rows f;
 #if defined(__x86_64__) && defined(__GNUC__)
-    const char* cap = std::getenv("LORA_EXT_CPU_ISA");
-    __builtin_cpu_init();
-    if (!(cap && std::strcmp(cap, "baseline") == 0) && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("f16c"))
-      f = {to_f32_f16c, from_f32_f16c, axpy_f16c};
+    if (f16c_conversions()) f = {to_f32_f16c, from_f32_f16c, axpy_f16c};
 #endif
     return f;
   }();
   return fns;
 }
 }  // namespace
+
+bool f16c_conversions() {
+  static const bool yes = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const char* cap = std::getenv("LORA_EXT_CPU_ISA");
+    __builtin_cpu_init();
+    return !(cap && std::strcmp(cap, "baseline") == 0) && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+  }();
+  return yes;
+}
 
 void to_f32(const _Float16* src, int64_t n, float* dst) { f16_rows().to(src, n, dst); }
 void from_f32(const float* src, int64_t n, _Float16* dst) { f16_rows().from(src, n, dst); }
