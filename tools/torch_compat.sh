@@ -24,5 +24,5 @@ cd "$src"
 echo "torch_compat: $("$venv/bin/python" -c 'import torch; print(torch.__version__)') in $venv, building $src"
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-2} \
   "$venv/bin/python" setup.py build_ext --inplace >build.log 2>&1 || { tail -40 build.log; exit 1; }
-if grep -q "warning" build.log; then grep -n "warning" build.log | head -20; fi
+if grep -q "warning:" build.log; then grep -n "warning:" build.log | head -20; fi
 PYTHONPATH="$src" "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
