@@ -101,19 +101,12 @@ void run_small(const LowRankJob& j) {
     for (int64_t t = 0; t < nt; ++t)
       x[t] = reinterpret_cast<const E*>(static_cast<const T*>(j.x) + t * j.ldx);
     const E* A = static_cast<const E*>(j.A);
-    const bool dot = std::is_same_v<T, c10::BFloat16> && bf16_dot();
     at::parallel_for(0, r, 4, [&](int64_t j0, int64_t j1) {
       for (int64_t t0 = 0; t0 < nt; t0 += 4) {
         float* urows[4];
         for (int i = 0; i < 4; ++i) urows[i] = u + std::min(t0 + i, nt - 1) * r + j0;
-        const int n4 = static_cast<int>(std::min<int64_t>(4, nt - t0));
-        if constexpr (std::is_same_v<E, uint16_t>) {
-          if (dot) {
-            shrink_rows_bf16(A + j0 * in, in, j1 - j0, x + t0, n4, in, urows);
-            continue;
-          }
-        }
-        shrink_small(A + j0 * in, in, j1 - j0, x + t0, n4, in, urows);
+        shrink_small(A + j0 * in, in, j1 - j0, x + t0, static_cast<int>(std::min<int64_t>(4, nt - t0)),
+                     in, urows);
       }
     });
   }

@@ -255,6 +255,7 @@ void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel,
 
 bool bf16_dot() { return kKernels.bf16_dot; }
 const char* cpu_isa() { return kKernels.name; }
+bool f16c_conversions() { return kKernels.tile != tile_base; }
 
 void shrink_block(int64_t nt, int64_t K, int64_t rp, const float* const* rows, const float* Apk,
                   float* u, int64_t us, const float* zeros) {

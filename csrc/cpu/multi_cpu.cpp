@@ -8,7 +8,7 @@
 //     on CPUs with AVX512-BF16: A packed as bf16 pairs, x rows read in place, bf16_dot.cpp).
 //     Others: item = (slice, adapter, <= 16 tokens, <= 64 rank rows) with shrink_tile (2 rank
 //     rows x 4 tokens of vector accumulators, no packing; padded rank rows are never read; bf16
-//     with AVX512-BF16: shrink_rows_bf16, 4 x 4 dot products on the bf16 rows).
+//     with AVX512-BF16: 4 x 4 dot products on the bf16 rows, multi_microkernel.h).
 //   expand: item = (slice, adapter, its tokens, 256 output columns); y[t, cols] +=
 //     s_a * B[a, cols, :r] u[t, :r]. Groups of >= kPanelMin tokens pack the B block once
 //     into 16-wide fp32 panels and run the 6x16 micro-kernel, accumulating into y rows in place
@@ -156,12 +156,6 @@ void shrink_phase(const MultiArgs& a, const Groups& g, float* u) {
             const int64_t tok = g.perm[t + q];
             xr[q] = x + tok * ldx;
             ur[q] = u + (it.sl * a.T + tok) * a.r_max + it.j0;
-          }
-          if constexpr (std::is_same_v<E, uint16_t>) {
-            if (dot) {
-              shrink_rows_bf16(As, in, it.j1 - it.j0, xr, nt, in, ur);
-              continue;
-            }
           }
           shrink_tile(As, in, it.j1 - it.j0, xr, nt, in, ur);
         }

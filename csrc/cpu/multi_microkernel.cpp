@@ -3,7 +3,6 @@
 #include <cstring>
 
 #include "lowrank_microkernel.h"
-#include "rows16.h"  // f16c_conversions
 #include "vec16.h"
 
 namespace lora_ext::cpu {
@@ -184,8 +183,8 @@ AI void expand_rows(const E* B, int64_t ldb, int64_t r, int64_t nrows, const flo
     expand_rows<E>(B, ldb, r, nrows, u, out);                                                 \
   }
 LORA_EXT_MULTI_DEF(float, f32)
-LORA_EXT_MULTI_DEF(uint16_t, bf16)
 namespace {
+LORA_EXT_MULTI_DEF(uint16_t, bf16_fma)  // bf16 widened to fp32 FMAs
 LORA_EXT_MULTI_DEF(_Float16, f16_steps)  // fp16 by vec16's integer steps
 
 using ShrinkF16 = void (*)(const _Float16*, int64_t, int64_t, const _Float16* const*, int, int64_t,
@@ -207,7 +206,7 @@ struct F16Tiles {
   ShrinkF16 shrink = shrink_tile_f16_steps;
   ExpandF16 expand = expand_rows_f16_steps;
 };
-const F16Tiles& f16_tiles() {  // F16C where f16c_conversions() (rows16.h), picked at first use
+const F16Tiles& f16_tiles() {  // F16C where f16c_conversions(), picked at first use
   static const F16Tiles t = [] {
     F16Tiles f;
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -220,6 +219,15 @@ const F16Tiles& f16_tiles() {  // F16C where f16c_conversions() (rows16.h), pick
 }  // namespace
 #undef LORA_EXT_MULTI_DEF
 
+// bf16: the AVX512-BF16 dot products where the CPU has them (bf16_dot(), bf16_dot.cpp)
+void shrink_tile_bf16(const uint16_t* A, int64_t lda, int64_t r, const uint16_t* const* x, int nt,
+                      int64_t K, float* const* u) {
+  (bf16_dot() ? shrink_rows_bf16 : shrink_tile_bf16_fma)(A, lda, r, x, nt, K, u);
+}
+void expand_rows_bf16(const uint16_t* B, int64_t ldb, int64_t r, int64_t nrows, const float* u,
+                      float* out) {
+  expand_rows_bf16_fma(B, ldb, r, nrows, u, out);
+}
 void shrink_tile_f16(const _Float16* A, int64_t lda, int64_t r, const _Float16* const* x, int nt,
                      int64_t K, float* const* u) {
   f16_tiles().shrink(A, lda, r, x, nt, K, u);

@@ -11,7 +11,8 @@
 //     3-level shuffle-add tree (no scalar horizontal sums).
 // Elements are float, _Float16 (fp16 bits) or uint16_t (bf16 bits), converted to fp32 on
 // load. Each entry point is cloned for AVX2+FMA and AVX-512 (see lowrank_microkernel.h); fp16
-// tiles use the F16C instructions where f16c_conversions() (rows16.h).
+// tiles use the F16C instructions where f16c_conversions() (lowrank_microkernel.h), bf16 tiles the
+// AVX512-BF16 dot products (shrink_rows_bf16) where bf16_dot().
 #pragma once
 #include <cstdint>
 

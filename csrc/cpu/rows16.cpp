@@ -1,9 +1,8 @@
 #include "rows16.h"
 
-#include <cstdlib>
 #include <cstring>
 
-#include "lowrank_microkernel.h"  // LORA_EXT_CLONES
+#include "lowrank_microkernel.h"  // LORA_EXT_CLONES, f16c_conversions
 #include "vec16.h"
 
 namespace lora_ext::cpu {
@@ -92,20 +91,6 @@ const F16Rows& f16_rows() {
   return fns;
 }
 }  // namespace
-
-bool f16c_conversions() {
-  static const bool yes = [] {
-#if defined(__x86_64__) && defined(__GNUC__)
-    const char* cap = std::getenv("LORA_EXT_CPU_ISA");
-    __builtin_cpu_init();
-    return !(cap && std::strcmp(cap, "baseline") == 0) && __builtin_cpu_supports("avx2") &&
-           __builtin_cpu_supports("f16c");
-#else
-    return false;
-#endif
-  }();
-  return yes;
-}
 
 void to_f32(const _Float16* src, int64_t n, float* dst) { f16_rows().to(src, n, dst); }
 void from_f32(const float* src, int64_t n, _Float16* dst) { f16_rows().from(src, n, dst); }

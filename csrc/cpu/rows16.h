@@ -15,8 +15,5 @@ void from_f32(const float* src, int64_t n, _Float16* dst);
 // y[i] = round(float(y[i]) + a * x[i]): one rounding per element
 void axpy_rounded(uint16_t* y, const float* x, float a, int64_t n);
 void axpy_rounded(_Float16* y, const float* x, float a, int64_t n);
-// Whether fp16 goes through the F16C conversion instructions: the CPU has them (with AVX2) and
-// $LORA_EXT_CPU_ISA is not "baseline". Read once.
-bool f16c_conversions();
 
 }  // namespace lora_ext::cpu
