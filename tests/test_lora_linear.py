@@ -45,7 +45,9 @@ def check_against_reference(x, W, b, A, B, fan_in_fan_out=False):
     assert rel_err(y, yr) < tol
     if y.numel() == 0:
         return
-    g = torch.randn_like(y)
+    # a fixed gradient: with r = 1 and few outputs, g B can cancel, and a random g failed the fp32
+    # tolerance about once in 1000 runs (any ISA); fixed, the check is the same every run
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(y.numel())).to(y.device, y.dtype)
     y.backward(g)
     yr.backward(g.double())
     for ours, ref in zip((x, b, A, B), leaves):
