@@ -388,6 +388,11 @@ def _remove_context_hook(m: nn.Module) -> None:
 
 
 def _tree_moved(module, name, submodule):
+    # Not traced: Dynamo would guard on _TRACKED's members by position, and a member collected
+    # between tracing and guard building fails the compile (IndexError). A module registered
+    # while tracing is one the traced code built (transformers slices its ModuleList of layers).
+    if torch.compiler.is_compiling():
+        return
     if module in _TRACKED:
         _TREE[0] += 1
 

@@ -1,82 +1,18 @@
-"""lora_ext.patch_peft: a PeftModel patched in place vs the same PeftModel unpatched (a deepcopy)."""
+"""lora_ext.patch_peft: a PeftModel patched in place vs the same PeftModel unpatched (a deepcopy).
+Mixed batches (adapter_names) are in test_peft_mixed.py."""
 import copy
 import warnings
+import weakref
 
 import pytest
 import torch
 from conftest import rel_err
 from models import tiny_gpt2, tiny_llama
+from peft_cases import (CASES, TOL, Count, PeftLinear, build, ids_for, lora_params, n_linear, n_lora,
+                        patch, peft, randomize)
 
 import lora_ext
 import lora_ext.peft_patch as pp
-
-peft = pytest.importorskip("peft")
-from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
-
-CASES = {  # builder, targets, fan_in_fan_out (GPT-2: Conv1D)
-    "llama": (tiny_llama, ["q_proj", "v_proj", "gate_proj", "embed_tokens"], False),
-    "gpt2": (tiny_gpt2, ["c_attn", "c_proj"], True),
-}
-# fp32: same math, other summation order. bf16: both round every GEMM to bf16, in different orders
-# (and lora_ext runs fp32 adapters in the model's bf16, PEFT in fp32), as tests/test_peft_parity.py.
-TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 6e-2)}  # (logits/loss, grads)
-
-
-def build(kind, dtype=torch.float32, dropout=0.0, r=4, alpha=8, use_rslora=False, **cfg):
-    make, targets, fifo = CASES[kind]
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout,
-                             fan_in_fan_out=fifo, use_rslora=use_rslora, **cfg)
-    pm = peft.get_peft_model(make(dtype=dtype), config)
-    randomize(pm)
-    return pm
-
-
-def randomize(model, seed=1):
-    torch.manual_seed(seed)
-    for n, p in model.named_parameters():  # non-zero B (and embedding A) so LoRA matters
-        if "lora_" in n:
-            p.data = torch.randn_like(p) * 0.1
-
-
-def patch(model):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return lora_ext.patch_peft(model)
-
-
-class Count:
-    """Counts calls of the fused ops inside lora_ext.peft_patch."""
-
-    def __init__(self, monkeypatch):
-        self.linear = self.multi = 0
-        real_linear, real_multi = pp.lora_linear, pp.multi_lora_
-
-        def linear(*a, **k):
-            self.linear += 1
-            return real_linear(*a, **k)
-
-        def multi(*a, **k):
-            self.multi += 1
-            return real_multi(*a, **k)
-        monkeypatch.setattr(pp, "lora_linear", linear)
-        monkeypatch.setattr(pp, "multi_lora_", multi)
-
-
-def ids_for(batch=2, seq=12, seed=3):
-    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def lora_params(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def n_linear(model):
-    return sum(isinstance(m, PeftLinear) for m in model.modules())
-
-
-def n_lora(model):  # LoRA Linear + Embedding layers (what patch_peft patches)
-    from peft.tuners.lora.layer import Embedding
-    return sum(isinstance(m, (PeftLinear, Embedding)) for m in model.modules())
 
 
 @pytest.mark.parametrize("kind", list(CASES))
@@ -174,44 +110,6 @@ def test_adapter_lifecycle_inference(kind, monkeypatch):
         assert rel_err(merged(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
 
 
-@pytest.mark.parametrize("kind", list(CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixed_batch_matches_peft(kind, dtype, monkeypatch):
-    fifo, targets = CASES[kind][2], CASES[kind][1]
-    ref = build(kind, dtype)
-    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, fan_in_fan_out=fifo, target_modules=targets))
-    ref.add_adapter("c", peft.LoraConfig(r=2, lora_alpha=2, use_rslora=True, fan_in_fan_out=fifo,
-                                         target_modules=targets))
-    randomize(ref, seed=5)
-    ref.eval()
-    pm = copy.deepcopy(ref)
-    names = patch(pm)
-    count = Count(monkeypatch)
-    ids = ids_for(batch=5, seq=10)
-    adapter_names = ["b", "__base__", "default", "c", "b"]
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    with torch.no_grad():
-        out = pm(input_ids=ids, adapter_names=adapter_names).logits
-        assert rel_err(out, ref(input_ids=ids, adapter_names=adapter_names).logits) < tol
-    assert count.multi == n_linear(pm) and count.linear == 0
-    # each row equals the single-adapter model
-    with torch.no_grad():
-        for row, name in [(0, "b"), (3, "c")]:
-            ref.set_adapter(name)
-            single = ref(input_ids=ids[row:row + 1]).logits
-            assert rel_err(out[row:row + 1], single) < tol
-        with ref.disable_adapter():
-            assert rel_err(out[1:2], ref(input_ids=ids[1:2]).logits) < tol
-    # the per-layer pools are rebuilt when a factor changes in place
-    with torch.no_grad():
-        for m in (pm, ref):
-            for n, p in m.named_parameters():
-                if "lora_B.c." in n:
-                    p.mul_(3.0)
-        out = pm(input_ids=ids, adapter_names=adapter_names).logits
-        assert rel_err(out, ref(input_ids=ids, adapter_names=adapter_names).logits) < tol
-
-
 def test_save_load_round_trip(tmp_path):
     pm = build("gpt2")
     ref_keys = set(copy.deepcopy(pm).state_dict())
@@ -275,231 +173,6 @@ def test_fallbacks_warn_once_per_layer(monkeypatch):
     assert len(msgs) == n_linear(pm2) and all("2 active adapters" in m for m in msgs)
 
 
-def test_embedding_mixed_batches_in_one_expand(monkeypatch):
-    # The LoRA embedding is patched without a warning: PEFT's forward for one adapter (the same
-    # math), one gather + lora_expand_ for a mixed batch, every row equal to PEFT's.
-    ref = build("llama")
-    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, target_modules=["embed_tokens"]))
-    randomize(ref, seed=13)
-    ref.eval()
-    pm = copy.deepcopy(ref)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        names = lora_ext.patch_peft(pm)
-    assert any(n.endswith("embed_tokens") for n in names)
-    expands = []
-    real = pp.lora_expand_
-    monkeypatch.setattr(pp, "lora_expand_", lambda *a, **k: (expands.append(1), real(*a, **k))[1])
-    ids = ids_for(batch=4, seq=7)
-    with torch.no_grad():
-        for mix in (["b", "default", "__base__", "b"], ["default"] * 4):
-            out = pm(input_ids=ids, adapter_names=mix).logits
-            assert rel_err(out, ref(input_ids=ids, adapter_names=mix).logits) < 1e-5
-        assert len(expands) == 2
-        assert rel_err(pm(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5  # one adapter
-    assert len(expands) == 2
-
-
-def test_mixed_batch_plumbing_without_per_call_hooks(monkeypatch):
-    # A patched model hands adapter_names to its patched layers (Linear and Embedding) without
-    # registering PEFT's per-call pre-hooks on them, and PEFT's own errors and paths (unknown
-    # names, training mode) stay.
-    ref = build("llama")
-    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, target_modules=CASES["llama"][1]))
-    randomize(ref, seed=7)
-    ref.eval()
-    pm = copy.deepcopy(ref)
-    patch(pm)
-    layers = [m for m in pm.modules() if pp.is_patched(m)]
-    seen_hooks = []
-    real_multi = pp.multi_lora_
-    monkeypatch.setattr(pp, "multi_lora_", lambda *a: (seen_hooks.append(sum(len(m._forward_pre_hooks) for m in layers)),
-                                                       real_multi(*a))[1])
-    ids, names = ids_for(batch=3, seq=5), ["b", "default", "__base__"]
-    with torch.no_grad():
-        out = pm(input_ids=ids, adapter_names=names).logits
-        assert rel_err(out, ref(input_ids=ids, adapter_names=names).logits) < 1e-5
-        assert len(seen_hooks) == n_linear(pm) and set(seen_hooks) == {0}
-        with pytest.raises(ValueError, match="non-existing adapter"):
-            pm(input_ids=ids, adapter_names=["b", "nope", "b"])
-        assert all(not m._forward_pre_hooks for m in pm.modules())  # nothing left behind
-        pm.train()
-        with pytest.raises(ValueError, match="training mode"):
-            pm(input_ids=ids, adapter_names=names)
-    assert "_enable_peft_forward_hooks" in pm.base_model.__dict__
-    lora_ext.unpatch_peft(pm)
-    assert "_enable_peft_forward_hooks" not in pm.base_model.__dict__
-
-
-def test_mixed_batches_from_two_threads():
-    # The names travel in a context variable, per thread: two threads serving different mixes
-    # through one patched model each get their own rows (PEFT's hooks are shared by all threads).
-    import threading
-
-    ref = build("gpt2")
-    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, fan_in_fan_out=True, target_modules=CASES["gpt2"][1]))
-    randomize(ref, seed=9)
-    ref.eval()
-    pm = copy.deepcopy(ref)
-    patch(pm)
-    ids = ids_for(batch=4, seq=6)
-    mixes = [["b", "default", "b", "__base__"], ["default", "__base__", "default", "b"]]
-    with torch.no_grad():
-        want = [ref(input_ids=ids, adapter_names=m).logits for m in mixes]
-    errors = []
-
-    def serve(k):
-        try:
-            with torch.no_grad():
-                for _ in range(10):
-                    assert rel_err(pm(input_ids=ids, adapter_names=mixes[k]).logits, want[k]) < 1e-5
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=serve, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-
-
-def test_mixed_batch_caches_follow_the_model():
-    # The tree walk and the per-layer pools are cached; tree surgery, adapter add/delete, factor
-    # replacement (another rank) and deepcopy must each be seen by the next mixed batch.
-    ref = build("llama")
-    ref.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    randomize(ref, seed=11)
-    ref.eval()
-    pm = copy.deepcopy(ref)
-    patch(pm)
-    ids, names = ids_for(batch=3, seq=4), ["b", "default", "b"]
-
-    def same():
-        with torch.no_grad():
-            return rel_err(pm(input_ids=ids, adapter_names=names).logits,
-                           ref(input_ids=ids, adapter_names=names).logits) < 1e-5
-
-    assert same()
-    walk = pm.base_model.__dict__[pp._WALK]
-    assert same() and pm.base_model.__dict__[pp._WALK] is walk  # reused while nothing moved
-    # surgery: a LoRA layer replaced by its base layer, in both models
-    for m in (pm, ref):
-        attn = m.base_model.model.model.layers[0].self_attn
-        attn.q_proj = attn.q_proj.base_layer
-    assert same()
-    assert pm.base_model.__dict__[pp._WALK] is not walk  # walked again
-    # a factor replaced by one of a larger rank (pools rebuilt), another scaled in place
-    for m in (pm, ref):
-        v = m.base_model.model.model.layers[1].self_attn.v_proj
-        torch.manual_seed(5)
-        v.lora_A["b"].weight = torch.nn.Parameter(torch.randn(12, v.in_features) * 0.1)
-        v.lora_B["b"].weight = torch.nn.Parameter(torch.randn(v.out_features, 12) * 0.1)
-        with torch.no_grad():
-            m.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight.mul_(2)
-    assert same()
-    # adapters added and deleted
-    for m in (pm, ref):
-        m.add_adapter("c", peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-        randomize(m, seed=12)
-    lora_ext.patch_peft(pm)  # the new layer of "c" on layer 0's q_proj is a new LoRA layer
-    names = ["c", "b", "default"]
-    assert same()
-    for m in (pm, ref):
-        m.delete_adapter("c")
-    with pytest.raises(ValueError, match="non-existing adapter"), torch.no_grad():
-        pm(input_ids=ids, adapter_names=names)
-    names = ["default", "__base__", "b"]
-    assert same()
-    # a deepcopy serves with its own layers
-    pm2, ref2 = copy.deepcopy(pm), copy.deepcopy(ref)
-    for m in (pm2, ref2):
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if "lora_A.b." in n:
-                    p.mul_(-1)
-    with torch.no_grad():
-        assert rel_err(pm2(input_ids=ids, adapter_names=names).logits,
-                       ref2(input_ids=ids, adapter_names=names).logits) < 1e-5
-    assert same()
-
-
-def with_lm_head_copies(seed, default_too):
-    """(PEFT model in eval mode, its patched deepcopy): Llama with adapters "default" and "b" (r = 4
-    on q_proj), "b" with its own modules_to_save copy of lm_head ("default" too if default_too),
-    each copy perturbed so that the rows of each adapter differ."""
-    ref = build("llama", **({"modules_to_save": ["lm_head"]} if default_too else {}))
-    ref.add_adapter("b", peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
-    randomize(ref, seed=seed)
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "modules_to_save" in n and (default_too or "modules_to_save.b" in n):
-                p.add_(torch.randn_like(p))
-    ref.eval()
-    pm = copy.deepcopy(ref)
-    patch(pm)
-    return ref, pm
-
-
-def test_mixed_batch_reaches_modules_to_save():
-    # Layers patch_peft leaves to PEFT (a modules_to_save copy of lm_head per adapter) still get
-    # the names through PEFT's pre-hook.
-    ref, pm = with_lm_head_copies(seed=17, default_too=False)
-    # ("default" has no lm_head copy: PEFT's own mixed forward fails on it, so "__base__" here)
-    ids, mix = ids_for(batch=3, seq=4), ["b", "__base__", "b"]
-    with torch.no_grad():
-        out = pm(input_ids=ids, adapter_names=mix).logits
-        assert rel_err(out, ref(input_ids=ids, adapter_names=mix).logits) < 1e-5
-        ref.set_adapter("b")
-        assert rel_err(out[0:1], ref(input_ids=ids[0:1]).logits) < 1e-5  # b's lm_head copy
-
-
-def test_layers_left_to_peft_get_each_threads_names():
-    # A modules_to_save lm_head is left to PEFT's forward. Thread A pauses inside its mixed batch
-    # until thread B is inside its own; A's lm_head must still see A's names (PEFT's per-call
-    # hooks, shared by all threads, would hand it B's).
-    import threading
-
-    ref, pm = with_lm_head_copies(seed=19, default_too=True)
-    ids = ids_for(batch=3, seq=4)
-    mixes = {"A": ["b", "default", "b"], "B": ["default", "b", "default"]}
-    with torch.no_grad():
-        want = {k: ref(input_ids=ids, adapter_names=m).logits for k, m in mixes.items()}
-    inside = {k: threading.Event() for k in mixes}
-    a_done = threading.Event()
-
-    def pause(module, args):  # on the first decoder layer
-        me = threading.current_thread().name
-        inside[me].set()
-        assert (inside["B"] if me == "A" else a_done).wait(timeout=30)
-
-    pm.base_model.model.model.layers[0].register_forward_pre_hook(pause)
-    got, errors = {}, []
-
-    def serve(k):
-        try:
-            with torch.no_grad():
-                got[k] = pm(input_ids=ids, adapter_names=mixes[k]).logits
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-        finally:
-            if k == "A":
-                a_done.set()
-
-    threads = [threading.Thread(target=serve, args=(k,), name=k) for k in mixes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
-    for k in mixes:
-        assert rel_err(got[k], want[k]) < 1e-5, k
-    lm_head = pm.base_model.model.lm_head
-    assert sum(h is pp._context_pre_hook for h in lm_head._forward_pre_hooks.values()) == 1
-    lora_ext.unpatch_peft(pm)
-    assert not lm_head._forward_pre_hooks
-
-
 def test_old_peft_is_named_with_the_version_needed(monkeypatch):
     # peft < 0.15 has no AuxiliaryTrainingWrapper: say which peft is needed, not a bare ImportError
     import peft.utils.other as other
@@ -507,3 +180,24 @@ def test_old_peft_is_named_with_the_version_needed(monkeypatch):
     monkeypatch.delattr(other, "AuxiliaryTrainingWrapper")
     with pytest.raises(ImportError, match=r"needs peft >= 0\.15; this is peft"):
         lora_ext.patch_peft(model)
+
+
+def test_compile_leaves_the_tree_hook_out_of_the_graph(monkeypatch):
+    # patch_peft installs a global module-registration hook, and transformers registers modules
+    # while tracing (it slices its ModuleList of layers). Traced, the hook's membership test made
+    # Dynamo guard on the WeakSet of tracked modules by position: when one of them was collected
+    # before the guards were built, the compile failed with IndexError (a flaky CI failure).
+    patch(build("llama"))
+    seen = []
+
+    class Spy(weakref.WeakSet):
+        def __contains__(self, m):
+            seen.append(torch.compiler.is_compiling())
+            return super().__contains__(m)
+    monkeypatch.setattr(pp, "_TRACKED", Spy(pp._TRACKED))
+    model, ids = tiny_llama(), ids_for()
+    torch._dynamo.reset()
+    fwd = torch.compile(lambda ids: model(input_ids=ids).logits, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        assert rel_err(fwd(ids), model(input_ids=ids).logits) < 1e-5
+    assert seen and not any(seen)  # the eager forward consulted the hook, the traced one did not
