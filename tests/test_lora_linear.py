@@ -241,13 +241,16 @@ def test_lower_cpu_isas(isa):
     # The CPU micro-kernels exist per ISA, and CI may run any: rerun the CPU kernel tests with a
     # lower one forced (LORA_EXT_CPU_ISA, read when lora_ext loads; avx512: without the
     # AVX512-BF16 dot products).
+    # The merge kernels too (AVX-512 transition pieces, AVX2 tiles, portable code).
     here = os.path.dirname(os.path.abspath(__file__))
-    tests = [os.path.join(here, f) for f in ("test_lora_linear.py", "test_lora_apply.py", "test_multi_lora.py")]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
-                          "cpu and not compile", *tests], env={**os.environ, "LORA_EXT_CPU_ISA": isa},
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout
+    for files, expr in ((("test_lora_linear.py", "test_lora_apply.py", "test_multi_lora.py"), "cpu and not compile"),
+                        (("test_merge.py",), "not cuda and not compile")):
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", expr,
+                              *(os.path.join(here, f) for f in files)],
+                             env={**os.environ, "LORA_EXT_CPU_ISA": isa}, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+        assert " passed" in run.stdout
 
 
 def test_bad_input():

@@ -10,15 +10,17 @@
 // written once, L (6 x Rt) stays in L1 and R (fp32, packed in 16-wide column panels so each
 // tile reads one contiguous Rt x 16 block) in L2; no full-size temporaries.
 // remerge_ computes the tiles of the old and of the new adapter set and runs the
-// per-element transition; first-merge codes are OR-ed into their words one word at a
-// time, failures (rare) with an atomic OR.
+// per-element transition on each 16-element row piece (merge_vec.cpp: AVX-512, 16 lanes at a
+// time); failures (rare) are OR-ed into their bit array with an atomic OR.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #include "../merge_glue.h"
 #include "../merge_math.h"
+#include "merge_vec.h"
 #include "ops_cpu.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -27,6 +29,9 @@
 #endif
 
 namespace lora_ext::cpu {
+
+const char* cpu_isa();  // lowrank_microkernel.h
+
 namespace {
 
 namespace mm = lora_ext::merge_math;
@@ -141,9 +146,10 @@ LORA_EXT_AVX2 void merge_tile_avx2(Raw<F>* W, int64_t ld, const float* L, int64_
   add8<F>(W + 5 * ld, c.a5), add8<F>(W + 5 * ld + 8, c.b5);
 }
 
+// The AVX2 + FMA + F16C tiles wherever the kernel set picked at load time is not the baseline one
+// (lowrank_microkernel.cpp: the CPU's best, or a lower one named by $LORA_EXT_CPU_ISA).
 bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
+  static const bool ok = std::strcmp(cpu_isa(), "baseline") != 0;
   return ok;
 }
 #endif
@@ -210,7 +216,7 @@ void remerge_impl(void* w, int64_t P, int64_t Q, uint32_t* codes, uint32_t* fail
                   const MergeOperands& old_op, const MergeOperands& new_op) {
   using R = Raw<F>;
   R* W = static_cast<R*>(w);
-  const bool has_old = old_op.Rt > 0, has_new = new_op.Rt > 0, init = !has_old;
+  const bool has_old = old_op.Rt > 0, has_new = new_op.Rt > 0;
   const STile tile = s_tile_fn();
   const int64_t Rt = std::max(old_op.Rt, new_op.Rt);
   for_row_blocks(P, Q, 2 * Rt, [&](int64_t p0, int64_t rows) {
@@ -222,33 +228,16 @@ void remerge_impl(void* w, int64_t P, int64_t Q, uint32_t* codes, uint32_t* fail
       if (has_new)
         tile(new_op.L.data_ptr<float>() + p0 * new_op.Rt, new_op.Rt,
              new_op.R.data_ptr<float>() + q0 * new_op.Rt, kNC, Sn);
-      const int64_t nc = std::min<int64_t>(kNC, Q - q0);
+      const int nc = static_cast<int>(std::min<int64_t>(kNC, Q - q0));
       for (int64_t m = 0; m < rows; ++m) {
         const int64_t e0 = (p0 + m) * Q + q0;
-        R* row = W + e0;
-        int64_t word = -1;  // first-merge codes of this row piece, one word at a time
-        uint32_t acc = 0;
-        for (int64_t c = 0; c < nc; ++c) {
-          const int64_t e = e0 + c;
-          uint32_t v = row[c];
-          uint32_t code;
-          if (init) {
-            code = mm::code_of<F>(v, k);
-            const int64_t bit = e * k;
-            if (k > 0 && (bit >> 5) != word) {
-              if (word >= 0) atomic_or(codes + word, acc);
-              word = bit >> 5;
-              acc = 0;
-            }
-            acc |= k > 0 ? code << (bit & 31) : 0u;
-          } else {
-            code = mm::read_code(codes, e, k);
-          }
-          if (!mm::transition<F>(v, So[m][c], Sn[m][c], code, k, has_old, has_new))
-            atomic_or(fails + (e >> 5), 1u << (e & 31));
-          row[c] = static_cast<R>(v);
+        const uint64_t f = merge_vec::transition_piece<F>(W + e0, nc, e0, So[m], Sn[m], codes, k,
+                                                          has_old, has_new);
+        if (f) {  // rare: the elements the codes cannot restore
+          const uint64_t at = f << (e0 & 31);
+          atomic_or(fails + (e0 >> 5), static_cast<uint32_t>(at));
+          atomic_or(fails + (e0 >> 5) + 1, static_cast<uint32_t>(at >> 32));
         }
-        if (word >= 0) atomic_or(codes + word, acc);
       }
     }
   });

@@ -7,9 +7,10 @@
 #include <cstdint>
 #include <cstring>
 #if defined(__x86_64__) && defined(__GNUC__)
-// GCC 12's AVX-512 headers warn -Wuninitialized on their own _mm*_undefined_* (GCC PR105593)
+// GCC 12's AVX-512 headers warn -W(maybe-)uninitialized on their own _mm*_undefined_* (GCC PR105593)
 #if !defined(__clang__) && __GNUC__ == 12
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 #include <immintrin.h>
 #endif

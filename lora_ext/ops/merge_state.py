@@ -160,10 +160,11 @@ class MergeState:
         if self._exc_idx.numel() and fresh.numel():
             fresh = fresh[~torch.isin(fresh, self._exc_idx.long())]
         if fresh.numel():
-            idx = torch.cat([self._exc_idx.long(), fresh])
-            val = torch.cat([self._exc_val, weight.view(-1)[fresh]])
-            idx, order = torch.sort(idx)
-            self._exc_idx, self._exc_val = idx.to(self._exc_idx.dtype), val[order]
+            idx, val = fresh, weight.view(-1)[fresh]  # sorted
+            if self._exc_idx.numel():
+                idx, order = torch.sort(torch.cat([self._exc_idx.long(), idx]))
+                val = torch.cat([self._exc_val, val])[order]
+            self._exc_idx, self._exc_val = idx.to(self._exc_idx.dtype), val
         if self._exc_idx.numel():
             torch.ops.lora_ext.merge_points_.default(
                 weight, self._exc_idx.long(), self._exc_val,
@@ -240,14 +241,16 @@ def _idx_dtype(numel: int) -> torch.dtype:
 
 
 def _set_bits(words: torch.Tensor) -> torch.Tensor:
-    """Sorted int64 positions of the set bits of an int32 bit array (sparse: few set)."""
-    nz = torch.nonzero(words).flatten()
+    """Sorted int64 positions of the set bits of an int32 bit array (bit e of the array: bit e % 32
+    of word e // 32; little-endian, so byte i holds bits 8i ... 8i + 7). Works on the bytes: the
+    nonzero ones are few, and their 8-bit expansion is small."""
+    b = words.view(torch.uint8)
+    nz = torch.nonzero(b).flatten()
     if nz.numel() == 0:
         return nz
-    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
-    bits = (words[nz].unsqueeze(1) >> shifts) & 1
-    pos = nz.unsqueeze(1) * 32 + shifts.long()
-    return pos[bits.bool()]
+    bits = (b[nz].unsqueeze(1) >> torch.arange(8, device=b.device, dtype=torch.uint8)) & 1
+    row, col = bits.nonzero(as_tuple=True)
+    return nz[row] * 8 + col
 
 
 def _choose_bits(weight: torch.Tensor, adapters: list[MergedAdapter], fan_in_fan_out: bool,

@@ -27,4 +27,7 @@ void test_rows16();
 void test_acc_epilogue();
 void test_shrink_bf16();
 
+// test_merge_kernels.cpp: remerge_'s row pieces against merge_math's scalar transition
+void test_merge_pieces();
+
 }  // namespace lora_ext_test

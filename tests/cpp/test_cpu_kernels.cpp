@@ -5,7 +5,8 @@
 // Covered here: lora_apply_cpu against an fp64
 // at::matmul reference (fp32/fp16/bf16, r = 1, odd widths, T = 0, layouts, thread counts);
 // bad input raising c10::Error that names the argument; the CPU/CUDA registrations. The
-// micro-kernel tests (test_cpu_microkernels.cpp) run first, from the same kTests list.
+// micro-kernel tests (test_cpu_microkernels.cpp) and the merge pieces (test_merge_kernels.cpp)
+// run first, from the same kTests list.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -213,6 +214,7 @@ const NamedTest kTests[] = {
     {"rows16", test_rows16},
     {"acc_epilogue", test_acc_epilogue},
     {"shrink_bf16", test_shrink_bf16},
+    {"merge_pieces", test_merge_pieces},
     {"lora_apply_matches_reference", test_lora_apply_matches_reference},
     {"layouts", test_layouts},
     {"degenerate_sizes", test_degenerate_sizes},

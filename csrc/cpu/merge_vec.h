@@ -1,0 +1,20 @@
+// remerge_'s per-element step (merge_math::transition: reconstruct W0, merge the new sum,
+// verify) 16 elements at a time on AVX-512, bit for bit the scalar code (merge_vec.cpp).
+#pragma once
+#include <cstdint>
+
+namespace lora_ext::cpu::merge_vec {
+
+// Whether the AVX-512 kernels were picked (cpu_isa(): the CPU has them, $LORA_EXT_CPU_ISA allows).
+bool available();
+
+// One row piece of remerge_ for format F (merge_math::F32 / F16 / BF16; R: its raw type): the
+// n <= 16 consecutive elements w[0:n], element index e0 in the contiguous weight; so / sn: their
+// old / new sums (16 floats each, read only when has_old / has_new). First merge (!has_old): the
+// k-bit codes of the W0 values are OR-ed into `codes` (bit e * k), else read from it. Returns the
+// mask of the elements whose new value the codes cannot restore (W0 written back instead).
+template <class F, class R>
+uint32_t transition_piece(R* w, int n, int64_t e0, const float* so, const float* sn,
+                          uint32_t* codes, int k, bool has_old, bool has_new);
+
+}  // namespace lora_ext::cpu::merge_vec
