@@ -243,6 +243,17 @@ void remerge_impl(void* w, int64_t P, int64_t Q, uint32_t* codes, uint32_t* fail
   });
 }
 
+// fma chain over j < Rt of l[j] * r[j * ldr], from +0: merge_math's S of one element (an fma
+// instruction where the CPU has one, else libm's fmaf: correctly rounded either way).
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("default", "fma")))
+#endif
+float fma_chain(const float* l, const float* r, int64_t ldr, int64_t Rt) {
+  float s = 0.f;
+  for (int64_t j = 0; j < Rt; ++j) s = mm::fma_rn(l[j], r[j * ldr], s);
+  return s;
+}
+
 template <class F>
 void points_impl(void* w, int64_t Q, const int64_t* idx, const void* vals, int64_t n,
                  const MergeOperands& o) {
@@ -256,9 +267,7 @@ void points_impl(void* w, int64_t Q, const int64_t* idx, const void* vals, int64
   at::parallel_for(0, n, 1024, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = idx[t], p = e / Q, q = e % Q;
-      float s = 0.f;
-      for (int64_t j = 0; j < Rt; ++j) s = mm::fma_rn(L[p * Rt + j], Rm[j * ldr + q], s);
-      W[e] = static_cast<R>(mm::merged<F>(V[t], s, Rt > 0));
+      W[e] = static_cast<R>(mm::merged<F>(V[t], fma_chain(L + p * Rt, Rm + q, ldr, Rt), Rt > 0));
     }
   });
 }
