@@ -185,13 +185,17 @@ void merge_impl(void* w, int64_t P, int64_t Q, int64_t ld, const MergeOperands& 
   const float* Rm = o.R.data_ptr<float>();  // panels [Qpad / 16][Rt][16]
   const STile tile = s_tile_fn();
 #ifdef LORA_EXT_MERGE_AVX2
-  const bool fast = has_avx2();
+  const bool vec512 = merge_vec::available(), fast = has_avx2();
 #endif
   for_row_blocks(P, Q, Rt, [&](int64_t p0, int64_t rows) {
     float S[kMR][kNC];
     for (int64_t q0 = 0; q0 < Q; q0 += kNC) {
       const int64_t nc = std::min<int64_t>(kNC, Q - q0);
 #ifdef LORA_EXT_MERGE_AVX2
+      if (vec512 && rows == kMR && nc == kNC) {
+        merge_vec::merge_tile<F>(W + p0 * ld + q0, ld, L + p0 * Rt, Rt, Rm + q0 * Rt);
+        continue;
+      }
       if (fast && rows == kMR && nc == kNC) {
         merge_tile_avx2<F>(W + p0 * ld + q0, ld, L + p0 * Rt, Rt, Rm + q0 * Rt, kNC);
         continue;

@@ -1,4 +1,5 @@
-// remerge_'s per-element step on a row piece of <= 16 elements (merge_vec.h).
+// remerge_'s per-element step on a row piece of <= 16 elements, and merge_'s 6 x 16 tile, on
+// AVX-512 (merge_vec.h).
 //
 // AVX-512 form: each step of merge_math's scalar code (rec, merged, transition) is one 16-lane
 // operation on 32-bit lanes (16-bit formats zero-extended), so every lane gives the scalar bits:
@@ -9,6 +10,8 @@
 // W0) and a NaN only meets ordered comparisons (false either way). Keys, the monotone integer
 // order, fit 32-bit lanes: |key| <= 0x7FC00000 + 8 for every pattern reached. A piece's codes are
 // k * 16 <= 64 bits: one 64-bit word, spread over lanes with variable shifts.
+// merge_'s tile: S = L R in 6 zmm accumulators (one per row: a 16-float load of R's panel and 6
+// broadcasts of L per rank step, the fma chain of merge_math), folded into W with merged().
 #include "merge_vec.h"
 
 #include <cstring>
@@ -209,6 +212,30 @@ LORA_EXT_VF uint32_t piece_avx512(R* w, int n, int64_t e0, const float* so, cons
   }
   return fail;
 }
+
+template <class F, class R>
+LORA_EXT_VF void tile_avx512(R* W, int64_t ld, const float* L, int64_t Rt, const float* Rp) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+  for (int64_t j = 0; j < Rt; ++j) {
+    const __m512 r = _mm512_loadu_ps(Rp + j * 16);
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(L[j]), r, a0);
+    a1 = _mm512_fmadd_ps(_mm512_set1_ps(L[Rt + j]), r, a1);
+    a2 = _mm512_fmadd_ps(_mm512_set1_ps(L[2 * Rt + j]), r, a2);
+    a3 = _mm512_fmadd_ps(_mm512_set1_ps(L[3 * Rt + j]), r, a3);
+    a4 = _mm512_fmadd_ps(_mm512_set1_ps(L[4 * Rt + j]), r, a4);
+    a5 = _mm512_fmadd_ps(_mm512_set1_ps(L[5 * Rt + j]), r, a5);
+  }
+  const __m512 acc[6] = {a0, a1, a2, a3, a4, a5};
+  for (int m = 0; m < 6; ++m) {
+    R* row = W + m * ld;
+    if constexpr (sizeof(R) == 4) {
+      _mm512_storeu_si512(row, merged<F>(_mm512_loadu_si512(row), acc[m]));
+    } else {
+      const V w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row), _mm512_cvtepi32_epi16(merged<F>(w, acc[m])));
+    }
+  }
+}
 #endif
 
 }  // namespace
@@ -251,6 +278,16 @@ uint32_t transition_piece(R* w, int n, int64_t e0, const float* so, const float*
 #endif
   return transition_piece_scalar<F>(w, n, e0, so, sn, codes, k, has_old, has_new);
 }
+
+#ifdef LORA_EXT_MERGE_VEC
+template <class F, class R>
+void merge_tile(R* W, int64_t ld, const float* L, int64_t Rt, const float* Rp) {
+  tile_avx512<F>(W, ld, L, Rt, Rp);
+}
+template void merge_tile<mm::F32, uint32_t>(uint32_t*, int64_t, const float*, int64_t, const float*);
+template void merge_tile<mm::F16, uint16_t>(uint16_t*, int64_t, const float*, int64_t, const float*);
+template void merge_tile<mm::BF16, uint16_t>(uint16_t*, int64_t, const float*, int64_t, const float*);
+#endif
 
 #define LORA_EXT_PIECE(F, R)                                                                      \
   template uint32_t transition_piece<F, R>(R*, int, int64_t, const float*, const float*,          \

@@ -27,7 +27,9 @@ void test_rows16();
 void test_acc_epilogue();
 void test_shrink_bf16();
 
-// test_merge_kernels.cpp: remerge_'s row pieces against merge_math's scalar transition
+// test_merge_kernels.cpp: remerge_'s row pieces against merge_math's scalar transition, merge_cpu
+// against the element-wise definition
 void test_merge_pieces();
+void test_merge_tiles();
 
 }  // namespace lora_ext_test

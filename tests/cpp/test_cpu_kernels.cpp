@@ -215,6 +215,7 @@ const NamedTest kTests[] = {
     {"acc_epilogue", test_acc_epilogue},
     {"shrink_bf16", test_shrink_bf16},
     {"merge_pieces", test_merge_pieces},
+    {"merge_tiles", test_merge_tiles},
     {"lora_apply_matches_reference", test_lora_apply_matches_reference},
     {"layouts", test_layouts},
     {"degenerate_sizes", test_degenerate_sizes},

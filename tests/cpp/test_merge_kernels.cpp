@@ -4,6 +4,11 @@
 // Every fp16 / bf16 pattern (fp32: random patterns and specials) under sums near |W| (the
 // windows the codes pick from), tiny and huge sums, ±0, ±inf and NaN; code widths 0, 1, 2, 4;
 // first merge, remerge and unmerge; pieces of 1..16 elements at unaligned code bit offsets.
+// And merge_cpu (its tiles: AVX-512, AVX2 or portable, as picked) against the element-wise
+// definition: fl32(s * B), the fma chain over the rank from +0, merged().
+#include <ATen/ATen.h>
+
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -12,6 +17,7 @@
 
 #include "check.h"
 #include "cpu/merge_vec.h"
+#include "cpu/ops_cpu.h"
 #include "merge_math.h"
 
 namespace lora_ext_test {
@@ -86,7 +92,54 @@ void check_format(const char* name, const std::vector<R>& w_in, uint32_t seed) {
   }
 }
 
+// raw bits of element i of a contiguous fp32 / fp16 / bf16 tensor
+uint32_t raw(const at::Tensor& t, int64_t i) {
+  if (t.scalar_type() == at::kFloat) {
+    uint32_t u;
+    std::memcpy(&u, t.data_ptr<float>() + i, 4);
+    return u;
+  }
+  return static_cast<const uint16_t*>(t.data_ptr())[i];
+}
+
+template <class F>
+void check_merge(at::ScalarType dt, int64_t P, int64_t Q, int64_t r) {
+  at::manual_seed(P * 1000 + Q + r);
+  at::Tensor W0 = (at::randn({P, Q}) * 0.02).to(dt), A = at::randn({r, Q}).to(dt),
+             B = (at::randn({P, r}) * 0.01).to(dt);
+  // specials in W0: NaN payloads of both signs, infinities, zeros, a subnormal
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  const double specials[] = {nan, -nan, inf, -inf, 0.0, -0.0, 1e-41};
+  for (int64_t i = 0; i < std::min<int64_t>(7, P * Q); ++i) W0.view(-1)[(i * 7919) % (P * Q)] = specials[i];
+  const double scale = 0.7;
+  at::Tensor W = W0.clone();
+  lora_ext::cpu::merge_cpu(W, {A}, {B}, {scale}, false);
+  const at::Tensor Af = A.to(at::kFloat).contiguous(), Bf = B.to(at::kFloat).contiguous();
+  const float s = static_cast<float>(scale);
+  int64_t bad = 0;
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t q = 0; q < Q; ++q) {
+      float S = 0.f;
+      for (int64_t j = 0; j < r; ++j)
+        S = mm::fma_rn(s * Bf.data_ptr<float>()[p * r + j], Af.data_ptr<float>()[j * Q + q], S);
+      const uint32_t want = mm::merged<F>(raw(W0, p * Q + q), S, true), got = raw(W, p * Q + q);
+      if (got != want && bad++ < 3)
+        EXPECT(false, "merge_cpu ", dt, " ", P, "x", Q, " r=", r, " element (", p, ", ", q, "): ", got,
+               ", element-wise ", want);
+    }
+  EXPECT(bad == 0, "merge_cpu ", dt, " ", P, "x", Q, " r=", r, ": ", bad, " elements differ");
+}
+
 }  // namespace
+
+void test_merge_tiles() {
+  for (const auto& [P, Q, r] : {std::array<int64_t, 3>{6, 16, 1}, {12, 32, 16}, {7, 17, 3}, {13, 35, 16},
+                                {64, 64, 64}, {1, 5, 2}, {100, 48, 17}}) {
+    check_merge<mm::F32>(at::kFloat, P, Q, r);
+    check_merge<mm::F16>(at::kHalf, P, Q, r);
+    check_merge<mm::BF16>(at::kBFloat16, P, Q, r);
+  }
+}
 
 void test_merge_pieces() {
   std::vector<uint16_t> all16(65536);
