@@ -10,7 +10,7 @@
 // written once, L (6 x Rt) stays in L1 and R (fp32, packed in 16-wide column panels so each
 // tile reads one contiguous Rt x 16 block) in L2; no full-size temporaries.
 // remerge_ computes the tiles of the old and of the new adapter set and runs the
-// per-element transition on each 16-element row piece (merge_vec.cpp: AVX-512, 16 lanes at a
+// per-element transition on each 16-element row piece (merge_kernels.cpp: AVX-512, 16 lanes at a
 // time); failures (rare) are OR-ed into their bit array with an atomic OR.
 #include <ATen/Parallel.h>
 
@@ -20,7 +20,7 @@
 
 #include "../merge_glue.h"
 #include "../merge_math.h"
-#include "merge_vec.h"
+#include "merge_kernels.h"
 #include "ops_cpu.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -185,7 +185,7 @@ void merge_impl(void* w, int64_t P, int64_t Q, int64_t ld, const MergeOperands& 
   const float* Rm = o.R.data_ptr<float>();  // panels [Qpad / 16][Rt][16]
   const STile tile = s_tile_fn();
 #ifdef LORA_EXT_MERGE_AVX2
-  const bool vec512 = merge_vec::available(), fast = has_avx2();
+  const bool vec512 = merge_kernels::available(), fast = has_avx2();
 #endif
   for_row_blocks(P, Q, Rt, [&](int64_t p0, int64_t rows) {
     float S[kMR][kNC];
@@ -193,7 +193,7 @@ void merge_impl(void* w, int64_t P, int64_t Q, int64_t ld, const MergeOperands& 
       const int64_t nc = std::min<int64_t>(kNC, Q - q0);
 #ifdef LORA_EXT_MERGE_AVX2
       if (vec512 && rows == kMR && nc == kNC) {
-        merge_vec::merge_tile<F>(W + p0 * ld + q0, ld, L + p0 * Rt, Rt, Rm + q0 * Rt);
+        merge_kernels::merge_tile<F>(W + p0 * ld + q0, ld, L + p0 * Rt, Rt, Rm + q0 * Rt);
         continue;
       }
       if (fast && rows == kMR && nc == kNC) {
@@ -235,7 +235,7 @@ void remerge_impl(void* w, int64_t P, int64_t Q, uint32_t* codes, uint32_t* fail
       const int nc = static_cast<int>(std::min<int64_t>(kNC, Q - q0));
       for (int64_t m = 0; m < rows; ++m) {
         const int64_t e0 = (p0 + m) * Q + q0;
-        const uint64_t f = merge_vec::transition_piece<F>(W + e0, nc, e0, So[m], Sn[m], codes, k,
+        const uint64_t f = merge_kernels::transition_piece<F>(W + e0, nc, e0, So[m], Sn[m], codes, k,
                                                           has_old, has_new);
         if (f) {  // rare: the elements the codes cannot restore
           const uint64_t at = f << (e0 & 31);

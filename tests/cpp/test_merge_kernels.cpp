@@ -1,4 +1,4 @@
-// C++ tests of remerge_'s row pieces (csrc/cpu/merge_vec.cpp): merge_vec::transition_piece (the
+// C++ tests of csrc/cpu/merge_kernels.cpp: remerge_'s row pieces, merge_kernels::transition_piece (the
 // AVX-512 form where the kernel set picked has it, else the element loop) against merge_math's
 // scalar transition, element by element: W bits, failure masks and code bits must be equal.
 // Every fp16 / bf16 pattern (fp32: random patterns and specials) under sums near |W| (the
@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "check.h"
-#include "cpu/merge_vec.h"
+#include "cpu/merge_kernels.h"
 #include "cpu/ops_cpu.h"
 #include "merge_math.h"
 
@@ -24,7 +24,7 @@ namespace lora_ext_test {
 namespace {
 
 namespace mm = lora_ext::merge_math;
-namespace mv = lora_ext::cpu::merge_vec;
+namespace mv = lora_ext::cpu::merge_kernels;
 
 // A sum for an element of value w: mostly a fraction or multiple of |w| (both signs), else one
 // of the special values.
@@ -82,7 +82,8 @@ void check_format(const char* name, const std::vector<R>& w_in, uint32_t seed) {
             EXPECT(false, name, " k=", k, " has_old=", has_old, " has_new=", has_new, " element ", e,
                    ": w ", w_in[e], " s_old ", so[e], " s_new ", sn[e], " -> ", got[e], ", scalar ", ref[e]);
         }
-        EXPECT(fail == fail_ref || bad > 3, name, " k=", k, " failure mask at ", e0, ": ", fail, " vs ", fail_ref);
+        EXPECT(fail == fail_ref || bad > 3, name, " k=", k, " failure mask at ", e0, ": ", fail, " vs ",
+               fail_ref);
         e0 += n;
       }
       EXPECT(bad == 0, name, " k=", k, " has_old=", has_old, " has_new=", has_new, ": ", bad,

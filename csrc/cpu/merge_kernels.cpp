@@ -1,5 +1,5 @@
 // remerge_'s per-element step on a row piece of <= 16 elements, and merge_'s 6 x 16 tile, on
-// AVX-512 (merge_vec.h).
+// AVX-512 (merge_kernels.h).
 //
 // AVX-512 form: each step of merge_math's scalar code (rec, merged, transition) is one 16-lane
 // operation on 32-bit lanes (16-bit formats zero-extended), so every lane gives the scalar bits:
@@ -12,7 +12,7 @@
 // k * 16 <= 64 bits: one 64-bit word, spread over lanes with variable shifts.
 // merge_'s tile: S = L R in 6 zmm accumulators (one per row: a 16-float load of R's panel and 6
 // broadcasts of L per rank step, the fma chain of merge_math), folded into W with merged().
-#include "merge_vec.h"
+#include "merge_kernels.h"
 
 #include <cstring>
 
@@ -24,7 +24,7 @@
 #define LORA_EXT_MERGE_VEC 1
 #endif
 
-namespace lora_ext::cpu::merge_vec {
+namespace lora_ext::cpu::merge_kernels {
 namespace {
 
 namespace mm = lora_ext::merge_math;
@@ -61,6 +61,28 @@ uint64_t read_bits(const uint32_t* codes, int64_t bit, int nbits) {
   uint64_t out = lo >> off;
   if (last >= w + 2) out |= static_cast<uint64_t>(codes[w + 2]) << (64 - off);  // off > 0 here
   return nbits == 64 ? out : out & ((uint64_t{1} << nbits) - 1);
+}
+
+// The elements one at a time: merge_math's scalar code (other CPUs, other kernel sets).
+template <class F, class R>
+uint32_t transition_piece_scalar(R* w, int n, int64_t e0, const float* so, const float* sn,
+                                 uint32_t* codes, int k, bool has_old, bool has_new) {
+  uint32_t fail = 0;
+  uint64_t init_bits = 0;
+  for (int c = 0; c < n; ++c) {
+    uint32_t v = w[c], code;
+    if (!has_old) {
+      code = mm::code_of<F>(v, k);
+      init_bits |= static_cast<uint64_t>(code) << (c * k);
+    } else {
+      code = mm::read_code(codes, e0 + c, k);
+    }
+    if (!mm::transition<F>(v, has_old ? so[c] : 0.f, has_new ? sn[c] : 0.f, code, k, has_old, has_new))
+      fail |= 1u << c;
+    w[c] = static_cast<R>(v);
+  }
+  if (!has_old && k > 0) or_codes(codes, e0 * k, n * k, init_bits);
+  return fail;
 }
 
 #ifdef LORA_EXT_MERGE_VEC
@@ -163,7 +185,8 @@ LORA_EXT_V V spread(uint64_t bits, int k) {
 // The inverse: OR over lanes of (lane i) << i k (lanes hold k-bit values).
 LORA_EXT_V uint64_t gather_bits(V codes, int k) {
   const V i = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), kk = _mm512_set1_epi64(k);
-  const V lo = _mm512_sllv_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(codes)), _mm512_mullo_epi32(i, kk));
+  const V lo = _mm512_sllv_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(codes)),
+                                 _mm512_mullo_epi32(i, kk));
   const V hi = _mm512_sllv_epi64(_mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(codes, 1)),
                                  _mm512_mullo_epi32(_mm512_add_epi64(i, _mm512_set1_epi64(8)), kk));
   return static_cast<uint64_t>(_mm512_reduce_or_epi64(_mm512_or_si512(lo, hi)));
@@ -250,27 +273,6 @@ bool available() {
 }
 
 template <class F, class R>
-uint32_t transition_piece_scalar(R* w, int n, int64_t e0, const float* so, const float* sn,
-                                 uint32_t* codes, int k, bool has_old, bool has_new) {
-  uint32_t fail = 0;
-  uint64_t init_bits = 0;
-  for (int c = 0; c < n; ++c) {
-    uint32_t v = w[c], code;
-    if (!has_old) {
-      code = mm::code_of<F>(v, k);
-      init_bits |= static_cast<uint64_t>(code) << (c * k);
-    } else {
-      code = mm::read_code(codes, e0 + c, k);
-    }
-    if (!mm::transition<F>(v, has_old ? so[c] : 0.f, has_new ? sn[c] : 0.f, code, k, has_old, has_new))
-      fail |= 1u << c;
-    w[c] = static_cast<R>(v);
-  }
-  if (!has_old && k > 0) or_codes(codes, e0 * k, n * k, init_bits);
-  return fail;
-}
-
-template <class F, class R>
 uint32_t transition_piece(R* w, int n, int64_t e0, const float* so, const float* sn,
                           uint32_t* codes, int k, bool has_old, bool has_new) {
 #ifdef LORA_EXT_MERGE_VEC
@@ -289,14 +291,12 @@ template void merge_tile<mm::F16, uint16_t>(uint16_t*, int64_t, const float*, in
 template void merge_tile<mm::BF16, uint16_t>(uint16_t*, int64_t, const float*, int64_t, const float*);
 #endif
 
-#define LORA_EXT_PIECE(F, R)                                                                      \
-  template uint32_t transition_piece<F, R>(R*, int, int64_t, const float*, const float*,          \
-                                           uint32_t*, int, bool, bool);                           \
-  template uint32_t transition_piece_scalar<F, R>(R*, int, int64_t, const float*, const float*, \
-                                                  uint32_t*, int, bool, bool);
+#define LORA_EXT_PIECE(F, R)                                                              \
+  template uint32_t transition_piece<F, R>(R*, int, int64_t, const float*, const float*,  \
+                                           uint32_t*, int, bool, bool);
 LORA_EXT_PIECE(mm::F32, uint32_t)
 LORA_EXT_PIECE(mm::F16, uint16_t)
 LORA_EXT_PIECE(mm::BF16, uint16_t)
 #undef LORA_EXT_PIECE
 
-}  // namespace lora_ext::cpu::merge_vec
+}  // namespace lora_ext::cpu::merge_kernels

@@ -1,10 +1,10 @@
 // remerge_'s per-element step (merge_math::transition: reconstruct W0, merge the new sum,
 // verify) 16 elements at a time on AVX-512, bit for bit the scalar code, and merge_'s tile
-// (merge_vec.cpp).
+// (merge_kernels.cpp).
 #pragma once
 #include <cstdint>
 
-namespace lora_ext::cpu::merge_vec {
+namespace lora_ext::cpu::merge_kernels {
 
 // Whether the AVX-512 kernels were picked (cpu_isa(): the CPU has them, $LORA_EXT_CPU_ISA allows).
 bool available();
@@ -18,15 +18,10 @@ template <class F, class R>
 uint32_t transition_piece(R* w, int n, int64_t e0, const float* so, const float* sn,
                           uint32_t* codes, int k, bool has_old, bool has_new);
 
-// The elements' step one at a time (merge_math's scalar code): other CPUs.
-template <class F, class R>
-uint32_t transition_piece_scalar(R* w, int n, int64_t e0, const float* so, const float* sn,
-                                 uint32_t* codes, int k, bool has_old, bool has_new);
-
-// merge_'s full 6 x 16 tile, where available() (defined on x86-64 only): W[m * ld + c] = merged(W, S[m][c]) for m < 6,
-// c < 16, with S[m][c] the fma chain over j < Rt of L[m * Rt + j] * Rp[j * 16 + c] from +0 (Rp:
-// a 16-column panel of R).
+// merge_'s full 6 x 16 tile, where available() (defined on x86-64 only):
+// W[m * ld + c] = merged(W, S[m][c]) for m < 6, c < 16, with S[m][c] the fma chain over j < Rt of
+// L[m * Rt + j] * Rp[j * 16 + c] from +0 (Rp: a 16-column panel of R).
 template <class F, class R>
 void merge_tile(R* W, int64_t ld, const float* L, int64_t Rt, const float* Rp);
 
-}  // namespace lora_ext::cpu::merge_vec
+}  // namespace lora_ext::cpu::merge_kernels
