@@ -133,7 +133,6 @@ def test_embedding_merge(device, dtype):
     torch.manual_seed(0)
     emb = nn.Embedding(50, 24, padding_idx=0).to(device=device, dtype=dtype)
     layer = trained(nn.Sequential(LoRAEmbedding.from_embedding(emb, r=4, alpha=4)), ratio=0.3)[0]
-    W0 = layer.weight.detach().clone()
     x = torch.randint(0, 50, (3, 7), device=device)
     with torch.no_grad():
         y = layer(x)

@@ -3,6 +3,7 @@ element maths; merge_ / unmerge_ in merge.py take a state)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
