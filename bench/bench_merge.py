@@ -5,6 +5,9 @@
 2. Exact merge + unmerge through a MergeState (side information included) vs plain ones.
 3. Side information of the exact unmerge as a fraction of W, for several delta sizes.
 4. Inference time of a merged model vs the base model (no LoRA) and vs the unmerged LoRA model.
+5. PEFT's own merge/unmerge of its LoRA Linear (layer.merge(); layer.unmerge()) vs lora_ext's
+   plain and exact cycles on the same weights, interleaved; and the bits PEFT's cycles change
+   (its unmerge subtracts a rounded delta) vs lora_ext's exact cycles (none, asserted).
 
 Run: python bench/bench_merge.py [--device cpu|cuda] [--quick]
 """
@@ -18,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora_ext  # noqa: E402
-from bench.common import arg_parser, save, table, time_fn  # noqa: E402
+from bench.common import Timing, arg_parser, interleaved, ratios, save, table, time_fn  # noqa: E402
 from lora_ext.ops import MergeState, merge_, unmerge_  # noqa: E402
 
 
@@ -132,10 +135,60 @@ def bench_inference(device, quick):
     return rows
 
 
+def bench_peft(device, quick):
+    try:
+        import peft
+    except ImportError:
+        print("merge: peft is not installed; skipping the comparison with PEFT's merge")
+        return []
+    rows = []
+    n, cycles = (1024, 10) if quick else (4096, 100)
+    for dt in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(n, n, bias=False)).to(device, dt)
+        layer = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=["0"])) \
+            .base_model.model[0]
+        with torch.no_grad():
+            layer.lora_B["default"].weight.normal_(0, 0.01)  # as after training: |dW|/|W0| = 0.08
+        W = layer.base_layer.weight.data.clone()  # lora_ext's cycles run on a copy of the same weight
+        A, B, s = layer.lora_A["default"].weight.data, layer.lora_B["default"].weight.data, layer.scaling["default"]
+        state = MergeState()
+
+        def peft_cycle():
+            layer.merge()
+            layer.unmerge()
+
+        def plain():
+            merge_(W, A, B, s)
+            unmerge_(W, A, B, s)
+
+        def exact():
+            merge_(W, A, B, s, state=state)
+            unmerge_(W, state=state)
+
+        fns = {"peft": peft_cycle, "plain": plain, "exact": exact}
+        times = interleaved(fns, device, runs=5 if quick else 15)
+        # drift: `cycles` more merge/unmerge cycles from one starting weight, each way
+        W0 = layer.base_layer.weight.data.clone()
+        W.copy_(W0)
+        for _ in range(cycles):
+            peft_cycle()
+            exact()
+        assert torch.equal(W, W0), "lora_ext's exact cycles changed the weight"
+        changed = (layer.base_layer.weight.data != W0).float().mean().item()
+        drift = (layer.base_layer.weight.data.double() - W0.double()).norm() / W0.double().norm()
+        rows.append({"n": n, "r": 16, "dtype": _dt(dt), "peft_cycle_ms": Timing.of(times["peft"]),
+                     "exact_cycle_ms": Timing.of(times["exact"]), "plain_cycle_ms": Timing.of(times["plain"]),
+                     "exact: x faster": ratios(times, "peft", "exact"), "plain: x faster": ratios(times, "peft", "plain"),
+                     "cycles": cycles, "PEFT: % of W changed": 100 * changed,
+                     "PEFT: |W - W0| / |W0|": drift.item(), "lora_ext: % changed": 0.0})
+    return rows
+
+
 def main(argv=None):
     a = arg_parser("merge", __doc__).parse_args(argv)
     parts = {"kernel": bench_kernel, "exact": bench_exact, "overhead": bench_overhead,
-             "inference": bench_inference}
+             "inference": bench_inference, "peft": bench_peft}
     out = {}
     for name, fn in parts.items():
         rows = fn(a.device, a.quick)

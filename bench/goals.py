@@ -7,7 +7,8 @@ bench-<gpu>.json, a list of them) and checks the goals of the GPU validation iss
   multi_lora_ prefill (T = 8192, 8 adapters): >= 2x the loop of GEMMs, <= 1.3x one adapter's
     addmm pair;
   lora_linear fwd+bwd <= 1.05x the frozen base layer (PEFT's layer beside it);
-  merge_ (4096^2, bf16) >= 80% of the copy-bandwidth roofline;
+  merge_ (4096^2, bf16) >= 80% of the copy-bandwidth roofline; merge_ + unmerge_ faster than
+    PEFT's own merge + unmerge of the same weight (the exact cycle beside it);
   Llama 4x1024, 16 distinct adapters: AdapterPool faster than PEFT's adapter_names, decode and
     prefill (both x the base model beside it); patch_peft's train step no slower than PEFT's.
 A value is the median of its runs; "range" is its fastest-slowest run where the benchmark kept it.
@@ -48,6 +49,12 @@ GOALS = [
     *[(f"merge_ 4096^2 bf16 r={r}: % of copy-bandwidth roofline", "merge",
        {"part": "kernel", "out": 4096, "in": 4096, "r": r, "dtype": "bfloat16"}, "%roofline", ">=", 80.0,
        ["merge_ms", "GB/s"]) for r in (8, 16, 64)],
+    *[(f"merge_+unmerge_ 4096^2 {dt} r=16: x faster than PEFT's merge+unmerge", "merge",
+       {"part": "peft", "dtype": dt}, "plain: x faster", ">=", 1.0, ["peft_cycle_ms", "plain_cycle_ms"])
+      for dt in ("float32", "bfloat16")],
+    *[(f"exact (MergeState) merge+unmerge 4096^2 {dt} r=16: x faster than PEFT's", "merge",
+       {"part": "peft", "dtype": dt}, "exact: x faster", None, None, ["exact_cycle_ms"])
+      for dt in ("float32", "bfloat16")],
     *[(f"Llama 4x1024 {ph}, 16 adapters: AdapterPool x faster than PEFT", "pool",
        {"phase": ph, "adapters": 16}, "speedup vs PEFT", ">=", 1.0, ["lora_ext x base", "PEFT x base"])
       for ph in ("decode", "prefill")],
