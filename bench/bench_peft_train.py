@@ -1,7 +1,10 @@
 """A PEFT LoRA training step, patched vs unpatched: a small Llama (4 layers x 1024, LoRA r=16 on
 q/v, AdamW), forward with labels + backward + optimizer step, the same PeftModel before and after
 ``lora_ext.patch_peft`` (two deepcopies, same weights). Interleaved runs: median (min-max) of
-the per-run ratio.
+the per-run ratio. Beside it, the activation memory each keeps for backward: the bytes of the
+distinct storages one forward saves for backward, parameters excluded (PEFT's LoRA dropout saves
+a dropped copy of x and its mask per layer; lora_ext regenerates the mask and saves the [T, r]
+intermediate only).
 
 python bench/bench_peft_train.py [--device cpu|cuda] [--quick]
 """
@@ -52,12 +55,34 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         return step
 
     fns = {"PEFT": step_of(ref), "PEFT + patch_peft": step_of(patched)}
+    saved = {k: saved_bytes(m, ids) for k, m in (("PEFT", ref), ("PEFT + patch_peft", patched))}
     t = interleaved(fns, device, runs=5 if quick else 30)
     ratio = ratios(t, "PEFT + patch_peft", "PEFT")
     return [{"model": f"Llama {cfg.num_hidden_layers}x{h}", "batch x seq": f"{batch}x{seq}",
              "dtype": str(dt).removeprefix("torch."), "LoRA layers": n_patched,
              "PEFT ms": Timing.of(t["PEFT"]), "patch_peft ms": Timing.of(t["PEFT + patch_peft"]),
-             "patch_peft x PEFT": ratio}]
+             "patch_peft x PEFT": ratio, "PEFT saved MB": saved["PEFT"] / 2**20,
+             "patch_peft saved MB": saved["PEFT + patch_peft"] / 2**20,
+             "saved: patch_peft x PEFT": saved["PEFT + patch_peft"] / saved["PEFT"]}]
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes of the distinct non-parameter storages one training forward saves for backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    model.train()
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    del loss
+    return sum(seen.values())
 
 
 def main(argv=None):

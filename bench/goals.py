@@ -63,6 +63,8 @@ GOALS = [
     ("Llama 4x1024 decode, 16 adapters, CUDA graphs: AdapterPool x base", "pool",
      {"phase": "decode", "adapters": 16}, "graph: lora_ext x base", None, None, ["lora_ext graph ms"]),
     ("Llama 4x1024 train step: patch_peft x PEFT", "peft_train", {}, "patch_peft x PEFT", "<=", 1.0, []),
+    ("Llama 4x1024 train step: activation memory saved for backward, patch_peft x PEFT", "peft_train", {},
+     "saved: patch_peft x PEFT", None, None, ["PEFT saved MB", "patch_peft saved MB"]),
 ]
 
 
