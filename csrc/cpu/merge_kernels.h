@@ -12,8 +12,9 @@ bool available();
 // One row piece of remerge_ for format F (merge_math::F32 / F16 / BF16; R: its raw type): the
 // n <= 16 consecutive elements w[0:n], element index e0 in the contiguous weight; so / sn: their
 // old / new sums (16 floats each, read only when has_old / has_new). First merge (!has_old): the
-// k-bit codes of the W0 values are OR-ed into `codes` (bit e * k), else read from it. Returns the
-// mask of the elements whose new value the codes cannot restore (W0 written back instead).
+// k-bit codes of the W0 values are OR-ed into `codes` (bit e * k; atomically only into the words
+// at the piece's ends: concurrent pieces must cover disjoint elements), else read from it. Returns
+// the mask of the elements whose new value the codes cannot restore (W0 written back instead).
 template <class F, class R>
 uint32_t transition_piece(R* w, int n, int64_t e0, const float* so, const float* sn,
                           uint32_t* codes, int k, bool has_old, bool has_new);
