@@ -8,6 +8,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -256,6 +257,7 @@ void micro_6x16_acc(int64_t K, const float* const rows[kMR], const float* panel,
 bool bf16_dot() { return kKernels.bf16_dot; }
 const char* cpu_isa() { return kKernels.name; }
 bool f16c_conversions() { return kKernels.tile != tile_base; }
+bool avx512_kernels() { return std::strncmp(kKernels.name, "avx512", 6) == 0; }
 
 void shrink_block(int64_t nt, int64_t K, int64_t rp, const float* const* rows, const float* Apk,
                   float* u, int64_t us, const float* zeros) {

@@ -61,6 +61,8 @@ const char* cpu_isa();
 // Whether fp16 goes through the F16C conversion instructions (rows16, the fp16 decode tiles):
 // every kernel set but the baseline one requires them.
 bool f16c_conversions();
+// Whether the kernel set picked is an AVX-512 one (the merge kernels' 16-lane paths).
+bool avx512_kernels();
 // dst[p][kp][c][h] = src[p*16 + c][2 kp + h] (bf16 bits) for kp < ceil(K/2), zero past N and K;
 // dst holds ceil(N/16) * ceil(K/2) * 32 elements.
 void pack_pairs_bf16(const uint16_t* src, int64_t N, int64_t K, int64_t ld, uint16_t* dst,

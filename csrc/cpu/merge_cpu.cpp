@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 
 #include "../merge_glue.h"
@@ -29,8 +28,6 @@
 #endif
 
 namespace lora_ext::cpu {
-
-const char* cpu_isa();  // lowrank_microkernel.h
 
 namespace {
 
@@ -146,19 +143,13 @@ LORA_EXT_AVX2 void merge_tile_avx2(Raw<F>* W, int64_t ld, const float* L, int64_
   add8<F>(W + 5 * ld, c.a5), add8<F>(W + 5 * ld + 8, c.b5);
 }
 
-// The AVX2 + FMA + F16C tiles wherever the kernel set picked at load time is not the baseline one
-// (lowrank_microkernel.cpp: the CPU's best, or a lower one named by $LORA_EXT_CPU_ISA).
-bool has_avx2() {
-  static const bool ok = std::strcmp(cpu_isa(), "baseline") != 0;
-  return ok;
-}
 #endif
 
 using STile = void (*)(const float*, int64_t, const float*, int64_t, float[kMR][kNC]);
 
 STile s_tile_fn() {
 #ifdef LORA_EXT_MERGE_AVX2
-  return has_avx2() ? s_tile_avx2 : s_tile_portable;
+  return merge_kernels::avx2_tiles() ? s_tile_avx2 : s_tile_portable;
 #else
   return s_tile_portable;
 #endif
@@ -185,7 +176,7 @@ void merge_impl(void* w, int64_t P, int64_t Q, int64_t ld, const MergeOperands& 
   const float* Rm = o.R.data_ptr<float>();  // panels [Qpad / 16][Rt][16]
   const STile tile = s_tile_fn();
 #ifdef LORA_EXT_MERGE_AVX2
-  const bool vec512 = merge_kernels::available(), fast = has_avx2();
+  const bool vec512 = merge_kernels::available(), fast = merge_kernels::avx2_tiles();
 #endif
   for_row_blocks(P, Q, Rt, [&](int64_t p0, int64_t rows) {
     float S[kMR][kNC];
@@ -209,10 +200,6 @@ void merge_impl(void* w, int64_t P, int64_t Q, int64_t ld, const MergeOperands& 
       }
     }
   });
-}
-
-inline void atomic_or(uint32_t* word, uint32_t bits) {
-  if (bits) __atomic_fetch_or(word, bits, __ATOMIC_RELAXED);
 }
 
 template <class F>
@@ -239,23 +226,12 @@ void remerge_impl(void* w, int64_t P, int64_t Q, uint32_t* codes, uint32_t* fail
                                                           has_old, has_new);
         if (f) {  // rare: the elements the codes cannot restore
           const uint64_t at = f << (e0 & 31);
-          atomic_or(fails + (e0 >> 5), static_cast<uint32_t>(at));
-          atomic_or(fails + (e0 >> 5) + 1, static_cast<uint32_t>(at >> 32));
+          merge_kernels::atomic_or(fails + (e0 >> 5), static_cast<uint32_t>(at));
+          merge_kernels::atomic_or(fails + (e0 >> 5) + 1, static_cast<uint32_t>(at >> 32));
         }
       }
     }
   });
-}
-
-// fma chain over j < Rt of l[j] * r[j * ldr], from +0: merge_math's S of one element (an fma
-// instruction where the CPU has one, else libm's fmaf: correctly rounded either way).
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target_clones("default", "fma")))
-#endif
-float fma_chain(const float* l, const float* r, int64_t ldr, int64_t Rt) {
-  float s = 0.f;
-  for (int64_t j = 0; j < Rt; ++j) s = mm::fma_rn(l[j], r[j * ldr], s);
-  return s;
 }
 
 template <class F>
@@ -271,7 +247,8 @@ void points_impl(void* w, int64_t Q, const int64_t* idx, const void* vals, int64
   at::parallel_for(0, n, 1024, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = idx[t], p = e / Q, q = e % Q;
-      W[e] = static_cast<R>(mm::merged<F>(V[t], fma_chain(L + p * Rt, Rm + q, ldr, Rt), Rt > 0));
+      const float s = merge_kernels::fma_chain(L + p * Rt, Rm + q, ldr, Rt);
+      W[e] = static_cast<R>(mm::merged<F>(V[t], s, Rt > 0));
     }
   });
 }

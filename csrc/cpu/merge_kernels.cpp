@@ -17,7 +17,7 @@
 #include <cstring>
 
 #include "../merge_math.h"
-#include "lowrank_microkernel.h"  // cpu_isa
+#include "lowrank_microkernel.h"  // the kernel set picked, LORA_EXT_CLONES
 #include "vec16.h"                // immintrin.h (GCC 12 warning silenced)
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -28,10 +28,6 @@ namespace lora_ext::cpu::merge_kernels {
 namespace {
 
 namespace mm = lora_ext::merge_math;
-
-inline void atomic_or(uint32_t* word, uint32_t bits) {
-  if (bits) __atomic_fetch_or(word, bits, __ATOMIC_RELAXED);
-}
 
 // bits (the piece's n * k code bits, element 0 lowest) OR-ed into codes at bit position bit.
 // A word the piece covers whole is touched by no other piece (plain OR); the words at its ends
@@ -265,11 +261,18 @@ LORA_EXT_VF void tile_avx512(R* W, int64_t ld, const float* L, int64_t Rt, const
 
 bool available() {
 #ifdef LORA_EXT_MERGE_VEC
-  static const bool ok = std::strncmp(cpu_isa(), "avx512", 6) == 0;
-  return ok;
+  return avx512_kernels();
 #else
   return false;
 #endif
+}
+
+bool avx2_tiles() { return f16c_conversions(); }
+
+LORA_EXT_CLONES float fma_chain(const float* l, const float* r, int64_t ldr, int64_t Rt) {
+  float s = 0.f;
+  for (int64_t j = 0; j < Rt; ++j) s = mm::fma_rn(l[j], r[j * ldr], s);
+  return s;
 }
 
 template <class F, class R>

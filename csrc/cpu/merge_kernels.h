@@ -6,8 +6,19 @@
 
 namespace lora_ext::cpu::merge_kernels {
 
-// Whether the AVX-512 kernels were picked (cpu_isa(): the CPU has them, $LORA_EXT_CPU_ISA allows).
+// The kernel set picked at load time (lowrank_microkernel.h: the CPU's best, or a lower one
+// named by $LORA_EXT_CPU_ISA): AVX-512 (this file's 16-lane kernels), or AVX2 + FMA + F16C
+// (merge_cpu.cpp's 8-lane tiles; every set but the baseline one).
 bool available();
+bool avx2_tiles();
+
+inline void atomic_or(uint32_t* word, uint32_t bits) {
+  if (bits) __atomic_fetch_or(word, bits, __ATOMIC_RELAXED);
+}
+
+// fma chain over j < Rt of l[j] * r[j * ldr], from +0: merge_math's S of one element (one fma
+// instruction per term where the CPU has it, else libm's fmaf: correctly rounded either way).
+float fma_chain(const float* l, const float* r, int64_t ldr, int64_t Rt);
 
 // One row piece of remerge_ for format F (merge_math::F32 / F16 / BF16; R: its raw type): the
 // n <= 16 consecutive elements w[0:n], element index e0 in the contiguous weight; so / sn: their
