@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import importlib
 import os
 import socket
@@ -20,6 +21,9 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, module: str, fn: str, args: tuple, out_dir: str) -> None:
+    # a rank killed by a signal (CI once saw SIGABRT, "terminate called without an active
+    # exception", not reproduced since) prints every thread's Python stack into the test's output
+    faulthandler.enable(all_threads=True)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
