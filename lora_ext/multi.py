@@ -180,6 +180,15 @@ class _MultiLoRA(nn.Module):
                              "create the AdapterPool), then parallelize the multi-adapter layers with "
                              "lora_ext.tp.ColwiseParallelLoRA / RowwiseParallelLoRA")
 
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(torch.bfloat16) / .half() casts the pools with the base weight, but the per-slot
+        # scales stay fp32 (the ops take them in fp32; a bf16 alpha/r would also lose digits)
+        scales = self.scales
+        out = super()._apply(fn, *args, **kwargs)
+        if self.scales.dtype != torch.float32:
+            self.scales = scales.to(self.scales.device)
+        return out
+
     def _slice_bounds(self):
         widths = self.out_slices or [self.out_features]
         off = [0]

@@ -26,7 +26,7 @@ Fast paths:
     module-registration hook) or the adapter set changes. Beam search, aLoRA offsets and training
     mode keep PEFT's own path.
 Anything else (DoRA and other LoRA variants, lora_bias, quantized or hooked base layers, several
-active adapters at once, dtype mixes/autocast, unknown forward arguments) calls PEFT's original
+active adapters at once, dtype mixes outside autocast, unknown forward arguments) calls PEFT's original
 forward and warns once per (layer, reason). A disabled or merged layer has no LoRA work left to
 fuse: it calls PEFT's forward without a warning. LoRA Embedding layers run mixed batches as one
 gather + ``lora_expand_`` over per-layer pools (PEFT loops over the adapters) and PEFT's forward
@@ -119,12 +119,14 @@ def _base_problem(module: nn.Module, x: torch.Tensor) -> str | None:
     w, b = base.weight, base.bias
     if type(w) not in (nn.Parameter, torch.Tensor) or w.dtype not in _FLOATS:
         return f"base weight is {type(w).__name__} {w.dtype} (quantized or not a plain float tensor)"
-    if x.dtype != w.dtype or (b is not None and b.dtype != w.dtype):
+    if b is not None and b.dtype != w.dtype:
+        return f"base bias dtype {b.dtype} differs from the base weight's {w.dtype}"
+    # under autocast the ops cast their inputs as F.linear does (csrc/autocast.cpp), so an input in
+    # another float dtype than the weight (a bf16 activation before an fp32 layer) is expected
+    if x.dtype != w.dtype and not (x.dtype in _FLOATS and torch.is_autocast_enabled(x.device.type)):
         return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
     if x.device != w.device:
         return "input and base weight on different devices"
-    if torch.is_autocast_enabled(x.device.type):
-        return "autocast is enabled"
     return None
 
 
@@ -166,7 +168,9 @@ def _single(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | Non
         return None
     base = module.base_layer
     A, B = module.lora_A[name].weight, module.lora_B[name].weight
-    if A.dtype != x.dtype:  # e.g. fp32 adapters (PEFT's autocast_adapter_dtype) on a bf16 model
+    # e.g. fp32 adapters (PEFT's autocast_adapter_dtype) on a bf16 model; under autocast the op
+    # casts every input itself
+    if A.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         A, B = A.to(x.dtype), B.to(x.dtype)
     return lora_linear(x, base.weight, base.bias, A, B, float(module.scaling[name]), p,
                        p > 0.0, is_conv1d(base))
@@ -263,7 +267,8 @@ def _mixed(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | 
     y = module.base_layer(x)
     if not used or x.numel() == 0:
         return y
-    slot, A_pool, B_pool, scales, ranks = _pools(module, x.dtype, x.device, used)
+    # pools in y's dtype: the base's output dtype, the autocast dtype under autocast
+    slot, A_pool, B_pool, scales, ranks = _pools(module, y.dtype, x.device, used)
     indices = _token_slots(module, adapter_names, x[0].numel() // x.shape[-1], x.device, slot)
     multi_lora_(y, x, A_pool, B_pool, indices, scales, ranks)
     return y

@@ -81,6 +81,27 @@ def test_sliced_layer(device):
     assert rel_err(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("device", devices())
+def test_model_to_half_keeps_fp32_scales(device):
+    """model.to(bf16) after the slots are loaded (the usual serving order): pools follow the
+    base weight, scales stay fp32 with their exact values (1/3 is not a bf16 number)."""
+    ctx = LoRAContext(8, device)
+    model = Model(16, 2, 4, ctx, torch.float32, device)
+    ads = adapters(2, 16, 32, [4, 2])
+    for s, (A, B, _) in enumerate(ads):
+        model.l1.set_slot(s, A, B, 1 / 3)
+    model.to(torch.bfloat16)
+    assert model.l1.A_pool.dtype == torch.bfloat16 and model.l1.scales.dtype == torch.float32
+    assert model.l1.scales.tolist() == torch.tensor([1 / 3] * 2).tolist()
+    ctx.set_indices([0, 1, -1, 1])
+    x = torch.randn(4, 16, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = model.l1(x)
+    ref = expected(model.l1.base, x, torch.tensor([0, 1, -1, 1]),
+                   [(A.bfloat16(), B.bfloat16(), 1 / 3) for A, B, _ in ads])
+    assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 1e-2
+
+
 def test_layer_errors():
     layer = MultiLoRALinear(nn.Linear(8, 6), 2, 4)
     with pytest.raises(RuntimeError, match="no LoRAContext"):
