@@ -2,7 +2,8 @@
 ``linear(x) + s * (x @ A.T) @ B.T``, PEFT's own LoRA Linear, and that layer after
 ``lora_ext.patch_peft`` (x requires grad, as in a mid-network layer). On CUDA also LoRALinear with
 the other order of its halves (LORA_EXT_CUDA_EXPAND_FIRST=1: LoRA term and bias written first,
-cuBLAS accumulating into them), so one GPU run tells which order to make the default.
+cuBLAS accumulating into them), so one GPU run tells which order to make the default. Then the
+same variants for an fp32 model inside torch.autocast(bf16) (mixed-precision training).
 
 Goal: LoRALinear <= 1.05x the frozen base layer. Interleaved runs: median (min-max) of the per-run
 ratios.
@@ -54,15 +55,16 @@ def case(device: str, quick: bool):
     return (512 if quick else 2048), 1024, 16, torch.float32
 
 
-def run(device: str = "cpu", quick: bool = False) -> list[dict]:
-    T, n, r, dt = case(device, quick)
+def measure(device: str, T: int, n: int, r: int, dt: torch.dtype, amp: torch.dtype | None) -> list[dict]:
+    """One interleaved measurement: parameters in dt, every step inside torch.autocast(amp) if
+    amp is given (an fp32 model trained in bf16, as HF Trainer's bf16=True runs it)."""
     torch.manual_seed(0)
     base = torch.nn.Linear(n, n, device=device, dtype=dt).requires_grad_(False)
     layer = LoRALinear.from_linear(base, r=r, alpha=2 * r)
     torch.nn.init.normal_(layer.lora_B, std=0.02)
     A, B, s = layer.lora_A, layer.lora_B, layer.scaling
     x = torch.randn(T, n, device=device, dtype=dt, requires_grad=True)
-    g = torch.randn(T, n, device=device, dtype=dt)
+    g = torch.randn(T, n, device=device, dtype=amp or dt)
 
     fns = {
         "base nn.Linear": lambda: base(x),
@@ -82,7 +84,9 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         def go():
             for p in params:
                 p.grad = None
-            fn().backward(g)
+            with torch.autocast(device, dtype=amp or dt, enabled=amp is not None):
+                y = fn()
+            y.backward(g)
         return go
 
     steps = {k: step(f) for k, f in fns.items()}
@@ -91,9 +95,16 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     # Every variant once per run, back to back, so that machine noise hits all alike; the ratio
     # to the base layer is taken per run.
     t = interleaved(steps, device, runs=60 if device == "cpu" else 50)
-    return [{"impl": k, "T": T, "in=out": n, "r": r, "dtype": str(dt).removeprefix("torch."),
+    extra = {"autocast": str(amp).removeprefix("torch.")} if amp is not None else {}
+    return [{"impl": k, "T": T, "in=out": n, "r": r, "dtype": str(dt).removeprefix("torch."), **extra,
              "fwd+bwd ms": Timing.of(ts), "x base": ratios(t, k, "base nn.Linear")}
             for k, ts in t.items()]
+
+
+def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+    T, n, r, dt = case(device, quick)
+    # then an fp32 model inside torch.autocast(bf16): the ops cast like F.linear (csrc/autocast.cpp)
+    return measure(device, T, n, r, dt, None) + measure(device, T, n, r, torch.float32, torch.bfloat16)
 
 
 def main(argv=None):

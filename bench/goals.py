@@ -6,7 +6,8 @@ bench-<gpu>.json, a list of them) and checks the goals of the GPU validation iss
     roofline, >= 3x the loop over adapters and gather + bmm;
   multi_lora_ prefill (T = 8192, 8 adapters): >= 2x the loop of GEMMs, <= 1.3x one adapter's
     addmm pair;
-  lora_linear fwd+bwd <= 1.05x the frozen base layer (PEFT's layer beside it);
+  lora_linear fwd+bwd <= 1.05x the frozen base layer, also for an fp32 model in autocast bf16
+    (PEFT's layer beside it);
   merge_ (4096^2, bf16) >= 80% of the copy-bandwidth roofline; merge_ + unmerge_ faster than
     PEFT's own merge + unmerge of the same weight (the exact cycle beside it);
   Llama 4x1024, 16 distinct adapters: AdapterPool faster than PEFT's adapter_names, decode and
@@ -46,6 +47,10 @@ GOALS = [
      {"impl": "PEFT + patch_peft"}, "x base", "<=", 1.05, []),
     ("PEFT LoRA Linear fwd+bwd: x the frozen base layer (reference)", "lora_linear",
      {"impl": "PEFT LoRA Linear"}, "x base", None, None, []),
+    ("LoRALinear fwd+bwd, fp32 model in autocast bf16: x the frozen base layer", "lora_linear",
+     {"impl": "lora_ext LoRALinear", "autocast": "bfloat16"}, "x base", "<=", 1.05, ["T", "in=out"]),
+    ("PEFT LoRA Linear fwd+bwd, fp32 model in autocast bf16: x the frozen base layer (reference)",
+     "lora_linear", {"impl": "PEFT LoRA Linear", "autocast": "bfloat16"}, "x base", None, None, []),
     *[(f"merge_ 4096^2 bf16 r={r}: % of copy-bandwidth roofline", "merge",
        {"part": "kernel", "out": 4096, "in": 4096, "r": r, "dtype": "bfloat16"}, "%roofline", ">=", 80.0,
        ["merge_ms", "GB/s"]) for r in (8, 16, 64)],
