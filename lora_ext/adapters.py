@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .inject import inject, lora_layers
+from .inject import inject, lora_layers, trained_biases
 from .layers import LoRALayer
 from .targets import PEFT_PREFIX, check_pattern_key, name_regex, pattern_value, peft_config
 
@@ -86,7 +86,9 @@ class Adapter:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "Adapter":
-        """The LoRA factors of an injected model (detached copies) with a matching PEFT config."""
+        """The LoRA factors of an injected model (detached copies) with a matching PEFT config.
+        Trained biases (requires_grad) go into ``extra`` under PEFT's names, and the config's
+        ``bias`` says "lora_only" or "all" as PEFT would."""
         found = lora_layers(model)
         if not found:
             raise ValueError(f"Adapter.from_model: {type(model).__name__} has no LoRA layers (use lora_ext.inject)")
@@ -98,7 +100,9 @@ class Adapter:
                              use_rslora=any(m.use_rslora for m in found.values()),
                              fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
                              lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()))
-        return cls(layers, config)
+        biases, config["bias"] = trained_biases(model)
+        extra = {f"{n}{'.base_layer' if is_lora else ''}.bias": b.detach().clone() for n, is_lora, b in biases}
+        return cls(layers, config, extra=extra)
 
     # ---------------------------------------------------------------- writing
     def save(self, path: str) -> None:
@@ -295,7 +299,8 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
         mod, _, leaf = key.replace(".base_layer.", ".").rpartition(".")
         old = getattr(modules[mod], leaf)
         t = t.to(old.device, old.dtype)
-        if ".base_layer." in key:  # an adapted layer's own bias/table: PEFT loads it in place (ties kept)
+        if ".base_layer." in key or isinstance(modules[mod], LoRALayer):
+            # an adapted layer's own bias/table: PEFT loads it in place (ties kept)
             with torch.no_grad():
                 old.copy_(t)
         else:  # modules_to_save and other biases: PEFT uses its own copy, so ties are cut

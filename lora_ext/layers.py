@@ -66,13 +66,23 @@ class LoRALayer(nn.Module, abc.ABC):
     def set_lora_factors(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
         """Sets A [r, in], B [out, r] (converted to the layer's device and dtype) and the scaling.
         Same rank: copied in place; another rank: new parameters (requires_grad kept), ``r`` and
-        ``lora_alpha`` updated (``lora_alpha`` = scale * r, or scale * sqrt(r) with rsLoRA)."""
+        ``lora_alpha`` updated (``lora_alpha`` = scale * r, or scale * sqrt(r) with rsLoRA).
+        A merged layer is unmerged, updated and merged again (exactly if it was), so its weight
+        holds the new adapter; one merged for good (``drop_merge_state``) raises ValueError."""
         a_name, b_name = self.factor_names
         A_old, B_old = getattr(self, a_name), getattr(self, b_name)
+        where = f"{type(self).__name__}.set_lora_factors"
         if (A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0
                 or A.shape[1] != A_old.shape[1] or B.shape[0] != B_old.shape[0]):
-            raise ValueError(f"{type(self).__name__}.set_lora_factors: expected A [r, {A_old.shape[1]}] and "
+            raise ValueError(f"{where}: expected A [r, {A_old.shape[1]}] and "
                              f"B [{B_old.shape[0]}, r] with r > 0, got A {tuple(A.shape)}, B {tuple(B.shape)}")
+        remerge = self.merged
+        if remerge:
+            exact = getattr(self, "_merge_state", None) is not None
+            if not exact and getattr(self, "_merged_factors", None) is None:
+                raise ValueError(f"{where}: the layer is merged for good (drop_merge_state / "
+                                 "merge_and_unload), so its adapter cannot be replaced")
+            self.unmerge()
         A, B = A.to(A_old.device, A_old.dtype), B.to(A_old.device, A_old.dtype)
         if A_old.shape != A.shape:
             setattr(self, a_name, nn.Parameter(A.clone(), requires_grad=A_old.requires_grad))
@@ -85,6 +95,8 @@ class LoRALayer(nn.Module, abc.ABC):
         self.r = r
         self.scaling = scale
         self.lora_alpha = scale * (math.sqrt(r) if self.use_rslora else r)
+        if remerge:
+            self.merge(exact=exact)
 
     # ---------------------------------------------------------------- merging
     def check_merge(self) -> None:

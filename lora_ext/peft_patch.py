@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import types
+import functools
 import warnings
 import weakref
 
@@ -392,6 +392,13 @@ def _remove_context_hook(m: nn.Module) -> None:
         m._forward_pre_hooks_with_kwargs.pop(k, None)
 
 
+def _install_tree_hook() -> None:
+    """Once per process: by patch_peft, or by the first mixed batch of a patched model that was
+    unpickled (torch.load) into a process that never called patch_peft."""
+    if not _TREE_HOOK:
+        _TREE_HOOK.append(nn.modules.module.register_module_module_registration_hook(_tree_moved))
+
+
 def _tree_moved(module, name, submodule):
     # Not traced: Dynamo would guard on _TRACKED's members by position, and a member collected
     # between tracing and guard building fails the compile (IndexError). A module registered
@@ -436,6 +443,7 @@ def _mixed_batch_hooks(self, *args, **kwargs):
         return
     # the tree's view (adapter names, patched layers, layers that need PEFT's hook), walked again
     # when a module was assigned anywhere or the adapter set changed (delete_adapter, load_adapter)
+    _install_tree_hook()
     sig = (_TREE[0], id(self), tuple(self.peft_config))  # id: a deepcopy walks its own tree
     walk = self.__dict__.get(_WALK)
     if walk is None or walk[0] != sig:
@@ -474,13 +482,12 @@ def patch_peft(model: nn.Module) -> list[str]:
     ``unpatch_peft``."""
     Linear, Embedding, LoraLayer = _peft_classes()
     LoraModel = _peft_model_classes()[0]
-    if not _TREE_HOOK:
-        _TREE_HOOK.append(nn.modules.module.register_module_module_registration_hook(_tree_moved))
+    _install_tree_hook()
     _TREE[0] += 1  # patched layers change the mixed-batch view
     patched = []
     for name, m in model.named_modules():
         if isinstance(m, LoraModel) and _HOOKS not in m.__dict__:
-            m.__dict__[_HOOKS] = types.MethodType(_mixed_batch_hooks, m)
+            m.__dict__[_HOOKS] = functools.partial(_mixed_batch_hooks, m)
         if not isinstance(m, LoraLayer) or is_patched(m):
             continue
         m.__dict__[_NAME] = name
@@ -488,11 +495,11 @@ def patch_peft(model: nn.Module) -> list[str]:
             _warn(m, "its forward is already replaced on the instance (by another tool)")
         elif isinstance(m, Linear) and type(m).forward is Linear.forward:
             m.__dict__[_ORIG] = True
-            m.forward = types.MethodType(_patched_forward, m)
+            m.forward = functools.partial(_patched_forward, m)
             patched.append(name)
         elif isinstance(m, Embedding) and "forward" not in m.__dict__ and type(m).forward is Embedding.forward:
             m.__dict__[_ORIG] = True
-            m.forward = types.MethodType(_patched_embedding_forward, m)
+            m.forward = functools.partial(_patched_embedding_forward, m)
             patched.append(name)
         else:
             _warn(m, f"{type(m).__module__}.{type(m).__name__} layers are not supported by lora_ext")

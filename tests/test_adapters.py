@@ -227,3 +227,57 @@ def test_load_adapter_says_when_no_key_matched():
     with pytest.raises(ValueError, match="rank 4 in the model but 2"):
         lora_ext.load_adapter(model, {"model.layers.0.self_attn.q_proj.lora_A": torch.zeros(2, 64),
                                       "model.layers.0.self_attn.q_proj.lora_B": torch.zeros(64, 2)})
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_trained_biases_are_exported_like_peft(tmp_path, bias):
+    """mark_only_lora_trainable(bias=...) trains biases: lora_state_dict and Adapter.from_model
+    carry them under PEFT's names, so both loaders rebuild the trained model."""
+    base = tiny_gpt2()
+    model = copy.deepcopy(base)
+    lora_ext.inject(model, ["c_attn"], r=4, alpha=8)
+    lora_ext.mark_only_lora_trainable(model, bias=bias)
+    randomize_trainable(model, seed=3)  # B and the biases move off their initial values
+    ids = torch.randint(0, 128, (2, 9))
+    want = model(input_ids=ids).logits
+    sd = lora_ext.lora_state_dict(model)
+    assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in sd
+    assert ("base_model.model.transformer.h.0.mlp.c_fc.bias" in sd) == (bias == "all")
+    ad = Adapter.from_model(model)
+    assert ad.config["bias"] == bias
+    ad.save(tmp_path / "a")
+    ours = copy.deepcopy(base)
+    lora_ext.load_adapter(ours, Adapter.load(tmp_path / "a"))
+    assert rel_err(ours(input_ids=ids).logits, want) < 1e-6
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    assert rel_err(theirs(input_ids=ids).logits, want) < 1e-5
+    again = copy.deepcopy(base)
+    lora_ext.inject(again, ["c_attn"], r=4, alpha=8)
+    lora_ext.load_adapter(again, sd)
+    assert rel_err(again(input_ids=ids).logits, want) < 1e-6
+
+
+def test_load_adapter_into_a_merged_model(tmp_path):
+    """A merged layer takes the new adapter into its weight (exactly, as it was merged); one
+    merged for good refuses by name."""
+    base, pm, path = peft_adapter(tmp_path, targets=("q_proj", "v_proj"))
+    model = copy.deepcopy(base)
+    lora_ext.inject(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    lora_ext.mark_only_lora_trainable(model)
+    randomize_trainable(model, seed=5)
+    w0 = {n: m.weight.detach().clone() for n, m in lora_ext.lora_layers(model).items()}
+    lora_ext.merge(model)
+    lora_ext.load_adapter(model, Adapter.load(path))
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, pm(input_ids=ids).logits) < 1e-5
+    assert all(m.merged for m in lora_ext.lora_layers(model).values())
+    lora_ext.unmerge(model)
+    for n, m in lora_ext.lora_layers(model).items():
+        assert torch.equal(m.weight, w0[n]), n
+    layer = next(iter(lora_ext.lora_layers(model).values()))
+    layer.merge()
+    layer.drop_merge_state()
+    A, B, s = layer.lora_factors()
+    with pytest.raises(ValueError, match="merged for good"):
+        layer.set_lora_factors(A, B, s)

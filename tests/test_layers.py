@@ -100,8 +100,13 @@ def test_mark_only_lora_trainable_and_state_dict():
     assert m.o_proj.bias.requires_grad
     with pytest.raises(ValueError, match="bias"):
         lora_ext.mark_only_lora_trainable(m, bias="some")
-    sd = lora_ext.lora_state_dict(m)
-    assert set(sd) == {f"base_model.model.{n}.lora_{ab}.weight" for n in ("q_proj", "v_proj") for ab in "AB"}
+    factors = {f"base_model.model.{n}.lora_{ab}.weight" for n in ("q_proj", "v_proj") for ab in "AB"}
+    # trained biases are saved as PEFT saves them (a LoRA layer's own under base_layer)
+    assert set(lora_ext.lora_state_dict(m)) == factors | {
+        "base_model.model.q_proj.base_layer.bias", "base_model.model.v_proj.base_layer.bias",
+        "base_model.model.o_proj.bias", "base_model.model.norm.bias"}
+    lora_ext.mark_only_lora_trainable(m)
+    assert set(lora_ext.lora_state_dict(m)) == factors
 
 
 def test_gpt2_conv1d_injection():

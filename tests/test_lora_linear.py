@@ -217,6 +217,36 @@ def test_gradients_of_any_subset(device, trainable, dropout_p):
             assert ours.grad is None
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_double_backward(device, fan_in_fan_out):
+    """create_graph=True (gradient penalties, Hessian-vector products) differentiates the
+    gradients: they match fp64 autograd of the plain composition (fp64 gradgradcheck would need
+    fp64 kernels); with active dropout it is refused by name."""
+    x, W, b, A, B = make(9, 12, 10, 3, torch.float32, device, fan_in_fan_out=fan_in_fan_out)
+    W = W.requires_grad_()
+    y = lora_linear(x, W, b, A, B, 0.7, fan_in_fan_out=fan_in_fan_out)
+    gx, gA = torch.autograd.grad(y.square().sum(), (x, A), create_graph=True)
+    penalty = gx.square().sum() + gA.square().sum()  # its gradient reaches x, W, b, A and B
+    grads = torch.autograd.grad(penalty, (x, W, b, A, B), retain_graph=True)
+    yr, (xd, bd, Ad, Bd) = reference(x, W, b, A, B, 0.7, fan_in_fan_out)
+    Wd = W.detach().double().requires_grad_()
+    yr = xd @ (Wd if fan_in_fan_out else Wd.T) + bd + 0.7 * (xd @ Ad.T) @ Bd.T
+    gxr, gAr = torch.autograd.grad(yr.square().sum(), (xd, Ad), create_graph=True)
+    want = torch.autograd.grad(gxr.square().sum() + gAr.square().sum(), (xd, Wd, bd, Ad, Bd), retain_graph=True)
+    assert rel_err(gx, gxr) < 1e-5 and rel_err(gA, gAr) < 1e-5
+    for name, got, ref in zip("xWbAB", grads, want):
+        assert rel_err(got, ref) < 1e-5, name
+    # Hessian-vector product in A
+    v = torch.randn_like(A)
+    (hv,) = torch.autograd.grad((gA * v).sum(), A, retain_graph=True)
+    (hvr,) = torch.autograd.grad((gAr * v.double()).sum(), Ad)
+    assert rel_err(hv, hvr) < 1e-5
+    y = lora_linear(x, W, b, A, B, 0.7, dropout_p=0.1, training=True, fan_in_fan_out=fan_in_fan_out)
+    with pytest.raises(RuntimeError, match="double backward.*dropout"):
+        torch.autograd.grad(y.sum(), A, create_graph=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [2000, 20000])
 def test_weight_gradients_do_not_depend_on_threads(dtype, T):

@@ -33,6 +33,7 @@ def cases(device):
     codes, fails = (torch.zeros((o * i * 2 + 31) // 32, dtype=torch.int32, device=device),
                     torch.zeros((o * i + 31) // 32, dtype=torch.int32, device=device))
     A16, B16 = A.to(torch.bfloat16), (B * 0.01).to(torch.bfloat16)
+    xp = _t(2, i, 3, device=device, seed=10).permute(0, 2, 1)  # [2, 3, in], not contiguous
     return {
         "lora_apply_": (OPS.lora_apply_.default, (_t(T, o, device=device), x, A, B, 0.5)),
         "lora_linear_fwd": (OPS.lora_linear_fwd.default,
@@ -42,6 +43,13 @@ def cases(device):
         "lora_linear_bwd": (OPS.lora_linear_bwd.default,
                             (_t(T, o, device=device), x, W, A, B, u, 0.5, 0.2, seed, False,
                              [True, False, True, True])),
+        # x a permuted view (an NCHW -> NHWC block): outputs are contiguous in the fake kernels too
+        "lora_linear_fwd.permuted": (OPS.lora_linear_fwd.default,
+                                     (xp.requires_grad_(), W, None, A.clone().requires_grad_(),
+                                      B.clone().requires_grad_(), 0.5, 0.0, None, False)),
+        "lora_linear_bwd.permuted": (OPS.lora_linear_bwd.default,
+                                     (_t(2, 3, o, device=device), xp.detach(), W, A, B, _t(6, r, device=device),
+                                      0.5, 0.0, None, False, [True, True, True, True])),
         "multi_lora_": (OPS.multi_lora_.default,
                         (_t(T, o, device=device), x, Ap, Bp, idx, scales, ranks, None, bad)),
         "lora_shrink": (OPS.lora_shrink.default, (x, Ap, idx, ranks, 0.5)),

@@ -1,6 +1,7 @@
 """lora_ext.patch_peft: a PeftModel patched in place vs the same PeftModel unpatched (a deepcopy).
 Mixed batches (adapter_names) are in test_peft_mixed.py."""
 import copy
+import os
 import warnings
 import weakref
 
@@ -128,6 +129,42 @@ def test_save_load_round_trip(tmp_path):
         assert len(patch(loaded)) == n_linear(loaded)
         assert rel_err(loaded(input_ids=ids).logits, pm(input_ids=ids).logits) < 1e-5
         assert rel_err(plain, pm(input_ids=ids).logits) < 1e-5
+
+
+_LOAD_PICKLED = """
+import sys, warnings, torch
+import lora_ext.peft_patch as pp
+warnings.filterwarnings("error", message="lora_ext.patch_peft")
+pm, ids, names, want = torch.load(sys.argv[1], weights_only=False)
+calls = []
+real = pp.multi_lora_
+pp.multi_lora_ = lambda *a, **k: (calls.append(1), real(*a, **k))
+with torch.no_grad():
+    got = pm(input_ids=ids, adapter_names=names).logits
+err = ((got - want).norm() / want.norm()).item()
+assert err < 1e-6 and len(calls) > 0, (err, len(calls))
+print("ok")
+"""
+
+
+def test_torch_save_of_a_patched_model_loads_patched(tmp_path):
+    """torch.save(model) of a patched PeftModel (a whole-model checkpoint) loads in a fresh
+    process that never called patch_peft, still patched: mixed batches run multi_lora_."""
+    import subprocess
+    import sys
+    pm = build("llama")
+    pm.add_adapter("b", peft.LoraConfig(r=8, target_modules=CASES["llama"][1]))
+    randomize(pm, seed=4)
+    pm.eval()
+    patch(pm)
+    ids, names = ids_for(), ["b", "default"]
+    with torch.no_grad():
+        want = pm(input_ids=ids, adapter_names=names).logits
+    torch.save((pm, ids, names, want), tmp_path / "model.pt")
+    out = subprocess.run([sys.executable, "-c", _LOAD_PICKLED, str(tmp_path / "model.pt")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 def test_unpatch_restores_original_forward():

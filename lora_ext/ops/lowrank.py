@@ -68,8 +68,8 @@ def _lora_linear_fwd_fake(x, weight, bias, A, B, scale, dropout_p, seed, fan_in_
 @torch.library.register_fake("lora_ext::lora_linear_bwd")
 def _lora_linear_bwd_fake(grad, x, weight, A, B, u, scale, dropout_p, seed, fan_in_fan_out, mask):
     one_device("lora_linear_backward", grad=grad, x=x, weight=weight, A=A, B=B, u=u, seed=seed)
-    return (torch.empty_like(x) if mask[0] else None, torch.empty_like(weight) if mask[1] else None,
-            torch.empty_like(A) if mask[2] else None, torch.empty_like(B) if mask[3] else None)
+    # contiguous, as the kernels return them (not empty_like: x may be a permuted view)
+    return tuple(t.new_empty(t.shape) if m else None for t, m in zip((x, weight, A, B), mask))
 
 
 def _lora_linear_setup(ctx, inputs, output):
@@ -81,6 +81,8 @@ def _lora_linear_setup(ctx, inputs, output):
 def _lora_linear_backward(ctx, grad_y, grad_u):
     x, weight, A, B, u, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
+        return _differentiable_backward(ctx, grad_y, x, weight, A, B, need)
     dx, dW, dA, dB = torch.ops.lora_ext.lora_linear_bwd.default(
         grad_y, x, weight, A, B, u, ctx.scale, ctx.dropout_p, seed, ctx.fan_in_fan_out,
         [need[0], need[1], need[3], need[4]])
@@ -88,8 +90,38 @@ def _lora_linear_backward(ctx, grad_y, grad_u):
     return dx, dW, dbias, dA, dB, None, None, None, None
 
 
+def _differentiable_backward(ctx, g, x, weight, A, B, need):
+    """The gradients of _lora_linear_backward in plain torch ops, for double backward (gradient
+    penalties, Hessian-vector products): autograd differentiates these. Without dropout only: the
+    mask is a hash the kernels regenerate, not a tensor."""
+    if ctx.dropout_p > 0:
+        raise RuntimeError(f"lora_linear: double backward (create_graph=True) is not supported with "
+                           f"dropout in training (dropout_p={ctx.dropout_p}); use eval mode or dropout_p=0")
+    s = ctx.scale
+    W = weight.t() if ctx.fan_in_fan_out else weight  # [out, in]
+    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    gB = g2 @ B  # [T, r]
+    dx = (g2 @ W + s * (gB @ A)).reshape(x.shape) if need[0] else None
+    dW = None
+    if need[1]:
+        dW = g2.t() @ x2
+        dW = dW.t() if ctx.fan_in_fan_out else dW
+    dbias = g2.sum(0) if need[2] else None
+    dA = s * (gB.t() @ x2) if need[3] else None
+    dB = s * (g2.t() @ (x2 @ A.t())) if need[4] else None
+    return dx, dW, dbias, dA, dB, None, None, None, None
+
+
 torch.library.register_autograd("lora_ext::lora_linear_fwd", _lora_linear_backward,
                                 setup_context=_lora_linear_setup)
+
+
+def _lora_linear_bwd_backward(ctx, *grads):
+    raise RuntimeError("lora_ext.lora_linear_bwd is not differentiable; differentiate lora_linear "
+                       "(its double backward runs on plain torch ops)")
+
+
+torch.library.register_autograd("lora_ext::lora_linear_bwd", _lora_linear_bwd_backward)
 
 
 def build_info() -> list[str]:
