@@ -96,16 +96,48 @@ def _cli_extra_missing(cmd: str) -> int:
     return 2
 
 
+# argparse types: a bad value is a one-line "argument --x: ..." error (exit 2), not a traceback
+def _device(s: str) -> str:
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {s!r}")
+    n = torch.cuda.device_count()
+    if s != "cpu" and (torch.device(s).index or 0) >= n:
+        raise argparse.ArgumentTypeError(f"{s}: " + (f"only {n} CUDA GPU(s)" if n else "no CUDA GPU is available"))
+    return s
+
+
+def _positive_int(s: str) -> int:
+    try:
+        if int(s) >= 1:
+            return int(s)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
+
+
+def _out_dir(s: str) -> str:
+    try:
+        os.makedirs(s, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot create directory {s}: {e.strerror}") from None
+    return s
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora_ext")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="train 3 adapters, save them (PEFT format), serve one mixed batch")
-    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    d.add_argument("--steps", type=int, default=150, help="training steps per adapter")
-    d.add_argument("--out", default=None, help="directory for the adapters (default: a temp dir)")
+    d.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    d.add_argument("--steps", type=_positive_int, default=150, help="training steps per adapter (>= 1)")
+    d.add_argument("--out", type=_out_dir, help="directory for the adapters, created if missing (default: a temp dir)")
     sub.add_parser("info", help="version, torch/CUDA, compiled backends and archs, GPUs")
-    sub.add_parser("bench", help="run the benchmarks (bench/run.py; --help there)", add_help=False)
-    args, rest = p.parse_known_args(argv)
+    b = sub.add_parser("bench", help="run the benchmarks (bench/run.py; --help there)", add_help=False)
+    b.add_argument("--device", type=_device)  # checked here, passed on with the rest to bench/run.py
+    args, rest = p.parse_known_args(argv)  # only bench takes options of its own (bench/run.py's)
+    if rest and args.cmd != "bench":
+        sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.cmd == "info":
             return info()
@@ -114,7 +146,7 @@ def main(argv=None) -> int:
 
             run(args.device, args.steps, args.out)
             return 0
-        return bench(rest)
+        return bench(rest + (["--device", args.device] if args.device else []))
     except ModuleNotFoundError as e:  # the CLI's own dependencies are an extra
         if (e.name or "").split(".")[0] in ("rich", "tqdm"):
             return _cli_extra_missing(args.cmd)

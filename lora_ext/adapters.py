@@ -7,13 +7,16 @@
 Pickle files (adapter_model.bin) are refused unless allow_pickle=True, then read with
 torch.load(weights_only=True). Bad files (wrong types or values, NaN/inf weights unless
 allow_nonfinite=True, duplicate keys) raise ValueError / FileNotFoundError naming the file and the
-field or module; load_adapter validates everything before it touches the model. Non-LoRA tensors
+field or module; so do configs of LoRA variants lora_ext does not implement (DoRA, lora_bias, aLoRA,
+...: _UNSUPPORTED). load_adapter validates everything before it touches the model. Non-LoRA tensors
 PEFT saves (modules_to_save, bias="all"/"lora_only") are kept in Adapter.extra and loaded too.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,7 +34,35 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 _KEY = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                  r"(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$")
+                  r"(?:\.(?!(?:weight|bias)$)[A-Za-z0-9_-]+)?(?:\.weight)?$")  # [.<adapter name>][.weight]
+# Tensors only training uses (VeLoRA's projection, MonteCLoRA's sampler): dropped on load.
+_TRAINING_ONLY = re.compile(r"\.lora_(?:velora_embed|monteclora_sampler\.[A-Za-z0-9_]+)$")
+
+
+def _plain_init(value) -> bool:
+    """False for the inits PEFT re-runs on the base weights when it loads the adapter (layer.py update_layer)."""
+    return not (isinstance(value, str) and value.lower().startswith(("pissa", "olora", "corda", "loftq")))
+
+
+# LoraConfig fields whose non-default value changes what PEFT's LoRA Linear/Embedding computes in a
+# way lora_ext does not implement (peft/tuners/lora: layer.py lora_variants and update_layer,
+# variants.py, model.py), with PEFT's own test for "off": truthiness, or None for sub-configs (PEFT
+# turns any dict, even {}, into one). Fields for training only (other init_lora_weights, eva/lora_ga
+# configs, lora_dropout, velora_config, monteclora_config, ensure_weight_tying ...) are fine.
+_UNSUPPORTED = (  # (field, is default, what it does)
+    ("init_lora_weights", _plain_init, "PEFT rewrites the base weights when it loads this; save the adapter "
+                                       "with path_initial_model_for_weight_conversion for plain LoRA"),
+    ("use_dora", operator.not_, "DoRA"),
+    ("lora_bias", operator.not_, "a trained bias on lora_B"),
+    ("alora_invocation_tokens", operator.not_, "aLoRA, applied from the invocation tokens on"),
+    ("use_qalora", operator.not_, "QA-LoRA, on group-pooled inputs"),
+    ("layer_replication", operator.not_, "replicated decoder layers"),
+    ("target_parameters", operator.not_, "LoRA on parameters rather than modules"),
+    ("trainable_token_indices", operator.not_, "trained token embeddings"),
+    ("arrow_config", functools.partial(operator.is_, None), "Arrow routing"),
+    ("kasa_config", functools.partial(operator.is_, None), "KaSA, with a truncated base weight"),
+    ("use_bdlora", functools.partial(operator.is_, None), "block-diagonal LoRA"),
+)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -161,8 +192,9 @@ def _read_config(cfg_path: str) -> dict:
     for key in ("use_rslora", "use_dora"):
         if not isinstance(config.get(key, False), bool):
             raise ValueError(f"{where}: {key} must be true or false, got {config[key]!r}")
-    if config.get("use_dora"):
-        raise ValueError(f"{where} is a DoRA adapter (use_dora=true); not supported")
+    for key, is_default, what in _UNSUPPORTED:
+        if not is_default(config.get(key)):
+            raise ValueError(f"{where}: {key}={json.dumps(config[key])[:80]} ({what}) is not supported")
     _check_number(where, "r", config.get("r"), int)
     _check_number(where, "lora_alpha", config.get("lora_alpha"), float)
     for fld, kind in (("rank_pattern", int), ("alpha_pattern", float)):
@@ -232,9 +264,11 @@ def _split_factors(tensors: dict, where: str) -> tuple[dict, dict]:
         m = _KEY.match(key)
         if m is not None:
             parts.setdefault(m["path"], {})[m["kind"]] = t
+        elif _TRAINING_ONLY.search(key):
+            continue
         elif "lora_" in key:
-            raise ValueError(f"{where}: {key} is not supported (only lora_A/lora_B/lora_embedding_A/B; "
-                             "no DoRA magnitude vectors)")
+            raise ValueError(f"{where}: {key} is not supported (only lora_A/lora_B/lora_embedding_A/B weights; "
+                             "no lora_B biases (lora_bias) or DoRA magnitude vectors)")
         else:
             extra[key.removeprefix(PEFT_PREFIX)] = t
     if not parts:

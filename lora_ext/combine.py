@@ -52,7 +52,9 @@ def combine(adapters: Sequence, weights: Sequence[float] | None = None, how: str
 
     adapters: Adapter objects (combined module by module; a module missing from some adapters
     takes the others'), LayerWeights, or (A, B, scale) tuples. weights: one float each
-    (default 1). Returns the same kind (tuples give a LayerWeights), with scale 1.
+    (default 1). Returns the same kind (tuples give a LayerWeights), with scale 1. A combined
+    Adapter gets a new PEFT config for exactly its modules (the inputs' layers_to_transform,
+    exclude_modules, modules_to_save ... are not kept, nor are their extra tensors).
 
     how="cat": exact. Rank sum r_i; A = [A_1; A_2; ...], B = [c_1 B_1, c_2 B_2, ...] with
       c_i = w_i * s_i, so B A = sum_i w_i s_i B_i A_i. The factors are fp32 (``dtype`` to change):
@@ -122,7 +124,10 @@ def _combine_adapters(adapters: list[Adapter], weights, how, dtype) -> Adapter:
         A, B = _combine_factors(items, how, dtype, f"module {name!r}")
         layers[name] = LayerWeights(A, B, 1.0, kinds.pop())
     ranks = {n: lw.r for n, lw in layers.items()}  # scale 1: alpha = r everywhere
-    config = peft_config(ranks, ranks, fan_in_fan_out=any(a.config.get("fan_in_fan_out", False) for a in adapters),
-                         base=adapters[0].config)
+    # a fresh config: the inputs' targeting fields (layers_to_transform, exclude_modules ...) would
+    # make PEFT skip combined modules; only metadata all inputs agree on is kept
+    config = peft_config(ranks, ranks, fan_in_fan_out=any(a.config.get("fan_in_fan_out", False) for a in adapters))
+    config |= {k: adapters[0].config[k] for k in ("task_type", "base_model_name_or_path")
+               if k in adapters[0].config and all(a.config.get(k) == adapters[0].config[k] for a in adapters)}
     name = "+".join(a.name or f"adapter{i}" for i, a in enumerate(adapters))
     return Adapter(layers, config, name=f"{how}({name})")

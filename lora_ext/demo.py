@@ -76,6 +76,8 @@ def _median_ms(fn, device, reps=7) -> float:
 
 @torch.no_grad()
 def run(device=None, steps: int = 150, out_dir: str | None = None, show: bool = True) -> dict:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     console = Console(width=max(Console().width, 110))
     base = tiny_llama(device)

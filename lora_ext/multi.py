@@ -49,6 +49,10 @@ from .ops import lora_expand_, multi_lora_
 __all__ = ["LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding", "attach_context"]
 
 
+_INT32_MAX = 2**31 - 1
+_OUT_OF_RANGE = -(2**31)  # an index no slot has: the ops raise (CPU) or count it (CUDA)
+
+
 def _is_dtensor(t) -> bool:
     """True for a torch.distributed.tensor.DTensor (without importing torch.distributed when unused)."""
     return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
@@ -60,9 +64,13 @@ class LoRAContext:
     def __init__(self, max_tokens: int, device=None):
         if max_tokens < 1:
             raise ValueError(f"LoRAContext: max_tokens must be >= 1, got {max_tokens}")
-        self.indices = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
-        self.bad_index_count = torch.zeros(1, dtype=torch.int32, device=device)
+        with torch.inference_mode(False):  # updated in place later, inside inference mode or not
+            self.indices = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
+            self.bad_index_count = torch.zeros(1, dtype=torch.int32, device=device)
+            self.count_t = torch.full((), -1, dtype=torch.int32, device=device)
         self.count: Optional[int] = None  # indices set (None: cleared, base only for any input)
+        # count_t: the same on the device (-1: cleared), which compiled graphs compare with their
+        # input's rows (tokens) without guarding on a Python int (that would recompile per batch size)
         self.per_row = False
         self._tokens_of = None  # (leading dims, tokens()) of the last eager call, until indices change
 
@@ -78,17 +86,23 @@ class LoRAContext:
         """Copies slot indices (n ints, any shape) into the buffer, the rest is -1: one per token, or
         with per_row=True one per batch row. Layers then need inputs of exactly n tokens (rows)."""
         idx = torch.as_tensor(indices).reshape(-1)
+        if idx.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"LoRAContext.set_indices: indices must be integers, got {idx.dtype}")
         n = idx.numel()
         if n > self.max_tokens:
             raise ValueError(f"LoRAContext: {n} indices exceed max_tokens = {self.max_tokens}")
+        if idx.dtype == torch.int64:  # values int32 cannot hold become out of range, not wrapped
+            idx = idx.masked_fill((idx < -1) | (idx > _INT32_MAX), _OUT_OF_RANGE)
         self.indices[:n].copy_(idx, non_blocking=True)
         self.indices[n:].fill_(-1)
+        self.count_t.fill_(n)
         self.count, self.per_row = n, per_row
         self._tokens_of = None
 
     def clear(self) -> None:
         """Every token uses the base model only (inputs of up to max_tokens tokens)."""
         self.indices.fill_(-1)
+        self.count_t.fill_(-1)
         self.count, self.per_row = None, False
         self._tokens_of = None
 
@@ -112,6 +126,8 @@ class LoRAContext:
 
     def _tokens(self, lead: torch.Size, compiling: bool) -> torch.Tensor:
         T = lead.numel()
+        if compiling:  # no Python-int checks (they would specialize the batch size)
+            return self._traced_tokens(lead)
         if self.per_row:
             rows, row_len = (lead[0], lead[1:].numel()) if len(lead) else (1, 1)
             if rows != self.count:
@@ -123,12 +139,24 @@ class LoRAContext:
             raise ValueError(f"LoRAContext: a layer input has {T} tokens (leading dims {tuple(lead)}) "
                              f"but {self.count} token indices are set (AdapterPool.batch(names, "
                              "per_token=True): one name per token)")
-        if compiling:  # a symbolic check (Dynamo < 2.9 traces no message callable)
-            torch._check(T <= self.indices.shape[0])
-        elif T > self.indices.shape[0]:
+        if T > self.indices.shape[0]:
             raise ValueError(f"LoRAContext: a layer input has {T} tokens, more than max_tokens "
                              f"{self.indices.shape[0]}")
         return self.indices[:T]
+
+    def _traced_tokens(self, lead: torch.Size) -> torch.Tensor:
+        """_tokens under torch.compile: an input whose rows (tokens) differ from the indices set
+        gets out-of-range indices, which the ops report (CPU: an error; CUDA: bad_index_count,
+        see check()) as the eager path's ValueError cannot be raised from a graph."""
+        if self.per_row:
+            rows, row_len = (lead[0], lead[1:].numel()) if len(lead) else (1, 1)
+            torch._check(rows <= self.indices.shape[0])  # symbolic (Dynamo < 2.9 traces no message)
+            idx, n = self.indices[:rows, None].expand(rows, row_len).reshape(-1), rows
+        else:
+            n = lead.numel()
+            torch._check(n <= self.indices.shape[0])
+            idx = self.indices[:n]
+        return idx.masked_fill((self.count_t >= 0) & (self.count_t != n), _OUT_OF_RANGE)
 
     def check(self) -> None:
         """Raises if a CUDA kernel saw an index outside -1 .. S-1 since the last reset."""
@@ -160,15 +188,14 @@ class _MultiLoRA(nn.Module):
         self.num_outputs = n
         kw = dict(dtype=base.weight.dtype, device=base.weight.device)
         a_shape = (num_slots, r_max, self.in_features)
-        self.register_buffer("A_pool", torch.zeros(a_shape if out_slices is None else (n, *a_shape), **kw),
-                             persistent=False)
-        self.register_buffer("B_pool", torch.zeros(num_slots, self.out_features, r_max, **kw),
-                             persistent=False)
         sshape = (num_slots,) if out_slices is None else (n, num_slots)
-        self.register_buffer("scales", torch.zeros(sshape, dtype=torch.float32, device=kw["device"]),
-                             persistent=False)
-        self.register_buffer("ranks", torch.zeros(sshape, dtype=torch.int32, device=kw["device"]),
-                             persistent=False)
+        with torch.inference_mode(False):  # set_slot updates them in place, in inference mode or not
+            buffers = {"A_pool": torch.zeros(a_shape if out_slices is None else (n, *a_shape), **kw),
+                       "B_pool": torch.zeros(num_slots, self.out_features, r_max, **kw),
+                       "scales": torch.zeros(sshape, dtype=torch.float32, device=kw["device"]),
+                       "ranks": torch.zeros(sshape, dtype=torch.int32, device=kw["device"])}
+        for k, t in buffers.items():
+            self.register_buffer(k, t, persistent=False)
         self.context = context
         # tensor parallel (lora_ext.tp): the rows of `out` (B_pool dim 1) / columns of `in`
         # (A_pool last dim) this rank holds, as (lo, hi) of the full dim; None = all
@@ -211,6 +238,16 @@ class _MultiLoRA(nn.Module):
         if len(As) != self.num_outputs or len(Bs) != self.num_outputs:
             raise ValueError(f"{type(self).__name__}: expected {self.num_outputs} (A, B) pairs")
         off = self._slice_bounds()
+        for i, (a, b) in enumerate(zip(As, Bs)):  # every pair checked before the slot changes
+            if a is None:
+                continue
+            r = a.shape[0] if a.dim() == 2 else -1
+            if r < 0 or a.shape[1] != self.in_features or not 1 <= r <= self.r_max:
+                raise ValueError(f"{type(self).__name__}: A must be [r, {self.in_features}] with "
+                                 f"1 <= r <= {self.r_max}, got {tuple(a.shape)}")
+            if tuple(b.shape) != (off[i + 1] - off[i], r):
+                raise ValueError(f"{type(self).__name__}: B must be [{off[i + 1] - off[i]}, {r}], "
+                                 f"got {tuple(b.shape)}")
         in_lo, in_hi = self.in_shard or (0, self.in_features)
         out_lo, out_hi = self.out_shard or (0, self.out_features)
         for i, (a, b) in enumerate(zip(As, Bs)):
@@ -223,12 +260,6 @@ class _MultiLoRA(nn.Module):
             r = 0
             if a is not None:
                 r = a.shape[0]
-                if a.dim() != 2 or a.shape[1] != self.in_features or not 1 <= r <= self.r_max:
-                    raise ValueError(f"{type(self).__name__}: A must be [r, {self.in_features}] with "
-                                     f"1 <= r <= {self.r_max}, got {tuple(a.shape)}")
-                if tuple(b.shape) != (off[i + 1] - off[i], r):
-                    raise ValueError(f"{type(self).__name__}: B must be [{off[i + 1] - off[i]}, {r}], "
-                                     f"got {tuple(b.shape)}")
                 Ap[:r].copy_(a[:, in_lo:in_hi])
                 Bp[:, :r].copy_(b[lo - off[i]:max(hi, lo) - off[i]])
             if self.out_slices is None:

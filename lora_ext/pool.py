@@ -35,6 +35,7 @@ Design:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections import OrderedDict
 
@@ -70,8 +71,11 @@ class AdapterPool:
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.host_cache_bytes = host_cache_bytes
-        self.context = LoRAContext(max_tokens, self.device)
-        self.layers = self._replace_targets(target_modules)
+        # buffers updated in place by every load and batch: normal tensors even when the pool is
+        # built under torch.inference_mode() (inference tensors refuse in-place updates outside it)
+        with torch.inference_mode(False):
+            self.context = LoRAContext(max_tokens, self.device)
+            self.layers = self._replace_targets(target_modules)
         self._entries: dict[str, _Entry] = {}
         self._resident: OrderedDict[str, None] = OrderedDict()  # LRU order, oldest first
         self._slot_owner: list[str | None] = [None] * max_adapters
@@ -125,43 +129,63 @@ class AdapterPool:
         """Names currently in a GPU/CPU slot, least recently used first."""
         return list(self._resident)
 
-    def _validate(self, name: str, ad: Adapter) -> None:
-        if ad.extra:  # per-request serving covers the LoRA factors only; never drop trained tensors
-            keys = sorted(ad.extra)
-            raise ValueError(f"AdapterPool.load({name!r}): the adapter carries non-LoRA tensors "
-                             f"(modules_to_save or trained biases: {keys[:3]}{' ...' if len(keys) > 3 else ''}) "
-                             "that a shared pool cannot apply per request; use lora_ext.load_adapter")
+    def _validate(self, name: str, ad: Adapter, source: str | None) -> None:
+        where = f"AdapterPool.load({name!r}{'' if source is None else ', ' + repr(source)})"
+        # per-request serving covers the LoRA factors only; never drop trained tensors (but PEFT
+        # also saves a targeted embedding's unchanged table: equal to the model's, nothing to apply)
+        changed = sorted(k for k, t in ad.extra.items() if not self._same_as_model(k, t))
+        if changed:
+            raise ValueError(f"{where}: the adapter carries non-LoRA tensors (modules_to_save or trained "
+                             f"biases: {changed[:3]}{' ...' if len(changed) > 3 else ''}) that a shared pool "
+                             "cannot apply per request; use lora_ext.load_adapter")
         for mod, w in ad.layers.items():
             layer = self.layers.get(mod)
             if layer is None:
-                raise ValueError(f"AdapterPool.load({name!r}): module {mod!r} is not served by this pool "
+                raise ValueError(f"{where}: module {mod!r} is not served by this pool "
                                  f"(pool targets e.g. {sorted(self.layers)[:3]})")
             if (w.kind == "embedding") != isinstance(layer, MultiLoRAEmbedding):
-                raise ValueError(f"AdapterPool.load({name!r}): module {mod!r} ({type(layer.base).__name__}) "
-                                 f"cannot take {w.kind} weights")
-            if w.r > self.max_rank:
-                raise ValueError(f"AdapterPool.load({name!r}): module {mod!r} has rank {w.r} > max_rank {self.max_rank}")
+                raise ValueError(f"{where}: module {mod!r} ({type(layer.base).__name__}) cannot take {w.kind} weights")
+            if not 1 <= w.r <= self.max_rank:
+                raise ValueError(f"{where}: module {mod!r} has rank {w.r}; the pool takes 1 .. max_rank {self.max_rank}")
             if tuple(w.A.shape) != (w.r, layer.in_features) or tuple(w.B.shape) != (layer.out_features, w.r):
-                raise ValueError(f"AdapterPool.load({name!r}): module {mod!r} is {layer.in_features} -> "
-                                 f"{layer.out_features}, the adapter has A {tuple(w.A.shape)}, B {tuple(w.B.shape)}")
+                raise ValueError(f"{where}: module {mod!r} is {layer.in_features} -> {layer.out_features}, "
+                                 f"the adapter has A {tuple(w.A.shape)}, B {tuple(w.B.shape)}")
+
+    def _same_as_model(self, key: str, t: torch.Tensor) -> bool:
+        """Whether extra tensor `key` (PEFT's name less the prefix) equals the served model's."""
+        mod, _, leaf = key.replace(".base_layer.", ".").rpartition(".")
+        m = self.layers.get(mod) or dict(self.model.named_modules()).get(mod)
+        m = getattr(m, "base", m) if mod in self.layers else m
+        old = getattr(m, leaf, None)
+        return (isinstance(old, torch.Tensor) and old.shape == t.shape
+                and torch.equal(old.detach(), t.to(old.device, old.dtype)))
 
     def load(self, name: str, adapter, allow_pickle: bool = False) -> int:
         """Loads (or replaces) adapter `name` from a PEFT directory or an Adapter; returns its slot."""
         if name in BASE_NAMES or not isinstance(name, str):
             raise ValueError(f"AdapterPool.load: {name!r} is reserved for the base model")
-        source = adapter if isinstance(adapter, str) else None
-        ad = Adapter.load(adapter, allow_pickle=allow_pickle) if isinstance(adapter, str) else adapter
+        source = os.fspath(adapter) if isinstance(adapter, (str, os.PathLike)) else None
+        ad = Adapter.load(source, allow_pickle=allow_pickle) if source is not None else adapter
         if not isinstance(ad, Adapter):
             raise TypeError(f"AdapterPool.load: expected a path or an Adapter, got {type(adapter).__name__}")
-        self._validate(name, ad)
+        self._validate(name, ad, source)
         with self._lock:
             old = self._entries.get(name)
             if old is not None and old.in_use:
                 raise RuntimeError(f"AdapterPool.load: {name!r} is used by an open batch; replace it later")
             entry = _Entry(name, _pinned(ad, name), source)
             slot = old.slot if old is not None and old.slot is not None else self._free_slot()
+            try:
+                self._write_slot(entry, slot, stream=None)
+            except BaseException:  # the slot holds a partial write: free it; `name` stays as it was,
+                self._slot_owner[slot] = None  # not resident (re-written from its copy when used)
+                if old is not None and old.slot == slot:
+                    old.slot = None
+                    self._resident.pop(name, None)
+                    if old.adapter is not None:
+                        self._host[name] = old.adapter.nbytes()
+                raise
             self._entries[name] = entry
-            self._write_slot(entry, slot, stream=None)
             return slot
 
     def unload(self, name: str) -> None:
@@ -194,6 +218,9 @@ class AdapterPool:
         raise KeyError, more distinct names than max_adapters ValueError; a batch that cannot open
         leaves the pool as it was. One batch at a time: a second one raises RuntimeError.
         """
+        if isinstance(names, str):
+            raise TypeError(f"AdapterPool.batch: names must be a sequence of names (one per row), "
+                            f"got the string {names!r}; for one row pass [{names!r}]")
         names = list(names)
         with self._lock:
             used = self._batch_entries(names)
@@ -214,12 +241,15 @@ class AdapterPool:
             yield self
         finally:
             with self._lock:
-                for e in used:
-                    e.in_use = False
-                    if self._side is not None and e.slot is not None:
-                        self._slot_event[e.slot] = torch.cuda.current_stream(self.device).record_event()
-                self.context.clear()
-                self._batch_open = False
+                try:
+                    for e in used:
+                        if self._side is not None and e.slot is not None:
+                            self._slot_event[e.slot] = torch.cuda.current_stream(self.device).record_event()
+                    self.context.clear()
+                finally:  # the pool takes the next batch whatever failed above
+                    for e in used:
+                        e.in_use = False
+                    self._batch_open = False
 
     def _batch_entries(self, names: list) -> list[_Entry]:
         """The adapters a batch uses, with their host copies; raises before changing anything."""
@@ -282,7 +312,9 @@ class AdapterPool:
         """Reads an adapter dropped from the host cache from its file again."""
         if e.adapter is None:
             try:
-                e.adapter = _pinned(Adapter.load(e.source), e.name)
+                ad = Adapter.load(e.source)
+                self._validate(e.name, ad, e.source)  # the file may have changed since load()
+                e.adapter = _pinned(ad, e.name)
             except (OSError, ValueError) as err:
                 raise type(err)(f"AdapterPool: adapter {e.name!r} was evicted and cannot be read again "
                                 f"from {e.source}: {err}") from err

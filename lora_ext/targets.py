@@ -203,13 +203,13 @@ _FROM_SCRATCH = {"bias": "none", "task_type": None, "inference_mode": True, "ini
 
 
 def peft_config(ranks: dict[str, int], alphas: dict[str, float], *, use_rslora: bool = False,
-                fan_in_fan_out: bool = False, lora_dropout: float = 0.0, base: dict | None = None) -> dict:
+                fan_in_fan_out: bool = False, lora_dropout: float = 0.0) -> dict:
     """A PEFT LoRA adapter_config for modules with the given per-module ranks and alphas.
 
     r / lora_alpha are the most common values; modules that differ get a rank_pattern /
     alpha_pattern entry keyed by name_regex(module). target_modules lists the module-name leaves.
-    base: a config whose other fields are kept (lora_dropout is then not set); without it the
-    other fields are PEFT's defaults for an inference adapter. use_dora is always False.
+    The other fields are PEFT's defaults for an inference adapter (no layers_to_transform,
+    modules_to_save, DoRA ...).
     """
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
@@ -220,6 +220,4 @@ def peft_config(ranks: dict[str, int], alphas: dict[str, float], *, use_rslora: 
         "alpha_pattern": {name_regex(n): a for n, a in alphas.items() if a != alpha},
         "fan_in_fan_out": fan_in_fan_out,
     }
-    if base is not None:
-        return {**base, **shape, "use_dora": False}
     return {**shape, "lora_dropout": lora_dropout, **_FROM_SCRATCH, "use_dora": False}

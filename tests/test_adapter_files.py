@@ -194,6 +194,37 @@ def test_duplicate_key_in_safetensors_header(tmp_path):
         Adapter.load(d)
 
 
+# ---------------------------------------------------------------- LoRA variants lora_ext does not run
+@pytest.mark.parametrize("field, value, default", [
+    ("init_lora_weights", "pissa", True), ("init_lora_weights", "pissa_niter_4", "gaussian"),
+    ("init_lora_weights", "olora", "eva"), ("init_lora_weights", "corda", "mica"),
+    ("init_lora_weights", "loftq", "lora_ga"), ("use_dora", True, False), ("lora_bias", True, False), ("alora_invocation_tokens", [5, 6], None),
+    ("use_qalora", True, False), ("layer_replication", [[0, 1]], None), ("target_parameters", ["q.weight"], []),
+    ("trainable_token_indices", [1], None), ("arrow_config", {}, None), ("kasa_config", {}, None),
+    ("use_bdlora", {}, None),
+])
+def test_unsupported_variants_name_file_and_field(tmp_path, field, value, default):
+    with pytest.raises(ValueError, match=rf"adapter_config.json: {field}=.* is not supported"):
+        Adapter.load(write(tmp_path, {field: value}))
+    assert Adapter.load(write(tmp_path, {field: default})).layers["q"].r == 2
+
+
+def test_lora_B_bias_is_refused_not_read_as_an_adapter_name(tmp_path):
+    t = factors() | {"base_model.model.q.lora_B.bias": torch.randn(3)}
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: base_model.model.q.lora_B.bias is not "
+                                         r"supported.*lora_bias"):
+        Adapter.load(write(tmp_path, tensors=t))
+    t = {k.replace(".weight", ".bias.weight"): v for k, v in factors().items()}  # an adapter named "bias"
+    assert Adapter.load(write(tmp_path, tensors=t)).layers["q"].r == 2
+
+
+def test_training_only_tensors_are_dropped(tmp_path):
+    t = factors() | {"base_model.model.q.lora_velora_embed": torch.randn(4),
+                     "base_model.model.q.lora_monteclora_sampler.std_prior": torch.randn(2)}
+    ad = Adapter.load(write(tmp_path, {"velora_config": {}}, tensors=t))
+    assert list(ad.layers) == ["q"] and ad.extra == {}
+
+
 # ---------------------------------------------------------------- 9: the one PEFT config builder
 ODD_NAMES = {"h.0.attn": 4, "h.0.attn.c_proj": 2, "blocks.a+b.proj": 3, "x(1).fc": 4, "layer-1.q_proj": 1,
              "model.layers.0.self_attn.q_proj": 2}

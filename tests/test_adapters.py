@@ -15,10 +15,10 @@ peft = pytest.importorskip("peft")
 
 
 def peft_adapter(tmp_path, seed=1, r=4, targets=("q_proj", "v_proj", "embed_tokens"), rank_pattern=None,
-                 alpha_pattern=None, use_rslora=False, base=None):
+                 alpha_pattern=None, use_rslora=False, base=None, **cfg):
     base = base or tiny_llama()
     cfg = peft.LoraConfig(r=r, lora_alpha=8, target_modules=list(targets), rank_pattern=rank_pattern or {},
-                          alpha_pattern=alpha_pattern or {}, use_rslora=use_rslora)
+                          alpha_pattern=alpha_pattern or {}, use_rslora=use_rslora, **cfg)
     pm = peft.get_peft_model(copy.deepcopy(base), cfg)
     torch.manual_seed(seed)
     for n, p in pm.named_parameters():
@@ -281,3 +281,47 @@ def test_load_adapter_into_a_merged_model(tmp_path):
     A, B, s = layer.lora_factors()
     with pytest.raises(ValueError, match="merged for good"):
         layer.set_lora_factors(A, B, s)
+
+
+def peft_has(field):
+    import dataclasses
+    if field not in {f.name for f in dataclasses.fields(peft.LoraConfig)}:
+        pytest.skip(f"this PEFT has no LoraConfig.{field}")
+
+
+@pytest.mark.parametrize("field, value", [("lora_bias", True), ("alora_invocation_tokens", [5, 6]),
+                                          ("init_lora_weights", "pissa"), ("init_lora_weights", "olora")])
+def test_peft_variants_lora_ext_does_not_run_are_refused(tmp_path, field, value):
+    """PEFT computes something else for these (B x + b; LoRA only from the invocation tokens on;
+    PiSSA / OLoRA: from_pretrained rewrites the base weights from the initial adapter)."""
+    peft_has(field)
+    _, _, path = peft_adapter(tmp_path, targets=("q_proj",), **{field: value})
+    with pytest.raises(ValueError, match=rf"adapter_config.json: {field}=.* is not supported"):
+        Adapter.load(path)
+
+
+@pytest.mark.parametrize("field", ["velora_config", "monteclora_config"])
+def test_training_only_variants_load_like_peft(tmp_path, field):
+    """VeLoRA / MonteCLoRA change training only; their extra tensors are dropped."""
+    peft_has(field)
+    base, pm, path = peft_adapter(tmp_path, targets=("q_proj", "v_proj"), **{field: {}})
+    ad = Adapter.load(path)
+    assert len(ad.layers) == 4 and ad.extra == {}
+    ours = copy.deepcopy(base)
+    lora_ext.load_adapter(ours, ad)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()(ids).logits
+        assert rel_err(want, base(ids).logits) > 1e-3
+        assert rel_err(ours(ids).logits, want) < 1e-5
+
+
+def test_every_peft_lora_variant_is_refused_or_known_to_be_plain_lora():
+    """A PEFT upgrade with a new variant fails here until adapters._UNSUPPORTED decides on it."""
+    import dataclasses
+
+    from lora_ext.adapters import _UNSUPPORTED
+    fields = {f.name: f.metadata for f in dataclasses.fields(peft.LoraConfig)}
+    variants = {n for n, md in fields.items() if md.get("is_lora_variant")}
+    assert variants - {f for f, _, _ in _UNSUPPORTED} <= {"velora_config", "monteclora_config"}
+    assert set(fields["init_lora_weights"].get("lora_variants", [])) <= {"mica"}  # MiCA: plain forward

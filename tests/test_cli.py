@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import lora_ext
 from lora_ext.__main__ import _arch_names, _cubins
@@ -167,3 +168,65 @@ def test_sanitize_cases_dry_run_on_cpu():
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert re.search(r"sanitize_cases: \d{3} cpu results checked against the CPU kernels, 0 differ", p.stdout)
+
+
+# ---------------------------------------------------------------- option checks: a message, not a traceback
+@pytest.fixture
+def cli(monkeypatch):
+    """main() with demo.run and bench() replaced by recorders: returns (main, calls)."""
+    import lora_ext.__main__ as m
+    import lora_ext.demo
+
+    calls = []
+    monkeypatch.setattr(lora_ext.demo, "run", lambda *a: calls.append(("demo", *a)))
+    monkeypatch.setattr(m, "bench", lambda argv: calls.append(("bench", argv)) or 0)
+    return m.main, calls
+
+
+def _usage_error(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["demo", "--stpes", "0"], ["demo", "extra"], ["info", "--bogus"]])
+def test_unknown_options_are_errors(cli, capsys, argv):
+    main, calls = cli
+    err = _usage_error(main, argv, capsys)
+    assert f"python -m lora_ext {argv[0]}: error: unrecognized arguments: {' '.join(argv[1:])}" in err
+    assert calls == []
+
+
+def test_bench_passes_its_options_on(cli):
+    main, calls = cli
+    assert main(["bench", "--only", "merge", "--device", "cpu", "--quick"]) == 0
+    assert calls == [("bench", ["--only", "merge", "--quick", "--device", "cpu"])]
+
+
+@pytest.mark.parametrize("steps", ["0", "-3", "x"])
+def test_demo_steps_must_be_positive(cli, capsys, steps):
+    main, calls = cli
+    assert f"argument --steps: expected an integer >= 1, got '{steps}'" in _usage_error(
+        main, ["demo", "--steps", steps], capsys)
+    assert calls == []
+
+
+@pytest.mark.parametrize("cmd", ["demo", "bench"])
+def test_device_cuda_without_gpu(cli, capsys, monkeypatch, cmd):
+    main, calls = cli
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert "argument --device: cuda: no CUDA GPU is available" in _usage_error(main, [cmd, "--device", "cuda"], capsys)
+    assert "argument --device: expected cpu, cuda or cuda:N, got 'gpu'" in _usage_error(
+        main, [cmd, "--device", "gpu"], capsys)
+    assert calls == []
+
+
+def test_demo_out_is_a_directory(cli, capsys, tmp_path):
+    main, calls = cli
+    (tmp_path / "file").write_text("")
+    assert f"argument --out: cannot create directory {tmp_path / 'file'}: File exists" in _usage_error(
+        main, ["demo", "--out", str(tmp_path / "file")], capsys)
+    assert calls == []
+    assert main(["demo", "--out", str(tmp_path / "new" / "dir")]) == 0  # created if missing
+    assert (tmp_path / "new" / "dir").is_dir() and calls == [("demo", None, 150, str(tmp_path / "new" / "dir"))]

@@ -262,3 +262,29 @@ def test_combine_adapters_on_a_model():
         y = target(x).logits
         lora_ext.merge(target)
         assert rel_err(target(x).logits, y.double()) < 1e-5
+
+
+def test_combined_adapter_loads_in_peft_as_in_lora_ext(tmp_path):
+    """The combined config targets exactly the combined modules: not the first adapter's
+    layers_to_transform (PEFT skipped layer 0 of the combination)."""
+    peft = pytest.importorskip("peft")
+    adapters = []
+    for seed, kw in ((5, dict(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers")),
+                     (6, dict(target_modules=["q_proj", "v_proj"], use_rslora=True))):
+        pm = peft.get_peft_model(tiny_llama(seed=1), peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **kw))
+        torch.manual_seed(seed)
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.data = torch.randn_like(p) * 0.1
+        pm.save_pretrained(tmp_path / str(seed))
+        adapters.append(Adapter.load(tmp_path / str(seed)))
+    both = lora_ext.combine(adapters, [0.7, -0.3])
+    assert both.config["layers_to_transform"] is None and "layers_pattern" not in both.config
+    assert both.config["task_type"] == "CAUSAL_LM"  # metadata all inputs agree on is kept
+    both.save(tmp_path / "both")
+    ours = tiny_llama(seed=1)
+    lora_ext.load_adapter(ours, both)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(seed=1), tmp_path / "both").eval()
+    assert len(lora_ext.lora_layers(ours)) == 4
+    with torch.no_grad():
+        assert rel_err(theirs(ids("cpu")).logits, ours(ids("cpu")).logits) < 1e-5

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -46,7 +47,11 @@ Groups group_tokens(const char* op, const MultiArgs& a) {
   for (int64_t t = 0; t < a.T; ++t) {
     const int64_t v = a.idx64 ? a.idx.data_ptr<int64_t>()[t] : a.idx.data_ptr<int32_t>()[t];
     TORCH_CHECK(v >= -1 && v < a.S, op, ": indices[", t, "] = ", v, " is out of range; valid are",
-                " -1 (no adapter) and 0 .. S-1 = ", a.S - 1);
+                " -1 (no adapter) and 0 .. S-1 = ", a.S - 1,
+                v == INT32_MIN ? " (LoRAContext's mark for an index that does not fit int32, or, "
+                                 "under torch.compile, for a layer input whose rows/tokens differ "
+                                 "from the number of indices set)"
+                               : "");
     idx[t] = static_cast<int32_t>(v);
     if (v >= 0) ++g.off[v + 1];
   }

@@ -1,0 +1,171 @@
+"""AdapterPool / LoRAContext edges: compiled batch sizes, files that change after load, failed
+writes and cleanups, inference mode, PEFT's saved embedding tables, index dtypes."""
+import copy
+
+import pytest
+import torch
+from conftest import rel_err
+from models import tiny_llama
+
+import lora_ext
+from lora_ext import LoRAContext, MultiLoRALinear
+from lora_ext.adapters import Adapter, LayerWeights
+
+peft = pytest.importorskip("peft")
+
+
+def save_peft(base, path, seed, **cfg):
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**{"r": 4, "lora_alpha": 8, **cfg}))
+    torch.manual_seed(seed)
+    for n, p in pm.named_parameters():
+        if "lora_" in n:
+            p.data = torch.randn_like(p) * 0.1
+    pm.save_pretrained(path)
+    return pm.eval()
+
+
+@pytest.fixture
+def base():
+    return tiny_llama()
+
+
+@torch.no_grad()
+def test_compiled_model_compiles_once_for_all_batch_sizes(base, tmp_path):
+    """The row-count check must not pin the batch size in the graph (one graph per size before);
+    a row mismatch under compile is still reported (CPU: an error naming it)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    save_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
+    model = copy.deepcopy(base)
+    pool = lora_ext.AdapterPool(model, target_modules=["q_proj"], max_adapters=2, max_rank=8)
+    pool.load("a", tmp_path / "a")  # a pathlib.Path
+    compiled = torch.compile(model)
+    counters.clear()
+    for bs in range(1, 7):
+        ids = torch.randint(0, 128, (bs, 5))
+        names = ["a", None] * bs
+        with pool.batch(names[:bs]):
+            got = compiled(ids).logits
+            want = model(ids).logits
+        assert rel_err(got, want) < 1e-5, bs
+    assert counters["stats"]["unique_graphs"] <= 2
+    with pytest.raises(RuntimeError, match="rows/tokens differ"), pool.batch(["a"] * 3):
+        compiled(torch.randint(0, 128, (4, 5)))
+    with pytest.raises(TypeError, match="sequence of names"):
+        pool.batch("a").__enter__()
+
+
+@torch.no_grad()
+def test_evicted_adapter_is_validated_when_read_again(base, tmp_path):
+    """A file that changed after load() (now targeting a module the pool does not serve) is
+    refused when an evicted adapter is read again, before the batch changes anything."""
+    save_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
+    save_peft(base, tmp_path / "b", 2, target_modules=["q_proj"])
+    model = copy.deepcopy(base)
+    pool = lora_ext.AdapterPool(model, target_modules=["q_proj"], max_adapters=1, max_rank=8,
+                                host_cache_bytes=0)
+    pool.load("a", str(tmp_path / "a"))
+    pool.load("b", str(tmp_path / "b"))  # evicts a, whose host copy is dropped
+    save_peft(base, tmp_path / "a", 3, target_modules=["q_proj", "k_proj"])
+    with pytest.raises(ValueError, match=r"k_proj.*not served") as e, pool.batch(["a"]):
+        pass
+    assert str(tmp_path / "a") in str(e.value)
+    assert pool.resident() == ["b"]
+    with pool.batch(["b"]):
+        model(torch.randint(0, 128, (1, 4)))
+
+
+@torch.no_grad()
+def test_pool_built_in_inference_mode_and_failed_cleanup(base, tmp_path, monkeypatch):
+    save_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
+    with torch.inference_mode():  # server start-up code
+        model = copy.deepcopy(base)
+        pool = lora_ext.AdapterPool(model, target_modules=["q_proj"], max_adapters=2, max_rank=8)
+        pool.load("a", str(tmp_path / "a"))
+    ids = torch.randint(0, 128, (2, 4))
+    with pool.batch(["a", None]):  # served under no_grad: the buffers take in-place updates
+        y = model(ids).logits
+    clear = pool.context.clear
+    calls = []
+
+    def failing_clear():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("cleanup failed")
+        clear()
+    monkeypatch.setattr(pool.context, "clear", failing_clear)
+    with pytest.raises(RuntimeError, match="cleanup failed"), pool.batch(["a", None]):
+        model(ids)
+    with pool.batch(["a", None]):  # not stuck "open"
+        assert torch.equal(model(ids).logits, y)
+    pool.close()
+
+
+@torch.no_grad()
+def test_failed_write_keeps_the_slot_table_consistent(base, tmp_path, monkeypatch):
+    save_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
+    model = copy.deepcopy(base)
+    pool = lora_ext.AdapterPool(model, target_modules=["q_proj"], max_adapters=1, max_rank=8)
+    pool.load("a", str(tmp_path / "a"))
+    ids = torch.randint(0, 128, (1, 4))
+    with pool.batch(["a"]):
+        want = model(ids).logits
+    layer = next(iter(pool.layers.values()))
+    real = type(layer).set_slot
+    monkeypatch.setattr(type(layer), "set_slot", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost")))
+    with pytest.raises(RuntimeError, match="device lost"):
+        pool.load("a", str(tmp_path / "a"))  # replacing a: its slot is half written
+    monkeypatch.setattr(type(layer), "set_slot", real)
+    assert pool.names() == ["a"] and pool.resident() == []
+    with pool.batch(["a"]):  # written again from its host copy
+        assert torch.equal(model(ids).logits, want)
+    zero = Adapter({"model.layers.0.self_attn.q_proj": LayerWeights(torch.zeros(0, 64), torch.zeros(64, 0), 1.0)})
+    with pytest.raises(ValueError, match="rank 0"):
+        pool.load("z", zero)
+    pool.load("b", str(tmp_path / "a"))  # evicts a: no stale slot left behind
+    assert pool.resident() == ["b"]
+
+
+def test_set_slot_checks_every_pair_before_writing():
+    layer = MultiLoRALinear(torch.nn.Linear(16, 8), 2, 4, context=LoRAContext(4))
+    A, B = torch.randn(3, 16), torch.randn(8, 3)
+    layer.set_slot(0, A, B, 0.5)
+    before = (layer.A_pool.clone(), layer.B_pool.clone(), layer.ranks.clone())
+    with pytest.raises(ValueError, match="A must be"):
+        layer.set_slot(0, torch.randn(8, 16), torch.randn(8, 8), 1.0)  # r = 8 > r_max
+    assert all(torch.equal(a, b) for a, b in zip(before, (layer.A_pool, layer.B_pool, layer.ranks)))
+
+
+@torch.no_grad()
+def test_peft_embedding_adapter_with_its_saved_table(base, tmp_path):
+    """PEFT saves a targeted embedding's table beside its factors: equal to the model's, the pool
+    takes the adapter; a changed table is still refused."""
+    pm = save_peft(base, tmp_path / "e", 1, target_modules=["q_proj", "embed_tokens"])
+    model = copy.deepcopy(base)
+    pool = lora_ext.AdapterPool(model, target_modules=["q_proj", "embed_tokens"], max_adapters=2, max_rank=8)
+    assert "model.embed_tokens.base_layer.weight" in Adapter.load(tmp_path / "e").extra
+    pool.load("e", tmp_path / "e")
+    ids = torch.randint(0, 128, (2, 5))
+    with pool.batch(["e", None]):
+        got = model(ids).logits
+    assert rel_err(got, pm(input_ids=ids, adapter_names=["default", "__base__"]).logits) < 1e-5
+    ad = Adapter.load(tmp_path / "e")
+    ad.extra["model.embed_tokens.base_layer.weight"] += 1
+    with pytest.raises(ValueError, match="non-LoRA tensors"):
+        pool.load("changed", ad)
+
+
+def test_set_indices_refuses_values_it_would_change():
+    ctx = LoRAContext(8)
+    layer = MultiLoRALinear(torch.nn.Linear(16, 8), 2, 4, context=ctx)
+    layer.set_slot(1, torch.randn(2, 16), torch.randn(8, 2), 1.0)
+    for bad in ([0.7], [True]):
+        with pytest.raises(TypeError, match="integers"):
+            ctx.set_indices(bad)
+    for big in (2**32, 2**32 + 1, -2**32 - 1):  # would wrap to 0, 1 and -1 in int32
+        ctx.set_indices([big])
+        with pytest.raises(RuntimeError, match="does not fit int32"), torch.no_grad():
+            layer(torch.randn(1, 16))
+    ctx.set_indices(torch.tensor([1], dtype=torch.int64))
+    with torch.no_grad():
+        layer(torch.randn(1, 16))
