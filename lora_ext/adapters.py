@@ -131,8 +131,7 @@ class Adapter:
                              use_rslora=any(m.use_rslora for m in found.values()),
                              fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
                              lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()))
-        biases, config["bias"] = trained_biases(model)
-        extra = {f"{n}{'.base_layer' if is_lora else ''}.bias": b.detach().clone() for n, is_lora, b in biases}
+        extra, config["bias"] = bias_tensors(model, lambda b: b.detach().clone())
         return cls(layers, config, extra=extra)
 
     # ---------------------------------------------------------------- writing
@@ -154,6 +153,13 @@ class Adapter:
                   metadata={"format": "pt"})
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump({"peft_type": "LORA", **self.config}, f, indent=2)
+
+
+def bias_tensors(model: nn.Module, copy) -> tuple[dict[str, torch.Tensor], str]:
+    """The model's trained biases as Adapter.extra entries (PEFT's names, copy(bias) each) and the
+    PEFT ``bias`` mode they amount to (inject.trained_biases)."""
+    biases, mode = trained_biases(model)
+    return {f"{n}{'.base_layer' if is_lora else ''}.bias": copy(b) for n, is_lora, b in biases}, mode
 
 
 def _no_duplicates(pairs: list) -> dict:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .adapters import Adapter, LayerWeights
+from .adapters import Adapter, LayerWeights, bias_tensors
 from .inject import lora_layers
 from .layers import LoRALayer
 from .targets import peft_config
@@ -143,6 +143,7 @@ def save_adapter(model: nn.Module, path: str) -> None:
     for name, m in found.items():
         A, B, scale = m.lora_factors()
         layers[name] = LayerWeights(_full(A), _full(B), scale, m.lora_kind)
+    extra, bias_mode = bias_tensors(unwrap(model), _full)  # trained biases, as Adapter.from_model
     distributed = dist.is_available() and dist.is_initialized()
     err = None
     if not distributed or dist.get_rank() == 0:
@@ -151,7 +152,7 @@ def save_adapter(model: nn.Module, path: str) -> None:
                                  use_rslora=any(m.use_rslora for m in found.values()),
                                  fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
                                  lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()))
-            Adapter(layers, config).save(os.fspath(path))
+            Adapter(layers, config | {"bias": bias_mode}, extra=extra).save(os.fspath(path))
         except Exception as e:  # reported to every rank below
             if not distributed:
                 raise

@@ -246,6 +246,9 @@ def test_trained_biases_are_exported_like_peft(tmp_path, bias):
     ad = Adapter.from_model(model)
     assert ad.config["bias"] == bias
     ad.save(tmp_path / "a")
+    from lora_ext.distributed import save_adapter  # the distributed writer (no process group: saves)
+    save_adapter(model, tmp_path / "d")
+    assert Adapter.load(tmp_path / "d").extra.keys() == ad.extra.keys() and len(ad.extra) > 0
     ours = copy.deepcopy(base)
     lora_ext.load_adapter(ours, Adapter.load(tmp_path / "a"))
     assert rel_err(ours(input_ids=ids).logits, want) < 1e-6
