@@ -4,9 +4,20 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/accumulate.h>
 
+#include <cmath>
+
 #include "dtype.h"
 
 namespace lora_ext {
+
+// A scale for the fp32 kernels: finite as a float (a double above FLT_MAX would become inf there,
+// and 0 * inf = NaN where the exact result is finite).
+inline float f32_scale(const char* op, const char* name, double v) {
+  const float f = static_cast<float>(v);
+  TORCH_CHECK(std::isfinite(f), op, ": ", name, " must be finite in float32 (|", name,
+              "| <= 3.4e38), got ", v);
+  return f;
+}
 
 inline DType to_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {

@@ -39,7 +39,7 @@ void lora_apply_impl(at::Tensor y, const at::Tensor& x, const at::Tensor& A, con
   j.in = a.in;
   j.out = a.out;
   j.r = a.r;
-  j.scale = static_cast<float>(scale);
+  j.scale = f32_scale("lora_apply_", "scale", scale);
   Backend::run(a.dtype, j, x);
   if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
 }
@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_impl(
   j.in = a.in;
   j.out = a.out;
   j.r = a.r;
-  j.scale = static_cast<float>(scale);
+  j.scale = f32_scale("lora_linear", "scale", scale);
   j.dropout_p = static_cast<float>(dropout_p);
   j.seed = seed_ptr(seed, dropout_p);
   j.mask_x = true;
@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
               "lora_linear_backward: grad must be [..., out] with out = ", a.out, ", got ", grad.sizes());
   TORCH_CHECK(u.scalar_type() == at::kFloat && u.dim() == 2 && u.size(0) == a.T && u.size(1) == a.r,
               "lora_linear_backward: u must be the fp32 [T, r] saved by the forward, got ", u.sizes());
-  const at::Tensor g2 = grad.reshape({-1, a.out}).contiguous();
+  const at::Tensor g2 = grad.reshape({a.T, a.out}).contiguous();  // not -1: out may be 0
   const at::Tensor gB = at::empty({a.T, a.r}, x.options().dtype(at::kFloat));
   const bool fuse = Backend::kFusedWeightGrads && (output_mask[2] || output_mask[3]);
   const auto f32 = x.options().dtype(at::kFloat);
@@ -158,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_impl(
       j.y = dx.data_ptr();
       j.ldy = a.in;
       j.out = a.in;
-      j.scale = static_cast<float>(scale);
+      j.scale = f32_scale("lora_linear_backward", "scale", scale);
       j.mask_y = true;
       j.overwrite_y = first;
     }

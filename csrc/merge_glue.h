@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "checks.h"
@@ -69,8 +70,7 @@ inline MergeOperands merge_operands(const char* op, const at::Tensor& W, bool fi
     TORCH_CHECK(A.device() == W.device() && B.device() == W.device(), op, ": A[", i, "] (",
                 A.device(), ") and B[", i, "] (", B.device(), ") must be on the weight's device ",
                 W.device());
-    TORCH_CHECK(std::isfinite(scales[i]), op, ": scales[", i, "] must be finite, got ", scales[i]);
-    const float s = static_cast<float>(scales[i]);
+    const float s = f32_scale(op, ("scales[" + std::to_string(i) + "]").c_str(), scales[i]);
     at::Tensor Af = A.to(at::kFloat);
     at::Tensor sB = B.to(at::kFloat).mul(at::Scalar(static_cast<double>(s)));  // fl32(s * B)
     ls.push_back(kfifo ? Af.t() : sB);

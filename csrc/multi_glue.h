@@ -200,8 +200,7 @@ inline MultiArgs check_shrink(const char* op, const at::Tensor& x, const at::Ten
                               const at::Tensor& indices, const at::Tensor& ranks, double scale,
                               const std::optional<at::Tensor>& bad) {
   MultiArgs a;
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  a.u_scale = static_cast<float>(scale);
+  a.u_scale = f32_scale(op, "scale", scale);
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dim [..., in], got a scalar");
   a.in = x.size(-1);
   a.dtype = to_dtype(x, op, "x");

@@ -100,7 +100,9 @@ def test_out_slices_that_wrap_around_are_refused(device):
 
 # ---------------------------------------------------------------- 6. messages name op + argument
 @pytest.mark.parametrize("bad,exc", [(None, TypeError), ([1.0], TypeError), ("2", TypeError),
-                                     (10**400, ValueError), (float("nan"), ValueError), (True, TypeError)])
+                                     (10**400, ValueError), (float("nan"), ValueError), (True, TypeError),
+                                     (1e39, ValueError),  # finite as a double, inf in the fp32 kernels
+                                     (torch.tensor(2.0, requires_grad=True), TypeError)])
 def test_scale_arguments_are_checked(bad, exc):
     x, A, B, idx, scales, ranks = multi()
     y, W = torch.zeros(6, 12), torch.zeros(12, 16)
@@ -116,6 +118,90 @@ def test_scale_arguments_are_checked(bad, exc):
         lora_shrink(x, A, idx, ranks, bad)
     with pytest.raises(exc, match=r"merge_: scale\[1\]"):
         merge_(W, [A[0], A[1]], [B[0], B[1]], [1.0, bad])
+
+
+def test_scales_beyond_float32_are_refused_by_the_ops_too():
+    x, A, B, idx, scales, ranks = multi()
+    y, W = torch.zeros(6, 12), torch.zeros(12, 16)
+    ops = torch.ops.lora_ext
+    for call in (lambda: ops.lora_apply_.default(y, x, A[0], B[0], -1e39),
+                 lambda: ops.lora_linear_fwd.default(x, W, None, A[0], B[0], 1e39, 0.0, None, False),
+                 lambda: ops.merge_.default(W, [A[0]], [B[0]], [1e39], False),
+                 lambda: ops.lora_shrink.default(x, A, idx, ranks, 1e39)):
+        with pytest.raises(RuntimeError, match="must be finite in float32"):
+            call()
+    assert not y.any() and not W.any()
+
+
+def test_safe_merge_sees_overflow_of_the_fp32_intermediate():
+    """|s B| > FLT_MAX while s B A is finite: the kernel's fl32(s * B) is inf, so safe refuses."""
+    W = torch.ones(4, 3)
+    A, B = torch.full((2, 3), 1e-30), torch.full((4, 2), 1e20)
+    with pytest.raises(ValueError, match="overflow"):
+        merge_(W, A, B, 1e19, safe=True)
+    assert torch.equal(W, torch.ones(4, 3))
+
+
+def test_in_place_ops_refuse_inputs_that_require_grad():
+    x, A, B, idx, scales, ranks = multi()
+    y = torch.zeros(6, 12)
+    Ag = A[0].clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="lora_apply_: A requires grad.*lora_linear"):
+        lora_apply_(y, x, Ag, B[0], 1.0)
+    with pytest.raises(RuntimeError, match="multi_lora_: x requires grad"):
+        multi_lora_(y, x.clone().requires_grad_(), A, B, idx, scales, ranks)
+    with pytest.raises(RuntimeError, match="lora_expand_: y requires grad"):
+        lora_expand_(torch.zeros(6, 12, requires_grad=True), torch.zeros(6, 4), B, idx, scales, ranks)
+    with torch.no_grad():  # serving: fine
+        lora_apply_(y, x, Ag, B[0], 1.0)
+    assert y.any()
+
+
+def test_duplicate_adapter_names_in_one_merge():
+    W = torch.zeros(12, 16)
+    x, A, B, *_ = multi()
+    with pytest.raises(ValueError, match="distinct"):
+        merge_(W, [A[0], A[1]], [B[0], B[1]], [1.0, 1.0], state=MergeState(), name=["a", "a"])
+    assert not W.any()
+
+
+@pytest.mark.parametrize("shape", [(5, 0, 4), (5, 6, 0), (0, 6, 4)], ids=["in=0", "out=0", "T=0"])
+def test_empty_widths_forward_backward_and_fake(shape):
+    """in / out / T = 0: gradients of the right (empty or zero) shape, and fake kernels that agree."""
+    T, i, o = shape
+    x, W = torch.randn(T, i, requires_grad=True), torch.randn(o, i)
+    A, B = torch.randn(3, i, requires_grad=True), torch.randn(o, 3, requires_grad=True)
+    b = torch.randn(o, requires_grad=True)
+    y = lora_linear(x, W, b, A, B, 0.5)
+    assert y.shape == (T, o)
+    y.sum().backward()
+    for t in (x, A, B):
+        assert t.grad.shape == t.shape and not t.grad.any()
+    assert torch.equal(b.grad, torch.full((o,), float(T)))
+    torch.library.opcheck(torch.ops.lora_ext.lora_linear_fwd.default,
+                          (x, W, b, A, B, 0.5, 0.0, None, False))
+
+
+def test_compiled_calls_with_a_changing_scale():
+    """A scale that changes between calls becomes symbolic under torch.compile: no Python checks
+    on it then (the op checks it when it runs)."""
+    torch._dynamo.reset()
+    x, A, B, *_ = multi()
+    W = torch.randn(12, 16)
+
+    @torch.compile(fullgraph=True)
+    def step(y, s):
+        lora_apply_(y, x, A[0], B[0], s)
+        return lora_linear(x, W, None, A[0], B[0], s)
+
+    for s in (0.5, 0.25, 2.0):
+        y = torch.zeros(6, 12)
+        out = step(y, s)
+        ry = lora_apply_(torch.zeros(6, 12), x, A[0], B[0], s)
+        assert rel_err(y, ry) < 1e-6 and rel_err(out, lora_linear(x, W, None, A[0], B[0], s)) < 1e-6
+    dyn = torch.compile(lambda x: lora_linear(x, W, None, A[0], B[0], 0.5, 0.1, True), dynamic=True,
+                        fullgraph=True)
+    assert dyn(torch.randn(7, 16)).shape == (7, 12)
 
 
 def test_safe_merge_of_an_empty_weight():

@@ -7,9 +7,19 @@ import numbers
 import torch
 
 
+F32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def as_scale(op: str, name: str, value) -> float:
-    """A finite Python float from a real number (or a 1-element tensor), else TypeError/ValueError."""
+    """A Python float finite in float32 (the kernels' arithmetic) from a real number or a
+    1-element tensor that does not require grad, else TypeError/ValueError. Symbolic values
+    (torch.compile with a varying scale) pass through: the op checks them when it runs."""
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return value
     if isinstance(value, torch.Tensor) and value.numel() == 1:
+        if value.requires_grad:
+            raise TypeError(f"{op}: {name} is a tensor that requires grad, but {name} is not "
+                            "differentiated; pass a float (or detach it)")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} {value!r:.80}")
@@ -17,8 +27,8 @@ def as_scale(op: str, name: str, value) -> float:
         out = float(value)
     except OverflowError:
         out = math.inf
-    if not math.isfinite(out):
-        raise ValueError(f"{op}: {name} must be finite, got {value!r:.80}")
+    if not abs(out) <= F32_MAX:  # NaN too
+        raise ValueError(f"{op}: {name} must be finite in float32 (|{name}| <= 3.4e38), got {value!r:.80}")
     return out
 
 
@@ -37,3 +47,14 @@ def one_device(op: str, **tensors) -> None:
             elif x.device != first[1]:
                 raise RuntimeError(f"{op}: {label} is on {x.device} but {first[0]} is on {first[1]}; "
                                    "all tensors must be on one device")
+
+
+def no_grad_needed(op: str, hint: str = "", **tensors) -> None:
+    """The in-place ops are not differentiable: in grad mode an argument that requires grad would
+    get no gradient (and a leaf y would change behind autograd's back), so it raises instead."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise RuntimeError(f"{op}: {name} requires grad, but {op} is not differentiable (it writes "
+                               f"in place); run it under torch.no_grad() or torch.inference_mode(){hint}")

@@ -2,9 +2,11 @@
 autograd-aware lora_linear — wrappers, fake kernels, autograd."""
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._checks import as_scale, one_device
+from ._checks import as_scale, no_grad_needed, one_device
 
 __all__ = ["lora_apply_", "lora_linear", "build_info"]
 
@@ -19,6 +21,7 @@ def lora_apply_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tens
     x may be non-contiguous; y is written in place whatever its strides.
     Not differentiable (it mutates y): use ``lora_linear`` for training.
     """
+    no_grad_needed("lora_apply_", ", or use lora_linear to train", y=y, x=x, A=A, B=B)
     torch.ops.lora_ext.lora_apply_.default(y, x, A, B, as_scale("lora_apply_", "scale", scale))
     return y
 
@@ -59,7 +62,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def _lora_linear_fwd_fake(x, weight, bias, A, B, scale, dropout_p, seed, fan_in_fan_out):
     one_device("lora_linear", x=x, weight=weight, bias=bias, A=A, B=B, seed=seed)
     out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    T = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
+    T = math.prod(x.shape[:-1])
     for d in x.shape[:-1]:
         torch._check(d >= 0)
     return x.new_empty((*x.shape[:-1], out)), x.new_empty((T, A.shape[0]), dtype=torch.float32)
@@ -86,7 +89,7 @@ def _lora_linear_backward(ctx, grad_y, grad_u):
     dx, dW, dA, dB = torch.ops.lora_ext.lora_linear_bwd.default(
         grad_y, x, weight, A, B, u, ctx.scale, ctx.dropout_p, seed, ctx.fan_in_fan_out,
         [need[0], need[1], need[3], need[4]])
-    dbias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if need[2] else None
+    dbias = grad_y.sum(tuple(range(grad_y.dim() - 1))) if need[2] else None
     return dx, dW, dbias, dA, dB, None, None, None, None
 
 
@@ -99,7 +102,8 @@ def _differentiable_backward(ctx, g, x, weight, A, B, need):
                            f"dropout in training (dropout_p={ctx.dropout_p}); use eval mode or dropout_p=0")
     s = ctx.scale
     W = weight.t() if ctx.fan_in_fan_out else weight  # [out, in]
-    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    T = math.prod(x.shape[:-1])  # not -1: in or out may be 0
+    g2, x2 = g.reshape(T, g.shape[-1]), x.reshape(T, x.shape[-1])
     gB = g2 @ B  # [T, r]
     dx = (g2 @ W + s * (gB @ A)).reshape(x.shape) if need[0] else None
     dW = None

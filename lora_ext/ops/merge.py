@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import as_scale, one_device
+from ._checks import F32_MAX, as_scale, one_device
 from .merge_state import CODE_WIDTHS, MergeState
 
 __all__ = ["merge_", "unmerge_", "check_merge_finite"]
@@ -87,6 +87,8 @@ def _names(name, n):
     names = [name] if isinstance(name, str) else list(name)
     if len(names) != n:
         raise ValueError(f"merge_: got {len(names)} names for {n} adapters")
+    if len(set(names)) != n:
+        raise ValueError(f"merge_: adapter names must be distinct, got {names}")
     return names
 
 
@@ -110,6 +112,8 @@ def check_merge_finite(weight: torch.Tensor, As, Bs, scales, *, fan_in_fan_out: 
         if not all(math.isfinite(v) for v in vals):
             raise ValueError(f"merge: adapter {i} has non-finite values in A, B or its scale")
         bound += abs(float(s)) * bsum * max(abs(vals[0]), abs(vals[1]))
+        if abs(float(s)) * bsum >= F32_MAX / 2:  # fl32(s * B) itself may overflow: check for real
+            bound = math.inf
     if bound < torch.finfo(weight.dtype).max / 2:
         return
     rows = weight.shape[0]

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._checks import as_scale, one_device
+from ._checks import as_scale, no_grad_needed, one_device
 
 __all__ = ["multi_lora_", "lora_shrink", "lora_expand_"]
 
@@ -41,6 +41,7 @@ def multi_lora_(y: torch.Tensor, x: torch.Tensor, A_pool: torch.Tensor, B_pool: 
     slices of y, e.g. packed q/k/v: A_pool is then [n, S, r_max, in], slice i uses
     A_pool[i] and rows out_off[i]:out_off[i+1] of B_pool; scales/ranks may be [n, S].
     """
+    no_grad_needed("multi_lora_", y=y, x=x, A_pool=A_pool, B_pool=B_pool)
     torch.ops.lora_ext.multi_lora_.default(
         y, x, A_pool, B_pool, indices, scales, ranks,
         None if out_slices is None else [int(s) for s in out_slices], bad_index_count)
@@ -73,6 +74,7 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, B_pool: torch.Tensor, indices
     y's dtype. ``add_inputs=False`` overwrites instead: ``y[t] = scales[a] * B_pool[a] @ u[t]``
     (rows of tokens without adapter become zero), as vLLM's ``add_inputs``.
     """
+    no_grad_needed("lora_expand_", y=y, u=u, B_pool=B_pool)
     torch.ops.lora_ext.lora_expand_.default(
         y, u, B_pool, indices, scales, ranks,
         None if out_slices is None else [int(s) for s in out_slices], bad_index_count,
