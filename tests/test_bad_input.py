@@ -234,3 +234,16 @@ def test_shrink_scale_expand_u_dtype_and_overwrite(device, dtype):
     with pytest.raises(RuntimeError, match="lora_expand_: u must be float32 .* or y's dtype"):
         lora_expand_(y, u1.to(torch.float16 if dtype != torch.float16 else torch.bfloat16), B, idx,
                      scales, ranks)
+
+
+def test_meta_tensors_get_the_kernels_checks():
+    """Fake kernels (meta tensors: shape inference, tracing) refuse what the kernels refuse."""
+    m = lambda *s, dt=torch.float32: torch.empty(*s, device="meta", dtype=dt)  # noqa: E731
+    assert lora_linear(m(4, 8), m(6, 8), m(6), m(2, 8), m(6, 2), 1.0).shape == (4, 6)
+    for args in [(m(4, 8), m(6, 9), None, m(2, 8), m(6, 2)), (m(4, 8), m(6, 8), m(5), m(2, 8), m(6, 2))]:
+        with pytest.raises(RuntimeError, match="lora_linear: shapes"):
+            lora_linear(*args, 1.0)
+    with pytest.raises(RuntimeError, match="lora_linear: dtypes must match"):
+        lora_linear(m(4, 8), m(6, 8), None, m(2, 8), m(6, 2, dt=torch.bfloat16), 1.0)
+    with pytest.raises(RuntimeError, match="lora_apply_: shapes"):
+        lora_apply_(m(3, 6), m(4, 8), m(2, 8), m(6, 2), 1.0)

@@ -30,10 +30,18 @@ def lora_apply_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tens
 def _lora_apply_fake(y, x, A, B, scale):
     one_device("lora_apply_", y=y, x=x, A=A, B=B)
     torch._check(A.dim() == 2 and B.dim() == 2, lambda: "lora_apply_: A and B must be 2-D")
-    torch._check(A.shape[1] == x.shape[-1] and B.shape[1] == A.shape[0] and y.shape[-1] == B.shape[0],
+    torch._check(A.shape[1] == x.shape[-1] and B.shape[1] == A.shape[0] and y.shape[-1] == B.shape[0]
+                 and math.prod(y.shape[:-1]) == math.prod(x.shape[:-1]),
                  lambda: f"lora_apply_: shapes y {tuple(y.shape)}, x {tuple(x.shape)}, "
                          f"A {tuple(A.shape)}, B {tuple(B.shape)} do not fit")
+    _same_dtype("lora_apply_", y=y, x=x, A=A, B=B)
     return None
+
+
+def _same_dtype(op: str, **tensors) -> None:
+    """Fake kernels (meta tensors, tracing) refuse the dtype mixes the kernels refuse."""
+    dts = {k: t.dtype for k, t in tensors.items() if t is not None}
+    torch._check(len(set(dts.values())) == 1, lambda: f"{op}: dtypes must match, got {dts}")
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -62,6 +70,14 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def _lora_linear_fwd_fake(x, weight, bias, A, B, scale, dropout_p, seed, fan_in_fan_out):
     one_device("lora_linear", x=x, weight=weight, bias=bias, A=A, B=B, seed=seed)
     out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    inn = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    torch._check(weight.dim() == 2 and A.dim() == 2 and B.dim() == 2 and x.dim() >= 1
+                 and x.shape[-1] == inn and A.shape[1] == inn and tuple(B.shape) == (out, A.shape[0])
+                 and (bias is None or tuple(bias.shape) == (out,)),
+                 lambda: f"lora_linear: shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}, A "
+                         f"{tuple(A.shape)}, B {tuple(B.shape)}, bias {None if bias is None else tuple(bias.shape)} "
+                         "do not fit")
+    _same_dtype("lora_linear", x=x, weight=weight, bias=bias, A=A, B=B)
     T = math.prod(x.shape[:-1])
     for d in x.shape[:-1]:
         torch._check(d >= 0)
