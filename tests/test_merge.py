@@ -309,6 +309,14 @@ def test_bad_state_use():
     with pytest.raises(ValueError, match="contiguous"):
         state2 = MergeState()
         merge_(W.T.contiguous().T, A, B, 1.0, state=state2)
+    # the state of W used on another weight of the same shape (or W written since): refused,
+    # nothing written; W itself still unmerges exactly
+    other = torch.randn_like(W)
+    kept = other.clone()
+    with pytest.raises(ValueError, match="differs from the one this state merged into"):
+        unmerge_(other, state=state, name="a")
+    assert torch.equal(other, kept)
+    unmerge_(W, state=state, name="a")
 
 
 def test_low_level_ops_reject_bad_state_tensors():

@@ -53,6 +53,7 @@ class MergeState:
         self._exc_idx: torch.Tensor | None = None
         self._exc_val: torch.Tensor | None = None
         self._dense: torch.Tensor | None = None  # W0 itself, only for pathological deltas
+        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None  # (flat idx, bits) after a merge
 
     # ---- queries ----
     @property
@@ -130,6 +131,7 @@ class MergeState:
         if self._dense is not None:
             self._check_same(weight)
             self._apply_dense(weight, new)
+            self._probe = _probe(weight) if new else None
             return
         if not old:
             _validate(weight, new, self._fan_in_fan_out)
@@ -173,13 +175,20 @@ class MergeState:
         self._adapters = new
         if not new:  # weight is W0 again, bit for bit
             self._reset()
-        elif self.nbytes() > weight.numel() * weight.element_size():
+            return
+        if self.nbytes() > weight.numel() * weight.element_size():
             self._densify(weight)
+        self._probe = _probe(weight)
 
     def _check_same(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != self._shape or weight.dtype != self._dtype:
             raise ValueError(f"MergeState: weight is now {tuple(weight.shape)} {weight.dtype}, but "
                              f"{self._shape} {self._dtype} when merged; cannot unmerge exactly")
+        probe = getattr(self, "_probe", None)  # None: a state pickled before probes existed
+        if probe is not None and not torch.equal(_probe(weight, probe[0].to(weight.device))[1],
+                                                 probe[1].to(weight.device)):
+            raise ValueError("MergeState: the weight differs from the one this state merged into (another "
+                             "tensor, or written since the merge); cannot unmerge exactly")
 
     def _densify(self, weight: torch.Tensor) -> None:
         """Pathological deltas (|S| >> |W0| almost everywhere): a plain copy of W0 is smaller."""
@@ -209,12 +218,22 @@ class MergeState:
 
     def _reset(self) -> None:
         self._adapters = []
-        self._codes = self._exc_idx = self._exc_val = self._dense = None
+        self._codes = self._exc_idx = self._exc_val = self._dense = self._probe = None
         self._shape = self._dtype = None
         self.bits = 0
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _probe(weight: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices, bit patterns) of 64 evenly spread elements of the merged weight: a later
+    transition checks it still has them (a state used on another weight would rewrite that one)."""
+    flat = weight.reshape(-1)
+    if idx is None:
+        idx = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 64), device=weight.device).long()
+    ints = torch.int32 if flat.element_size() == 4 else torch.int16
+    return idx, flat[idx].view(ints).clone()
 
 
 def _validate(weight: torch.Tensor, adapters: list[MergedAdapter], fan_in_fan_out: bool) -> None:
