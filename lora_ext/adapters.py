@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .inject import inject, lora_layers, trained_biases
-from .layers import LoRALayer
+from .layers import LoRALayer, is_dtensor
 from .targets import PEFT_PREFIX, check_pattern_key, name_regex, pattern_value, peft_config
 
 __all__ = ["Adapter", "LayerWeights", "load_adapter"]
@@ -126,6 +126,10 @@ class Adapter:
         layers = {}
         for name, m in found.items():
             A, B, scale = m.lora_factors()
+            if is_dtensor(A) or is_dtensor(B):
+                raise ValueError(f"Adapter.from_model: the factors of {name!r} are sharded (DTensor: "
+                                 "fully_shard / tensor parallel); use lora_ext.distributed.save_adapter, "
+                                 "which gathers them (a collective: call it on every rank)")
             layers[name] = LayerWeights(A.detach().clone(), B.detach().clone(), scale, m.lora_kind)
         config = peft_config({n: m.r for n, m in found.items()}, {n: m.lora_alpha for n, m in found.items()},
                              use_rslora=any(m.use_rslora for m in found.values()),

@@ -129,16 +129,52 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.cpu().clone()
 
 
-def save_adapter(model: nn.Module, path: str) -> None:
+def _handshake(found: dict, timeout_s: float) -> None:
+    """Before any collective: every rank posts its LoRA layers (names, global factor shapes) in the
+    process group's store and waits at most timeout_s for the others, so a rank that does not
+    call save_adapter (`if rank == 0: save_adapter(...)`) or holds other layers gives a clear
+    error instead of a collective hanging until the process-group timeout. Calls are matched by
+    generation (arrivals // world size); a rank that times out withdraws, so the next call of
+    every rank still pairs up."""
+    import datetime
+    import json
+
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    arrivals = "lora_ext/save_adapter/arrivals"
+    gen = (store.add(arrivals, 1) - 1) // world
+    keys = [f"lora_ext/save_adapter/{gen}/{r}" for r in range(world)]
+    mine = json.dumps(sorted((n, list(m.lora_factors()[0].shape), list(m.lora_factors()[1].shape))
+                             for n, m in found.items()))
+    store.set(keys[rank], mine)
+    try:
+        store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    except Exception:  # noqa: BLE001  (the store's timeout error type differs across versions)
+        missing = [r for r, k in enumerate(keys) if not store.check([k])]
+        store.delete_key(keys[rank])
+        store.add(arrivals, -1)
+        raise RuntimeError(f"save_adapter is a collective: rank(s) {missing} did not call it within "
+                           f"{timeout_s:g} s; call it on every rank (rank 0 writes the files)") from None
+    for r, k in enumerate(keys):
+        if store.get(k).decode() != mine:
+            raise RuntimeError(f"save_adapter: rank {r} holds other LoRA layers than rank {rank} "
+                               "(names or factor shapes differ)")
+
+
+def save_adapter(model: nn.Module, path: str, timeout_s: float = 300.0) -> None:
     """Writes the model's LoRA adapter in HF PEFT format (adapter_config.json +
     adapter_model.safetensors, as lora_ext.Adapter.save) from rank 0.
 
     A collective when torch.distributed is initialized: every rank must call it (sharded DTensor
     factors are all-gathered; the other ranks wait until the files are written, and all ranks
-    raise if writing fails). Works on plain, DDP, FSDP2 (fully_shard) and tensor-parallel models;
+    raise if writing fails). A rank that has not called it within ``timeout_s`` seconds of the
+    first, or that holds other LoRA layers, makes every caller raise RuntimeError before any
+    collective starts. Works on plain, DDP, FSDP2 (fully_shard) and tensor-parallel models;
     without a process group it simply saves.
     """
     found = _lora_layers_of(model, "save_adapter")
+    if dist.is_available() and dist.is_initialized():
+        _handshake(found, timeout_s)
     layers = {}
     for name, m in found.items():
         A, B, scale = m.lora_factors()

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d
+from .layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d, sharding_of
 from .targets import PEFT_PREFIX, pattern_value, select_targets
 
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "PEFT_PREFIX"]
@@ -29,6 +29,10 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
     head). Targets must be nn.Linear, transformers Conv1D or nn.Embedding. rank_pattern /
     alpha_pattern map name regexes to per-module r / alpha, as in PEFT.
     """
+    wrapped = sharding_of(model)
+    if wrapped is not None:  # DDP would not all-reduce factors added now; FSDP/TP shards are in place
+        raise ValueError(f"inject: the model is already {wrapped}; inject the LoRA layers "
+                         "first, then wrap or shard (lora_ext.distributed)")
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
     chosen = select_targets(model, target_modules, exclude_modules)

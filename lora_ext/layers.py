@@ -28,6 +28,29 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
+def is_dtensor(t) -> bool:
+    """True for a torch.distributed.tensor.DTensor (without importing torch.distributed when unused)."""
+    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
+def _classes(m: nn.Module) -> set[str]:
+    return {c.__name__ for c in type(m).__mro__}
+
+
+def sharding_of(model: nn.Module, ddp: bool = True) -> str | None:
+    """How ``model`` is already wrapped or sharded by torch.distributed (DDP when ``ddp``, FSDP's
+    fully_shard, DTensor parameters from tensor parallelism), else None."""
+    for m in model.modules():
+        names = _classes(m)
+        if ddp and "DistributedDataParallel" in names:
+            return "wrapped in DistributedDataParallel"
+        if names & {"FSDPModule", "FullyShardedDataParallel"}:
+            return "sharded with fully_shard (FSDP)"
+    if any(is_dtensor(p) for p in model.parameters()):
+        return "parallelized (DTensor parameters)"
+    return None
+
+
 def _check_hparams(name: str, r, dropout: float) -> None:
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"{name}: LoRA rank r must be a positive int, got {r!r}")
@@ -83,6 +106,9 @@ class LoRALayer(nn.Module, abc.ABC):
                 raise ValueError(f"{where}: the layer is merged for good (drop_merge_state / "
                                  "merge_and_unload), so its adapter cannot be replaced")
             self.unmerge()
+        if is_dtensor(A_old) or is_dtensor(B_old):
+            raise ValueError(f"{where}: the factors are sharded (DTensor, after fully_shard or tensor "
+                             "parallelism); load the adapter before sharding, or into a single-process copy")
         A, B = A.to(A_old.device, A_old.dtype), B.to(A_old.device, A_old.dtype)
         if A_old.shape != A.shape:
             setattr(self, a_name, nn.Parameter(A.clone(), requires_grad=A_old.requires_grad))
@@ -114,6 +140,7 @@ class LoRALayer(nn.Module, abc.ABC):
         """
         if self.merged:
             return
+        self._check_unsharded("merge")
         A, B, s = self.lora_factors()
         if safe:
             self.check_merge()
@@ -128,6 +155,7 @@ class LoRALayer(nn.Module, abc.ABC):
         """Takes the merged adapter out of the weight (bit for bit after an exact merge)."""
         if not self.merged:
             raise ValueError(f"unmerge: this {type(self).__name__} is not merged")
+        self._check_unsharded("unmerge")
         state = getattr(self, "_merge_state", None)
         if state is not None:
             unmerge_(self.weight.data, fan_in_fan_out=self._weight_in_out, state=state)
@@ -136,6 +164,14 @@ class LoRALayer(nn.Module, abc.ABC):
             unmerge_(self.weight.data, A, B, s, fan_in_fan_out=self._weight_in_out)
         self._merge_state = self._merged_factors = None
         self.merged = False
+
+    def _check_unsharded(self, what: str) -> None:
+        # FSDP's unsharded weight is a temporary buffer (a merge into it is lost at the next reshard,
+        # while forward skips LoRA); a DTensor weight is a shard the merge kernels do not take
+        if is_dtensor(self.weight) or _classes(self) & {"FSDPModule", "FullyShardedDataParallel"}:
+            raise ValueError(f"{what}: this {type(self).__name__} is sharded (fully_shard / tensor "
+                             f"parallel); {what} before sharding, or in a single-process copy of the model "
+                             "(get_model_state_dict(..., full_state_dict=True))")
 
     def merge_overhead(self) -> float | None:
         """Exact-unmerge side information as a fraction of the weight's bytes (None: none kept)."""

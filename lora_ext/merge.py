@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .inject import lora_layers
-from .layers import LoRALayer
+from .layers import LoRALayer, sharding_of
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "merge_layer", "unmerge_layer", "merge_overhead"]
 
@@ -36,6 +36,10 @@ def unmerge_layer(layer: LoRALayer) -> None:
 
 
 def _layers_of(model: nn.Module) -> dict[str, nn.Module]:
+    wrapped = sharding_of(model, ddp=False)  # (DDP replicas merge like single-process models)
+    if wrapped is not None:  # an FSDP block's unsharded weight is a buffer: the merge would be lost
+        raise ValueError(f"merge/unmerge: {type(model).__name__} is {wrapped}; merge before sharding, or "
+                         "in a single-process copy (get_model_state_dict(..., full_state_dict=True))")
     if isinstance(model, LoRALayer):
         return {"": model}
     found = lora_layers(model)

@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .layers import is_conv1d
+from .layers import is_conv1d, is_dtensor
 from .ops import lora_expand_, multi_lora_
 
 __all__ = ["LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding", "attach_context"]
@@ -51,11 +51,6 @@ __all__ = ["LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding", "attach_conte
 
 _INT32_MAX = 2**31 - 1
 _OUT_OF_RANGE = -(2**31)  # an index no slot has: the ops raise (CPU) or count it (CUDA)
-
-
-def _is_dtensor(t) -> bool:
-    """True for a torch.distributed.tensor.DTensor (without importing torch.distributed when unused)."""
-    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
 
 
 class LoRAContext:
@@ -201,7 +196,7 @@ class _MultiLoRA(nn.Module):
         # (A_pool last dim) this rank holds, as (lo, hi) of the full dim; None = all
         self.out_shard: Optional[tuple[int, int]] = None
         self.in_shard: Optional[tuple[int, int]] = None
-        if _is_dtensor(base.weight):
+        if is_dtensor(base.weight):
             raise ValueError(f"{name}: the base {type(base).__name__} (in={in_features}, out={out_features}) "
                              "is already tensor-parallel (DTensor weight); wrap the plain model first (e.g. "
                              "create the AdapterPool), then parallelize the multi-adapter layers with "
@@ -283,7 +278,7 @@ class _MultiLoRA(nn.Module):
         if self.context is None:
             raise RuntimeError(f"{type(self).__name__}: no LoRAContext attached (pass context= or call "
                                "lora_ext.multi.attach_context(model, ctx))")
-        if _is_dtensor(self.base.weight):
+        if is_dtensor(self.base.weight):
             raise ValueError(f"{type(self).__name__}: its base layer was tensor-parallelized on its own (e.g. torch's "
                              "ColwiseParallel on '<name>.base'), the adapter pools were not; parallelize the "
                              "MultiLoRALinear itself with lora_ext.tp.ColwiseParallelLoRA / RowwiseParallelLoRA")

@@ -46,9 +46,12 @@ Adapters loaded before parallelizing are sharded with the pools. Packed projecti
 ``parallelize_lora`` is ``parallelize_module`` that first checks the whole plan and raises a
 ValueError naming the module (by path) when an entry does not fit, before changing anything.
 
-Dropout (p > 0): each rank draws its mask from its own generator. Rowwise ranks hold disjoint
-input columns, so this is ordinary dropout; colwise ranks all see the full x, so seed the ranks
-alike if every output shard should see the same mask (gradients are exact either way).
+Dropout (p > 0): each rank draws its mask seed from its own generator, and the mask of element
+(t, j) of the rank's x is a hash of (seed, t * in_local + j). Colwise ranks all see the full x:
+seed them alike and every output shard sees the same mask. Rowwise ranks hold disjoint input
+columns indexed locally: ranks seeded alike give every shard the same mask pattern (each element
+still dropped with probability p, gradients exact), so seed the tensor-parallel ranks differently
+(e.g. torch.manual_seed(seed + tp_rank)) for independent masks across the shards.
 """
 from __future__ import annotations
 

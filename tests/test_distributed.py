@@ -127,7 +127,12 @@ def _ddp(rank: int, world_size: int, case: str, out_dir: str) -> dict:
         opt.step()
         losses.append(loss.item())
     save_adapter(ddp, os.path.join(out_dir, "ddp_adapter"))
-    return {"losses": losses, "grads": grads, "reduced": reduced_per_step,
+    try:  # DDP registered its parameters already: factors injected now would never be all-reduced
+        lora_ext.inject(ddp, ["k_proj"])
+        inject_error = None
+    except ValueError as e:
+        inject_error = str(e)
+    return {"losses": losses, "grads": grads, "reduced": reduced_per_step, "inject_error": inject_error,
             "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
             "lora_numel": sum(p.numel() for p in lora_parameters(ddp)),
             "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
@@ -174,8 +179,23 @@ def _fsdp(rank: int, world_size: int, case: str, out_dir: str) -> dict:
             save_adapter(model, blocker)
         except RuntimeError as e:
             save_error = str(e)
+    misuse = {}
+    if kind == "mlp":  # what a sharded model refuses, by name
+        for what, fn in (("merge", lambda: lora_ext.merge(model)), ("inject", lambda: lora_ext.inject(model, ["0"])),
+                         ("from_model", lambda: lora_ext.Adapter.from_model(model))):
+            try:
+                fn()
+            except ValueError as e:
+                misuse[what] = str(e)
+        if rank == 0:  # the `if rank == 0: save_adapter(...)` mistake: a clear error, no hang
+            try:
+                save_adapter(model, os.path.join(out_dir, "rank0_only"), timeout_s=2)
+            except RuntimeError as e:
+                misuse["rank0_only"] = str(e)
+        dist.barrier()
+        save_adapter(model, os.path.join(out_dir, f"{case}_adapter_again"))  # the next call pairs up
     return {"losses": losses, "grads": grads, "seen": seen, "sharded": sharded, "opt_state_ok": opt_state_ok,
-            "n_opt_state": len(opt.state), "n_lora": len(lora), "save_error": save_error,
+            "n_opt_state": len(opt.state), "n_lora": len(lora), "save_error": save_error, "misuse": misuse,
             "params": {n: p.detach().full_tensor() for n, p in model.named_parameters() if p.requires_grad}}
 
 
@@ -240,6 +260,7 @@ def test_ddp_matches_single_process(tmp_path):
         assert r["reduced"] == [r["lora_numel"]] * STEPS  # DDP all-reduces exactly the LoRA factors
         for g in r["grads"]:
             assert all(".lora_" in n for n in g)  # frozen base: no gradient at all
+        assert "already wrapped in DistributedDataParallel; inject the LoRA layers first" in r["inject_error"]
     _check_saved(str(tmp_path / "ddp_adapter"), ref["model"], "llama")
 
 
@@ -265,7 +286,13 @@ def test_fsdp2_world_size_4_uneven_shards(tmp_path):
         assert r["sharded"] and r["opt_state_ok"] and r["n_opt_state"] == r["n_lora"] == 4
         assert r["seen"] and all(not any(s[:-1]) and s[-1][0] == 3 for s in r["seen"])
         assert r["save_error"] is not None and "save_adapter: rank 0 could not write" in r["save_error"]
+        # a sharded model refuses what would be lost or fail deep inside, by name
+        assert "merge before sharding" in r["misuse"]["merge"]
+        assert "already sharded with fully_shard" in r["misuse"]["inject"]
+        assert "use lora_ext.distributed.save_adapter" in r["misuse"]["from_model"]
+    assert "rank(s) [1, 2, 3] did not call it within 2 s" in results[0]["misuse"]["rank0_only"]
     _check_saved(str(tmp_path / "fsdp_mlp_adapter"), ref["model"], "mlp")
+    _check_saved(str(tmp_path / "fsdp_mlp_adapter_again"), ref["model"], "mlp")
 
 
 # ---------------------------------------------------------------- one process, no process group
