@@ -45,6 +45,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .layers import is_conv1d
 from .ops import lora_expand_, lora_linear, multi_lora_
@@ -64,6 +65,7 @@ _WALK = "_lora_ext_walk"  # the mixed-batch view of a patched LoraModel's tree, 
 # layers' containers, held weakly): a cached walk is reused only while its tree has not moved.
 _TREE = [0]
 _TREE_HOOK = []
+_OPT_STEPS = [0]  # optimizer steps taken in this process (any optimizer)
 _TRACKED: weakref.WeakSet = weakref.WeakSet()
 # (ids of the layers of the model being called that take adapter_names from it: the patched ones
 # and those with _context_pre_hook, adapter_names) inside a mixed-batch call of this thread
@@ -179,8 +181,9 @@ def _single(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | Non
 # ------------------------------------------------------------------------------------ mixed batches
 def _stamp(A: torch.Tensor, B: torch.Tensor, scale) -> tuple:
     # id() too: the cache holds the parameters, so a new adapter's tensors can never reuse a
-    # cached (address, version) pair of a deleted one
-    return id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version, scale
+    # cached (address, version) pair of a deleted one. _OPT_STEPS: fused optimizers (AdamW(fused=
+    # True), HF Trainer's default on torch >= 2.8) update parameters without bumping _version
+    return id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version, scale, _OPT_STEPS[0]
 
 
 def _factors(module: nn.Module):
@@ -230,12 +233,13 @@ def _pools(module: nn.Module, dtype: torch.dtype, device: torch.device, used: li
             return c["value"]
     params = [factors(n) for n in names]
     r_max = max(A.shape[0] for A, _ in params)
-    A_pool = torch.empty(len(names), r_max, params[0][0].shape[1], dtype=dtype, device=device)
-    B_pool = torch.empty(len(names), params[0][1].shape[0], r_max, dtype=dtype, device=device)
+    with torch.inference_mode(False):  # rewritten in place later, in inference mode or not
+        A_pool = torch.empty(len(names), r_max, params[0][0].shape[1], dtype=dtype, device=device)
+        B_pool = torch.empty(len(names), params[0][1].shape[0], r_max, dtype=dtype, device=device)
+        scales = torch.tensor([float(scaling[n]) for n in names], dtype=torch.float32, device=device)
+        ranks = torch.tensor([A.shape[0] for A, _ in params], dtype=torch.int32, device=device)
     for s, (A, B) in enumerate(params):
         _write_slot(A_pool, B_pool, s, A, B)
-    scales = torch.tensor([float(scaling[n]) for n in names], dtype=torch.float32, device=device)
-    ranks = torch.tensor([A.shape[0] for A, _ in params], dtype=torch.int32, device=device)
     value = ({n: s for s, n in enumerate(names)}, A_pool, B_pool, scales, ranks)
     module.__dict__[_POOL] = {"key": (dtype, device, names), "value": value, "params": params,
                               "stamps": [_stamp(A, B, scaling[n]) for n, (A, B) in zip(names, params)]}
@@ -394,9 +398,15 @@ def _remove_context_hook(m: nn.Module) -> None:
 
 def _install_tree_hook() -> None:
     """Once per process: by patch_peft, or by the first mixed batch of a patched model that was
-    unpickled (torch.load) into a process that never called patch_peft."""
+    unpickled (torch.load) into a process that never called patch_peft. Also counts optimizer
+    steps (_OPT_STEPS, part of the mixed-batch pools' stamps)."""
     if not _TREE_HOOK:
         _TREE_HOOK.append(nn.modules.module.register_module_module_registration_hook(_tree_moved))
+        _TREE_HOOK.append(register_optimizer_step_post_hook(_optimizer_stepped))
+
+
+def _optimizer_stepped(optimizer, args, kwargs) -> None:
+    _OPT_STEPS[0] += 1
 
 
 def _tree_moved(module, name, submodule):
@@ -488,6 +498,8 @@ def patch_peft(model: nn.Module) -> list[str]:
     for name, m in model.named_modules():
         if isinstance(m, LoraModel) and _HOOKS not in m.__dict__:
             m.__dict__[_HOOKS] = functools.partial(_mixed_batch_hooks, m)
+        if is_patched(m):  # patched again: adapter weights may have changed behind autograd's back
+            m.__dict__.pop(_POOL, None)
         if not isinstance(m, LoraLayer) or is_patched(m):
             continue
         m.__dict__[_NAME] = name

@@ -196,6 +196,24 @@ def test_mixed_batch_caches_follow_the_model():
         assert rel_err(pm2(input_ids=ids, adapter_names=names).logits,
                        ref2(input_ids=ids, adapter_names=names).logits) < 1e-5
     assert same()
+    # a fused AdamW step (HF Trainer's default optimizer) updates the factors without bumping
+    # their _version; pools built in inference mode are rewritten outside it
+    with torch.inference_mode():
+        pm(input_ids=ids, adapter_names=names)
+    for m in (pm, ref):
+        m.train()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=True)
+        m(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        m.eval()
+    assert same()
+    # writes behind autograd's back (.data, PEFT's hotswap_adapter): patch_peft again drops the pools
+    for m in (pm, ref):
+        for n, p in m.named_parameters():
+            if "lora_B.b." in n:
+                p.data.mul_(3)
+    lora_ext.patch_peft(pm)
+    assert same()
 
 
 def with_lm_head_copies(seed, default_too):
