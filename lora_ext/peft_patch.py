@@ -49,6 +49,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .layers import is_conv1d
 from .ops import lora_expand_, lora_linear, multi_lora_
+from .peft_pools import INDICES, POOL, factors_of, optimizer_stepped, pools, token_slots
 
 __all__ = ["patch_peft", "unpatch_peft", "is_patched"]
 
@@ -56,8 +57,6 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _ORIG = "_lora_ext_patched"  # set on patched instances
 _NAME = "_lora_ext_name"
 _WARNED = "_lora_ext_warned"
-_POOL = "_lora_ext_pool"
-_INDICES = "_lora_ext_indices"  # last (adapter_names, rows per name, slot map) -> device indices
 _HOOKS = "_enable_peft_forward_hooks"  # the LoraModel method patch_peft replaces on the instance
 _WALK = "_lora_ext_walk"  # the mixed-batch view of a patched LoraModel's tree, and its signature
 # Bumped whenever a module is assigned under a module of a walked tree (torch's global
@@ -65,7 +64,6 @@ _WALK = "_lora_ext_walk"  # the mixed-batch view of a patched LoraModel's tree, 
 # layers' containers, held weakly): a cached walk is reused only while its tree has not moved.
 _TREE = [0]
 _TREE_HOOK = []
-_OPT_STEPS = [0]  # optimizer steps taken in this process (any optimizer)
 _TRACKED: weakref.WeakSet = weakref.WeakSet()
 # (ids of the layers of the model being called that take adapter_names from it: the patched ones
 # and those with _context_pre_hook, adapter_names) inside a mixed-batch call of this thread
@@ -179,76 +177,9 @@ def _single(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | Non
 
 
 # ------------------------------------------------------------------------------------ mixed batches
-def _stamp(A: torch.Tensor, B: torch.Tensor, scale) -> tuple:
-    # id() too: the cache holds the parameters, so a new adapter's tensors can never reuse a
-    # cached (address, version) pair of a deleted one. _OPT_STEPS: fused optimizers (AdamW(fused=
-    # True), HF Trainer's default on torch >= 2.8) update parameters without bumping _version
-    return id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version, scale, _OPT_STEPS[0]
-
-
-def _factors(module: nn.Module):
-    """(adapter names, name -> (A [r, in], B [out, r]) parameters) of a LoRA Linear or Embedding."""
-    mods = module._modules
-    if "lora_A" in mods and mods["lora_A"]._modules:
-        lA, lB = mods["lora_A"]._modules, mods["lora_B"]._modules
-        return tuple(lA), lambda n: (lA[n]._parameters["weight"], lB[n]._parameters["weight"])
-    eA, eB = mods["lora_embedding_A"]._parameters, mods["lora_embedding_B"]._parameters
-    return tuple(eA), lambda n: (eA[n], eB[n])
-
-
-@torch.no_grad()
-def _write_slot(A_pool: torch.Tensor, B_pool: torch.Tensor, s: int, A: torch.Tensor, B: torch.Tensor) -> None:
-    """Slot s of the pools = (A, B), zero past their rank."""
-    r = A.shape[0]
-    A_pool[s, :r].copy_(A)
-    A_pool[s, r:].zero_()
-    B_pool[s, :, :r].copy_(B)
-    B_pool[s, :, r:].zero_()
-
-
-def _pools(module: nn.Module, dtype: torch.dtype, device: torch.device, used: list[str]):
-    """(slot of each adapter name, A_pool, B_pool, scales, ranks) over all the layer's adapters,
-    cached on the module. Each call checks the adapters it uses: a slot whose factors (identity,
-    address, version) or scaling changed is rewritten; a new adapter set rebuilds the pools."""
-    names, factors = _factors(module)
-    scaling = module.scaling
-    c = module.__dict__.get(_POOL)
-    if c is not None and c["key"] == (dtype, device, names):
-        A_pool, B_pool, scales, ranks = c["value"][1:]
-        for n in used:
-            s = c["value"][0][n]
-            A, B = factors(n)
-            stamp = _stamp(A, B, scaling[n])
-            if stamp == c["stamps"][s]:
-                continue
-            r = A.shape[0]
-            if A.dim() != 2 or r > A_pool.shape[1] or A.shape[1] != A_pool.shape[2] or B.shape != (B_pool.shape[1], r):
-                break  # no longer fits the pools: rebuild them
-            _write_slot(A_pool, B_pool, s, A, B)
-            with torch.no_grad():
-                scales[s] = float(scaling[n])
-                ranks[s] = r
-            c["stamps"][s], c["params"][s] = stamp, (A, B)
-        else:
-            return c["value"]
-    params = [factors(n) for n in names]
-    r_max = max(A.shape[0] for A, _ in params)
-    with torch.inference_mode(False):  # rewritten in place later, in inference mode or not
-        A_pool = torch.empty(len(names), r_max, params[0][0].shape[1], dtype=dtype, device=device)
-        B_pool = torch.empty(len(names), params[0][1].shape[0], r_max, dtype=dtype, device=device)
-        scales = torch.tensor([float(scaling[n]) for n in names], dtype=torch.float32, device=device)
-        ranks = torch.tensor([A.shape[0] for A, _ in params], dtype=torch.int32, device=device)
-    for s, (A, B) in enumerate(params):
-        _write_slot(A_pool, B_pool, s, A, B)
-    value = ({n: s for s, n in enumerate(names)}, A_pool, B_pool, scales, ranks)
-    module.__dict__[_POOL] = {"key": (dtype, device, names), "value": value, "params": params,
-                              "stamps": [_stamp(A, B, scaling[n]) for n, (A, B) in zip(names, params)]}
-    return value
-
-
 def _autograd_problem(module: nn.Module, used: list[str], input_grad: bool, op: str) -> str | None:
     """Mixed batches run inference-only ops: refuse when autograd would need them."""
-    if torch.is_grad_enabled() and (input_grad or any(p.requires_grad for n in used for p in _factors(module)[1](n))):
+    if torch.is_grad_enabled() and (input_grad or any(p.requires_grad for n in used for p in factors_of(module)[1](n))):
         return f"mixed batch with autograd on ({op} is inference only: use torch.no_grad())"
     return None
 
@@ -272,23 +203,10 @@ def _mixed(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | 
     if not used or x.numel() == 0:
         return y
     # pools in y's dtype: the base's output dtype, the autocast dtype under autocast
-    slot, A_pool, B_pool, scales, ranks = _pools(module, y.dtype, x.device, used)
-    indices = _token_slots(module, adapter_names, x[0].numel() // x.shape[-1], x.device, slot)
+    slot, A_pool, B_pool, scales, ranks = pools(module, y.dtype, x.device, used)
+    indices = token_slots(module, adapter_names, x[0].numel() // x.shape[-1], x.device, slot)
     multi_lora_(y, x, A_pool, B_pool, indices, scales, ranks)
     return y
-
-
-def _token_slots(module: nn.Module, adapter_names, per_row: int, device, slot: dict) -> torch.Tensor:
-    """int32 pool slot of every token (-1: "__base__" or an adapter this layer lacks); decode
-    steps repeat the same names, so the device tensor is cached per (names, tokens per row)."""
-    key = (tuple(adapter_names), per_row, device)
-    cached = module.__dict__.get(_INDICES)
-    if cached is not None and cached[0] == key and cached[1] is slot:
-        return cached[2]
-    rows = torch.tensor([slot.get(n, -1) if n != "__base__" else -1 for n in adapter_names], dtype=torch.int32)
-    indices = rows.repeat_interleave(per_row).to(device)
-    module.__dict__[_INDICES] = (key, slot, indices)
-    return indices
 
 
 def _mixed_embedding(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | None:
@@ -316,8 +234,8 @@ def _mixed_embedding(module: nn.Module, x: torch.Tensor, adapter_names) -> torch
     y = base(x)
     if not used or x.numel() == 0:
         return y
-    slot, A_pool, B_pool, scales, ranks = _pools(module, y.dtype, y.device, used)
-    indices = _token_slots(module, adapter_names, x[0].numel() if x.dim() > 1 else 1, x.device, slot)
+    slot, A_pool, B_pool, scales, ranks = pools(module, y.dtype, y.device, used)
+    indices = token_slots(module, adapter_names, x[0].numel() if x.dim() > 1 else 1, x.device, slot)
     # [T, r_max]: column ids[t] of token t's A (slot 0 for rows without an adapter: not added)
     u = A_pool[indices.clamp(min=0).long(), :, x.reshape(-1)]
     embed_scale = module._get_embed_scale()
@@ -399,14 +317,10 @@ def _remove_context_hook(m: nn.Module) -> None:
 def _install_tree_hook() -> None:
     """Once per process: by patch_peft, or by the first mixed batch of a patched model that was
     unpickled (torch.load) into a process that never called patch_peft. Also counts optimizer
-    steps (_OPT_STEPS, part of the mixed-batch pools' stamps)."""
+    steps (peft_pools.OPT_STEPS, part of the mixed-batch pools' stamps)."""
     if not _TREE_HOOK:
         _TREE_HOOK.append(nn.modules.module.register_module_module_registration_hook(_tree_moved))
-        _TREE_HOOK.append(register_optimizer_step_post_hook(_optimizer_stepped))
-
-
-def _optimizer_stepped(optimizer, args, kwargs) -> None:
-    _OPT_STEPS[0] += 1
+        _TREE_HOOK.append(register_optimizer_step_post_hook(optimizer_stepped))
 
 
 def _tree_moved(module, name, submodule):
@@ -499,7 +413,7 @@ def patch_peft(model: nn.Module) -> list[str]:
         if isinstance(m, LoraModel) and _HOOKS not in m.__dict__:
             m.__dict__[_HOOKS] = functools.partial(_mixed_batch_hooks, m)
         if is_patched(m):  # patched again: adapter weights may have changed behind autograd's back
-            m.__dict__.pop(_POOL, None)
+            m.__dict__.pop(POOL, None)
         if not isinstance(m, LoraLayer) or is_patched(m):
             continue
         m.__dict__[_NAME] = name
@@ -526,7 +440,7 @@ def unpatch_peft(model: nn.Module) -> list[str]:
             del m.__dict__[_ORIG]
             m.__dict__.pop("forward", None)  # back to the class's (PEFT's) forward
             restored.append(name)
-        for attr in (_NAME, _POOL, _INDICES, _WARNED, _HOOKS, _WALK):
+        for attr in (_NAME, POOL, INDICES, _WARNED, _HOOKS, _WALK):
             m.__dict__.pop(attr, None)
         _remove_context_hook(m)
     return restored
