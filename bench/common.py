@@ -233,9 +233,11 @@ def arg_parser(name: str, doc: str | None = None):
     `python -m lora_ext bench` call every benchmark in one process)."""
     import argparse
 
+    from lora_ext.__main__ import device_arg  # cpu / cuda / cuda:N, a usage error without that GPU
+
     p = argparse.ArgumentParser(prog=f"bench_{name}.py", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a few sizes only, no result file")
     return p
 

@@ -13,6 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lora_ext.__main__ import device_arg  # noqa: E402  (cpu / cuda / cuda:N, checked)
 
 # name -> module in bench/ exposing main(argv)
 BENCHMARKS = ["roofline", "lora_apply", "lora_linear", "peft_train", "merge", "multi_lora", "pool", "distributed"]
@@ -21,7 +22,7 @@ BENCHMARKS = ["roofline", "lora_apply", "lora_linear", "peft_train", "merge", "m
 def main(argv=None, prog: str | None = None) -> int:
     """prog: the name in usage/help lines (python -m lora_ext passes its own; default: run.py)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a few sizes only, no result files")
     p.add_argument("--only", nargs="*", default=None, choices=BENCHMARKS)
     a = p.parse_args(argv)

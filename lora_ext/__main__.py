@@ -97,7 +97,7 @@ def _cli_extra_missing(cmd: str) -> int:
 
 
 # argparse types: a bad value is a one-line "argument --x: ..." error (exit 2), not a traceback
-def _device(s: str) -> str:
+def device_arg(s: str) -> str:
     import re
 
     if not re.fullmatch(r"cpu|cuda(:\d+)?", s):
@@ -129,12 +129,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora_ext")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="train 3 adapters, save them (PEFT format), serve one mixed batch")
-    d.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    d.add_argument("--device", type=device_arg, help="cpu, cuda or cuda:N (default: cuda when available)")
     d.add_argument("--steps", type=_positive_int, default=150, help="training steps per adapter (>= 1)")
     d.add_argument("--out", type=_out_dir, help="directory for the adapters, created if missing (default: a temp dir)")
     sub.add_parser("info", help="version, torch/CUDA, compiled backends and archs, GPUs")
     b = sub.add_parser("bench", help="run the benchmarks (bench/run.py; --help there)", add_help=False)
-    b.add_argument("--device", type=_device)  # checked here, passed on with the rest to bench/run.py
+    b.add_argument("--device", type=device_arg)  # checked here, passed on with the rest to bench/run.py
     args, rest = p.parse_known_args(argv)  # only bench takes options of its own (bench/run.py's)
     if rest and args.cmd != "bench":
         sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(rest)}")
