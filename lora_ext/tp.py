@@ -49,9 +49,8 @@ ValueError naming the module (by path) when an entry does not fit, before changi
 Dropout (p > 0): each rank draws its mask seed from its own generator, and the mask of element
 (t, j) of the rank's x is a hash of (seed, t * in_local + j). Colwise ranks all see the full x:
 seed them alike and every output shard sees the same mask. Rowwise ranks hold disjoint input
-columns indexed locally: ranks seeded alike give every shard the same mask pattern (each element
-still dropped with probability p, gradients exact), so seed the tensor-parallel ranks differently
-(e.g. torch.manual_seed(seed + tp_rank)) for independent masks across the shards.
+columns indexed locally, so each adds its TP rank to the seed it draws: ranks seeded alike still
+get independent masks across the shards (gradients exact either way).
 """
 from __future__ import annotations
 
@@ -160,8 +159,13 @@ class _TPLoRALinear:
             y = F.linear(x_l, W.t() if self.fan_in_fan_out else W, b)
         else:
             A, B = self._local_factors(x_l, colwise)
+            seed = None
+            if not colwise and self.training and self.lora_dropout > 0:
+                # rowwise shards index their columns locally: one seed per shard, so ranks seeded
+                # alike still draw independent masks (the RNG advances alike on every rank)
+                seed = torch.randint(0, 2**62, (1,), device=x_l.device, dtype=torch.int64) + mesh.get_local_rank()
             y = lora_linear(x_l, W, b, A, B, self.scaling, self.lora_dropout, self.training,
-                            self.fan_in_fan_out)
+                            self.fan_in_fan_out, seed)
         if colwise:
             return DTensor.from_local(y, mesh, [Shard(y.dim() - 1)], run_check=False)
         y = DTensor.from_local(y, mesh, [Partial()], run_check=False)

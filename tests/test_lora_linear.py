@@ -313,3 +313,15 @@ def test_compile_fullgraph_forward_backward(device):
     loss.backward()
     assert A.grad is not None and B.grad is not None and x.grad is not None
     assert torch.isfinite(A.grad).all() and A.grad.abs().sum() > 0
+
+
+def test_explicit_dropout_seed():
+    """seed= fixes the mask without touching torch's RNG; the default draws one from it."""
+    x, W, b, A, B = make(33, 20, 12, 4, torch.float32, "cpu")
+    s = torch.tensor([12345], dtype=torch.int64)
+    state = torch.get_rng_state()
+    y1 = lora_linear(x, W, b, A, B, 1.0, 0.5, True, seed=s)
+    y2 = lora_linear(x, W, b, A, B, 1.0, 0.5, True, seed=s)
+    assert torch.equal(torch.get_rng_state(), state) and torch.equal(y1, y2)
+    y3 = lora_linear(x, W, b, A, B, 1.0, 0.5, True, seed=s + 1)
+    assert not torch.equal(y1, y3)

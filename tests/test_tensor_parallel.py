@@ -202,7 +202,31 @@ def _conv1d(mesh):
                for p, q in zip(tp.parameters(), ref.parameters()) if q.requires_grad)
 
 
-SCENARIOS = {"parity": _parity, "comms": _comms, "bad": _bad_plans, "conv1d": _conv1d,
+def _dropout_seeds(mesh):
+    """Rowwise shards index their columns locally: each rank adds its TP rank to the dropout seed
+    it draws, so ranks seeded alike get independent masks; the RNG advances alike on all ranks."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    import lora_ext.tp as tp_mod
+    from lora_ext.tp import RowwiseParallelLoRA
+    seeds, real = [], tp_mod.lora_linear
+
+    def recording(*args):
+        seeds.append(None if args[-1] is None else int(args[-1]))
+        return real(*args)
+    tp_mod.lora_linear = recording
+    try:
+        torch.manual_seed(7)
+        layer = parallelize_module(lora_ext.LoRALinear(8, 6, r=2, dropout=0.5), mesh, RowwiseParallelLoRA())
+        layer(torch.randn(4, 8 // mesh.size()))  # the rank's input shard (Shard(-1))
+        layer.eval()
+        layer(torch.randn(4, 8 // mesh.size()))
+    finally:
+        tp_mod.lora_linear = real
+    return {"seeds": seeds, "next": torch.rand(1).item()}
+
+
+SCENARIOS = {"parity": _parity, "comms": _comms, "bad": _bad_plans, "conv1d": _conv1d, "dropout": _dropout_seeds,
              "compile": lambda mesh: _parity(mesh, "default"),
              "compile_fullgraph": lambda mesh: _parity(mesh, "fullgraph")}
 
@@ -225,7 +249,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 @pytest.fixture(scope="module")
 def ws2():
-    return spawn(["parity", "comms", "bad", "conv1d"], world=2)
+    return spawn(["parity", "comms", "bad", "conv1d", "dropout"], world=2)
 
 
 def _check_parity(per_rank):
@@ -241,6 +265,12 @@ def _check_parity(per_rank):
 
 def test_forward_backward_match_single_process(ws2):
     _check_parity(_get(ws2, "parity"))
+
+
+def test_rowwise_dropout_seeds_differ_per_rank(ws2):
+    r0, r1 = _get(ws2, "dropout")
+    assert r0["seeds"][1] is None and r1["seeds"][1] is None  # eval: no dropout, no seed
+    assert r1["seeds"][0] == r0["seeds"][0] + 1 and r0["next"] == r1["next"]
 
 
 def test_conv1d_layout(ws2):

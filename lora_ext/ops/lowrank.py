@@ -46,7 +46,7 @@ def _same_dtype(op: str, **tensors) -> None:
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                 B: torch.Tensor, scale: float, dropout_p: float = 0.0, training: bool = False,
-                fan_in_fan_out: bool = False) -> torch.Tensor:
+                fan_in_fan_out: bool = False, seed: torch.Tensor | None = None) -> torch.Tensor:
     """LoRA linear layer: ``y = x @ W.T + bias + scale * (dropout(x) @ A.T) @ B.T``.
 
     Shapes: x [..., in], weight [out, in] ([in, out] with ``fan_in_fan_out``, transformers'
@@ -54,13 +54,17 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Differentiable in x, A, B, bias (and weight if it requires grad; it is normally frozen).
     The base GEMM runs on BLAS/cuBLAS; the low-rank shrink (with the dropout mask) and the expand
     epilogue are lora_ext kernels. Saved for backward per token: x (shared with the caller) and
-    the fp32 [T, r] activation x A^T (4·r bytes); the dropout mask is regenerated from a seed.
+    the fp32 [T, r] activation x A^T (4·r bytes); the dropout mask is regenerated from a seed:
+    ``seed`` (an int64 [1] tensor on x's device) or, by default, one drawn from torch's RNG.
     """
     scale = as_scale("lora_linear", "scale", scale)
     if not 0.0 <= as_scale("lora_linear", "dropout_p", dropout_p) < 1.0:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
     p = float(dropout_p) if training else 0.0
-    seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64) if p > 0 else None
+    if p == 0:
+        seed = None
+    elif seed is None:
+        seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64)
     y, _ = torch.ops.lora_ext.lora_linear_fwd.default(x, weight, bias, A, B, scale, p, seed,
                                                        fan_in_fan_out)
     return y
