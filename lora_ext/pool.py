@@ -154,8 +154,8 @@ class AdapterPool:
     def _same_as_model(self, key: str, t: torch.Tensor) -> bool:
         """Whether extra tensor `key` (PEFT's name less the prefix) equals the served model's."""
         mod, _, leaf = key.replace(".base_layer.", ".").rpartition(".")
-        m = self.layers.get(mod) or dict(self.model.named_modules()).get(mod)
-        m = getattr(m, "base", m) if mod in self.layers else m
+        # a served module's own tensors live on its base layer (PEFT names them base_layer.*)
+        m = self.layers[mod].base if mod in self.layers else dict(self.model.named_modules()).get(mod)
         old = getattr(m, leaf, None)
         return (isinstance(old, torch.Tensor) and old.shape == t.shape
                 and torch.equal(old.detach(), t.to(old.device, old.dtype)))
