@@ -26,10 +26,10 @@ Fast paths:
     module-registration hook) or the adapter set changes. Beam search, aLoRA offsets and training
     mode keep PEFT's own path.
 Anything else (DoRA and other LoRA variants, lora_bias, quantized or hooked base layers, several
-active adapters at once, dtype mixes outside autocast, unknown forward arguments) calls PEFT's original
-forward and warns once per (layer, reason). A disabled or merged layer has no LoRA work left to
-fuse: it calls PEFT's forward without a warning. LoRA Embedding layers run mixed batches as one
-gather + ``lora_expand_`` over per-layer pools (PEFT loops over the adapters) and PEFT's forward
+active adapters at once, dtype mixes outside autocast, unknown forward arguments) calls PEFT's
+original forward and warns once per (layer, reason). A disabled or merged layer has no LoRA work
+left to fuse: it calls PEFT's forward without a warning. LoRA Embedding layers run mixed batches as
+one gather + ``lora_expand_`` over per-layer pools (PEFT loops over the adapters) and PEFT's forward
 otherwise (lora_ext has no fused single-adapter embedding op: the same F.embedding math). Other
 PEFT LoRA layer types (Conv2d, bitsandbytes, ...) stay on PEFT's forward: one warning per layer
 when patching.
