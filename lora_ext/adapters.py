@@ -159,11 +159,18 @@ class Adapter:
             json.dump({"peft_type": "LORA", **self.config}, f, indent=2)
 
 
+def extra_target(key: str) -> tuple[str, str]:
+    """(module path, attribute) an Adapter.extra key names: PEFT's "<layer>.base_layer.bias" is
+    the adapted layer's own bias ("<layer>", "bias")."""
+    mod, _, leaf = key.replace(".base_layer.", ".").rpartition(".")
+    return mod, leaf
+
+
 def bias_tensors(model: nn.Module, copy) -> tuple[dict[str, torch.Tensor], str]:
     """The model's trained biases as Adapter.extra entries (PEFT's names, copy(bias) each) and the
     PEFT ``bias`` mode they amount to (inject.trained_biases)."""
     biases, mode = trained_biases(model)
-    return {f"{n}{'.base_layer' if is_lora else ''}.bias": copy(b) for n, is_lora, b in biases}, mode
+    return {key: copy(b) for _, key, b in biases}, mode
 
 
 def _no_duplicates(pairs: list) -> dict:
@@ -327,7 +334,7 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
                              f"factors are A {tuple(w.A.shape)}, B {tuple(w.B.shape)}")
         plan.append((name, m, w))
     for key, t in adapter.extra.items():
-        mod, _, leaf = key.replace(".base_layer.", ".").rpartition(".")
+        mod, leaf = extra_target(key)
         old = getattr(modules.get(mod), leaf, None)
         if not isinstance(old, torch.Tensor) or old.shape != t.shape:
             raise ValueError(f"load_adapter: adapter {adapter.name or ''} holds {key} {tuple(t.shape)} "
@@ -340,7 +347,7 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
         m.set_lora_factors(w.A, w.B, w.scale)
     modules = dict(model.named_modules())
     for key, t in adapter.extra.items():
-        mod, _, leaf = key.replace(".base_layer.", ".").rpartition(".")
+        mod, leaf = extra_target(key)
         old = getattr(modules[mod], leaf)
         t = t.to(old.device, old.dtype)
         if ".base_layer." in key or isinstance(modules[mod], LoRALayer):

@@ -144,8 +144,7 @@ def _handshake(found: dict, timeout_s: float) -> None:
     arrivals = "lora_ext/save_adapter/arrivals"
     gen = (store.add(arrivals, 1) - 1) // world
     keys = [f"lora_ext/save_adapter/{gen}/{r}" for r in range(world)]
-    mine = json.dumps(sorted((n, list(m.lora_factors()[0].shape), list(m.lora_factors()[1].shape))
-                             for n, m in found.items()))
+    mine = json.dumps(sorted((n, [list(t.shape) for t in m.lora_factors()[:2]]) for n, m in found.items()))
     store.set(keys[rank], mine)
     try:
         store.wait(keys, datetime.timedelta(seconds=timeout_s))

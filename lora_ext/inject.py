@@ -82,18 +82,19 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> None:
                 m.bias.requires_grad_(True)
 
 
-def trained_biases(model: nn.Module) -> tuple[list[tuple[str, bool, torch.Tensor]], str]:
+def trained_biases(model: nn.Module) -> tuple[list[tuple[str, str, torch.Tensor]], str]:
     """The biases that require grad (``mark_only_lora_trainable(bias=...)``) as (module name,
-    whether it is a LoRA layer, bias), and the PEFT ``bias`` mode they amount to: "none",
-    "lora_only" (LoRA layers' biases only) or "all"."""
+    PEFT's key less "base_model.model." — "<layer>.base_layer.bias" for a LoRA layer's own —,
+    bias), and the PEFT ``bias`` mode they amount to: "none", "lora_only" (LoRA layers' biases
+    only) or "all"."""
     lora, seen, out = lora_layers(model), set(), []
     for name, m in model.named_modules():
         b = m._parameters.get("bias")
         if isinstance(b, torch.Tensor) and b.requires_grad and id(b) not in seen:
             seen.add(id(b))
-            out.append((name, name in lora, b))
-    mode = "none" if not out else "lora_only" if all(is_lora for _, is_lora, _ in out) else "all"
-    return out, mode
+            out.append((name, f"{name}.base_layer.bias" if name in lora else f"{name}.bias", b))
+    only_lora = all(key.endswith(".base_layer.bias") for _, key, _ in out)
+    return out, "none" if not out else "lora_only" if only_lora else "all"
 
 
 def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: bool = True) -> dict[str, torch.Tensor]:
@@ -108,7 +109,6 @@ def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: boo
         for p in m.factor_names:
             key = f"{prefix}{name}.{p}{'.weight' if linear else ''}" if peft_names else f"{name}.{p}"
             out[key] = getattr(m, p).detach()
-    for name, is_lora, b in trained_biases(model)[0]:
-        key = f"{prefix}{name}{'.base_layer' if is_lora else ''}.bias" if peft_names else f"{name}.bias"
-        out[key] = b.detach()
+    for name, key, b in trained_biases(model)[0]:
+        out[prefix + key if peft_names else f"{name}.bias"] = b.detach()
     return out

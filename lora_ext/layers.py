@@ -33,8 +33,19 @@ def is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
 
 
+_FSDP = frozenset({"FSDPModule", "FullyShardedDataParallel"})  # FSDP2 / FSDP1 classes, by name
+
+
 def _classes(m: nn.Module) -> set[str]:
     return {c.__name__ for c in type(m).__mro__}
+
+
+def factors_like(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A, B in x's dtype for lora_linear (e.g. fp32 adapters on a bf16 model); under autocast
+    the op casts every input itself (csrc/autocast.cpp), so they are passed as they are."""
+    if A.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        return A.to(x.dtype), B.to(x.dtype)
+    return A, B
 
 
 def sharding_of(model: nn.Module, ddp: bool = True) -> str | None:
@@ -44,7 +55,7 @@ def sharding_of(model: nn.Module, ddp: bool = True) -> str | None:
         names = _classes(m)
         if ddp and "DistributedDataParallel" in names:
             return "wrapped in DistributedDataParallel"
-        if names & {"FSDPModule", "FullyShardedDataParallel"}:
+        if names & _FSDP:
             return "sharded with fully_shard (FSDP)"
     if any(is_dtensor(p) for p in model.parameters()):
         return "parallelized (DTensor parameters)"
@@ -168,7 +179,7 @@ class LoRALayer(nn.Module, abc.ABC):
     def _check_unsharded(self, what: str) -> None:
         # FSDP's unsharded weight is a temporary buffer (a merge into it is lost at the next reshard,
         # while forward skips LoRA); a DTensor weight is a shard the merge kernels do not take
-        if is_dtensor(self.weight) or _classes(self) & {"FSDPModule", "FullyShardedDataParallel"}:
+        if is_dtensor(self.weight) or _classes(self) & _FSDP:
             raise ValueError(f"{what}: this {type(self).__name__} is sharded (fully_shard / tensor "
                              f"parallel); {what} before sharding, or in a single-process copy of the model "
                              "(get_model_state_dict(..., full_state_dict=True))")
@@ -290,9 +301,7 @@ class LoRALinear(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_forward(x)
-        A, B = self.lora_A, self.lora_B
-        if A.dtype != x.dtype:
-            A, B = A.to(x.dtype), B.to(x.dtype)
+        A, B = factors_like(x, self.lora_A, self.lora_B)
         return lora_linear(x, self.weight, self.bias, A, B, self.scaling, self.lora_dropout,
                            self.training, self.fan_in_fan_out)
 

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .layers import is_conv1d
+from .layers import factors_like, is_conv1d
 from .ops import lora_expand_, lora_linear, multi_lora_
 from .peft_pools import INDICES, POOL, factors_of, optimizer_stepped, pools, token_slots
 
@@ -167,11 +167,8 @@ def _single(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | Non
         _warn(module, reason)
         return None
     base = module.base_layer
-    A, B = module.lora_A[name].weight, module.lora_B[name].weight
-    # e.g. fp32 adapters (PEFT's autocast_adapter_dtype) on a bf16 model; under autocast the op
-    # casts every input itself
-    if A.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-        A, B = A.to(x.dtype), B.to(x.dtype)
+    # e.g. fp32 adapters (PEFT's autocast_adapter_dtype) on a bf16 model
+    A, B = factors_like(x, module.lora_A[name].weight, module.lora_B[name].weight)
     return lora_linear(x, base.weight, base.bias, A, B, float(module.scaling[name]), p,
                        p > 0.0, is_conv1d(base))
 

@@ -42,7 +42,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .adapters import Adapter, LayerWeights
+from .adapters import Adapter, LayerWeights, extra_target
 from .layers import is_conv1d
 from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear
 from .targets import matches, output_head_names
@@ -153,7 +153,7 @@ class AdapterPool:
 
     def _same_as_model(self, key: str, t: torch.Tensor) -> bool:
         """Whether extra tensor `key` (PEFT's name less the prefix) equals the served model's."""
-        mod, _, leaf = key.replace(".base_layer.", ".").rpartition(".")
+        mod, leaf = extra_target(key)
         # a served module's own tensors live on its base layer (PEFT names them base_layer.*)
         m = self.layers[mod].base if mod in self.layers else dict(self.model.named_modules()).get(mod)
         old = getattr(m, leaf, None)

@@ -69,7 +69,7 @@ except ImportError as e:  # torch < 2.5 kept these in torch.distributed._tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
-from .layers import LoRALinear, is_conv1d
+from .layers import LoRALinear, factors_like, is_conv1d
 from .multi import MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
 from .ops import lora_linear, multi_lora_
 
@@ -128,9 +128,7 @@ class _TPLoRALinear:
     def _local_factors(self, x: torch.Tensor, colwise: bool):
         A = _replicated_factor(self.lora_A) if colwise else self.lora_A.to_local()
         B = self.lora_B.to_local() if colwise else _replicated_factor(self.lora_B)
-        if A.dtype != x.dtype:
-            A, B = A.to(x.dtype), B.to(x.dtype)
-        return A, B
+        return factors_like(x, A, B)
 
     def merge(self, *args, **kwargs):
         raise ValueError(f"{type(self).__name__}.merge: the weight is a DTensor shard here; merge the "
