@@ -49,7 +49,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .layers import factors_like, is_conv1d
 from .ops import lora_expand_, lora_linear, multi_lora_
-from .peft_pools import INDICES, POOL, factors_of, optimizer_stepped, pools, token_slots
+from .peft_pools import INDICES, POOL, factors_of, no_rows, optimizer_stepped, pools, token_slots
 
 __all__ = ["patch_peft", "unpatch_peft", "is_patched"]
 
@@ -65,9 +65,19 @@ _WALK = "_lora_ext_walk"  # the mixed-batch view of a patched LoraModel's tree, 
 _TREE = [0]
 _TREE_HOOK = []
 _TRACKED: weakref.WeakSet = weakref.WeakSet()
-# (ids of the layers of the model being called that take adapter_names from it: the patched ones
-# and those with _context_pre_hook, adapter_names) inside a mixed-batch call of this thread
+# The _Batch of a mixed-batch call of this thread (Dynamo traces ContextVar.get, guarding on it)
 _MIXED: contextvars.ContextVar = contextvars.ContextVar("lora_ext_peft_mixed", default=None)
+
+
+class _Batch:
+    """A mixed batch: ``names`` (adapter_names), ``reached`` (ids of the model's layers that take
+    them: the patched ones and those with _context_pre_hook) and ``preps`` (id of a patched layer ->
+    its _prepare result). A traced patched layer reads only its prep, never ``names``, unless it
+    falls back to PEFT's forward: one graph serves every batch size and every mix of names."""
+    __slots__ = ("names", "reached", "preps")
+
+    def __init__(self, names, reached, preps):
+        self.names, self.reached, self.preps = names, reached, preps
 
 
 PEFT_MIN = "0.15"  # peft.utils.other.AuxiliaryTrainingWrapper (modules_to_save et al.)
@@ -110,6 +120,10 @@ def is_patched(module: nn.Module) -> bool:
 # ------------------------------------------------------------------------------------ checks
 def _base_problem(module: nn.Module, x: torch.Tensor) -> str | None:
     """Why the base layer cannot run inside lora_linear / next to multi_lora_ (None: it can)."""
+    return _base_layer_problem(module) or _input_problem(module, x)
+
+
+def _base_layer_problem(module: nn.Module) -> str | None:
     base = module.base_layer
     conv1d = is_conv1d(base)
     if not (type(base) is nn.Linear or conv1d):
@@ -121,6 +135,11 @@ def _base_problem(module: nn.Module, x: torch.Tensor) -> str | None:
         return f"base weight is {type(w).__name__} {w.dtype} (quantized or not a plain float tensor)"
     if b is not None and b.dtype != w.dtype:
         return f"base bias dtype {b.dtype} differs from the base weight's {w.dtype}"
+    return None
+
+
+def _input_problem(module: nn.Module, x: torch.Tensor) -> str | None:
+    w = module.base_layer.weight
     # under autocast the ops cast their inputs as F.linear does (csrc/autocast.cpp), so an input in
     # another float dtype than the weight (a bf16 activation before an fp32 layer) is expected
     if x.dtype != w.dtype and not (x.dtype in _FLOATS and torch.is_autocast_enabled(x.device.type)):
@@ -181,58 +200,95 @@ def _autograd_problem(module: nn.Module, used: list[str], input_grad: bool, op: 
     return None
 
 
-def _mixed(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | None:
-    lora_A = module._modules["lora_A"]._modules
-    used = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in lora_A]
-    reason = _base_problem(module, x) or (None if x.dim() >= 2 else "1-D input in a mixed batch")
+def _embedding_problem(module: nn.Module) -> str | None:
+    base = module.base_layer
+    if not isinstance(base, nn.Embedding) or base._forward_hooks or base._forward_pre_hooks:
+        return "base layer is not a plain nn.Embedding (or has hooks)"
+    if base.max_norm is not None:
+        return "base embedding renormalizes rows (max_norm)"
+    return None
+
+
+def _prepare(module: nn.Module, names, embedding: bool, dtype: torch.dtype | None = None):
+    """A patched layer's part of a mixed batch, computed eagerly for every layer when a model's
+    mixed batch starts (_enter), so that a compiled model traces none of the cache bookkeeping:
+    a reason to run PEFT's forward (str), or (A_pool, B_pool, scales, ranks, rows), rows
+    [len(names)] int32 the pool slot of each input row (-1: none), pools None when no row uses
+    one of the layer's adapters. The pools are in the dtype the base layer returns (the autocast
+    dtype under autocast, for Linear)."""
+    module._check_forward_args(range(len(names)), adapter_names=names)  # PEFT's errors (merged, DoRA)
+    reason = _embedding_problem(module) if embedding else _base_layer_problem(module)
+    if reason is not None:
+        return reason
+    factors = factors_of(module)[0]
+    used = [n for n in dict.fromkeys(names) if n != "__base__" and n in factors]
     for n in used:
+        if embedding:
+            reason = f"adapter '{n}' is a LoRA variant" if n in module.lora_variant else None
+        else:
+            reason = _adapter_problem(module, n)
+            if reason is None and _dropout_p(module, n) != 0.0:
+                reason = f"adapter '{n}' has active dropout in a mixed batch"
         if reason is not None:
-            break
-        reason = _adapter_problem(module, n)
-        if reason is None and _dropout_p(module, n) != 0.0:
-            reason = f"adapter '{n}' has active dropout in a mixed batch"
-    if reason is None:
-        reason = _autograd_problem(module, used, x.requires_grad, "multi_lora_")
+            return reason
+    reason = _autograd_problem(module, used, False, "lora_expand_" if embedding else "multi_lora_")
+    if reason is not None:
+        return reason
+    w = module.base_layer.weight
+    if not used:
+        return None, None, None, None, no_rows(len(names), w.device)
+    if dtype is None:
+        dtype = w.dtype
+        if not embedding and torch.is_autocast_enabled(w.device.type):
+            dtype = torch.get_autocast_dtype(w.device.type)
+    slot, A_pool, B_pool, scales, ranks = pools(module, dtype, w.device, used)
+    return A_pool, B_pool, scales, ranks, token_slots(module, names, 1, w.device, slot)
+
+
+def _operands(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: _Batch, per_row: int, embedding: bool):
+    """(A_pool, B_pool, indices [T], scales, ranks) of a prepared layer (its pools prepared again
+    here in y's dtype if they are not in it: an autocast region entered inside the model); None
+    when no row uses one of its adapters. Raises PEFT's error when the rows do not match x."""
+    A_pool, B_pool, scales, ranks, rows = batch.preps[id(module)]
+    if x.shape[0] != rows.shape[0]:  # sizes compared in the graph: no guard on len(names)
+        raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(batch.names)} and {len(x)} respectively.")
+    if A_pool is None or x.numel() == 0:
+        return None
+    if A_pool.dtype != y.dtype:
+        A_pool, B_pool, scales, ranks, rows = _prepare(module, batch.names, embedding, y.dtype)
+    return A_pool, B_pool, rows if per_row == 1 else rows.repeat_interleave(per_row), scales, ranks
+
+
+def _mixed(module: nn.Module, x: torch.Tensor, batch: _Batch) -> torch.Tensor | None:
+    reason = _input_problem(module, x)
+    if reason is None and x.dim() < 2:
+        reason = "1-D input in a mixed batch"
+    if reason is None and torch.is_grad_enabled() and x.requires_grad:
+        reason = "mixed batch with autograd on (multi_lora_ is inference only: use torch.no_grad())"
     if reason is not None:
         _warn(module, reason)
         return None
     y = module.base_layer(x)
-    if not used or x.numel() == 0:
-        return y
-    # pools in y's dtype: the base's output dtype, the autocast dtype under autocast
-    slot, A_pool, B_pool, scales, ranks = pools(module, y.dtype, x.device, used)
-    indices = token_slots(module, adapter_names, x[0].numel() // x.shape[-1], x.device, slot)
-    multi_lora_(y, x, A_pool, B_pool, indices, scales, ranks)
+    ops = _operands(module, x, y, batch, x[0].numel() // x.shape[-1], False)
+    if ops is not None:
+        A_pool, B_pool, indices, scales, ranks = ops
+        multi_lora_(y, x, A_pool, B_pool, indices, scales, ranks)
     return y
 
 
-def _mixed_embedding(module: nn.Module, x: torch.Tensor, adapter_names) -> torch.Tensor | None:
+def _mixed_embedding(module: nn.Module, x: torch.Tensor, batch: _Batch) -> torch.Tensor | None:
     """PEFT's LoRA Embedding in a mixed batch: y = base(ids); y[t] += s_a * B_a A_a[:, ids[t]]
     (times the base's embed_scale, as PEFT), the A columns gathered from the layer's pools and
     added by one lora_expand_, instead of PEFT's loop over the adapters."""
-    eA = module._modules["lora_embedding_A"]._parameters
-    used = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in eA]
-    base = module.base_layer
-    reason = None
-    if not isinstance(base, nn.Embedding) or base._forward_hooks or base._forward_pre_hooks:
-        reason = "base layer is not a plain nn.Embedding (or has hooks)"
-    elif base.max_norm is not None:
-        reason = "base embedding renormalizes rows (max_norm)"
-    elif x.dtype not in (torch.int32, torch.int64) or x.dim() < 1:
-        reason = f"ids of dtype {x.dtype} / {x.dim()}-D"
-    for n in used:
-        if reason is None and (n in module.lora_variant or module.use_dora.get(n, False)):
-            reason = f"adapter '{n}' is a LoRA variant"
-    if reason is None:
-        reason = _autograd_problem(module, used, False, "lora_expand_")
-    if reason is not None:
-        _warn(module, reason)
+    if x.dtype not in (torch.int32, torch.int64) or x.dim() < 1:
+        _warn(module, f"ids of dtype {x.dtype} / {x.dim()}-D")
         return None
-    y = base(x)
-    if not used or x.numel() == 0:
+    y = module.base_layer(x)
+    ops = _operands(module, x, y, batch, x[0].numel() if x.dim() > 1 else 1, True)
+    if ops is None:
         return y
-    slot, A_pool, B_pool, scales, ranks = pools(module, y.dtype, y.device, used)
-    indices = token_slots(module, adapter_names, x[0].numel() if x.dim() > 1 else 1, x.device, slot)
+    A_pool, B_pool, indices, scales, ranks = ops
     # [T, r_max]: column ids[t] of token t's A (slot 0 for rows without an adapter: not added)
     u = A_pool[indices.clamp(min=0).long(), :, x.reshape(-1)]
     embed_scale = module._get_embed_scale()
@@ -243,50 +299,72 @@ def _mixed_embedding(module: nn.Module, x: torch.Tensor, adapter_names) -> torch
 
 
 # ------------------------------------------------------------------------------------ forward
-def _names_from_context(layer: nn.Module, kwargs: dict) -> None:
-    """Inside a patched model's mixed-batch call: kwargs gets what PEFT's pre-hook would pass."""
-    mixed = _MIXED.get()
-    if mixed is not None and "adapter_names" not in kwargs and id(layer) in mixed[0]:
-        kwargs["adapter_names"] = mixed[1]
+def _model_batch(layer: nn.Module, kwargs: dict) -> _Batch | None:
+    """The mixed batch of the model call this layer call is part of (see _enter), if any."""
+    batch = _MIXED.get()
+    if batch is not None and "adapter_names" not in kwargs and id(layer) in batch.reached:
+        return batch
+    return None
+
+
+def _batch_of(layer: nn.Module, x: torch.Tensor, args, kwargs: dict, embedding: bool) -> _Batch | None:
+    """The mixed batch of a layer call that is one: its model's, or, for a layer called with
+    adapter_names directly, one of its own; None when lora_ext does not run it (other arguments,
+    adapters disabled, a reason found by _prepare: PEFT's forward then)."""
+    batch = _model_batch(layer, kwargs)
+    direct = batch is None
+    if direct:
+        layer._check_forward_args(x, *args, **kwargs)  # PEFT's errors (adapter_names length, merged, DoRA)
+        batch = _Batch(kwargs["adapter_names"], None, {})
+    if args or any(k != "adapter_names" and v is not None for k, v in kwargs.items()) or layer.disable_adapters:
+        return None
+    if direct:
+        batch.preps[id(layer)] = _prepare(layer, batch.names, embedding)
+    prep = batch.preps[id(layer)]
+    if isinstance(prep, str):
+        _warn(layer, prep)
+        return None
+    return batch
+
+
+def _peft_forward(self, x: torch.Tensor, *args, **kwargs):
+    """PEFT's forward, with the calling thread's adapter_names inside a model's mixed batch."""
+    batch = _model_batch(self, kwargs)
+    if batch is not None:
+        kwargs["adapter_names"] = batch.names
+    return type(self).forward(self, x, *args, **kwargs)
 
 
 def _patched_forward(self, x: torch.Tensor, *args, **kwargs):
-    orig = type(self).forward.__get__(self)  # PEFT's forward
-    _names_from_context(self, kwargs)
-    self._check_forward_args(x, *args, **kwargs)  # PEFT's own errors (adapter_names length, merged, DoRA)
-    if self.disable_adapters or (self.merged and "adapter_names" not in kwargs):
-        return orig(x, *args, **kwargs)  # base forward only (PEFT unmerges when disabled): nothing to fuse
-    extra = [k for k, v in kwargs.items() if k != "adapter_names" and v is not None]
+    if kwargs.get("adapter_names") is not None or _model_batch(self, kwargs) is not None:
+        batch = _batch_of(self, x, args, kwargs, embedding=False)
+        y = None if batch is None else _mixed(self, x, batch)
+        return _peft_forward(self, x, *args, **kwargs) if y is None else y
+    self._check_forward_args(x, *args, **kwargs)
+    extra = [k for k, v in kwargs.items() if v is not None]
+    if self.disable_adapters or self.merged:
+        return _peft_forward(self, x, *args, **kwargs)  # base forward only (PEFT unmerges when disabled): nothing to fuse
     if args or extra:
         _warn(self, f"unsupported forward arguments {extra or f'{len(args)} positional'}")
-        return orig(x, *args, **kwargs)
-    adapter_names = kwargs.get("adapter_names")
-    if adapter_names is not None:
-        y = _mixed(self, x, adapter_names)
-        return orig(x, *args, **kwargs) if y is None else y
+        return _peft_forward(self, x, *args, **kwargs)
     active = [n for n in self.active_adapters if n in self.lora_A]
     if len(active) > 1:
         _warn(self, f"{len(active)} active adapters at once ({', '.join(active)})")
-        return orig(x, *args, **kwargs)
+        return _peft_forward(self, x, *args, **kwargs)
     if not active:
-        return orig(x, *args, **kwargs)
+        return _peft_forward(self, x, *args, **kwargs)
     y = _single(self, x, active[0])
-    return orig(x, *args, **kwargs) if y is None else y
+    return _peft_forward(self, x, *args, **kwargs) if y is None else y
 
 
 def _patched_embedding_forward(self, x: torch.Tensor, *args, **kwargs):
     """Mixed batches -> _mixed_embedding; everything else is PEFT's forward (the same math as
     lora_ext's own LoRAEmbedding: there is no fused single-adapter embedding op)."""
-    orig = type(self).forward.__get__(self)
-    _names_from_context(self, kwargs)
-    names = kwargs.get("adapter_names")
-    if names is None or args or any(k != "adapter_names" and v is not None for k, v in kwargs.items()):
-        return orig(x, *args, **kwargs)
-    self._check_forward_args(x, *args, **kwargs)
-    if self.disable_adapters:
-        return orig(x, *args, **kwargs)
-    y = _mixed_embedding(self, x, names)
-    return orig(x, *args, **kwargs) if y is None else y
+    batch = None
+    if kwargs.get("adapter_names") is not None or _model_batch(self, kwargs) is not None:
+        batch = _batch_of(self, x, args, kwargs, embedding=True)
+    y = None if batch is None else _mixed_embedding(self, x, batch)
+    return _peft_forward(self, x, *args, **kwargs) if y is None else y
 
 
 def _context_pre_hook(module, args, kwargs):
@@ -294,10 +372,10 @@ def _context_pre_hook(module, args, kwargs):
     (modules_to_save wrappers, fallbacks), installed when the tree is walked: inside a mixed-batch
     call of its model it passes the calling thread's adapter_names, as PEFT's per-call hook would;
     otherwise it does nothing."""
-    mixed = _MIXED.get()
-    if mixed is None or id(module) not in mixed[0]:
+    batch = _model_batch(module, kwargs)
+    if batch is None:
         return None
-    kwargs["adapter_names"] = mixed[1]
+    kwargs["adapter_names"] = batch.names
     return args, kwargs
 
 
@@ -362,36 +440,44 @@ def _mixed_batch_hooks(self, *args, **kwargs):
         with type(self)._enable_peft_forward_hooks(self, *args, **kwargs):  # PEFT's own
             yield
         return
-    # the tree's view (adapter names, patched layers, layers that need PEFT's hook), walked again
-    # when a module was assigned anywhere or the adapter set changed (delete_adapter, load_adapter)
+    token = _MIXED.set(_enter(self, names))
+    try:
+        yield
+    finally:
+        _MIXED.reset(token)
+
+
+@torch.compiler.disable
+def _enter(model: nn.Module, names) -> _Batch:
+    """The start of a patched LoraModel's mixed batch, always eager (a compiled model traces none
+    of it): the tree's view (adapter names, patched layers, layers that need PEFT's hook), walked
+    again when a module was assigned anywhere or the adapter set changed (delete_adapter,
+    load_adapter); PEFT's unknown-adapter error; every patched layer's _prepare."""
     _install_tree_hook()
-    sig = (_TREE[0], id(self), tuple(self.peft_config))  # id: a deepcopy walks its own tree
-    walk = self.__dict__.get(_WALK)
+    sig = (_TREE[0], id(model), tuple(model.peft_config))  # id: a deepcopy walks its own tree
+    walk = model.__dict__.get(_WALK)
     if walk is None or walk[0] != sig:
-        LoraLayer = _peft_classes()[2]
+        Linear, Embedding, LoraLayer = _peft_classes()
         Aux = _peft_model_classes()[1]
-        expected, reached = set(), set()
-        for m in _modules(self, LoraLayer):
+        expected, reached, patched = set(), set(), []
+        for m in _modules(model, LoraLayer):
             if isinstance(m, LoraLayer):
                 expected |= m.lora_A.keys()
                 expected |= m.lora_embedding_A.keys()
             if is_patched(m):
                 reached.add(id(m))
+                patched.append((m, isinstance(m, Embedding)))
             elif isinstance(m, (LoraLayer, Aux)):
                 reached.add(id(m))
                 if not _context_hooked(m):
                     m.register_forward_pre_hook(_context_pre_hook, with_kwargs=True)
-        walk = (sig, frozenset(expected), frozenset(reached))
-        self.__dict__[_WALK] = walk
-    _, expected, reached = walk
+        walk = (sig, frozenset(expected), frozenset(reached), tuple(patched))
+        model.__dict__[_WALK] = walk
+    _, expected, reached, patched = walk
     unexpected = {n for n in names if n != "__base__"} - expected
     if unexpected:  # PEFT's message
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
-    token = _MIXED.set((reached, names))
-    try:
-        yield
-    finally:
-        _MIXED.reset(token)
+    return _Batch(names, reached, {id(m): _prepare(m, names, embedding) for m, embedding in patched})
 
 
 # ------------------------------------------------------------------------------------ public API

@@ -4,6 +4,8 @@ cached on the layer and rewritten when a factor changes (identity, address, vers
 scaling changes or any optimizer steps, plus the per-call token -> slot indices."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -90,6 +92,13 @@ def token_slots(module: nn.Module, adapter_names, per_row: int, device, slot: di
     indices = rows.repeat_interleave(per_row).to(device)
     module.__dict__[INDICES] = (key, slot, indices)
     return indices
+
+
+@functools.lru_cache(maxsize=64)
+def no_rows(n: int, device: torch.device) -> torch.Tensor:
+    """[n] int32 of -1: the rows of a layer none of whose adapters a batch of n rows uses."""
+    with torch.inference_mode(False):
+        return torch.full((n,), -1, dtype=torch.int32, device=device)
 
 
 def optimizer_stepped(optimizer, args, kwargs) -> None:
