@@ -19,6 +19,7 @@ import math
 import operator
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 
 from .inject import inject, lora_layers, trained_biases
 from .layers import LoRALayer, is_dtensor
-from .targets import PEFT_PREFIX, check_pattern_key, name_regex, pattern_value, peft_config
+from .targets import PEFT_PREFIX, check_pattern_key, matches, name_regex, pattern_value, peft_config
 
 __all__ = ["Adapter", "LayerWeights", "load_adapter"]
 
@@ -116,10 +117,12 @@ class Adapter:
                    extra={k: conv(t) for k, t in extra.items()})
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "Adapter":
+    def from_model(cls, model: nn.Module, modules_to_save=None) -> "Adapter":
         """The LoRA factors of an injected model (detached copies) with a matching PEFT config.
         Trained biases (requires_grad) go into ``extra`` under PEFT's names, and the config's
-        ``bias`` says "lora_only" or "all" as PEFT would."""
+        ``bias`` says "lora_only" or "all" as PEFT would. ``modules_to_save`` (PEFT's: module-name
+        suffixes or a regex, e.g. ["classifier"] or ["lm_head"]): those modules' parameters are
+        saved whole (``extra``) and listed in the config, so PEFT and load_adapter restore them."""
         found = lora_layers(model)
         if not found:
             raise ValueError(f"Adapter.from_model: {type(model).__name__} has no LoRA layers (use lora_ext.inject)")
@@ -131,11 +134,33 @@ class Adapter:
                                  "fully_shard / tensor parallel); use lora_ext.distributed.save_adapter, "
                                  "which gathers them (a collective: call it on every rank)")
             layers[name] = LayerWeights(A.detach().clone(), B.detach().clone(), scale, m.lora_kind)
-        config = peft_config({n: m.r for n, m in found.items()}, {n: m.lora_alpha for n, m in found.items()},
-                             use_rslora=any(m.use_rslora for m in found.values()),
+        alphas, rslora = config_alphas(found)
+        config = peft_config({n: m.r for n, m in found.items()}, alphas, use_rslora=rslora,
                              fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
                              lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()))
-        extra, config["bias"] = bias_tensors(model, lambda b: b.detach().clone())
+        keep = []
+        if modules_to_save is not None:
+            targets = modules_to_save if isinstance(modules_to_save, str) else list(modules_to_save)
+            keep = [n for n, m in model.named_modules() if n and n not in found and matches(n, targets)
+                    and not any(n.startswith(k + ".") for k in found)]
+            keep = [n for n in keep if not any(n.startswith(k + ".") for k in keep if k != n)]
+            if not keep:
+                raise ValueError(f"Adapter.from_model: modules_to_save={modules_to_save!r} matched no module "
+                                 f"of {type(model).__name__} (LoRA layers excluded)")
+        modules = dict(model.named_modules())
+        extra = {f"{n}.{pn}": p.detach().clone() for n in keep for pn, p in modules[n].named_parameters()}
+        biases, config["bias"] = bias_tensors(model, lambda b: b.detach().clone(), skip=keep)
+        extra.update(biases)
+        config["modules_to_save"] = keep or None
+        # a module whose trained bias is saved but whose other trained parameters would not be
+        # (e.g. a classifier head trained like PEFT's modules_to_save): say so rather than half-save it
+        half = sorted({key.rsplit(".", 1)[0] for key in biases if not key.endswith(".base_layer.bias")
+                       and any(p.requires_grad for pn, p in modules[key.rsplit(".", 1)[0]].named_parameters(recurse=False)
+                               if pn != "bias")})
+        if half:
+            warnings.warn(f"Adapter.from_model: {half[:4]}{' ...' if len(half) > 4 else ''} have trainable "
+                          "weights that are not saved (only their biases are); pass modules_to_save=[...] to "
+                          "save those modules, or freeze them (lora_ext.mark_only_lora_trainable)", stacklevel=2)
         return cls(layers, config, extra=extra)
 
     # ---------------------------------------------------------------- writing
@@ -166,10 +191,23 @@ def extra_target(key: str) -> tuple[str, str]:
     return mod, leaf
 
 
-def bias_tensors(model: nn.Module, copy) -> tuple[dict[str, torch.Tensor], str]:
+def config_alphas(found: dict[str, nn.Module]) -> tuple[dict[str, float], bool]:
+    """(module -> lora_alpha, use_rslora) for one PEFT config over LoRA layers ``found``: the config
+    has one use_rslora, so a layer scaled the other way gets the alpha that gives its own scaling
+    under the config's rule (written to alpha_pattern by peft_config)."""
+    rslora = any(m.use_rslora for m in found.values())
+    return {n: m.lora_alpha if bool(m.use_rslora) == rslora else
+            float(m.scaling) * (math.sqrt(m.r) if rslora else m.r) for n, m in found.items()}, rslora
+
+
+def bias_tensors(model: nn.Module, copy, skip=()) -> tuple[dict[str, torch.Tensor], str]:
     """The model's trained biases as Adapter.extra entries (PEFT's names, copy(bias) each) and the
-    PEFT ``bias`` mode they amount to (inject.trained_biases)."""
+    PEFT ``bias`` mode they amount to (inject.trained_biases); biases inside modules ``skip``
+    (modules_to_save, saved whole) are left out."""
     biases, mode = trained_biases(model)
+    biases = [(n, key, b) for n, key, b in biases if not any(n == k or n.startswith(k + ".") for k in skip)]
+    if len(skip):
+        mode = "none" if not biases else "lora_only" if all(k.endswith(".base_layer.bias") for _, k, _ in biases) else "all"
     return {key: copy(b) for _, key, b in biases}, mode
 
 
@@ -275,12 +313,17 @@ def _scale_for(name: str, r: int, config: dict) -> float:
 
 def _split_factors(tensors: dict, where: str) -> tuple[dict, dict]:
     """PEFT- or module-named tensors -> ({module: (A, B, kind)}, {other key less the prefix: tensor})."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+    parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     extra = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is not None:
-            parts.setdefault(m["path"], {})[m["kind"]] = t
+            part = parts.setdefault(m["path"], {})
+            if m["kind"] in part:  # e.g. a PeftModel.state_dict() with two adapters (".lora_A.a", ".lora_A.b")
+                raise ValueError(f"{where}: {key} and {part[m['kind']][0]} are both {m['kind']} of module "
+                                 f"{m['path']!r} (several adapters in one state dict? pass one adapter's: "
+                                 "peft.get_peft_model_state_dict(model, adapter_name=...))")
+            part[m["kind"]] = (key, t)
         elif _TRAINING_ONLY.search(key):
             continue
         elif "lora_" in key:
@@ -297,7 +340,7 @@ def _split_factors(tensors: dict, where: str) -> tuple[dict, dict]:
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
         if a_key not in p or b_key not in p:
             raise ValueError(f"{where}: module {name!r} has {sorted(p)} but needs {a_key} and {b_key}")
-        A, B = p[a_key], p[b_key]
+        A, B = p[a_key][1], p[b_key][1]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0:
             raise ValueError(f"{where}: module {name!r} has {a_key} {tuple(A.shape)} and "
                              f"{b_key} {tuple(B.shape)}; expected [r, in] and [out, r] with r > 0")

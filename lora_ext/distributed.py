@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .adapters import Adapter, LayerWeights, bias_tensors
+from .adapters import Adapter, LayerWeights, bias_tensors, config_alphas
 from .inject import lora_layers
 from .layers import LoRALayer
 from .targets import peft_config
@@ -183,8 +183,8 @@ def save_adapter(model: nn.Module, path: str, timeout_s: float = 300.0) -> None:
     err = None
     if not distributed or dist.get_rank() == 0:
         try:
-            config = peft_config({n: m.r for n, m in found.items()}, {n: m.lora_alpha for n, m in found.items()},
-                                 use_rslora=any(m.use_rslora for m in found.values()),
+            alphas, rslora = config_alphas(found)
+            config = peft_config({n: m.r for n, m in found.items()}, alphas, use_rslora=rslora,
                                  fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
                                  lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()))
             Adapter(layers, config | {"bias": bias_mode}, extra=extra).save(os.fspath(path))

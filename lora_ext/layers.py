@@ -351,6 +351,13 @@ class LoRAEmbedding(LoRALayer):
         layer.lora_embedding_A = nn.Parameter(torch.empty(r, emb.num_embeddings, device=w.device, dtype=w.dtype))
         layer.lora_embedding_B = nn.Parameter(torch.empty(emb.embedding_dim, r, device=w.device, dtype=w.dtype))
         layer.base_class = type(emb)
+        # scaled word embeddings (Gemma, Bart, M2M100, ...: forward returns E[ids] * embed_scale): PEFT
+        # scales the base output (its base_layer's forward) and the LoRA output alike
+        scale = getattr(emb, "embed_scale", None)
+        if isinstance(scale, torch.Tensor):
+            layer.register_buffer("embed_scale", scale, persistent=False)
+        elif scale is not None:
+            layer.embed_scale = float(scale)
         layer.reset_lora_parameters()
         return layer
 
@@ -368,20 +375,33 @@ class LoRAEmbedding(LoRALayer):
         kw = dict(padding_idx=self.padding_idx, max_norm=self.max_norm, norm_type=self.norm_type,
                   scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
         try:
-            return cls(self.num_embeddings, self.embedding_dim, **kw)
-        except TypeError:  # an Embedding subclass with another signature
-            return nn.Embedding(self.num_embeddings, self.embedding_dim, **kw)
+            base = cls(self.num_embeddings, self.embedding_dim, **kw)
+        except TypeError:  # an Embedding subclass with another signature (e.g. a scaled embedding)
+            base = cls.__new__(cls) if issubclass(cls, nn.Embedding) else nn.Embedding.__new__(nn.Embedding)
+            nn.Embedding.__init__(base, self.num_embeddings, self.embedding_dim, **kw)
+        scale = getattr(self, "embed_scale", None)
+        if isinstance(scale, torch.Tensor):
+            base.register_buffer("embed_scale", scale, persistent=False)
+        elif scale is not None:
+            base.embed_scale = scale
+        return base
 
     def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, table, self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, self.sparse)
 
+    def _scaled(self, t: torch.Tensor) -> torch.Tensor:
+        scale = getattr(self, "embed_scale", None)
+        if scale is None:
+            return t
+        return t * (scale.to(t.dtype) if isinstance(scale, torch.Tensor) else scale)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self._embed(ids, self.weight)
+        out = self._scaled(self._embed(ids, self.weight))
         if self.merged:
             return out
         after_a = self._embed(ids, self.lora_embedding_A.t())
-        return out + (after_a @ self.lora_embedding_B.t()) * self.scaling
+        return out + self._scaled((after_a @ self.lora_embedding_B.t()) * self.scaling)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, alpha={self.lora_alpha}"

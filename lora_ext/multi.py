@@ -202,6 +202,16 @@ class _MultiLoRA(nn.Module):
                              "create the AdapterPool), then parallelize the multi-adapter layers with "
                              "lora_ext.tp.ColwiseParallelLoRA / RowwiseParallelLoRA")
 
+    # model code reads its projections' weight (T5's wo.weight.dtype, get_input_embeddings().weight):
+    # the base layer's, as PEFT's LoRA layers expose it
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base, "bias", None)
+
     def _apply(self, fn, *args, **kwargs):
         # model.to(torch.bfloat16) / .half() casts the pools with the base weight, but the per-slot
         # scales stay fp32 (the ops take them in fp32; a bf16 alpha/r would also lose digits)

@@ -89,15 +89,17 @@ class AdapterPool:
 
     # ------------------------------------------------------------------ setup
     def _replace_targets(self, target_modules) -> dict[str, MultiLoRALinear | MultiLoRAEmbedding]:
-        """target_modules=None: every Linear/Conv1D but the output head; embeddings only by name."""
-        heads = output_head_names(self.model)
-        targets = target_modules if target_modules is None or isinstance(target_modules, str) else list(target_modules)
+        """target_modules=None or "all-linear": every Linear/Conv1D but the output head; an output
+        head (lm_head) or embedding only when target_modules names it, as in PEFT."""
+        everything = target_modules is None or target_modules == "all-linear"
+        heads = output_head_names(self.model) if everything else set()
+        targets = target_modules if everything or isinstance(target_modules, str) else list(target_modules)
         chosen = {}
         for name, m in list(self.model.named_modules()):
             linear = isinstance(m, nn.Linear) or is_conv1d(m)
             if name in heads or not (linear or isinstance(m, nn.Embedding)):
                 continue
-            if matches(name, targets) if targets is not None else linear:
+            if linear if everything else matches(name, targets):
                 chosen[name] = m
         if not chosen:
             raise ValueError(f"AdapterPool: target_modules={target_modules!r} matched no nn.Linear, Conv1D or "
