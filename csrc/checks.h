@@ -41,13 +41,46 @@ inline void check_same_device_dtype(const char* op, const at::Tensor& ref, const
               " but ", ref_name, " has ", ref.scalar_type(), "; dtypes must match");
 }
 
+// t as rows of `width` contiguous bytes at start + k * pitch (k < rows; pitch 0: one row), or false.
+struct ByteRows {
+  int64_t start = 0, width = 0, pitch = 0;
+};
+inline bool byte_rows(const at::Tensor& t, ByteRows& r) {
+  const int64_t d = t.dim(), isz = t.element_size();
+  if (d == 0 || (t.size(d - 1) != 1 && t.stride(d - 1) != 1)) return false;
+  r.width = t.size(d - 1) * isz;
+  r.start = t.storage_offset() * isz;
+  int64_t rows = 1;
+  for (int64_t i = d - 2; i >= 0; --i) {  // the leading dims must collapse to one row index
+    if (t.size(i) == 1) continue;
+    const int64_t s = t.stride(i) * isz;
+    if (r.pitch == 0) r.pitch = s;
+    else if (s != r.pitch * rows) return false;
+    rows *= t.size(i);
+  }
+  return true;
+}
+
+// Disjoint column blocks of one row-major buffer (y = buf[:, :n], x = buf[:, n:]), which
+// at::get_overlap_status calls TooHard: rows of one pitch, and their byte ranges modulo the pitch
+// do not meet (neither wraps past a row end).
+inline bool disjoint_columns(const at::Tensor& a, const at::Tensor& b) {
+  ByteRows p, q;
+  if (!byte_rows(a, p) || !byte_rows(b, q) || p.pitch == 0 || p.pitch != q.pitch) return false;
+  const int64_t L = p.pitch, pa = p.start % L, qa = q.start % L;
+  return pa + p.width <= L && qa + q.width <= L && (pa + p.width <= qa || qa + q.width <= pa);
+}
+
 inline void check_no_overlap(const char* op, const at::Tensor& out, const char* out_name,
                              const at::Tensor& in, const char* in_name) {
   if (!out.has_storage() || !in.has_storage() || out.numel() == 0 || in.numel() == 0 ||
       !out.storage().is_alias_of(in.storage()))
     return;
-  TORCH_CHECK(at::get_overlap_status(out, in) == at::MemOverlapStatus::No, op, ": ", out_name,
-              " (written in place) shares memory with ", in_name, "; pass separate tensors");
+  const auto status = at::get_overlap_status(out, in);
+  TORCH_CHECK(status == at::MemOverlapStatus::No ||
+                  (status == at::MemOverlapStatus::TooHard && disjoint_columns(out, in)),
+              op, ": ", out_name, " (written in place) shares memory with ", in_name,
+              "; pass separate tensors");
 }
 
 // Validated view of lora_apply_'s arguments as 2-D problems:

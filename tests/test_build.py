@@ -83,3 +83,19 @@ def test_build_announces_files_and_time(monkeypatch):
     assert "MAX_JOBS=2" in line and "LORA_EXT_CPU_ONLY=1" in line and "pip install -v" in line
     assert " min " in line
     assert "CPU kernels only" in ns["_build_plan"](cpu)
+
+
+@pytest.mark.parametrize("src", ["multi_shrink_kernels.cu", "multi_expand_kernels.cu", "multi_kernels.cu"])
+def test_multi_kernels_compile_for_pre_ampere(tmp_path, src):
+    # README: a TORCH_CUDA_ARCH_LIST with 7.x builds, every multi_lora_ tile on the streaming path.
+    # The TF32 wmma fragments exist from sm_80 on: they were declared outside the arch guard, and
+    # nvcc stopped with 'incomplete type "AccFrag"' for sm_75 (no GPU needed to see it).
+    import build_config as cfg
+    home = cfg.cuda_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit")
+    cmd = [os.path.join(home, "bin", "nvcc"), f"-std=c++{cfg.CXX_STANDARD}", "-O1", "--expt-relaxed-constexpr",
+           "-gencode", "arch=compute_75,code=sm_75", "-c", os.path.join(ROOT, "csrc", "cuda", src),
+           "-o", str(tmp_path / "k.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]

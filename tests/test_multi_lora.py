@@ -226,6 +226,13 @@ def test_y_aliases_x():
     idx, sc, rk = torch.zeros(4, dtype=torch.int32), torch.ones(2), torch.full((2,), 2, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="shares memory with x"):
         multi_lora_(x, x, A, B, idx, sc, rk)
+    buf = torch.randn(4, 16)
+    y = buf[:, :8]
+    ref = reference(y, buf[:, 8:], A, B, idx, sc, rk)
+    multi_lora_(y, buf[:, 8:], A, B, idx, sc, rk)  # disjoint column blocks of one buffer
+    assert rel_err(y, ref) < 1e-6
+    with pytest.raises(RuntimeError, match="shares memory with x"):
+        multi_lora_(buf[:, 1:9], buf[:, 8:], A, B, idx, sc, rk)
 
 
 @pytest.mark.cuda

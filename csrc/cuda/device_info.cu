@@ -39,7 +39,33 @@ int cached_attr(cudaDeviceAttr attr, int slot, int device, int fallback) {
   return n;
 }
 
+#if !defined(LORA_EXT_EMU)
+__global__ void arch_probe() {}
+#endif
+
 }  // namespace
+
+bool tf32_mma_compiled(int device) {
+#if defined(LORA_EXT_EMU)
+  (void)device;
+  return true;
+#else
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+  const int d = device < 0 || device >= kMaxDevices ? 0 : device;
+  const int c = cache[d].load(std::memory_order_relaxed);
+  if (c > 0) return c == 2;
+  cudaFuncAttributes attr{};
+  bool yes = false;
+  if (cudaFuncGetAttributes(&attr, arch_probe) == cudaSuccess) {
+    yes = attr.ptxVersion >= 80;
+  } else {
+    cudaGetLastError();
+  }
+  cache[d].store(yes ? 2 : 1, std::memory_order_relaxed);
+  return yes;
+#endif
+}
 
 int num_sms(int device) {
   const int n = cached_attr(cudaDevAttrMultiProcessorCount, 0, device, 108);

@@ -126,5 +126,9 @@ const char* compiled_archs();
 // Multiprocessor count and compute capability (major * 10 + minor) of a device, cached.
 int num_sms(int device);
 int compute_capability(int device);
+// Does the kernel image loaded for `device` (the current device) contain sm_80+ code? False when
+// the device runs PTX of an older arch (e.g. a TORCH_CUDA_ARCH_LIST="7.5+PTX" build on an H200):
+// that image has no tensor-core tiles.
+bool tf32_mma_compiled(int device);
 
 }  // namespace lora_ext::cuda

@@ -11,14 +11,16 @@
 namespace lora_ext::cuda {
 namespace {
 
-// Tensor-core tiles need sm_80+; LORA_EXT_MULTI_TENSOR_CORES=0 forces the streaming path on
+// Tensor-core tiles need sm_80+ (device and kernel image: the caller holds a DeviceGuard for
+// ref); LORA_EXT_MULTI_TENSOR_CORES=0 forces the streaming path on
 // any GPU (how the sm_70/sm_75 path is tested on newer GPUs).
 bool use_tensor_cores(const at::Tensor& ref) {
   static const bool allowed = [] {
     const char* v = std::getenv("LORA_EXT_MULTI_TENSOR_CORES");
     return v == nullptr || std::string(v) != "0";
   }();
-  return allowed && compute_capability(ref.device().index()) >= 80;
+  const int dev = ref.device().index();
+  return allowed && compute_capability(dev) >= 80 && tf32_mma_compiled(dev);
 }
 
 MultiLoraParams make_params(const MultiArgs& a, const std::optional<at::Tensor>& bad,

@@ -103,6 +103,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
+#if LORA_EXT_TF32_MMA
   constexpr bool kSplitB = sizeof(T) == 4;
   const int warp = threadIdx.x >> 5;
   AccFrag acc[kBNE / 16];
@@ -174,6 +175,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+#else
+  __trap();  // tensor-core tiles need an sm_80+ image (the launcher never sends them here)
+#endif
 }
 
 template <class T>

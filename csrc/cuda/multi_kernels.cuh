@@ -134,6 +134,34 @@ __device__ __forceinline__ void load_tile(float* dst, RowPtr row_ptr, int nrows,
 
 using AccFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
 
+// The TF32 wmma shape exists from sm_80 on: device code compiled for older archs (a
+// TORCH_CUDA_ARCH_LIST with 7.x) leaves the tensor-core tiles out, and the launchers never
+// request them from such an image (tf32_mma_compiled(), checked at run time).
+#if defined(LORA_EXT_EMU) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define LORA_EXT_TF32_MMA 1
+#else
+#define LORA_EXT_TF32_MMA 0
+#endif
+
+#if LORA_EXT_TF32_MMA
+// hi + lo TF32 parts of an fp32 operand. tf32(v) rounds a finite |v| >= 0x1.ffffep127 up to
+// inf, and v - hi is NaN for v = +-inf: such a v would turn its row / column into NaN where the
+// sum is finite (or +-inf). Those take the truncated v (or v itself) as hi and no lo part.
+// (An infinite operand still meets the other side's lo part when that one is fp32 too, and
+// inf * 0 is NaN there: with 16-bit x/A/B, +-inf now comes out as on the CPU.)
+__device__ __forceinline__ void split_tf32(float v, float& hi, float& lo) {
+  const uint32_t b = __float_as_uint(v);
+  if ((b & 0x7F800000u) == 0x7F800000u) {  // inf / NaN: as it is
+    hi = v;
+    lo = 0.f;
+    return;
+  }
+  hi = nvcuda::wmma::__float_to_tf32(v);
+  if ((__float_as_uint(hi) & 0x7FFFFFFFu) == 0x7F800000u) hi = __uint_as_float(b & 0xFFFFE000u);
+  lo = nvcuda::wmma::__float_to_tf32(v - hi);
+}
+#endif
+
 // acc[c] += Xs[16 rows, kBK] * Ws[16c .. 16c + 16 rows, kBK]^T (both row-major, stride kLd).
 // SA / SB: split that operand into hi + lo TF32 parts (it is not exactly representable).
 template <int NF, bool SA, bool SB>
@@ -148,9 +176,11 @@ __device__ __forceinline__ void mma_step(const float* Xs, const float* Ws, AccFr
     wmma::load_matrix_sync(ah, Xs + kk, kLd);
 #pragma unroll
     for (int i = 0; i < ah.num_elements; ++i) {
-      const float v = ah.x[i];
-      ah.x[i] = wmma::__float_to_tf32(v);
-      if constexpr (SA) al.x[i] = wmma::__float_to_tf32(v - ah.x[i]);
+      if constexpr (SA) {
+        split_tf32(ah.x[i], ah.x[i], al.x[i]);
+      } else {
+        ah.x[i] = wmma::__float_to_tf32(ah.x[i]);
+      }
     }
 #pragma unroll
     for (int c = 0; c < NF; ++c) {
@@ -158,9 +188,11 @@ __device__ __forceinline__ void mma_step(const float* Xs, const float* Ws, AccFr
       wmma::load_matrix_sync(bh, Ws + c * 16 * kLd + kk, kLd);
 #pragma unroll
       for (int i = 0; i < bh.num_elements; ++i) {
-        const float v = bh.x[i];
-        bh.x[i] = wmma::__float_to_tf32(v);
-        if constexpr (SB) bl.x[i] = wmma::__float_to_tf32(v - bh.x[i]);
+        if constexpr (SB) {
+          split_tf32(bh.x[i], bh.x[i], bl.x[i]);
+        } else {
+          bh.x[i] = wmma::__float_to_tf32(bh.x[i]);
+        }
       }
       wmma::mma_sync(acc[c], ah, bh, acc[c]);
       if constexpr (SA) wmma::mma_sync(acc[c], al, bh, acc[c]);

@@ -87,6 +87,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
+#if LORA_EXT_TF32_MMA
   constexpr int NF = BN / 16;
   constexpr bool kSplit = sizeof(T) == 4;  // fp32 operands need hi + lo TF32 parts
   AccFrag acc[NF];
@@ -112,6 +113,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int q = e / BN, j = e % BN;
     if (q < ntok && j < nrows) u[toks[q] * p.r_max + j] = Cs[q * (BN + 4) + j];
   }
+#else
+  __trap();  // tensor-core tiles need an sm_80+ image (the launcher never sends them here)
+#endif
 }
 
 template <class T, int BN>

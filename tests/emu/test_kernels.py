@@ -247,3 +247,46 @@ def test_shrink_and_expand_halves(emu, T):
             emu.ops.lora_expand_(out, u_ref, B, idx, scales, ranks, None, None, add_inputs)
             return out
         assert rel_err(under_schedules(emu, run), ref) < 1e-5
+
+
+def _inf_case(dt, T):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, 32, generator=g).to(dt)
+    x[1, 3] = float("inf")
+    A = (torch.rand(1, 4, 32, generator=g) + 0.1).to(dt)
+    B = (torch.rand(1, 16, 4, generator=g) + 0.1).to(dt)
+    return x, A, B, torch.zeros(T, dtype=torch.int32), torch.ones(1), torch.tensor([4], dtype=torch.int32)
+
+
+def check_multi_nonfinite(ops, device):
+    """The tensor-core tiles (> 8 tokens of one adapter) split fp32 operands into hi + lo TF32
+    parts: lo = v - tf32(v) was NaN for v = inf, and tf32 rounds |v| near FLT_MAX up to inf, so a
+    row that is inf on the CPU (an fp16 activation overflow) or finite came out NaN."""
+    for dt in (torch.float16, torch.bfloat16):
+        for T in (4, 12):  # the streaming path, the tensor-core tiles
+            x, A, B, idx, sc, rk = _inf_case(dt, T)
+            ref = torch.zeros(T, 16, dtype=dt)
+            CPU.multi_lora_(ref, x, A, B, idx, sc, rk)
+            y = torch.zeros(T, 16, dtype=dt, device=device)
+            ops.multi_lora_(y, *(t.to(device) for t in (x, A, B, idx, sc, rk)))
+            y = y.cpu()
+            assert torch.isinf(ref[1]).all()
+            assert torch.isinf(y[1]).all(), f"{dt} T={T}: {y[1, :4].tolist()} (CPU: inf)"
+            rest = [0] + list(range(2, T))
+            assert rel_err(y[rest], ref[rest]) < 1e-2
+    x = torch.ones(12, 8)
+    x[0, 0] = 3.4028e38  # finite; tf32(x) would be inf
+    A = torch.zeros(1, 1, 8)
+    A[0, 0, 0] = 1.0
+    idx, rk = torch.zeros(12, dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
+    u = ops.lora_shrink(x.to(device), A.to(device), idx.to(device), rk.to(device)).cpu()
+    assert torch.isfinite(u).all() and abs(u[0, 0].item() / 3.4028e38 - 1) < 1e-6, u[:2].tolist()
+
+
+def test_multi_lora_tensor_cores_keep_inf_and_huge_finite(emu):
+    check_multi_nonfinite(emu.ops, "cpu")
+
+
+@pytest.mark.cuda
+def test_multi_lora_tensor_cores_keep_inf_and_huge_finite_cuda():
+    check_multi_nonfinite(CPU, "cuda")
