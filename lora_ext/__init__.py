@@ -3,7 +3,19 @@ __version__ = "0.1.0"
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.lora_ext)
+try:
+    from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.lora_ext)
+except ImportError as _e:  # the source tree shadowing an installed build is the usual cause
+    import glob as _glob
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if _glob.glob(_os.path.join(_here, "_C.*")):
+        raise
+    raise ImportError(
+        f"lora_ext: no compiled extension (_C*.so) in {_here}. This is an unbuilt source tree: "
+        "if lora_ext is installed (pip install .), run Python/pytest from another directory; "
+        "to work in the checkout, build it in place: pip install --no-build-isolation -e .") from _e
 from . import ops  # noqa: F401
 from .adapters import Adapter, LayerWeights, load_adapter
 from .inject import inject, lora_layers, lora_state_dict, mark_only_lora_trainable

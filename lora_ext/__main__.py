@@ -91,8 +91,11 @@ def bench(argv: list[str]) -> int:
     return run(argv, prog="python -m lora_ext bench") or 0
 
 
-def _cli_extra_missing(cmd: str) -> int:
-    print(f"python -m lora_ext {cmd} needs rich and tqdm: pip install 'lora_ext[cli]'", file=sys.stderr)
+def _cli_extra_missing(cmd: str, name: str) -> int:
+    need = "peft, transformers and matplotlib (the [test] extra)" if cmd == "bench" else "rich, tqdm and transformers"
+    extra = "test" if cmd == "bench" else "cli"
+    print(f"python -m lora_ext {cmd}: no module {name!r}; it needs {need}: pip install 'lora_ext[{extra}]'",
+          file=sys.stderr)
     return 2
 
 
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="train 3 adapters, save them (PEFT format), serve one mixed batch")
     d.add_argument("--device", type=device_arg, help="cpu, cuda or cuda:N (default: cuda when available)")
-    d.add_argument("--steps", type=_positive_int, default=150, help="training steps per adapter (>= 1)")
+    d.add_argument("--steps", type=_positive_int, default=150, help="training steps per adapter (>= 1; default: 150)")
     d.add_argument("--out", type=_out_dir, help="directory for the adapters, created if missing (default: a temp dir)")
     sub.add_parser("info", help="version, torch/CUDA, compiled backends and archs, GPUs")
     b = sub.add_parser("bench", help="run the benchmarks (bench/run.py; --help there)", add_help=False)
@@ -148,8 +151,9 @@ def main(argv=None) -> int:
             return 0
         return bench(rest + (["--device", args.device] if args.device else []))
     except ModuleNotFoundError as e:  # the CLI's own dependencies are an extra
-        if (e.name or "").split(".")[0] in ("rich", "tqdm"):
-            return _cli_extra_missing(args.cmd)
+        top = (e.name or "").split(".")[0]
+        if top in ("rich", "tqdm", "transformers", "peft", "matplotlib"):
+            return _cli_extra_missing(args.cmd, top)
         raise
 
 

@@ -101,6 +101,12 @@ class Adapter:
     @classmethod
     def load(cls, path: str, allow_pickle: bool = False, device="cpu", dtype=None,
              allow_nonfinite: bool = False) -> "Adapter":
+        """Reads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+
+        allow_pickle: also read adapter_model.bin (torch.load(weights_only=True)); refused by
+        default. device / dtype: where and as what the tensors are returned (default: cpu, as
+        saved). allow_nonfinite: accept NaN/inf weights. Raises ValueError / FileNotFoundError
+        naming the file, field or module for anything lora_ext cannot run exactly as PEFT does."""
         config = _read_config(os.path.join(path, CONFIG_FILE))
         file, tensors = _read_weights(path, allow_pickle)
         where = f"Adapter.load: {file}"
@@ -228,8 +234,13 @@ def _check_number(where: str, field: str, value, kind: type) -> None:
 
 def _read_config(cfg_path: str) -> dict:
     if not os.path.isfile(cfg_path):
+        # PEFT's save_pretrained of several adapters puts the non-default ones in <dir>/<name>/
+        parent = os.path.dirname(cfg_path)
+        subs = sorted(d for d in (os.listdir(parent) if os.path.isdir(parent) else [])
+                      if os.path.isfile(os.path.join(parent, d, CONFIG_FILE)))
+        hint = f"; adapters in its subdirectories: {', '.join(subs)} (load <dir>/<name>)" if subs else ""
         raise FileNotFoundError(f"Adapter.load: {cfg_path} not found (a PEFT adapter directory "
-                                f"holds {CONFIG_FILE} and {SAFETENSORS_FILE})")
+                                f"holds {CONFIG_FILE} and {SAFETENSORS_FILE}){hint}")
     where = f"Adapter.load: {cfg_path}"
     try:
         with open(cfg_path) as f:

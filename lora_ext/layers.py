@@ -339,6 +339,8 @@ class LoRAEmbedding(LoRALayer):
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, r: int = 8, alpha: float = 8,
                        use_rslora: bool = False) -> "LoRAEmbedding":
+        """Wraps an nn.Embedding; shares (and freezes) its weight. Factors in PEFT's layout:
+        lora_embedding_A [r, num_embeddings] (zeros), lora_embedding_B [embedding_dim, r]."""
         if not isinstance(emb, nn.Embedding):
             raise TypeError(f"LoRAEmbedding.from_embedding: expected nn.Embedding, got {type(emb).__name__}")
         with torch.device("meta"):

@@ -67,6 +67,7 @@ _TREE_HOOK = []
 _TRACKED: weakref.WeakSet = weakref.WeakSet()
 # The _Batch of a mixed-batch call of this thread (Dynamo traces ContextVar.get, guarding on it)
 _MIXED: contextvars.ContextVar = contextvars.ContextVar("lora_ext_peft_mixed", default=None)
+_ENTER: list = []  # [_enter under torch.compiler.disable]
 
 
 class _Batch:
@@ -440,17 +441,18 @@ def _mixed_batch_hooks(self, *args, **kwargs):
         with type(self)._enable_peft_forward_hooks(self, *args, **kwargs):  # PEFT's own
             yield
         return
-    token = _MIXED.set(_enter(self, names))
+    if not _ENTER:  # made on first use: torch.compiler.disable imports Dynamo (and triton)
+        _ENTER.append(torch.compiler.disable(_enter))
+    token = _MIXED.set(_ENTER[0](self, names))
     try:
         yield
     finally:
         _MIXED.reset(token)
 
 
-@torch.compiler.disable
 def _enter(model: nn.Module, names) -> _Batch:
-    """The start of a patched LoraModel's mixed batch, always eager (a compiled model traces none
-    of it): the tree's view (adapter names, patched layers, layers that need PEFT's hook), walked
+    """The start of a patched LoraModel's mixed batch, always eager (called through
+    torch.compiler.disable: a compiled model traces none of it): the tree's view (adapter names, patched layers, layers that need PEFT's hook), walked
     again when a module was assigned anywhere or the adapter set changed (delete_adapter,
     load_adapter); PEFT's unknown-adapter error; every patched layer's _prepare."""
     _install_tree_hook()

@@ -63,6 +63,17 @@ class _Entry:
 
 
 class AdapterPool:
+    """Serves many LoRA adapters at once: one mixed batch, each row (or token) its own adapter.
+
+    Replaces ``model``'s target layers in place by multi-adapter layers (see the module docstring).
+    target_modules: name suffixes, a regex or "all-linear" (None: every Linear/Conv1D but the head).
+    max_adapters: resident slots (load() evicts the least recently used beyond it).
+    max_rank: the largest adapter rank a slot holds. device: the pools' device (default: the
+    model's). host_cache_bytes: pinned host copies kept of evicted adapters (None: no limit; beyond
+    it they are re-read from their files). max_tokens: the most names one batch() may take
+    (rows, or tokens with per_token=True).
+    """
+
     def __init__(self, model: nn.Module, target_modules=None, max_adapters: int = 16, max_rank: int = 64,
                  device=None, host_cache_bytes: int | None = None, max_tokens: int = 65536):
         if max_adapters < 1 or max_rank < 1:

@@ -85,8 +85,10 @@ def test_rank_change_resizes_layer(tmp_path):
 def test_bad_files_raise_clear_errors(tmp_path):
     base, pm, path = peft_adapter(tmp_path, targets=("q_proj",))
     st = os.path.join(path, "adapter_model.safetensors")
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json") as err:
         Adapter.load(str(tmp_path))
+    # PEFT saves extra adapters in <dir>/<name>/: the message names them
+    assert f"subdirectories: {os.path.basename(path)} " in str(err.value)
     # truncated weights
     bad = os.path.join(tmp_path, "trunc")
     os.makedirs(bad)

@@ -22,6 +22,10 @@ NVCC_DEFINES = ["__CUDA_NO_HALF_OPERATORS__", "__CUDA_NO_HALF_CONVERSIONS__",
                 "__CUDA_NO_BFLOAT16_CONVERSIONS__", "__CUDA_NO_HALF2_OPERATORS__"]
 CUDA_DEFINE = "LORA_EXT_WITH_CUDA"      # set in every object of a build with CUDA kernels
 ARCH_DEFAULT = "8.0;9.0a"               # TORCH_CUDA_ARCH_LIST when none is set and no GPU is seen
+# Archs the kernels are tuned for: a register spill there fails the build. Other archs (a user's
+# TORCH_CUDA_ARCH_LIST or visible GPU, e.g. Blackwell sm_100/sm_120, where nvcc 13 spills a few
+# bytes in 3 kernels) build with a warning instead. LORA_EXT_STRICT_SPILLS=1: every arch fails.
+SPILL_CHECKED_ARCHS = ["sm_80", "sm_90", "sm_90a"]
 CUDA_HOME_CANDIDATES = ["/usr/local/cuda"]  # searched after $CUDA_HOME / $CUDA_PATH
 CPU_SOURCES = ["csrc/*.cpp", "csrc/cpu/*.cpp"]  # csrc/ops.cpp: the Python-facing module
 CUDA_SOURCES = ["csrc/cuda/*.cpp", "csrc/cuda/*.cu"]
