@@ -140,33 +140,9 @@ class Adapter:
                                  "fully_shard / tensor parallel); use lora_ext.distributed.save_adapter, "
                                  "which gathers them (a collective: call it on every rank)")
             layers[name] = LayerWeights(A.detach().clone(), B.detach().clone(), scale, m.lora_kind)
-        alphas, rslora = config_alphas(found)
-        config = peft_config({n: m.r for n, m in found.items()}, alphas, use_rslora=rslora,
-                             fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
-                             lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()))
-        keep = []
-        if modules_to_save is not None:
-            targets = modules_to_save if isinstance(modules_to_save, str) else list(modules_to_save)
-            keep = [n for n, m in model.named_modules() if n and n not in found and matches(n, targets)
-                    and not any(n.startswith(k + ".") for k in found)]
-            keep = [n for n in keep if not any(n.startswith(k + ".") for k in keep if k != n)]
-            if not keep:
-                raise ValueError(f"Adapter.from_model: modules_to_save={modules_to_save!r} matched no module "
-                                 f"of {type(model).__name__} (LoRA layers excluded)")
-        modules = dict(model.named_modules())
-        extra = {f"{n}.{pn}": p.detach().clone() for n in keep for pn, p in modules[n].named_parameters()}
-        biases, config["bias"] = bias_tensors(model, lambda b: b.detach().clone(), skip=keep)
-        extra.update(biases)
-        config["modules_to_save"] = keep or None
-        # a module whose trained bias is saved but whose other trained parameters would not be
-        # (e.g. a classifier head trained like PEFT's modules_to_save): say so rather than half-save it
-        half = sorted({key.rsplit(".", 1)[0] for key in biases if not key.endswith(".base_layer.bias")
-                       and any(p.requires_grad for pn, p in modules[key.rsplit(".", 1)[0]].named_parameters(recurse=False)
-                               if pn != "bias")})
-        if half:
-            warnings.warn(f"Adapter.from_model: {half[:4]}{' ...' if len(half) > 4 else ''} have trainable "
-                          "weights that are not saved (only their biases are); pass modules_to_save=[...] to "
-                          "save those modules, or freeze them (lora_ext.mark_only_lora_trainable)", stacklevel=2)
+        config = model_config(found)
+        extra, config["bias"], config["modules_to_save"] = saved_tensors(
+            model, found, modules_to_save, lambda t: t.detach().clone(), "Adapter.from_model")
         return cls(layers, config, extra=extra)
 
     # ---------------------------------------------------------------- writing
@@ -197,13 +173,45 @@ def extra_target(key: str) -> tuple[str, str]:
     return mod, leaf
 
 
-def config_alphas(found: dict[str, nn.Module]) -> tuple[dict[str, float], bool]:
-    """(module -> lora_alpha, use_rslora) for one PEFT config over LoRA layers ``found``: the config
-    has one use_rslora, so a layer scaled the other way gets the alpha that gives its own scaling
-    under the config's rule (written to alpha_pattern by peft_config)."""
+def model_config(found: dict[str, nn.Module]) -> dict:
+    """The PEFT config of LoRA layers ``found`` (Adapter.from_model, distributed.save_adapter).
+    The config has one use_rslora: a layer scaled the other way gets the alpha that gives its own
+    scaling under the config's rule (written to alpha_pattern by peft_config)."""
     rslora = any(m.use_rslora for m in found.values())
-    return {n: m.lora_alpha if bool(m.use_rslora) == rslora else
-            float(m.scaling) * (math.sqrt(m.r) if rslora else m.r) for n, m in found.items()}, rslora
+    alphas = {n: m.lora_alpha if bool(m.use_rslora) == rslora else
+              float(m.scaling) * (math.sqrt(m.r) if rslora else m.r) for n, m in found.items()}
+    return peft_config({n: m.r for n, m in found.items()}, alphas, use_rslora=rslora,
+                       fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
+                       lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()))
+
+
+def saved_tensors(model: nn.Module, found: dict, modules_to_save, copy, where: str):
+    """(Adapter.extra, PEFT ``bias`` mode, ``modules_to_save`` list or None) of a model with LoRA
+    layers ``found``: the parameters of the modules matching ``modules_to_save`` (PEFT's rule:
+    name suffixes or a regex; LoRA layers excluded), saved whole, and the trained biases
+    outside them, each through copy(tensor). Warns for a module whose bias would be saved
+    without its other trainable parameters (a head trained like PEFT's modules_to_save)."""
+    keep = []
+    if modules_to_save is not None:
+        targets = modules_to_save if isinstance(modules_to_save, str) else list(modules_to_save)
+        keep = [n for n, _ in model.named_modules() if n and n not in found and matches(n, targets)
+                and not any(n.startswith(k + ".") for k in found)]
+        keep = [n for n in keep if not any(n.startswith(k + ".") for k in keep if k != n)]
+        if not keep:
+            raise ValueError(f"{where}: modules_to_save={modules_to_save!r} matched no module "
+                             f"of {type(model).__name__} (LoRA layers excluded)")
+    modules = dict(model.named_modules())
+    extra = {f"{n}.{pn}": copy(p) for n in keep for pn, p in modules[n].named_parameters()}
+    biases, mode = bias_tensors(model, copy, skip=keep)
+    extra.update(biases)
+    half = sorted({key.rsplit(".", 1)[0] for key in biases if not key.endswith(".base_layer.bias")
+                   and any(p.requires_grad for pn, p in modules[key.rsplit(".", 1)[0]].named_parameters(recurse=False)
+                           if pn != "bias")})
+    if half:
+        warnings.warn(f"{where}: {half[:4]}{' ...' if len(half) > 4 else ''} have trainable weights that "
+                      "are not saved (only their biases are); pass modules_to_save=[...] to save those "
+                      "modules, or freeze them (lora_ext.mark_only_lora_trainable)", stacklevel=3)
+    return extra, mode, keep or None
 
 
 def bias_tensors(model: nn.Module, copy, skip=()) -> tuple[dict[str, torch.Tensor], str]:

@@ -25,10 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .adapters import Adapter, LayerWeights, bias_tensors, config_alphas
+from .adapters import Adapter, LayerWeights, model_config, saved_tensors
 from .inject import lora_layers
 from .layers import LoRALayer
-from .targets import peft_config
 from .tp import ColwiseParallelLoRA, RowwiseParallelLoRA  # tensor parallel (lora_ext/tp.py), re-exported
 
 __all__ = ["lora_parameters", "fully_shard_lora", "save_adapter", "unwrap", "ColwiseParallelLoRA",
@@ -160,7 +159,7 @@ def _handshake(found: dict, timeout_s: float) -> None:
                                "(names or factor shapes differ)")
 
 
-def save_adapter(model: nn.Module, path: str, timeout_s: float = 300.0) -> None:
+def save_adapter(model: nn.Module, path: str, timeout_s: float = 300.0, modules_to_save=None) -> None:
     """Writes the model's LoRA adapter in HF PEFT format (adapter_config.json +
     adapter_model.safetensors, as lora_ext.Adapter.save) from rank 0.
 
@@ -169,7 +168,8 @@ def save_adapter(model: nn.Module, path: str, timeout_s: float = 300.0) -> None:
     raise if writing fails). A rank that has not called it within ``timeout_s`` seconds of the
     first, or that holds other LoRA layers, makes every caller raise RuntimeError before any
     collective starts. Works on plain, DDP, FSDP2 (fully_shard) and tensor-parallel models;
-    without a process group it simply saves.
+    without a process group it simply saves. ``modules_to_save``: as Adapter.from_model (whole
+    modules saved beside the factors, e.g. a trained classification head; gathered too).
     """
     found = _lora_layers_of(model, "save_adapter")
     if dist.is_available() and dist.is_initialized():
@@ -178,16 +178,14 @@ def save_adapter(model: nn.Module, path: str, timeout_s: float = 300.0) -> None:
     for name, m in found.items():
         A, B, scale = m.lora_factors()
         layers[name] = LayerWeights(_full(A), _full(B), scale, m.lora_kind)
-    extra, bias_mode = bias_tensors(unwrap(model), _full)  # trained biases, as Adapter.from_model
+    # trained biases and modules_to_save, as Adapter.from_model
+    extra, bias_mode, kept = saved_tensors(unwrap(model), found, modules_to_save, _full, "save_adapter")
     distributed = dist.is_available() and dist.is_initialized()
     err = None
     if not distributed or dist.get_rank() == 0:
         try:
-            alphas, rslora = config_alphas(found)
-            config = peft_config({n: m.r for n, m in found.items()}, alphas, use_rslora=rslora,
-                                 fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
-                                 lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()))
-            Adapter(layers, config | {"bias": bias_mode}, extra=extra).save(os.fspath(path))
+            config = model_config(found) | {"bias": bias_mode, "modules_to_save": kept}
+            Adapter(layers, config, extra=extra).save(os.fspath(path))
         except Exception as e:  # reported to every rank below
             if not distributed:
                 raise

@@ -155,3 +155,8 @@ def test_from_model_modules_to_save():
     ad.save(d)
     torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(_bert(), d), x), _logits(m, x),
                                rtol=1e-5, atol=1e-5)
+    from lora_ext.distributed import save_adapter  # no process group: simply saves, the head too
+    d2 = tempfile.mkdtemp()
+    save_adapter(m, d2, modules_to_save=["classifier"])
+    torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(_bert(), d2), x), _logits(m, x),
+                               rtol=1e-5, atol=1e-5)
