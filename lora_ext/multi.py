@@ -126,9 +126,12 @@ class LoRAContext:
         if self.per_row:
             rows, row_len = (lead[0], lead[1:].numel()) if len(lead) else (1, 1)
             if rows != self.count:
+                k = rows // self.count if self.count and rows % self.count == 0 else 0
+                hint = (f"; generate(num_beams={k}) / num_return_sequences={k} expand each row {k}x in "
+                        f"place: pass [n for n in names for _ in range({k})]") if k > 1 else ""
                 raise ValueError(f"LoRAContext: a layer input has {rows} batch rows (leading dims "
                                  f"{tuple(lead)}) but {self.count} row indices are set (AdapterPool."
-                                 "batch(names): one name per batch row)")
+                                 f"batch(names): one name per batch row){hint}")
             return self.indices[:rows, None].expand(rows, row_len).reshape(-1)
         if self.count is not None and T != self.count:
             raise ValueError(f"LoRAContext: a layer input has {T} tokens (leading dims {tuple(lead)}) "

@@ -325,3 +325,24 @@ def test_compiled_mixed_batches_trace_one_graph():
             compiled(input_ids=ids_for(batch=3, seq=6), adapter_names=["b", "default"])
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] <= 2  # the first shapes, then one dynamic graph
+
+
+def test_generate_with_adapter_names_matches_peft(monkeypatch):
+    # PEFT's serving call, generate(adapter_names=...), greedy (fused multi_lora_ in every decode
+    # step) and with beams (PEFT's own path), token for token as unpatched PEFT
+    ref = build("llama")
+    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, target_modules=CASES["llama"][1]))
+    randomize(ref, seed=9)
+    ref.eval()
+    pm = copy.deepcopy(ref)
+    patch(pm)
+    ids = ids_for(batch=3, seq=5)
+    names = ["b", "__base__", "default"]
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    count = Count(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(pm.generate(input_ids=ids, adapter_names=names, **kw),
+                           ref.generate(input_ids=ids, adapter_names=names, **kw))
+        assert count.multi >= 5 * n_linear(pm)  # prefill + decode steps, every layer fused
+        assert torch.equal(pm.generate(input_ids=ids, adapter_names=names, num_beams=2, **kw),
+                           ref.generate(input_ids=ids, adapter_names=names, num_beams=2, **kw))

@@ -404,3 +404,26 @@ def test_writes_order_after_pending_prefetch(saved, device):
     pool.load("c", paths["a0"])  # into the slot "a" was prefetched to
     check("c", "a0", RANKS[0])
     assert pool.names() == ["b", "c"]
+
+
+@torch.no_grad()
+def test_generate_greedy_and_beams_match_peft(saved):
+    # the serving loop: HF generate() inside pool.batch (prefill, then decode steps of one token
+    # per row with a KV cache) gives PEFT's generate(adapter_names=...) tokens; beam search
+    # expands each row num_beams times in place, so the names are repeated likewise (the error
+    # for unrepeated names says how)
+    base, paths = saved
+    pm = peft_multi(base, paths)
+    model, pool = make_pool(base, paths)
+    names = ["a3", None, "a1"]
+    ids = torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    peft_names = [n or "__base__" for n in names]
+    with pool.batch(names):
+        assert torch.equal(model.generate(input_ids=ids, **kw), pm.generate(input_ids=ids, adapter_names=peft_names, **kw))
+    ref = pm.generate(input_ids=ids, adapter_names=peft_names, num_beams=2, **kw)
+    with pytest.raises(ValueError, match=r"num_beams=2.*for _ in range\(2\)"):
+        with pool.batch(names):
+            model.generate(input_ids=ids, num_beams=2, **kw)
+    with pool.batch([n for n in names for _ in range(2)]):
+        assert torch.equal(model.generate(input_ids=ids, num_beams=2, **kw), ref)
