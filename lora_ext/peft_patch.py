@@ -49,11 +49,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .layers import factors_like, is_conv1d
 from .ops import lora_expand_, lora_linear, multi_lora_
-from .peft_pools import INDICES, POOL, factors_of, no_rows, optimizer_stepped, pools, token_slots
+from .peft_pools import (INDICES, POOL, Batch, adapter_problem, base_layer_problem, dropout_p, input_problem,
+                         operands, optimizer_stepped, prepare)
 
 __all__ = ["patch_peft", "unpatch_peft", "is_patched"]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _ORIG = "_lora_ext_patched"  # set on patched instances
 _NAME = "_lora_ext_name"
 _WARNED = "_lora_ext_warned"
@@ -65,20 +65,9 @@ _WALK = "_lora_ext_walk"  # the mixed-batch view of a patched LoraModel's tree, 
 _TREE = [0]
 _TREE_HOOK = []
 _TRACKED: weakref.WeakSet = weakref.WeakSet()
-# The _Batch of a mixed-batch call of this thread (Dynamo traces ContextVar.get, guarding on it)
+# The Batch of a mixed-batch call of this thread (Dynamo traces ContextVar.get, guarding on it)
 _MIXED: contextvars.ContextVar = contextvars.ContextVar("lora_ext_peft_mixed", default=None)
 _ENTER: list = []  # [_enter under torch.compiler.disable]
-
-
-class _Batch:
-    """A mixed batch: ``names`` (adapter_names), ``reached`` (ids of the model's layers that take
-    them: the patched ones and those with _context_pre_hook) and ``preps`` (id of a patched layer ->
-    its _prepare result). A traced patched layer reads only its prep, never ``names``, unless it
-    falls back to PEFT's forward: one graph serves every batch size and every mix of names."""
-    __slots__ = ("names", "reached", "preps")
-
-    def __init__(self, names, reached, preps):
-        self.names, self.reached, self.preps = names, reached, preps
 
 
 PEFT_MIN = "0.15"  # peft.utils.other.AuxiliaryTrainingWrapper (modules_to_save et al.)
@@ -118,67 +107,10 @@ def is_patched(module: nn.Module) -> bool:
     return _ORIG in module.__dict__
 
 
-# ------------------------------------------------------------------------------------ checks
-def _base_problem(module: nn.Module, x: torch.Tensor) -> str | None:
-    """Why the base layer cannot run inside lora_linear / next to multi_lora_ (None: it can)."""
-    return _base_layer_problem(module) or _input_problem(module, x)
-
-
-def _base_layer_problem(module: nn.Module) -> str | None:
-    base = module.base_layer
-    conv1d = is_conv1d(base)
-    if not (type(base) is nn.Linear or conv1d):
-        return f"base layer {type(base).__name__} is not a plain nn.Linear/Conv1D (quantized or wrapped)"
-    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
-        return "base layer has forward hooks or a patched forward"
-    w, b = base.weight, base.bias
-    if type(w) not in (nn.Parameter, torch.Tensor) or w.dtype not in _FLOATS:
-        return f"base weight is {type(w).__name__} {w.dtype} (quantized or not a plain float tensor)"
-    if b is not None and b.dtype != w.dtype:
-        return f"base bias dtype {b.dtype} differs from the base weight's {w.dtype}"
-    return None
-
-
-def _input_problem(module: nn.Module, x: torch.Tensor) -> str | None:
-    w = module.base_layer.weight
-    # under autocast the ops cast their inputs as F.linear does (csrc/autocast.cpp), so an input in
-    # another float dtype than the weight (a bf16 activation before an fp32 layer) is expected
-    if x.dtype != w.dtype and not (x.dtype in _FLOATS and torch.is_autocast_enabled(x.device.type)):
-        return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
-    if x.device != w.device:
-        return "input and base weight on different devices"
-    return None
-
-
-def _adapter_problem(module: nn.Module, name: str) -> str | None:
-    """Why adapter `name` of this layer is not a vanilla LoRA lora_ext can run (None: it is).
-    (Runs per adapter and call in mixed batches: the submodules are read from _modules directly.)"""
-    if name in module.lora_variant or module.use_dora.get(name, False):
-        variant = module.lora_variant.get(name)
-        return f"adapter '{name}' is a LoRA variant ({type(variant).__name__ if variant else 'DoRA'})"
-    mods = module._modules
-    A, B = mods["lora_A"]._modules[name], mods["lora_B"]._modules[name]
-    if type(A) is not nn.Linear or type(B) is not nn.Linear or A._forward_hooks or B._forward_hooks:
-        return f"adapter '{name}' has non-standard lora_A/lora_B modules"
-    if B._parameters.get("bias") is not None or module.lora_bias.get(name, False):
-        return f"adapter '{name}' uses lora_bias"
-    return None
-
-
-def _dropout_p(module: nn.Module, name: str) -> float | None:
-    """The active dropout probability of adapter `name` (0 in eval), None if not nn.Dropout/Identity."""
-    d = module._modules["lora_dropout"]._modules[name]
-    if type(d) is nn.Identity:
-        return 0.0
-    if type(d) is nn.Dropout:
-        return float(d.p) if d.training else 0.0
-    return None
-
-
 # ------------------------------------------------------------------------------------ single adapter
 def _single(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | None:
-    reason = _base_problem(module, x) or _adapter_problem(module, name)
-    p = _dropout_p(module, name) if reason is None else 0.0
+    reason = base_layer_problem(module) or input_problem(module, x) or adapter_problem(module, name)
+    p = dropout_p(module, name) if reason is None else 0.0
     if reason is None and p is None:
         reason = f"adapter '{name}' dropout is {type(module.lora_dropout[name]).__name__}"
     if reason is None and not 0.0 <= p < 1.0:
@@ -194,75 +126,8 @@ def _single(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | Non
 
 
 # ------------------------------------------------------------------------------------ mixed batches
-def _autograd_problem(module: nn.Module, used: list[str], input_grad: bool, op: str) -> str | None:
-    """Mixed batches run inference-only ops: refuse when autograd would need them."""
-    if torch.is_grad_enabled() and (input_grad or any(p.requires_grad for n in used for p in factors_of(module)[1](n))):
-        return f"mixed batch with autograd on ({op} is inference only: use torch.no_grad())"
-    return None
-
-
-def _embedding_problem(module: nn.Module) -> str | None:
-    base = module.base_layer
-    if not isinstance(base, nn.Embedding) or base._forward_hooks or base._forward_pre_hooks:
-        return "base layer is not a plain nn.Embedding (or has hooks)"
-    if base.max_norm is not None:
-        return "base embedding renormalizes rows (max_norm)"
-    return None
-
-
-def _prepare(module: nn.Module, names, embedding: bool, dtype: torch.dtype | None = None):
-    """A patched layer's part of a mixed batch, computed eagerly for every layer when a model's
-    mixed batch starts (_enter), so that a compiled model traces none of the cache bookkeeping:
-    a reason to run PEFT's forward (str), or (A_pool, B_pool, scales, ranks, rows), rows
-    [len(names)] int32 the pool slot of each input row (-1: none), pools None when no row uses
-    one of the layer's adapters. The pools are in the dtype the base layer returns (the autocast
-    dtype under autocast, for Linear)."""
-    module._check_forward_args(range(len(names)), adapter_names=names)  # PEFT's errors (merged, DoRA)
-    reason = _embedding_problem(module) if embedding else _base_layer_problem(module)
-    if reason is not None:
-        return reason
-    factors = factors_of(module)[0]
-    used = [n for n in dict.fromkeys(names) if n != "__base__" and n in factors]
-    for n in used:
-        if embedding:
-            reason = f"adapter '{n}' is a LoRA variant" if n in module.lora_variant else None
-        else:
-            reason = _adapter_problem(module, n)
-            if reason is None and _dropout_p(module, n) != 0.0:
-                reason = f"adapter '{n}' has active dropout in a mixed batch"
-        if reason is not None:
-            return reason
-    reason = _autograd_problem(module, used, False, "lora_expand_" if embedding else "multi_lora_")
-    if reason is not None:
-        return reason
-    w = module.base_layer.weight
-    if not used:
-        return None, None, None, None, no_rows(len(names), w.device)
-    if dtype is None:
-        dtype = w.dtype
-        if not embedding and torch.is_autocast_enabled(w.device.type):
-            dtype = torch.get_autocast_dtype(w.device.type)
-    slot, A_pool, B_pool, scales, ranks = pools(module, dtype, w.device, used)
-    return A_pool, B_pool, scales, ranks, token_slots(module, names, 1, w.device, slot)
-
-
-def _operands(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: _Batch, per_row: int, embedding: bool):
-    """(A_pool, B_pool, indices [T], scales, ranks) of a prepared layer (its pools prepared again
-    here in y's dtype if they are not in it: an autocast region entered inside the model); None
-    when no row uses one of its adapters. Raises PEFT's error when the rows do not match x."""
-    A_pool, B_pool, scales, ranks, rows = batch.preps[id(module)]
-    if x.shape[0] != rows.shape[0]:  # sizes compared in the graph: no guard on len(names)
-        raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
-                         f"{len(batch.names)} and {len(x)} respectively.")
-    if A_pool is None or x.numel() == 0:
-        return None
-    if A_pool.dtype != y.dtype:
-        A_pool, B_pool, scales, ranks, rows = _prepare(module, batch.names, embedding, y.dtype)
-    return A_pool, B_pool, rows if per_row == 1 else rows.repeat_interleave(per_row), scales, ranks
-
-
-def _mixed(module: nn.Module, x: torch.Tensor, batch: _Batch) -> torch.Tensor | None:
-    reason = _input_problem(module, x)
+def _mixed(module: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+    reason = input_problem(module, x)
     if reason is None and x.dim() < 2:
         reason = "1-D input in a mixed batch"
     if reason is None and torch.is_grad_enabled() and x.requires_grad:
@@ -271,14 +136,14 @@ def _mixed(module: nn.Module, x: torch.Tensor, batch: _Batch) -> torch.Tensor | 
         _warn(module, reason)
         return None
     y = module.base_layer(x)
-    ops = _operands(module, x, y, batch, x[0].numel() // x.shape[-1], False)
+    ops = operands(module, x, y, batch, x[0].numel() // x.shape[-1], False)
     if ops is not None:
         A_pool, B_pool, indices, scales, ranks = ops
         multi_lora_(y, x, A_pool, B_pool, indices, scales, ranks)
     return y
 
 
-def _mixed_embedding(module: nn.Module, x: torch.Tensor, batch: _Batch) -> torch.Tensor | None:
+def _mixed_embedding(module: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor | None:
     """PEFT's LoRA Embedding in a mixed batch: y = base(ids); y[t] += s_a * B_a A_a[:, ids[t]]
     (times the base's embed_scale, as PEFT), the A columns gathered from the layer's pools and
     added by one lora_expand_, instead of PEFT's loop over the adapters."""
@@ -286,7 +151,7 @@ def _mixed_embedding(module: nn.Module, x: torch.Tensor, batch: _Batch) -> torch
         _warn(module, f"ids of dtype {x.dtype} / {x.dim()}-D")
         return None
     y = module.base_layer(x)
-    ops = _operands(module, x, y, batch, x[0].numel() if x.dim() > 1 else 1, True)
+    ops = operands(module, x, y, batch, x[0].numel() if x.dim() > 1 else 1, True)
     if ops is None:
         return y
     A_pool, B_pool, indices, scales, ranks = ops
@@ -300,7 +165,7 @@ def _mixed_embedding(module: nn.Module, x: torch.Tensor, batch: _Batch) -> torch
 
 
 # ------------------------------------------------------------------------------------ forward
-def _model_batch(layer: nn.Module, kwargs: dict) -> _Batch | None:
+def _model_batch(layer: nn.Module, kwargs: dict) -> Batch | None:
     """The mixed batch of the model call this layer call is part of (see _enter), if any."""
     batch = _MIXED.get()
     if batch is not None and "adapter_names" not in kwargs and id(layer) in batch.reached:
@@ -308,19 +173,19 @@ def _model_batch(layer: nn.Module, kwargs: dict) -> _Batch | None:
     return None
 
 
-def _batch_of(layer: nn.Module, x: torch.Tensor, args, kwargs: dict, embedding: bool) -> _Batch | None:
+def _batch_of(layer: nn.Module, x: torch.Tensor, args, kwargs: dict, embedding: bool) -> Batch | None:
     """The mixed batch of a layer call that is one: its model's, or, for a layer called with
     adapter_names directly, one of its own; None when lora_ext does not run it (other arguments,
-    adapters disabled, a reason found by _prepare: PEFT's forward then)."""
+    adapters disabled, a reason found by prepare: PEFT's forward then)."""
     batch = _model_batch(layer, kwargs)
     direct = batch is None
     if direct:
         layer._check_forward_args(x, *args, **kwargs)  # PEFT's errors (adapter_names length, merged, DoRA)
-        batch = _Batch(kwargs["adapter_names"], None, {})
+        batch = Batch(kwargs["adapter_names"], None, {})
     if args or any(k != "adapter_names" and v is not None for k, v in kwargs.items()) or layer.disable_adapters:
         return None
     if direct:
-        batch.preps[id(layer)] = _prepare(layer, batch.names, embedding)
+        batch.preps[id(layer)] = prepare(layer, batch.names, embedding)
     prep = batch.preps[id(layer)]
     if isinstance(prep, str):
         _warn(layer, prep)
@@ -450,11 +315,11 @@ def _mixed_batch_hooks(self, *args, **kwargs):
         _MIXED.reset(token)
 
 
-def _enter(model: nn.Module, names) -> _Batch:
+def _enter(model: nn.Module, names) -> Batch:
     """The start of a patched LoraModel's mixed batch, always eager (called through
     torch.compiler.disable: a compiled model traces none of it): the tree's view (adapter names, patched layers, layers that need PEFT's hook), walked
     again when a module was assigned anywhere or the adapter set changed (delete_adapter,
-    load_adapter); PEFT's unknown-adapter error; every patched layer's _prepare."""
+    load_adapter); PEFT's unknown-adapter error; every patched layer's prepare."""
     _install_tree_hook()
     sig = (_TREE[0], id(model), tuple(model.peft_config))  # id: a deepcopy walks its own tree
     walk = model.__dict__.get(_WALK)
@@ -479,7 +344,7 @@ def _enter(model: nn.Module, names) -> _Batch:
     unexpected = {n for n in names if n != "__base__"} - expected
     if unexpected:  # PEFT's message
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
-    return _Batch(names, reached, {id(m): _prepare(m, names, embedding) for m, embedding in patched})
+    return Batch(names, reached, {id(m): prepare(m, names, embedding) for m, embedding in patched})
 
 
 # ------------------------------------------------------------------------------------ public API

@@ -1,7 +1,9 @@
-"""The per-layer adapter pools behind patch_peft's mixed batches (lora_ext/peft_patch.py): every
-adapter of a PEFT LoRA layer copied into [S, r_max, in] / [S, out, r_max] pools for multi_lora_,
-cached on the layer and rewritten when a factor changes (identity, address, version), its
-scaling changes or any optimizer steps, plus the per-call token -> slot indices."""
+"""The mixed batches behind patch_peft (lora_ext/peft_patch.py), everything eager: every adapter
+of a PEFT LoRA layer copied into [S, r_max, in] / [S, out, r_max] pools for multi_lora_, cached on
+the layer and rewritten when a factor changes (identity, address, version), its scaling changes
+or any optimizer steps; the token -> slot indices; and what each patched layer of a model's
+mixed batch gets (``prepare``, run for every layer when the batch starts, so that a compiled
+model's traced layers only read tensors), with the checks that send a layer to PEFT's forward."""
 from __future__ import annotations
 
 import functools
@@ -9,8 +11,11 @@ import functools
 import torch
 from torch import nn
 
+from .layers import is_conv1d
+
 POOL = "_lora_ext_pool"  # module.__dict__ keys of the caches
 INDICES = "_lora_ext_indices"  # last (adapter_names, rows per name, slot map) -> device indices
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 OPT_STEPS = [0]  # optimizer steps taken in this process (any optimizer; optimizer_stepped counts)
 
 
@@ -103,3 +108,133 @@ def no_rows(n: int, device: torch.device) -> torch.Tensor:
 
 def optimizer_stepped(optimizer, args, kwargs) -> None:
     OPT_STEPS[0] += 1
+
+
+# ---------------------------------------------------------------- what each layer of a batch gets
+class Batch:
+    """A mixed batch: ``names`` (adapter_names), ``reached`` (ids of the model's layers that take
+    them: the patched ones and those with _context_pre_hook) and ``preps`` (id of a patched layer ->
+    its prepare result). A traced patched layer reads only its prep, never ``names``, unless it
+    falls back to PEFT's forward: one graph serves every batch size and every mix of names."""
+    __slots__ = ("names", "reached", "preps")
+
+    def __init__(self, names, reached, preps):
+        self.names, self.reached, self.preps = names, reached, preps
+
+
+def base_layer_problem(module: nn.Module) -> str | None:
+    base = module.base_layer
+    conv1d = is_conv1d(base)
+    if not (type(base) is nn.Linear or conv1d):
+        return f"base layer {type(base).__name__} is not a plain nn.Linear/Conv1D (quantized or wrapped)"
+    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+        return "base layer has forward hooks or a patched forward"
+    w, b = base.weight, base.bias
+    if type(w) not in (nn.Parameter, torch.Tensor) or w.dtype not in FLOATS:
+        return f"base weight is {type(w).__name__} {w.dtype} (quantized or not a plain float tensor)"
+    if b is not None and b.dtype != w.dtype:
+        return f"base bias dtype {b.dtype} differs from the base weight's {w.dtype}"
+    return None
+
+
+def input_problem(module: nn.Module, x: torch.Tensor) -> str | None:
+    w = module.base_layer.weight
+    # under autocast the ops cast their inputs as F.linear does (csrc/autocast.cpp), so an input in
+    # another float dtype than the weight (a bf16 activation before an fp32 layer) is expected
+    if x.dtype != w.dtype and not (x.dtype in FLOATS and torch.is_autocast_enabled(x.device.type)):
+        return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
+    if x.device != w.device:
+        return "input and base weight on different devices"
+    return None
+
+
+def adapter_problem(module: nn.Module, name: str) -> str | None:
+    """Why adapter `name` of this layer is not a vanilla LoRA lora_ext can run (None: it is).
+    (Runs per adapter and call in mixed batches: the submodules are read from _modules directly.)"""
+    if name in module.lora_variant or module.use_dora.get(name, False):
+        variant = module.lora_variant.get(name)
+        return f"adapter '{name}' is a LoRA variant ({type(variant).__name__ if variant else 'DoRA'})"
+    mods = module._modules
+    A, B = mods["lora_A"]._modules[name], mods["lora_B"]._modules[name]
+    if type(A) is not nn.Linear or type(B) is not nn.Linear or A._forward_hooks or B._forward_hooks:
+        return f"adapter '{name}' has non-standard lora_A/lora_B modules"
+    if B._parameters.get("bias") is not None or module.lora_bias.get(name, False):
+        return f"adapter '{name}' uses lora_bias"
+    return None
+
+
+def dropout_p(module: nn.Module, name: str) -> float | None:
+    """The active dropout probability of adapter `name` (0 in eval), None if not nn.Dropout/Identity."""
+    d = module._modules["lora_dropout"]._modules[name]
+    if type(d) is nn.Identity:
+        return 0.0
+    if type(d) is nn.Dropout:
+        return float(d.p) if d.training else 0.0
+    return None
+
+
+def autograd_problem(module: nn.Module, used: list[str], input_grad: bool, op: str) -> str | None:
+    """Mixed batches run inference-only ops: refuse when autograd would need them."""
+    if torch.is_grad_enabled() and (input_grad or any(p.requires_grad for n in used for p in factors_of(module)[1](n))):
+        return f"mixed batch with autograd on ({op} is inference only: use torch.no_grad())"
+    return None
+
+
+def embedding_problem(module: nn.Module) -> str | None:
+    base = module.base_layer
+    if not isinstance(base, nn.Embedding) or base._forward_hooks or base._forward_pre_hooks:
+        return "base layer is not a plain nn.Embedding (or has hooks)"
+    if base.max_norm is not None:
+        return "base embedding renormalizes rows (max_norm)"
+    return None
+
+
+def prepare(module: nn.Module, names, embedding: bool, dtype: torch.dtype | None = None):
+    """A patched layer's part of a mixed batch, computed eagerly for every layer when a model's
+    mixed batch starts (_enter), so that a compiled model traces none of the cache bookkeeping:
+    a reason to run PEFT's forward (str), or (A_pool, B_pool, scales, ranks, rows), rows
+    [len(names)] int32 the pool slot of each input row (-1: none), pools None when no row uses
+    one of the layer's adapters. The pools are in the dtype the base layer returns (the autocast
+    dtype under autocast, for Linear)."""
+    module._check_forward_args(range(len(names)), adapter_names=names)  # PEFT's errors (merged, DoRA)
+    reason = embedding_problem(module) if embedding else base_layer_problem(module)
+    if reason is not None:
+        return reason
+    factors = factors_of(module)[0]
+    used = [n for n in dict.fromkeys(names) if n != "__base__" and n in factors]
+    for n in used:
+        if embedding:
+            reason = f"adapter '{n}' is a LoRA variant" if n in module.lora_variant else None
+        else:
+            reason = adapter_problem(module, n)
+            if reason is None and dropout_p(module, n) != 0.0:
+                reason = f"adapter '{n}' has active dropout in a mixed batch"
+        if reason is not None:
+            return reason
+    reason = autograd_problem(module, used, False, "lora_expand_" if embedding else "multi_lora_")
+    if reason is not None:
+        return reason
+    w = module.base_layer.weight
+    if not used:
+        return None, None, None, None, no_rows(len(names), w.device)
+    if dtype is None:
+        dtype = w.dtype
+        if not embedding and torch.is_autocast_enabled(w.device.type):
+            dtype = torch.get_autocast_dtype(w.device.type)
+    slot, A_pool, B_pool, scales, ranks = pools(module, dtype, w.device, used)
+    return A_pool, B_pool, scales, ranks, token_slots(module, names, 1, w.device, slot)
+
+
+def operands(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: Batch, per_row: int, embedding: bool):
+    """(A_pool, B_pool, indices [T], scales, ranks) of a prepared layer (its pools prepared again
+    here in y's dtype if they are not in it: an autocast region entered inside the model); None
+    when no row uses one of its adapters. Raises PEFT's error when the rows do not match x."""
+    A_pool, B_pool, scales, ranks, rows = batch.preps[id(module)]
+    if x.shape[0] != rows.shape[0]:  # sizes compared in the graph: no guard on len(names)
+        raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(batch.names)} and {len(x)} respectively.")
+    if A_pool is None or x.numel() == 0:
+        return None
+    if A_pool.dtype != y.dtype:
+        A_pool, B_pool, scales, ranks, rows = prepare(module, batch.names, embedding, y.dtype)
+    return A_pool, B_pool, rows if per_row == 1 else rows.repeat_interleave(per_row), scales, ranks
