@@ -154,3 +154,26 @@ def test_multi_lora_cpu_bits_do_not_depend_on_threads(dtype):
     finally:
         torch.set_num_threads(before)
     assert same_bits(outs[0][0], outs[1][0]) and same_bits(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,i,o,r", [(7, 28, 503, 34), (16, 270, 485, 62), (1, 580, 311, 31), (3, 64, 257, 9)])
+def test_small_T_single_adapter_bits_do_not_depend_on_threads(dtype, T, i, o, r):
+    # T <= 16 (the CPU small path): rank rows were split 0..r by parallel_for, and the shrink pairs
+    # rows from the start of its range (a lone row rounds otherwise), the expand folds 8 output
+    # rows from the start of its range: 1 and 2 threads gave other bits. Fixed work items now.
+    x, W = rand(T, i, dtype=dtype, device="cpu", seed=T), rand(o, i, dtype=dtype, device="cpu", seed=1)
+    A = (rand(r, i, dtype=torch.float32, device="cpu", seed=2) / i ** 0.5).to(dtype)
+    B, y0 = rand(o, r, dtype=dtype, device="cpu", seed=3), rand(T, o, dtype=dtype, device="cpu", seed=4)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = y0.clone()
+            lora_apply_(y, x, A, B, 0.5)
+            u = torch.ops.lora_ext.lora_linear_fwd(x, W, None, A, B, 0.5, 0.0, None, False)[1]
+            outs.append((y, u))
+    finally:
+        torch.set_num_threads(before)
+    assert same_bits(outs[0][1], outs[1][1]) and same_bits(outs[0][0], outs[1][0])

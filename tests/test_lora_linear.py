@@ -325,3 +325,23 @@ def test_explicit_dropout_seed():
     assert torch.equal(torch.get_rng_state(), state) and torch.equal(y1, y2)
     y3 = lora_linear(x, W, b, A, B, 1.0, 0.5, True, seed=s + 1)
     assert not torch.equal(y1, y3)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("o", [1, 3])
+def test_1d_input_with_trainable_bias(device, dtype, o):
+    # x [in] (no leading dims, as nn.Linear takes): dbias summed over no dims gave a scalar
+    # ("invalid gradient at index 2 - got [] but expected [out]")
+    i, r = 5, 2
+    g = torch.Generator().manual_seed(0)
+    vals = [torch.randn(s, generator=g) for s in ((i,), (o, i), (o,), (r, i), (o, r))]
+    x, W, b, A, B = (v.to(device=device, dtype=dtype).clone().requires_grad_(True) for v in vals)
+    gy = torch.randn(o, generator=g)
+    lora_linear(x, W, b, A, B, 0.5).backward(gy.to(device=device, dtype=dtype))
+    ref = [v.double().clone().requires_grad_(True) for v in vals]
+    xr, Wr, br, Ar, Br = ref
+    (xr @ Wr.T + br + 0.5 * (xr @ Ar.T) @ Br.T).backward(gy.double())
+    for got, want in zip((x, W, b, A, B), ref):
+        assert got.grad.shape == want.shape
+        assert rel_err(got.grad.cpu(), want.grad) < (1e-5 if dtype == torch.float32 else 3e-2)

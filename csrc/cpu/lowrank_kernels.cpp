@@ -44,6 +44,8 @@ float elem_to_f32(T v) {
 }
 
 constexpr int64_t kSmallT = 16;
+// run_small's work items: rank rows (even: shrink_tile's pairs) and output rows (a multiple of 8)
+constexpr int64_t kSmallRB = 4, kSmallOB = 64;
 
 // Element types of multi_microkernel.h: same bits as the c10 types.
 template <class T>
@@ -101,7 +103,11 @@ void run_small(const LowRankJob& j) {
     for (int64_t t = 0; t < nt; ++t)
       x[t] = reinterpret_cast<const E*>(static_cast<const T*>(j.x) + t * j.ldx);
     const E* A = static_cast<const E*>(j.A);
-    at::parallel_for(0, r, 4, [&](int64_t j0, int64_t j1) {
+    // Work items of kSmallRB rank rows at fixed offsets (not parallel_for's thread-count dependent
+    // split of 0..r): shrink_tile pairs rank rows from the start of its range, and a row summed
+    // alone rounds differently from one in a pair, so the split must not move with the threads.
+    at::parallel_for(0, ceil_div(r, kSmallRB), 1, [&](int64_t ib, int64_t ie) {
+      const int64_t j0 = ib * kSmallRB, j1 = std::min(r, ie * kSmallRB);
       for (int64_t t0 = 0; t0 < nt; t0 += 4) {
         float* urows[4];
         for (int i = 0; i < 4; ++i) urows[i] = u + std::min(t0 + i, nt - 1) * r + j0;
@@ -113,7 +119,10 @@ void run_small(const LowRankJob& j) {
   if (j.y == nullptr) return;
   const E* B = static_cast<const E*>(j.B);
   const T* bias = static_cast<const T*>(j.bias);
-  at::parallel_for(0, out, 256, [&](int64_t o0, int64_t o1) {
+  // Output rows in blocks at fixed multiples of kSmallOB (expand_rows folds groups of 8 rows from
+  // the start of its range and sums a tail row on its own: the bits must not depend on the split).
+  at::parallel_for(0, ceil_div(out, kSmallOB), 1, [&](int64_t ib, int64_t ie) {
+    const int64_t o0 = ib * kSmallOB, o1 = std::min(out, ie * kSmallOB);
     const int64_t n = o1 - o0;
     std::vector<float> acc(n), b0(j.overwrite_y ? n : 0, 0.f);
     if (j.overwrite_y && bias) widen_row(bits_of(bias + o0), n, b0.data());

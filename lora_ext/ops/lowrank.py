@@ -109,7 +109,9 @@ def _lora_linear_backward(ctx, grad_y, grad_u):
     dx, dW, dA, dB = torch.ops.lora_ext.lora_linear_bwd.default(
         grad_y, x, weight, A, B, u, ctx.scale, ctx.dropout_p, seed, ctx.fan_in_fan_out,
         [need[0], need[1], need[3], need[4]])
-    dbias = grad_y.sum(tuple(range(grad_y.dim() - 1))) if need[2] else None
+    dbias = None
+    if need[2]:  # sum over the leading dims; a 1-D x has none (sum(()) would reduce every dim)
+        dbias = grad_y.sum(tuple(range(grad_y.dim() - 1))) if grad_y.dim() > 1 else grad_y.clone()
     return dx, dW, dbias, dA, dB, None, None, None, None
 
 
