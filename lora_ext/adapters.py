@@ -202,27 +202,15 @@ def saved_tensors(model: nn.Module, found: dict, modules_to_save, copy, where: s
                              f"of {type(model).__name__} (LoRA layers excluded)")
     modules = dict(model.named_modules())
     extra = {f"{n}.{pn}": copy(p) for n in keep for pn, p in modules[n].named_parameters()}
-    biases, mode = bias_tensors(model, copy, skip=keep)
-    extra.update(biases)
-    half = sorted({key.rsplit(".", 1)[0] for key in biases if not key.endswith(".base_layer.bias")
-                   and any(p.requires_grad for pn, p in modules[key.rsplit(".", 1)[0]].named_parameters(recurse=False)
-                           if pn != "bias")})
+    trained, mode = trained_biases(model, skip=keep)
+    extra.update({key: copy(b) for _, key, b in trained})
+    half = sorted(n for n, key, _ in trained if not key.endswith(".base_layer.bias") and any(
+        p.requires_grad for pn, p in modules[n].named_parameters(recurse=False) if pn != "bias"))
     if half:
         warnings.warn(f"{where}: {half[:4]}{' ...' if len(half) > 4 else ''} have trainable weights that "
                       "are not saved (only their biases are); pass modules_to_save=[...] to save those "
                       "modules, or freeze them (lora_ext.mark_only_lora_trainable)", stacklevel=3)
     return extra, mode, keep or None
-
-
-def bias_tensors(model: nn.Module, copy, skip=()) -> tuple[dict[str, torch.Tensor], str]:
-    """The model's trained biases as Adapter.extra entries (PEFT's names, copy(bias) each) and the
-    PEFT ``bias`` mode they amount to (inject.trained_biases); biases inside modules ``skip``
-    (modules_to_save, saved whole) are left out."""
-    biases, mode = trained_biases(model)
-    biases = [(n, key, b) for n, key, b in biases if not any(n == k or n.startswith(k + ".") for k in skip)]
-    if len(skip):
-        mode = "none" if not biases else "lora_only" if all(k.endswith(".base_layer.bias") for _, k, _ in biases) else "all"
-    return {key: copy(b) for _, key, b in biases}, mode
 
 
 def _no_duplicates(pairs: list) -> dict:

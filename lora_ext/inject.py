@@ -82,13 +82,15 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> None:
                 m.bias.requires_grad_(True)
 
 
-def trained_biases(model: nn.Module) -> tuple[list[tuple[str, str, torch.Tensor]], str]:
+def trained_biases(model: nn.Module, skip=()) -> tuple[list[tuple[str, str, torch.Tensor]], str]:
     """The biases that require grad (``mark_only_lora_trainable(bias=...)``) as (module name,
     PEFT's key less "base_model.model." — "<layer>.base_layer.bias" for a LoRA layer's own —,
     bias), and the PEFT ``bias`` mode they amount to: "none", "lora_only" (LoRA layers' biases
-    only) or "all"."""
+    only) or "all". Biases inside the modules named in ``skip`` (saved whole) are left out."""
     lora, seen, out = lora_layers(model), set(), []
     for name, m in model.named_modules():
+        if any(name == k or name.startswith(k + ".") for k in skip):
+            continue
         b = m._parameters.get("bias")
         if isinstance(b, torch.Tensor) and b.requires_grad and id(b) not in seen:
             seen.add(id(b))

@@ -173,19 +173,15 @@ def _model_batch(layer: nn.Module, kwargs: dict) -> Batch | None:
     return None
 
 
-def _batch_of(layer: nn.Module, x: torch.Tensor, args, kwargs: dict, embedding: bool) -> Batch | None:
+def _batch_of(layer: nn.Module, args, kwargs: dict, embedding: bool) -> Batch | None:
     """The mixed batch of a layer call that is one: its model's, or, for a layer called with
     adapter_names directly, one of its own; None when lora_ext does not run it (other arguments,
     adapters disabled, a reason found by prepare: PEFT's forward then)."""
-    batch = _model_batch(layer, kwargs)
-    direct = batch is None
-    if direct:
-        layer._check_forward_args(x, *args, **kwargs)  # PEFT's errors (adapter_names length, merged, DoRA)
-        batch = Batch(kwargs["adapter_names"], None, {})
     if args or any(k != "adapter_names" and v is not None for k, v in kwargs.items()) or layer.disable_adapters:
         return None
-    if direct:
-        batch.preps[id(layer)] = prepare(layer, batch.names, embedding)
+    batch = _model_batch(layer, kwargs)
+    if batch is None:  # prepare raises PEFT's errors (merged, DoRA); operands the length's
+        batch = Batch(kwargs["adapter_names"], None, {id(layer): prepare(layer, kwargs["adapter_names"], embedding)})
     prep = batch.preps[id(layer)]
     if isinstance(prep, str):
         _warn(layer, prep)
@@ -203,7 +199,7 @@ def _peft_forward(self, x: torch.Tensor, *args, **kwargs):
 
 def _patched_forward(self, x: torch.Tensor, *args, **kwargs):
     if kwargs.get("adapter_names") is not None or _model_batch(self, kwargs) is not None:
-        batch = _batch_of(self, x, args, kwargs, embedding=False)
+        batch = _batch_of(self, args, kwargs, embedding=False)
         y = None if batch is None else _mixed(self, x, batch)
         return _peft_forward(self, x, *args, **kwargs) if y is None else y
     self._check_forward_args(x, *args, **kwargs)
@@ -228,7 +224,7 @@ def _patched_embedding_forward(self, x: torch.Tensor, *args, **kwargs):
     lora_ext's own LoRAEmbedding: there is no fused single-adapter embedding op)."""
     batch = None
     if kwargs.get("adapter_names") is not None or _model_batch(self, kwargs) is not None:
-        batch = _batch_of(self, x, args, kwargs, embedding=True)
+        batch = _batch_of(self, args, kwargs, embedding=True)
     y = None if batch is None else _mixed_embedding(self, x, batch)
     return _peft_forward(self, x, *args, **kwargs) if y is None else y
 
@@ -344,7 +340,8 @@ def _enter(model: nn.Module, names) -> Batch:
     unexpected = {n for n in names if n != "__base__"} - expected
     if unexpected:  # PEFT's message
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
-    return Batch(names, reached, {id(m): prepare(m, names, embedding) for m, embedding in patched})
+    rows: dict = {}
+    return Batch(names, reached, {id(m): prepare(m, names, embedding, shared_rows=rows) for m, embedding in patched})
 
 
 # ------------------------------------------------------------------------------------ public API

@@ -189,7 +189,8 @@ def embedding_problem(module: nn.Module) -> str | None:
     return None
 
 
-def prepare(module: nn.Module, names, embedding: bool, dtype: torch.dtype | None = None):
+def prepare(module: nn.Module, names, embedding: bool, dtype: torch.dtype | None = None,
+            shared_rows: dict | None = None):
     """A patched layer's part of a mixed batch, computed eagerly for every layer when a model's
     mixed batch starts (_enter), so that a compiled model traces none of the cache bookkeeping:
     a reason to run PEFT's forward (str), or (A_pool, B_pool, scales, ranks, rows), rows
@@ -222,7 +223,13 @@ def prepare(module: nn.Module, names, embedding: bool, dtype: torch.dtype | None
         if not embedding and torch.is_autocast_enabled(w.device.type):
             dtype = torch.get_autocast_dtype(w.device.type)
     slot, A_pool, B_pool, scales, ranks = pools(module, dtype, w.device, used)
-    return A_pool, B_pool, scales, ranks, token_slots(module, names, 1, w.device, slot)
+    # shared_rows: the rows of the batch's layers whose adapters sit in the same slots (usually
+    # all of them: one host-to-device copy per batch, not one per layer)
+    shared_rows = {} if shared_rows is None else shared_rows
+    key = (w.device, tuple(slot.items()))
+    if key not in shared_rows:
+        shared_rows[key] = token_slots(module, names, 1, w.device, slot)
+    return A_pool, B_pool, scales, ranks, shared_rows[key]
 
 
 def operands(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: Batch, per_row: int, embedding: bool):

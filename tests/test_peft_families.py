@@ -54,6 +54,19 @@ def _bert():
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
+def _served(make, targets):
+    """(PEFT model with a random adapter on targets, a fresh model, its AdapterPool with that
+    adapter loaded as "a" from PEFT's save_pretrained)."""
+    pm = peft.get_peft_model(make(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    _randomize(pm)
+    d = tempfile.mkdtemp()
+    pm.save_pretrained(d)
+    model = make()
+    pool = lora_ext.AdapterPool(model, target_modules=targets, max_adapters=2, max_rank=8)
+    pool.load("a", d)
+    return pm, model, pool
+
+
 @torch.no_grad()
 def _logits(model, x, **kw):
     return model(input_ids=x, **kw).logits
@@ -80,13 +93,7 @@ def test_scaled_embedding_keeps_embed_scale_like_peft():
 def test_pool_layers_expose_base_weight_t5():
     # T5DenseActDense reads self.wo.weight.dtype; PEFT's LoRA layers expose the base weight
     x = _ids()
-    pm = peft.get_peft_model(_t5(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "wo"]))
-    _randomize(pm)
-    d = tempfile.mkdtemp()
-    pm.save_pretrained(d)
-    model = _t5()
-    pool = lora_ext.AdapterPool(model, target_modules=["q", "wo"], max_adapters=2, max_rank=8)
-    pool.load("a", d)
+    pm, model, pool = _served(_t5, ["q", "wo"])
     with torch.no_grad(), pool.batch(["a", None]):
         got = _logits(model, x, decoder_input_ids=x[:, :5])
     torch.testing.assert_close(got[0], _logits(pm, x, decoder_input_ids=x[:, :5])[0], rtol=1e-5, atol=1e-5)
@@ -95,13 +102,7 @@ def test_pool_layers_expose_base_weight_t5():
 
 def test_pool_serves_an_explicitly_named_lm_head_and_all_linear():
     x = _ids()
-    pm = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
-    _randomize(pm)
-    d = tempfile.mkdtemp()
-    pm.save_pretrained(d)
-    model = _llama()
-    pool = lora_ext.AdapterPool(model, target_modules=["q_proj", "lm_head"], max_adapters=2, max_rank=8)
-    pool.load("a", d)
+    pm, model, pool = _served(_llama, ["q_proj", "lm_head"])
     with torch.no_grad(), pool.batch(["a", None]):
         got = _logits(model, x)
     torch.testing.assert_close(got[0], _logits(pm, x)[0], rtol=1e-5, atol=1e-5)

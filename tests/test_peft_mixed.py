@@ -12,6 +12,17 @@ import lora_ext
 import lora_ext.peft_patch as pp
 
 
+def llama_pair(seed, r=8, alpha=16, targets=None):
+    """(unpatched PEFT reference, patched copy): tiny Llama with adapters "default" and "b"."""
+    ref = build("llama")
+    ref.add_adapter("b", peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or CASES["llama"][1]))
+    randomize(ref, seed=seed)
+    ref.eval()
+    pm = copy.deepcopy(ref)
+    patch(pm)
+    return ref, pm
+
+
 @pytest.mark.parametrize("kind", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixed_batch_matches_peft(kind, dtype, monkeypatch):
@@ -79,12 +90,7 @@ def test_mixed_batch_plumbing_without_per_call_hooks(monkeypatch):
     # A patched model hands adapter_names to its patched layers (Linear and Embedding) without
     # registering PEFT's per-call pre-hooks on them, and PEFT's own errors and paths (unknown
     # names, training mode) stay.
-    ref = build("llama")
-    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, target_modules=CASES["llama"][1]))
-    randomize(ref, seed=7)
-    ref.eval()
-    pm = copy.deepcopy(ref)
-    patch(pm)
+    ref, pm = llama_pair(7)
     layers = [m for m in pm.modules() if pp.is_patched(m)]
     seen_hooks = []
     real_multi = pp.multi_lora_
@@ -141,12 +147,7 @@ def test_mixed_batches_from_two_threads():
 def test_mixed_batch_caches_follow_the_model():
     # The tree walk and the per-layer pools are cached; tree surgery, adapter add/delete, factor
     # replacement (another rank) and deepcopy must each be seen by the next mixed batch.
-    ref = build("llama")
-    ref.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    randomize(ref, seed=11)
-    ref.eval()
-    pm = copy.deepcopy(ref)
-    patch(pm)
+    ref, pm = llama_pair(11, r=4, alpha=8, targets=["q_proj", "v_proj"])
     ids, names = ids_for(batch=3, seq=4), ["b", "default", "b"]
 
     def same():
@@ -297,12 +298,7 @@ def test_compiled_mixed_batches_trace_one_graph():
     # checks now run eagerly when the batch starts; the traced layers read prepared tensors, so
     # every batch size and mix of names (embedding and linear LoRA layers) shares one dynamic graph.
     from torch._dynamo.utils import counters
-    ref = build("llama")
-    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, target_modules=CASES["llama"][1]))
-    randomize(ref, seed=21)
-    ref.eval()
-    pm = copy.deepcopy(ref)
-    patch(pm)
+    ref, pm = llama_pair(21)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(pm)
@@ -333,12 +329,7 @@ def test_compiled_mixed_batches_trace_one_graph():
 def test_generate_with_adapter_names_matches_peft(monkeypatch):
     # PEFT's serving call, generate(adapter_names=...), greedy (fused multi_lora_ in every decode
     # step) and with beams (PEFT's own path), token for token as unpatched PEFT
-    ref = build("llama")
-    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, target_modules=CASES["llama"][1]))
-    randomize(ref, seed=9)
-    ref.eval()
-    pm = copy.deepcopy(ref)
-    patch(pm)
+    ref, pm = llama_pair(9)
     ids = ids_for(batch=3, seq=5)
     names = ["b", "__base__", "default"]
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
