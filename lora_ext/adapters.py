@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .inject import inject, lora_layers, trained_biases
-from .layers import LoRALayer, is_dtensor
+from .layers import LoRALayer
+from .sharding import is_dtensor
 from .targets import PEFT_PREFIX, check_pattern_key, matches, name_regex, pattern_value, peft_config
 
 __all__ = ["Adapter", "LayerWeights", "load_adapter"]

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d, sharding_of
+from .layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d
+from .sharding import sharding_of
 from .targets import PEFT_PREFIX, pattern_value, select_targets
 
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "PEFT_PREFIX"]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import MergeState, check_merge_finite, lora_linear, merge_, unmerge_
+from .sharding import is_dtensor, is_fsdp
 
 __all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "is_conv1d"]
 
@@ -28,38 +29,12 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
-def is_dtensor(t) -> bool:
-    """True for a torch.distributed.tensor.DTensor (without importing torch.distributed when unused)."""
-    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
-
-
-_FSDP = frozenset({"FSDPModule", "FullyShardedDataParallel"})  # FSDP2 / FSDP1 classes, by name
-
-
-def _classes(m: nn.Module) -> set[str]:
-    return {c.__name__ for c in type(m).__mro__}
-
-
 def factors_like(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A, B in x's dtype for lora_linear (e.g. fp32 adapters on a bf16 model); under autocast
     the op casts every input itself (csrc/autocast.cpp), so they are passed as they are."""
     if A.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         return A.to(x.dtype), B.to(x.dtype)
     return A, B
-
-
-def sharding_of(model: nn.Module, ddp: bool = True) -> str | None:
-    """How ``model`` is already wrapped or sharded by torch.distributed (DDP when ``ddp``, FSDP's
-    fully_shard, DTensor parameters from tensor parallelism), else None."""
-    for m in model.modules():
-        names = _classes(m)
-        if ddp and "DistributedDataParallel" in names:
-            return "wrapped in DistributedDataParallel"
-        if names & _FSDP:
-            return "sharded with fully_shard (FSDP)"
-    if any(is_dtensor(p) for p in model.parameters()):
-        return "parallelized (DTensor parameters)"
-    return None
 
 
 def _check_hparams(name: str, r, dropout: float) -> None:
@@ -179,7 +154,7 @@ class LoRALayer(nn.Module, abc.ABC):
     def _check_unsharded(self, what: str) -> None:
         # FSDP's unsharded weight is a temporary buffer (a merge into it is lost at the next reshard,
         # while forward skips LoRA); a DTensor weight is a shard the merge kernels do not take
-        if is_dtensor(self.weight) or _classes(self) & _FSDP:
+        if is_dtensor(self.weight) or is_fsdp(self):
             raise ValueError(f"{what}: this {type(self).__name__} is sharded (fully_shard / tensor "
                              f"parallel); {what} before sharding, or in a single-process copy of the model "
                              "(get_model_state_dict(..., full_state_dict=True))")

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .inject import lora_layers
-from .layers import LoRALayer, sharding_of
+from .layers import LoRALayer
+from .sharding import sharding_of
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "merge_layer", "unmerge_layer", "merge_overhead"]
 

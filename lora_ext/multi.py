@@ -43,7 +43,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .layers import is_conv1d, is_dtensor
+from .layers import is_conv1d
+from .sharding import is_dtensor
 from .ops import lora_expand_, multi_lora_
 
 __all__ = ["LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding", "attach_context"]

@@ -1,0 +1,36 @@
+"""How modules and tensors are wrapped or sharded by torch.distributed, told by class names (so
+nothing imports torch.distributed when it is unused): DDP, FSDP1/FSDP2, DTensor parameters."""
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["is_dtensor", "is_fsdp", "sharding_of"]
+
+_FSDP = frozenset({"FSDPModule", "FullyShardedDataParallel"})  # FSDP2 / FSDP1 classes, by name
+
+
+def _classes(m: nn.Module) -> set[str]:
+    return {c.__name__ for c in type(m).__mro__}
+
+
+def is_dtensor(t) -> bool:
+    """True for a torch.distributed.tensor.DTensor."""
+    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
+def is_fsdp(m: nn.Module) -> bool:
+    """True for a module sharded by FSDP (fully_shard's FSDPModule or FSDP1's wrapper)."""
+    return bool(_classes(m) & _FSDP)
+
+
+def sharding_of(model: nn.Module, ddp: bool = True) -> str | None:
+    """How ``model`` is already wrapped or sharded by torch.distributed (DDP when ``ddp``, FSDP's
+    fully_shard, DTensor parameters from tensor parallelism), else None."""
+    for m in model.modules():
+        if ddp and "DistributedDataParallel" in _classes(m):
+            return "wrapped in DistributedDataParallel"
+        if is_fsdp(m):
+            return "sharded with fully_shard (FSDP)"
+    if any(is_dtensor(p) for p in model.parameters()):
+        return "parallelized (DTensor parameters)"
+    return None
