@@ -88,7 +88,7 @@ class LoRALayer(nn.Module, abc.ABC):
         remerge = self.merged
         if remerge:
             exact = getattr(self, "_merge_state", None) is not None
-            if not exact and getattr(self, "_merged_factors", None) is None:
+            if self._merged_for_good():
                 raise ValueError(f"{where}: the layer is merged for good (drop_merge_state / "
                                  "merge_and_unload), so its adapter cannot be replaced")
             self.unmerge()
@@ -150,6 +150,45 @@ class LoRALayer(nn.Module, abc.ABC):
             unmerge_(self.weight.data, A, B, s, fan_in_fan_out=self._weight_in_out)
         self._merge_state = self._merged_factors = None
         self.merged = False
+
+    def _merged_for_good(self) -> bool:
+        return self.merged and getattr(self, "_merge_state", None) is None and getattr(self, "_merged_factors", None) is None
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train; ``train(True)`` unmerges a merged layer first (as loralib), since a
+        merged layer's forward skips LoRA and its factors would get no gradient. A layer merged for
+        good (drop_merge_state) with factors that require grad raises ValueError."""
+        if mode and self.merged:
+            if not self._merged_for_good():
+                self.unmerge()
+            elif any(getattr(self, n).requires_grad for n in self.factor_names):
+                raise ValueError(f"train: this {type(self).__name__} is merged for good (drop_merge_state), so "
+                                 "its forward skips LoRA and its factors would not train; freeze them "
+                                 "(requires_grad_(False)) or use merge_and_unload")
+        return super().train(mode)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """A merged layer takes new factors as set_lora_factors does (unmerged, loaded, merged again),
+        so its weight holds the loaded adapter; a state dict with its ``weight`` (merged or not?) or
+        one for a layer merged for good is an error (load_state_dict raises RuntimeError)."""
+        a_name, b_name = self.factor_names
+        if not self.merged or not (prefix + a_name in state_dict or prefix + b_name in state_dict
+                                   or prefix + "weight" in state_dict):
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        where = f"{type(self).__name__} {prefix[:-1]!r} is merged" if prefix else f"this {type(self).__name__} is merged"
+        if prefix + "weight" in state_dict:
+            error_msgs.append(f"{where}, so a state dict with its weight is ambiguous (an unmerged model's "
+                              "or a merged one's?); unmerge before loading an unmerged model's state dict")
+        elif self._merged_for_good():
+            error_msgs.append(f"{where} for good (drop_merge_state), so it cannot take new factors")
+        else:
+            exact = getattr(self, "_merge_state", None) is not None
+            self.unmerge()
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            self.merge(exact=exact)
 
     def _check_unsharded(self, what: str) -> None:
         # FSDP's unsharded weight is a temporary buffer (a merge into it is lost at the next reshard,
