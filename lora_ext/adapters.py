@@ -423,7 +423,8 @@ def _from_state_dict(model: nn.Module, state_dict: dict) -> Adapter:
             problem = "is not a LoRA layer of the model" if m is None else f"has rank {m.r} in the model but {A.shape[0]} here"
             raise ValueError(f"{where}: {name!r} {problem} (a state dict holds no alpha: inject the LoRA layers "
                              "first, or load a PEFT adapter directory with Adapter.load)")
-        layers[name] = LayerWeights(A, B, m.scaling, kind)
+        # loralib's lora.Embedding names its factors lora_A / lora_B (same shapes as PEFT's lora_embedding_A/B)
+        layers[name] = LayerWeights(A, B, m.scaling, m.lora_kind if kind == "linear" else kind)
     return Adapter(layers, name="state_dict", extra=extra)
 
 

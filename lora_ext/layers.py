@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,15 @@ def factors_like(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[tor
     return A, B
 
 
-def _check_hparams(name: str, r, dropout: float) -> None:
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+def _check_hparams(name: str, r, alpha, dropout) -> None:
+    """ValueError naming the argument for a rank that is not an int > 0 (bool included; numpy ints
+    are fine), an alpha that is not a finite number, a dropout that is not a number in [0, 1)."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
         raise ValueError(f"{name}: LoRA rank r must be a positive int, got {r!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{name}: LoRA dropout must be in [0, 1), got {dropout!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ValueError(f"{name}: LoRA alpha must be a finite number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name}: LoRA dropout must be a number in [0, 1), got {dropout!r}")
 
 
 def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -236,22 +241,22 @@ class LoRALinear(LoRALayer):
                  dropout: float = 0.0, use_rslora: bool = False, bias: bool = True,
                  fan_in_fan_out: bool = False, init: str = "kaiming", device=None, dtype=None):
         super().__init__()
-        _check_hparams(type(self).__name__, r, dropout)
+        _check_hparams(type(self).__name__, r, alpha, dropout)
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
+        self.r, self.lora_alpha, self.use_rslora = int(r), alpha, use_rslora
         self.scaling = _scaling(alpha, r, use_rslora)
         self.lora_dropout = dropout
         self.fan_in_fan_out = fan_in_fan_out
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
         self.weight = nn.Parameter(torch.empty(shape, **kw), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
+        self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **kw))
         self.merged = False
         self.base_class: type = nn.Linear
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.reset_lora_parameters(init)
+        self.lora_init = init
+        self.reset_parameters()
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
@@ -271,14 +276,23 @@ class LoRALinear(LoRALayer):
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
-        layer.lora_A = nn.Parameter(torch.empty(r, in_f, device=w.device, dtype=w.dtype))
-        layer.lora_B = nn.Parameter(torch.empty(out_f, r, device=w.device, dtype=w.dtype))
+        layer.lora_A = nn.Parameter(torch.empty(layer.r, in_f, device=w.device, dtype=w.dtype))
+        layer.lora_B = nn.Parameter(torch.empty(out_f, layer.r, device=w.device, dtype=w.dtype))
         layer.base_class = type(linear)
         layer.reset_lora_parameters(init)
         return layer
 
+    def reset_parameters(self) -> None:
+        """Re-initializes everything (as nn.Linear.reset_parameters, then reset_lora_parameters with
+        the layer's ``lora_init``): weight Kaiming-uniform (a=sqrt(5)), bias U(-1/sqrt(in), 1/sqrt(in))."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters(getattr(self, "lora_init", "kaiming"))
+
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
-        """A: Kaiming-uniform (a=sqrt(5), as PEFT) or Gaussian (std 1/r); B: zeros."""
+        """A: Kaiming-uniform (a=sqrt(5), as PEFT) or Gaussian (std 1/r); B: zeros. Sets ``lora_init``."""
         if init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         elif init == "gaussian":
@@ -286,6 +300,7 @@ class LoRALinear(LoRALayer):
         else:
             raise ValueError(f"{type(self).__name__}: init must be 'kaiming' or 'gaussian', got {init!r}")
         nn.init.zeros_(self.lora_B)
+        self.lora_init = init
 
     @property
     def _weight_in_out(self) -> bool:
@@ -322,6 +337,7 @@ class LoRALinear(LoRALayer):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.lora_alpha}, scaling={self.scaling:.4g}, dropout={self.lora_dropout}"
+                + (", bias=False" if self.bias is None else "") + (", use_rslora=True" if self.use_rslora else "")
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (", merged=True" if self.merged else ""))
 
@@ -333,22 +349,25 @@ class LoRAEmbedding(LoRALayer):
     factor_names = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 8, alpha: float = 8,
-                 use_rslora: bool = False, padding_idx: int | None = None, device=None, dtype=None):
+                 use_rslora: bool = False, padding_idx: int | None = None, max_norm: float | None = None,
+                 norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False,
+                 device=None, dtype=None):
         super().__init__()
-        _check_hparams(type(self).__name__, r, 0.0)
+        _check_hparams(type(self).__name__, r, alpha, 0.0)
         kw = {"device": device, "dtype": dtype}
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
+        self.r, self.lora_alpha, self.use_rslora = int(r), alpha, use_rslora
         self.scaling = _scaling(alpha, r, use_rslora)
-        self.padding_idx = padding_idx
-        self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = None, 2.0, False, False
+        probe = nn.Embedding(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
+                             scale_grad_by_freq, sparse, device="meta")  # nn.Embedding's checks
+        self.padding_idx = probe.padding_idx  # negative -> num_embeddings + padding_idx, as nn.Embedding
+        self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = max_norm, norm_type, scale_grad_by_freq, sparse
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, **kw), requires_grad=False)
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, num_embeddings, **kw))
         self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r, **kw))
         self.merged = False
         self.base_class: type = nn.Embedding
-        nn.init.normal_(self.weight)
-        self.reset_lora_parameters()
+        self.reset_parameters()
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, r: int = 8, alpha: float = 8,
@@ -358,14 +377,13 @@ class LoRAEmbedding(LoRALayer):
         if not isinstance(emb, nn.Embedding):
             raise TypeError(f"LoRAEmbedding.from_embedding: expected nn.Embedding, got {type(emb).__name__}")
         with torch.device("meta"):
-            layer = cls(emb.num_embeddings, emb.embedding_dim, r, alpha, use_rslora, emb.padding_idx)
+            layer = cls(emb.num_embeddings, emb.embedding_dim, r, alpha, use_rslora, emb.padding_idx,
+                        emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
         layer.weight = emb.weight
         layer.weight.requires_grad_(False)
-        layer.max_norm, layer.norm_type = emb.max_norm, emb.norm_type
-        layer.scale_grad_by_freq, layer.sparse = emb.scale_grad_by_freq, emb.sparse
         w = emb.weight
-        layer.lora_embedding_A = nn.Parameter(torch.empty(r, emb.num_embeddings, device=w.device, dtype=w.dtype))
-        layer.lora_embedding_B = nn.Parameter(torch.empty(emb.embedding_dim, r, device=w.device, dtype=w.dtype))
+        layer.lora_embedding_A = nn.Parameter(torch.empty(layer.r, emb.num_embeddings, device=w.device, dtype=w.dtype))
+        layer.lora_embedding_B = nn.Parameter(torch.empty(emb.embedding_dim, layer.r, device=w.device, dtype=w.dtype))
         layer.base_class = type(emb)
         # scaled word embeddings (Gemma, Bart, M2M100, ...: forward returns E[ids] * embed_scale): PEFT
         # scales the base output (its base_layer's forward) and the LoRA output alike
@@ -376,6 +394,15 @@ class LoRAEmbedding(LoRALayer):
             layer.embed_scale = float(scale)
         layer.reset_lora_parameters()
         return layer
+
+    def reset_parameters(self) -> None:
+        """Re-initializes everything: the table as nn.Embedding.reset_parameters (standard normal,
+        padding_idx row zero), then reset_lora_parameters."""
+        nn.init.normal_(self.weight)
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.weight[self.padding_idx].fill_(0)
+        self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
         """As PEFT: A zeros, B standard normal."""
@@ -402,9 +429,16 @@ class LoRAEmbedding(LoRALayer):
             base.embed_scale = scale
         return base
 
-    def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # loralib's lora.Embedding names the same factors lora_A [r, num_embeddings] / lora_B [dim, r]
+        for ours, theirs in zip(self.factor_names, ("lora_A", "lora_B")):
+            if prefix + theirs in state_dict and prefix + ours not in state_dict:
+                state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _embed(self, ids: torch.Tensor, table: torch.Tensor, sparse: bool) -> torch.Tensor:
         return F.embedding(ids, table, self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
+                           self.scale_grad_by_freq, sparse)
 
     def _scaled(self, t: torch.Tensor) -> torch.Tensor:
         scale = getattr(self, "embed_scale", None)
@@ -413,12 +447,15 @@ class LoRAEmbedding(LoRALayer):
         return t * (scale.to(t.dtype) if isinstance(scale, torch.Tensor) else scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self._scaled(self._embed(ids, self.weight))
+        out = self._scaled(self._embed(ids, self.weight, self.sparse))
         if self.merged:
             return out
-        after_a = self._embed(ids, self.lora_embedding_A.t())
+        # the lookup in A^T (a transposed view) takes a dense gradient: a sparse one cannot be transposed
+        after_a = self._embed(ids, self.lora_embedding_A.t(), sparse=False)
         return out + self._scaled((after_a @ self.lora_embedding_B.t()) * self.scaling)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, alpha={self.lora_alpha}"
-                + (", merged=True" if self.merged else ""))
+        opts = [f"{k}={getattr(self, k)}" for k, default in (("padding_idx", None), ("max_norm", None),
+                ("norm_type", 2.0), ("scale_grad_by_freq", False), ("sparse", False)) if getattr(self, k) != default]
+        return ", ".join([f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, alpha={self.lora_alpha}"] + opts
+                         + (["use_rslora=True"] if self.use_rslora else []) + (["merged=True"] if self.merged else []))

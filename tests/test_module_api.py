@@ -1,12 +1,16 @@
 """The module API as a loralib / nn.Linear / nn.Embedding user meets it: train() after a merge,
-load_state_dict into merged layers."""
+load_state_dict into merged layers, loralib checkpoints and arguments, constructor options,
+reset_parameters, argument errors."""
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import lora_ext
+from lora_ext import LoRAEmbedding, LoRALinear
 
 
 def _mlp():
@@ -85,3 +89,94 @@ def test_load_state_dict_with_weight_into_merged_layer_raises():
     m[0].drop_merge_state()
     with pytest.raises(RuntimeError, match="merged for good"):
         m.load_state_dict(lora_ext.lora_state_dict(m, peft_names=False), strict=False)
+
+
+def test_loralib_embedding_keys_load():
+    emb = LoRAEmbedding.from_embedding(nn.Embedding(10, 6, padding_idx=0), r=3, alpha=6)
+    A, B = torch.randn(3, 10), torch.randn(6, 3)  # loralib's lora.Embedding: lora_A [r, num], lora_B [dim, r]
+    model = nn.Sequential(emb)
+    model.load_state_dict({"0.weight": emb.weight.clone(), "0.lora_A": A, "0.lora_B": B}, strict=True)
+    assert torch.equal(emb.lora_embedding_A, A) and torch.equal(emb.lora_embedding_B, B)
+    ids = torch.tensor([0, 3, 9])
+    ref = emb.weight[ids] + 2.0 * A.t()[ids] @ B.t()  # loralib's forward (scaling 6 / 3)
+    torch.testing.assert_close(emb(ids), ref)
+    fresh = nn.Sequential(LoRAEmbedding.from_embedding(nn.Embedding(10, 6), r=3, alpha=6))
+    assert lora_ext.load_adapter(fresh, {"0.lora_A": A, "0.lora_B": B}) == ["0"]
+    assert torch.equal(fresh[0].lora_embedding_A, A)
+
+
+def test_embedding_constructor_matches_nn_embedding():
+    kw = dict(padding_idx=-2, max_norm=1.5, norm_type=3.0, scale_grad_by_freq=True, sparse=True)
+    torch.manual_seed(0)
+    ref = nn.Embedding(10, 4, **kw)
+    layer = LoRAEmbedding(10, 4, r=2, **kw)
+    for k in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
+        assert getattr(layer, k) == getattr(ref, k), k
+    assert layer.padding_idx == 8 and torch.count_nonzero(layer.weight[8]) == 0
+    assert "padding_idx=8" in repr(layer) and "sparse=True" in repr(layer)
+    with pytest.raises(AssertionError, match="Padding_idx"):
+        LoRAEmbedding(10, 4, r=2, padding_idx=10)
+    back = lora_ext.merge_and_unload(LoRAEmbedding.from_embedding(ref, r=2))
+    assert (back.padding_idx, back.max_norm, back.sparse) == (8, 1.5, True)
+
+
+def test_sparse_embedding_backward():
+    torch.manual_seed(0)
+    dense, sparse = nn.Embedding(10, 4), nn.Embedding(10, 4, sparse=True)
+    sparse.weight = nn.Parameter(dense.weight.detach().clone())
+    grads = []
+    for base in (dense, sparse):
+        layer = LoRAEmbedding.from_embedding(base, r=2)
+        torch.manual_seed(1)
+        layer.reset_lora_parameters()
+        nn.init.normal_(layer.lora_embedding_A)
+        layer(torch.tensor([[1, 2, 2]])).square().sum().backward()  # crashed with sparse=True (A^T's grad)
+        grads.append((layer.lora_embedding_A.grad, layer.lora_embedding_B.grad))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_reset_parameters():
+    torch.manual_seed(0)
+    layer = LoRALinear(64, 32, r=4, init="gaussian")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.fill_(7.0)
+    layer.reset_parameters()  # as nn.Linear's, then the LoRA init the layer was built with
+    bound = 1 / math.sqrt(64)
+    assert layer.bias.abs().max() <= bound and layer.bias.abs().min() > 0
+    assert layer.weight.abs().max() <= bound and torch.count_nonzero(layer.lora_B) == 0
+    assert abs(layer.lora_A.std().item() - 1 / 4) < 0.05  # gaussian std 1/r, not kaiming's bound 1/8
+    assert "bias=False" in repr(LoRALinear(4, 3, r=2, bias=False))
+    emb = LoRAEmbedding(10, 4, r=2, padding_idx=1)
+    with torch.no_grad():
+        for p in emb.parameters():
+            p.fill_(7.0)
+    emb.reset_parameters()
+    assert torch.count_nonzero(emb.weight[1]) == 0 and torch.count_nonzero(emb.lora_embedding_A) == 0
+    # deferred init: build on meta, materialize, reset (torch's to_empty + reset_parameters)
+    meta = LoRALinear(16, 8, r=2, device="meta").to_empty(device="cpu")
+    meta.reset_parameters()
+    assert torch.isfinite(meta.weight).all() and torch.count_nonzero(meta.lora_B) == 0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(r=2.0), "rank r must be a positive int, got 2.0"),
+    (dict(r=True), "rank r .* got True"),
+    (dict(alpha="16"), "alpha must be a finite number, got '16'"),
+    (dict(alpha=float("nan")), "alpha must be a finite number"),
+    (dict(alpha=True), "alpha must be a finite number"),
+    (dict(dropout=None), "dropout must be a number in \\[0, 1\\), got None"),
+    (dict(dropout="0.1"), "dropout must be a number"),
+])
+def test_bad_hparams_name_the_argument(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LoRALinear(4, 3, **{"r": 2, **kw})
+    with pytest.raises(ValueError, match="inject: module '0'.*" + match):
+        lora_ext.inject(nn.Sequential(nn.Linear(4, 3)), ["0"], **{"r": 2, **kw})
+
+
+def test_numpy_hparams_accepted():
+    layer = LoRALinear.from_linear(nn.Linear(4, 3), r=np.int64(2), alpha=np.float32(4.0))
+    assert type(layer.r) is int and layer.r == 2 and layer.lora_A.shape == (2, 4) and layer.scaling == 2.0
+    emb = LoRAEmbedding.from_embedding(nn.Embedding(5, 3), r=np.int32(2))
+    assert type(emb.r) is int and emb.lora_embedding_B.shape == (3, 2)
