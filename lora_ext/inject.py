@@ -67,10 +67,14 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
+def _check_bias(bias, where: str) -> None:
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"{where}: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+
+
 def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> None:
     """requires_grad only for LoRA parameters; bias="all" adds every bias, "lora_only" the LoRA layers'."""
-    if bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"mark_only_lora_trainable: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    _check_bias(bias, "mark_only_lora_trainable")
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n.split(".")[-1])
     if bias == "all":
@@ -83,35 +87,43 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> None:
                 m.bias.requires_grad_(True)
 
 
-def trained_biases(model: nn.Module, skip=()) -> tuple[list[tuple[str, str, torch.Tensor]], str]:
+def trained_biases(model: nn.Module, skip=(), bias: str | None = None) -> tuple[list[tuple[str, str, torch.Tensor]], str]:
     """The biases that require grad (``mark_only_lora_trainable(bias=...)``) as (module name,
     PEFT's key less "base_model.model." — "<layer>.base_layer.bias" for a LoRA layer's own —,
     bias), and the PEFT ``bias`` mode they amount to: "none", "lora_only" (LoRA layers' biases
-    only) or "all". Biases inside the modules named in ``skip`` (saved whole) are left out."""
+    only) or "all". Biases inside the modules named in ``skip`` (saved whole) are left out.
+    ``bias`` "none" / "lora_only" / "all" picks no bias / the LoRA layers' / every bias instead
+    of those that require grad (loralib's lora_state_dict(model, bias=...))."""
     lora, seen, out = lora_layers(model), set(), []
     for name, m in model.named_modules():
         if any(name == k or name.startswith(k + ".") for k in skip):
             continue
         b = m._parameters.get("bias")
-        if isinstance(b, torch.Tensor) and b.requires_grad and id(b) not in seen:
+        if not isinstance(b, torch.Tensor) or id(b) in seen:
+            continue
+        if b.requires_grad if bias is None else bias == "all" or (bias == "lora_only" and name in lora):
             seen.add(id(b))
             out.append((name, f"{name}.base_layer.bias" if name in lora else f"{name}.bias", b))
     only_lora = all(key.endswith(".base_layer.bias") for _, key, _ in out)
     return out, "none" if not out else "lora_only" if only_lora else "all"
 
 
-def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: bool = True) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: bool = True,
+                    bias: str | None = None) -> dict[str, torch.Tensor]:
     """LoRA weights under HF PEFT's saved key names (adapter name stripped), or with
     peft_names=False under the model's own names (as loralib), for model.load_state_dict(sd, strict=False).
     Trained biases (requires_grad, see mark_only_lora_trainable) are included as PEFT saves them
-    with bias="lora_only"/"all": "<layer>.base_layer.bias" for a LoRA layer's own bias.
-    lora_ext.load_adapter(model, sd) takes either and says when a key matches no LoRA layer."""
+    with bias="lora_only"/"all": "<layer>.base_layer.bias" for a LoRA layer's own bias; ``bias``
+    "none" / "lora_only" / "all" (loralib's argument) includes no bias / the LoRA layers' / every
+    bias instead. lora_ext.load_adapter(model, sd) takes either and says when a key matches no LoRA layer."""
+    if bias is not None:
+        _check_bias(bias, "lora_state_dict")
     out = {}
     for name, m in lora_layers(model).items():
         linear = m.lora_kind == "linear"
         for p in m.factor_names:
             key = f"{prefix}{name}.{p}{'.weight' if linear else ''}" if peft_names else f"{name}.{p}"
             out[key] = getattr(m, p).detach()
-    for name, key, b in trained_biases(model)[0]:
+    for name, key, b in trained_biases(model, bias=bias)[0]:
         out[prefix + key if peft_names else f"{name}.bias"] = b.detach()
     return out

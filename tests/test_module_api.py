@@ -105,6 +105,22 @@ def test_loralib_embedding_keys_load():
     assert torch.equal(fresh[0].lora_embedding_A, A)
 
 
+def test_lora_state_dict_bias_argument_as_loralib():
+    m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4, bias=False))
+    lora_ext.inject(m, ["0", "2"], r=2)
+    lora_ext.mark_only_lora_trainable(m)
+
+    def biases(**kw):
+        return sorted(k for k in lora_ext.lora_state_dict(m, peft_names=False, **kw) if "lora_" not in k)
+
+    assert biases() == biases(bias="none") == []
+    assert biases(bias="lora_only") == ["0.bias"]
+    assert biases(bias="all") == ["0.bias", "1.bias"]
+    assert "base_model.model.0.base_layer.bias" in lora_ext.lora_state_dict(m, bias="lora_only")
+    with pytest.raises(ValueError, match="lora_state_dict: bias must be"):
+        lora_ext.lora_state_dict(m, bias="some")
+
+
 def test_embedding_constructor_matches_nn_embedding():
     kw = dict(padding_idx=-2, max_norm=1.5, norm_type=3.0, scale_grad_by_freq=True, sparse=True)
     torch.manual_seed(0)
