@@ -14,7 +14,7 @@ from torch import nn
 
 from .layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d
 from .sharding import sharding_of
-from .targets import PEFT_PREFIX, pattern_value, select_targets
+from .targets import PEFT_PREFIX, matches, pattern_value, select_targets
 
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "PEFT_PREFIX"]
 
@@ -38,6 +38,12 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
         target_modules = list(target_modules)
     chosen = select_targets(model, target_modules, exclude_modules)
     if not chosen:
+        injected = [n for n, m in model.named_modules() if isinstance(m, LoRALayer)
+                    and (target_modules == "all-linear" or matches(n, target_modules))]
+        if injected:
+            raise ValueError(f"inject: target_modules={target_modules!r} matched only modules that are "
+                             f"LoRA layers already ({', '.join(injected[:4])}{', ...' if len(injected) > 4 else ''}); "
+                             "set_lora_factors / load_adapter replace their factors")
         leaves = sorted({n.split(".")[-1] for n, m in model.named_modules()
                          if isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m)})
         raise ValueError(f"inject: target_modules={target_modules!r} matched no module of "

@@ -196,3 +196,13 @@ def test_numpy_hparams_accepted():
     assert type(layer.r) is int and layer.r == 2 and layer.lora_A.shape == (2, 4) and layer.scaling == 2.0
     emb = LoRAEmbedding.from_embedding(nn.Embedding(5, 3), r=np.int32(2))
     assert type(emb.r) is int and emb.lora_embedding_B.shape == (3, 2)
+
+
+def test_inject_twice_names_the_lora_layers():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    lora_ext.inject(model, target_modules=["0", "2"], r=2)
+    for target in (["0", "2"], "all-linear", r"0|2"):
+        with pytest.raises(ValueError, match=r"LoRA layers already \(0, 2\)"):
+            lora_ext.inject(model, target_modules=target, r=2)
+    with pytest.raises(ValueError, match="matched no module"):
+        lora_ext.inject(model, target_modules=["q_proj"], r=2)
