@@ -380,8 +380,12 @@ def _pinned(ad: Adapter, name: str) -> Adapter:
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().to("cpu").contiguous()
-    if torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError):
-            t = t.pin_memory()
-    return t
+    """A new contiguous host tensor equal to `t`, never sharing its memory (the caller's tensors
+    may change after load(); ``to("cpu")`` and ``pin_memory()`` would return `t` itself when it
+    is already a contiguous CPU / pinned tensor)."""
+    pinned = torch.cuda.is_available()
+    try:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+    except RuntimeError:  # no pinnable memory left: a pageable copy
+        out = torch.empty(t.shape, dtype=t.dtype)
+    return out.copy_(t.detach())

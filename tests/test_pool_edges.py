@@ -169,3 +169,33 @@ def test_set_indices_refuses_values_it_would_change():
     ctx.set_indices(torch.tensor([1], dtype=torch.int64))
     with torch.no_grad():
         layer(torch.randn(1, 16))
+
+
+def trained_adapter(seed, r=4, targets=("q_proj", "v_proj")):
+    m = tiny_llama()
+    lora_ext.inject(m, target_modules=list(targets), r=r, alpha=2 * r)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_ext.lora_layers(m).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+    return Adapter.from_model(m)
+
+
+@torch.no_grad()
+def test_pool_keeps_its_own_copy_of_a_loaded_adapter(base):
+    """The host copy of an Adapter passed to load() must not share the caller's tensors: changed
+    in place afterwards (training goes on), an evicted and restored adapter served the new values
+    on a machine without CUDA (to("cpu").contiguous() returned the same tensor there)."""
+    model = copy.deepcopy(base)
+    pool = lora_ext.AdapterPool(model, target_modules=["q_proj", "v_proj"], max_adapters=1, max_rank=8)
+    ad = trained_adapter(1)
+    pool.load("a", ad)
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with pool.batch(["a"]):
+        want = model(ids).logits
+    for w in ad.layers.values():
+        w.B.zero_()
+    pool.load("b", trained_adapter(2))  # evicts a
+    assert pool.resident() == ["b"]
+    with pool.batch(["a"]):
+        assert torch.equal(model(ids).logits, want)
