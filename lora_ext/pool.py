@@ -35,6 +35,7 @@ Design:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -57,6 +58,8 @@ class _Entry:
 
     def __init__(self, name: str, adapter: Adapter, source: str | None):
         self.name, self.adapter, self.source = name, adapter, source
+        # what load() read from `source`: a re-read (after the host copy was dropped) must match
+        self.digest = _digest(adapter) if source is not None else None
         self.slot: int | None = None   # resident slot, or None
         self.in_use = False            # used by the open batch
         self.ready: torch.cuda.Event | None = None  # pending side-stream load (prefetch)
@@ -177,7 +180,8 @@ class AdapterPool:
         """Loads (or replaces) adapter `name` from a PEFT directory or an Adapter; returns its slot."""
         if name in BASE_NAMES or not isinstance(name, str):
             raise ValueError(f"AdapterPool.load: {name!r} is reserved for the base model")
-        source = os.fspath(adapter) if isinstance(adapter, (str, os.PathLike)) else None
+        # absolute: an evicted adapter is re-read from the same directory after a chdir
+        source = os.path.abspath(os.fspath(adapter)) if isinstance(adapter, (str, os.PathLike)) else None
         ad = Adapter.load(source, allow_pickle=allow_pickle) if source is not None else adapter
         if not isinstance(ad, Adapter):
             raise TypeError(f"AdapterPool.load: expected a path or an Adapter, got {type(adapter).__name__}")
@@ -322,15 +326,20 @@ class AdapterPool:
                 del self._host[n]
 
     def _host_copy(self, e: _Entry) -> None:
-        """Reads an adapter dropped from the host cache from its file again."""
+        """Reads an adapter dropped from the host cache from its file again: the adapter load()
+        read, else an error (the pool never serves another version than load()'s under a name)."""
         if e.adapter is None:
             try:
                 ad = Adapter.load(e.source)
                 self._validate(e.name, ad, e.source)  # the file may have changed since load()
-                e.adapter = _pinned(ad, e.name)
             except (OSError, ValueError) as err:
                 raise type(err)(f"AdapterPool: adapter {e.name!r} was evicted and cannot be read again "
                                 f"from {e.source}: {err}") from err
+            if _digest(ad) != e.digest:
+                raise ValueError(f"AdapterPool: adapter {e.name!r} was evicted and its files in {e.source} "
+                                 f"changed since it was loaded; pool.load({e.name!r}, {e.source!r}) "
+                                 "serves the new version")
+            e.adapter = _pinned(ad, e.name)
             self._host[e.name] = e.adapter.nbytes()
 
     @contextlib.contextmanager
@@ -377,6 +386,18 @@ def _pinned(ad: Adapter, name: str) -> Adapter:
     """A copy of `ad` in (pinned, when CUDA is available) host memory."""
     return Adapter({k: LayerWeights(_pin(w.A), _pin(w.B), w.scale, w.kind) for k, w in ad.layers.items()},
                    ad.config, name)
+
+
+def _digest(ad: Adapter) -> bytes:
+    """A hash of what the pool serves of `ad`: every module's kind, scale, dtype, shapes and bits."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(ad.layers):
+        w = ad.layers[name]
+        h.update(repr((name, w.kind, float(w.scale), str(w.A.dtype), str(w.B.dtype), tuple(w.A.shape),
+                       tuple(w.B.shape))).encode())
+        for t in (w.A, w.B):
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.digest()
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:

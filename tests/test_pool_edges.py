@@ -199,3 +199,40 @@ def test_pool_keeps_its_own_copy_of_a_loaded_adapter(base):
     assert pool.resident() == ["b"]
     with pool.batch(["a"]):
         assert torch.equal(model(ids).logits, want)
+
+
+@torch.no_grad()
+def test_evicted_adapter_whose_file_changed_is_not_served(base, tmp_path, monkeypatch):
+    """A new (valid) checkpoint written over a loaded adapter's directory was served silently once
+    the adapter had been evicted and dropped from the host cache: the same name gave other logits
+    depending on cache pressure. Now the batch raises (pool unchanged) until load() picks it up.
+    A relative path is kept absolute: after a chdir the same directory is read, not another one."""
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    (tmp_path / "elsewhere").mkdir()
+    for where, seed in ((tmp_path, 1), (tmp_path / "elsewhere", 7)):  # same relative path "a"
+        trained_adapter(seed).save(str(where / "a"))
+    monkeypatch.chdir(tmp_path)
+    model = copy.deepcopy(base)
+    pool = lora_ext.AdapterPool(model, target_modules=["q_proj", "v_proj"], max_adapters=1, max_rank=8,
+                                host_cache_bytes=0)
+    pool.load("a", "a")
+    with pool.batch(["a"]):
+        want = model(ids).logits
+    pool.load("b", trained_adapter(2))  # evicts a, whose host copy is dropped
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pool.batch(["a"]):
+        assert torch.equal(model(ids).logits, want)
+    pool.load("b", trained_adapter(2))
+    trained_adapter(3).save(str(tmp_path / "a"))  # a new checkpoint over the loaded one
+    with pytest.raises(ValueError, match=r"'a' was evicted and its files in .* changed.*pool.load\('a'"):
+        with pool.batch(["a"]):
+            pass
+    assert pool.resident() == ["b"]
+    pool.load("a", tmp_path / "a")  # picks up the new version
+    fresh = copy.deepcopy(base)
+    ref = lora_ext.AdapterPool(fresh, target_modules=["q_proj", "v_proj"], max_adapters=1, max_rank=8)
+    ref.load("a", tmp_path / "a")
+    with pool.batch(["a"]):
+        got = model(ids).logits
+    with ref.batch(["a"]):
+        assert torch.equal(got, fresh(ids).logits) and not torch.equal(got, want)
