@@ -178,7 +178,9 @@ class AdapterPool:
 
     def load(self, name: str, adapter, allow_pickle: bool = False) -> int:
         """Loads (or replaces) adapter `name` from a PEFT directory or an Adapter; returns its slot."""
-        if name in BASE_NAMES or not isinstance(name, str):
+        if not isinstance(name, str):
+            raise TypeError(f"AdapterPool.load: name must be a str, got {type(name).__name__} {name!r:.80}")
+        if name in BASE_NAMES:
             raise ValueError(f"AdapterPool.load: {name!r} is reserved for the base model")
         # absolute: an evicted adapter is re-read from the same directory after a chdir
         source = os.path.abspath(os.fspath(adapter)) if isinstance(adapter, (str, os.PathLike)) else None
@@ -191,7 +193,7 @@ class AdapterPool:
             if old is not None and old.in_use:
                 raise RuntimeError(f"AdapterPool.load: {name!r} is used by an open batch; replace it later")
             entry = _Entry(name, _pinned(ad, name), source)
-            slot = old.slot if old is not None and old.slot is not None else self._free_slot()
+            slot = old.slot if old is not None and old.slot is not None else self._free_slot(f"load({name!r})")
             try:
                 self._write_slot(entry, slot, stream=None)
             except BaseException:  # the slot holds a partial write: free it; `name` stays as it was,
@@ -208,7 +210,7 @@ class AdapterPool:
     def unload(self, name: str) -> None:
         """Forgets `name`: frees its slot and host copy."""
         with self._lock:
-            entry = self._entry(name)
+            entry = self._entry(name, "unload")
             if entry.in_use:
                 raise RuntimeError(f"AdapterPool.unload: {name!r} is used by an open batch")
             if entry.slot is not None:
@@ -219,10 +221,10 @@ class AdapterPool:
     def prefetch(self, name: str) -> None:
         """Makes `name` resident asynchronously (side stream on CUDA); batch() waits for it."""
         with self._lock:
-            entry = self._entry(name)
+            entry = self._entry(name, "prefetch")
             if entry.slot is None:
                 self._host_copy(entry)
-                self._write_slot(entry, self._free_slot(), stream=self._side)
+                self._write_slot(entry, self._free_slot(f"prefetch({name!r})"), stream=self._side)
 
     # ------------------------------------------------------------------ batches
     @contextlib.contextmanager
@@ -248,7 +250,7 @@ class AdapterPool:
             with self._lock:
                 for e in used:
                     if e.slot is None:
-                        self._write_slot(e, self._free_slot(), stream=None)
+                        self._write_slot(e, self._free_slot("batch"), stream=None)
                     self._resident.move_to_end(e.name)
                     if e.ready is not None:  # a prefetch on the side stream: order after it
                         torch.cuda.current_stream(self.device).wait_event(e.ready)
@@ -275,7 +277,10 @@ class AdapterPool:
                                "thread); batches share the pool's indices, so open one after the other")
         if len(names) > self.context.max_tokens:
             raise ValueError(f"AdapterPool.batch: {len(names)} entries exceed max_tokens {self.context.max_tokens}")
-        for n in names:
+        for i, n in enumerate(names):
+            if n not in BASE_NAMES and not isinstance(n, str):
+                raise TypeError(f"AdapterPool.batch: names[{i}] is a {type(n).__name__} ({n!r:.80}); each "
+                                "entry is an adapter name (str), None or '__base__'")
             if n not in BASE_NAMES and n not in self._entries:
                 raise KeyError(f"AdapterPool.batch: unknown adapter {n!r}; loaded: {self.names()}")
         used = [self._entries[n] for n in dict.fromkeys(names) if n not in BASE_NAMES]
@@ -287,12 +292,12 @@ class AdapterPool:
         return used
 
     # ------------------------------------------------------------------ slots
-    def _entry(self, name: str) -> _Entry:
-        if name not in self._entries:
-            raise KeyError(f"AdapterPool: unknown adapter {name!r}; loaded: {self.names()}")
+    def _entry(self, name: str, method: str) -> _Entry:
+        if not isinstance(name, str) or name not in self._entries:
+            raise KeyError(f"AdapterPool.{method}: unknown adapter {name!r:.80}; loaded: {self.names()}")
         return self._entries[name]
 
-    def _free_slot(self) -> int:
+    def _free_slot(self, caller: str) -> int:
         for s, owner in enumerate(self._slot_owner):
             if owner is None:
                 return s
@@ -303,7 +308,7 @@ class AdapterPool:
                 self._release_slot(e)
                 self._host[n] = e.adapter.nbytes()  # trimmed to host_cache_bytes after the write
                 return slot
-        raise RuntimeError(f"AdapterPool: all {self.max_adapters} slots hold adapters used by open batches")
+        raise RuntimeError(f"AdapterPool.{caller}: all {self.max_adapters} slots hold adapters used by open batches")
 
     def _release_slot(self, e: _Entry) -> None:
         slot = e.slot

@@ -236,3 +236,28 @@ def test_evicted_adapter_whose_file_changed_is_not_served(base, tmp_path, monkey
         got = model(ids).logits
     with ref.batch(["a"]):
         assert torch.equal(got, fresh(ids).logits) and not torch.equal(got, want)
+
+
+@torch.no_grad()
+def test_misuse_errors_name_the_method_and_argument(base):
+    """Before: load(123, ad) said 123 'is reserved for the base model', a list among batch names
+    raised a bare "unhashable type: 'list'", unload/prefetch of an unknown name and a load with
+    every slot in use named no method."""
+    model = copy.deepcopy(base)
+    pool = lora_ext.AdapterPool(model, target_modules=["q_proj", "v_proj"], max_adapters=1, max_rank=8)
+    ad = trained_adapter(1)
+    for bad in (123, b"a", ["a"]):
+        with pytest.raises(TypeError, match=r"AdapterPool.load: name must be a str, got "):
+            pool.load(bad, ad)
+    with pytest.raises(ValueError, match="AdapterPool.load: '__base__' is reserved"):
+        pool.load("__base__", ad)
+    for name in ("", "ü.v1/x"):  # any str is a name
+        pool.load(name, ad)
+    with pytest.raises(TypeError, match=r"AdapterPool.batch: names\[1\] is a list"), pool.batch(["", ["a"]]):
+        pass
+    for method in ("unload", "prefetch"):
+        with pytest.raises(KeyError, match=rf"AdapterPool.{method}: unknown adapter 'zz'"):
+            getattr(pool, method)("zz")
+    with pool.batch([""]), pytest.raises(RuntimeError, match=r"AdapterPool.load\('b'\): all 1 slots"):
+        pool.load("b", ad)
+    assert pool.names() == ["", "ü.v1/x"] and pool.resident() == [""]
