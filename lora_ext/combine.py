@@ -24,15 +24,13 @@ def _combine_factors(items: list[tuple[torch.Tensor, torch.Tensor, float]], how:
         A = torch.cat([a.float() for a, _, _ in items], 0)
         B = torch.cat([b.float() * torch.tensor(c, dtype=torch.float32, device=b.device)
                        for _, b, c in items], 1)
-    elif how == "linear":
+    else:  # "linear" (checked by combine)
         ranks = {a.shape[0] for a, _, _ in items}
         if len(ranks) != 1:
             raise ValueError(f"combine(how='linear'): {where}: ranks differ ({sorted(ranks)}); "
                              "use how='cat'")
         A = sum(math.copysign(math.sqrt(abs(c)), c) * a.float() for a, _, c in items)
         B = sum(math.sqrt(abs(c)) * b.float() for _, b, c in items)
-    else:
-        raise ValueError(f"combine: how must be 'cat' or 'linear', got {how!r}")
     out = dtype or torch.float32
     return A.to(out), B.to(out)
 
@@ -67,7 +65,18 @@ def combine(adapters: Sequence, weights: Sequence[float] | None = None, how: str
     adapters = list(adapters)
     if not adapters:
         raise ValueError("combine: no adapters given")
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if how not in ("cat", "linear"):
+        raise ValueError(f"combine: how must be 'cat' or 'linear', got {how!r} (PEFT's svd, ties, dare_* and "
+                         "magnitude_prune* combinations are not implemented)")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"combine: dtype must be a floating-point torch.dtype (or None: float32), got {dtype!r}")
+    try:
+        if isinstance(weights, (str, bytes)):
+            raise TypeError
+        weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    except TypeError:
+        raise TypeError(f"combine: weights must be a sequence of floats, one per adapter, got "
+                        f"{type(weights).__name__} {weights!r:.80}") from None
     if len(weights) != len(adapters):
         raise ValueError(f"combine: {len(weights)} weights for {len(adapters)} adapters")
     if not all(math.isfinite(w) for w in weights):
