@@ -56,8 +56,9 @@ BASE_NAMES = (None, "__base__")
 class _Entry:
     """What the pool knows about one adapter name."""
 
-    def __init__(self, name: str, adapter: Adapter, source: str | None):
+    def __init__(self, name: str, adapter: Adapter, source: str | None, allow_pickle: bool = False):
         self.name, self.adapter, self.source = name, adapter, source
+        self.allow_pickle = allow_pickle  # as load() read `source`, for a re-read
         # what load() read from `source`: a re-read (after the host copy was dropped) must match
         self.digest = _digest(adapter) if source is not None else None
         self.slot: int | None = None   # resident slot, or None
@@ -192,7 +193,7 @@ class AdapterPool:
             old = self._entries.get(name)
             if old is not None and old.in_use:
                 raise RuntimeError(f"AdapterPool.load: {name!r} is used by an open batch; replace it later")
-            entry = _Entry(name, _pinned(ad, name), source)
+            entry = _Entry(name, _pinned(ad, name), source, allow_pickle)
             slot = old.slot if old is not None and old.slot is not None else self._free_slot(f"load({name!r})")
             try:
                 self._write_slot(entry, slot, stream=None)
@@ -335,7 +336,7 @@ class AdapterPool:
         read, else an error (the pool never serves another version than load()'s under a name)."""
         if e.adapter is None:
             try:
-                ad = Adapter.load(e.source)
+                ad = Adapter.load(e.source, allow_pickle=e.allow_pickle)
                 self._validate(e.name, ad, e.source)  # the file may have changed since load()
             except (OSError, ValueError) as err:
                 raise type(err)(f"AdapterPool: adapter {e.name!r} was evicted and cannot be read again "

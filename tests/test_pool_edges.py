@@ -261,3 +261,26 @@ def test_misuse_errors_name_the_method_and_argument(base):
     with pool.batch([""]), pytest.raises(RuntimeError, match=r"AdapterPool.load\('b'\): all 1 slots"):
         pool.load("b", ad)
     assert pool.names() == ["", "ü.v1/x"] and pool.resident() == [""]
+
+
+@torch.no_grad()
+def test_evicted_pickle_adapter_is_read_again(base, tmp_path):
+    """load(name, dir, allow_pickle=True) of an adapter_model.bin: read again after eviction
+    without allow_pickle, the batch raised 'refusing to unpickle'."""
+    from safetensors.torch import load_file
+    trained_adapter(1).save(str(tmp_path / "a"))
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    (tmp_path / "a" / "adapter_model.safetensors").unlink()
+    torch.save(tensors, tmp_path / "a" / "adapter_model.bin")
+    model = copy.deepcopy(base)
+    pool = lora_ext.AdapterPool(model, target_modules=["q_proj", "v_proj"], max_adapters=1, max_rank=8,
+                                host_cache_bytes=0)
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        pool.load("a", tmp_path / "a")
+    pool.load("a", tmp_path / "a", allow_pickle=True)
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with pool.batch(["a"]):
+        want = model(ids).logits
+    pool.load("b", trained_adapter(2))  # evicts a, whose host copy is dropped
+    with pool.batch(["a"]):
+        assert torch.equal(model(ids).logits, want)
