@@ -74,14 +74,18 @@ class AdapterPool:
     max_adapters: resident slots (load() evicts the least recently used beyond it).
     max_rank: the largest adapter rank a slot holds. device: the pools' device (default: the
     model's). host_cache_bytes: pinned host copies kept of evicted adapters (None: no limit; beyond
-    it they are re-read from their files). max_tokens: the most names one batch() may take
-    (rows, or tokens with per_token=True).
+    it they are re-read from their files; adapters loaded as Adapter objects have none and stay
+    until unload()). max_tokens: the most names one batch() may take (rows, or tokens with
+    per_token=True).
     """
 
     def __init__(self, model: nn.Module, target_modules=None, max_adapters: int = 16, max_rank: int = 64,
                  device=None, host_cache_bytes: int | None = None, max_tokens: int = 65536):
-        if max_adapters < 1 or max_rank < 1:
-            raise ValueError(f"AdapterPool: max_adapters and max_rank must be >= 1, got {max_adapters}, {max_rank}")
+        for arg, v, least in (("max_adapters", max_adapters, 1), ("max_rank", max_rank, 1),
+                              ("max_tokens", max_tokens, 1), ("host_cache_bytes", host_cache_bytes, 0)):
+            if not (arg == "host_cache_bytes" and v is None or _is_int(v) and v >= least):
+                raise ValueError(f"AdapterPool: {arg} must be {'None or ' if least == 0 else ''}an int >= {least}, "
+                                 f"got {v!r:.80}")
         self.model, self.max_adapters, self.max_rank = model, max_adapters, max_rank
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
@@ -117,8 +121,10 @@ class AdapterPool:
             if linear if everything else matches(name, targets):
                 chosen[name] = m
         if not chosen:
+            hint = (" (a str is a regex over full module names, as in PEFT: pass a list for name suffixes, "
+                    f"[{target_modules!r}])") if isinstance(target_modules, str) and not everything else ""
             raise ValueError(f"AdapterPool: target_modules={target_modules!r} matched no nn.Linear, Conv1D or "
-                             f"nn.Embedding of {type(self.model).__name__}")
+                             f"nn.Embedding of {type(self.model).__name__}{hint}")
         modules = dict(self.model.named_modules())
         layers = {}
         for name, m in chosen.items():  # all built first: a module that cannot be served changes nothing
@@ -392,6 +398,10 @@ def _pinned(ad: Adapter, name: str) -> Adapter:
     """A copy of `ad` in (pinned, when CUDA is available) host memory."""
     return Adapter({k: LayerWeights(_pin(w.A), _pin(w.B), w.scale, w.kind) for k, w in ad.layers.items()},
                    ad.config, name)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _digest(ad: Adapter) -> bytes:

@@ -284,3 +284,19 @@ def test_evicted_pickle_adapter_is_read_again(base, tmp_path):
     pool.load("b", trained_adapter(2))  # evicts a, whose host copy is dropped
     with pool.batch(["a"]):
         assert torch.equal(model(ids).logits, want)
+
+
+def test_pool_arguments_are_checked(base):
+    """Floats, strings and bools for the sizes raised torch's "zeros(): argument 'size' ..." or a
+    bare "'<' not supported", a negative host_cache_bytes was taken; a str target that matches no
+    full name hints at the list form (a str is a regex, as in PEFT)."""
+    for kw, msg in ((dict(max_adapters=2.5), "max_adapters must be an int >= 1, got 2.5"),
+                    (dict(max_rank="8"), "max_rank must be an int >= 1, got '8'"),
+                    (dict(max_adapters=True), "max_adapters must be an int >= 1, got True"),
+                    (dict(max_tokens=0), "max_tokens must be an int >= 1, got 0"),
+                    (dict(host_cache_bytes=-1), "host_cache_bytes must be None or an int >= 0, got -1"),
+                    (dict(target_modules="q_proj"), r"a str is a regex .* \['q_proj'\]")):
+        with pytest.raises(ValueError, match=r"AdapterPool: .*" + msg):
+            lora_ext.AdapterPool(copy.deepcopy(base), **{"target_modules": ["q_proj"], **kw})
+    pool = lora_ext.AdapterPool(copy.deepcopy(base), target_modules=["q_proj"], host_cache_bytes=0)
+    assert pool.host_cache_bytes == 0 and pool.max_adapters == 16
