@@ -300,3 +300,43 @@ def test_pool_arguments_are_checked(base):
             lora_ext.AdapterPool(copy.deepcopy(base), **{"target_modules": ["q_proj"], **kw})
     pool = lora_ext.AdapterPool(copy.deepcopy(base), target_modules=["q_proj"], host_cache_bytes=0)
     assert pool.host_cache_bytes == 0 and pool.max_adapters == 16
+
+
+@torch.no_grad()
+def test_random_mixes_match_peft_through_evictions_and_reloads(base, tmp_path):
+    """PEFT's mixed batch (adapter_names) is the oracle: names with dots, slashes, unicode and ""
+    (any str), rsLoRA, rank/alpha patterns, other target sets and an embedding, 3 slots for 4
+    adapters and a 20 kB host cache (evictions, re-reads), unloads and reloads between batches."""
+    import random
+    specs = {"a": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+             "b.v1/x": dict(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj"], use_rslora=True),
+             "ü": dict(r=4, lora_alpha=16, target_modules=["v_proj", "embed_tokens"],
+                       rank_pattern={"v_proj": 6}, alpha_pattern={"embed_tokens": 3}),
+             "": dict(r=16, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "embed_tokens"])}
+    paths = {n: tmp_path / f"ad{i}" for i, n in enumerate(specs)}
+    for i, (n, cfg) in enumerate(specs.items()):
+        save_peft(base, paths[n], 10 + i, **cfg)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths["a"], adapter_name="p0")
+    for i, n in enumerate(list(specs)[1:], 1):
+        pm.load_adapter(paths[n], adapter_name=f"p{i}")
+    pm.eval()
+    peft_name = {n: f"p{i}" for i, n in enumerate(specs)} | {None: "__base__", "__base__": "__base__"}
+    model = copy.deepcopy(base)
+    pool = lora_ext.AdapterPool(model, target_modules=["q_proj", "k_proj", "v_proj", "embed_tokens"],
+                                max_adapters=3, max_rank=16, host_cache_bytes=20000)
+    for n in specs:
+        pool.load(n, paths[n])
+    rng = random.Random(0)
+    for it in range(20):
+        names = [rng.choice([*specs, None, "__base__"]) for _ in range(rng.randint(1, 5))]
+        if len({n for n in names if n not in (None, "__base__")}) > 3:
+            continue
+        if it % 6 == 5:
+            n = rng.choice(list(specs))
+            pool.unload(n)
+            pool.load(n, paths[n])
+        ids = torch.randint(0, 128, (len(names), 7), generator=torch.Generator().manual_seed(it))
+        with pool.batch(names):
+            got = model(ids).logits
+        want = pm(input_ids=ids, adapter_names=[peft_name[n] for n in names]).logits
+        assert rel_err(got, want) < 1e-5, (it, names)
