@@ -340,3 +340,67 @@ def test_random_mixes_match_peft_through_evictions_and_reloads(base, tmp_path):
             got = model(ids).logits
         want = pm(input_ids=ids, adapter_names=[peft_name[n] for n in names]).logits
         assert rel_err(got, want) < 1e-5, (it, names)
+
+
+@torch.no_grad()
+def test_threads_load_evict_and_reload_while_batches_run(base, tmp_path):
+    """120 batches over 3 served names in 3 slots while two threads load (paths and Adapter
+    objects), unload, and reload the served names with the same weights: every slot the batches
+    need is evicted and written again under them; results equal a single-threaded pool's."""
+    import random
+    import threading
+    ads = {f"s{i}": trained_adapter(i, r=(2, 4, 8)[i % 3]) for i in range(5)}
+    for n, ad in ads.items():
+        ad.save(str(tmp_path / n))
+    served, others = ["s0", "s1", "s2"], ["s3", "s4"]
+    ids = torch.randint(0, 128, (4, 5), generator=torch.Generator().manual_seed(0))
+    rng = random.Random(1)
+    batches = [[rng.choice([*served, None]) for _ in range(4)] for _ in range(120)]
+    ref_model = copy.deepcopy(base)
+    ref = lora_ext.AdapterPool(ref_model, target_modules=["q_proj", "v_proj"], max_adapters=3, max_rank=8)
+    for n in served:
+        ref.load(n, ads[n])
+    want = {}
+    for names in map(tuple, batches):
+        if names not in want:
+            with ref.batch(names):
+                want[names] = ref_model(ids).logits
+    model = copy.deepcopy(base)
+    pool = lora_ext.AdapterPool(model, target_modules=["q_proj", "v_proj"], max_adapters=3, max_rank=8,
+                                host_cache_bytes=30000)
+    for n in served:
+        pool.load(n, tmp_path / n)
+    stop, errors = threading.Event(), []
+
+    def churn(seed, mine):
+        r = random.Random(seed)
+        while not stop.is_set():
+            n = r.choice([mine, *served])
+            source = ads[n] if r.random() < 0.5 else tmp_path / n
+            try:
+                if n == mine and n in pool and r.random() < 0.3:
+                    pool.unload(n)
+                else:
+                    pool.load(n, source)
+            except RuntimeError as e:  # in use by the open batch / every slot is: refused, as documented
+                if "used by an open batch" not in str(e) and "used by open batches" not in str(e):
+                    errors.append(e)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+    threads = [threading.Thread(target=churn, args=(i, n)) for i, n in enumerate(others)]
+    intra_op = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 Python threads busy beside the batches: no OpenMP workers spinning
+    for t in threads:
+        t.start()
+    try:
+        for names in batches:
+            with pool.batch(names):
+                got = model(ids).logits
+            assert rel_err(got, want[tuple(names)]) < 1e-6, names
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        torch.set_num_threads(intra_op)
+    assert not errors, errors[:3]
