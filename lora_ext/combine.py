@@ -89,7 +89,7 @@ def combine(adapters: Sequence, weights: Sequence[float] | None = None, how: str
     for i, (a, w) in enumerate(zip(adapters, weights)):
         A, B, s, kind = _as_factors(a, f"adapter {i}")
         _check_pair(A, B, f"adapter {i}")
-        items.append((A, B, w * s))
+        items.append((A, B, _coefficient(w, s, f"adapter {i}")))
         kinds.add(kind or "linear")
     _check_same_shapes(items, "layer")
     if len(kinds) > 1:
@@ -107,6 +107,15 @@ def _check_pair(A, B, where):
         raise ValueError(f"combine: {where}: A and B must be floating point, got {A.dtype}, {B.dtype}")
 
 
+def _coefficient(weight: float, scale, where: str) -> float:
+    """c = weight * scale, the factor of B A in the combination; finite (a NaN scale would
+    poison the whole combined module)."""
+    c = weight * float(scale)
+    if not math.isfinite(c):
+        raise ValueError(f"combine: {where}: weight {weight} * scale {float(scale)} is not finite")
+    return c
+
+
 def _check_same_shapes(items, where):
     ins, outs = {a.shape[1] for a, _, _ in items}, {b.shape[0] for _, b, _ in items}
     if len(ins) != 1 or len(outs) != 1:
@@ -116,6 +125,8 @@ def _check_same_shapes(items, where):
 
 def _combine_adapters(adapters: list[Adapter], weights, how, dtype) -> Adapter:
     names = sorted({n for a in adapters for n in a.layers})
+    if not names:
+        raise ValueError("combine: the adapters hold no LoRA modules")
     layers = {}
     for name in names:
         items, kinds = [], set()
@@ -124,7 +135,7 @@ def _combine_adapters(adapters: list[Adapter], weights, how, dtype) -> Adapter:
             if lw is None:
                 continue
             _check_pair(lw.A, lw.B, f"adapter {i}, module {name!r}")
-            items.append((lw.A, lw.B, w * lw.scale))
+            items.append((lw.A, lw.B, _coefficient(w, lw.scale, f"adapter {i}, module {name!r}")))
             kinds.add(lw.kind)
         if len(kinds) > 1:
             raise ValueError(f"combine: module {name!r} is a linear layer in some adapters and an "

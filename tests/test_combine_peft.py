@@ -114,7 +114,8 @@ def test_combine_rslora_is_the_weighted_sum(tmp_path):
 
 def test_combine_refuses_what_it_does_not_do(tmp_path):
     """A non-float dtype truncated the factors silently (int8: all zeros), a scalar weight raised
-    a bare "'float' object is not iterable"; PEFT's other combination types are named as such."""
+    a bare "'float' object is not iterable", a NaN/inf scale gave NaN factors, adapters without
+    modules an IndexError; PEFT's other combination types are named as such."""
     _, (a, b) = peft_adapters(tmp_path, {"a": {}, "b": {"r": 8}})
     for how in ("svd", "ties", "dare_linear", "magnitude_prune_svd"):
         with pytest.raises(ValueError, match=rf"how must be 'cat' or 'linear', got '{how}' .*not implemented"):
@@ -125,6 +126,13 @@ def test_combine_refuses_what_it_does_not_do(tmp_path):
     for weights in (0.5, "11"):
         with pytest.raises(TypeError, match="weights must be a sequence of floats, one per adapter"):
             lora_ext.combine([a, b], weights)
+    nan_scale = Adapter({n: lora_ext.LayerWeights(w.A, w.B, float("nan")) for n, w in b.layers.items()})
+    with pytest.raises(ValueError, match=r"adapter 1, module '.*': weight 1.0 \* scale nan is not finite"):
+        lora_ext.combine([a, nan_scale])  # was: NaN columns in every combined B
+    with pytest.raises(ValueError, match="scale .* is not finite"):
+        lora_ext.combine([(w.A, w.B, float("inf")) for w in list(a.layers.values())[:1]])
+    with pytest.raises(ValueError, match="hold no LoRA modules"):  # was: IndexError
+        lora_ext.combine([Adapter({}), Adapter({})])
     with pytest.raises(ValueError, match="ranks differ"):  # linear: equal ranks, as PEFT
         lora_ext.combine([a, b], how="linear")
     half = lora_ext.combine([a, copy.deepcopy(b)], (w for w in [0.5, 2.0]), dtype=torch.bfloat16)
