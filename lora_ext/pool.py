@@ -45,7 +45,7 @@ from torch import nn
 
 from .adapters import Adapter, LayerWeights, extra_target
 from .layers import is_conv1d
-from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear
+from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
 from .targets import matches, output_head_names
 
 __all__ = ["AdapterPool"]
@@ -110,6 +110,11 @@ class AdapterPool:
     def _replace_targets(self, target_modules) -> dict[str, MultiLoRALinear | MultiLoRAEmbedding]:
         """target_modules=None or "all-linear": every Linear/Conv1D but the output head; an output
         head (lm_head) or embedding only when target_modules names it, as in PEFT."""
+        served = [n for n, m in self.model.named_modules() if isinstance(m, _MultiLoRA)]
+        if served:  # its layers would wrap the other pool's base layers and need both pools' batches
+            raise ValueError(f"AdapterPool: {type(self.model).__name__} is already served by an AdapterPool "
+                             f"(multi-adapter layers {', '.join(served[:3])}{', ...' if len(served) > 3 else ''}); "
+                             "one pool per model: load more adapters into that pool (max_adapters=)")
         everything = target_modules is None or target_modules == "all-linear"
         heads = output_head_names(self.model) if everything else set()
         targets = target_modules if everything or isinstance(target_modules, str) else list(target_modules)

@@ -302,6 +302,16 @@ def test_pool_arguments_are_checked(base):
     assert pool.host_cache_bytes == 0 and pool.max_adapters == 16
 
 
+def test_second_pool_on_a_served_model_is_refused(base):
+    """A second pool wrapped the first pool's base layers (target_modules=None) or said "matched no
+    nn.Linear" (the targets are multi-adapter layers now)."""
+    model = copy.deepcopy(base)
+    lora_ext.AdapterPool(model, target_modules=["q_proj"])
+    for targets in (None, ["q_proj"], ["v_proj"]):
+        with pytest.raises(ValueError, match=r"already served by an AdapterPool \(multi-adapter layers .*q_proj"):
+            lora_ext.AdapterPool(model, target_modules=targets)
+
+
 @torch.no_grad()
 def test_random_mixes_match_peft_through_evictions_and_reloads(base, tmp_path):
     """PEFT's mixed batch (adapter_names) is the oracle: names with dots, slashes, unicode and ""
