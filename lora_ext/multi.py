@@ -218,11 +218,14 @@ class _MultiLoRA(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # model.to(torch.bfloat16) / .half() casts the pools with the base weight, but the per-slot
-        # scales stay fp32 (the ops take them in fp32; a bf16 alpha/r would also lose digits)
+        # scales stay fp32 (the ops take them in fp32; a bf16 alpha/r would also lose digits).
+        # Run outside inference mode: pools made there would be inference tensors, which set_slot
+        # could not update in place outside it (e.g. in a loader thread)
         scales = self.scales
-        out = super()._apply(fn, *args, **kwargs)
-        if self.scales.dtype != torch.float32:
-            self.scales = scales.to(self.scales.device)
+        with torch.inference_mode(False):
+            out = super()._apply(fn, *args, **kwargs)
+            if self.scales.dtype != torch.float32:
+                self.scales = scales.to(self.scales.device)
         return out
 
     def _slice_bounds(self):

@@ -260,3 +260,35 @@ def test_cuda_graph_model_replay():
             torch.cuda.synchronize()
             assert rel_err(ys, ref) < RTOL[torch.bfloat16]
         ctx.check()
+
+
+def test_slots_writable_after_cast_in_inference_mode():
+    """model.half() / .to(...) inside torch.inference_mode() (a server's load path): the pools must
+    stay normal tensors, so set_slot / clear_slot work afterwards outside inference mode, e.g. from
+    a loader thread (inference mode is per thread)."""
+    import threading
+
+    ctx = LoRAContext(8)
+    layer = MultiLoRALinear(nn.Linear(16, 12), 2, 4, context=ctx)
+    with torch.inference_mode():
+        layer.to(torch.bfloat16)
+    assert layer.A_pool.dtype == torch.bfloat16 and layer.scales.dtype == torch.float32
+    A, B, sc = adapters(1, 16, 12, [3])[0]
+    errors = []
+
+    def load():
+        try:
+            layer.set_slot(1, A, B, sc)
+            layer.clear_slot(0)
+        except RuntimeError as e:
+            errors.append(e)
+    t = threading.Thread(target=load)
+    t.start()
+    t.join()
+    assert not errors, errors
+    ctx.set_indices([1, 0, -1])
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        y = layer(x)
+    ref = expected(layer.base, x, torch.tensor([1, -1, -1]), [None, (A.bfloat16(), B.bfloat16(), sc)])
+    assert rel_err(y, ref) < RTOL[torch.bfloat16]
