@@ -46,6 +46,7 @@ from torch import nn
 from .layers import is_conv1d
 from .sharding import is_dtensor
 from .ops import lora_expand_, multi_lora_
+from .ops._checks import as_scale
 
 __all__ = ["LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding", "attach_context"]
 
@@ -236,29 +237,34 @@ class _MultiLoRA(nn.Module):
         return off
 
     @torch.no_grad()
-    def set_slot(self, slot: int, A, B, scale: float) -> None:
+    def set_slot(self, slot: int, A, B, scale) -> None:
         """Loads an adapter into a slot, in place (no recompiles, graph-safe).
 
         A [r, in] and B [out, r] (with out_slices: sequences of n such pairs, B_i [out_i, r_i];
-        a None pair leaves that slice without update). r <= r_max. Always the full factors: a
-        tensor-parallel layer writes only its shard (columns ``in_shard`` of A, rows
-        ``out_shard`` of B).
+        a None pair leaves that slice without update). r <= r_max. ``scale``: a float, with
+        out_slices also n floats, one per slice (packed modules may differ in r, hence in
+        alpha/r). Always the full factors: a tensor-parallel layer writes only its shard
+        (columns ``in_shard`` of A, rows ``out_shard`` of B).
         """
+        name = type(self).__name__
         if not 0 <= slot < self.num_slots:
-            raise IndexError(f"{type(self).__name__}: slot {slot} out of range 0..{self.num_slots - 1}")
+            raise IndexError(f"{name}: slot {slot} out of range 0..{self.num_slots - 1}")
         As, Bs = ([A], [B]) if self.out_slices is None else (list(A), list(B))
         if len(As) != self.num_outputs or len(Bs) != self.num_outputs:
-            raise ValueError(f"{type(self).__name__}: expected {self.num_outputs} (A, B) pairs")
+            raise ValueError(f"{name}: expected {self.num_outputs} (A, B) pairs")
+        scales = self._slot_scales(scale)
         off = self._slice_bounds()
         for i, (a, b) in enumerate(zip(As, Bs)):  # every pair checked before the slot changes
+            if (a is None) != (b is None):
+                raise ValueError(f"{name}: A and B of slice {i} must both be tensors or both None")
             if a is None:
                 continue
             r = a.shape[0] if a.dim() == 2 else -1
             if r < 0 or a.shape[1] != self.in_features or not 1 <= r <= self.r_max:
-                raise ValueError(f"{type(self).__name__}: A must be [r, {self.in_features}] with "
+                raise ValueError(f"{name}: A must be [r, {self.in_features}] with "
                                  f"1 <= r <= {self.r_max}, got {tuple(a.shape)}")
             if tuple(b.shape) != (off[i + 1] - off[i], r):
-                raise ValueError(f"{type(self).__name__}: B must be [{off[i + 1] - off[i]}, {r}], "
+                raise ValueError(f"{name}: B must be [{off[i + 1] - off[i]}, {r}], "
                                  f"got {tuple(b.shape)}")
         in_lo, in_hi = self.in_shard or (0, self.in_features)
         out_lo, out_hi = self.out_shard or (0, self.out_features)
@@ -276,10 +282,22 @@ class _MultiLoRA(nn.Module):
                 Bp[:, :r].copy_(b[lo - off[i]:max(hi, lo) - off[i]])
             if self.out_slices is None:
                 self.ranks[slot] = r
-                self.scales[slot] = float(scale) if r else 0.0
+                self.scales[slot] = scales[i] if r else 0.0
             else:
                 self.ranks[i, slot] = r
-                self.scales[i, slot] = float(scale) if r else 0.0
+                self.scales[i, slot] = scales[i] if r else 0.0
+
+    def _slot_scales(self, scale) -> list:
+        """set_slot's scale as n floats finite in float32 (one per slice; n = 1 without out_slices)."""
+        op, n = f"{type(self).__name__}.set_slot", self.num_outputs
+        if not isinstance(scale, (list, tuple)) and not (isinstance(scale, torch.Tensor) and scale.dim() == 1
+                                                         and scale.numel() > 1):
+            return [as_scale(op, "scale", scale)] * n
+        values = list(scale)
+        if self.out_slices is None or len(values) != n:
+            what = "a number" if self.out_slices is None else f"a number or {n} numbers (one per slice)"
+            raise ValueError(f"{op}: scale must be {what}, got {len(values)} values")
+        return [as_scale(op, f"scale[{i}]", v) for i, v in enumerate(values)]
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:

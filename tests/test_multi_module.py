@@ -292,3 +292,36 @@ def test_slots_writable_after_cast_in_inference_mode():
         y = layer(x)
     ref = expected(layer.base, x, torch.tensor([1, -1, -1]), [None, (A.bfloat16(), B.bfloat16(), sc)])
     assert rel_err(y, ref) < RTOL[torch.bfloat16]
+
+
+def test_sliced_layer_per_slice_scales():
+    """A packed q/v projection from a PEFT adapter with rank_pattern: the slices differ in r, so
+    their alpha/r differ too; set_slot takes one scale per slice. Bad scales leave the slot as it was."""
+    base = nn.Linear(24, 16 + 8 + 8)
+    ctx = LoRAContext(8)
+    layer = MultiLoRALinear(base, 2, 8, out_slices=[16, 8, 8], context=ctx)
+    (qa, qb, _), (va, vb, _) = adapters(2, 24, 16, [8, 4], seed=11)
+    vb = vb[:8]
+    layer.set_slot(0, [qa, None, va], [qb, None, vb], [16 / 8, 1.0, torch.tensor(16 / 4)])
+    assert layer.scales[:, 0].tolist() == [2.0, 0.0, 4.0] and layer.ranks[:, 0].tolist() == [8, 0, 4]
+    x = torch.randn(3, 24)
+    ctx.set_indices([0, -1, 0])
+    with torch.no_grad():
+        y = layer(x)
+    ref = (x.double() @ base.weight.double().T + base.bias.double())
+    for t in (0, 2):
+        ref[t, :16] += 2.0 * (qb.double() @ (qa.double() @ x[t].double()))
+        ref[t, 24:] += 4.0 * (vb.double() @ (va.double() @ x[t].double()))
+    assert rel_err(y, ref) < 1e-5
+    before = [t.clone() for t in (layer.A_pool, layer.B_pool, layer.scales, layer.ranks)]
+    for bad, err, msg in [(float("nan"), ValueError, r"set_slot: scale must be finite"),
+                          ([1.0, float("inf"), 1.0], ValueError, r"scale\[1\] must be finite"),
+                          ([1.0, 2.0], ValueError, "a number or 3 numbers"), ("2", TypeError, "real number")]:
+        with pytest.raises(err, match=msg):
+            layer.set_slot(0, [va, qa, va], [vb, qb[:8, :], vb], bad)
+    with pytest.raises(ValueError, match="slice 1 must both be tensors or both None"):
+        layer.set_slot(0, [qa, None, va], [qb, vb, vb], 1.0)
+    plain = MultiLoRALinear(nn.Linear(24, 16), 2, 8, context=ctx)
+    with pytest.raises(ValueError, match="scale must be a number, got 2 values"):
+        plain.set_slot(0, qa, qb, [1.0, 2.0])
+    assert all(torch.equal(a, b) for a, b in zip(before, (layer.A_pool, layer.B_pool, layer.scales, layer.ranks)))
