@@ -83,13 +83,15 @@ class LoRAContext:
         """Copies slot indices (n ints, any shape) into the buffer, the rest is -1: one per token, or
         with per_row=True one per batch row. Layers then need inputs of exactly n tokens (rows)."""
         idx = torch.as_tensor(indices).reshape(-1)
+        if idx.numel() == 0:  # an empty batch: torch.as_tensor([]) is float32
+            idx = idx.to(torch.int32)
         if idx.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"LoRAContext.set_indices: indices must be integers, got {idx.dtype}")
         n = idx.numel()
         if n > self.max_tokens:
             raise ValueError(f"LoRAContext: {n} indices exceed max_tokens = {self.max_tokens}")
         if idx.dtype == torch.int64:  # values int32 cannot hold become out of range, not wrapped
-            idx = idx.masked_fill((idx < -1) | (idx > _INT32_MAX), _OUT_OF_RANGE)
+            idx = idx.masked_fill((idx < _OUT_OF_RANGE) | (idx > _INT32_MAX), _OUT_OF_RANGE)
         self.indices[:n].copy_(idx, non_blocking=True)
         self.indices[n:].fill_(-1)
         self.count_t.fill_(n)

@@ -325,3 +325,21 @@ def test_sliced_layer_per_slice_scales():
     with pytest.raises(ValueError, match="scale must be a number, got 2 values"):
         plain.set_slot(0, qa, qb, [1.0, 2.0])
     assert all(torch.equal(a, b) for a, b in zip(before, (layer.A_pool, layer.B_pool, layer.scales, layer.ranks)))
+
+
+def test_empty_batch_and_negative_indices():
+    """set_indices([]) (an empty batch; torch.as_tensor([]) is float32) serves T = 0 inputs of any
+    leading shape; an index below -1 is reported as given, whatever the index dtype."""
+    ctx = LoRAContext(8)
+    layer = MultiLoRALinear(nn.Linear(16, 8), 2, 4, context=ctx)
+    emb = MultiLoRAEmbedding(nn.Embedding(10, 8), 2, 4, context=ctx)
+    layer.set_slot(1, torch.randn(2, 16), torch.randn(8, 2), 1.0)
+    with torch.inference_mode():
+        for per_row in (False, True):
+            ctx.set_indices([], per_row=per_row)
+            assert layer(torch.randn(0, 5, 16)).shape == (0, 5, 8)
+            assert emb(torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, 8)
+        for dtype in (torch.int64, torch.int32):
+            ctx.set_indices(torch.tensor([1, -2], dtype=dtype))
+            with pytest.raises(RuntimeError, match=r"indices\[1\] = -2 is out of range"):
+                layer(torch.randn(2, 16))
