@@ -135,6 +135,40 @@ def _gpt2(mesh):
                 "effect": _rel(want, base(input_ids=ids).logits)}
 
 
+@torch.no_grad()
+def _packed(mesh):
+    """MultiLoRALinear used directly: colwise up + rowwise packed projection (out_slices), per-slice
+    ranks and scales, a slice left out, slots loaded before and after parallelizing; per-token and
+    per-row [B, S, H] batches and an empty one against the unsharded layers."""
+    from lora_ext.tp import ColwiseParallelLoRA, RowwiseParallelLoRA, parallelize_lora
+    ctx, ref_ctx = lora_ext.LoRAContext(16), lora_ext.LoRAContext(16)
+    torch.manual_seed(0)
+    tp = nn.Sequential(lora_ext.MultiLoRALinear(nn.Linear(16, 32), 3, 8, context=ctx),
+                       lora_ext.MultiLoRALinear(nn.Linear(32, 32), 3, 8, out_slices=[16, 8, 8], context=ctx))
+    g = torch.Generator().manual_seed(1)
+
+    def fac(i, o, r):
+        return torch.randn(r, i, generator=g), torch.randn(o, r, generator=g)
+    (qa, qb), (ka, kb), (va, vb), (ua, ub), (wa, wb) = fac(32, 16, 8), fac(32, 8, 5), fac(32, 8, 3), fac(16, 32, 6), fac(16, 32, 2)
+    tp[1].set_slot(0, [qa, None, va], [qb, None, vb], [0.5, 1.0, 3.0])
+    tp[0].set_slot(1, ua, ub, 1.5)
+    ref = copy.deepcopy(tp)
+    lora_ext.attach_context(ref, ref_ctx)
+    parallelize_lora(tp, mesh, {"0": ColwiseParallelLoRA(), "1": RowwiseParallelLoRA()})
+    for m in (tp, ref):  # loaded after: each rank writes its shard
+        m[1].set_slot(2, [None, ka, va], [None, kb, vb], [1.0, 2.0, 0.25])
+        m[0].set_slot(2, wa, wb, 3.0)
+    errs = {}
+    for name, idx, per_row, shape in [("tokens", [0, 2, -1, 1, 2, 0], False, (2, 3, 16)),
+                                      ("rows", [2, 0], True, (2, 3, 16)), ("empty", [], False, (0, 16))]:
+        x = torch.randn(*shape, generator=g)
+        ctx.set_indices(idx, per_row=per_row)
+        ref_ctx.set_indices(idx, per_row=per_row)
+        want, got = ref(x), tp(x)
+        errs[name] = (tuple(got.shape) == shape[:-1] + (32,), _rel(got, want) if want.numel() else 0.0)
+    return {"errs": errs, "in_shard": tp[1].in_shard, "A_pool": tuple(tp[1].A_pool.shape)}
+
+
 def _comm_mode():
     from torch.distributed.tensor.debug import CommDebugMode
 
@@ -224,7 +258,8 @@ def _bad(mesh):
 
 
 SCENARIOS = {"attn": lambda mesh: _parity(mesh, ATTN), "mlp": lambda mesh: _parity(mesh, MLP),
-             "both": lambda mesh: _parity(mesh, {**ATTN, **MLP}), "comms": _comms, "bad": _bad, "gpt2": _gpt2}
+             "both": lambda mesh: _parity(mesh, {**ATTN, **MLP}), "comms": _comms, "bad": _bad, "gpt2": _gpt2,
+             "packed": _packed}
 
 
 def spawn(names, world=2):
@@ -247,7 +282,7 @@ pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_ava
 @pytest.fixture(scope="module")
 def ws2():
     pytest.importorskip("transformers")
-    return spawn(["attn", "mlp", "gpt2", "comms", "bad"], world=2)
+    return spawn(["attn", "mlp", "gpt2", "comms", "bad", "packed"], world=2)
 
 
 def _check_parity(per_rank, spec):
@@ -275,6 +310,14 @@ def test_mlp_plan_matches_unsharded_pool(ws2):
 def test_conv1d_mlp_matches_unsharded_pool(ws2):
     for res in _get(ws2, "gpt2"):
         assert res["effect"] > 1e-2 and res["err"] < TOL, res
+
+
+def test_packed_rowwise_matches_unsharded(ws2):
+    """Packed q/k/v rowwise with per-slice ranks and scales (MultiLoRALinear used directly)."""
+    for rank, res in enumerate(_get(ws2, "packed")):
+        assert res["in_shard"] == (16 * rank, 16 * (rank + 1)) and res["A_pool"] == (3, 3, 8, 16)
+        for name, (shape_ok, err) in res["errs"].items():
+            assert shape_ok and err < TOL, (rank, name, err)
 
 
 def test_forward_adds_no_collective(ws2):
