@@ -159,6 +159,24 @@ def test_leading_dims_and_noncontiguous(device):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("add_inputs", [True, False])
+def test_expand_into_column_slice(device, add_inputs):
+    """vLLM's offset_start: lora_expand_ into columns off:off+out of a larger output buffer (2-D
+    and 3-D), packed slices with per-slice ranks (0 = slice not adapted); the rest is untouched."""
+    y, x, A, B, idx, sc, rk = make(12, 48, 40, 3, 8, torch.float32, device, n=2)
+    rk[1, 2] = 0
+    u = lora_shrink(x, A, idx, rk)
+    for lead in [(12,), (3, 4)]:
+        wide = torch.randn(*lead, 70, device=device)
+        before = wide.clone()
+        base = before[..., 20:60].reshape(12, 40) * add_inputs
+        ref = reference(base, x, A, B, idx, sc, rk, [16, 24])
+        lora_expand_(wide[..., 20:60], u, B, idx.reshape(lead), sc, rk, [16, 24], add_inputs=add_inputs)
+        assert rel_err(wide[..., 20:60].reshape(12, 40), ref) < 1e-5
+        assert torch.equal(wide[..., :20], before[..., :20]) and torch.equal(wide[..., 60:], before[..., 60:])
+
+
+@pytest.mark.parametrize("device", devices())
 def test_untouched_tokens_and_empty_slots(device):
     y, x, A, B, idx, sc, rk = make(40, 32, 24, 4, 8, torch.bfloat16, device, "random")
     rk[1] = 0  # empty slot: its tokens keep the base output
