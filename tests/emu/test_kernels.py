@@ -249,6 +249,41 @@ def test_shrink_and_expand_halves(emu, T):
         assert rel_err(under_schedules(emu, run), ref) < 1e-5
 
 
+@pytest.mark.parametrize("T", [7, 40])
+def test_halves_count_bad_indices(emu, T):
+    """lora_shrink.counted / lora_expand_ with bad_index_count (CUDA-graph serving): out-of-range
+    tokens are counted, get zero u rows and are left untouched by the expand (zeroed with
+    add_inputs=False); packed slices with per-slice ranks (0 included), y a column slice of a
+    larger buffer (vLLM's offset_start)."""
+    S, i, slices = 3, 96, [16, 8, 8]
+    g = torch.Generator().manual_seed(T)
+    idx = torch.randint(-1, S, (T,), generator=g).to(torch.int32)
+    idx[1], idx[T - 2] = S, -5
+    valid = torch.where((idx >= 0) & (idx < S), idx, torch.full_like(idx, -1))
+    y, x, A, B, _, scales, ranks = multi_inputs(T, i, sum(slices), S, 8, torch.float32, idx, n=3, seed=T)
+    ranks[1, 0] = 0
+    u_ref = CPU.lora_shrink(x, A, valid, ranks, 0.5)
+
+    def shrink():
+        bad = torch.zeros(1, dtype=torch.int32)
+        return emu.ops.lora_shrink.counted(x, A, idx, ranks, bad, 0.5), bad
+    u, bad = under_schedules(emu, shrink)
+    assert int(bad) == 2 and rel_err(u, u_ref) < 1e-5 and not u[:, [1, T - 2]].any()
+    for add_inputs in (True, False):
+        wide = rand(T, 60, seed=T + 9)
+        ref = wide[:, 20:52].clone()
+        CPU.lora_expand_(ref, u_ref, B, valid, scales, ranks, slices, None, add_inputs)
+
+        def expand():
+            out, bad = wide.clone(), torch.zeros(1, dtype=torch.int32)
+            emu.ops.lora_expand_(out[:, 20:52], u_ref, B, idx, scales, ranks, slices, bad, add_inputs)
+            return out, bad
+        out, bad = under_schedules(emu, expand)
+        assert int(bad) == 2 and rel_err(out[:, 20:52], ref) < 1e-5
+        assert torch.equal(out[:, :20], wide[:, :20]) and torch.equal(out[:, 52:], wide[:, 52:])
+        assert torch.equal(out[[1, T - 2], 20:52], wide[[1, T - 2], 20:52] * add_inputs)
+
+
 def _inf_case(dt, T):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, 32, generator=g).to(dt)
