@@ -243,7 +243,7 @@ class _MultiLoRA(nn.Module):
         """Loads an adapter into a slot, in place (no recompiles, graph-safe).
 
         A [r, in] and B [out, r] (with out_slices: sequences of n such pairs, B_i [out_i, r_i];
-        a None pair leaves that slice without update). r <= r_max. ``scale``: a float, with
+        a None pair leaves that slice unadapted: rank 0). r <= r_max. ``scale``: a float, with
         out_slices also n floats, one per slice (packed modules may differ in r, hence in
         alpha/r). Always the full factors: a tensor-parallel layer writes only its shard
         (columns ``in_shard`` of A, rows ``out_shard`` of B).

@@ -343,3 +343,27 @@ def test_empty_batch_and_negative_indices():
             ctx.set_indices(torch.tensor([1, -2], dtype=dtype))
             with pytest.raises(RuntimeError, match=r"indices\[1\] = -2 is out of range"):
                 layer(torch.randn(2, 16))
+
+
+def test_lm_head_with_own_context():
+    """An LM head applied to each sequence's last token only (vLLM's sampler indices) has its own
+    context: the decoder layers see T tokens, the head one row per sequence; eager and compiled
+    (dynamic T, no recompiles) equal the fp64 reference."""
+    ctx, head_ctx = LoRAContext(16), LoRAContext(4)
+    body = MultiLoRALinear(nn.Linear(12, 12), 2, 4, context=ctx)
+    head = MultiLoRALinear(nn.Linear(12, 20), 2, 4, context=head_ctx)
+    ads = adapters(2, 12, 20, [4, 2], seed=2)
+    for s, (A, B, sc) in enumerate(ads):
+        head.set_slot(s, A, B, sc)
+
+    def run(x, last):
+        return head(body(x)[last])
+    compiled = torch.compile(run, dynamic=True, fullgraph=True)
+    for step, (T, last, seqs) in enumerate([(7, [2, 6], [1, 0]), (9, [0, 4, 8], [-1, 1, 0]), (5, [1, 4], [0, 0])]):
+        ctx.set_indices(torch.randint(-1, 2, (T,)))
+        head_ctx.set_indices(seqs)
+        x, last = torch.randn(T, 12), torch.tensor(last)
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=step > 1):
+            h = body(x)[last]
+            want = expected(head.base, h, torch.tensor(seqs), ads)
+            assert rel_err(run(x, last), want) < 1e-5 and rel_err(compiled(x, last), want) < 1e-5
