@@ -367,3 +367,19 @@ def test_lm_head_with_own_context():
             h = body(x)[last]
             want = expected(head.base, h, torch.tensor(seqs), ads)
             assert rel_err(run(x, last), want) < 1e-5 and rel_err(compiled(x, last), want) < 1e-5
+
+
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 9),
+                    reason="Dynamo before 2.9 traces no torch._check message")
+def test_compiled_input_over_max_tokens_says_so():
+    """Eager raises a ValueError naming max_tokens; compiled, the symbolic check failed with
+    torch's bare 'Expected cond to be True'."""
+    layer = MultiLoRALinear(nn.Linear(8, 8), 2, 4, context=LoRAContext(4))
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        compiled(torch.randn(3, 8))
+        with pytest.raises(Exception, match="more tokens than the context's max_tokens"):
+            compiled(torch.randn(6, 8))
+    layer.context.per_row = True
+    with torch.no_grad(), pytest.raises(Exception, match="more batch rows than the context's max_tokens"):
+        torch.compile(layer, dynamic=True, fullgraph=True)(torch.randn(6, 2, 8))
