@@ -109,7 +109,7 @@ def is_patched(module: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------------ single adapter
 def _single(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | None:
-    reason = base_layer_problem(module) or input_problem(module, x) or adapter_problem(module, name)
+    reason = base_layer_problem(module, traced=True) or input_problem(module, x) or adapter_problem(module, name)
     p = dropout_p(module, name) if reason is None else 0.0
     if reason is None and p is None:
         reason = f"adapter '{name}' dropout is {type(module.lora_dropout[name]).__name__}"

@@ -10,6 +10,7 @@ import functools
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .layers import is_conv1d
 
@@ -122,7 +123,11 @@ class Batch:
         self.names, self.reached, self.preps = names, reached, preps
 
 
-def base_layer_problem(module: nn.Module) -> str | None:
+def base_layer_problem(module: nn.Module, traced: bool = False) -> str | None:
+    """Why the base layer is not a plain float nn.Linear/Conv1D lora_ext can run (None: it is).
+    ``traced``: a FakeTensor weight counts as plain, as torch.export's default (non-strict)
+    tracing swaps every plain parameter for one (a quantized subclass stays its own class
+    there); the single-adapter path passes it, the mixed batches' pools need real tensors."""
     base = module.base_layer
     conv1d = is_conv1d(base)
     if not (type(base) is nn.Linear or conv1d):
@@ -130,7 +135,8 @@ def base_layer_problem(module: nn.Module) -> str | None:
     if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
         return "base layer has forward hooks or a patched forward"
     w, b = base.weight, base.bias
-    if type(w) not in (nn.Parameter, torch.Tensor) or w.dtype not in FLOATS:
+    plain = (nn.Parameter, torch.Tensor, FakeTensor) if traced else (nn.Parameter, torch.Tensor)
+    if type(w) not in plain or w.dtype not in FLOATS:
         return f"base weight is {type(w).__name__} {w.dtype} (quantized or not a plain float tensor)"
     if b is not None and b.dtype != w.dtype:
         return f"base bias dtype {b.dtype} differs from the base weight's {w.dtype}"
