@@ -364,10 +364,13 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
     Every module is validated (exists, right type, shapes fit) before anything changes, so a
     mismatched adapter leaves the model untouched. A LoRA layer of another rank is resized.
     Adapter.extra tensors (modules_to_save, biases) replace the model's, as in PEFT.
+    Layers it injects take the config's ``lora_dropout`` and ``use_rslora`` (as PEFT's
+    ``from_pretrained``), so training resumes as it ran; layers the model has keep theirs.
     Returns the names of the modules loaded.
     """
     if isinstance(adapter, dict):
         adapter = _from_state_dict(model, adapter)
+    dropout, rslora = _injected_hparams(adapter)
     modules = dict(model.named_modules())
     plan = []
     for name, w in adapter.layers.items():
@@ -393,7 +396,8 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
                              f"{tuple(old.shape) if isinstance(old, torch.Tensor) else 'no such tensor'}")
     for name, m, w in plan:
         if not isinstance(m, LoRALayer):
-            inject(model, name_regex(name), r=w.r, alpha=w.scale * w.r)
+            inject(model, name_regex(name), r=w.r, alpha=w.scale * (math.sqrt(w.r) if rslora else w.r),
+                   dropout=dropout, use_rslora=rslora)
             m = dict(model.named_modules())[name]
         m.set_lora_factors(w.A, w.B, w.scale)
     modules = dict(model.named_modules())
@@ -409,6 +413,15 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
             setattr(modules[mod], leaf, nn.Parameter(t.clone(), old.requires_grad)
                     if isinstance(old, nn.Parameter) else t.clone())
     return [p[0] for p in plan]
+
+
+def _injected_hparams(adapter: Adapter) -> tuple[float, bool]:
+    """(lora_dropout, use_rslora) of the adapter's config, for the layers load_adapter injects."""
+    p = adapter.config.get("lora_dropout") or 0.0
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"load_adapter: adapter {adapter.name or ''} has lora_dropout={p!r}; "
+                         "expected a number in [0, 1)")
+    return float(p), bool(adapter.config.get("use_rslora", False))
 
 
 def _from_state_dict(model: nn.Module, state_dict: dict) -> Adapter:

@@ -330,3 +330,41 @@ def test_every_peft_lora_variant_is_refused_or_known_to_be_plain_lora():
     variants = {n for n, md in fields.items() if md.get("is_lora_variant")}
     assert variants - {f for f, _, _ in _UNSUPPORTED} <= {"velora_config", "monteclora_config"}
     assert set(fields["init_lora_weights"].get("lora_variants", [])) <= {"mica"}  # MiCA: plain forward
+
+
+def test_loaded_adapter_resumes_training_with_its_dropout_and_rslora(tmp_path):
+    # load_adapter injected layers with dropout 0 and use_rslora off whatever the config said,
+    # so training resumed from a saved adapter ran without its dropout (PEFT's from_pretrained
+    # restores both)
+    model = tiny_llama()
+    lora_ext.inject(model, ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.25, use_rslora=True)
+    for m in lora_ext.lora_layers(model).values():
+        torch.nn.init.normal_(m.lora_B, std=0.1)
+    path = os.path.join(tmp_path, "ad")
+    Adapter.from_model(model).save(path)
+    resumed = tiny_llama()
+    lora_ext.load_adapter(resumed, Adapter.load(path))
+    lora_ext.mark_only_lora_trainable(model), lora_ext.mark_only_lora_trainable(resumed)
+    ours, theirs = lora_ext.lora_layers(model), lora_ext.lora_layers(resumed)
+    assert ours.keys() == theirs.keys() and len(ours) == 4
+    for n, m in theirs.items():
+        assert (m.lora_dropout, m.use_rslora, m.lora_alpha, m.scaling) == (0.25, True, 8.0, ours[n].scaling)
+    ids = torch.randint(0, 128, (2, 10))
+    for m in (model, resumed):
+        m.train()
+        torch.manual_seed(5)
+        m(input_ids=ids, labels=ids).loss.backward()
+    for n in ours:
+        assert torch.equal(theirs[n].lora_A.grad, ours[n].lora_A.grad), n
+        assert torch.equal(theirs[n].lora_B.grad, ours[n].lora_B.grad), n
+
+
+def test_bad_lora_dropout_is_refused_before_anything_changes(tmp_path):
+    _, _, path = peft_adapter(tmp_path, targets=("q_proj",))
+    ad = Adapter.load(path)
+    ad.config["lora_dropout"] = 1.0
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"lora_dropout=1.0"):
+        lora_ext.load_adapter(model, ad)
+    assert not lora_ext.lora_layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
