@@ -27,7 +27,7 @@ from torch import nn
 
 from .inject import inject, lora_layers, trained_biases
 from .layers import LoRALayer
-from .sharding import is_dtensor
+from .sharding import is_dtensor, unwrapped
 from .targets import PEFT_PREFIX, check_pattern_key, matches, name_regex, pattern_value, peft_config
 
 __all__ = ["Adapter", "LayerWeights", "load_adapter"]
@@ -129,7 +129,9 @@ class Adapter:
         Trained biases (requires_grad) go into ``extra`` under PEFT's names, and the config's
         ``bias`` says "lora_only" or "all" as PEFT would. ``modules_to_save`` (PEFT's: module-name
         suffixes or a regex, e.g. ["classifier"] or ["lm_head"]): those modules' parameters are
-        saved whole (``extra``) and listed in the config, so PEFT and load_adapter restore them."""
+        saved whole (``extra``) and listed in the config, so PEFT and load_adapter restore them.
+        A torch.compile / DDP wrapper is looked through: module names are those of the model inside."""
+        model = unwrapped(model)[0]
         found = lora_layers(model)
         if not found:
             raise ValueError(f"Adapter.from_model: {type(model).__name__} has no LoRA layers (use lora_ext.inject)")
@@ -366,10 +368,13 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
     Adapter.extra tensors (modules_to_save, biases) replace the model's, as in PEFT.
     Layers it injects take the config's ``lora_dropout`` and ``use_rslora`` (as PEFT's
     ``from_pretrained``), so training resumes as it ran; layers the model has keep theirs.
+    A torch.compile / DDP wrapper is looked through (module names are those of the model inside;
+    a state dict's keys may also carry the wrapper's "_orig_mod." / "module." prefix).
     Returns the names of the modules loaded.
     """
+    wrapper, (model, prefix) = model, unwrapped(model)
     if isinstance(adapter, dict):
-        adapter = _from_state_dict(model, adapter)
+        adapter = _from_state_dict(model, {_inner_key(k, prefix): t for k, t in adapter.items()})
     dropout, rslora = _injected_hparams(adapter)
     modules = dict(model.named_modules())
     plan = []
@@ -396,7 +401,8 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
                              f"{tuple(old.shape) if isinstance(old, torch.Tensor) else 'no such tensor'}")
     for name, m, w in plan:
         if not isinstance(m, LoRALayer):
-            inject(model, name_regex(name), r=w.r, alpha=w.scale * (math.sqrt(w.r) if rslora else w.r),
+            # through the wrapper: inject refuses a model inside DDP (its new factors would not be reduced)
+            inject(wrapper, name_regex(prefix + name), r=w.r, alpha=w.scale * (math.sqrt(w.r) if rslora else w.r),
                    dropout=dropout, use_rslora=rslora)
             m = dict(model.named_modules())[name]
         m.set_lora_factors(w.A, w.B, w.scale)
@@ -413,6 +419,12 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
             setattr(modules[mod], leaf, nn.Parameter(t.clone(), old.requires_grad)
                     if isinstance(old, nn.Parameter) else t.clone())
     return [p[0] for p in plan]
+
+
+def _inner_key(key: str, prefix: str) -> str:
+    """A state dict key of a wrapped model (prefix: unwrapped()'s) as the inner model's."""
+    head = PEFT_PREFIX if key.startswith(PEFT_PREFIX) else ""
+    return head + key[len(head):].removeprefix(prefix) if prefix else key
 
 
 def _injected_hparams(adapter: Adapter) -> tuple[float, bool]:

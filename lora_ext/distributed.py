@@ -28,6 +28,7 @@ from torch import nn
 from .adapters import Adapter, LayerWeights, model_config, saved_tensors
 from .inject import lora_layers
 from .layers import LoRALayer
+from .sharding import unwrapped
 from .tp import ColwiseParallelLoRA, RowwiseParallelLoRA  # tensor parallel (lora_ext/tp.py), re-exported
 
 __all__ = ["lora_parameters", "fully_shard_lora", "save_adapter", "unwrap", "ColwiseParallelLoRA",
@@ -36,13 +37,7 @@ __all__ = ["lora_parameters", "fully_shard_lora", "save_adapter", "unwrap", "Col
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel / torch.compile wrappers (FSDP2 wraps in place)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
+    return unwrapped(model)[0]
 
 
 def _lora_layers_of(model: nn.Module, who: str) -> dict[str, LoRALayer]:

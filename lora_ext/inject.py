@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d
-from .sharding import sharding_of
+from .sharding import sharding_of, unwrapped
 from .targets import PEFT_PREFIX, matches, pattern_value, select_targets
 
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "PEFT_PREFIX"]
@@ -121,9 +121,13 @@ def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: boo
     Trained biases (requires_grad, see mark_only_lora_trainable) are included as PEFT saves them
     with bias="lora_only"/"all": "<layer>.base_layer.bias" for a LoRA layer's own bias; ``bias``
     "none" / "lora_only" / "all" (loralib's argument) includes no bias / the LoRA layers' / every
-    bias instead. lora_ext.load_adapter(model, sd) takes either and says when a key matches no LoRA layer."""
+    bias instead. PEFT names are those of the model inside a torch.compile / DDP wrapper (no
+    "_orig_mod." or "module." in them), as PEFT and a plain model expect.
+    lora_ext.load_adapter(model, sd) takes either and says when a key matches no LoRA layer."""
     if bias is not None:
         _check_bias(bias, "lora_state_dict")
+    if peft_names:
+        model = unwrapped(model)[0]
     out = {}
     for name, m in lora_layers(model).items():
         linear = m.lora_kind == "linear"

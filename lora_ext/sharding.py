@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["is_dtensor", "is_fsdp", "sharding_of"]
+__all__ = ["is_dtensor", "is_fsdp", "sharding_of", "unwrapped"]
 
 _FSDP = frozenset({"FSDPModule", "FullyShardedDataParallel"})  # FSDP2 / FSDP1 classes, by name
 
@@ -34,3 +34,17 @@ def sharding_of(model: nn.Module, ddp: bool = True) -> str | None:
     if any(is_dtensor(p) for p in model.parameters()):
         return "parallelized (DTensor parameters)"
     return None
+
+
+def unwrapped(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module inside DistributedDataParallel / torch.compile (OptimizedModule) wrappers, nested
+    or not (FSDP2 wraps in place), and the prefix of its names in the wrapper's ("module.",
+    "_orig_mod.", "module._orig_mod." ...)."""
+    prefix = ""
+    while True:
+        if "DistributedDataParallel" in _classes(model):
+            model, prefix = model.module, prefix + "module."
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model, prefix = model._orig_mod, prefix + "_orig_mod."
+        else:
+            return model, prefix

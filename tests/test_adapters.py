@@ -1,7 +1,9 @@
 """PEFT-format adapters both ways: PEFT -> lora_ext -> PEFT, bad files, model left unchanged."""
+import contextlib
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -368,3 +370,50 @@ def test_bad_lora_dropout_is_refused_before_anything_changes(tmp_path):
     with pytest.raises(ValueError, match=r"lora_dropout=1.0"):
         lora_ext.load_adapter(model, ad)
     assert not lora_ext.lora_layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("wrap", ["compile", "ddp"])
+def test_wrapped_model_saves_and_loads_under_the_inner_names(tmp_path, wrap):
+    # a torch.compile'd (or DDP) model saved its adapter under "_orig_mod." ("module.") names:
+    # PeftModel.from_pretrained then loaded nothing (a missing-keys warning, base logits) and
+    # load_adapter into a plain model raised
+    import torch.distributed as dist
+
+    model = tiny_llama()
+    lora_ext.inject(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    lora_ext.mark_only_lora_trainable(model)
+    for m in lora_ext.lora_layers(model).values():
+        torch.nn.init.normal_(m.lora_B, std=0.1)
+    if wrap == "ddp":
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = torch.compile(model) if wrap == "compile" else torch.nn.parallel.DistributedDataParallel(model)
+        sd = lora_ext.lora_state_dict(wrapped)
+        assert sd.keys() == lora_ext.lora_state_dict(model).keys()
+        ad = Adapter.from_model(wrapped)
+        assert sorted(ad.layers) == sorted(lora_ext.lora_layers(model)) and len(ad.layers) == 4
+        ad.save(os.path.join(tmp_path, "ad"))
+        # a state dict under the wrapper's own names loads back into it
+        own = lora_ext.lora_state_dict(wrapped, peft_names=False)
+        assert all(k.startswith("_orig_mod." if wrap == "compile" else "module.") for k in own)
+        assert len(lora_ext.load_adapter(wrapped, own)) == 4
+        new = tiny_llama()
+        with pytest.raises(ValueError, match="already wrapped in DistributedDataParallel") if wrap == "ddp" else \
+                contextlib.nullcontext():  # new layers in a DDP model would never be all-reduced
+            lora_ext.load_adapter(torch.nn.parallel.DistributedDataParallel(new) if wrap == "ddp" else
+                                  torch.compile(new), ad)
+    finally:
+        if wrap == "ddp":
+            dist.destroy_process_group()
+    ids = torch.randint(0, 128, (2, 10))
+    plain = tiny_llama()
+    lora_ext.inject(plain, ["q_proj", "v_proj"], r=4, alpha=8)
+    lora_ext.load_adapter(plain, sd)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "Found missing adapter keys")  # PEFT's warning
+        pm = peft.PeftModel.from_pretrained(tiny_llama(), os.path.join(tmp_path, "ad"))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert rel_err(tiny_llama()(input_ids=ids).logits, want) > 1e-3
+        for got in (plain, pm) + ((new,) if wrap == "compile" else ()):
+            assert rel_err(got(input_ids=ids).logits, want) < 1e-5
