@@ -14,7 +14,7 @@ from torch import nn
 
 from .layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d
 from .sharding import sharding_of, unwrapped
-from .targets import PEFT_PREFIX, matches, pattern_value, select_targets
+from .targets import PEFT_PREFIX, matches, pattern_value, read_directly, select_targets
 
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "PEFT_PREFIX"]
 
@@ -29,6 +29,10 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
     regex matched against the full name, or ``"all-linear"`` (every Linear/Conv1D but the output
     head). Targets must be nn.Linear, transformers Conv1D or nn.Embedding. rank_pattern /
     alpha_pattern map name regexes to per-module r / alpha, as in PEFT.
+    nn.MultiheadAttention's out_proj is refused (TypeError; "all-linear" leaves it out): the
+    attention reads its weight directly, so LoRA there would never run. LoRA layers put into an
+    nn.TransformerEncoderLayer keep it off torch's fused inference path, which reads
+    linear1/linear2.weight directly (see _no_fused_encoder).
     """
     wrapped = sharding_of(model)
     if wrapped is not None:  # DDP would not all-reduce factors added now; FSDP/TP shards are in place
@@ -49,6 +53,10 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
         raise ValueError(f"inject: target_modules={target_modules!r} matched no module of "
                          f"{type(model).__name__}; Linear/Conv1D/Embedding names there: {leaves}")
     modules = dict(model.named_modules())
+    for name in set(chosen) & read_directly(model):  # before anything changes
+        raise TypeError(f"inject: module {name!r} is the out_proj of an nn.MultiheadAttention, which "
+                        "reads its weight directly (F.multi_head_attention_forward): a LoRA layer there "
+                        "would never run")
     for name in chosen:
         m = modules[name]
         rr = pattern_value(name, rank_pattern, r)
@@ -64,8 +72,22 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
         except ValueError as e:
             raise ValueError(f"inject: module {name!r}: {e}") from None
         parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, new)
+        parent = modules[parent_name] if parent_name else model
+        if isinstance(parent, nn.TransformerEncoderLayer):
+            new.register_forward_pre_hook(_no_fused_encoder)
+        setattr(parent, child, new)
+    for m in model.modules():  # their stack would hand them nested tensors (its own fused path)
+        if isinstance(m, nn.TransformerEncoder) and any(isinstance(x, LoRALayer) for x in m.layers.modules()):
+            m.use_nested_tensor = False  # as torch sets it for layers its fused path cannot run
     return chosen
+
+
+def _no_fused_encoder(module: nn.Module, args) -> None:
+    """Forward pre-hook of a LoRA layer inside an nn.TransformerEncoderLayer; does nothing. In eval
+    under no_grad that layer runs a fused kernel with linear1/linear2.weight, skipping their
+    forward (and so the LoRA term); it takes the plain path while any submodule has a hook. An
+    nn.TransformerEncoder holding such layers gets use_nested_tensor=False (see inject)."""
+    return None
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .layers import LoRALayer, is_conv1d
 
-__all__ = ["PEFT_PREFIX", "matches", "output_head_names", "select_targets", "pattern_value",
+__all__ = ["PEFT_PREFIX", "matches", "output_head_names", "read_directly", "select_targets", "pattern_value",
            "check_pattern_key", "name_regex", "peft_config"]
 
 PEFT_PREFIX = "base_model.model."
@@ -37,6 +37,14 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
+def read_directly(model: nn.Module) -> set[str]:
+    """Names of the Linear modules whose parent reads their weight itself instead of calling them:
+    nn.MultiheadAttention's out_proj (F.multi_head_attention_forward), so a LoRA layer there
+    would never run."""
+    return {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)}
+
+
 def matches(name: str, target) -> bool:
     """target: a regex matched against the full name, or module-name suffixes ("q_proj" matches
     "...attn.q_proj")."""
@@ -48,12 +56,13 @@ def matches(name: str, target) -> bool:
 def select_targets(model: nn.Module, target_modules, exclude_modules=None) -> list[str]:
     """Names of the modules of ``model`` that ``target_modules`` picks (see lora_ext.inject):
     module-name suffixes, a full-name regex, or "all-linear" (every Linear/Conv1D but the output
-    head); LoRA layers are skipped and only the outermost of nested matches is kept. Names
-    matching ``exclude_modules`` (same forms, no "all-linear") are dropped. May be empty."""
+    head and those read_directly names); LoRA layers are skipped and only the outermost of nested
+    matches is kept. Names matching ``exclude_modules`` (same forms, no "all-linear") are
+    dropped. May be empty."""
     if target_modules == "all-linear":
-        heads = output_head_names(model)
+        skip = output_head_names(model) | read_directly(model)
         chosen = [n for n, m in model.named_modules()
-                  if (isinstance(m, nn.Linear) or is_conv1d(m)) and n not in heads]
+                  if (isinstance(m, nn.Linear) or is_conv1d(m)) and n not in skip]
     else:
         if not isinstance(target_modules, str):
             target_modules = list(target_modules)

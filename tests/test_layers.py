@@ -141,3 +141,46 @@ def test_injected_model_compiles_fullgraph_forward_backward(device):
     eager = model(input_ids=ids).logits
     comp = torch.compile(lambda i: model(input_ids=i).logits, fullgraph=True)(ids)
     assert rel_err(comp, eager) < 1e-5
+
+
+def torch_encoder(layers=2):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=True).eval()
+
+
+def test_multihead_attention_out_proj_is_refused():
+    # nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward: a LoRA layer
+    # there never ran (no gradients) yet merge folded it in, so the merged model differed
+    enc = torch_encoder()
+    names = lora_ext.inject(enc, "all-linear", r=4)
+    assert sorted(names) == [f"layers.{i}.{n}" for i in range(2) for n in ("linear1", "linear2")]
+    enc = torch_encoder()
+    with pytest.raises(TypeError, match=r"'layers.0.self_attn.out_proj' is the out_proj of an nn.MultiheadAttention"):
+        lora_ext.inject(enc, ["linear1", "out_proj"], r=4)
+    assert not lora_ext.lora_layers(enc)  # refused before anything changed
+
+
+def test_transformer_encoder_layers_keep_lora_in_no_grad_eval():
+    # in eval under no_grad nn.TransformerEncoderLayer runs a fused kernel on linear1/linear2.weight
+    # (and its TransformerEncoder first packs padded batches into nested tensors): the LoRA term
+    # was skipped, so evaluation ran the base model (max |diff| 2.3 here)
+    enc = torch_encoder()
+    lora_ext.inject(enc, ["linear1", "linear2"], r=4)
+    for m in lora_ext.lora_layers(enc).values():
+        nn.init.normal_(m.lora_B, std=0.3)
+    x = torch.randn(3, 6, 32)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, 4:] = True
+    for mask in (None, pad):
+        want = enc(x, src_key_padding_mask=mask)  # grad mode: torch's plain path
+        assert want.requires_grad
+        with torch.no_grad():
+            got = enc(x, src_key_padding_mask=mask)
+            lora_ext.merge(enc)
+            merged = enc(x, src_key_padding_mask=mask)
+            lora_ext.unmerge(enc)
+        # (the attention itself takes torch's fused MHA kernel under no_grad: last bits differ)
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+        keep = slice(None) if mask is None else ~mask  # torch's fused path zeroes padded rows
+        torch.testing.assert_close(merged[keep], want.detach()[keep], rtol=1e-5, atol=1e-5)
