@@ -53,7 +53,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
         raise ValueError(f"inject: target_modules={target_modules!r} matched no module of "
                          f"{type(model).__name__}; Linear/Conv1D/Embedding names there: {leaves}")
     modules = dict(model.named_modules())
-    for name in set(chosen) & read_directly(model):  # before anything changes
+    bypassed = read_directly(model)
+    for name in (n for n in chosen if n in bypassed):  # the first, before anything changes
         raise TypeError(f"inject: module {name!r} is the out_proj of an nn.MultiheadAttention, which "
                         "reads its weight directly (F.multi_head_attention_forward): a LoRA layer there "
                         "would never run")
