@@ -261,7 +261,8 @@ class LoRALinear(LoRALayer):
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                     use_rslora: bool = False, init: str = "kaiming") -> "LoRALinear":
-        """Wraps an nn.Linear or transformers Conv1D; shares (and freezes) its weight and bias."""
+        """Wraps an nn.Linear or transformers Conv1D; shares (and freezes) its weight and bias.
+        The layer is in the module's mode (train / eval), as base_module() gives it back."""
         conv1d = is_conv1d(linear)
         if not (isinstance(linear, nn.Linear) or conv1d):
             raise TypeError(f"LoRALinear.from_linear: expected nn.Linear or transformers Conv1D, "
@@ -280,7 +281,7 @@ class LoRALinear(LoRALayer):
         layer.lora_B = nn.Parameter(torch.empty(out_f, layer.r, device=w.device, dtype=w.dtype))
         layer.base_class = type(linear)
         layer.reset_lora_parameters(init)
-        return layer
+        return layer.train(linear.training)  # an eval model's new layer must not drop out
 
     def reset_parameters(self) -> None:
         """Re-initializes everything (as nn.Linear.reset_parameters, then reset_lora_parameters with
@@ -373,7 +374,8 @@ class LoRAEmbedding(LoRALayer):
     def from_embedding(cls, emb: nn.Embedding, r: int = 8, alpha: float = 8,
                        use_rslora: bool = False) -> "LoRAEmbedding":
         """Wraps an nn.Embedding; shares (and freezes) its weight. Factors in PEFT's layout:
-        lora_embedding_A [r, num_embeddings] (zeros), lora_embedding_B [embedding_dim, r]."""
+        lora_embedding_A [r, num_embeddings] (zeros), lora_embedding_B [embedding_dim, r]. The
+        layer is in the module's mode (train / eval)."""
         if not isinstance(emb, nn.Embedding):
             raise TypeError(f"LoRAEmbedding.from_embedding: expected nn.Embedding, got {type(emb).__name__}")
         with torch.device("meta"):
@@ -393,7 +395,7 @@ class LoRAEmbedding(LoRALayer):
         elif scale is not None:
             layer.embed_scale = float(scale)
         layer.reset_lora_parameters()
-        return layer
+        return layer.train(emb.training)
 
     def reset_parameters(self) -> None:
         """Re-initializes everything: the table as nn.Embedding.reset_parameters (standard normal,

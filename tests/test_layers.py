@@ -184,3 +184,22 @@ def test_transformer_encoder_layers_keep_lora_in_no_grad_eval():
         torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
         keep = slice(None) if mask is None else ~mask  # torch's fused path zeroes padded rows
         torch.testing.assert_close(merged[keep], want.detach()[keep], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_injected_layers_take_the_mode_of_the_module_they_wrap(train):
+    # inject into an eval model (transformers' from_pretrained returns one) made LoRA layers in
+    # training mode: their dropout ran in "eval" (two no_grad forwards differed by 0.3), and so
+    # did that of a served model after load_adapter of an adapter saved with lora_dropout
+    model = tiny_llama().train(train)
+    lora_ext.inject(model, ["q_proj", "v_proj", "embed_tokens"], r=4, dropout=0.3)
+    layers = lora_ext.lora_layers(model)
+    assert len(layers) == 5 and all(m.training == train for m in layers.values())
+    for m in layers.values():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_B, std=0.1)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        same = torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert same != train
+    assert all(m.base_module().training == train for m in layers.values())
