@@ -172,6 +172,19 @@ class LoRALayer(nn.Module, abc.ABC):
                                  "(requires_grad_(False)) or use merge_and_unload")
         return super().train(mode)
 
+    def _apply(self, fn, recurse: bool = True):
+        """As nn.Module._apply (.half(), .to(dtype), .cuda(), ...). An exact merge is redone when
+        the weight's dtype changes (MergeState.convert), so unmerge still gives W0 bit for bit, in
+        the new dtype: the merged model converted equals the converted model merged."""
+        state = getattr(self, "_merge_state", None) if self.merged else None
+        old = self.weight.detach()
+        super()._apply(fn, recurse)
+        new = self.weight.data
+        if (state is not None and new.dtype != old.dtype and old.dtype == state._dtype
+                and new.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+            state.convert(old, new, fn)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         """A merged layer takes new factors as set_lora_factors does (unmerged, loaded, merged again),

@@ -114,6 +114,18 @@ class MergeState:
         if names:
             self._apply(weight, [a for a in self._adapters if a.name not in set(names)])
 
+    def convert(self, old: torch.Tensor, new: torch.Tensor, convert) -> None:
+        """Redoes the merge in another dtype. ``old``: the merged weight this state belongs to;
+        ``new``: ``convert(old)`` (Module._apply's function: .half(), .to(bf16), ...), same shape,
+        another float dtype. Writes into ``new`` the exact merge of the converted W0 and the
+        converted adapter snapshots and makes this state the state of ``new``: unmerging it then
+        gives convert(W0) bit for bit, as converting the unmerged weight would. ``old`` is kept."""
+        adapters = self._adapters
+        w0 = old.clone()
+        self.unmerge(w0)  # w0 = W0; the state is empty again
+        new.copy_(w0)
+        self.merge(new, [(a.name, convert(a.A), convert(a.B), a.scale) for a in adapters])
+
     def _check_layout(self, weight: torch.Tensor, fan_in_fan_out: bool) -> None:
         if self._shape is None:
             self._fan_in_fan_out = bool(fan_in_fan_out)
