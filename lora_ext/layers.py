@@ -146,6 +146,8 @@ class LoRALayer(nn.Module, abc.ABC):
         """Takes the merged adapter out of the weight (bit for bit after an exact merge)."""
         if not self.merged:
             raise ValueError(f"unmerge: this {type(self).__name__} is not merged")
+        if self._merged_for_good():
+            raise ValueError(f"unmerge: this {type(self).__name__} is merged for good (drop_merge_state)")
         self._check_unsharded("unmerge")
         state = getattr(self, "_merge_state", None)
         if state is not None:

@@ -36,16 +36,23 @@ def unmerge_layer(layer: LoRALayer) -> None:
     layer.unmerge()
 
 
-def _layers_of(model: nn.Module) -> dict[str, nn.Module]:
+def _layers_of(model: nn.Module, what: str) -> dict[str, nn.Module]:
+    """Name -> LoRA layer of ``model``; ValueError naming the function ``what`` for a sharded model
+    or one without lora_ext LoRA layers (a PEFT model: its own merge methods do the work)."""
     wrapped = sharding_of(model, ddp=False)  # (DDP replicas merge like single-process models)
     if wrapped is not None:  # an FSDP block's unsharded weight is a buffer: the merge would be lost
-        raise ValueError(f"merge/unmerge: {type(model).__name__} is {wrapped}; merge before sharding, or "
+        raise ValueError(f"{what}: {type(model).__name__} is {wrapped}; merge before sharding, or "
                          "in a single-process copy (get_model_state_dict(..., full_state_dict=True))")
     if isinstance(model, LoRALayer):
         return {"": model}
     found = lora_layers(model)
     if not found:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers (use lora_ext.inject first)")
+        peft = next((n for n, m in model.named_modules()
+                     if type(m).__module__.startswith("peft.") and hasattr(m, "lora_A")), None)
+        if peft is not None:
+            raise ValueError(f"{what}: {type(model).__name__} has PEFT LoRA layers (e.g. {peft!r}), not "
+                             "lora_ext ones: PEFT's merge_adapter / unmerge_adapter / merge_and_unload merge them")
+        raise ValueError(f"{what}: {type(model).__name__} has no LoRA layers (use lora_ext.inject first)")
     return found
 
 
@@ -70,7 +77,7 @@ def merge(model: nn.Module, safe: bool = False, exact: bool = True,
     merged now (already-merged layers are skipped). With ``safe=True`` every layer is checked
     before any weight changes. A LoRA layer whose weight is tied to another module (GPT-2's
     wte / lm_head) raises ValueError unless ``allow_tied=True``."""
-    layers = {n: m for n, m in _layers_of(model).items() if not m.merged}
+    layers = {n: m for n, m in _layers_of(model, "merge").items() if not m.merged}
     if not allow_tied:
         _check_tied(model, layers)
     if safe:
@@ -89,8 +96,19 @@ def _check_all(layers: dict[str, nn.Module]) -> None:
 
 
 def unmerge(model: nn.Module) -> list[str]:
-    """Unmerges every merged LoRA layer; returns their names."""
-    layers = {n: m for n, m in _layers_of(model).items() if m.merged}
+    """Unmerges every merged LoRA layer; returns their names. Every layer is checked first (a weight
+    written since an exact merge, a layer merged for good): ValueError naming the layer, and
+    nothing unmerged."""
+    layers = {n: m for n, m in _layers_of(model, "unmerge").items() if m.merged}
+    for name, m in layers.items():
+        state = getattr(m, "_merge_state", None)
+        try:
+            if m._merged_for_good():
+                raise ValueError("merged for good (drop_merge_state), so it cannot be unmerged")
+            if state is not None:
+                state.check(m.weight)
+        except ValueError as e:
+            raise ValueError(f"unmerge: layer {name!r}: {e}") from None
     for m in layers.values():
         unmerge_layer(m)
     return list(layers)
@@ -98,7 +116,7 @@ def unmerge(model: nn.Module) -> list[str]:
 
 def merge_overhead(model: nn.Module) -> dict[str, float]:
     """Exact-unmerge side information of each merged layer, as a fraction of its weight's bytes."""
-    overheads = {n: m.merge_overhead() for n, m in _layers_of(model).items()}
+    overheads = {n: m.merge_overhead() for n, m in _layers_of(model, "merge_overhead").items()}
     return {n: o for n, o in overheads.items() if o is not None}
 
 
@@ -108,7 +126,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False, allow_tied: bool = Fa
     model's structure and state_dict keys. Returns ``model`` (or the new module, if ``model``
     is itself a LoRA layer). No side information is kept. ``safe`` and ``allow_tied`` as in
     :func:`merge`."""
-    layers = _layers_of(model)
+    layers = _layers_of(model, "merge_and_unload")
     pending = {n: m for n, m in layers.items() if not m.merged}
     if not allow_tied:
         _check_tied(model, pending)

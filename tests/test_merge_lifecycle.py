@@ -43,3 +43,38 @@ def test_merged_model_round_trips_through_a_wider_dtype():
     lora_ext.unmerge(model)
     after = base_weights(model)
     assert all(same_bits(after[n], before[n]) for n in before)
+
+
+def test_unmerge_checks_every_layer_first_and_names_the_failing_one():
+    """A weight written since the merge raised MergeState's error without the layer's name, after
+    the layers before it had been unmerged; a layer merged for good raised a TypeError (unpacking
+    None)."""
+    _, model = build("llama", torch.bfloat16, "cpu")
+    lora_ext.merge(model)
+    merged = base_weights(model)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[0, 0] += 1  # e.g. an optimizer step on W
+    with pytest.raises(ValueError, match=r"^unmerge: layer 'model\.layers\.1\.self_attn\.v_proj': .*written since"):
+        lora_ext.unmerge(model)
+    assert all(m.merged for m in lora_ext.lora_layers(model).values())  # nothing unmerged
+    now = base_weights(model)
+    assert sum(not same_bits(now[n], merged[n]) for n in merged) == 1
+    _, model = build("gpt2", torch.float32, "cpu")
+    lora_ext.merge(model)
+    model.transformer.h[0].attn.c_attn.drop_merge_state()
+    with pytest.raises(ValueError, match=r"^unmerge: layer 'transformer\.h\.0\.attn\.c_attn': merged for good"):
+        lora_ext.unmerge(model)
+    with pytest.raises(ValueError, match=r"^unmerge: this LoRALinear is merged for good"):
+        model.transformer.h[0].attn.c_attn.unmerge()
+
+
+def test_merge_of_a_peft_model_points_to_peft():
+    """lora_ext.merge(peft_model) said 'no LoRA layers (use lora_ext.inject first)'."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(seed=1), LoraConfig(r=2, target_modules=["q_proj"]))
+    for fn in (lora_ext.merge, lora_ext.unmerge, lora_ext.merge_and_unload):
+        with pytest.raises(ValueError, match=rf"^{fn.__name__}: PeftModel has PEFT LoRA layers .*merge_adapter"):
+            fn(peft_model)
+    with pytest.raises(ValueError, match=r"^merge: Sequential has no LoRA layers \(use lora_ext.inject"):
+        lora_ext.merge(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -114,6 +114,12 @@ class MergeState:
         if names:
             self._apply(weight, [a for a in self._adapters if a.name not in set(names)])
 
+    def check(self, weight: torch.Tensor) -> None:
+        """Raises ValueError (changes nothing) if ``weight`` is not the merged weight of this state
+        (another shape or dtype, another tensor, or written since the merge)."""
+        if self._adapters:
+            self._check_same(weight)
+
     def convert(self, old: torch.Tensor, new: torch.Tensor, convert) -> None:
         """Redoes the merge in another dtype. ``old``: the merged weight this state belongs to;
         ``new``: ``convert(old)`` (Module._apply's function: .half(), .to(bf16), ...), same shape,
