@@ -79,8 +79,12 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
         setattr(parent, child, new)
     for m in model.modules():  # their stack would hand them nested tensors (its own fused path)
         if isinstance(m, nn.TransformerEncoder) and any(isinstance(x, LoRALayer) for x in m.layers.modules()):
+            m.__dict__.setdefault(NESTED_KEY, m.use_nested_tensor)  # merge_and_unload puts it back
             m.use_nested_tensor = False  # as torch sets it for layers its fused path cannot run
     return chosen
+
+
+NESTED_KEY = "_lora_ext_use_nested_tensor"  # an nn.TransformerEncoder's own setting, before inject
 
 
 def _no_fused_encoder(module: nn.Module, args) -> None:

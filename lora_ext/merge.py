@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import lora_layers
+from .inject import NESTED_KEY, lora_layers
 from .layers import LoRALayer
 from .sharding import sharding_of
 
@@ -123,7 +123,8 @@ def merge_overhead(model: nn.Module) -> dict[str, float]:
 def merge_and_unload(model: nn.Module, safe: bool = False, allow_tied: bool = False) -> nn.Module:
     """Merges every LoRA layer and puts the original module classes back (nn.Linear,
     nn.Embedding, transformers Conv1D) holding the merged weights: the result has the base
-    model's structure and state_dict keys. Returns ``model`` (or the new module, if ``model``
+    model's structure and state_dict keys (and an nn.TransformerEncoder its use_nested_tensor,
+    which inject turned off). Returns ``model`` (or the new module, if ``model``
     is itself a LoRA layer). No side information is kept. ``safe`` and ``allow_tied`` as in
     :func:`merge`."""
     layers = _layers_of(model, "merge_and_unload")
@@ -142,4 +143,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False, allow_tied: bool = Fa
     for name, m in layers.items():
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, m.base_module())
+    for m in model.modules():  # inject turned an nn.TransformerEncoder's nested tensors off
+        if NESTED_KEY in m.__dict__:
+            m.use_nested_tensor = m.__dict__.pop(NESTED_KEY)
     return model

@@ -78,3 +78,26 @@ def test_merge_of_a_peft_model_points_to_peft():
             fn(peft_model)
     with pytest.raises(ValueError, match=r"^merge: Sequential has no LoRA layers \(use lora_ext.inject"):
         lora_ext.merge(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_merge_and_unload_gives_a_transformer_encoder_its_nested_tensors_back():
+    """inject sets use_nested_tensor=False on an nn.TransformerEncoder holding LoRA layers;
+    merge_and_unload left it off, so the exported model differed from the base model it equals in
+    structure: padded positions held 2.0 instead of 0 (and the fast path was off)."""
+    from test_layers import torch_encoder
+    from test_merge_model import trained
+
+    base = torch_encoder()
+    enc = copy.deepcopy(base)
+    lora_ext.inject(enc, ["linear1", "linear2"], r=4)
+    trained(enc, ratio=0.1)
+    assert not enc.use_nested_tensor
+    lora_ext.merge_and_unload(enc)
+    assert enc.use_nested_tensor and vars(enc).keys() == vars(base).keys()
+    assert not any(m._forward_pre_hooks for m in enc.modules())
+    base.load_state_dict(enc.state_dict())
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    with torch.no_grad():
+        y, y_base = enc(x, src_key_padding_mask=pad), base(x, src_key_padding_mask=pad)
+    assert torch.equal(y, y_base) and not y[1, 3:].any()  # nested path: zeros where padded
