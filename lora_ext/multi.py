@@ -53,15 +53,9 @@ __all__ = ["LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding", "attach_conte
 
 _INT32_MAX = 2**31 - 1
 
-
-def _check_message(text: str):
-    """torch._check's message under torch.compile (None, torch's default, where Dynamo < 2.9
-    cannot trace one)."""
-    return (lambda: text) if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9) else None
-
-
-_TOO_MANY_TOKENS = _check_message("LoRAContext: a layer input has more tokens than the context's max_tokens")
-_TOO_MANY_ROWS = _check_message("LoRAContext: a layer input has more batch rows than the context's max_tokens")
+# torch._check messages under torch.compile: Dynamo traces them from torch 2.9 on, when the message
+# is a function defined in the traced code that reads no outer variable (so inline lambdas below)
+_CHECK_MESSAGES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
 _OUT_OF_RANGE = -(2**31)  # an index no slot has: the ops raise (CPU) or count it (CUDA)
 
 
@@ -162,11 +156,19 @@ class LoRAContext:
         see check()) as the eager path's ValueError cannot be raised from a graph."""
         if self.per_row:
             rows, row_len = (lead[0], lead[1:].numel()) if len(lead) else (1, 1)
-            torch._check(rows <= self.indices.shape[0], _TOO_MANY_ROWS)  # symbolic
+            if _CHECK_MESSAGES:  # symbolic
+                torch._check(rows <= self.indices.shape[0],
+                             lambda: "LoRAContext: a layer input has more batch rows than the context's max_tokens")
+            else:
+                torch._check(rows <= self.indices.shape[0])
             idx, n = self.indices[:rows, None].expand(rows, row_len).reshape(-1), rows
         else:
             n = lead.numel()
-            torch._check(n <= self.indices.shape[0], _TOO_MANY_TOKENS)
+            if _CHECK_MESSAGES:
+                torch._check(n <= self.indices.shape[0],
+                             lambda: "LoRAContext: a layer input has more tokens than the context's max_tokens")
+            else:
+                torch._check(n <= self.indices.shape[0])
             idx = self.indices[:n]
         return idx.masked_fill((self.count_t >= 0) & (self.count_t != n), _OUT_OF_RANGE)
 
