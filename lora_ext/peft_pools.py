@@ -192,6 +192,8 @@ def embedding_problem(module: nn.Module) -> str | None:
         return "base layer is not a plain nn.Embedding (or has hooks)"
     if base.max_norm is not None:
         return "base embedding renormalizes rows (max_norm)"
+    if base.weight.dtype not in FLOATS:  # e.g. model.to(torch.float64): lora_expand_ has no kernel
+        return f"base weight is {base.weight.dtype}"
     return None
 
 
