@@ -180,8 +180,14 @@ def dropout_p(module: nn.Module, name: str) -> float | None:
 
 
 def autograd_problem(module: nn.Module, used: list[str], input_grad: bool, op: str) -> str | None:
-    """Mixed batches run inference-only ops: refuse when autograd would need them."""
-    if torch.is_grad_enabled() and (input_grad or any(p.requires_grad for n in used for p in factors_of(module)[1](n))):
+    """Mixed batches run inference-only ops, in place on the base layer's output: refuse when
+    autograd would need them (the input, a used adapter's factors or a base parameter, e.g. a
+    bias="all" bias, requires grad)."""
+    if not torch.is_grad_enabled() or not used:
+        return None
+    factors = factors_of(module)[1]
+    params = [p for n in used for p in factors(n)] + list(module.base_layer.parameters())
+    if input_grad or any(p.requires_grad for p in params):
         return f"mixed batch with autograd on ({op} is inference only: use torch.no_grad())"
     return None
 

@@ -24,3 +24,25 @@ def test_float64_model_mixed_batch_falls_back_to_peft():
         out = pm(input_ids=ids, adapter_names=names).logits
         assert rel_err(out, ref(input_ids=ids, adapter_names=names).logits) < 1e-12
     assert any("embed_tokens" in str(w.message) and "float64" in str(w.message) for w in rec)
+
+
+def test_mixed_batch_with_grad_and_trainable_base_bias_falls_back_to_peft():
+    # bias="lora_only" trains the LoRA layers' base biases. A mixed batch of an adapter PEFT left
+    # frozen (added, not active) with autograd on (an evaluation loop without no_grad) ran
+    # multi_lora_ in place on the first layer's base output, which requires grad through its bias:
+    # RuntimeError (PEFT runs it and back-propagates). Such layers now run PEFT's forward.
+    ref = build("gpt2", bias="lora_only")
+    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, fan_in_fan_out=True, target_modules=CASES["gpt2"][1]))
+    randomize(ref, seed=5)
+    ref.eval()
+    assert not any(p.requires_grad for n, p in ref.named_parameters() if ".b." in n)
+    pm = copy.deepcopy(ref)
+    patch(pm)
+    ids, names = ids_for(batch=3, seq=5), ["b", "__base__", "b"]
+    outs = [m(input_ids=ids, adapter_names=names).logits for m in (pm, ref)]
+    assert rel_err(outs[0], outs[1]) < 1e-5
+    outs[0].square().mean().backward(), outs[1].square().mean().backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.grad is not None} for m in (pm, ref)]
+    assert grads[0].keys() == grads[1].keys() and any(n.endswith("base_layer.bias") for n in grads[1])
+    for n in grads[1]:
+        assert rel_err(grads[0][n], grads[1][n]) < 1e-5, n
