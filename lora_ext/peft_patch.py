@@ -25,7 +25,7 @@ Fast paths:
     is cached and walked again when a module is assigned under a walked module (torch's global
     module-registration hook) or the adapter set changes. Beam search, aLoRA offsets and training
     mode keep PEFT's own path.
-Anything else (DoRA and other LoRA variants, lora_bias, quantized or hooked base layers, several
+Anything else (DoRA and other LoRA variants, lora_bias, quantized or hooked base layers, hooked lora_A/lora_B, several
 active adapters at once, dtype mixes outside autocast, unknown forward arguments) calls PEFT's
 original forward and warns once per (layer, reason). A disabled or merged layer has no LoRA work
 left to fuse: it calls PEFT's forward without a warning. LoRA Embedding layers run mixed batches as

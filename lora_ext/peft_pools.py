@@ -123,6 +123,12 @@ class Batch:
         self.names, self.reached, self.preps = names, reached, preps
 
 
+def hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's forward (forward hooks or pre-hooks,
+    or a forward replaced on the instance): the fused paths, which read its weights, would skip it."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
 def base_layer_problem(module: nn.Module, traced: bool = False) -> str | None:
     """Why the base layer is not a plain float nn.Linear/Conv1D lora_ext can run (None: it is).
     ``traced``: a FakeTensor weight counts as plain, as torch.export's default (non-strict)
@@ -132,7 +138,7 @@ def base_layer_problem(module: nn.Module, traced: bool = False) -> str | None:
     conv1d = is_conv1d(base)
     if not (type(base) is nn.Linear or conv1d):
         return f"base layer {type(base).__name__} is not a plain nn.Linear/Conv1D (quantized or wrapped)"
-    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+    if hooked(base):
         return "base layer has forward hooks or a patched forward"
     w, b = base.weight, base.bias
     plain = (nn.Parameter, torch.Tensor, FakeTensor) if traced else (nn.Parameter, torch.Tensor)
@@ -162,8 +168,10 @@ def adapter_problem(module: nn.Module, name: str) -> str | None:
         return f"adapter '{name}' is a LoRA variant ({type(variant).__name__ if variant else 'DoRA'})"
     mods = module._modules
     A, B = mods["lora_A"]._modules[name], mods["lora_B"]._modules[name]
-    if type(A) is not nn.Linear or type(B) is not nn.Linear or A._forward_hooks or B._forward_hooks:
+    if type(A) is not nn.Linear or type(B) is not nn.Linear:
         return f"adapter '{name}' has non-standard lora_A/lora_B modules"
+    if hooked(A) or hooked(B) or hooked(mods["lora_dropout"]._modules[name]):
+        return f"adapter '{name}' has forward hooks or a patched forward on lora_A/lora_B/lora_dropout"
     if B._parameters.get("bias") is not None or module.lora_bias.get(name, False):
         return f"adapter '{name}' uses lora_bias"
     return None
@@ -194,7 +202,7 @@ def autograd_problem(module: nn.Module, used: list[str], input_grad: bool, op: s
 
 def embedding_problem(module: nn.Module) -> str | None:
     base = module.base_layer
-    if not isinstance(base, nn.Embedding) or base._forward_hooks or base._forward_pre_hooks:
+    if not isinstance(base, nn.Embedding) or hooked(base):
         return "base layer is not a plain nn.Embedding (or has hooks)"
     if base.max_norm is not None:
         return "base embedding renormalizes rows (max_norm)"

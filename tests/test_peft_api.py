@@ -46,3 +46,29 @@ def test_mixed_batch_with_grad_and_trainable_base_bias_falls_back_to_peft():
     assert grads[0].keys() == grads[1].keys() and any(n.endswith("base_layer.bias") for n in grads[1])
     for n in grads[1]:
         assert rel_err(grads[0][n], grads[1][n]) < 1e-5, n
+
+
+def test_forward_pre_hooks_on_lora_factors_are_run():
+    # A forward pre-hook on lora_A (an activation probe, an input transform) runs in PEFT's
+    # forward. The fused paths read lora_A's weight and skipped it silently (forward hooks were
+    # checked, pre-hooks were not): relative logits error 0.42, the hook never called. Such adapters now
+    # run PEFT's forward, single and mixed, with a warning.
+    ref = build("llama")
+    ref.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]))
+    randomize(ref, seed=7)
+    ref.eval()
+    pm = copy.deepcopy(ref)
+    patch(pm)
+    calls = {id(pm): 0, id(ref): 0}
+    for m in (pm, ref):
+        def double_input(module, args, key=id(m)):
+            calls[key] += 1
+            return (args[0] * 2,)
+        for n, mod in m.named_modules():
+            if n.endswith("lora_A.default") or n.endswith("lora_A.b"):
+                mod.register_forward_pre_hook(double_input)
+    ids = ids_for(batch=3, seq=5)
+    with torch.no_grad():
+        for kw in ({}, {"adapter_names": ["b", "default", "__base__"]}):
+            assert rel_err(pm(input_ids=ids, **kw).logits, ref(input_ids=ids, **kw).logits) < 1e-5
+    assert calls[id(pm)] == calls[id(ref)] > 0
