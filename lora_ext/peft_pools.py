@@ -124,9 +124,11 @@ class Batch:
 
 
 def hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs more than its class's forward (forward hooks or pre-hooks,
-    or a forward replaced on the instance): the fused paths, which read its weights, would skip it."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+    """Whether calling ``module`` runs more than its class's forward (forward or backward hooks
+    or pre-hooks, or a forward replaced on the instance): the fused paths, which read its
+    weights, would skip it."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
 def base_layer_problem(module: nn.Module, traced: bool = False) -> str | None:
@@ -139,7 +141,7 @@ def base_layer_problem(module: nn.Module, traced: bool = False) -> str | None:
     if not (type(base) is nn.Linear or conv1d):
         return f"base layer {type(base).__name__} is not a plain nn.Linear/Conv1D (quantized or wrapped)"
     if hooked(base):
-        return "base layer has forward hooks or a patched forward"
+        return "base layer has hooks or a patched forward"
     w, b = base.weight, base.bias
     plain = (nn.Parameter, torch.Tensor, FakeTensor) if traced else (nn.Parameter, torch.Tensor)
     if type(w) not in plain or w.dtype not in FLOATS:
@@ -171,7 +173,7 @@ def adapter_problem(module: nn.Module, name: str) -> str | None:
     if type(A) is not nn.Linear or type(B) is not nn.Linear:
         return f"adapter '{name}' has non-standard lora_A/lora_B modules"
     if hooked(A) or hooked(B) or hooked(mods["lora_dropout"]._modules[name]):
-        return f"adapter '{name}' has forward hooks or a patched forward on lora_A/lora_B/lora_dropout"
+        return f"adapter '{name}' has hooks or a patched forward on lora_A/lora_B/lora_dropout"
     if B._parameters.get("bias") is not None or module.lora_bias.get(name, False):
         return f"adapter '{name}' uses lora_bias"
     return None
