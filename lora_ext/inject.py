@@ -14,7 +14,7 @@ from torch import nn
 
 from .layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d
 from .sharding import sharding_of, unwrapped
-from .targets import PEFT_PREFIX, matches, pattern_value, read_directly, select_targets
+from .targets import PEFT_PREFIX, matches, pattern_value, read_directly, select_targets, unwrappable
 
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "PEFT_PREFIX"]
 
@@ -30,9 +30,10 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
     head). Targets must be nn.Linear, transformers Conv1D or nn.Embedding. rank_pattern /
     alpha_pattern map name regexes to per-module r / alpha, as in PEFT.
     nn.MultiheadAttention's out_proj is refused (TypeError; "all-linear" leaves it out): the
-    attention reads its weight directly, so LoRA there would never run. LoRA layers put into an
-    nn.TransformerEncoderLayer keep it off torch's fused inference path, which reads
-    linear1/linear2.weight directly (see _no_fused_encoder).
+    attention reads its weight directly, so LoRA there would never run. So are targets with hooks
+    and subclasses whose forward differs from the plain layer's (targets.unwrappable; "all-linear"
+    leaves them out). LoRA layers put into an nn.TransformerEncoderLayer keep it off torch's fused
+    inference path, which reads linear1/linear2.weight directly (see _no_fused_encoder).
     """
     wrapped = sharding_of(model)
     if wrapped is not None:  # DDP would not all-reduce factors added now; FSDP/TP shards are in place
@@ -41,6 +42,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
     chosen = select_targets(model, target_modules, exclude_modules)
+    if target_modules == "all-linear":  # every Linear/Conv1D a LoRA layer can stand in for
+        chosen = [n for n in chosen if unwrappable(model.get_submodule(n)) is None]
     if not chosen:
         injected = [n for n, m in model.named_modules() if isinstance(m, LoRALayer)
                     and (target_modules == "all-linear" or matches(n, target_modules))]
@@ -54,10 +57,15 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
                          f"{type(model).__name__}; Linear/Conv1D/Embedding names there: {leaves}")
     modules = dict(model.named_modules())
     bypassed = read_directly(model)
-    for name in (n for n in chosen if n in bypassed):  # the first, before anything changes
-        raise TypeError(f"inject: module {name!r} is the out_proj of an nn.MultiheadAttention, which "
-                        "reads its weight directly (F.multi_head_attention_forward): a LoRA layer there "
-                        "would never run")
+    for name in chosen:  # the first, before anything changes
+        m = modules[name]
+        if name in bypassed:
+            raise TypeError(f"inject: module {name!r} is the out_proj of an nn.MultiheadAttention, which "
+                            "reads its weight directly (F.multi_head_attention_forward): a LoRA layer there "
+                            "would never run")
+        why = unwrappable(m) if isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m) else None
+        if why is not None:
+            raise TypeError(f"inject: module {name!r} {why}")
     for name in chosen:
         m = modules[name]
         rr = pattern_value(name, rank_pattern, r)

@@ -13,6 +13,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .layers import is_conv1d
+from .targets import hooked
 
 POOL = "_lora_ext_pool"  # module.__dict__ keys of the caches
 INDICES = "_lora_ext_indices"  # last (adapter_names, rows per name, slot map) -> device indices
@@ -121,14 +122,6 @@ class Batch:
 
     def __init__(self, names, reached, preps):
         self.names, self.reached, self.preps = names, reached, preps
-
-
-def hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs more than its class's forward (forward or backward hooks
-    or pre-hooks, or a forward replaced on the instance): the fused paths, which read its
-    weights, would skip it."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
 def base_layer_problem(module: nn.Module, traced: bool = False) -> str | None:

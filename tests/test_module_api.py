@@ -206,3 +206,47 @@ def test_inject_twice_names_the_lora_layers():
             lora_ext.inject(model, target_modules=target, r=2)
     with pytest.raises(ValueError, match="matched no module"):
         lora_ext.inject(model, target_modules=["q_proj"], r=2)
+
+
+class _Scaled(nn.Linear):  # a forward of its own: twice the plain output
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _Router(nn.Linear):  # MoE-router-like: returns (top-1 scores, logits)
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits.softmax(-1).max(-1).values, logits
+
+
+class _SameMath(nn.Linear):  # transformers' FalconLinear: x @ W^T + b, F.linear's result
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class _Positions(nn.Embedding):  # a learned positional embedding: looks up positions, not ids
+    def forward(self, ids):
+        return super().forward(torch.arange(ids.shape[-1]).expand_as(ids))
+
+
+def test_inject_refuses_what_a_lora_layer_cannot_stand_in_for():
+    """A Linear subclass with a forward of its own, a positional embedding and a hooked target were
+    replaced by LoRA layers computing F.linear / F.embedding of their weights: outputs changed at
+    init (B = 0) and hooks stopped firing, silently. Now they are refused by name (\"all-linear\" leaves
+    them out); a subclass computing F.linear's result (FalconLinear) is still taken."""
+    torch.manual_seed(0)
+    hooked = nn.Linear(6, 6)
+    hooked.register_forward_hook(lambda mod, args, out: out * 3)
+    model = nn.ModuleDict(dict(scaled=_Scaled(6, 6), router=_Router(6, 4), same=_SameMath(6, 6),
+                               pos=_Positions(10, 6), hooked=hooked, plain=nn.Linear(6, 6)))
+    for name, why in (("scaled", "_Scaled whose forward is not the plain layer's"),
+                      ("router", "_Router whose forward"), ("pos", "_Positions whose forward"),
+                      ("hooked", "has hooks")):
+        with pytest.raises(TypeError, match=rf"inject: module '{name}' (is a )?{why}"):
+            lora_ext.inject(model, target_modules=[name, "plain"], r=2)
+        assert type(model["plain"]) is nn.Linear  # refused before anything changed
+    x = torch.randn(5, 6)
+    want = model["same"](x)
+    assert lora_ext.inject(model, target_modules="all-linear", r=2) == ["same", "plain"]
+    assert isinstance(model["same"], LoRALinear) and type(model["scaled"]) is _Scaled
+    torch.testing.assert_close(model["same"](x), want)
