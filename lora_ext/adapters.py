@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .adapter_checks import check_dropout, check_number, check_path, check_tensors
 from .inject import inject, lora_layers, trained_biases
 from .layers import LoRALayer
 from .sharding import is_dtensor, unwrapped
@@ -65,7 +66,6 @@ _UNSUPPORTED = (  # (field, is default, what it does)
     ("kasa_config", functools.partial(operator.is_, None), "KaSA, with a truncated base weight"),
     ("use_bdlora", functools.partial(operator.is_, None), "block-diagonal LoRA"),
 )
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -108,10 +108,11 @@ class Adapter:
         default. device / dtype: where and as what the tensors are returned (default: cpu, as
         saved). allow_nonfinite: accept NaN/inf weights. Raises ValueError / FileNotFoundError
         naming the file, field or module for anything lora_ext cannot run exactly as PEFT does."""
+        path = check_path("Adapter.load", path)
         config = _read_config(os.path.join(path, CONFIG_FILE))
         file, tensors = _read_weights(path, allow_pickle)
         where = f"Adapter.load: {file}"
-        _check_tensors(tensors, where, allow_nonfinite)
+        check_tensors(tensors, where, allow_nonfinite)
         factors, extra = _split_factors(tensors, where)
         conv = (lambda t: t.to(device=device, dtype=dtype or t.dtype))
         layers = {}
@@ -224,13 +225,6 @@ def _no_duplicates(pairs: list) -> dict:
     return dict(pairs)
 
 
-def _check_number(where: str, field: str, value, kind: type) -> None:
-    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float)) and math.isfinite(value)
-    if isinstance(value, bool) or not ok or value <= 0:
-        what = "an int" if kind is int else "a finite number"
-        raise ValueError(f"{where}: {field} must be {what} > 0, got {value!r}")
-
-
 def _read_config(cfg_path: str) -> dict:
     if not os.path.isfile(cfg_path):
         # PEFT's save_pretrained of several adapters puts the non-default ones in <dir>/<name>/
@@ -260,8 +254,8 @@ def _read_config(cfg_path: str) -> dict:
     for key, is_default, what in _UNSUPPORTED:
         if not is_default(config.get(key)):
             raise ValueError(f"{where}: {key}={json.dumps(config[key])[:80]} ({what}) is not supported")
-    _check_number(where, "r", config.get("r"), int)
-    _check_number(where, "lora_alpha", config.get("lora_alpha"), float)
+    check_number(where, "r", config.get("r"), int)
+    check_number(where, "lora_alpha", config.get("lora_alpha"), float)
     for fld, kind in (("rank_pattern", int), ("alpha_pattern", float)):
         pattern = config.get(fld) or {}
         if not isinstance(pattern, dict):
@@ -271,7 +265,8 @@ def _read_config(cfg_path: str) -> dict:
                 check_pattern_key(key)
             except ValueError as e:
                 raise ValueError(f"{where}: {fld} {e}") from None
-            _check_number(where, f"{fld}[{key!r}]", value, kind)
+            check_number(where, f"{fld}[{key!r}]", value, kind)
+    check_dropout(where, config.get("lora_dropout"))
     return config
 
 
@@ -302,18 +297,6 @@ def _read_weights(path: str, allow_pickle: bool) -> tuple[str, dict]:
         except Exception as e:  # noqa: BLE001  (any unpickling failure is a bad file)
             raise ValueError(f"Adapter.load: {pk} could not be read: {e}") from None
     raise FileNotFoundError(f"Adapter.load: no {SAFETENSORS_FILE} (or {PICKLE_FILE}) in {path}")
-
-
-def _check_tensors(tensors, where: str, allow_nonfinite: bool) -> None:
-    if not isinstance(tensors, dict):
-        raise ValueError(f"{where} holds a {type(tensors).__name__}, not a dict of tensors")
-    for key, t in tensors.items():
-        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
-            raise ValueError(f"{where}: entry {key!r} is a {type(t).__name__}; expected str keys and tensors")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{where}: {key} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
-        if not allow_nonfinite and not torch.isfinite(t).all():
-            raise ValueError(f"{where}: {key} holds NaN or inf values; pass allow_nonfinite=True to load it anyway")
 
 
 def _scale_for(name: str, r: int, config: dict) -> float:
@@ -361,7 +344,7 @@ def _split_factors(tensors: dict, where: str) -> tuple[dict, dict]:
 def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -> list[str]:
     """Copies an adapter into a model; injects LoRA layers where the model has none yet.
 
-    adapter: an Adapter, or a lora_state_dict (PEFT or module names) for LoRA layers the model
+    adapter: an Adapter, a PEFT adapter directory (read by Adapter.load), or a lora_state_dict (PEFT or module names) for LoRA layers the model
     already has (a state dict holds no alpha: the layers keep their scaling and rank).
     Every module is validated (exists, right type, shapes fit) before anything changes, so a
     mismatched adapter leaves the model untouched. A LoRA layer of another rank is resized.
@@ -373,6 +356,11 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
     Returns the names of the modules loaded.
     """
     wrapper, (model, prefix) = model, unwrapped(model)
+    if isinstance(adapter, (str, os.PathLike)):
+        adapter = Adapter.load(check_path("load_adapter", adapter))
+    elif not isinstance(adapter, (Adapter, dict)):
+        raise TypeError(f"load_adapter: adapter must be an Adapter, an adapter directory (str / os.PathLike) "
+                        f"or a LoRA state dict, got {type(adapter).__name__}")
     if isinstance(adapter, dict):
         adapter = _from_state_dict(model, {_inner_key(k, prefix): t for k, t in adapter.items()})
     dropout, rslora = _injected_hparams(adapter)
@@ -429,16 +417,13 @@ def _inner_key(key: str, prefix: str) -> str:
 
 def _injected_hparams(adapter: Adapter) -> tuple[float, bool]:
     """(lora_dropout, use_rslora) of the adapter's config, for the layers load_adapter injects."""
-    p = adapter.config.get("lora_dropout") or 0.0
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"load_adapter: adapter {adapter.name or ''} has lora_dropout={p!r}; "
-                         "expected a number in [0, 1)")
-    return float(p), bool(adapter.config.get("use_rslora", False))
+    p = check_dropout(f"load_adapter: adapter {adapter.name or ''}", adapter.config.get("lora_dropout"))
+    return p, bool(adapter.config.get("use_rslora", False))
 
 
 def _from_state_dict(model: nn.Module, state_dict: dict) -> Adapter:
     where = "load_adapter: state_dict"
-    _check_tensors(state_dict, where, allow_nonfinite=True)
+    check_tensors(state_dict, where, allow_nonfinite=True)
     factors, extra = _split_factors(state_dict, where)
     found = lora_layers(model)
     layers = {}
