@@ -387,6 +387,9 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
             raise ValueError(f"load_adapter: adapter {adapter.name or ''} holds {key} {tuple(t.shape)} "
                              f"(modules_to_save or a bias) but the model has "
                              f"{tuple(old.shape) if isinstance(old, torch.Tensor) else 'no such tensor'}")
+        if not _in_state_dict(modules[mod], leaf):  # PEFT's load_state_dict(strict=False) skips it
+            raise ValueError(f"load_adapter: adapter {adapter.name or ''} holds {key} {tuple(t.shape)}, which "
+                             f"is not a parameter or persistent buffer of the model (PEFT would not load it)")
     for name, m, w in plan:
         if not isinstance(m, LoRALayer):
             # through the wrapper: inject refuses a model inside DDP (its new factors would not be reduced)
@@ -407,6 +410,12 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
             setattr(modules[mod], leaf, nn.Parameter(t.clone(), old.requires_grad)
                     if isinstance(old, nn.Parameter) else t.clone())
     return [p[0] for p in plan]
+
+
+def _in_state_dict(module: nn.Module, leaf: str) -> bool:
+    """Whether module.<leaf> is in its state dict (a parameter or a persistent buffer)."""
+    return leaf in module._parameters or (leaf in module._buffers and
+                                          leaf not in module._non_persistent_buffers_set)
 
 
 def _inner_key(key: str, prefix: str) -> str:

@@ -208,3 +208,31 @@ def test_load_adapter_takes_a_directory_and_names_a_bad_argument(tmp_path):
         with pytest.raises(TypeError, match=r"load_adapter: adapter must be"):
             load_adapter(model, bad)
 
+
+# ---------------------------------------------------------------- extra tensors the model does not save
+def test_extra_tensor_naming_a_non_persistent_buffer_is_refused(tmp_path):
+    """PEFT loads an adapter's extra tensors with load_state_dict(strict=False): one naming a
+    non-persistent buffer (a rotary inv_freq) or a plain attribute is not in the state dict and
+    never loaded. lora_ext overwrote it (other logits than PEFT's); now it refuses it."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Linear(4, 3)
+            self.register_buffer("inv_freq", torch.ones(3), persistent=False)
+            self.register_buffer("kept", torch.ones(3))
+            self.plain = torch.ones(3)
+
+        def forward(self, x):
+            return self.q(x) * self.inv_freq * self.kept * self.plain
+
+    for key in ("inv_freq", "plain"):
+        model = Net()
+        x = torch.randn(2, 4)
+        before = model(x)
+        d = write(tmp_path, tensors=factors() | {f"base_model.model.{key}": torch.full((3,), 7.0)})
+        with pytest.raises(ValueError, match=rf"load_adapter: adapter ad holds {key} \(3,\).*not a parameter or persistent buffer"):
+            load_adapter(model, Adapter.load(d))
+        assert torch.equal(model(x), before) and not lora_ext.lora_layers(model)
+    model = Net()
+    load_adapter(model, Adapter.load(write(tmp_path, tensors=factors() | {"base_model.model.kept": torch.full((3,), 7.0)})))
+    assert torch.equal(model.kept, torch.full((3,), 7.0))
