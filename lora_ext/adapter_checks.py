@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from .targets import matches
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -52,6 +54,32 @@ def check_tensors(tensors, where: str, allow_nonfinite: bool) -> None:
             raise ValueError(f"{where}: {key} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
         if not allow_nonfinite and not torch.isfinite(t).all():
             raise ValueError(f"{where}: {key} holds NaN or inf values; pass allow_nonfinite=True to load it anyway")
+
+
+def check_targets(where: str, config: dict, modules, weights: str) -> None:
+    """Every module the weights file holds factors for is one PEFT would adapt under the config's
+    target_modules / exclude_modules (PeftModel.from_pretrained injects only those and silently
+    drops the other tensors, so loading them would not compute what PEFT does). Checked for the
+    forms that need no model: module-name suffixes or a full-name regex; None (PEFT's per-model
+    defaults) and "all-linear" are not checked. Either field of another type is refused."""
+    fields = {}
+    for fld in ("target_modules", "exclude_modules"):
+        value = config.get(fld)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            value = list(value)
+        elif value is not None and not isinstance(value, str):
+            raise ValueError(f"{where}: {fld} must be a string (a regex) or a list of strings, got {_short(value)}")
+        fields[fld] = value
+    target, exclude = fields["target_modules"], fields["exclude_modules"]
+    for name in modules:
+        if exclude is not None and exclude != "all-linear" and matches(name, exclude):
+            why = f"exclude_modules={_short(exclude)} excludes"
+        elif target is not None and target != "all-linear" and not matches(name, target):
+            why = f"target_modules={_short(target)} does not select"
+        else:
+            continue
+        raise ValueError(f"{where}: {why} module {name!r}, but {weights} holds its LoRA factors "
+                         "(PeftModel.from_pretrained would not load them): fix the config or the weights")
 
 
 def check_path(where: str, path) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter_checks import check_dropout, check_number, check_path, check_tensors
+from .adapter_checks import check_dropout, check_number, check_path, check_targets, check_tensors
 from .inject import inject, lora_layers, trained_biases
 from .layers import LoRALayer
 from .sharding import is_dtensor, unwrapped
@@ -114,6 +114,7 @@ class Adapter:
         where = f"Adapter.load: {file}"
         check_tensors(tensors, where, allow_nonfinite)
         factors, extra = _split_factors(tensors, where)
+        check_targets(f"Adapter.load: {os.path.join(path, CONFIG_FILE)}", config, factors, os.path.basename(file))
         conv = (lambda t: t.to(device=device, dtype=dtype or t.dtype))
         layers = {}
         for name, (A, B, kind) in factors.items():

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_ext import Adapter
+from lora_ext.adapters import _KEY
 from lora_ext.targets import pattern_value
 
 CFG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
@@ -24,12 +25,16 @@ def factors(name="q", r=2, A=None, B=None):
 
 
 def write(tmp_path, config=None, tensors=None, raw_config=None):
-    """An adapter directory; config updates CFG, raw_config replaces the JSON text."""
+    """An adapter directory; config updates CFG (target_modules: the modules `tensors` hold, as
+    PEFT writes it), raw_config replaces the JSON text."""
     d = os.path.join(tmp_path, "ad")
     os.makedirs(d, exist_ok=True)
+    tensors = factors() if tensors is None else tensors
+    held = sorted({m["path"].rsplit(".", 1)[-1] for m in map(_KEY.match, tensors) if m is not None})
     with open(os.path.join(d, "adapter_config.json"), "w") as f:
-        f.write(raw_config if raw_config is not None else json.dumps({**CFG, **(config or {})}))
-    save_file(factors() if tensors is None else tensors, os.path.join(d, "adapter_model.safetensors"))
+        f.write(raw_config if raw_config is not None else
+                json.dumps({**CFG, "target_modules": held or CFG["target_modules"], **(config or {})}))
+    save_file(tensors, os.path.join(d, "adapter_model.safetensors"))
     return d
 
 

@@ -236,3 +236,40 @@ def test_extra_tensor_naming_a_non_persistent_buffer_is_refused(tmp_path):
     model = Net()
     load_adapter(model, Adapter.load(write(tmp_path, tensors=factors() | {"base_model.model.kept": torch.full((3,), 7.0)})))
     assert torch.equal(model.kept, torch.full((3,), 7.0))
+
+
+# ---------------------------------------------------------------- weights for modules the config does not target
+@pytest.mark.parametrize("config, why", [
+    ({"target_modules": ["q"]}, r"target_modules=\['q'\] does not select module 'v'"),
+    ({"target_modules": "q"}, r"target_modules='q' does not select module 'v'"),
+    ({"target_modules": ["q", "v"], "exclude_modules": ["v"]}, r"exclude_modules=\['v'\] excludes module 'v'"),
+    ({"target_modules": ".*", "exclude_modules": "v|w"}, r"exclude_modules='v\|w' excludes module 'v'"),
+])
+def test_weights_for_modules_the_config_does_not_target_are_refused(tmp_path, config, why):
+    """PeftModel.from_pretrained adapts only the modules target_modules selects (less
+    exclude_modules) and silently drops the other tensors (a Llama adapter whose config lists
+    q_proj but whose file also holds v_proj: logits 0.38 apart from what lora_ext computed)."""
+    d = write(tmp_path, config, tensors=factors("q") | factors("v"))
+    with pytest.raises(ValueError, match=rf"adapter_config.json: {why}, but adapter_model.safetensors holds"):
+        Adapter.load(d)
+    model = torch.nn.ModuleDict({"q": torch.nn.Linear(4, 3), "v": torch.nn.Linear(4, 3)})
+    pool = AdapterPool(model, target_modules=["q", "v"], max_rank=4)
+    with pytest.raises(ValueError, match=r"target_modules|exclude_modules"):
+        pool.load("a", d)
+    assert pool.names() == []
+
+
+@pytest.mark.parametrize("config", [{"target_modules": None}, {"target_modules": "all-linear"},
+                                    {"target_modules": ["v", "q"]}, {"target_modules": "q|v"},
+                                    {"target_modules": ["q", "v"], "exclude_modules": ["w"]},
+                                    {"target_modules": ["q", "v"], "exclude_modules": []}])
+def test_targets_covering_the_weights_load(tmp_path, config):
+    assert set(Adapter.load(write(tmp_path, config, tensors=factors("q") | factors("v"))).layers) == {"q", "v"}
+
+
+@pytest.mark.parametrize("config", [{"target_modules": [{}]}, {"target_modules": 5}, {"target_modules": ["q", 1]},
+                                    {"exclude_modules": {"v": 1}}])
+def test_targets_of_another_type_are_refused(tmp_path, config):
+    field = next(iter(config))
+    with pytest.raises(ValueError, match=rf"adapter_config.json: {field} must be a string \(a regex\) or a list"):
+        Adapter.load(write(tmp_path, config))
