@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import operator
 import os
 import re
@@ -27,7 +26,7 @@ from torch import nn
 
 from .adapter_checks import check_dropout, check_number, check_path, check_targets, check_tensors
 from .inject import inject, lora_layers, trained_biases
-from .layers import LoRALayer
+from .layers import LoRALayer, lora_alpha_for, lora_scaling
 from .sharding import is_dtensor, unwrapped
 from .targets import PEFT_PREFIX, check_pattern_key, matches, name_regex, pattern_value, peft_config
 
@@ -184,7 +183,7 @@ def model_config(found: dict[str, nn.Module]) -> dict:
     scaling under the config's rule (written to alpha_pattern by peft_config)."""
     rslora = any(m.use_rslora for m in found.values())
     alphas = {n: m.lora_alpha if bool(m.use_rslora) == rslora else
-              float(m.scaling) * (math.sqrt(m.r) if rslora else m.r) for n, m in found.items()}
+              lora_alpha_for(float(m.scaling), m.r, rslora) for n, m in found.items()}
     return peft_config({n: m.r for n, m in found.items()}, alphas, use_rslora=rslora,
                        fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
                        lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()))
@@ -302,7 +301,7 @@ def _read_weights(path: str, allow_pickle: bool) -> tuple[str, dict]:
 
 def _scale_for(name: str, r: int, config: dict) -> float:
     alpha = pattern_value(name, config.get("alpha_pattern"), config["lora_alpha"])
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return lora_scaling(alpha, r, bool(config.get("use_rslora")))
 
 
 def _split_factors(tensors: dict, where: str) -> tuple[dict, dict]:
@@ -394,7 +393,7 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
     for name, m, w in plan:
         if not isinstance(m, LoRALayer):
             # through the wrapper: inject refuses a model inside DDP (its new factors would not be reduced)
-            inject(wrapper, name_regex(prefix + name), r=w.r, alpha=w.scale * (math.sqrt(w.r) if rslora else w.r),
+            inject(wrapper, name_regex(prefix + name), r=w.r, alpha=lora_alpha_for(w.scale, w.r, rslora),
                    dropout=dropout, use_rslora=rslora)
             m = dict(model.named_modules())[name]
         m.set_lora_factors(w.A, w.B, w.scale)

@@ -42,8 +42,11 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
     chosen = select_targets(model, target_modules, exclude_modules)
+    modules = dict(model.named_modules())
+    problems = {n: unwrappable(modules[n]) for n in chosen
+                if isinstance(modules[n], (nn.Linear, nn.Embedding)) or is_conv1d(modules[n])}
     if target_modules == "all-linear":  # every Linear/Conv1D a LoRA layer can stand in for
-        chosen = [n for n in chosen if unwrappable(model.get_submodule(n)) is None]
+        chosen = [n for n in chosen if problems[n] is None]
     if not chosen:
         injected = [n for n, m in model.named_modules() if isinstance(m, LoRALayer)
                     and (target_modules == "all-linear" or matches(n, target_modules))]
@@ -55,17 +58,14 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
                          if isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m)})
         raise ValueError(f"inject: target_modules={target_modules!r} matched no module of "
                          f"{type(model).__name__}; Linear/Conv1D/Embedding names there: {leaves}")
-    modules = dict(model.named_modules())
     bypassed = read_directly(model)
     for name in chosen:  # the first, before anything changes
-        m = modules[name]
         if name in bypassed:
             raise TypeError(f"inject: module {name!r} is the out_proj of an nn.MultiheadAttention, which "
                             "reads its weight directly (F.multi_head_attention_forward): a LoRA layer there "
                             "would never run")
-        why = unwrappable(m) if isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m) else None
-        if why is not None:
-            raise TypeError(f"inject: module {name!r} {why}")
+        if problems.get(name) is not None:
+            raise TypeError(f"inject: module {name!r} {problems[name]}")
     for name in chosen:
         m = modules[name]
         rr = pattern_value(name, rank_pattern, r)

@@ -49,8 +49,14 @@ def _check_hparams(name: str, r, alpha, dropout) -> None:
         raise ValueError(f"{name}: LoRA dropout must be a number in [0, 1), got {dropout!r}")
 
 
-def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """The LoRA term's factor: alpha / r, or alpha / sqrt(r) with rsLoRA."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_alpha_for(scale: float, r: int, use_rslora: bool) -> float:
+    """The alpha whose lora_scaling(alpha, r, use_rslora) is ``scale``."""
+    return scale * (math.sqrt(r) if use_rslora else r)
 
 
 class LoRALayer(nn.Module, abc.ABC):
@@ -111,7 +117,7 @@ class LoRALayer(nn.Module, abc.ABC):
         r = A.shape[0]
         self.r = r
         self.scaling = scale
-        self.lora_alpha = scale * (math.sqrt(r) if self.use_rslora else r)
+        self.lora_alpha = lora_alpha_for(scale, r, self.use_rslora)
         if remerge:
             self.merge(exact=exact)
 
@@ -260,7 +266,7 @@ class LoRALinear(LoRALayer):
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha, self.use_rslora = int(r), alpha, use_rslora
-        self.scaling = _scaling(alpha, r, use_rslora)
+        self.scaling = lora_scaling(alpha, r, use_rslora)
         self.lora_dropout = dropout
         self.fan_in_fan_out = fan_in_fan_out
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
@@ -373,7 +379,7 @@ class LoRAEmbedding(LoRALayer):
         kw = {"device": device, "dtype": dtype}
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.r, self.lora_alpha, self.use_rslora = int(r), alpha, use_rslora
-        self.scaling = _scaling(alpha, r, use_rslora)
+        self.scaling = lora_scaling(alpha, r, use_rslora)
         probe = nn.Embedding(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
                              scale_grad_by_freq, sparse, device="meta")  # nn.Embedding's checks
         self.padding_idx = probe.padding_idx  # negative -> num_embeddings + padding_idx, as nn.Embedding
