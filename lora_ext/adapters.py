@@ -182,9 +182,10 @@ def model_config(found: dict[str, nn.Module]) -> dict:
     The config has one use_rslora: a layer scaled the other way gets the alpha that gives its own
     scaling under the config's rule (written to alpha_pattern by peft_config)."""
     rslora = any(m.use_rslora for m in found.values())
-    alphas = {n: m.lora_alpha if bool(m.use_rslora) == rslora else
-              lora_alpha_for(float(m.scaling), m.r, rslora) for n, m in found.items()}
-    return peft_config({n: m.r for n, m in found.items()}, alphas, use_rslora=rslora,
+    ranks = {n: m.lora_rank for n, m in found.items()}  # a MergedLinear's: k·r, the fused layer's
+    alphas = {n: m.lora_alpha if bool(m.use_rslora) == rslora and ranks[n] == m.r else
+              lora_alpha_for(float(m.scaling), ranks[n], rslora) for n, m in found.items()}
+    return peft_config(ranks, alphas, use_rslora=rslora,
                        fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
                        lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()))
 
@@ -304,8 +305,9 @@ def _scale_for(name: str, r: int, config: dict) -> float:
     return lora_scaling(alpha, r, bool(config.get("use_rslora")))
 
 
-def _split_factors(tensors: dict, where: str) -> tuple[dict, dict]:
-    """PEFT- or module-named tensors -> ({module: (A, B, kind)}, {other key less the prefix: tensor})."""
+def _split_factors(tensors: dict, where: str, paired: bool = True) -> tuple[dict, dict]:
+    """PEFT- or module-named tensors -> ({module: (A, B, kind)}, {other key less the prefix: tensor}).
+    paired=False: B's columns need not be A's rows (a loralib MergedLinear's lora_B [k·d, r])."""
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     extra = {}
     for key, t in tensors.items():
@@ -334,7 +336,7 @@ def _split_factors(tensors: dict, where: str) -> tuple[dict, dict]:
         if a_key not in p or b_key not in p:
             raise ValueError(f"{where}: module {name!r} has {sorted(p)} but needs {a_key} and {b_key}")
         A, B = p[a_key][1], p[b_key][1]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0:
+        if A.dim() != 2 or B.dim() != 2 or (paired and A.shape[0] != B.shape[1]) or A.shape[0] == 0:
             raise ValueError(f"{where}: module {name!r} has {a_key} {tuple(A.shape)} and "
                              f"{b_key} {tuple(B.shape)}; expected [r, in] and [out, r] with r > 0")
         factors[name] = (A, B, "embedding" if emb else "linear")
@@ -433,15 +435,22 @@ def _injected_hparams(adapter: Adapter) -> tuple[float, bool]:
 def _from_state_dict(model: nn.Module, state_dict: dict) -> Adapter:
     where = "load_adapter: state_dict"
     check_tensors(state_dict, where, allow_nonfinite=True)
-    factors, extra = _split_factors(state_dict, where)
+    factors, extra = _split_factors(state_dict, where, paired=False)
     found = lora_layers(model)
     layers = {}
     for name, (A, B, kind) in factors.items():
         m = found.get(name)
-        if m is None or m.r != A.shape[0]:
-            problem = "is not a LoRA layer of the model" if m is None else f"has rank {m.r} in the model but {A.shape[0]} here"
+        if m is None or m.lora_rank != A.shape[0]:
+            problem = "is not a LoRA layer of the model" if m is None else f"has rank {m.lora_rank} in the model but {A.shape[0]} here"
             raise ValueError(f"{where}: {name!r} {problem} (a state dict holds no alpha: inject the LoRA layers "
                              "first, or load a PEFT adapter directory with Adapter.load)")
+        try:  # a MergedLinear's lora_B as loralib saves it -> the fused layer's B
+            A, B = m.lora_factors_of(A, B)
+        except ValueError as e:
+            raise ValueError(f"{where}: {name!r}: {e}") from None
+        if B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"{where}: module {name!r} has A {tuple(A.shape)} and B {tuple(B.shape)}; "
+                             "expected [r, in] and [out, r] with r > 0")
         # loralib's lora.Embedding names its factors lora_A / lora_B (same shapes as PEFT's lora_embedding_A/B)
         layers[name] = LayerWeights(A, B, m.scaling, m.lora_kind if kind == "linear" else kind)
     return Adapter(layers, name="state_dict", extra=extra)

@@ -166,9 +166,11 @@ def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: boo
     out = {}
     for name, m in lora_layers(model).items():
         linear = m.lora_kind == "linear"
-        for p in m.factor_names:
+        # PEFT names: lora_factors() (a MergedLinear's fused-layer B); module names: the parameters
+        factors = m.lora_factors()[:2] if peft_names else [getattr(m, p) for p in m.factor_names]
+        for p, t in zip(m.factor_names, factors):
             key = f"{prefix}{name}.{p}{'.weight' if linear else ''}" if peft_names else f"{name}.{p}"
-            out[key] = getattr(m, p).detach()
+            out[key] = t.detach()
     for name, key, b in trained_biases(model, bias=bias)[0]:
         out[prefix + key if peft_names else f"{name}.bias"] = b.detach()
     return out

@@ -83,6 +83,25 @@ class LoRALayer(nn.Module, abc.ABC):
         a_name, b_name = self.factor_names
         return getattr(self, a_name), getattr(self, b_name), float(self.scaling)
 
+    @property
+    def lora_rank(self) -> int:
+        """The rank of lora_factors() (PEFT's ``r`` for this module; ``r`` itself for these layers)."""
+        return getattr(self, self.factor_names[0]).shape[0]
+
+    def lora_factors_of(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as lora_factors() would give them were the layer's parameters A and B (a state
+        dict's; these layers: unchanged)."""
+        return A, B
+
+    def _new_factors(self, A: torch.Tensor, B: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """set_lora_factors' A, B as the values of the layer's parameters, and the new ``r``."""
+        A_old, B_old = (getattr(self, n) for n in self.factor_names)
+        if (A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0
+                or A.shape[1] != A_old.shape[1] or B.shape[0] != B_old.shape[0]):
+            raise ValueError(f"{where}: expected A [r, {A_old.shape[1]}] and "
+                             f"B [{B_old.shape[0]}, r] with r > 0, got A {tuple(A.shape)}, B {tuple(B.shape)}")
+        return A, B, A.shape[0]
+
     def set_lora_factors(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
         """Sets A [r, in], B [out, r] (converted to the layer's device and dtype) and the scaling.
         Same rank: copied in place; another rank: new parameters (requires_grad kept), ``r`` and
@@ -92,10 +111,7 @@ class LoRALayer(nn.Module, abc.ABC):
         a_name, b_name = self.factor_names
         A_old, B_old = getattr(self, a_name), getattr(self, b_name)
         where = f"{type(self).__name__}.set_lora_factors"
-        if (A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0
-                or A.shape[1] != A_old.shape[1] or B.shape[0] != B_old.shape[0]):
-            raise ValueError(f"{where}: expected A [r, {A_old.shape[1]}] and "
-                             f"B [{B_old.shape[0]}, r] with r > 0, got A {tuple(A.shape)}, B {tuple(B.shape)}")
+        A, B, r = self._new_factors(A, B, where)
         remerge = self.merged
         if remerge:
             exact = getattr(self, "_merge_state", None) is not None
@@ -114,7 +130,6 @@ class LoRALayer(nn.Module, abc.ABC):
             with torch.no_grad():
                 A_old.copy_(A)
                 B_old.copy_(B)
-        r = A.shape[0]
         self.r = r
         self.scaling = scale
         self.lora_alpha = lora_alpha_for(scale, r, self.use_rslora)

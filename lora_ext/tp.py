@@ -70,6 +70,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from .layers import LoRALinear, factors_like, is_conv1d
+from .merged_linear import MergedLinear
 from .multi import MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
 from .ops import lora_linear, multi_lora_
 
@@ -365,6 +366,9 @@ def validate_plan(model: nn.Module, device_mesh: DeviceMesh, plan: dict[str, Par
                 _check(sname, m, device_mesh, "out_features" if colwise else "in_features", name=path)
                 continue
             parent = parents.get(id(m))
+            if isinstance(m, MergedLinear):  # torch's styles would shard lora_B [k·d, r] as if it were [out, r]
+                raise ValueError(f"parallelize_lora: plan entry {key!r} puts {sname} on module {path!r}, a "
+                                 "MergedLinear, which is not tensor-parallel; leave it out of the plan (replicated)")
             lora = isinstance(m, (LoRALinear, _MultiLoRA))
             if lora or isinstance(parent, (LoRALinear, _MultiLoRA)):
                 what = m if lora else parent
