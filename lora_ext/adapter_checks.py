@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .targets import matches
+from .targets import check_layers, in_layers, matches
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -58,10 +58,12 @@ def check_tensors(tensors, where: str, allow_nonfinite: bool) -> None:
 
 def check_targets(where: str, config: dict, modules, weights: str) -> None:
     """Every module the weights file holds factors for is one PEFT would adapt under the config's
-    target_modules / exclude_modules (PeftModel.from_pretrained injects only those and silently
-    drops the other tensors, so loading them would not compute what PEFT does). Checked for the
+    target_modules / exclude_modules / layers_to_transform / layers_pattern (PeftModel.from_pretrained
+    injects only those and silently drops the other tensors, so loading them would not compute what
+    PEFT does; lora_ext.inject selects layers by the same rule, targets.in_layers). Checked for the
     forms that need no model: module-name suffixes or a full-name regex; None (PEFT's per-model
-    defaults) and "all-linear" are not checked. Either field of another type is refused."""
+    defaults) and "all-linear" are not checked. Fields of another type, and layer fields PEFT's
+    LoraConfig refuses (targets.check_layers), are refused."""
     fields = {}
     for fld in ("target_modules", "exclude_modules"):
         value = config.get(fld)
@@ -71,11 +73,15 @@ def check_targets(where: str, config: dict, modules, weights: str) -> None:
             raise ValueError(f"{where}: {fld} must be a string (a regex) or a list of strings, got {_short(value)}")
         fields[fld] = value
     target, exclude = fields["target_modules"], fields["exclude_modules"]
+    layers, pattern = check_layers(where, config.get("layers_to_transform"), config.get("layers_pattern"), target)
     for name in modules:
         if exclude is not None and exclude != "all-linear" and matches(name, exclude):
             why = f"exclude_modules={_short(exclude)} excludes"
         elif target is not None and target != "all-linear" and not matches(name, target):
             why = f"target_modules={_short(target)} does not select"
+        elif not isinstance(target, str) and name not in (target or []) and not in_layers(name, layers, pattern):
+            why = (f"layers_to_transform={_short(config.get('layers_to_transform'))} (layers_pattern="
+                   f"{_short(config.get('layers_pattern'))}) does not select")
         else:
             continue
         raise ValueError(f"{where}: {why} module {name!r}, but {weights} holds its LoRA factors "

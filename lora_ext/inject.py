@@ -14,7 +14,8 @@ from torch import nn
 
 from .layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d
 from .sharding import sharding_of, unwrapped
-from .targets import PEFT_PREFIX, matches, pattern_value, read_directly, select_targets, unwrappable
+from .targets import (PEFT_PREFIX, check_layers, in_layers, matches, pattern_value, read_directly, select_targets,
+                      unwrappable)
 
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "PEFT_PREFIX"]
 
@@ -22,13 +23,18 @@ __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers
 def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v_proj"), r: int = 8,
            alpha: float = 8, dropout: float = 0.0, use_rslora: bool = False,
            rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
-           init: str = "kaiming", exclude_modules: str | Iterable[str] | None = None) -> list[str]:
+           init: str = "kaiming", exclude_modules: str | Iterable[str] | None = None,
+           layers_to_transform: int | list[int] | None = None,
+           layers_pattern: str | list[str] | None = None) -> list[str]:
     """Replaces the target modules of ``model`` in place by LoRA layers; returns their names.
 
     target_modules: a list of module-name suffixes (``"q_proj"`` matches ``...attn.q_proj``), a
     regex matched against the full name, or ``"all-linear"`` (every Linear/Conv1D but the output
     head). Targets must be nn.Linear, transformers Conv1D or nn.Embedding. rank_pattern /
-    alpha_pattern map name regexes to per-module r / alpha, as in PEFT.
+    alpha_pattern map name regexes to per-module r / alpha, as in PEFT. layers_to_transform (an
+    int or a list of ints) / layers_pattern (str or list: the layer list's name, e.g. "layers"),
+    with a list of target_modules only: PEFT's selection of layers (targets.in_layers; a
+    target_modules entry that is a full module name is taken in any layer, as PEFT does).
     nn.MultiheadAttention's out_proj is refused (TypeError; "all-linear" leaves it out): the
     attention reads its weight directly, so LoRA there would never run. So are targets with hooks
     and subclasses whose forward differs from the plain layer's (targets.unwrappable; "all-linear"
@@ -41,7 +47,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
                          "first, then wrap or shard (lora_ext.distributed)")
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
-    chosen = select_targets(model, target_modules, exclude_modules)
+    layers, pattern = check_layers("inject", layers_to_transform, layers_pattern, target_modules, allow_negative=False)
+    chosen = select_targets(model, target_modules, exclude_modules, layers, pattern)
     modules = dict(model.named_modules())
     problems = {n: unwrappable(modules[n]) for n in chosen
                 if isinstance(modules[n], (nn.Linear, nn.Embedding)) or is_conv1d(modules[n])}
@@ -49,15 +56,17 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
         chosen = [n for n in chosen if problems[n] is None]
     if not chosen:
         injected = [n for n, m in model.named_modules() if isinstance(m, LoRALayer)
-                    and (target_modules == "all-linear" or matches(n, target_modules))]
+                    and (target_modules == "all-linear" or matches(n, target_modules))
+                    and (layers is None or n in target_modules or in_layers(n, layers, pattern))]
         if injected:
             raise ValueError(f"inject: target_modules={target_modules!r} matched only modules that are "
                              f"LoRA layers already ({', '.join(injected[:4])}{', ...' if len(injected) > 4 else ''}); "
                              "set_lora_factors / load_adapter replace their factors")
         leaves = sorted({n.split(".")[-1] for n, m in model.named_modules()
                          if isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m)})
+        where = "" if layers is None else f" in layers_to_transform={layers!r} (layers_pattern={layers_pattern!r})"
         raise ValueError(f"inject: target_modules={target_modules!r} matched no module of "
-                         f"{type(model).__name__}; Linear/Conv1D/Embedding names there: {leaves}")
+                         f"{type(model).__name__}{where}; Linear/Conv1D/Embedding names there: {leaves}")
     bypassed = read_directly(model)
     for name in chosen:  # the first, before anything changes
         if name in bypassed:

@@ -24,7 +24,7 @@ from torch import nn
 from .layers import LoRALayer, is_conv1d
 
 __all__ = ["PEFT_PREFIX", "matches", "output_head_names", "read_directly", "select_targets", "pattern_value",
-           "check_pattern_key", "name_regex", "peft_config"]
+           "check_pattern_key", "name_regex", "peft_config", "check_layers", "in_layers"]
 
 PEFT_PREFIX = "base_model.model."
 
@@ -105,12 +105,81 @@ def matches(name: str, target) -> bool:
     return any(name == t or name.endswith("." + t) for t in target)
 
 
-def select_targets(model: nn.Module, target_modules, exclude_modules=None) -> list[str]:
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_layers(where: str, layers_to_transform, layers_pattern, target_modules,
+                 allow_negative: bool = True) -> tuple[int | list[int] | None, list[str] | None]:
+    """PEFT's layers_to_transform (an int or a list of ints: the layer indices to adapt) and
+    layers_pattern (a str or a list of str: regexes naming the layer list, e.g. "layers", "h"),
+    checked as PEFT's LoraConfig checks them: both only with a list of target_modules (not a regex
+    or "all-linear"), layers_pattern only with layers_to_transform. Returns them normalized (lists;
+    None for none) for in_layers; ValueError starting with ``where`` and naming the field else.
+    allow_negative=False also refuses negative indices (PEFT's never match)."""
+    idx = layers_to_transform
+    if idx is not None:
+        if isinstance(idx, (range, tuple)):
+            idx = list(idx)
+        ints = [idx] if not isinstance(idx, list) else idx
+        if not all(isinstance(i, int) and not isinstance(i, bool) and (allow_negative or i >= 0) for i in ints):
+            raise ValueError(f"{where}: layers_to_transform must be {'an int' if allow_negative else 'an int >= 0'} "
+                             f"or a list of them (layer indices), got {_short(layers_to_transform)}")
+    pattern = layers_pattern
+    if pattern is not None:
+        # PEFT: an empty layers_pattern ("" or []) means any layer list
+        pattern = ([pattern] if pattern else []) if isinstance(pattern, str) else \
+            list(pattern) if isinstance(pattern, (list, tuple)) else None
+        if pattern is None or not all(isinstance(p, str) for p in pattern):
+            raise ValueError(f"{where}: layers_pattern must be a str or a list of str (the name of the layer "
+                             f"list, e.g. 'layers' or 'h'), got {_short(layers_pattern)}")
+        for p in pattern:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"{where}: layers_pattern {p!r} is not a valid regex: {e.msg}") from None
+    for fld, value in (("layers_to_transform", idx), ("layers_pattern", pattern)):
+        if value is not None and isinstance(target_modules, str):
+            raise ValueError(f"{where}: {fld} works only with a list of target_modules (module-name suffixes), "
+                             f"not target_modules={_short(target_modules)} (as in PEFT)")
+    if pattern and idx is None:
+        raise ValueError(f"{where}: layers_pattern={_short(layers_pattern)} needs layers_to_transform (as in PEFT)")
+    return idx, pattern
+
+
+def in_layers(name: str, layers_to_transform, layers_pattern) -> bool:
+    """Whether module ``name`` (selected by a target_modules suffix) is in the layers
+    layers_to_transform picks (check_layers' values), as PEFT decides it (tuners_utils
+    check_target_module_exists): the layer index is the first number in the name after a
+    layers_pattern component (the first of the patterns that matches), or with no pattern after
+    any component but the first; a name without one is in no layer. No layers_to_transform (or
+    an empty list): every name."""
+    if layers_to_transform is None or layers_to_transform == []:
+        return True
+    match = None
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        for p in layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match["idx"])
+    return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform
+
+
+def select_targets(model: nn.Module, target_modules, exclude_modules=None, layers_to_transform=None,
+                   layers_pattern=None) -> list[str]:
     """Names of the modules of ``model`` that ``target_modules`` picks (see lora_ext.inject):
     module-name suffixes, a full-name regex, or "all-linear" (every Linear/Conv1D but the output
     head and those read_directly names); LoRA layers are skipped and only the outermost of nested
-    matches is kept. Names matching ``exclude_modules`` (same forms, no "all-linear") are
-    dropped. May be empty."""
+    matches is kept. With a list of target_modules, names matched by a suffix (not given in full)
+    must be in the layers ``layers_to_transform`` / ``layers_pattern`` pick (in_layers, after
+    check_layers). Names matching ``exclude_modules`` (same forms, no "all-linear") are dropped.
+    May be empty."""
     if target_modules == "all-linear":
         skip = output_head_names(model) | read_directly(model)
         chosen = [n for n, m in model.named_modules()
@@ -120,6 +189,8 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None) -> li
             target_modules = list(target_modules)
         chosen = [n for n, m in model.named_modules()
                   if n and not isinstance(m, LoRALayer) and matches(n, target_modules)]
+        if not isinstance(target_modules, str):  # PEFT: a name given in full is taken in any layer
+            chosen = [n for n in chosen if n in target_modules or in_layers(n, layers_to_transform, layers_pattern)]
         # a LoRA layer's own children (none today) or nested matches: keep outermost only
         chosen = [n for n in chosen if not any(n.startswith(p + ".") for p in chosen if p != n)]
     if exclude_modules is not None:
