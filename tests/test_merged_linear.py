@@ -299,6 +299,11 @@ def test_peft_export_loads_in_peft_with_the_same_logits(tmp_path, use_rslora):
     for a, b in zip(again.transformer.h, model.transformer.h):
         assert torch.equal(a.attn.c_attn.lora_B, b.attn.c_attn.lora_B)
         assert a.attn.c_attn.scaling == pytest.approx(b.attn.c_attn.scaling, rel=1e-12)
+    from lora_ext.distributed import save_adapter
+
+    save_adapter(model, tmp_path / "dist")  # no process group: saves the same adapter
+    dist = Adapter.load(tmp_path / "dist")
+    assert dist.config == saved.config and all(torch.equal(dist.layers[n].B, w.B) for n, w in saved.layers.items())
     plain = tiny_gpt2()
     lora_ext.load_adapter(plain, tmp_path)  # LoRALinear layers of rank 2·r
     with torch.no_grad():
@@ -312,3 +317,16 @@ def test_not_tensor_parallel():
         tp.validate_plan(model, None, {"0": tp.ColwiseParallel()})
     with pytest.raises(ValueError, match=r"is a MergedLinear, not a lora_ext LoRALinear"):
         tp.validate_plan(model, None, {"0": tp.ColwiseParallelLoRA()})
+
+
+def test_sharded_lora_b_is_refused_by_name(monkeypatch):
+    """An FSDP-sharded lora_B (a DTensor) cannot be padded into the fused layer's B: lora_factors
+    (and so merge, Adapter.from_model, save_adapter) says so instead of building a wrong one."""
+    import lora_ext.merged_linear as ml
+
+    m = make([True, False])
+    monkeypatch.setattr(ml, "is_dtensor", lambda t: t is m.lora_B)
+    with pytest.raises(ValueError, match=r"MergedLinear.lora_factors: lora_B is sharded"):
+        m.lora_factors()
+    with pytest.raises(ValueError, match=r"MergedLinear.lora_factors: lora_B is sharded"):
+        Adapter.from_model(nn.Sequential(m))
