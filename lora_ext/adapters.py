@@ -381,6 +381,11 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
         if want != got:
             raise ValueError(f"load_adapter: module {name!r} is {want[0]} -> {want[1]} but the adapter's "
                              f"factors are A {tuple(w.A.shape)}, B {tuple(w.B.shape)}")
+        if isinstance(m, LoRALayer):  # what the layer can hold (a MergedLinear: B zero outside its slices)
+            try:
+                m.lora_factors_of(w.A, w.B)
+            except ValueError as e:
+                raise ValueError(f"load_adapter: module {name!r}: {e}") from None
         plan.append((name, m, w))
     for key, t in adapter.extra.items():
         mod, leaf = extra_target(key)

@@ -79,7 +79,8 @@ class LoRALayer(nn.Module, abc.ABC):
     # ---------------------------------------------------------------- factors
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, scale): the layer's own A [r, in] and B [out, r] parameters (PEFT orientation;
-        embeddings: A [r, num_embeddings], B [dim, r]) and its scaling; delta = scale * B @ A."""
+        embeddings: A [r, num_embeddings], B [dim, r]; MergedLinear: B built from its lora_B) and
+        its scaling; delta = scale * B @ A. Read them; set them with set_lora_factors."""
         a_name, b_name = self.factor_names
         return getattr(self, a_name), getattr(self, b_name), float(self.scaling)
 
@@ -89,8 +90,7 @@ class LoRALayer(nn.Module, abc.ABC):
         return getattr(self, self.factor_names[0]).shape[0]
 
     def lora_factors_of(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) as lora_factors() would give them were the layer's parameters A and B (a state
-        dict's; these layers: unchanged)."""
+        """(A, B) as lora_factors() would give them were the layer's parameters A and B (here: as they are)."""
         return A, B
 
     def _new_factors(self, A: torch.Tensor, B: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -31,7 +31,7 @@ __all__ = ["MergedLinear"]
 
 
 def _check_enable_lora(enable_lora, out_features: int) -> tuple[bool, ...]:
-    if isinstance(enable_lora, torch.Tensor):
+    if callable(getattr(enable_lora, "tolist", None)):  # a bool tensor or numpy array
         enable_lora = enable_lora.tolist()
     if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, (list, tuple)) or not all(
             isinstance(e, bool) for e in enable_lora):

@@ -330,3 +330,38 @@ def test_sharded_lora_b_is_refused_by_name(monkeypatch):
         m.lora_factors()
     with pytest.raises(ValueError, match=r"MergedLinear.lora_factors: lora_B is sharded"):
         Adapter.from_model(nn.Sequential(m))
+
+
+def test_load_adapter_checks_every_merged_linear_before_changing_any():
+    """A LoRA of the whole layer that is not zero outside the enabled slices cannot go into a
+    MergedLinear: load_adapter refuses it by module before loading any module."""
+    model = nn.Sequential(make([True, False, True]), make([True, False, True]))
+    before = [m.lora_B.detach().clone() for m in model]
+    A = {f"{i}": torch.randn(6, 12) for i in range(2)}
+    B = {"0": ref_padded(torch.randn(16, 3), [True, False, True], 3), "1": torch.randn(24, 6)}
+    sd = {f"base_model.model.{i}.lora_{f}.weight": t[f"{i}"] for i in range(2) for f, t in (("A", A), ("B", B))}
+    with pytest.raises(ValueError, match=r"load_adapter: module '1': MergedLinear.lora_factors_of: B \[24, 6\] "
+                                         r"has non-zero entries outside the blocks"):
+        lora_ext.load_adapter(model, Adapter({n: lora_ext.LayerWeights(A[n], B[n], 1.0) for n in A}))
+    with pytest.raises(ValueError, match=r"load_adapter: state_dict: '1': MergedLinear.lora_factors_of"):
+        lora_ext.load_adapter(model, sd)
+    assert all(torch.equal(m.lora_B, b) for m, b in zip(model, before))
+    with pytest.raises(ValueError, match=r"load_adapter: module '0': MergedLinear.lora_factors_of: expected A \[2·r, 12\]"):
+        lora_ext.load_adapter(model, Adapter({"0": lora_ext.LayerWeights(torch.randn(3, 12), torch.randn(24, 3), 1.0)}))
+
+
+def test_deferred_init_reset_and_repr():
+    import numpy as np
+
+    meta = MergedLinear(16, 24, r=4, enable_lora=np.array([True, False, True]), init="gaussian", device="meta")
+    layer = meta.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.fill_(7.0)
+    layer.reset_parameters()  # as nn.Linear's, then the LoRA init it was built with
+    assert layer.enable_lora == (True, False, True) and layer.lora_A.shape == (8, 16)
+    assert torch.count_nonzero(layer.lora_B) == 0 and layer.bias.abs().max() <= 1 / 16 ** 0.5
+    assert abs(layer.lora_A.std().item() - 1 / 4) < 0.05  # gaussian std 1/r (the per-slice rank)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))  # B = 0: the base output
+    assert "enable_lora=[True, False, True]" in repr(layer) and "bias=False" in repr(make([True], bias=False))
