@@ -7,6 +7,11 @@ import torch
 
 import lora_ext  # noqa: F401  (registers the ops)
 
+# Python processes the tests start (examples, torchrun, CLI runs, other cwds) import the lora_ext
+# under test, not whatever `pip install -e` last pointed at (a removed clone's path: ModuleNotFoundError).
+_UNDER_TEST = os.path.dirname(os.path.dirname(os.path.abspath(lora_ext.__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join([_UNDER_TEST] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Relative Frobenius error allowed against an fp64 reference, per output dtype
 # (the result is rounded once into the dtype; fp32 accumulation inside).
