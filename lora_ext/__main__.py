@@ -1,4 +1,4 @@
-"""Command line: python -m lora_ext {demo,info,bench}."""
+"""Command line: python -m lora_ext {demo,info,bench,merge,inspect} (merge / inspect: lora_ext/cli_merge.py)."""
 from __future__ import annotations
 
 import argparse
@@ -138,6 +138,9 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="version, torch/CUDA, compiled backends and archs, GPUs")
     b = sub.add_parser("bench", help="run the benchmarks (bench/run.py; --help there)", add_help=False)
     b.add_argument("--device", type=device_arg)  # checked here, passed on with the rest to bench/run.py
+    from .cli_merge import add_parsers, run as run_merge_cmd
+
+    add_parsers(sub, device_arg)
     args, rest = p.parse_known_args(argv)  # only bench takes options of its own (bench/run.py's)
     if rest and args.cmd != "bench":
         sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(rest)}")
@@ -149,6 +152,8 @@ def main(argv=None) -> int:
 
             run(args.device, args.steps, args.out)
             return 0
+        if args.cmd in ("merge", "inspect"):
+            return run_merge_cmd(args.cmd, args, sub.choices[args.cmd])
         return bench(rest + (["--device", args.device] if args.device else []))
     except ModuleNotFoundError as e:  # the CLI's own dependencies are an extra
         top = (e.name or "").split(".")[0]

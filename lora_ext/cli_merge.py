@@ -1,0 +1,440 @@
+"""`python -m lora_ext merge` and `python -m lora_ext inspect` (the command line is lora_ext/__main__.py).
+
+merge: a transformers model directory + PEFT LoRA adapter(s) -> a plain transformers model
+directory (save_pretrained, safetensors) with the adapters folded into the weights by lora_ext's
+merge (ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ summed in fp32 and rounded once into each weight's dtype).
+inspect: what an adapter directory holds and whether lora_ext can load, merge and pool-serve it.
+
+Problems with the arguments are argparse usage errors (exit 2); inputs lora_ext refuses (an
+adapter file, a base that does not fit, a non-finite merge) are one line ``python -m lora_ext
+<cmd>: error: ...`` and exit 1. Neither prints a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+import torch
+from torch import nn
+
+from .adapters import CONFIG_FILE, Adapter, extra_target, load_adapter
+from .combine import combine
+from .inject import lora_layers
+from .merge import merge_and_unload
+from .targets import pattern_value
+
+__all__ = ["add_parsers", "run_merge", "run_inspect", "CommandError"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# PEFT's task_type -> the transformers Auto class its AutoPeftModelFor<Task> loads (peft/auto.py)
+TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+                "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
+                "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
+# files of a model directory the merged model takes over verbatim (tokenizer, processor,
+# generation settings); save_pretrained writes config.json and the weights itself
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece*.model", "chat_template.json", "chat_template.jinja",
+                   "preprocessor_config.json", "processor_config.json")
+GENERATION_FILE = "generation_config.json"
+
+
+class CommandError(Exception):
+    """An input the command refuses: printed as one line, exit status 1."""
+
+
+# ---------------------------------------------------------------- argparse
+def _directory(s: str) -> str:
+    if not os.path.isdir(s):
+        raise argparse.ArgumentTypeError(f"{s}: no such directory")
+    return s
+
+
+def _new_dir(s: str) -> str:
+    if os.path.exists(s) and not (os.path.isdir(s) and not os.listdir(s)):
+        what = "is not empty" if os.path.isdir(s) else "exists and is not a directory"
+        raise argparse.ArgumentTypeError(f"{s} {what}: pick a new directory (nothing is overwritten)")
+    return s
+
+
+def _weight(s: str) -> float:
+    try:
+        w = float(s)
+    except ValueError:
+        w = float("nan")
+    if w != w or w in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return w
+
+
+def add_parsers(sub, device_arg) -> None:
+    """Adds `merge` and `inspect` to __main__'s subparsers (device_arg: its --device type)."""
+    m = sub.add_parser("merge", usage="python -m lora_ext merge [BASE] ADAPTER [ADAPTER ...] --out DIR [options]",
+                       help="merge PEFT LoRA adapter(s) into a transformers model; save a plain model",
+                       description="Merges PEFT LoRA adapters into a transformers model with lora_ext's merge "
+                                   "(ΔW summed in fp32, rounded once into each weight) and saves a plain "
+                                   "transformers model (safetensors) with BASE's tokenizer and generation files.")
+    m.add_argument("paths", nargs="+", metavar="PATH",
+                   help="BASE: a transformers model directory; omitted, the first adapter's "
+                        "base_model_name_or_path (a local directory) is used. ADAPTER: PEFT adapter directories")
+    m.add_argument("--out", required=True, type=_new_dir, help="output directory (new or empty)")
+    m.add_argument("--weights", nargs="+", type=_weight, metavar="W",
+                   help="one weight per adapter: ΔW = Σ wᵢ·ΔWᵢ (default: 1 each)")
+    m.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="dtype of the merged model (auto: BASE's saved dtype); BASE is converted, then merged")
+    m.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    m.add_argument("--safe", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse a merge that would put inf/NaN into a weight (default: --safe)")
+    m.add_argument("--task", choices=sorted(TASK_CLASSES),
+                   help="PEFT task type deciding the model class (default: the adapters' task_type, "
+                        "else BASE's config.architectures)")
+    m.add_argument("--tied", choices=["untie", "share"],
+                   help="an adapter on a tied embedding / LM head: 'untie' gives the head its own copy of the "
+                        "table (the merged model computes what the adapter did), 'share' merges into the "
+                        "shared table (as PEFT's merge_and_unload). Default: refuse")
+    i = sub.add_parser("inspect", help="what a PEFT adapter holds and whether lora_ext can load / merge / serve it")
+    i.add_argument("adapter", type=_directory, metavar="ADAPTER", help="a PEFT adapter directory")
+    i.add_argument("--pool", action="store_true", help="exit 1 also when an AdapterPool cannot serve it")
+    i.add_argument("--max-rank", type=int, default=64, help="the AdapterPool's max_rank to check (default 64)")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def run(cmd: str, args, parser: argparse.ArgumentParser) -> int:
+    """Runs `merge` / `inspect`; refused inputs -> one line on stderr, exit 1."""
+    try:
+        if cmd == "inspect":
+            return run_inspect(args)
+        base, adapters = _split_paths(args.paths, parser)
+        if args.weights is not None and len(args.weights) != len(adapters):
+            parser.error(f"argument --weights: {len(args.weights)} weight(s) for {len(adapters)} adapter(s)")
+        return run_merge(args, base, adapters)
+    except (CommandError, ValueError, TypeError, OSError, KeyError) as e:
+        print(f"python -m lora_ext {cmd}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' progress bars and load warnings off (the command reports what matters)."""
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+# ---------------------------------------------------------------- merge
+def _split_paths(paths: list[str], parser) -> tuple[str, list[str]]:
+    """(BASE, adapters) from the positional paths; BASE from the first adapter's config if omitted."""
+    for p in paths:
+        if not os.path.isdir(p):
+            parser.error(f"{p}: no such directory")
+    first = paths[0]
+    is_adapter = os.path.isfile(os.path.join(first, CONFIG_FILE))
+    if not is_adapter and not os.path.isfile(os.path.join(first, "config.json")):
+        parser.error(f"{first}: neither a transformers model directory (config.json) nor a PEFT adapter "
+                     f"directory ({CONFIG_FILE})")
+    base, adapters = (None, paths) if is_adapter else (first, paths[1:])
+    if not adapters:
+        parser.error(f"no adapter given after BASE {first}")
+    for p in adapters:
+        if not os.path.isfile(os.path.join(p, CONFIG_FILE)):
+            parser.error(f"{p}: not a PEFT adapter directory (no {CONFIG_FILE})")
+    if base is None:
+        with open(os.path.join(first, CONFIG_FILE)) as f:
+            try:
+                named = json.load(f).get("base_model_name_or_path")
+            except (ValueError, AttributeError):
+                named = None
+        if not named:
+            parser.error(f"BASE omitted and {os.path.join(first, CONFIG_FILE)} names no base_model_name_or_path: "
+                         "pass the base model directory first")
+        if not os.path.isfile(os.path.join(named, "config.json")):
+            parser.error(f"BASE omitted and the adapter's base_model_name_or_path {named!r} is not a local model "
+                         "directory; download it (huggingface-cli download ...) and pass the directory first")
+        base = named
+    return base, adapters
+
+
+def _model_class(base: str, adapters: list[Adapter], task: str | None):
+    """The transformers class to load BASE with: the task type's Auto class (as PEFT's
+    AutoPeftModelFor<Task>), else the class config.json's architectures names."""
+    import transformers
+
+    tasks = {a.config.get("task_type") for a in adapters} - {None}
+    if task is None and len(tasks) > 1:
+        raise CommandError(f"the adapters have different task_type values {sorted(tasks)}; pass --task")
+    task = task or next(iter(tasks), None)
+    if task is not None:
+        if task not in TASK_CLASSES:
+            raise CommandError(f"task_type {task!r} has no transformers Auto class here "
+                               f"(known: {', '.join(sorted(TASK_CLASSES))}); pass --task")
+        return getattr(transformers, TASK_CLASSES[task]), task
+    config = transformers.AutoConfig.from_pretrained(base)
+    arch = next(iter(getattr(config, "architectures", None) or []), None)
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise CommandError(f"cannot tell which model class to load {base} with: the adapters have no task_type "
+                           f"and config.json's architectures is {arch!r}; pass --task")
+    return cls, None
+
+
+def _load_base(cls, base: str, dtype: str, device: str, extra: set[str]):
+    with _quiet_transformers():
+        model, info = cls.from_pretrained(base, dtype=DTYPES.get(dtype, "auto"), output_loading_info=True)
+    # weights the class has but BASE lacks are random: only the adapters' modules_to_save may fill them
+    missing = sorted(k for k in info.get("missing_keys", ()) if k not in extra)
+    if missing:
+        raise CommandError(f"{base} holds no weights for {missing[:4]}{' ...' if len(missing) > 4 else ''} of "
+                           f"{type(model).__name__} (they would be random) and the adapters do not hold them "
+                           "(modules_to_save)")
+    return model.to(device).eval()
+
+
+def _same_as_model(model: nn.Module, key: str, t: torch.Tensor) -> bool:
+    """Whether an adapter's extra tensor ``key`` equals the model's (AdapterPool's rule)."""
+    mod, leaf = extra_target(key)
+    try:
+        old = getattr(model.get_submodule(mod), leaf, None)
+    except AttributeError:
+        return False
+    return (isinstance(old, torch.Tensor) and old.shape == t.shape
+            and torch.equal(old.detach(), t.to(old.device, old.dtype)))
+
+
+def _tied_modules(model: nn.Module) -> tuple[str, str] | None:
+    """(input embedding, output head) names when they share one weight, else None."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb, head = (get_in() if callable(get_in) else None), (get_out() if callable(get_out) else None)
+    if emb is None or head is None or getattr(head, "weight", None) is not emb.weight:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    return names[id(emb)], names[id(head)]
+
+
+def _untie(model: nn.Module, head: str) -> None:
+    """The output head takes its own copy of the shared table; saved untied."""
+    mod = model.get_submodule(head)
+    mod.weight = nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
+    _set_untied(model)
+
+
+def _set_untied(model: nn.Module) -> None:
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        cfg.tie_word_embeddings = False
+
+
+def _factors_as_saved(model: nn.Module, adapter: Adapter) -> None:
+    """load_adapter gives each LoRA layer's factors the weight's dtype (its forward's); the merge
+    takes fp32/fp16/bf16 factors on any weight, so put back the file's (combine's fp32) values:
+    the merge of an fp32 adapter into a bf16 model is then round(W + ΔW) with ΔW from the file's
+    numbers, not from their bf16 roundings (float64 factors become fp32, the kernels' widest)."""
+    layers = lora_layers(model)
+    for name, w in adapter.layers.items():
+        layer = layers[name]
+        for pname, t in zip(layer.factor_names, (w.A, w.B)):
+            if t.dtype not in DTYPES.values():
+                t = t.float()
+            setattr(layer, pname, nn.Parameter(t.to(layer.weight.device), requires_grad=False))
+
+
+def _copy_files(src: str, out: str, patterns) -> list[str]:
+    copied = []
+    for pat in patterns:
+        for path in sorted(glob.glob(os.path.join(glob.escape(src), pat))):
+            if os.path.isfile(path):
+                shutil.copyfile(path, os.path.join(out, os.path.basename(path)))
+                copied.append(os.path.basename(path))
+    return sorted(set(copied))
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any(glob.glob(os.path.join(glob.escape(path), p)) for p in ("tokenizer*", "vocab.*", "spiece.model"))
+
+
+def run_merge(args, base: str, paths: list[str]) -> int:
+    """Loads BASE, folds the adapters in (lora_ext.load_adapter + merge_and_unload), saves the model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    log = Console(stderr=True, highlight=False)
+    t0 = time.perf_counter()
+    adapters = [Adapter.load(p) for p in paths]
+    weights = args.weights or [1.0] * len(adapters)
+    cls, task = _model_class(base, adapters, args.task)
+    log.print(f"loading {base} ({cls.__name__}, dtype {args.dtype}) on {args.device}")
+    model = _load_base(cls, base, args.dtype, args.device, {k for a in adapters for k in a.extra})
+    if len(adapters) == 1 and weights[0] == 1.0:
+        combined = adapters[0]
+    else:
+        # tensors equal to BASE's (the embedding table PEFT saves with an embedding LoRA) change
+        # nothing; others (modules_to_save, trained biases) cannot be weighted or summed
+        changed = [f"{p} ({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''})" for p, keys in
+                   ((p, sorted(k for k, t in a.extra.items() if not _same_as_model(model, k, t)))
+                    for p, a in zip(paths, adapters)) if keys]
+        if changed:
+            raise CommandError(f"{'; '.join(changed)}: non-LoRA tensors (modules_to_save or trained biases) "
+                               "cannot be weighted or summed: merge such an adapter alone, with weight 1")
+        combined = combine(adapters, weights, how="cat")  # exact: rank Σrᵢ, B·A = Σ wᵢsᵢBᵢAᵢ in fp32
+    tied = _tied_modules(model)
+    adapted = set(combined.layers)
+    if tied is not None and adapted & set(tied):
+        on = sorted(adapted & set(tied))[0]
+        if args.tied is None:
+            raise CommandError(f"the adapter changes {on!r}, whose weight is tied to {tied[1 - tied.index(on)]!r} "
+                               f"(tie_word_embeddings): pass --tied untie (the head keeps the base table: the "
+                               f"merged model computes what the adapter did) or --tied share (both change, as "
+                               f"PEFT's merge_and_unload)")
+        if args.tied == "untie":
+            _untie(model, tied[1])
+    loaded = load_adapter(model, combined)
+    _factors_as_saved(model, combined)
+    if tied is not None and _tied_modules(model) is None:
+        _set_untied(model)  # untied, or modules_to_save replaced one of them: the file keeps both
+    try:
+        merged = merge_and_unload(model, safe=args.safe, allow_tied=args.tied == "share")
+    except ValueError as e:  # --safe: a weight would hold inf/NaN (checked before any changes)
+        raise CommandError(f"refusing to write non-finite weights (--no-safe writes them): {e}") from None
+    bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # only with --no-safe (or a base that held them already)
+        log.print(f"[yellow]warning:[/] non-finite values in {bad[:4]}{' ...' if len(bad) > 4 else ''}")
+    log.print(f"merged {len(loaded)} module(s); writing {args.out}")
+    os.makedirs(args.out, exist_ok=True)
+    with _quiet_transformers():
+        merged.save_pretrained(args.out)  # safetensors
+    tok_src = paths[0] if len(paths) == 1 and _has_tokenizer(paths[0]) else base
+    copied = _copy_files(tok_src, args.out, TOKENIZER_FILES) + _copy_files(base, args.out, [GENERATION_FILE])
+    table = Table(title=f"merged model: {args.out}", show_header=False)
+    table.add_row("base", f"{base} → {type(merged).__name__}" + (f" (task {task})" if task else ""))
+    for p, a, w in zip(paths, adapters, weights):
+        ranks = sorted({lw.r for lw in a.layers.values()})
+        table.add_row("adapter", f"{p}: {len(a.layers)} modules, r {'/'.join(map(str, ranks))}, weight {w:g}"
+                      + (f", {len(a.extra)} other tensors" if a.extra else ""))
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in merged.parameters()})
+    table.add_row("merged", f"{len(loaded)} modules, {', '.join(dtypes)} on {args.device}, "
+                  f"{'checked finite' if args.safe else 'not checked (--no-safe)'}")
+    if tied is not None:
+        table.add_row("tied", f"{tied[0]} / {tied[1]}: " + ("shared" if _tied_modules(merged) else "untied"))
+    table.add_row("files", ", ".join(sorted(os.listdir(args.out))))
+    table.add_row("copied", f"from {tok_src}" + (f": {', '.join(copied)}" if copied else ": nothing (no tokenizer files)"))
+    table.add_row("time", f"{time.perf_counter() - t0:.1f} s")
+    Console(highlight=False).print(table)
+    return 0
+
+
+# ---------------------------------------------------------------- inspect
+def _group(names: list[str]) -> tuple[str, str]:
+    """("model.layers.*.self_attn.q_proj", "0-3") for module names that differ in one index."""
+    idx = [re.findall(r"\.(\d+)\.", "." + n + ".") for n in names]
+    pattern = re.sub(r"\.\d+(?=\.)", ".*", names[0])
+    flat = sorted({int(i[0]) for i in idx if i})
+    if not flat:
+        return names[0], ""
+    runs, start = [], flat[0]
+    for a, b in zip(flat, flat[1:] + [None]):
+        if b != a + 1:
+            runs.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return pattern, ", ".join(runs)
+
+
+def _extra_kind(key: str, adapter: Adapter) -> str:
+    mod, leaf = extra_target(key)
+    if mod in adapter.layers and adapter.layers[mod].kind == "embedding" and leaf == "weight":
+        return "the embedding's table (PEFT saves it; servable if unchanged)"
+    if leaf == "bias":
+        return "trained bias"
+    return "modules_to_save"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def run_inspect(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    path = args.adapter
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        raw = None
+    raw = raw if isinstance(raw, dict) else {}
+    head = Table(title=f"adapter {path}", show_header=False)
+    for key in ("peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "r",
+                "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
+                "fan_in_fan_out", "bias", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora"):
+        if key in raw and raw[key] not in (None, {}, []) or key in ("peft_type", "peft_version"):
+            head.add_row(key, json.dumps(raw.get(key)) if key in raw else "not recorded")
+    try:
+        adapter = Adapter.load(path)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        out.print(head)
+        out.print(f"lora_ext: cannot load this adapter: {_one_line(e)}")
+        return 1
+    groups: dict[tuple, list[str]] = {}
+    for name, w in adapter.layers.items():
+        alpha = pattern_value(name, adapter.config.get("alpha_pattern"), adapter.config["lora_alpha"])
+        shape = f"{w.A.shape[1]} → {w.B.shape[0]}"
+        key = (re.sub(r"\.\d+(?=\.)", ".*", name), w.kind, shape, w.r, alpha, w.scale,
+               f"{str(w.A.dtype).removeprefix('torch.')}", w.A.numel() + w.B.numel())
+        groups.setdefault(key, []).append(name)
+    mods = Table(title=f"{len(adapter.layers)} LoRA modules")
+    for col in ("modules", "layers", "kind", "in → out", "r", "alpha", "scale", "dtype", "params"):
+        mods.add_column(col, justify="right" if col in ("r", "alpha", "scale", "params") else "left")
+    for (pattern, kind, shape, r, alpha, scale, dtype, n), names in sorted(groups.items()):
+        pat, layers = _group(names)
+        mods.add_row(pat, layers, kind, shape, str(r), f"{alpha:g}", f"{scale:.6g}", dtype, f"{n * len(names):,}")
+    lora_params = sum(w.A.numel() + w.B.numel() for w in adapter.layers.values())
+    extra_params = sum(t.numel() for t in adapter.extra.values())
+    head.add_row("LoRA parameters", f"{lora_params:,}")
+    if adapter.extra:
+        head.add_row("other tensors", f"{len(adapter.extra)} ({extra_params:,} parameters)")
+    head.add_row("size", _fmt_bytes(adapter.nbytes()))
+    out.print(head)
+    out.print(mods)
+    if adapter.extra:
+        ex = Table(title="other tensors (loaded by load_adapter / merge)")
+        for col in ("key", "shape", "dtype", "what"):
+            ex.add_column(col)
+        for k, t in sorted(adapter.extra.items()):
+            ex.add_row(k, str(tuple(t.shape)), str(t.dtype).removeprefix("torch."), _extra_kind(k, adapter))
+        out.print(ex)
+    # AdapterPool._validate's rules, as far as the file alone tells them
+    trained = sorted(k for k in adapter.extra if not _extra_kind(k, adapter).startswith("the embedding"))
+    max_r = max(w.r for w in adapter.layers.values())
+    why = []
+    if trained:
+        why.append(f"it carries trained non-LoRA tensors ({', '.join(trained[:3])}{' ...' if len(trained) > 3 else ''}) "
+                   "that a shared pool cannot apply per request")
+    if max_r > args.max_rank:
+        why.append(f"rank {max_r} > max_rank {args.max_rank}")
+    out.print("lora_ext: loads (Adapter.load, load_adapter) and merges (python -m lora_ext merge)")
+    if why:
+        out.print(f"AdapterPool: cannot serve it: {'; '.join(why)}")
+    else:
+        out.print(f"AdapterPool: can serve it (max_rank >= {max_r}, target_modules covering "
+                  f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in adapter.layers}))})")
+    return 1 if why and args.pool else 0
