@@ -94,7 +94,8 @@ def dirs(tmp_path_factory):
                            also=("c_attn.base_layer.bias", "modules_to_save")),
         "gpt2_wte": adapter("gpt2_wte", gpt2, 4, r=4, lora_alpha=8, target_modules=["wte", "c_fc"],
                             fan_in_fan_out=True),
-        "bf16": adapter("bf16", llama16, 5, scale=0.01, r=8,  # |ΔW| ~ 0.1 |W|: a trained adapter's lora_alpha=16, target_modules=["q_proj", "k_proj", "up_proj"]),
+        "bf16": adapter("bf16", llama16, 5, scale=0.01, r=8, lora_alpha=16,  # |ΔW| ~ 0.1 |W|, as trained
+                        target_modules=["q_proj", "k_proj", "up_proj"]),
     }
 
 
