@@ -194,9 +194,37 @@ def _model_class(base: str, adapters: list[Adapter], task: str | None):
     return cls, None
 
 
-def _load_base(cls, base: str, dtype: str, device: str, extra: set[str]):
+def _checkpoint_keys(base: str) -> set[str] | None:
+    """The tensor names of BASE's safetensors checkpoint (one file or an index), None if not found."""
+    from safetensors import safe_open
+
+    index = os.path.join(base, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return set(json.load(f).get("weight_map", {}))
+    single = os.path.join(base, "model.safetensors")
+    if os.path.isfile(single):
+        with safe_open(single, "pt") as f:
+            return set(f.keys())
+    return None
+
+
+def _num_labels(base: str, adapters: list[Adapter], task: str | None) -> dict:
+    """from_pretrained's num_labels for a classification task whose head BASE lacks: the rows of
+    the head the adapters save (modules_to_save), so that it fits (PEFT needs the same number)."""
+    if task not in ("SEQ_CLS", "TOKEN_CLS"):
+        return {}
+    keys = _checkpoint_keys(base)
+    if keys is None:
+        return {}
+    rows = {t.shape[0] for a in adapters for k, t in a.extra.items()
+            if k.endswith(".weight") and t.dim() == 2 and k not in keys}
+    return {"num_labels": rows.pop()} if len(rows) == 1 else {}
+
+
+def _load_base(cls, base: str, dtype: str, device: str, extra: set[str], **kwargs):
     with _quiet_transformers():
-        model, info = cls.from_pretrained(base, dtype=DTYPES.get(dtype, "auto"), output_loading_info=True)
+        model, info = cls.from_pretrained(base, dtype=DTYPES.get(dtype, "auto"), output_loading_info=True, **kwargs)
     # weights the class has but BASE lacks are random: only the adapters' modules_to_save may fill them
     missing = sorted(k for k in info.get("missing_keys", ()) if k not in extra)
     if missing:
@@ -278,7 +306,8 @@ def run_merge(args, base: str, paths: list[str]) -> int:
     weights = args.weights or [1.0] * len(adapters)
     cls, task = _model_class(base, adapters, args.task)
     log.print(f"loading {base} ({cls.__name__}, dtype {args.dtype}) on {args.device}")
-    model = _load_base(cls, base, args.dtype, args.device, {k for a in adapters for k in a.extra})
+    model = _load_base(cls, base, args.dtype, args.device, {k for a in adapters for k in a.extra},
+                       **_num_labels(base, adapters, task))
     if len(adapters) == 1 and weights[0] == 1.0:
         combined = adapters[0]
     else:
@@ -403,7 +432,8 @@ def run_inspect(args) -> int:
         groups.setdefault(key, []).append(name)
     mods = Table(title=f"{len(adapter.layers)} LoRA modules")
     for col in ("modules", "layers", "kind", "in → out", "r", "alpha", "scale", "dtype", "params"):
-        mods.add_column(col, justify="right" if col in ("r", "alpha", "scale", "params") else "left")
+        mods.add_column(col, justify="right" if col in ("r", "alpha", "scale", "params") else "left",
+                        overflow="fold")
     for (pattern, kind, shape, r, alpha, scale, dtype, n), names in sorted(groups.items()):
         pat, layers = _group(names)
         mods.add_row(pat, layers, kind, shape, str(r), f"{alpha:g}", f"{scale:.6g}", dtype, f"{n * len(names):,}")
@@ -418,7 +448,7 @@ def run_inspect(args) -> int:
     if adapter.extra:
         ex = Table(title="other tensors (loaded by load_adapter / merge)")
         for col in ("key", "shape", "dtype", "what"):
-            ex.add_column(col)
+            ex.add_column(col, overflow="fold")
         for k, t in sorted(adapter.extra.items()):
             ex.add_row(k, str(tuple(t.shape)), str(t.dtype).removeprefix("torch."), _extra_kind(k, adapter))
         out.print(ex)

@@ -16,7 +16,7 @@ from lora_ext.ops import merge_
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, COLUMNS="200")
@@ -201,6 +201,35 @@ def test_tied_embedding_lora_refused_untied_or_shared(dirs, tmp_path):
     want = logits(lora_model.eval())
     assert rel(logits(untied), want) <= 1e-5
     assert rel(logits(shared), want) > 1e-3  # sharing changes the head too
+
+
+def test_task_type_picks_the_class_and_the_adapters_tokenizer(dirs, tmp_path):
+    """A SEQ_CLS adapter on a causal-LM checkpoint: AutoModelForSequenceClassification, whose head
+    (random in BASE) comes from the adapter's modules_to_save; the adapter's own tokenizer wins."""
+    base = AutoModelForSequenceClassification.from_pretrained(dirs["llama"], num_labels=3)
+    pm = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj"]))
+    assert "score" in str(pm.peft_config["default"].modules_to_save)
+    randomize(pm, 6, also=("score.modules_to_save",))
+    ad = tmp_path / "cls"
+    pm.save_pretrained(ad)
+    (ad / "tokenizer_config.json").write_text('{"model_max_length": 99}')  # as a fine-tune's saved tokenizer
+    out = tmp_path / "merged"
+    r = cli("merge", dirs["llama"], ad, "--out", out)
+    assert r.returncode == 0, r.stderr
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(merged).__name__ == "LlamaForSequenceClassification" and merged.config.num_labels == 3
+    ref = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(dirs["llama"], num_labels=3),
+                                         ad).merge_and_unload().eval()
+    with torch.no_grad():
+        assert rel(merged(input_ids=IDS[:1]).logits.double(), ref(input_ids=IDS[:1]).logits.double()) <= 1e-5
+    assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 99}'
+    assert not (out / "tokenizer.json").exists()  # BASE's tokenizer files are not mixed in
+    # the same adapter without its head: the class would have a random score layer
+    bare = lora_ext.Adapter.load(ad)
+    bare.extra.clear()
+    bare.save(tmp_path / "bare")
+    one_error_line(cli("merge", dirs["llama"], tmp_path / "bare", "--out", tmp_path / "x"), 1,
+                   "holds no weights for ['score.weight'] of LlamaForSequenceClassification")
 
 
 # ---------------------------------------------------------------- several adapters: Σ wᵢ ΔWᵢ
