@@ -73,6 +73,12 @@ def _weight(s: str) -> float:
     return w
 
 
+def _rank(s: str) -> int:
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
+    return int(s)
+
+
 def add_parsers(sub, device_arg) -> None:
     """Adds `merge` and `inspect` to __main__'s subparsers (device_arg: its --device type)."""
     m = sub.add_parser("merge", usage="python -m lora_ext merge [BASE] ADAPTER [ADAPTER ...] --out DIR [options]",
@@ -101,7 +107,7 @@ def add_parsers(sub, device_arg) -> None:
     i = sub.add_parser("inspect", help="what a PEFT adapter holds and whether lora_ext can load / merge / serve it")
     i.add_argument("adapter", type=_directory, metavar="ADAPTER", help="a PEFT adapter directory")
     i.add_argument("--pool", action="store_true", help="exit 1 also when an AdapterPool cannot serve it")
-    i.add_argument("--max-rank", type=int, default=64, help="the AdapterPool's max_rank to check (default 64)")
+    i.add_argument("--max-rank", type=_rank, default=64, help="the AdapterPool's max_rank to check (default 64)")
 
 
 def _one_line(e: BaseException) -> str:
@@ -337,7 +343,9 @@ def run_merge(args, base: str, paths: list[str]) -> int:
         _set_untied(model)  # untied, or modules_to_save replaced one of them: the file keeps both
     try:
         merged = merge_and_unload(model, safe=args.safe, allow_tied=args.tied == "share")
-    except ValueError as e:  # --safe: a weight would hold inf/NaN (checked before any changes)
+    except ValueError as e:  # checked before any weight changes
+        if "tied weights" in str(e):  # a tie other than the input embedding / LM head pair
+            raise CommandError(f"{str(e).split('; pass allow_tied')[0]}; pass --tied share to merge anyway") from None
         raise CommandError(f"refusing to write non-finite weights (--no-safe writes them): {e}") from None
     bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
     if bad:  # only with --no-safe (or a base that held them already)

@@ -359,7 +359,7 @@ def main_cli(monkeypatch):
     return m.main, calls
 
 
-@pytest.mark.parametrize("case", ["no_base", "no_adapter", "not_adapter", "dtype", "weights", "out", "cuda"])
+@pytest.mark.parametrize("case", ["no_base", "no_adapter", "not_adapter", "dtype", "weights", "out", "no_gpu"])
 def test_argument_errors_are_usage_errors(dirs, tmp_path, monkeypatch, capsys, main_cli, case):
     main, calls = main_cli
     llama, ad = str(dirs["llama"]), str(dirs["patterns"])
@@ -373,7 +373,7 @@ def test_argument_errors_are_usage_errors(dirs, tmp_path, monkeypatch, capsys, m
         "dtype": ([llama, ad, "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
         "weights": ([llama, ad, "--weights", "1", "2"], "argument --weights: 2 weight(s) for 1 adapter(s)"),
         "out": ([llama, ad], f"argument --out: {tmp_path / 'full'} is not empty"),
-        "cuda": ([llama, ad, "--device", "cuda"], "argument --device: cuda: no CUDA GPU is available"),
+        "no_gpu": ([llama, ad, "--device", "cuda"], "argument --device: cuda: no CUDA GPU is available"),
     }[case]
     out = tmp_path / "full" if case == "out" else tmp_path / "new"
     with pytest.raises(SystemExit) as e:
