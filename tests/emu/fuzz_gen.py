@@ -24,15 +24,22 @@ def rng_for(op: str, seed: int) -> tuple[random.Random, torch.Generator]:
 
 
 def size(r: random.Random, lo: int, hi: int, small_bias: float = 0.3) -> int:
-    """A size in [lo, hi]: often small (tails), odd and even alike."""
+    """A size in [lo, hi]: often small (tails), odd and even alike, sometimes a multiple of 8
+    (the 16-byte vector paths)."""
+    if r.random() < 0.25 and hi >= 8 * max(1, (lo + 7) // 8):
+        return 8 * r.randint(max(1, (lo + 7) // 8), hi // 8)
     if r.random() < small_bias:
         return r.randint(lo, min(hi, lo + 9))
     return r.randint(lo, hi)
 
 
-def special_values(dtype) -> list[float]:
+def special_values(dtype, activation=False) -> list[float]:
+    """+-0, subnormals, huge finite values, +-inf, NaN. For activations (summed in fp32 with other
+    products), huge is 1e36: near FLT_MAX, whether a partial sum overflows (inf - inf = NaN, or a
+    finite result) depends on the summation order, which neither the CPU nor the CUDA kernels fix."""
     tiny = {torch.float32: 1e-40, torch.bfloat16: 1e-39, torch.float16: 3e-6}[dtype]
-    huge = {torch.float32: 3e38, torch.bfloat16: 3e38, torch.float16: 6e4}[dtype]
+    huge = {torch.float32: 1e36 if activation else 3e38, torch.bfloat16: 1e36 if activation else 3e38,
+            torch.float16: 6e4}[dtype]
     return [0.0, -0.0, tiny, -tiny, huge, -huge, float("inf"), float("-inf"), float("nan")]
 
 

@@ -24,7 +24,7 @@ def specials_for(r, dtype, n):
     +-inf gives +-inf or NaN as IEEE says, -0/subnormals/huge finite values are plain values."""
     if r.random() < 0.7:
         return (), 0
-    return special_values(dtype), r.randint(1, max(1, min(4, n)))
+    return special_values(dtype, activation=True), r.randint(1, max(1, min(4, n)))
 
 
 # ------------------------------------------------------------------ lora_apply_

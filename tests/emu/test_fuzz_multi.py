@@ -26,10 +26,12 @@ def index_pattern(r, g, T, S):
         idx = torch.randint(-1, S, (T,), generator=g).sort().values
     else:
         idx = torch.randint(-1, S, (T,), generator=g)
-    nbad = r.choice((0, 0, 1, 3))
-    for _ in range(min(nbad, T)):
-        idx[r.randrange(T)] = r.choice((S, S + 5, -2, -1000, 2 ** 31 - 1 if r.random() < 0.5 else -2 ** 31))
-    return idx.to(r.choice((torch.int32, torch.int64))), kind
+    dtype = r.choice((torch.int32, torch.int64))
+    # int64: values whose low 32 bits are a valid slot (a truncating kernel would apply them)
+    wide = (2 ** 32, -2 ** 32 + 1, 2 ** 63 - 1) if dtype == torch.int64 else (2 ** 31 - 1, -2 ** 31)
+    for _ in range(min(r.choice((0, 0, 1, 3)), T)):
+        idx[r.randrange(T)] = r.choice((S, S + 5, -2, -1000) + wide)
+    return idx.to(dtype), kind
 
 
 def slot_args(r, g, S, n, r_max, per_slice):
@@ -59,14 +61,19 @@ def case(op, seed):
     n = 1 if sl is None else len(sl)
     idx, kind = index_pattern(r, g, T, S)
     scales, ranks = slot_args(r, g, S, n, r_max, sl is not None and r.random() < 0.7)
-    spec = special_values(dt) if dt != torch.float32 and r.random() < 0.3 else ()
-    x = values(g, (T, i), dt, r=r, specials=spec, count=2 if spec else 0)
+    # fp32 operands of the tensor-core tiles are split into hi + lo TF32 parts, and an inf meets
+    # the other side's lo part (inf * 0 = NaN; multi_kernels.cuh): +-inf only with 16-bit x
+    spec = special_values(dt, activation=True) if r.random() < 0.3 else ()
+    if dt == torch.float32:
+        spec = [v for v in spec if abs(v) != float("inf")]
+    x, _, xmode = place(r, values(g, (T, i), dt, r=r, specials=spec, count=2 if spec else 0),
+                        ("contig", "contig", "wide", "offset"))
     A = values(g, ((n, S) if sl is not None else (S,)) + (r_max, i), dt, scale=i ** -0.5)
     B = values(g, (S, o, r_max), dt, scale=r_max ** -0.5)
     valid = torch.where((idx >= 0) & (idx < S), idx, torch.full_like(idx, -1))
     nbad = int(((idx < -1) | (idx >= S)).sum())
     what = (f"{dt} T={T} in={i} out={o} S={S} r_max={r_max} slices={sl} idx:{kind}/{idx.dtype} "
-            f"nbad={nbad} ranks={ranks.tolist()} specials={bool(spec)}")
+            f"nbad={nbad} ranks={ranks.tolist()} specials={bool(spec)} x:{xmode}")
     return r, g, dict(dt=dt, T=T, i=i, o=o, S=S, r_max=r_max, sl=sl, n=n, idx=idx, valid=valid,
                       nbad=nbad, scales=scales, ranks=ranks, x=x, A=A, B=B, exact=not spec), what
 
