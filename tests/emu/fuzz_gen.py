@@ -135,3 +135,28 @@ def device(r: random.Random) -> dict:
     not) and two schedules (reversed; a random permutation) that must agree bit for bit."""
     return dict(sms=r.choice((1, 8, 132)), cc=r.choice((90, 90, 75)),
                 schedules=(1, 2 + r.randrange(10 ** 6)))
+
+
+def _u64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def dropout_factors(seed: int, p: float, T: int, width: int) -> torch.Tensor:
+    """fp64 [T, width] dropout factors as csrc/lowrank_job.h documents them, written anew: element
+    i = t * width + k is kept (times 1 / (1 - p), in fp32) when the splitmix64 finaliser of
+    (seed, i), high 32 bits, is >= p * 2^32 (fp32)."""
+    import numpy as np
+    i = torch.arange(T * width, dtype=torch.int64)
+    z = _u64(seed % (1 << 64)) + (i + 1) * _u64(0x9E3779B97F4A7C15)  # int64 arithmetic wraps
+    z = (z ^ _shr(z, 30)) * _u64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _u64(0x94D049BB133111EB)
+    hi = _shr(z ^ _shr(z, 31), 32)
+    t = float(np.float32(p) * np.float32(4294967296.0))
+    threshold = 4294967040 if not t < 4294967040.0 else int(t)
+    keep = float(np.float32(1.0) / (np.float32(1.0) - np.float32(p)))
+    return torch.where(hi >= threshold, keep, 0.0).double().view(T, width)

@@ -7,8 +7,8 @@ LORA_EXT_EMU_FUZZ_CASES=N runs N per family (LORA_EXT_EMU_FUZZ_FIRST=k starts at
 import pytest
 import torch
 from conftest import under_schedules
-from fuzz_gen import (DTYPES, RTOL, SEEDS, assert_close, assert_same_bits, device, place, rng_for,
-                      size, special_values, values)
+from fuzz_gen import (DTYPES, RTOL, SEEDS, assert_close, assert_same_bits, device, dropout_factors,
+                      place, rng_for, size, special_values, values)
 
 CPU = torch.ops.lora_ext
 
@@ -88,12 +88,13 @@ def test_fuzz_lora_linear(emu, seed, monkeypatch):
     y_ref, u_ref = CPU.lora_linear_fwd(x, W, bias, A, B, s, p, sd, fan)
     y, u = under_schedules(emu, lambda: emu.ops.lora_linear_fwd(x, W, bias, A, B, s, p, sd, fan),
                            schedules=scheds, **dev)
-    ref64 = None
-    if p == 0:
-        Wt = W.double() if fan else W.double().t()
-        ref64 = x.double() @ Wt + (0 if bias is None else bias.double()) + ref_lowrank(x, A, B, s)
-    assert_close(y, y_ref, RTOL[dt], what + " y", ref64)
-    assert_close(u, u_ref, 1e-4 if dt == torch.float32 else 2e-5 * 10, what + " u")
+    # fp64 references with the documented dropout mask (the hash written anew in fuzz_gen.py)
+    keep = dropout_factors(int(sd), p, T, i) if p > 0 else torch.ones(T, i, dtype=torch.float64)
+    x2, g64 = x.reshape(T, i).double(), None
+    Wt = W.double() if fan else W.double().t()
+    y64 = x2 @ Wt + (0 if bias is None else bias.double()) + ref_lowrank(x2, A, B, s, keep)
+    assert_close(y, y_ref, RTOL[dt], what + " y", y64.view(y_ref.shape))
+    assert_close(u, u_ref, 2e-4, what + " u", (x2 * keep) @ A.double().t())
     grad = values(g, lead + (o,), dt)
     mask = [r.random() < 0.7 for _ in range(4)]
     ref = CPU.lora_linear_bwd(grad, x, W, A, B, u_ref, s, p, sd, fan, mask)
@@ -101,9 +102,13 @@ def test_fuzz_lora_linear(emu, seed, monkeypatch):
         t if t is not None else torch.zeros(0) for t in
         emu.ops.lora_linear_bwd(grad, x, W, A, B, u_ref, s, p, sd, fan, mask)),
         schedules=scheds, **dev)
-    for name, m, a, b in zip(("dx", "dW", "dA", "dB"), mask, out, ref):
+    g64 = grad.reshape(T, o).double()
+    gB = g64 @ B.double()
+    ref64 = (g64 @ Wt.t() + s * keep * (gB @ A.double()), g64.t() @ x2 if not fan else x2.t() @ g64,
+             s * gB.t() @ (keep * x2), s * g64.t() @ u_ref.double())
+    for name, m, a, b, c in zip(("dx", "dW", "dA", "dB"), mask, out, ref, ref64):
         if m:
-            assert_close(a, b, RTOL[dt], f"{what} {name}")
+            assert_close(a, b, RTOL[dt], f"{what} {name}", c.view(b.shape))
         else:
             assert b is None and a.numel() == 0, f"{what}: {name} computed though not asked"
 
@@ -113,7 +118,8 @@ def adapters(r, g, dt, P, Q, n, fan):
     As, Bs, ss = [], [], []
     for _ in range(n):
         k = size(r, 1, 130)
-        As.append(values(g, (k, P if fan else Q), dt))
+        spec = special_values(dt) if r.random() < 0.1 else ()
+        As.append(values(g, (k, P if fan else Q), dt, r=r, specials=spec, count=2 if spec else 0))
         Bs.append(values(g, (Q if fan else P, k), dt, scale=0.02 / k ** 0.5))
         ss.append(r.choice((0.5, -1.5, 2.0, 1.0)))
     return As, Bs, ss

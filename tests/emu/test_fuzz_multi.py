@@ -54,9 +54,13 @@ def slices_of(r, out):
 def case(op, seed):
     r, g = rng_for(op, seed)
     dt = r.choice(DTYPES)
-    T = size(r, 1, 16) if r.random() < 0.5 else size(r, 17, 300)
-    i, o = size(r, 1, 600), size(r, 1, 300)
-    S, r_max = r.randint(1, 6), size(r, 1, 130)
+    if r.random() < 0.15:  # the device-side sort at scale: > 1024 tokens or > 1024 slots, tiny rows
+        T, S = size(r, 17, 2500), r.choice((r.randint(1, 6), r.randint(900, 1500)))
+        i, o, r_max = size(r, 1, 24), size(r, 1, 24), size(r, 1, 6)
+    else:
+        T = size(r, 1, 16) if r.random() < 0.5 else size(r, 17, 300)
+        i, o = size(r, 1, 600), size(r, 1, 300)
+        S, r_max = r.randint(1, 6), size(r, 1, 130)
     sl = slices_of(r, o)
     n = 1 if sl is None else len(sl)
     idx, kind = index_pattern(r, g, T, S)
