@@ -126,8 +126,8 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor, what: str):
     if not torch.equal(ba, bb):
         diff = (ba != bb).nonzero().tolist()
         i = tuple(diff[0])
-        raise AssertionError(f"{what}: {len(diff)} elements differ from the CPU kernel's bits, first "
-                             f"at {i}: emu {a[i].item()!r} vs CPU {b[i].item()!r}")
+        raise AssertionError(f"{what}: {len(diff)} elements differ from the reference bits, first at "
+                             f"{i}: emu {a[i].item()!r} vs reference {b[i].item()!r}")
 
 
 def device(r: random.Random) -> dict:

@@ -7,8 +7,8 @@ by one element or transposed. See test_fuzz.py for the seeds and LORA_EXT_EMU_FU
 import pytest
 import torch
 from conftest import under_schedules
-from fuzz_gen import (DTYPES, RTOL, SEEDS, assert_close, device, place, rng_for, size,
-                      special_values, values)
+from fuzz_gen import (DTYPES, RTOL, SEEDS, assert_close, assert_same_bits, device, place,
+                      rng_for, size, special_values, values)
 
 CPU = torch.ops.lora_ext
 
@@ -142,6 +142,13 @@ def test_fuzz_multi_lora(emu, seed):
     assert_close(y, ref, RTOL[dt], what, ref64)
     assert int(bad) == c["nbad"], f"{what}: bad_index_count {int(bad)}, want {c['nbad']}"
     assert outside_ok, f"{what}: wrote outside y"
+    if r.random() < 0.4:  # a token's bits do not depend on its position (multi_kernels.cuh)
+        perm = torch.randperm(c["T"], generator=g)
+        yp = y0[perm].clone()
+        with emu.device(**dev):  # the same device (tensor cores or not, SM count)
+            emu.ops.multi_lora_(yp, c["x"][perm], c["A"], c["B"], c["idx"][perm], c["scales"],
+                                c["ranks"], c["sl"])
+        assert_same_bits(yp, y[perm], f"{what}: tokens permuted")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
