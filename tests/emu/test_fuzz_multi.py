@@ -70,7 +70,7 @@ def case(op, seed):
     spec = special_values(dt, activation=True) if r.random() < 0.3 else ()
     if dt == torch.float32:
         spec = [v for v in spec if abs(v) != float("inf")]
-    x, _, xmode = place(r, values(g, (T, i), dt, r=r, specials=spec, count=2 if spec else 0),
+    x, x_buf, xmode = place(r, values(g, (T, i), dt, r=r, specials=spec, count=2 if spec else 0),
                         ("contig", "contig", "wide", "offset"))
     A = values(g, ((n, S) if sl is not None else (S,)) + (r_max, i), dt, scale=i ** -0.5)
     B = values(g, (S, o, r_max), dt, scale=r_max ** -0.5)
@@ -79,7 +79,7 @@ def case(op, seed):
     what = (f"{dt} T={T} in={i} out={o} S={S} r_max={r_max} slices={sl} idx:{kind}/{idx.dtype} "
             f"nbad={nbad} ranks={ranks.tolist()} specials={bool(spec)} x:{xmode}")
     return r, g, dict(dt=dt, T=T, i=i, o=o, S=S, r_max=r_max, sl=sl, n=n, idx=idx, valid=valid,
-                      nbad=nbad, scales=scales, ranks=ranks, x=x, A=A, B=B, exact=not spec), what
+                      nbad=nbad, scales=scales, ranks=ranks, x=x, x_buf=x_buf, A=A, B=B, exact=not spec), what
 
 
 def ref_u(c, scale=1.0):
@@ -109,8 +109,8 @@ def ref_expand(c, u, y0, add=True):
 
 
 def run_on_y(emu, r, y0, fn, dev):
-    """fn(y view) under the schedules with y laid out by place(); returns (y view, buffer, mode,
-    untouched-part check)."""
+    """fn(y view) under the schedules with y laid out by place(); returns (y view, bad count,
+    layout, whether everything outside the view is untouched, the buffer)."""
     y_v, y_buf, mode = place(r, y0)
     start = y_buf.clone()
 
@@ -123,7 +123,7 @@ def run_on_y(emu, r, y0, fn, dev):
     mask = torch.ones_like(yb, dtype=torch.bool)
     mask.as_strided(y_v.shape, y_v.stride(), y_v.storage_offset()).fill_(False)
     outside_ok = torch.equal(yb[mask], start[mask])
-    return yb.as_strided(y_v.shape, y_v.stride(), y_v.storage_offset()), bad, mode, outside_ok
+    return yb.as_strided(y_v.shape, y_v.stride(), y_v.storage_offset()), bad, mode, outside_ok, yb
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -135,7 +135,7 @@ def test_fuzz_multi_lora(emu, seed):
     CPU.multi_lora_(ref, c["x"], c["A"], c["B"], c["valid"], c["scales"], c["ranks"], c["sl"])
     dev = device(r)
     what = f"multi_lora_ {what} {dev}"
-    y, bad, mode, outside_ok = run_on_y(emu, r, y0, lambda yv, bad: emu.ops.multi_lora_(
+    y, bad, mode, outside_ok, y_buf = run_on_y(emu, r, y0, lambda yv, bad: emu.ops.multi_lora_(
         yv, c["x"], c["A"], c["B"], c["idx"], c["scales"], c["ranks"], c["sl"], bad), dev)
     what += f" y:{mode}"
     ref64 = ref_expand(c, ref_u(c), y0) if c["exact"] else None
@@ -144,11 +144,19 @@ def test_fuzz_multi_lora(emu, seed):
     assert outside_ok, f"{what}: wrote outside y"
     if r.random() < 0.4:  # a token's bits do not depend on its position (multi_kernels.cuh)
         perm = torch.randperm(c["T"], generator=g)
-        yp = y0[perm].clone()
+        xp, yp = same_layout(c["x"], c["x_buf"], c["x"][perm]), same_layout(y, y_buf, y0[perm])
         with emu.device(**dev):  # the same device (tensor cores or not, SM count)
-            emu.ops.multi_lora_(yp, c["x"][perm], c["A"], c["B"], c["idx"][perm], c["scales"],
-                                c["ranks"], c["sl"])
+            emu.ops.multi_lora_(yp, xp, c["A"], c["B"], c["idx"][perm], c["scales"], c["ranks"],
+                                c["sl"])
         assert_same_bits(yp, y[perm], f"{what}: tokens permuted")
+
+
+def same_layout(view, buf, values):
+    """values in a new buffer laid out like `view` in `buf` (strides and alignment: the vector
+    paths, and so the bits, depend on them)."""
+    out = buf.clone().as_strided(view.shape, view.stride(), view.storage_offset())
+    out.copy_(values)
+    return out
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -183,7 +191,7 @@ def test_fuzz_shrink_expand(emu, seed):
     CPU.lora_expand_(ref, u_in, c["B"], c["valid"], c["scales"], c["ranks"], c["sl"], None, add)
     dev = device(r)
     what_e = f"lora_expand_ {what} add_inputs={add} u:{u_in.dtype} {dev}"
-    y, bad, mode, outside_ok = run_on_y(emu, r, y0, lambda yv, bad: emu.ops.lora_expand_(
+    y, bad, mode, outside_ok, _ = run_on_y(emu, r, y0, lambda yv, bad: emu.ops.lora_expand_(
         yv, u_in, c["B"], c["idx"], c["scales"], c["ranks"], c["sl"], bad, add), dev)
     what_e += f" y:{mode}"
     ref64 = ref_expand(c, u_in.double().reshape(c["n"], c["T"], c["r_max"]), y0, add)
