@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include <mma.h>
+
 #include "cuda/launch.h"
 
 namespace {
@@ -62,6 +64,17 @@ __global__ void misaligned(const float* x, float* out) {
   out[threadIdx.x] = v.x;
 }
 
+// A WMMA tile loaded from a 16-byte (not 32-byte) aligned shared-memory address.
+__global__ void wmma_misaligned(float* out) {
+  __shared__ __align__(32) float tile[16 * 8 + 4];
+  for (int i = threadIdx.x; i < 16 * 8 + 4; i += 32) tile[i] = 1.f;
+  __syncwarp();
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                         nvcuda::wmma::row_major> a;
+  nvcuda::wmma::load_matrix_sync(a, tile + 4, 8);
+  out[threadIdx.x] = a.x[0];
+}
+
 // Float atomics into one cell: the sum's bits depend on the order of the adds.
 __global__ void atomic_order(float* out) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -106,6 +119,8 @@ extern "C" const char* lora_ext_emu_planted(const char* name_c) {
     LORA_EXT_LAUNCH(bad_mask, 1, 64, 0, nullptr, o);
   } else if (name == "misaligned") {
     LORA_EXT_LAUNCH(misaligned, 1, 32, 0, nullptr, x.data(), o);
+  } else if (name == "wmma_misaligned") {
+    LORA_EXT_LAUNCH(wmma_misaligned, 1, 32, 0, nullptr, o);
   } else if (name == "atomic_order") {
     LORA_EXT_LAUNCH(atomic_order, 4, 64, 0, nullptr, o);
   } else if (name == "correct") {

@@ -37,6 +37,7 @@ def test_out_of_bounds(emu, name, what):
     ("split_barrier", "threads wait at different __syncthreads"),
     ("bad_mask", "__shfl_xor_sync with mask 0xffffffff"),
     ("misaligned", "misaligned read of float4"),
+    ("wmma_misaligned", "misaligned wmma::load_matrix_sync pointer"),
     ("bad_config", "invalid launch configuration grid (1,70000,1)"),
 ])
 def test_launch_findings(emu, name, what):

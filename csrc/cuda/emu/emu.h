@@ -15,7 +15,8 @@
 // the AddressSanitizer build — out-of-bounds global and shared accesses.
 // WMMA: each lane's fragment holds the whole tile (element-wise code on frag.x[] is layout
 // independent); mma_sync uses only the TF32 bits of its inputs and adds the k products to the
-// accumulator in k order (fp32); __float_to_tf32 rounds to nearest, ties away (cvt.rna).
+// accumulator in k order (fp32); __float_to_tf32 rounds to nearest, ties away (cvt.rna);
+// load/store_matrix_sync check their pointer (32-byte aligned) and ldm (a multiple of 16 bytes).
 #pragma once
 #include <cmath>
 #include <cstddef>
@@ -302,9 +303,18 @@ void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
   lora_ext::emu::wmma_op();
   for (float& e : f.x) e = v;
 }
+// load/store_matrix_sync need a 256-bit aligned pointer and ldm a multiple of 16 bytes (CUDA
+// Programming Guide, WMMA); anything else is undefined on the GPU.
+inline void check_wmma_ptr(const float* p, unsigned ldm, const char* what) {
+  lora_ext::emu::check_align(p, 32, what);
+  if (ldm % 4 != 0)
+    lora_ext::emu::fail(std::string(what) + ": ldm = " + std::to_string(ldm) +
+                        " floats is not a multiple of 16 bytes");
+}
 template <class Use, int M, int N, int K, class T, class L>
 void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const float* p, unsigned ldm) {
   lora_ext::emu::wmma_op();
+  check_wmma_ptr(p, ldm, "wmma::load_matrix_sync pointer");
   using F = fragment<Use, M, N, K, T, L>;
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c)
@@ -315,6 +325,7 @@ template <int M, int N, int K, class T>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm,
                        layout_t layout) {
   lora_ext::emu::wmma_op();
+  check_wmma_ptr(p, ldm, "wmma::store_matrix_sync pointer");
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c)
       (layout == mem_row_major ? p[r * static_cast<size_t>(ldm) + c]
