@@ -142,13 +142,22 @@ def test_fuzz_multi_lora(emu, seed):
     assert_close(y, ref, RTOL[dt], what, ref64)
     assert int(bad) == c["nbad"], f"{what}: bad_index_count {int(bad)}, want {c['nbad']}"
     assert outside_ok, f"{what}: wrote outside y"
-    if r.random() < 0.4:  # a token's bits do not depend on its position (multi_kernels.cuh)
+    if r.random() < 0.4:
+        # a token's bits depend neither on its position nor on the other adapters' tokens
+        # (multi_kernels.cuh): the tokens permuted, one adapter's first; then those alone
         perm = torch.randperm(c["T"], generator=g)
-        xp, yp = same_layout(c["x"], c["x_buf"], c["x"][perm]), same_layout(y, y_buf, y0[perm])
-        with emu.device(**dev):  # the same device (tensor cores or not, SM count)
-            emu.ops.multi_lora_(yp, xp, c["A"], c["B"], c["idx"][perm], c["scales"], c["ranks"],
-                                c["sl"])
-        assert_same_bits(yp, y[perm], f"{what}: tokens permuted")
+        a = int(c["valid"][perm[0]])
+        first = c["valid"][perm] == a
+        perm = torch.cat([perm[first], perm[~first]])
+        k = int(first.sum())
+        for rows in (c["T"], k):
+            xp = same_layout(c["x"], c["x_buf"], c["x"][perm])[:rows]
+            yp = same_layout(y, y_buf, y0[perm])[:rows]
+            with emu.device(**dev):  # the same device (tensor cores or not, SM count)
+                emu.ops.multi_lora_(yp, xp, c["A"], c["B"], c["idx"][perm][:rows], c["scales"],
+                                    c["ranks"], c["sl"])
+            assert_same_bits(yp, y[perm][:rows], f"{what}: tokens permuted, first {rows} "
+                             f"(adapter {a}'s {k} tokens first)")
 
 
 def same_layout(view, buf, values):
