@@ -1,7 +1,8 @@
 """Fixtures of the emulated-CUDA suite (run by tests/test_emulation.py in an AddressSanitizer
-subprocess; directly: LORA_EXT_EMU_INNER=1 LD_PRELOAD=$(gcc -print-file-name=libasan.so)
-ASAN_OPTIONS=detect_leaks=0:halt_on_error=0 python -m pytest tests/emu, or LORA_EXT_EMU_ASAN=0
-without the preload)."""
+subprocess; directly: LORA_EXT_EMU_INNER=1 LD_PRELOAD="$(gcc -print-file-name=libasan.so)
+$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0:halt_on_error=0 python -m pytest
+tests/emu, or LORA_EXT_EMU_ASAN=0 without the preload; without libstdc++ in the preload, the first
+C++ exception aborts the process: see tests/test_emulation.py)."""
 import os
 import sys
 

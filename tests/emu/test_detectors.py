@@ -56,3 +56,13 @@ def test_schedule_dependence_is_caught(emu, name):
     with pytest.raises(AssertionError, match="changes with the schedule"):
         under_schedules(emu, lambda: output(emu, name))
     under_schedules(emu, lambda: output(emu, "correct"))
+
+
+def test_errors_of_emulated_ops_are_exceptions(emu):
+    # A C++ exception from an emulated op (a failed check here; an emulated launch's finding is
+    # raised the same way, by LORA_EXT_CUDA_CHECK with the finding's text) must reach the test as
+    # a RuntimeError. With libasan preloaded alone it aborted the whole suite instead
+    # ("CHECK failed: ... real___cxa_throw"): tests/test_emulation.py preloads libstdc++ too.
+    with pytest.raises(RuntimeError, match="lora_apply_"):
+        emu.ops.lora_apply_(torch.zeros(3, 4), torch.zeros(3, 5), torch.zeros(2, 6),
+                            torch.zeros(4, 2), 1.0)
