@@ -21,13 +21,15 @@ from .adapters import Adapter, LayerWeights, load_adapter
 from .inject import inject, lora_layers, lora_state_dict, mark_only_lora_trainable
 from .layers import LoRAEmbedding, LoRALayer, LoRALinear
 from .merged_linear import MergedLinear
+from .conv import LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAConvNd
 from .merge import merge, merge_and_unload, unmerge  # (the functions shadow the submodules)
 from .combine import combine
 from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, attach_context
 from .pool import AdapterPool
 from .peft_patch import patch_peft, unpatch_peft
 
-__all__ = ["ops", "Adapter", "LayerWeights", "load_adapter", "LoRALayer", "LoRALinear", "LoRAEmbedding", "MergedLinear", "inject",
+__all__ = ["ops", "Adapter", "LayerWeights", "load_adapter", "LoRALayer", "LoRALinear", "LoRAEmbedding", "MergedLinear",
+           "LoRAConvNd", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "inject",
            "lora_layers", "lora_state_dict", "mark_only_lora_trainable", "merge", "unmerge",
            "merge_and_unload", "combine", "LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding",
            "attach_context",

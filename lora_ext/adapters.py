@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .adapter_checks import check_dropout, check_number, check_path, check_targets, check_tensors
+from .conv import check_conv_factors, is_conv
 from .inject import inject, lora_layers, trained_biases
 from .layers import LoRALayer, lora_alpha_for, lora_scaling
 from .sharding import is_dtensor, unwrapped
@@ -69,11 +70,12 @@ _UNSUPPORTED = (  # (field, is default, what it does)
 
 @dataclass
 class LayerWeights:
-    """One module's LoRA factors: A [r, in] and B [out, r] (embeddings: A [r, num], B [dim, r])."""
+    """One module's LoRA factors: A [r, in] and B [out, r] (embeddings: A [r, num], B [dim, r];
+    convolutions, kind "conv": PEFT's A [r, in, *kernel], B [out, r, 1, ...])."""
     A: torch.Tensor
     B: torch.Tensor
     scale: float
-    kind: str = "linear"  # or "embedding"
+    kind: str = "linear"  # or "embedding", "conv"
 
     @property
     def r(self) -> int:
@@ -157,7 +159,7 @@ class Adapter:
         os.makedirs(path, exist_ok=True)
         tensors = {}
         for name, w in self.layers.items():
-            if w.kind == "linear":
+            if w.kind != "embedding":  # Linear and Conv layers: lora_A.weight / lora_B.weight
                 tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = w.A.contiguous()
                 tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = w.B.contiguous()
             else:
@@ -336,10 +338,13 @@ def _split_factors(tensors: dict, where: str, paired: bool = True) -> tuple[dict
         if a_key not in p or b_key not in p:
             raise ValueError(f"{where}: module {name!r} has {sorted(p)} but needs {a_key} and {b_key}")
         A, B = p[a_key][1], p[b_key][1]
-        if A.dim() != 2 or B.dim() != 2 or (paired and A.shape[0] != B.shape[1]) or A.shape[0] == 0:
+        # a Conv1d/2d/3d's (PEFT): lora_A [r, in, *kernel], lora_B [out, r, 1, ...]
+        conv = not emb and A.dim() in (3, 4, 5) and B.dim() == A.dim() and all(n == 1 for n in B.shape[2:])
+        if (not conv and (A.dim() != 2 or B.dim() != 2)) or (paired and A.shape[0] != B.shape[1]) or A.shape[0] == 0:
             raise ValueError(f"{where}: module {name!r} has {a_key} {tuple(A.shape)} and "
-                             f"{b_key} {tuple(B.shape)}; expected [r, in] and [out, r] with r > 0")
-        factors[name] = (A, B, "embedding" if emb else "linear")
+                             f"{b_key} {tuple(B.shape)}; expected [r, in] and [out, r] with r > 0"
+                             + ("" if emb else " (a convolution's: [r, in, *kernel] and [out, r, 1, ...])"))
+        factors[name] = (A, B, "embedding" if emb else "conv" if conv else "linear")
     return factors, extra
 
 
@@ -374,9 +379,11 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
             raise ValueError(f"load_adapter: the model has no module {name!r} (adapter "
                              f"{adapter.name or ''} targets {sorted(adapter.layers)[:4]}...)")
         kind, want = _kind_and_size(m)
-        wanted = "embedding" if w.kind == "embedding" else "linear"
+        wanted = w.kind if w.kind in ("embedding", "conv") else "linear"
         if kind != wanted:
             raise ValueError(f"load_adapter: module {name!r} is a {type(m).__name__}, the adapter holds {wanted} weights")
+        if kind == "conv":  # kernel shapes and groups too (PEFT's lora_A / lora_B conv weights)
+            check_conv_factors(f"load_adapter: module {name!r}", m, w.A, w.B)
         got = (w.A.shape[1], w.B.shape[0])
         if want != got:
             raise ValueError(f"load_adapter: module {name!r} is {want[0]} -> {want[1]} but the adapter's "
@@ -453,7 +460,7 @@ def _from_state_dict(model: nn.Module, state_dict: dict) -> Adapter:
             A, B = m.lora_factors_of(A, B)
         except ValueError as e:
             raise ValueError(f"{where}: {name!r}: {e}") from None
-        if B.dim() != 2 or B.shape[1] != A.shape[0]:
+        if B.dim() != A.dim() or B.shape[1] != A.shape[0]:
             raise ValueError(f"{where}: module {name!r} has A {tuple(A.shape)} and B {tuple(B.shape)}; "
                              "expected [r, in] and [out, r] with r > 0")
         # loralib's lora.Embedding names its factors lora_A / lora_B (same shapes as PEFT's lora_embedding_A/B)
@@ -472,4 +479,6 @@ def _kind_and_size(m: nn.Module) -> tuple[str | None, tuple[int, int] | None]:
         return "linear", (m.in_features, m.out_features)
     if type(m).__name__ == "Conv1D":  # transformers Conv1D: weight [in, out]
         return "linear", tuple(m.weight.shape)
+    if is_conv(m):
+        return "conv", (m.in_channels, m.out_channels)
     return None, None

@@ -39,7 +39,8 @@ def _as_factors(x, where: str):
     if isinstance(x, LayerWeights):
         return x.A, x.B, float(x.scale), x.kind
     if isinstance(x, (tuple, list)) and len(x) == 3:
-        return x[0], x[1], float(x[2]), None
+        conv = isinstance(x[0], torch.Tensor) and x[0].dim() > 2  # PEFT's conv factors
+        return x[0], x[1], float(x[2]), "conv" if conv else None
     raise TypeError(f"combine: {where}: expected an Adapter, a LayerWeights or an (A, B, scale) "
                     f"tuple, got {type(x).__name__}")
 
@@ -93,14 +94,16 @@ def combine(adapters: Sequence, weights: Sequence[float] | None = None, how: str
         kinds.add(kind or "linear")
     _check_same_shapes(items, "layer")
     if len(kinds) > 1:
-        raise ValueError("combine: linear and embedding factors mixed")
+        raise ValueError(f"combine: {' and '.join(sorted(kinds))} factors mixed")
     A, B = _combine_factors(items, how, dtype, "layer")
     return LayerWeights(A, B, 1.0, kinds.pop())
 
 
 def _check_pair(A, B, where):
-    if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)) or A.dim() != 2 or B.dim() != 2:
-        raise ValueError(f"combine: {where}: A and B must be 2-D tensors")
+    if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)) or A.dim() != B.dim() or not (
+            A.dim() == 2 or (A.dim() in (3, 4, 5) and all(n == 1 for n in B.shape[2:]))):
+        raise ValueError(f"combine: {where}: A and B must be 2-D tensors (a convolution's: A [r, in, *kernel], "
+                         f"B [out, r, 1, ...] as PEFT's), got A {_shape(A)}, B {_shape(B)}")
     if B.shape[1] != A.shape[0]:
         raise ValueError(f"combine: {where}: A {tuple(A.shape)} and B {tuple(B.shape)} ranks differ")
     if not A.is_floating_point() or not B.is_floating_point():
@@ -116,8 +119,13 @@ def _coefficient(weight: float, scale, where: str) -> float:
     return c
 
 
+def _shape(t):
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _check_same_shapes(items, where):
-    ins, outs = {a.shape[1] for a, _, _ in items}, {b.shape[0] for _, b, _ in items}
+    # a convolution's in: channels and kernel (A [r, in, *kernel]); out: B [out, r, 1, ...]
+    ins, outs = {tuple(a.shape[1:]) for a, _, _ in items}, {(b.shape[0],) + tuple(b.shape[2:]) for _, b, _ in items}
     if len(ins) != 1 or len(outs) != 1:
         raise ValueError(f"combine: {where}: adapters have different in/out sizes (in {sorted(ins)}, "
                          f"out {sorted(outs)})")
@@ -138,8 +146,8 @@ def _combine_adapters(adapters: list[Adapter], weights, how, dtype) -> Adapter:
             items.append((lw.A, lw.B, _coefficient(w, lw.scale, f"adapter {i}, module {name!r}")))
             kinds.add(lw.kind)
         if len(kinds) > 1:
-            raise ValueError(f"combine: module {name!r} is a linear layer in some adapters and an "
-                             "embedding in others")
+            raise ValueError(f"combine: module {name!r} has {' and '.join(sorted(kinds))} factors in "
+                             "different adapters")
         _check_same_shapes(items, f"module {name!r}")
         A, B = _combine_factors(items, how, dtype, f"module {name!r}")
         layers[name] = LayerWeights(A, B, 1.0, kinds.pop())

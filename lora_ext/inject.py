@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .conv import LoRAConvNd, check_conv_base, is_conv
 from .layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d
 from .sharding import sharding_of, unwrapped
 from .targets import (PEFT_PREFIX, check_layers, in_layers, matches, pattern_value, read_directly, select_targets,
@@ -30,7 +31,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
 
     target_modules: a list of module-name suffixes (``"q_proj"`` matches ``...attn.q_proj``), a
     regex matched against the full name, or ``"all-linear"`` (every Linear/Conv1D but the output
-    head). Targets must be nn.Linear, transformers Conv1D or nn.Embedding. rank_pattern /
+    head; no convolutions, as in PEFT). Targets must be nn.Linear, transformers Conv1D, nn.Embedding
+    or nn.Conv1d/2d/3d (LoRAConvNd, PEFT's conv LoRA; groups > 1 refused). rank_pattern /
     alpha_pattern map name regexes to per-module r / alpha, as in PEFT. layers_to_transform (an
     int or a list of ints) / layers_pattern (str or list: the layer list's name, e.g. "layers"),
     with a list of target_modules only: PEFT's selection of layers (targets.in_layers; a
@@ -51,7 +53,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
     chosen = select_targets(model, target_modules, exclude_modules, layers, pattern)
     modules = dict(model.named_modules())
     problems = {n: unwrappable(modules[n]) for n in chosen
-                if isinstance(modules[n], (nn.Linear, nn.Embedding)) or is_conv1d(modules[n])}
+                if isinstance(modules[n], (nn.Linear, nn.Embedding)) or is_conv1d(modules[n]) or is_conv(modules[n])}
     if target_modules == "all-linear":  # every Linear/Conv1D a LoRA layer can stand in for
         chosen = [n for n in chosen if problems[n] is None]
     if not chosen:
@@ -63,10 +65,10 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
                              f"LoRA layers already ({', '.join(injected[:4])}{', ...' if len(injected) > 4 else ''}); "
                              "set_lora_factors / load_adapter replace their factors")
         leaves = sorted({n.split(".")[-1] for n, m in model.named_modules()
-                         if isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m)})
+                         if isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m) or is_conv(m)})
         where = "" if layers is None else f" in layers_to_transform={layers!r} (layers_pattern={layers_pattern!r})"
         raise ValueError(f"inject: target_modules={target_modules!r} matched no module of "
-                         f"{type(model).__name__}{where}; Linear/Conv1D/Embedding names there: {leaves}")
+                         f"{type(model).__name__}{where}; Linear/Conv1D/Embedding/Conv names there: {leaves}")
     bypassed = read_directly(model)
     for name in chosen:  # the first, before anything changes
         if name in bypassed:
@@ -75,6 +77,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
                             "would never run")
         if problems.get(name) is not None:
             raise TypeError(f"inject: module {name!r} {problems[name]}")
+        if is_conv(modules[name]):
+            check_conv_base(f"inject: module {name!r}", modules[name])
     for name in chosen:
         m = modules[name]
         rr = pattern_value(name, rank_pattern, r)
@@ -84,9 +88,11 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
                 new = LoRALinear.from_linear(m, rr, aa, dropout, use_rslora, init)
             elif isinstance(m, nn.Embedding):
                 new = LoRAEmbedding.from_embedding(m, rr, aa, use_rslora)
+            elif is_conv(m):
+                new = LoRAConvNd.from_conv(m, rr, aa, dropout, use_rslora, init)
             else:
                 raise TypeError(f"inject: module {name!r} is a {type(m).__name__}; LoRA targets must "
-                                "be nn.Linear, transformers Conv1D or nn.Embedding")
+                                "be nn.Linear, transformers Conv1D, nn.Embedding or nn.Conv1d/2d/3d")
         except ValueError as e:
             raise ValueError(f"inject: module {name!r}: {e}") from None
         parent_name, _, child = name.rpartition(".")
@@ -174,7 +180,7 @@ def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: boo
         model = unwrapped(model)[0]
     out = {}
     for name, m in lora_layers(model).items():
-        linear = m.lora_kind == "linear"
+        linear = m.lora_kind != "embedding"  # PEFT: lora_A.weight for Linear and Conv layers
         # PEFT names: lora_factors() (a MergedLinear's fused-layer B); module names: the parameters
         factors = m.lora_factors()[:2] if peft_names else [getattr(m, p) for p in m.factor_names]
         for p, t in zip(m.factor_names, factors):

@@ -7,18 +7,19 @@ B (A for embeddings, as in PEFT) starts at zero, so wrapping a layer leaves its 
 
 Both derive from LoRALayer (as PEFT's LoraLayer), which owns what the rest of lora_ext needs of a
 LoRA layer: merge()/unmerge() (exact, via lora_ext.ops.MergeState), lora_factors() /
-set_lora_factors() in PEFT's orientation, and base_module() (the unwrapped module).
+set_lora_factors() in PEFT's orientation, and base_module() (the unwrapped module). Other
+subclasses: MergedLinear (merged_linear.py), LoRAConv1d/2d/3d (conv.py).
 """
 from __future__ import annotations
 
 import abc
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hparams import _check_hparams, lora_alpha_for, lora_scaling  # noqa: F401  (imported from here too)
 from .ops import MergeState, check_merge_finite, lora_linear, merge_, unmerge_
 from .sharding import is_dtensor, is_fsdp
 
@@ -36,27 +37,6 @@ def factors_like(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[tor
     if A.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         return A.to(x.dtype), B.to(x.dtype)
     return A, B
-
-
-def _check_hparams(name: str, r, alpha, dropout) -> None:
-    """ValueError naming the argument for a rank that is not an int > 0 (bool included; numpy ints
-    are fine), an alpha that is not a finite number, a dropout that is not a number in [0, 1)."""
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
-        raise ValueError(f"{name}: LoRA rank r must be a positive int, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-        raise ValueError(f"{name}: LoRA alpha must be a finite number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{name}: LoRA dropout must be a number in [0, 1), got {dropout!r}")
-
-
-def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
-    """The LoRA term's factor: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def lora_alpha_for(scale: float, r: int, use_rslora: bool) -> float:
-    """The alpha whose lora_scaling(alpha, r, use_rslora) is ``scale``."""
-    return scale * (math.sqrt(r) if use_rslora else r)
 
 
 class LoRALayer(nn.Module, abc.ABC):
@@ -137,10 +117,23 @@ class LoRALayer(nn.Module, abc.ABC):
             self.merge(exact=exact)
 
     # ---------------------------------------------------------------- merging
+    def _merge_weight(self, w: torch.Tensor) -> torch.Tensor:  # the matrix B @ A adds to (a conv's: a 2-D view)
+        return w
+
+    def _merge_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:  # lora_factors() as 2-D A, B
+        return self.lora_factors()
+
+    def merge_refusal(self) -> str | None:
+        """Why merging would change what the layer computes (None: it would not; see conv.py)."""
+        return None
+
     def check_merge(self) -> None:
-        """Raises ValueError if merging would put inf/NaN into the weight (changes nothing)."""
-        A, B, s = self.lora_factors()
-        check_merge_finite(self.weight.detach(), [A.detach()], [B.detach()], [s],
+        """Raises ValueError if merging would put inf/NaN into the weight, or change what the layer
+        computes (merge_refusal; changes nothing)."""
+        if (why := self.merge_refusal()) is not None:
+            raise ValueError(f"{type(self).__name__}.merge: {why}")
+        A, B, s = self._merge_factors()
+        check_merge_finite(self._merge_weight(self.weight.detach()), [A.detach()], [B.detach()], [s],
                            fan_in_fan_out=self._weight_in_out)
 
     @torch.no_grad()
@@ -153,11 +146,12 @@ class LoRALayer(nn.Module, abc.ABC):
         if self.merged:
             return
         self._check_unsharded("merge")
-        A, B, s = self.lora_factors()
-        if safe:
+        A, B, s = self._merge_factors()
+        if safe or self.merge_refusal() is not None:  # check_merge raises for both
             self.check_merge()
         state = MergeState() if exact else None
-        merge_(self.weight.data, A.detach(), B.detach(), s, fan_in_fan_out=self._weight_in_out, state=state)
+        merge_(self._merge_weight(self.weight.data), A.detach(), B.detach(), s, fan_in_fan_out=self._weight_in_out,
+               state=state)
         self._merge_state = state
         self._merged_factors = None if exact else (A.detach().clone(), B.detach().clone(), s)
         self.merged = True
@@ -171,11 +165,12 @@ class LoRALayer(nn.Module, abc.ABC):
             raise ValueError(f"unmerge: this {type(self).__name__} is merged for good (drop_merge_state)")
         self._check_unsharded("unmerge")
         state = getattr(self, "_merge_state", None)
+        W = self._merge_weight(self.weight.data)
         if state is not None:
-            unmerge_(self.weight.data, fan_in_fan_out=self._weight_in_out, state=state)
+            unmerge_(W, fan_in_fan_out=self._weight_in_out, state=state)
         else:  # plain merge: subtract what was added
             A, B, s = self._merged_factors
-            unmerge_(self.weight.data, A, B, s, fan_in_fan_out=self._weight_in_out)
+            unmerge_(W, A, B, s, fan_in_fan_out=self._weight_in_out)
         self._merge_state = self._merged_factors = None
         self.merged = False
 
@@ -205,7 +200,7 @@ class LoRALayer(nn.Module, abc.ABC):
         new = self.weight.data
         if (state is not None and new.dtype != old.dtype and old.dtype == state._dtype
                 and new.dtype in (torch.float32, torch.float16, torch.bfloat16)):
-            state.convert(old, new, fn)
+            state.convert(self._merge_weight(old), self._merge_weight(new), fn)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -80,17 +80,21 @@ def merge(model: nn.Module, safe: bool = False, exact: bool = True,
     layers = {n: m for n, m in _layers_of(model, "merge").items() if not m.merged}
     if not allow_tied:
         _check_tied(model, layers)
-    if safe:
-        _check_all(layers)
+    _check_all(layers, finite=safe)
     for m in layers.values():
         merge_layer(m, exact=exact)
     return list(layers)
 
 
-def _check_all(layers: dict[str, nn.Module]) -> None:
+def _check_all(layers: dict[str, nn.Module], finite: bool) -> None:
+    """Before any weight changes: ValueError naming the first layer that cannot merge exactly what it
+    computes (LoRALayer.merge_refusal: some LoRAConv layers) or, with ``finite``, would overflow."""
     for name, m in layers.items():
         try:
-            m.check_merge()
+            if finite:
+                m.check_merge()
+            elif (why := m.merge_refusal()) is not None:
+                raise ValueError(f"{type(m).__name__}.merge: {why}")
         except ValueError as e:
             raise ValueError(f"merge: layer {name!r}: {e}") from None
 
@@ -106,7 +110,7 @@ def unmerge(model: nn.Module) -> list[str]:
             if m._merged_for_good():
                 raise ValueError("merged for good (drop_merge_state), so it cannot be unmerged")
             if state is not None:
-                state.check(m.weight)
+                state.check(m._merge_weight(m.weight.detach()))
         except ValueError as e:
             raise ValueError(f"unmerge: layer {name!r}: {e}") from None
     for m in layers.values():
@@ -131,8 +135,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False, allow_tied: bool = Fa
     pending = {n: m for n, m in layers.items() if not m.merged}
     if not allow_tied:
         _check_tied(model, pending)
-    if safe:
-        _check_all(pending)
+    _check_all(pending, finite=safe)
     for m in layers.values():
         if not m.merged:
             merge_layer(m, exact=False)

@@ -358,6 +358,9 @@ class MultiLoRALinear(_MultiLoRA):
     def __init__(self, base: nn.Module, num_slots: int, r_max: int,
                  out_slices: Optional[Sequence[int]] = None,
                  context: Optional[LoRAContext] = None):
+        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+            raise TypeError(f"MultiLoRALinear: base must be an nn.Linear or transformers Conv1D, got "
+                            f"{type(base).__name__} (no multi-adapter layer for convolutions or other modules)")
         in_f, out_f = base.weight.shape if is_conv1d(base) else (base.in_features, base.out_features)
         super().__init__(base, in_f, out_f, num_slots, r_max, out_slices, context)
 

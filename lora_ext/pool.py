@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, LayerWeights, extra_target
+from .conv import is_conv
 from .layers import is_conv1d
 from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
 from .targets import matches, output_head_names
@@ -121,6 +122,10 @@ class AdapterPool:
         chosen = {}
         for name, m in list(self.model.named_modules()):
             linear = isinstance(m, nn.Linear) or is_conv1d(m)
+            if not everything and is_conv(m) and matches(name, targets):
+                raise ValueError(f"AdapterPool: target_modules={target_modules!r} matches {name!r}, a "
+                                 f"{type(m).__name__}: multi-adapter serving has no convolution layers (LoRAConv2d "
+                                 "...); use lora_ext.load_adapter, or leave it out of target_modules")
             if name in heads or not (linear or isinstance(m, nn.Embedding)):
                 continue
             if linear if everything else matches(name, targets):
@@ -168,6 +173,9 @@ class AdapterPool:
                              "cannot apply per request; use lora_ext.load_adapter")
         for mod, w in ad.layers.items():
             layer = self.layers.get(mod)
+            if w.kind == "conv":
+                raise ValueError(f"{where}: module {mod!r} holds convolution LoRA factors (A {tuple(w.A.shape)}): "
+                                 "multi-adapter serving has no convolution layers; use lora_ext.load_adapter")
             if layer is None:
                 raise ValueError(f"{where}: module {mod!r} is not served by this pool "
                                  f"(pool targets e.g. {sorted(self.layers)[:3]})")

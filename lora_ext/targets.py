@@ -57,7 +57,7 @@ def hooked(module: nn.Module) -> bool:
 
 def unwrappable(m: nn.Module) -> str | None:
     """Why a LoRA layer, which computes the base output itself from the target's weight (F.linear,
-    F.embedding, Conv1D's addmm), cannot stand in for the Linear/Embedding/Conv1D ``m`` (None: it
+    F.embedding, Conv1D's addmm, F.conv*d), cannot stand in for the Linear/Embedding/Conv1D/ConvNd ``m`` (None: it
     can): hooks or a replaced forward, or a subclass whose own forward (a router, a positional
     embedding, a quantized layer) gives other outputs than that on a probe input (FalconLinear's
     x @ W^T + b passes; a scaled word embedding's is known: embed_scale)."""
@@ -65,6 +65,8 @@ def unwrappable(m: nn.Module) -> str | None:
         return "has hooks or a forward replaced on the instance, which a LoRA layer would skip"
     if is_conv1d(m):
         plain = type(m).forward is next(c for c in type(m).__mro__ if c.__name__ == "Conv1D").forward
+    elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        plain = type(m).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward) or _same_on_probe(m)
     elif isinstance(m, nn.Embedding):
         plain = type(m).forward is nn.Embedding.forward or hasattr(m, "embed_scale") or _same_on_probe(m)
     else:
@@ -77,14 +79,20 @@ def unwrappable(m: nn.Module) -> str | None:
 
 @torch.no_grad()
 def _same_on_probe(m: nn.Module) -> bool:
-    """Whether ``m``'s own forward equals F.linear / F.embedding of its weight on a small random
-    input (False when it cannot run one: meta weights, other signatures, other outputs)."""
+    """Whether ``m``'s own forward equals F.linear / F.embedding of its weight (a convolution: the
+    plain nn.ConvNd forward) on a small random input (False when it cannot run one: meta weights,
+    other signatures, other outputs)."""
     w = m.weight
-    if not isinstance(w, torch.Tensor) or w.is_meta or not w.is_floating_point() or w.dim() != 2:
+    conv = next((c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(m, c)), None)
+    if not isinstance(w, torch.Tensor) or w.is_meta or not w.is_floating_point() or (conv is None and w.dim() != 2):
         return False
     g = torch.Generator(device=w.device).manual_seed(0)
     try:
-        if isinstance(m, nn.Embedding):
+        if conv is not None:  # the plain class's forward on an input a few kernel extents wide
+            size = [d * (k - 1) + 3 for d, k in zip(m.dilation, m.kernel_size)]
+            x = torch.randn(1, m.in_channels, *size, generator=g, device=w.device).to(w.dtype)
+            want = conv.forward(m, x)
+        elif isinstance(m, nn.Embedding):
             x = torch.randint(0, w.shape[0], (2, 3), generator=g, device=w.device)
             want = F.embedding(x, w, m.padding_idx)
         else:

@@ -69,6 +69,7 @@ except ImportError as e:  # torch < 2.5 kept these in torch.distributed._tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from .conv import LoRAConvNd
 from .layers import LoRALinear, factors_like, is_conv1d
 from .merged_linear import MergedLinear
 from .multi import MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
@@ -366,9 +367,10 @@ def validate_plan(model: nn.Module, device_mesh: DeviceMesh, plan: dict[str, Par
                 _check(sname, m, device_mesh, "out_features" if colwise else "in_features", name=path)
                 continue
             parent = parents.get(id(m))
-            if isinstance(m, MergedLinear):  # torch's styles would shard lora_B [k·d, r] as if it were [out, r]
+            # torch's styles would shard lora_B [k·d, r] as if it were [out, r]; no conv style exists
+            if isinstance(m, (MergedLinear, LoRAConvNd)):
                 raise ValueError(f"parallelize_lora: plan entry {key!r} puts {sname} on module {path!r}, a "
-                                 "MergedLinear, which is not tensor-parallel; leave it out of the plan (replicated)")
+                                 f"{type(m).__name__}, which is not tensor-parallel; leave it out of the plan (replicated)")
             lora = isinstance(m, (LoRALinear, _MultiLoRA))
             if lora or isinstance(parent, (LoRALinear, _MultiLoRA)):
                 what = m if lora else parent
