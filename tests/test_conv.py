@@ -508,6 +508,13 @@ def test_serving_and_tensor_parallel_refuse_convs():
         pool.load("x", ad)
     with pytest.raises(TypeError, match=r"MultiLoRALinear: base must be an nn.Linear or transformers Conv1D, got Conv2d"):
         lora_ext.MultiLoRALinear(nn.Conv2d(3, 4, 1), 2, 4)
+    tp = pytest.importorskip("lora_ext.tp")
+    injected = nn.Sequential(nn.Conv2d(3, 4, 1))
+    lora_ext.inject(injected, ["0"], r=2)
+    with pytest.raises(ValueError, match=r"'0', a LoRAConv2d, which is not tensor-parallel"):
+        tp.validate_plan(injected, None, {"0": tp.ColwiseParallel()})
+    with pytest.raises(ValueError, match=r"is a LoRAConv2d, not a lora_ext LoRALinear"):
+        tp.validate_plan(injected, None, {"0": tp.ColwiseParallelLoRA()})
 
 
 def test_layer_api():
@@ -538,3 +545,26 @@ def test_layer_api():
         net2 = ConvNet()
         net2.c1.register_forward_hook(lambda *a: None)
         lora_ext.inject(net2, ["c1"])
+
+
+class SameConv(nn.Conv2d):  # as diffusers' old LoRACompatibleConv without a LoRA: the plain forward
+    def forward(self, x, scale: float = 1.0):
+        return super().forward(x)
+
+
+class ScaledConv(nn.Conv2d):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_conv_subclasses():
+    model = nn.Sequential(SameConv(3, 4, 3, padding=1), ScaledConv(4, 4, 1))
+    x = torch.randn(1, 3, 5, 5)
+    want = model(x)
+    with pytest.raises(TypeError, match=r"inject: module '1' is a ScaledConv whose forward is not the plain layer's"):
+        lora_ext.inject(model, ["0", "1"])
+    lora_ext.inject(model, ["0"], r=2)
+    assert type(model[0]) is LoRAConv2d and model[0].base_class is SameConv
+    model[0].lora_B.data.normal_()
+    lora_ext.merge_and_unload(model)
+    assert type(model[0]) is SameConv and rel_err(model(x), want) > 1e-3  # the merged adapter
