@@ -152,8 +152,8 @@ class LoRAConvNd(LoRALayer):
     def _merge_weight(self, w: torch.Tensor) -> torch.Tensor:
         """The weight [out, in, *kernel] as the [out, in * prod(kernel)] matrix B @ A updates (a view)."""
         if not w.is_contiguous():
-            raise ValueError(f"{type(self).__name__}.merge: the weight is not contiguous (channels_last?), so "
-                             "it has no [out, in * kernel] view to merge into; merge before converting the layout")
+            raise ValueError(f"{type(self).__name__}: the weight is not contiguous (channels_last?), so it has "
+                             "no [out, in * kernel] view for merge / unmerge; merge before converting the layout")
         return w.view(w.shape[0], -1)
 
     def _merge_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
