@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .targets import check_layers, in_layers, matches
+from .targets import check_layers, check_regex, in_layers, matches
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -71,6 +71,7 @@ def check_targets(where: str, config: dict, modules, weights: str) -> None:
             value = list(value)
         elif value is not None and not isinstance(value, str):
             raise ValueError(f"{where}: {fld} must be a string (a regex) or a list of strings, got {_short(value)}")
+        check_regex(where, fld, value)
         fields[fld] = value
     target, exclude = fields["target_modules"], fields["exclude_modules"]
     layers, pattern = check_layers(where, config.get("layers_to_transform"), config.get("layers_pattern"), target)

@@ -29,7 +29,7 @@ from .conv import check_conv_factors, is_conv
 from .inject import inject, lora_layers, trained_biases
 from .layers import LoRALayer, lora_alpha_for, lora_scaling
 from .sharding import is_dtensor, unwrapped
-from .targets import PEFT_PREFIX, check_pattern_key, matches, name_regex, pattern_value, peft_config
+from .targets import PEFT_PREFIX, check_pattern_key, check_regex, matches, name_regex, pattern_value, peft_config
 
 __all__ = ["Adapter", "LayerWeights", "load_adapter"]
 
@@ -201,6 +201,7 @@ def saved_tensors(model: nn.Module, found: dict, modules_to_save, copy, where: s
     keep = []
     if modules_to_save is not None:
         targets = modules_to_save if isinstance(modules_to_save, str) else list(modules_to_save)
+        check_regex(where, "modules_to_save", targets)
         keep = [n for n, _ in model.named_modules() if n and n not in found and matches(n, targets)
                 and not any(n.startswith(k + ".") for k in found)]
         keep = [n for n in keep if not any(n.startswith(k + ".") for k in keep if k != n)]

@@ -15,8 +15,8 @@ from torch import nn
 from .conv import LoRAConvNd, check_conv_base, is_conv
 from .layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d
 from .sharding import sharding_of, unwrapped
-from .targets import (PEFT_PREFIX, check_layers, in_layers, matches, pattern_value, read_directly, select_targets,
-                      unwrappable)
+from .targets import (PEFT_PREFIX, check_layers, check_regex, in_layers, matches, pattern_value, read_directly,
+                      select_targets, unwrappable)
 
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "PEFT_PREFIX"]
 
@@ -49,6 +49,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
                          "first, then wrap or shard (lora_ext.distributed)")
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
+    check_regex("inject", "target_modules", target_modules)
+    check_regex("inject", "exclude_modules", exclude_modules)
     layers, pattern = check_layers("inject", layers_to_transform, layers_pattern, target_modules, allow_negative=False)
     chosen = select_targets(model, target_modules, exclude_modules, layers, pattern)
     modules = dict(model.named_modules())

@@ -47,7 +47,7 @@ from .adapters import Adapter, LayerWeights, extra_target
 from .conv import is_conv
 from .layers import is_conv1d
 from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
-from .targets import matches, output_head_names
+from .targets import check_regex, matches, output_head_names
 
 __all__ = ["AdapterPool"]
 
@@ -117,6 +117,7 @@ class AdapterPool:
                              f"(multi-adapter layers {', '.join(served[:3])}{', ...' if len(served) > 3 else ''}); "
                              "one pool per model: load more adapters into that pool (max_adapters=)")
         everything = target_modules is None or target_modules == "all-linear"
+        check_regex("AdapterPool", "target_modules", None if everything else target_modules)
         heads = output_head_names(self.model) if everything else set()
         targets = target_modules if everything or isinstance(target_modules, str) else list(target_modules)
         chosen = {}

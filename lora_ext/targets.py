@@ -105,6 +105,16 @@ def _same_on_probe(m: nn.Module) -> bool:
             and torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3))
 
 
+def check_regex(where: str, field: str, value) -> None:
+    """ValueError starting with ``where`` and naming ``field`` when ``value`` is a string that is not a
+    valid regex (a str target is a full-name regex; lists of suffixes need no check)."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{where}: {field}={_short(value)} is not a valid regex: {e}") from None
+
+
 def matches(name: str, target) -> bool:
     """target: a regex matched against the full name, or module-name suffixes ("q_proj" matches
     "...attn.q_proj")."""

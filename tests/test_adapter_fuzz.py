@@ -273,3 +273,20 @@ def test_targets_of_another_type_are_refused(tmp_path, config):
     field = next(iter(config))
     with pytest.raises(ValueError, match=rf"adapter_config.json: {field} must be a string \(a regex\) or a list"):
         Adapter.load(write(tmp_path, config))
+
+
+@pytest.mark.parametrize("field, value", [("target_modules", "("), ("exclude_modules", "q[")])
+def test_invalid_target_regex_is_refused_by_name(tmp_path, field, value):
+    """A str target_modules / exclude_modules is a regex; an invalid one raised re.error from deep in
+    the matching (hypothesis: target_modules='('), in Adapter.load, inject and AdapterPool alike."""
+    config = {"target_modules": ["q"], field: value}
+    with pytest.raises(ValueError, match=rf"adapter_config.json: {field}='{re.escape(value)}' is not a valid regex"):
+        Adapter.load(write(tmp_path, config, tensors=factors("q")))
+    model = torch.nn.ModuleDict({"q": torch.nn.Linear(4, 3)})
+    with pytest.raises(ValueError, match=rf"inject: {field}='{re.escape(value)}' is not a valid regex"):
+        lora_ext.inject(model, **config)
+    assert type(model["q"]) is torch.nn.Linear
+    with pytest.raises(ValueError, match=r"AdapterPool: target_modules='\(' is not a valid regex"):
+        AdapterPool(model, target_modules="(", max_rank=4)
+    with pytest.raises(ValueError, match=r"modules_to_save='\(' is not a valid regex"):
+        lora_ext.Adapter.from_model(lora_ext.inject(model, ["q"]) and model, modules_to_save="(")
