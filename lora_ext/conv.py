@@ -12,7 +12,8 @@ alpha / r (alpha / sqrt(r) with rsLoRA). Parameters (and PEFT's saved factors) `
 Seen as matrices over the weight's [out, in * prod(kernel)] view, the LoRA term is the
 convolution with scaling * B[out, r] @ A[r, in * prod(kernel)]: merge / unmerge (exact, with a
 MergeState) run the merge ops on that 2-D view of the weight (LoRALayer._merge_weight /
-_merge_factors), as PEFT's merge adds the same delta.
+_merge_factors; a channels_last weight has no such view: a copy, written back), as PEFT's merge
+adds the same delta.
 
 What PEFT does and this layer therefore does too: A is never dilated and pads with zeros whatever
 the base layer's ``dilation`` / ``padding_mode`` (PEFT builds it from kernel size, stride and
@@ -150,11 +151,10 @@ class LoRAConvNd(LoRALayer):
         return A, B, A.shape[0]
 
     def _merge_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """The weight [out, in, *kernel] as the [out, in * prod(kernel)] matrix B @ A updates (a view)."""
-        if not w.is_contiguous():
-            raise ValueError(f"{type(self).__name__}: the weight is not contiguous (channels_last?), so it has "
-                             "no [out, in * kernel] view for merge / unmerge; merge before converting the layout")
-        return w.view(w.shape[0], -1)
+        """The weight [out, in, *kernel] as the [out, in * prod(kernel)] matrix B @ A updates: a view,
+        or for another memory layout (channels_last) a copy in that order, which LoRALayer writes
+        back after the merge / unmerge (the same bits either way)."""
+        return w.reshape(w.shape[0], -1)
 
     def _merge_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         A, B, s = self.lora_factors()

@@ -117,8 +117,16 @@ class LoRALayer(nn.Module, abc.ABC):
             self.merge(exact=exact)
 
     # ---------------------------------------------------------------- merging
-    def _merge_weight(self, w: torch.Tensor) -> torch.Tensor:  # the matrix B @ A adds to (a conv's: a 2-D view)
+    def _merge_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The matrix B @ A adds to (a conv's: [out, in * kernel], a copy when the weight's memory
+        layout has no such view, e.g. channels_last); _store_merged writes a copy back."""
         return w
+
+    @staticmethod
+    def _store_merged(w: torch.Tensor, W: torch.Tensor) -> None:
+        """After an in-place merge / unmerge of W = _merge_weight(w): W's values into w if W is a copy."""
+        if W.data_ptr() != w.data_ptr():
+            w.copy_(W.view(w.shape))
 
     def _merge_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:  # lora_factors() as 2-D A, B
         return self.lora_factors()
@@ -150,8 +158,9 @@ class LoRALayer(nn.Module, abc.ABC):
         if safe or self.merge_refusal() is not None:  # check_merge raises for both
             self.check_merge()
         state = MergeState() if exact else None
-        merge_(self._merge_weight(self.weight.data), A.detach(), B.detach(), s, fan_in_fan_out=self._weight_in_out,
-               state=state)
+        W = self._merge_weight(self.weight.data)
+        merge_(W, A.detach(), B.detach(), s, fan_in_fan_out=self._weight_in_out, state=state)
+        self._store_merged(self.weight.data, W)
         self._merge_state = state
         self._merged_factors = None if exact else (A.detach().clone(), B.detach().clone(), s)
         self.merged = True
@@ -171,6 +180,7 @@ class LoRALayer(nn.Module, abc.ABC):
         else:  # plain merge: subtract what was added
             A, B, s = self._merged_factors
             unmerge_(W, A, B, s, fan_in_fan_out=self._weight_in_out)
+        self._store_merged(self.weight.data, W)
         self._merge_state = self._merged_factors = None
         self.merged = False
 
@@ -200,7 +210,9 @@ class LoRALayer(nn.Module, abc.ABC):
         new = self.weight.data
         if (state is not None and new.dtype != old.dtype and old.dtype == state._dtype
                 and new.dtype in (torch.float32, torch.float16, torch.bfloat16)):
-            state.convert(self._merge_weight(old), self._merge_weight(new), fn)
+            W = self._merge_weight(new)
+            state.convert(self._merge_weight(old), W, fn)
+            self._store_merged(new, W)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -1,0 +1,69 @@
+"""Where the newer layers (LoRAConv1d/2d/3d, MergedLinear) meet the rest of lora_ext: memory
+layouts and dtype conversions of merged layers, FSDP2's save_adapter, the CLI's inspect."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lora_ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def conv_net():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, (3, 2), stride=2))
+    lora_ext.inject(m, ["0", "2"], r=3, alpha=6)
+    with torch.no_grad():
+        for layer in lora_ext.lora_layers(m).values():
+            layer.lora_B.normal_()
+    return m.eval()
+
+
+def weights(m):
+    return {n: layer.weight.detach().clone() for n, layer in lora_ext.lora_layers(m).items()}
+
+
+def test_channels_last_weights_merge_and_unmerge_exactly():
+    """A channels_last conv weight (diffusers' usual layout) has no [out, in*k] view: the merge
+    goes through a copy written back, so it merges to the same bits as the contiguous weight and
+    unmerges to W0 bit for bit, keeping its layout."""
+    ref, cl = conv_net(), conv_net().to(memory_format=torch.channels_last)
+    w0 = weights(ref)
+    x = torch.randn(2, 3, 9, 8)
+    y = ref(x)
+    assert lora_ext.merge(cl, safe=True) == ["0", "2"] and lora_ext.merge(ref) == ["0", "2"]
+    for n, layer in lora_ext.lora_layers(cl).items():
+        assert layer.weight.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(layer.weight, lora_ext.lora_layers(ref)[n].weight)
+        assert not torch.equal(layer.weight, w0[n])
+    assert torch.allclose(cl(x), y, atol=1e-5)
+    lora_ext.unmerge(cl)
+    for n, layer in lora_ext.lora_layers(cl).items():
+        assert torch.equal(layer.weight, w0[n]) and layer.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("convert", ["layout", "layout+bf16", "train"])
+def test_converting_a_merged_conv_to_channels_last(convert):
+    """Merged, then converted to channels_last (with a dtype change: the exact merge is redone in
+    the new dtype), then unmerged (or train(), which unmerges): the converted W0, bit for bit.
+    Used to raise (and .to(bf16, channels_last) to raise half-way, the weight converted but not
+    its MergeState)."""
+    m = conv_net()
+    w0 = weights(m)
+    lora_ext.merge(m)
+    if convert == "layout+bf16":
+        m.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    else:
+        m.to(memory_format=torch.channels_last)
+    if convert == "train":
+        m.train()
+        assert not any(layer.merged for layer in lora_ext.lora_layers(m).values())
+    else:
+        lora_ext.unmerge(m)
+    dtype = torch.bfloat16 if convert == "layout+bf16" else torch.float32
+    for n, layer in lora_ext.lora_layers(m).items():
+        assert layer.weight.dtype == dtype and torch.equal(layer.weight, w0[n].to(dtype))
