@@ -138,7 +138,7 @@ def _handshake(found: dict, timeout_s: float) -> None:
     arrivals = "lora_ext/save_adapter/arrivals"
     gen = (store.add(arrivals, 1) - 1) // world
     keys = [f"lora_ext/save_adapter/{gen}/{r}" for r in range(world)]
-    mine = json.dumps(sorted((n, [list(t.shape) for t in m.lora_factors()[:2]]) for n, m in found.items()))
+    mine = json.dumps(sorted((n, [list(getattr(m, p).shape) for p in m.factor_names]) for n, m in found.items()))
     store.set(keys[rank], mine)
     try:
         store.wait(keys, datetime.timedelta(seconds=timeout_s))
@@ -171,8 +171,10 @@ def save_adapter(model: nn.Module, path: str, timeout_s: float = 300.0, modules_
         _handshake(found, timeout_s)
     layers = {}
     for name, m in found.items():
-        A, B, scale = m.lora_factors()
-        layers[name] = LayerWeights(_full(A), _full(B), scale, m.lora_kind)
+        # the parameters, gathered, then as lora_factors() gives them (a MergedLinear's padded B is
+        # built from its whole lora_B, which an FSDP rank holds only a shard of)
+        A, B = m.lora_factors_of(*(_full(getattr(m, p)) for p in m.factor_names))
+        layers[name] = LayerWeights(A, B, float(m.scaling), m.lora_kind)
     # trained biases and modules_to_save, as Adapter.from_model
     extra, bias_mode, kept = saved_tensors(unwrap(model), found, modules_to_save, _full, "save_adapter")
     distributed = dist.is_available() and dist.is_initialized()

@@ -10,6 +10,9 @@ from torch import nn
 
 import lora_ext
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dist_helpers  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -67,3 +70,38 @@ def test_converting_a_merged_conv_to_channels_last(convert):
     dtype = torch.bfloat16 if convert == "layout+bf16" else torch.float32
     for n, layer in lora_ext.lora_layers(m).items():
         assert layer.weight.dtype == dtype and torch.equal(layer.weight, w0[n].to(dtype))
+
+
+def fused_and_conv_net():
+    """A MergedLinear (q and v of a fused qkv) feeding a Conv1d LoRA, with non-zero factors."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 24), nn.Unflatten(1, (4, 6)), nn.Conv1d(4, 6, 3, padding=1))
+    m[0] = lora_ext.MergedLinear.from_linear(m[0], [True, False, True], r=2, alpha=4)
+    lora_ext.inject(m, ["2"], r=2, alpha=3)
+    with torch.no_grad():
+        for layer in lora_ext.lora_layers(m).values():
+            layer.lora_B.normal_()
+    lora_ext.mark_only_lora_trainable(m)
+    return m
+
+
+def _fsdp_save(rank, world, out_dir):
+    from lora_ext.distributed import fully_shard_lora, save_adapter
+    m = fused_and_conv_net()
+    fully_shard_lora(m)
+    save_adapter(m, os.path.join(out_dir, "adapter"))
+    return True
+
+
+def test_fsdp2_save_adapter_of_merged_linear_and_conv(tmp_path):
+    """distributed.save_adapter gathers the sharded factors: a MergedLinear's padded B is built from
+    the whole lora_B (it used to call lora_factors() on the shard and raise on every rank); the
+    files equal Adapter.from_model of the same unsharded model."""
+    assert dist_helpers.spawn(__name__, "_fsdp_save", 2, str(tmp_path)) == [True, True]
+    saved, ref = lora_ext.Adapter.load(str(tmp_path / "adapter")), lora_ext.Adapter.from_model(fused_and_conv_net())
+    assert saved.layers.keys() == ref.layers.keys() == {"0", "2"}
+    assert saved.layers["0"].B.shape == (24, 4) and saved.layers["2"].kind == "conv"
+    for n, w in ref.layers.items():
+        assert torch.equal(saved.layers[n].A, w.A) and torch.equal(saved.layers[n].B, w.B)
+        assert saved.layers[n].scale == pytest.approx(w.scale)
+    assert saved.config == ref.config
