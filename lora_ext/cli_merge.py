@@ -434,7 +434,8 @@ def run_inspect(args) -> int:
     groups: dict[tuple, list[str]] = {}
     for name, w in adapter.layers.items():
         alpha = pattern_value(name, adapter.config.get("alpha_pattern"), adapter.config["lora_alpha"])
-        shape = f"{w.A.shape[1]} → {w.B.shape[0]}"
+        shape = f"{w.A.shape[1]} → {w.B.shape[0]}" + (
+            f", kernel {'×'.join(map(str, w.A.shape[2:]))}" if w.kind == "conv" else "")
         key = (re.sub(r"\.\d+(?=\.)", ".*", name), w.kind, shape, w.r, alpha, w.scale,
                f"{str(w.A.dtype).removeprefix('torch.')}", w.A.numel() + w.B.numel())
         groups.setdefault(key, []).append(name)
@@ -467,6 +468,10 @@ def run_inspect(args) -> int:
     if trained:
         why.append(f"it carries trained non-LoRA tensors ({', '.join(trained[:3])}{' ...' if len(trained) > 3 else ''}) "
                    "that a shared pool cannot apply per request")
+    convs = sorted(n for n, w in adapter.layers.items() if w.kind == "conv")
+    if convs:  # AdapterPool._validate refuses conv factors (no multi-adapter convolution layers)
+        why.append(f"it adapts convolutions ({', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}), which "
+                   "multi-adapter serving does not have")
     if max_r > args.max_rank:
         why.append(f"rank {max_r} > max_rank {args.max_rank}")
     out.print("lora_ext: loads (Adapter.load, load_adapter) and merges (python -m lora_ext merge)")

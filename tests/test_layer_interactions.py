@@ -105,3 +105,24 @@ def test_fsdp2_save_adapter_of_merged_linear_and_conv(tmp_path):
         assert torch.equal(saved.layers[n].A, w.A) and torch.equal(saved.layers[n].B, w.B)
         assert saved.layers[n].scale == pytest.approx(w.scale)
     assert saved.config == ref.config
+
+
+def inspect_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lora_ext", "inspect", *map(str, args)], cwd=ROOT,
+                          env=dict(os.environ, COLUMNS="200"), capture_output=True, text=True, timeout=300)
+
+
+def test_inspect_of_a_conv_adapter_says_the_pool_cannot_serve_it(tmp_path):
+    """AdapterPool refuses conv factors; inspect used to say 'AdapterPool: can serve it' (and
+    --pool exited 0) for a conv adapter. Its table names the kernel of conv modules."""
+    lora_ext.Adapter.from_model(conv_net()).save(str(tmp_path / "conv"))
+    r = inspect_cli(tmp_path / "conv")
+    assert r.returncode == 0, r.stderr
+    assert "AdapterPool: cannot serve it: it adapts convolutions (0, 2)" in r.stdout, r.stdout
+    assert "3 → 8, kernel 3×3" in r.stdout and "8 → 6, kernel 3×2" in r.stdout, r.stdout
+    assert inspect_cli(tmp_path / "conv", "--pool").returncode == 1
+    lin = nn.Sequential(nn.Linear(4, 4))  # the same verdict code still passes a linear adapter
+    lora_ext.inject(lin, ["0"], r=2)
+    lora_ext.Adapter.from_model(lin).save(str(tmp_path / "lin"))
+    r = inspect_cli(tmp_path / "lin", "--pool")
+    assert r.returncode == 0 and "AdapterPool: can serve it" in r.stdout, r.stdout
