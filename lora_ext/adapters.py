@@ -146,7 +146,7 @@ class Adapter:
                                  "fully_shard / tensor parallel); use lora_ext.distributed.save_adapter, "
                                  "which gathers them (a collective: call it on every rank)")
             layers[name] = LayerWeights(A.detach().clone(), B.detach().clone(), scale, m.lora_kind)
-        config = model_config(found)
+        config = model_config(found, model)
         extra, config["bias"], config["modules_to_save"] = saved_tensors(
             model, found, modules_to_save, lambda t: t.detach().clone(), "Adapter.from_model")
         return cls(layers, config, extra=extra)
@@ -179,8 +179,9 @@ def extra_target(key: str) -> tuple[str, str]:
     return mod, leaf
 
 
-def model_config(found: dict[str, nn.Module]) -> dict:
-    """The PEFT config of LoRA layers ``found`` (Adapter.from_model, distributed.save_adapter).
+def model_config(found: dict[str, nn.Module], model: nn.Module) -> dict:
+    """The PEFT config of LoRA layers ``found`` of ``model`` (Adapter.from_model,
+    distributed.save_adapter): its target_modules select exactly them in ``model`` (peft_config).
     The config has one use_rslora: a layer scaled the other way gets the alpha that gives its own
     scaling under the config's rule (written to alpha_pattern by peft_config)."""
     rslora = any(m.use_rslora for m in found.values())
@@ -189,7 +190,7 @@ def model_config(found: dict[str, nn.Module]) -> dict:
               lora_alpha_for(float(m.scaling), ranks[n], rslora) for n, m in found.items()}
     return peft_config(ranks, alphas, use_rslora=rslora,
                        fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
-                       lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()))
+                       lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()), model=model)
 
 
 def saved_tensors(model: nn.Module, found: dict, modules_to_save, copy, where: str):

@@ -181,7 +181,7 @@ def save_adapter(model: nn.Module, path: str, timeout_s: float = 300.0, modules_
     err = None
     if not distributed or dist.get_rank() == 0:
         try:
-            config = model_config(found) | {"bias": bias_mode, "modules_to_save": kept}
+            config = model_config(found, unwrap(model)) | {"bias": bias_mode, "modules_to_save": kept}
             Adapter(layers, config, extra=extra).save(os.fspath(path))
         except Exception as e:  # reported to every rank below
             if not distributed:

@@ -3,6 +3,7 @@ the same config (tiny Llama / GPT-2 built from configs), bad values raise ValueE
 argument, and Adapter.load applies the same rule to adapter files (PEFT drops the factors of layers
 its config does not select)."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -132,3 +133,30 @@ def test_adapter_files_follow_the_same_rule(tmp_path):
     cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"layers_to_transform": "1"}))
     with pytest.raises(ValueError, match=r"adapter_config.json: layers_to_transform must be an int or a list"):
         Adapter.load(tmp_path / "peft")
+
+
+@pytest.mark.parametrize("kw", [dict(layers_to_transform=[1]), dict(exclude_modules=["model.layers.0.self_attn.v_proj"])])
+def test_adapter_of_a_partly_injected_model_loads_into_peft_as_injected(tmp_path, kw):
+    """Adapter.from_model of a model injected in some layers only: PeftModel.from_pretrained wraps
+    exactly those modules (its config used to name the leaves, so PEFT wrapped q_proj/v_proj in
+    every layer and warned of missing adapter keys), with the same logits; Adapter.load takes it."""
+    ids = torch.randint(0, 128, (2, 9))
+    model = tiny_llama(layers=3)
+    names = lora_ext.inject(model, ["q_proj", "v_proj"], r=2, alpha=4, **kw)
+    with torch.no_grad():
+        for m in lora_ext.lora_layers(model).values():
+            m.lora_B.normal_(0, 0.2)
+        want = model(ids).logits
+    Adapter.from_model(model).save(tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing adapter keys")
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(layers=3), tmp_path / "a").eval()
+    assert sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                  if hasattr(m, "lora_A") and n.count(".") > 2) == sorted(names)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert sorted(Adapter.load(tmp_path / "a").layers) == sorted(names)
+    # a model injected everywhere keeps the short form
+    full = tiny_llama(layers=3)
+    lora_ext.inject(full, ["q_proj", "v_proj"], r=2)
+    assert Adapter.from_model(full).config["target_modules"] == ["q_proj", "v_proj"]
