@@ -120,15 +120,7 @@ class LoRAConvNd(LoRALayer):
             layer = klass(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                           conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, r=r, alpha=alpha,
                           dropout=dropout, use_rslora=use_rslora)
-        w = conv.weight
-        layer.weight = w
-        layer.bias = conv.bias
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
-        layer.lora_A = nn.Parameter(torch.empty(layer.lora_A.shape, device=w.device, dtype=w.dtype))
-        layer.lora_B = nn.Parameter(torch.empty(layer.lora_B.shape, device=w.device, dtype=w.dtype))
-        layer.base_class = type(conv)
+        layer._adopt(conv, f"{klass.__name__}.from_conv")
         layer.reset_lora_parameters(init)
         return layer.train(conv.training)
 
@@ -182,11 +174,6 @@ class LoRAConvNd(LoRALayer):
             return self.base_class(*args)
         except TypeError:  # a Conv subclass with another signature
             return _BASES[self._dims](*args)
-
-    def base_module(self) -> nn.Module:
-        base = super().base_module()
-        base.bias = self.bias
-        return base
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The wrapped convolution (torch's own code: padding_mode, dilation, groups)."""

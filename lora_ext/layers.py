@@ -23,12 +23,22 @@ from .hparams import _check_hparams, lora_alpha_for, lora_scaling  # noqa: F401 
 from .ops import MergeState, check_merge_finite, lora_linear, merge_, unmerge_
 from .sharding import is_dtensor, is_fsdp
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "is_conv1d"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAEmbedding", "is_conv1d", "parametrized"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers.pytorch_utils.Conv1D (GPT-2): weight [in, out], y = x @ W + b."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def parametrized(module: nn.Module) -> str | None:
+    """Why a LoRA layer cannot share a parametrized module's weight (None: not parametrized)."""
+    names = sorted(getattr(module, "parametrizations", None) or ())
+    if not names:
+        return None
+    return (f"has parametrizations on {names} (weight_norm, spectral_norm...), so its weight is recomputed "
+            "on every access and cannot be shared; remove them first (torch.nn.utils.parametrize."
+            "remove_parametrizations)")
 
 
 def factors_like(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +265,23 @@ class LoRALayer(nn.Module, abc.ABC):
         """Forgets how to unmerge (a merged layer then stays merged for good)."""
         self._merge_state = self._merged_factors = None
 
-    # ---------------------------------------------------------------- unwrapping
+    # ---------------------------------------------------------------- wrapping / unwrapping
+    def _adopt(self, module: nn.Module, where: str) -> None:
+        """from_* constructors (layer built on meta): shares and freezes ``module``'s weight (and bias),
+        allocates the factors on its device and dtype, records base_class; TypeError if parametrized."""
+        if (why := parametrized(module)) is not None:
+            raise TypeError(f"{where}: the {type(module).__name__} {why}")
+        w = module.weight
+        self.weight = w
+        w.requires_grad_(False)
+        if "bias" in self._parameters:
+            self.bias = module.bias
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+        for name in self.factor_names:
+            setattr(self, name, nn.Parameter(torch.empty(getattr(self, name).shape, device=w.device, dtype=w.dtype)))
+        self.base_class = type(module)
+
     def base_module(self) -> nn.Module:
         """A module of the wrapped class (``base_class``) holding this layer's weight (merged or
         not) and bias: what merge_and_unload puts back."""
@@ -263,6 +289,8 @@ class LoRALayer(nn.Module, abc.ABC):
         with torch.device("meta"):
             base = self._new_base()
         base.weight = W if isinstance(W, nn.Parameter) else nn.Parameter(W, requires_grad=False)
+        if hasattr(base, "bias") and hasattr(self, "bias"):  # Linear, Conv1D, ConvNd; not Embedding
+            base.bias = self.bias
         base.train(self.training)
         return base
 
@@ -315,14 +343,7 @@ class LoRALinear(LoRALayer):
         with torch.device("meta"):
             layer = cls(in_f, out_f, r, alpha, dropout, use_rslora, bias=linear.bias is not None,
                         fan_in_fan_out=conv1d)
-        layer.weight = w
-        layer.bias = linear.bias
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
-        layer.lora_A = nn.Parameter(torch.empty(layer.r, in_f, device=w.device, dtype=w.dtype))
-        layer.lora_B = nn.Parameter(torch.empty(out_f, layer.r, device=w.device, dtype=w.dtype))
-        layer.base_class = type(linear)
+        layer._adopt(linear, f"{cls.__name__}.from_linear")
         layer.reset_lora_parameters(init)
         return layer.train(linear.training)  # an eval model's new layer must not drop out
 
@@ -359,12 +380,6 @@ class LoRALinear(LoRALayer):
                 base = cls(self.in_features, self.out_features, bias=self.bias is not None)
             except TypeError:  # a Linear subclass with another signature
                 base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        return base
-
-    def base_module(self) -> nn.Module:
-        base = super().base_module()
-        if hasattr(base, "bias"):
-            base.bias = self.bias
         return base
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -424,12 +439,7 @@ class LoRAEmbedding(LoRALayer):
         with torch.device("meta"):
             layer = cls(emb.num_embeddings, emb.embedding_dim, r, alpha, use_rslora, emb.padding_idx,
                         emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
-        layer.weight = emb.weight
-        layer.weight.requires_grad_(False)
-        w = emb.weight
-        layer.lora_embedding_A = nn.Parameter(torch.empty(layer.r, emb.num_embeddings, device=w.device, dtype=w.dtype))
-        layer.lora_embedding_B = nn.Parameter(torch.empty(emb.embedding_dim, layer.r, device=w.device, dtype=w.dtype))
-        layer.base_class = type(emb)
+        layer._adopt(emb, f"{cls.__name__}.from_embedding")
         # scaled word embeddings (Gemma, Bart, M2M100, ...: forward returns E[ids] * embed_scale): PEFT
         # scales the base output (its base_layer's forward) and the LoRA output alike
         scale = getattr(emb, "embed_scale", None)

@@ -101,14 +101,7 @@ class MergedLinear(LoRALayer):
         with torch.device("meta"):
             layer = cls(in_f, out_f, r, alpha, dropout, enable_lora, conv1d, bias=linear.bias is not None,
                         use_rslora=use_rslora)
-        layer.weight = w
-        layer.bias = linear.bias
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
-        layer.lora_A = nn.Parameter(torch.empty(layer.lora_A.shape, device=w.device, dtype=w.dtype))
-        layer.lora_B = nn.Parameter(torch.empty(layer.lora_B.shape, device=w.device, dtype=w.dtype))
-        layer.base_class = type(linear)
+        layer._adopt(linear, f"{cls.__name__}.from_linear")
         layer.reset_lora_parameters(init)
         return layer.train(linear.training)
 
@@ -176,12 +169,6 @@ class MergedLinear(LoRALayer):
         return A, native, r
 
     # ---------------------------------------------------------------- module
-    def base_module(self) -> nn.Module:
-        base = super().base_module()
-        if hasattr(base, "bias"):
-            base.bias = self.bias
-        return base
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_forward(x)

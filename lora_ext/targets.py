@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LoRALayer, is_conv1d
+from .layers import LoRALayer, is_conv1d, parametrized
 
 __all__ = ["PEFT_PREFIX", "matches", "output_head_names", "read_directly", "select_targets", "pattern_value",
            "check_pattern_key", "name_regex", "peft_config", "check_layers", "in_layers"]
@@ -63,6 +63,8 @@ def unwrappable(m: nn.Module) -> str | None:
     x @ W^T + b passes; a scaled word embedding's is known: embed_scale)."""
     if hooked(m):
         return "has hooks or a forward replaced on the instance, which a LoRA layer would skip"
+    if (why := parametrized(m)) is not None:
+        return why
     if is_conv1d(m):
         plain = type(m).forward is next(c for c in type(m).__mro__ if c.__name__ == "Conv1D").forward
     elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

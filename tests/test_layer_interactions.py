@@ -126,3 +126,27 @@ def test_inspect_of_a_conv_adapter_says_the_pool_cannot_serve_it(tmp_path):
     lora_ext.Adapter.from_model(lin).save(str(tmp_path / "lin"))
     r = inspect_cli(tmp_path / "lin", "--pool")
     assert r.returncode == 0 and "AdapterPool: can serve it" in r.stdout, r.stdout
+
+
+def test_parametrized_targets_are_refused_by_name_before_anything_changes():
+    """A weight_norm'd conv (audio models: Encodec, HiFi-GAN, wav2vec2's pos_conv) or linear has a
+    weight recomputed on every access, which a LoRA layer cannot share: inject used to replace the
+    other targets and then fail in torch ('cannot assign torch.FloatTensor as parameter weight');
+    now it names the module first and changes nothing, "all-linear" leaves such a layer out, and
+    each from_* constructor names itself."""
+    wn = nn.utils.parametrizations.weight_norm
+    m = nn.Sequential(nn.Conv1d(4, 6, 3), wn(nn.Conv1d(6, 6, 3)))
+    with pytest.raises(TypeError, match=r"inject: module '1' has parametrizations on \['weight'\] \(weight_norm"):
+        lora_ext.inject(m, ["0", "1"], r=2)
+    assert type(m[0]) is nn.Conv1d and not lora_ext.lora_layers(m)
+    lin = nn.Sequential(nn.Linear(4, 4), wn(nn.Linear(4, 4)))
+    assert lora_ext.inject(lin, "all-linear", r=2) == ["0"]
+    for make, module in ((lambda x: lora_ext.LoRAConv1d.from_conv(x), wn(nn.Conv1d(4, 6, 3))),
+                         (lambda x: lora_ext.LoRAConvNd.from_conv(x), wn(nn.Conv2d(4, 6, 3))),
+                         (lambda x: lora_ext.LoRALinear.from_linear(x), wn(nn.Linear(4, 6))),
+                         (lambda x: lora_ext.MergedLinear.from_linear(x, [True, False]), wn(nn.Linear(4, 6))),
+                         (lambda x: lora_ext.LoRAEmbedding.from_embedding(x), wn(nn.Embedding(5, 3)))):
+        with pytest.raises(TypeError, match=r"^(LoRAConv1d\.from_conv|LoRAConv2d\.from_conv|LoRALinear\.from_linear|"
+                                            r"MergedLinear\.from_linear|LoRAEmbedding\.from_embedding): the "
+                                            r"Parametrized\w+ has parametrizations"):
+            make(module)
