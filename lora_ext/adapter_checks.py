@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .targets import check_layers, check_regex, in_layers, matches
+from .targets import _short, check_layers, check_regex, in_layers, matches
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -98,12 +98,3 @@ def check_path(where: str, path) -> str:
     if not isinstance(path, str):  # a PathLike of bytes
         raise TypeError(f"{where}: path must be a str path, got {type(path).__name__} {_short(path)}")
     return path
-
-
-def _short(value) -> str:
-    """repr(value), at most 80 characters (JSON ints may have thousands of digits)."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int beyond sys.get_int_max_str_digits()
-        return f"<an int of about {value.bit_length() * 0.30103:.0f} digits>"
-    return text if len(text) <= 80 else text[:77] + "..."

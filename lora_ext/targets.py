@@ -126,7 +126,13 @@ def matches(name: str, target) -> bool:
 
 
 def _short(value) -> str:
-    text = repr(value)
+    """repr(value) for an error message, at most 80 characters (also for an int too long for
+    repr: sys.get_int_max_str_digits(), alone or inside a list)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = (f"<an int of about {value.bit_length() * 0.30103:.0f} digits>" if isinstance(value, int)
+                else f"<a {type(value).__name__} holding an int too long to print>")
     return text if len(text) <= 80 else text[:77] + "..."
 
 

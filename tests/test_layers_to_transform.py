@@ -80,6 +80,9 @@ def test_inject_wraps_what_peft_wraps(kw):
     (dict(target_modules=r".*q_proj", layers_to_transform=[0]), r"layers_to_transform works only with a list of target_modules"),
     (dict(target_modules="all-linear", layers_to_transform=0), r"layers_to_transform works only with a list of target_modules"),
     (dict(target_modules=r".*q_proj", layers_pattern="layers"), r"layers_pattern works only with a list of target_modules"),
+    # an int too long for repr (inside a list) is still described, not Python's 'Exceeds the limit' error
+    (dict(layers_to_transform=[10**5000, -1]), r"layers_to_transform must be an int >= 0 .*got <a list holding an int too long"),
+    (dict(layers_to_transform=[0], layers_pattern=[10**5000]), r"layers_pattern must be a str .*got <a list holding an int"),
 ])
 def test_bad_layer_arguments_are_refused_by_name(kw, match):
     model = tiny_llama()
