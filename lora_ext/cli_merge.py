@@ -251,10 +251,20 @@ def _same_as_model(model: nn.Module, key: str, t: torch.Tensor) -> bool:
             and torch.equal(old.detach(), t.to(old.device, old.dtype)))
 
 
+def _embeddings(model: nn.Module, getter: str) -> nn.Module | None:
+    """model.get_input_embeddings() / get_output_embeddings(); None where the class has none
+    (transformers raises NotImplementedError for models without token embeddings: vision,
+    audio, time series)."""
+    get = getattr(model, getter, None)
+    try:
+        return get() if callable(get) else None
+    except NotImplementedError:
+        return None
+
+
 def _tied_modules(model: nn.Module) -> tuple[str, str] | None:
     """(input embedding, output head) names when they share one weight, else None."""
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    emb, head = (get_in() if callable(get_in) else None), (get_out() if callable(get_out) else None)
+    emb, head = _embeddings(model, "get_input_embeddings"), _embeddings(model, "get_output_embeddings")
     if emb is None or head is None or getattr(head, "weight", None) is not emb.weight:
         return None
     names = {id(m): n for n, m in model.named_modules()}
@@ -341,6 +351,10 @@ def run_merge(args, base: str, paths: list[str]) -> int:
     _factors_as_saved(model, combined)
     if tied is not None and _tied_modules(model) is None:
         _set_untied(model)  # untied, or modules_to_save replaced one of them: the file keeps both
+    for name, layer in lora_layers(model).items():  # what no merge can fold in (--no-safe or not)
+        if (why := layer.merge_refusal()) is not None:
+            raise CommandError(f"module {name!r} cannot be merged: {why}; this adapter runs only unmerged "
+                               "(lora_ext.load_adapter, or PEFT without merge_and_unload)")
     try:
         merged = merge_and_unload(model, safe=args.safe, allow_tied=args.tied == "share")
     except ValueError as e:  # checked before any weight changes

@@ -316,6 +316,39 @@ def test_bf16_merge_is_the_exactly_rounded_one(dirs, tmp_path):
     assert theirs16 > 10 * max(ours, 1) and theirs16 > total // 1000, (ours, theirs, theirs16, total)
 
 
+def test_conv_adapter_on_a_model_without_token_embeddings(tmp_path):
+    """A time-series transformers model (Autoformer: no get_input_embeddings, transformers raises
+    NotImplementedError; a circular-padded Conv1d trend_projection): a conv/linear adapter merges
+    to PEFT's weights (the CLI used to die with a traceback in its tie check); one on the circular
+    conv is refused naming the module and padding_mode, not as a non-finite merge (with or without
+    --no-safe: no merge can fold it in)."""
+    from transformers import AutoformerConfig, AutoformerForPrediction
+    torch.manual_seed(0)
+    cfg = AutoformerConfig(prediction_length=4, context_length=8, lags_sequence=[1, 2], d_model=8, encoder_layers=1,
+                           decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=8,
+                           decoder_ffn_dim=8, num_time_features=1, input_size=1)
+    AutoformerForPrediction(cfg).save_pretrained(tmp_path / "base")
+    for name, targets in (("ok", ["fc1", "out_proj"]), ("circular", ["trend_projection", "fc1"])):
+        pm = peft.get_peft_model(AutoformerForPrediction.from_pretrained(tmp_path / "base"),
+                                 peft.LoraConfig(target_modules=targets, r=2, lora_alpha=4))
+        randomize(pm, 7)
+        pm.save_pretrained(tmp_path / name)
+    r = cli("merge", tmp_path / "base", tmp_path / "ok", "--out", tmp_path / "out")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    want = peft.PeftModel.from_pretrained(AutoformerForPrediction.from_pretrained(tmp_path / "base"),
+                                          tmp_path / "ok").merge_and_unload().state_dict()
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    for extra in ((), ("--no-safe",)):
+        r = cli("merge", tmp_path / "base", tmp_path / "circular", "--out", tmp_path / "no", *extra)
+        last = one_error_line(r, 1, "module 'model.decoder.layers.0.trend_projection' cannot be merged",
+                              "padding_mode='circular'")
+        assert "non-finite" not in last
+        assert not os.path.exists(tmp_path / "no" / "model.safetensors")
+
+
 # ---------------------------------------------------------------- non-finite, refusals, argument errors
 def test_non_finite_merge_refused_under_safe(dirs, tmp_path):
     big = tmp_path / "big"
