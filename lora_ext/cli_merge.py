@@ -435,7 +435,7 @@ def run_inspect(args) -> int:
     raw = raw if isinstance(raw, dict) else {}
     head = Table(title=f"adapter {path}", show_header=False)
     for key in ("peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "r",
-                "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
+                "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
                 "fan_in_fan_out", "bias", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora"):
         if key in raw and raw[key] not in (None, {}, []) or key in ("peft_type", "peft_version"):
             head.add_row(key, json.dumps(raw.get(key)) if key in raw else "not recorded")

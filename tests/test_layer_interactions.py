@@ -150,3 +150,19 @@ def test_parametrized_targets_are_refused_by_name_before_anything_changes():
                                             r"MergedLinear\.from_linear|LoRAEmbedding\.from_embedding): the "
                                             r"Parametrized\w+ has parametrizations"):
             make(module)
+
+
+def test_inspect_shows_the_layer_selection_of_an_adapter(tmp_path):
+    """A PEFT adapter trained with layers_to_transform + layers_pattern: inspect lists both fields
+    (layers_pattern used to be left out, though it decides which layers PEFT adapts) and the layer."""
+    peft = pytest.importorskip("peft")
+    from models import tiny_llama
+    pm = peft.get_peft_model(tiny_llama(layers=3), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                 layers_to_transform=[2], layers_pattern="layers"))
+    pm.save_pretrained(tmp_path / "a")
+    r = inspect_cli(tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("│")[1].strip(): line for line in r.stdout.splitlines() if line.count("│") == 3}
+    assert rows["layers_to_transform"].split("│")[2].strip() == "[2]"
+    assert rows["layers_pattern"].split("│")[2].strip() == '"layers"'
+    assert any("model.layers.*.self_attn.q_proj" in line and "│ 2 " in line for line in r.stdout.splitlines())
