@@ -153,8 +153,14 @@ def _combine_adapters(adapters: list[Adapter], weights, how, dtype) -> Adapter:
         layers[name] = LayerWeights(A, B, 1.0, kinds.pop())
     ranks = {n: lw.r for n, lw in layers.items()}  # scale 1: alpha = r everywhere
     # a fresh config: the inputs' targeting fields (layers_to_transform, exclude_modules ...) would
-    # make PEFT skip combined modules; only metadata all inputs agree on is kept
-    config = peft_config(ranks, ranks, fan_in_fan_out=any(a.config.get("fan_in_fan_out", False) for a in adapters))
+    # make PEFT skip combined modules; only metadata all inputs agree on is kept. Inputs that
+    # selected fewer modules than their leaves name get full module names (PEFT would wrap the
+    # leaves in every layer)
+    narrowed = any(a.config.get("layers_to_transform") not in (None, []) or a.config.get("exclude_modules")
+                   or (isinstance(a.config.get("target_modules"), str) and a.config["target_modules"] != "all-linear")
+                   for a in adapters)
+    config = peft_config(ranks, ranks, fan_in_fan_out=any(a.config.get("fan_in_fan_out", False) for a in adapters),
+                         full_names=narrowed)
     config |= {k: adapters[0].config[k] for k in ("task_type", "base_model_name_or_path")
                if k in adapters[0].config and all(a.config.get(k) == adapters[0].config[k] for a in adapters)}
     name = "+".join(a.name or f"adapter{i}" for i, a in enumerate(adapters))

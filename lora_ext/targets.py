@@ -355,13 +355,12 @@ def name_regex(name: str) -> str:
     return f"^{re.escape(name)}$"
 
 
-def _target_names(names: list[str], model: nn.Module | None) -> list[str]:
-    """target_modules selecting exactly ``names`` in ``model`` (see peft_config)."""
+def _target_names(names: list[str], model: nn.Module | None, full_names: bool) -> list[str]:
+    """target_modules selecting exactly ``names`` (in ``model``, if given; see peft_config)."""
     leaves = sorted({n.split(".")[-1] for n in names})
-    if model is None:
-        return leaves
     chosen = set(names)
-    if any(n and n not in chosen and matches(n, leaves) for n, _ in model.named_modules()):
+    if full_names or (model is not None and any(n and n not in chosen and matches(n, leaves)
+                                                for n, _ in model.named_modules())):
         return sorted(chosen)
     return leaves
 
@@ -372,21 +371,22 @@ _FROM_SCRATCH = {"bias": "none", "task_type": None, "inference_mode": True, "ini
 
 
 def peft_config(ranks: dict[str, int], alphas: dict[str, float], *, use_rslora: bool = False,
-                fan_in_fan_out: bool = False, lora_dropout: float = 0.0, model: nn.Module | None = None) -> dict:
+                fan_in_fan_out: bool = False, lora_dropout: float = 0.0, model: nn.Module | None = None,
+                full_names: bool = False) -> dict:
     """A PEFT LoRA adapter_config for modules with the given per-module ranks and alphas.
 
     r / lora_alpha are the most common values; modules that differ get a rank_pattern /
     alpha_pattern entry keyed by name_regex(module). target_modules lists the module-name leaves,
     or, when those name other modules of ``model`` too (a model injected with layers_to_transform,
-    exclude_modules or a regex), the full module names (PEFT takes a name given in full as it is),
-    so that PEFT wraps exactly these modules. The other fields are PEFT's defaults for an
+    exclude_modules or a regex) or ``full_names`` is set, the full module names (PEFT takes a name
+    given in full as it is), so that PEFT wraps exactly these modules. The other fields are PEFT's defaults for an
     inference adapter (no layers_to_transform, modules_to_save, DoRA ...).
     """
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     shape = {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": use_rslora,
-        "target_modules": _target_names(list(ranks), model),
+        "target_modules": _target_names(list(ranks), model, full_names),
         "rank_pattern": {name_regex(n): k for n, k in ranks.items() if k != r},
         "alpha_pattern": {name_regex(n): a for n, a in alphas.items() if a != alpha},
         "fan_in_fan_out": fan_in_fan_out,

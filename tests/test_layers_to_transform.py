@@ -163,3 +163,30 @@ def test_adapter_of_a_partly_injected_model_loads_into_peft_as_injected(tmp_path
     full = tiny_llama(layers=3)
     lora_ext.inject(full, ["q_proj", "v_proj"], r=2)
     assert Adapter.from_model(full).config["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_combined_layer_selected_adapters_load_into_peft_as_selected(tmp_path):
+    """combine of PEFT adapters trained with layers_to_transform=[1]: the combined config names the
+    modules in full, so PEFT wraps layer 1 only (its config used to name the leaves: PEFT wrapped
+    every layer and warned of missing adapter keys) and gives lora_ext's logits."""
+    ids = torch.randint(0, 128, (2, 9))
+    for seed in (1, 2):
+        pm = peft.get_peft_model(tiny_llama(layers=3), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                       layers_to_transform=[1]))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.2 * seed)
+        pm.save_pretrained(tmp_path / f"a{seed}")
+    both = lora_ext.combine([Adapter.load(tmp_path / "a1"), Adapter.load(tmp_path / "a2")], [0.5, 2.0])
+    both.save(tmp_path / "both")
+    ours = tiny_llama(layers=3)
+    lora_ext.load_adapter(ours, tmp_path / "both")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing adapter keys")
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(layers=3), tmp_path / "both").eval()
+    assert sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                  if hasattr(m, "lora_A") and n.count(".") > 2) == sorted(both.layers) == [
+        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
