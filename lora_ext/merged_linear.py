@@ -147,7 +147,7 @@ class MergedLinear(LoRALayer):
     def _new_factors(self, A: torch.Tensor, B: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(A, lora_B, r) from A [k·r, in] and B either loralib's [k·d, r] or the fused layer's
         [out, k·r], which must be zero outside the enabled slices' blocks (what lora_factors and
-        PEFT export give)."""
+        PEFT export give) once its columns (and A's rows: the same delta) are put in slice order."""
         k, d, out, n_in = self.groups, self.slice_size, self.out_features, self.in_features
         R = A.shape[0] if A.dim() == 2 else 0
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != n_in or R == 0 or R % k != 0:
@@ -159,14 +159,39 @@ class MergedLinear(LoRALayer):
         if tuple(B.shape) != (out, R):
             raise ValueError(f"{where}: expected B [{k * d}, {r}] (loralib's lora_B) or [{out}, {R}] (the "
                              f"fused layer's, as lora_factors / PEFT export), got B {tuple(B.shape)}")
-        rows = B.split(d)
-        blocks = [rows[i][:, j * r:(j + 1) * r] for j, i in enumerate(i for i, on in enumerate(self.enable_lora) if on)]
-        native = torch.cat(blocks)
+        native = self._native(B, r)
+        if not torch.equal(self._padded(native), B) and (order := self._slice_order(B, r)) is not None:
+            A, B = A[order], B[:, order]  # the same delta B @ A, its rank components in slice order
+            native = self._native(B, r)
         if not torch.equal(self._padded(native), B):  # also NaN outside the blocks
             raise ValueError(f"{where}: B [{out}, {R}] has non-zero entries outside the blocks of the enabled "
-                             f"slices (enable_lora={list(self.enable_lora)}), which a MergedLinear cannot hold; "
-                             "load it into a LoRALinear of the whole layer instead")
+                             f"slices (enable_lora={list(self.enable_lora)}), in any order of its {R} columns, "
+                             "which a MergedLinear cannot hold; load it into a LoRALinear of the whole layer instead")
         return A, native, r
+
+    def _native(self, B: torch.Tensor, r: int) -> torch.Tensor:
+        """The fused layer's B [out, k·r] -> lora_B [k·d, r]: the j-th enabled slice's rows, columns j·r:(j+1)·r."""
+        rows = B.split(self.slice_size)
+        on = [i for i, e in enumerate(self.enable_lora) if e]
+        return torch.cat([rows[i][:, j * r:(j + 1) * r] for j, i in enumerate(on)])
+
+    def _slice_order(self, B: torch.Tensor, r: int) -> list[int] | None:
+        """A column order of the fused layer's B [out, k·r] putting r columns writing to each enabled
+        slice in that slice's block (combine(how="cat") of MergedLinear adapters interleaves them;
+        all-zero columns fill up), or None if there is none."""
+        rows = B.split(self.slice_size)
+        writes = torch.stack([rows[i].ne(0).any(0) for i, e in enumerate(self.enable_lora) if e])  # [k, k·r]
+        groups, spare = [[] for _ in range(self.groups)], []
+        for c, hit in enumerate(writes.t().tolist()):
+            if sum(hit) > 1:  # a component writing to two slices: no MergedLinear holds it
+                return None
+            (groups[hit.index(True)] if any(hit) else spare).append(c)
+        for g in groups:
+            while len(g) < r and spare:
+                g.append(spare.pop(0))
+        if spare or any(len(g) != r for g in groups):
+            return None
+        return [c for g in groups for c in sorted(g)]
 
     # ---------------------------------------------------------------- module
     def forward(self, x: torch.Tensor) -> torch.Tensor:

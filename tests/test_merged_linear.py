@@ -230,6 +230,36 @@ def test_merged_layer_loads_a_state_dict_and_set_lora_factors_checks_the_blocks(
     assert want.shape == m(x).shape
 
 
+def test_combined_merged_linear_adapters_load_back():
+    """combine(how="cat") of two MergedLinear adapters gives the fused layer's B with the rank
+    components of each slice interleaved ([B1 q, B1 v, B2 q, B2 v]); load_adapter puts it back into
+    the MergedLinear (its columns, and A's rows, put in slice order: the same delta) instead of
+    refusing it as 'non-zero entries outside the blocks'. A component writing to two slices is
+    still refused."""
+    enable = [True, False, True]
+    layers = [make(enable, r=2) for _ in range(2)]
+    for m in layers:
+        m.lora_B.data.normal_()
+    ads = [lora_ext.Adapter.from_model(nn.Sequential(m)) for m in layers]
+    both = lora_ext.combine(ads, [0.5, 2.0])
+    x = torch.randn(3, 12)
+    want = F.linear(x, layers[0].weight, layers[0].bias) + sum(
+        w * ad.layers["0"].scale * (x @ ad.layers["0"].A.t()) @ ad.layers["0"].B.t() for ad, w in zip(ads, (0.5, 2.0)))
+    target = nn.Sequential(make(enable, r=2))
+    target[0].weight.data.copy_(layers[0].weight)
+    target[0].bias.data.copy_(layers[0].bias)
+    assert lora_ext.load_adapter(target, both) == ["0"]
+    m = target[0]
+    assert m.r == 4 and m.lora_B.shape == (16, 4) and torch.allclose(m.lora_factors()[1] @ m.lora_A,
+                                                                        both.layers["0"].B @ both.layers["0"].A, atol=1e-6)
+    assert rel_err(m(x), want) < 1e-6
+    A, B = both.layers["0"].A.clone(), both.layers["0"].B.clone()
+    B[0:8, 0] = 1.0  # column 0 now writes to the q and v slices
+    B[16:24, 0] = 1.0
+    with pytest.raises(ValueError, match=r"non-zero entries outside the blocks .* in any order of its 8 columns"):
+        m.set_lora_factors(A, B, 1.0)
+
+
 @pytest.mark.parametrize("enable, out, match", [
     ([False, False], 16, r"enable_lora=\[False, False\] enables no slice"),
     ([], 16, r"enable_lora=\[\] enables no slice"),
