@@ -53,7 +53,7 @@ class LoRALayer(nn.Module, abc.ABC):
     """Base of the LoRA layers: ``weight`` (frozen) plus factors A [r, in], B [out, r] with
     ``scaling`` (``r``, ``lora_alpha``, ``use_rslora``, ``merged``, ``base_class`` attributes).
 
-    Subclasses set ``lora_kind`` ("linear" or "embedding", as LayerWeights.kind), ``factor_names``
+    Subclasses set ``lora_kind`` ("linear", "embedding" or "conv", as LayerWeights.kind), ``factor_names``
     (the A and B parameter names) and ``_weight_in_out`` (weight stored [in, out]); a Conv1D-wrapping
     LoRALinear is kind "linear" with ``fan_in_fan_out=True``.
     """

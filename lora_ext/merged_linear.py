@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LoRALayer, LoRALinear, _check_hparams, factors_like, is_conv1d, lora_scaling
+from .hparams import _check_hparams, lora_scaling
+from .layers import LoRALayer, LoRALinear, factors_like, is_conv1d
 from .ops import lora_linear
 from .sharding import is_dtensor
 
