@@ -19,7 +19,8 @@ except ImportError as _e:  # the source tree shadowing an installed build is the
 from . import ops  # noqa: F401
 from .adapters import Adapter, LayerWeights, load_adapter
 from .inject import inject, lora_layers, lora_state_dict, mark_only_lora_trainable
-from .layers import LoRAEmbedding, LoRALayer, LoRALinear
+from .embedding import LoRAEmbedding
+from .layers import LoRALayer, LoRALinear
 from .merged_linear import MergedLinear
 from .conv import LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAConvNd
 from .merge import merge, merge_and_unload, unmerge  # (the functions shadow the submodules)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .conv import LoRAConvNd, check_conv_base, is_conv
-from .layers import LoRAEmbedding, LoRALayer, LoRALinear, is_conv1d
+from .embedding import LoRAEmbedding
+from .layers import LoRALayer, LoRALinear, is_conv1d
 from .sharding import sharding_of, unwrapped
 from .targets import (PEFT_PREFIX, check_layers, check_regex, in_layers, matches, pattern_value, read_directly,
                       select_targets, unwrappable)
