@@ -312,6 +312,16 @@ class LoRALinear(LoRALayer):
                  dropout: float = 0.0, use_rslora: bool = False, bias: bool = True,
                  fan_in_fan_out: bool = False, init: str = "kaiming", device=None, dtype=None):
         super().__init__()
+        kw = self._init_linear(in_features, out_features, r, alpha, dropout, use_rslora, bias, fan_in_fan_out,
+                               init, device, dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **kw))
+        self.reset_parameters()
+
+    def _init_linear(self, in_features, out_features, r, alpha, dropout, use_rslora, bias, fan_in_fan_out,
+                     init, device, dtype) -> dict:
+        """What a linear LoRA layer (LoRALinear, MergedLinear) sets besides its factors: the checked
+        hyperparameters and scaling, the frozen weight and bias; returns the factory kwargs."""
         _check_hparams(type(self).__name__, r, alpha, dropout)
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
@@ -322,12 +332,10 @@ class LoRALinear(LoRALayer):
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
         self.weight = nn.Parameter(torch.empty(shape, **kw), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, **kw))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, **kw))
         self.merged = False
         self.base_class: type = nn.Linear
         self.lora_init = init
-        self.reset_parameters()
+        return kw
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hparams import _check_hparams, lora_scaling
+from .hparams import _check_hparams
 from .layers import LoRALayer, LoRALinear, factors_like, is_conv1d
 from .ops import lora_linear
 from .sharding import is_dtensor
@@ -64,28 +64,19 @@ class MergedLinear(LoRALayer):
     base_forward = LoRALinear.base_forward
     reset_parameters = LoRALinear.reset_parameters
     reset_lora_parameters = LoRALinear.reset_lora_parameters
+    _init_linear = LoRALinear._init_linear
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8,
                  dropout: float = 0.0, enable_lora=None, fan_in_fan_out: bool = False, *,
                  bias: bool = True, use_rslora: bool = False, init: str = "kaiming", device=None, dtype=None):
         super().__init__()
-        _check_hparams(type(self).__name__, r, alpha, dropout)
+        _check_hparams(type(self).__name__, r, alpha, dropout)  # the hyperparameters are named first
         self.enable_lora = _check_enable_lora(enable_lora, out_features)
-        kw = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
-        self.r, self.lora_alpha, self.use_rslora = int(r), alpha, use_rslora
-        self.scaling = lora_scaling(alpha, r, use_rslora)
-        self.lora_dropout = dropout
-        self.fan_in_fan_out = fan_in_fan_out
-        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
-        self.weight = nn.Parameter(torch.empty(shape, **kw), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
+        kw = self._init_linear(in_features, out_features, r, alpha, dropout, use_rslora, bias, fan_in_fan_out,
+                               init, device, dtype)
         k, d = self.groups, self.slice_size
         self.lora_A = nn.Parameter(torch.empty(k * self.r, in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(k * d, self.r, **kw))
-        self.merged = False
-        self.base_class: type = nn.Linear
-        self.lora_init = init
         self.reset_parameters()
 
     @classmethod
