@@ -1,18 +1,139 @@
-"""Checks of what an adapter's files hold (lora_ext.adapters): config numbers and tensors.
+"""Reading and checking what an adapter's files hold (lora_ext.adapters): the config (its numbers, the
+LoRA variants lora_ext does not run: UNSUPPORTED), the weights file, and the tensors.
 
 Each raises ValueError (TypeError for an argument of the wrong type) whose message starts with
 `where` (the file, or the caller) and names the field or key, never an error from Python's or
 torch's internals."""
 from __future__ import annotations
 
+import functools
+import json
 import math
+import operator
 import os
+import re
 
 import torch
 
-from .targets import _short, check_layers, check_regex, in_layers, matches
+from .targets import PEFT_PREFIX, _short, check_layers, check_pattern_key, check_regex, in_layers, matches
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+PEFT_KEY = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
+                  r"|lora_magnitude_vector)"
+                  r"(?:\.(?!(?:weight|bias)$)[A-Za-z0-9_-]+)?(?:\.weight)?$")  # [.<adapter name>][.weight]
+# Tensors only training uses (VeLoRA's projection, MonteCLoRA's sampler): dropped on load.
+TRAINING_ONLY = re.compile(r"\.lora_(?:velora_embed|monteclora_sampler\.[A-Za-z0-9_]+)$")
+
+
+def _plain_init(value) -> bool:
+    """False for the inits PEFT re-runs on the base weights when it loads the adapter (layer.py update_layer)."""
+    return not (isinstance(value, str) and value.lower().startswith(("pissa", "olora", "corda", "loftq")))
+
+
+# LoraConfig fields whose non-default value changes what PEFT's LoRA Linear/Embedding computes in a
+# way lora_ext does not implement (peft/tuners/lora: layer.py lora_variants and update_layer,
+# variants.py, model.py), with PEFT's own test for "off": truthiness, or None for sub-configs (PEFT
+# turns any dict, even {}, into one). Fields for training only (other init_lora_weights, eva/lora_ga
+# configs, lora_dropout, velora_config, monteclora_config, ensure_weight_tying ...) are fine.
+UNSUPPORTED = (  # (field, is default, what it does)
+    ("init_lora_weights", _plain_init, "PEFT rewrites the base weights when it loads this; save the adapter "
+                                       "with path_initial_model_for_weight_conversion for plain LoRA"),
+    ("lora_bias", operator.not_, "a trained bias on lora_B"),
+    ("alora_invocation_tokens", operator.not_, "aLoRA, applied from the invocation tokens on"),
+    ("use_qalora", operator.not_, "QA-LoRA, on group-pooled inputs"),
+    ("layer_replication", operator.not_, "replicated decoder layers"),
+    ("target_parameters", operator.not_, "LoRA on parameters rather than modules"),
+    ("trainable_token_indices", operator.not_, "trained token embeddings"),
+    ("arrow_config", functools.partial(operator.is_, None), "Arrow routing"),
+    ("kasa_config", functools.partial(operator.is_, None), "KaSA, with a truncated base weight"),
+    ("use_bdlora", functools.partial(operator.is_, None), "block-diagonal LoRA"),
+)
+
+
+def no_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise ValueError(f"duplicate key {dup!r}")
+    return dict(pairs)
+
+
+def read_config(cfg_path: str) -> dict:
+    if not os.path.isfile(cfg_path):
+        # PEFT's save_pretrained of several adapters puts the non-default ones in <dir>/<name>/
+        parent = os.path.dirname(cfg_path)
+        subs = sorted(d for d in (os.listdir(parent) if os.path.isdir(parent) else [])
+                      if os.path.isfile(os.path.join(parent, d, CONFIG_FILE)))
+        hint = f"; adapters in its subdirectories: {', '.join(subs)} (load <dir>/<name>)" if subs else ""
+        raise FileNotFoundError(f"Adapter.load: {cfg_path} not found (a PEFT adapter directory "
+                                f"holds {CONFIG_FILE} and {SAFETENSORS_FILE}){hint}")
+    where = f"Adapter.load: {cfg_path}"
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f, object_pairs_hook=no_duplicates)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be an adapter config") from None
+    except ValueError as e:  # from no_duplicates
+        raise ValueError(f"{where}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where} has peft_type={config.get('peft_type')!r}, not LORA")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            raise ValueError(f"{where}: {key} must be true or false, got {config[key]!r}")
+    for key, is_default, what in UNSUPPORTED:
+        if not is_default(config.get(key)):
+            raise ValueError(f"{where}: {key}={json.dumps(config[key])[:80]} ({what}) is not supported")
+    check_number(where, "r", config.get("r"), int)
+    check_number(where, "lora_alpha", config.get("lora_alpha"), float)
+    for fld, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+        pattern = config.get(fld) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{where}: {fld} must be a JSON object (regex -> value), got {pattern!r:.80}")
+        for key, value in pattern.items():
+            try:
+                check_pattern_key(key)
+            except ValueError as e:
+                raise ValueError(f"{where}: {fld} {e}") from None
+            check_number(where, f"{fld}[{key!r}]", value, kind)
+    check_dropout(where, config.get("lora_dropout"))
+    return config
+
+
+def read_weights(path: str, allow_pickle: bool) -> tuple[str, dict]:
+    """(the weights file, what it holds)."""
+    st, pk = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, PICKLE_FILE)
+    if os.path.isfile(st):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(st)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"Adapter.load: {st} is corrupt or truncated: {e}") from None
+        with open(st, "rb") as f:  # safetensors keeps the last of duplicate keys: refuse them
+            header = f.read(int.from_bytes(f.read(8), "little"))
+        try:
+            json.loads(header, object_pairs_hook=no_duplicates)
+        except ValueError as e:
+            raise ValueError(f"Adapter.load: {st}: {e} in the header") from None
+        return st, tensors
+    if os.path.isfile(pk):
+        if not allow_pickle:
+            raise ValueError(f"Adapter.load: refusing to unpickle {pk} (pickle files can run code); "
+                             "convert it to safetensors or pass allow_pickle=True")
+        try:
+            return pk, torch.load(pk, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (any unpickling failure is a bad file)
+            raise ValueError(f"Adapter.load: {pk} could not be read: {e}") from None
+    raise FileNotFoundError(f"Adapter.load: no {SAFETENSORS_FILE} (or {PICKLE_FILE}) in {path}")
 
 
 def check_number(where: str, field: str, value, kind: type) -> None:

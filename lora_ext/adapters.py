@@ -7,75 +7,41 @@
 Pickle files (adapter_model.bin) are refused unless allow_pickle=True, then read with
 torch.load(weights_only=True). Bad files (wrong types or values, NaN/inf weights unless
 allow_nonfinite=True, duplicate keys) raise ValueError / FileNotFoundError naming the file and the
-field or module; so do configs of LoRA variants lora_ext does not implement (DoRA, lora_bias, aLoRA,
-...: _UNSUPPORTED). load_adapter validates everything before it touches the model. Non-LoRA tensors
+field or module; so do configs of LoRA variants lora_ext does not implement (lora_bias, aLoRA,
+...: UNSUPPORTED). DoRA adapters (use_dora) of linear layers load: their magnitudes are
+LayerWeights.magnitude. load_adapter validates everything before it touches the model. Non-LoRA tensors
 PEFT saves (modules_to_save, bias="all"/"lora_only") are kept in Adapter.extra and loaded too.
 """
 from __future__ import annotations
 
-import functools
 import json
-import operator
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .adapter_checks import check_dropout, check_number, check_path, check_targets, check_tensors
+from .adapter_checks import (CONFIG_FILE, PEFT_KEY, SAFETENSORS_FILE, TRAINING_ONLY, check_dropout, check_path,
+                             check_targets, check_tensors, read_config, read_weights)
 from .conv import check_conv_factors, is_conv
 from .inject import inject, lora_layers, trained_biases
 from .layers import LoRALayer, lora_alpha_for, lora_scaling
 from .sharding import is_dtensor, unwrapped
-from .targets import PEFT_PREFIX, check_pattern_key, check_regex, matches, name_regex, pattern_value, peft_config
+from .targets import PEFT_PREFIX, check_regex, matches, name_regex, pattern_value, peft_config
 
 __all__ = ["Adapter", "LayerWeights", "load_adapter"]
-
-CONFIG_FILE = "adapter_config.json"
-SAFETENSORS_FILE = "adapter_model.safetensors"
-PICKLE_FILE = "adapter_model.bin"
-_KEY = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                  r"(?:\.(?!(?:weight|bias)$)[A-Za-z0-9_-]+)?(?:\.weight)?$")  # [.<adapter name>][.weight]
-# Tensors only training uses (VeLoRA's projection, MonteCLoRA's sampler): dropped on load.
-_TRAINING_ONLY = re.compile(r"\.lora_(?:velora_embed|monteclora_sampler\.[A-Za-z0-9_]+)$")
-
-
-def _plain_init(value) -> bool:
-    """False for the inits PEFT re-runs on the base weights when it loads the adapter (layer.py update_layer)."""
-    return not (isinstance(value, str) and value.lower().startswith(("pissa", "olora", "corda", "loftq")))
-
-
-# LoraConfig fields whose non-default value changes what PEFT's LoRA Linear/Embedding computes in a
-# way lora_ext does not implement (peft/tuners/lora: layer.py lora_variants and update_layer,
-# variants.py, model.py), with PEFT's own test for "off": truthiness, or None for sub-configs (PEFT
-# turns any dict, even {}, into one). Fields for training only (other init_lora_weights, eva/lora_ga
-# configs, lora_dropout, velora_config, monteclora_config, ensure_weight_tying ...) are fine.
-_UNSUPPORTED = (  # (field, is default, what it does)
-    ("init_lora_weights", _plain_init, "PEFT rewrites the base weights when it loads this; save the adapter "
-                                       "with path_initial_model_for_weight_conversion for plain LoRA"),
-    ("use_dora", operator.not_, "DoRA"),
-    ("lora_bias", operator.not_, "a trained bias on lora_B"),
-    ("alora_invocation_tokens", operator.not_, "aLoRA, applied from the invocation tokens on"),
-    ("use_qalora", operator.not_, "QA-LoRA, on group-pooled inputs"),
-    ("layer_replication", operator.not_, "replicated decoder layers"),
-    ("target_parameters", operator.not_, "LoRA on parameters rather than modules"),
-    ("trainable_token_indices", operator.not_, "trained token embeddings"),
-    ("arrow_config", functools.partial(operator.is_, None), "Arrow routing"),
-    ("kasa_config", functools.partial(operator.is_, None), "KaSA, with a truncated base weight"),
-    ("use_bdlora", functools.partial(operator.is_, None), "block-diagonal LoRA"),
-)
-
 
 @dataclass
 class LayerWeights:
     """One module's LoRA factors: A [r, in] and B [out, r] (embeddings: A [r, num], B [dim, r];
-    convolutions, kind "conv": PEFT's A [r, in, *kernel], B [out, r, 1, ...])."""
+    convolutions, kind "conv": PEFT's A [r, in, *kernel], B [out, r, 1, ...]); a DoRA adapter's
+    linear layers also have ``magnitude`` [out] (PEFT's lora_magnitude_vector)."""
     A: torch.Tensor
     B: torch.Tensor
     scale: float
     kind: str = "linear"  # or "embedding", "conv"
+    magnitude: torch.Tensor | None = None
 
     @property
     def r(self) -> int:
@@ -96,7 +62,8 @@ class Adapter:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        tensors = [t for w in self.layers.values() for t in (w.A, w.B)] + list(self.extra.values())
+        tensors = [t for w in self.layers.values() for t in (w.A, w.B, w.magnitude) if t is not None]
+        tensors += list(self.extra.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---------------------------------------------------------------- reading
@@ -110,19 +77,25 @@ class Adapter:
         saved). allow_nonfinite: accept NaN/inf weights. Raises ValueError / FileNotFoundError
         naming the file, field or module for anything lora_ext cannot run exactly as PEFT does."""
         path = check_path("Adapter.load", path)
-        config = _read_config(os.path.join(path, CONFIG_FILE))
-        file, tensors = _read_weights(path, allow_pickle)
+        config = read_config(os.path.join(path, CONFIG_FILE))
+        file, tensors = read_weights(path, allow_pickle)
         where = f"Adapter.load: {file}"
         check_tensors(tensors, where, allow_nonfinite)
         factors, extra = _split_factors(tensors, where)
         check_targets(f"Adapter.load: {os.path.join(path, CONFIG_FILE)}", config, factors, os.path.basename(file))
         conv = (lambda t: t.to(device=device, dtype=dtype or t.dtype))
         layers = {}
-        for name, (A, B, kind) in factors.items():
+        dora = bool(config.get("use_dora"))
+        for name, (A, B, kind, mag) in factors.items():
             r_cfg = pattern_value(name, config.get("rank_pattern"), config["r"])
             if A.shape[0] != r_cfg:
                 raise ValueError(f"{where}: module {name!r} has rank {A.shape[0]} but the config says r={r_cfg}")
-            layers[name] = LayerWeights(conv(A), conv(B), _scale_for(name, A.shape[0], config), kind)
+            if dora != (mag is not None):  # PEFT would drop the magnitude, or make one from the norm
+                raise ValueError(f"{where}: module {name!r} " + (
+                    "has no lora_magnitude_vector but the config says use_dora=true" if dora else
+                    "has a lora_magnitude_vector (DoRA) but the config says use_dora=false"))
+            layers[name] = LayerWeights(conv(A), conv(B), _scale_for(name, A.shape[0], config), kind,
+                                        None if mag is None else conv(mag))
         return cls(layers, config, name=os.path.basename(os.path.normpath(path)),
                    extra={k: conv(t) for k, t in extra.items()})
 
@@ -139,13 +112,15 @@ class Adapter:
         if not found:
             raise ValueError(f"Adapter.from_model: {type(model).__name__} has no LoRA layers (use lora_ext.inject)")
         layers = {}
+        dora_layers(found, "Adapter.from_model")
         for name, m in found.items():
             A, B, scale = m.lora_factors()
             if is_dtensor(A) or is_dtensor(B):
                 raise ValueError(f"Adapter.from_model: the factors of {name!r} are sharded (DTensor: "
                                  "fully_shard / tensor parallel); use lora_ext.distributed.save_adapter, "
                                  "which gathers them (a collective: call it on every rank)")
-            layers[name] = LayerWeights(A.detach().clone(), B.detach().clone(), scale, m.lora_kind)
+            mag = m.lora_magnitude_vector.detach().clone() if m.use_dora else None
+            layers[name] = LayerWeights(A.detach().clone(), B.detach().clone(), scale, m.lora_kind, mag)
         config = model_config(found, model)
         extra, config["bias"], config["modules_to_save"] = saved_tensors(
             model, found, modules_to_save, lambda t: t.detach().clone(), "Adapter.from_model")
@@ -165,6 +140,8 @@ class Adapter:
             else:
                 tensors[f"{PEFT_PREFIX}{name}.lora_embedding_A"] = w.A.contiguous()
                 tensors[f"{PEFT_PREFIX}{name}.lora_embedding_B"] = w.B.contiguous()
+            if w.magnitude is not None:
+                tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = w.magnitude.contiguous()
         tensors.update({PEFT_PREFIX + k: t.contiguous() for k, t in self.extra.items()})
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, os.path.join(path, SAFETENSORS_FILE),
                   metadata={"format": "pt"})
@@ -185,12 +162,25 @@ def model_config(found: dict[str, nn.Module], model: nn.Module) -> dict:
     The config has one use_rslora: a layer scaled the other way gets the alpha that gives its own
     scaling under the config's rule (written to alpha_pattern by peft_config)."""
     rslora = any(m.use_rslora for m in found.values())
+    dora = dora_layers(found, "save")
     ranks = {n: m.lora_rank for n, m in found.items()}  # a MergedLinear's: k·r, the fused layer's
     alphas = {n: m.lora_alpha if bool(m.use_rslora) == rslora and ranks[n] == m.r else
               lora_alpha_for(float(m.scaling), ranks[n], rslora) for n, m in found.items()}
     return peft_config(ranks, alphas, use_rslora=rslora,
                        fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
-                       lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()), model=model)
+                       lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()), model=model,
+                       use_dora=dora)
+
+
+def dora_layers(found: dict[str, nn.Module], where: str) -> bool:
+    """Whether the LoRA layers ``found`` are DoRA (PEFT's use_dora is one flag for the adapter):
+    all or none, else ValueError naming one of each."""
+    dora = sorted(n for n, m in found.items() if m.use_dora)
+    if dora and len(dora) != len(found):
+        plain = sorted(set(found) - set(dora))
+        raise ValueError(f"{where}: {dora[0]!r} is a DoRA layer but {plain[0]!r} is not; a PEFT adapter "
+                         "config has one use_dora for all its modules (save them as two adapters)")
+    return bool(dora)
 
 
 def saved_tensors(model: nn.Module, found: dict, modules_to_save, copy, where: str):
@@ -222,100 +212,19 @@ def saved_tensors(model: nn.Module, found: dict, modules_to_save, copy, where: s
     return extra, mode, keep or None
 
 
-def _no_duplicates(pairs: list) -> dict:
-    keys = [k for k, _ in pairs]
-    dup = next((k for k in keys if keys.count(k) > 1), None)
-    if dup is not None:
-        raise ValueError(f"duplicate key {dup!r}")
-    return dict(pairs)
-
-
-def _read_config(cfg_path: str) -> dict:
-    if not os.path.isfile(cfg_path):
-        # PEFT's save_pretrained of several adapters puts the non-default ones in <dir>/<name>/
-        parent = os.path.dirname(cfg_path)
-        subs = sorted(d for d in (os.listdir(parent) if os.path.isdir(parent) else [])
-                      if os.path.isfile(os.path.join(parent, d, CONFIG_FILE)))
-        hint = f"; adapters in its subdirectories: {', '.join(subs)} (load <dir>/<name>)" if subs else ""
-        raise FileNotFoundError(f"Adapter.load: {cfg_path} not found (a PEFT adapter directory "
-                                f"holds {CONFIG_FILE} and {SAFETENSORS_FILE}){hint}")
-    where = f"Adapter.load: {cfg_path}"
-    try:
-        with open(cfg_path) as f:
-            config = json.load(f, object_pairs_hook=_no_duplicates)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise ValueError(f"{where} is nested too deeply to be an adapter config") from None
-    except ValueError as e:  # from _no_duplicates
-        raise ValueError(f"{where}: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(config).__name__}")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{where} has peft_type={config.get('peft_type')!r}, not LORA")
-    for key in ("use_rslora", "use_dora"):
-        if not isinstance(config.get(key, False), bool):
-            raise ValueError(f"{where}: {key} must be true or false, got {config[key]!r}")
-    for key, is_default, what in _UNSUPPORTED:
-        if not is_default(config.get(key)):
-            raise ValueError(f"{where}: {key}={json.dumps(config[key])[:80]} ({what}) is not supported")
-    check_number(where, "r", config.get("r"), int)
-    check_number(where, "lora_alpha", config.get("lora_alpha"), float)
-    for fld, kind in (("rank_pattern", int), ("alpha_pattern", float)):
-        pattern = config.get(fld) or {}
-        if not isinstance(pattern, dict):
-            raise ValueError(f"{where}: {fld} must be a JSON object (regex -> value), got {pattern!r:.80}")
-        for key, value in pattern.items():
-            try:
-                check_pattern_key(key)
-            except ValueError as e:
-                raise ValueError(f"{where}: {fld} {e}") from None
-            check_number(where, f"{fld}[{key!r}]", value, kind)
-    check_dropout(where, config.get("lora_dropout"))
-    return config
-
-
-def _read_weights(path: str, allow_pickle: bool) -> tuple[str, dict]:
-    """(the weights file, what it holds)."""
-    st, pk = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, PICKLE_FILE)
-    if os.path.isfile(st):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(st)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ValueError(f"Adapter.load: {st} is corrupt or truncated: {e}") from None
-        with open(st, "rb") as f:  # safetensors keeps the last of duplicate keys: refuse them
-            header = f.read(int.from_bytes(f.read(8), "little"))
-        try:
-            json.loads(header, object_pairs_hook=_no_duplicates)
-        except ValueError as e:
-            raise ValueError(f"Adapter.load: {st}: {e} in the header") from None
-        return st, tensors
-    if os.path.isfile(pk):
-        if not allow_pickle:
-            raise ValueError(f"Adapter.load: refusing to unpickle {pk} (pickle files can run code); "
-                             "convert it to safetensors or pass allow_pickle=True")
-        try:
-            return pk, torch.load(pk, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001  (any unpickling failure is a bad file)
-            raise ValueError(f"Adapter.load: {pk} could not be read: {e}") from None
-    raise FileNotFoundError(f"Adapter.load: no {SAFETENSORS_FILE} (or {PICKLE_FILE}) in {path}")
-
-
 def _scale_for(name: str, r: int, config: dict) -> float:
     alpha = pattern_value(name, config.get("alpha_pattern"), config["lora_alpha"])
     return lora_scaling(alpha, r, bool(config.get("use_rslora")))
 
 
 def _split_factors(tensors: dict, where: str, paired: bool = True) -> tuple[dict, dict]:
-    """PEFT- or module-named tensors -> ({module: (A, B, kind)}, {other key less the prefix: tensor}).
+    """PEFT- or module-named tensors -> ({module: (A, B, kind, DoRA magnitude or None)}, {other key less
+    the prefix: tensor}).
     paired=False: B's columns need not be A's rows (a loralib MergedLinear's lora_B [k·d, r])."""
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     extra = {}
     for key, t in tensors.items():
-        m = _KEY.match(key)
+        m = PEFT_KEY.match(key)
         if m is not None:
             part = parts.setdefault(m["path"], {})
             if m["kind"] in part:  # e.g. a PeftModel.state_dict() with two adapters (".lora_A.a", ".lora_A.b")
@@ -323,11 +232,11 @@ def _split_factors(tensors: dict, where: str, paired: bool = True) -> tuple[dict
                                  f"{m['path']!r} (several adapters in one state dict? pass one adapter's: "
                                  "peft.get_peft_model_state_dict(model, adapter_name=...))")
             part[m["kind"]] = (key, t)
-        elif _TRAINING_ONLY.search(key):
+        elif TRAINING_ONLY.search(key):
             continue
         elif "lora_" in key:
-            raise ValueError(f"{where}: {key} is not supported (only lora_A/lora_B/lora_embedding_A/B weights; "
-                             "no lora_B biases (lora_bias) or DoRA magnitude vectors)")
+            raise ValueError(f"{where}: {key} is not supported (only lora_A/lora_B/lora_embedding_A/B weights "
+                             "and DoRA's lora_magnitude_vector; no lora_B biases (lora_bias))")
         else:
             extra[key.removeprefix(PEFT_PREFIX)] = t
     if not parts:
@@ -346,7 +255,13 @@ def _split_factors(tensors: dict, where: str, paired: bool = True) -> tuple[dict
             raise ValueError(f"{where}: module {name!r} has {a_key} {tuple(A.shape)} and "
                              f"{b_key} {tuple(B.shape)}; expected [r, in] and [out, r] with r > 0"
                              + ("" if emb else " (a convolution's: [r, in, *kernel] and [out, r, 1, ...])"))
-        factors[name] = (A, B, "embedding" if emb else "conv" if conv else "linear")
+        kind = "embedding" if emb else "conv" if conv else "linear"
+        mag = p.get("lora_magnitude_vector", (None, None))[1]
+        if mag is not None and (kind != "linear" or tuple(mag.shape) != (B.shape[0],)):
+            raise ValueError(f"{where}: module {name!r} has lora_magnitude_vector {tuple(mag.shape)}; " + (
+                f"expected [{B.shape[0]}] (its lora_B's rows)" if kind == "linear" else
+                f"DoRA is supported on linear layers only (this is a{'n' if emb else ''} {kind} LoRA)"))
+        factors[name] = (A, B, kind, mag)
     return factors, extra
 
 
@@ -395,6 +310,9 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
                 m.lora_factors_of(w.A, w.B)
             except ValueError as e:
                 raise ValueError(f"load_adapter: module {name!r}: {e}") from None
+            if w.magnitude is not None and not m.use_dora:
+                raise ValueError(f"load_adapter: module {name!r} is a LoRA layer without DoRA but the adapter is "
+                                 "DoRA (use_dora); inject with use_dora=True, or load into the plain model")
         plan.append((name, m, w))
     for key, t in adapter.extra.items():
         mod, leaf = extra_target(key)
@@ -410,9 +328,9 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
         if not isinstance(m, LoRALayer):
             # through the wrapper: inject refuses a model inside DDP (its new factors would not be reduced)
             inject(wrapper, name_regex(prefix + name), r=w.r, alpha=lora_alpha_for(w.scale, w.r, rslora),
-                   dropout=dropout, use_rslora=rslora)
+                   dropout=dropout, use_rslora=rslora, use_dora=w.magnitude is not None)
             m = dict(model.named_modules())[name]
-        m.set_lora_factors(w.A, w.B, w.scale)
+        m.set_lora_factors(w.A, w.B, w.scale, w.magnitude)
     modules = dict(model.named_modules())
     for key, t in adapter.extra.items():
         mod, leaf = extra_target(key)
@@ -452,7 +370,7 @@ def _from_state_dict(model: nn.Module, state_dict: dict) -> Adapter:
     factors, extra = _split_factors(state_dict, where, paired=False)
     found = lora_layers(model)
     layers = {}
-    for name, (A, B, kind) in factors.items():
+    for name, (A, B, kind, mag) in factors.items():
         m = found.get(name)
         if m is None or m.lora_rank != A.shape[0]:
             problem = "is not a LoRA layer of the model" if m is None else f"has rank {m.lora_rank} in the model but {A.shape[0]} here"
@@ -465,8 +383,12 @@ def _from_state_dict(model: nn.Module, state_dict: dict) -> Adapter:
         if B.dim() != A.dim() or B.shape[1] != A.shape[0]:
             raise ValueError(f"{where}: module {name!r} has A {tuple(A.shape)} and B {tuple(B.shape)}; "
                              "expected [r, in] and [out, r] with r > 0")
+        if m.use_dora != (mag is not None):
+            raise ValueError(f"{where}: {name!r} is " + ("a DoRA layer but the state dict holds no lora_magnitude_vector"
+                                                         if m.use_dora else "not a DoRA layer but the state dict "
+                                                         "holds a lora_magnitude_vector for it"))
         # loralib's lora.Embedding names its factors lora_A / lora_B (same shapes as PEFT's lora_embedding_A/B)
-        layers[name] = LayerWeights(A, B, m.scaling, m.lora_kind if kind == "linear" else kind)
+        layers[name] = LayerWeights(A, B, m.scaling, m.lora_kind if kind == "linear" else kind, mag)
     return Adapter(layers, name="state_dict", extra=extra)
 
 

@@ -27,7 +27,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
            rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
            init: str = "kaiming", exclude_modules: str | Iterable[str] | None = None,
            layers_to_transform: int | list[int] | None = None,
-           layers_pattern: str | list[str] | None = None) -> list[str]:
+           layers_pattern: str | list[str] | None = None, use_dora: bool = False) -> list[str]:
     """Replaces the target modules of ``model`` in place by LoRA layers; returns their names.
 
     target_modules: a list of module-name suffixes (``"q_proj"`` matches ``...attn.q_proj``), a
@@ -43,6 +43,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
     and subclasses whose forward differs from the plain layer's (targets.unwrappable; "all-linear"
     leaves them out). LoRA layers put into an nn.TransformerEncoderLayer keep it off torch's fused
     inference path, which reads linear1/linear2.weight directly (see _no_fused_encoder).
+    use_dora: DoRA on the Linear/Conv1D targets (PEFT's use_dora; lora_ext.dora); an Embedding or
+    convolution target then raises ValueError (lora_ext's DoRA is for linear layers).
     """
     wrapped = sharding_of(model)
     if wrapped is not None:  # DDP would not all-reduce factors added now; FSDP/TP shards are in place
@@ -82,13 +84,16 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
             raise TypeError(f"inject: module {name!r} {problems[name]}")
         if is_conv(modules[name]):
             check_conv_base(f"inject: module {name!r}", modules[name])
+        if use_dora and not (isinstance(modules[name], nn.Linear) or is_conv1d(modules[name])):
+            raise ValueError(f"inject: module {name!r} is a {type(modules[name]).__name__}; use_dora=True "
+                             "(DoRA) is supported on nn.Linear and transformers Conv1D only")
     for name in chosen:
         m = modules[name]
         rr = pattern_value(name, rank_pattern, r)
         aa = pattern_value(name, alpha_pattern, alpha)
         try:
             if isinstance(m, nn.Linear) or is_conv1d(m):
-                new = LoRALinear.from_linear(m, rr, aa, dropout, use_rslora, init)
+                new = LoRALinear.from_linear(m, rr, aa, dropout, use_rslora, init, use_dora=use_dora)
             elif isinstance(m, nn.Embedding):
                 new = LoRAEmbedding.from_embedding(m, rr, aa, use_rslora)
             elif is_conv(m):
@@ -169,7 +174,7 @@ def trained_biases(model: nn.Module, skip=(), bias: str | None = None) -> tuple[
 
 def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: bool = True,
                     bias: str | None = None) -> dict[str, torch.Tensor]:
-    """LoRA weights under HF PEFT's saved key names (adapter name stripped), or with
+    """LoRA weights (DoRA's magnitudes too) under HF PEFT's saved key names (adapter name stripped), or with
     peft_names=False under the model's own names (as loralib), for model.load_state_dict(sd, strict=False).
     Trained biases (requires_grad, see mark_only_lora_trainable) are included as PEFT saves them
     with bias="lora_only"/"all": "<layer>.base_layer.bias" for a LoRA layer's own bias; ``bias``
@@ -189,6 +194,9 @@ def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: boo
         for p, t in zip(m.factor_names, factors):
             key = f"{prefix}{name}.{p}{'.weight' if linear else ''}" if peft_names else f"{name}.{p}"
             out[key] = t.detach()
+        if m.use_dora:  # PEFT's key has no ".weight"
+            key = "lora_magnitude_vector"
+            out[f"{prefix}{name}.{key}" if peft_names else f"{name}.{key}"] = m.lora_magnitude_vector.detach()
     for name, key, b in trained_biases(model, bias=bias)[0]:
         out[prefix + key if peft_names else f"{name}.bias"] = b.detach()
     return out

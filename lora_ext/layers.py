@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hparams import _check_hparams, lora_alpha_for, lora_scaling  # noqa: F401  (imported from here too)
+from .dora import DoraMergeState, dora_linear, dora_merge_, dora_norm
 from .ops import MergeState, check_merge_finite, lora_linear, merge_, unmerge_
 from .sharding import is_dtensor, is_fsdp
 
@@ -60,6 +61,7 @@ class LoRALayer(nn.Module, abc.ABC):
 
     lora_kind: str = ""
     factor_names: tuple[str, str] = ("", "")
+    use_dora: bool = False  # LoRALinear(use_dora=True): DoRA's lora_magnitude_vector [out] (dora.py)
 
     @property
     @abc.abstractmethod
@@ -92,19 +94,26 @@ class LoRALayer(nn.Module, abc.ABC):
                              f"B [{B_old.shape[0]}, r] with r > 0, got A {tuple(A.shape)}, B {tuple(B.shape)}")
         return A, B, A.shape[0]
 
-    def set_lora_factors(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    def set_lora_factors(self, A: torch.Tensor, B: torch.Tensor, scale: float,
+                         magnitude: torch.Tensor | None = None) -> None:
         """Sets A [r, in], B [out, r] (converted to the layer's device and dtype) and the scaling.
         Same rank: copied in place; another rank: new parameters (requires_grad kept), ``r`` and
         ``lora_alpha`` updated (``lora_alpha`` = scale * r, or scale * sqrt(r) with rsLoRA).
+        A DoRA layer also takes ``magnitude`` [out] (DoRA's lora_magnitude_vector); without one, it
+        is set to ||W0 + scale B A|| per row, so the layer computes what the plain LoRA adapter does.
         A merged layer is unmerged, updated and merged again (exactly if it was), so its weight
         holds the new adapter; one merged for good (``drop_merge_state``) raises ValueError."""
         a_name, b_name = self.factor_names
         A_old, B_old = getattr(self, a_name), getattr(self, b_name)
         where = f"{type(self).__name__}.set_lora_factors"
         A, B, r = self._new_factors(A, B, where)
+        if magnitude is not None and (not self.use_dora or tuple(magnitude.shape) != (B.shape[0],)):
+            raise ValueError(f"{where}: " + (f"magnitude must be [{B.shape[0]}], got {tuple(magnitude.shape)}"
+                                             if self.use_dora else "magnitude given, but the layer is not DoRA "
+                                             "(use_dora=False)"))
         remerge = self.merged
         if remerge:
-            exact = getattr(self, "_merge_state", None) is not None
+            exact = self._merged_exactly()
             if self._merged_for_good():
                 raise ValueError(f"{where}: the layer is merged for good (drop_merge_state / "
                                  "merge_and_unload), so its adapter cannot be replaced")
@@ -123,6 +132,8 @@ class LoRALayer(nn.Module, abc.ABC):
         self.r = r
         self.scaling = scale
         self.lora_alpha = lora_alpha_for(scale, r, self.use_rslora)
+        if self.use_dora:
+            self._set_magnitude(magnitude)
         if remerge:
             self.merge(exact=exact)
 
@@ -167,12 +178,19 @@ class LoRALayer(nn.Module, abc.ABC):
         A, B, s = self._merge_factors()
         if safe or self.merge_refusal() is not None:  # check_merge raises for both
             self.check_merge()
-        state = MergeState() if exact else None
         W = self._merge_weight(self.weight.data)
-        merge_(W, A.detach(), B.detach(), s, fan_in_fan_out=self._weight_in_out, state=state)
+        A, B = A.detach(), B.detach()
+        if self.use_dora:  # round(g * (W0 + s B A)); the state unmerges, exactly with a copy of W0
+            w0 = W.clone() if exact else None
+            g = dora_merge_(W, A, B, s, self.lora_magnitude_vector.detach(), self._weight_in_out)
+            state = DoraMergeState(w0, None if exact else (A.clone(), B.clone(), s, g), self._weight_in_out)
+            factors = None
+        else:
+            state = MergeState() if exact else None
+            merge_(W, A, B, s, fan_in_fan_out=self._weight_in_out, state=state)
+            factors = None if exact else (A.clone(), B.clone(), s)
         self._store_merged(self.weight.data, W)
-        self._merge_state = state
-        self._merged_factors = None if exact else (A.detach().clone(), B.detach().clone(), s)
+        self._merge_state, self._merged_factors = state, factors
         self.merged = True
 
     @torch.no_grad()
@@ -185,7 +203,9 @@ class LoRALayer(nn.Module, abc.ABC):
         self._check_unsharded("unmerge")
         state = getattr(self, "_merge_state", None)
         W = self._merge_weight(self.weight.data)
-        if state is not None:
+        if isinstance(state, DoraMergeState):
+            state.unmerge(W)
+        elif state is not None:
             unmerge_(W, fan_in_fan_out=self._weight_in_out, state=state)
         else:  # plain merge: subtract what was added
             A, B, s = self._merged_factors
@@ -193,6 +213,10 @@ class LoRALayer(nn.Module, abc.ABC):
         self._store_merged(self.weight.data, W)
         self._merge_state = self._merged_factors = None
         self.merged = False
+
+    def _merged_exactly(self) -> bool:
+        state = getattr(self, "_merge_state", None)
+        return state is not None and getattr(state, "exact", True)
 
     def _merged_for_good(self) -> bool:
         return self.merged and getattr(self, "_merge_state", None) is None and getattr(self, "_merged_factors", None) is None
@@ -218,6 +242,9 @@ class LoRALayer(nn.Module, abc.ABC):
         old = self.weight.detach()
         super()._apply(fn, recurse)
         new = self.weight.data
+        if isinstance(state, DoraMergeState):  # W0's copy moves (and converts) with the weight
+            state.apply(fn, self._merge_weight(new), self._dora_remerge)
+            return self
         if (state is not None and new.dtype != old.dtype and old.dtype == state._dtype
                 and new.dtype in (torch.float32, torch.float16, torch.bfloat16)):
             W = self._merge_weight(new)
@@ -242,7 +269,7 @@ class LoRALayer(nn.Module, abc.ABC):
         elif self._merged_for_good():
             error_msgs.append(f"{where} for good (drop_merge_state), so it cannot take new factors")
         else:
-            exact = getattr(self, "_merge_state", None) is not None
+            exact = self._merged_exactly()
             self.unmerge()
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
@@ -278,7 +305,7 @@ class LoRALayer(nn.Module, abc.ABC):
             self.bias = module.bias
             if self.bias is not None:
                 self.bias.requires_grad_(False)
-        for name in self.factor_names:
+        for name in self.factor_names + (("lora_magnitude_vector",) if self.use_dora else ()):
             setattr(self, name, nn.Parameter(torch.empty(getattr(self, name).shape, device=w.device, dtype=w.dtype)))
         self.base_class = type(module)
 
@@ -303,6 +330,9 @@ class LoRALinear(LoRALayer):
     """y = x W^T + b + scaling * B A dropout(x), W frozen, A/B trained (fused lora_linear op).
 
     ``fan_in_fan_out=True`` stores W as [in, out] (transformers' Conv1D layout).
+    ``use_dora=True``: DoRA (PEFT's use_dora), y = g * (W + scaling B A) x + b with
+    g = lora_magnitude_vector / ||W + scaling B A|| per output feature (dora.py); the magnitude
+    [out] is trained too and starts at the norm, so a new layer computes what the base layer does.
     """
 
     lora_kind = "linear"
@@ -310,12 +340,16 @@ class LoRALinear(LoRALayer):
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8,
                  dropout: float = 0.0, use_rslora: bool = False, bias: bool = True,
-                 fan_in_fan_out: bool = False, init: str = "kaiming", device=None, dtype=None):
+                 fan_in_fan_out: bool = False, init: str = "kaiming", device=None, dtype=None,
+                 use_dora: bool = False):
         super().__init__()
         kw = self._init_linear(in_features, out_features, r, alpha, dropout, use_rslora, bias, fan_in_fan_out,
                                init, device, dtype)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **kw))
+        self.use_dora = bool(use_dora)
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, **kw))
         self.reset_parameters()
 
     def _init_linear(self, in_features, out_features, r, alpha, dropout, use_rslora, bias, fan_in_fan_out,
@@ -339,7 +373,7 @@ class LoRALinear(LoRALayer):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                    use_rslora: bool = False, init: str = "kaiming") -> "LoRALinear":
+                    use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False) -> "LoRALinear":
         """Wraps an nn.Linear or transformers Conv1D; shares (and freezes) its weight and bias.
         The layer is in the module's mode (train / eval), as base_module() gives it back."""
         conv1d = is_conv1d(linear)
@@ -350,7 +384,7 @@ class LoRALinear(LoRALayer):
         in_f, out_f = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
         with torch.device("meta"):
             layer = cls(in_f, out_f, r, alpha, dropout, use_rslora, bias=linear.bias is not None,
-                        fan_in_fan_out=conv1d)
+                        fan_in_fan_out=conv1d, use_dora=use_dora)
         layer._adopt(linear, f"{cls.__name__}.from_linear")
         layer.reset_lora_parameters(init)
         return layer.train(linear.training)  # an eval model's new layer must not drop out
@@ -365,7 +399,8 @@ class LoRALinear(LoRALayer):
         self.reset_lora_parameters(getattr(self, "lora_init", "kaiming"))
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
-        """A: Kaiming-uniform (a=sqrt(5), as PEFT) or Gaussian (std 1/r); B: zeros. Sets ``lora_init``."""
+        """A: Kaiming-uniform (a=sqrt(5), as PEFT) or Gaussian (std 1/r); B: zeros; DoRA's magnitude:
+        the weight's row norms (so the layer computes what the base layer does). Sets ``lora_init``."""
         if init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         elif init == "gaussian":
@@ -374,6 +409,20 @@ class LoRALinear(LoRALayer):
             raise ValueError(f"{type(self).__name__}: init must be 'kaiming' or 'gaussian', got {init!r}")
         nn.init.zeros_(self.lora_B)
         self.lora_init = init
+        if self.use_dora:
+            self._set_magnitude(None)
+
+    @torch.no_grad()
+    def _set_magnitude(self, magnitude: torch.Tensor | None) -> None:
+        """DoRA's magnitude <- ``magnitude``, or ||W + scaling B A|| per row (PEFT's initial value)."""
+        if magnitude is None:
+            magnitude = dora_norm(self.weight, self.lora_A, self.lora_B, self.scaling,
+                                  fan_in_fan_out=self.fan_in_fan_out)
+        self.lora_magnitude_vector.copy_(magnitude)
+
+    def _dora_remerge(self, W: torch.Tensor) -> None:  # DoraMergeState.apply: merge W0 again
+        dora_merge_(W, self.lora_A.detach(), self.lora_B.detach(), self.scaling,
+                    self.lora_magnitude_vector.detach(), self.fan_in_fan_out)
 
     @property
     def _weight_in_out(self) -> bool:
@@ -398,6 +447,9 @@ class LoRALinear(LoRALayer):
         if self.merged:
             return self.base_forward(x)
         A, B = factors_like(x, self.lora_A, self.lora_B)
+        if self.use_dora:
+            return dora_linear(x, self.weight, self.bias, A, B, self.lora_magnitude_vector, self.scaling,
+                               self.lora_dropout, self.training, self.fan_in_fan_out)
         return lora_linear(x, self.weight, self.bias, A, B, self.scaling, self.lora_dropout,
                            self.training, self.fan_in_fan_out)
 
@@ -406,4 +458,4 @@ class LoRALinear(LoRALayer):
                 f"alpha={self.lora_alpha}, scaling={self.scaling:.4g}, dropout={self.lora_dropout}"
                 + (", bias=False" if self.bias is None else "") + (", use_rslora=True" if self.use_rslora else "")
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
-                + (", merged=True" if self.merged else ""))
+                + (", use_dora=True" if self.use_dora else "") + (", merged=True" if self.merged else ""))

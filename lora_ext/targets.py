@@ -372,7 +372,7 @@ _FROM_SCRATCH = {"bias": "none", "task_type": None, "inference_mode": True, "ini
 
 def peft_config(ranks: dict[str, int], alphas: dict[str, float], *, use_rslora: bool = False,
                 fan_in_fan_out: bool = False, lora_dropout: float = 0.0, model: nn.Module | None = None,
-                full_names: bool = False) -> dict:
+                full_names: bool = False, use_dora: bool = False) -> dict:
     """A PEFT LoRA adapter_config for modules with the given per-module ranks and alphas.
 
     r / lora_alpha are the most common values; modules that differ get a rank_pattern /
@@ -380,7 +380,7 @@ def peft_config(ranks: dict[str, int], alphas: dict[str, float], *, use_rslora: 
     or, when those name other modules of ``model`` too (a model injected with layers_to_transform,
     exclude_modules or a regex) or ``full_names`` is set, the full module names (PEFT takes a name
     given in full as it is), so that PEFT wraps exactly these modules. The other fields are PEFT's defaults for an
-    inference adapter (no layers_to_transform, modules_to_save, DoRA ...).
+    inference adapter (no layers_to_transform, modules_to_save ...), and ``use_dora``.
     """
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
@@ -391,4 +391,4 @@ def peft_config(ranks: dict[str, int], alphas: dict[str, float], *, use_rslora: 
         "alpha_pattern": {name_regex(n): a for n, a in alphas.items() if a != alpha},
         "fan_in_fan_out": fan_in_fan_out,
     }
-    return {**shape, "lora_dropout": lora_dropout, **_FROM_SCRATCH, "use_dora": False}
+    return {**shape, "lora_dropout": lora_dropout, **_FROM_SCRATCH, "use_dora": use_dora}

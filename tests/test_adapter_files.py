@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_ext import Adapter
-from lora_ext.adapters import _KEY
+from lora_ext.adapter_checks import PEFT_KEY as _KEY
 from lora_ext.targets import pattern_value
 
 CFG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
@@ -203,7 +203,7 @@ def test_duplicate_key_in_safetensors_header(tmp_path):
 @pytest.mark.parametrize("field, value, default", [
     ("init_lora_weights", "pissa", True), ("init_lora_weights", "pissa_niter_4", "gaussian"),
     ("init_lora_weights", "olora", "eva"), ("init_lora_weights", "corda", "mica"),
-    ("init_lora_weights", "loftq", "lora_ga"), ("use_dora", True, False), ("lora_bias", True, False), ("alora_invocation_tokens", [5, 6], None),
+    ("init_lora_weights", "loftq", "lora_ga"), ("lora_bias", True, False), ("alora_invocation_tokens", [5, 6], None),
     ("use_qalora", True, False), ("layer_replication", [[0, 1]], None), ("target_parameters", ["q.weight"], []),
     ("trainable_token_indices", [1], None), ("arrow_config", {}, None), ("kasa_config", {}, None),
     ("use_bdlora", {}, None),

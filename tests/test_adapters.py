@@ -324,13 +324,14 @@ def test_training_only_variants_load_like_peft(tmp_path, field):
 
 
 def test_every_peft_lora_variant_is_refused_or_known_to_be_plain_lora():
-    """A PEFT upgrade with a new variant fails here until adapters._UNSUPPORTED decides on it."""
+    """A PEFT upgrade with a new variant fails here until adapter_checks.UNSUPPORTED decides on it
+    (use_dora: implemented, lora_ext.dora)."""
     import dataclasses
 
-    from lora_ext.adapters import _UNSUPPORTED
+    from lora_ext.adapter_checks import UNSUPPORTED
     fields = {f.name: f.metadata for f in dataclasses.fields(peft.LoraConfig)}
     variants = {n for n, md in fields.items() if md.get("is_lora_variant")}
-    assert variants - {f for f, _, _ in _UNSUPPORTED} <= {"velora_config", "monteclora_config"}
+    assert variants - {f for f, _, _ in UNSUPPORTED} <= {"velora_config", "monteclora_config", "use_dora"}
     assert set(fields["init_lora_weights"].get("lora_variants", [])) <= {"mica"}  # MiCA: plain forward
 
 

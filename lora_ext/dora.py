@@ -1,0 +1,117 @@
+"""DoRA (weight-decomposed LoRA, PEFT's ``use_dora=True``) for linear layers: the functional forward,
+the magnitude's initial value, and merging / unmerging.
+
+A DoRA layer computes ``y = g * (W0 + s B A) x + b`` per output feature o, with
+``g[o] = m[o] / ||W0[o] + s B[o] A||`` (m: the trained ``lora_magnitude_vector`` [out]). As in PEFT
+(and section 4.3 of the DoRA paper) the norm is a constant for autograd: gradients reach m, A, B
+(and x) but not through the norm. The norm comes from ``ops.dora_norm``, which computes the rows of
+W0 + s B A tile by tile in fp32 and never materializes the [out, in] delta (PEFT builds it twice per
+forward); it is rounded to m's dtype before the division, as PEFT rounds it to the weight's, so a
+fresh layer (m = that norm) has g = 1 exactly and computes what the base layer does.
+
+With dropout in training, PEFT's forward is ``W0 x + b + (g - 1) W0 d(x) + g s B A d(x)`` (d: the
+dropout): the base GEMM runs on x and on d(x). lora_ext computes the same expression.
+
+Merging writes ``round(g * (W0 + s B A))`` (fp32 inside, rounded once into the weight's dtype).
+``DoraMergeState`` keeps what unmerging needs: exact, a copy of W0 (1x the weight's bytes); or not
+exact, the factors and g, unmerged as PEFT does (``W / g - s B A``, not bit for bit).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ops import lora_linear, merge_, unmerge_
+
+try:  # TEMP until the op lands
+    from .ops import dora_norm
+except ImportError:
+    def dora_norm(weight, A, B, scale, *, fan_in_fan_out=False):
+        W = (weight.t() if fan_in_fan_out else weight).float()
+        return torch.linalg.norm(W + (scale * B.float()) @ A.float(), dim=1)
+
+__all__ = ["dora_scale", "dora_linear", "dora_merge_", "DoraMergeState"]
+
+
+def dora_scale(magnitude: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+               fan_in_fan_out: bool = False) -> torch.Tensor:
+    """g = m / ||W0 + s B A|| per output feature, fp32 [out]; differentiable in m only (the norm is
+    detached). The norm is rounded to m's dtype first (as PEFT's is to the weight's)."""
+    with torch.no_grad():
+        n = dora_norm(weight.detach(), A.detach(), B.detach(), scale, fan_in_fan_out=fan_in_fan_out)
+        n = n.to(magnitude.dtype).to(n.dtype)
+    return magnitude.to(n.dtype) / n
+
+
+def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                B: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout_p: float = 0.0,
+                training: bool = False, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """DoRA linear layer, x [..., in] -> [..., out]: ``g * (x W0^T + s (x A^T) B^T) + b`` with
+    g = dora_scale(...) (PEFT's forward; with dropout in training PEFT's dropout form, see the module
+    docstring). weight [out, in] ([in, out] with fan_in_fan_out), A [r, in], B [out, r], m [out]."""
+    g = dora_scale(magnitude, weight, A, B, scale, fan_in_fan_out)
+    if not training or dropout_p == 0:
+        z = lora_linear(x, weight, None, A, B, scale, 0.0, False, fan_in_fan_out)  # (W0 + s B A) x
+        g = g.to(z.dtype)
+        return z * g if bias is None else torch.addcmul(bias.to(z.dtype), z, g)
+    W = weight.t() if fan_in_fan_out else weight
+    xd = F.dropout(x, dropout_p, True)
+    u = F.linear(xd, W)  # W0 d(x)
+    v = F.linear(F.linear(xd, A), B) * scale  # s B A d(x)
+    g = g.to(u.dtype)
+    return F.linear(x, W, bias) + (g - 1) * u + g * v
+
+
+class DoraMergeState:
+    """What unmerging a DoRA layer needs (LoRALinear keeps it as its ``_merge_state``): exact, a copy
+    of W0; else the factors and g (PEFT's unmerge, ``W / g - s B A``, not bit for bit)."""
+
+    def __init__(self, w0: torch.Tensor | None, factors: tuple | None, fan_in_fan_out: bool):
+        self.w0, self.factors, self.fan_in_fan_out = w0, factors, fan_in_fan_out
+
+    @property
+    def exact(self) -> bool:
+        return self.w0 is not None
+
+    def overhead(self) -> float:
+        """Bytes kept beside the weight, as a fraction of the weight's (1.0: the W0 copy)."""
+        return 1.0 if self.w0 is not None else 0.0
+
+    def unmerge(self, weight: torch.Tensor) -> None:
+        if self.w0 is not None:
+            weight.copy_(self.w0)
+            return
+        A, B, s, g = self.factors
+        Wf = weight.float()  # the weight itself when fp32
+        Wf.div_(_along_out(g.to(Wf.device), self.fan_in_fan_out))
+        unmerge_(Wf, A.to(Wf.device), B.to(Wf.device), s, fan_in_fan_out=self.fan_in_fan_out)
+        weight.copy_(Wf)
+
+    def apply(self, fn, new: torch.Tensor, merge_again) -> None:
+        """After nn.Module._apply(fn) (``.to()``, ``.half()``...) moved the merged weight to ``new``:
+        W0's copy goes through fn too, and after a dtype change the merge is redone from it
+        (merge_again(new)), so the converted merged layer equals the converted layer merged."""
+        if self.w0 is None:
+            return
+        dtype, self.w0 = self.w0.dtype, fn(self.w0)
+        if self.w0.dtype != dtype:
+            new.copy_(self.w0)
+            merge_again(new)
+
+
+def _along_out(g: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """g [out] shaped to scale a weight's output features ([out, 1], or [1, out] for [in, out])."""
+    return g.view(1, -1) if fan_in_fan_out else g.view(-1, 1)
+
+
+@torch.no_grad()
+def dora_merge_(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, magnitude: torch.Tensor,
+                fan_in_fan_out: bool = False) -> torch.Tensor:
+    """weight <- round(g * (W0 + s B A)) in place (computed in fp32, rounded once); returns g (fp32 [out],
+    from the unmerged weight, as forward computes it)."""
+    g = dora_scale(magnitude, weight, A, B, scale, fan_in_fan_out).float()
+    Wf = weight.float()  # the weight itself when fp32
+    merge_(Wf, A, B, scale, fan_in_fan_out=fan_in_fan_out)
+    Wf.mul_(_along_out(g, fan_in_fan_out))
+    weight.copy_(Wf)
+    return g
