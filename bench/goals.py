@@ -11,7 +11,8 @@ bench-<gpu>.json, a list of them) and checks the goals of the GPU validation iss
   merge_ (4096^2, bf16) >= 80% of the copy-bandwidth roofline; merge_ + unmerge_ faster than
     PEFT's own merge + unmerge of the same weight (the exact cycle beside it);
   Llama 4x1024, 16 distinct adapters: AdapterPool faster than PEFT's adapter_names, decode and
-    prefill (both x the base model beside it); patch_peft's train step no slower than PEFT's.
+    prefill (both x the base model beside it); patch_peft's train step no slower than PEFT's;
+  a DoRA layer (4096^2, T = 2048) after patch_peft no slower than PEFT's DoRA layer.
 A value is the median of its runs; "range" is its fastest-slowest run where the benchmark kept it.
 On CUDA the multi_lora_ times come from CUDA-graph replays (kernel time, no launch gaps);
 "eager_ms" beside them is one eager call, launch gaps included.
@@ -68,6 +69,10 @@ GOALS = [
     ("Llama 4x1024 decode, 16 adapters, CUDA graphs: AdapterPool x base", "pool",
      {"phase": "decode", "adapters": 16}, "graph: lora_ext x base", None, None, ["lora_ext graph ms"]),
     ("Llama 4x1024 train step: patch_peft x PEFT", "peft_train", {}, "patch_peft x PEFT", "<=", 1.0, []),
+    ("DoRA layer fwd+bwd 4096^2 T=2048: PEFT + patch_peft x PEFT's DoRA layer", "dora_layer",
+     {"impl": "PEFT DoRA + patch_peft", "T": 2048, "in=out": 4096}, "x PEFT DoRA", "<=", 1.0, ["norm"]),
+    ("DoRA layer fwd+bwd 4096^2 T=2048: lora_ext DoRA x the frozen base layer", "dora_layer",
+     {"impl": "lora_ext DoRA", "T": 2048, "in=out": 4096}, "x base", None, None, ["x PEFT DoRA", "norm"]),
     ("Llama 4x1024 train step: activation memory saved for backward, patch_peft x PEFT", "peft_train", {},
      "saved: patch_peft x PEFT", None, None, ["PEFT saved MB", "patch_peft saved MB"]),
 ]

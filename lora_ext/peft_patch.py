@@ -11,6 +11,12 @@ disable_adapter(), merge/unmerge, rsLoRA, rank/alpha patterns and modules_to_sav
 Fast paths:
   * one active adapter, not merged, not disabled, vanilla LoRA, plain float base weight:
     ``lora_ext.ops.lora_linear`` (base GEMM + fused low-rank part, dropout via dropout_p);
+  * the same with a DoRA adapter (use_dora=True, PEFT's DoraLinearVariant; nn.Linear or Conv1D
+    base): ``lora_ext.dora.dora_linear`` on PEFT's ``lora_magnitude_vector[name].weight``,
+    lora_A/lora_B and scaling, the norm from ``ops.dora_norm`` (PEFT builds B A and W + s B A every
+    forward); with dropout in training PEFT's form and the same dropout draw (same seed, same
+    mask). DoRA caching (peft's ENABLE_DORA_CACHING), DoRA on Embedding/Conv layers and DoRA in
+    mixed batches (PEFT raises) stay PEFT's;
   * mixed batches (``model(..., adapter_names=[...])``, no autograd, no active dropout):
     ``lora_ext.ops.multi_lora_`` once per layer, from per-layer pools of all the layer's adapters,
     cached on the module; a used adapter's slot is rewritten when its factor tensors (identity,
@@ -25,7 +31,7 @@ Fast paths:
     is cached and walked again when a module is assigned under a walked module (torch's global
     module-registration hook) or the adapter set changes. Beam search, aLoRA offsets and training
     mode keep PEFT's own path.
-Anything else (DoRA and other LoRA variants, lora_bias, quantized or hooked base layers, hooked lora_A/lora_B, several
+Anything else (LoRA variants other than DoRA on Linear, lora_bias, quantized or hooked base layers, hooked lora_A/lora_B, several
 active adapters at once, dtype mixes outside autocast, unknown forward arguments) calls PEFT's
 original forward and warns once per (layer, reason). A disabled or merged layer has no LoRA work
 left to fuse: it calls PEFT's forward without a warning. LoRA Embedding layers run mixed batches as
@@ -48,9 +54,10 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .layers import factors_like, is_conv1d
+from .dora import dora_linear
 from .ops import lora_expand_, lora_linear, multi_lora_
-from .peft_pools import (INDICES, POOL, Batch, adapter_problem, base_layer_problem, dropout_p, input_problem,
-                         operands, optimizer_stepped, prepare)
+from .peft_pools import (INDICES, POOL, Batch, adapter_problem, base_layer_problem, dora_problem, dropout_p,
+                         input_problem, is_dora, operands, optimizer_stepped, prepare)
 
 __all__ = ["patch_peft", "unpatch_peft", "is_patched"]
 
@@ -109,7 +116,9 @@ def is_patched(module: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------------ single adapter
 def _single(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | None:
-    reason = base_layer_problem(module, traced=True) or input_problem(module, x) or adapter_problem(module, name)
+    dora = is_dora(module, name)
+    reason = (base_layer_problem(module, traced=True) or input_problem(module, x)
+              or (dora_problem if dora else adapter_problem)(module, name))
     p = dropout_p(module, name) if reason is None else 0.0
     if reason is None and p is None:
         reason = f"adapter '{name}' dropout is {type(module.lora_dropout[name]).__name__}"
@@ -121,6 +130,10 @@ def _single(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | Non
     base = module.base_layer
     # e.g. fp32 adapters (PEFT's autocast_adapter_dtype) on a bf16 model
     A, B = factors_like(x, module.lora_A[name].weight, module.lora_B[name].weight)
+    if dora:  # PEFT's DoraLinearVariant: dropout only when the layer itself trains
+        p = p if module.training else 0.0
+        return dora_linear(x, base.weight, base.bias, A, B, module.lora_magnitude_vector[name].weight,
+                           float(module.scaling[name]), p, p > 0.0, is_conv1d(base))
     return lora_linear(x, base.weight, base.bias, A, B, float(module.scaling[name]), p,
                        p > 0.0, is_conv1d(base))
 

@@ -161,6 +161,11 @@ def adapter_problem(module: nn.Module, name: str) -> str | None:
     if name in module.lora_variant or module.use_dora.get(name, False):
         variant = module.lora_variant.get(name)
         return f"adapter '{name}' is a LoRA variant ({type(variant).__name__ if variant else 'DoRA'})"
+    return _factors_problem(module, name)
+
+
+def _factors_problem(module: nn.Module, name: str) -> str | None:
+    """Why adapter `name`'s lora_A/lora_B/lora_dropout are not plain modules lora_ext can read."""
     mods = module._modules
     A, B = mods["lora_A"]._modules[name], mods["lora_B"]._modules[name]
     if type(A) is not nn.Linear or type(B) is not nn.Linear:
@@ -170,6 +175,38 @@ def adapter_problem(module: nn.Module, name: str) -> str | None:
     if B._parameters.get("bias") is not None or module.lora_bias.get(name, False):
         return f"adapter '{name}' uses lora_bias"
     return None
+
+
+def is_dora(module: nn.Module, name: str) -> bool:
+    """Whether adapter `name` of a PEFT LoRA layer is DoRA (use_dora=True)."""
+    return bool(module.use_dora.get(name, False))
+
+
+def dora_problem(module: nn.Module, name: str) -> str | None:
+    """Why DoRA adapter `name` of a PEFT LoRA Linear is not one that lora_ext.dora.dora_linear runs
+    as PEFT's DoraLinearVariant.forward does (None: it is): PEFT's own variant and
+    DoraLinearLayer classes (not subclasses) without hooks, a float magnitude [out] beside the base
+    weight, plain lora_A/lora_B without lora_bias, PEFT's DoRA caching off (its eval forward would
+    reuse a cached norm). Only for the single-adapter path: mixed batches refuse DoRA
+    (adapter_problem)."""
+    from peft.tuners.lora import dora as peft_dora
+
+    variant, layer = module.lora_variant.get(name), module._modules["lora_magnitude_vector"]._modules.get(name)
+    if type(variant).__name__ != "DoraLinearVariant" or type(variant).__module__ != "peft.tuners.lora.variants":
+        return f"adapter '{name}' is DoRA with variant {type(variant).__name__} (not PEFT's DoraLinearVariant)"
+    if type(layer) is not peft_dora.DoraLinearLayer or hooked(layer):
+        return f"adapter '{name}' has a non-standard or hooked DoRA magnitude layer ({type(layer).__name__})"
+    if peft_dora.ENABLE_DORA_CACHING:
+        return "PEFT's DoRA caching is on (peft.tuners.lora.dora.ENABLE_DORA_CACHING)"
+    base, m = module.base_layer, layer._parameters.get("weight")
+    w = base.weight
+    if type(m) not in (nn.Parameter, torch.Tensor, FakeTensor) or m.dtype not in FLOATS or m.dim() != 1:
+        return f"adapter '{name}' DoRA magnitude is not a float vector"
+    if m.device != w.device:
+        return f"adapter '{name}' DoRA magnitude on {m.device}, base weight on {w.device}"
+    if bool(layer.fan_in_fan_out) != is_conv1d(base):
+        return f"adapter '{name}' DoRA fan_in_fan_out={layer.fan_in_fan_out} does not match the base layer"
+    return _factors_problem(module, name)
 
 
 def dropout_p(module: nn.Module, name: str) -> float | None:

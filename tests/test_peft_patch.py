@@ -184,7 +184,7 @@ def test_unpatch_restores_original_forward():
 
 
 def test_fallbacks_warn_once_per_layer(monkeypatch):
-    ref = build("gpt2", use_dora=True).eval()
+    ref = build("gpt2", init_lora_weights="mica").eval()  # a LoRA variant patch_peft does not run
     pm = copy.deepcopy(ref)
     names = patch(pm)
     count = Count(monkeypatch)
@@ -195,7 +195,7 @@ def test_fallbacks_warn_once_per_layer(monkeypatch):
             assert rel_err(pm(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
     msgs = [str(w.message) for w in rec if "lora_ext.patch_peft" in str(w.message)]
     assert len(msgs) == len(names)
-    assert all("DoraLinearVariant" in m for m in msgs)
+    assert all("MiCALinearVariant" in m for m in msgs)
     assert {m.split("'")[1] for m in msgs} == set(names)  # each names its layer
     assert count.linear == 0
     # several active adapters at once: PEFT's forward, again one warning per layer
