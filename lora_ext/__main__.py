@@ -1,4 +1,5 @@
-"""Command line: python -m lora_ext {demo,info,bench,merge,inspect} (merge / inspect: lora_ext/cli_merge.py)."""
+"""Command line: python -m lora_ext {demo,info,bench,merge,inspect} (merge: lora_ext/cli_merge.py,
+inspect: lora_ext/cli_inspect.py)."""
 from __future__ import annotations
 
 import argparse

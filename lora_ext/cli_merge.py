@@ -1,9 +1,11 @@
-"""`python -m lora_ext merge` and `python -m lora_ext inspect` (the command line is lora_ext/__main__.py).
+"""`python -m lora_ext merge` and the parser of `inspect` (lora_ext/cli_inspect.py; the command line is
+lora_ext/__main__.py).
 
 merge: a transformers model directory + PEFT LoRA adapter(s) -> a plain transformers model
 directory (save_pretrained, safetensors) with the adapters folded into the weights by lora_ext's
 merge (ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ summed in fp32 and rounded once into each weight's dtype).
-inspect: what an adapter directory holds and whether lora_ext can load, merge and pool-serve it.
+inspect (lora_ext/cli_inspect.py): what an adapter directory holds and whether lora_ext can load,
+merge and pool-serve it.
 
 Problems with the arguments are argparse usage errors (exit 2); inputs lora_ext refuses (an
 adapter file, a base that does not fit, a non-finite merge) are one line ``python -m lora_ext
@@ -16,7 +18,6 @@ import contextlib
 import glob
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -25,12 +26,12 @@ import torch
 from torch import nn
 
 from .adapters import CONFIG_FILE, Adapter, extra_target, load_adapter
+from .cli_inspect import one_line, run_inspect
 from .combine import combine
 from .inject import lora_layers
 from .merge import merge_and_unload
-from .targets import pattern_value
 
-__all__ = ["add_parsers", "run_merge", "run_inspect", "CommandError"]
+__all__ = ["add_parsers", "run", "run_merge", "CommandError"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # PEFT's task_type -> the transformers Auto class its AutoPeftModelFor<Task> loads (peft/auto.py)
@@ -110,10 +111,6 @@ def add_parsers(sub, device_arg) -> None:
     i.add_argument("--max-rank", type=_rank, default=64, help="the AdapterPool's max_rank to check (default 64)")
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def run(cmd: str, args, parser: argparse.ArgumentParser) -> int:
     """Runs `merge` / `inspect`; refused inputs -> one line on stderr, exit 1."""
     try:
@@ -124,7 +121,7 @@ def run(cmd: str, args, parser: argparse.ArgumentParser) -> int:
             parser.error(f"argument --weights: {len(args.weights)} weight(s) for {len(adapters)} adapter(s)")
         return run_merge(args, base, adapters)
     except (CommandError, ValueError, TypeError, OSError, KeyError) as e:
-        print(f"python -m lora_ext {cmd}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"python -m lora_ext {cmd}: error: {one_line(e)}", file=sys.stderr)
         return 1
 
 
@@ -287,11 +284,15 @@ def _factors_as_saved(model: nn.Module, adapter: Adapter) -> None:
     """load_adapter gives each LoRA layer's factors the weight's dtype (its forward's); the merge
     takes fp32/fp16/bf16 factors on any weight, so put back the file's (combine's fp32) values:
     the merge of an fp32 adapter into a bf16 model is then round(W + ΔW) with ΔW from the file's
-    numbers, not from their bf16 roundings (float64 factors become fp32, the kernels' widest)."""
+    numbers, not from their bf16 roundings (float64 factors become fp32, the kernels' widest).
+    A DoRA magnitude too: round(g·(W + ΔW)) with g in fp32, as PEFT's merge of an fp32 adapter."""
     layers = lora_layers(model)
     for name, w in adapter.layers.items():
         layer = layers[name]
-        for pname, t in zip(layer.factor_names, (w.A, w.B)):
+        saved = zip(layer.factor_names, (w.A, w.B))
+        if w.magnitude is not None:
+            saved = [*saved, ("lora_magnitude_vector", w.magnitude)]
+        for pname, t in saved:
             if t.dtype not in DTYPES.values():
                 t = t.float()
             setattr(layer, pname, nn.Parameter(t.to(layer.weight.device), requires_grad=False))
@@ -320,6 +321,11 @@ def run_merge(args, base: str, paths: list[str]) -> int:
     t0 = time.perf_counter()
     adapters = [Adapter.load(p) for p in paths]
     weights = args.weights or [1.0] * len(adapters)
+    dora = [p for p, a in zip(paths, adapters) if a.config.get("use_dora")]
+    if dora and (len(adapters) > 1 or weights[0] != 1.0):
+        raise CommandError(f"{dora[0]} is a DoRA adapter (use_dora): it merges only alone and with weight 1 (a "
+                           "weighted sum of DoRA adapters is not a DoRA adapter: each rescales the rows of W0 + ΔWᵢ "
+                           "by its own trained magnitude)")
     cls, task = _model_class(base, adapters, args.task)
     log.print(f"loading {base} ({cls.__name__}, dtype {args.dtype}) on {args.device}")
     model = _load_base(cls, base, args.dtype, args.device, {k for a in adapters for k in a.extra},
@@ -386,112 +392,3 @@ def run_merge(args, base: str, paths: list[str]) -> int:
     table.add_row("time", f"{time.perf_counter() - t0:.1f} s")
     Console(highlight=False).print(table)
     return 0
-
-
-# ---------------------------------------------------------------- inspect
-def _group(names: list[str]) -> tuple[str, str]:
-    """("model.layers.*.self_attn.q_proj", "0-3") for module names that differ in one index."""
-    idx = [re.findall(r"\.(\d+)\.", "." + n + ".") for n in names]
-    pattern = re.sub(r"\.\d+(?=\.)", ".*", names[0])
-    flat = sorted({int(i[0]) for i in idx if i})
-    if not flat:
-        return names[0], ""
-    runs, start = [], flat[0]
-    for a, b in zip(flat, flat[1:] + [None]):
-        if b != a + 1:
-            runs.append(f"{start}" if start == a else f"{start}-{a}")
-            start = b
-    return pattern, ", ".join(runs)
-
-
-def _extra_kind(key: str, adapter: Adapter) -> str:
-    mod, leaf = extra_target(key)
-    if mod in adapter.layers and adapter.layers[mod].kind == "embedding" and leaf == "weight":
-        return "the embedding's table (PEFT saves it; servable if unchanged)"
-    if leaf == "bias":
-        return "trained bias"
-    return "modules_to_save"
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def run_inspect(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    out = Console(highlight=False)
-    path = args.adapter
-    cfg_path = os.path.join(path, CONFIG_FILE)
-    try:
-        with open(cfg_path) as f:
-            raw = json.load(f)
-    except (OSError, ValueError):
-        raw = None
-    raw = raw if isinstance(raw, dict) else {}
-    head = Table(title=f"adapter {path}", show_header=False)
-    for key in ("peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "r",
-                "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-                "fan_in_fan_out", "bias", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora"):
-        if key in raw and raw[key] not in (None, {}, []) or key in ("peft_type", "peft_version"):
-            head.add_row(key, json.dumps(raw.get(key)) if key in raw else "not recorded")
-    try:
-        adapter = Adapter.load(path)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
-        out.print(head)
-        out.print(f"lora_ext: cannot load this adapter: {_one_line(e)}")
-        return 1
-    groups: dict[tuple, list[str]] = {}
-    for name, w in adapter.layers.items():
-        alpha = pattern_value(name, adapter.config.get("alpha_pattern"), adapter.config["lora_alpha"])
-        shape = f"{w.A.shape[1]} → {w.B.shape[0]}" + (
-            f", kernel {'×'.join(map(str, w.A.shape[2:]))}" if w.kind == "conv" else "")
-        key = (re.sub(r"\.\d+(?=\.)", ".*", name), w.kind, shape, w.r, alpha, w.scale,
-               f"{str(w.A.dtype).removeprefix('torch.')}", w.A.numel() + w.B.numel())
-        groups.setdefault(key, []).append(name)
-    mods = Table(title=f"{len(adapter.layers)} LoRA modules")
-    for col in ("modules", "layers", "kind", "in → out", "r", "alpha", "scale", "dtype", "params"):
-        mods.add_column(col, justify="right" if col in ("r", "alpha", "scale", "params") else "left",
-                        overflow="fold")
-    for (pattern, kind, shape, r, alpha, scale, dtype, n), names in sorted(groups.items()):
-        pat, layers = _group(names)
-        mods.add_row(pat, layers, kind, shape, str(r), f"{alpha:g}", f"{scale:.6g}", dtype, f"{n * len(names):,}")
-    lora_params = sum(w.A.numel() + w.B.numel() for w in adapter.layers.values())
-    extra_params = sum(t.numel() for t in adapter.extra.values())
-    head.add_row("LoRA parameters", f"{lora_params:,}")
-    if adapter.extra:
-        head.add_row("other tensors", f"{len(adapter.extra)} ({extra_params:,} parameters)")
-    head.add_row("size", _fmt_bytes(adapter.nbytes()))
-    out.print(head)
-    out.print(mods)
-    if adapter.extra:
-        ex = Table(title="other tensors (loaded by load_adapter / merge)")
-        for col in ("key", "shape", "dtype", "what"):
-            ex.add_column(col, overflow="fold")
-        for k, t in sorted(adapter.extra.items()):
-            ex.add_row(k, str(tuple(t.shape)), str(t.dtype).removeprefix("torch."), _extra_kind(k, adapter))
-        out.print(ex)
-    # AdapterPool._validate's rules, as far as the file alone tells them
-    trained = sorted(k for k in adapter.extra if not _extra_kind(k, adapter).startswith("the embedding"))
-    max_r = max(w.r for w in adapter.layers.values())
-    why = []
-    if trained:
-        why.append(f"it carries trained non-LoRA tensors ({', '.join(trained[:3])}{' ...' if len(trained) > 3 else ''}) "
-                   "that a shared pool cannot apply per request")
-    convs = sorted(n for n, w in adapter.layers.items() if w.kind == "conv")
-    if convs:  # AdapterPool._validate refuses conv factors (no multi-adapter convolution layers)
-        why.append(f"it adapts convolutions ({', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}), which "
-                   "multi-adapter serving does not have")
-    if max_r > args.max_rank:
-        why.append(f"rank {max_r} > max_rank {args.max_rank}")
-    out.print("lora_ext: loads (Adapter.load, load_adapter) and merges (python -m lora_ext merge)")
-    if why:
-        out.print(f"AdapterPool: cannot serve it: {'; '.join(why)}")
-    else:
-        out.print(f"AdapterPool: can serve it (max_rank >= {max_r}, target_modules covering "
-                  f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in adapter.layers}))})")
-    return 1 if why and args.pool else 0

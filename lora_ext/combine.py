@@ -15,6 +15,11 @@ from .targets import peft_config
 
 __all__ = ["combine"]
 
+# why DoRA adapters are refused (PEFT's add_weighted_adapter takes them, but gives the result the
+# first adapter's use_dora with a fresh magnitude, the base weight's row norms: the trained ones are lost)
+_NOT_DORA = ("a weighted sum of DoRA adapters is not a DoRA adapter (each rescales the rows of W0 + ΔWᵢ by its "
+             "own trained magnitude), so DoRA adapters cannot be combined; load or merge each alone")
+
 
 def _combine_factors(items: list[tuple[torch.Tensor, torch.Tensor, float]], how: str,
                      dtype: torch.dtype | None, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +42,8 @@ def _combine_factors(items: list[tuple[torch.Tensor, torch.Tensor, float]], how:
 
 def _as_factors(x, where: str):
     if isinstance(x, LayerWeights):
+        if x.magnitude is not None:
+            raise ValueError(f"combine: {where} is a DoRA layer (LayerWeights.magnitude is set): {_NOT_DORA}")
         return x.A, x.B, float(x.scale), x.kind
     if isinstance(x, (tuple, list)) and len(x) == 3:
         conv = isinstance(x[0], torch.Tensor) and x[0].dim() > 2  # PEFT's conv factors
@@ -54,6 +61,8 @@ def combine(adapters: Sequence, weights: Sequence[float] | None = None, how: str
     (default 1). Returns the same kind (tuples give a LayerWeights), with scale 1. A combined
     Adapter gets a new PEFT config for exactly its modules (the inputs' layers_to_transform,
     exclude_modules, modules_to_save ... are not kept, nor are their extra tensors).
+    DoRA adapters (use_dora, LayerWeights.magnitude set) raise ValueError naming the adapter:
+    a weighted sum of them is no DoRA adapter.
 
     how="cat": exact. Rank sum r_i; A = [A_1; A_2; ...], B = [c_1 B_1, c_2 B_2, ...] with
       c_i = w_i * s_i, so B A = sum_i w_i s_i B_i A_i. The factors are fp32 (``dtype`` to change):
@@ -132,6 +141,11 @@ def _check_same_shapes(items, where):
 
 
 def _combine_adapters(adapters: list[Adapter], weights, how, dtype) -> Adapter:
+    for i, ad in enumerate(adapters):
+        dora = sorted(n for n, lw in ad.layers.items() if lw.magnitude is not None)
+        if dora or ad.config.get("use_dora"):
+            what = f"module {dora[0]!r} has a lora_magnitude_vector" if dora else "its config says use_dora=true"
+            raise ValueError(f"combine: adapter {i} ({ad.name!r}) is a DoRA adapter ({what}): {_NOT_DORA}")
     names = sorted({n for a in adapters for n in a.layers})
     if not names:
         raise ValueError("combine: the adapters hold no LoRA modules")

@@ -51,12 +51,13 @@ def _lora_layers_of(model: nn.Module, who: str) -> dict[str, LoRALayer]:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The LoRA factors (lora_A/lora_B, lora_embedding_A/B) of every LoRA layer, for the optimizer.
+    """The LoRA factors (lora_A/lora_B, lora_embedding_A/B) of every LoRA layer, and DoRA layers'
+    lora_magnitude_vector, for the optimizer.
 
     Works on a plain, a DDP-wrapped or a fully_shard-ed model (then they are the sharded DTensor
     parameters, as FSDP2's optimizer expects). Raises ValueError when there are no LoRA layers.
     """
-    return [getattr(m, n) for m in _lora_layers_of(model, "lora_parameters").values() for n in m.factor_names]
+    return [getattr(m, n) for m in _lora_layers_of(model, "lora_parameters").values() for n in m.lora_parameter_names]
 
 
 def _default_blocks(model: nn.Module) -> list[nn.Module]:
@@ -138,7 +139,8 @@ def _handshake(found: dict, timeout_s: float) -> None:
     arrivals = "lora_ext/save_adapter/arrivals"
     gen = (store.add(arrivals, 1) - 1) // world
     keys = [f"lora_ext/save_adapter/{gen}/{r}" for r in range(world)]
-    mine = json.dumps(sorted((n, [list(getattr(m, p).shape) for p in m.factor_names]) for n, m in found.items()))
+    mine = json.dumps(sorted((n, [list(getattr(m, p).shape) for p in m.lora_parameter_names])
+                             for n, m in found.items()))
     store.set(keys[rank], mine)
     try:
         store.wait(keys, datetime.timedelta(seconds=timeout_s))
@@ -164,7 +166,8 @@ def save_adapter(model: nn.Module, path: str, timeout_s: float = 300.0, modules_
     first, or that holds other LoRA layers, makes every caller raise RuntimeError before any
     collective starts. Works on plain, DDP, FSDP2 (fully_shard) and tensor-parallel models;
     without a process group it simply saves. ``modules_to_save``: as Adapter.from_model (whole
-    modules saved beside the factors, e.g. a trained classification head; gathered too).
+    modules saved beside the factors, e.g. a trained classification head; gathered too). DoRA
+    layers' magnitudes are gathered too and the config says use_dora=true.
     """
     found = _lora_layers_of(model, "save_adapter")
     if dist.is_available() and dist.is_initialized():
@@ -174,7 +177,8 @@ def save_adapter(model: nn.Module, path: str, timeout_s: float = 300.0, modules_
         # the parameters, gathered, then as lora_factors() gives them (a MergedLinear's padded B is
         # built from its whole lora_B, which an FSDP rank holds only a shard of)
         A, B = m.lora_factors_of(*(_full(getattr(m, p)) for p in m.factor_names))
-        layers[name] = LayerWeights(A, B, float(m.scaling), m.lora_kind)
+        mag = _full(m.lora_magnitude_vector) if m.use_dora else None  # DoRA: sharded like the factors
+        layers[name] = LayerWeights(A, B, float(m.scaling), m.lora_kind, mag)
     # trained biases and modules_to_save, as Adapter.from_model
     extra, bias_mode, kept = saved_tensors(unwrap(model), found, modules_to_save, _full, "save_adapter")
     distributed = dist.is_available() and dist.is_initialized()

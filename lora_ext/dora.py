@@ -73,6 +73,19 @@ class DoraMergeState:
     def exact(self) -> bool:
         return self.w0 is not None
 
+    def check(self, weight: torch.Tensor) -> None:
+        """Raises ValueError (changes nothing) if ``weight`` cannot be the merged weight of this state
+        (another shape; exact: another dtype than W0's copy). lora_ext.unmerge checks every layer first."""
+        if self.w0 is not None:
+            shape, dtype = tuple(self.w0.shape), self.w0.dtype
+        else:  # W / g - s B A works in any dtype
+            A, B = self.factors[:2]
+            shape = (A.shape[1], B.shape[0]) if self.fan_in_fan_out else (B.shape[0], A.shape[1])
+            dtype = weight.dtype
+        if tuple(weight.shape) != shape or weight.dtype != dtype:
+            raise ValueError(f"DoraMergeState: the weight is {tuple(weight.shape)} {weight.dtype}, but the DoRA merge "
+                             f"was of a {shape} {dtype} weight (replaced since the merge?)")
+
     def overhead(self) -> float:
         """Bytes kept beside the weight, as a fraction of the weight's (1.0: the W0 copy)."""
         return 1.0 if self.w0 is not None else 0.0

@@ -68,6 +68,11 @@ class LoRALayer(nn.Module, abc.ABC):
     def _weight_in_out(self) -> bool:
         """Whether ``weight`` is stored [in, out] (Conv1D layout, embeddings)."""
 
+    @property
+    def lora_parameter_names(self) -> tuple[str, ...]:
+        """The trained LoRA parameters: ``factor_names``, and a DoRA layer's lora_magnitude_vector."""
+        return self.factor_names + (("lora_magnitude_vector",) if self.use_dora else ())
+
     # ---------------------------------------------------------------- factors
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, scale): the layer's own A [r, in] and B [out, r] parameters (PEFT orientation;
@@ -164,6 +169,13 @@ class LoRALayer(nn.Module, abc.ABC):
         A, B, s = self._merge_factors()
         check_merge_finite(self._merge_weight(self.weight.detach()), [A.detach()], [B.detach()], [s],
                            fan_in_fan_out=self._weight_in_out)
+        if self.use_dora:  # the merged weight is g * (W + s B A): g too (a zero-norm row: inf / NaN)
+            W = self._merge_weight(self.weight.detach()).clone()
+            dora_merge_(W, A.detach(), B.detach(), s, self.lora_magnitude_vector.detach(), self._weight_in_out)
+            if not torch.isfinite(W).all():
+                raise ValueError(f"merge: the DoRA merge g·(W + s·B·A) would overflow to inf/NaN in the {W.dtype} "
+                                 "weight (g = lora_magnitude_vector / ||W + s·B·A|| per row: a zero-norm row or "
+                                 "a huge magnitude); nothing was changed")
 
     @torch.no_grad()
     def merge(self, safe: bool = False, exact: bool = True) -> None:
@@ -228,7 +240,7 @@ class LoRALayer(nn.Module, abc.ABC):
         if mode and self.merged:
             if not self._merged_for_good():
                 self.unmerge()
-            elif any(getattr(self, n).requires_grad for n in self.factor_names):
+            elif any(getattr(self, n).requires_grad for n in self.lora_parameter_names):
                 raise ValueError(f"train: this {type(self).__name__} is merged for good (drop_merge_state), so "
                                  "its forward skips LoRA and its factors would not train; freeze them "
                                  "(requires_grad_(False)) or use merge_and_unload")
@@ -257,9 +269,7 @@ class LoRALayer(nn.Module, abc.ABC):
         """A merged layer takes new factors as set_lora_factors does (unmerged, loaded, merged again),
         so its weight holds the loaded adapter; a state dict with its ``weight`` (merged or not?) or
         one for a layer merged for good is an error (load_state_dict raises RuntimeError)."""
-        a_name, b_name = self.factor_names
-        if not self.merged or not (prefix + a_name in state_dict or prefix + b_name in state_dict
-                                   or prefix + "weight" in state_dict):
+        if not self.merged or not any(prefix + n in state_dict for n in self.lora_parameter_names + ("weight",)):
             return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                                  unexpected_keys, error_msgs)
         where = f"{type(self).__name__} {prefix[:-1]!r} is merged" if prefix else f"this {type(self).__name__} is merged"
@@ -305,7 +315,7 @@ class LoRALayer(nn.Module, abc.ABC):
             self.bias = module.bias
             if self.bias is not None:
                 self.bias.requires_grad_(False)
-        for name in self.factor_names + (("lora_magnitude_vector",) if self.use_dora else ()):
+        for name in self.lora_parameter_names:
             setattr(self, name, nn.Parameter(torch.empty(getattr(self, name).shape, device=w.device, dtype=w.dtype)))
         self.base_class = type(module)
 

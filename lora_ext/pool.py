@@ -45,7 +45,7 @@ from torch import nn
 
 from .adapters import Adapter, LayerWeights, extra_target
 from .conv import is_conv
-from .layers import is_conv1d
+from .layers import LoRALayer, is_conv1d
 from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
 from .targets import check_regex, matches, output_head_names
 
@@ -127,6 +127,12 @@ class AdapterPool:
                 raise ValueError(f"AdapterPool: target_modules={target_modules!r} matches {name!r}, a "
                                  f"{type(m).__name__}: multi-adapter serving has no convolution layers (LoRAConv2d "
                                  "...); use lora_ext.load_adapter, or leave it out of target_modules")
+            if not everything and isinstance(m, LoRALayer) and matches(name, targets):
+                raise ValueError(f"AdapterPool: target_modules={target_modules!r} matches {name!r}, an injected "
+                                 f"{type(m).__name__}{' (DoRA)' if m.use_dora else ''}: a pool serves a base model's "
+                                 "nn.Linear / Conv1D / nn.Embedding (multi-adapter serving of DoRA is not supported); "
+                                 "build the pool on the model without injected layers, or leave it out of "
+                                 "target_modules")
             if name in heads or not (linear or isinstance(m, nn.Embedding)):
                 continue
             if linear if everything else matches(name, targets):
@@ -172,6 +178,12 @@ class AdapterPool:
             raise ValueError(f"{where}: the adapter carries non-LoRA tensors (modules_to_save or trained "
                              f"biases: {changed[:3]}{' ...' if len(changed) > 3 else ''}) that a shared pool "
                              "cannot apply per request; use lora_ext.load_adapter")
+        dora = sorted(n for n, w in ad.layers.items() if w.magnitude is not None)
+        if dora or ad.config.get("use_dora"):
+            what = f"module {dora[0]!r} has a lora_magnitude_vector" if dora else "its config says use_dora=true"
+            raise ValueError(f"{where}: the adapter is DoRA ({what}): multi-adapter serving computes plain LoRA "
+                             "(base + s·B·A per row), not DoRA's per-row rescaling; serve it alone with "
+                             "lora_ext.load_adapter, or merge it (python -m lora_ext merge)")
         for mod, w in ad.layers.items():
             layer = self.layers.get(mod)
             if w.kind == "conv":

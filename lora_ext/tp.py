@@ -44,7 +44,8 @@ and ``set_slot`` (the pool's loads) writes only that shard of the full adapter f
 Adapters loaded before parallelizing are sharded with the pools. Packed projections
 (out_slices) take rowwise only; embeddings stay replicated (leave them out of the plan).
 ``parallelize_lora`` is ``parallelize_module`` that first checks the whole plan and raises a
-ValueError naming the module (by path) when an entry does not fit, before changing anything.
+ValueError naming the module (by path) when an entry does not fit, before changing anything. DoRA
+layers (LoRALinear(use_dora=True)) are not tensor-parallel: both styles refuse them by name.
 
 Dropout (p > 0): each rank draws its mask seed from its own generator, and the mask of element
 (t, j) of the rank's x is a hash of (seed, t * in_local + j). Colwise ranks all see the full x:
@@ -80,7 +81,8 @@ __all__ = ["ColwiseParallelLoRA", "RowwiseParallelLoRA", "parallelize_lora", "va
 
 def _describe(module: nn.Module) -> str:
     if isinstance(module, LoRALinear):
-        return f"LoRALinear(in_features={module.in_features}, out_features={module.out_features}, r={module.r})"
+        return (f"LoRALinear(in_features={module.in_features}, out_features={module.out_features}, r={module.r}"
+                + (", use_dora=True)" if module.use_dora else ")"))
     if isinstance(module, _MultiLoRA):
         return f"{type(module).__name__}({module.extra_repr()})"
     text = repr(module).split("\n")[0]
@@ -97,6 +99,10 @@ def _check(style: str, module: nn.Module, mesh: DeviceMesh, dim_name: str, name:
     if not isinstance(module, (LoRALinear, MultiLoRALinear)):
         raise ValueError(f"{what} is a {type(module).__name__}, not a lora_ext LoRALinear or MultiLoRALinear "
                          f"(use torch's {style[:-4]} for plain layers)")
+    if isinstance(module, LoRALinear) and module.use_dora:
+        raise ValueError(f"{what}: DoRA layers (use_dora) are not tensor-parallel: each output row is divided by "
+                         "the norm of that row of W + s·B·A over all input columns (rowwise shards would need an "
+                         "all-reduce of it; colwise is not implemented either); leave it out of the plan (replicated)")
     if isinstance(module, (_TPLoRALinear, _TPMultiLoRALinear)) or any(
             isinstance(p, DTensor) for p in module.parameters()):
         raise ValueError(f"{what} is already parallelized (its parameters are DTensors)")
@@ -340,8 +346,8 @@ def _resolve(model: nn.Module, key: str) -> list[tuple[str, nn.Module]]:
 def validate_plan(model: nn.Module, device_mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> None:
     """Raises a ValueError naming the module (by path) for the first plan entry that does not fit:
     a key that matches nothing, a module reached twice, a LoRA style on a module it cannot shard
-    (not a LoRALinear / MultiLoRALinear, an indivisible dim, a packed projection colwise, already
-    parallel), or torch's own Colwise/RowwiseParallel on a LoRA layer or on the base of one."""
+    (not a LoRALinear / MultiLoRALinear, a DoRA layer, an indivisible dim, a packed projection colwise,
+    already parallel), or torch's own Colwise/RowwiseParallel on a LoRA layer or on the base of one."""
     if not isinstance(plan, dict):
         raise TypeError(f"parallelize_lora: expected a dict plan {{module path: style}}, got {type(plan).__name__}")
     owners = {id(m): n for n, m in model.named_modules()}

@@ -1,5 +1,5 @@
-"""`python -m lora_ext merge` / `inspect` (lora_ext/cli_merge.py), run as a user runs them: tiny Llama /
-GPT-2 models saved with save_pretrained, PEFT adapters saved with save_pretrained, the CLI in a
+"""`python -m lora_ext merge` / `inspect` (lora_ext/cli_merge.py, cli_inspect.py), run as a user runs them: tiny
+Llama / GPT-2 models saved with save_pretrained, PEFT adapters saved with save_pretrained, the CLI in a
 subprocess, the result loaded with plain transformers and compared with PEFT's merge_and_unload."""
 import json
 import os
@@ -371,14 +371,25 @@ def test_non_finite_merge_refused_under_safe(dirs, tmp_path):
 def test_adapter_base_mismatch_and_refused_adapter(dirs, tmp_path):
     r = cli("merge", dirs["llama"], dirs["gpt2_wte"], "--out", tmp_path / "x")
     one_error_line(r, 1, "load_adapter: the model has no module 'transformer.h.0.mlp.c_fc'")
+    # DoRA (use_dora, once refused) merges alone as PEFT's merge_and_unload does; lora_bias is still refused
     dora = tmp_path / "dora"
     pm = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(dirs["llama"]),
-                             peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+                             peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=True))
+    randomize(pm, 6)  # magnitudes too: g = m / ||W + sBA|| far from 1
     pm.save_pretrained(dora)
-    one_error_line(cli("merge", dirs["llama"], dora, "--out", tmp_path / "y"), 1, "use_dora", "not supported")
+    r = cli("merge", dirs["llama"], dora, "--out", tmp_path / "y")
+    assert r.returncode == 0, r.stderr
+    got = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "y"))
+    assert rel(got, logits(peft_merged(dirs["llama"], dora))) <= 1e-5
     r = cli("inspect", dora)
+    assert r.returncode == 0 and "use_dora" in r.stdout and "DoRA magnitudes" in r.stdout, r.stdout
+    bias = tmp_path / "lora_bias"
+    peft.get_peft_model(AutoModelForCausalLM.from_pretrained(dirs["llama"]),
+                        peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True)).save_pretrained(bias)
+    one_error_line(cli("merge", dirs["llama"], bias, "--out", tmp_path / "z"), 1, "lora_bias", "not supported")
+    r = cli("inspect", bias)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "cannot load this adapter" in r.stdout and "use_dora" in r.stdout
+    assert "cannot load this adapter" in r.stdout and "lora_bias" in r.stdout
 
 
 @pytest.fixture

@@ -1,0 +1,132 @@
+"""`python -m lora_ext inspect ADAPTER` (the parser: lora_ext/cli_merge.py add_parsers): what a PEFT
+adapter directory holds and whether lora_ext loads and merges it and an AdapterPool can serve it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from .adapters import CONFIG_FILE, Adapter, extra_target
+from .targets import pattern_value
+
+__all__ = ["run_inspect", "one_line"]
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line (the CLI's error lines)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _group(names: list[str]) -> tuple[str, str]:
+    """("model.layers.*.self_attn.q_proj", "0-3") for module names that differ in one index."""
+    idx = [re.findall(r"\.(\d+)\.", "." + n + ".") for n in names]
+    pattern = re.sub(r"\.\d+(?=\.)", ".*", names[0])
+    flat = sorted({int(i[0]) for i in idx if i})
+    if not flat:
+        return names[0], ""
+    runs, start = [], flat[0]
+    for a, b in zip(flat, flat[1:] + [None]):
+        if b != a + 1:
+            runs.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return pattern, ", ".join(runs)
+
+
+def _extra_kind(key: str, adapter: Adapter) -> str:
+    mod, leaf = extra_target(key)
+    if mod in adapter.layers and adapter.layers[mod].kind == "embedding" and leaf == "weight":
+        return "the embedding's table (PEFT saves it; servable if unchanged)"
+    if leaf == "bias":
+        return "trained bias"
+    return "modules_to_save"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def run_inspect(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    path = args.adapter
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        raw = None
+    raw = raw if isinstance(raw, dict) else {}
+    head = Table(title=f"adapter {path}", show_header=False)
+    for key in ("peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "r",
+                "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                "fan_in_fan_out", "bias", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora"):
+        if key in raw and raw[key] not in (None, {}, []) or key in ("peft_type", "peft_version"):
+            head.add_row(key, json.dumps(raw.get(key)) if key in raw else "not recorded")
+    try:
+        adapter = Adapter.load(path)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        out.print(head)
+        out.print(f"lora_ext: cannot load this adapter: {one_line(e)}")
+        return 1
+    groups: dict[tuple, list[str]] = {}
+    for name, w in adapter.layers.items():
+        alpha = pattern_value(name, adapter.config.get("alpha_pattern"), adapter.config["lora_alpha"])
+        shape = f"{w.A.shape[1]} → {w.B.shape[0]}" + (
+            f", kernel {'×'.join(map(str, w.A.shape[2:]))}" if w.kind == "conv" else "")
+        key = (re.sub(r"\.\d+(?=\.)", ".*", name), w.kind, shape, w.r, alpha, w.scale,
+               f"{str(w.A.dtype).removeprefix('torch.')}", w.A.numel() + w.B.numel())
+        groups.setdefault(key, []).append(name)
+    mods = Table(title=f"{len(adapter.layers)} LoRA modules")
+    for col in ("modules", "layers", "kind", "in → out", "r", "alpha", "scale", "dtype", "params"):
+        mods.add_column(col, justify="right" if col in ("r", "alpha", "scale", "params") else "left",
+                        overflow="fold")
+    for (pattern, kind, shape, r, alpha, scale, dtype, n), names in sorted(groups.items()):
+        pat, layers = _group(names)
+        mods.add_row(pat, layers, kind, shape, str(r), f"{alpha:g}", f"{scale:.6g}", dtype, f"{n * len(names):,}")
+    lora_params = sum(w.A.numel() + w.B.numel() for w in adapter.layers.values())
+    dora = bool(adapter.config.get("use_dora"))
+    if dora:
+        head.add_row("DoRA magnitudes", f"{sum(w.magnitude.numel() for w in adapter.layers.values()):,} "
+                     "(lora_magnitude_vector, one per output feature)")
+    extra_params = sum(t.numel() for t in adapter.extra.values())
+    head.add_row("LoRA parameters", f"{lora_params:,}")
+    if adapter.extra:
+        head.add_row("other tensors", f"{len(adapter.extra)} ({extra_params:,} parameters)")
+    head.add_row("size", _fmt_bytes(adapter.nbytes()))
+    out.print(head)
+    out.print(mods)
+    if adapter.extra:
+        ex = Table(title="other tensors (loaded by load_adapter / merge)")
+        for col in ("key", "shape", "dtype", "what"):
+            ex.add_column(col, overflow="fold")
+        for k, t in sorted(adapter.extra.items()):
+            ex.add_row(k, str(tuple(t.shape)), str(t.dtype).removeprefix("torch."), _extra_kind(k, adapter))
+        out.print(ex)
+    # AdapterPool._validate's rules, as far as the file alone tells them
+    trained = sorted(k for k in adapter.extra if not _extra_kind(k, adapter).startswith("the embedding"))
+    max_r = max(w.r for w in adapter.layers.values())
+    why = []
+    if trained:
+        why.append(f"it carries trained non-LoRA tensors ({', '.join(trained[:3])}{' ...' if len(trained) > 3 else ''}) "
+                   "that a shared pool cannot apply per request")
+    convs = sorted(n for n, w in adapter.layers.items() if w.kind == "conv")
+    if convs:  # AdapterPool._validate refuses conv factors (no multi-adapter convolution layers)
+        why.append(f"it adapts convolutions ({', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}), which "
+                   "multi-adapter serving does not have")
+    if dora:  # AdapterPool._validate refuses DoRA (multi-adapter layers compute plain LoRA)
+        why.append("it is a DoRA adapter (use_dora), which multi-adapter serving does not compute")
+    if max_r > args.max_rank:
+        why.append(f"rank {max_r} > max_rank {args.max_rank}")
+    out.print("lora_ext: loads (Adapter.load, load_adapter) and merges (python -m lora_ext merge" +
+              (", alone and with weight 1: DoRA adapters are not combined)" if dora else ")"))
+    if why:
+        out.print(f"AdapterPool: cannot serve it: {'; '.join(why)}")
+    else:
+        out.print(f"AdapterPool: can serve it (max_rank >= {max_r}, target_modules covering "
+                  f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in adapter.layers}))})")
+    return 1 if why and args.pool else 0
