@@ -118,8 +118,6 @@ def run_inspect(args) -> int:
     if convs:  # AdapterPool._validate refuses conv factors (no multi-adapter convolution layers)
         why.append(f"it adapts convolutions ({', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}), which "
                    "multi-adapter serving does not have")
-    if dora:  # AdapterPool._validate refuses DoRA (multi-adapter layers compute plain LoRA)
-        why.append("it is a DoRA adapter (use_dora), which multi-adapter serving does not compute")
     if max_r > args.max_rank:
         why.append(f"rank {max_r} > max_rank {args.max_rank}")
     out.print("lora_ext: loads (Adapter.load, load_adapter) and merges (python -m lora_ext merge" +
@@ -127,6 +125,6 @@ def run_inspect(args) -> int:
     if why:
         out.print(f"AdapterPool: cannot serve it: {'; '.join(why)}")
     else:
-        out.print(f"AdapterPool: can serve it (max_rank >= {max_r}, target_modules covering "
+        out.print(f"AdapterPool: can serve it ({'dora=True, ' if dora else ''}max_rank >= {max_r}, target_modules covering "
                   f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in adapter.layers}))})")
     return 1 if why and args.pool else 0

@@ -31,6 +31,14 @@ own A (``A_pool`` [n, S, r_max, in]) and its rows of B, rank and scale.
 token's u is the A column of its id, then ``lora_expand_`` adds ``scale * B @ u``.
 The layers are for inference: they mutate the base output in place and have no backward.
 
+DoRA (``MultiLoRALinear(..., dora=True)``, ``AdapterPool(..., dora=True)``): a slot may hold a DoRA
+adapter, whose tokens get ``g * (W0 x + s B A x) + b`` with g = m / ||W0 + s B A|| per output feature
+(lora_ext.dora). The norm is constant for a loaded adapter, so ``set_slot`` computes g once
+(``dora_norm``) into ``dora_scales`` [S + 1, out] (fp32; row S: ones, for tokens without an adapter
+or a plain LoRA one) with ``dora_bias`` = (1 - g) b; after multi_lora_, one fused pass gathers the
+token's rows and writes ``y * g + (1 - g) b`` into y (the base output's rounding is scaled, not
+repeated). Not with out_slices or tensor parallelism.
+
 Tensor parallelism (``lora_ext.tp``): ColwiseParallelLoRA / RowwiseParallelLoRA shard a
 MultiLoRALinear like its base layer: colwise keeps rows ``out_shard`` = (lo, hi) of B_pool
 (dim 1), rowwise columns ``in_shard`` of A_pool (last dim). The pools then hold this rank's
@@ -45,6 +53,7 @@ from torch import nn
 
 from .layers import is_conv1d
 from .sharding import is_dtensor
+from .dora import dora_norm  # TEMP: from .ops once the op lands
 from .ops import lora_expand_, multi_lora_
 from .ops._checks import as_scale
 
@@ -233,14 +242,15 @@ class _MultiLoRA(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # model.to(torch.bfloat16) / .half() casts the pools with the base weight, but the per-slot
-        # scales stay fp32 (the ops take them in fp32; a bf16 alpha/r would also lose digits).
-        # Run outside inference mode: pools made there would be inference tensors, which set_slot
-        # could not update in place outside it (e.g. in a loader thread)
-        scales = self.scales
+        # scales (and DoRA's) stay fp32 (the ops take them in fp32; a bf16 alpha/r would also lose
+        # digits). Run outside inference mode: pools made there would be inference tensors, which
+        # set_slot could not update in place outside it (e.g. in a loader thread)
+        fp32 = {k: getattr(self, k) for k in ("scales", "dora_scales", "dora_bias") if hasattr(self, k)}
         with torch.inference_mode(False):
             out = super()._apply(fn, *args, **kwargs)
-            if self.scales.dtype != torch.float32:
-                self.scales = scales.to(self.scales.device)
+            for k, old in fp32.items():
+                if getattr(self, k).dtype != torch.float32:
+                    setattr(self, k, old.to(getattr(self, k).device))
         return out
 
     def _slice_bounds(self):
@@ -322,6 +332,9 @@ class _MultiLoRA(nn.Module):
         self.scales[..., slot] = 0.0
         self.A_pool[..., slot, :, :].zero_()
         self.B_pool[slot].zero_()
+        if getattr(self, "dora", False):
+            self.dora_scales[slot] = 1.0
+            self.dora_bias[slot] = 0.0
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.context is None:
@@ -353,21 +366,63 @@ class MultiLoRALinear(_MultiLoRA):
         r_max: the largest rank a slot can hold.
         out_slices: column widths of a packed projection (sum = out_features), or None.
         context: the model's LoRAContext (or set later with ``attach_context``).
+        dora: slots may hold DoRA adapters (set_slot's ``magnitude``; see the module docstring):
+            2 more fp32 rows of ``out`` per slot and one elementwise pass over the output.
     """
 
     def __init__(self, base: nn.Module, num_slots: int, r_max: int,
                  out_slices: Optional[Sequence[int]] = None,
-                 context: Optional[LoRAContext] = None):
+                 context: Optional[LoRAContext] = None, dora: bool = False):
         if not (isinstance(base, nn.Linear) or is_conv1d(base)):
             raise TypeError(f"MultiLoRALinear: base must be an nn.Linear or transformers Conv1D, got "
                             f"{type(base).__name__} (no multi-adapter layer for convolutions or other modules)")
         in_f, out_f = base.weight.shape if is_conv1d(base) else (base.in_features, base.out_features)
         super().__init__(base, in_f, out_f, num_slots, r_max, out_slices, context)
+        self.dora = bool(dora)
+        if self.dora:
+            if out_slices is not None:
+                raise ValueError("MultiLoRALinear: dora=True with out_slices is not supported (one DoRA "
+                                 "magnitude per output feature of the whole layer)")
+            with torch.inference_mode(False):
+                kw = dict(dtype=torch.float32, device=base.weight.device)
+                self.register_buffer("dora_scales", torch.ones(num_slots + 1, out_f, **kw), persistent=False)
+                self.register_buffer("dora_bias", torch.zeros(num_slots + 1, out_f, **kw), persistent=False)
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, A, B, scale, magnitude: Optional[torch.Tensor] = None) -> None:
+        """As _MultiLoRA.set_slot; ``magnitude`` [out] makes it a DoRA adapter (layer built with
+        dora=True): its g = m / ||W0 + scale B A|| (the norm rounded to m's dtype, as
+        LoRALinear(use_dora=True)) is computed here, once."""
+        name = type(self).__name__
+        if magnitude is not None and (not self.dora or tuple(magnitude.shape) != (self.out_features,)):
+            raise ValueError(f"{name}.set_slot: " + (f"magnitude must be [{self.out_features}], got "
+                                                     f"{tuple(magnitude.shape)}" if self.dora else
+                                                     "a DoRA magnitude needs a layer built with dora=True"))
+        if magnitude is not None and (self.in_shard or self.out_shard):
+            raise ValueError(f"{name}.set_slot: DoRA adapters are not served under tensor parallelism")
+        super().set_slot(slot, A, B, scale)
+        if not self.dora:
+            return
+        g = torch.ones(self.out_features, dtype=torch.float32, device=self.dora_scales.device)
+        if magnitude is not None:
+            W, s = self.base.weight, float(self.scales[slot])
+            n = dora_norm(W, A.to(W.device, W.dtype), B.to(W.device, W.dtype), s, fan_in_fan_out=is_conv1d(self.base))
+            m = magnitude.to(W.device)
+            g = (m.float() / n.to(m.dtype).float()).to(g.device)
+        self.dora_scales[slot] = g
+        b = self.bias
+        self.dora_bias[slot] = 0.0 if b is None else (1 - g) * b.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base_forward(x)
-        multi_lora_(y, x, self.A_pool, self.B_pool, self.context.tokens(x.shape[:-1]), self.scales,
+        idx = self.context.tokens(x.shape[:-1])
+        multi_lora_(y, x, self.A_pool, self.B_pool, idx, self.scales,
                     self.ranks, self.out_slices, bad_index_count=self.context.bad_index_count)
+        if self.dora:  # y = y * g + (1 - g) b per token, rounded once (rows S: g = 1 for no/bad slots)
+            S = self.num_slots
+            gi = torch.where((idx >= 0) & (idx < S), idx, S).long()
+            y2 = y.view(-1, self.out_features)
+            torch.addcmul(self.dora_bias[gi], y2, self.dora_scales[gi], out=y2)
         return y
 
 

@@ -77,17 +77,18 @@ class AdapterPool:
     model's). host_cache_bytes: pinned host copies kept of evicted adapters (None: no limit; beyond
     it they are re-read from their files; adapters loaded as Adapter objects have none and stay
     until unload()). max_tokens: the most names one batch() may take (rows, or tokens with
-    per_token=True).
+    per_token=True). dora: also serve DoRA adapters (use_dora; linear targets: MultiLoRALinear's
+    dora=True, which costs 2 fp32 rows of out_features per slot and one pass over each output).
     """
 
     def __init__(self, model: nn.Module, target_modules=None, max_adapters: int = 16, max_rank: int = 64,
-                 device=None, host_cache_bytes: int | None = None, max_tokens: int = 65536):
+                 device=None, host_cache_bytes: int | None = None, max_tokens: int = 65536, dora: bool = False):
         for arg, v, least in (("max_adapters", max_adapters, 1), ("max_rank", max_rank, 1),
                               ("max_tokens", max_tokens, 1), ("host_cache_bytes", host_cache_bytes, 0)):
             if not (arg == "host_cache_bytes" and v is None or _is_int(v) and v >= least):
                 raise ValueError(f"AdapterPool: {arg} must be {'None or ' if least == 0 else ''}an int >= {least}, "
                                  f"got {v!r:.80}")
-        self.model, self.max_adapters, self.max_rank = model, max_adapters, max_rank
+        self.model, self.max_adapters, self.max_rank, self.dora = model, max_adapters, max_rank, bool(dora)
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.host_cache_bytes = host_cache_bytes
@@ -145,9 +146,10 @@ class AdapterPool:
         modules = dict(self.model.named_modules())
         layers = {}
         for name, m in chosen.items():  # all built first: a module that cannot be served changes nothing
+            extra = {} if isinstance(m, nn.Embedding) else {"dora": self.dora}
             kind = MultiLoRAEmbedding if isinstance(m, nn.Embedding) else MultiLoRALinear
             try:
-                layers[name] = kind(m, self.max_adapters, self.max_rank, context=self.context)
+                layers[name] = kind(m, self.max_adapters, self.max_rank, context=self.context, **extra)
             except ValueError as e:
                 raise ValueError(f"AdapterPool: module {name!r}: {e}") from e
         for name, layer in layers.items():
@@ -179,11 +181,10 @@ class AdapterPool:
                              f"biases: {changed[:3]}{' ...' if len(changed) > 3 else ''}) that a shared pool "
                              "cannot apply per request; use lora_ext.load_adapter")
         dora = sorted(n for n, w in ad.layers.items() if w.magnitude is not None)
-        if dora or ad.config.get("use_dora"):
+        if (dora or ad.config.get("use_dora")) and not self.dora:
             what = f"module {dora[0]!r} has a lora_magnitude_vector" if dora else "its config says use_dora=true"
-            raise ValueError(f"{where}: the adapter is DoRA ({what}): multi-adapter serving computes plain LoRA "
-                             "(base + s·B·A per row), not DoRA's per-row rescaling; serve it alone with "
-                             "lora_ext.load_adapter, or merge it (python -m lora_ext merge)")
+            raise ValueError(f"{where}: the adapter is DoRA ({what}) and the pool was built without dora=True "
+                             "(AdapterPool(..., dora=True) serves DoRA and plain adapters in one batch)")
         for mod, w in ad.layers.items():
             layer = self.layers.get(mod)
             if w.kind == "conv":
@@ -401,8 +402,9 @@ class AdapterPool:
                 if w is None:
                     layer.clear_slot(slot)
                 else:
+                    mag = {} if w.magnitude is None else {"magnitude": w.magnitude.to(self.device, non_blocking=True)}
                     layer.set_slot(slot, w.A.to(self.device, non_blocking=True),
-                                   w.B.to(self.device, non_blocking=True), w.scale)
+                                   w.B.to(self.device, non_blocking=True), w.scale, **mag)
         e.ready = self._slot_event[slot] if stream is not None else None
         self._slot_owner[slot] = e.name
         e.slot = slot
@@ -422,7 +424,8 @@ class AdapterPool:
 
 def _pinned(ad: Adapter, name: str) -> Adapter:
     """A copy of `ad` in (pinned, when CUDA is available) host memory."""
-    return Adapter({k: LayerWeights(_pin(w.A), _pin(w.B), w.scale, w.kind) for k, w in ad.layers.items()},
+    return Adapter({k: LayerWeights(_pin(w.A), _pin(w.B), w.scale, w.kind,
+                                    None if w.magnitude is None else _pin(w.magnitude)) for k, w in ad.layers.items()},
                    ad.config, name)
 
 
@@ -437,7 +440,7 @@ def _digest(ad: Adapter) -> bytes:
         w = ad.layers[name]
         h.update(repr((name, w.kind, float(w.scale), str(w.A.dtype), str(w.B.dtype), tuple(w.A.shape),
                        tuple(w.B.shape))).encode())
-        for t in (w.A, w.B):
+        for t in (w.A, w.B) + (() if w.magnitude is None else (w.magnitude,)):
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
     return h.digest()
 

@@ -99,8 +99,8 @@ def _check(style: str, module: nn.Module, mesh: DeviceMesh, dim_name: str, name:
     if not isinstance(module, (LoRALinear, MultiLoRALinear)):
         raise ValueError(f"{what} is a {type(module).__name__}, not a lora_ext LoRALinear or MultiLoRALinear "
                          f"(use torch's {style[:-4]} for plain layers)")
-    if isinstance(module, LoRALinear) and module.use_dora:
-        raise ValueError(f"{what}: DoRA layers (use_dora) are not tensor-parallel: each output row is divided by "
+    if module.use_dora if isinstance(module, LoRALinear) else module.dora:
+        raise ValueError(f"{what}: DoRA layers (use_dora, or a pool's dora=True) are not tensor-parallel: each output row is divided by "
                          "the norm of that row of W + s·B·A over all input columns (rowwise shards would need an "
                          "all-reduce of it; colwise is not implemented either); leave it out of the plan (replicated)")
     if isinstance(module, (_TPLoRALinear, _TPMultiLoRALinear)) or any(
