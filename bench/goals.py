@@ -12,7 +12,8 @@ bench-<gpu>.json, a list of them) and checks the goals of the GPU validation iss
     PEFT's own merge + unmerge of the same weight (the exact cycle beside it);
   Llama 4x1024, 16 distinct adapters: AdapterPool faster than PEFT's adapter_names, decode and
     prefill (both x the base model beside it); patch_peft's train step no slower than PEFT's;
-  a DoRA layer (4096^2, T = 2048) after patch_peft no slower than PEFT's DoRA layer.
+  a DoRA layer (4096^2, T = 2048) after patch_peft no slower than PEFT's DoRA layer;
+  dora_norm (4096^2, r = 16, fp32 / bf16, both layouts) faster than PEFT's DoRA weight norm.
 A value is the median of its runs; "range" is its fastest-slowest run where the benchmark kept it.
 On CUDA the multi_lora_ times come from CUDA-graph replays (kernel time, no launch gaps);
 "eager_ms" beside them is one eager call, launch gaps included.
@@ -61,6 +62,9 @@ GOALS = [
     *[(f"exact (MergeState) merge+unmerge 4096^2 {dt} r=16: x faster than PEFT's", "merge",
        {"part": "peft", "dtype": dt}, "exact: x faster", None, None, ["exact_cycle_ms"])
       for dt in ("float32", "bfloat16")],
+    *[(f"dora_norm 4096^2 r=16 {dt} {lay}: x faster than PEFT's DoRA norm", "dora",
+       {"dtype": dt, "layout": lay}, "x faster than PEFT", ">=", 1.0, ["lora_ext_ms", "peft_ms", "GB/s"])
+      for dt in ("float32", "bfloat16") for lay in ("out x in", "in x out (fifo)")],
     *[(f"Llama 4x1024 {ph}, 16 adapters: AdapterPool x faster than PEFT", "pool",
        {"phase": ph, "adapters": 16}, "speedup vs PEFT", ">=", 1.0, ["lora_ext x base", "PEFT x base"])
       for ph in ("decode", "prefill")],

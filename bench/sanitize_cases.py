@@ -9,8 +9,8 @@ factors at misaligned addresses (a storage offset of one element), lora_linear f
 backward with dropout (same seed on both devices: the same mask; CUDA in both orders of its
 halves), multi_lora_ with -1 and out-of-range indices (counted, never touched), mixed ranks
 (0 included), out_slices, the two halves lora_shrink / lora_expand_ (add_inputs both ways),
-merge_ / exact merge + unmerge through a MergeState / merge_points_ (CPU and CUDA give the same
-bits).
+merge_ / exact merge + unmerge through a MergeState / merge_points_, dora_norm in both layouts and
+over several chunks (CPU and CUDA give the same bits).
 
 python bench/sanitize_cases.py [--quick]   (quick: T in {1, 9, 72}, r in {1, 17}; for racecheck)
 Exit status 1 if any CUDA result differs from the CPU one (printed); run with
@@ -26,7 +26,8 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lora_ext.ops import MergeState, lora_apply_, lora_expand_, lora_shrink, merge_, multi_lora_, unmerge_  # noqa: E402
+from lora_ext.ops import (MergeState, dora_norm, lora_apply_, lora_expand_, lora_shrink, merge_,  # noqa: E402
+                          multi_lora_, unmerge_)
 
 # the device checked against the CPU: cuda; LORA_EXT_SANITIZE_DEVICE=cpu dry-runs this script's
 # plumbing on a machine without a GPU (CPU against itself, valid indices only)
@@ -175,6 +176,25 @@ def merges(ranks, dtypes, gen):
                 check(f"merge_points_ {tag}", Wc, Wr, exact=True)
 
 
+def doras(ranks, dtypes, gen):
+    """dora_norm: both modes (fan_in_fan_out; a column-major weight), one and several 512-wide
+    chunks (the partials' workspace and the finishing launch), r = 0, misaligned weights, fp32
+    factors on 16-bit weights: the CPU's bits."""
+    for dt in dtypes + [torch.float16]:
+        for (o, i) in [(37, 131), (300, 257), (33, 1100)]:
+            for r in [0] + ranks:
+                for fifo in (False, True):
+                    W = odd((i, o) if fifo else (o, i), dt, gen, 0.05)
+                    W.view(-1)[::97] = 0
+                    A, B = odd((r, i), torch.float32 if r == 1 else dt, gen), odd((o, r), dt, gen, 0.02)
+                    tag = f"{o}x{i} r={r} fifo={fifo} {dt}"
+                    Ad, Bd = A.to(DEV), B.to(DEV)
+                    for name, Wd, Wc in (("misaligned", cuda_copy(W, True), W),
+                                         ("column-major", W.t().contiguous().t().to(DEV), W.t().contiguous().t())):
+                        check(f"dora_norm {name} {tag}", dora_norm(Wd, Ad, Bd, 0.7, fan_in_fan_out=fifo),
+                              dora_norm(Wc, A, B, 0.7, fan_in_fan_out=fifo), exact=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="T in {1, 9, 72}, r in {1, 17}, bf16 only")
@@ -189,6 +209,7 @@ def main(argv=None) -> int:
     single_adapter(Ts, ranks, [(67, 131), (1024, 256)], dtypes, gen)
     multi_adapter(Ts, ranks, dtypes, gen)
     merges(ranks, dtypes, gen)
+    doras(ranks, dtypes, gen)
     if DEV == "cuda":
         torch.cuda.synchronize()
     print(f"sanitize_cases: {count} {DEV} results checked against the CPU kernels, {len(failures)} differ")

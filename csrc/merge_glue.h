@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -118,6 +119,64 @@ inline WeightView weight_view(const char* op, const at::Tensor& W) {
     v.ld = v.P > 1 ? v.view.stride(0) : v.Q;
   }
   return v;
+}
+
+// dora_norm's arguments, checked (every error names dora_norm and the argument): the weight as a
+// [P, Q] view with unit column stride (read in place; a column-major weight as W^T; any other
+// layout is copied, as merge_ does) and where `in` runs (rows: along Q, one norm per row of the
+// view; else along P, one per column). dora_operands adds merge_'s fp32 operands of the adapter
+// (Rt = r; none when r == 0).
+struct DoraArgs {
+  at::Tensor view;
+  int64_t P = 0, Q = 0, ld = 0, out = 0, in = 0;
+  bool rows = true, transposed = false;
+  DType dtype = DType::F32;
+  MergeOperands ops;
+};
+
+inline DoraArgs dora_args(const char* op, const at::Tensor& W, const at::Tensor& A,
+                          const at::Tensor& B, double scale, bool fifo) {
+  const char* layout = fifo ? "[in, out] (fan_in_fan_out)" : "[out, in]";
+  TORCH_CHECK(W.dim() == 2, op, ": weight must be 2-D ", layout, ", got shape ", W.sizes());
+  TORCH_CHECK(A.dim() == 2, op, ": A must be 2-D [r, in], got shape ", A.sizes());
+  TORCH_CHECK(B.dim() == 2, op, ": B must be 2-D [out, r], got shape ", B.sizes());
+  DoraArgs a;
+  a.dtype = to_dtype(W, op, "weight");
+  a.out = W.size(fifo ? 1 : 0);
+  a.in = W.size(fifo ? 0 : 1);
+  const int64_t r = A.size(0);
+  TORCH_CHECK(A.size(1) == a.in, op, ": A must be [r, in] with in = ", a.in, " (weight ", W.sizes(),
+              " is ", layout, "), got A ", A.sizes());
+  TORCH_CHECK(B.size(0) == a.out && B.size(1) == r, op, ": B must be [out, r] = [", a.out, ", ", r,
+              "] (out from weight ", W.sizes(), " ", layout, ", r = A.size(0)), got B ", B.sizes());
+  for (const auto& [t, name] : {std::pair{&A, "A"}, std::pair{&B, "B"}}) {
+    const auto st = t->scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+                " has dtype ", st, "; supported are float32, float16 and bfloat16");
+    TORCH_CHECK(t->device() == W.device(), op, ": ", name, " is on ", t->device(),
+                " but weight is on ", W.device(), "; all tensors must be on one device");
+  }
+  f32_scale(op, "scale", scale);
+  if (W.stride(1) == 1 || W.size(1) <= 1) {
+    a.view = W;
+  } else if (W.stride(0) == 1 || W.size(0) <= 1) {
+    a.view = W.t();
+    a.transposed = true;
+  } else {
+    a.view = W.contiguous();
+  }
+  a.P = a.view.size(0);
+  a.Q = a.view.size(1);
+  a.ld = a.P > 1 ? a.view.stride(0) : a.Q;
+  a.rows = fifo == a.transposed;
+  return a;
+}
+
+inline void dora_operands(const char* op, DoraArgs& a, const at::Tensor& W, const at::Tensor& A,
+                          const at::Tensor& B, double scale, bool fifo, int64_t row_pad,
+                          int64_t col_pad, int64_t panels = 0) {
+  if (A.size(0) > 0)
+    a.ops = merge_operands(op, W, fifo, a.transposed, {A}, {B}, {scale}, row_pad, col_pad, panels);
 }
 
 // remerge_'s state tensors: codes (k-bit codes of W0, int32 words) and fails (one bit

@@ -76,6 +76,9 @@ TORCH_LIBRARY(lora_ext, m) {
   // dtype) an exact merge under the fp32 sums s[i] could not restore from k-bit codes (int64 [4]).
   // MergeState picks its code width from these counts on a sample.
   m.def("merge_code_failures(Tensor w0, Tensor s) -> Tensor");
+  // DoRA's column norm: n[o] = ||W[o, :] + scale * (B A)[o, :]||_2 over `in` (W [in, out] with
+  // fan_in_fan_out), float32 [out]; the delta as merge_ computes it, never materialised.
+  m.def("dora_norm(Tensor weight, Tensor A, Tensor B, float scale, bool fan_in_fan_out) -> Tensor");
   // Build facts of this binary: "cpu:<kernels picked for this CPU>", "cuda:<compiled archs>".
   m.def("build_info() -> str[]", &build_info);
 }

@@ -63,6 +63,10 @@ def cases(device):
                           (W16.clone(), torch.tensor([0, 5, o * i - 1], device=device),
                            W16.view(-1)[:3].clone(), [A16], [B16], [0.5], False)),
         "merge_code_failures": (OPS.merge_code_failures.default, (W16, _t(o, i, device=device, seed=9))),
+        "dora_norm": (OPS.dora_norm.default, (W16, A16, B16, 1.5, False)),
+        # Conv1D layout [in, out], fp32 factors on a bf16 weight, r = 0
+        "dora_norm.fifo": (OPS.dora_norm.default, (W16.t().contiguous(), A, B, -0.5, True)),
+        "dora_norm.r0": (OPS.dora_norm.default, (W, A[:0], B[:, :0], 1.0, False)),
     }
 
 

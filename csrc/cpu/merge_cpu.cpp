@@ -145,15 +145,10 @@ LORA_EXT_AVX2 void merge_tile_avx2(Raw<F>* W, int64_t ld, const float* L, int64_
 
 #endif
 
-using STile = void (*)(const float*, int64_t, const float*, int64_t, float[kMR][kNC]);
+using merge_kernels::STile;
+static_assert(kMR == merge_kernels::kTileRows && kNC == merge_kernels::kTileCols);
 
-STile s_tile_fn() {
-#ifdef LORA_EXT_MERGE_AVX2
-  return merge_kernels::avx2_tiles() ? s_tile_avx2 : s_tile_portable;
-#else
-  return s_tile_portable;
-#endif
-}
+STile s_tile_fn() { return merge_kernels::s_tile(); }
 
 
 // Runs body(p0, rows) for every block of kMR rows, in parallel.
@@ -259,6 +254,15 @@ void dispatch_format(DType dt, Fn&& fn) {
 }
 
 }  // namespace
+
+merge_kernels::STile merge_kernels::s_tile() {
+#ifdef LORA_EXT_MERGE_AVX2
+  if (available()) return s_tile_avx512;
+  return avx2_tiles() ? s_tile_avx2 : s_tile_portable;
+#else
+  return s_tile_portable;
+#endif
+}
 
 void merge_cpu(at::Tensor weight, at::TensorList A, at::TensorList B, at::ArrayRef<double> scales,
                bool fan_in_fan_out) {

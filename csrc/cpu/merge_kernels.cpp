@@ -232,11 +232,14 @@ LORA_EXT_VF uint32_t piece_avx512(R* w, int n, int64_t e0, const float* so, cons
   return fail;
 }
 
-template <class F, class R>
-LORA_EXT_VF void tile_avx512(R* W, int64_t ld, const float* L, int64_t Rt, const float* Rp) {
+// The 6 x 16 delta tile S = L R in 6 zmm accumulators (R rows of stride ldr).
+struct Acc6 {
+  __m512 a[6];
+};
+LORA_EXT_V Acc6 acc6(const float* L, int64_t Rt, const float* R, int64_t ldr) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
   for (int64_t j = 0; j < Rt; ++j) {
-    const __m512 r = _mm512_loadu_ps(Rp + j * 16);
+    const __m512 r = _mm512_loadu_ps(R + j * ldr);
     a0 = _mm512_fmadd_ps(_mm512_set1_ps(L[j]), r, a0);
     a1 = _mm512_fmadd_ps(_mm512_set1_ps(L[Rt + j]), r, a1);
     a2 = _mm512_fmadd_ps(_mm512_set1_ps(L[2 * Rt + j]), r, a2);
@@ -244,7 +247,13 @@ LORA_EXT_VF void tile_avx512(R* W, int64_t ld, const float* L, int64_t Rt, const
     a4 = _mm512_fmadd_ps(_mm512_set1_ps(L[4 * Rt + j]), r, a4);
     a5 = _mm512_fmadd_ps(_mm512_set1_ps(L[5 * Rt + j]), r, a5);
   }
-  const __m512 acc[6] = {a0, a1, a2, a3, a4, a5};
+  return Acc6{{a0, a1, a2, a3, a4, a5}};
+}
+
+template <class F, class R>
+LORA_EXT_VF void tile_avx512(R* W, int64_t ld, const float* L, int64_t Rt, const float* Rp) {
+  const Acc6 c = acc6(L, Rt, Rp, 16);
+  const __m512* acc = c.a;
   for (int m = 0; m < 6; ++m) {
     R* row = W + m * ld;
     if constexpr (sizeof(R) == 4) {
@@ -285,6 +294,12 @@ uint32_t transition_piece(R* w, int n, int64_t e0, const float* so, const float*
 }
 
 #ifdef LORA_EXT_MERGE_VEC
+LORA_EXT_VF void s_tile_avx512(const float* L, int64_t Rt, const float* R, int64_t ldr,
+                               float S[kTileRows][kTileCols]) {
+  const Acc6 c = acc6(L, Rt, R, ldr);
+  for (int m = 0; m < 6; ++m) _mm512_storeu_ps(S[m], c.a[m]);
+}
+
 template <class F, class R>
 void merge_tile(R* W, int64_t ld, const float* L, int64_t Rt, const float* Rp) {
   tile_avx512<F>(W, ld, L, Rt, Rp);

@@ -30,6 +30,17 @@ template <class F, class R>
 uint32_t transition_piece(R* w, int n, int64_t e0, const float* so, const float* sn,
                           uint32_t* codes, int k, bool has_old, bool has_new);
 
+// merge_'s delta tile (also dora_norm's): S[m][c] = fma chain over j < Rt of L[m * Rt + j] *
+// R[j * ldr + c], from +0, for m < 6, c < 16; every path gives the same bits. s_tile() is the
+// fastest one of the kernel set picked (AVX-512, AVX2 + FMA, portable; merge_cpu.cpp).
+constexpr int kTileRows = 6, kTileCols = 16;
+using STile = void (*)(const float* L, int64_t Rt, const float* R, int64_t ldr,
+                       float S[kTileRows][kTileCols]);
+STile s_tile();
+// The AVX-512 one, where available() (defined on x86-64 only).
+void s_tile_avx512(const float* L, int64_t Rt, const float* R, int64_t ldr,
+                   float S[kTileRows][kTileCols]);
+
 // merge_'s full 6 x 16 tile, where available() (defined on x86-64 only):
 // W[m * ld + c] = merged(W, S[m][c]) for m < 6, c < 16, with S[m][c] the fma chain over j < Rt of
 // L[m * Rt + j] * Rp[j * 16 + c] from +0 (Rp: a 16-column panel of R).

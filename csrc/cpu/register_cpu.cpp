@@ -17,6 +17,7 @@ TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("remerge_", &remerge_cpu);
   m.impl("merge_points_", &merge_points_cpu);
   m.impl("merge_code_failures", &merge_code_failures_cpu);
+  m.impl("dora_norm", &dora_norm_cpu);
 }
 
 }  // namespace lora_ext::cpu

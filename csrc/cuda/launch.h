@@ -67,6 +67,23 @@ struct MergeParams {
 };
 cudaError_t merge(DType dt, const MergeParams& p, cudaStream_t stream);
 
+// dora_norm (merge_kernels.cu; reduction order: ../dora_math.h): the norms of W + L R over `in`,
+// which runs along Q (rows: one norm per row of W) or along P (one per column), L and R as for
+// merge (Rt == 0: S = 0). chunks = ceil(in / 512); more than one: the partials go to ws
+// [chunks, out] first and a second launch sums them in order.
+struct DoraParams {
+  const void* w;
+  int64_t P, Q, ld;
+  const float* L;
+  const float* R;
+  int64_t Rt, ldr;
+  float* out;
+  float* ws;
+  int64_t chunks;
+  bool rows;
+};
+cudaError_t dora_norm(DType dt, const DoraParams& p, cudaStream_t stream);
+
 // W.flat[idx[t]] = merged(vals[t], S at that element) for t < n (Rt == 0: vals[t]).
 struct MergePointsParams {
   void* w;

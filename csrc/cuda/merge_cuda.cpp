@@ -1,5 +1,6 @@
-// CUDA launchers of merge_, remerge_ and merge_points_: validate (../merge_glue.h), build
-// the padded fp32 operands L and R (small: Rt * (P + Q) floats) and launch.
+// CUDA launchers of merge_, remerge_, merge_points_ and dora_norm: validate (../merge_glue.h),
+// build the padded fp32 operands L and R (small: Rt * (P + Q) floats) and launch.
+#include "../dora_math.h"
 #include "../merge_glue.h"
 #include "guard.h"
 #include "ops_cuda.h"
@@ -9,6 +10,7 @@ namespace {
 
 constexpr int64_t kRowPad = 64;   // multiple of every tile's rows
 constexpr int64_t kColPad = 256;  // multiple of every tile's columns
+constexpr int64_t kDoraChunk = dora_math::kDoraChunk;
 
 void check_cuda(const char* op, const at::Tensor& W) {
   TORCH_CHECK(on_device(W), op, ": CUDA kernel called with weight on ", W.device());
@@ -97,6 +99,34 @@ void merge_points_cuda(at::Tensor weight, const at::Tensor& idx, const at::Tenso
   p.n = i.numel();
   set_operands(o, p.L, p.R, p.Rt, p.ldr);
   LORA_EXT_CUDA_CHECK(merge_points(to_dtype(weight, op, "weight"), p, current_stream(weight)));
+}
+
+at::Tensor dora_norm_cuda(const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
+                          double scale, bool fan_in_fan_out) {
+  const char* op = "dora_norm";
+  DoraArgs a = dora_args(op, weight, A, B, scale, fan_in_fan_out);
+  check_cuda(op, weight);
+  const DeviceGuard guard(weight.device());
+  dora_operands(op, a, weight, A, B, scale, fan_in_fan_out, kRowPad, kColPad);
+  at::Tensor out = at::empty({a.out}, weight.options().dtype(at::kFloat));
+  if (a.out == 0) return out;
+  if (a.in == 0) return out.zero_();
+  DoraParams p{};
+  p.w = a.view.data_ptr();
+  p.P = a.P;
+  p.Q = a.Q;
+  p.ld = a.ld;
+  set_operands(a.ops, p.L, p.R, p.Rt, p.ldr);
+  p.out = out.data_ptr<float>();
+  p.chunks = (a.in + kDoraChunk - 1) / kDoraChunk;
+  at::Tensor ws;  // the chunks' partials (shapes only: capture safe)
+  if (p.chunks > 1) {
+    ws = at::empty({p.chunks, a.out}, out.options());
+    p.ws = ws.data_ptr<float>();
+  }
+  p.rows = a.rows;
+  LORA_EXT_CUDA_CHECK(dora_norm(a.dtype, p, current_stream(weight)));
+  return out;
 }
 
 at::Tensor merge_code_failures_cuda(const at::Tensor& w0, const at::Tensor& s) {

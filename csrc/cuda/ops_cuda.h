@@ -27,6 +27,8 @@ void merge_points_cuda(at::Tensor weight, const at::Tensor& idx, const at::Tenso
                        at::TensorList A, at::TensorList B, at::ArrayRef<double> scales,
                        bool fan_in_fan_out);
 at::Tensor merge_code_failures_cuda(const at::Tensor& w0, const at::Tensor& s);
+at::Tensor dora_norm_cuda(const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
+                          double scale, bool fan_in_fan_out);
 
 void multi_lora_cuda(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool,
                      const at::Tensor& B_pool, const at::Tensor& indices, const at::Tensor& scales,

@@ -22,6 +22,7 @@ TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("remerge_", &remerge_cuda);
   m.impl("merge_points_", &merge_points_cuda);
   m.impl("merge_code_failures", &merge_code_failures_cuda);
+  m.impl("dora_norm", &dora_norm_cuda);
 }
 
 }  // namespace lora_ext::cuda

@@ -1,5 +1,6 @@
 """Merge ops (csrc/merge_*.h, csrc/cpu|cuda/merge*): fold LoRA deltas into weights, and take them
-out again bit for bit — wrappers and fake kernels (the exact bookkeeping: merge_state.py).
+out again bit for bit — wrappers and fake kernels (the exact bookkeeping: merge_state.py); and
+``dora_norm``, DoRA's norm of the merged weight's rows, without merging.
 
 ``merge_`` / ``unmerge_`` with ``state=None`` are the plain in-place ops
 (``W += s * B @ A`` in fp32, rounded once). With a :class:`MergeState` they are exact:
@@ -17,7 +18,7 @@ import torch
 from ._checks import F32_MAX, as_scale, one_device
 from .merge_state import CODE_WIDTHS, MergeState
 
-__all__ = ["merge_", "unmerge_", "check_merge_finite"]
+__all__ = ["merge_", "unmerge_", "check_merge_finite", "dora_norm"]
 
 
 def _as_lists(op, A, B, scale):
@@ -79,6 +80,23 @@ def unmerge_(weight: torch.Tensor, A=None, B=None, scale=None, *, fan_in_fan_out
     names = None if name is None else ([name] if isinstance(name, str) else list(name))
     state.unmerge(weight, names)
     return weight
+
+
+def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale, *,
+              fan_in_fan_out: bool = False) -> torch.Tensor:
+    """DoRA's weight norm: ``n[o] = ||W[o, :] + scale * (B @ A)[o, :]||_2``, float32 ``[out]``.
+
+    ``weight`` [out, in] (or [in, out] with ``fan_in_fan_out``, transformers Conv1D), A [r, in],
+    B [out, r] (r may be 0: the row norms of W); fp32, fp16 or bf16, A and B in any of them. The
+    delta is merge_'s fp32 ``fl32(scale * B) @ A`` and ``W + delta`` is not rounded to W's dtype;
+    neither is materialised (W is read once). Squares are summed in fp32 in a fixed order
+    (csrc/dora_math.h): the same bits on every run, thread count and device (CPU and CUDA).
+    Not differentiable (DoRA detaches this norm): runs without autograd, the result does not
+    require grad. Works under ``torch.compile(fullgraph=True)`` and in CUDA-graph capture.
+    """
+    s = as_scale("dora_norm", "scale", scale)
+    with torch.no_grad():
+        return torch.ops.lora_ext.dora_norm.default(weight, A, B, s, fan_in_fan_out)
 
 
 def _names(name, n):
@@ -159,3 +177,25 @@ def _merge_code_failures_fake(w0, s):
     one_device("merge_code_failures", w0=w0, s=s)
     torch._check(w0.numel() == s.numel(), lambda: "merge_code_failures: one sum per element")
     return w0.new_empty((4,), dtype=torch.int64)
+
+
+_DORA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.register_fake("lora_ext::dora_norm")
+def _dora_norm_fake(weight, A, B, scale, fan_in_fan_out):
+    op = "dora_norm"
+    one_device(op, weight=weight, A=A, B=B)
+    layout = "[in, out] (fan_in_fan_out)" if fan_in_fan_out else "[out, in]"
+    for name, t, want in (("weight", weight, layout), ("A", A, "[r, in]"), ("B", B, "[out, r]")):
+        if t.dim() != 2:
+            raise RuntimeError(f"{op}: {name} must be 2-D {want}, got shape {tuple(t.shape)}")
+        if t.dtype not in _DORA_DTYPES:
+            raise RuntimeError(f"{op}: {name} has dtype {t.dtype}; supported are float32, float16 "
+                               "and bfloat16")
+    out, n_in = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    torch._check(A.shape[1] == n_in, lambda: f"{op}: A must be [r, in] with in = {n_in} (weight "
+                 f"{tuple(weight.shape)} is {layout}), got A {tuple(A.shape)}")
+    torch._check(B.shape[0] == out and B.shape[1] == A.shape[0],
+                 lambda: f"{op}: B must be [out, r] = [{out}, {A.shape[0]}], got B {tuple(B.shape)}")
+    return weight.new_empty((out,), dtype=torch.float32)

@@ -200,3 +200,27 @@ def test_fuzz_merge_code_failures(emu, seed):
                           schedules=dev.pop("schedules"), **dev)
     ref = CPU.merge_code_failures(w0, s)
     assert torch.equal(got, ref), f"merge_code_failures {dt} n={n}: {got.tolist()} vs CPU {ref.tolist()}"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_dora_norm(emu, seed):
+    r, g = rng_for("dora_norm", seed)
+    dt, ab = r.choice(DTYPES), r.choice(DTYPES)
+    P, Q, fan = size(r, 1, 300), size(r, 1, 1300), r.random() < 0.4
+    W = weight(r, g, dt, P, Q)  # [out, in], or [in, out] with fan_in_fan_out
+    n_in, n_out = (P, Q) if fan else (Q, P)
+    k = 0 if r.random() < 0.15 else size(r, 1, 130)
+    A = values(g, (k, n_in), ab)
+    B = values(g, (n_out, k), ab, scale=0.02 / max(k, 1) ** 0.5)
+    s = r.choice((0.5, -1.5, 2.0, 1.0))
+    w_v, _, mode = place(r, W)
+    dev = device(r)
+    got = under_schedules(emu, lambda: emu.ops.dora_norm(w_v, A, B, s, fan),
+                          schedules=dev.pop("schedules"), **dev)
+    what = f"dora_norm {dt} (A/B {ab}) P={P} Q={Q} r={k} fan={fan} W:{mode}"
+    assert_same_bits(got, CPU.dora_norm(w_v, A, B, s, fan), what)
+    if got.numel() and W.double().abs().max() < 1e15:  # fp32 squares overflow from ~1.8e19
+        # against fp64, within fp32 accumulation
+        Wd = W.double().t() if fan else W.double()
+        ref = (Wd + (B.float() * s).double() @ A.float().double()).norm(dim=1)
+        assert_close(got, ref.float(), 1e-5, what)

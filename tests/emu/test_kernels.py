@@ -2,6 +2,8 @@
 odd sizes included), against the CPU kernels: bit for bit where the design says identical (merge,
 remerge, merge_points, dropout masks), within fp32-accumulation tolerance elsewhere; every case
 under several schedules (thread/block orders and atomic orders), which must give identical bits."""
+import itertools
+
 import pytest
 import torch
 from conftest import same_bits, under_schedules
@@ -144,6 +146,53 @@ def test_merge_code_failures(emu, dtype):
     s = rand(3000, seed=51, scale=0.05)
     ref = CPU.merge_code_failures(w0, s)
     assert torch.equal(under_schedules(emu, lambda: emu.ops.merge_code_failures(w0, s)), ref)
+
+
+# ------------------------------------------------------------------ dora_norm (bit for bit)
+DORA_SIZES = (1, 7, 33, 130, 257)
+DTYPES3 = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def dora_case(out, inp, r, dtype, ab, fifo, seed, special=False):
+    W = rand(*((inp, out) if fifo else (out, inp)), dtype=dtype, seed=seed, scale=0.05)
+    A = rand(r, inp, dtype=ab, seed=seed + 1)
+    B = rand(out, r, dtype=ab, seed=seed + 2, scale=0.02)
+    if special and W.numel() >= 8:
+        flat = W.view(-1)  # inf, NaN, -0, the dtype's largest and smallest subnormal numbers
+        fi = torch.finfo(dtype)
+        flat[1], flat[W.numel() // 2], flat[-1] = float("inf"), float("nan"), -0.0
+        flat[3], flat[5] = fi.max, fi.smallest_normal * fi.eps
+    return W, A, B
+
+
+@pytest.mark.parametrize("dtype", DTYPES3)
+@pytest.mark.parametrize("r", [0, 1, 17, 64])
+@pytest.mark.parametrize("fifo", [False, True])
+def test_dora_norm_bit_for_bit(emu, dtype, r, fifo):
+    # every (out, in) of DORA_SIZES: row and column tiles with tails, rank chunks of 16 with
+    # tails, the row mode's lane exchanges and the column mode's shared-memory combine; A and B
+    # in each dtype in turn, special values in W in every other case
+    for k, (out, inp) in enumerate(itertools.product(DORA_SIZES, DORA_SIZES)):
+        ab = DTYPES3[k % 3]
+        W, A, B = dora_case(out, inp, r, dtype, ab, fifo, seed=k, special=k % 2 == 1)
+        ref = CPU.dora_norm(W, A, B, 0.75, fifo)
+        got = emu.ops.dora_norm(W, A, B, 0.75, fifo)
+        assert same_bits(got, ref), f"out={out} in={inp} r={r} A/B {ab}: {(got - ref).abs().max()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES3)
+@pytest.mark.parametrize("fifo", [False, True])
+def test_dora_norm_chunks_layouts_schedules(emu, dtype, fifo):
+    # in > 512: several chunks (partials in the workspace, the finishing launch); a misaligned
+    # (scalar loads) and a column-major weight (the other mode); every case under every schedule
+    for out, inp, r in [(33, 1100, 17), (130, 1030, 1), (7, 1537, 0), (257, 513, 64)]:
+        W, A, B = dora_case(out, inp, r, dtype, dtype, fifo, seed=out + inp, special=True)
+        wide = torch.zeros(W.shape[0], W.shape[1] + 1, dtype=dtype)
+        wide[:, 1:] = W
+        for Wv in (W, wide[:, 1:], W.T.contiguous().T):
+            ref = CPU.dora_norm(Wv, A, B, -1.25, fifo)
+            got = under_schedules(emu, lambda: emu.ops.dora_norm(Wv, A, B, -1.25, fifo))
+            assert same_bits(got, ref), f"out={out} in={inp} r={r} strides={Wv.stride()}"
 
 
 # ------------------------------------------------------------------ multi-adapter ops
