@@ -6,9 +6,8 @@ fp32 layer inside torch.autocast(bf16). Same factors and magnitude in every DoRA
 err" is each output's relative error vs PEFT's DoRA layer, one forward before timing).
 
 DoRA's extra cost is the per-output-feature norm ||W + s B A||, every forward: PEFT builds B A from
-lora_B(lora_A(eye(in))) and W + s B A ([out, in] each), lora_ext calls ops.dora_norm (the "norm"
-column: "op", the fused kernel; "py", the Python stand-in of lora_ext/dora.py, which builds the
-same matrices in fp32). Interleaved runs: median (min-max) of the per-run ratios to the base.
+lora_B(lora_A(eye(in))) and W + s B A ([out, in] each), lora_ext calls ops.dora_norm (one read
+of W, no [out, in] temporaries). Interleaved runs: median (min-max) of the per-run ratios to the base.
 
 python bench/bench_dora_layer.py [--device cpu|cuda] [--quick]
 """
@@ -27,11 +26,6 @@ from bench.common import Timing, cli, interleaved, ratios  # noqa: E402
 import lora_ext  # noqa: E402
 import lora_ext.dora  # noqa: E402
 from lora_ext import LoRALinear  # noqa: E402
-
-
-def norm_impl() -> str:
-    """Which dora_norm lora_ext.dora calls: the op, or the Python stand-in defined in dora.py."""
-    return "py" if lora_ext.dora.dora_norm.__module__ == "lora_ext.dora" else "op"
 
 
 def peft_dora(base: torch.nn.Linear, layer: LoRALinear, r: int):
@@ -102,7 +96,6 @@ def measure(device: str, T: int, n: int, r: int, dt: torch.dtype, amp: torch.dty
     t = interleaved({k: step(f) for k, f in fns.items()}, device, runs=runs, warmup=1 if T * n >= 2 ** 23 else 2)
     autocast = str(amp).removeprefix("torch.") if amp is not None else "-"  # every row has every column
     return [{"impl": k, "T": T, "in=out": n, "r": r, "dtype": str(dt).removeprefix("torch."), "autocast": autocast,
-             "norm": norm_impl() if k in ("lora_ext DoRA", "PEFT DoRA + patch_peft") else "",
              "fwd+bwd ms": Timing.of(ts), "x base": ratios(t, k, "base F.linear"),
              "x PEFT DoRA": ratios(t, k, "PEFT DoRA") if "PEFT DoRA" in t and k != "PEFT DoRA" else "",
              "rel err": err.get(k, "")}
@@ -133,7 +126,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 
 def main(argv=None):
-    return cli("dora_layer", "DoRA linear layer fwd+bwd on {device} (norm: " + norm_impl() + ")", run, __doc__, argv)
+    return cli("dora_layer", "DoRA linear layer fwd+bwd on {device}", run, __doc__, argv)
 
 
 if __name__ == "__main__":

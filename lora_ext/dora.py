@@ -21,14 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops import lora_linear, merge_, unmerge_
-
-try:  # TEMP until the op lands
-    from .ops import dora_norm
-except ImportError:
-    def dora_norm(weight, A, B, scale, *, fan_in_fan_out=False):
-        W = (weight.t() if fan_in_fan_out else weight).float()
-        return torch.linalg.norm(W + (scale * B.float()) @ A.float(), dim=1)
+from .ops import dora_norm, lora_linear, merge_, unmerge_
 
 __all__ = ["dora_scale", "dora_linear", "dora_merge_", "DoraMergeState"]
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hparams import _check_hparams, lora_alpha_for, lora_scaling  # noqa: F401  (imported from here too)
-from .dora import DoraMergeState, dora_linear, dora_merge_, dora_norm
-from .ops import MergeState, check_merge_finite, lora_linear, merge_, unmerge_
+from .dora import DoraMergeState, dora_linear, dora_merge_
+from .ops import MergeState, check_merge_finite, dora_norm, lora_linear, merge_, unmerge_
 from .sharding import is_dtensor, is_fsdp
 
 __all__ = ["LoRALayer", "LoRALinear", "is_conv1d", "parametrized"]

@@ -53,8 +53,7 @@ from torch import nn
 
 from .layers import is_conv1d
 from .sharding import is_dtensor
-from .dora import dora_norm  # TEMP: from .ops once the op lands
-from .ops import lora_expand_, multi_lora_
+from .ops import dora_norm, lora_expand_, multi_lora_
 from .ops._checks import as_scale
 
 __all__ = ["LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding", "attach_context"]
