@@ -7,7 +7,9 @@ median (min-max). On CUDA, decode is also timed as servers run it, each step one
 replay (the pool's indices are tensors updated in place, so one graph serves every mix): "graph:
 lora_ext x base" against the base model's captured step. "adapter bytes" is what the batch's
 distinct adapters add to the weights a decode step reads (decode is bound by weight reads, so it
-is the floor of "x base" there).
+is the floor of "x base" there). "DoRA": the same batches through AdapterPool(dora=True) holding
+DoRA versions of the adapters (PEFT refuses DoRA in mixed batches): "DoRA x lora_ext" is DoRA's
+serving cost over plain LoRA (the per-token g·y + (1 - g)·b pass).
 
 python bench/bench_pool.py [--device cpu|cuda] [--quick]
 """
@@ -47,15 +49,19 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     base = build(device, quick)
     n_max = 4 if quick else 16
     root = tempfile.mkdtemp(prefix="lora_ext_bench_pool_")
-    paths = {}
+    paths, dora_paths = {}, {}
     for i in range(n_max):
-        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.data.normal_(std=0.02)
-        paths[f"a{i}"] = os.path.join(root, f"a{i}")
-        pm.save_pretrained(paths[f"a{i}"])
-        del pm
+        for dora, out in ((False, paths), (True, dora_paths)):
+            pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+                                                                          use_dora=dora))
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.data.normal_(std=0.02)
+                elif "lora_magnitude_vector" in n:
+                    p.data.mul_(1 + 0.1 * torch.rand_like(p))
+            out[f"a{i}"] = os.path.join(root, f"{'d' if dora else 'a'}{i}")
+            pm.save_pretrained(out[f"a{i}"])
+            del pm
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths["a0"], adapter_name="a0")
     for i in range(1, n_max):
         pm.load_adapter(paths[f"a{i}"], adapter_name=f"a{i}")
@@ -71,6 +77,10 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         sync(device)
         load_times.append((time.perf_counter() - t0) * 1e3)
     load_disk_ms = Timing.of(load_times)  # median (min-max) over the n_max adapters
+    dora_model = copy.deepcopy(base)
+    dora_pool = lora_ext.AdapterPool(dora_model, target_modules=TARGETS, max_adapters=n_max, max_rank=16, dora=True)
+    for n, p in dora_paths.items():
+        dora_pool.load(n, p)
     batch, seq = (8, 32) if quick else (16, 64)
     base_elems = sum(p.numel() for p in base.parameters())
     lora_elems = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n and ".a0." in n)
@@ -86,7 +96,11 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                 with pool.batch(names):
                     model(input_ids=ids)
 
-            fns = {"lora_ext": ours, "PEFT": lambda: pm(input_ids=ids, adapter_names=names),
+            def dora():
+                with dora_pool.batch(names):
+                    dora_model(input_ids=ids)
+
+            fns = {"lora_ext": ours, "DoRA": dora, "PEFT": lambda: pm(input_ids=ids, adapter_names=names),
                    "patch_peft": lambda: patched(input_ids=ids, adapter_names=names),
                    "base": lambda: base(input_ids=ids)}
             if device == "cuda" and length == 1:  # decode as servers run it: one CUDA graph per step
@@ -98,7 +112,9 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                    "lora_ext ms": Timing.of(t["lora_ext"]), "PEFT ms": Timing.of(t["PEFT"]),
                    "patch_peft ms": Timing.of(t["patch_peft"]), "base model ms": Timing.of(t["base"]),
                    "lora_ext x base": ratio("lora_ext", "base"), "patch_peft x base": ratio("patch_peft", "base"),
-                   "PEFT x base": ratio("PEFT", "base"), "speedup vs PEFT": ratio("PEFT", "lora_ext")}
+                   "PEFT x base": ratio("PEFT", "base"), "speedup vs PEFT": ratio("PEFT", "lora_ext"),
+                   "DoRA ms": Timing.of(t["DoRA"]), "DoRA x base": ratio("DoRA", "base"),
+                   "DoRA x lora_ext": ratio("DoRA", "lora_ext")}
             if "lora_ext graph" in t:
                 row.update({"lora_ext graph ms": Timing.of(t["lora_ext graph"]),
                             "base graph ms": Timing.of(t["base graph"]),
