@@ -285,13 +285,14 @@ def _factors_as_saved(model: nn.Module, adapter: Adapter) -> None:
     takes fp32/fp16/bf16 factors on any weight, so put back the file's (combine's fp32) values:
     the merge of an fp32 adapter into a bf16 model is then round(W + ΔW) with ΔW from the file's
     numbers, not from their bf16 roundings (float64 factors become fp32, the kernels' widest).
-    A DoRA magnitude too: round(g·(W + ΔW)) with g in fp32, as PEFT's merge of an fp32 adapter."""
+    A DoRA magnitude becomes fp32 (the file's values; PEFT loads 16-bit adapters as fp32,
+    autocast_adapter_dtype): round(g·(W + ΔW)) with the norm and g in fp32, as PEFT's merge."""
     layers = lora_layers(model)
     for name, w in adapter.layers.items():
         layer = layers[name]
         saved = zip(layer.factor_names, (w.A, w.B))
         if w.magnitude is not None:
-            saved = [*saved, ("lora_magnitude_vector", w.magnitude)]
+            saved = [*saved, ("lora_magnitude_vector", w.magnitude.float())]
         for pname, t in saved:
             if t.dtype not in DTYPES.values():
                 t = t.float()

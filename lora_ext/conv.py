@@ -126,13 +126,14 @@ class LoRAConvNd(LoRALayer):
 
     def reset_parameters(self) -> None:
         """As nn.ConvNd.reset_parameters (weight Kaiming-uniform a=sqrt(5), bias U(-1/sqrt(fan_in), ..)),
-        then reset_lora_parameters with the layer's ``lora_init``."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight.shape[1] * math.prod(self.kernel_size)
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
-        self.reset_lora_parameters(getattr(self, "lora_init", "kaiming"))
+        then reset_lora_parameters with the layer's ``lora_init`` (merged: unmerged, merged again after)."""
+        with self._unmerged(f"{type(self).__name__}.reset_parameters"):
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                fan_in = self.weight.shape[1] * math.prod(self.kernel_size)
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                nn.init.uniform_(self.bias, -bound, bound)
+            self.reset_lora_parameters(getattr(self, "lora_init", "kaiming"))
 
     # LoRALinear's: A Kaiming-uniform (a=sqrt(5), as PEFT's conv) or Gaussian (std 1/r), B zeros
     reset_lora_parameters = LoRALinear.reset_lora_parameters

@@ -63,17 +63,20 @@ class LoRAEmbedding(LoRALayer):
 
     def reset_parameters(self) -> None:
         """Re-initializes everything: the table as nn.Embedding.reset_parameters (standard normal,
-        padding_idx row zero), then reset_lora_parameters."""
-        nn.init.normal_(self.weight)
-        if self.padding_idx is not None:
-            with torch.no_grad():
-                self.weight[self.padding_idx].fill_(0)
-        self.reset_lora_parameters()
+        padding_idx row zero), then reset_lora_parameters. A merged layer is unmerged first and
+        merged again after, as by set_lora_factors."""
+        with self._unmerged(f"{type(self).__name__}.reset_parameters"):
+            nn.init.normal_(self.weight)
+            if self.padding_idx is not None:
+                with torch.no_grad():
+                    self.weight[self.padding_idx].fill_(0)
+            self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        """As PEFT: A zeros, B standard normal."""
-        nn.init.zeros_(self.lora_embedding_A)
-        nn.init.normal_(self.lora_embedding_B)
+        """As PEFT: A zeros, B standard normal (a merged layer: unmerged first, merged again after)."""
+        with self._unmerged(f"{type(self).__name__}.reset_lora_parameters"):
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
 
     @property
     def _weight_in_out(self) -> bool:  # weight [num, dim] = [in, out]: the Conv1D layout

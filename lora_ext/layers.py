@@ -13,6 +13,7 @@ subclasses: LoRAEmbedding (embedding.py), MergedLinear (merged_linear.py), LoRAC
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 
 import torch
@@ -116,31 +117,39 @@ class LoRALayer(nn.Module, abc.ABC):
             raise ValueError(f"{where}: " + (f"magnitude must be [{B.shape[0]}], got {tuple(magnitude.shape)}"
                                              if self.use_dora else "magnitude given, but the layer is not DoRA "
                                              "(use_dora=False)"))
-        remerge = self.merged
-        if remerge:
-            exact = self._merged_exactly()
-            if self._merged_for_good():
-                raise ValueError(f"{where}: the layer is merged for good (drop_merge_state / "
-                                 "merge_and_unload), so its adapter cannot be replaced")
-            self.unmerge()
-        if is_dtensor(A_old) or is_dtensor(B_old):
-            raise ValueError(f"{where}: the factors are sharded (DTensor, after fully_shard or tensor "
-                             "parallelism); load the adapter before sharding, or into a single-process copy")
-        A, B = A.to(A_old.device, A_old.dtype), B.to(A_old.device, A_old.dtype)
-        if A_old.shape != A.shape:
-            setattr(self, a_name, nn.Parameter(A.clone(), requires_grad=A_old.requires_grad))
-            setattr(self, b_name, nn.Parameter(B.clone(), requires_grad=B_old.requires_grad))
-        else:
-            with torch.no_grad():
-                A_old.copy_(A)
-                B_old.copy_(B)
-        self.r = r
-        self.scaling = scale
-        self.lora_alpha = lora_alpha_for(scale, r, self.use_rslora)
-        if self.use_dora:
-            self._set_magnitude(magnitude)
-        if remerge:
-            self.merge(exact=exact)
+        with self._unmerged(where):
+            if is_dtensor(A_old) or is_dtensor(B_old):
+                raise ValueError(f"{where}: the factors are sharded (DTensor, after fully_shard or tensor "
+                                 "parallelism); load the adapter before sharding, or into a single-process copy")
+            A, B = A.to(A_old.device, A_old.dtype), B.to(A_old.device, A_old.dtype)
+            if A_old.shape != A.shape:
+                setattr(self, a_name, nn.Parameter(A.clone(), requires_grad=A_old.requires_grad))
+                setattr(self, b_name, nn.Parameter(B.clone(), requires_grad=B_old.requires_grad))
+            else:
+                with torch.no_grad():
+                    A_old.copy_(A)
+                    B_old.copy_(B)
+            self.r = r
+            self.scaling = scale
+            self.lora_alpha = lora_alpha_for(scale, r, self.use_rslora)
+            if self.use_dora:
+                self._set_magnitude(magnitude)
+
+    @contextlib.contextmanager
+    def _unmerged(self, where: str):
+        """Runs the block (which changes the adapter or the weight) on the unmerged layer, then merges
+        it again (exactly if it was), so a merged layer's weight holds what the block set; a layer
+        merged for good (drop_merge_state) raises ValueError. Not merged: just runs the block."""
+        if not getattr(self, "merged", False):
+            yield
+            return
+        if self._merged_for_good():
+            raise ValueError(f"{where}: the layer is merged for good (drop_merge_state / "
+                             "merge_and_unload), so its adapter cannot be replaced")
+        exact = self._merged_exactly()
+        self.unmerge()
+        yield
+        self.merge(exact=exact)
 
     # ---------------------------------------------------------------- merging
     def _merge_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -279,11 +288,9 @@ class LoRALayer(nn.Module, abc.ABC):
         elif self._merged_for_good():
             error_msgs.append(f"{where} for good (drop_merge_state), so it cannot take new factors")
         else:
-            exact = self._merged_exactly()
-            self.unmerge()
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
-            self.merge(exact=exact)
+            with self._unmerged(where):
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                              unexpected_keys, error_msgs)
 
     def _check_unsharded(self, what: str) -> None:
         # FSDP's unsharded weight is a temporary buffer (a merge into it is lost at the next reshard,
@@ -401,26 +408,31 @@ class LoRALinear(LoRALayer):
 
     def reset_parameters(self) -> None:
         """Re-initializes everything (as nn.Linear.reset_parameters, then reset_lora_parameters with
-        the layer's ``lora_init``): weight Kaiming-uniform (a=sqrt(5)), bias U(-1/sqrt(in), 1/sqrt(in))."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
-        self.reset_lora_parameters(getattr(self, "lora_init", "kaiming"))
+        the layer's ``lora_init``): weight Kaiming-uniform (a=sqrt(5)), bias U(-1/sqrt(in), 1/sqrt(in)).
+        A merged layer is unmerged first and merged again after, as by set_lora_factors."""
+        with self._unmerged(f"{type(self).__name__}.reset_parameters"):
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+                nn.init.uniform_(self.bias, -bound, bound)
+            self.reset_lora_parameters(getattr(self, "lora_init", "kaiming"))
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
         """A: Kaiming-uniform (a=sqrt(5), as PEFT) or Gaussian (std 1/r); B: zeros; DoRA's magnitude:
-        the weight's row norms (so the layer computes what the base layer does). Sets ``lora_init``."""
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-        else:
+        the weight's row norms (so the layer computes what the base layer does). Sets ``lora_init``.
+        A merged layer is unmerged first (a DoRA magnitude is W0's norms, not the merged weight's)
+        and merged again after, as by set_lora_factors."""
+        if init not in ("kaiming", "gaussian"):
             raise ValueError(f"{type(self).__name__}: init must be 'kaiming' or 'gaussian', got {init!r}")
-        nn.init.zeros_(self.lora_B)
-        self.lora_init = init
-        if self.use_dora:
-            self._set_magnitude(None)
+        with self._unmerged(f"{type(self).__name__}.reset_lora_parameters"):
+            if init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            nn.init.zeros_(self.lora_B)
+            self.lora_init = init
+            if self.use_dora:
+                self._set_magnitude(None)
 
     @torch.no_grad()
     def _set_magnitude(self, magnitude: torch.Tensor | None) -> None:

@@ -390,8 +390,10 @@ class MultiLoRALinear(_MultiLoRA):
     @torch.no_grad()
     def set_slot(self, slot: int, A, B, scale, magnitude: Optional[torch.Tensor] = None) -> None:
         """As _MultiLoRA.set_slot; ``magnitude`` [out] makes it a DoRA adapter (layer built with
-        dora=True): its g = m / ||W0 + scale B A|| (the norm rounded to m's dtype, as
-        LoRALinear(use_dora=True)) is computed here, once."""
+        dora=True): its g = m / ||W0 + scale B A|| is computed here, once, in fp32 from m as given
+        and the norm rounded to the base weight's dtype (as PEFT, whose norm has the input's dtype,
+        and LoRALinear(use_dora=True), whose m has the weight's). A g that is not finite (a zero
+        row of W0 + scale B A, or a non-finite magnitude) raises ValueError and empties the slot."""
         name = type(self).__name__
         if magnitude is not None and (not self.dora or tuple(magnitude.shape) != (self.out_features,)):
             raise ValueError(f"{name}.set_slot: " + (f"magnitude must be [{self.out_features}], got "
@@ -406,8 +408,13 @@ class MultiLoRALinear(_MultiLoRA):
         if magnitude is not None:
             W, s = self.base.weight, float(self.scales[slot])
             n = dora_norm(W, A.to(W.device, W.dtype), B.to(W.device, W.dtype), s, fan_in_fan_out=is_conv1d(self.base))
-            m = magnitude.to(W.device)
-            g = (m.float() / n.to(m.dtype).float()).to(g.device)
+            g = (magnitude.to(W.device).float() / n.to(W.dtype).float()).to(g.device)
+            bad = torch.nonzero(~torch.isfinite(g)).flatten().tolist()
+            if bad:
+                self.clear_slot(slot)
+                raise ValueError(f"{name}.set_slot: DoRA's g = magnitude / ||W0 + scale·B·A|| is not finite for output "
+                                 f"feature(s) {bad[:8]}{' ...' if len(bad) > 8 else ''} (a zero row of W0 + scale·B·A, "
+                                 f"or a non-finite magnitude; PEFT would output NaN/inf there); slot {slot} was emptied")
         self.dora_scales[slot] = g
         b = self.bias
         self.dora_bias[slot] = 0.0 if b is None else (1 - g) * b.float()
