@@ -95,12 +95,13 @@ class DoraMergeState:
 
     def apply(self, fn, new: torch.Tensor, merge_again) -> None:
         """After nn.Module._apply(fn) (``.to()``, ``.half()``...) moved the merged weight to ``new``:
-        W0's copy goes through fn too, and after a dtype change the merge is redone from it
-        (merge_again(new)), so the converted merged layer equals the converted layer merged."""
+        W0's copy goes through fn too, and after a change to another fp32/fp16/bf16 dtype the merge
+        is redone from it (merge_again(new)), so the converted merged layer equals the converted
+        layer merged (other dtypes, e.g. ``.double()``: the merged weight is converted as it is)."""
         if self.w0 is None:
             return
         dtype, self.w0 = self.w0.dtype, fn(self.w0)
-        if self.w0.dtype != dtype:
+        if self.w0.dtype != dtype and self.w0.dtype in (torch.float32, torch.float16, torch.bfloat16):
             new.copy_(self.w0)
             merge_again(new)
 

@@ -218,3 +218,21 @@ def test_multi_lora_linear_dora_empty_batches_and_out_of_range_indices_on_cpu():
         ctx.set_indices([0, 2])
         with pytest.raises(RuntimeError, match=r"multi_lora_: indices\[1\] = 2 is out of range"):
             layer(torch.randn(2, 8))
+
+
+def test_double_while_merged_converts_the_merged_weight_and_unmerges_to_w0():
+    # was: .double() of a merged DoRA layer redid the merge in fp64, which dora_norm refuses:
+    # RuntimeError halfway through the conversion, the weight left holding W0 while merged
+    layer = trained(LoRALinear.from_linear(nn.Linear(8, 6), r=2, use_dora=True))
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(3, 8)
+    layer.merge()
+    merged = layer.weight.detach().clone()
+    with torch.no_grad():
+        y = layer(x)
+    layer.double()
+    assert layer.merged and torch.equal(layer.weight, merged.double())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.double()), y.double())
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0.double())
