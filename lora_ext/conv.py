@@ -22,6 +22,15 @@ kernel dimension > 1; a padding_mode other than "zeros" with a non-zero padding)
 ValueError (PEFT merges anyway and changes the outputs); a dilated base with an explicit padding
 gives A another output size than the base, so forward raises ValueError naming the layer (PEFT
 fails on the addition). ``groups > 1`` (PEFT: a grouped B, never mergeable) is refused.
+
+``use_dora=True``: DoRA as PEFT's DoraConvNdVariant. ``lora_magnitude_vector`` in PEFT's shape
+[1, out, 1, ...] starts at the per-output-channel norm of W + scaling B A (over the [out, in *
+prod(kernel)] view, ops.dora_norm); with g = m / that norm (detached),
+y = conv(x; W, b) + (g - 1) conv(x; W) + g * scaling * B(A(x)); with dropout in training, as PEFT,
+x is dropped out once and conv(d(x); W) and B(A(d(x))) both take d(x) (conv(d(x); W) pads as the
+base layer does; PEFT's pads with zeros there: only a non-"zeros" padding_mode tells them apart,
+and that layer cannot merge anyway). Merge / unmerge: the DoRA
+merge of lora_ext.dora on the 2-D view (exact unmerge with a copy of W0).
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hparams import _check_hparams, lora_scaling
+from .dora import dora_scale
 from .layers import LoRALayer, LoRALinear, factors_like
 
 __all__ = ["LoRAConvNd", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "is_conv", "check_conv_base",
@@ -79,7 +89,8 @@ class LoRAConvNd(LoRALayer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, r: int = 8, alpha: float = 8,
-                 dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming", device=None, dtype=None):
+                 dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming", device=None, dtype=None,
+                 use_dora: bool = False):
         super().__init__()
         name = type(self).__name__
         if self._dims not in _BASES:
@@ -100,6 +111,9 @@ class LoRAConvNd(LoRALayer):
         self.bias = nn.Parameter(torch.empty(out_channels, **kw), requires_grad=False) if bias else None
         self.lora_A = nn.Parameter(torch.empty(self.r, in_channels, *self.kernel_size, **kw))
         self.lora_B = nn.Parameter(torch.empty(out_channels, self.r, *[1] * self._dims, **kw))
+        self.use_dora = bool(use_dora)
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(self._magnitude_shape(out_channels), **kw))
         self.merged = False
         self.base_class: type = _BASES[self._dims]
         self.lora_init = init
@@ -107,7 +121,7 @@ class LoRAConvNd(LoRALayer):
 
     @classmethod
     def from_conv(cls, conv: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                  use_rslora: bool = False, init: str = "kaiming") -> "LoRAConvNd":
+                  use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False) -> "LoRAConvNd":
         """Wraps an nn.Conv1d / nn.Conv2d / nn.Conv3d (LoRAConvNd.from_conv picks the class); shares
         (and freezes) its weight and bias; in the module's mode (train / eval)."""
         dims = next((d for d, base in _BASES.items() if isinstance(conv, base)), None)
@@ -119,7 +133,7 @@ class LoRAConvNd(LoRALayer):
         with torch.device("meta"):
             layer = klass(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                           conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, r=r, alpha=alpha,
-                          dropout=dropout, use_rslora=use_rslora)
+                          dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
         layer._adopt(conv, f"{klass.__name__}.from_conv")
         layer.reset_lora_parameters(init)
         return layer.train(conv.training)
@@ -135,10 +149,15 @@ class LoRAConvNd(LoRALayer):
                 nn.init.uniform_(self.bias, -bound, bound)
             self.reset_lora_parameters(getattr(self, "lora_init", "kaiming"))
 
-    # LoRALinear's: A Kaiming-uniform (a=sqrt(5), as PEFT's conv) or Gaussian (std 1/r), B zeros
+    # LoRALinear's: A Kaiming-uniform (a=sqrt(5), as PEFT's conv) or Gaussian (std 1/r), B zeros;
+    # DoRA's magnitude: the norms of W + scaling B A per output channel
     reset_lora_parameters = LoRALinear.reset_lora_parameters
 
     # ---------------------------------------------------------------- factors and merging
+    def _magnitude_shape(self, out: int) -> tuple[int, ...]:
+        """PEFT's conv lora_magnitude_vector: [1, out, 1, ...] (its norm with keepdim, transposed)."""
+        return (1, out, *[1] * self._dims)
+
     def _new_factors(self, A: torch.Tensor, B: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         check_conv_factors(where, self, A, B)
         return A, B, A.shape[0]
@@ -185,7 +204,8 @@ class LoRAConvNd(LoRALayer):
         if self.merged:
             return out
         A, B = factors_like(x, self.lora_A, self.lora_B)
-        h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout > 0 else x
+        dropped = self.lora_dropout > 0 and self.training
+        h = F.dropout(x, self.lora_dropout, True) if dropped else x
         conv = _FUNCS[self._dims]
         delta = conv(conv(h, A, None, self.stride, self.padding), B)
         if delta.shape != out.shape:  # only a dilated base with an explicit padding (see the module docstring)
@@ -193,7 +213,16 @@ class LoRAConvNd(LoRALayer):
                              f"{tuple(delta.shape)} but the dilated convolution {tuple(out.shape)} for input "
                              f"{tuple(x.shape)} (dilation={self.dilation}, padding={self.padding}); use "
                              "padding='same' or leave this layer out of target_modules")
-        return out + delta * self.scaling
+        if not self.use_dora:
+            return out + delta * self.scaling
+        # PEFT's DoraConvNdVariant: out + (g - 1) conv(x or d(x); W) + g * scaling * delta
+        g = dora_scale(self.lora_magnitude_vector, self._merge_weight(self.weight), A.flatten(1), B.flatten(1),
+                       self.scaling).to(out.dtype).view(1, -1, *[1] * self._dims)
+        if dropped:
+            base = _BASES[self._dims]._conv_forward(self, h, self.weight, None)
+        else:
+            base = out if self.bias is None else out - self.bias.view(1, -1, *[1] * self._dims)
+        return out + ((g - 1) * base + g * delta * self.scaling)
 
     def extra_repr(self) -> str:
         opts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"]
@@ -202,7 +231,7 @@ class LoRAConvNd(LoRALayer):
                 opts.append(f"{k}={getattr(self, k)!r}" if isinstance(getattr(self, k), str) else f"{k}={getattr(self, k)}")
         opts.append(f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:.4g}, dropout={self.lora_dropout}")
         return ", ".join(opts + (["bias=False"] if self.bias is None else []) + (["use_rslora=True"] if self.use_rslora else [])
-                         + (["merged=True"] if self.merged else []))
+                         + (["use_dora=True"] if self.use_dora else []) + (["merged=True"] if self.merged else []))
 
 
 class LoRAConv1d(LoRAConvNd):

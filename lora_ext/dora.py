@@ -1,5 +1,6 @@
-"""DoRA (weight-decomposed LoRA, PEFT's ``use_dora=True``) for linear layers: the functional forward,
-the magnitude's initial value, and merging / unmerging.
+"""DoRA (weight-decomposed LoRA, PEFT's ``use_dora=True``): the functional linear forward, the
+magnitude's initial value, and merging / unmerging (DoraLayer: what LoRALinear and LoRAConvNd share;
+a convolution's DoRA runs on its weight's [out, in * prod(kernel)] view, see lora_ext.conv).
 
 A DoRA layer computes ``y = g * (W0 + s B A) x + b`` per output feature o, with
 ``g[o] = m[o] / ||W0[o] + s B[o] A||`` (m: the trained ``lora_magnitude_vector`` [out]). As in PEFT
@@ -23,17 +24,18 @@ import torch.nn.functional as F
 
 from .ops import dora_norm, lora_linear, merge_, unmerge_
 
-__all__ = ["dora_scale", "dora_linear", "dora_merge_", "DoraMergeState"]
+__all__ = ["dora_scale", "dora_linear", "dora_merge_", "DoraMergeState", "DoraLayer"]
 
 
 def dora_scale(magnitude: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
                fan_in_fan_out: bool = False) -> torch.Tensor:
     """g = m / ||W0 + s B A|| per output feature, fp32 [out]; differentiable in m only (the norm is
-    detached). The norm is rounded to m's dtype first (as PEFT's is to the weight's)."""
+    detached). The norm is rounded to m's dtype first (as PEFT's is to the weight's). m: [out], or a
+    convolution's magnitude as PEFT stores it ([1, out, 1, ...]; read as [out])."""
     with torch.no_grad():
         n = dora_norm(weight.detach(), A.detach(), B.detach(), scale, fan_in_fan_out=fan_in_fan_out)
         n = n.to(magnitude.dtype).to(n.dtype)
-    return magnitude.to(n.dtype) / n
+    return magnitude.reshape(-1).to(n.dtype) / n
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -122,3 +124,36 @@ def dora_merge_(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: f
     Wf.mul_(_along_out(g, fan_in_fan_out))
     weight.copy_(Wf)
     return g
+
+
+class DoraLayer:
+    """The DoRA part of a LoRA layer (LoRALayer derives from it; ``use_dora`` layers have the
+    parameter ``lora_magnitude_vector``): its shape, its initial value, the merge check and the
+    re-merge after a dtype change, all on the weight's 2-D view (``_merge_weight`` / ``_merge_factors``)."""
+
+    use_dora: bool = False
+
+    def _magnitude_shape(self, out: int) -> tuple[int, ...]:
+        """lora_magnitude_vector's shape as PEFT stores it for ``out`` output features ([out] here)."""
+        return (out,)
+
+    @torch.no_grad()
+    def _set_magnitude(self, magnitude: torch.Tensor | None) -> None:
+        """DoRA's magnitude <- ``magnitude``, or ||W + scaling B A|| per output feature (PEFT's initial value)."""
+        if magnitude is None:
+            A, B, s = self._merge_factors()
+            magnitude = dora_norm(self._merge_weight(self.weight), A, B, s, fan_in_fan_out=self._weight_in_out)
+        self.lora_magnitude_vector.copy_(magnitude.reshape(self.lora_magnitude_vector.shape))
+
+    def _dora_remerge(self, W: torch.Tensor) -> None:  # DoraMergeState.apply: merge W0 (2-D view) again
+        A, B, s = self._merge_factors()
+        dora_merge_(W, A.detach(), B.detach(), s, self.lora_magnitude_vector.detach(), self._weight_in_out)
+
+    def _check_dora_merge(self) -> None:
+        """ValueError if the merged weight g·(W + s·B·A) would hold inf/NaN (changes nothing)."""
+        W = self._merge_weight(self.weight.detach()).clone()
+        self._dora_remerge(W)
+        if not torch.isfinite(W).all():
+            raise ValueError(f"merge: the DoRA merge g·(W + s·B·A) would overflow to inf/NaN in the {W.dtype} "
+                             "weight (g = lora_magnitude_vector / ||W + s·B·A|| per output feature: a zero-norm "
+                             "row or a huge magnitude); nothing was changed")

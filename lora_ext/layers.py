@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hparams import _check_hparams, lora_alpha_for, lora_scaling  # noqa: F401  (imported from here too)
-from .dora import DoraMergeState, dora_linear, dora_merge_
-from .ops import MergeState, check_merge_finite, dora_norm, lora_linear, merge_, unmerge_
+from .dora import DoraLayer, DoraMergeState, dora_linear, dora_merge_
+from .ops import MergeState, check_merge_finite, lora_linear, merge_, unmerge_
 from .sharding import is_dtensor, is_fsdp
 
 __all__ = ["LoRALayer", "LoRALinear", "is_conv1d", "parametrized"]
@@ -51,7 +51,7 @@ def factors_like(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[tor
     return A, B
 
 
-class LoRALayer(nn.Module, abc.ABC):
+class LoRALayer(DoraLayer, nn.Module, abc.ABC):
     """Base of the LoRA layers: ``weight`` (frozen) plus factors A [r, in], B [out, r] with
     ``scaling`` (``r``, ``lora_alpha``, ``use_rslora``, ``merged``, ``base_class`` attributes).
 
@@ -62,7 +62,7 @@ class LoRALayer(nn.Module, abc.ABC):
 
     lora_kind: str = ""
     factor_names: tuple[str, str] = ("", "")
-    use_dora: bool = False  # LoRALinear(use_dora=True): DoRA's lora_magnitude_vector [out] (dora.py)
+    # use_dora (DoraLayer): LoRALinear / LoRAConvNd(use_dora=True) have DoRA's lora_magnitude_vector
 
     @property
     @abc.abstractmethod
@@ -105,16 +105,17 @@ class LoRALayer(nn.Module, abc.ABC):
         """Sets A [r, in], B [out, r] (converted to the layer's device and dtype) and the scaling.
         Same rank: copied in place; another rank: new parameters (requires_grad kept), ``r`` and
         ``lora_alpha`` updated (``lora_alpha`` = scale * r, or scale * sqrt(r) with rsLoRA).
-        A DoRA layer also takes ``magnitude`` [out] (DoRA's lora_magnitude_vector); without one, it
-        is set to ||W0 + scale B A|| per row, so the layer computes what the plain LoRA adapter does.
+        A DoRA layer also takes ``magnitude`` (DoRA's lora_magnitude_vector, in its shape: [out], a
+        convolution's [1, out, 1, ...]); without one, it is set to ||W0 + scale B A|| per row, so the layer computes what the plain LoRA adapter does.
         A merged layer is unmerged, updated and merged again (exactly if it was), so its weight
         holds the new adapter; one merged for good (``drop_merge_state``) raises ValueError."""
         a_name, b_name = self.factor_names
         A_old, B_old = getattr(self, a_name), getattr(self, b_name)
         where = f"{type(self).__name__}.set_lora_factors"
         A, B, r = self._new_factors(A, B, where)
-        if magnitude is not None and (not self.use_dora or tuple(magnitude.shape) != (B.shape[0],)):
-            raise ValueError(f"{where}: " + (f"magnitude must be [{B.shape[0]}], got {tuple(magnitude.shape)}"
+        if magnitude is not None and (not self.use_dora or tuple(magnitude.shape) != self._magnitude_shape(B.shape[0])):
+            raise ValueError(f"{where}: " + (f"magnitude must be {list(self._magnitude_shape(B.shape[0]))}, got "
+                                             f"{list(magnitude.shape)}"
                                              if self.use_dora else "magnitude given, but the layer is not DoRA "
                                              "(use_dora=False)"))
         with self._unmerged(where):
@@ -179,12 +180,7 @@ class LoRALayer(nn.Module, abc.ABC):
         check_merge_finite(self._merge_weight(self.weight.detach()), [A.detach()], [B.detach()], [s],
                            fan_in_fan_out=self._weight_in_out)
         if self.use_dora:  # the merged weight is g * (W + s B A): g too (a zero-norm row: inf / NaN)
-            W = self._merge_weight(self.weight.detach()).clone()
-            dora_merge_(W, A.detach(), B.detach(), s, self.lora_magnitude_vector.detach(), self._weight_in_out)
-            if not torch.isfinite(W).all():
-                raise ValueError(f"merge: the DoRA merge g·(W + s·B·A) would overflow to inf/NaN in the {W.dtype} "
-                                 "weight (g = lora_magnitude_vector / ||W + s·B·A|| per row: a zero-norm row or "
-                                 "a huge magnitude); nothing was changed")
+            self._check_dora_merge()
 
     @torch.no_grad()
     def merge(self, safe: bool = False, exact: bool = True) -> None:
@@ -264,7 +260,9 @@ class LoRALayer(nn.Module, abc.ABC):
         super()._apply(fn, recurse)
         new = self.weight.data
         if isinstance(state, DoraMergeState):  # W0's copy moves (and converts) with the weight
-            state.apply(fn, self._merge_weight(new), self._dora_remerge)
+            W = self._merge_weight(new)
+            state.apply(fn, W, self._dora_remerge)
+            self._store_merged(new, W)
             return self
         if (state is not None and new.dtype != old.dtype and old.dtype == state._dtype
                 and new.dtype in (torch.float32, torch.float16, torch.bfloat16)):
@@ -433,18 +431,6 @@ class LoRALinear(LoRALayer):
             self.lora_init = init
             if self.use_dora:
                 self._set_magnitude(None)
-
-    @torch.no_grad()
-    def _set_magnitude(self, magnitude: torch.Tensor | None) -> None:
-        """DoRA's magnitude <- ``magnitude``, or ||W + scaling B A|| per row (PEFT's initial value)."""
-        if magnitude is None:
-            magnitude = dora_norm(self.weight, self.lora_A, self.lora_B, self.scaling,
-                                  fan_in_fan_out=self.fan_in_fan_out)
-        self.lora_magnitude_vector.copy_(magnitude)
-
-    def _dora_remerge(self, W: torch.Tensor) -> None:  # DoraMergeState.apply: merge W0 again
-        dora_merge_(W, self.lora_A.detach(), self.lora_B.detach(), self.scaling,
-                    self.lora_magnitude_vector.detach(), self.fan_in_fan_out)
 
     @property
     def _weight_in_out(self) -> bool:

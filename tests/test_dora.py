@@ -278,7 +278,7 @@ def test_dora_on_embeddings_in_a_file_is_refused(tmp_path):
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens"], use_dora=True))
     pm.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="module 'model.embed_tokens' has lora_magnitude_vector .*DoRA is supported on "
-                                         "linear layers only"):
+                                         "linear and convolution layers only"):
         Adapter.load(str(tmp_path))
 
 
