@@ -8,7 +8,7 @@ Pickle files (adapter_model.bin) are refused unless allow_pickle=True, then read
 torch.load(weights_only=True). Bad files (wrong types or values, NaN/inf weights unless
 allow_nonfinite=True, duplicate keys) raise ValueError / FileNotFoundError naming the file and the
 field or module; so do configs of LoRA variants lora_ext does not implement (lora_bias, aLoRA,
-...: UNSUPPORTED). DoRA adapters (use_dora) of linear and convolution layers load: their magnitudes are
+...: UNSUPPORTED). DoRA adapters (use_dora) of linear, convolution and embedding layers load: their magnitudes are
 LayerWeights.magnitude. load_adapter validates everything before it touches the model. Non-LoRA tensors
 PEFT saves (modules_to_save, bias="all"/"lora_only") are kept in Adapter.extra and loaded too.
 """
@@ -36,8 +36,8 @@ __all__ = ["Adapter", "LayerWeights", "load_adapter"]
 class LayerWeights:
     """One module's LoRA factors: A [r, in] and B [out, r] (embeddings: A [r, num], B [dim, r];
     convolutions, kind "conv": PEFT's A [r, in, *kernel], B [out, r, 1, ...]); a DoRA adapter's
-    layers also have ``magnitude`` in PEFT's lora_magnitude_vector shape ([out]; a convolution's
-    [1, out, 1, ...])."""
+    layers also have ``magnitude`` in PEFT's lora_magnitude_vector shape ([out]; an embedding's [dim];
+    a convolution's [1, out, 1, ...])."""
     A: torch.Tensor
     B: torch.Tensor
     scale: float
@@ -258,12 +258,13 @@ def _split_factors(tensors: dict, where: str, paired: bool = True) -> tuple[dict
                              + ("" if emb else " (a convolution's: [r, in, *kernel] and [out, r, 1, ...])"))
         kind = "embedding" if emb else "conv" if conv else "linear"
         mag = p.get("lora_magnitude_vector", (None, None))[1]
-        # PEFT's magnitude: [out] (linear), [1, out, 1, ...] (a convolution's, its norm with keepdim, transposed)
-        want = (B.shape[0],) if kind == "linear" else (1, B.shape[0], *B.shape[2:])
-        if mag is not None and (kind == "embedding" or tuple(mag.shape) != want):
-            raise ValueError(f"{where}: module {name!r} has lora_magnitude_vector {tuple(mag.shape)}; " + (
-                "DoRA is supported on linear and convolution layers only (this is an embedding LoRA)" if emb else
-                f"expected {list(want)} ({'its lora_B' if kind == 'linear' else 'a convolution'}'s output features)"))
+        # PEFT's magnitude: [out] (linear; an embedding's [dim]), [1, out, 1, ...] (a convolution's, its
+        # norm with keepdim, transposed)
+        want = (1, B.shape[0], *B.shape[2:]) if kind == "conv" else (B.shape[0],)
+        if mag is not None and tuple(mag.shape) != want:
+            owner = "a convolution" if kind == "conv" else f"its {b_key}"
+            raise ValueError(f"{where}: module {name!r} has lora_magnitude_vector {tuple(mag.shape)}; expected "
+                             f"{list(want)} ({owner}'s output features)")
         factors[name] = (A, B, kind, mag)
     return factors, extra
 

@@ -1,11 +1,19 @@
 """LoRAEmbedding: nn.Embedding + LoRA in PEFT's layout (lora_embedding_A [r, num_embeddings],
-lora_embedding_B [dim, r]; A starts at zero, as in PEFT). Merge, factors and the rest: LoRALayer."""
+lora_embedding_B [dim, r]; A starts at zero, as in PEFT). Merge, factors and the rest: LoRALayer.
+
+``use_dora=True``: DoRA as PEFT's DoraEmbeddingVariant. The table [num, dim] is an [in, out] weight
+(fan_in_fan_out), so ``lora_magnitude_vector`` is [dim] (PEFT's shape), initially the norms
+``n[o] = ||E[:, o] + s (B A)[o, :]||`` over the vocabulary (ops.dora_norm, fan_in_fan_out=True); with
+g = m / n (n detached) the output is ``g * (E[ids] + s A^T[ids] B^T)`` (times embed_scale, as the
+plain output; PEFT: g * base_result + g * s * lora * embed_scale). No dropout (PEFT's embedding LoRA
+has none). Merge / exact unmerge / dtype changes while merged: lora_ext.dora on the [in, out] weight."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dora import dora_scale
 from .hparams import _check_hparams, lora_scaling
 from .layers import LoRALayer
 
@@ -21,7 +29,7 @@ class LoRAEmbedding(LoRALayer):
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 8, alpha: float = 8,
                  use_rslora: bool = False, padding_idx: int | None = None, max_norm: float | None = None,
                  norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, use_dora: bool = False):
         super().__init__()
         _check_hparams(type(self).__name__, r, alpha, 0.0)
         kw = {"device": device, "dtype": dtype}
@@ -35,21 +43,25 @@ class LoRAEmbedding(LoRALayer):
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, **kw), requires_grad=False)
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, num_embeddings, **kw))
         self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r, **kw))
+        self.use_dora = bool(use_dora)
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(self._magnitude_shape(embedding_dim), **kw))
         self.merged = False
         self.base_class: type = nn.Embedding
         self.reset_parameters()
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, r: int = 8, alpha: float = 8,
-                       use_rslora: bool = False) -> "LoRAEmbedding":
+                       use_rslora: bool = False, use_dora: bool = False) -> "LoRAEmbedding":
         """Wraps an nn.Embedding; shares (and freezes) its weight. Factors in PEFT's layout:
-        lora_embedding_A [r, num_embeddings] (zeros), lora_embedding_B [embedding_dim, r]. The
-        layer is in the module's mode (train / eval)."""
+        lora_embedding_A [r, num_embeddings] (zeros), lora_embedding_B [embedding_dim, r]; use_dora:
+        lora_magnitude_vector [embedding_dim] (the norms, so the new layer computes what ``emb`` does).
+        The layer is in the module's mode (train / eval)."""
         if not isinstance(emb, nn.Embedding):
             raise TypeError(f"LoRAEmbedding.from_embedding: expected nn.Embedding, got {type(emb).__name__}")
         with torch.device("meta"):
             layer = cls(emb.num_embeddings, emb.embedding_dim, r, alpha, use_rslora, emb.padding_idx,
-                        emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
+                        emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse, use_dora=use_dora)
         layer._adopt(emb, f"{cls.__name__}.from_embedding")
         # scaled word embeddings (Gemma, Bart, M2M100, ...: forward returns E[ids] * embed_scale): PEFT
         # scales the base output (its base_layer's forward) and the LoRA output alike
@@ -73,10 +85,13 @@ class LoRAEmbedding(LoRALayer):
             self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        """As PEFT: A zeros, B standard normal (a merged layer: unmerged first, merged again after)."""
+        """As PEFT: A zeros, B standard normal, DoRA's magnitude the norms of E + scaling B A (a merged
+        layer: unmerged first, merged again after)."""
         with self._unmerged(f"{type(self).__name__}.reset_lora_parameters"):
             nn.init.zeros_(self.lora_embedding_A)
             nn.init.normal_(self.lora_embedding_B)
+            if self.use_dora:
+                self._set_magnitude(None)
 
     @property
     def _weight_in_out(self) -> bool:  # weight [num, dim] = [in, out]: the Conv1D layout
@@ -121,10 +136,17 @@ class LoRAEmbedding(LoRALayer):
             return out
         # the lookup in A^T (a transposed view) takes a dense gradient: a sparse one cannot be transposed
         after_a = self._embed(ids, self.lora_embedding_A.t(), sparse=False)
-        return out + self._scaled((after_a @ self.lora_embedding_B.t()) * self.scaling)
+        out = out + self._scaled((after_a @ self.lora_embedding_B.t()) * self.scaling)
+        if not self.use_dora:
+            return out
+        # g from the table after the lookups (max_norm renormalizes looked-up rows in place, as in PEFT)
+        g = dora_scale(self.lora_magnitude_vector, self.weight, self.lora_embedding_A, self.lora_embedding_B,
+                       self.scaling, fan_in_fan_out=True)
+        return out * g.to(out.dtype)
 
     def extra_repr(self) -> str:
         opts = [f"{k}={getattr(self, k)}" for k, default in (("padding_idx", None), ("max_norm", None),
                 ("norm_type", 2.0), ("scale_grad_by_freq", False), ("sparse", False)) if getattr(self, k) != default]
         return ", ".join([f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, alpha={self.lora_alpha}"] + opts
-                         + (["use_rslora=True"] if self.use_rslora else []) + (["merged=True"] if self.merged else []))
+                         + (["use_rslora=True"] if self.use_rslora else [])
+                         + (["use_dora=True"] if self.use_dora else []) + (["merged=True"] if self.merged else []))

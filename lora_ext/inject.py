@@ -43,8 +43,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
     and subclasses whose forward differs from the plain layer's (targets.unwrappable; "all-linear"
     leaves them out). LoRA layers put into an nn.TransformerEncoderLayer keep it off torch's fused
     inference path, which reads linear1/linear2.weight directly (see _no_fused_encoder).
-    use_dora: DoRA on the Linear/Conv1D and Conv1d/2d/3d targets (PEFT's use_dora; lora_ext.dora,
-    lora_ext.conv); an Embedding target then raises ValueError (no embedding DoRA in lora_ext).
+    use_dora: DoRA on every target, Linear/Conv1D, Conv1d/2d/3d and Embedding (PEFT's use_dora;
+    lora_ext.dora, lora_ext.conv, lora_ext.embedding).
     """
     wrapped = sharding_of(model)
     if wrapped is not None:  # DDP would not all-reduce factors added now; FSDP/TP shards are in place
@@ -84,9 +84,6 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
             raise TypeError(f"inject: module {name!r} {problems[name]}")
         if is_conv(modules[name]):
             check_conv_base(f"inject: module {name!r}", modules[name])
-        if use_dora and isinstance(modules[name], nn.Embedding):
-            raise ValueError(f"inject: module {name!r} is a {type(modules[name]).__name__}; use_dora=True "
-                             "(DoRA) is supported on nn.Linear, transformers Conv1D and nn.Conv1d/2d/3d only")
     for name in chosen:
         m = modules[name]
         rr = pattern_value(name, rank_pattern, r)
@@ -95,7 +92,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
             if isinstance(m, nn.Linear) or is_conv1d(m):
                 new = LoRALinear.from_linear(m, rr, aa, dropout, use_rslora, init, use_dora=use_dora)
             elif isinstance(m, nn.Embedding):
-                new = LoRAEmbedding.from_embedding(m, rr, aa, use_rslora)
+                new = LoRAEmbedding.from_embedding(m, rr, aa, use_rslora, use_dora=use_dora)
             elif is_conv(m):
                 new = LoRAConvNd.from_conv(m, rr, aa, dropout, use_rslora, init, use_dora=use_dora)
             else:

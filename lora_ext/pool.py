@@ -77,8 +77,9 @@ class AdapterPool:
     model's). host_cache_bytes: pinned host copies kept of evicted adapters (None: no limit; beyond
     it they are re-read from their files; adapters loaded as Adapter objects have none and stay
     until unload()). max_tokens: the most names one batch() may take (rows, or tokens with
-    per_token=True). dora: also serve DoRA adapters (use_dora; linear targets: MultiLoRALinear's
-    dora=True, which costs 2 fp32 rows of out_features per slot and one pass over each output).
+    per_token=True). dora: also serve DoRA adapters (use_dora; linear targets only, a DoRA
+    embedding is refused: MultiLoRALinear's dora=True, which costs 2 fp32 rows of out_features per
+    slot and one pass over each output).
     """
 
     def __init__(self, model: nn.Module, target_modules=None, max_adapters: int = 16, max_rank: int = 64,
@@ -190,6 +191,10 @@ class AdapterPool:
             if w.kind == "conv":
                 raise ValueError(f"{where}: module {mod!r} holds convolution LoRA factors (A {tuple(w.A.shape)}): "
                                  "multi-adapter serving has no convolution layers; use lora_ext.load_adapter")
+            if w.kind == "embedding" and w.magnitude is not None:
+                raise ValueError(f"{where}: module {mod!r} is a DoRA embedding (lora_magnitude_vector "
+                                 f"{tuple(w.magnitude.shape)}): multi-adapter serving has no embedding DoRA "
+                                 "(MultiLoRAEmbedding); use lora_ext.load_adapter, or merge the adapter")
             if layer is None:
                 raise ValueError(f"{where}: module {mod!r} is not served by this pool "
                                  f"(pool targets e.g. {sorted(self.layers)[:3]})")

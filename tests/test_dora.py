@@ -237,13 +237,6 @@ def test_set_lora_factors_on_a_merged_layer_and_magnitude_rules():
 
 
 # ---------------------------------------------------------------- refusals
-def test_inject_refuses_dora_on_embeddings_before_changing_anything():
-    model = tiny_llama()
-    with pytest.raises(ValueError, match=r"inject: module 'model.embed_tokens' is a Embedding; use_dora=True"):
-        inject(model, ["q_proj", "embed_tokens"], use_dora=True)
-    assert not lora_ext.lora_layers(model)
-
-
 def _save_and_edit(tmp_path, edit_cfg=None, edit_tensors=None):
     from safetensors.torch import load_file, save_file
     pm = peft_dora("llama")
@@ -272,14 +265,6 @@ def test_files_whose_magnitudes_disagree_with_use_dora_are_refused(tmp_path):
     d = _save_and_edit(tmp_path / "c", edit_tensors=lambda t: {**t, key: torch.ones(3)})
     with pytest.raises(ValueError, match=r"has lora_magnitude_vector \(3,\); expected \[64\]"):
         Adapter.load(d)
-
-
-def test_dora_on_embeddings_in_a_file_is_refused(tmp_path):
-    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens"], use_dora=True))
-    pm.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="module 'model.embed_tokens' has lora_magnitude_vector .*DoRA is supported on "
-                                         "linear and convolution layers only"):
-        Adapter.load(str(tmp_path))
 
 
 def test_dora_adapter_into_plain_lora_layers_and_mixed_models_are_refused(tmp_path):
