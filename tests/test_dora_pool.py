@@ -143,7 +143,7 @@ def test_multi_lora_linear_dora_slots():
         MultiLoRALinear(base, 2, 4, out_slices=[8, 8], dora=True)
 
 
-def test_pool_without_dora_refuses_dora_and_dora_on_embeddings_is_refused(tmp_path):
+def test_pool_without_dora_refuses_dora_adapters(tmp_path):
     save_adapters(tmp_path, "llama")
     pool = AdapterPool(tiny_llama(), target_modules=CASES["llama"][1], max_adapters=2, max_rank=8)
     with pytest.raises(ValueError, match=r"AdapterPool.load\('d1', .*\): the adapter is DoRA .*built without dora=True"):
