@@ -118,6 +118,9 @@ def run_inspect(args) -> int:
     if convs:  # AdapterPool._validate refuses conv factors (no multi-adapter convolution layers)
         why.append(f"it adapts convolutions ({', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}), which "
                    "multi-adapter serving does not have")
+    dora_emb = sorted(n for n, w in adapter.layers.items() if w.kind == "embedding" and w.magnitude is not None)
+    if dora_emb:  # AdapterPool._validate refuses them (MultiLoRAEmbedding has no DoRA)
+        why.append(f"it has DoRA on embeddings ({', '.join(dora_emb[:3])}), which multi-adapter serving does not compute")
     if max_r > args.max_rank:
         why.append(f"rank {max_r} > max_rank {args.max_rank}")
     out.print("lora_ext: loads (Adapter.load, load_adapter) and merges (python -m lora_ext merge" +

@@ -1,6 +1,9 @@
 """DoRA on embeddings (LoRAEmbedding(use_dora=True), inject, adapter files, merges): PEFT's
 DoraEmbeddingVariant is the oracle (outputs, gradients, files both ways, merge_and_unload)."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -192,3 +195,7 @@ def test_pool_refuses_a_dora_embedding_adapter_by_name(tmp_path):
                                          r"embedding .*no embedding DoRA"):
         pool.load("d", tmp_path / "d")
     assert "d" not in pool
+    r = subprocess.run([sys.executable, "-m", "lora_ext", "inspect", str(tmp_path / "d"), "--pool"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, COLUMNS="200"))
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 1 and "AdapterPool: cannot serve it: it has DoRA on embeddings (model.embed_tokens)" in out, out
