@@ -428,7 +428,10 @@ class MultiLoRALinear(_MultiLoRA):
             S = self.num_slots
             gi = torch.where((idx >= 0) & (idx < S), idx, S).long()
             y2 = y.view(-1, self.out_features)
-            torch.addcmul(self.dora_bias[gi], y2, self.dora_scales[gi], out=y2)
+            if self.bias is None:  # (1 - g) b = 0: no gather of it
+                y2.mul_(self.dora_scales[gi])
+            else:
+                torch.addcmul(self.dora_bias[gi], y2, self.dora_scales[gi], out=y2)
         return y
 
 

@@ -29,11 +29,17 @@ def build(kind, dtype=torch.float32, dropout=0.0, r=4, alpha=8, use_rslora=False
     return pm
 
 
-def randomize(model, seed=1):
+def randomize(model, seed=1, magnitude=None):
+    """Non-zero LoRA factors (B, embedding A too) so LoRA matters: N(0, 0.1²). DoRA magnitudes: with
+    ``magnitude`` (a spread), scaled by 1 + magnitude·U[0, 1) away from the norm (g != 1); else drawn
+    like the factors. Returns the model."""
     torch.manual_seed(seed)
-    for n, p in model.named_parameters():  # non-zero B (and embedding A) so LoRA matters
-        if "lora_" in n:
+    for n, p in model.named_parameters():
+        if magnitude is not None and "lora_magnitude_vector" in n:
+            p.data = p.data * (1 + magnitude * torch.rand_like(p))
+        elif "lora_" in n:
             p.data = torch.randn_like(p) * 0.1
+    return model
 
 
 def patch(model):

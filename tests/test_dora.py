@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import devices, rel_err
 from models import tiny_gpt2, tiny_llama
+from peft_cases import randomize
 from torch import nn
 
 import lora_ext
@@ -21,14 +22,7 @@ def peft_dora(kind, dropout=0.0, seed=1, **cfg):
     make, targets, fifo = CASES[kind]
     pm = peft.get_peft_model(make(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True,
                                                      lora_dropout=dropout, fan_in_fan_out=fifo, **cfg))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_A" in n or "lora_B" in n:
-                p.copy_(torch.randn_like(p) * 0.1)
-            elif "lora_magnitude_vector" in n:
-                p.mul_(1 + 0.2 * torch.rand_like(p))
-    return pm
+    return randomize(pm, seed, magnitude=0.2)
 
 
 def ours_from(pm, tmp_path, kind):

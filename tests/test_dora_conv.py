@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import peft_cases
 from conftest import rel_err
 from torch import nn
 
@@ -64,14 +65,7 @@ CASES = {"convnet": (ConvNet, ["c1", "c2", "c3"]),
 
 
 def randomize(model, seed=2):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_A" in n or "lora_B" in n:
-                p.copy_(torch.randn_like(p) * 0.1)
-            elif "lora_magnitude_vector" in n:
-                p.mul_(1 + 0.2 * torch.rand_like(p))
-    return model
+    return peft_cases.randomize(model, seed, magnitude=0.2)
 
 
 def peft_dora(kind, dropout=0.0):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import peft_cases
 from conftest import rel_err
 from models import tiny_llama
 from torch import nn
@@ -20,14 +21,7 @@ TARGETS = ["embed_tokens", "q_proj"]
 
 
 def randomize(model, seed=1):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n and "magnitude" not in n:
-                p.copy_(torch.randn_like(p) * 0.1)
-            elif "lora_magnitude_vector" in n:
-                p.mul_(1 + 0.2 * torch.rand_like(p))
-    return model
+    return peft_cases.randomize(model, seed, magnitude=0.2)
 
 
 def peft_dora():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import devices, rel_err
 from models import tiny_gpt2, tiny_llama
+from peft_cases import randomize
 from torch import nn
 
 import lora_ext
@@ -27,13 +28,7 @@ def save_adapters(tmp_path, kind):
     for name, seed, r, dora in (("d1", 1, 4, True), ("d2", 2, 2, True), ("plain", 3, 4, False)):
         pm = peft.get_peft_model(make(), peft.LoraConfig(r=r, lora_alpha=8, target_modules=targets,
                                                          fan_in_fan_out=fifo, use_dora=dora))
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_A" in n or "lora_B" in n:
-                    p.copy_(torch.randn_like(p) * 0.1)
-                elif "lora_magnitude_vector" in n:
-                    p.mul_(1 + 0.3 * torch.rand_like(p))
+        randomize(pm, seed, magnitude=0.3)
         pm.save_pretrained(tmp_path / name)
         out[name] = pm.eval()
     return out
