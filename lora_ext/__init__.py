@@ -23,6 +23,7 @@ from .embedding import LoRAEmbedding
 from .layers import LoRALayer, LoRALinear
 from .merged_linear import MergedLinear
 from .conv import LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAConvNd
+from .param_lora import LoRAParameter
 from .merge import merge, merge_and_unload, unmerge  # (the functions shadow the submodules)
 from .combine import combine
 from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, attach_context
@@ -30,7 +31,7 @@ from .pool import AdapterPool
 from .peft_patch import patch_peft, unpatch_peft
 
 __all__ = ["ops", "Adapter", "LayerWeights", "load_adapter", "LoRALayer", "LoRALinear", "LoRAEmbedding", "MergedLinear",
-           "LoRAConvNd", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "inject",
+           "LoRAConvNd", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAParameter", "inject",
            "lora_layers", "lora_state_dict", "mark_only_lora_trainable", "merge", "unmerge",
            "merge_and_unload", "combine", "LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding",
            "attach_context",

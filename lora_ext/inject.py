@@ -15,6 +15,7 @@ from torch import nn
 from .conv import LoRAConvNd, check_conv_base, is_conv
 from .embedding import LoRAEmbedding
 from .layers import LoRALayer, LoRALinear, is_conv1d
+from .param_lora import inject_parameters
 from .sharding import sharding_of, unwrapped
 from .targets import (PEFT_PREFIX, check_layers, check_regex, in_layers, matches, pattern_value, read_directly,
                       select_targets, unwrappable)
@@ -22,13 +23,20 @@ from .targets import (PEFT_PREFIX, check_layers, check_regex, in_layers, matches
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "PEFT_PREFIX"]
 
 
-def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v_proj"), r: int = 8,
+def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, r: int = 8,
            alpha: float = 8, dropout: float = 0.0, use_rslora: bool = False,
            rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
            init: str = "kaiming", exclude_modules: str | Iterable[str] | None = None,
            layers_to_transform: int | list[int] | None = None,
-           layers_pattern: str | list[str] | None = None, use_dora: bool = False) -> list[str]:
+           layers_pattern: str | list[str] | None = None, use_dora: bool = False,
+           target_parameters: Iterable[str] | None = None) -> list[str]:
     """Replaces the target modules of ``model`` in place by LoRA layers; returns their names.
+
+    target_modules None: ("q_proj", "v_proj"), or none at all when target_parameters is given.
+    target_parameters: PEFT's, LoRA on parameters such as MoE expert stacks
+    ("mlp.experts.gate_up_proj"; lora_ext.param_lora.inject_parameters, with r, alpha, use_rslora,
+    rank_pattern, alpha_pattern and init; no dropout or DoRA there, as in PEFT); their names
+    follow the modules' in the returned list.
 
     target_modules: a list of module-name suffixes (``"q_proj"`` matches ``...attn.q_proj``), a
     regex matched against the full name, or ``"all-linear"`` (every Linear/Conv1D but the output
@@ -50,6 +58,17 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "v
     if wrapped is not None:  # DDP would not all-reduce factors added now; FSDP/TP shards are in place
         raise ValueError(f"inject: the model is already {wrapped}; inject the LoRA layers "
                          "first, then wrap or shard (lora_ext.distributed)")
+    if target_parameters is not None:
+        if dropout or use_dora:
+            raise ValueError("inject: target_parameters does not work with " + ("dropout" if dropout else "use_dora=True")
+                             + " (the LoRA term is folded into the parameter, as in PEFT); inject those separately")
+        chosen = [] if not target_modules else inject(
+            model, target_modules, r, alpha, dropout, use_rslora, rank_pattern, alpha_pattern, init,
+            exclude_modules, layers_to_transform, layers_pattern, use_dora)
+        return chosen + inject_parameters(model, list(target_parameters), r, alpha, use_rslora, rank_pattern,
+                                          alpha_pattern, init)
+    if target_modules is None:
+        target_modules = ("q_proj", "v_proj")
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
     check_regex("inject", "target_modules", target_modules)

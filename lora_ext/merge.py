@@ -17,6 +17,7 @@ from torch import nn
 
 from .inject import NESTED_KEY, lora_layers
 from .layers import LoRALayer
+from .param_lora import LoRAParameter, outermost, parameter_layers
 from .sharding import sharding_of
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "merge_layer", "unmerge_layer", "merge_overhead"]
@@ -45,7 +46,7 @@ def _layers_of(model: nn.Module, what: str) -> dict[str, nn.Module]:
                          "in a single-process copy (get_model_state_dict(..., full_state_dict=True))")
     if isinstance(model, LoRALayer):
         return {"": model}
-    found = lora_layers(model)
+    found = {**lora_layers(model), **parameter_layers(model)}
     if not found:
         peft = next((n for n, m in model.named_modules()
                      if type(m).__module__.startswith("peft.") and hasattr(m, "lora_A")), None)
@@ -64,6 +65,8 @@ def _check_tied(model: nn.Module, layers: dict[str, nn.Module]) -> None:
         if isinstance(w, torch.Tensor):
             owners.setdefault(id(w), []).append(name)
     for name, m in layers.items():
+        if isinstance(m, LoRAParameter):  # the parameter is its module's own
+            continue
         others = [o for o in owners.get(id(m.weight), []) if o != name]
         if others:
             raise ValueError(f"merge: layer {name!r} shares its weight with {others} (tied weights): "
@@ -107,9 +110,11 @@ def unmerge(model: nn.Module) -> list[str]:
     for name, m in layers.items():
         state = getattr(m, "_merge_state", None)
         try:
-            if m._merged_for_good():
+            if isinstance(m, LoRAParameter):
+                m.check_unmerge()
+            elif m._merged_for_good():
                 raise ValueError("merged for good (drop_merge_state), so it cannot be unmerged")
-            if state is not None:
+            elif state is not None:
                 state.check(m._merge_weight(m.weight.detach()))
         except ValueError as e:
             raise ValueError(f"unmerge: layer {name!r}: {e}") from None
@@ -141,9 +146,16 @@ def merge_and_unload(model: nn.Module, safe: bool = False, allow_tied: bool = Fa
             merge_layer(m, exact=False)
         m.drop_merge_state()  # merged bits are the same either way
     if "" in layers:
-        return layers[""].base_module()
+        return layers[""].unwrapped() if isinstance(layers[""], LoRAParameter) else layers[""].base_module()
+    outer = outermost(model)
     modules = dict(model.named_modules())
     for name, m in layers.items():
+        if isinstance(m, LoRAParameter):  # the outermost wrapper of a module gives way to the module
+            if name not in outer:
+                continue
+            parent, _, child = name.rpartition(".")
+            setattr(modules[parent] if parent else model, child, m.unwrapped())
+            continue
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, m.base_module())
     for m in model.modules():  # inject turned an nn.TransformerEncoder's nested tensors off

@@ -1,0 +1,342 @@
+"""LoRA on a module's parameter: MoE expert stacks and other weights no nn.Linear holds.
+
+PEFT's ``LoraConfig(target_parameters=[...])`` (its ParamWrapper), e.g. a transformers MoE's
+``mlp.experts.gate_up_proj`` [E, out, in] / ``down_proj``, or [E, in, out] when the experts module
+sets ``is_transposed``, or any 2-D parameter [out, in]. Expert e gets its own rank-r update:
+
+    P[e] + s * B_e @ A_e      A_e [r, in], B_e [out, r]   (transposed for an [E, in, out] stack)
+
+The factors are stored as PEFT stores them, so files and state dicts carry over unchanged:
+``lora_A`` [E * r, in] (expert-major rows: A_e = lora_A[e * r:(e + 1) * r]) and ``lora_B``
+[out, E * r] (column j * E + e is B_e's column j). Several parameters of one module nest, as in
+PEFT: the first registered is wrapped first, so ``experts.base_layer.lora_A`` is gate_up_proj's
+and ``experts.lora_A`` down_proj's.
+
+Forward: a transformers experts module (transformers.integrations.moe) runs lora_ext.moe's path,
+which adds each expert's LoRA term to its rows and never builds an [E, out, in] tensor or a
+gradient of that size. Any other module runs its own forward with the effective weights
+(torch.func.functional_call), as PEFT does. Merge / unmerge use lora_ext's merge kernels per
+expert, exact (bit for bit back to W0) by default. No dropout, DoRA or fan_in_fan_out (PEFT
+refuses them here too).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .hparams import _check_hparams, lora_alpha_for, lora_scaling
+from .ops import MergeState, check_merge_finite, merge_, unmerge_
+from .targets import pattern_value
+
+__all__ = ["LoRAParameter", "inject_parameters", "parameter_layers", "outermost"]
+
+
+def _moe():  # lora_ext.moe imports transformers lazily; this module stays importable without it
+    from . import moe
+    return moe
+
+
+class LoRAParameter(nn.Module):
+    """LoRA on ``base_layer.<parameter_name>`` (2-D [out, in] or a 3-D expert stack); see the module doc.
+
+    Attributes as PEFT's: ``r``, ``lora_alpha``, ``scaling``, ``use_rslora``, ``num_experts``,
+    ``in_features``, ``out_features``, ``merged``. ``transposed``: the stack is [E, in, out].
+    Attributes the wrapper lacks are read from the wrapped module (``experts.num_experts``).
+    """
+
+    lora_kind = "parameter"
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str, r: int = 8, alpha: float = 8,
+                 use_rslora: bool = False, init: str = "kaiming"):
+        super().__init__()
+        where = f"LoRAParameter({parameter_name!r})"
+        _check_hparams(where, r, alpha, 0.0)
+        inner = _inner(base_layer)
+        p = dict(inner.named_parameters(recurse=False)).get(parameter_name)
+        if p is None:
+            raise TypeError(f"{where}: {type(inner).__name__} has no parameter {parameter_name!r} of its own")
+        if any(w.parameter_name == parameter_name for w in _chain(base_layer)):
+            raise ValueError(f"{where}: the parameter has a LoRAParameter already")
+        if p.dim() not in (2, 3) or 0 in p.shape:
+            raise ValueError(f"{where}: the parameter must be 2-D [out, in] or a 3-D expert stack, "
+                             f"got shape {list(p.shape)}")
+        if not p.dtype.is_floating_point:
+            raise TypeError(f"{where}: the parameter is {p.dtype}, not floating point")
+        if parameter_name in (getattr(inner, "parametrizations", None) or ()):
+            raise TypeError(f"{where}: the parameter is parametrized (weight_norm, ...); remove that first")
+        self.base_layer = base_layer
+        self.parameter_name = parameter_name
+        self.transposed = p.dim() == 3 and bool(getattr(inner, "is_transposed", False))
+        self.num_experts = p.shape[0] if p.dim() == 3 else 1
+        out_dim, in_dim = (p.shape[-1], p.shape[-2]) if self.transposed else (p.shape[-2], p.shape[-1])
+        self.in_features, self.out_features = int(in_dim), int(out_dim)
+        self.r, self.lora_alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+        E = self.num_experts
+        self.lora_A = nn.Parameter(torch.empty(E * r, self.in_features, device=p.device, dtype=p.dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, E * r, device=p.device, dtype=p.dtype))
+        p.requires_grad_(False)
+        self.merged = False
+        self._merge_states: list[MergeState] | None = None
+        self._merged_factors = None
+        self.reset_lora_parameters(init)
+        self._ready = True  # from now on, attributes the wrapper lacks are the wrapped module's
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if not self.__dict__.get("_ready") or name.startswith("lora_"):
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    def extra_repr(self) -> str:
+        return (f"parameter_name={self.parameter_name!r}, num_experts={self.num_experts}, in_features="
+                f"{self.in_features}, out_features={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+                + (", transposed=True" if self.transposed else ""))
+
+    # ---------------------------------------------------------------- factors
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        """A: Kaiming-uniform (a=sqrt(5)) over the whole [E * r, in] as PEFT, or Gaussian (std 1/r); B: zeros."""
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"LoRAParameter: init must be 'kaiming' or 'gaussian', got {init!r}")
+        self._check_unmerged("reset_lora_parameters")
+        with torch.no_grad():
+            if init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            nn.init.zeros_(self.lora_B)
+
+    def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A [E, r, in], B [E, out, r], s): per-expert views of lora_A / lora_B (differentiable)."""
+        E, r = self.num_experts, self.r
+        A = self.lora_A.view(E, r, self.in_features)
+        B = self.lora_B.view(self.out_features, r, E).permute(2, 0, 1)
+        return A, B, float(self.scaling)
+
+    def set_lora_factors(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        """Sets lora_A [E * r, in] and lora_B [out, E * r] (PEFT's layout; another r resizes them,
+        requires_grad kept) and the scaling; ``lora_alpha`` follows (scale * r, or * sqrt(r) with rsLoRA)."""
+        where = f"LoRAParameter({self.parameter_name!r}).set_lora_factors"
+        E = self.num_experts
+        if (A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0 or A.shape[0] % E
+                or A.shape[1] != self.in_features or B.shape[0] != self.out_features):
+            raise ValueError(f"{where}: expected A [{E} * r, {self.in_features}] and B [{self.out_features}, "
+                             f"{E} * r] with r > 0, got A {tuple(A.shape)}, B {tuple(B.shape)}")
+        self._check_unmerged("set_lora_factors")
+        old_A, old_B = self.lora_A, self.lora_B
+        A, B = A.to(old_A.device, old_A.dtype), B.to(old_A.device, old_A.dtype)
+        if A.shape != old_A.shape:
+            self.lora_A = nn.Parameter(A.clone(), requires_grad=old_A.requires_grad)
+            self.lora_B = nn.Parameter(B.clone(), requires_grad=old_B.requires_grad)
+        else:
+            with torch.no_grad():
+                old_A.copy_(A)
+                old_B.copy_(B)
+        self.r = A.shape[0] // E
+        self.scaling = float(scale)
+        self.lora_alpha = lora_alpha_for(float(scale), self.r, self.use_rslora)
+
+    def _check_unmerged(self, what: str) -> None:
+        if getattr(self, "merged", False):
+            raise ValueError(f"LoRAParameter({self.parameter_name!r}).{what}: the adapter is merged; unmerge first")
+
+    # ---------------------------------------------------------------- forward
+    def target(self) -> nn.Module:
+        """The module whose forward runs (the innermost base_layer)."""
+        return _inner(self)
+
+    def effective_weight(self) -> torch.Tensor:
+        """P + s * delta in P's shape and dtype (one fused batched GEMM, fp32 accumulation inside);
+        differentiable w.r.t. the factors."""
+        P = getattr(self.target(), self.parameter_name)
+        A, B, s = self.expert_factors()
+        A, B = A.to(P.dtype), B.to(P.dtype)
+        if self.num_experts == 1 and P.dim() == 2:
+            return torch.addmm(P, B[0], A[0], alpha=s)
+        if self.transposed:  # [E, in, out] += s * A_e^T B_e^T
+            return torch.baddbmm(P, A.transpose(1, 2), B.transpose(1, 2), alpha=s)
+        return torch.baddbmm(P, B, A, alpha=s)
+
+    def forward(self, *args, **kwargs):
+        chain = _chain(self)
+        base = chain[-1].base_layer
+        active = [w for w in chain if not w.merged]
+        if not active:
+            return base(*args, **kwargs)
+        names = [w.parameter_name for w in active]
+        moe = _moe()
+        if moe.fast_path_problem(base, names) is None and len(args) + len(kwargs) == 3:
+            return moe.experts_forward(base, *args, **kwargs,
+                                       loras={w.parameter_name: w.expert_factors() for w in active})
+        weights = {w.parameter_name: w.effective_weight() for w in active}
+        return torch.func.functional_call(base, weights, args, kwargs, strict=False)
+
+    # ---------------------------------------------------------------- merging
+    def _expert_views(self, P: torch.Tensor) -> list[torch.Tensor]:
+        return [P] if P.dim() == 2 else list(P.unbind(0))
+
+    def _merge_args(self):
+        A, B, s = self.expert_factors()
+        return [a.detach().contiguous() for a in A], [b.detach().contiguous() for b in B], s
+
+    def check_merge(self) -> None:
+        """ValueError if the merged parameter would hold inf/NaN (changes nothing)."""
+        P = getattr(self.target(), self.parameter_name).detach()
+        As, Bs, s = self._merge_args()
+        for e, W in enumerate(self._expert_views(P)):
+            try:
+                check_merge_finite(W, [As[e]], [Bs[e]], [s], fan_in_fan_out=self.transposed)
+            except ValueError as err:
+                raise ValueError(f"LoRAParameter({self.parameter_name!r}).merge: expert {e}: {err}") from None
+
+    @torch.no_grad()
+    def merge(self, safe: bool = False, exact: bool = True) -> None:
+        """P[e] <- round(P[e] + s B_e A_e) for every expert (no-op if merged); ``exact`` keeps a
+        MergeState per expert so unmerge gives P back bit for bit; ``safe`` checks first (check_merge)."""
+        if self.merged:
+            return
+        if safe:
+            self.check_merge()
+        P = getattr(self.target(), self.parameter_name).data
+        As, Bs, s = self._merge_args()
+        states = [MergeState() if exact else None for _ in As]
+        for e, W in enumerate(self._expert_views(P)):
+            merge_(W, As[e], Bs[e], s, fan_in_fan_out=self.transposed, state=states[e])
+        self._merge_states = states if exact else None
+        self._merged_factors = None if exact else (As, Bs, s)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Takes the adapter out of the parameter (bit for bit after an exact merge)."""
+        if not self.merged:
+            raise ValueError(f"unmerge: LoRAParameter({self.parameter_name!r}) is not merged")
+        if self._merged_for_good():
+            raise ValueError(f"unmerge: LoRAParameter({self.parameter_name!r}) is merged for good (drop_merge_state)")
+        P = getattr(self.target(), self.parameter_name).data
+        for e, W in enumerate(self._expert_views(P)):
+            if self._merge_states is not None:
+                unmerge_(W, fan_in_fan_out=self.transposed, state=self._merge_states[e])
+            else:
+                As, Bs, s = self._merged_factors
+                unmerge_(W, As[e], Bs[e], s, fan_in_fan_out=self.transposed)
+        self._merge_states = self._merged_factors = None
+        self.merged = False
+
+    def merge_refusal(self) -> str | None:  # merge.py asks every layer; a parameter always merges
+        return None
+
+    def _merged_for_good(self) -> bool:
+        return self.merged and self._merge_states is None and self._merged_factors is None
+
+    def check_unmerge(self) -> None:
+        """ValueError if unmerge cannot give the original back (merged for good, or the parameter
+        was written since an exact merge)."""
+        if self._merged_for_good():
+            raise ValueError("merged for good (drop_merge_state), so it cannot be unmerged")
+        if self._merge_states is not None:
+            P = getattr(self.target(), self.parameter_name).detach()
+            for e, (W, st) in enumerate(zip(self._expert_views(P), self._merge_states)):
+                try:
+                    st.check(W)
+                except ValueError as err:
+                    raise ValueError(f"{self.parameter_name}[{e}]: {err}" if P.dim() == 3 else str(err)) from None
+
+    def merge_overhead(self) -> float | None:
+        """Exact-unmerge side information as a fraction of the parameter's bytes (None: none kept)."""
+        if not self.merged or self._merge_states is None:
+            return None
+        return sum(st.overhead() for st in self._merge_states) / len(self._merge_states)
+
+    def drop_merge_state(self) -> None:
+        """Forgets how to unmerge (the parameter then stays merged for good)."""
+        self._merge_states = self._merged_factors = None
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train; train(True) unmerges a merged wrapper first (its forward skips LoRA)."""
+        if mode and self.merged and not self._merged_for_good():
+            self.unmerge()
+        return super().train(mode)
+
+    def unwrapped(self) -> nn.Module:
+        """The wrapped module itself (for merge_and_unload: merge first)."""
+        return _inner(self)
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    while isinstance(module, LoRAParameter):
+        module = module.base_layer
+    return module
+
+
+def _chain(outer: nn.Module) -> list[LoRAParameter]:
+    chain, m = [], outer
+    while isinstance(m, LoRAParameter):
+        chain.append(m)
+        m = m.base_layer
+    return chain
+
+
+def outermost(model: nn.Module) -> dict[str, LoRAParameter]:
+    """Module name -> outermost LoRAParameter of each wrapped module."""
+    found = parameter_layers(model)
+    return {n: m for n, m in found.items()
+            if not (n.rpartition(".")[2] == "base_layer" and n.rpartition(".")[0] in found)}
+
+
+def parameter_layers(model: nn.Module) -> dict[str, LoRAParameter]:
+    """Name -> every LoRAParameter of ``model`` (nested ones as ``<module>.base_layer``)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAParameter)}
+
+
+def _unwrapped_name(name: str, modules: dict[str, nn.Module]) -> str:
+    """A module's name with the wrappers' ``base_layer`` steps left out (PEFT's parameter keys)."""
+    while name.rpartition(".")[2] == "base_layer" and isinstance(modules.get(name.rpartition(".")[0]), LoRAParameter):
+        name = name.rpartition(".")[0]
+    return "" if name == "base_layer" and isinstance(modules.get(""), LoRAParameter) else name
+
+
+def inject_parameters(model: nn.Module, target_parameters, r: int = 8, alpha: float = 8,
+                      use_rslora: bool = False, rank_pattern: dict | None = None,
+                      alpha_pattern: dict | None = None, init: str = "kaiming") -> list[str]:
+    """PEFT's ``target_parameters``: a LoRAParameter on every parameter whose name (``base_layer``
+    steps left out) is a target or ends with "." + a target, e.g. "mlp.experts.gate_up_proj";
+    rank_pattern / alpha_pattern keys match the parameter's full name, as in PEFT. Parameters of
+    one module nest in registration order. Returns the parameter names."""
+    where = "inject"
+    if isinstance(target_parameters, str) or not all(isinstance(t, str) and t for t in target_parameters):
+        raise ValueError(f"{where}: target_parameters must be a list of parameter names (suffixes), "
+                         f"got {target_parameters!r}")
+    targets = sorted(set(target_parameters))
+    modules = dict(model.named_modules())
+    chosen = []
+    for name, module in modules.items():
+        if isinstance(module, LoRAParameter):
+            continue
+        clean = _unwrapped_name(name, modules)
+        for pname, _ in module.named_parameters(recurse=False):
+            key = f"{clean}.{pname}" if clean else pname
+            if any(key == t or key.endswith("." + t) for t in targets):
+                chosen.append((clean, pname, key, module))
+    if not chosen:
+        raise ValueError(f"{where}: target_parameters={targets!r} matched no parameter of {type(model).__name__}")
+    for clean, pname, key, module in chosen:  # every check before anything changes
+        if not clean:
+            raise ValueError(f"{where}: target_parameters: {key!r} is a parameter of the model itself; "
+                             "only parameters of submodules can be wrapped")
+        if pname.startswith("lora_") or hasattr(module, "lora_A") and not isinstance(module, LoRAParameter):
+            raise TypeError(f"{where}: target_parameters: {key!r} belongs to a LoRA layer (its module is "
+                            "targeted by target_modules too?)")
+        if any(w.parameter_name == pname for w in _chain(model.get_submodule(clean))):
+            raise ValueError(f"{where}: target_parameters: {key!r} has a LoRAParameter already")
+    for clean, pname, key, _ in chosen:
+        current = model.get_submodule(clean)
+        new = LoRAParameter(current, pname, pattern_value(key, rank_pattern, r), pattern_value(key, alpha_pattern, alpha),
+                            use_rslora, init)
+        parent, _, child = clean.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return [key for _, _, key, _ in chosen]
