@@ -262,6 +262,19 @@ class LoRAParameter(nn.Module):
             self.unmerge()
         return super().train(mode)
 
+    def _apply(self, fn, recurse: bool = True):
+        """As nn.Module._apply (.half(), .to(dtype), .cuda(), ...); an exact merge is redone in the
+        new dtype (MergeState.convert), so unmerge still gives the converted original bit for bit."""
+        states = self._merge_states if self.merged else None
+        old = getattr(self.target(), self.parameter_name).detach()
+        super()._apply(fn, recurse)
+        new = getattr(self.target(), self.parameter_name).data
+        if (states is not None and new.dtype != old.dtype and old.dtype == states[0]._dtype
+                and new.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+            for st, o, n in zip(states, self._expert_views(old), self._expert_views(new)):
+                st.convert(o, n, fn)
+        return self
+
     def unwrapped(self) -> nn.Module:
         """The wrapped module itself (for merge_and_unload: merge first)."""
         return _inner(self)
