@@ -28,6 +28,7 @@ from torch import nn
 
 from .hparams import _check_hparams, lora_alpha_for, lora_scaling
 from .ops import MergeState, check_merge_finite, merge_, unmerge_
+from .sharding import is_dtensor, is_fsdp
 from .targets import pattern_value
 
 __all__ = ["LoRAParameter", "inject_parameters", "parameter_layers", "outermost"]
@@ -199,6 +200,7 @@ class LoRAParameter(nn.Module):
         MergeState per expert so unmerge gives P back bit for bit; ``safe`` checks first (check_merge)."""
         if self.merged:
             return
+        self._check_unsharded("merge")
         if safe:
             self.check_merge()
         P = getattr(self.target(), self.parameter_name).data
@@ -217,6 +219,7 @@ class LoRAParameter(nn.Module):
             raise ValueError(f"unmerge: LoRAParameter({self.parameter_name!r}) is not merged")
         if self._merged_for_good():
             raise ValueError(f"unmerge: LoRAParameter({self.parameter_name!r}) is merged for good (drop_merge_state)")
+        self._check_unsharded("unmerge")
         P = getattr(self.target(), self.parameter_name).data
         for e, W in enumerate(self._expert_views(P)):
             if self._merge_states is not None:
@@ -226,6 +229,12 @@ class LoRAParameter(nn.Module):
                 unmerge_(W, As[e], Bs[e], s, fan_in_fan_out=self.transposed)
         self._merge_states = self._merged_factors = None
         self.merged = False
+
+    def _check_unsharded(self, what: str) -> None:
+        # an FSDP module's unsharded parameter is a temporary buffer; a DTensor shard is not the weight
+        if is_dtensor(getattr(self.target(), self.parameter_name)) or is_fsdp(self) or is_fsdp(self.target()):
+            raise ValueError(f"{what}: LoRAParameter({self.parameter_name!r}) is sharded (fully_shard / tensor "
+                             f"parallel); {what} before sharding, or in a single-process copy of the model")
 
     def merge_refusal(self) -> str | None:  # merge.py asks every layer; a parameter always merges
         return None
