@@ -272,6 +272,24 @@ def test_cuda_out_of_range_counted(T):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(7, 0), (0, 16)])
+def test_cuda_out_of_range_counted_without_launch(shape):
+    # out == 0 (or T == 0) launches no kernel: the indices are still counted, as the CPU raises
+    T, out = shape
+    x, A = torch.randn(T, 8, device="cuda"), torch.randn(3, 4, 8, device="cuda")
+    B, u = torch.randn(3, out, 4, device="cuda"), torch.randn(T, 4, device="cuda")
+    idx = torch.tensor([0, 3, -1, -2, 1 << 20, 2, -1][:T], device="cuda")
+    sc, rk = torch.ones(3, device="cuda"), torch.full((3,), 4, dtype=torch.int32, device="cuda")
+    count = torch.zeros(1, dtype=torch.int32, device="cuda")
+    multi_lora_(torch.zeros(T, out, device="cuda"), x, A, B, idx, sc, rk, bad_index_count=count)
+    lora_expand_(torch.zeros(T, out, device="cuda"), u, B, idx, sc, rk, bad_index_count=count)
+    assert int(count) == (6 if T else 0)
+    if T:
+        with pytest.raises(RuntimeError, match=r"indices\[1\] = 3 is out of range"):
+            multi_lora_(torch.zeros(T, out), x.cpu(), A.cpu(), B.cpu(), idx.cpu(), sc.cpu(), rk.cpu())
+
+
+@pytest.mark.cuda
 def test_cuda_many_slots_and_device_mix():
     # S > 4096 takes the global-memory counting path of the device-side sort
     y, x, A, B, idx, sc, rk = make(500, 16, 8, 5000, 2, torch.float32, "cuda", "random")

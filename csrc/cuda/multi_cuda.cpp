@@ -62,6 +62,14 @@ MultiLoraPlan make_plan(const char* op, const MultiLoraParams& p, bool allow_spl
   return plan;
 }
 
+// With out == 0 no kernel runs, yet the indices must be counted as a launch would count them
+// (every index that is neither -1 nor a slot), without a host sync.
+void count_bad_without_launch(const MultiArgs& a, const std::optional<at::Tensor>& bad) {
+  if (!bad.has_value() || a.T == 0) return;
+  const at::Tensor& i = a.idx;
+  bad->select(0, 0).add_(((i != -1) & ((i < 0) | (i >= a.S))).sum().to(at::kInt));
+}
+
 at::Tensor workspace(const MultiLoraPlan& plan, const at::Tensor& ref) {
   return at::empty({plan.ws_ints}, ref.options().dtype(at::kInt));
 }
@@ -89,8 +97,8 @@ void multi_lora_cuda(at::Tensor y, const at::Tensor& x, const at::Tensor& A_pool
   MultiArgs a = check_multi_lora(op, y, x, A_pool, B_pool, indices, scales, ranks, out_slices,
                                  bad_index_count);
   TORCH_CHECK(on_device(x), op, ": CUDA kernel called with x on ", x.device());
-  if (a.T == 0 || a.out == 0) return;
   const DeviceGuard guard(x.device());
+  if (a.T == 0 || a.out == 0) return count_bad_without_launch(a, bad_index_count);
   MultiLoraParams p = make_params(a, bad_index_count, x);
   launch_with_shrink(op, a, p, x, nullptr, kMultiShrink | kMultiExpand);
   if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
@@ -134,7 +142,7 @@ void lora_expand_cuda(at::Tensor y, const at::Tensor& u, const at::Tensor& B_poo
   if (!add_inputs) a.y2.zero_();
   if (a.T == 0 || a.out == 0) {
     if (a.copy_back) y.copy_(a.y2.view(y.sizes()));
-    return;
+    return count_bad_without_launch(a, bad_index_count);
   }
   MultiLoraParams p = make_params(a, bad_index_count, y);
   const MultiLoraPlan plan = make_plan(op, p, false);
