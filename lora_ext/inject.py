@@ -15,7 +15,8 @@ from torch import nn
 from .conv import LoRAConvNd, check_conv_base, is_conv
 from .embedding import LoRAEmbedding
 from .layers import LoRALayer, LoRALinear, is_conv1d
-from .param_lora import inject_parameters
+from .hparams import _check_hparams
+from .param_lora import apply_plan, plan_parameters
 from .sharding import sharding_of, unwrapped
 from .targets import (PEFT_PREFIX, check_layers, check_regex, in_layers, matches, pattern_value, read_directly,
                       select_targets, unwrappable)
@@ -58,15 +59,24 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
     if wrapped is not None:  # DDP would not all-reduce factors added now; FSDP/TP shards are in place
         raise ValueError(f"inject: the model is already {wrapped}; inject the LoRA layers "
                          "first, then wrap or shard (lora_ext.distributed)")
-    if target_parameters is not None:
+    if target_parameters is not None:  # everything checked before the model changes
         if dropout or use_dora:
             raise ValueError("inject: target_parameters does not work with " + ("dropout" if dropout else "use_dora=True")
                              + " (the LoRA term is folded into the parameter, as in PEFT); inject those separately")
+        _check_hparams("inject", r, alpha, dropout)
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"inject: init must be 'kaiming' or 'gaussian', got {init!r}")
+        skip = ()
+        if target_modules:
+            check_regex("inject", "target_modules", target_modules)
+            layers, pattern = check_layers("inject", layers_to_transform, layers_pattern, target_modules,
+                                           allow_negative=False)
+            skip = set(select_targets(model, target_modules, exclude_modules, layers, pattern))
+        plan = plan_parameters(model, target_parameters, r, alpha, rank_pattern, alpha_pattern, skip)
         chosen = [] if not target_modules else inject(
             model, target_modules, r, alpha, dropout, use_rslora, rank_pattern, alpha_pattern, init,
             exclude_modules, layers_to_transform, layers_pattern, use_dora)
-        return chosen + inject_parameters(model, list(target_parameters), r, alpha, use_rslora, rank_pattern,
-                                          alpha_pattern, init)
+        return chosen + apply_plan(model, plan, use_rslora, init)
     if target_modules is None:
         target_modules = ("q_proj", "v_proj")
     if not isinstance(target_modules, str):

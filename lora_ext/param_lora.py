@@ -55,18 +55,9 @@ class LoRAParameter(nn.Module):
         where = f"LoRAParameter({parameter_name!r})"
         _check_hparams(where, r, alpha, 0.0)
         inner = _inner(base_layer)
-        p = dict(inner.named_parameters(recurse=False)).get(parameter_name)
-        if p is None:
-            raise TypeError(f"{where}: {type(inner).__name__} has no parameter {parameter_name!r} of its own")
-        if any(w.parameter_name == parameter_name for w in _chain(base_layer)):
-            raise ValueError(f"{where}: the parameter has a LoRAParameter already")
-        if p.dim() not in (2, 3) or 0 in p.shape:
-            raise ValueError(f"{where}: the parameter must be 2-D [out, in] or a 3-D expert stack, "
-                             f"got shape {list(p.shape)}")
-        if not p.dtype.is_floating_point:
-            raise TypeError(f"{where}: the parameter is {p.dtype}, not floating point")
-        if parameter_name in (getattr(inner, "parametrizations", None) or ()):
-            raise TypeError(f"{where}: the parameter is parametrized (weight_norm, ...); remove that first")
+        if (why := wrap_problem(base_layer, parameter_name)) is not None:
+            raise why[0](f"{where}: {why[1]}")
+        p = getattr(inner, parameter_name)
         self.base_layer = base_layer
         self.parameter_name = parameter_name
         self.transposed = p.dim() == 3 and bool(getattr(inner, "is_transposed", False))
@@ -289,6 +280,27 @@ class LoRAParameter(nn.Module):
         return _inner(self)
 
 
+def wrap_problem(module: nn.Module, parameter_name: str) -> tuple[type, str] | None:
+    """(exception type, reason) when ``parameter_name`` of ``module`` (or of the module a
+    LoRAParameter chain wraps) cannot take a LoRAParameter; None when it can."""
+    inner = _inner(module)
+    p = dict(inner.named_parameters(recurse=False)).get(parameter_name)
+    if p is None:
+        how = " (it is parametrized: weight_norm, ...; remove that first)" if parameter_name in (
+            getattr(inner, "parametrizations", None) or ()) else ""
+        return TypeError, f"{type(inner).__name__} has no parameter {parameter_name!r} of its own{how}"
+    if parameter_name.startswith("lora_") or hasattr(inner, "lora_A"):
+        return TypeError, (f"{parameter_name!r} belongs to a LoRA layer ({type(inner).__name__}; is its "
+                           "module targeted by target_modules too?)")
+    if any(w.parameter_name == parameter_name for w in _chain(module)):
+        return ValueError, "the parameter has a LoRAParameter already"
+    if p.dim() not in (2, 3) or 0 in p.shape:
+        return ValueError, f"the parameter must be 2-D [out, in] or a 3-D expert stack, got shape {list(p.shape)}"
+    if not p.dtype.is_floating_point:
+        return TypeError, f"the parameter is {p.dtype}, not floating point"
+    return None
+
+
 def _inner(module: nn.Module) -> nn.Module:
     while isinstance(module, LoRAParameter):
         module = module.base_layer
@@ -322,18 +334,17 @@ def _unwrapped_name(name: str, modules: dict[str, nn.Module]) -> str:
     return "" if name == "base_layer" and isinstance(modules.get(""), LoRAParameter) else name
 
 
-def inject_parameters(model: nn.Module, target_parameters, r: int = 8, alpha: float = 8,
-                      use_rslora: bool = False, rank_pattern: dict | None = None,
-                      alpha_pattern: dict | None = None, init: str = "kaiming") -> list[str]:
-    """PEFT's ``target_parameters``: a LoRAParameter on every parameter whose name (``base_layer``
-    steps left out) is a target or ends with "." + a target, e.g. "mlp.experts.gate_up_proj";
-    rank_pattern / alpha_pattern keys match the parameter's full name, as in PEFT. Parameters of
-    one module nest in registration order. Returns the parameter names."""
+def plan_parameters(model: nn.Module, target_parameters, r: int = 8, alpha: float = 8,
+                    rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
+                    skip_modules=()) -> list[tuple[str, str, str, int, float]]:
+    """What inject_parameters would wrap, checked, changing nothing: (module name, parameter name,
+    full name, r, alpha) per parameter, in nesting order. ``skip_modules``: names that
+    target_modules replaces by LoRA layers in the same inject call (a parameter there is refused)."""
     where = "inject"
     if isinstance(target_parameters, str) or not all(isinstance(t, str) and t for t in target_parameters):
         raise ValueError(f"{where}: target_parameters must be a list of parameter names (suffixes), "
                          f"got {target_parameters!r}")
-    targets = sorted(set(target_parameters))
+    targets = sorted(set(target_parameters))  # PEFT sorts them: the nesting does not depend on their order
     modules = dict(model.named_modules())
     chosen = []
     for name, module in modules.items():
@@ -343,22 +354,41 @@ def inject_parameters(model: nn.Module, target_parameters, r: int = 8, alpha: fl
         for pname, _ in module.named_parameters(recurse=False):
             key = f"{clean}.{pname}" if clean else pname
             if any(key == t or key.endswith("." + t) for t in targets):
-                chosen.append((clean, pname, key, module))
+                chosen.append((clean, pname, key))
     if not chosen:
         raise ValueError(f"{where}: target_parameters={targets!r} matched no parameter of {type(model).__name__}")
-    for clean, pname, key, module in chosen:  # every check before anything changes
+    for clean, pname, key in chosen:
         if not clean:
             raise ValueError(f"{where}: target_parameters: {key!r} is a parameter of the model itself; "
                              "only parameters of submodules can be wrapped")
-        if pname.startswith("lora_") or hasattr(module, "lora_A") and not isinstance(module, LoRAParameter):
-            raise TypeError(f"{where}: target_parameters: {key!r} belongs to a LoRA layer (its module is "
-                            "targeted by target_modules too?)")
-        if any(w.parameter_name == pname for w in _chain(model.get_submodule(clean))):
-            raise ValueError(f"{where}: target_parameters: {key!r} has a LoRAParameter already")
-    for clean, pname, key, _ in chosen:
-        current = model.get_submodule(clean)
-        new = LoRAParameter(current, pname, pattern_value(key, rank_pattern, r), pattern_value(key, alpha_pattern, alpha),
-                            use_rslora, init)
+        if clean in skip_modules:
+            raise TypeError(f"{where}: target_parameters: {key!r} belongs to a module that target_modules "
+                            "makes a LoRA layer; target one or the other")
+        if (why := wrap_problem(model.get_submodule(clean), pname)) is not None:
+            raise why[0](f"{where}: target_parameters: {key!r}: {why[1]}")
+    return [(clean, pname, key, pattern_value(key, rank_pattern, r), pattern_value(key, alpha_pattern, alpha))
+            for clean, pname, key in chosen]
+
+
+def apply_plan(model: nn.Module, plan, use_rslora: bool = False, init: str = "kaiming") -> list[str]:
+    """Wraps what plan_parameters chose; returns the parameters' full names."""
+    for clean, pname, _, r, alpha in plan:
+        new = LoRAParameter(model.get_submodule(clean), pname, r, alpha, use_rslora, init)
         parent, _, child = clean.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    return [key for _, _, key, _ in chosen]
+    return [key for _, _, key, _, _ in plan]
+
+
+def inject_parameters(model: nn.Module, target_parameters, r: int = 8, alpha: float = 8,
+                      use_rslora: bool = False, rank_pattern: dict | None = None,
+                      alpha_pattern: dict | None = None, init: str = "kaiming") -> list[str]:
+    """PEFT's ``target_parameters``: a LoRAParameter on every parameter whose name (``base_layer``
+    steps left out) is a target or ends with "." + a target, e.g. "mlp.experts.gate_up_proj";
+    rank_pattern / alpha_pattern keys match the parameter's full name, as in PEFT. Parameters of
+    one module nest in registration order. Everything is checked before the model changes.
+    Returns the parameter names."""
+    _check_hparams("inject", r, alpha, 0.0)
+    if init not in ("kaiming", "gaussian"):
+        raise ValueError(f"inject: init must be 'kaiming' or 'gaussian', got {init!r}")
+    return apply_plan(model, plan_parameters(model, target_parameters, r, alpha, rank_pattern, alpha_pattern),
+                      use_rslora, init)
