@@ -13,7 +13,9 @@ bench-<gpu>.json, a list of them) and checks the goals of the GPU validation iss
   Llama 4x1024, 16 distinct adapters: AdapterPool faster than PEFT's adapter_names, decode and
     prefill (both x the base model beside it); patch_peft's train step no slower than PEFT's;
   a DoRA layer (4096^2, T = 2048) after patch_peft no slower than PEFT's DoRA layer;
-  dora_norm (4096^2, r = 16, fp32 / bf16, both layouts) faster than PEFT's DoRA weight norm.
+  dora_norm (4096^2, r = 16, fp32 / bf16, both layouts) faster than PEFT's DoRA weight norm;
+  LoRA on MoE expert stacks (Qwen3-MoE experts, r = 16, top-2, T = 512 training, T = 1 no_grad):
+    lora_ext no slower than PEFT's target_parameters; the activation memory beside it.
 A value is the median of its runs; "range" is its fastest-slowest run where the benchmark kept it.
 On CUDA the multi_lora_ times come from CUDA-graph replays (kernel time, no launch gaps);
 "eager_ms" beside them is one eager call, launch gaps included.
@@ -79,6 +81,14 @@ GOALS = [
      {"impl": "lora_ext DoRA", "T": 2048, "in=out": 4096}, "x base", None, None, ["x PEFT DoRA", "norm"]),
     ("Llama 4x1024 train step: activation memory saved for backward, patch_peft x PEFT", "peft_train", {},
      "saved: patch_peft x PEFT", None, None, ["PEFT saved MB", "patch_peft saved MB"]),
+    ("MoE experts LoRA fwd+bwd T=512: lora_ext x PEFT target_parameters", "moe_lora",
+     {"impl": "lora_ext", "mode": "train", "T": 512}, "x PEFT", "<=", 1.0, ["path", "dtype", "E"]),
+    ("MoE experts LoRA forward T=1 (no_grad): lora_ext x PEFT target_parameters", "moe_lora",
+     {"impl": "lora_ext", "mode": "no_grad", "T": 1}, "x PEFT", "<=", 1.0, ["path", "dtype"]),
+    ("MoE experts LoRA fwd+bwd T=512: lora_ext x the frozen experts module", "moe_lora",
+     {"impl": "lora_ext", "mode": "train", "T": 512}, "x base", None, None, ["path"]),
+    ("MoE experts LoRA fwd+bwd T=512: activation memory saved for backward, lora_ext x PEFT", "moe_lora",
+     {"impl": "lora_ext", "mode": "train", "T": 512}, "saved x PEFT", None, None, ["saved MB", "path"]),
 ]
 
 

@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lora_ext.__main__ import device_arg  # noqa: E402  (cpu / cuda / cuda:N, checked)
 
 # name -> module in bench/ exposing main(argv)
-BENCHMARKS = ["roofline", "lora_apply", "lora_linear", "dora_layer", "peft_train", "merge", "dora", "multi_lora",
-              "pool", "distributed"]
+BENCHMARKS = ["roofline", "lora_apply", "lora_linear", "dora_layer", "moe_lora", "peft_train", "merge", "dora",
+              "multi_lora", "pool", "distributed"]
 
 
 def main(argv=None, prog: str | None = None) -> int:
