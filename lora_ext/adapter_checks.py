@@ -1,5 +1,5 @@
 """Reading and checking what an adapter's files hold (lora_ext.adapters): the config (its numbers, the
-LoRA variants lora_ext does not run: UNSUPPORTED), the weights file, and the tensors.
+LoRA variants lora_ext does not run: UNSUPPORTED; target_parameters), the weights file, and the tensors.
 
 Each raises ValueError (TypeError for an argument of the wrong type) whose message starts with
 `where` (the file, or the caller) and names the field or key, never an error from Python's or
@@ -46,7 +46,6 @@ UNSUPPORTED = (  # (field, is default, what it does)
     ("alora_invocation_tokens", operator.not_, "aLoRA, applied from the invocation tokens on"),
     ("use_qalora", operator.not_, "QA-LoRA, on group-pooled inputs"),
     ("layer_replication", operator.not_, "replicated decoder layers"),
-    ("target_parameters", operator.not_, "LoRA on parameters rather than modules"),
     ("trainable_token_indices", operator.not_, "trained token embeddings"),
     ("arrow_config", functools.partial(operator.is_, None), "Arrow routing"),
     ("kasa_config", functools.partial(operator.is_, None), "KaSA, with a truncated base weight"),
@@ -104,7 +103,29 @@ def read_config(cfg_path: str) -> dict:
                 raise ValueError(f"{where}: {fld} {e}") from None
             check_number(where, f"{fld}[{key!r}]", value, kind)
     check_dropout(where, config.get("lora_dropout"))
+    check_target_parameters(where, config)
     return config
+
+
+def check_target_parameters(where: str, config: dict) -> list[str]:
+    """A config's target_parameters (PEFT's LoRA on parameters, lora_ext.LoRAParameter) as a list
+    (None: []), each a non-empty str; with any, the fields PEFT's ParamWrapper refuses (lora_dropout
+    > 0, use_dora, fan_in_fan_out, velora_config; lora_bias and kasa_config are refused for every
+    adapter) raise ValueError."""
+    value = config.get("target_parameters")
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(t, str) and t for t in value):
+        raise ValueError(f"{where}: target_parameters must be a list of parameter names (non-empty "
+                         f"strings, e.g. \"mlp.experts.gate_up_proj\"), got {_short(value)}")
+    if value:
+        for key, off in (("lora_dropout", operator.not_), ("use_dora", operator.not_),
+                         ("fan_in_fan_out", operator.not_), ("velora_config", functools.partial(operator.is_, None))):
+            if not off(config.get(key)):
+                raise ValueError(f"{where}: {key}={json.dumps(config[key])} with target_parameters: PEFT's ParamWrapper "
+                                 f"(LoRA on parameters) does not work with {key} (PeftModel.from_pretrained "
+                                 "refuses this config)")
+    return value
 
 
 def read_weights(path: str, allow_pickle: bool) -> tuple[str, dict]:

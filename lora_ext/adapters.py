@@ -9,7 +9,9 @@ torch.load(weights_only=True). Bad files (wrong types or values, NaN/inf weights
 allow_nonfinite=True, duplicate keys) raise ValueError / FileNotFoundError naming the file and the
 field or module; so do configs of LoRA variants lora_ext does not implement (lora_bias, aLoRA,
 ...: UNSUPPORTED). DoRA adapters (use_dora) of linear, convolution and embedding layers load: their magnitudes are
-LayerWeights.magnitude. load_adapter validates everything before it touches the model. Non-LoRA tensors
+LayerWeights.magnitude. LoRA on parameters (target_parameters, PEFT's ParamWrapper: MoE expert stacks)
+loads and saves as kind "parameter" layers (lora_ext.param_files; the layers are LoRAParameter).
+load_adapter validates everything before it touches the model. Non-LoRA tensors
 PEFT saves (modules_to_save, bias="all"/"lora_only") are kept in Adapter.extra and loaded too.
 """
 from __future__ import annotations
@@ -25,8 +27,10 @@ from torch import nn
 from .adapter_checks import (CONFIG_FILE, PEFT_KEY, SAFETENSORS_FILE, TRAINING_ONLY, check_dropout, check_path,
                              check_targets, check_tensors, read_config, read_weights)
 from .conv import check_conv_factors, is_conv
-from .inject import inject, lora_layers, trained_biases
+from .inject import inject, lora_layers, peft_parameter_layers, trained_biases
 from .layers import LoRALayer, lora_alpha_for, lora_scaling
+from .param_files import load_parameters, parameter_paths, plan_parameters, read_parameters, split_path
+from .param_lora import LoRAParameter, parameter_layers
 from .sharding import is_dtensor, unwrapped
 from .targets import PEFT_PREFIX, check_regex, matches, name_regex, pattern_value, peft_config
 
@@ -37,16 +41,23 @@ class LayerWeights:
     """One module's LoRA factors: A [r, in] and B [out, r] (embeddings: A [r, num], B [dim, r];
     convolutions, kind "conv": PEFT's A [r, in, *kernel], B [out, r, 1, ...]); a DoRA adapter's
     layers also have ``magnitude`` in PEFT's lora_magnitude_vector shape ([out]; an embedding's [dim];
-    a convolution's [1, out, 1, ...])."""
+    a convolution's [1, out, 1, ...]).
+    Kind "parameter" (LoRA on a module's parameter, PEFT's target_parameters; lora_ext.LoRAParameter),
+    keyed in Adapter.layers by PEFT's wrapper path ("...experts.base_layer"): A [E * r, in] and
+    B [out, E * r] as PEFT stores them, ``num_experts`` E (1 for a 2-D parameter) and ``parameter``,
+    the parameter's name ("gate_up_proj"; None when only the model tells, see lora_ext.param_files)."""
     A: torch.Tensor
     B: torch.Tensor
     scale: float
-    kind: str = "linear"  # or "embedding", "conv"
+    kind: str = "linear"  # or "embedding", "conv", "parameter"
     magnitude: torch.Tensor | None = None
+    parameter: str | None = None
+    num_experts: int = 1
 
     @property
     def r(self) -> int:
-        return self.A.shape[0]
+        """The rank (a parameter's: per expert)."""
+        return self.A.shape[0] // self.num_experts
 
 
 @dataclass
@@ -70,20 +81,32 @@ class Adapter:
     # ---------------------------------------------------------------- reading
     @classmethod
     def load(cls, path: str, allow_pickle: bool = False, device="cpu", dtype=None,
-             allow_nonfinite: bool = False) -> "Adapter":
+             allow_nonfinite: bool = False, model: nn.Module | None = None) -> "Adapter":
         """Reads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
 
         allow_pickle: also read adapter_model.bin (torch.load(weights_only=True)); refused by
         default. device / dtype: where and as what the tensors are returned (default: cpu, as
-        saved). allow_nonfinite: accept NaN/inf weights. Raises ValueError / FileNotFoundError
-        naming the file, field or module for anything lora_ext cannot run exactly as PEFT does."""
+        saved). allow_nonfinite: accept NaN/inf weights. model: the model the adapter is for; a
+        target_parameters adapter's layers are then checked against it and name their parameter
+        (needed only where rank_pattern / alpha_pattern tell apart parameters nested on one module:
+        lora_ext.param_files). Raises ValueError / FileNotFoundError naming the file, field or
+        module (key) for anything lora_ext cannot run exactly as PEFT does."""
         path = check_path("Adapter.load", path)
         config = read_config(os.path.join(path, CONFIG_FILE))
         file, tensors = read_weights(path, allow_pickle)
         where = f"Adapter.load: {file}"
         check_tensors(tensors, where, allow_nonfinite)
         factors, extra = _split_factors(tensors, where)
+        params = {}
+        for name in parameter_paths(config, factors):
+            A, B, kind, mag = factors.pop(name)
+            if kind != "linear" or mag is not None:
+                raise ValueError(f"{where}: {PEFT_PREFIX}{name}.lora_A.weight is LoRA on a parameter "
+                                 f"(target_parameters), which has 2-D factors and no lora_magnitude_vector; got "
+                                 f"A {tuple(A.shape)}, B {tuple(B.shape)}" + ("" if mag is None else " and a magnitude"))
+            params[name] = (A, B)
         check_targets(f"Adapter.load: {os.path.join(path, CONFIG_FILE)}", config, factors, os.path.basename(file))
+        read = read_parameters(where, config, params, None if model is None else unwrapped(model)[0])
         conv = (lambda t: t.to(device=device, dtype=dtype or t.dtype))
         layers = {}
         dora = bool(config.get("use_dora"))
@@ -97,6 +120,8 @@ class Adapter:
                     "has a lora_magnitude_vector (DoRA) but the config says use_dora=false"))
             layers[name] = LayerWeights(conv(A), conv(B), _scale_for(name, A.shape[0], config), kind,
                                         None if mag is None else conv(mag))
+        for name, (A, B, scale, pname, experts) in read.items():
+            layers[name] = LayerWeights(conv(A), conv(B), scale, "parameter", parameter=pname, num_experts=experts)
         return cls(layers, config, name=os.path.basename(os.path.normpath(path)),
                    extra={k: conv(t) for k, t in extra.items()})
 
@@ -107,29 +132,33 @@ class Adapter:
         ``bias`` says "lora_only" or "all" as PEFT would. ``modules_to_save`` (PEFT's: module-name
         suffixes or a regex, e.g. ["classifier"] or ["lm_head"]): those modules' parameters are
         saved whole (``extra``) and listed in the config, so PEFT and load_adapter restore them.
-        A torch.compile / DDP wrapper is looked through: module names are those of the model inside."""
+        A torch.compile / DDP wrapper is looked through: module names are those of the model inside.
+        LoRAParameter layers (target_parameters) are kind "parameter" layers under PEFT's nested paths
+        (inject.peft_parameter_layers) and the config's target_parameters."""
         model = unwrapped(model)[0]
-        found = lora_layers(model)
-        if not found:
+        found, params = lora_layers(model), peft_parameter_layers(model)
+        if not found and not params:
             raise ValueError(f"Adapter.from_model: {type(model).__name__} has no LoRA layers (use lora_ext.inject)")
         layers = {}
         dora_layers(found, "Adapter.from_model")
-        for name, m in found.items():
-            A, B, scale = m.lora_factors()
+        for name, m in [*found.items(), *params.items()]:
+            A, B, scale = m.lora_factors() if isinstance(m, LoRALayer) else (m.lora_A, m.lora_B, m.scaling)
             if is_dtensor(A) or is_dtensor(B):
                 raise ValueError(f"Adapter.from_model: the factors of {name!r} are sharded (DTensor: "
                                  "fully_shard / tensor parallel); use lora_ext.distributed.save_adapter, "
                                  "which gathers them (a collective: call it on every rank)")
-            mag = m.lora_magnitude_vector.detach().clone() if m.use_dora else None
-            layers[name] = LayerWeights(A.detach().clone(), B.detach().clone(), scale, m.lora_kind, mag)
-        config = model_config(found, model)
+            layers[name] = layer_weights(m, A.detach().clone(), B.detach().clone(),
+                                         m.lora_magnitude_vector.detach().clone() if getattr(m, "use_dora", False) else None)
+        config = model_config(found, model, params, "Adapter.from_model")
         extra, config["bias"], config["modules_to_save"] = saved_tensors(
-            model, found, modules_to_save, lambda t: t.detach().clone(), "Adapter.from_model")
+            model, {**found, **parameter_layers(model)}, modules_to_save, lambda t: t.detach().clone(),
+            "Adapter.from_model")
         return cls(layers, config, extra=extra)
 
     # ---------------------------------------------------------------- writing
     def save(self, path: str) -> None:
-        """Writes adapter_config.json + adapter_model.safetensors (PEFT key names)."""
+        """Writes adapter_config.json + adapter_model.safetensors (PEFT key names; a "parameter" layer's
+        under its PEFT wrapper path, e.g. "...experts.base_layer.lora_A.weight")."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
@@ -157,20 +186,42 @@ def extra_target(key: str) -> tuple[str, str]:
     return mod, leaf
 
 
-def model_config(found: dict[str, nn.Module], model: nn.Module) -> dict:
-    """The PEFT config of LoRA layers ``found`` of ``model`` (Adapter.from_model,
-    distributed.save_adapter): its target_modules select exactly them in ``model`` (peft_config).
+def layer_weights(m: nn.Module, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor | None) -> LayerWeights:
+    """The LayerWeights of LoRA layer ``m`` (a LoRALayer or a LoRAParameter) with factors A, B
+    (copies of its lora_factors() / lora_A, lora_B) and DoRA magnitude."""
+    if isinstance(m, LoRAParameter):
+        return LayerWeights(A, B, float(m.scaling), "parameter", parameter=m.parameter_name, num_experts=m.num_experts)
+    return LayerWeights(A, B, float(m.scaling), m.lora_kind, magnitude)
+
+
+def model_config(found: dict[str, nn.Module], model: nn.Module, params: dict[str, LoRAParameter] | None = None,
+                 where: str = "save") -> dict:
+    """The PEFT config of LoRA layers ``found`` and LoRAParameter layers ``params`` (PEFT paths:
+    inject.peft_parameter_layers) of ``model`` (Adapter.from_model, distributed.save_adapter): its
+    target_modules / target_parameters select exactly them in ``model`` (peft_config).
     The config has one use_rslora: a layer scaled the other way gets the alpha that gives its own
-    scaling under the config's rule (written to alpha_pattern by peft_config)."""
-    rslora = any(m.use_rslora for m in found.values())
-    dora = dora_layers(found, "save")
-    ranks = {n: m.lora_rank for n, m in found.items()}  # a MergedLinear's: k·r, the fused layer's
+    scaling under the config's rule (written to alpha_pattern by peft_config). PEFT refuses
+    target_parameters with lora_dropout, use_dora or fan_in_fan_out, which are one field for the
+    whole adapter: LoRA layers using them and parameter layers in one model raise ValueError (``where``)."""
+    params = params or {}
+    layers = {**found, **{f"{split_path(n)[0]}.{m.parameter_name}": m for n, m in params.items()}}
+    rslora = any(m.use_rslora for m in layers.values())
+    dora = dora_layers(found, where)
+    ranks = {n: m.lora_rank if isinstance(m, LoRALayer) else m.r for n, m in layers.items()}  # a MergedLinear's: k·r
     alphas = {n: m.lora_alpha if bool(m.use_rslora) == rslora and ranks[n] == m.r else
-              lora_alpha_for(float(m.scaling), ranks[n], rslora) for n, m in found.items()}
-    return peft_config(ranks, alphas, use_rslora=rslora,
-                       fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in found.values()),
-                       lora_dropout=max(getattr(m, "lora_dropout", 0.0) for m in found.values()), model=model,
-                       use_dora=dora)
+              lora_alpha_for(float(m.scaling), ranks[n], rslora) for n, m in layers.items()}
+    fan_in_fan_out = any(getattr(m, "fan_in_fan_out", False) for m in found.values())
+    dropout = max((m.lora_dropout for m in found.values() if hasattr(m, "lora_dropout")), default=0.0)
+    if params and (dora or fan_in_fan_out or dropout):
+        what = "use_dora" if dora else "fan_in_fan_out (transformers Conv1D)" if fan_in_fan_out else f"lora_dropout={dropout:g}"
+        layer = next(n for n, m in found.items() if m.use_dora or getattr(m, "fan_in_fan_out", False)
+                     or getattr(m, "lora_dropout", 0.0))
+        raise ValueError(f"{where}: LoRA layer {layer!r} needs {what} in the adapter config, which PEFT refuses with "
+                         f"target_parameters (the LoRAParameter layers, e.g. {next(iter(params))!r}): save them as two "
+                         "adapters (Adapter.from_model of a copy without the others)" + (
+                             ", or set the layers' lora_dropout to 0" if what.startswith("lora_dropout") else ""))
+    return peft_config(ranks, alphas, use_rslora=rslora, fan_in_fan_out=fan_in_fan_out, lora_dropout=dropout,
+                       model=model, use_dora=dora, parameters=[n for n in layers if n not in found])
 
 
 def dora_layers(found: dict[str, nn.Module], where: str) -> bool:
@@ -186,7 +237,7 @@ def dora_layers(found: dict[str, nn.Module], where: str) -> bool:
 
 def saved_tensors(model: nn.Module, found: dict, modules_to_save, copy, where: str):
     """(Adapter.extra, PEFT ``bias`` mode, ``modules_to_save`` list or None) of a model with LoRA
-    layers ``found``: the parameters of the modules matching ``modules_to_save`` (PEFT's rule:
+    layers ``found`` (LoRAParameter wrappers too, so that no module_to_save is one or inside one): the parameters of the modules matching ``modules_to_save`` (PEFT's rule:
     name suffixes or a regex; LoRA layers excluded), saved whole, and the trained biases
     outside them, each through copy(tensor). Warns for a module whose bias would be saved
     without its other trainable parameters (a head trained like PEFT's modules_to_save)."""
@@ -279,13 +330,17 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
     Adapter.extra tensors (modules_to_save, biases) replace the model's, as in PEFT.
     Layers it injects take the config's ``lora_dropout`` and ``use_rslora`` (as PEFT's
     ``from_pretrained``), so training resumes as it ran; layers the model has keep theirs.
+    "parameter" layers (target_parameters) go into the model's LoRAParameter wrappers (another rank
+    resizes them; merged ones raise), or wrappers are injected, nested as PEFT's; each must fit its
+    parameter (lora_A [E * r, in], lora_B [out, E * r]), and every parameter the config's
+    target_parameters select must have factors (lora_ext.param_files.plan_parameters).
     A torch.compile / DDP wrapper is looked through (module names are those of the model inside;
     a state dict's keys may also carry the wrapper's "_orig_mod." / "module." prefix).
-    Returns the names of the modules loaded.
+    Returns the names of the modules loaded (a parameter layer's: its PEFT wrapper path).
     """
     wrapper, (model, prefix) = model, unwrapped(model)
     if isinstance(adapter, (str, os.PathLike)):
-        adapter = Adapter.load(check_path("load_adapter", adapter))
+        adapter = Adapter.load(check_path("load_adapter", adapter), model=model)
     elif not isinstance(adapter, (Adapter, dict)):
         raise TypeError(f"load_adapter: adapter must be an Adapter, an adapter directory (str / os.PathLike) "
                         f"or a LoRA state dict, got {type(adapter).__name__}")
@@ -293,8 +348,12 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
         adapter = _from_state_dict(model, {_inner_key(k, prefix): t for k, t in adapter.items()})
     dropout, rslora = _injected_hparams(adapter)
     modules = dict(model.named_modules())
+    params = plan_parameters(model, {n: w for n, w in adapter.layers.items() if w.kind == "parameter"},
+                             adapter.config, f"load_adapter: adapter {adapter.name or ''}")
     plan = []
     for name, w in adapter.layers.items():
+        if w.kind == "parameter":
+            continue
         m = modules.get(name)
         if m is None:
             raise ValueError(f"load_adapter: the model has no module {name!r} (adapter "
@@ -335,6 +394,7 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
                    dropout=dropout, use_rslora=rslora, use_dora=w.magnitude is not None)
             m = dict(model.named_modules())[name]
         m.set_lora_factors(w.A, w.B, w.scale, w.magnitude)
+    load_parameters(wrapper, prefix, model, params, rslora)
     modules = dict(model.named_modules())
     for key, t in adapter.extra.items():
         mod, leaf = extra_target(key)
@@ -347,7 +407,7 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
         else:  # modules_to_save and other biases: PEFT uses its own copy, so ties are cut
             setattr(modules[mod], leaf, nn.Parameter(t.clone(), old.requires_grad)
                     if isinstance(old, nn.Parameter) else t.clone())
-    return [p[0] for p in plan]
+    return [p[0] for p in plan] + [p[0] for p in params]
 
 
 def _in_state_dict(module: nn.Module, leaf: str) -> bool:
@@ -373,8 +433,20 @@ def _from_state_dict(model: nn.Module, state_dict: dict) -> Adapter:
     check_tensors(state_dict, where, allow_nonfinite=True)
     factors, extra = _split_factors(state_dict, where, paired=False)
     found = lora_layers(model)
+    # LoRAParameter layers: PEFT-named keys use PEFT's wrapper paths, the model's own names its own
+    peft_paths = peft_parameter_layers(model)
+    params = peft_paths if any(k.startswith(PEFT_PREFIX) for k in state_dict) else parameter_layers(model)
     layers = {}
     for name, (A, B, kind, mag) in factors.items():
+        if name in params:
+            p = params[name]
+            if A.shape != p.lora_A.shape or B.shape != p.lora_B.shape or mag is not None:
+                raise ValueError(f"{where}: {name!r} is a LoRAParameter ({p.parameter_name!r}) with lora_A "
+                                 f"{tuple(p.lora_A.shape)} and lora_B {tuple(p.lora_B.shape)}, the state dict holds "
+                                 f"A {tuple(A.shape)}, B {tuple(B.shape)}{' and a magnitude' if mag is not None else ''} "
+                                 "(a state dict holds no alpha: its rank must be the layer's)")
+            layers[next(n for n, q in peft_paths.items() if q is p)] = layer_weights(p, A, B, None)
+            continue
         m = found.get(name)
         if m is None or m.lora_rank != A.shape[0]:
             problem = "is not a LoRA layer of the model" if m is None else f"has rank {m.lora_rank} in the model but {A.shape[0]} here"

@@ -1,5 +1,6 @@
 """`python -m lora_ext inspect ADAPTER` (the parser: lora_ext/cli_merge.py add_parsers): what a PEFT
-adapter directory holds and whether lora_ext loads and merges it and an AdapterPool can serve it."""
+adapter directory holds and whether lora_ext loads and merges it and an AdapterPool can serve it
+(LoRA on parameters, target_parameters: listed by PEFT wrapper path and parameter; not pool-servable)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import os
 import re
 
 from .adapters import CONFIG_FILE, Adapter, extra_target
+from .hparams import lora_alpha_for
 from .targets import pattern_value
 
 __all__ = ["run_inspect", "one_line"]
@@ -41,6 +43,14 @@ def _extra_kind(key: str, adapter: Adapter) -> str:
     return "modules_to_save"
 
 
+def _alpha(adapter: Adapter, name: str, w) -> float:
+    """A layer's lora_alpha: alpha_pattern on its module name; a parameter layer's (PEFT keys it on
+    the parameter's name, which only the model may tell) the alpha its scale and rank give."""
+    if w.kind == "parameter":
+        return lora_alpha_for(w.scale, w.r, bool(adapter.config.get("use_rslora")))
+    return pattern_value(name, adapter.config.get("alpha_pattern"), adapter.config["lora_alpha"])
+
+
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -64,7 +74,8 @@ def run_inspect(args) -> int:
     head = Table(title=f"adapter {path}", show_header=False)
     for key in ("peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "r",
                 "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-                "fan_in_fan_out", "bias", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora"):
+                "target_parameters", "fan_in_fan_out", "bias", "modules_to_save", "rank_pattern", "alpha_pattern",
+                "use_dora"):
         if key in raw and raw[key] not in (None, {}, []) or key in ("peft_type", "peft_version"):
             head.add_row(key, json.dumps(raw.get(key)) if key in raw else "not recorded")
     try:
@@ -75,10 +86,12 @@ def run_inspect(args) -> int:
         return 1
     groups: dict[tuple, list[str]] = {}
     for name, w in adapter.layers.items():
-        alpha = pattern_value(name, adapter.config.get("alpha_pattern"), adapter.config["lora_alpha"])
+        alpha = _alpha(adapter, name, w)
         shape = f"{w.A.shape[1]} → {w.B.shape[0]}" + (
-            f", kernel {'×'.join(map(str, w.A.shape[2:]))}" if w.kind == "conv" else "")
-        key = (re.sub(r"\.\d+(?=\.)", ".*", name), w.kind, shape, w.r, alpha, w.scale,
+            f", kernel {'×'.join(map(str, w.A.shape[2:]))}" if w.kind == "conv" else
+            f", {w.num_experts} expert{'s' * (w.num_experts > 1)}" if w.kind == "parameter" else "")
+        kind = w.kind if w.kind != "parameter" else f"parameter {w.parameter or '(decided by the model)'}"
+        key = (re.sub(r"\.\d+(?=\.)", ".*", name), kind, shape, w.r, alpha, w.scale,
                f"{str(w.A.dtype).removeprefix('torch.')}", w.A.numel() + w.B.numel())
         groups.setdefault(key, []).append(name)
     mods = Table(title=f"{len(adapter.layers)} LoRA modules")
@@ -121,10 +134,15 @@ def run_inspect(args) -> int:
     dora_emb = sorted(n for n, w in adapter.layers.items() if w.kind == "embedding" and w.magnitude is not None)
     if dora_emb:  # AdapterPool._validate refuses them (MultiLoRAEmbedding has no DoRA)
         why.append(f"it has DoRA on embeddings ({', '.join(dora_emb[:3])}), which multi-adapter serving does not compute")
+    params = sorted(n for n, w in adapter.layers.items() if w.kind == "parameter")
+    if params:  # AdapterPool._validate refuses them
+        why.append(f"it has LoRA on parameters ({', '.join(params[:2])}{' ...' if len(params) > 2 else ''}: "
+                   "target_parameters), which multi-adapter serving does not serve in mixed batches yet")
     if max_r > args.max_rank:
         why.append(f"rank {max_r} > max_rank {args.max_rank}")
     out.print("lora_ext: loads (Adapter.load, load_adapter) and merges (python -m lora_ext merge" +
-              (", alone and with weight 1: DoRA adapters are not combined)" if dora else ")"))
+              (", alone and with weight 1: DoRA adapters are not combined)" if dora else
+               ", alone and with weight 1: LoRA on parameters is not combined)" if params else ")"))
     if why:
         out.print(f"AdapterPool: cannot serve it: {'; '.join(why)}")
     else:

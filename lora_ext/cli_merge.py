@@ -28,7 +28,7 @@ from torch import nn
 from .adapters import CONFIG_FILE, Adapter, extra_target, load_adapter
 from .cli_inspect import one_line, run_inspect
 from .combine import combine
-from .inject import lora_layers
+from .inject import lora_layers, peft_parameter_layers
 from .merge import merge_and_unload
 
 __all__ = ["add_parsers", "run", "run_merge", "CommandError"]
@@ -286,17 +286,18 @@ def _factors_as_saved(model: nn.Module, adapter: Adapter) -> None:
     the merge of an fp32 adapter into a bf16 model is then round(W + ΔW) with ΔW from the file's
     numbers, not from their bf16 roundings (float64 factors become fp32, the kernels' widest).
     A DoRA magnitude becomes fp32 (the file's values; PEFT loads 16-bit adapters as fp32,
-    autocast_adapter_dtype): round(g·(W + ΔW)) with the norm and g in fp32, as PEFT's merge."""
-    layers = lora_layers(model)
+    autocast_adapter_dtype): round(g·(W + ΔW)) with the norm and g in fp32, as PEFT's merge.
+    LoRAParameter layers (target_parameters) alike: each expert's W + s·B_e·A_e from the file's values."""
+    layers = {**lora_layers(model), **peft_parameter_layers(model)}
     for name, w in adapter.layers.items():
         layer = layers[name]
-        saved = zip(layer.factor_names, (w.A, w.B))
+        saved = zip(("lora_A", "lora_B") if w.kind == "parameter" else layer.factor_names, (w.A, w.B))
         if w.magnitude is not None:
             saved = [*saved, ("lora_magnitude_vector", w.magnitude.float())]
         for pname, t in saved:
             if t.dtype not in DTYPES.values():
                 t = t.float()
-            setattr(layer, pname, nn.Parameter(t.to(layer.weight.device), requires_grad=False))
+            setattr(layer, pname, nn.Parameter(t.to(getattr(layer, pname).device), requires_grad=False))
 
 
 def _copy_files(src: str, out: str, patterns) -> list[str]:
@@ -327,6 +328,10 @@ def run_merge(args, base: str, paths: list[str]) -> int:
         raise CommandError(f"{dora[0]} is a DoRA adapter (use_dora): it merges only alone and with weight 1 (a "
                            "weighted sum of DoRA adapters is not a DoRA adapter: each rescales the rows of W0 + ΔWᵢ "
                            "by its own trained magnitude)")
+    params = [p for p, a in zip(paths, adapters) if any(w.kind == "parameter" for w in a.layers.values())]
+    if params and (len(adapters) > 1 or weights[0] != 1.0):
+        raise CommandError(f"{params[0]} has LoRA on parameters (target_parameters): it merges only alone and with "
+                           "weight 1 (such adapters are not combined)")
     cls, task = _model_class(base, adapters, args.task)
     log.print(f"loading {base} ({cls.__name__}, dtype {args.dtype}) on {args.device}")
     model = _load_base(cls, base, args.dtype, args.device, {k for a in adapters for k in a.extra},

@@ -19,6 +19,9 @@ __all__ = ["combine"]
 # first adapter's use_dora with a fresh magnitude, the base weight's row norms: the trained ones are lost)
 _NOT_DORA = ("a weighted sum of DoRA adapters is not a DoRA adapter (each rescales the rows of W0 + ΔWᵢ by its "
              "own trained magnitude), so DoRA adapters cannot be combined; load or merge each alone")
+# LoRA on parameters (target_parameters, LayerWeights kind "parameter"): not combined (yet)
+_NOT_PARAMETER = ("LoRA on parameters (target_parameters: MoE expert stacks) is not combined; load or merge "
+                  "each adapter alone")
 
 
 def _combine_factors(items: list[tuple[torch.Tensor, torch.Tensor, float]], how: str,
@@ -44,6 +47,8 @@ def _as_factors(x, where: str):
     if isinstance(x, LayerWeights):
         if x.magnitude is not None:
             raise ValueError(f"combine: {where} is a DoRA layer (LayerWeights.magnitude is set): {_NOT_DORA}")
+        if x.kind == "parameter":
+            raise ValueError(f"combine: {where} is a parameter's LoRA (kind 'parameter'): {_NOT_PARAMETER}")
         return x.A, x.B, float(x.scale), x.kind
     if isinstance(x, (tuple, list)) and len(x) == 3:
         conv = isinstance(x[0], torch.Tensor) and x[0].dim() > 2  # PEFT's conv factors
@@ -62,7 +67,8 @@ def combine(adapters: Sequence, weights: Sequence[float] | None = None, how: str
     Adapter gets a new PEFT config for exactly its modules (the inputs' layers_to_transform,
     exclude_modules, modules_to_save ... are not kept, nor are their extra tensors).
     DoRA adapters (use_dora, LayerWeights.magnitude set) raise ValueError naming the adapter:
-    a weighted sum of them is no DoRA adapter.
+    a weighted sum of them is no DoRA adapter. So do adapters with LoRA on parameters
+    (target_parameters, kind "parameter"): not combined.
 
     how="cat": exact. Rank sum r_i; A = [A_1; A_2; ...], B = [c_1 B_1, c_2 B_2, ...] with
       c_i = w_i * s_i, so B A = sum_i w_i s_i B_i A_i. The factors are fp32 (``dtype`` to change):
@@ -146,6 +152,10 @@ def _combine_adapters(adapters: list[Adapter], weights, how, dtype) -> Adapter:
         if dora or ad.config.get("use_dora"):
             what = f"module {dora[0]!r} has a lora_magnitude_vector" if dora else "its config says use_dora=true"
             raise ValueError(f"combine: adapter {i} ({ad.name!r}) is a DoRA adapter ({what}): {_NOT_DORA}")
+        params = sorted(n for n, lw in ad.layers.items() if lw.kind == "parameter")
+        if params:
+            raise ValueError(f"combine: adapter {i} ({ad.name!r}) has LoRA on parameters (module {params[0]!r}, "
+                             f"{ad.layers[params[0]].parameter or 'a parameter'}): {_NOT_PARAMETER}")
     names = sorted({n for a in adapters for n in a.layers})
     if not names:
         raise ValueError("combine: the adapters hold no LoRA modules")

@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .adapters import Adapter, LayerWeights, model_config, saved_tensors
-from .inject import lora_layers
+from .adapters import Adapter, layer_weights, model_config, saved_tensors
+from .inject import lora_layers, peft_parameter_layers
 from .layers import LoRALayer
+from .param_lora import LoRAParameter, outermost, parameter_layers
 from .sharding import unwrapped
 from .tp import ColwiseParallelLoRA, RowwiseParallelLoRA  # tensor parallel (lora_ext/tp.py), re-exported
 
@@ -40,38 +41,45 @@ def unwrap(model: nn.Module) -> nn.Module:
     return unwrapped(model)[0]
 
 
-def _lora_layers_of(model: nn.Module, who: str) -> dict[str, LoRALayer]:
+def _lora_layers_of(model: nn.Module, who: str) -> dict[str, LoRALayer | LoRAParameter]:
+    """Name -> LoRA layer: the LoRALayers, then the LoRAParameter layers under PEFT's paths
+    (inject.peft_parameter_layers)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{who}: expected an nn.Module, got {type(model).__name__}")
     inner = unwrap(model)
-    found = lora_layers(inner)
+    found = {**lora_layers(inner), **peft_parameter_layers(inner)}
     if not found:
         raise ValueError(f"{who}: {type(inner).__name__} has no LoRA layers (use lora_ext.inject first)")
     return found
 
 
+def _trained(m: nn.Module) -> tuple[str, ...]:
+    """The names of a LoRA layer's trained parameters (a LoRAParameter's: lora_A, lora_B)."""
+    return m.lora_parameter_names if isinstance(m, LoRALayer) else ("lora_A", "lora_B")
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The LoRA factors (lora_A/lora_B, lora_embedding_A/B) of every LoRA layer, and DoRA layers'
-    lora_magnitude_vector, for the optimizer.
+    lora_magnitude_vector, for the optimizer; LoRAParameter layers' (target_parameters) lora_A / lora_B too.
 
     Works on a plain, a DDP-wrapped or a fully_shard-ed model (then they are the sharded DTensor
     parameters, as FSDP2's optimizer expects). Raises ValueError when there are no LoRA layers.
     """
-    return [getattr(m, n) for m in _lora_layers_of(model, "lora_parameters").values() for n in m.lora_parameter_names]
+    return [getattr(m, n) for m in _lora_layers_of(model, "lora_parameters").values() for n in _trained(m)]
 
 
 def _default_blocks(model: nn.Module) -> list[nn.Module]:
-    """Elements of nn.ModuleLists holding LoRA layers (transformer blocks), outermost first; with
-    none, the LoRA layers themselves."""
+    """Elements of nn.ModuleLists holding LoRA layers (LoRAParameter ones too: transformer blocks),
+    outermost first; with none, the LoRA layers themselves (a module's outermost LoRAParameter)."""
     blocks, covered = [], set()
     for m in model.modules():
         if id(m) in covered or not isinstance(m, nn.ModuleList):
             continue
         for child in m:
-            if id(child) not in covered and any(isinstance(x, LoRALayer) for x in child.modules()):
+            if id(child) not in covered and any(isinstance(x, (LoRALayer, LoRAParameter)) for x in child.modules()):
                 blocks.append(child)
                 covered.update(id(x) for x in child.modules())
-    return blocks or list(lora_layers(model).values())
+    return blocks or [*lora_layers(model).values(), *outermost(model).values()]
 
 
 def fully_shard_lora(model: nn.Module, blocks: Iterable[nn.Module] | type | tuple[type, ...] | None = None,
@@ -139,7 +147,7 @@ def _handshake(found: dict, timeout_s: float) -> None:
     arrivals = "lora_ext/save_adapter/arrivals"
     gen = (store.add(arrivals, 1) - 1) // world
     keys = [f"lora_ext/save_adapter/{gen}/{r}" for r in range(world)]
-    mine = json.dumps(sorted((n, [list(getattr(m, p).shape) for p in m.lora_parameter_names])
+    mine = json.dumps(sorted((n, [list(getattr(m, p).shape) for p in _trained(m)])
                              for n, m in found.items()))
     store.set(keys[rank], mine)
     try:
@@ -167,25 +175,32 @@ def save_adapter(model: nn.Module, path: str, timeout_s: float = 300.0, modules_
     collective starts. Works on plain, DDP, FSDP2 (fully_shard) and tensor-parallel models;
     without a process group it simply saves. ``modules_to_save``: as Adapter.from_model (whole
     modules saved beside the factors, e.g. a trained classification head; gathered too). DoRA
-    layers' magnitudes are gathered too and the config says use_dora=true.
+    layers' magnitudes are gathered too and the config says use_dora=true. LoRAParameter layers
+    (target_parameters) are saved as Adapter.from_model saves them (PEFT's nested paths).
     """
     found = _lora_layers_of(model, "save_adapter")
     if dist.is_available() and dist.is_initialized():
         _handshake(found, timeout_s)
     layers = {}
     for name, m in found.items():
+        if isinstance(m, LoRAParameter):
+            layers[name] = layer_weights(m, _full(m.lora_A), _full(m.lora_B), None)
+            continue
         # the parameters, gathered, then as lora_factors() gives them (a MergedLinear's padded B is
         # built from its whole lora_B, which an FSDP rank holds only a shard of)
         A, B = m.lora_factors_of(*(_full(getattr(m, p)) for p in m.factor_names))
         mag = _full(m.lora_magnitude_vector) if m.use_dora else None  # DoRA: sharded like the factors
-        layers[name] = LayerWeights(A, B, float(m.scaling), m.lora_kind, mag)
-    # trained biases and modules_to_save, as Adapter.from_model
-    extra, bias_mode, kept = saved_tensors(unwrap(model), found, modules_to_save, _full, "save_adapter")
+        layers[name] = layer_weights(m, A, B, mag)
+    modules = {n: m for n, m in found.items() if isinstance(m, LoRALayer)}
+    params = {n: m for n, m in found.items() if isinstance(m, LoRAParameter)}
+    # trained biases and modules_to_save, as Adapter.from_model (no module_to_save in a LoRAParameter)
+    extra, bias_mode, kept = saved_tensors(unwrap(model), {**modules, **parameter_layers(unwrap(model))},
+                                           modules_to_save, _full, "save_adapter")
     distributed = dist.is_available() and dist.is_initialized()
     err = None
     if not distributed or dist.get_rank() == 0:
         try:
-            config = model_config(found, unwrap(model)) | {"bias": bias_mode, "modules_to_save": kept}
+            config = model_config(modules, unwrap(model), params, "save_adapter") | {"bias": bias_mode, "modules_to_save": kept}
             Adapter(layers, config, extra=extra).save(os.fspath(path))
         except Exception as e:  # reported to every rank below
             if not distributed:

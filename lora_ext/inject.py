@@ -16,12 +16,12 @@ from .conv import LoRAConvNd, check_conv_base, is_conv
 from .embedding import LoRAEmbedding
 from .layers import LoRALayer, LoRALinear, is_conv1d
 from .hparams import _check_hparams
-from .param_lora import apply_plan, plan_parameters
+from .param_lora import LoRAParameter, _chain, _inner, apply_plan, outermost, parameter_layers, plan_parameters
 from .sharding import sharding_of, unwrapped
 from .targets import (PEFT_PREFIX, check_layers, check_regex, in_layers, matches, pattern_value, read_directly,
                       select_targets, unwrappable)
 
-__all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "PEFT_PREFIX"]
+__all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "peft_parameter_layers", "PEFT_PREFIX"]
 
 
 def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, r: int = 8,
@@ -157,6 +157,22 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
+def peft_parameter_layers(model: nn.Module) -> dict[str, LoRAParameter]:
+    """PEFT's module path -> LoRAParameter, for every LoRAParameter of ``model``: PEFT nests the
+    wrappers of one module's parameters in their registration order, the first innermost, so with
+    n of them the k-th (0-based) is ``<module>`` + (n-1-k) x ``.base_layer``. That is the model's
+    own path when inject wrapped them in one call; wrappers added by later calls nest outside, and
+    get PEFT's path here (adapter files and PEFT state dicts use it)."""
+    out = {}
+    for name, outer in outermost(model).items():
+        chain = _chain(outer)
+        names = {w.parameter_name for w in chain}
+        order = [p for p, _ in _inner(outer).named_parameters(recurse=False) if p in names]
+        for w in chain:
+            out[name + ".base_layer" * (len(chain) - 1 - order.index(w.parameter_name))] = w
+    return out
+
+
 def _check_bias(bias, where: str) -> None:
     if bias not in ("none", "all", "lora_only"):
         raise ValueError(f"{where}: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
@@ -202,6 +218,9 @@ def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: boo
                     bias: str | None = None) -> dict[str, torch.Tensor]:
     """LoRA weights (DoRA's magnitudes too) under HF PEFT's saved key names (adapter name stripped), or with
     peft_names=False under the model's own names (as loralib), for model.load_state_dict(sd, strict=False).
+    LoRAParameter layers (target_parameters) are included: lora_A / lora_B under PEFT's nested path
+    (peft_parameter_layers: "<module>.base_layer.lora_A.weight" for a module's first targeted parameter
+    of two), or the model's own ("<module>.base_layer.lora_A").
     Trained biases (requires_grad, see mark_only_lora_trainable) are included as PEFT saves them
     with bias="lora_only"/"all": "<layer>.base_layer.bias" for a LoRA layer's own bias; ``bias``
     "none" / "lora_only" / "all" (loralib's argument) includes no bias / the LoRA layers' / every
@@ -223,6 +242,10 @@ def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: boo
         if m.use_dora:  # PEFT's key has no ".weight"
             key = "lora_magnitude_vector"
             out[f"{prefix}{name}.{key}" if peft_names else f"{name}.{key}"] = m.lora_magnitude_vector.detach()
+    params = peft_parameter_layers(model) if peft_names else parameter_layers(model)
+    for name, m in params.items():
+        for p in ("lora_A", "lora_B"):
+            out[f"{prefix}{name}.{p}.weight" if peft_names else f"{name}.{p}"] = getattr(m, p).detach()
     for name, key, b in trained_biases(model, bias=bias)[0]:
         out[prefix + key if peft_names else f"{name}.bias"] = b.detach()
     return out

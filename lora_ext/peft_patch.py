@@ -37,8 +37,9 @@ original forward and warns once per (layer, reason). A disabled or merged layer 
 left to fuse: it calls PEFT's forward without a warning. LoRA Embedding layers run mixed batches as
 one gather + ``lora_expand_`` over per-layer pools (PEFT loops over the adapters) and PEFT's forward
 otherwise (lora_ext has no fused single-adapter embedding op: the same F.embedding math). Other
-PEFT LoRA layer types (Conv2d, bitsandbytes, ...) stay on PEFT's forward: one warning per layer
-when patching.
+PEFT LoRA layer types (Conv2d, bitsandbytes, ParamWrapper: LoRA on parameters, target_parameters,
+...) stay on PEFT's forward: one warning per layer when patching (a mixed batch through a
+ParamWrapper raises PEFT's own error).
 Layers that a later ``add_adapter`` creates are patched by calling ``patch_peft`` again.
 """
 from __future__ import annotations
@@ -387,6 +388,8 @@ def patch_peft(model: nn.Module) -> list[str]:
             m.__dict__[_ORIG] = True
             m.forward = functools.partial(_patched_embedding_forward, m)
             patched.append(name)
+        elif type(m).__name__ == "ParamWrapper":
+            _warn(m, f"LoRA on a parameter ({m.parameter_name!r}; PEFT's ParamWrapper, target_parameters) is left to PEFT")
         else:
             _warn(m, f"{type(m).__module__}.{type(m).__name__} layers are not supported by lora_ext")
     return patched

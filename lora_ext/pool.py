@@ -47,6 +47,7 @@ from .adapters import Adapter, LayerWeights, extra_target
 from .conv import is_conv
 from .layers import LoRALayer, is_conv1d
 from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
+from .param_lora import parameter_layers
 from .targets import check_regex, matches, output_head_names
 
 __all__ = ["AdapterPool"]
@@ -79,7 +80,9 @@ class AdapterPool:
     until unload()). max_tokens: the most names one batch() may take (rows, or tokens with
     per_token=True). dora: also serve DoRA adapters (use_dora; linear targets only, a DoRA
     embedding is refused: MultiLoRALinear's dora=True, which costs 2 fp32 rows of out_features per
-    slot and one pass over each output).
+    slot and one pass over each output). LoRA on parameters (target_parameters: a model with
+    LoRAParameter layers, an adapter with kind "parameter" layers) is refused by module: not served
+    in mixed batches yet.
     """
 
     def __init__(self, model: nn.Module, target_modules=None, max_adapters: int = 16, max_rank: int = 64,
@@ -118,6 +121,12 @@ class AdapterPool:
             raise ValueError(f"AdapterPool: {type(self.model).__name__} is already served by an AdapterPool "
                              f"(multi-adapter layers {', '.join(served[:3])}{', ...' if len(served) > 3 else ''}); "
                              "one pool per model: load more adapters into that pool (max_adapters=)")
+        wrapped = sorted(parameter_layers(self.model))
+        if wrapped:  # their LoRA would apply to every row of a mixed batch, base rows included
+            raise ValueError(f"AdapterPool: {type(self.model).__name__} has LoRA on parameters (LoRAParameter "
+                             f"{wrapped[0]!r}{', ...' if len(wrapped) > 1 else ''}), which multi-adapter serving does not "
+                             "serve in mixed batches yet: merge it into the model first (lora_ext.merge_and_unload) or "
+                             "build the pool on the model without it")
         everything = target_modules is None or target_modules == "all-linear"
         check_regex("AdapterPool", "target_modules", None if everything else target_modules)
         heads = output_head_names(self.model) if everything else set()
@@ -188,6 +197,11 @@ class AdapterPool:
                              "(AdapterPool(..., dora=True) serves DoRA and plain adapters in one batch)")
         for mod, w in ad.layers.items():
             layer = self.layers.get(mod)
+            if w.kind == "parameter":
+                raise ValueError(f"{where}: module {mod!r} holds LoRA on its parameter "
+                                 f"{w.parameter or '(decided by the model)'} (target_parameters): multi-adapter serving "
+                                 "does not serve LoRA on parameters in mixed batches yet; use lora_ext.load_adapter, "
+                                 "or merge the adapter (python -m lora_ext merge)")
             if w.kind == "conv":
                 raise ValueError(f"{where}: module {mod!r} holds convolution LoRA factors (A {tuple(w.A.shape)}): "
                                  "multi-adapter serving has no convolution layers; use lora_ext.load_adapter")

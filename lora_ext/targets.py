@@ -370,9 +370,26 @@ _FROM_SCRATCH = {"bias": "none", "task_type": None, "inference_mode": True, "ini
                  "modules_to_save": None, "layers_to_transform": None, "base_model_name_or_path": None}
 
 
+def _parameter_names(keys: list[str], model: nn.Module | None, full_names: bool) -> list[str]:
+    """target_parameters selecting exactly the parameters ``keys`` (full names, "base_layer" steps
+    left out) under PEFT's rule (a name is a target or ends with "." + a target): "<module leaf>.<parameter>"
+    ("experts.gate_up_proj") when that selects no other parameter of ``model``, else the full names."""
+    short = sorted({".".join(k.split(".")[-2:]) for k in keys})
+    if full_names or model is None:
+        return sorted(keys)
+    chosen = set(keys)
+    for name, m in model.named_modules():
+        clean = name.replace(".base_layer", "")
+        for p, _ in m.named_parameters(recurse=False):
+            key = f"{clean}.{p}"
+            if key not in chosen and any(key == t or key.endswith("." + t) for t in short):
+                return sorted(keys)
+    return short
+
+
 def peft_config(ranks: dict[str, int], alphas: dict[str, float], *, use_rslora: bool = False,
                 fan_in_fan_out: bool = False, lora_dropout: float = 0.0, model: nn.Module | None = None,
-                full_names: bool = False, use_dora: bool = False) -> dict:
+                full_names: bool = False, use_dora: bool = False, parameters=()) -> dict:
     """A PEFT LoRA adapter_config for modules with the given per-module ranks and alphas.
 
     r / lora_alpha are the most common values; modules that differ get a rank_pattern /
@@ -381,14 +398,23 @@ def peft_config(ranks: dict[str, int], alphas: dict[str, float], *, use_rslora: 
     exclude_modules or a regex) or ``full_names`` is set, the full module names (PEFT takes a name
     given in full as it is), so that PEFT wraps exactly these modules. The other fields are PEFT's defaults for an
     inference adapter (no layers_to_transform, modules_to_save ...), and ``use_dora``.
+    ``parameters``: keys of ranks / alphas that are parameters (LoRAParameter, by full parameter
+    name, e.g. "model.layers.0.mlp.experts.gate_up_proj"), written to target_parameters (short
+    forms when they select exactly these, _parameter_names) with pattern keys on those names, as
+    PEFT matches them; target_modules is then [] if no module is left (None would make PEFT use its
+    defaults for the model type).
     """
+    params = set(parameters)
+    modules = [n for n in ranks if n not in params]
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     shape = {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": use_rslora,
-        "target_modules": _target_names(list(ranks), model, full_names),
+        "target_modules": _target_names(modules, model, full_names) if modules else [],
         "rank_pattern": {name_regex(n): k for n, k in ranks.items() if k != r},
         "alpha_pattern": {name_regex(n): a for n, a in alphas.items() if a != alpha},
         "fan_in_fan_out": fan_in_fan_out,
     }
+    if params:
+        shape["target_parameters"] = _parameter_names(sorted(params), model, full_names)
     return {**shape, "lora_dropout": lora_dropout, **_FROM_SCRATCH, "use_dora": use_dora}

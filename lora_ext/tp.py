@@ -45,7 +45,8 @@ Adapters loaded before parallelizing are sharded with the pools. Packed projecti
 (out_slices) take rowwise only; embeddings stay replicated (leave them out of the plan).
 ``parallelize_lora`` is ``parallelize_module`` that first checks the whole plan and raises a
 ValueError naming the module (by path) when an entry does not fit, before changing anything. DoRA
-layers (LoRALinear(use_dora=True)) are not tensor-parallel: both styles refuse them by name.
+layers (LoRALinear(use_dora=True)) are not tensor-parallel: both styles refuse them by name; so is
+LoRA on parameters (LoRAParameter, MoE expert stacks): every style on it or inside it is refused.
 
 Dropout (p > 0): each rank draws its mask seed from its own generator, and the mask of element
 (t, j) of the rank's x is a hash of (seed, t * in_local + j). Colwise ranks all see the full x:
@@ -75,6 +76,7 @@ from .layers import LoRALinear, factors_like, is_conv1d
 from .merged_linear import MergedLinear
 from .multi import MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
 from .ops import lora_linear, multi_lora_
+from .param_lora import LoRAParameter
 
 __all__ = ["ColwiseParallelLoRA", "RowwiseParallelLoRA", "parallelize_lora", "validate_plan"]
 
@@ -96,6 +98,8 @@ def _check(style: str, module: nn.Module, mesh: DeviceMesh, dim_name: str, name:
     if isinstance(module, MultiLoRAEmbedding):
         raise ValueError(f"{what}: multi-adapter embeddings are not tensor-parallel; leave them out of the "
                          f"plan (replicated)")
+    if isinstance(module, LoRAParameter):
+        raise ValueError(f"{what}: {_NO_PARAMETER_TP}")
     if not isinstance(module, (LoRALinear, MultiLoRALinear)):
         raise ValueError(f"{what} is a {type(module).__name__}, not a lora_ext LoRALinear or MultiLoRALinear "
                          f"(use torch's {style[:-4]} for plain layers)")
@@ -117,6 +121,11 @@ def _check(style: str, module: nn.Module, mesh: DeviceMesh, dim_name: str, name:
     size = getattr(module, dim_name)
     if size % n != 0:
         raise ValueError(f"{what}: {dim_name}={size} is not divisible by the mesh size {n}")
+
+
+_NO_PARAMETER_TP = ("LoRA on parameters (LoRAParameter, target_parameters: MoE expert stacks) is not tensor-parallel "
+                     "(its factors would have to be sharded with the parameter); leave it and its module out of "
+                     "the plan (replicated), or merge it first (lora_ext.merge_and_unload)")
 
 
 def _replicated_factor(p: DTensor) -> torch.Tensor:
@@ -347,7 +356,8 @@ def validate_plan(model: nn.Module, device_mesh: DeviceMesh, plan: dict[str, Par
     """Raises a ValueError naming the module (by path) for the first plan entry that does not fit:
     a key that matches nothing, a module reached twice, a LoRA style on a module it cannot shard
     (not a LoRALinear / MultiLoRALinear, a DoRA layer, an indivisible dim, a packed projection colwise,
-    already parallel), or torch's own Colwise/RowwiseParallel on a LoRA layer or on the base of one."""
+    already parallel), torch's own Colwise/RowwiseParallel on a LoRA layer or on the base of one, or
+    any style on a LoRAParameter or a module inside one (not tensor-parallel)."""
     if not isinstance(plan, dict):
         raise TypeError(f"parallelize_lora: expected a dict plan {{module path: style}}, got {type(plan).__name__}")
     owners = {id(m): n for n, m in model.named_modules()}
@@ -368,6 +378,11 @@ def validate_plan(model: nn.Module, device_mesh: DeviceMesh, plan: dict[str, Par
                                  f"({seen[id(m)]!r} and {key!r})")
             seen[id(m)] = key
             sname = type(style).__name__
+            wrapper = next((w for w in (m, *_ancestors(m, parents)) if isinstance(w, LoRAParameter)), None)
+            if wrapper is not None:  # any style: nothing shards lora_A / lora_B with the parameter
+                inside = "" if wrapper is m else f" (inside LoRAParameter {owners.get(id(wrapper))!r})"
+                raise ValueError(f"parallelize_lora: plan entry {key!r} puts {sname} on module {path!r}{inside}: "
+                                 f"{_NO_PARAMETER_TP}")
             if isinstance(style, (ColwiseParallelLoRA, RowwiseParallelLoRA)):
                 colwise = isinstance(style, ColwiseParallelLoRA)
                 _check(sname, m, device_mesh, "out_features" if colwise else "in_features", name=path)
@@ -386,6 +401,14 @@ def validate_plan(model: nn.Module, device_mesh: DeviceMesh, plan: dict[str, Par
                                  f"{'' if lora else ' (the base layer of ' + repr(owners.get(id(parent))) + ')'}: "
                                  f"{_describe(what)} must be parallelized as a whole with {hint}, so that "
                                  f"its LoRA factors are sharded with its weight")
+
+
+def _ancestors(m: nn.Module, parents: dict[int, nn.Module]) -> list[nn.Module]:
+    out = []
+    while id(m) in parents:
+        m = parents[id(m)]
+        out.append(m)
+    return out
 
 
 def parallelize_lora(model: nn.Module, device_mesh: DeviceMesh, plan: dict[str, ParallelStyle], *,

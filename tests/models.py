@@ -19,3 +19,14 @@ def tiny_gpt2(seed: int = 0, dtype=torch.float32):
     cfg = GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
                      attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, attn_implementation="eager")
     return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def tiny_qwen3_moe(seed: int = 0, dtype=torch.float32, layers: int = 2):
+    """Qwen3-MoE with 4 experts (2 per token): experts.gate_up_proj [4, 64, 64], down_proj [4, 64, 32]."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                         num_experts_per_tok=2, head_dim=16, max_position_embeddings=128)
+    return Qwen3MoeForCausalLM(cfg).to(dtype).eval()

@@ -204,7 +204,7 @@ def test_duplicate_key_in_safetensors_header(tmp_path):
     ("init_lora_weights", "pissa", True), ("init_lora_weights", "pissa_niter_4", "gaussian"),
     ("init_lora_weights", "olora", "eva"), ("init_lora_weights", "corda", "mica"),
     ("init_lora_weights", "loftq", "lora_ga"), ("lora_bias", True, False), ("alora_invocation_tokens", [5, 6], None),
-    ("use_qalora", True, False), ("layer_replication", [[0, 1]], None), ("target_parameters", ["q.weight"], []),
+    ("use_qalora", True, False), ("layer_replication", [[0, 1]], None),
     ("trainable_token_indices", [1], None), ("arrow_config", {}, None), ("kasa_config", {}, None),
     ("use_bdlora", {}, None),
 ])
