@@ -9,6 +9,7 @@ import re
 
 from .adapters import CONFIG_FILE, Adapter, extra_target
 from .hparams import lora_alpha_for
+from .param_files import NeedsModel
 from .targets import pattern_value
 
 __all__ = ["run_inspect", "one_line"]
@@ -80,6 +81,12 @@ def run_inspect(args) -> int:
             head.add_row(key, json.dumps(raw.get(key)) if key in raw else "not recorded")
     try:
         adapter = Adapter.load(path)
+    except NeedsModel as e:  # readable only with the model: the table cannot show its layers
+        out.print(head)
+        out.print(f"lora_ext: loads and merges with the model only (load_adapter, python -m lora_ext merge): {one_line(e)}")
+        out.print("AdapterPool: cannot serve it: it has LoRA on parameters (target_parameters), which multi-adapter "
+                  "serving does not serve in mixed batches yet")
+        return 1 if args.pool else 0
     except (ValueError, TypeError, FileNotFoundError, OSError) as e:
         out.print(head)
         out.print(f"lora_ext: cannot load this adapter: {one_line(e)}")

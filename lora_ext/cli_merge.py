@@ -25,7 +25,9 @@ import time
 import torch
 from torch import nn
 
+from .adapter_checks import read_config
 from .adapters import CONFIG_FILE, Adapter, extra_target, load_adapter
+from .param_files import NeedsModel
 from .cli_inspect import one_line, run_inspect
 from .combine import combine
 from .inject import lora_layers, peft_parameter_layers
@@ -321,14 +323,20 @@ def run_merge(args, base: str, paths: list[str]) -> int:
 
     log = Console(stderr=True, highlight=False)
     t0 = time.perf_counter()
-    adapters = [Adapter.load(p) for p in paths]
+    adapters, deferred = [], []
+    for i, p in enumerate(paths):
+        try:
+            adapters.append(Adapter.load(p))
+        except NeedsModel:  # LoRA on parameters whose scales the model's parameter order decides: read
+            adapters.append(Adapter({}, read_config(os.path.join(p, CONFIG_FILE))))  # again once it is loaded
+            deferred.append(i)
     weights = args.weights or [1.0] * len(adapters)
     dora = [p for p, a in zip(paths, adapters) if a.config.get("use_dora")]
     if dora and (len(adapters) > 1 or weights[0] != 1.0):
         raise CommandError(f"{dora[0]} is a DoRA adapter (use_dora): it merges only alone and with weight 1 (a "
                            "weighted sum of DoRA adapters is not a DoRA adapter: each rescales the rows of W0 + ΔWᵢ "
                            "by its own trained magnitude)")
-    params = [p for p, a in zip(paths, adapters) if any(w.kind == "parameter" for w in a.layers.values())]
+    params = [p for p, a in zip(paths, adapters) if a.config.get("target_parameters")]
     if params and (len(adapters) > 1 or weights[0] != 1.0):
         raise CommandError(f"{params[0]} has LoRA on parameters (target_parameters): it merges only alone and with "
                            "weight 1 (such adapters are not combined)")
@@ -336,6 +344,8 @@ def run_merge(args, base: str, paths: list[str]) -> int:
     log.print(f"loading {base} ({cls.__name__}, dtype {args.dtype}) on {args.device}")
     model = _load_base(cls, base, args.dtype, args.device, {k for a in adapters for k in a.extra},
                        **_num_labels(base, adapters, task))
+    for i in deferred:
+        adapters[i] = Adapter.load(paths[i], model=model)
     if len(adapters) == 1 and weights[0] == 1.0:
         combined = adapters[0]
     else:

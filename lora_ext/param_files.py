@@ -27,10 +27,15 @@ from .inject import inject, peft_parameter_layers
 from .param_lora import LoRAParameter, _chain, _inner, _unwrapped_name
 from .targets import PEFT_PREFIX, matches, name_regex, pattern_value
 
-__all__ = ["split_path", "parameter_paths", "read_parameters", "resolve", "check_fit", "check_covered",
+__all__ = ["NeedsModel", "split_path", "parameter_paths", "read_parameters", "resolve", "check_fit", "check_covered",
            "plan_parameters", "load_parameters"]
 
 BASE = ".base_layer"
+
+
+class NeedsModel(ValueError):
+    """read_parameters without the model, for a file whose scales only the model decides (rank_pattern /
+    alpha_pattern telling apart parameters nested on one module): read it with the model."""
 
 
 def split_path(path: str) -> tuple[str, int]:
@@ -128,7 +133,7 @@ def read_parameters(where: str, config: dict, factors: dict, model: nn.Module | 
                        pattern_value(f"{module}.{p}", config.get("alpha_pattern"), config["lora_alpha"]))
                       for p in ([name] if name else cands)}
             if len(values) > 1:
-                raise ValueError(f"{where}: the config says target_parameters={targets}; which of {cands} {_key(path)} "
+                raise NeedsModel(f"{where}: the config says target_parameters={targets}; which of {cands} {_key(path)} "
                                  f"holds is decided by the model's parameter order, and rank_pattern / alpha_pattern "
                                  f"give them different (r, alpha) {sorted(values)}: read it with the model "
                                  "(Adapter.load(path, model=model), load_adapter(model, path))")

@@ -137,3 +137,16 @@ def test_combine_refuses_what_it_does_not_do(tmp_path):
         lora_ext.combine([a, b], how="linear")
     half = lora_ext.combine([a, copy.deepcopy(b)], (w for w in [0.5, 2.0]), dtype=torch.bfloat16)
     assert all(w.A.dtype == torch.bfloat16 and w.r == 12 for w in half.layers.values())
+
+
+def test_combine_refuses_lora_on_parameters():
+    """target_parameters layers (LayerWeights kind "parameter") are not combined: named, per adapter and per layer."""
+    plain = lora_ext.LayerWeights(torch.randn(2, 4), torch.randn(3, 2), 1.0)
+    experts = lora_ext.LayerWeights(torch.randn(8, 4), torch.randn(3, 8), 1.0, "parameter", parameter="gate_up_proj",
+                                    num_experts=4)
+    ad = Adapter({"q": plain, "m.experts.base_layer": experts}, name="moe")
+    with pytest.raises(ValueError, match=r"combine: adapter 0 \('moe'\) has LoRA on parameters \(module "
+                                         r"'m.experts.base_layer', gate_up_proj\): .*not combined"):
+        lora_ext.combine([ad, ad])
+    with pytest.raises(ValueError, match=r"combine: adapter 1 is a parameter's LoRA \(kind 'parameter'\)"):
+        lora_ext.combine([plain, experts])

@@ -373,31 +373,6 @@ def test_lora_parameters_train_and_save_adapter_writes_them(base, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_multi_adapter_serving_refuses_parameter_lora(base, mixed):
-    ad = Adapter.load(mixed[0])
-    pool = lora_ext.AdapterPool(copy.deepcopy(base), target_modules=["q_proj"], max_rank=8)
-    with pytest.raises(ValueError, match=r"AdapterPool.load\('a'\): module 'model.layers.0.mlp.experts' holds LoRA on "
-                                         r"its parameter .*not serve LoRA on parameters in mixed batches yet"):
-        pool.load("a", ad)
-    assert pool.names() == []
-    with pytest.raises(ValueError, match=r"AdapterPool: Qwen3MoeForCausalLM has LoRA on parameters \(LoRAParameter "
-                                         r"'model.layers.0.mlp.experts'.*mixed batches yet"):
-        lora_ext.AdapterPool(_params_only(base), target_modules=["q_proj"])
-    lin = nn.Sequential(nn.Linear(4, 4))
-    lora_ext.inject(lin, target_parameters=["0.weight"])
-    with pytest.raises(TypeError, match=r"MultiLoRALinear: base must be an nn.Linear .* got LoRAParameter"):
-        lora_ext.MultiLoRALinear(lin[0], num_slots=2, r_max=2)
-
-
-def test_combine_refuses_parameter_lora(mixed):
-    ad = Adapter.load(mixed[0])
-    with pytest.raises(ValueError, match=r"combine: adapter 0 \('ad'\) has LoRA on parameters \(module "
-                                         r"'model.layers.0.mlp.experts'.*not combined"):
-        lora_ext.combine([ad, ad])
-    with pytest.raises(ValueError, match=r"combine: adapter 1 is a parameter's LoRA"):
-        lora_ext.combine([ad.layers["model.layers.0.self_attn.q_proj"], ad.layers["model.layers.0.mlp.experts"]])
-
-
 def _fsdp_case(rank, world, out_dir):
     """One SGD step of a q_proj + expert-stack LoRA under fully_shard_lora, each rank on its row."""
     from lora_ext.distributed import fully_shard_lora, lora_parameters, save_adapter

@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 from conftest import rel_err
-from models import tiny_gpt2, tiny_llama
+from models import tiny_gpt2, tiny_llama, tiny_qwen3_moe
 from peft_cases import (CASES, TOL, Count, PeftLinear, build, ids_for, lora_params, n_linear, n_lora,
                         patch, peft, randomize)
 
@@ -238,3 +238,40 @@ def test_compile_leaves_the_tree_hook_out_of_the_graph(monkeypatch):
     with torch.no_grad():
         assert rel_err(fwd(ids), model(input_ids=ids).logits) < 1e-5
     assert seen and not any(seen)  # the eager forward consulted the hook, the traced one did not
+
+
+def test_param_wrapper_layers_are_left_to_peft():
+    """PEFT's ParamWrapper (LoRA on parameters, target_parameters: MoE expert stacks) stays on PEFT's
+    forward, named in a warning; the model's Linear LoRA layers are patched; logits, training and a
+    refused mixed batch behave as without the patch (and the model still runs afterwards)."""
+    import peft
+
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    pm = peft.get_peft_model(tiny_qwen3_moe(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                               target_parameters=experts))
+    pm.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=experts))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    pm.eval()
+    ids = ids_for(seq=8)
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        patched = lora_ext.patch_peft(pm)
+    assert sorted(patched) == [f"base_model.model.model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    left = sorted(str(w.message) for w in seen if "ParamWrapper" in str(w.message))
+    assert len(left) == 4 and "layer 'base_model.model.model.layers.0.mlp.experts' runs PEFT's forward: LoRA on a " \
+                              "parameter ('down_proj'; PEFT's ParamWrapper, target_parameters) is left to PEFT" in left[0]
+    with torch.no_grad():
+        assert rel_err(pm(input_ids=ids).logits, want) < 1e-5
+        with pytest.raises(ValueError, match="ParamWrapper does not support mixed adapter batches"):
+            pm(input_ids=ids, adapter_names=["default", "b"])
+        assert rel_err(pm(input_ids=ids).logits, want) < 1e-5
+    pm.train()
+    pm(input_ids=ids, labels=ids).loss.backward()
+    grad = pm.base_model.model.model.layers[0].mlp.experts.lora_B["default"].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    lora_ext.unpatch_peft(pm)

@@ -414,3 +414,26 @@ def test_threads_load_evict_and_reload_while_batches_run(base, tmp_path):
             t.join()
         torch.set_num_threads(intra_op)
     assert not errors, errors[:3]
+
+
+def _expert_lora_model():
+    """Two Linears, LoRA on the second's weight (a LoRAParameter, as target_parameters makes)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    lora_ext.inject(model, target_parameters=["1.weight"], r=2)
+    return model
+
+
+def test_lora_on_parameters_is_refused_by_module():
+    """Adapters with LoRA on parameters (target_parameters), and models with LoRAParameter layers, are
+    not served in mixed batches yet: refused naming the module."""
+    pool = lora_ext.AdapterPool(torch.nn.Sequential(torch.nn.Linear(4, 4)), target_modules=["0"], max_rank=4)
+    ad = Adapter({"0": LayerWeights(torch.randn(2, 4), torch.randn(4, 2), 1.0, "parameter", parameter="weight")})
+    with pytest.raises(ValueError, match=r"AdapterPool.load\('a'\): module '0' holds LoRA on its parameter weight "
+                                         r"\(target_parameters\): .*not serve LoRA on parameters in mixed batches yet"):
+        pool.load("a", ad)
+    assert pool.names() == []
+    with pytest.raises(ValueError, match=r"AdapterPool: Sequential has LoRA on parameters \(LoRAParameter '1'\).*"
+                                         r"mixed batches yet: merge it into the model first"):
+        lora_ext.AdapterPool(_expert_lora_model(), target_modules=["0"])
+    with pytest.raises(TypeError, match=r"MultiLoRALinear: base must be an nn.Linear .* got LoRAParameter"):
+        MultiLoRALinear(_expert_lora_model()[1], num_slots=2, r_max=2)

@@ -181,6 +181,15 @@ def _bad_plans(mesh):
     parallelize_module(lora, mesh, _plans()[1])
     catch("twice", lambda: parallelize_module(lora, mesh, {"blocks.0.up_proj": ColwiseParallelLoRA()}))
     catch("merge", lambda: lora.blocks[0].down_proj.merge())
+    # LoRA on a parameter (target_parameters): no style shards its factors with the parameter
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    from lora_ext.tp import parallelize_lora
+    wrapped = nn.Sequential(nn.Linear(4, 4))
+    lora_ext.inject(wrapped, target_parameters=["0.weight"], r=2)
+    catch("parameter_style", lambda: parallelize_module(wrapped, mesh, {"0": ColwiseParallelLoRA()}))
+    catch("parameter_plan", lambda: parallelize_lora(wrapped, mesh, {"0.base_layer": ColwiseParallel()}))
+    msgs["parameter_untouched"] = not any(type(p) is not nn.Parameter for p in wrapped.parameters())
     return msgs
 
 
@@ -307,6 +316,11 @@ def test_bad_plan_raises(ws2):
     assert msgs["odd_untouched"]
     assert msgs["twice"] and "already parallelized" in msgs["twice"]
     assert msgs["merge"] and "RowwiseLoRALinear.merge" in msgs["merge"]
+    assert "ColwiseParallelLoRA: module LoRAParameter" in msgs["parameter_style"]
+    assert "LoRA on parameters (LoRAParameter, target_parameters" in msgs["parameter_style"]
+    assert ("plan entry '0.base_layer' puts ColwiseParallel on module '0.base_layer' (inside LoRAParameter '0')"
+            in msgs["parameter_plan"]) and "is not tensor-parallel" in msgs["parameter_plan"]
+    assert msgs["parameter_untouched"]
 
 
 def test_compile():
