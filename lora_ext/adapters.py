@@ -217,9 +217,9 @@ def model_config(found: dict[str, nn.Module], model: nn.Module, params: dict[str
         layer = next(n for n, m in found.items() if m.use_dora or getattr(m, "fan_in_fan_out", False)
                      or getattr(m, "lora_dropout", 0.0))
         raise ValueError(f"{where}: LoRA layer {layer!r} needs {what} in the adapter config, which PEFT refuses with "
-                         f"target_parameters (the LoRAParameter layers, e.g. {next(iter(params))!r}): save them as two "
-                         "adapters (Adapter.from_model of a copy without the others)" + (
-                             ", or set the layers' lora_dropout to 0" if what.startswith("lora_dropout") else ""))
+                         f"target_parameters (LoRAParameter layers, e.g. {next(iter(params))!r}): one PEFT adapter cannot "
+                         "hold both" + (" (dropout is for training only: set those layers' lora_dropout to 0 to save "
+                                        "them)" if what.startswith("lora_dropout") else ""))
     return peft_config(ranks, alphas, use_rslora=rslora, fan_in_fan_out=fan_in_fan_out, lora_dropout=dropout,
                        model=model, use_dora=dora, parameters=[n for n in layers if n not in found])
 

@@ -144,7 +144,7 @@ def read_parameters(where: str, config: dict, factors: dict, model: nn.Module | 
             out[path] = (A, B, lora_scaling(alpha, r, bool(config.get("use_rslora"))), name, A.shape[0] // r)
             if path in found:
                 module_, pname, _, inner = found[path]
-                check_fit(where, module_, inner, pname, A, B, A.shape[0] // r)
+                check_fit(f"{where}: {_key(path)}", module_, inner, pname, A, B, A.shape[0] // r)
     if model is not None:
         check_covered(model, found, targets, where)
     return out
