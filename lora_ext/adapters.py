@@ -204,6 +204,10 @@ def model_config(found: dict[str, nn.Module], model: nn.Module, params: dict[str
     target_parameters with lora_dropout, use_dora or fan_in_fan_out, which are one field for the
     whole adapter: LoRA layers using them and parameter layers in one model raise ValueError (``where``)."""
     params = params or {}
+    root = next((m for n, m in params.items() if not split_path(n)[0]), None)
+    if root is not None:  # PEFT: "Targeting an nn.Parameter on the top-level module is not supported"
+        raise ValueError(f"{where}: LoRAParameter {root.parameter_name!r} wraps the model itself, and PEFT cannot "
+                         "target a parameter of the top-level module: wrap the model in a module (nn.Sequential) first")
     layers = {**found, **{f"{split_path(n)[0]}.{m.parameter_name}": m for n, m in params.items()}}
     rslora = any(m.use_rslora for m in layers.values())
     dora = dora_layers(found, where)

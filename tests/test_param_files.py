@@ -341,6 +341,8 @@ def test_from_model_refuses_what_peft_refuses_with_parameters(base):
         Adapter.from_model(model)
     with pytest.raises(ValueError, match=r"modules_to_save=\['experts'\] matched no module"):
         Adapter.from_model(_params_only(base), modules_to_save=["experts"])
+    with pytest.raises(ValueError, match=r"Adapter.from_model: LoRAParameter 'weight' wraps the model itself.*top-level"):
+        Adapter.from_model(LoRAParameter(nn.Linear(4, 4), "weight", r=2))
 
 
 def _params_only(base):
