@@ -88,6 +88,9 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
     modules = dict(model.named_modules())
     problems = {n: unwrappable(modules[n]) for n in chosen
                 if isinstance(modules[n], (nn.Linear, nn.Embedding)) or is_conv1d(modules[n]) or is_conv(modules[n])}
+    for n in chosen:  # the module a LoRAParameter wraps: the wrapper's forward reads its parameters directly
+        if isinstance(modules.get(n.rpartition(".")[0] if "." in n else ""), LoRAParameter) and n.endswith("base_layer"):
+            problems[n] = "has a LoRAParameter (target_parameters) on its parameters; target one or the other"
     if target_modules == "all-linear":  # every Linear/Conv1D a LoRA layer can stand in for
         chosen = [n for n in chosen if problems[n] is None]
     if not chosen:

@@ -742,3 +742,14 @@ def test_set_lora_factors_shapes():
     lora_ext.merge(model)
     with pytest.raises(ValueError, match="merged"):
         w.set_lora_factors(torch.ones(E * 5, i), torch.ones(o, E * 5), 0.5)
+
+
+def test_target_modules_leave_a_module_with_a_lora_parameter_alone():
+    # the wrapper runs the wrapped module's forward with effective parameters: a LoRALinear put
+    # inside it would be bypassed for its weight, so "all-linear" skips it and a named target is refused
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    lora_ext.inject(model, target_parameters=["0.weight"], r=2)
+    assert lora_ext.inject(model, "all-linear", r=2) == ["2"]
+    assert type(model[0].base_layer) is nn.Linear
+    with pytest.raises(TypeError, match=r"'0\.base_layer' has a LoRAParameter"):
+        lora_ext.inject(model, r".*base_layer", r=2)
