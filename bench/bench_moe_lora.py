@@ -7,7 +7,8 @@ under no_grad). transformers' own experts forward (its default, grouped_mm) runs
 lora_ext's forward takes lora_ext.moe's fast path where it applies (path "fast"; the LoRA term per
 routed row, no [E, out, in] tensor) and the generic path otherwise (the module's own forward with
 P + s B A: one baddbmm per stack, as PEFT's for one adapter); with the fast path, the generic path
-is also timed, forced ("lora_ext (generic, forced)"). Same factors everywhere ("rel err": each
+is also timed, forced ("lora_ext (generic, forced)"). "PEFT + patch_peft": the same PEFT model after
+lora_ext.patch_peft (its ParamWrapper chain runs lora_ext.moe on PEFT's factors). Same factors everywhere ("rel err": each
 output vs PEFT's, one forward before timing).
 
 "saved MB": the bytes of the distinct storages one training forward saves for backward
@@ -23,6 +24,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -93,6 +95,11 @@ def variants(holder: nn.Module, r: int):
             for k, p in theirs.items():
                 p.copy_(mine[k])
         out["PEFT"] = (pm.base_model.model.experts, "-")
+        patched = copy.deepcopy(pm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lora_ext.patch_peft(patched)
+        out["PEFT + patch_peft"] = (patched.base_model.model.experts, "-")
     ex = ours.experts
     why = fast_path_problem(ex.target(), ["down_proj", "gate_up_proj"])
     out["lora_ext"] = (ex, "generic" if why else "fast")

@@ -83,6 +83,8 @@ GOALS = [
      "saved: patch_peft x PEFT", None, None, ["PEFT saved MB", "patch_peft saved MB"]),
     ("MoE experts LoRA fwd+bwd T=512: lora_ext x PEFT target_parameters", "moe_lora",
      {"impl": "lora_ext", "mode": "train", "T": 512}, "x PEFT", "<=", 1.0, ["path", "dtype", "E"]),
+    ("MoE experts LoRA fwd+bwd T=512: PEFT + patch_peft x PEFT target_parameters", "moe_lora",
+     {"impl": "PEFT + patch_peft", "mode": "train", "T": 512}, "x PEFT", "<=", 1.0, ["path", "dtype", "E"]),
     ("MoE experts LoRA forward T=1 (no_grad): lora_ext x PEFT target_parameters", "moe_lora",
      {"impl": "lora_ext", "mode": "no_grad", "T": 1}, "x PEFT", "<=", 1.0, ["path", "dtype"]),
     ("MoE experts LoRA fwd+bwd T=512: lora_ext x the frozen experts module", "moe_lora",

@@ -36,10 +36,11 @@ active adapters at once, dtype mixes outside autocast, unknown forward arguments
 original forward and warns once per (layer, reason). A disabled or merged layer has no LoRA work
 left to fuse: it calls PEFT's forward without a warning. LoRA Embedding layers run mixed batches as
 one gather + ``lora_expand_`` over per-layer pools (PEFT loops over the adapters) and PEFT's forward
-otherwise (lora_ext has no fused single-adapter embedding op: the same F.embedding math). Other
-PEFT LoRA layer types (Conv2d, bitsandbytes, ParamWrapper: LoRA on parameters, target_parameters,
-...) stay on PEFT's forward: one warning per layer when patching (a mixed batch through a
-ParamWrapper raises PEFT's own error).
+otherwise (lora_ext has no fused single-adapter embedding op: the same F.embedding math). PEFT's
+ParamWrapper (LoRA on parameters, target_parameters) of a transformers experts module: the
+outermost wrapper runs lora_ext.moe's experts forward on PEFT's factors (lora_ext/peft_experts.py;
+a mixed batch raises PEFT's own error). Other PEFT LoRA layer types (Conv2d, bitsandbytes, ...)
+stay on PEFT's forward: one warning per layer when patching.
 Layers that a later ``add_adapter`` creates are patched by calling ``patch_peft`` again.
 """
 from __future__ import annotations
@@ -57,6 +58,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .layers import factors_like, is_conv1d
 from .dora import dora_linear
 from .ops import lora_expand_, lora_linear, multi_lora_
+from .moe import experts_forward
+from .peft_experts import chain_loras, is_param_wrapper, outer_wrappers
 from .peft_pools import (INDICES, POOL, Batch, adapter_problem, base_layer_problem, dora_problem, dropout_p,
                          input_problem, is_dora, operands, optimizer_stepped, prepare)
 
@@ -233,6 +236,18 @@ def _patched_forward(self, x: torch.Tensor, *args, **kwargs):
     return _peft_forward(self, x, *args, **kwargs) if y is None else y
 
 
+def _patched_param_forward(self, *args, **kwargs):
+    """The outermost ParamWrapper of an experts module: lora_ext.moe's experts forward on PEFT's
+    factors (peft_experts.chain_loras), else PEFT's forward (mixed batches: PEFT's own error)."""
+    got = "mixed batch" if kwargs.get("adapter_names") is not None else chain_loras(self, len(args) + len(kwargs))
+    if isinstance(got, str):
+        if got and got != "mixed batch":
+            _warn(self, got)
+        return type(self).forward(self, *args, **kwargs)
+    base, loras = got
+    return experts_forward(base, *args, **kwargs, loras=loras)
+
+
 def _patched_embedding_forward(self, x: torch.Tensor, *args, **kwargs):
     """Mixed batches -> _mixed_embedding; everything else is PEFT's forward (the same math as
     lora_ext's own LoRAEmbedding: there is no fused single-adapter embedding op)."""
@@ -370,6 +385,7 @@ def patch_peft(model: nn.Module) -> list[str]:
     _install_tree_hook()
     _TREE[0] += 1  # patched layers change the mixed-batch view
     patched = []
+    outer = outer_wrappers(model)
     for name, m in model.named_modules():
         if isinstance(m, LoraModel) and _HOOKS not in m.__dict__:
             m.__dict__[_HOOKS] = functools.partial(_mixed_batch_hooks, m)
@@ -388,8 +404,12 @@ def patch_peft(model: nn.Module) -> list[str]:
             m.__dict__[_ORIG] = True
             m.forward = functools.partial(_patched_embedding_forward, m)
             patched.append(name)
-        elif type(m).__name__ == "ParamWrapper":
-            _warn(m, f"LoRA on a parameter ({m.parameter_name!r}; PEFT's ParamWrapper, target_parameters) is left to PEFT")
+        elif is_param_wrapper(m) and name in outer and "forward" not in m.__dict__:
+            m.__dict__[_ORIG] = True  # the inner wrappers of its chain are never called
+            m.forward = functools.partial(_patched_param_forward, m)
+            patched.append(name)
+        elif is_param_wrapper(m):
+            continue
         else:
             _warn(m, f"{type(m).__module__}.{type(m).__name__} layers are not supported by lora_ext")
     return patched

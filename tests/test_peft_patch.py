@@ -2,6 +2,7 @@
 Mixed batches (adapter_names) are in test_peft_mixed.py."""
 import copy
 import os
+import contextlib
 import warnings
 import weakref
 
@@ -240,11 +241,16 @@ def test_compile_leaves_the_tree_hook_out_of_the_graph(monkeypatch):
     assert seen and not any(seen)  # the eager forward consulted the hook, the traced one did not
 
 
-def test_param_wrapper_layers_are_left_to_peft():
-    """PEFT's ParamWrapper (LoRA on parameters, target_parameters: MoE expert stacks) stays on PEFT's
-    forward, named in a warning; the model's Linear LoRA layers are patched; logits, training and a
-    refused mixed batch behave as without the patch (and the model still runs afterwards)."""
+def test_param_wrapper_experts_run_lora_ext_moe():
+    """PEFT's ParamWrapper chain on a transformers experts module (target_parameters) runs
+    lora_ext.moe.experts_forward on PEFT's own factors: the outer wrapper is patched, logits and
+    every gradient equal PEFT's; two active adapters, a merged wrapper and disable_adapter() run
+    PEFT's forward; a mixed batch raises PEFT's own error; unpatch restores PEFT's forward."""
+    import copy
+    from unittest import mock
+
     import peft
+    import lora_ext.moe
 
     experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     pm = peft.get_peft_model(tiny_qwen3_moe(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
@@ -254,24 +260,48 @@ def test_param_wrapper_layers_are_left_to_peft():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.1)
-    pm.eval()
+    ref = copy.deepcopy(pm)
     ids = ids_for(seq=8)
-    with torch.no_grad():
-        want = pm(input_ids=ids).logits
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        patched = lora_ext.patch_peft(pm)
-    assert sorted(patched) == [f"base_model.model.model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
-    left = sorted(str(w.message) for w in seen if "ParamWrapper" in str(w.message))
-    assert len(left) == 4 and "layer 'base_model.model.model.layers.0.mlp.experts' runs PEFT's forward: LoRA on a " \
-                              "parameter ('down_proj'; PEFT's ParamWrapper, target_parameters) is left to PEFT" in left[0]
-    with torch.no_grad():
-        assert rel_err(pm(input_ids=ids).logits, want) < 1e-5
+    patched = lora_ext.patch_peft(pm)
+    layers = [f"base_model.model.model.layers.{i}" for i in (0, 1)]
+    assert sorted(patched) == sorted([f"{x}.mlp.experts" for x in layers] + [f"{x}.self_attn.q_proj" for x in layers])
+    spy = mock.patch("lora_ext.peft_patch.experts_forward", wraps=lora_ext.moe.experts_forward)
+    pm.eval(), ref.eval()
+    with torch.no_grad(), spy as calls:
+        assert rel_err(pm(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
+        assert calls.call_count == 2
         with pytest.raises(ValueError, match="ParamWrapper does not support mixed adapter batches"):
             pm(input_ids=ids, adapter_names=["default", "b"])
-        assert rel_err(pm(input_ids=ids).logits, want) < 1e-5
-    pm.train()
-    pm(input_ids=ids, labels=ids).loss.backward()
-    grad = pm.base_model.model.model.layers[0].mlp.experts.lora_B["default"].weight.grad
-    assert grad is not None and grad.abs().sum() > 0
-    lora_ext.unpatch_peft(pm)
+    pm.train(), ref.train()
+    with spy as calls:
+        pm(input_ids=ids, labels=ids).loss.backward()
+        assert calls.call_count == 2
+    ref(input_ids=ids, labels=ids).loss.backward()
+    got = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert sorted(got) == sorted(want) and any("experts.base_layer.lora_A" in n for n in got)
+    for n in want:
+        assert rel_err(got[n], want[n]) < 1e-5, n
+    pm.eval(), ref.eval()
+    for how in ("both", "merged", "disabled"):
+        pm.base_model.set_adapter(["default", "b"] if how == "both" else "default")
+        ref.base_model.set_adapter(["default", "b"] if how == "both" else "default")
+        wrapper = pm.base_model.model.model.layers[0].mlp.experts
+        with warnings.catch_warnings(record=True) as seen, torch.no_grad(), spy as calls:
+            warnings.simplefilter("always")
+            if how == "merged":
+                wrapper.merge(), ref.base_model.model.model.layers[0].mlp.experts.merge()
+            ctx = pm.disable_adapter() if how == "disabled" else contextlib.nullcontext()
+            ctx_ref = ref.disable_adapter() if how == "disabled" else contextlib.nullcontext()
+            with ctx:
+                y = pm(input_ids=ids).logits
+            with ctx_ref:
+                assert rel_err(y, ref(input_ids=ids).logits) < 1e-5
+            assert calls.call_count == (1 if how == "merged" else 0)  # layer 1's chain is not merged
+            if how == "both":
+                assert any("2 active adapters at once" in str(w.message) for w in seen)
+            if how == "merged":
+                wrapper.unmerge(), ref.base_model.model.model.layers[0].mlp.experts.unmerge()
+    pm.base_model.set_adapter("default")
+    assert sorted(lora_ext.unpatch_peft(pm)) == sorted(patched)
+    assert "forward" not in pm.base_model.model.model.layers[0].mlp.experts.__dict__
