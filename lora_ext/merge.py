@@ -60,14 +60,24 @@ def _layers_of(model: nn.Module, what: str) -> dict[str, nn.Module]:
 def _check_tied(model: nn.Module, layers: dict[str, nn.Module]) -> None:
     """A weight shared with another module (tied embeddings / LM head) would change there too."""
     owners: dict[int, list[str]] = {}
+    names: dict[int, set[str]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, LoRAParameter):  # (its ``weight`` would be the wrapped module's)
+            continue
+        names.setdefault(id(mod), set()).add(name)
         w = getattr(mod, "weight", None)
         if isinstance(w, torch.Tensor):
             owners.setdefault(id(w), []).append(name)
+        for p in mod._parameters.values():  # any parameter a LoRAParameter may wrap (lm_head.weight)
+            if p is not None and p is not w:
+                owners.setdefault(id(p), []).append(name)
     for name, m in layers.items():
-        if isinstance(m, LoRAParameter):  # the parameter is its module's own
-            continue
-        others = [o for o in owners.get(id(m.weight), []) if o != name]
+        if isinstance(m, LoRAParameter):  # its parameter is the wrapped module's own
+            inner = m.target()
+            others = [o for o in owners.get(id(getattr(inner, m.parameter_name)), [])
+                      if o not in names.get(id(inner), ())]
+        else:
+            others = [o for o in owners.get(id(m.weight), []) if o != name]
         if others:
             raise ValueError(f"merge: layer {name!r} shares its weight with {others} (tied weights): "
                              "merging would change those modules too; pass allow_tied=True to "

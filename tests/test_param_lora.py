@@ -753,3 +753,21 @@ def test_target_modules_leave_a_module_with_a_lora_parameter_alone():
     assert type(model[0].base_layer) is nn.Linear
     with pytest.raises(TypeError, match=r"'0\.base_layer' has a LoRAParameter"):
         lora_ext.inject(model, r".*base_layer", r=2)
+
+
+def test_merge_refuses_a_parameter_tied_to_another_module():
+    # target_parameters=["lm_head.weight"] with tied embeddings: merging would change embed_tokens too
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10, bias=False))
+    model[1].weight = model[0].weight
+    lora_ext.inject(model, target_parameters=["1.weight"], r=2, alpha=2)
+    with torch.no_grad():
+        model[1].lora_B.normal_()
+    emb = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"layer '1' shares its weight with \['0'\]"):
+        lora_ext.merge(model)
+    with pytest.raises(ValueError, match="tied"):
+        lora_ext.merge_and_unload(model)
+    assert not model[1].merged and torch.equal(model[0].weight, emb)
+    assert lora_ext.merge(model, allow_tied=True) == ["1"]
+    lora_ext.unmerge(model)
+    assert torch.equal(model[0].weight, emb)
