@@ -200,7 +200,8 @@ class LoRAParameter(nn.Module):
         for e, W in enumerate(self._expert_views(P)):
             merge_(W, As[e], Bs[e], s, fan_in_fan_out=self.transposed, state=states[e])
         self._merge_states = states if exact else None
-        self._merged_factors = None if exact else (As, Bs, s)
+        # (copies: As / Bs may be views of lora_A / lora_B, which can be written while merged)
+        self._merged_factors = None if exact else ([a.clone() for a in As], [b.clone() for b in Bs], s)
         self.merged = True
 
     @torch.no_grad()

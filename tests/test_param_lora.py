@@ -771,3 +771,20 @@ def test_merge_refuses_a_parameter_tied_to_another_module():
     assert lora_ext.merge(model, allow_tied=True) == ["1"]
     lora_ext.unmerge(model)
     assert torch.equal(model[0].weight, emb)
+
+
+def test_inexact_merge_keeps_its_own_copy_of_the_factors():
+    # unmerge takes out what merge put in (as LoRALinear), even if the factors are written meanwhile
+    # (load_state_dict, an optimizer step): merge(exact=False) used to keep views of lora_A
+    model = nn.Sequential(nn.Linear(6, 5))
+    lora_ext.inject(model, target_parameters=["0.weight"], r=2, alpha=2)
+    w = model[0]
+    with torch.no_grad():
+        w.lora_B.normal_()
+    before = w.target().weight.detach().clone()
+    lora_ext.merge(model, exact=False)
+    with torch.no_grad():
+        w.lora_A.mul_(3.0)
+        w.lora_B.mul_(3.0)
+    lora_ext.unmerge(model)
+    torch.testing.assert_close(w.target().weight, before, rtol=0, atol=1e-5)
