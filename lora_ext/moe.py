@@ -138,7 +138,8 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     (P + s * B[e] @ A[e] per expert, transposed for ``is_transposed``), to rounding.
 
     hidden_states [..., H] (callers pass [T, H]; leading dims are flattened to T tokens),
-    top_k_index [T, k] integer expert ids in [0, E) (not checked: that needs a host sync),
+    top_k_index [T, k] integer expert ids; a route to an id outside [0, E) (transformers' dropped
+    slot E) adds nothing (not reported: that needs a host sync),
     top_k_weights [T, k]. A [E, r, in_features], B [E, out_features, r] of one float dtype, s a
     real number. Returns hidden_states' shape and dtype. ValueError when ``fast_path_problem``
     refuses the module or an argument does not fit.
@@ -161,16 +162,25 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
                          f"{tuple(top_k_weights.shape)}")
     k = top_k_index.shape[1]
 
-    ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)  # [S] expert ids ascending
-    experts_range = torch.arange(experts.num_experts, device=ids.device, dtype=ids.dtype)
-    offs = torch.searchsorted(ids, experts_range, right=True, out_int32=True)  # [E] group ends
+    # Routes to an id outside [0, E) (transformers' dropped-slot id E, or garbage) are sorted to
+    # the tail, past the last group: no projection reads them, and their rows are zeroed (in
+    # backward too), so they add nothing, as a dropped slot in transformers' backends.
+    E = experts.num_experts
+    flat = top_k_index.reshape(-1)
+    ids, perm = torch.sort(torch.where((flat >= 0) & (flat < E), flat, E), stable=True)  # [S] ascending
+    kept = (ids < E).unsqueeze(-1)  # [S, 1]
+    ids = ids.clamp(max=E - 1)  # in-bounds gathers (biases, multi_lora_) for the tail rows
+    experts_range = torch.arange(E, device=ids.device, dtype=ids.dtype)
+    offs = torch.searchsorted(ids.masked_fill(~kept.squeeze(-1), E), experts_range, right=True,
+                              out_int32=True)  # [E] group ends
 
-    h = _project(experts, first, x[perm // k], ids, offs, checked.get(first))  # [S, I or 2I]
-    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)  # [S, I]
+    xs = x[perm // k].masked_fill(~kept, 0)
+    h = _project(experts, first, xs, ids, offs, checked.get(first))  # [S, I or 2I]
+    h = experts._apply_gate(h.masked_fill(~kept, 0)) if experts.has_gate else experts.act_fn(h.masked_fill(~kept, 0))
     out = _project(experts, second, h, ids, offs, checked.get(second))  # [S, H]
     if experts.has_post_expert_norm:
         out = experts.post_expert_norm(out)
-    out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    out = out.masked_fill(~kept, 0) * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
     unsorted = torch.empty_like(out).index_copy_(0, perm, out)  # [S, H] in (token, slot) order
     summed = unsorted.view(T, k, out.shape[-1]).sum(dim=1)  # [T, H]
     return summed.to(hidden_states.dtype).reshape(hidden_states.shape)

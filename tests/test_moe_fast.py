@@ -294,3 +294,29 @@ def test_bad_input_raises_value_error():
     for loras, x_, idx_, w_, match in cases:
         with pytest.raises(ValueError, match="^experts_forward: " + match):
             moe.experts_forward(module, x_, idx_, w_, loras)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_routes_to_ids_outside_the_experts_add_nothing(family, grad):
+    # transformers' dropped slot (id == E) and garbage ids: those routes contribute zero, with
+    # or without grad, and the kept routes are unchanged (as the routes left out altogether)
+    ex = make_experts(family, "grouped_mm")
+    loras = make_loras(ex, [first_name(ex), "down_proj"], 3, requires_grad=grad)
+    T = 6
+    x = torch.randn(T, H, requires_grad=grad)
+    idx = torch.randint(0, E, (T, 2))
+    w = torch.rand(T, 2)
+    bad = idx.clone()
+    bad[1, 0], bad[4, 1], bad[5, 0] = E, -3, E + 7
+    dropped = w.clone()
+    dropped[1, 0] = dropped[4, 1] = dropped[5, 0] = 0.0
+    with torch.set_grad_enabled(grad):
+        got = moe.experts_forward(ex, x, bad, w, loras)
+        want = moe.experts_forward(ex, x, idx, dropped, loras)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) < 1e-6
+    if grad:
+        g1, = torch.autograd.grad(got.sum(), x)
+        g2, = torch.autograd.grad(want.sum(), x)
+        assert torch.isfinite(g1).all() and rel_err(g1, g2) < 1e-6
