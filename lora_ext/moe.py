@@ -249,6 +249,9 @@ def _project(experts: nn.Module, name: str, x: torch.Tensor, ids: torch.Tensor,
         scales = torch.full((E,), s, dtype=torch.float32, device=y.device)
         ranks = torch.full((E,), r, dtype=torch.int32, device=y.device)
         return multi_lora_(y, x, A, B, ids, scales, ranks)
+    # contiguous factors (PEFT's B is a permuted view of lora_B): grouped_mm's operand layout,
+    # so torch's kernel runs instead of the per-expert fallback; a copy of E * r * (in + out)
+    A, B = A.contiguous(), B.contiguous()
     u = _grouped_mm(x, A.transpose(1, 2), offs)  # [S, r]
     return y.add_(_grouped_mm(u, B.transpose(1, 2), offs), alpha=s)
 
