@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import moe
-
 __all__ = ["is_param_wrapper", "outer_wrappers", "chain_loras"]
 
 
@@ -68,5 +66,6 @@ def chain_loras(outer: nn.Module, n_args: int) -> tuple[nn.Module, dict] | str:
     base = chain[-1].base_layer
     if n_args != 3:
         return f"{n_args} forward arguments (an experts module takes hidden_states, top_k_index, top_k_weights)"
-    why = moe.fast_path_problem(base, list(loras))
+    from .moe import fast_path_problem  # imports transformers (an experts module is one of its)
+    why = fast_path_problem(base, list(loras))
     return (base, loras) if why is None else why

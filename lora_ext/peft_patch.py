@@ -58,7 +58,6 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .layers import factors_like, is_conv1d
 from .dora import dora_linear
 from .ops import lora_expand_, lora_linear, multi_lora_
-from .moe import experts_forward
 from .peft_experts import chain_loras, is_param_wrapper, outer_wrappers
 from .peft_pools import (INDICES, POOL, Batch, adapter_problem, base_layer_problem, dora_problem, dropout_p,
                          input_problem, is_dora, operands, optimizer_stepped, prepare)
@@ -245,6 +244,7 @@ def _patched_param_forward(self, *args, **kwargs):
             _warn(self, got)
         return type(self).forward(self, *args, **kwargs)
     base, loras = got
+    from .moe import experts_forward  # imports transformers: only once an experts chain runs
     return experts_forward(base, *args, **kwargs, loras=loras)
 
 

@@ -113,3 +113,15 @@ def test_parser_sees_function_local_and_package_imports():
     assert {"demo", "__init__"} <= imports_of(os.path.join(PKG, "__main__.py"))
     assert imports_of(os.path.join(PKG, "__init__.py")) >= {"ops", "adapters", "merge", "combine", "pool"}
     assert imports_of(os.path.join(PKG, "ops", "merge.py")) == {"ops"}
+
+
+def test_import_does_not_pull_transformers():
+    # transformers is not a runtime dependency: lora_ext.moe (transformers' experts modules) is
+    # imported only when an experts forward or check runs
+    import subprocess
+    import sys
+
+    code = "import sys, lora_ext, lora_ext.distributed; print(sorted(m for m in ('transformers', 'peft', 'lora_ext.moe') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:] + r.stdout

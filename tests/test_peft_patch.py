@@ -265,7 +265,7 @@ def test_param_wrapper_experts_run_lora_ext_moe():
     patched = lora_ext.patch_peft(pm)
     layers = [f"base_model.model.model.layers.{i}" for i in (0, 1)]
     assert sorted(patched) == sorted([f"{x}.mlp.experts" for x in layers] + [f"{x}.self_attn.q_proj" for x in layers])
-    spy = mock.patch("lora_ext.peft_patch.experts_forward", wraps=lora_ext.moe.experts_forward)
+    spy = mock.patch("lora_ext.moe.experts_forward", wraps=lora_ext.moe.experts_forward)
     pm.eval(), ref.eval()
     with torch.no_grad(), spy as calls:
         assert rel_err(pm(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
