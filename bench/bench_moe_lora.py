@@ -30,23 +30,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import Timing, cli, interleaved, ratios, sync  # noqa: E402
+from bench.common import Timing, cli, interleaved, ratios, saved_bytes, sync  # noqa: E402
 import lora_ext  # noqa: E402
 import lora_ext.param_lora as param_lora  # noqa: E402
 
 TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
-
-
-class _Generic:
-    """Stands in for lora_ext.moe so that LoRAParameter takes the generic path."""
-
-    @staticmethod
-    def fast_path_problem(*args):
-        return "forced"
-
-    @staticmethod
-    def experts_forward(*args, **kwargs):
-        raise AssertionError("generic path forced")
 
 
 def fast_path_problem(module: nn.Module, names: list[str]) -> str | None:
@@ -110,30 +98,9 @@ def variants(holder: nn.Module, r: int):
 
 def call(module: nn.Module, path: str, *args):
     if path == "generic":
-        real = param_lora._moe
-        param_lora._moe = lambda: _Generic
-        try:
+        with param_lora.generic_path():
             return module(*args)
-        finally:
-            param_lora._moe = real
     return module(*args)
-
-
-def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
-    """Bytes of the distinct storages one forward (fn) saves for backward, those of ``exclude`` left out."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn()
-    del y
-    return sum(seen.values())
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import Timing, cli, interleaved, ratios  # noqa: E402
+from bench.common import Timing, cli, interleaved, ratios, saved_bytes  # noqa: E402
 import lora_ext  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         return step
 
     fns = {"PEFT": step_of(ref), "PEFT + patch_peft": step_of(patched)}
-    saved = {k: saved_bytes(m, ids) for k, m in (("PEFT", ref), ("PEFT + patch_peft", patched))}
+    saved = {k: saved_bytes_of(m, ids) for k, m in (("PEFT", ref), ("PEFT + patch_peft", patched))}
     t = interleaved(fns, device, runs=5 if quick else 30)
     ratio = ratios(t, "PEFT + patch_peft", "PEFT")
     return [{"model": f"Llama {cfg.num_hidden_layers}x{h}", "batch x seq": f"{batch}x{seq}",
@@ -66,23 +66,11 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
              "saved: patch_peft x PEFT": saved["PEFT + patch_peft"] / saved["PEFT"]}]
 
 
-def saved_bytes(model, ids) -> int:
+def saved_bytes_of(model, ids) -> int:
     """Bytes of the distinct non-parameter storages one training forward saves for backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
     model.train()
     torch.manual_seed(0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
-    del loss
-    return sum(seen.values())
+    return saved_bytes(lambda: model(input_ids=ids, labels=ids).loss, list(model.parameters()))
 
 
 def main(argv=None):

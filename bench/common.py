@@ -153,6 +153,23 @@ def ratios(times: dict, num: str, den: str) -> Timing:
     return Timing.of([a / b for a, b in zip(times[num], times[den])])
 
 
+def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages one forward (fn) saves for backward, those of ``exclude`` left out."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn()
+    del y
+    return sum(seen.values())
+
+
 def device_name(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -163,8 +163,9 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     k = top_k_index.shape[1]
 
     # Routes to an id outside [0, E) (transformers' dropped-slot id E, or garbage) are sorted to
-    # the tail, past the last group: no projection reads them, and their rows are zeroed (in
-    # backward too), so they add nothing, as a dropped slot in transformers' backends.
+    # the tail, past the last group: no grouped matmul reads them, their input rows are zeroed
+    # (so is their gradient in backward) and so are their output rows: they add nothing, as a
+    # dropped slot in transformers' backends.
     E = experts.num_experts
     flat = top_k_index.reshape(-1)
     ids, perm = torch.sort(torch.where((flat >= 0) & (flat < E), flat, E), stable=True)  # [S] ascending
@@ -176,7 +177,7 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
 
     xs = x[perm // k].masked_fill(~kept, 0)
     h = _project(experts, first, xs, ids, offs, checked.get(first))  # [S, I or 2I]
-    h = experts._apply_gate(h.masked_fill(~kept, 0)) if experts.has_gate else experts.act_fn(h.masked_fill(~kept, 0))
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)  # [S, I] (tail rows: never read)
     out = _project(experts, second, h, ids, offs, checked.get(second))  # [S, H]
     if experts.has_post_expert_norm:
         out = experts.post_expert_norm(out)

@@ -21,6 +21,7 @@ refuses them here too).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -31,7 +32,22 @@ from .ops import MergeState, check_merge_finite, merge_, unmerge_
 from .sharding import is_dtensor, is_fsdp
 from .targets import pattern_value
 
-__all__ = ["LoRAParameter", "inject_parameters", "parameter_layers", "outermost"]
+__all__ = ["LoRAParameter", "inject_parameters", "parameter_layers", "outermost", "generic_path"]
+
+_GENERIC = [False]  # generic_path() sets it: every LoRAParameter forward takes the generic path
+
+
+@contextlib.contextmanager
+def generic_path():
+    """Within the block every LoRAParameter runs the generic path (the module's own forward with
+    P + s B A), also where lora_ext.moe's fast path applies: to compare the two, or to rule the
+    fast path out while debugging."""
+    before = _GENERIC[0]
+    _GENERIC[0] = True
+    try:
+        yield
+    finally:
+        _GENERIC[0] = before
 
 
 def _moe():  # lora_ext.moe imports transformers lazily; this module stays importable without it
@@ -160,8 +176,8 @@ class LoRAParameter(nn.Module):
         if not active:
             return base(*args, **kwargs)
         names = [w.parameter_name for w in active]
-        moe = _moe()
-        if moe.fast_path_problem(base, names) is None and len(args) + len(kwargs) == 3:
+        moe = None if _GENERIC[0] else _moe()
+        if moe is not None and len(args) + len(kwargs) == 3 and moe.fast_path_problem(base, names) is None:
             return moe.experts_forward(base, *args, **kwargs,
                                        loras={w.parameter_name: w.expert_factors() for w in active})
         weights = {w.parameter_name: w.effective_weight() for w in active}

@@ -169,25 +169,15 @@ def check_parity(pm, ours, dtype, device="cpu"):
         assert rel_err(g, grads_p[n]) < tol_g, n
 
 
-class _NoFastPath:
-    """Stands in for lora_ext.moe: the fast path never applies, so the generic path runs."""
-
-    @staticmethod
-    def fast_path_problem(*args):
-        return "generic path forced by the test"
-
-    @staticmethod
-    def experts_forward(*args, **kwargs):
-        raise AssertionError("experts_forward called although fast_path_problem refused")
-
-
 @pytest.fixture(params=["auto", "generic"])
-def path(request, monkeypatch):
+def path(request):
     """"auto": whatever LoRAParameter.forward picks (lora_ext.moe's fast path for a transformers
     experts module, once it applies); "generic": the module's own forward with P + s B A."""
     if request.param == "generic":
-        monkeypatch.setattr(param_lora, "_moe", lambda: _NoFastPath)
-    return request.param
+        with param_lora.generic_path():
+            yield request.param
+    else:
+        yield request.param
 
 
 def fast_path_problem(module, names):

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import devices, rel_err
-from param_cases import (_NoFastPath, check_hparams_as_peft, check_parity, expert_reference, experts_of, fast_path_problem, HAS_EXPERT_STACKS, ids_for, KINDS, load_from_peft, ours_key, pair, path, peft, randomize, TARGETS, tiny_moe, transformers)  # noqa: F401  (path: a fixture)
+from param_cases import (check_hparams_as_peft, check_parity, expert_reference, experts_of, fast_path_problem, HAS_EXPERT_STACKS, ids_for, KINDS, load_from_peft, ours_key, pair, path, peft, randomize, TARGETS, tiny_moe, transformers)  # noqa: F401  (path: a fixture)
 from torch import nn
 
 import lora_ext
@@ -121,6 +121,10 @@ def test_transformers_experts_take_the_fast_path(kind, monkeypatch):
     monkeypatch.setattr(moe, "experts_forward", counting)
     check_parity(pm, ours, torch.float32)
     assert len(calls) == 2 * 2 and all(c == ["down_proj", "gate_up_proj"] for c in calls)  # 2 layers x (eval, train)
+    calls.clear()
+    with param_lora.generic_path():  # the switch: PEFT's results without lora_ext.moe
+        check_parity(pm, ours, torch.float32)
+    assert calls == []
 
 
 # ---------------------------------------------------------------- 2-D parameters of other modules
@@ -275,8 +279,7 @@ class Stack(nn.Module):
 
 
 @pytest.mark.parametrize("shape", ["2d", "3d", "3d transposed"])
-def test_gradcheck_fp64_and_plain_reference(shape, monkeypatch):
-    monkeypatch.setattr(param_lora, "_moe", lambda: _NoFastPath)
+def test_gradcheck_fp64_and_plain_reference(shape):
     E, i, o, r = (1 if shape == "2d" else 3), 5, 4, 2
     holder = nn.Module()
     holder.m = Stack(E, i, o, shape == "3d transposed")
