@@ -6,16 +6,16 @@
 #   deps      unpack the carried wheels whose module is missing (bench/gpu_deps.py)
 #   build     from source for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a)
 #   cuda      every CUDA test but the torch.compile ones (pytest -m cuda)
+#   bench     every GPU benchmark (ceilings measured in the same run), then bench/goals.py: the
+#             table of measured vs goal (goals-h200.md / .json)
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck, initcheck over bench/sanitize_cases.py
 #             --quick (every kernel path on small awkward shapes vs the CPU), then memcheck over
 #             all its cases if time allows
-#   bench     every GPU benchmark (ceilings measured in the same run), then bench/goals.py: the
-#             table of measured vs goal (goals-h200.md / .json)
 #   ncu       Speed Of Light + occupancy of the multi_lora_ decode and merge_ kernels (if time)
 #   compile   the CUDA torch.compile tests (inductor + triton compile slowly)
 #   rest      the CPU tests (pytest -m "not cuda"), with what time is left
-# Writes under $OUT: build.log, pytest-cuda.log, pytest-cuda-compile.log, sanitizer.log, bench.log, bench-h200.json,
-# goals-h200.md, goals-h200.json, ncu.log, pytest-rest.log, multi_lora-cuda.png. Exit status 1 if any
+# Writes under $OUT: bench-h200.json, goals-h200.md, goals-h200.json, multi_lora-cuda.png and logs.tar.gz
+# (build, pytest-cuda, pytest-cuda-compile, sanitizer, bench, ncu and pytest-rest .log). Exit status 1 if any
 # stage failed; "SUMMARY" lines at the end say which. A short rerun of what failed:
 #   STAGES="cuda bench" CUDA_K="merge or multi" BENCHES="merge" bash bench/gpu_check.sh
 set -uo pipefail
@@ -47,6 +47,8 @@ want() { [[ "$STAGES" == *" $1 "* ]]; }
 finish() {
   stage done
   for s in "${summary[@]}"; do echo "SUMMARY $s"; done
+  # the device tool brings back at most 8 files: the logs travel as one tarball
+  (cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tar.gz ./*.log && rm -f ./*.log)
   printf '%s\n' "${summary[@]}" | grep -q "FAIL" && exit 1
   exit 0
 }
@@ -77,6 +79,30 @@ if want cuda; then
   rc=$?
   tail -25 "$OUT/pytest-cuda.log"
   note "cuda tests: $([ $rc = 0 ] && echo ok || echo "FAIL (rc $rc)") in $((SECONDS - t0)) s: $(counts "$OUT/pytest-cuda.log")"
+fi
+
+if want bench; then
+  stage bench
+  : >"$OUT/bench.log"
+  for b in ${BENCHES:-multi_lora lora_linear merge dora pool peft_train roofline lora_apply dora_layer moe_lora}; do
+    t0=$SECONDS
+    if LORA_EXT_BENCH_OUT="$OUT" timeout "$(left 90)" "$PY" bench/run.py --device cuda --only "$b" >>"$OUT/bench.log" 2>&1; then
+      note "bench $b: ok in $((SECONDS - t0)) s"
+    else
+      note "bench $b: FAIL or timed out after $((SECONDS - t0)) s"
+    fi
+  done
+  tail -120 "$OUT/bench.log"
+  "$PY" - "$OUT" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+paths = sorted(glob.glob(os.path.join(out, "*-cuda.json")))
+with open(os.path.join(out, "bench-h200.json"), "w") as f:
+    json.dump([json.load(open(p)) for p in paths], f, indent=1)
+for p in paths:
+    os.remove(p)
+PY
+  "$PY" bench/goals.py "$OUT/bench-h200.json" --md "$OUT/goals-h200.md" --json "$OUT/goals-h200.json"
 fi
 
 if want sanitize; then
@@ -115,30 +141,6 @@ if want sanitize; then
     done
     grep -E "=========|MISMATCH" "$OUT/sanitizer.log" | grep -v "^========= COMPUTE-SANITIZER" | head -40
   fi
-fi
-
-if want bench; then
-  stage bench
-  : >"$OUT/bench.log"
-  for b in ${BENCHES:-multi_lora lora_linear merge dora pool peft_train roofline lora_apply dora_layer moe_lora}; do
-    t0=$SECONDS
-    if LORA_EXT_BENCH_OUT="$OUT" timeout "$(left 90)" "$PY" bench/run.py --device cuda --only "$b" >>"$OUT/bench.log" 2>&1; then
-      note "bench $b: ok in $((SECONDS - t0)) s"
-    else
-      note "bench $b: FAIL or timed out after $((SECONDS - t0)) s"
-    fi
-  done
-  tail -120 "$OUT/bench.log"
-  "$PY" - "$OUT" <<'PY'
-import glob, json, os, sys
-out = sys.argv[1]
-paths = sorted(glob.glob(os.path.join(out, "*-cuda.json")))
-with open(os.path.join(out, "bench-h200.json"), "w") as f:
-    json.dump([json.load(open(p)) for p in paths], f, indent=1)
-for p in paths:
-    os.remove(p)
-PY
-  "$PY" bench/goals.py "$OUT/bench-h200.json" --md "$OUT/goals-h200.md" --json "$OUT/goals-h200.json"
 fi
 
 if want ncu; then
