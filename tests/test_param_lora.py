@@ -222,10 +222,20 @@ def test_2d_merge_unmerge_and_unload_as_peft(device):
 
 
 # ---------------------------------------------------------------- torch.compile
+def skip_without_compilable_fallback():
+    """fp32 experts run on transformers' grouped_mm fallback op under torch.compile; before its
+    backward became an op too (5.24 has it, 5.17 not) that backward calls offs.tolist(), which
+    Dynamo cannot trace: the model without LoRA fails to compile as well."""
+    import transformers.integrations.moe  # noqa: F401  (defines torch.ops.transformers)
+    if not hasattr(torch.ops.transformers, "grouped_mm_fallback_backward"):
+        pytest.skip(f"transformers {transformers.__version__}: its grouped_mm fallback backward does not compile")
+
+
 @pytest.mark.parametrize("device", devices())
 def test_compile_fullgraph_model_forward_and_backward(device, path):
     """The whole Qwen3-MoE (grouped_mm experts; transformers' eager experts loop does not compile
     with fullgraph=True even without LoRA) under Dynamo + AOTAutograd."""
+    skip_without_compilable_fallback()
     _, ours, _ = pair("qwen3_moe", device=device, impl="grouped_mm", target_modules=["q_proj"])
     ours.train()
     ids = ids_for(device)
@@ -247,6 +257,7 @@ def test_compile_fullgraph_model_forward_and_backward(device, path):
 @pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
 def test_compile_fullgraph_experts_inductor(kind, device, path):
     """The nested experts wrapper alone, inductor: outputs and gradients (x and every factor)."""
+    skip_without_compilable_fallback()
     model = tiny_moe(kind, device=device, impl="grouped_mm")
     lora_ext.inject(model, target_parameters=TARGETS, r=3)
     randomize(model)

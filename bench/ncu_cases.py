@@ -1,0 +1,43 @@
+"""One call of each kernel behind a failed bandwidth/overhead goal, at benchmark size, for
+``ncu`` (bench/gpu_check.sh's ncu stage): multi_lora_ decode (T = 16, 16 adapters, 4096, r = 16),
+merge_ (4096^2, r = 16), lora_linear forward + backward (T = 8192, 4096^2, r = 16), all bf16,
+each after one warm-up call outside the profiled range (--profile-from-start off)."""
+import torch
+
+import lora_ext  # noqa: F401
+from lora_ext.ops import lora_linear, merge_, multi_lora_
+
+
+def cases():
+    dev, bf = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape, s=1.0):
+        return torch.randn(*shape, device=dev, dtype=bf, generator=g) * s
+
+    T, S, h, r = 16, 16, 4096, 16
+    x, y = rnd(T, h), torch.zeros(T, h, device=dev, dtype=bf)
+    A, B = rnd(S, r, h, s=0.01), rnd(S, h, r, s=0.01)
+    idx = torch.arange(T, device=dev, dtype=torch.int32) % S
+    sc, rk = torch.ones(S, device=dev), torch.full((S,), r, device=dev, dtype=torch.int32)
+    W = rnd(h, h)
+    xl = rnd(8192, h).requires_grad_()
+    Al, Bl = rnd(r, h, s=0.01).requires_grad_(), rnd(h, r, s=0.01).requires_grad_()
+    gy = rnd(8192, h)
+    yield "multi_lora_ decode", lambda: multi_lora_(y, x, A, B, idx, sc, rk)
+    yield "merge_", lambda: merge_(W, A[0], B[0], 1e-3)
+    yield "lora_linear fwd+bwd", lambda: lora_linear(xl, W, None, Al, Bl, 2.0).backward(gy)
+
+
+if __name__ == "__main__":
+    todo = list(cases())
+    for _, fn in todo:
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for name, fn in todo:
+        torch.cuda.nvtx.range_push(name)
+        fn()
+        torch.cuda.nvtx.range_pop()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
