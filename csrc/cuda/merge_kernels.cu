@@ -299,18 +299,22 @@ __global__ void __launch_bounds__(kThreads, ROWS && F::kBits == 32 ? 1 : 2)
     load_tile<F>(p.w, p.P, p.Q, p.ld, vec, p0, q0, w);  // in flight during the delta's FMAs
     delta<F>(p.L, p.R, p.Rt, p.ldr, p0, q0, Rs, Ls, acc);
 #pragma unroll
-    for (int i = 0; i < TL::RPT; ++i)
+    for (int i = 0; i < TL::RPT; ++i) {
+      const bool row_in = p0 + warp * TL::RPT + i < p.P;
 #pragma unroll
       for (int h = 0; h < TL::G; ++h)
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          const float v = mm::decode(F{}, get<F>(w[i][h], u)) + acc[i][h * 4 + u];
+          // outside W the padded factors are 0, and 0 * inf would put a NaN into the sums
+          const bool in = row_in && q0 + h * 128 + lane * 4 + u < p.Q;
+          const float v = in ? mm::decode(F{}, get<F>(w[i][h], u)) + acc[i][h * 4 + u] : 0.f;
           if constexpr (ROWS) {
             sq[i][u] = __fmaf_rn(v, v, sq[i][u]);  // class 4 lane + u, chained over h and tiles
           } else {
             sq[0][h * 4 + u] = __fmaf_rn(v, v, sq[0][h * 4 + u]);  // class warp, over i and tiles
           }
         }
+    }
   }
 
   float* dst = p.chunks == 1 ? p.out : p.ws + ck * n_out;

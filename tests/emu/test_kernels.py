@@ -162,6 +162,9 @@ def dora_case(out, inp, r, dtype, ab, fifo, seed, special=False):
         fi = torch.finfo(dtype)
         flat[1], flat[W.numel() // 2], flat[-1] = float("inf"), float("nan"), -0.0
         flat[3], flat[5] = fi.max, fi.smallest_normal * fi.eps
+    if special and r > 0:  # +-inf in the factors: inf rows / columns of the delta, which the
+        B[out // 2, 0] = float("inf")  # zero padding of the tiles must not turn into NaN (0 * inf)
+        A[r - 1, inp - 1] = float("-inf")
     return W, A, B
 
 
