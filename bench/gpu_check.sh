@@ -69,6 +69,25 @@ if ! timeout "$(left 240)" "$PY" setup.py build_ext --inplace >>"$OUT/build.log"
   tail -60 "$OUT/build.log"; note "build: FAIL"; finish
 fi
 grep -E "^ *lora_ext:|spill" "$OUT/build.log" | tail -8
+# C++ errors whose message formats an integer (run 1 on the H200: a segfault inside _C's own
+# static copy of libstdc++ with CXX=/opt/gcc/bin/g++); if they crash, rebuild with the system g++
+errors_ok() { "$PY" -c "
+import torch, lora_ext
+try:
+    lora_ext.ops.lora_apply_(torch.zeros(2, 3), torch.zeros(2, 5), torch.zeros(4, 5), torch.zeros(3, 7), 1.0)
+except RuntimeError as e:
+    print('C++ error messages: ok:', str(e)[:100])" >>"$OUT/build.log" 2>&1; }
+if ! errors_ok; then
+  { echo "---- C++ error messages crash: CXX=${CXX:-} CC=${CC:-}"; "${CXX:-c++}" --version | head -1
+    "${CXX:-c++}" -print-file-name=libstdc++.so; "${CXX:-c++}" -print-file-name=libstdc++.a
+    nm -C --defined-only lora_ext/_C*.so | grep -c " std::" ; ldd lora_ext/_C*.so | grep -E "stdc|gcc_s"
+  } >>"$OUT/build.log" 2>&1
+  tail -8 "$OUT/build.log"
+  note "build: FAIL: C++ error messages crash with CXX=${CXX:-c++}; rebuilt with /usr/bin/g++"
+  rm -rf build lora_ext/_C*.so
+  CXX=/usr/bin/g++ CC=/usr/bin/gcc timeout "$(left 240)" "$PY" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1
+  errors_ok || { note "build: FAIL: C++ error messages still crash"; finish; }
+fi
 "$PY" -m lora_ext info 2>&1 | tee -a "$OUT/build.log"
 note "build: ok in $((SECONDS - start)) s"
 

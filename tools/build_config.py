@@ -16,6 +16,12 @@ CXX_STANDARD = 20                       # torch 2.14 headers need C++20
 OPT = "-O3"
 CXX_FLAGS = ["-fopenmp", "-Wno-unused-function", "-Wno-psabi"]  # besides OPT and the standard
 LINK_FLAGS = ["-fopenmp"]               # at::parallel_for's OpenMP backend
+if sys.platform.startswith("linux"):
+    # a toolchain that links libstdc++ (or part of it) statically must not let that copy's code
+    # bind to the data of the libstdc++.so torch loaded: with Python's -Bsymbolic-functions only
+    # the functions bind locally, and formatting an int64 into an error message crashed (GPU
+    # image, /opt/gcc/bin/g++). Archive symbols stay private to _C.
+    LINK_FLAGS.append("-Wl,--exclude-libs,ALL")
 NVCC_FLAGS = ["-Xptxas=-v", "-lineinfo", "--expt-relaxed-constexpr"]  # besides OPT, standard
 # torch.utils.cpp_extension passes these to nvcc itself; CMake needs them spelled out.
 NVCC_DEFINES = ["__CUDA_NO_HALF_OPERATORS__", "__CUDA_NO_HALF_CONVERSIONS__",

@@ -298,15 +298,18 @@ __global__ void __launch_bounds__(kThreads, ROWS && F::kBits == 32 ? 1 : 2)
     const int64_t p0 = ROWS ? t0 : s0, q0 = ROWS ? s0 : t0;
     load_tile<F>(p.w, p.P, p.Q, p.ld, vec, p0, q0, w);  // in flight during the delta's FMAs
     delta<F>(p.L, p.R, p.Rt, p.ldr, p0, q0, Rs, Ls, acc);
+    // the thread's elements past W's last column (ROWS) / row (columns) are left out: the
+    // padded factors are 0 there, and 0 * inf would put a NaN into the sums (the other
+    // direction's tail never reaches the output)
+    const int64_t left = ROWS ? p.Q - q0 - lane * 4 : p.P - p0 - warp * TL::RPT;
+    const int n_in = static_cast<int>(max(int64_t{0}, min(left, int64_t{TL::BQ})));
 #pragma unroll
     for (int i = 0; i < TL::RPT; ++i) {
-      const bool row_in = p0 + warp * TL::RPT + i < p.P;
 #pragma unroll
       for (int h = 0; h < TL::G; ++h)
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          // outside W the padded factors are 0, and 0 * inf would put a NaN into the sums
-          const bool in = row_in && q0 + h * 128 + lane * 4 + u < p.Q;
+          const bool in = (ROWS ? h * 128 + u : i) < n_in;
           const float v = in ? mm::decode(F{}, get<F>(w[i][h], u)) + acc[i][h * 4 + u] : 0.f;
           if constexpr (ROWS) {
             sq[i][u] = __fmaf_rn(v, v, sq[i][u]);  // class 4 lane + u, chained over h and tiles
