@@ -228,17 +228,21 @@ __global__ void __launch_bounds__(kThreads)
       Bs[col][row] = (gn < N && gk < kend) ? to_f32(b[gn * ldb + gk]) : 0.f;
     }
     __syncthreads();
+    // the second half of the K step only when K reaches it (r <= 16: half the FMAs)
+    const int halves = kend - k0 > BK / 2 ? 2 : 1;
+    for (int hk = 0; hk < halves; ++hk) {
 #pragma unroll 8
-    for (int k = 0; k < BK; ++k) {
-      float av[4], bv[CN];
+      for (int k = hk * (BK / 2); k < (hk + 1) * (BK / 2); ++k) {
+        float av[4], bv[CN];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = As[k][ty * 4 + i];
+        for (int i = 0; i < 4; ++i) av[i] = As[k][ty * 4 + i];
 #pragma unroll
-      for (int c = 0; c < CN; ++c) bv[c] = Bs[k][tx + 16 * c];
+        for (int c = 0; c < CN; ++c) bv[c] = Bs[k][tx + 16 * c];
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int c = 0; c < CN; ++c) acc[i][c] = fmaf(av[i], bv[c], acc[i][c]);
+          for (int c = 0; c < CN; ++c) acc[i][c] = fmaf(av[i], bv[c], acc[i][c]);
+      }
     }
     __syncthreads();
   }
