@@ -59,10 +59,15 @@ __all__ = ["fast_path_problem", "experts_forward"]
 LoRASpec = Tuple[torch.Tensor, torch.Tensor, float]  # (A [E, r, in], B [E, out, r], s)
 
 # Attributes use_experts_implementation sets on every instance.
-_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has_post_expert_norm",
-          "_is_expert_parallel")
+# use_experts_implementation's attributes; has_post_expert_norm and _is_expert_parallel are newer
+# than transformers 5.17 (its grouped_mm backend has neither, and drops ids >= E as later ones do)
+_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
 _GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # also multi_lora_'s
 _WEIGHT_DTYPES = _GROUPED_MM_DTYPES + (torch.float64,)
+
+
+def _post_norm(experts: nn.Module) -> bool:
+    return getattr(experts, "has_post_expert_norm", False)
 
 
 def _projection_names(experts: nn.Module) -> Tuple[str, str]:
@@ -91,7 +96,7 @@ def fast_path_problem(experts: nn.Module, param_names: Collection[str]) -> Optio
     code = getattr(type(experts).forward, "__code__", None)
     if code is None or code.co_filename != hf_moe.__file__:
         return f"{type(experts).__name__}.forward is not use_experts_implementation's dispatcher"
-    if experts._is_expert_parallel:
+    if getattr(experts, "_is_expert_parallel", False):
         return "expert parallel (sentinel expert ids) is not supported"
     if parametrize.is_parametrized(experts):
         return "its parameters are parametrized (e.g. PEFT's W_eff parametrization is active)"
@@ -104,7 +109,7 @@ def fast_path_problem(experts: nn.Module, param_names: Collection[str]) -> Optio
         return "is_concatenated=False (interleaved gate/up) with the default _apply_gate"
     if (default_gate or not experts.has_gate) and not callable(getattr(experts, "act_fn", None)):
         return "no act_fn"
-    if experts.has_post_expert_norm and not isinstance(getattr(experts, "post_expert_norm", None),
+    if _post_norm(experts) and not isinstance(getattr(experts, "post_expert_norm", None),
                                                        nn.Module):
         return "has_post_expert_norm=True but no post_expert_norm module"
     expected = [first, second] + ([first + "_bias", second + "_bias"] if experts.has_bias else [])
@@ -179,7 +184,7 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     h = _project(experts, first, xs, ids, offs, checked.get(first))  # [S, I or 2I]
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)  # [S, I] (tail rows: never read)
     out = _project(experts, second, h, ids, offs, checked.get(second))  # [S, H]
-    if experts.has_post_expert_norm:
+    if _post_norm(experts):
         out = experts.post_expert_norm(out)
     out = out.masked_fill(~kept, 0) * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
     unsorted = torch.empty_like(out).index_copy_(0, perm, out)  # [S, H] in (token, slot) order
