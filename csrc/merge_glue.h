@@ -52,7 +52,7 @@ inline MergeOperands merge_operands(const char* op, const at::Tensor& W, bool fi
   const int64_t out = W.size(fifo ? 1 : 0), in = W.size(fifo ? 0 : 1);
   const bool kfifo = fifo != transposed;  // layout the kernels see
   const int64_t P = W.size(transposed ? 1 : 0), Q = W.size(transposed ? 0 : 1);
-  std::vector<at::Tensor> ls, rs;
+  std::vector<float> fs(As.size());
   int64_t Rt = 0;
   for (size_t i = 0; i < As.size(); ++i) {
     const at::Tensor& A = As[i];
@@ -71,22 +71,35 @@ inline MergeOperands merge_operands(const char* op, const at::Tensor& W, bool fi
     TORCH_CHECK(A.device() == W.device() && B.device() == W.device(), op, ": A[", i, "] (",
                 A.device(), ") and B[", i, "] (", B.device(), ") must be on the weight's device ",
                 W.device());
-    const float s = f32_scale(op, ("scales[" + std::to_string(i) + "]").c_str(), scales[i]);
-    at::Tensor Af = A.to(at::kFloat);
-    at::Tensor sB = B.to(at::kFloat).mul(at::Scalar(static_cast<double>(s)));  // fl32(s * B)
-    ls.push_back(kfifo ? Af.t() : sB);
-    rs.push_back(kfifo ? sB.t() : Af);
+    fs[i] = f32_scale(op, ("scales[" + std::to_string(i) + "]").c_str(), scales[i]);
     Rt += r;
   }
   MergeOperands o;
   o.Rt = Rt;
   if (Rt == 0) return o;
+  // Written in place, converted on the way (few launches: on a GPU each costs host time): the
+  // adapters' columns of L / rows of R, then the padding zeroed.
   const int64_t Ppad = (P + row_pad - 1) / row_pad * row_pad;
   const int64_t Qpad = (Q + col_pad - 1) / col_pad * col_pad;
-  o.L = at::zeros({Ppad, Rt}, W.options().dtype(at::kFloat));
-  o.R = at::zeros({Rt, Qpad}, W.options().dtype(at::kFloat));
-  o.L.narrow(0, 0, P).copy_(at::cat(ls, 1));
-  o.R.narrow(1, 0, Q).copy_(at::cat(rs, 0));
+  o.L = at::empty({Ppad, Rt}, W.options().dtype(at::kFloat));
+  o.R = at::empty({Rt, Qpad}, W.options().dtype(at::kFloat));
+  if (Ppad > P) o.L.narrow(0, P, Ppad - P).zero_();
+  if (Qpad > Q) o.R.narrow(1, Q, Qpad - Q).zero_();
+  int64_t off = 0;
+  for (size_t i = 0; i < As.size(); ++i) {
+    const int64_t r = As[i].size(0);
+    at::Tensor l = o.L.narrow(0, 0, P).narrow(1, off, r);  // [P, r]
+    at::Tensor rr = o.R.narrow(0, off, r).narrow(1, 0, Q);  // [r, Q]
+    const at::Scalar s(static_cast<double>(fs[i]));  // fl32(s * B): B exactly in fp32, times s
+    if (kfifo) {
+      l.copy_(As[i].t());
+      rr.copy_(Bs[i].t()).mul_(s);
+    } else {
+      l.copy_(Bs[i]).mul_(s);
+      rr.copy_(As[i]);
+    }
+    off += r;
+  }
   if (panels > 0) o.R = o.R.view({Rt, Qpad / panels, panels}).permute({1, 0, 2}).contiguous();
   return o;
 }
