@@ -2,7 +2,8 @@
 ``linear(x) + s * (x @ A.T) @ B.T``, PEFT's own LoRA Linear, and that layer after
 ``lora_ext.patch_peft`` (x requires grad, as in a mid-network layer). On CUDA also LoRALinear with
 the other order of its halves (LORA_EXT_CUDA_EXPAND_FIRST=1: LoRA term and bias written first,
-cuBLAS accumulating into them), so one GPU run tells which order to make the default. Then the
+cuBLAS accumulating into them) and with its bf16 halves on cuBLAS (LORA_EXT_CUDA_BLAS=1), each
+order, so one GPU run tells which to make the default. Then the
 same variants for an fp32 model inside torch.autocast(bf16) (mixed-precision training).
 
 Goal: LoRALinear <= 1.05x the frozen base layer. Interleaved runs: median (min-max) of the per-run
@@ -40,11 +41,12 @@ def peft_layers(base, A, B, r):
     return layer, patched.base_model.model.proj
 
 
-def expand_first(go):
-    """go() with LORA_EXT_CUDA_EXPAND_FIRST=1: on CUDA, lora_linear writes bias + LoRA term first
-    and cuBLAS accumulates x W^T into it (beta = 1), in forward and for dx in backward."""
+def with_env(go, **env):
+    """go() with the environment variables set: LORA_EXT_CUDA_EXPAND_FIRST=1 (on CUDA lora_linear
+    writes bias + LoRA term first and cuBLAS accumulates x W^T into it, forward and dx) or
+    LORA_EXT_CUDA_BLAS=1 (bf16 halves on cuBLAS instead of lora_ext's CUDA-core kernels)."""
     def run():
-        with mock.patch.dict(os.environ, {"LORA_EXT_CUDA_EXPAND_FIRST": "1"}):
+        with mock.patch.dict(os.environ, env):
             go()
     return run
 
@@ -91,7 +93,11 @@ def measure(device: str, T: int, n: int, r: int, dt: torch.dtype, amp: torch.dty
 
     steps = {k: step(f) for k, f in fns.items()}
     if device == "cuda":  # the CUDA backend's other order of the two halves, fwd and bwd
-        steps["lora_ext LoRALinear (expand first)"] = expand_first(steps["lora_ext LoRALinear"])
+        plain = steps["lora_ext LoRALinear"]
+        steps["lora_ext LoRALinear (expand first)"] = with_env(plain, LORA_EXT_CUDA_EXPAND_FIRST="1")
+        steps["lora_ext LoRALinear (cuBLAS halves)"] = with_env(plain, LORA_EXT_CUDA_BLAS="1")
+        steps["lora_ext LoRALinear (cuBLAS halves, expand first)"] = with_env(
+            plain, LORA_EXT_CUDA_BLAS="1", LORA_EXT_CUDA_EXPAND_FIRST="1")
     # Every variant once per run, back to back, so that machine noise hits all alike; the ratio
     # to the base layer is taken per run.
     t = interleaved(steps, device, runs=60 if device == "cpu" else 50)

@@ -114,6 +114,18 @@ def test_cuda_expand_first_order_matches_reference(dtype, shape, bias, monkeypat
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(9, 128, 64, 16), (100, 96, 80, 8), (300, 200, 72, 17)])
+@pytest.mark.parametrize("first", ["0", "1"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_blas_halves_match_reference(shape, first, bias, monkeypatch):
+    # LORA_EXT_CUDA_BLAS=1: bf16 halves on cuBLAS (u fp32 via mm's out_dtype, the expand over
+    # u's hi + lo bf16 parts), in both orders of the halves
+    monkeypatch.setenv("LORA_EXT_CUDA_BLAS", "1")
+    monkeypatch.setenv("LORA_EXT_CUDA_EXPAND_FIRST", first)
+    check_against_reference(*make(*shape, torch.bfloat16, "cuda", bias=bias))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_dropout_mask_and_gradients_match_cpu(dtype):
     # The mask is a hash of (seed, element index): one seed gives one mask on both devices, in

@@ -73,6 +73,37 @@ def test_lora_linear_fwd_bwd_with_dropout(emu, dtype, T, order, monkeypatch):
         assert rel_err(a, b) < RTOL[dtype]
 
 
+@pytest.mark.parametrize("T", [9, 70])
+@pytest.mark.parametrize("order", ["gemm_first", "expand_first", "expand_first_no_bias"])
+def test_blas_halves(emu, T, order, monkeypatch):
+    # LORA_EXT_CUDA_BLAS=1: bf16 jobs of > 8 tokens without dropout run both halves as GEMMs
+    # (cuBLAS; in this build aten's CPU ones): u in fp32, the expand over u's hi + lo bf16 parts
+    monkeypatch.setenv("LORA_EXT_CUDA_BLAS", "1")
+    monkeypatch.setenv("LORA_EXT_CUDA_EXPAND_FIRST", "0" if order == "gemm_first" else "1")
+    dt, (i, o, r) = torch.bfloat16, (70, 45, 6)
+    x, W = rand(T, i, dtype=dt, seed=5), rand(o, i, dtype=dt, seed=6, scale=0.1)
+    A, B = rand(r, i, dtype=dt, seed=7, scale=0.2), rand(o, r, dtype=dt, seed=8)
+    bias = None if order == "expand_first_no_bias" else rand(o, dtype=dt, seed=9)
+    seed, g = torch.tensor([1], dtype=torch.int64), rand(T, o, dtype=dt, seed=10)
+    y_ref, u_ref = CPU.lora_linear_fwd(x, W, bias, A, B, 0.5, 0.0, seed, False)
+    y, u = emu.ops.lora_linear_fwd(x, W, bias, A, B, 0.5, 0.0, seed, False)
+    assert rel_err(u, u_ref) < 1e-5 and rel_err(y, y_ref) < RTOL[dt]
+    mask = [True, False, True, True]
+    ref = CPU.lora_linear_bwd(g, x, W, A, B, u_ref, 0.5, 0.0, seed, False, mask)
+    out = emu.ops.lora_linear_bwd(g, x, W, A, B, u_ref, 0.5, 0.0, seed, False, mask)
+    for a, b in zip(out, ref):
+        assert (a is None) == (b is None) and (a is None or rel_err(a, b) < RTOL[dt])
+    # lora_apply_ into a strided y; a token whose u is +-inf gives +-inf, not inf - inf = NaN
+    x2, A2 = x.clone(), A.clone()
+    x2[3, 0], A2[:, 0], A2[0, 0] = 3e38, 0.0, 10.0  # u[3, 0] = inf, the rest finite
+    y0 = torch.zeros(T, 2 * o, dtype=dt)[:, ::2]
+    ref_y, got_y = y0.clone(), y0.clone()
+    CPU.lora_apply_(ref_y, x2, A2, B, 0.7)
+    emu.ops.lora_apply_(got_y, x2, A2, B, 0.7)
+    assert torch.isinf(ref_y[3]).all() and torch.equal(got_y[3], ref_y[3])
+    assert rel_err(torch.cat([got_y[:3], got_y[4:]]), torch.cat([ref_y[:3], ref_y[4:]])) < RTOL[dt]
+
+
 @pytest.mark.parametrize("T", [3, 20])
 def test_dropout_mask_bit_for_bit(emu, T):
     # one-hot A: u[t, j] = keep(t, k_j) / (1 - p) * x[t, k_j], one rounding: the masks must agree
