@@ -12,8 +12,9 @@
 //     broadcasts u[t, :], and adds s * acc into y[t, o] for every token (one rounding).
 // Large T (prefill / training): both halves are the NT product C = a b^T in gemm_nt,
 //   tiles of 64 rows x BN (16/32/64) columns (grid x = all tiles, no 65535 limit), K in steps
-//   of 32 through shared memory (converted to fp32 on the way in), a 4 x BN/16 register tile
-//   per thread.
+//   of 32 through shared memory (converted to fp32 on the way in; a step's second half only
+//   when K reaches it, so r <= 16 costs half), a 4 x BN/16 register tile per thread.
+//   (LORA_EXT_CUDA_BLAS=1 runs bf16 jobs on cuBLAS instead: lowrank_cuda.cpp.)
 // Split K (when too few blocks would fill the GPU): split z writes its partial sums to
 // job.work[z, T, r] and sum_splits adds them in the order z = 0, 1, ... into u: no atomics,
 // the same bits on every run.
