@@ -87,6 +87,8 @@ if ! errors_ok; then
   rm -rf build lora_ext/_C*.so
   CXX=/usr/bin/g++ CC=/usr/bin/gcc timeout "$(left 240)" "$PY" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1
   errors_ok || { note "build: FAIL: C++ error messages still crash"; finish; }
+else
+  note "build: C++ error messages ok (no crash formatting an integer)"
 fi
 "$PY" -m lora_ext info 2>&1 | tee -a "$OUT/build.log"
 note "build: ok in $((SECONDS - start)) s"
