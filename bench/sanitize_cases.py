@@ -106,6 +106,20 @@ def lora_linear_case(tag, x, A, B, dt, gen):
     for order in ("gemm first", "expand first"):
         for name, c, g_ in zip(("y", "u", "dx", "dA", "dB"), res[order], res["cpu"]):
             check(f"lora_linear {name} (dropout 0.25, {order}) {tag}", c, g_)
+    if dt != torch.bfloat16 or T <= 8:
+        return
+    # bf16 without dropout, both halves on cuBLAS (LORA_EXT_CUDA_BLAS=1), in both orders
+    for key, dev, env in (("cpu", "cpu", {}), ("cuBLAS halves", DEV, {"LORA_EXT_CUDA_BLAS": "1"}),
+                          ("cuBLAS halves, expand first", DEV,
+                           {"LORA_EXT_CUDA_BLAS": "1", "LORA_EXT_CUDA_EXPAND_FIRST": "1"})):
+        with mock.patch.dict(os.environ, env):
+            a = [t.to(dev) for t in (x, W, b, A, B, seed, g)]
+            y, u = fwd(a[0], a[1], a[2], a[3], a[4], 0.5, 0.0, a[5], False)
+            grads = bwd(a[6], a[0], a[1], a[3], a[4], u, 0.5, 0.0, a[5], False, [True, False, True, True])
+        res[key] = (y, u) + tuple(grads[k] for k in (0, 2, 3))
+    for order in ("cuBLAS halves", "cuBLAS halves, expand first"):
+        for name, c, g_ in zip(("y", "u", "dx", "dA", "dB"), res[order], res["cpu"]):
+            check(f"lora_linear {name} ({order}) {tag}", c, g_)
 
 
 def multi_adapter(Ts, ranks, dtypes, gen):
