@@ -95,31 +95,27 @@ def lora_linear_case(tag, x, A, B, dt, gen):
     W, b, g = odd((o, i), dt, gen, i**-0.5), odd((o,), dt, gen), odd((T, o), dt, gen)
     seed = torch.tensor([1234567 + T], dtype=torch.int64)
     fwd, bwd = torch.ops.lora_ext.lora_linear_fwd.default, torch.ops.lora_ext.lora_linear_bwd.default
-    res = {}
-    # CUDA in both orders of its halves (LORA_EXT_CUDA_EXPAND_FIRST), against the CPU
-    for key, dev, first in (("cpu", "cpu", "0"), ("gemm first", DEV, "0"), ("expand first", DEV, "1")):
-        with mock.patch.dict(os.environ, {"LORA_EXT_CUDA_EXPAND_FIRST": first}):
-            a = [t.to(dev) for t in (x, W, b, A, B, seed, g)]
-            y, u = fwd(a[0], a[1], a[2], a[3], a[4], 0.5, 0.25, a[5], False)
-            grads = bwd(a[6], a[0], a[1], a[3], a[4], u, 0.5, 0.25, a[5], False, [True, False, True, True])
-        res[key] = (y, u) + tuple(grads[k] for k in (0, 2, 3))
-    for order in ("gemm first", "expand first"):
-        for name, c, g_ in zip(("y", "u", "dx", "dA", "dB"), res[order], res["cpu"]):
-            check(f"lora_linear {name} (dropout 0.25, {order}) {tag}", c, g_)
-    if dt != torch.bfloat16 or T <= 8:
-        return
-    # bf16 without dropout, both halves on cuBLAS (LORA_EXT_CUDA_BLAS=1), in both orders
-    for key, dev, env in (("cpu", "cpu", {}), ("cuBLAS halves", DEV, {"LORA_EXT_CUDA_BLAS": "1"}),
-                          ("cuBLAS halves, expand first", DEV,
-                           {"LORA_EXT_CUDA_BLAS": "1", "LORA_EXT_CUDA_EXPAND_FIRST": "1"})):
+
+    def run(dev, p, env):  # (y, u, dx, dA, dB) with the environment variables set
         with mock.patch.dict(os.environ, env):
             a = [t.to(dev) for t in (x, W, b, A, B, seed, g)]
-            y, u = fwd(a[0], a[1], a[2], a[3], a[4], 0.5, 0.0, a[5], False)
-            grads = bwd(a[6], a[0], a[1], a[3], a[4], u, 0.5, 0.0, a[5], False, [True, False, True, True])
-        res[key] = (y, u) + tuple(grads[k] for k in (0, 2, 3))
-    for order in ("cuBLAS halves", "cuBLAS halves, expand first"):
-        for name, c, g_ in zip(("y", "u", "dx", "dA", "dB"), res[order], res["cpu"]):
-            check(f"lora_linear {name} ({order}) {tag}", c, g_)
+            y, u = fwd(a[0], a[1], a[2], a[3], a[4], 0.5, p, a[5], False)
+            grads = bwd(a[6], a[0], a[1], a[3], a[4], u, 0.5, p, a[5], False, [True, False, True, True])
+        return (y, u) + tuple(grads[k] for k in (0, 2, 3))
+
+    # CUDA in both orders of its halves (LORA_EXT_CUDA_EXPAND_FIRST) with dropout 0.25; bf16
+    # without dropout also with both halves on cuBLAS (LORA_EXT_CUDA_BLAS=1): against the CPU
+    first = {"LORA_EXT_CUDA_EXPAND_FIRST": "1"}
+    variants = [(0.25, "gemm first", {}), (0.25, "expand first", first)]
+    if dt == torch.bfloat16 and T > 8:
+        blas = {"LORA_EXT_CUDA_BLAS": "1"}
+        variants += [(0.0, "cuBLAS halves", blas), (0.0, "cuBLAS halves, expand first", {**blas, **first})]
+    cpu = {}
+    for p, order, env in variants:
+        if p not in cpu:
+            cpu[p] = run("cpu", p, {})
+        for name, c, g_ in zip(("y", "u", "dx", "dA", "dB"), run(DEV, p, env), cpu[p]):
+            check(f"lora_linear {name} (dropout {p:g}, {order}) {tag}", c, g_)
 
 
 def multi_adapter(Ts, ranks, dtypes, gen):

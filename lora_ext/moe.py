@@ -58,9 +58,9 @@ __all__ = ["fast_path_problem", "experts_forward"]
 
 LoRASpec = Tuple[torch.Tensor, torch.Tensor, float]  # (A [E, r, in], B [E, out, r], s)
 
-# Attributes use_experts_implementation sets on every instance.
-# use_experts_implementation's attributes; has_post_expert_norm and _is_expert_parallel are newer
-# than transformers 5.17 (its grouped_mm backend has neither, and drops ids >= E as later ones do)
+# Attributes use_experts_implementation sets on every instance (has_post_expert_norm and
+# _is_expert_parallel are newer than transformers 5.17, whose grouped_mm backend has neither and
+# drops ids >= E as later ones do: read with defaults)
 _FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
 _GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # also multi_lora_'s
 _WEIGHT_DTYPES = _GROUPED_MM_DTYPES + (torch.float64,)
