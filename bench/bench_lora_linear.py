@@ -2,8 +2,9 @@
 ``linear(x) + s * (x @ A.T) @ B.T``, PEFT's own LoRA Linear, and that layer after
 ``lora_ext.patch_peft`` (x requires grad, as in a mid-network layer). On CUDA also LoRALinear with
 the other order of its halves (LORA_EXT_CUDA_EXPAND_FIRST=1: LoRA term and bias written first,
-cuBLAS accumulating into them) and with its bf16 halves on cuBLAS (LORA_EXT_CUDA_BLAS=1), each
-order, so one GPU run tells which to make the default. Then the
+cuBLAS accumulating into them), with its 16-bit halves on the CUDA-core tiles instead of the
+tensor-core ones (LORA_EXT_CUDA_TENSOR_CORES=0) and with its bf16 halves on cuBLAS
+(LORA_EXT_CUDA_BLAS=1), each order, so one GPU run tells which to make the default. Then the
 same variants for an fp32 model inside torch.autocast(bf16) (mixed-precision training).
 
 Goal: LoRALinear <= 1.05x the frozen base layer. Interleaved runs: median (min-max) of the per-run
@@ -43,8 +44,9 @@ def peft_layers(base, A, B, r):
 
 def with_env(go, **env):
     """go() with the environment variables set: LORA_EXT_CUDA_EXPAND_FIRST=1 (on CUDA lora_linear
-    writes bias + LoRA term first and cuBLAS accumulates x W^T into it, forward and dx) or
-    LORA_EXT_CUDA_BLAS=1 (bf16 halves on cuBLAS instead of lora_ext's CUDA-core kernels)."""
+    writes bias + LoRA term first and cuBLAS accumulates x W^T into it, forward and dx),
+    LORA_EXT_CUDA_TENSOR_CORES=0 (16-bit halves on CUDA cores) or LORA_EXT_CUDA_BLAS=1 (bf16 halves
+    on cuBLAS instead of lora_ext's kernels)."""
     def run():
         with mock.patch.dict(os.environ, env):
             go()
@@ -95,6 +97,7 @@ def measure(device: str, T: int, n: int, r: int, dt: torch.dtype, amp: torch.dty
     if device == "cuda":  # the CUDA backend's other order of the two halves, fwd and bwd
         plain = steps["lora_ext LoRALinear"]
         steps["lora_ext LoRALinear (expand first)"] = with_env(plain, LORA_EXT_CUDA_EXPAND_FIRST="1")
+        steps["lora_ext LoRALinear (CUDA cores)"] = with_env(plain, LORA_EXT_CUDA_TENSOR_CORES="0")
         steps["lora_ext LoRALinear (cuBLAS halves)"] = with_env(plain, LORA_EXT_CUDA_BLAS="1")
         steps["lora_ext LoRALinear (cuBLAS halves, expand first)"] = with_env(
             plain, LORA_EXT_CUDA_BLAS="1", LORA_EXT_CUDA_EXPAND_FIRST="1")

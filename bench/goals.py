@@ -47,6 +47,8 @@ GOALS = [
      {"impl": "lora_ext LoRALinear"}, "x base", "<=", 1.05, ["T", "in=out", "dtype"]),
     ("LoRALinear fwd+bwd, CUDA expand-first order: x the frozen base layer", "lora_linear",
      {"impl": "lora_ext LoRALinear (expand first)"}, "x base", "<=", 1.05, []),
+    ("LoRALinear fwd+bwd, 16-bit halves on CUDA cores: x the frozen base layer", "lora_linear",
+     {"impl": "lora_ext LoRALinear (CUDA cores)"}, "x base", "<=", 1.05, []),
     ("LoRALinear fwd+bwd, bf16 halves on cuBLAS: x the frozen base layer", "lora_linear",
      {"impl": "lora_ext LoRALinear (cuBLAS halves)", "autocast": None}, "x base", "<=", 1.05, []),
     ("LoRALinear fwd+bwd, bf16 halves on cuBLAS, expand first: x the frozen base layer", "lora_linear",

@@ -7,7 +7,7 @@ Cases: T in {1, 8, 9, 17, 65, 72} (decode/streaming and tensor-core paths, parti
 r in {1, 17, 64}, odd in/out (67 x 131) and aligned ones (1024 x 256, split K), x, y and the
 factors at misaligned addresses (a storage offset of one element), lora_linear forward and
 backward with dropout (same seed on both devices: the same mask; CUDA in both orders of its
-halves), multi_lora_ with -1 and out-of-range indices (counted, never touched), mixed ranks
+halves, 16-bit ones on tensor-core and CUDA-core tiles), multi_lora_ with -1 and out-of-range indices (counted, never touched), mixed ranks
 (0 included), out_slices, the two halves lora_shrink / lora_expand_ (add_inputs both ways),
 merge_ / exact merge + unmerge through a MergeState / merge_points_, dora_norm in both layouts and
 over several chunks (CPU and CUDA give the same bits).
@@ -103,10 +103,13 @@ def lora_linear_case(tag, x, A, B, dt, gen):
             grads = bwd(a[6], a[0], a[1], a[3], a[4], u, 0.5, p, a[5], False, [True, False, True, True])
         return (y, u) + tuple(grads[k] for k in (0, 2, 3))
 
-    # CUDA in both orders of its halves (LORA_EXT_CUDA_EXPAND_FIRST) with dropout 0.25; bf16
+    # CUDA in both orders of its halves (LORA_EXT_CUDA_EXPAND_FIRST) with dropout 0.25; 16-bit
+    # jobs of > 8 tokens also on the CUDA-core tiles (LORA_EXT_CUDA_TENSOR_CORES=0); bf16
     # without dropout also with both halves on cuBLAS (LORA_EXT_CUDA_BLAS=1): against the CPU
     first = {"LORA_EXT_CUDA_EXPAND_FIRST": "1"}
     variants = [(0.25, "gemm first", {}), (0.25, "expand first", first)]
+    if dt != torch.float32 and T > 8:
+        variants.append((0.25, "CUDA cores", {"LORA_EXT_CUDA_TENSOR_CORES": "0"}))
     if dt == torch.bfloat16 and T > 8:
         blas = {"LORA_EXT_CUDA_BLAS": "1"}
         variants += [(0.0, "cuBLAS halves", blas), (0.0, "cuBLAS halves, expand first", {**blas, **first})]

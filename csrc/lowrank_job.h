@@ -44,6 +44,7 @@ struct LowRankJob {
   float* dA = nullptr;        // [r, nf] contiguous
   float* dBt = nullptr;       // [r, in] contiguous
   int num_sms = 1;                // CUDA only
+  bool tensor_cores = false;      // CUDA only: 16-bit jobs of > 8 tokens may use TF32 tiles
   float* work = nullptr;          // CUDA only: split-K partials, lowrank_workspace() floats
 };
 
@@ -67,9 +68,8 @@ struct Dropout {
     d.keep_scale = p < 1.f ? 1.f / (1.f - p) : 0.f;
     return d;
   }
-  LORA_EXT_HD float factor(uint64_t index) const {
-    return dropout_bits(seed, index) >= threshold ? keep_scale : 0.f;
-  }
+  LORA_EXT_HD bool keep(uint64_t index) const { return dropout_bits(seed, index) >= threshold; }
+  LORA_EXT_HD float factor(uint64_t index) const { return keep(index) ? keep_scale : 0.f; }
 };
 
 }  // namespace lora_ext

@@ -85,9 +85,11 @@ def test_build_announces_files_and_time(monkeypatch):
     assert "CPU kernels only" in ns["_build_plan"](cpu)
 
 
-@pytest.mark.parametrize("src", ["multi_shrink_kernels.cu", "multi_expand_kernels.cu", "multi_kernels.cu"])
-def test_multi_kernels_compile_for_pre_ampere(tmp_path, src):
-    # README: a TORCH_CUDA_ARCH_LIST with 7.x builds, every multi_lora_ tile on the streaming path.
+@pytest.mark.parametrize("src", ["multi_shrink_kernels.cu", "multi_expand_kernels.cu", "multi_kernels.cu",
+                                 "lowrank_tc_kernels.cu"])
+def test_tile_kernels_compile_for_pre_ampere(tmp_path, src):
+    # README: a TORCH_CUDA_ARCH_LIST with 7.x builds, every multi_lora_ tile on the streaming path
+    # and every lora_apply_ / lora_linear tile on CUDA cores.
     # The TF32 wmma fragments exist from sm_80 on: they were declared outside the arch guard, and
     # nvcc stopped with 'incomplete type "AccFrag"' for sm_75 (no GPU needed to see it).
     import build_config as cfg

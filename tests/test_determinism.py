@@ -108,6 +108,30 @@ def test_single_adapter_ops_same_bits(device, dtype, T):
             assert same_bits(a, b)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T", [72, 130, 300])
+def test_single_adapter_tokens_batch_invariant_on_tensor_cores(dtype, T):
+    # 16-bit jobs of > 8 tokens on sm_80+: K chunks from `in` alone, so every token's u and
+    # lora_apply_'s y are the same bits as in a T = 64 batch (lora_linear's y also holds
+    # cuBLAS's x W^T, whose kernel choice may depend on T)
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("tensor-core tiles need sm_80+")
+    i, o, r = 4096, 96, 16
+    x = rand(T, i, dtype=dtype, device="cuda", seed=T)
+    A = rand(r, i, dtype=dtype, device="cuda", seed=1, scale=i ** -0.5)
+    B = rand(o, r, dtype=dtype, device="cuda", seed=2)
+    W = rand(o, i, dtype=dtype, device="cuda", seed=3, scale=i ** -0.5)
+    y0 = rand(T, o, dtype=dtype, device="cuda", seed=4)
+    fwd = torch.ops.lora_ext.lora_linear_fwd.default
+    u_all = fwd(x, W, None, A, B, 0.5, 0.0, None, False)[1]
+    a_all = lora_apply_(y0.clone(), x, A, B, 0.5)
+    for t0 in (0, T - 64, (T - 64) // 2):
+        u = fwd(x[t0:t0 + 64], W, None, A, B, 0.5, 0.0, None, False)[1]
+        assert same_bits(u, u_all[t0:t0 + 64]), t0
+        assert same_bits(lora_apply_(y0[t0:t0 + 64].clone(), x[t0:t0 + 64], A, B, 0.5), a_all[t0:t0 + 64])
+
+
 @pytest.mark.parametrize("device", devices())
 def test_use_deterministic_algorithms(device, monkeypatch):
     # every op runs with torch.use_deterministic_algorithms(True) (cuBLAS, used for the base

@@ -126,6 +126,19 @@ def test_cuda_blas_halves_match_reference(shape, first, bias, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(9, 128, 64, 16), (300, 200, 72, 17), (130, 4096, 96, 70)])
+@pytest.mark.parametrize("tensor_cores", ["1", "0"])
+@pytest.mark.parametrize("first", ["0", "1"])
+def test_cuda_tile_paths_match_reference(dtype, shape, tensor_cores, first, monkeypatch):
+    # 16-bit jobs of > 8 tokens: TF32 tensor-core tiles (sm_80+) or, with
+    # LORA_EXT_CUDA_TENSOR_CORES=0, the CUDA-core tiles; both orders of the halves
+    monkeypatch.setenv("LORA_EXT_CUDA_TENSOR_CORES", tensor_cores)
+    monkeypatch.setenv("LORA_EXT_CUDA_EXPAND_FIRST", first)
+    check_against_reference(*make(*shape, dtype, "cuda"))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_dropout_mask_and_gradients_match_cpu(dtype):
     # The mask is a hash of (seed, element index): one seed gives one mask on both devices, in

@@ -21,10 +21,19 @@ struct CudaBackend {
   }
   // LORA_EXT_CUDA_BLAS=1 (read at every call, like the order above): bf16 jobs of more than 8
   // tokens without dropout run both halves on cuBLAS's tensor cores (blas_halves) instead of
-  // gemm_nt's CUDA-core FMAs.
+  // lora_ext's kernels.
   static bool blas() {
     const char* v = std::getenv("LORA_EXT_CUDA_BLAS");
     return v != nullptr && v[0] == '1';
+  }
+  // 16-bit jobs of more than 8 tokens run on TF32 tensor-core tiles (sm_80+ device and kernel
+  // image); LORA_EXT_CUDA_TENSOR_CORES=0 (read at every call, like the above) keeps them on
+  // the CUDA-core tiles (gemm_nt), as on older GPUs.
+  static bool tensor_cores(const at::Tensor& like) {
+    const char* v = std::getenv("LORA_EXT_CUDA_TENSOR_CORES");
+    if (v != nullptr && v[0] == '0') return false;
+    const int dev = like.device().index();
+    return compute_capability(dev) >= 80 && tf32_mma_compiled(dev);
   }
   static void run(DType dt, LowRankJob& j, const at::Tensor& like) {
     TORCH_CHECK(on_device(like), "lora_ext: CUDA kernel called with a tensor on ", like.device());
@@ -35,6 +44,7 @@ struct CudaBackend {
     if (dt == DType::BF16 && j.T > 8 && j.dropout_p == 0.f && j.r > 0 && blas())
       return blas_halves(j, like);
     j.num_sms = sm_count(like);
+    j.tensor_cores = tensor_cores(like);
     const int64_t ws = lowrank_workspace(dt, j);  // split-K partials: only when K is split
     const at::Tensor work = ws > 0 ? at::empty({ws}, like.options().dtype(at::kFloat)) : at::Tensor();
     j.work = ws > 0 ? work.data_ptr<float>() : nullptr;

@@ -10,10 +10,12 @@
 //     keep T fp32 partial sums and reduce with shuffles.
 //   expand_small: one thread per output column o reads its row B[o, :r] with 16-byte loads,
 //     broadcasts u[t, :], and adds s * acc into y[t, o] for every token (one rounding).
-// Large T (prefill / training): both halves are the NT product C = a b^T in gemm_nt,
-//   tiles of 64 rows x BN (16/32/64) columns (grid x = all tiles, no 65535 limit), K in steps
-//   of 32 through shared memory (converted to fp32 on the way in; a step's second half only
-//   when K reaches it, so r <= 16 costs half), a 4 x BN/16 register tile per thread.
+// Large T (prefill / training): 16-bit jobs on sm_80+ run TF32 tensor-core tiles
+//   (lowrank_tc_kernels.cu). Otherwise (fp32, older GPUs, LORA_EXT_CUDA_TENSOR_CORES=0) both
+//   halves are the NT product C = a b^T in gemm_nt on CUDA cores, tiles of 64 rows x BN
+//   (16/32/64) columns (grid x = all tiles, no 65535 limit), K in steps of 32 through shared
+//   memory (converted to fp32 on the way in; a step's second half only when K reaches it, so
+//   r <= 16 costs half), a 4 x BN/16 register tile per thread.
 //   (LORA_EXT_CUDA_BLAS=1 runs bf16 jobs on cuBLAS instead: lowrank_cuda.cpp.)
 // Split K (when too few blocks would fill the GPU): split z writes its partial sums to
 // job.work[z, T, r] and sum_splits adds them in the order z = 0, 1, ... into u: no atomics,
@@ -21,30 +23,21 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "common.cuh"
-#include "../lowrank_job.h"
 #include "launch.h"
+#include "lowrank_kernels.cuh"
 
 namespace lora_ext::cuda {
 namespace {
 
-constexpr int kSmallT = 8;
 constexpr int kThreads = 256;
-
-// Dropout as passed to kernels: the seed stays in device memory and is read in the kernel.
-struct DropArg {
-  bool on = false;
-  float p = 0.f;
-  const int64_t* seed = nullptr;
-  __device__ Dropout make() const { return Dropout::make(p, on ? static_cast<uint64_t>(*seed) : 0); }
-};
 
 // Launch plan, from the job's shapes, alignment and SM count only (so lowrank_workspace and
 // lowrank agree, and a captured CUDA graph replays the same launches).
 struct Plan {
   bool small = false;  // T <= kSmallT: shrink_small / expand_small
-  bool vec = false;    // shrink_small: 16-byte loads
-  int bn = 16;         // gemm_nt column tile of the tiled shrink
+  bool tc = false;     // tiled on tensor cores (lowrank_tc_kernels.cu), else gemm_nt
+  bool vec = false;    // shrink_small, shrink_tc: 16-byte loads of x and A
+  int bn = 16;         // column tile of the tiled shrink
   int64_t rows = 1;    // shrink_small: row groups; tiled: row tiles (of bn)
   int64_t kchunk = 0, ksplit = 1;
 };
@@ -63,15 +56,19 @@ Plan plan_for(const LowRankJob& j) {
   constexpr int V = kVec<T>;
   Plan pl;
   pl.small = j.T <= kSmallT;
+  pl.tc = !pl.small && sizeof(T) == 2 && j.tensor_cores;
+  pl.vec = j.in % V == 0 && j.ldx % V == 0 && aligned16(j.x) && aligned16(j.A);
   if (pl.small) {
-    pl.vec = j.in % V == 0 && j.ldx % V == 0 && aligned16(j.x) && aligned16(j.A);
     const int64_t step = 32 * (pl.vec ? V : 1);
     pl.rows = ceil_div(j.r, kThreads / 32);
     pl.kchunk = split_k(j.in, pl.rows, j.num_sms, step, step);
   } else {
     pl.bn = j.r <= 16 ? 16 : (j.r <= 32 ? 32 : 64);
     pl.rows = ceil_div(j.r, pl.bn);
-    pl.kchunk = split_k(j.in, ceil_div(j.T, 64) * pl.rows, j.num_sms, 32, 256);
+    // tensor cores: chunks from `in` alone (16 of >= 256; every token's u the same in any
+    // batch), and many blocks in flight for the loads; gemm_nt: about two waves
+    pl.kchunk = pl.tc ? std::max<int64_t>(256, ceil_div(ceil_div(j.in, 16), 32) * 32)
+                      : split_k(j.in, ceil_div(j.T, 64) * pl.rows, j.num_sms, 32, 256);
   }
   pl.kchunk = std::max<int64_t>(1, pl.kchunk);
   pl.ksplit = ceil_div(j.in, pl.kchunk);
@@ -298,6 +295,9 @@ cudaError_t shrink(const LowRankJob& j, DropArg drop, cudaStream_t s) {
       LORA_EXT_LAUNCH(shrink_small<T, 1>, blocks, kThreads, 0, s, x, j.ldx, A, out, nt, j.in, j.r,
                       pl.kchunk, ks, drop);
     }
+  } else if (pl.tc) {
+    if constexpr (sizeof(T) == 2)
+      LORA_EXT_TRY(shrink_tc<T>(j, out, pl.bn, pl.kchunk, pl.ksplit, pl.vec, drop, s));
   } else {
     const dim3 grid(ceil_div(j.T, 64) * pl.rows, 1, pl.ksplit);
     const StoreU epi{out, j.r, j.T * j.r};
@@ -347,6 +347,8 @@ cudaError_t expand(const LowRankJob& j, DropArg drop, cudaStream_t s) {
       LORA_EXT_LAUNCH(expand_small<T, 1>, gx, kThreads, 0, s, y, j.ldy, j.u, B, nt, j.out, j.r,
                       j.scale, drop);
     }
+  } else if (sizeof(T) == 2 && j.tensor_cores) {
+    if constexpr (sizeof(T) == 2) LORA_EXT_TRY(expand_tc<T>(j, drop, s));
   } else {
     const dim3 grid(ceil_div(j.T, 64) * ceil_div(j.out, 64), 1, 1);
     LORA_EXT_LAUNCH(gemm_nt<float, T, 64, AddY<T>>, grid, kThreads, 0, s, j.u, j.r, B, j.r, j.T,

@@ -1,0 +1,28 @@
+// Shared by the single-adapter low-rank kernels: lowrank_kernels.cu (plan, decode kernels,
+// CUDA-core tiles, launches) and lowrank_tc_kernels.cu (TF32 tensor-core tiles). CUDA headers only.
+#pragma once
+#include "../lowrank_job.h"
+#include "common.cuh"
+
+namespace lora_ext::cuda {
+
+constexpr int kSmallT = 8;  // jobs of up to this many tokens take the decode kernels
+
+// Dropout as passed to kernels: the seed stays in device memory and is read in the kernel.
+struct DropArg {
+  bool on = false;
+  float p = 0.f;
+  const int64_t* seed = nullptr;
+  __device__ Dropout make() const { return Dropout::make(p, on ? static_cast<uint64_t>(*seed) : 0); }
+};
+
+// Tensor-core halves of a 16-bit job (T = __half / __nv_bfloat16, more than kSmallT tokens):
+// shrink_tc writes u (or split z's partials, out = job.work, when ksplit > 1) over rank tiles
+// of bn (16/32/64) rows and K chunks of kchunk; vec: x and A allow 16-byte loads.
+template <class T>
+cudaError_t shrink_tc(const LowRankJob& j, float* out, int bn, int64_t kchunk, int64_t ksplit,
+                      bool vec, DropArg drop, cudaStream_t s);
+template <class T>
+cudaError_t expand_tc(const LowRankJob& j, DropArg drop, cudaStream_t s);
+
+}  // namespace lora_ext::cuda

@@ -1,0 +1,275 @@
+// Tensor-core halves of the single-adapter low-rank job (csrc/lowrank_job.h) for 16-bit jobs of
+// more than 8 tokens on sm_80+ (lowrank_kernels.cu plans and picks them; TF32 tiles of
+// tf32_tiles.cuh: 16-bit x, A and B are exact in TF32, so every product is exact and the sums
+// are fp32, like the CUDA-core tiles').
+//   shrink_tc: u[z][T, r] = (keep ⊙ x) A^T over split z's K range. Block = 64 tokens x BN
+//     (16/32/64) rank rows, 4 warps of 16 tokens; K in steps of 32 through shared memory; with
+//     16-byte loads the next step's are issued before this step's MMAs (register prefetch).
+//     Dropout stages keep ⊙ x with a 0/1 mask (exact) and scales the sum by 1 / (1 - p).
+//     The K chunks depend on `in` only (the launcher's plan), so a token's u does not depend
+//     on the batch it came in.
+//   expand_tc: y[T, out] (+)= s keep ⊙ (u B^T). Block = 64 tokens x 64 columns, K = r in steps
+//     of 32 (only the steps' columns below r multiplied), u split into hi + lo TF32 parts
+//     (~fp32 accuracy); the tile goes out through shared memory, with 16-byte
+//     read-modify-writes of y when aligned; y rounded once.
+#include "lowrank_kernels.cuh"
+#include "launch.h"
+#include "tf32_tiles.cuh"
+
+namespace lora_ext::cuda {
+namespace {
+
+constexpr int kBM = 64;  // tokens per tile (16 per warp)
+constexpr int kBNE = 64; // output columns per expand tile
+
+#if LORA_EXT_TF32_MMA
+// Columns of this K step that hold data, rounded up to the MMA's k = 8.
+__device__ __forceinline__ int step_cols(int64_t k, int64_t kend) {
+  const int n = static_cast<int>(min(static_cast<int64_t>(kBK), kend - k));
+  return (n + 7) & ~7;
+}
+#endif
+
+// Blocks per SM the shrink's registers must allow: 16-byte tiles at <= 64 registers (<= 128
+// with BN = 64) fit without spills; the scalar-load variants (unaligned inputs) spill under
+// ptxas's default target, so they get the registers of one block.
+template <int BN, int V>
+constexpr int kShrinkMinBlocks = V == 1 ? 1 : BN == 64 ? 4 : 8;
+
+template <class T, int BN, int V>
+__global__ void __launch_bounds__(kTileThreads, kShrinkMinBlocks<BN, V>)
+    shrink_tc_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ A,
+                     float* __restrict__ out, int64_t M, int64_t N, int64_t K, int64_t kchunk,
+                     DropArg drop) {
+#if LORA_EXT_TF32_MMA
+  constexpr int NF = BN / 16, kOps = (kBM + BN) * kLd, kOut = kBM * (BN + 4);
+  __shared__ __align__(32) float smem[kOps > kOut ? kOps : kOut];
+  const Dropout d = drop.make();
+  const int64_t mtiles = (M + kBM - 1) / kBM;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x % mtiles) * kBM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x / mtiles) * BN;
+  const int mrows = static_cast<int>(min(static_cast<int64_t>(kBM), M - m0));
+  const int nrows = static_cast<int>(min(static_cast<int64_t>(BN), N - n0));
+  const int64_t kbeg = static_cast<int64_t>(blockIdx.z) * kchunk, kend = min(K, kbeg + kchunk);
+  const T* xb = x + m0 * ldx;
+  const T* Ab = A + n0 * K;
+  auto xrow = [&](int r) { return xb + r * ldx; };
+  auto arow = [&](int r) { return Ab + r * K; };
+  auto keep = [&](int r, int64_t k) {
+    return d.keep(static_cast<uint64_t>(m0 + r) * K + k) ? 1.f : 0.f;
+  };
+  const int warp = threadIdx.x >> 5;
+  AccFrag acc[NF];
+#pragma unroll
+  for (int c = 0; c < NF; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);
+  float* Xs = smem;
+  float* Ws = smem + kBM * kLd;
+  if constexpr (V > 1) {  // 16-byte loads, prefetched: the next step's are in flight during the MMAs
+    TileRegs<T, V, kBM> xr;
+    TileRegs<T, V, BN> ar;
+    xr.fetch(xrow, mrows, kbeg, kend);
+    ar.fetch(arow, nrows, kbeg, kend);
+    for (int64_t k = kbeg; k < kend; k += kBK) {
+      if (drop.on) {
+        xr.store(Xs, k, kend, keep);
+      } else {
+        xr.store(Xs, k, kend);
+      }
+      ar.store(Ws, k, kend);
+      __syncthreads();
+      if (k + kBK < kend) {
+        xr.fetch(xrow, mrows, k + kBK, kend);
+        ar.fetch(arow, nrows, k + kBK, kend);
+      }
+      mma_step<NF, false, false>(Xs + warp * 16 * kLd, Ws, acc, step_cols(k, kend));
+      __syncthreads();
+    }
+  } else {  // scalar loads (unaligned x or A): a whole tile in registers would spill
+    for (int64_t k = kbeg; k < kend; k += kBK) {
+      if (drop.on) {
+        load_tile<T, 1, kBM>(Xs, xrow, mrows, k, kend, keep);
+      } else {
+        load_tile<T, 1, kBM>(Xs, xrow, mrows, k, kend);
+      }
+      load_tile<T, 1, BN>(Ws, arow, nrows, k, kend);
+      __syncthreads();
+      mma_step<NF, false, false>(Xs + warp * 16 * kLd, Ws, acc, step_cols(k, kend));
+      __syncthreads();
+    }
+  }
+  float* Cs = smem;  // [kBM][BN + 4], reusing the operand tiles after the last sync
+#pragma unroll
+  for (int c = 0; c < NF; ++c)
+    nvcuda::wmma::store_matrix_sync(Cs + warp * 16 * (BN + 4) + c * 16, acc[c], BN + 4,
+                                    nvcuda::wmma::mem_row_major);
+  __syncthreads();
+  const float s = drop.on ? d.keep_scale : 1.f;
+  float* u = out + static_cast<int64_t>(blockIdx.z) * M * N + m0 * N + n0;
+#pragma unroll 1
+  for (int e = threadIdx.x; e < kBM * BN; e += kTileThreads) {
+    const int q = e / BN, c = e % BN;
+    if (q < mrows && c < nrows) u[q * N + c] = s * Cs[q * (BN + 4) + c];
+  }
+#else
+  __trap();  // tensor-core tiles need an sm_80+ image (the launcher never sends them here)
+#endif
+}
+
+// y[m, n] = y0 + scale * keep(m * N + n) v, y0 = y[m, n] (or bias[n] / 0 with overwrite).
+template <class T>
+struct ExpandOut {
+  T* y;
+  int64_t ldy;
+  float scale;
+  bool overwrite;
+  const T* bias;
+  __device__ __forceinline__ float y0(const T* p, int64_t n) const {
+    return !overwrite ? to_f32(*p) : bias != nullptr ? to_f32(bias[n]) : 0.f;
+  }
+};
+
+template <class T, bool VEC>
+__global__ void __launch_bounds__(kTileThreads)
+    expand_tc_kernel(const float* __restrict__ u, const T* __restrict__ B, int64_t M, int64_t N,
+                     int64_t R, ExpandOut<T> eo, DropArg drop, bool vec_y) {
+#if LORA_EXT_TF32_MMA
+  constexpr int VU = VEC ? 4 : 1, VB = VEC ? kVec<T> : 1, NF = kBNE / 16;
+  constexpr int kOps = 2 * kBM * kLd, kOut = kBM * (kBNE + 4);
+  __shared__ __align__(32) float smem[kOps > kOut ? kOps : kOut];
+  const Dropout d = drop.make();
+  const int64_t mtiles = (M + kBM - 1) / kBM;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x % mtiles) * kBM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x / mtiles) * kBNE;
+  const int mrows = static_cast<int>(min(static_cast<int64_t>(kBM), M - m0));
+  const int ncols = static_cast<int>(min(static_cast<int64_t>(kBNE), N - n0));
+  auto urow = [&](int r) { return u + (m0 + r) * R; };
+  auto brow = [&](int r) { return B + (n0 + r) * R; };
+  const int warp = threadIdx.x >> 5;
+  AccFrag acc[NF];
+#pragma unroll
+  for (int c = 0; c < NF; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);
+  float* Xs = smem;
+  float* Ws = smem + kBM * kLd;
+  TileRegs<float, VU, kBM> ur;
+  TileRegs<T, VB, kBNE> br;
+  ur.fetch(urow, mrows, 0, R);
+  br.fetch(brow, ncols, 0, R);
+  for (int64_t k = 0; k < R; k += kBK) {
+    ur.store(Xs, k, R);
+    br.store(Ws, k, R);
+    __syncthreads();
+    if (k + kBK < R) {
+      ur.fetch(urow, mrows, k + kBK, R);
+      br.fetch(brow, ncols, k + kBK, R);
+    }
+    mma_step<NF, true, false>(Xs + warp * 16 * kLd, Ws, acc, step_cols(k, R));
+    __syncthreads();
+  }
+  float* Cs = smem;  // [kBM][kBNE + 4]
+#pragma unroll
+  for (int c = 0; c < NF; ++c)
+    nvcuda::wmma::store_matrix_sync(Cs + warp * 16 * (kBNE + 4) + c * 16, acc[c], kBNE + 4,
+                                    nvcuda::wmma::mem_row_major);
+  __syncthreads();
+  auto value = [&](int q, int c) {  // the product with the output mask applied
+    const float v = Cs[q * (kBNE + 4) + c];
+    return drop.on ? v * d.factor(static_cast<uint64_t>(m0 + q) * N + n0 + c) : v;
+  };
+  if (vec_y) {  // 16-byte accesses of y (and bias); a thread's loads are all issued first
+    constexpr int VY = kVec<T>, kChunks = kBNE / VY, kIters = kBM * kChunks / kTileThreads;
+    uint4 raw[kIters];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int e = threadIdx.x + it * kTileThreads, q = e / kChunks, c = (e % kChunks) * VY;
+      raw[it] = make_uint4(0, 0, 0, 0);
+      if (q < mrows && c < ncols) {
+        if (!eo.overwrite) {
+          raw[it] = *reinterpret_cast<const uint4*>(eo.y + (m0 + q) * eo.ldy + n0 + c);
+        } else if (eo.bias != nullptr) {
+          raw[it] = *reinterpret_cast<const uint4*>(eo.bias + n0 + c);
+        }
+      }
+    }
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int e = threadIdx.x + it * kTileThreads, q = e / kChunks, c = (e % kChunks) * VY;
+      if (q < mrows && c < ncols) {
+        T* v = reinterpret_cast<T*>(&raw[it]);
+#pragma unroll
+        for (int i = 0; i < VY; ++i) v[i] = from_f32<T>(to_f32(v[i]) + eo.scale * value(q, c + i));
+        *reinterpret_cast<uint4*>(eo.y + (m0 + q) * eo.ldy + n0 + c) = raw[it];
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int e = threadIdx.x; e < kBM * kBNE; e += kTileThreads) {
+      const int q = e / kBNE, c = e % kBNE;
+      if (q < mrows && c < ncols) {
+        T* p = eo.y + (m0 + q) * eo.ldy + n0 + c;
+        *p = from_f32<T>(eo.y0(p, n0 + c) + eo.scale * value(q, c));
+      }
+    }
+  }
+#else
+  __trap();  // tensor-core tiles need an sm_80+ image (the launcher never sends them here)
+#endif
+}
+
+}  // namespace
+
+template <class T>
+cudaError_t shrink_tc(const LowRankJob& j, float* out, int bn, int64_t kchunk, int64_t ksplit,
+                      bool vec, DropArg drop, cudaStream_t s) {
+  constexpr int V = kVec<T>;
+  const T* x = static_cast<const T*>(j.x);
+  const T* A = static_cast<const T*>(j.A);
+  const dim3 grid(ceil_div(j.T, kBM) * ceil_div(j.r, bn), 1, ksplit);
+  auto launch = [&](auto bn_c, auto v_c) {
+    LORA_EXT_LAUNCH((shrink_tc_kernel<T, decltype(bn_c)::value, decltype(v_c)::value>), grid,
+                    kTileThreads, 0, s, x, j.ldx, A, out, j.T, j.r, j.in, kchunk, drop);
+  };
+  auto with_v = [&](auto bn_c) {
+    if (vec) {
+      launch(bn_c, std::integral_constant<int, V>{});
+    } else {
+      launch(bn_c, std::integral_constant<int, 1>{});
+    }
+  };
+  if (bn == 16) {
+    with_v(std::integral_constant<int, 16>{});
+  } else if (bn == 32) {
+    with_v(std::integral_constant<int, 32>{});
+  } else {
+    with_v(std::integral_constant<int, 64>{});
+  }
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t expand_tc(const LowRankJob& j, DropArg drop, cudaStream_t s) {
+  const T* B = static_cast<const T*>(j.B);
+  const ExpandOut<T> eo{static_cast<T*>(j.y), j.ldy, j.scale, j.overwrite_y,
+                        static_cast<const T*>(j.bias)};
+  constexpr int V = kVec<T>;
+  const bool vec = j.r % V == 0 && aligned16(j.u) && aligned16(B);
+  const bool vec_y = aligned16(j.y) && j.ldy % V == 0 && j.out % V == 0 &&
+                     (!j.overwrite_y || j.bias == nullptr || aligned16(j.bias));
+  const dim3 grid(ceil_div(j.T, kBM) * ceil_div(j.out, kBNE));
+  if (vec) {
+    LORA_EXT_LAUNCH((expand_tc_kernel<T, true>), grid, kTileThreads, 0, s, j.u, B, j.T, j.out, j.r,
+                    eo, drop, vec_y);
+  } else {
+    LORA_EXT_LAUNCH((expand_tc_kernel<T, false>), grid, kTileThreads, 0, s, j.u, B, j.T, j.out,
+                    j.r, eo, drop, vec_y);
+  }
+  return cudaGetLastError();
+}
+
+template cudaError_t shrink_tc<__half>(const LowRankJob&, float*, int, int64_t, int64_t, bool,
+                                       DropArg, cudaStream_t);
+template cudaError_t shrink_tc<__nv_bfloat16>(const LowRankJob&, float*, int, int64_t, int64_t,
+                                              bool, DropArg, cudaStream_t);
+template cudaError_t expand_tc<__half>(const LowRankJob&, DropArg, cudaStream_t);
+template cudaError_t expand_tc<__nv_bfloat16>(const LowRankJob&, DropArg, cudaStream_t);
+
+}  // namespace lora_ext::cuda
