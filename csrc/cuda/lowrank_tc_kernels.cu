@@ -128,8 +128,9 @@ struct ExpandOut {
   }
 };
 
+// VEC: 4 blocks per SM (<= 128 registers, no spills); the scalar variant spills there.
 template <class T, bool VEC>
-__global__ void __launch_bounds__(kTileThreads)
+__global__ void __launch_bounds__(kTileThreads, VEC ? 4 : 1)
     expand_tc_kernel(const float* __restrict__ u, const T* __restrict__ B, int64_t M, int64_t N,
                      int64_t R, ExpandOut<T> eo, DropArg drop, bool vec_y) {
 #if LORA_EXT_TF32_MMA

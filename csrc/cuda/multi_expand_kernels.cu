@@ -18,8 +18,9 @@ namespace {
 
 constexpr int kUChunk = 512;  // ranks of u staged per pass in the streaming path
 
+// 3 blocks per SM (<= 170 registers, no spills; left to itself ptxas took ~210: 2 blocks).
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, 3)
     expand_kernel(const MultiLoraParams p, bool grouped, int64_t tiles, int64_t ksplit,
                   bool count_bad, bool vec_y) {
   constexpr int kOps = 2 * kBM * kLd, kOut = kBM * (kBNE + 4), kUs = kSkinny * kUChunk;

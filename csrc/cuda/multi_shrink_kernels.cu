@@ -9,15 +9,17 @@
 //     16-byte loads of both A rows and of the token rows (8 tokens at a time; x rows are
 //     re-read from L1/L2), fp32 accumulators for 2 x 8 (row, token) pairs, shuffle reductions.
 //   tensor cores: 64 x BN output tile, K in steps of 32 through shared memory (gathered token
-//     rows of x and the BN rows of A, as fp32), wmma TF32 m16n16k8 with fp32 accumulation;
-//     warp w owns token rows 16w..16w+15; the tile goes out through smem.
+//     rows of x and the BN rows of A, as fp32; with 16-byte loads the next step's are issued
+//     before this step's MMAs), wmma TF32 m16n16k8 with fp32 accumulation; warp w owns token
+//     rows 16w..16w+15; the tile goes out through smem.
 #include "multi_kernels.cuh"
 
 namespace lora_ext::cuda::multi {
 namespace {
 
+// 4 blocks per SM (<= 128 registers, no spills).
 template <class T, int BN, int V>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, 4)
     shrink_kernel(const MultiLoraParams p, bool grouped, int64_t tiles, int64_t kchunk,
                   bool count_bad) {
   constexpr int kOps = kBM * kLd + BN * kLd, kOut = kBM * (BN + 4);
@@ -95,12 +97,32 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int c = 0; c < NF; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);
   float* Xs = smem;
   float* Ws = smem + kBM * kLd;
-  for (int64_t k = k0; k < k1; k += kBK) {
-    load_tile<T, V, kBM>(Xs, [&](int r) { return x + toks[r] * p.ldx; }, ntok, k, k1);
-    load_tile<T, V, BN>(Ws, [&](int r) { return A + r * p.in; }, nrows, k, k1);
-    __syncthreads();
-    mma_step<NF, kSplit, kSplit>(Xs + warp * 16 * kLd, Ws, acc);
-    __syncthreads();
+  auto xrow = [&](int r) { return x + toks[r] * p.ldx; };
+  auto arow = [&](int r) { return A + r * p.in; };
+  if constexpr (V > 1) {  // 16-byte loads, prefetched: the next step's are in flight during the MMAs
+    TileRegs<T, V, kBM> xr;
+    TileRegs<T, V, BN> ar;
+    xr.fetch(xrow, ntok, k0, k1);
+    ar.fetch(arow, nrows, k0, k1);
+    for (int64_t k = k0; k < k1; k += kBK) {
+      xr.store(Xs, k, k1);
+      ar.store(Ws, k, k1);
+      __syncthreads();
+      if (k + kBK < k1) {
+        xr.fetch(xrow, ntok, k + kBK, k1);
+        ar.fetch(arow, nrows, k + kBK, k1);
+      }
+      mma_step<NF, kSplit, kSplit>(Xs + warp * 16 * kLd, Ws, acc);
+      __syncthreads();
+    }
+  } else {
+    for (int64_t k = k0; k < k1; k += kBK) {
+      load_tile<T, V, kBM>(Xs, xrow, ntok, k, k1);
+      load_tile<T, V, BN>(Ws, arow, nrows, k, k1);
+      __syncthreads();
+      mma_step<NF, kSplit, kSplit>(Xs + warp * 16 * kLd, Ws, acc);
+      __syncthreads();
+    }
   }
   float* Cs = smem;  // [kBM][BN + 4], reusing the operand tiles after the last sync
 #pragma unroll
