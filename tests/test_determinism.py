@@ -110,11 +110,12 @@ def test_single_adapter_ops_same_bits(device, dtype, T):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("T", [72, 130, 300])
+@pytest.mark.parametrize("T", [72, 130, 300, 34000])
 def test_single_adapter_tokens_batch_invariant_on_tensor_cores(dtype, T):
     # 16-bit jobs of > 8 tokens on sm_80+: K chunks from `in` alone, so every token's u and
     # lora_apply_'s y are the same bits as in a T = 64 batch (lora_linear's y also holds
-    # cuBLAS's x W^T, whose kernel choice may depend on T)
+    # cuBLAS's x W^T, whose kernel choice may depend on T); 34000 tokens fill an H200 with
+    # token tiles alone: every chunk runs in its tile's block, no split-K partials
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("tensor-core tiles need sm_80+")
     i, o, r = 4096, 96, 16

@@ -65,13 +65,19 @@ Plan plan_for(const LowRankJob& j) {
   } else {
     pl.bn = j.r <= 16 ? 16 : (j.r <= 32 ? 32 : 64);
     pl.rows = ceil_div(j.r, pl.bn);
-    // tensor cores: chunks from `in` alone (16 of >= 256; every token's u the same in any
-    // batch), and many blocks in flight for the loads; gemm_nt: about two waves
-    pl.kchunk = pl.tc ? std::max<int64_t>(256, ceil_div(ceil_div(j.in, 16), 32) * 32)
-                      : split_k(j.in, ceil_div(j.T, 64) * pl.rows, j.num_sms, 32, 256);
+    // gemm_nt: K splits for about two waves
+    pl.kchunk = split_k(j.in, ceil_div(j.T, 64) * pl.rows, j.num_sms, 32, 256);
   }
   pl.kchunk = std::max<int64_t>(1, pl.kchunk);
   pl.ksplit = ceil_div(j.in, pl.kchunk);
+  if (pl.tc) {
+    // tensor cores: chunks of max(256, in / 16) from `in` alone (every token's u has the same
+    // bits in any batch); one per block (partials: ksplit of them) while the tiles alone would
+    // leave the GPU short of blocks in flight, else all in their tile's block (no workspace)
+    pl.kchunk = std::max<int64_t>(256, ceil_div(ceil_div(j.in, 16), 32) * 32);
+    const bool fill = ceil_div(j.T, 64) * pl.rows >= 4LL * j.num_sms;
+    pl.ksplit = fill ? 1 : ceil_div(j.in, pl.kchunk);
+  }
   return pl;
 }
 

@@ -17,10 +17,11 @@ struct DropArg {
 };
 
 // Tensor-core halves of a 16-bit job (T = __half / __nv_bfloat16, more than kSmallT tokens):
-// shrink_tc writes u (or split z's partials, out = job.work, when ksplit > 1) over rank tiles
-// of bn (16/32/64) rows and K chunks of kchunk; vec: x and A allow 16-byte loads.
+// shrink_tc writes u over rank tiles of bn (16/32/64) rows and K chunks of kchunk, the chunks
+// spread over blocks_z blocks along z: one each (out = job.work, the partials of every chunk) or
+// all in one (out = job.u); vec: x and A allow 16-byte loads.
 template <class T>
-cudaError_t shrink_tc(const LowRankJob& j, float* out, int bn, int64_t kchunk, int64_t ksplit,
+cudaError_t shrink_tc(const LowRankJob& j, float* out, int bn, int64_t kchunk, int64_t blocks_z,
                       bool vec, DropArg drop, cudaStream_t s);
 template <class T>
 cudaError_t expand_tc(const LowRankJob& j, DropArg drop, cudaStream_t s);

@@ -2,11 +2,13 @@
 // more than 8 tokens on sm_80+ (lowrank_kernels.cu plans and picks them; TF32 tiles of
 // tf32_tiles.cuh: 16-bit x, A and B are exact in TF32, so every product is exact and the sums
 // are fp32, like the CUDA-core tiles').
-//   shrink_tc: u[z][T, r] = (keep ⊙ x) A^T over split z's K range. Block = 64 tokens x BN
-//     (16/32/64) rank rows, 4 warps of 16 tokens; K in steps of 32 through shared memory; with
-//     16-byte loads the next step's are issued before this step's MMAs (register prefetch).
-//     Dropout stages keep ⊙ x with a 0/1 mask (exact) and scales the sum by 1 / (1 - p).
-//     The K chunks depend on `in` only (the launcher's plan), so a token's u does not depend
+//   shrink_tc: u[T, r] = (keep ⊙ x) A^T. Block = 64 tokens x BN (16/32/64) rank rows, 4 warps
+//     of 16 tokens; K in steps of 32 through shared memory; with 16-byte loads the next step's
+//     are issued before this step's MMAs (register prefetch). Dropout stages keep ⊙ x with a
+//     0/1 mask (exact) and scales by 1 / (1 - p). K is cut into chunks that depend on `in` only
+//     (the launcher's plan); u = s S_0 + s S_1 + ... in chunk order, either one chunk per block
+//     (z = chunk: partials to job.work, summed in order by sum_splits) or all chunks in one
+//     block (large T: no workspace): the same bits either way, so a token's u does not depend
 //     on the batch it came in.
 //   expand_tc: y[T, out] (+)= s keep ⊙ (u B^T). Block = 64 tokens x 64 columns, K = r in steps
 //     of 32 (only the steps' columns below r multiplied), u split into hi + lo TF32 parts
@@ -31,16 +33,16 @@ __device__ __forceinline__ int step_cols(int64_t k, int64_t kend) {
 #endif
 
 // Blocks per SM the shrink's registers must allow: 16-byte tiles at <= 64 registers (<= 128
-// with BN = 64) fit without spills; the scalar-load variants (unaligned inputs) spill under
+// with BN >= 32) fit without spills; the scalar-load variants (unaligned inputs) spill under
 // ptxas's default target, so they get the registers of one block.
 template <int BN, int V>
-constexpr int kShrinkMinBlocks = V == 1 ? 1 : BN == 64 ? 4 : 8;
+constexpr int kShrinkMinBlocks = V == 1 ? 1 : BN == 16 ? 8 : 4;
 
 template <class T, int BN, int V>
 __global__ void __launch_bounds__(kTileThreads, kShrinkMinBlocks<BN, V>)
     shrink_tc_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ A,
                      float* __restrict__ out, int64_t M, int64_t N, int64_t K, int64_t kchunk,
-                     DropArg drop) {
+                     int64_t chunks_per_block, DropArg drop) {
 #if LORA_EXT_TF32_MMA
   constexpr int NF = BN / 16, kOps = (kBM + BN) * kLd, kOut = kBM * (BN + 4);
   __shared__ __align__(32) float smem[kOps > kOut ? kOps : kOut];
@@ -50,7 +52,6 @@ __global__ void __launch_bounds__(kTileThreads, kShrinkMinBlocks<BN, V>)
   const int64_t n0 = static_cast<int64_t>(blockIdx.x / mtiles) * BN;
   const int mrows = static_cast<int>(min(static_cast<int64_t>(kBM), M - m0));
   const int nrows = static_cast<int>(min(static_cast<int64_t>(BN), N - n0));
-  const int64_t kbeg = static_cast<int64_t>(blockIdx.z) * kchunk, kend = min(K, kbeg + kchunk);
   const T* xb = x + m0 * ldx;
   const T* Ab = A + n0 * K;
   auto xrow = [&](int r) { return xb + r * ldx; };
@@ -59,56 +60,71 @@ __global__ void __launch_bounds__(kTileThreads, kShrinkMinBlocks<BN, V>)
     return d.keep(static_cast<uint64_t>(m0 + r) * K + k) ? 1.f : 0.f;
   };
   const int warp = threadIdx.x >> 5;
-  AccFrag acc[NF];
-#pragma unroll
-  for (int c = 0; c < NF; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);
+  const float s = drop.on ? d.keep_scale : 1.f;
   float* Xs = smem;
   float* Ws = smem + kBM * kLd;
-  if constexpr (V > 1) {  // 16-byte loads, prefetched: the next step's are in flight during the MMAs
-    TileRegs<T, V, kBM> xr;
-    TileRegs<T, V, BN> ar;
-    xr.fetch(xrow, mrows, kbeg, kend);
-    ar.fetch(arow, nrows, kbeg, kend);
-    for (int64_t k = kbeg; k < kend; k += kBK) {
-      if (drop.on) {
-        xr.store(Xs, k, kend, keep);
-      } else {
-        xr.store(Xs, k, kend);
+  // chunks c0 .. c1 - 1; total = s * S(c0), then total += s * S(c) in chunk order: the bits of
+  // one chunk per block (partials summed by sum_splits), however many chunks a block runs
+  const int64_t nchunks = (K + kchunk - 1) / kchunk;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.z) * chunks_per_block;
+  const int64_t c1 = min(nchunks, c0 + chunks_per_block);
+  AccFrag total[NF];
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    const int64_t kbeg = ch * kchunk, kend = min(K, kbeg + kchunk);
+    AccFrag acc[NF];
+#pragma unroll
+    for (int c = 0; c < NF; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);
+    if constexpr (V > 1) {  // 16-byte loads, prefetched: the next step's in flight during the MMAs
+      TileRegs<T, V, kBM> xr;
+      TileRegs<T, V, BN> ar;
+      xr.fetch(xrow, mrows, kbeg, kend);
+      ar.fetch(arow, nrows, kbeg, kend);
+      for (int64_t k = kbeg; k < kend; k += kBK) {
+        if (drop.on) {
+          xr.store(Xs, k, kend, keep);
+        } else {
+          xr.store(Xs, k, kend);
+        }
+        ar.store(Ws, k, kend);
+        __syncthreads();
+        if (k + kBK < kend) {
+          xr.fetch(xrow, mrows, k + kBK, kend);
+          ar.fetch(arow, nrows, k + kBK, kend);
+        }
+        mma_step<NF, false, false>(Xs + warp * 16 * kLd, Ws, acc, step_cols(k, kend));
+        __syncthreads();
       }
-      ar.store(Ws, k, kend);
-      __syncthreads();
-      if (k + kBK < kend) {
-        xr.fetch(xrow, mrows, k + kBK, kend);
-        ar.fetch(arow, nrows, k + kBK, kend);
+    } else {  // scalar loads (unaligned x or A): a whole tile in registers would spill
+      for (int64_t k = kbeg; k < kend; k += kBK) {
+        if (drop.on) {
+          load_tile<T, 1, kBM>(Xs, xrow, mrows, k, kend, keep);
+        } else {
+          load_tile<T, 1, kBM>(Xs, xrow, mrows, k, kend);
+        }
+        load_tile<T, 1, BN>(Ws, arow, nrows, k, kend);
+        __syncthreads();
+        mma_step<NF, false, false>(Xs + warp * 16 * kLd, Ws, acc, step_cols(k, kend));
+        __syncthreads();
       }
-      mma_step<NF, false, false>(Xs + warp * 16 * kLd, Ws, acc, step_cols(k, kend));
-      __syncthreads();
     }
-  } else {  // scalar loads (unaligned x or A): a whole tile in registers would spill
-    for (int64_t k = kbeg; k < kend; k += kBK) {
-      if (drop.on) {
-        load_tile<T, 1, kBM>(Xs, xrow, mrows, k, kend, keep);
-      } else {
-        load_tile<T, 1, kBM>(Xs, xrow, mrows, k, kend);
-      }
-      load_tile<T, 1, BN>(Ws, arow, nrows, k, kend);
-      __syncthreads();
-      mma_step<NF, false, false>(Xs + warp * 16 * kLd, Ws, acc, step_cols(k, kend));
-      __syncthreads();
-    }
+#pragma unroll
+    for (int c = 0; c < NF; ++c)
+#pragma unroll
+      for (int i = 0; i < acc[c].num_elements; ++i)  // element-wise: the same layout
+        total[c].x[i] = ch == c0 ? __fmul_rn(s, acc[c].x[i])
+                                 : __fadd_rn(total[c].x[i], __fmul_rn(s, acc[c].x[i]));
   }
   float* Cs = smem;  // [kBM][BN + 4], reusing the operand tiles after the last sync
 #pragma unroll
   for (int c = 0; c < NF; ++c)
-    nvcuda::wmma::store_matrix_sync(Cs + warp * 16 * (BN + 4) + c * 16, acc[c], BN + 4,
+    nvcuda::wmma::store_matrix_sync(Cs + warp * 16 * (BN + 4) + c * 16, total[c], BN + 4,
                                     nvcuda::wmma::mem_row_major);
   __syncthreads();
-  const float s = drop.on ? d.keep_scale : 1.f;
   float* u = out + static_cast<int64_t>(blockIdx.z) * M * N + m0 * N + n0;
 #pragma unroll 1
   for (int e = threadIdx.x; e < kBM * BN; e += kTileThreads) {
     const int q = e / BN, c = e % BN;
-    if (q < mrows && c < nrows) u[q * N + c] = s * Cs[q * (BN + 4) + c];
+    if (q < mrows && c < nrows) u[q * N + c] = Cs[q * (BN + 4) + c];
   }
 #else
   __trap();  // tensor-core tiles need an sm_80+ image (the launcher never sends them here)
@@ -219,15 +235,16 @@ __global__ void __launch_bounds__(kTileThreads, VEC ? 4 : 1)
 }  // namespace
 
 template <class T>
-cudaError_t shrink_tc(const LowRankJob& j, float* out, int bn, int64_t kchunk, int64_t ksplit,
+cudaError_t shrink_tc(const LowRankJob& j, float* out, int bn, int64_t kchunk, int64_t blocks_z,
                       bool vec, DropArg drop, cudaStream_t s) {
   constexpr int V = kVec<T>;
   const T* x = static_cast<const T*>(j.x);
   const T* A = static_cast<const T*>(j.A);
-  const dim3 grid(ceil_div(j.T, kBM) * ceil_div(j.r, bn), 1, ksplit);
+  const dim3 grid(ceil_div(j.T, kBM) * ceil_div(j.r, bn), 1, blocks_z);
+  const int64_t per_block = ceil_div(ceil_div(j.in, kchunk), blocks_z);
   auto launch = [&](auto bn_c, auto v_c) {
     LORA_EXT_LAUNCH((shrink_tc_kernel<T, decltype(bn_c)::value, decltype(v_c)::value>), grid,
-                    kTileThreads, 0, s, x, j.ldx, A, out, j.T, j.r, j.in, kchunk, drop);
+                    kTileThreads, 0, s, x, j.ldx, A, out, j.T, j.r, j.in, kchunk, per_block, drop);
   };
   auto with_v = [&](auto bn_c) {
     if (vec) {

@@ -88,16 +88,29 @@ def test_lora_linear_tiles_with_dropout(emu, monkeypatch, dtype, T, i, o, r, ord
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_tokens_same_bits_in_any_batch(emu, dtype):
-    # the K chunks depend on `in` alone: a token's u and y do not depend on the other tokens
-    T, i, o, r = 72, 1030, 40, 24
+    # The K chunks depend on `in` alone, and a block that runs all of them (token tiles enough
+    # to fill the GPU: 600 tokens on 2 SMs) sums them in the order the split partials are
+    # summed, dropout's 1 / (1 - p) included: a token's u (and lora_apply_'s y) does not depend
+    # on the other tokens, nor on the GPU's size.
+    T, i, o, r = 600, 1030, 40, 24
     x, A, B, W = case(dtype, T, i, o, r, seed=20)
-    seed = torch.tensor([7], dtype=torch.int64)
-    for sms in (132, 2):  # 2 SMs: a split chosen by the number of blocks would differ here
-        with emu.device(sms=sms):
-            y_all, u_all = emu.ops.lora_linear_fwd(x, W, None, A, B, 0.5, 0.0, seed, False)
-            for t0 in (0, 8):
-                y, u = emu.ops.lora_linear_fwd(x[t0:t0 + 64], W, None, A, B, 0.5, 0.0, seed, False)
-                assert same_bits(u, u_all[t0:t0 + 64]) and same_bits(y, y_all[t0:t0 + 64]), (sms, t0)
+    y0, seed = rand(T, o, dtype=dtype, seed=21), torch.tensor([7], dtype=torch.int64)
+    fwd = emu.ops.lora_linear_fwd
+    u = {}
+    for p in (0.0, 0.3):
+        for sms in (132, 2):  # 600 tokens: one K chunk per block on 132 SMs, all in one on 2
+            with emu.device(sms=sms):
+                u[p, sms] = fwd(x, W, None, A, B, 0.5, p, seed, False)[1]
+        assert same_bits(u[p, 132], u[p, 2]), p
+    with emu.device(sms=2):
+        y_all = y0.clone()
+        emu.ops.lora_apply_(y_all, x, A, B, 0.5)
+        for t0 in (0, 8, 536):  # 64 tokens: one K chunk per block
+            rows = slice(t0, t0 + 64)
+            assert same_bits(fwd(x[rows], W, None, A, B, 0.5, 0.0, seed, False)[1], u[0.0, 2][rows]), t0
+            y = y0[rows].clone()
+            emu.ops.lora_apply_(y, x[rows], A, B, 0.5)
+            assert same_bits(y, y_all[rows]), t0
 
 
 def test_infinite_u(emu):

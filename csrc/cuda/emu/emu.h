@@ -248,6 +248,8 @@ T __ldg(const T* p) {
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }  // never contracted into an fma
+inline float __fadd_rn(float a, float b) { return a + b; }
 inline float fmaf(float a, float b, float c) { return std::fma(a, b, c); }
 inline unsigned __float_as_uint(float f) { return lora_ext::emu::f2u(f); }
 inline float __uint_as_float(unsigned u) { return lora_ext::emu::u2f(u); }
