@@ -1,6 +1,7 @@
 """One call of each kernel behind a failed bandwidth/overhead goal, at benchmark size, for
-``ncu`` (bench/gpu_check.sh's ncu stage): multi_lora_ decode (T = 16, 16 adapters, 4096, r = 16),
-merge_ (4096^2, r = 16), lora_linear forward + backward (T = 8192, 4096^2, r = 16), all bf16,
+``ncu`` (bench/gpu_check.sh's ncu stage): multi_lora_ decode (T = 16, 16 adapters, 4096, r = 16)
+and prefill (T = 8192, 8 adapters), merge_ (4096^2, r = 16), lora_linear forward + backward
+(T = 8192, 4096^2, r = 16; tensor-core tiles), all bf16,
 each after one warm-up call outside the profiled range (--profile-from-start off)."""
 import torch
 
@@ -24,7 +25,10 @@ def cases():
     xl = rnd(8192, h).requires_grad_()
     Al, Bl = rnd(r, h, s=0.01).requires_grad_(), rnd(h, r, s=0.01).requires_grad_()
     gy = rnd(8192, h)
+    yp = torch.zeros(8192, h, device=dev, dtype=bf)
+    idxp = torch.arange(8192, device=dev, dtype=torch.int32) * 8 // 8192  # 8 runs of 1024 tokens
     yield "multi_lora_ decode", lambda: multi_lora_(y, x, A, B, idx, sc, rk)
+    yield "multi_lora_ prefill", lambda: multi_lora_(yp, xl.detach(), A, B, idxp, sc, rk)
     yield "merge_", lambda: merge_(W, A[0], B[0], 1e-3)
     yield "lora_linear fwd+bwd", lambda: lora_linear(xl, W, None, Al, Bl, 2.0).backward(gy)
 
