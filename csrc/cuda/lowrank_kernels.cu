@@ -51,12 +51,18 @@ int64_t split_k(int64_t K, int64_t tiles, int num_sms, int64_t step, int64_t min
   return ceil_div(ceil_div(K, splits), step) * step;
 }
 
+// Both halves of a 16-bit job of more than kSmallT tokens run on tensor cores when allowed.
+template <class T>
+bool tensor_core_tiles(const LowRankJob& j) {
+  return j.T > kSmallT && sizeof(T) == 2 && j.tensor_cores;
+}
+
 template <class T>
 Plan plan_for(const LowRankJob& j) {
   constexpr int V = kVec<T>;
   Plan pl;
   pl.small = j.T <= kSmallT;
-  pl.tc = !pl.small && sizeof(T) == 2 && j.tensor_cores;
+  pl.tc = tensor_core_tiles<T>(j);
   pl.vec = j.in % V == 0 && j.ldx % V == 0 && aligned16(j.x) && aligned16(j.A);
   if (pl.small) {
     const int64_t step = 32 * (pl.vec ? V : 1);
@@ -65,19 +71,16 @@ Plan plan_for(const LowRankJob& j) {
   } else {
     pl.bn = j.r <= 16 ? 16 : (j.r <= 32 ? 32 : 64);
     pl.rows = ceil_div(j.r, pl.bn);
-    // gemm_nt: K splits for about two waves
-    pl.kchunk = split_k(j.in, ceil_div(j.T, 64) * pl.rows, j.num_sms, 32, 256);
+    // tensor cores: chunks of max(256, in / 16) from `in` alone (every token's u has the same
+    // bits in any batch); gemm_nt: K splits for about two waves
+    pl.kchunk = pl.tc ? std::max<int64_t>(256, ceil_div(ceil_div(j.in, 16), 32) * 32)
+                      : split_k(j.in, ceil_div(j.T, 64) * pl.rows, j.num_sms, 32, 256);
   }
   pl.kchunk = std::max<int64_t>(1, pl.kchunk);
   pl.ksplit = ceil_div(j.in, pl.kchunk);
-  if (pl.tc) {
-    // tensor cores: chunks of max(256, in / 16) from `in` alone (every token's u has the same
-    // bits in any batch); one per block (partials: ksplit of them) while the tiles alone would
-    // leave the GPU short of blocks in flight, else all in their tile's block (no workspace)
-    pl.kchunk = std::max<int64_t>(256, ceil_div(ceil_div(j.in, 16), 32) * 32);
-    const bool fill = ceil_div(j.T, 64) * pl.rows >= 4LL * j.num_sms;
-    pl.ksplit = fill ? 1 : ceil_div(j.in, pl.kchunk);
-  }
+  // tensor cores: one chunk per block (ksplit partials) while the tiles alone would leave the
+  // GPU short of blocks in flight, else every chunk in its tile's block (no workspace)
+  if (pl.tc && ceil_div(j.T, 64) * pl.rows >= 4LL * j.num_sms) pl.ksplit = 1;
   return pl;
 }
 
@@ -171,25 +174,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Epilogues of gemm_nt (v: the product element, output dropout already applied).
+// Epilogues of gemm_nt (v: the product element, output dropout already applied); the
+// expand's, AddY, is in lowrank_kernels.cuh.
 struct StoreU {  // shrink: u[z][m, n] = v (split z's partial, or u itself when K is not split)
   float* u;
   int64_t ldu, zstride;
   __device__ void operator()(int64_t m, int64_t n, float v) const {
     u[blockIdx.z * zstride + m * ldu + n] = v;
-  }
-};
-template <class T>
-struct AddY {  // expand: y[m, n] += s * v, rounded once (overwrite: y = bias[n] + s * v)
-  T* y;
-  int64_t ldy;
-  float scale;
-  bool overwrite;
-  const T* bias;
-  __device__ void operator()(int64_t m, int64_t n, float v) const {
-    T* p = y + m * ldy + n;
-    const float y0 = !overwrite ? to_f32(*p) : bias != nullptr ? to_f32(bias[n]) : 0.f;
-    *p = from_f32<T>(y0 + scale * v);
   }
 };
 
@@ -353,7 +344,7 @@ cudaError_t expand(const LowRankJob& j, DropArg drop, cudaStream_t s) {
       LORA_EXT_LAUNCH(expand_small<T, 1>, gx, kThreads, 0, s, y, j.ldy, j.u, B, nt, j.out, j.r,
                       j.scale, drop);
     }
-  } else if (sizeof(T) == 2 && j.tensor_cores) {
+  } else if (tensor_core_tiles<T>(j)) {
     if constexpr (sizeof(T) == 2) LORA_EXT_TRY(expand_tc<T>(j, drop, s));
   } else {
     const dim3 grid(ceil_div(j.T, 64) * ceil_div(j.out, 64), 1, 1);

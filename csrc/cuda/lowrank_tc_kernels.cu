@@ -24,14 +24,6 @@ namespace {
 constexpr int kBM = 64;  // tokens per tile (16 per warp)
 constexpr int kBNE = 64; // output columns per expand tile
 
-#if LORA_EXT_TF32_MMA
-// Columns of this K step that hold data, rounded up to the MMA's k = 8.
-__device__ __forceinline__ int step_cols(int64_t k, int64_t kend) {
-  const int n = static_cast<int>(min(static_cast<int64_t>(kBK), kend - k));
-  return (n + 7) & ~7;
-}
-#endif
-
 // Blocks per SM the shrink's registers must allow: 16-byte tiles at <= 64 registers (<= 128
 // with BN >= 32) fit without spills; the scalar-load variants (unaligned inputs) spill under
 // ptxas's default target, so they get the registers of one block.
@@ -74,38 +66,12 @@ __global__ void __launch_bounds__(kTileThreads, kShrinkMinBlocks<BN, V>)
     AccFrag acc[NF];
 #pragma unroll
     for (int c = 0; c < NF; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);
-    if constexpr (V > 1) {  // 16-byte loads, prefetched: the next step's in flight during the MMAs
-      TileRegs<T, V, kBM> xr;
-      TileRegs<T, V, BN> ar;
-      xr.fetch(xrow, mrows, kbeg, kend);
-      ar.fetch(arow, nrows, kbeg, kend);
-      for (int64_t k = kbeg; k < kend; k += kBK) {
-        if (drop.on) {
-          xr.store(Xs, k, kend, keep);
-        } else {
-          xr.store(Xs, k, kend);
-        }
-        ar.store(Ws, k, kend);
-        __syncthreads();
-        if (k + kBK < kend) {
-          xr.fetch(xrow, mrows, k + kBK, kend);
-          ar.fetch(arow, nrows, k + kBK, kend);
-        }
-        mma_step<NF, false, false>(Xs + warp * 16 * kLd, Ws, acc, step_cols(k, kend));
-        __syncthreads();
-      }
-    } else {  // scalar loads (unaligned x or A): a whole tile in registers would spill
-      for (int64_t k = kbeg; k < kend; k += kBK) {
-        if (drop.on) {
-          load_tile<T, 1, kBM>(Xs, xrow, mrows, k, kend, keep);
-        } else {
-          load_tile<T, 1, kBM>(Xs, xrow, mrows, k, kend);
-        }
-        load_tile<T, 1, BN>(Ws, arow, nrows, k, kend);
-        __syncthreads();
-        mma_step<NF, false, false>(Xs + warp * 16 * kLd, Ws, acc, step_cols(k, kend));
-        __syncthreads();
-      }
+    if (drop.on) {
+      mma_k_range<NF, false, false, T, V, kBM, T, V, BN>(Xs, Ws, xrow, mrows, arow, nrows, kbeg,
+                                                          kend, acc, keep);
+    } else {
+      mma_k_range<NF, false, false, T, V, kBM, T, V, BN>(Xs, Ws, xrow, mrows, arow, nrows, kbeg,
+                                                          kend, acc);
     }
 #pragma unroll
     for (int c = 0; c < NF; ++c)
@@ -131,24 +97,11 @@ __global__ void __launch_bounds__(kTileThreads, kShrinkMinBlocks<BN, V>)
 #endif
 }
 
-// y[m, n] = y0 + scale * keep(m * N + n) v, y0 = y[m, n] (or bias[n] / 0 with overwrite).
-template <class T>
-struct ExpandOut {
-  T* y;
-  int64_t ldy;
-  float scale;
-  bool overwrite;
-  const T* bias;
-  __device__ __forceinline__ float y0(const T* p, int64_t n) const {
-    return !overwrite ? to_f32(*p) : bias != nullptr ? to_f32(bias[n]) : 0.f;
-  }
-};
-
 // VEC: 4 blocks per SM (<= 128 registers, no spills); the scalar variant spills there.
 template <class T, bool VEC>
 __global__ void __launch_bounds__(kTileThreads, VEC ? 4 : 1)
     expand_tc_kernel(const float* __restrict__ u, const T* __restrict__ B, int64_t M, int64_t N,
-                     int64_t R, ExpandOut<T> eo, DropArg drop, bool vec_y) {
+                     int64_t R, AddY<T> eo, DropArg drop, bool vec_y) {
 #if LORA_EXT_TF32_MMA
   constexpr int VU = VEC ? 4 : 1, VB = VEC ? kVec<T> : 1, NF = kBNE / 16;
   constexpr int kOps = 2 * kBM * kLd, kOut = kBM * (kBNE + 4);
@@ -167,21 +120,8 @@ __global__ void __launch_bounds__(kTileThreads, VEC ? 4 : 1)
   for (int c = 0; c < NF; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);
   float* Xs = smem;
   float* Ws = smem + kBM * kLd;
-  TileRegs<float, VU, kBM> ur;
-  TileRegs<T, VB, kBNE> br;
-  ur.fetch(urow, mrows, 0, R);
-  br.fetch(brow, ncols, 0, R);
-  for (int64_t k = 0; k < R; k += kBK) {
-    ur.store(Xs, k, R);
-    br.store(Ws, k, R);
-    __syncthreads();
-    if (k + kBK < R) {
-      ur.fetch(urow, mrows, k + kBK, R);
-      br.fetch(brow, ncols, k + kBK, R);
-    }
-    mma_step<NF, true, false>(Xs + warp * 16 * kLd, Ws, acc, step_cols(k, R));
-    __syncthreads();
-  }
+  mma_k_range<NF, true, false, float, VU, kBM, T, VB, kBNE>(Xs, Ws, urow, mrows, brow, ncols, 0, R,
+                                                             acc);
   float* Cs = smem;  // [kBM][kBNE + 4]
 #pragma unroll
   for (int c = 0; c < NF; ++c)
@@ -222,8 +162,7 @@ __global__ void __launch_bounds__(kTileThreads, VEC ? 4 : 1)
     for (int e = threadIdx.x; e < kBM * kBNE; e += kTileThreads) {
       const int q = e / kBNE, c = e % kBNE;
       if (q < mrows && c < ncols) {
-        T* p = eo.y + (m0 + q) * eo.ldy + n0 + c;
-        *p = from_f32<T>(eo.y0(p, n0 + c) + eo.scale * value(q, c));
+        eo(m0 + q, n0 + c, value(q, c));
       }
     }
   }
@@ -266,8 +205,8 @@ cudaError_t shrink_tc(const LowRankJob& j, float* out, int bn, int64_t kchunk, i
 template <class T>
 cudaError_t expand_tc(const LowRankJob& j, DropArg drop, cudaStream_t s) {
   const T* B = static_cast<const T*>(j.B);
-  const ExpandOut<T> eo{static_cast<T*>(j.y), j.ldy, j.scale, j.overwrite_y,
-                        static_cast<const T*>(j.bias)};
+  const AddY<T> eo{static_cast<T*>(j.y), j.ldy, j.scale, j.overwrite_y,
+                   static_cast<const T*>(j.bias)};
   constexpr int V = kVec<T>;
   const bool vec = j.r % V == 0 && aligned16(j.u) && aligned16(B);
   const bool vec_y = aligned16(j.y) && j.ldy % V == 0 && j.out % V == 0 &&

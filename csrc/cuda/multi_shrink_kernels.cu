@@ -99,31 +99,8 @@ __global__ void __launch_bounds__(kThreads, 4)
   float* Ws = smem + kBM * kLd;
   auto xrow = [&](int r) { return x + toks[r] * p.ldx; };
   auto arow = [&](int r) { return A + r * p.in; };
-  if constexpr (V > 1) {  // 16-byte loads, prefetched: the next step's are in flight during the MMAs
-    TileRegs<T, V, kBM> xr;
-    TileRegs<T, V, BN> ar;
-    xr.fetch(xrow, ntok, k0, k1);
-    ar.fetch(arow, nrows, k0, k1);
-    for (int64_t k = k0; k < k1; k += kBK) {
-      xr.store(Xs, k, k1);
-      ar.store(Ws, k, k1);
-      __syncthreads();
-      if (k + kBK < k1) {
-        xr.fetch(xrow, ntok, k + kBK, k1);
-        ar.fetch(arow, nrows, k + kBK, k1);
-      }
-      mma_step<NF, kSplit, kSplit>(Xs + warp * 16 * kLd, Ws, acc);
-      __syncthreads();
-    }
-  } else {
-    for (int64_t k = k0; k < k1; k += kBK) {
-      load_tile<T, V, kBM>(Xs, xrow, ntok, k, k1);
-      load_tile<T, V, BN>(Ws, arow, nrows, k, k1);
-      __syncthreads();
-      mma_step<NF, kSplit, kSplit>(Xs + warp * 16 * kLd, Ws, acc);
-      __syncthreads();
-    }
-  }
+  mma_k_range<NF, kSplit, kSplit, T, V, kBM, T, V, BN>(Xs, Ws, xrow, ntok, arow, nrows, k0, k1,
+                                                       acc);
   float* Cs = smem;  // [kBM][BN + 4], reusing the operand tiles after the last sync
 #pragma unroll
   for (int c = 0; c < NF; ++c)

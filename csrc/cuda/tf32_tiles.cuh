@@ -16,6 +16,11 @@ constexpr int kTileThreads = 128;  // 4 warps per block
 constexpr int kBK = 32;            // K step of the tiles
 constexpr int kLd = kBK + 4;       // smem row stride (floats) of the operand tiles
 
+// keep() of a tile that is not masked.
+struct Ones {
+  __device__ __forceinline__ float operator()(int, int64_t) const { return 1.f; }
+};
+
 // A ROWS x kBK tile of T (or N of its thread's row groups, from it0 on; N = 0: all of them):
 // fetch() issues the thread's global loads into registers, store() writes them to shared memory
 // as fp32. Split so that a kernel can have the next K step's loads in flight during this step's
@@ -49,8 +54,8 @@ struct TileRegs {
     }
   }
   // dst[row * kLd + c] = keep(row, k0 + c) * value (keep: a 0/1 multiplier, e.g. a dropout mask).
-  template <class Keep>
-  __device__ __forceinline__ void store(float* dst, int64_t k0, int64_t kend, Keep keep,
+  template <class Keep = Ones>
+  __device__ __forceinline__ void store(float* dst, int64_t k0, int64_t kend, Keep keep = {},
                                         int it0 = 0) const {
 #pragma unroll
     for (int it = 0; it < kHeld; ++it) {
@@ -63,17 +68,13 @@ struct TileRegs {
       }
     }
   }
-  __device__ __forceinline__ void store(float* dst, int64_t k0, int64_t kend) const {
-    store(dst, k0, kend, ones);
-  }
-  __device__ __forceinline__ static float ones(int, int64_t) { return 1.f; }
 };
 
 // dst = the ROWS x kBK tile at row_ptr(row)[k0 ..] times keep(row, k), fetched and stored 4 row
 // groups at a time (at most 4 loads in flight per thread, few registers; the caller syncs).
-template <class T, int V, int ROWS, class RowPtr, class Keep>
+template <class T, int V, int ROWS, class RowPtr, class Keep = Ones>
 __device__ __forceinline__ void load_tile(float* dst, RowPtr row_ptr, int nrows, int64_t k0,
-                                          int64_t kend, Keep keep) {
+                                          int64_t kend, Keep keep = {}) {
   using R = TileRegs<T, V, ROWS, 4>;
 #pragma unroll
   for (int it0 = 0; it0 < R::kIters; it0 += R::kHeld) {
@@ -81,11 +82,6 @@ __device__ __forceinline__ void load_tile(float* dst, RowPtr row_ptr, int nrows,
     t.fetch(row_ptr, nrows, k0, kend, it0);
     t.store(dst, k0, kend, keep, it0);
   }
-}
-template <class T, int V, int ROWS, class RowPtr>
-__device__ __forceinline__ void load_tile(float* dst, RowPtr row_ptr, int nrows, int64_t k0,
-                                          int64_t kend) {
-  load_tile<T, V, ROWS>(dst, row_ptr, nrows, k0, kend, TileRegs<T, V, ROWS>::ones);
 }
 
 using AccFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
@@ -160,6 +156,50 @@ __device__ __forceinline__ void mma_step(const float* Xs, const float* Ws, AccFr
 #else
   __trap();  // tensor-core tiles need sm_80+ (the launcher never sends them here)
 #endif
+}
+
+// Columns of the K step at k that hold data (k < kend), rounded up to the MMA's k = 8.
+__device__ __forceinline__ int step_cols(int64_t k, int64_t kend) {
+  const int n = static_cast<int>(min(static_cast<int64_t>(kBK), kend - k));
+  return (n + 7) & ~7;
+}
+
+// acc += (keep_a ⊙ a)[warp's 16 of RA rows, k0 .. k1) b[RB rows, k0 .. k1)^T, a and b given by
+// their row pointers (na, nb rows exist), K in steps of kBK through the operand tiles Xs
+// [RA][kLd] and Ws [RB][kLd]. With 16-byte loads (VA, VB > 1) the next step's loads are issued
+// before this step's MMAs (register prefetch); scalar loads go through load_tile (a whole tile
+// in registers would spill). Called by every thread of the block (it synchronises).
+template <int NF, bool SA, bool SB, class TA, int VA, int RA, class TB, int VB, int RB,
+          class ARow, class BRow, class KeepA = Ones>
+__device__ __forceinline__ void mma_k_range(float* Xs, float* Ws, ARow arow, int na, BRow brow,
+                                            int nb, int64_t k0, int64_t k1, AccFrag (&acc)[NF],
+                                            KeepA keep_a = {}) {
+  const float* xw = Xs + (threadIdx.x >> 5) * 16 * kLd;  // the warp's 16 rows
+  if constexpr (VA > 1 && VB > 1) {
+    TileRegs<TA, VA, RA> ar;
+    TileRegs<TB, VB, RB> br;
+    ar.fetch(arow, na, k0, k1);
+    br.fetch(brow, nb, k0, k1);
+    for (int64_t k = k0; k < k1; k += kBK) {
+      ar.store(Xs, k, k1, keep_a);
+      br.store(Ws, k, k1);
+      __syncthreads();
+      if (k + kBK < k1) {
+        ar.fetch(arow, na, k + kBK, k1);
+        br.fetch(brow, nb, k + kBK, k1);
+      }
+      mma_step<NF, SA, SB>(xw, Ws, acc, step_cols(k, k1));
+      __syncthreads();
+    }
+  } else {
+    for (int64_t k = k0; k < k1; k += kBK) {
+      load_tile<TA, VA, RA>(Xs, arow, na, k, k1, keep_a);
+      load_tile<TB, VB, RB>(Ws, brow, nb, k, k1);
+      __syncthreads();
+      mma_step<NF, SA, SB>(xw, Ws, acc, step_cols(k, k1));
+      __syncthreads();
+    }
+  }
 }
 
 }  // namespace lora_ext::cuda

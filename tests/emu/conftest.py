@@ -50,6 +50,33 @@ def under_schedules(emu, fn, schedules=SCHEDULES, **device):
     return runs[0] if len(runs[0]) > 1 else runs[0][0]
 
 
+# rel_err bounds of fp32 accumulation against the CPU kernels, per output dtype
+RTOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - b).norm() / max(b.norm().item(), 1e-30)).item()
+
+
+def lora_apply_case(emu, y0, x, A, B, scale):
+    """(the CPU kernels' lora_apply_ on a copy of y0, run: the emulated one on a fresh copy)."""
+    ref = y0.clone()
+    torch.ops.lora_ext.lora_apply_(ref, x, A, B, scale)
+
+    def run():
+        y = y0.clone()
+        emu.ops.lora_apply_(y, x, A, B, scale)
+        return y
+    return ref, run
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _EMU is None:
         return

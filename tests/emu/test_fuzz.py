@@ -6,8 +6,8 @@ not), under two schedules that must give identical bits. A few committed cases p
 LORA_EXT_EMU_FUZZ_CASES=N runs N per family (LORA_EXT_EMU_FUZZ_FIRST=k starts at seed k)."""
 import pytest
 import torch
-from conftest import under_schedules
-from fuzz_gen import (DTYPES, RTOL, SEEDS, assert_close, assert_same_bits, device, dropout_factors,
+from conftest import RTOL, under_schedules
+from fuzz_gen import (DTYPES, SEEDS, assert_close, assert_same_bits, device, dropout_factors,
                       place, rng_for, size, special_values, values)
 
 CPU = torch.ops.lora_ext

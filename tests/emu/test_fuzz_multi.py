@@ -6,8 +6,8 @@ out_slices (packed q/k/v, empty slices included), y a column slice of a wider bu
 by one element or transposed. See test_fuzz.py for the seeds and LORA_EXT_EMU_FUZZ_CASES."""
 import pytest
 import torch
-from conftest import under_schedules
-from fuzz_gen import (DTYPES, RTOL, SEEDS, assert_close, assert_same_bits, device, place,
+from conftest import RTOL, under_schedules
+from fuzz_gen import (DTYPES, SEEDS, assert_close, assert_same_bits, device, place,
                       rng_for, size, special_values, values)
 
 CPU = torch.ops.lora_ext

@@ -6,21 +6,9 @@ import itertools
 
 import pytest
 import torch
-from conftest import same_bits, under_schedules
+from conftest import RTOL, lora_apply_case, rand, rel_err, same_bits, under_schedules
 
 CPU = torch.ops.lora_ext
-RTOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite values"
-    return ((a - b).norm() / max(b.norm().item(), 1e-30)).item()
-
-
-def rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
 
 # ------------------------------------------------------------------ lora_apply_ / lora_linear
@@ -37,14 +25,7 @@ def test_lora_apply(emu, dtype, T, i, o, r):
         pytest.skip("fp16: the split-K decode and tiled cases")
     x, A, B = rand(T, i, dtype=dtype, seed=1), rand(r, i, dtype=dtype, seed=2, scale=i ** -0.5), \
         rand(o, r, dtype=dtype, seed=3)
-    y0 = rand(T, o, dtype=dtype, seed=4)
-    ref = y0.clone()
-    CPU.lora_apply_(ref, x, A, B, 0.7)
-
-    def run():
-        y = y0.clone()
-        emu.ops.lora_apply_(y, x, A, B, 0.7)
-        return y
+    ref, run = lora_apply_case(emu, rand(T, o, dtype=dtype, seed=4), x, A, B, 0.7)
     assert rel_err(under_schedules(emu, run), ref) < RTOL[dtype]
 
 

@@ -4,27 +4,15 @@ LORA_EXT_CUDA_TENSOR_CORES=0 or an sm_75 device), under several schedules; the p
 invariance their fixed K chunks give; +-inf in u."""
 import pytest
 import torch
-from conftest import same_bits, under_schedules
+from conftest import RTOL, lora_apply_case, rand, rel_err, same_bits, under_schedules
 
 CPU = torch.ops.lora_ext
-RTOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 # (T, in, out, r): one token tile with a tail and BN = 64 (r = 40); K split in 3 with 16-byte
 # loads; odd in (scalar x loads), r = 17 (BN = 32, scalar u/B loads), odd out (scalar y);
 # r = 1 with 5 K chunks; r = 70 (two rank tiles, expand K steps of 32 + 32 + 6)
 SHAPES = [(9, 40, 30, 40), (70, 600, 24, 16), (130, 301, 33, 17), (65, 1030, 72, 1),
           (72, 64, 130, 70)]
-
-
-def rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite values"
-    return ((a - b).norm() / max(b.norm().item(), 1e-30)).item()
 
 
 def case(dtype, T, i, o, r, seed=0):
@@ -34,10 +22,11 @@ def case(dtype, T, i, o, r, seed=0):
     return x, A, B, W
 
 
-def linear(emu, x, W, bias, A, B, p, seed, mask):
-    y, u = emu.ops.lora_linear_fwd(x, W, bias, A, B, 0.5, p, seed, False)
+def linear(ops, x, W, bias, A, B, p, seed, mask):
+    """(y, u, the gradients asked for) of ops' lora_linear forward and backward (scale 0.5)."""
+    y, u = ops.lora_linear_fwd(x, W, bias, A, B, 0.5, p, seed, False)
     g = rand(*y.shape, dtype=y.dtype, seed=99)
-    return (y, u) + tuple(t for t in emu.ops.lora_linear_bwd(g, x, W, A, B, u, 0.5, p, seed, False, mask)
+    return (y, u) + tuple(t for t in ops.lora_linear_bwd(g, x, W, A, B, u, 0.5, p, seed, False, mask)
                           if t is not None)
 
 
@@ -48,14 +37,7 @@ def test_lora_apply_tiles(emu, monkeypatch, dtype, T, i, o, r, contiguous):
     x, A, B, _ = case(dtype, T, i, o, r)
     if contiguous:
         x = x.contiguous()
-    y0 = rand(T, o, dtype=dtype, seed=5)
-    ref = y0.clone()
-    CPU.lora_apply_(ref, x, A, B, 0.7)
-
-    def run():
-        y = y0.clone()
-        emu.ops.lora_apply_(y, x, A, B, 0.7)
-        return y
+    ref, run = lora_apply_case(emu, rand(T, o, dtype=dtype, seed=5), x, A, B, 0.7)
     tc = under_schedules(emu, run)
     assert rel_err(tc, ref) < RTOL[dtype]
     monkeypatch.setenv("LORA_EXT_CUDA_TENSOR_CORES", "0")
@@ -76,11 +58,8 @@ def test_lora_linear_tiles_with_dropout(emu, monkeypatch, dtype, T, i, o, r, ord
     bias, seed, mask = rand(o, dtype=dtype, seed=16), torch.tensor([424242], dtype=torch.int64), \
         [True, True, True, True]
     for p in (0.0, 0.3):
-        got = under_schedules(emu, lambda: linear(emu, x, W, bias, A, B, p, seed, mask))
-        y_ref, u_ref = CPU.lora_linear_fwd(x, W, bias, A, B, 0.5, p, seed, False)
-        g = rand(*y_ref.shape, dtype=dtype, seed=99)
-        ref = (y_ref, u_ref) + tuple(
-            t for t in CPU.lora_linear_bwd(g, x, W, A, B, u_ref, 0.5, p, seed, False, mask) if t is not None)
+        got = under_schedules(emu, lambda: linear(emu.ops, x, W, bias, A, B, p, seed, mask))
+        ref = linear(CPU, x, W, bias, A, B, p, seed, mask)
         assert rel_err(got[1], ref[1]) < 1e-5, "u: exact products, fp32 sums"
         for k, (a, b) in enumerate(zip(got, ref)):
             assert rel_err(a, b) < RTOL[dtype], k
