@@ -67,10 +67,7 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll 1
         for (int e = threadIdx.x; e < nq * jn; e += kThreads) {
           const int q = e / jn, j = e - q * jn;
-          const float* src = u + toks[q0 + q] * p.r_max + jc + j;
-          float s = src[0];
-          for (int64_t z = 1; z < ksplit; ++z) s += src[z * zstride];
-          Us[q * kUChunk + j] = s;
+          Us[q * kUChunk + j] = sum_partials(u + toks[q0 + q] * p.r_max + jc + j, zstride, ksplit);
         }
         __syncthreads();
         if (c < ncols) {

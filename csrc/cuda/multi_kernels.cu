@@ -2,13 +2,14 @@
 //   group_tokens (one block of 1024 threads): stable counting sort of the tokens by adapter
 //     with no host sync and no atomics on positions. Warp w owns a contiguous run of tokens;
 //     pass 1 counts them per slot (__match_any_sync groups the lanes of one slot, its lowest
-//     lane adds the group's size to the warp's own row cnt[w][slot]); a block-wide scan gives
-//     seg_off[S + 1] (tokens), tile_off[S + 1] (64-token tiles) and, per slot, each warp's
-//     start; pass 2 walks the same tokens and places each at its start + its rank among the
-//     earlier lanes of its group. perm therefore lists every slot's tokens in ascending order.
-//     Indices outside -1 .. S-1 are skipped and added to the bad-index counter. The GEMM-like
-//     kernels size their grids from the shape-only bound ceil(T / 64) + min(S, T) tiles;
-//     blocks past tile_off[S] exit at once.
+//     lane adds the group's size to the warp's own row cnt[w][slot]); a block-wide scan over
+//     the slots gives each slot's first position and first 64-token tile, from which the
+//     tile records are written (multi_kernels.cuh), and each warp's start per slot; pass 2
+//     walks the same tokens and places each at its start + its rank among the earlier lanes
+//     of its group. perm therefore lists every slot's tokens in ascending order. Indices
+//     outside -1 .. S-1 are skipped and added to the bad-index counter. The GEMM-like kernels
+//     size their grids from the shape-only bound tile_bound(T, S); blocks whose record says
+//     slot -1 exit at once.
 //   reduce_partials: the sum of the split-K partials in the order z = 0, 1, ...; zero past a
 //     token's rank and for tokens without a valid adapter (lora_shrink's result, or in place
 //     for the expand of a grouped multi_lora_).
@@ -27,11 +28,11 @@ constexpr int kGroupWarps = kGroupThreads / 32;
 
 __global__ void __launch_bounds__(kGroupThreads)
     group_tokens(const void* idx, bool idx64, int T, int S, int32_t* ws, int* bad) {
-  __shared__ int warp_c[32], warp_t[32];
-  int32_t* perm = ws;
-  int32_t* seg = ws + T;
-  int32_t* toff = seg + S + 1;
-  int32_t* cnt = toff + S + 1;  // [kGroupWarps][S]: counts, then each warp's next position
+  __shared__ int warp_c[32], warp_t[32], total_tiles;
+  const int bound = static_cast<int>(tile_bound(T, S));
+  int32_t* tiles = ws;  // [bound][4]: slot, start, tokens, the slot's tokens
+  int32_t* perm = ws + 4 * bound;
+  int32_t* cnt = perm + T;  // [kGroupWarps][S]: counts, then each warp's next position
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int per_warp = (T + 32 * kGroupWarps - 1) / (32 * kGroupWarps) * 32;
   const int t0 = warp * per_warp, t1 = min(T, t0 + per_warp);
@@ -93,21 +94,28 @@ __global__ void __launch_bounds__(kGroupThreads)
   __syncthreads();
   int cp = warp_c[warp] + ci - cs, tp = warp_t[warp] + ti - ts;
   for (int i = b; i < e; ++i) {
-    seg[i] = cp;
-    toff[i] = tp;
     const int first = cp;
     for (int w = 0; w < kGroupWarps; ++w) {  // counts -> each warp's first position
       const int c = cnt[w * S + i];
       cnt[w * S + i] = cp;
       cp += c;
     }
-    tp += (cp - first + kBM - 1) / kBM;
+    const int n = cp - first;
+    for (int k = 0; k * kBM < n; ++k, ++tp) {
+      int32_t* rec = tiles + 4 * tp;
+      rec[0] = i;
+      rec[1] = first + k * kBM;
+      rec[2] = min(kBM, n - k * kBM);
+      rec[3] = n;
+    }
   }
-  if (tid == kGroupThreads - 1) {
-    seg[S] = cp;
-    toff[S] = tp;
-  }
+  if (tid == kGroupThreads - 1) total_tiles = tp;
   __syncthreads();
+  for (int k = total_tiles + tid; k < bound; k += kGroupThreads) {  // no tile: slot -1
+    int32_t* rec = tiles + 4 * k;
+    rec[0] = -1;
+    rec[1] = rec[2] = rec[3] = 0;
+  }
   for (int base = t0; base < t1; base += 32) {
     const int t = base + lane;
     const int64_t a = t < t1 ? load_idx(idx, idx64, t) : -1;
@@ -133,11 +141,8 @@ __global__ void reduce_partials(const MultiLoraParams p, int64_t ksplit, float* 
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = e % p.r_max, t = (e / p.r_max) % p.T, sl = e / (p.r_max * p.T);
     const int64_t a = load_idx(p.idx, p.idx64, t);
-    float s = 0.f;
-    if (a >= 0 && a < p.S && j < rank_of(p, sl, a)) {
-      s = p.u[e];
-      for (int64_t z = 1; z < ksplit; ++z) s += p.u[z * total + e];
-    }
+    const float s =
+        a >= 0 && a < p.S && j < rank_of(p, sl, a) ? sum_partials(p.u + e, total, ksplit) : 0.f;
     out[e] = scale == 1.f ? s : scale * s;
   }
 }
@@ -155,14 +160,14 @@ MultiLoraPlan multi_lora_plan(const MultiLoraParams& p, bool allow_split) {
   using namespace multi;
   MultiLoraPlan plan;
   plan.grouped = p.T > kUngroupedMaxT;
-  plan.tiles = plan.grouped ? ceil_div(p.T, kBM) + std::min(p.S, p.T) : p.T;
+  plan.tiles = plan.grouped ? tile_bound(p.T, p.S) : p.T;
   // K chunks from `in` alone (<= kMaxSplits multiples of kKAlign): a token's sums do not
   // depend on the batch.
   plan.kchunk = allow_split ? std::max<int64_t>(
                                   kKAlign, ceil_div(ceil_div(p.in, kMaxSplits), kKAlign) * kKAlign)
                             : std::max<int64_t>(1, p.in);
   plan.ksplit = std::max<int64_t>(1, ceil_div(p.in, plan.kchunk));
-  plan.ws_ints = plan.grouped ? p.T + 2 * (p.S + 1) + kGroupWarps * p.S : 1;
+  plan.ws_ints = plan.grouped ? 4 * plan.tiles + p.T + kGroupWarps * p.S : 1;
   const int64_t rtiles = p.n * ceil_div(p.r_max, p.r_max <= 16 ? 16 : 64);
   plan.blocks = plan.tiles * std::max(rtiles, expand_tiles(p));
   return plan;

@@ -33,59 +33,85 @@ __device__ __forceinline__ int64_t rank_of(const MultiLoraParams& p, int64_t sl,
   return r < 0 ? 0 : (r > p.r_max ? p.r_max : r);
 }
 
+// Grouped mode's int workspace (plan.ws_ints): one record per token tile {slot (-1 past the
+// last tile), first position in perm, tokens, the slot's tokens in the batch}, then perm[T]
+// (tokens sorted by slot, stable), then group_tokens' per-warp counts. A tile resolves with
+// one round of loads.
+__host__ __device__ __forceinline__ int64_t tile_bound(int64_t T, int64_t S) {
+  return (T + kBM - 1) / kBM + (S < T ? S : T);
+}
+__device__ __forceinline__ const int32_t* perm_of(const MultiLoraParams& p) {
+  return p.ws + 4 * tile_bound(p.T, p.S);
+}
+
 struct Tile {
   int64_t a;      // adapter slot
-  int64_t start;  // grouped: position in perm; ungrouped: the adapter's first token
+  int64_t start;  // grouped: position in perm
+  unsigned mask;  // ungrouped: bit i set for each token i of this adapter
   int ntok;       // tokens in this tile
   bool tc;        // tensor-core path (the adapter has > kSkinny tokens, sm_80+)
 };
 
 // Maps token tile `tile` to its tokens; false when the block has no work (past the last tile,
 // an ungrouped token that is not its adapter's first, or one without a valid adapter, which
-// `count_bad` adds to p.bad once).
+// `count_bad` adds to p.bad once). Ungrouped, every warp reads the T <= 32 indices at once
+// (lane i token i) and finds the adapter's tokens with one ballot. All threads call it.
+static_assert(kUngroupedMaxT <= 32, "ungrouped tiles find their tokens with one warp ballot");
 __device__ __forceinline__ bool resolve_tile(const MultiLoraParams& p, bool grouped, int64_t tile,
                                              bool count_bad, Tile& t) {
   if (!grouped) {
-    const int64_t a = load_idx(p.idx, p.idx64, tile);
-    if (a < 0 || a >= p.S) {
-      if (count_bad && a != -1 && p.bad != nullptr && threadIdx.x == 0) atomicAdd(p.bad, 1);
+    const int lane = threadIdx.x & 31;
+    int mine = -1;  // lane's slot: -1 for index -1 and lanes past T, -2 for a bad index
+    if (lane < p.T) {
+      const int64_t v = load_idx(p.idx, p.idx64, lane);
+      mine = v >= 0 && v < p.S ? static_cast<int>(v) : v == -1 ? -1 : -2;
+    }
+    const int a = __shfl_sync(0xffffffffu, mine, static_cast<int>(tile));
+    const unsigned mask = __ballot_sync(0xffffffffu, lane < p.T && mine == a);
+    if (a < 0) {
+      if (count_bad && a == -2 && p.bad != nullptr && threadIdx.x == 0) atomicAdd(p.bad, 1);
       return false;
     }
-    for (int64_t i = 0; i < tile; ++i)
-      if (load_idx(p.idx, p.idx64, i) == a) return false;
-    int n = 1;
-    for (int64_t i = tile + 1; i < p.T; ++i) n += load_idx(p.idx, p.idx64, i) == a ? 1 : 0;
-    t = {a, tile, n, p.tc && n > kSkinny};
+    if ((mask & ((1u << tile) - 1u)) != 0) return false;  // not the adapter's first token
+    const int n = __popc(mask);
+    t = {a, tile, mask, n, p.tc && n > kSkinny};
     return true;
   }
-  const int32_t* seg = p.ws + p.T;       // seg_off[S + 1]
-  const int32_t* toff = seg + p.S + 1;   // tile_off[S + 1]
-  if (tile >= toff[p.S]) return false;
-  int64_t lo = 0, hi = p.S;  // toff[lo] <= tile < toff[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (toff[mid] <= tile) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  const int64_t start = seg[lo] + (tile - toff[lo]) * kBM, count = seg[lo + 1] - seg[lo];
-  t = {lo, start, static_cast<int>(min(static_cast<int64_t>(kBM), seg[lo + 1] - start)),
-       p.tc && count > kSkinny};
+  const int32_t* rec = p.ws + 4 * tile;
+  const int32_t a = rec[0], start = rec[1], n = rec[2], count = rec[3];
+  if (a < 0) return false;
+  t = {a, start, 0u, n, p.tc && count > kSkinny};
   return true;
 }
 
 // Token ids of the tile into toks[0, ntok); the caller syncs.
 __device__ __forceinline__ void load_tokens(const MultiLoraParams& p, bool grouped, const Tile& t,
                                             int64_t* toks) {
+  const unsigned i = threadIdx.x;
   if (grouped) {
-    if (static_cast<int>(threadIdx.x) < t.ntok) toks[threadIdx.x] = p.ws[t.start + threadIdx.x];
-  } else if (threadIdx.x == 0) {
+    if (static_cast<int>(i) < t.ntok) toks[i] = perm_of(p)[t.start + i];
+  } else if (i == 0) {
     int q = 0;
-    for (int64_t i = t.start; i < p.T; ++i)
-      if (load_idx(p.idx, p.idx64, i) == t.a) toks[q++] = i;
+    for (unsigned m = t.mask; m != 0; m &= m - 1) toks[q++] = __ffs(static_cast<int>(m)) - 1;
   }
+}
+
+// src[0] + src[zstride] + ... + src[(ksplit - 1) * zstride], added in that order (the bits of
+// the plain loop), with the loads issued 8 at a time: split-K partials are summed by few
+// threads per block, so a load-add chain would be ksplit memory latencies long.
+__device__ __forceinline__ float sum_partials(const float* src, int64_t zstride, int64_t ksplit) {
+  constexpr int kG = 8;
+  float s = 0.f;
+  for (int64_t z0 = 0; z0 < ksplit; z0 += kG) {
+    float v[kG];
+#pragma unroll
+    for (int z = 0; z < kG; ++z) v[z] = z0 + z < ksplit ? src[(z0 + z) * zstride] : 0.f;
+    s = z0 == 0 ? v[0] : s + v[0];
+#pragma unroll
+    for (int z = 1; z < kG; ++z)
+      if (z0 + z < ksplit) s += v[z];
+  }
+  return s;
 }
 
 // Host: the two halves, each dispatching on dtype and vector width.
