@@ -5,9 +5,10 @@
 // Grid: x = token tile + tiles * (slice x rank tile of BN rows: 16 or 64; tiles past the
 // adapter's rank exit, no work on padded ranks), z = K splits. 128 threads. Two paths per
 // tile (multi_kernels.cuh says which):
-//   streaming (decode): each warp takes 2 rank rows at a time; lanes walk the K range with
-//     16-byte loads of both A rows and of the token rows (8 tokens at a time; x rows are
-//     re-read from L1/L2), fp32 accumulators for 2 x 8 (row, token) pairs, shuffle reductions.
+//   streaming (decode): each warp takes 4 rank rows at a time (r = 16: one pass, all loads
+//     in flight together); lanes walk the K range with 16-byte loads of the A rows and of the
+//     token rows (8 tokens at a time; x rows are re-read from L1/L2), fp32 accumulators for
+//     4 x 8 (row, token) pairs, shuffle reductions.
 //   tensor cores: 64 x BN output tile, K in steps of 32 through shared memory (gathered token
 //     rows of x and the BN rows of A, as fp32; with 16-byte loads the next step's are issued
 //     before this step's MMAs), wmma TF32 m16n16k8 with fp32 accumulation; warp w owns token
@@ -16,6 +17,8 @@
 
 namespace lora_ext::cuda::multi {
 namespace {
+
+constexpr int kRows = 4;  // rank rows per warp and pass in the streaming path
 
 // 4 blocks per SM (<= 128 registers, no spills).
 template <class T, int BN, int V>
@@ -49,38 +52,39 @@ __global__ void __launch_bounds__(kThreads, 4)
       const T* xr[kSkinny];
 #pragma unroll
       for (int q = 0; q < kSkinny; ++q) xr[q] = x + toks[q0 + (q < nq ? q : 0)] * p.ldx;
-      for (int row = 2 * warp; row < nrows; row += 8) {
-        const bool two = row + 1 < nrows;
-        const T* a0 = A + row * p.in;
-        const T* a1 = two ? a0 + p.in : a0;
-        float acc0[kSkinny], acc1[kSkinny];
+      for (int row0 = kRows * warp; row0 < nrows; row0 += kRows * (kThreads / 32)) {
+        const T* ar[kRows];  // rows past nrows re-read the last one (their sums are dropped)
 #pragma unroll
-        for (int q = 0; q < kSkinny; ++q) acc0[q] = acc1[q] = 0.f;
+        for (int i = 0; i < kRows; ++i) ar[i] = A + min(row0 + i, nrows - 1) * p.in;
+        float acc[kRows][kSkinny];
+#pragma unroll
+        for (int i = 0; i < kRows; ++i)
+#pragma unroll
+          for (int q = 0; q < kSkinny; ++q) acc[i][q] = 0.f;
 #pragma unroll(sizeof(T) == 4 ? 1 : 2)
         for (int64_t k = k0 + lane * V; k < k1; k += 32 * V) {
-          float av0[V], av1[V];
-          load_f32<T, V>(a0 + k, av0);
-          load_f32<T, V>(a1 + k, av1);
+          float av[kRows][V];
+#pragma unroll
+          for (int i = 0; i < kRows; ++i) load_f32<T, V>(ar[i] + k, av[i]);
 #pragma unroll
           for (int q = 0; q < kSkinny; ++q) {
             if (q < nq) {
               float xv[V];
               load_f32<T, V>(xr[q] + k, xv);
 #pragma unroll
-              for (int i = 0; i < V; ++i) {
-                acc0[q] = fmaf(av0[i], xv[i], acc0[q]);
-                acc1[q] = fmaf(av1[i], xv[i], acc1[q]);
-              }
+              for (int i = 0; i < kRows; ++i)
+#pragma unroll
+                for (int v = 0; v < V; ++v) acc[i][q] = fmaf(av[i][v], xv[v], acc[i][q]);
             }
           }
         }
 #pragma unroll
         for (int q = 0; q < kSkinny; ++q) {
           if (q < nq) {
-            const float s0 = warp_sum(acc0[q]), s1 = warp_sum(acc1[q]);
-            if (lane == 0) {
-              u[toks[q0 + q] * p.r_max + row] = s0;
-              if (two) u[toks[q0 + q] * p.r_max + row + 1] = s1;
+#pragma unroll
+            for (int i = 0; i < kRows; ++i) {
+              const float si = warp_sum(acc[i][q]);
+              if (lane == 0 && row0 + i < nrows) u[toks[q0 + q] * p.r_max + row0 + i] = si;
             }
           }
         }
