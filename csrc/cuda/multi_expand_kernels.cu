@@ -7,7 +7,8 @@
 //   streaming: 8 tokens at a time, their u rows go to smem (512 ranks at a time, only the
 //     tokens and ranks that exist); thread (c, h) owns column o0 + c (c < 64) and tokens h,
 //     h+2, h+4, h+6: it reads its row B[a, o, :r] with 16-byte loads (a warp covers 32
-//     consecutive rows: contiguous bytes) and broadcasts u from smem.
+//     consecutive rows: contiguous bytes) and broadcasts u from smem; its y values are
+//     loaded while u is staged (a decode block is a short chain of memory round trips).
 //   tensor cores: 64 tokens x 64 columns, K = r in steps of 32 through smem,
 //     u split into hi + lo TF32 parts (B too when fp32), wmma m16n16k8, fp32 accumulation;
 //     the tile goes out through smem with 16-byte read-modify-writes of y when aligned.
@@ -43,8 +44,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
   if (sl < 0) return;
   const int64_t rank = rank_of(p, sl, tl.a);
+  const float scale = p.scales[sl * p.slot_stride + tl.a];  // loaded beside the rank
   if (rank == 0) return;
-  const float scale = p.scales[sl * p.slot_stride + tl.a];
   load_tokens(p, grouped, tl, toks);
   __syncthreads();
 
@@ -59,9 +60,13 @@ __global__ void __launch_bounds__(kThreads, 3)
     const int c = threadIdx.x % kBNE, h = threadIdx.x / kBNE;
     for (int q0 = 0; q0 < ntok; q0 += kSkinny) {  // one pass unless a big tile lacks tensor cores
       const int nq = min(kSkinny, ntok - q0);
-      float acc[kSkinny / 2];
+      float acc[kSkinny / 2], yv[kSkinny / 2];  // y is read now, while u is staged
 #pragma unroll
-      for (int i = 0; i < kSkinny / 2; ++i) acc[i] = 0.f;
+      for (int qi = 0; qi < kSkinny / 2; ++qi) {
+        acc[qi] = 0.f;
+        const int q = h + 2 * qi;
+        yv[qi] = c < ncols && q < nq ? to_f32(y[toks[q0 + q] * p.ldy + o0 + c]) : 0.f;
+      }
       for (int64_t jc = 0; jc < rank; jc += kUChunk) {
         const int jn = static_cast<int>(min(static_cast<int64_t>(kUChunk), rank - jc));
 #pragma unroll 1
@@ -91,10 +96,7 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll
         for (int qi = 0; qi < kSkinny / 2; ++qi) {
           const int q = h + 2 * qi;
-          if (q < nq) {
-            T* py = y + toks[q0 + q] * p.ldy + o0 + c;
-            *py = from_f32<T>(to_f32(*py) + scale * acc[qi]);
-          }
+          if (q < nq) y[toks[q0 + q] * p.ldy + o0 + c] = from_f32<T>(yv[qi] + scale * acc[qi]);
         }
       }
     }
