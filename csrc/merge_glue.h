@@ -38,22 +38,21 @@ inline void check_adapter_dtype(const char* op, const at::Tensor& t, const char*
               "] has dtype ", st, "; supported are float32, float16 and bfloat16");
 }
 
-// Checks the adapters against the weight and builds L and R.
-// `fifo` is the caller's fan_in_fan_out for W; `transposed` says that the kernels see W^T
-// (a [P, Q] = W^T view, see weight_view).
-inline MergeOperands merge_operands(const char* op, const at::Tensor& W, bool fifo, bool transposed,
-                                    at::TensorList As, at::TensorList Bs,
-                                    at::ArrayRef<double> scales, int64_t row_pad,
-                                    int64_t col_pad, int64_t panels = 0) {
+// The adapters' checks against the weight [out, in] ([in, out] with fifo): fp32 scales, total rank.
+struct AdapterList {
+  std::vector<float> scales;
+  int64_t Rt = 0;
+};
+
+inline AdapterList check_adapters(const char* op, const at::Tensor& W, bool fifo, at::TensorList As,
+                                  at::TensorList Bs, at::ArrayRef<double> scales) {
   TORCH_CHECK(As.size() == Bs.size() && As.size() == scales.size(), op,
               ": A, B and scales must have the same length, got ", As.size(), ", ", Bs.size(),
               " and ", scales.size());
   TORCH_CHECK(W.dim() == 2, op, ": weight must be 2-D, got shape ", W.sizes());
   const int64_t out = W.size(fifo ? 1 : 0), in = W.size(fifo ? 0 : 1);
-  const bool kfifo = fifo != transposed;  // layout the kernels see
-  const int64_t P = W.size(transposed ? 1 : 0), Q = W.size(transposed ? 0 : 1);
-  std::vector<float> fs(As.size());
-  int64_t Rt = 0;
+  AdapterList l;
+  l.scales.resize(As.size());
   for (size_t i = 0; i < As.size(); ++i) {
     const at::Tensor& A = As[i];
     const at::Tensor& B = Bs[i];
@@ -71,9 +70,24 @@ inline MergeOperands merge_operands(const char* op, const at::Tensor& W, bool fi
     TORCH_CHECK(A.device() == W.device() && B.device() == W.device(), op, ": A[", i, "] (",
                 A.device(), ") and B[", i, "] (", B.device(), ") must be on the weight's device ",
                 W.device());
-    fs[i] = f32_scale(op, ("scales[" + std::to_string(i) + "]").c_str(), scales[i]);
-    Rt += r;
+    l.scales[i] = f32_scale(op, ("scales[" + std::to_string(i) + "]").c_str(), scales[i]);
+    l.Rt += r;
   }
+  return l;
+}
+
+// Checks the adapters against the weight and builds L and R.
+// `fifo` is the caller's fan_in_fan_out for W; `transposed` says that the kernels see W^T
+// (a [P, Q] = W^T view, see weight_view).
+inline MergeOperands merge_operands(const char* op, const at::Tensor& W, bool fifo, bool transposed,
+                                    at::TensorList As, at::TensorList Bs,
+                                    at::ArrayRef<double> scales, int64_t row_pad,
+                                    int64_t col_pad, int64_t panels = 0) {
+  const AdapterList al = check_adapters(op, W, fifo, As, Bs, scales);
+  const std::vector<float>& fs = al.scales;
+  const int64_t Rt = al.Rt;
+  const bool kfifo = fifo != transposed;  // layout the kernels see
+  const int64_t P = W.size(transposed ? 1 : 0), Q = W.size(transposed ? 0 : 1);
   MergeOperands o;
   o.Rt = Rt;
   if (Rt == 0) return o;

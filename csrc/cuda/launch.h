@@ -46,20 +46,35 @@ cudaError_t dropout_rows(DType dt, const void* src, int64_t ld, void* dst, int64
                          float p, const int64_t* seed, int num_sms, cudaStream_t stream);
 
 // Merge kernels (merge_kernels.cu; element math in ../merge_math.h). W [P, Q] has row stride
-// ld; the fp32 operands L [>= round_up(P, 64), Rt] and R [Rt, ldr >= round_up(Q, 256)] are
-// zero padded (rows of L, columns of R) so the kernels read them without bounds checks.
-// exact == false: W = merged(W, L R). exact == true (remerge_, W contiguous): the
-// transition from the old operands (Lo, Ro, Rto; Rto == 0: W is W0, first merge, codes are
-// written) to the new ones, codes/fails as described in merge_math.h.
+// ld and gets S = L R, L [P, Rt] and R [Rt, Q] over the adapters' concatenated rank. The
+// kernels read the factors where they lie: piece k covers the next `rank` rank indices j with
+// L[p, j] = l[p * ls0 + j * ls1] and R[j, q] = r[j * rs0 + q * rs1] (element types lt, rt) and
+// the side `scaled` (1: L, 2: R, 0: neither) multiplied by `scale` in fp32, so the factor from
+// B is fl32(s * B) and the one from A is A, exactly as the CPU's operands (../merge_glue.h).
+// More than kMaxPieces adapters (or factors that overlap W) come as one fp32 piece the
+// launcher built. vec_r: R's rows are contiguous with 4-element aligned starts.
+constexpr int kMaxPieces = 8;
+struct FactorPiece {
+  const void* l;
+  const void* r;
+  int64_t ls0, ls1, rs0, rs1, rank;
+  float scale;
+  int scaled;
+  DType lt, rt;
+  bool vec_r;
+};
+struct Factors {
+  int n;       // pieces
+  int64_t Rt;  // sum of their ranks
+  FactorPiece pc[kMaxPieces];
+};
+// exact == false: W = merged(W, L R). exact == true (remerge_, W contiguous): the transition
+// from the old factors (fo; fo.Rt == 0: W is W0, first merge, codes are written) to the new
+// ones (f), codes/fails as described in merge_math.h.
 struct MergeParams {
   void* w;
   int64_t P, Q, ld;
-  const float* L;
-  const float* R;
-  int64_t Rt, ldr;
-  const float* Lo;
-  const float* Ro;
-  int64_t Rto, ldro;
+  Factors f, fo;
   uint32_t* codes;
   uint32_t* fails;
   int bits;
@@ -69,14 +84,12 @@ cudaError_t merge(DType dt, const MergeParams& p, cudaStream_t stream);
 
 // dora_norm (merge_kernels.cu; reduction order: ../dora_math.h): the norms of W + L R over `in`,
 // which runs along Q (rows: one norm per row of W) or along P (one per column), L and R as for
-// merge (Rt == 0: S = 0). chunks = ceil(in / 512); more than one: the partials go to ws
+// merge (f.Rt == 0: S = 0). chunks = ceil(in / 512); more than one: the partials go to ws
 // [chunks, out] first and a second launch sums them in order.
 struct DoraParams {
   const void* w;
   int64_t P, Q, ld;
-  const float* L;
-  const float* R;
-  int64_t Rt, ldr;
+  Factors f;
   float* out;
   float* ws;
   int64_t chunks;
@@ -84,16 +97,14 @@ struct DoraParams {
 };
 cudaError_t dora_norm(DType dt, const DoraParams& p, cudaStream_t stream);
 
-// W.flat[idx[t]] = merged(vals[t], S at that element) for t < n (Rt == 0: vals[t]).
+// W.flat[idx[t]] = merged(vals[t], S at that element) for t < n (f.Rt == 0: vals[t]).
 struct MergePointsParams {
   void* w;
   int64_t P, Q;
   const int64_t* idx;
   const void* vals;
   int64_t n;
-  const float* L;
-  const float* R;
-  int64_t Rt, ldr;
+  Factors f;
 };
 cudaError_t merge_points(DType dt, const MergePointsParams& p, cudaStream_t stream);
 // counts[c] += number of i < n whose code_restores fails for code width code_width(c).

@@ -107,12 +107,59 @@ __device__ __forceinline__ void store4(void* base, int64_t off, bool vec, int n,
   }
 }
 
-// acc[i][h*4+u] = fma chain over j < Rt of L[row_i, j] * R[j, col(h, u)], from +0.
+// One element of a factor as fp32.
+__device__ __forceinline__ float factor_elem(const void* base, DType t, int64_t i) {
+  if (t == DType::BF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+  if (t == DType::F16) return __half2float(static_cast<const __half*>(base)[i]);
+  return static_cast<const float*>(base)[i];
+}
+
+// L[p, j] and R[j, q] of a piece (j counted within the piece), scaled as launch.h says.
+__device__ __forceinline__ float l_at(const FactorPiece& pc, int64_t p, int64_t j) {
+  const float v = factor_elem(pc.l, pc.lt, p * pc.ls0 + j * pc.ls1);
+  return pc.scaled == 1 ? __fmul_rn(v, pc.scale) : v;
+}
+__device__ __forceinline__ float r_at(const FactorPiece& pc, int64_t j, int64_t q) {
+  const float v = factor_elem(pc.r, pc.rt, j * pc.rs0 + q * pc.rs1);
+  return pc.scaled == 2 ? __fmul_rn(v, pc.scale) : v;
+}
+
+// R[j, q .. q + 3] into v, zeros past column Q; one 8- or 16-byte load when the row allows.
+__device__ __forceinline__ void r_at4(const FactorPiece& pc, int64_t j, int64_t q, int64_t Q,
+                                      float (&v)[4]) {
+  if (pc.vec_r && q + 4 <= Q) {
+    const int64_t i = j * pc.rs0 + q;
+    if (pc.rt == DType::F32) {
+      const float4 x = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(pc.r) + i));
+      v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+    } else {
+      const uint2 x = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(pc.r) + i));
+      const uint32_t w[2] = {x.x, x.y};
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const uint16_t h = static_cast<uint16_t>(w[u >> 1] >> ((u & 1) * 16));
+        v[u] = pc.rt == DType::BF16 ? __uint_as_float(static_cast<uint32_t>(h) << 16)
+                                    : __half2float(__ushort_as_half(h));
+      }
+    }
+    if (pc.scaled == 2) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) v[u] = __fmul_rn(v[u], pc.scale);
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = q + u < Q ? r_at(pc, j, q + u) : 0.f;
+  }
+}
+
+// acc[i][h*4+u] = fma chain over the concatenated rank j of L[row_i, j] * R[j, col(h, u)],
+// from +0; rows past P and columns past Q read zero factors. Each piece's rank is walked in
+// chunks of kJC staged in shared memory (fp32, converted and scaled on the way).
 // Called by every thread of the block (it synchronises).
 template <class F>
-__device__ __forceinline__ void delta(const float* __restrict__ L, const float* __restrict__ R,
-                                      int64_t Rt, int64_t ldr, int64_t p0, int64_t q0,
-                                      float (*Rs)[Tile<F>::BQ], float (*Ls)[Tile<F>::LS],
+__device__ __forceinline__ void delta(const Factors& f, int64_t P, int64_t Q, int64_t p0,
+                                      int64_t q0, float (*Rs)[Tile<F>::BQ],
+                                      float (*Ls)[Tile<F>::LS],
                                       float (&acc)[Tile<F>::RPT][Tile<F>::V]) {
   using TL = Tile<F>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -120,36 +167,42 @@ __device__ __forceinline__ void delta(const float* __restrict__ L, const float* 
   for (int i = 0; i < TL::RPT; ++i)
 #pragma unroll
     for (int v = 0; v < TL::V; ++v) acc[i][v] = 0.f;
-  for (int64_t j0 = 0; j0 < Rt; j0 += kJC) {
-    const int jn = static_cast<int>(min(static_cast<int64_t>(kJC), Rt - j0));
-    __syncthreads();  // the previous chunk is consumed
-    for (int t = threadIdx.x; t < jn * (TL::BQ / 4); t += kThreads) {
-      const int jj = t / (TL::BQ / 4), c4 = t % (TL::BQ / 4);
-      *reinterpret_cast<float4*>(&Rs[jj][c4 * 4]) =
-          __ldg(reinterpret_cast<const float4*>(R + (j0 + jj) * ldr + q0) + c4);
-    }
-    for (int t = threadIdx.x; t < jn * TL::BP; t += kThreads) {
-      const int r = t / jn, jj = t % jn;
-      Ls[jj][r] = __ldg(L + (p0 + r) * Rt + j0 + jj);
-    }
-    __syncthreads();
+  for (int k = 0; k < f.n; ++k) {
+    const FactorPiece& pc = f.pc[k];
+    for (int64_t j0 = 0; j0 < pc.rank; j0 += kJC) {
+      const int jn = static_cast<int>(min(static_cast<int64_t>(kJC), pc.rank - j0));
+      __syncthreads();  // the previous chunk is consumed
+      for (int t = threadIdx.x; t < jn * (TL::BQ / 4); t += kThreads) {
+        const int jj = t / (TL::BQ / 4), c4 = t % (TL::BQ / 4);
+        float v[4];
+        r_at4(pc, j0 + jj, q0 + c4 * 4, Q, v);
+        float4 x;
+        x.x = v[0], x.y = v[1], x.z = v[2], x.w = v[3];
+        *reinterpret_cast<float4*>(&Rs[jj][c4 * 4]) = x;
+      }
+      for (int t = threadIdx.x; t < jn * TL::BP; t += kThreads) {
+        const int r = t / jn, jj = t % jn;
+        Ls[jj][r] = p0 + r < P ? l_at(pc, p0 + r, j0 + jj) : 0.f;
+      }
+      __syncthreads();
 #pragma unroll 2
-    for (int jj = 0; jj < jn; ++jj) {
-      float lv[TL::RPT], rv[TL::V];
+      for (int jj = 0; jj < jn; ++jj) {
+        float lv[TL::RPT], rv[TL::V];
 #pragma unroll
-      for (int i = 0; i < TL::RPT; i += 4) {
-        const float4 x = *reinterpret_cast<const float4*>(&Ls[jj][warp * TL::RPT + i]);
-        lv[i] = x.x, lv[i + 1] = x.y, lv[i + 2] = x.z, lv[i + 3] = x.w;
+        for (int i = 0; i < TL::RPT; i += 4) {
+          const float4 x = *reinterpret_cast<const float4*>(&Ls[jj][warp * TL::RPT + i]);
+          lv[i] = x.x, lv[i + 1] = x.y, lv[i + 2] = x.z, lv[i + 3] = x.w;
+        }
+#pragma unroll
+        for (int h = 0; h < TL::G; ++h) {
+          const float4 x = *reinterpret_cast<const float4*>(&Rs[jj][h * 128 + lane * 4]);
+          rv[h * 4] = x.x, rv[h * 4 + 1] = x.y, rv[h * 4 + 2] = x.z, rv[h * 4 + 3] = x.w;
+        }
+#pragma unroll
+        for (int i = 0; i < TL::RPT; ++i)
+#pragma unroll
+          for (int v = 0; v < TL::V; ++v) acc[i][v] = __fmaf_rn(lv[i], rv[v], acc[i][v]);
       }
-#pragma unroll
-      for (int h = 0; h < TL::G; ++h) {
-        const float4 x = *reinterpret_cast<const float4*>(&Rs[jj][h * 128 + lane * 4]);
-        rv[h * 4] = x.x, rv[h * 4 + 1] = x.y, rv[h * 4 + 2] = x.z, rv[h * 4 + 3] = x.w;
-      }
-#pragma unroll
-      for (int i = 0; i < TL::RPT; ++i)
-#pragma unroll
-        for (int v = 0; v < TL::V; ++v) acc[i][v] = __fmaf_rn(lv[i], rv[v], acc[i][v]);
     }
   }
 }
@@ -196,14 +249,14 @@ __global__ void __launch_bounds__(kThreads, EXACT ? 1 : 2) merge_kernel(const Me
   float acc[TL::RPT][TL::V];
   if constexpr (EXACT) {
     const int k = p.bits;
-    const bool has_old = p.Rto > 0, has_new = p.Rt > 0;
-    if (has_old) delta<F>(p.Lo, p.Ro, p.Rto, p.ldro, p0, q0, Rs, Ls, acc);
+    const bool has_old = p.fo.Rt > 0, has_new = p.f.Rt > 0;
+    if (has_old) delta<F>(p.fo, p.P, p.Q, p0, q0, Rs, Ls, acc);
     float so[TL::RPT][TL::V];
 #pragma unroll
     for (int i = 0; i < TL::RPT; ++i)
 #pragma unroll
       for (int v = 0; v < TL::V; ++v) so[i][v] = has_old ? acc[i][v] : 0.f;
-    if (has_new) delta<F>(p.L, p.R, p.Rt, p.ldr, p0, q0, Rs, Ls, acc);
+    if (has_new) delta<F>(p.f, p.P, p.Q, p0, q0, Rs, Ls, acc);
 #pragma unroll
     for (int i = 0; i < TL::RPT; ++i) {
       const int64_t row = p0 + warp * TL::RPT + i;
@@ -239,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, EXACT ? 1 : 2) merge_kernel(const Me
       }
     }
   } else {
-    delta<F>(p.L, p.R, p.Rt, p.ldr, p0, q0, Rs, Ls, acc);
+    delta<F>(p.f, p.P, p.Q, p0, q0, Rs, Ls, acc);
 #pragma unroll
     for (int i = 0; i < TL::RPT; ++i)
 #pragma unroll
@@ -297,9 +350,9 @@ __global__ void __launch_bounds__(kThreads, ROWS && F::kBits == 32 ? 1 : 2)
   for (int64_t s0 = c0; s0 < c1; s0 += ROWS ? TL::BQ : TL::BP) {
     const int64_t p0 = ROWS ? t0 : s0, q0 = ROWS ? s0 : t0;
     load_tile<F>(p.w, p.P, p.Q, p.ld, vec, p0, q0, w);  // in flight during the delta's FMAs
-    delta<F>(p.L, p.R, p.Rt, p.ldr, p0, q0, Rs, Ls, acc);
+    delta<F>(p.f, p.P, p.Q, p0, q0, Rs, Ls, acc);
     // the thread's elements past W's last column (ROWS) / row (columns) are left out: the
-    // padded factors are 0 there, and 0 * inf would put a NaN into the sums (the other
+    // factors read as 0 there, and 0 * inf would put a NaN into the sums (the other
     // direction's tail never reaches the output)
     const int64_t left = ROWS ? p.Q - q0 - lane * 4 : p.P - p0 - warp * TL::RPT;
     const int n_in = static_cast<int>(max(int64_t{0}, min(left, int64_t{TL::BQ})));
@@ -373,10 +426,13 @@ __global__ void __launch_bounds__(kThreads) points_kernel(const MergePointsParam
   if (e < 0 || e >= p.P * p.Q) return;  // the launcher rejects these; never touch memory
   const int64_t row = e / p.Q, col = e % p.Q;
   float s = 0.f;
-  for (int64_t j = 0; j < p.Rt; ++j) s = __fmaf_rn(p.L[row * p.Rt + j], p.R[j * p.ldr + col], s);
+  for (int k = 0; k < p.f.n; ++k) {
+    const FactorPiece& pc = p.f.pc[k];
+    for (int64_t j = 0; j < pc.rank; ++j) s = __fmaf_rn(l_at(pc, row, j), r_at(pc, j, col), s);
+  }
   using Raw = std::conditional_t<F::kBits == 16, uint16_t, uint32_t>;
   const uint32_t v = static_cast<const Raw*>(p.vals)[t];
-  static_cast<Raw*>(p.w)[e] = static_cast<Raw>(mm::merged<F>(v, s, p.Rt > 0));
+  static_cast<Raw*>(p.w)[e] = static_cast<Raw>(mm::merged<F>(v, s, p.f.Rt > 0));
 }
 
 template <class F>

@@ -138,6 +138,7 @@ inline __half __float2half_rn(float f) {
                                           std::ldexp(static_cast<double>(std::fabs(f)), 24))))};
 }
 inline float __bfloat162float(__nv_bfloat16 b) { return lora_ext::emu::u2f(uint32_t{b.x} << 16); }
+inline __half __ushort_as_half(unsigned short v) { return {v}; }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   const uint32_t x = lora_ext::emu::f2u(f);
   if ((x & 0x7FFFFFFFu) > 0x7F800000u) return {0x7FFF};
