@@ -2,6 +2,8 @@
 
 1. merge_ (W += s B A, fp32 sum rounded once) vs torch's W.addmm_(B, A, alpha=s) and vs the
    bytes-moved roofline: W read and written once at the measured copy bandwidth (W.copy_).
+   On CUDA all three as CUDA-graph replays over 4 rotating weights (device time, beyond L2),
+   merge_ also eagerly (eager_ms: one call, host overhead included).
 2. Exact merge + unmerge through a MergeState (side information included) vs plain ones.
 3. Side information of the exact unmerge as a fraction of W, for several delta sizes.
 4. Inference time of a merged model vs the base model (no LoRA) and vs the unmerged LoRA model.
@@ -21,7 +23,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora_ext  # noqa: E402
-from bench.common import Timing, arg_parser, interleaved, ratios, save, table, time_fn  # noqa: E402
+from bench.common import (Timing, arg_parser, interleaved, ratios, save, table, time_fn,  # noqa: E402
+                          time_graph)
 from lora_ext.ops import MergeState, merge_, unmerge_  # noqa: E402
 
 
@@ -38,24 +41,36 @@ def make(n_out, n_in, r, dt, device, ratio=0.05, seed=0):
 
 
 def bench_kernel(device, quick):
+    """On CUDA every variant is timed as replays of a CUDA graph of 8 calls that rotate over
+    4 weights (and 4 copy pairs), so that the working set exceeds the L2 cache and the numbers
+    are device bandwidth, not launch overhead; "eager_ms" is one merge_ call timed eagerly."""
     sizes = [(4096, 4096)] if device == "cpu" or quick else [(4096, 4096), (8192, 8192)]
     ranks = [16] if quick else [8, 16, 64]
+    cuda = torch.device(device).type == "cuda"
     rows = []
     for dt in (torch.float32, torch.bfloat16):
         for (o, i) in sizes:
             for r in ranks:
                 W, A, B = make(o, i, r, dt, device)
-                src = W.clone()  # touched memory: an untouched torch.empty reads zero pages
-                t_copy = time_fn(lambda: W.copy_(src), device, min_time_s=0.3)
-                t_ours = time_fn(lambda: merge_(W, A, B, 1e-9), device, min_time_s=0.3)
-                t_torch = time_fn(lambda: W.addmm_(B, A, alpha=1e-9), device, min_time_s=0.3)
+                # touched memory: an untouched torch.empty reads zero pages
+                Ws = [W.clone() for _ in range(4 if cuda else 1)]
+                srcs = [W.clone() for _ in Ws]
+                k = iter(range(1 << 30))
+
+                def rotate(fn):
+                    return lambda: fn(next(k) % len(Ws))
+                kw = {"calls": 8} if cuda else {"min_time_s": 0.3}
+                t_copy = time_graph(rotate(lambda j: Ws[j].copy_(srcs[j])), device, **kw)
+                t_ours = time_graph(rotate(lambda j: merge_(Ws[j], A, B, 1e-9)), device, **kw)
+                t_torch = time_graph(rotate(lambda j: Ws[j].addmm_(B, A, alpha=1e-9)), device, **kw)
+                extra = {"eager_ms": time_fn(lambda: merge_(W, A, B, 1e-9), device)} if cuda else {}
                 nbytes = 2 * W.numel() * W.element_size() + (A.numel() + B.numel()) * A.element_size()
                 copy_bw = 2 * W.numel() * W.element_size() / t_copy / 1e6  # GB/s
                 roof = nbytes / copy_bw / 1e6
                 rows.append({"out": o, "in": i, "r": r, "dtype": _dt(dt), "merge_ms": t_ours,
                              "addmm_ms": t_torch, "speedup": t_torch / t_ours, "copy_ms": t_copy,
                              "roofline_ms": roof, "%roofline": 100 * roof / t_ours,
-                             "GB/s": nbytes / t_ours / 1e6})
+                             "GB/s": nbytes / t_ours / 1e6, **extra})
     return rows
 
 
