@@ -79,6 +79,7 @@ struct MergeParams {
   uint32_t* fails;
   int bits;
   bool exact;
+  int num_sms;  // > 0: merges of total rank <= 32 may run the strip kernel (merge_kernels.cu)
 };
 cudaError_t merge(DType dt, const MergeParams& p, cudaStream_t stream);
 

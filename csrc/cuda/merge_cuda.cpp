@@ -102,6 +102,7 @@ void merge_cuda(at::Tensor weight, at::TensorList A, at::TensorList B, at::Array
   p.ld = v.ld;
   p.f = o.f;
   p.exact = false;
+  p.num_sms = sm_count(weight);
   LORA_EXT_CUDA_CHECK(merge(to_dtype(weight, op, "weight"), p, current_stream(weight)));
   if (copy) weight.copy_(work);
 }

@@ -78,3 +78,25 @@ def test_points_remerge_dora_read_factors_in_place(emu, fifo):
         return W, codes, fails, norm
     for a, b in zip(under_schedules(emu, lambda: steps(emu.ops)), steps(CPU)):
         assert same_bits(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES3)
+@pytest.mark.parametrize("sms", [1, 3])
+@pytest.mark.parametrize("ranks", [[16, 16], [7], [33]])
+def test_merge_strip_over_row_tiles(emu, dtype, sms, ranks):
+    # total rank <= 32: merge_strip_kernel, whose blocks walk several row tiles (few SMs: up to
+    # all of them per block), prefetching the next tile's W and L; 33: merge_kernel
+    P, Q = 300, 290
+    W0 = rand(P, Q, dtype=dtype, seed=61, scale=0.05)
+    W0[7, :5] = torch.tensor([float("inf"), float("nan"), -0.0, 0.0, float("-inf")])
+    As = [rand(r, Q, dtype=dtype, seed=62 + r) for r in ranks]
+    Bs = [rand(P, r, dtype=dtype, seed=63 + r, scale=0.01) for r in ranks]
+    scales = [0.75] * len(ranks)
+    ref = W0.clone()
+    CPU.merge_(ref, As, Bs, scales, False)
+
+    def run():
+        W = W0.clone()
+        emu.ops.merge_(W, As, Bs, scales, False)
+        return W
+    assert same_bits(under_schedules(emu, run, sms=sms), ref)
