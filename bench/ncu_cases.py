@@ -30,7 +30,12 @@ def cases():
     yield "multi_lora_ decode", lambda: multi_lora_(y, x, A, B, idx, sc, rk)
     yield "multi_lora_ prefill", lambda: multi_lora_(yp, xl.detach(), A, B, idxp, sc, rk)
     yield "merge_", lambda: merge_(W, A[0], B[0], 1e-3)
-    yield "lora_linear fwd+bwd", lambda: lora_linear(xl, W, None, Al, Bl, 2.0).backward(gy)
+
+    def linear():  # fresh gradients: an accumulating x.grad would add a full-size add kernel
+        for t in (xl, Al, Bl):
+            t.grad = None
+        lora_linear(xl, W, None, Al, Bl, 2.0).backward(gy)
+    yield "lora_linear fwd+bwd", linear
 
 
 if __name__ == "__main__":
