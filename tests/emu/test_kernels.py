@@ -286,6 +286,24 @@ def test_multi_lora_out_slices_int64(emu, dtype):
     check_multi(emu, y, x, A, B, idx, scales, ranks, dtype, out_slices=slices)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r_max", [16, 40])
+def test_multi_lora_column_groups(emu, dtype, r_max):
+    # grouped batches walk several column tiles per block (more with fewer SMs): u staged once
+    # per slice and kept while it fits one pass (r <= 32 on tensor cores), across slices of
+    # uneven widths, zero ranks, streaming and tensor-core tiles; the same bits as one tile each
+    T, i, S, slices = 100, 64, 4, [70, 130, 64]
+    g = torch.Generator().manual_seed(r_max)
+    idx = torch.cat([torch.zeros(40, dtype=torch.long), torch.randint(-1, S, (T - 40,), generator=g)])
+    idx = idx[torch.randperm(T, generator=g)].to(torch.int32)
+    y, x, A, B, _, scales, ranks = multi_inputs(T, i, sum(slices), S, r_max, dtype, idx, n=3)
+    ranks[1, 2] = 0
+    ranks[0, 1] = r_max
+    outs = [check_multi(emu, y, x, A, B, idx, scales, ranks, dtype, out_slices=slices, sms=sms)
+            for sms in (132, 8, 1)]
+    assert same_bits(outs[0], outs[1]) and same_bits(outs[0], outs[2])
+
+
 def test_multi_lora_without_tensor_cores(emu):
     # an sm_75 device: every tile (up to 64 tokens) takes the streaming path, 8 tokens at a time
     y, x, A, B, idx, scales, ranks = multi_inputs(100, 64, 40, 2, 16, torch.float32,
