@@ -1,15 +1,15 @@
 // Host side of multi_lora_ / lora_shrink / lora_expand_ on CUDA, plus the two small kernels:
 //   group_tokens (one block of 1024 threads): stable counting sort of the tokens by adapter
-//     with no host sync and no atomics on positions. Warp w owns a contiguous run of tokens;
-//     pass 1 counts them per slot (__match_any_sync groups the lanes of one slot, its lowest
-//     lane adds the group's size to the warp's own row cnt[w][slot]); a block-wide scan over
-//     the slots gives each slot's first position and first 64-token tile, from which the
-//     tile records are written (multi_kernels.cuh), and each warp's start per slot; pass 2
-//     walks the same tokens and places each at its start + its rank among the earlier lanes
-//     of its group. perm therefore lists every slot's tokens in ascending order. Indices
-//     outside -1 .. S-1 are skipped and added to the bad-index counter. The GEMM-like kernels
-//     size their grids from the shape-only bound tile_bound(T, S); blocks whose record says
-//     slot -1 exit at once.
+//     with no host sync and no atomics on positions. Warp w owns a contiguous run of tokens
+//     (read 8 x 32 indices at a time); pass 1 counts them per slot (__match_any_sync groups
+//     the lanes of one slot, its lowest lane adds the group's size to the warp's own row
+//     cnt[w][slot]); a block-wide scan over the slots gives each slot's first position and
+//     first 64-token tile, from which the tile records are written (multi_kernels.cuh), and
+//     each warp's start per slot; pass 2 walks the same tokens and places each at its start +
+//     its rank among the earlier lanes of its group. perm therefore lists every slot's tokens
+//     in ascending order. Indices outside -1 .. S-1 are skipped and added to the bad-index
+//     counter. The GEMM-like kernels size their grids from the shape-only bound
+//     tile_bound(T, S); blocks whose record says slot -1 exit at once.
 //   reduce_partials: the sum of the split-K partials in the order z = 0, 1, ...; zero past a
 //     token's rank and for tokens without a valid adapter (lora_shrink's result, or in place
 //     for the expand of a grouped multi_lora_).
@@ -25,6 +25,14 @@ namespace {
 
 constexpr int kGroupThreads = 1024;
 constexpr int kGroupWarps = kGroupThreads / 32;
+constexpr int kIdxBatch = 8;  // index loads a lane issues at once (32 tokens each)
+
+// av[i] = idx[t + 32 i] for t + 32 i < t1, else -1; all loads issued before any is used.
+__device__ __forceinline__ void load_indices(const void* idx, bool idx64, int t, int t1,
+                                             int64_t (&av)[kIdxBatch]) {
+#pragma unroll
+  for (int i = 0; i < kIdxBatch; ++i) av[i] = t + 32 * i < t1 ? load_idx(idx, idx64, t + 32 * i) : -1;
+}
 
 __global__ void __launch_bounds__(kGroupThreads)
     group_tokens(const void* idx, bool idx64, int T, int S, int32_t* ws, int* bad) {
@@ -42,14 +50,19 @@ __global__ void __launch_bounds__(kGroupThreads)
   for (int i = lane; i < S; i += 32) mine[i] = 0;
   __syncwarp();
   int nbad = 0;
-  for (int base = t0; base < t1; base += 32) {
-    const int t = base + lane;
-    const int64_t a = t < t1 ? load_idx(idx, idx64, t) : -1;
-    const bool ok = a >= 0 && a < S;
-    if (t < t1 && !ok && a != -1) ++nbad;
-    const unsigned peers = __match_any_sync(0xffffffffu, ok ? static_cast<unsigned>(a) : ~0u);
-    if (ok && (peers & below) == 0) mine[a] += __popc(peers);
-    __syncwarp();
+  for (int b0 = t0; b0 < t1; b0 += 32 * kIdxBatch) {
+    int64_t av[kIdxBatch];
+    load_indices(idx, idx64, b0 + lane, t1, av);
+#pragma unroll
+    for (int i = 0; i < kIdxBatch; ++i) {
+      if (b0 + i * 32 >= t1) break;  // warp-uniform
+      const int64_t a = av[i];
+      const bool ok = a >= 0 && a < S;
+      if (b0 + i * 32 + lane < t1 && !ok && a != -1) ++nbad;
+      const unsigned peers = __match_any_sync(0xffffffffu, ok ? static_cast<unsigned>(a) : ~0u);
+      if (ok && (peers & below) == 0) mine[a] += __popc(peers);
+      __syncwarp();
+    }
   }
   if (nbad > 0 && bad != nullptr) atomicAdd(bad, nbad);
   __syncthreads();
@@ -116,20 +129,25 @@ __global__ void __launch_bounds__(kGroupThreads)
     rec[0] = -1;
     rec[1] = rec[2] = rec[3] = 0;
   }
-  for (int base = t0; base < t1; base += 32) {
-    const int t = base + lane;
-    const int64_t a = t < t1 ? load_idx(idx, idx64, t) : -1;
-    const bool ok = a >= 0 && a < S;
-    const unsigned peers = __match_any_sync(0xffffffffu, ok ? static_cast<unsigned>(a) : ~0u);
-    const int leader = __ffs(peers) - 1;
-    int pos = 0;
-    if (ok && lane == leader) {
-      pos = mine[a];
-      mine[a] = pos + __popc(peers);
+  for (int b0 = t0; b0 < t1; b0 += 32 * kIdxBatch) {
+    int64_t av[kIdxBatch];
+    load_indices(idx, idx64, b0 + lane, t1, av);
+#pragma unroll
+    for (int i = 0; i < kIdxBatch; ++i) {
+      if (b0 + i * 32 >= t1) break;  // warp-uniform
+      const int64_t a = av[i];
+      const bool ok = a >= 0 && a < S;
+      const unsigned peers = __match_any_sync(0xffffffffu, ok ? static_cast<unsigned>(a) : ~0u);
+      const int leader = __ffs(peers) - 1;
+      int pos = 0;
+      if (ok && lane == leader) {
+        pos = mine[a];
+        mine[a] = pos + __popc(peers);
+      }
+      pos = __shfl_sync(0xffffffffu, pos, leader) + __popc(peers & below);
+      if (ok) perm[pos] = b0 + i * 32 + lane;
+      __syncwarp();
     }
-    pos = __shfl_sync(0xffffffffu, pos, leader) + __popc(peers & below);
-    if (ok) perm[pos] = static_cast<int32_t>(t);
-    __syncwarp();
   }
 }
 
