@@ -3,8 +3,8 @@
 // sum of the shrink's split-K partials (fixed order), y is rounded once.
 //
 // Grid: x = token tile + tiles * column group; a group is `ncg` consecutive 64-column tiles
-// (of all slices; 1 in decode), walked one after another by the block so that the tile's
-// token ids and u rows are staged once per slice. 128 threads. Paths as the shrink's
+// (of all slices; 1 for small batches), walked one after another by the block so that the
+// tile's token ids and u rows are staged once per slice. 128 threads. Paths as the shrink's
 // (multi_kernels.cuh says which):
 //   streaming: 8 tokens at a time, their u rows go to smem (512 ranks at a time, only the
 //     tokens and ranks that exist); thread (c, h) owns column o0 + c (c < 64) and tokens h,
@@ -211,10 +211,9 @@ void expand_t(const MultiLoraParams& p, const MultiLoraPlan& plan, int64_t kspli
   constexpr int V = kVec<T>;
   const int64_t ytiles = expand_tiles(p);
   if (ytiles == 0) return;
-  // grouped batches (T > 16): ncg column tiles per block, so that a token tile's ids and u rows
-  // are staged once for several column tiles (about 8 blocks per SM left); decode: one each
-  const int64_t ncg =
-      plan.grouped ? std::clamp<int64_t>(plan.tiles * ytiles / (8LL * p.num_sms), 1, 8) : 1;
+  // ncg column tiles per block, so that a token tile's ids and u rows are staged once for
+  // several column tiles, while about 8 blocks per SM are left (decode: one each)
+  const int64_t ncg = std::clamp<int64_t>(plan.tiles * ytiles / (8LL * p.num_sms), 1, 8);
   const dim3 grid(plan.tiles * ceil_div(ytiles, ncg));
   // y rows and every slice boundary V-aligned: the tile epilogue uses 16-byte accesses.
   bool vec_y = aligned16(p.y) && p.ldy % V == 0;

@@ -288,13 +288,16 @@ def test_multi_lora_out_slices_int64(emu, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("r_max", [16, 40])
-def test_multi_lora_column_groups(emu, dtype, r_max):
-    # grouped batches walk several column tiles per block (more with fewer SMs): u staged once
-    # per slice and kept while it fits one pass (r <= 32 on tensor cores), across slices of
-    # uneven widths, zero ranks, streaming and tensor-core tiles; the same bits as one tile each
-    T, i, S, slices = 100, 64, 4, [70, 130, 64]
+@pytest.mark.parametrize("T", [100, 12])
+def test_multi_lora_column_groups(emu, dtype, r_max, T):
+    # blocks walk several column tiles (more with fewer SMs): u staged once per slice and kept
+    # while it fits one pass (r <= 32 on tensor cores), across slices of uneven widths, zero
+    # ranks, streaming and tensor-core tiles, grouped (T = 100) and not (T = 12: 9 tokens of
+    # adapter 0 on tensor cores); the same bits as one column tile each
+    i, S, slices = 64, 4, [70, 130, 64]
     g = torch.Generator().manual_seed(r_max)
-    idx = torch.cat([torch.zeros(40, dtype=torch.long), torch.randint(-1, S, (T - 40,), generator=g)])
+    n0 = 40 if T > 16 else 9
+    idx = torch.cat([torch.zeros(n0, dtype=torch.long), torch.randint(-1, S, (T - n0,), generator=g)])
     idx = idx[torch.randperm(T, generator=g)].to(torch.int32)
     y, x, A, B, _, scales, ranks = multi_inputs(T, i, sum(slices), S, r_max, dtype, idx, n=3)
     ranks[1, 2] = 0
