@@ -10,7 +10,8 @@ backward with dropout (same seed on both devices: the same mask; CUDA in both or
 halves, 16-bit ones on tensor-core and CUDA-core tiles), multi_lora_ with -1 and out-of-range indices (counted, never touched), mixed ranks
 (0 included), out_slices, the two halves lora_shrink / lora_expand_ (add_inputs both ways),
 merge_ / exact merge + unmerge through a MergeState / merge_points_, dora_norm in both layouts and
-over several chunks (CPU and CUDA give the same bits).
+over several chunks (CPU and CUDA give the same bits), and blocks that walk several tiles (merge_'s
+strip kernel, multi_lora_'s column groups: GPU-sized grids).
 
 python bench/sanitize_cases.py [--quick]   (quick: T in {1, 9, 72}, r in {1, 17}; for racecheck)
 Exit status 1 if any CUDA result differs from the CPU one (printed); run with
@@ -208,6 +209,25 @@ def doras(ranks, dtypes, gen):
                               dora_norm(Wc, A, B, 0.7, fan_in_fan_out=fifo), exact=True)
 
 
+def walks(gen):
+    """Blocks that walk several tiles, which only grids of GPU size produce: merge_'s strip kernel
+    over 2+ row tiles per block (4096 x 1024, r = 16) and multi_lora_'s expand over 2+ column
+    tiles per block (T = 2048, out = 4096)."""
+    dt = torch.bfloat16
+    W0, A, B = odd((4096, 1024), dt, gen), odd((16, 1024), dt, gen), odd((4096, 16), dt, gen, 0.1)
+    Wc = cuda_copy(W0, False)
+    merge_(Wc, A.to(DEV), B.to(DEV), 0.3)
+    check("merge_ strip walk 4096x1024 r=16", Wc, merge_(W0.clone(), A, B, 0.3), exact=True)
+    T, i, o, S, r = 2048, 256, 4096, 4, 16
+    x, y = odd((T, i), dt, gen), odd((T, o), dt, gen)
+    A, B = odd((S, r, i), dt, gen, i**-0.5), odd((S, o, r), dt, gen)
+    idx = torch.randint(-1, S, (T,), generator=gen, dtype=torch.int32)
+    sc, rk = torch.tensor([0.5, 2.0, -1.25, 1.0]), torch.tensor([r, 3, r, 0], dtype=torch.int32)
+    yc = cuda_copy(y, False)
+    multi_lora_(yc, x.to(DEV), A.to(DEV), B.to(DEV), idx.to(DEV), sc.to(DEV), rk.to(DEV))
+    check(f"multi_lora_ column walk T={T} out={o}", yc, multi_lora_(y.clone(), x, A, B, idx, sc, rk))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="T in {1, 9, 72}, r in {1, 17}, bf16 only")
@@ -223,6 +243,7 @@ def main(argv=None) -> int:
     multi_adapter(Ts, ranks, dtypes, gen)
     merges(ranks, dtypes, gen)
     doras(ranks, dtypes, gen)
+    walks(gen)
     if DEV == "cuda":
         torch.cuda.synchronize()
     print(f"sanitize_cases: {count} {DEV} results checked against the CPU kernels, {len(failures)} differ")
