@@ -127,6 +127,15 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
     float* Xs = smem;                  // u step [kBM][kLd]
     float* Ws = smem + kBM * kLd;      // B step [kBNE][kLd]
     float* Cs = smem + 2 * kBM * kLd;  // product [kBM][kBNE + 4]
+    uint4 raw[kYIters];  // this tile's y (16-byte path), loaded before the MMAs
+    if (vec_y) {
+#pragma unroll
+      for (int it = 0; it < kYIters; ++it) {
+        const int e = threadIdx.x + it * kThreads, q = e / kChunks, c = (e % kChunks) * VY;
+        if (q < ntok && c < ncols)
+          raw[it] = *reinterpret_cast<const uint4*>(y + toks[q] * p.ldy + o0 + c);
+      }
+    }
     AccFrag acc[kBNE / 16];
 #pragma unroll
     for (int c = 0; c < kBNE / 16; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);
@@ -170,14 +179,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
       nvcuda::wmma::store_matrix_sync(Cs + warp * 16 * (kBNE + 4) + c * 16, acc[c], kBNE + 4,
                                       nvcuda::wmma::mem_row_major);
     __syncthreads();
-    if (vec_y) {  // 16-byte read-modify-writes of y; a thread's loads are all issued first
-      uint4 raw[kYIters];
-#pragma unroll
-      for (int it = 0; it < kYIters; ++it) {
-        const int e = threadIdx.x + it * kThreads, q = e / kChunks, c = (e % kChunks) * VY;
-        if (q < ntok && c < ncols)
-          raw[it] = *reinterpret_cast<const uint4*>(y + toks[q] * p.ldy + o0 + c);
-      }
+    if (vec_y) {  // 16-byte read-modify-writes of y
 #pragma unroll
       for (int it = 0; it < kYIters; ++it) {
         const int e = threadIdx.x + it * kThreads, q = e / kChunks, c = (e % kChunks) * VY;
