@@ -132,3 +132,34 @@ def test_cuda_merge_points_graph_capture_and_wide_rows():
     merge_(W, A, B, 0.5)
     merge_(cpu, A.cpu(), B.cpu(), 0.5)
     assert same_bits(W, cpu)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fifo", [False, True])
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_cuda_reads_factors_in_place(fifo, n):
+    # A and B straight from where they lie (launch.h's Factors): mixed dtypes, a misaligned A,
+    # a column-major B, a column-major weight, more adapters than pieces (n = 9: fp32 operands),
+    # an A that is rows of the weight itself; large enough for the strip kernel's row walks
+    out, inp, dtype = 4096, 520, torch.bfloat16
+    dts = (torch.float32, torch.bfloat16, torch.float16)
+    g = torch.Generator().manual_seed(n)
+    As = [(torch.randn(r, inp + 1, generator=g).to(dts[k % 3]))[:, 1:]
+          for k, r in enumerate([(1, 5, 16, 18)[k % 4] for k in range(n)])]
+    Bs = [(torch.randn(A.shape[0], out, generator=g) * 0.01).to(A.dtype).t() for A in As]
+    scales = [0.5 - 0.25 * k for k in range(n)]
+    W0 = (torch.randn(*((inp, out) if fifo else (out, inp)), generator=g) * 0.05).to(dtype)
+    for Wl in (W0, W0.t().contiguous().t()):
+        cpu = Wl.clone()
+        merge_(cpu, As, Bs, scales, fan_in_fan_out=fifo)
+        gpu = Wl.cuda()
+        merge_(gpu, [A.cuda() for A in As], [B.cuda() for B in Bs], scales, fan_in_fan_out=fifo)
+        assert same_bits(cpu, gpu.cpu())
+    cpu, gpu = W0.clone(), W0.cuda()
+    r0 = As[0].shape[0]
+    own = (lambda W: W[:, :r0].t()) if fifo else (lambda W: W[:r0])
+    ref = W0.clone()
+    merge_(ref, [own(W0).clone()] + As[1:], Bs, scales, fan_in_fan_out=fifo)
+    merge_(gpu, [own(gpu)] + [A.cuda() for A in As[1:]], [B.cuda() for B in Bs], scales,
+           fan_in_fan_out=fifo)
+    assert same_bits(ref, gpu.cpu())
