@@ -49,6 +49,15 @@ __device__ __forceinline__ void load_f32(const T* p, float (&v)[N]) {
   }
 }
 
+// A hint that the line holding p will be read soon (fetched into L1 meanwhile; no registers).
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+#else
+  (void)p;
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -115,6 +115,9 @@ __global__ void __launch_bounds__(kTileThreads, VEC ? 4 : 1)
   auto urow = [&](int r) { return u + (m0 + r) * R; };
   auto brow = [&](int r) { return B + (n0 + r) * R; };
   const int warp = threadIdx.x >> 5;
+  // the tile's y rows (64 columns: one line each), fetched during the MMAs
+  if (!eo.overwrite && static_cast<int>(threadIdx.x) < mrows)
+    prefetch_l1(eo.y + (m0 + threadIdx.x) * eo.ldy + n0);
   AccFrag acc[NF];
 #pragma unroll
   for (int c = 0; c < NF; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);

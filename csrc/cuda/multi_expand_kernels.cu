@@ -66,6 +66,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
     if (rank == 0) continue;
     const T* B = static_cast<const T*>(p.B) + (tl.a * p.out + o0) * p.r_max;
     const float* u = p.u + sl * p.T * p.r_max;
+    if (threadIdx.x < ncols) prefetch_l1(B + threadIdx.x * p.r_max);  // B rows, while u is staged
 
     if (!tl.tc) {
       float* Us = smem;  // [kSkinny][kUChunk]
