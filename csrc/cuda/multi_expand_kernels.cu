@@ -7,10 +7,12 @@
 // tile's token ids and u rows are staged once per slice. 128 threads. Paths as the shrink's
 // (multi_kernels.cuh says which):
 //   streaming: 8 tokens at a time, their u rows go to smem (512 ranks at a time, only the
-//     tokens and ranks that exist); thread (c, h) owns column o0 + c (c < 64) and tokens h,
-//     h+2, h+4, h+6: it reads its row B[a, o, :r] with 16-byte loads (a warp covers 32
-//     consecutive rows: contiguous bytes) and broadcasts u from smem; its y values are
-//     loaded while u is staged (a decode block is a short chain of memory round trips).
+//     tokens and ranks that exist; in a fused decode, T <= 8, the block computes them from x
+//     and A itself, as the shrink kernel would: one launch for multi_lora_); thread (c, h)
+//     owns column o0 + c (c < 64) and tokens h, h+2, h+4, h+6: it reads its row B[a, o, :r]
+//     with 16-byte loads (a warp covers 32 consecutive rows: contiguous bytes) and broadcasts
+//     u from smem; its y values are loaded while u is staged (a decode block is a short chain
+//     of memory round trips).
 //   tensor cores: 64 tokens x 64 columns, K = r in steps of 32 through smem (u kept there
 //     across the group's column tiles when r <= 32), u split into hi + lo TF32 parts (B too
 //     when fp32), wmma m16n16k8, fp32 accumulation; the tile goes out through its own smem
@@ -21,8 +23,6 @@
 
 namespace lora_ext::cuda::multi {
 namespace {
-
-constexpr int kUChunk = 512;  // ranks of u staged per pass in the streaming path
 
 // Column tile yt of all slices: its slice, first column and width; false past the last one.
 __device__ __forceinline__ bool column_tile(const MultiLoraParams& p, int64_t yt, int64_t& sl,
@@ -42,17 +42,64 @@ __device__ __forceinline__ bool column_tile(const MultiLoraParams& p, int64_t yt
 
 // 3 blocks per SM for 16-bit T (<= 170 registers, no spills; left to itself ptxas took ~210:
 // 2 blocks); fp32 (B split into hi + lo parts too) needs more: 2 blocks.
+// The launch's choices (expand_t): paths, grid split and what the staging reads.
+struct ExpandArgs {
+  bool grouped;
+  int64_t tiles;   // token tiles (grid = tiles x column groups)
+  int64_t ksplit;  // split-K partials summed into u (1: u is summed already)
+  int64_t kchunk;  // fused: the shrink's K chunk
+  int64_t ncg;     // column tiles per block
+  bool count_bad, vec_y;
+  bool fused;      // u = x A^T computed by the block itself (decode, T <= 8: all tiles stream)
+  bool vec_x;      // fused: the shrink's 16-byte loads of x and A
+};
+
+// Fused decode: Us[q][j] = u of token tk[q] (q < nq) and rank row j < nrows of slice sl,
+// adapter a, computed here the way the shrink kernel's streaming path computes its K chunks'
+// partials (stream_chunk + warp_sum) and sum_partials folds them (chunk order): the same bits.
+template <class T, int VX>
+__device__ __forceinline__ void fused_u(const MultiLoraParams& p, int64_t a, int64_t sl,
+                                        const int64_t* tk, int nq, int nrows, int64_t ksplit,
+                                        int64_t kchunk, float* Us) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T* A = static_cast<const T*>(p.A) + (sl * p.S + a) * p.r_max * p.in;
+  const T* xr[kSkinny];
+#pragma unroll
+  for (int q = 0; q < kSkinny; ++q) xr[q] = static_cast<const T*>(p.x) + tk[q < nq ? q : 0] * p.ldx;
+  constexpr int R = 2;  // rank rows per warp and pass (registers: the kernel's other paths)
+  for (int row0 = R * warp; row0 < nrows; row0 += R * (kThreads / 32)) {
+    const T* ar[R];  // rows past nrows re-read the last one (their sums are dropped)
+#pragma unroll
+    for (int i = 0; i < R; ++i) ar[i] = A + min(row0 + i, nrows - 1) * p.in;
+    for (int64_t z = 0; z < ksplit; ++z) {  // chunk partials folded in Us, in chunk order
+      float acc[R][kSkinny];
+      stream_chunk<T, VX, R>(ar, xr, nq, z * kchunk, min(p.in, (z + 1) * kchunk), acc);
+#pragma unroll
+      for (int q = 0; q < kSkinny; ++q) {
+        if (q < nq) {
+#pragma unroll
+          for (int i = 0; i < R; ++i) {
+            const float part = warp_sum(acc[i][q]);
+            float* us = Us + q * kUChunk + row0 + i;
+            if (lane == 0 && row0 + i < nrows) *us = z == 0 ? part : *us + part;
+          }
+        }
+      }
+    }
+  }
+}
+
 template <class T, int V>
 __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
-    expand_kernel(const MultiLoraParams p, bool grouped, int64_t tiles, int64_t ksplit,
-                  int64_t ncg, bool count_bad, bool vec_y) {
+    expand_kernel(const MultiLoraParams p, const ExpandArgs ea) {
   constexpr int kOps = 2 * kBM * kLd, kOut = kBM * (kBNE + 4), kUs = kSkinny * kUChunk;
   __shared__ __align__(32) float smem[kOps + kOut > kUs ? kOps + kOut : kUs];
   __shared__ int64_t toks[kBM];
-  const int64_t tile = blockIdx.x % tiles, yt0 = blockIdx.x / tiles * ncg;
+  const int64_t tile = blockIdx.x % ea.tiles, yt0 = blockIdx.x / ea.tiles * ea.ncg;
+  const int64_t ksplit = ea.ksplit, ncg = ea.ncg;
   Tile tl;
-  if (!resolve_tile(p, grouped, tile, count_bad && yt0 == 0, tl)) return;
-  load_tokens(p, grouped, tl, toks);
+  if (!resolve_tile(p, ea.grouped, tile, ea.count_bad && yt0 == 0, tl)) return;
+  load_tokens(p, ea.grouped, tl, toks);
   __syncthreads();
 
   const int64_t zstride = p.n * p.T * p.r_max;
@@ -86,10 +133,19 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
           const int jn = static_cast<int>(min(static_cast<int64_t>(kUChunk), rank - jc));
           if (!keep || staged != sl) {
             __syncthreads();  // earlier passes are done with Us
+            if (ea.fused) {  // one pass: <= 8 tokens, rank <= 512 (the launcher checked)
+              if (ea.vec_x) {
+                fused_u<T, kVec<T>>(p, tl.a, sl, toks, nq, jn, ksplit, ea.kchunk, Us);
+              } else {
+                fused_u<T, 1>(p, tl.a, sl, toks, nq, jn, ksplit, ea.kchunk, Us);
+              }
+            } else {
 #pragma unroll 1
-            for (int e = threadIdx.x; e < nq * jn; e += kThreads) {
-              const int q = e / jn, j = e - q * jn;
-              Us[q * kUChunk + j] = sum_partials(u + toks[q0 + q] * p.r_max + jc + j, zstride, ksplit);
+              for (int e = threadIdx.x; e < nq * jn; e += kThreads) {
+                const int q = e / jn, j = e - q * jn;
+                Us[q * kUChunk + j] =
+                    sum_partials(u + toks[q0 + q] * p.r_max + jc + j, zstride, ksplit);
+              }
             }
             __syncthreads();
             staged = keep ? sl : -1;
@@ -129,6 +185,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
     float* Ws = smem + kBM * kLd;      // B step [kBNE][kLd]
     float* Cs = smem + 2 * kBM * kLd;  // product [kBM][kBNE + 4]
     uint4 raw[kYIters];  // this tile's y (16-byte path), loaded before the MMAs
+    const bool vec_y = ea.vec_y;
     if (vec_y) {
 #pragma unroll
       for (int it = 0; it < kYIters; ++it) {
@@ -210,31 +267,40 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
 
 template <class T>
 void expand_t(const MultiLoraParams& p, const MultiLoraPlan& plan, int64_t ksplit, bool count_bad,
-              cudaStream_t s) {
+              bool fused, cudaStream_t s) {
   constexpr int V = kVec<T>;
   const int64_t ytiles = expand_tiles(p);
   if (ytiles == 0) return;
+  ExpandArgs ea{};
+  ea.grouped = plan.grouped;
+  ea.tiles = plan.tiles;
+  ea.ksplit = ksplit;
+  ea.kchunk = plan.kchunk;
+  ea.count_bad = count_bad;
+  ea.fused = fused;
+  // the shrink kernel's rule for its 16-byte loads (the bits depend on it)
+  ea.vec_x = p.in % V == 0 && p.ldx % V == 0 && aligned16(p.x) && aligned16(p.A);
   // ncg column tiles per block, so that a token tile's ids and u rows are staged once for
   // several column tiles, while about 8 blocks per SM are left (decode: one each)
-  const int64_t ncg = std::clamp<int64_t>(plan.tiles * ytiles / (8LL * p.num_sms), 1, 8);
-  const dim3 grid(plan.tiles * ceil_div(ytiles, ncg));
+  ea.ncg = std::clamp<int64_t>(plan.tiles * ytiles / (8LL * p.num_sms), 1, 8);
+  const dim3 grid(plan.tiles * ceil_div(ytiles, ea.ncg));
   // y rows and every slice boundary V-aligned: the tile epilogue uses 16-byte accesses.
-  bool vec_y = aligned16(p.y) && p.ldy % V == 0;
-  for (int64_t i = 0; i <= p.n; ++i) vec_y = vec_y && p.out_off[i] % V == 0;
+  ea.vec_y = aligned16(p.y) && p.ldy % V == 0;
+  for (int64_t i = 0; i <= p.n; ++i) ea.vec_y = ea.vec_y && p.out_off[i] % V == 0;
   if (p.r_max % V == 0 && aligned16(p.B)) {
-    LORA_EXT_LAUNCH(expand_kernel<T, V>, grid, kThreads, 0, s, p, plan.grouped, plan.tiles, ksplit,
-                    ncg, count_bad, vec_y);
+    LORA_EXT_LAUNCH(expand_kernel<T, V>, grid, kThreads, 0, s, p, ea);
   } else {
-    LORA_EXT_LAUNCH(expand_kernel<T, 1>, grid, kThreads, 0, s, p, plan.grouped, plan.tiles, ksplit,
-                    ncg, count_bad, vec_y);
+    LORA_EXT_LAUNCH(expand_kernel<T, 1>, grid, kThreads, 0, s, p, ea);
   }
 }
 
 }  // namespace
 
 void launch_expand(DType dt, const MultiLoraParams& p, const MultiLoraPlan& plan, int64_t ksplit,
-                   bool count_bad, cudaStream_t s) {
-  dispatch(dt, [&](auto tag) { expand_t<typename decltype(tag)::type>(p, plan, ksplit, count_bad, s); });
+                   bool count_bad, bool fused, cudaStream_t s) {
+  dispatch(dt, [&](auto tag) {
+    expand_t<typename decltype(tag)::type>(p, plan, ksplit, count_bad, fused, s);
+  });
 }
 
 }  // namespace lora_ext::cuda::multi

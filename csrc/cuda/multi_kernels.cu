@@ -195,6 +195,11 @@ cudaError_t multi_lora(DType dt, const MultiLoraParams& p, const MultiLoraPlan& 
                        cudaStream_t stream) {
   using namespace multi;
   const bool shrink = phases & kMultiShrink, expand = phases & kMultiExpand;
+  if (shrink && expand && !(phases & kMultiReduce) && !plan.grouped && p.T <= kSkinny &&
+      p.r_max <= kUChunk) {  // decode: one launch, the expand computes u itself
+    launch_expand(dt, p, plan, plan.ksplit, true, true, stream);
+    return cudaGetLastError();
+  }
   if (plan.grouped && (shrink || expand)) {
     LORA_EXT_LAUNCH(group_tokens, 1, kGroupThreads, 0, stream, p.idx, p.idx64,
                     static_cast<int>(p.T), static_cast<int>(p.S), p.ws, p.bad);
@@ -214,7 +219,7 @@ cudaError_t multi_lora(DType dt, const MultiLoraParams& p, const MultiLoraPlan& 
   }
   if (expand)
     launch_expand(dt, p, plan, shrink && !reduce ? plan.ksplit : 1, !plan.grouped && !shrink,
-                  stream);
+                  false, stream);
   return cudaGetLastError();
 }
 

@@ -1,9 +1,10 @@
 // Device helpers shared by the multi-adapter kernels (multi_*_kernels.cu). CUDA headers only.
 //
 // Work is cut into token tiles of one adapter each. Grouped mode (T > kUngroupedMaxT): a tile
-// is <= kBM tokens of one adapter, taken from the device-side stable sort (perm + segment/tile
-// offsets in ws). Ungrouped mode: block i serves token i's adapter if i is that adapter's first
-// token, with all of its tokens (<= kUngroupedMaxT, ascending), and exits otherwise.
+// is <= kBM tokens of one adapter, taken from the device-side stable sort (perm + tile records
+// in ws). Ungrouped mode: block i serves token i's adapter if i is that adapter's first
+// token, with all of its tokens (<= kUngroupedMaxT, ascending), and exits otherwise; with
+// T <= kSkinny, multi_lora_ is one launch (the expand computes u as the shrink would).
 // Every tile of an adapter with <= kSkinny tokens in the batch runs a streaming (GEMV) path;
 // an adapter with more runs a TF32 tensor-core path (tf32_tiles.cuh; sm_80+, else the streaming
 // path in groups of kSkinny tokens). The path depends only on that count, and the split-K
@@ -19,6 +20,7 @@ constexpr int kThreads = kTileThreads; // 4 warps per block
 constexpr int kBM = 64;                // tokens per tile (16 per warp in the mma path)
 constexpr int kSkinny = 8;             // tiles of <= kSkinny tokens stream instead
 constexpr int kBNE = 64;               // output columns per expand tile
+constexpr int kUChunk = 512;           // ranks of u staged per pass in the streaming expand
 constexpr int64_t kUngroupedMaxT = 16; // up to this many tokens, no sort: one token per tile
 constexpr int64_t kKAlign = 256;       // split-K chunks are multiples of this
 constexpr int64_t kMaxSplits = 16;     // at most this many K chunks
@@ -114,10 +116,47 @@ __device__ __forceinline__ float sum_partials(const float* src, int64_t zstride,
   return s;
 }
 
+// The streaming (GEMV) shrink of one K chunk: acc[i][q] = this lane's share of A row ar[i] . x
+// row xr[q] over k in [k0, k1) (lanes take V elements each, 32 V apart; q < nq), from 0. The
+// warp's sum (warp_sum) of acc[i][q] is the chunk's partial: the shrink kernel writes it, the
+// fused decode expand folds the chunks in order, both with the same bits.
+// ROWS rank rows at a time (the sums do not depend on it: the shrink kernel takes kRows, the
+// fused decode, short of registers, 2).
+constexpr int kRows = 4;  // rank rows per warp and pass in the streaming shrink
+template <class T, int V, int ROWS = kRows>
+__device__ __forceinline__ void stream_chunk(const T* const (&ar)[ROWS], const T* const (&xr)[kSkinny],
+                                             int nq, int64_t k0, int64_t k1,
+                                             float (&acc)[ROWS][kSkinny]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i)
+#pragma unroll
+    for (int q = 0; q < kSkinny; ++q) acc[i][q] = 0.f;
+#pragma unroll(sizeof(T) == 4 ? 1 : 2)
+  for (int64_t k = k0 + lane * V; k < k1; k += 32 * V) {
+    float av[ROWS][V];
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) load_f32<T, V>(ar[i] + k, av[i]);
+#pragma unroll
+    for (int q = 0; q < kSkinny; ++q) {
+      if (q < nq) {
+        float xv[V];
+        load_f32<T, V>(xr[q] + k, xv);
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i)
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[i][q] = fmaf(av[i][v], xv[v], acc[i][q]);
+      }
+    }
+  }
+}
+
 // Host: the two halves, each dispatching on dtype and vector width.
 void launch_shrink(DType dt, const MultiLoraParams& p, const MultiLoraPlan& plan, bool count_bad,
                    cudaStream_t s);
+// fused: the expand computes u itself (no shrink launch; ungrouped, T <= kSkinny, r_max <=
+// kUChunk: every tile streams and its u fits one staging pass).
 void launch_expand(DType dt, const MultiLoraParams& p, const MultiLoraPlan& plan, int64_t ksplit,
-                   bool count_bad, cudaStream_t s);
+                   bool count_bad, bool fused, cudaStream_t s);
 
 }  // namespace lora_ext::cuda::multi

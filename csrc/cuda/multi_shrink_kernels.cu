@@ -18,8 +18,6 @@
 namespace lora_ext::cuda::multi {
 namespace {
 
-constexpr int kRows = 4;  // rank rows per warp and pass in the streaming path
-
 // 4 blocks per SM (<= 128 registers, no spills).
 template <class T, int BN, int V>
 __global__ void __launch_bounds__(kThreads, 4)
@@ -57,27 +55,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 #pragma unroll
         for (int i = 0; i < kRows; ++i) ar[i] = A + min(row0 + i, nrows - 1) * p.in;
         float acc[kRows][kSkinny];
-#pragma unroll
-        for (int i = 0; i < kRows; ++i)
-#pragma unroll
-          for (int q = 0; q < kSkinny; ++q) acc[i][q] = 0.f;
-#pragma unroll(sizeof(T) == 4 ? 1 : 2)
-        for (int64_t k = k0 + lane * V; k < k1; k += 32 * V) {
-          float av[kRows][V];
-#pragma unroll
-          for (int i = 0; i < kRows; ++i) load_f32<T, V>(ar[i] + k, av[i]);
-#pragma unroll
-          for (int q = 0; q < kSkinny; ++q) {
-            if (q < nq) {
-              float xv[V];
-              load_f32<T, V>(xr[q] + k, xv);
-#pragma unroll
-              for (int i = 0; i < kRows; ++i)
-#pragma unroll
-                for (int v = 0; v < V; ++v) acc[i][q] = fmaf(av[i][v], xv[v], acc[i][q]);
-            }
-          }
-        }
+        stream_chunk<T, V>(ar, xr, nq, k0, k1, acc);
 #pragma unroll
         for (int q = 0; q < kSkinny; ++q) {
           if (q < nq) {

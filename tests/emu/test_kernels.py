@@ -307,6 +307,21 @@ def test_multi_lora_column_groups(emu, dtype, r_max, T):
     assert same_bits(outs[0], outs[1]) and same_bits(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inp", [600, 601])
+def test_multi_lora_fused_decode_same_bits(emu, dtype, inp):
+    # T <= 8: one launch whose expand computes u itself (K chunks folded in order; 16-byte or,
+    # in = 601, scalar loads as the shrink kernel picks them); T = 9: shrink + expand kernels.
+    # A token's bits are the same either way.
+    T, S, o, r_max = 9, 4, 200, 24
+    idx = torch.tensor([2, 0, -1, 2, 3, 1, 0, 2, 1], dtype=torch.int32)
+    y, x, A, B, _, scales, ranks = multi_inputs(T, inp, o, S, r_max, dtype, idx, seed=inp)
+    full = check_multi(emu, y, x, A, B, idx, scales, ranks, dtype)
+    for rows in (8, 1, 3):
+        part = check_multi(emu, y[:rows].clone(), x[:rows], A, B, idx[:rows], scales, ranks, dtype)
+        assert same_bits(part, full[:rows])
+
+
 def test_multi_lora_without_tensor_cores(emu):
     # an sm_75 device: every tile (up to 64 tokens) takes the streaming path, 8 tokens at a time
     y, x, A, B, idx, scales, ranks = multi_inputs(100, 64, 40, 2, 16, torch.float32,
