@@ -3,8 +3,9 @@
 // Work is cut into token tiles of one adapter each. Grouped mode (T > kUngroupedMaxT): a tile
 // is <= kBM tokens of one adapter, taken from the device-side stable sort (perm + tile records
 // in ws). Ungrouped mode: block i serves token i's adapter if i is that adapter's first
-// token, with all of its tokens (<= kUngroupedMaxT, ascending), and exits otherwise; with
-// T <= kSkinny, multi_lora_ is one launch (the expand computes u as the shrink would).
+// token, with all of its tokens (<= kUngroupedMaxT, ascending), and exits otherwise; there
+// multi_lora_ is one launch (the expand computes u as the shrink would) where u fits the
+// expand's staging (r_max <= 32, or <= 512 with T <= kSkinny).
 // Every tile of an adapter with <= kSkinny tokens in the batch runs a streaming (GEMV) path;
 // an adapter with more runs a TF32 tensor-core path (tf32_tiles.cuh; sm_80+, else the streaming
 // path in groups of kSkinny tokens). The path depends only on that count, and the split-K
@@ -154,8 +155,7 @@ __device__ __forceinline__ void stream_chunk(const T* const (&ar)[ROWS], const T
 // Host: the two halves, each dispatching on dtype and vector width.
 void launch_shrink(DType dt, const MultiLoraParams& p, const MultiLoraPlan& plan, bool count_bad,
                    cudaStream_t s);
-// fused: the expand computes u itself (no shrink launch; ungrouped, T <= kSkinny, r_max <=
-// kUChunk: every tile streams and its u fits one staging pass).
+// fused: the expand computes u itself (no shrink launch; ungrouped, u fits one staging pass).
 void launch_expand(DType dt, const MultiLoraParams& p, const MultiLoraPlan& plan, int64_t ksplit,
                    bool count_bad, bool fused, cudaStream_t s);
 

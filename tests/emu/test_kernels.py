@@ -309,17 +309,25 @@ def test_multi_lora_column_groups(emu, dtype, r_max, T):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inp", [600, 601])
-def test_multi_lora_fused_decode_same_bits(emu, dtype, inp):
-    # T <= 8: one launch whose expand computes u itself (K chunks folded in order; 16-byte or,
-    # in = 601, scalar loads as the shrink kernel picks them); T = 9: shrink + expand kernels.
-    # A token's bits are the same either way.
-    T, S, o, r_max = 9, 4, 200, 24
-    idx = torch.tensor([2, 0, -1, 2, 3, 1, 0, 2, 1], dtype=torch.int32)
-    y, x, A, B, _, scales, ranks = multi_inputs(T, inp, o, S, r_max, dtype, idx, seed=inp)
+@pytest.mark.parametrize("r_max", [24, 40])
+@pytest.mark.parametrize("pattern", ["stream", "tc"])
+def test_multi_lora_fused_decode_same_bits(emu, dtype, inp, r_max, pattern):
+    # up to 16 tokens multi_lora_ is one launch whose expand computes u itself (K chunks folded
+    # in order; 16-byte or, in = 601, scalar loads as the shrink kernel picks them; a tile of
+    # 9+ tokens with the shrink's tensor-core tiles) where u fits (r_max <= 32, or <= 512 up to
+    # 8 tokens), else shrink + expand; 17 tokens: sort, shrink, reduce, expand. A token's bits
+    # are the same whichever runs, as long as its adapter's path (count > 8) is.
+    S, o = 4, 200
+    if pattern == "tc":  # adapter 0: 10 tokens (tensor cores) in every prefix compared
+        idx, prefixes = [0] * 10 + [1, 2, 3, -1, 1, 2, 3], (16, 12, 10)
+    else:  # every adapter <= 8 tokens: streaming
+        idx, prefixes = [2, 0, -1, 2, 3, 1, 0, 2, 1, 3, 0, 1, 2, 3, 1, 0, 2], (16, 9, 8, 3, 1)
+    idx = torch.tensor(idx, dtype=torch.int32)
+    y, x, A, B, _, scales, ranks = multi_inputs(17, inp, o, S, r_max, dtype, idx, seed=inp)
     full = check_multi(emu, y, x, A, B, idx, scales, ranks, dtype)
-    for rows in (8, 1, 3):
+    for rows in prefixes:
         part = check_multi(emu, y[:rows].clone(), x[:rows], A, B, idx[:rows], scales, ranks, dtype)
-        assert same_bits(part, full[:rows])
+        assert same_bits(part, full[:rows]), rows
 
 
 def test_multi_lora_without_tensor_cores(emu):
