@@ -7,15 +7,14 @@
 // tile's token ids and u rows are staged once per slice. 128 threads. Paths as the shrink's
 // (multi_kernels.cuh says which):
 //   streaming: 8 tokens at a time, their u rows go to smem (512 ranks at a time, only the
-//     tokens and ranks that exist; in a fused decode, T <= 16, the block computes them from x
+//     tokens and ranks that exist; in a fused decode, T <= 8, the block computes them from x
 //     and A itself, as the shrink kernel would: one launch for multi_lora_); thread (c, h)
 //     owns column o0 + c (c < 64) and tokens h, h+2, h+4, h+6: it reads its row B[a, o, :r]
 //     with 16-byte loads (a warp covers 32 consecutive rows: contiguous bytes) and broadcasts
 //     u from smem; its y values are loaded while u is staged (a decode block is a short chain
 //     of memory round trips).
 //   tensor cores: 64 tokens x 64 columns, K = r in steps of 32 through smem (u kept there
-//     across the group's column tiles when r <= 32; a fused decode computes it there with the
-//     shrink's tiles, chunk by chunk), u split into hi + lo TF32 parts (B too
+//     across the group's column tiles when r <= 32), u split into hi + lo TF32 parts (B too
 //     when fp32), wmma m16n16k8, fp32 accumulation; the tile goes out through its own smem
 //     with 16-byte read-modify-writes of y when aligned, y's loads issued before the MMAs.
 #include <algorithm>
@@ -72,6 +71,15 @@ __device__ __forceinline__ void fused_u(const MultiLoraParams& p, int64_t a, int
     const T* ar[R];  // rows past nrows re-read the last one (their sums are dropped)
 #pragma unroll
     for (int i = 0; i < R; ++i) ar[i] = A + min(row0 + i, nrows - 1) * p.in;
+    // The chunks run one after another (each ends in warp sums): the lane's pieces of all of
+    // them are requested first, so that their loads hit L1 instead of waiting in turn.
+    for (int64_t k = lane * VX; k < p.in; k += 32 * VX) {
+#pragma unroll
+      for (int i = 0; i < R; ++i) prefetch_l1(ar[i] + k);
+#pragma unroll
+      for (int q = 0; q < kSkinny; ++q)
+        if (q < nq) prefetch_l1(xr[q] + k);
+    }
     for (int64_t z = 0; z < ksplit; ++z) {  // chunk partials folded in Us, in chunk order
       float acc[R][kSkinny];
       stream_chunk<T, VX, R>(ar, xr, nq, z * kchunk, min(p.in, (z + 1) * kchunk), acc);
@@ -89,45 +97,6 @@ __device__ __forceinline__ void fused_u(const MultiLoraParams& p, int64_t a, int
     }
   }
 }
-
-#if LORA_EXT_TF32_MMA
-// Fused decode, a tensor-core tile (rank <= kBK): Xs[q][j] = u of token toks[q] (q < ntok) and
-// rank row j (zero past ntok and rank), computed as the shrink kernel's tensor-core path
-// computes its K chunks' partials and folded in chunk order like the expand's staging: the same
-// bits. Os (>= (kBM + kBK) * kLd floats) holds the operand tiles, then each chunk's product.
-// Scalar loads without prefetch (the values, and so the bits, are the same; the registers
-// are the kernel's other paths'): such tiles (9-16 tokens of one adapter) are rare in decode.
-template <class T>
-__device__ __forceinline__ void fused_u_tc(const MultiLoraParams& p, int64_t a, int64_t sl,
-                                           const int64_t* toks, int ntok, int rank,
-                                           int64_t ksplit, int64_t kchunk, float* Xs, float* Os) {
-  constexpr int NF = kBK / 16;
-  constexpr bool kSplit = sizeof(T) == 4;  // fp32 operands need hi + lo TF32 parts
-  const int warp = threadIdx.x >> 5;
-  const T* x = static_cast<const T*>(p.x);
-  const T* A = static_cast<const T*>(p.A) + (sl * p.S + a) * p.r_max * p.in;
-  auto xrow = [&](int r) { return x + toks[r] * p.ldx; };
-  auto arow = [&](int r) { return A + r * p.in; };
-  for (int64_t z = 0; z < ksplit; ++z) {
-    AccFrag acc[NF];
-#pragma unroll
-    for (int c = 0; c < NF; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);
-    mma_k_range<NF, kSplit, kSplit, T, 1, kBM, T, 1, kBK>(
-        Os, Os + kBM * kLd, xrow, ntok, arow, rank, z * kchunk, min(p.in, (z + 1) * kchunk), acc);
-#pragma unroll
-    for (int c = 0; c < NF; ++c)  // the operand tiles are free after mma_k_range's last sync
-      nvcuda::wmma::store_matrix_sync(Os + warp * 16 * kLd + c * 16, acc[c], kLd,
-                                      nvcuda::wmma::mem_row_major);
-    __syncthreads();
-    for (int e = threadIdx.x; e < kBM * kBK; e += kThreads) {
-      const int q = e / kBK, j = e % kBK;
-      const float v = q < ntok && j < rank ? Os[q * kLd + j] : 0.f;
-      Xs[q * kLd + j] = z == 0 ? v : Xs[q * kLd + j] + v;
-    }
-    __syncthreads();  // before the next chunk's operands overwrite Os
-  }
-}
-#endif
 
 template <class T, int V>
 __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
@@ -224,11 +193,6 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
     float* Xs = smem;                  // u step [kBM][kLd]
     float* Ws = smem + kBM * kLd;      // B step [kBNE][kLd]
     float* Cs = smem + 2 * kBM * kLd;  // product [kBM][kBNE + 4]
-    if (ea.fused && staged != sl) {  // u of this tile and slice (rank <= kBK: the launcher checked)
-      __syncthreads();  // the previous tile's epilogue is done with Cs
-      fused_u_tc<T>(p, tl.a, sl, toks, ntok, static_cast<int>(rank), ksplit, ea.kchunk, Xs, Ws);
-      staged = sl;
-    }
     uint4 raw[kYIters];  // this tile's y (16-byte path), loaded before the MMAs
     const bool vec_y = ea.vec_y;
     if (vec_y) {

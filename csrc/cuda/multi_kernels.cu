@@ -195,10 +195,9 @@ cudaError_t multi_lora(DType dt, const MultiLoraParams& p, const MultiLoraPlan& 
                        cudaStream_t stream) {
   using namespace multi;
   const bool shrink = phases & kMultiShrink, expand = phases & kMultiExpand;
-  // decode: one launch, the expand computes u itself (its tiles' u must fit the expand's
-  // staging: <= 8 tokens stream with <= 512 ranks; up to 16, a tensor-core tile needs r <= 32)
-  if (shrink && expand && !(phases & kMultiReduce) && !plan.grouped &&
-      (p.T <= kSkinny ? p.r_max <= kUChunk : p.r_max <= kBK)) {
+  // decode, T <= 8: one launch, the expand computes u itself (every tile streams; its u must
+  // fit one staging pass)
+  if (shrink && expand && !(phases & kMultiReduce) && p.T <= kSkinny && p.r_max <= kUChunk) {
     launch_expand(dt, p, plan, plan.ksplit, true, true, stream);
     return cudaGetLastError();
   }

@@ -3,9 +3,9 @@
 // Work is cut into token tiles of one adapter each. Grouped mode (T > kUngroupedMaxT): a tile
 // is <= kBM tokens of one adapter, taken from the device-side stable sort (perm + tile records
 // in ws). Ungrouped mode: block i serves token i's adapter if i is that adapter's first
-// token, with all of its tokens (<= kUngroupedMaxT, ascending), and exits otherwise; there
-// multi_lora_ is one launch (the expand computes u as the shrink would) where u fits the
-// expand's staging (r_max <= 32, or <= 512 with T <= kSkinny).
+// token, with all of its tokens (<= kUngroupedMaxT, ascending), and exits otherwise; with
+// T <= kSkinny (r_max <= 512) multi_lora_ is one launch (the expand computes u as the shrink
+// would).
 // Every tile of an adapter with <= kSkinny tokens in the batch runs a streaming (GEMV) path;
 // an adapter with more runs a TF32 tensor-core path (tf32_tiles.cuh; sm_80+, else the streaming
 // path in groups of kSkinny tokens). The path depends only on that count, and the split-K

@@ -312,11 +312,11 @@ def test_multi_lora_column_groups(emu, dtype, r_max, T):
 @pytest.mark.parametrize("r_max", [24, 40])
 @pytest.mark.parametrize("pattern", ["stream", "tc"])
 def test_multi_lora_fused_decode_same_bits(emu, dtype, inp, r_max, pattern):
-    # up to 16 tokens multi_lora_ is one launch whose expand computes u itself (K chunks folded
-    # in order; 16-byte or, in = 601, scalar loads as the shrink kernel picks them; a tile of
-    # 9+ tokens with the shrink's tensor-core tiles) where u fits (r_max <= 32, or <= 512 up to
-    # 8 tokens), else shrink + expand; 17 tokens: sort, shrink, reduce, expand. A token's bits
-    # are the same whichever runs, as long as its adapter's path (count > 8) is.
+    # up to 8 tokens multi_lora_ is one launch whose expand computes u itself (K chunks folded
+    # in order; 16-byte or, in = 601, scalar loads as the shrink kernel picks them); 9-16
+    # tokens: shrink + expand (a tile of 9+ tokens on tensor cores); 17 tokens: sort, shrink,
+    # reduce, expand. A token's bits are the same whichever runs, as long as its adapter's
+    # path (count > 8) is.
     S, o = 4, 200
     if pattern == "tc":  # adapter 0: 10 tokens (tensor cores) in every prefix compared
         idx, prefixes = [0] * 10 + [1, 2, 3, -1, 1, 2, 3], (16, 12, 10)
