@@ -97,9 +97,10 @@ __global__ void __launch_bounds__(kTileThreads, kShrinkMinBlocks<BN, V>)
 #endif
 }
 
-// VEC: 4 blocks per SM (<= 128 registers, no spills); the scalar variant spills there.
+// VEC: 3 blocks per SM (<= 168 registers; at 128 the lo-part product's inf guard spilled);
+// the scalar variant spills there too: one.
 template <class T, bool VEC>
-__global__ void __launch_bounds__(kTileThreads, VEC ? 4 : 1)
+__global__ void __launch_bounds__(kTileThreads, VEC ? 3 : 1)
     expand_tc_kernel(const float* __restrict__ u, const T* __restrict__ B, int64_t M, int64_t N,
                      int64_t R, AddY<T> eo, DropArg drop, bool vec_y) {
 #if LORA_EXT_TF32_MMA

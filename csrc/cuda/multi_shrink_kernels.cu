@@ -18,9 +18,10 @@
 namespace lora_ext::cuda::multi {
 namespace {
 
-// 4 blocks per SM (<= 128 registers, no spills).
+// 4 blocks per SM (<= 128 registers, no spills); fp32 (both operands split into hi + lo
+// parts) 3.
 template <class T, int BN, int V>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 3 : 4)
     shrink_kernel(const MultiLoraParams p, bool grouped, int64_t tiles, int64_t kchunk,
                   bool count_bad) {
   constexpr int kOps = kBM * kLd + BN * kLd, kOut = kBM * (BN + 4);

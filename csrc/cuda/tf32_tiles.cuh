@@ -98,9 +98,8 @@ using AccFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, flo
 #if LORA_EXT_TF32_MMA
 // hi + lo TF32 parts of an fp32 operand. tf32(v) rounds a finite |v| >= 0x1.ffffep127 up to
 // inf, and v - hi is NaN for v = +-inf: such a v would turn its row / column into NaN where the
-// sum is finite (or +-inf). Those take the truncated v (or v itself) as hi and no lo part.
-// (An infinite operand still meets the other side's lo part when that one is fp32 too, and
-// inf * 0 is NaN there: with 16-bit x/A/B, +-inf now comes out as on the CPU.)
+// sum is finite (or +-inf). Those take the truncated v (or v itself) as hi and no lo part
+// (and mma_step keeps an infinite hi part away from the other side's lo part).
 __device__ __forceinline__ void split_tf32(float v, float& hi, float& lo) {
   const uint32_t b = __float_as_uint(v);
   if ((b & 0x7F800000u) == 0x7F800000u) {  // inf / NaN: as it is
@@ -114,6 +113,14 @@ __device__ __forceinline__ void split_tf32(float v, float& hi, float& lo) {
 }
 #endif
 
+// v, or 0 for +-inf and NaN. The lo-part products take the other operand's hi part this way:
+// where that is infinite (or NaN) the hi * hi product carries it already, and inf * lo would
+// add NaN (lo = 0) or the other infinity (a hi part rounded up leaves a lo part of the other
+// sign); with finite values the products are unchanged.
+__device__ __forceinline__ float finite_or_zero(float v) {
+  return (__float_as_uint(v) & 0x7F800000u) == 0x7F800000u ? 0.f : v;
+}
+
 // acc[c] += Xs[16 rows, kn] * Ws[16c .. 16c + 16 rows, kn]^T (both row-major, stride kLd; kn <=
 // kBK, the columns from kn on are skipped: the caller zeroed them or they are past K).
 // SA / SB: split that operand into hi + lo TF32 parts (it is not exactly representable).
@@ -126,7 +133,7 @@ __device__ __forceinline__ void mma_step(const float* Xs, const float* Ws, AccFr
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
 #pragma unroll 1
   for (int kk = 0; kk < kn; kk += 8) {  // not unrolled: bounds the live fragments
-    FragA ah, al;
+    FragA ah, al, af;  // af: ah with its infinities as 0, for the products with B's lo part
     wmma::load_matrix_sync(ah, Xs + kk, kLd);
 #pragma unroll
     for (int i = 0; i < ah.num_elements; ++i) {
@@ -135,6 +142,7 @@ __device__ __forceinline__ void mma_step(const float* Xs, const float* Ws, AccFr
       } else {
         ah.x[i] = wmma::__float_to_tf32(ah.x[i]);
       }
+      if constexpr (SB) af.x[i] = finite_or_zero(ah.x[i]);
     }
 #pragma unroll
     for (int c = 0; c < NF; ++c) {
@@ -149,8 +157,12 @@ __device__ __forceinline__ void mma_step(const float* Xs, const float* Ws, AccFr
         }
       }
       wmma::mma_sync(acc[c], ah, bh, acc[c]);
-      if constexpr (SA) wmma::mma_sync(acc[c], al, bh, acc[c]);
-      if constexpr (SB) wmma::mma_sync(acc[c], ah, bl, acc[c]);
+      if constexpr (SA) {  // bh's infinities, as 0: the ah * bh product holds them already
+#pragma unroll
+        for (int i = 0; i < bh.num_elements; ++i) bh.x[i] = finite_or_zero(bh.x[i]);
+        wmma::mma_sync(acc[c], al, bh, acc[c]);
+      }
+      if constexpr (SB) wmma::mma_sync(acc[c], af, bl, acc[c]);
     }
   }
 #else

@@ -430,6 +430,47 @@ def test_multi_lora_tensor_cores_keep_inf_and_huge_finite(emu):
     check_multi_nonfinite(emu.ops, "cpu")
 
 
+def check_inf_factors(ops, device):
+    """+-inf in B (any dtype) or in fp32 x on the tensor-core tiles: the hi part of the other
+    operand already carries the infinity, so its lo part must not meet it (0 * inf = NaN, and a
+    lo part of the other sign, from a hi part rounded up, gives inf - inf = NaN)."""
+    g = torch.Generator().manual_seed(3)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        T, i, o, r = 12, 64, 40, 8
+        x = torch.randn(T, i, generator=g).to(dt)
+        A = (torch.randn(1, r, i, generator=g) / 8).to(dt)
+        B = torch.randn(1, o, r, generator=g).to(dt)
+        B[0, 5, :] = float("inf")  # column 5: +-inf wherever u != 0
+        B[0, 9, 2] = float("-inf")
+        if dt == torch.float32:
+            x[3, 7] = float("inf")  # row 3 of u: +-inf
+        idx, sc, rk = torch.zeros(T, dtype=torch.int32), torch.ones(1), torch.tensor([r], dtype=torch.int32)
+        ref = torch.zeros(T, o, dtype=dt)
+        CPU.multi_lora_(ref, x, A, B, idx, sc, rk)
+        y = torch.zeros(T, o, dtype=dt, device=device)
+        ops.multi_lora_(y, *(t.to(device) for t in (x, A, B, idx, sc, rk)))
+        y = y.cpu()
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)), f"{dt}: NaN at {torch.isnan(y).nonzero()[:4].tolist()}"
+        assert torch.equal(torch.isinf(y), torch.isinf(ref)) and torch.equal(y[torch.isinf(y)], ref[torch.isinf(ref)])
+        if dt != torch.float32:  # lora_ext's own tiles (16-bit jobs of > 8 tokens)
+            ref = torch.zeros(T, o, dtype=dt)
+            CPU.lora_apply_(ref, x, A[0], B[0], 1.0)
+            y = torch.zeros(T, o, dtype=dt, device=device)
+            ops.lora_apply_(y, x.to(device), A[0].to(device), B[0].to(device), 1.0)
+            y = y.cpu()
+            assert torch.equal(torch.isnan(y), torch.isnan(ref)), f"lora_apply_ {dt}: NaN"
+            assert torch.equal(y[torch.isinf(y)], ref[torch.isinf(ref)])
+
+
+def test_tensor_cores_inf_factors(emu):
+    check_inf_factors(emu.ops, "cpu")
+
+
+@pytest.mark.cuda
+def test_tensor_cores_inf_factors_cuda():
+    check_inf_factors(CPU, "cuda")
+
+
 @pytest.mark.cuda
 def test_multi_lora_tensor_cores_keep_inf_and_huge_finite_cuda():
     check_multi_nonfinite(CPU, "cuda")
