@@ -40,8 +40,6 @@ __device__ __forceinline__ bool column_tile(const MultiLoraParams& p, int64_t yt
   return false;
 }
 
-// 3 blocks per SM for 16-bit T (<= 170 registers, no spills; left to itself ptxas took ~210:
-// 2 blocks); fp32 (B split into hi + lo parts too) needs more: 2 blocks.
 // The launch's choices (expand_t): paths, grid split and what the staging reads.
 struct ExpandArgs {
   bool grouped;
@@ -98,6 +96,8 @@ __device__ __forceinline__ void fused_u(const MultiLoraParams& p, int64_t a, int
   }
 }
 
+// 3 blocks per SM for 16-bit T (<= 170 registers, no spills; left to itself ptxas took ~210:
+// 2 blocks); fp32 (B split into hi + lo parts too) needs more: 2 blocks.
 template <class T, int V>
 __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
     expand_kernel(const MultiLoraParams p, const ExpandArgs ea) {
