@@ -74,26 +74,9 @@ __global__ void __launch_bounds__(kThreads, EXACT ? 1 : 2) merge_kernel(const Me
     }
   } else {
     delta<F>(p.f, p.P, p.Q, p0, q0, Rs, Ls, acc);
-#pragma unroll
-    for (int i = 0; i < TL::RPT; ++i)
-#pragma unroll
-      for (int h = 0; h < TL::G; ++h)
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-          set<F>(w[i][h], u, mm::merged<F>(get<F>(w[i][h], u), acc[i][h * 4 + u], true));
+    add_delta<F>(w, acc);
   }
-
-#pragma unroll
-  for (int i = 0; i < TL::RPT; ++i) {
-    const int64_t row = p0 + warp * TL::RPT + i;
-    if (row >= p.P) continue;
-#pragma unroll
-    for (int h = 0; h < TL::G; ++h) {
-      const int64_t col = q0 + h * 128 + lane * 4;
-      const int n = static_cast<int>(max(int64_t{0}, min(int64_t{4}, p.Q - col)));
-      store4<F>(p.w, row * p.ld + col, vec, n, w[i][h]);
-    }
-  }
+  store_tile<F>(p.w, p.P, p.Q, p.ld, vec, p0, q0, w);
 }
 
 // merge_strip_kernel: merges without state whose total rank is <= kStripRank. Block (x, y) owns
@@ -162,22 +145,14 @@ __global__ void __launch_bounds__(kThreads, F::kBits == 16 ? 2 : 1)
     float acc[TL::RPT][TL::V];
     zero<F>(acc);
     fma_steps<F>(&Rs[0][0], &Ls[0][0], Rt, acc);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    add_delta<F>(w, acc);
+    store_tile<F>(p.w, p.P, p.Q, p.ld, vec, p0, q0, w);
 #pragma unroll
-    for (int i = 0; i < TL::RPT; ++i) {
-      const int64_t row = p0 + warp * TL::RPT + i;
+    for (int i = 0; i < TL::RPT; ++i)
 #pragma unroll
-      for (int h = 0; h < TL::G; ++h) {
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-          set<F>(w[i][h], u, mm::merged<F>(get<F>(w[i][h], u), acc[i][h * 4 + u], true));
-        const int64_t col = q0 + h * 128 + lane * 4;
-        const int n = static_cast<int>(max(int64_t{0}, min(int64_t{4}, p.Q - col)));
-        if (row < p.P) store4<F>(p.w, row * p.ld + col, vec, n, w[i][h]);
+      for (int h = 0; h < TL::G; ++h)
 #pragma unroll
         for (int q = 0; q < kWords<F>; ++q) w[i][h][q] = wn[i][h][q];
-      }
-    }
   }
 }
 

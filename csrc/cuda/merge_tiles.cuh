@@ -242,6 +242,39 @@ __device__ __forceinline__ void load_tile(const void* w, int64_t P, int64_t Q, i
   }
 }
 
+// The thread's elements of the tile at (p0, q0) written back (those inside W).
+template <class F>
+__device__ __forceinline__ void store_tile(void* w, int64_t P, int64_t Q, int64_t ld, bool vec,
+                                           int64_t p0, int64_t q0,
+                                           const uint32_t (&g)[Tile<F>::RPT][Tile<F>::G][kWords<F>]) {
+  using TL = Tile<F>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < TL::RPT; ++i) {
+    const int64_t row = p0 + warp * TL::RPT + i;
+    if (row >= P) continue;
+#pragma unroll
+    for (int h = 0; h < TL::G; ++h) {
+      const int64_t col = q0 + h * 128 + lane * 4;
+      const int n = static_cast<int>(max(int64_t{0}, min(int64_t{4}, Q - col)));
+      store4<F>(w, row * ld + col, vec, n, g[i][h]);
+    }
+  }
+}
+
+// g = merged(g, acc): the plain merge of the thread's elements (merge_math.h).
+template <class F>
+__device__ __forceinline__ void add_delta(uint32_t (&g)[Tile<F>::RPT][Tile<F>::G][kWords<F>],
+                                          const float (&acc)[Tile<F>::RPT][Tile<F>::V]) {
+#pragma unroll
+  for (int i = 0; i < Tile<F>::RPT; ++i)
+#pragma unroll
+    for (int h = 0; h < Tile<F>::G; ++h)
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        set<F>(g[i][h], u, mm::merged<F>(get<F>(g[i][h], u), acc[i][h * 4 + u], true));
+}
+
 template <class F>
 __device__ __forceinline__ bool vec_rows(const void* w, int64_t ld) {
   return ld % 4 == 0 && (reinterpret_cast<uintptr_t>(w) & (F::kBits == 16 ? 7 : 15)) == 0;
