@@ -3,7 +3,7 @@ CPU kernels: the program bench/gpu_check.sh runs under compute-sanitizer (memche
 synccheck, initcheck), so that one process covers every launch path instead of pytest's startup
 per tool.
 
-Cases: T in {1, 8, 9, 17, 65, 72} (decode/streaming and tensor-core paths, partial tiles),
+Cases: T in {1, 8, 9, 17, 40, 65, 72} (decode/streaming and tensor-core paths, partial tiles),
 r in {1, 17, 64}, odd in/out (67 x 131) and aligned ones (1024 x 256, split K), x, y and the
 factors at misaligned addresses (a storage offset of one element), lora_linear forward and
 backward with dropout (same seed on both devices: the same mask; CUDA in both orders of its
@@ -13,7 +13,7 @@ merge_ / exact merge + unmerge through a MergeState / merge_points_, dora_norm i
 over several chunks (CPU and CUDA give the same bits), and blocks that walk several tiles (merge_'s
 strip kernel, multi_lora_'s column groups: GPU-sized grids).
 
-python bench/sanitize_cases.py [--quick]   (quick: T in {1, 9, 72}, r in {1, 17}; for racecheck)
+python bench/sanitize_cases.py [--quick]   (quick: T in {1, 9, 40, 72}, r in {1, 17}; for racecheck)
 Exit status 1 if any CUDA result differs from the CPU one (printed); run with
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that memcheck sees every tensor's own allocation.
 """
@@ -230,13 +230,13 @@ def walks(gen):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="T in {1, 9, 72}, r in {1, 17}, bf16 only")
+    p.add_argument("--quick", action="store_true", help="T in {1, 9, 40, 72}, r in {1, 17}, bf16 only")
     a = p.parse_args(argv)
     if DEV == "cuda" and not torch.cuda.is_available():
         print("sanitize_cases: needs a CUDA GPU (LORA_EXT_SANITIZE_DEVICE=cpu: a dry run on the CPU)")
         return 2
     gen = torch.Generator().manual_seed(0)
-    Ts = [1, 9, 72] if a.quick else [1, 8, 9, 17, 65, 72]
+    Ts = [1, 9, 40, 72] if a.quick else [1, 8, 9, 17, 40, 65, 72]
     ranks = [1, 17] if a.quick else [1, 17, 64]
     dtypes = [torch.bfloat16] if a.quick else [torch.float32, torch.bfloat16]
     single_adapter(Ts, ranks, [(67, 131), (1024, 256)], dtypes, gen)

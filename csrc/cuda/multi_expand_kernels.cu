@@ -18,6 +18,7 @@
 //     when fp32), wmma m16n16k8, fp32 accumulation; the tile goes out through its own smem
 //     with 16-byte read-modify-writes of y when aligned, y's loads issued before the MMAs.
 #include <algorithm>
+#include <type_traits>
 
 #include "multi_kernels.cuh"
 
@@ -96,19 +97,20 @@ __device__ __forceinline__ void fused_u(const MultiLoraParams& p, int64_t a, int
   }
 }
 
-// 3 blocks per SM for 16-bit T (<= 170 registers, no spills; left to itself ptxas took ~210:
-// 2 blocks); fp32 (B split into hi + lo parts too) needs more: 2 blocks.
+// 3 blocks per SM for 16-bit T (<= 168 registers, no spills); fp32 (B split into hi + lo parts
+// too) needs about 180: 2 blocks. The column-tile loop is instantiated per path (the tile's,
+// block-uniform), so neither path's registers hold the other's state.
 template <class T, int V>
 __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
     expand_kernel(const MultiLoraParams p, const ExpandArgs ea) {
   constexpr int kOps = 2 * kBM * kLd, kOut = kBM * (kBNE + 4), kUs = kSkinny * kUChunk;
   __shared__ __align__(32) float smem[kOps + kOut > kUs ? kOps + kOut : kUs];
   __shared__ int64_t toks[kBM];
-  const int64_t tile = blockIdx.x % ea.tiles, yt0 = blockIdx.x / ea.tiles * ea.ncg;
-  const int64_t ksplit = ea.ksplit, ncg = ea.ncg;
+  const int tiles = static_cast<int>(ea.tiles), tile = static_cast<int>(blockIdx.x) % tiles;
+  const int yt0 = static_cast<int>(blockIdx.x) / tiles * static_cast<int>(ea.ncg);
+  const int64_t ksplit = ea.ksplit;
   Tile tl;
-  if (!resolve_tile(p, ea.grouped, tile, ea.count_bad && yt0 == 0, tl)) return;
-  load_tokens(p, ea.grouped, tl, toks);
+  if (!resolve_tile(p, ea.grouped, tile, ea.count_bad && yt0 == 0, tl, toks)) return;
   __syncthreads();
 
   const int64_t zstride = p.n * p.T * p.r_max;
@@ -116,161 +118,172 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
   const int ntok = tl.ntok;
   int64_t staged = -1;  // slice whose u rows are in smem (when they fit one pass), else -1
   int64_t sl, o0, ncols;
-  for (int64_t yt = yt0; yt < yt0 + ncg && column_tile(p, yt, sl, o0, ncols); ++yt) {
-    const int64_t rank = rank_of(p, sl, tl.a);
-    const float scale = p.scales[sl * p.slot_stride + tl.a];  // loaded beside the rank
-    if (rank == 0) continue;
-    const T* B = static_cast<const T*>(p.B) + (tl.a * p.out + o0) * p.r_max;
-    const float* u = p.u + sl * p.T * p.r_max;
-    if (threadIdx.x < ncols) prefetch_l1(B + threadIdx.x * p.r_max);  // B rows, while u is staged
+  // the path is the tile's (block-uniform): one loop over the column tiles per path
+  const auto columns = [&](auto tc_path) {
+    constexpr bool kTC = decltype(tc_path)::value;
+    for (int g = 0; g < ea.ncg && column_tile(p, yt0 + g, sl, o0, ncols); ++g) {
+      const int64_t rank = rank_of(p, sl, tl.a);
+      const float scale = p.scales[sl * p.slot_stride + tl.a];  // loaded beside the rank
+      if (rank == 0) continue;
+      const T* B = static_cast<const T*>(p.B) + (tl.a * p.out + o0) * p.r_max;
+      const float* u = p.u + sl * p.T * p.r_max;
+      if (threadIdx.x < ncols) prefetch_l1(B + threadIdx.x * p.r_max);  // B rows, while u is staged
 
-    if (!tl.tc) {
-      float* Us = smem;  // [kSkinny][kUChunk]
-      const int c = threadIdx.x % kBNE, h = threadIdx.x / kBNE;
-      // one pass of u (<= 8 tokens, <= 512 ranks) stays staged for the next column tiles
-      const bool keep = ntok <= kSkinny && rank <= kUChunk;
-      for (int q0 = 0; q0 < ntok; q0 += kSkinny) {  // one pass unless a big tile lacks tensor cores
-        const int nq = min(kSkinny, ntok - q0);
-        float acc[kSkinny / 2], yv[kSkinny / 2];  // y is read now, while u is staged
+      if constexpr (!kTC) {
+        float* Us = smem;  // [kSkinny][kUChunk]
+        const int c = threadIdx.x % kBNE, h = threadIdx.x / kBNE;
+        // one pass of u (<= 8 tokens, <= 512 ranks) stays staged for the next column tiles
+        const bool keep = ntok <= kSkinny && rank <= kUChunk;
+        // one pass unless a big tile lacks tensor cores
+        for (int q0 = 0; q0 < ntok; q0 += kSkinny) {
+          const int nq = min(kSkinny, ntok - q0);
+          float acc[kSkinny / 2], yv[kSkinny / 2];  // y is read now, while u is staged
 #pragma unroll
-        for (int qi = 0; qi < kSkinny / 2; ++qi) {
-          acc[qi] = 0.f;
-          const int q = h + 2 * qi;
-          yv[qi] = c < ncols && q < nq ? to_f32(y[toks[q0 + q] * p.ldy + o0 + c]) : 0.f;
-        }
-        for (int64_t jc = 0; jc < rank; jc += kUChunk) {
-          const int jn = static_cast<int>(min(static_cast<int64_t>(kUChunk), rank - jc));
-          if (!keep || staged != sl) {
-            __syncthreads();  // earlier passes are done with Us
-            if (ea.fused) {  // one pass: <= 8 tokens, rank <= 512 (the launcher checked)
-              if (ea.vec_x) {
-                fused_u<T, kVec<T>>(p, tl.a, sl, toks + q0, nq, jn, ksplit, ea.kchunk, Us);
-              } else {
-                fused_u<T, 1>(p, tl.a, sl, toks + q0, nq, jn, ksplit, ea.kchunk, Us);
-              }
-            } else {
-#pragma unroll 1
-              for (int e = threadIdx.x; e < nq * jn; e += kThreads) {
-                const int q = e / jn, j = e - q * jn;
-                Us[q * kUChunk + j] =
-                    sum_partials(u + toks[q0 + q] * p.r_max + jc + j, zstride, ksplit);
-              }
-            }
-            __syncthreads();
-            staged = keep ? sl : -1;
+          for (int qi = 0; qi < kSkinny / 2; ++qi) {
+            acc[qi] = 0.f;
+            const int q = h + 2 * qi;
+            yv[qi] = c < ncols && q < nq ? to_f32(y[toks[q0 + q] * p.ldy + o0 + c]) : 0.f;
           }
-          if (c < ncols) {
-            const T* b = B + c * p.r_max + jc;
-            for (int j = 0; j < jn; j += V) {
-              float bv[V];
-              load_f32<T, V>(b + j, bv);
+          for (int64_t jc = 0; jc < rank; jc += kUChunk) {
+            const int jn = static_cast<int>(min(static_cast<int64_t>(kUChunk), rank - jc));
+            if (!keep || staged != sl) {
+              __syncthreads();  // earlier passes are done with Us
+              if (ea.fused) {  // one pass: <= 8 tokens, rank <= 512 (the launcher checked)
+                if (ea.vec_x) {
+                  fused_u<T, kVec<T>>(p, tl.a, sl, toks + q0, nq, jn, ksplit, ea.kchunk, Us);
+                } else {
+                  fused_u<T, 1>(p, tl.a, sl, toks + q0, nq, jn, ksplit, ea.kchunk, Us);
+                }
+              } else {
+#pragma unroll 1
+                for (int e = threadIdx.x; e < nq * jn; e += kThreads) {
+                  const int q = e / jn, j = e - q * jn;
+                  Us[q * kUChunk + j] =
+                      sum_partials(u + toks[q0 + q] * p.r_max + jc + j, zstride, ksplit);
+                }
+              }
+              __syncthreads();
+              staged = keep ? sl : -1;
+            }
+            if (c < ncols) {
+              const T* b = B + c * p.r_max + jc;
+              for (int j = 0; j < jn; j += V) {
+                float bv[V];
+                load_f32<T, V>(b + j, bv);
 #pragma unroll
-              for (int i = 0; i < V; ++i) {
-                if (j + i < jn) {
+                for (int i = 0; i < V; ++i) {
+                  if (j + i < jn) {
 #pragma unroll
-                  for (int qi = 0; qi < kSkinny / 2; ++qi)
-                    if (h + 2 * qi < nq) acc[qi] = fmaf(bv[i], Us[(h + 2 * qi) * kUChunk + j + i], acc[qi]);
+                    for (int qi = 0; qi < kSkinny / 2; ++qi)
+                      if (h + 2 * qi < nq)
+                        acc[qi] = fmaf(bv[i], Us[(h + 2 * qi) * kUChunk + j + i], acc[qi]);
+                  }
                 }
               }
             }
           }
-        }
-        if (c < ncols) {
+          if (c < ncols) {
 #pragma unroll
-          for (int qi = 0; qi < kSkinny / 2; ++qi) {
-            const int q = h + 2 * qi;
-            if (q < nq) y[toks[q0 + q] * p.ldy + o0 + c] = from_f32<T>(yv[qi] + scale * acc[qi]);
-          }
-        }
-      }
-      continue;
-    }
-
-#if LORA_EXT_TF32_MMA
-    constexpr bool kSplitB = sizeof(T) == 4;
-    constexpr int VY = kVec<T>, kChunks = kBNE / VY, kYIters = kBM * kChunks / kThreads;
-    const int warp = threadIdx.x >> 5;
-    float* Xs = smem;                  // u step [kBM][kLd]
-    float* Ws = smem + kBM * kLd;      // B step [kBNE][kLd]
-    float* Cs = smem + 2 * kBM * kLd;  // product [kBM][kBNE + 4]
-    uint4 raw[kYIters];  // this tile's y (16-byte path), loaded before the MMAs
-    const bool vec_y = ea.vec_y;
-    if (vec_y) {
-#pragma unroll
-      for (int it = 0; it < kYIters; ++it) {
-        const int e = threadIdx.x + it * kThreads, q = e / kChunks, c = (e % kChunks) * VY;
-        if (q < ntok && c < ncols)
-          raw[it] = *reinterpret_cast<const uint4*>(y + toks[q] * p.ldy + o0 + c);
-      }
-    }
-    AccFrag acc[kBNE / 16];
-#pragma unroll
-    for (int c = 0; c < kBNE / 16; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);
-    const bool keep = rank <= kBK;  // u's one K step stays staged for the next column tiles
-    for (int64_t k = 0; k < rank; k += kBK) {
-      __syncthreads();  // the previous step's (or tile's) MMAs and epilogue are done
-      if (!keep || staged != sl) {
-        // u rows (sum of the split-K partials), 8 of a thread's 16 elements at a time: their
-        // first partials are loaded at once, then the other splits
-        constexpr int kUIters = kBM * kBK / kThreads, kUHalf = kUIters / 2;
-#pragma unroll 1
-        for (int i0 = 0; i0 < kUIters; i0 += kUHalf) {
-          float sv[kUHalf];
-#pragma unroll
-          for (int it = 0; it < kUHalf; ++it) {
-            const int e = threadIdx.x + (i0 + it) * kThreads, q = e / kBK, j = e % kBK;
-            sv[it] = q < ntok && k + j < rank ? u[toks[q] * p.r_max + k + j] : 0.f;  // split 0
-          }
-          for (int64_t z = 1; z < ksplit; ++z) {
-#pragma unroll
-            for (int it = 0; it < kUHalf; ++it) {
-              const int e = threadIdx.x + (i0 + it) * kThreads, q = e / kBK, j = e % kBK;
-              if (q < ntok && k + j < rank) sv[it] += u[z * zstride + toks[q] * p.r_max + k + j];
+            for (int qi = 0; qi < kSkinny / 2; ++qi) {
+              const int q = h + 2 * qi;
+              if (q < nq) y[toks[q0 + q] * p.ldy + o0 + c] = from_f32<T>(yv[qi] + scale * acc[qi]);
             }
           }
+        }
+      } else {
+#if LORA_EXT_TF32_MMA
+        constexpr bool kSplitB = sizeof(T) == 4;
+        constexpr int VY = kVec<T>, kChunks = kBNE / VY, kYIters = kBM * kChunks / kThreads;
+        const int warp = threadIdx.x >> 5;
+        float* Xs = smem;                  // u step [kBM][kLd]
+        float* Ws = smem + kBM * kLd;      // B step [kBNE][kLd]
+        float* Cs = smem + 2 * kBM * kLd;  // product [kBM][kBNE + 4]
+        uint4 raw[kYIters];  // this tile's y (16-byte path), loaded before the MMAs
+        const bool vec_y = ea.vec_y;
+        if (vec_y) {
 #pragma unroll
-          for (int it = 0; it < kUHalf; ++it) {
-            const int e = threadIdx.x + (i0 + it) * kThreads;
-            Xs[(e / kBK) * kLd + e % kBK] = sv[it];
+          for (int it = 0; it < kYIters; ++it) {
+            const int e = threadIdx.x + it * kThreads, q = e / kChunks, c = (e % kChunks) * VY;
+            if (q < ntok && c < ncols)
+              raw[it] = *reinterpret_cast<const uint4*>(y + toks[q] * p.ldy + o0 + c);
           }
         }
-        staged = keep ? sl : -1;
-      }
-      load_tile<T, V, kBNE>(Ws, [&](int r) { return B + r * p.r_max; }, static_cast<int>(ncols), k,
-                            rank);
-      __syncthreads();
-      mma_step<kBNE / 16, true, kSplitB>(Xs + warp * 16 * kLd, Ws, acc, step_cols(k, rank));
-    }
+        AccFrag acc[kBNE / 16];
 #pragma unroll
-    for (int c = 0; c < kBNE / 16; ++c)
-      nvcuda::wmma::store_matrix_sync(Cs + warp * 16 * (kBNE + 4) + c * 16, acc[c], kBNE + 4,
-                                      nvcuda::wmma::mem_row_major);
-    __syncthreads();
-    if (vec_y) {  // 16-byte read-modify-writes of y
+        for (int c = 0; c < kBNE / 16; ++c) nvcuda::wmma::fill_fragment(acc[c], 0.f);
+        const bool keep = rank <= kBK;  // u's one K step stays staged for the next column tiles
+        for (int64_t k = 0; k < rank; k += kBK) {
+          __syncthreads();  // the previous step's (or tile's) MMAs and epilogue are done
+          if (!keep || staged != sl) {
+            // u rows (sum of the split-K partials), 8 of a thread's 16 elements at a time: their
+            // first partials are loaded at once, then the other splits
+            constexpr int kUIters = kBM * kBK / kThreads, kUHalf = kUIters / 2;
+#pragma unroll 1
+            for (int i0 = 0; i0 < kUIters; i0 += kUHalf) {
+              float sv[kUHalf];
 #pragma unroll
-      for (int it = 0; it < kYIters; ++it) {
-        const int e = threadIdx.x + it * kThreads, q = e / kChunks, c = (e % kChunks) * VY;
-        if (q < ntok && c < ncols) {
-          T* v = reinterpret_cast<T*>(&raw[it]);
-          const float* cs = Cs + q * (kBNE + 4) + c;
+              for (int it = 0; it < kUHalf; ++it) {
+                const int e = threadIdx.x + (i0 + it) * kThreads, q = e / kBK, j = e % kBK;
+                sv[it] = q < ntok && k + j < rank ? u[toks[q] * p.r_max + k + j] : 0.f;  // split 0
+              }
+              for (int64_t z = 1; z < ksplit; ++z) {
 #pragma unroll
-          for (int i = 0; i < VY; ++i) v[i] = from_f32<T>(to_f32(v[i]) + scale * cs[i]);
-          *reinterpret_cast<uint4*>(y + toks[q] * p.ldy + o0 + c) = raw[it];
+                for (int it = 0; it < kUHalf; ++it) {
+                  const int e = threadIdx.x + (i0 + it) * kThreads, q = e / kBK, j = e % kBK;
+                  if (q < ntok && k + j < rank)
+                    sv[it] += u[z * zstride + toks[q] * p.r_max + k + j];
+                }
+              }
+#pragma unroll
+              for (int it = 0; it < kUHalf; ++it) {
+                const int e = threadIdx.x + (i0 + it) * kThreads;
+                Xs[(e / kBK) * kLd + e % kBK] = sv[it];
+              }
+            }
+            staged = keep ? sl : -1;
+          }
+          load_tile<T, V, kBNE>(Ws, [&](int r) { return B + r * p.r_max; },
+                                static_cast<int>(ncols), k, rank);
+          __syncthreads();
+          mma_step<kBNE / 16, true, kSplitB>(Xs + warp * 16 * kLd, Ws, acc, step_cols(k, rank));
         }
-      }
-    } else {
+#pragma unroll
+        for (int c = 0; c < kBNE / 16; ++c)
+          nvcuda::wmma::store_matrix_sync(Cs + warp * 16 * (kBNE + 4) + c * 16, acc[c], kBNE + 4,
+                                          nvcuda::wmma::mem_row_major);
+        __syncthreads();
+        if (vec_y) {  // 16-byte read-modify-writes of y
+#pragma unroll
+          for (int it = 0; it < kYIters; ++it) {
+            const int e = threadIdx.x + it * kThreads, q = e / kChunks, c = (e % kChunks) * VY;
+            if (q < ntok && c < ncols) {
+              T* v = reinterpret_cast<T*>(&raw[it]);
+              const float* cs = Cs + q * (kBNE + 4) + c;
+#pragma unroll
+              for (int i = 0; i < VY; ++i) v[i] = from_f32<T>(to_f32(v[i]) + scale * cs[i]);
+              *reinterpret_cast<uint4*>(y + toks[q] * p.ldy + o0 + c) = raw[it];
+            }
+          }
+        } else {
 #pragma unroll 4
-      for (int e = threadIdx.x; e < kBM * kBNE; e += kThreads) {
-        const int q = e / kBNE, c = e % kBNE;
-        if (q < ntok && c < ncols) {
-          T* py = y + toks[q] * p.ldy + o0 + c;
-          *py = from_f32<T>(to_f32(*py) + scale * Cs[q * (kBNE + 4) + c]);
+          for (int e = threadIdx.x; e < kBM * kBNE; e += kThreads) {
+            const int q = e / kBNE, c = e % kBNE;
+            if (q < ntok && c < ncols) {
+              T* py = y + toks[q] * p.ldy + o0 + c;
+              *py = from_f32<T>(to_f32(*py) + scale * Cs[q * (kBNE + 4) + c]);
+            }
+          }
         }
+#else
+        __trap();  // tensor-core tiles need an sm_80+ image (the launcher never sends them here)
+#endif
       }
     }
-#else
-    __trap();  // tensor-core tiles need an sm_80+ image (the launcher never sends them here)
-#endif
+  };
+  if (tl.tc) {
+    columns(std::true_type{});
+  } else {
+    columns(std::false_type{});
   }
 }
 

@@ -22,7 +22,7 @@ constexpr int kBM = 64;                // tokens per tile (16 per warp in the mm
 constexpr int kSkinny = 8;             // tiles of <= kSkinny tokens stream instead
 constexpr int kBNE = 64;               // output columns per expand tile
 constexpr int kUChunk = 512;           // ranks of u staged per pass in the streaming expand
-constexpr int64_t kUngroupedMaxT = 16; // up to this many tokens, no sort: one token per tile
+constexpr int64_t kUngroupedMaxT = 64; // up to this many tokens, no sort: one token per tile
 constexpr int64_t kKAlign = 256;       // split-K chunks are multiples of this
 constexpr int64_t kMaxSplits = 16;     // at most this many K chunks
 
@@ -48,55 +48,54 @@ __device__ __forceinline__ const int32_t* perm_of(const MultiLoraParams& p) {
 }
 
 struct Tile {
-  int64_t a;      // adapter slot
-  int64_t start;  // grouped: position in perm
-  unsigned mask;  // ungrouped: bit i set for each token i of this adapter
-  int ntok;       // tokens in this tile
-  bool tc;        // tensor-core path (the adapter has > kSkinny tokens, sm_80+)
+  int64_t a;  // adapter slot
+  int ntok;   // tokens in this tile
+  bool tc;    // tensor-core path (the adapter has > kSkinny tokens, sm_80+)
 };
 
-// Maps token tile `tile` to its tokens; false when the block has no work (past the last tile,
-// an ungrouped token that is not its adapter's first, or one without a valid adapter, which
-// `count_bad` adds to p.bad once). Ungrouped, every warp reads the T <= 32 indices at once
-// (lane i token i) and finds the adapter's tokens with one ballot. All threads call it.
-static_assert(kUngroupedMaxT <= 32, "ungrouped tiles find their tokens with one warp ballot");
+// Maps token tile `tile` to its adapter and writes its token ids to toks[0, ntok) (the caller
+// syncs); false when the block has no work (past the last tile, an ungrouped token that is not
+// its adapter's first, or one without a valid adapter, which `count_bad` adds to p.bad once).
+// Ungrouped, every warp reads the T <= 64 indices at once (lane i tokens i and 32 + i) and
+// finds the adapter's tokens with two ballots. All threads call it.
+static_assert(kUngroupedMaxT <= 64 && kUngroupedMaxT <= kBM,
+              "ungrouped: two warp ballots find an adapter's tokens, all in one tile");
 __device__ __forceinline__ bool resolve_tile(const MultiLoraParams& p, bool grouped, int64_t tile,
-                                             bool count_bad, Tile& t) {
+                                             bool count_bad, Tile& t, int64_t* toks) {
+  const int i = threadIdx.x;
   if (!grouped) {
-    const int lane = threadIdx.x & 31;
-    int mine = -1;  // lane's slot: -1 for index -1 and lanes past T, -2 for a bad index
-    if (lane < p.T) {
-      const int64_t v = load_idx(p.idx, p.idx64, lane);
-      mine = v >= 0 && v < p.S ? static_cast<int>(v) : v == -1 ? -1 : -2;
+    const int lane = i & 31;
+    int mine[2];  // the lane's tokens' slots: -1 for index -1 and past T, -2 for a bad index
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int tok = lane + 32 * h;
+      const int64_t v = tok < p.T ? load_idx(p.idx, p.idx64, tok) : -1;
+      mine[h] = v >= 0 && v < p.S ? static_cast<int>(v) : v == -1 ? -1 : -2;
     }
-    const int a = __shfl_sync(0xffffffffu, mine, static_cast<int>(tile));
-    const unsigned mask = __ballot_sync(0xffffffffu, lane < p.T && mine == a);
+    const int ti = static_cast<int>(tile);
+    const int a = __shfl_sync(0xffffffffu, ti < 32 ? mine[0] : mine[1], ti & 31);
+    const unsigned lo = __ballot_sync(0xffffffffu, mine[0] == a),
+                   hi = __ballot_sync(0xffffffffu, mine[1] == a);  // tokens 0-31, 32-63 of a
     if (a < 0) {
-      if (count_bad && a == -2 && p.bad != nullptr && threadIdx.x == 0) atomicAdd(p.bad, 1);
+      if (count_bad && a == -2 && p.bad != nullptr && i == 0) atomicAdd(p.bad, 1);
       return false;
     }
-    if ((mask & ((1u << tile) - 1u)) != 0) return false;  // not the adapter's first token
-    const int n = __popc(mask);
-    t = {a, tile, mask, n, p.tc && n > kSkinny};
+    const auto below = [](unsigned m, int b) {  // m's bits below b
+      return b <= 0 ? 0u : b >= 32 ? m : m & ((1u << b) - 1u);
+    };
+    if (below(lo, ti) != 0 || below(hi, ti - 32) != 0) return false;  // not a's first token
+    const int n = __popc(lo) + __popc(hi);
+    if (i < 64 && ((i < 32 ? lo : hi) >> (i & 31) & 1u))  // after a's earlier tokens
+      toks[__popc(below(lo, i)) + __popc(below(hi, i - 32))] = i;
+    t = {a, n, p.tc && n > kSkinny};
     return true;
   }
   const int32_t* rec = p.ws + 4 * tile;
   const int32_t a = rec[0], start = rec[1], n = rec[2], count = rec[3];
   if (a < 0) return false;
-  t = {a, start, 0u, n, p.tc && count > kSkinny};
+  if (i < n) toks[i] = perm_of(p)[start + i];
+  t = {a, n, p.tc && count > kSkinny};
   return true;
-}
-
-// Token ids of the tile into toks[0, ntok); the caller syncs.
-__device__ __forceinline__ void load_tokens(const MultiLoraParams& p, bool grouped, const Tile& t,
-                                            int64_t* toks) {
-  const unsigned i = threadIdx.x;
-  if (grouped) {
-    if (static_cast<int>(i) < t.ntok) toks[i] = perm_of(p)[t.start + i];
-  } else if (i == 0) {
-    int q = 0;
-    for (unsigned m = t.mask; m != 0; m &= m - 1) toks[q++] = __ffs(static_cast<int>(m)) - 1;
-  }
 }
 
 // src[0] + src[zstride] + ... + src[(ksplit - 1) * zstride], added in that order (the bits of

@@ -29,15 +29,14 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 3 : 4)
   __shared__ int64_t toks[kBM];
   const int64_t tile = blockIdx.x % tiles, by = blockIdx.x / tiles;
   Tile tl;
-  if (!resolve_tile(p, grouped, tile, count_bad && by == 0 && blockIdx.z == 0, tl)) return;
+  if (!resolve_tile(p, grouped, tile, count_bad && by == 0 && blockIdx.z == 0, tl, toks)) return;
   const int64_t nrt = (p.r_max + BN - 1) / BN;
   const int64_t sl = by / nrt, n0 = (by % nrt) * BN;
   const int64_t rank = rank_of(p, sl, tl.a);
   if (n0 >= rank) return;
   const int nrows = static_cast<int>(min(static_cast<int64_t>(BN), rank - n0));
   const int64_t k0 = blockIdx.z * kchunk, k1 = min(p.in, k0 + kchunk);
-  load_tokens(p, grouped, tl, toks);
-  __syncthreads();
+  __syncthreads();  // toks
 
   const T* x = static_cast<const T*>(p.x);
   const T* A = static_cast<const T*>(p.A) + ((sl * p.S + tl.a) * p.r_max + n0) * p.in;

@@ -239,10 +239,13 @@ def check_multi(emu, y, x, A, B, idx, scales, ranks, dtype, out_slices=None, **d
 
 
 # (T, in, out, S, r_max, index pattern): ungrouped streaming (distinct adapters, -1, out of range),
-# ungrouped tensor cores (> 8 tokens of one adapter), grouped one slot (T = 72: a tail tile of 8),
-# grouped random with -1 / out-of-range, r_max > 16 (BN = 64), odd in (scalar loads), mixed paths.
-MULTI = [(5, 600, 70, 4, 8, "distinct"), (12, 520, 40, 3, 16, "one"), (72, 600, 64, 1, 16, "one"),
-         (130, 96, 90, 5, 24, "random"), (40, 37, 33, 3, 7, "random"), (30, 64, 48, 4, 16, "mixed")]
+# ungrouped tensor cores (> 8 tokens of one adapter; T = 64: all tokens, both ballots), grouped one
+# slot (T = 72: a tail tile of 8), grouped random with -1 / out-of-range, ungrouped random past
+# lane 31 (T = 40: an out-of-range index at 38), r_max > 16 (BN = 64), odd in (scalar loads),
+# mixed paths.
+MULTI = [(5, 600, 70, 4, 8, "distinct"), (12, 520, 40, 3, 16, "one"), (64, 96, 40, 2, 16, "one"),
+         (72, 600, 64, 1, 16, "one"), (130, 96, 90, 5, 24, "random"), (40, 37, 33, 3, 7, "random"),
+         (30, 64, 48, 4, 16, "mixed")]
 
 
 def indices(T, S, pattern, g):
@@ -313,17 +316,20 @@ def test_multi_lora_column_groups(emu, dtype, r_max, T):
 @pytest.mark.parametrize("pattern", ["stream", "tc"])
 def test_multi_lora_fused_decode_same_bits(emu, dtype, inp, r_max, pattern):
     # up to 8 tokens multi_lora_ is one launch whose expand computes u itself (K chunks folded
-    # in order; 16-byte or, in = 601, scalar loads as the shrink kernel picks them); 9-16
-    # tokens: shrink + expand (a tile of 9+ tokens on tensor cores); 17 tokens: sort, shrink,
+    # in order; 16-byte or, in = 601, scalar loads as the shrink kernel picks them); 9-64
+    # tokens: shrink + expand (a tile of 9+ tokens on tensor cores); 66 tokens: sort, shrink,
     # reduce, expand. A token's bits are the same whichever runs, as long as its adapter's
     # path (count > 8) is.
-    S, o = 4, 200
+    S, o = 12, 200
+    g = torch.Generator().manual_seed(inp + r_max)
     if pattern == "tc":  # adapter 0: 10 tokens (tensor cores) in every prefix compared
-        idx, prefixes = [0] * 10 + [1, 2, 3, -1, 1, 2, 3], (16, 12, 10)
+        rest = (torch.arange(56) % 12 + 1).masked_fill(torch.arange(56) % 12 == 11, -1)  # <= 5 each
+        idx, prefixes = [0] * 10 + rest.tolist(), (64, 16, 12, 10)
     else:  # every adapter <= 8 tokens: streaming
-        idx, prefixes = [2, 0, -1, 2, 3, 1, 0, 2, 1, 3, 0, 1, 2, 3, 1, 0, 2], (16, 9, 8, 3, 1)
+        idx = (torch.arange(66) % 13 - 1)[torch.randperm(66, generator=g)]  # 6 or 5 each
+        idx, prefixes = idx.tolist(), (64, 33, 16, 9, 8, 3, 1)
     idx = torch.tensor(idx, dtype=torch.int32)
-    y, x, A, B, _, scales, ranks = multi_inputs(17, inp, o, S, r_max, dtype, idx, seed=inp)
+    y, x, A, B, _, scales, ranks = multi_inputs(66, inp, o, S, r_max, dtype, idx, seed=inp)
     full = check_multi(emu, y, x, A, B, idx, scales, ranks, dtype)
     for rows in prefixes:
         part = check_multi(emu, y[:rows].clone(), x[:rows], A, B, idx[:rows], scales, ranks, dtype)
