@@ -1,5 +1,7 @@
 """Reading and checking what an adapter's files hold (lora_ext.adapters): the config (its numbers, the
-LoRA variants lora_ext does not run: UNSUPPORTED; target_parameters), the weights file, and the tensors.
+LoRA variants lora_ext does not run: UNSUPPORTED; target_parameters, bias, modules_to_save), the weights
+file, the tensors (split into LoRA factors and the rest), the scales, and the modules_to_save tensors a
+model needs.
 
 Each raises ValueError (TypeError for an argument of the wrong type) whose message starts with
 `where` (the file, or the caller) and names the field or key, never an error from Python's or
@@ -14,10 +16,12 @@ import os
 import re
 
 import torch
+from torch import nn
 
 from .targets import PEFT_PREFIX, _short, check_layers, check_pattern_key, check_regex, in_layers, matches
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BIAS_MODES = ("none", "all", "lora_only")  # LoraConfig.bias values PEFT implements
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -104,6 +108,12 @@ def read_config(cfg_path: str) -> dict:
             check_number(where, f"{fld}[{key!r}]", value, kind)
     check_dropout(where, config.get("lora_dropout"))
     check_target_parameters(where, config)
+    if config.get("bias", "none") not in BIAS_MODES:  # PEFT: NotImplementedError ("none" when absent)
+        raise ValueError(f"{where}: bias={_short(config['bias'])} is not one of {', '.join(map(repr, BIAS_MODES))}")
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(t, str) and t for t in saved)):
+        raise ValueError(f"{where}: modules_to_save must be a list of module names (non-empty strings, e.g. "
+                         f"[\"lm_head\"]) or null, got {_short(saved)}")
     return config
 
 
@@ -158,18 +168,40 @@ def read_weights(path: str, allow_pickle: bool) -> tuple[str, dict]:
 
 
 def check_number(where: str, field: str, value, kind: type) -> None:
-    """`value` is an int > 0 (kind int) or a finite number > 0 (kind float); bools are neither.
-    An int too large for a float (JSON has no limit) is not finite."""
+    """`value` is an int > 0 (kind int: a rank) or a finite number (kind float: an alpha, which PEFT
+    takes of any sign: 0 or a negative scale); bools are neither. An int too large for a float (JSON
+    has no limit) is not finite."""
     if kind is int:
-        ok = isinstance(value, int)
+        ok = isinstance(value, int) and value > 0
     else:
         try:
             ok = isinstance(value, (int, float)) and math.isfinite(value)
         except OverflowError:  # math.isfinite(10**400)
             ok = False
-    if isinstance(value, bool) or not ok or value <= 0:
-        what = "an int" if kind is int else "a finite number"
-        raise ValueError(f"{where}: {field} must be {what} > 0, got {_short(value)}")
+    if isinstance(value, bool) or not ok:
+        what = "an int > 0" if kind is int else "a finite number"
+        raise ValueError(f"{where}: {field} must be {what}, got {_short(value)}")
+
+
+def check_modules_to_save(where: str, config: dict, extra: dict, model: nn.Module, lora) -> None:
+    """The modules PEFT's from_pretrained wraps for the config's modules_to_save (its rule: the module
+    names ending with an entry; here the outermost ones that are not LoRA layers (``lora``: their
+    names), nor hold or sit in one) have every state dict entry in ``extra`` (Adapter.extra): PEFT
+    raises KeyError for a missing one, which lora_ext would leave as the model's. ValueError naming
+    the module and the tensor."""
+    targets = config.get("modules_to_save") or []
+    inside = (lambda n, names: any(n == k or n.startswith(k + ".") for k in names))
+    found = [n for n, _ in model.named_modules() if n and any(n.endswith(t) for t in targets)
+             and not inside(n, lora) and not any(inside(k, [n]) for k in lora)]
+    modules = dict(model.named_modules())
+    for n in found:
+        if inside(n, [k for k in found if k != n]):
+            continue
+        missing = [f"{n}.{k}" for k in modules[n].state_dict() if f"{n}.{k}" not in extra]
+        if missing:
+            raise ValueError(f"{where}: modules_to_save={_short(targets)} selects module {n!r}, but the adapter "
+                             f"holds no {missing[0]} (PeftModel.from_pretrained raises KeyError; lora_ext would "
+                             "leave the model's own): fix the config or the weights")
 
 
 def check_dropout(where: str, value) -> float:
@@ -240,3 +272,54 @@ def check_path(where: str, path) -> str:
     if not isinstance(path, str):  # a PathLike of bytes
         raise TypeError(f"{where}: path must be a str path, got {type(path).__name__} {_short(path)}")
     return path
+
+
+def split_factors(tensors: dict, where: str, paired: bool = True) -> tuple[dict, dict]:
+    """PEFT- or module-named tensors -> ({module: (A, B, kind, DoRA magnitude or None)}, {other key less
+    the prefix: tensor}).
+    paired=False: B's columns need not be A's rows (a loralib MergedLinear's lora_B [k·d, r])."""
+    parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    extra = {}
+    for key, t in tensors.items():
+        m = PEFT_KEY.match(key)
+        if m is not None:
+            part = parts.setdefault(m["path"], {})
+            if m["kind"] in part:  # e.g. a PeftModel.state_dict() with two adapters (".lora_A.a", ".lora_A.b")
+                raise ValueError(f"{where}: {key} and {part[m['kind']][0]} are both {m['kind']} of module "
+                                 f"{m['path']!r} (several adapters in one state dict? pass one adapter's: "
+                                 "peft.get_peft_model_state_dict(model, adapter_name=...))")
+            part[m["kind"]] = (key, t)
+        elif TRAINING_ONLY.search(key):
+            continue
+        elif "lora_" in key:
+            raise ValueError(f"{where}: {key} is not supported (only lora_A/lora_B/lora_embedding_A/B weights "
+                             "and DoRA's lora_magnitude_vector; no lora_B biases (lora_bias))")
+        else:
+            extra[key.removeprefix(PEFT_PREFIX)] = t
+    if not parts:
+        raise ValueError(f"{where} holds no LoRA weights (keys like '{PEFT_PREFIX}<module>.lora_A.weight' "
+                         f"or '<module>.lora_A'; got {sorted(tensors)[:4]})")
+    factors = {}
+    for name, p in parts.items():
+        emb = "lora_embedding_A" in p or "lora_embedding_B" in p
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+        if a_key not in p or b_key not in p:
+            raise ValueError(f"{where}: module {name!r} has {sorted(p)} but needs {a_key} and {b_key}")
+        A, B = p[a_key][1], p[b_key][1]
+        # a Conv1d/2d/3d's (PEFT): lora_A [r, in, *kernel], lora_B [out, r, 1, ...]
+        conv = not emb and A.dim() in (3, 4, 5) and B.dim() == A.dim() and all(n == 1 for n in B.shape[2:])
+        if (not conv and (A.dim() != 2 or B.dim() != 2)) or (paired and A.shape[0] != B.shape[1]) or A.shape[0] == 0:
+            raise ValueError(f"{where}: module {name!r} has {a_key} {tuple(A.shape)} and "
+                             f"{b_key} {tuple(B.shape)}; expected [r, in] and [out, r] with r > 0"
+                             + ("" if emb else " (a convolution's: [r, in, *kernel] and [out, r, 1, ...])"))
+        kind = "embedding" if emb else "conv" if conv else "linear"
+        mag = p.get("lora_magnitude_vector", (None, None))[1]
+        # PEFT's magnitude: [out] (linear; an embedding's [dim]), [1, out, 1, ...] (a convolution's, its
+        # norm with keepdim, transposed)
+        want = (1, B.shape[0], *B.shape[2:]) if kind == "conv" else (B.shape[0],)
+        if mag is not None and tuple(mag.shape) != want:
+            owner = "a convolution" if kind == "conv" else f"its {b_key}"
+            raise ValueError(f"{where}: module {name!r} has lora_magnitude_vector {tuple(mag.shape)}; expected "
+                             f"{list(want)} ({owner}'s output features)")
+        factors[name] = (A, B, kind, mag)
+    return factors, extra

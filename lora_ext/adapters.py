@@ -16,6 +16,7 @@ PEFT saves (modules_to_save, bias="all"/"lora_only") are kept in Adapter.extra a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -24,15 +25,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter_checks import (CONFIG_FILE, PEFT_KEY, SAFETENSORS_FILE, TRAINING_ONLY, check_dropout, check_path,
-                             check_targets, check_tensors, read_config, read_weights)
+from .adapter_checks import (CONFIG_FILE, SAFETENSORS_FILE, check_dropout, check_modules_to_save, check_path,
+                             check_targets, check_tensors, read_config, read_weights, split_factors)
 from .conv import check_conv_factors, is_conv
 from .inject import inject, lora_layers, peft_parameter_layers, trained_biases
 from .layers import LoRALayer, lora_alpha_for, lora_scaling
 from .param_files import load_parameters, parameter_paths, plan_parameters, read_parameters, split_path
 from .param_lora import LoRAParameter, parameter_layers
 from .sharding import is_dtensor, unwrapped
-from .targets import PEFT_PREFIX, check_regex, matches, name_regex, pattern_value, peft_config
+from .ops._checks import F32_MAX
+from .targets import PEFT_PREFIX, _short, check_regex, matches, name_regex, pattern_value, peft_config
 
 __all__ = ["Adapter", "LayerWeights", "load_adapter"]
 
@@ -89,14 +91,16 @@ class Adapter:
         saved). allow_nonfinite: accept NaN/inf weights. model: the model the adapter is for; a
         target_parameters adapter's layers are then checked against it and name their parameter
         (needed only where rank_pattern / alpha_pattern tell apart parameters nested on one module:
-        lora_ext.param_files). Raises ValueError / FileNotFoundError naming the file, field or
-        module (key) for anything lora_ext cannot run exactly as PEFT does."""
+        lora_ext.param_files), and the modules its modules_to_save selects must have their tensors
+        in the file (as load_adapter checks). Raises ValueError / FileNotFoundError naming the file,
+        field or module (key) for anything lora_ext cannot run exactly as PEFT does (a scale not
+        finite in float32 included)."""
         path = check_path("Adapter.load", path)
         config = read_config(os.path.join(path, CONFIG_FILE))
         file, tensors = read_weights(path, allow_pickle)
         where = f"Adapter.load: {file}"
         check_tensors(tensors, where, allow_nonfinite)
-        factors, extra = _split_factors(tensors, where)
+        factors, extra = split_factors(tensors, where)
         params = {}
         for name in parameter_paths(config, factors):
             A, B, kind, mag = factors.pop(name)
@@ -122,6 +126,10 @@ class Adapter:
                                         None if mag is None else conv(mag))
         for name, (A, B, scale, pname, experts) in read.items():
             layers[name] = LayerWeights(conv(A), conv(B), scale, "parameter", parameter=pname, num_experts=experts)
+        _check_scales(f"Adapter.load: {os.path.join(path, CONFIG_FILE)}", layers, config)
+        if model is not None:
+            inner = unwrapped(model)[0]
+            check_modules_to_save(f"Adapter.load: {file}", config, extra, inner, _lora_names(layers, inner))
         return cls(layers, config, name=os.path.basename(os.path.normpath(path)),
                    extra={k: conv(t) for k, t in extra.items()})
 
@@ -273,57 +281,6 @@ def _scale_for(name: str, r: int, config: dict) -> float:
     return lora_scaling(alpha, r, bool(config.get("use_rslora")))
 
 
-def _split_factors(tensors: dict, where: str, paired: bool = True) -> tuple[dict, dict]:
-    """PEFT- or module-named tensors -> ({module: (A, B, kind, DoRA magnitude or None)}, {other key less
-    the prefix: tensor}).
-    paired=False: B's columns need not be A's rows (a loralib MergedLinear's lora_B [k·d, r])."""
-    parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    extra = {}
-    for key, t in tensors.items():
-        m = PEFT_KEY.match(key)
-        if m is not None:
-            part = parts.setdefault(m["path"], {})
-            if m["kind"] in part:  # e.g. a PeftModel.state_dict() with two adapters (".lora_A.a", ".lora_A.b")
-                raise ValueError(f"{where}: {key} and {part[m['kind']][0]} are both {m['kind']} of module "
-                                 f"{m['path']!r} (several adapters in one state dict? pass one adapter's: "
-                                 "peft.get_peft_model_state_dict(model, adapter_name=...))")
-            part[m["kind"]] = (key, t)
-        elif TRAINING_ONLY.search(key):
-            continue
-        elif "lora_" in key:
-            raise ValueError(f"{where}: {key} is not supported (only lora_A/lora_B/lora_embedding_A/B weights "
-                             "and DoRA's lora_magnitude_vector; no lora_B biases (lora_bias))")
-        else:
-            extra[key.removeprefix(PEFT_PREFIX)] = t
-    if not parts:
-        raise ValueError(f"{where} holds no LoRA weights (keys like '{PEFT_PREFIX}<module>.lora_A.weight' "
-                         f"or '<module>.lora_A'; got {sorted(tensors)[:4]})")
-    factors = {}
-    for name, p in parts.items():
-        emb = "lora_embedding_A" in p or "lora_embedding_B" in p
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
-        if a_key not in p or b_key not in p:
-            raise ValueError(f"{where}: module {name!r} has {sorted(p)} but needs {a_key} and {b_key}")
-        A, B = p[a_key][1], p[b_key][1]
-        # a Conv1d/2d/3d's (PEFT): lora_A [r, in, *kernel], lora_B [out, r, 1, ...]
-        conv = not emb and A.dim() in (3, 4, 5) and B.dim() == A.dim() and all(n == 1 for n in B.shape[2:])
-        if (not conv and (A.dim() != 2 or B.dim() != 2)) or (paired and A.shape[0] != B.shape[1]) or A.shape[0] == 0:
-            raise ValueError(f"{where}: module {name!r} has {a_key} {tuple(A.shape)} and "
-                             f"{b_key} {tuple(B.shape)}; expected [r, in] and [out, r] with r > 0"
-                             + ("" if emb else " (a convolution's: [r, in, *kernel] and [out, r, 1, ...])"))
-        kind = "embedding" if emb else "conv" if conv else "linear"
-        mag = p.get("lora_magnitude_vector", (None, None))[1]
-        # PEFT's magnitude: [out] (linear; an embedding's [dim]), [1, out, 1, ...] (a convolution's, its
-        # norm with keepdim, transposed)
-        want = (1, B.shape[0], *B.shape[2:]) if kind == "conv" else (B.shape[0],)
-        if mag is not None and tuple(mag.shape) != want:
-            owner = "a convolution" if kind == "conv" else f"its {b_key}"
-            raise ValueError(f"{where}: module {name!r} has lora_magnitude_vector {tuple(mag.shape)}; expected "
-                             f"{list(want)} ({owner}'s output features)")
-        factors[name] = (A, B, kind, mag)
-    return factors, extra
-
-
 def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -> list[str]:
     """Copies an adapter into a model; injects LoRA layers where the model has none yet.
 
@@ -351,6 +308,9 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
     if isinstance(adapter, dict):
         adapter = _from_state_dict(model, {_inner_key(k, prefix): t for k, t in adapter.items()})
     dropout, rslora = _injected_hparams(adapter)
+    where = f"load_adapter: adapter {adapter.name or ''}"
+    _check_scales(where, adapter.layers, adapter.config)
+    check_modules_to_save(where, adapter.config, adapter.extra, model, _lora_names(adapter.layers, model))
     modules = dict(model.named_modules())
     params = plan_parameters(model, {n: w for n, w in adapter.layers.items() if w.kind == "parameter"},
                              adapter.config, f"load_adapter: adapter {adapter.name or ''}")
@@ -391,6 +351,9 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
         if not _in_state_dict(modules[mod], leaf):  # PEFT's load_state_dict(strict=False) skips it
             raise ValueError(f"load_adapter: adapter {adapter.name or ''} holds {key} {tuple(t.shape)}, which "
                              f"is not a parameter or persistent buffer of the model (PEFT would not load it)")
+        if leaf == "weight" and isinstance(modules[mod], LoRALayer) and modules[mod]._merged_for_good():
+            raise ValueError(f"{where} holds {key}, but {mod!r} is merged for good (drop_merge_state / "
+                             "merge_and_unload), so its weight cannot be replaced")
     for name, m, w in plan:
         if not isinstance(m, LoRALayer):
             # through the wrapper: inject refuses a model inside DDP (its new factors would not be reduced)
@@ -402,16 +365,43 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
     modules = dict(model.named_modules())
     for key, t in adapter.extra.items():
         mod, leaf = extra_target(key)
-        old = getattr(modules[mod], leaf)
+        m, old = modules[mod], getattr(modules[mod], leaf)
         t = t.to(old.device, old.dtype)
-        if ".base_layer." in key or isinstance(modules[mod], LoRALayer):
-            # an adapted layer's own bias/table: PEFT loads it in place (ties kept)
-            with torch.no_grad():
-                old.copy_(t)
+        if ".base_layer." in key or isinstance(m, LoRALayer):
+            # an adapted layer's own bias/table: PEFT loads it in place (ties kept); a merged layer's
+            # weight is written unmerged, then merged again (it holds the merged adapter)
+            unmerge = isinstance(m, LoRALayer) and leaf == "weight"
+            with m._unmerged(f"{where}: {key}") if unmerge else contextlib.nullcontext(), torch.no_grad():
+                getattr(m, leaf).copy_(t)
         else:  # modules_to_save and other biases: PEFT uses its own copy, so ties are cut
-            setattr(modules[mod], leaf, nn.Parameter(t.clone(), old.requires_grad)
-                    if isinstance(old, nn.Parameter) else t.clone())
+            setattr(m, leaf, nn.Parameter(t.clone(), old.requires_grad) if isinstance(old, nn.Parameter) else t.clone())
     return [p[0] for p in plan] + [p[0] for p in params]
+
+
+def _check_scales(where: str, layers: dict, config: dict) -> None:
+    """Every layer's scale (LayerWeights.scale: alpha / r, alpha / sqrt(r) with use_rslora) is finite in
+    float32, the LoRA kernels' arithmetic (ops._checks.as_scale); else ValueError naming the module and
+    the config field its alpha comes from (lora_alpha or the alpha_pattern key matching the module)."""
+    for name, w in layers.items():
+        if abs(w.scale) <= F32_MAX:
+            continue
+        source = "LayerWeights.scale"  # an Adapter built in memory, without a config
+        if "lora_alpha" in config:
+            # alpha_pattern keys match a parameter layer's parameter name, the others' module name
+            target = f"{split_path(name)[0]}.{w.parameter}" if w.kind == "parameter" and w.parameter else name
+            pattern = config.get("alpha_pattern") or {}
+            key = next((k for k in pattern if pattern_value(target, {k: pattern[k]}, None) is not None), None)
+            source = (f"lora_alpha={_short(config['lora_alpha'])}" if key is None else
+                      f"alpha_pattern[{key!r}]={_short(pattern[key])}")
+            source += f" / {'sqrt(r)' if config.get('use_rslora') else 'r'}, r={w.r}"
+        raise ValueError(f"{where}: module {name!r} has scale {w.scale:g} ({source}), which is not finite in "
+                         f"float32 (|scale| <= {F32_MAX:.2g}), the LoRA kernels' arithmetic")
+
+
+def _lora_names(layers: dict[str, LayerWeights], model: nn.Module) -> set[str]:
+    """The modules that are or will be LoRA layers: the model's and the adapter's (``layers``; a
+    "parameter" layer's wrapped module)."""
+    return {split_path(n)[0] for n in layers} | set(lora_layers(model)) | set(parameter_layers(model))
 
 
 def _in_state_dict(module: nn.Module, leaf: str) -> bool:
@@ -435,7 +425,7 @@ def _injected_hparams(adapter: Adapter) -> tuple[float, bool]:
 def _from_state_dict(model: nn.Module, state_dict: dict) -> Adapter:
     where = "load_adapter: state_dict"
     check_tensors(state_dict, where, allow_nonfinite=True)
-    factors, extra = _split_factors(state_dict, where, paired=False)
+    factors, extra = split_factors(state_dict, where, paired=False)
     found = lora_layers(model)
     # LoRAParameter layers: PEFT-named keys use PEFT's wrapper paths, the model's own names its own
     peft_paths = peft_parameter_layers(model)

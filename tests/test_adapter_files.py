@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_ext import Adapter
+from lora_ext import Adapter, AdapterPool, LayerWeights, load_adapter
 from lora_ext.adapter_checks import PEFT_KEY as _KEY
 from lora_ext.targets import pattern_value
 
@@ -276,3 +276,58 @@ def test_from_model_and_combine_write_pattern_keys_alike():
     both = lora_ext.combine([ad, ad], how="cat")  # ranks 8, 4, 8
     assert both.config["rank_pattern"] == {name_regex("1"): 4} == both.config["alpha_pattern"]
     assert both.config["r"] == both.config["lora_alpha"] == 8
+
+
+# ---------------------------------------------------------------- alpha of any sign; scales finite in float32
+@pytest.mark.parametrize("config, scale", [
+    ({"lora_alpha": 0}, 0.0), ({"lora_alpha": -8}, -4.0), ({"alpha_pattern": {"q": -2.5}}, -1.25),
+    ({"lora_alpha": -8, "use_rslora": True}, -8 / 2 ** 0.5),
+    ({"lora_alpha": 6e38}, 3e38), ({"alpha_pattern": {"q": -6e38}}, -3e38),  # large, still finite in float32
+])
+def test_alpha_of_any_sign_and_large_finite_scales_load(tmp_path, config, scale):
+    """PEFT takes any lora_alpha / alpha_pattern value (scaling alpha / r, 0 or negative too)."""
+    assert Adapter.load(write(tmp_path, config)).layers["q"].scale == pytest.approx(scale)
+
+
+@pytest.mark.parametrize("config, scale, field", [
+    ({"lora_alpha": 1e39}, "5e\\+38", "lora_alpha=1e\\+39 / r"),
+    ({"alpha_pattern": {"q": -1e300}}, "-5e\\+299", "alpha_pattern\\['q'\\]=-1e\\+300 / r"),
+    ({"lora_alpha": 1e39, "use_rslora": True}, "7.07107e\\+38", "lora_alpha=1e\\+39 / sqrt\\(r\\)"),
+])
+def test_scale_not_finite_in_float32_names_file_module_and_field(tmp_path, config, scale, field):
+    d = write(tmp_path, config)
+    want = rf"adapter_config.json: module 'q' has scale {scale} \({field}, r=2\), which is not finite in float32"
+    with pytest.raises(ValueError, match=want):
+        Adapter.load(d)
+    pool = AdapterPool(torch.nn.Sequential(torch.nn.Linear(4, 3)), target_modules=["0"], max_rank=4)
+    with pytest.raises(ValueError, match=r"adapter_config.json: module 'q' has scale"):
+        pool.load("a", d)
+    assert pool.names() == []
+
+
+def test_load_adapter_refuses_an_adapter_object_whose_scale_overflows_float32():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ad = Adapter({"0": LayerWeights(torch.randn(2, 4), torch.randn(3, 2), 1e39)}, name="mine")
+    with pytest.raises(ValueError, match=r"load_adapter: adapter mine: module '0' has scale 1e\+39 \(LayerWeights.scale\).*float32"):
+        load_adapter(model, ad)
+    assert isinstance(model[0], torch.nn.Linear) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------- bias / modules_to_save values PEFT refuses
+@pytest.mark.parametrize("value", ["some", "NONE", None, 1, True, ["all"]])
+def test_bias_mode_peft_does_not_implement_is_refused(tmp_path, value):
+    with pytest.raises(ValueError, match=r"adapter_config.json: bias=.* is not one of 'none', 'all', 'lora_only'"):
+        Adapter.load(write(tmp_path, {"bias": value}))
+
+
+@pytest.mark.parametrize("config", [{}, {"bias": "none"}, {"bias": "all"}, {"bias": "lora_only"},
+                                    {"modules_to_save": None}, {"modules_to_save": ["lm_head", "score"]}])
+def test_bias_modes_and_modules_to_save_peft_reads_load(tmp_path, config):
+    assert Adapter.load(write(tmp_path, config)).layers["q"].r == 2
+
+
+@pytest.mark.parametrize("value", ["lm_head", [""], ["lm_head", 3], {"lm_head": 1}, 5])
+def test_modules_to_save_not_a_list_of_names_is_refused(tmp_path, value):
+    with pytest.raises(ValueError, match=r"adapter_config.json: modules_to_save must be a list of module names"):
+        Adapter.load(write(tmp_path, {"modules_to_save": value}))

@@ -3,7 +3,6 @@ every type, pickles holding odd tensors, wrong arguments. Every bad input raises
 TypeError / FileNotFoundError naming the file (or argument) and the field, in bounded time, and a
 load that fails leaves the model / pool as it was."""
 import json
-import math
 import os
 import re
 import struct
@@ -12,7 +11,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
 import lora_ext
 from lora_ext import Adapter, AdapterPool, load_adapter
@@ -144,7 +142,7 @@ def test_fuzzed_config_loads_or_names_the_file(tmp_path_factory, over, keep_base
         assert re.search(r"adapter_config.json[: ]|adapter_model.safetensors: .*config says", str(e)), str(e)
         return
     w = ad.layers["q"]
-    assert w.r == 2 and math.isfinite(w.scale) and w.scale > 0
+    assert w.r == 2 and abs(w.scale) <= torch.finfo(torch.float32).max  # any sign, as PEFT
     assert 0.0 <= (ad.config.get("lora_dropout") or 0.0) < 1.0
 
 
