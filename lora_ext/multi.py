@@ -9,7 +9,8 @@ the same context. With per-token indices, an input with T tokens reads ``context
 token t (in row-major order of the input's leading dims) uses slot ``indices[t]``, -1 meaning
 "base model only". With per-row indices (``per_row=True``), every token of batch row b (dim 0 of
 the layer's input, any leading shape) uses ``indices[b]``, as PEFT routes ``adapter_names``.
-A layer whose input has another number of tokens (rows) than indices were set raises.
+A layer whose input has another number of tokens (rows) than indices were set raises; with no
+indices set (``clear()``, outside a pool's batch) every input, of any size, gets the base output.
 
 The caller (e.g. an adapter pool: ``with pool.batch(names): model(ids)``) writes the indices
 *in place* (``context.set_indices(...)``) before each forward. Because the layers only see a
@@ -65,6 +66,8 @@ _INT32_MAX = 2**31 - 1
 # is a function defined in the traced code that reads no outer variable (so inline lambdas below)
 _CHECK_MESSAGES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
 _OUT_OF_RANGE = -(2**31)  # an index no slot has: the ops raise (CPU) or count it (CUDA)
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8) + _WIDE_UNSIGNED
 
 
 class LoRAContext:
@@ -97,12 +100,16 @@ class LoRAContext:
         idx = torch.as_tensor(indices).reshape(-1)
         if idx.numel() == 0:  # an empty batch: torch.as_tensor([]) is float32
             idx = idx.to(torch.int32)
-        if idx.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
-            raise TypeError(f"LoRAContext.set_indices: indices must be integers, got {idx.dtype}")
+        if idx.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"LoRAContext.set_indices: indices must be integers (int8 .. int64, uint8 .. "
+                            f"uint64), got {idx.dtype}")
         n = idx.numel()
         if n > self.max_tokens:
             raise ValueError(f"LoRAContext: {n} indices exceed max_tokens = {self.max_tokens}")
-        if idx.dtype == torch.int64:  # values int32 cannot hold become out of range, not wrapped
+        if idx.dtype in _WIDE_UNSIGNED:  # few torch ops take them; uint64 >= 2**63 wraps to < 0 in int64
+            idx = idx.to(torch.int64)
+            idx = idx.masked_fill((idx < 0) | (idx > _INT32_MAX), _OUT_OF_RANGE)
+        elif idx.dtype == torch.int64:  # values int32 cannot hold become out of range, not wrapped
             idx = idx.masked_fill((idx < _OUT_OF_RANGE) | (idx > _INT32_MAX), _OUT_OF_RANGE)
         self.indices[:n].copy_(idx, non_blocking=True)
         self.indices[n:].fill_(-1)
@@ -111,7 +118,7 @@ class LoRAContext:
         self._tokens_of = None
 
     def clear(self) -> None:
-        """Every token uses the base model only (inputs of up to max_tokens tokens)."""
+        """Every token uses the base model only (inputs of any number of tokens)."""
         self.indices.fill_(-1)
         self.count_t.fill_(-1)
         self.count, self.per_row = None, False
@@ -153,15 +160,15 @@ class LoRAContext:
             raise ValueError(f"LoRAContext: a layer input has {T} tokens (leading dims {tuple(lead)}) "
                              f"but {self.count} token indices are set (AdapterPool.batch(names, "
                              "per_token=True): one name per token)")
-        if T > self.indices.shape[0]:
-            raise ValueError(f"LoRAContext: a layer input has {T} tokens, more than max_tokens "
-                             f"{self.indices.shape[0]}")
+        if T > self.indices.shape[0]:  # cleared (else T == count <= max_tokens): the base model
+            return self._padded(T)
         return self.indices[:T]
 
     def _traced_tokens(self, lead: torch.Size) -> torch.Tensor:
-        """_tokens under torch.compile: an input whose rows (tokens) differ from the indices set
-        gets out-of-range indices, which the ops report (CPU: an error; CUDA: bad_index_count,
-        see check()) as the eager path's ValueError cannot be raised from a graph."""
+        """_tokens under torch.compile: with the context cleared any input gets the base output; an
+        input whose rows (tokens) differ from the indices set gets out-of-range indices, which the ops
+        report (CPU: an error; CUDA: bad_index_count, see check()) as the eager path's ValueError
+        cannot be raised from a graph."""
         if self.per_row:
             rows, row_len = (lead[0], lead[1:].numel()) if len(lead) else (1, 1)
             if _CHECK_MESSAGES:  # symbolic
@@ -170,14 +177,17 @@ class LoRAContext:
             else:
                 torch._check(rows <= self.indices.shape[0])
             idx, n = self.indices[:rows, None].expand(rows, row_len).reshape(-1), rows
-        else:
-            n = lead.numel()
-            if _CHECK_MESSAGES:
-                torch._check(n <= self.indices.shape[0],
-                             lambda: "LoRAContext: a layer input has more tokens than the context's max_tokens")
-            else:
-                torch._check(n <= self.indices.shape[0])
-            idx = self.indices[:n]
+            return idx.masked_fill((self.count_t >= 0) & (self.count_t != n), _OUT_OF_RANGE)
+        return self._padded(lead.numel())
+
+    def _padded(self, n) -> torch.Tensor:
+        """indices[:n] for any n (a symbolic one too), -1 (base) past max_tokens, all out of range
+        when indices for another number of tokens are set: decided on the device from count_t (no
+        host sync, no guard on n), so a cleared context serves inputs of any size, and a graph
+        traced or captured while it was cleared still reports a mismatch when replayed in a batch."""
+        size = self.indices.shape[0]
+        pos = torch.arange(n, device=self.indices.device)
+        idx = torch.where(pos < size, self.indices[pos.clamp(max=size - 1)], -1)
         return idx.masked_fill((self.count_t >= 0) & (self.count_t != n), _OUT_OF_RANGE)
 
     def check(self) -> None:

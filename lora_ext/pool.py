@@ -16,8 +16,9 @@ Design:
   replays with whatever the pool holds.
 - batch(names) writes one slot per batch row (per token) into the context; every layer expands
   them over its input's leading dims and raises if its input has another number of rows (tokens).
-  Outside a batch the context is cleared: the model is the base model. One batch at a time: a
-  second one (another thread's, or nested) raises, since they would share the index buffer.
+  Outside a batch the context is cleared: the model is the base model (inputs of any size). One
+  batch at a time: a second one (another thread's, or nested) raises, since they would share the
+  index buffer.
 - A batch validates its names and reads the files of evicted adapters it needs before it changes
   anything, so a batch that cannot open leaves the pool as it was.
 - When all slots are taken, load() evicts the least recently used adapter that the open batch does
@@ -43,12 +44,14 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .adapter_checks import check_modules_to_save
 from .adapters import Adapter, LayerWeights, extra_target
 from .conv import is_conv
+from .inject import _no_fused_encoder
 from .layers import LoRALayer, is_conv1d
 from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
 from .param_lora import parameter_layers
-from .targets import check_regex, matches, output_head_names
+from .targets import check_regex, matches, output_head_names, read_directly
 
 __all__ = ["AdapterPool"]
 
@@ -72,7 +75,8 @@ class AdapterPool:
     """Serves many LoRA adapters at once: one mixed batch, each row (or token) its own adapter.
 
     Replaces ``model``'s target layers in place by multi-adapter layers (see the module docstring).
-    target_modules: name suffixes, a regex or "all-linear" (None: every Linear/Conv1D but the head).
+    target_modules: name suffixes, a regex or "all-linear" (None: every Linear/Conv1D but the head and
+    an nn.MultiheadAttention's out_proj, which is refused by name, as by inject).
     max_adapters: resident slots (load() evicts the least recently used beyond it).
     max_rank: the largest adapter rank a slot holds. device: the pools' device (default: the
     model's). host_cache_bytes: pinned host copies kept of evicted adapters (None: no limit; beyond
@@ -130,10 +134,16 @@ class AdapterPool:
         everything = target_modules is None or target_modules == "all-linear"
         check_regex("AdapterPool", "target_modules", None if everything else target_modules)
         heads = output_head_names(self.model) if everything else set()
+        bypassed = read_directly(self.model)  # "all-linear" leaves them out, as inject does
         targets = target_modules if everything or isinstance(target_modules, str) else list(target_modules)
         chosen = {}
         for name, m in list(self.model.named_modules()):
             linear = isinstance(m, nn.Linear) or is_conv1d(m)
+            if not everything and name in bypassed and matches(name, targets):
+                raise TypeError(f"AdapterPool: target_modules={target_modules!r} matches {name!r}, the out_proj "
+                                "of an nn.MultiheadAttention, which reads its weight directly "
+                                "(F.multi_head_attention_forward): its adapters would never run; leave it out "
+                                "of target_modules")
             if not everything and is_conv(m) and matches(name, targets):
                 raise ValueError(f"AdapterPool: target_modules={target_modules!r} matches {name!r}, a "
                                  f"{type(m).__name__}: multi-adapter serving has no convolution layers (LoRAConv2d "
@@ -144,13 +154,18 @@ class AdapterPool:
                                  "nn.Linear / Conv1D / nn.Embedding (multi-adapter serving of DoRA is not supported); "
                                  "build the pool on the model without injected layers, or leave it out of "
                                  "target_modules")
-            if name in heads or not (linear or isinstance(m, nn.Embedding)):
+            if name in heads or name in bypassed or not (linear or isinstance(m, nn.Embedding)):
                 continue
             if linear if everything else matches(name, targets):
                 chosen[name] = m
         if not chosen:
-            hint = (" (a str is a regex over full module names, as in PEFT: pass a list for name suffixes, "
-                    f"[{target_modules!r}])") if isinstance(target_modules, str) and not everything else ""
+            hint = ""
+            if isinstance(target_modules, str) and not everything:
+                hint = (" (a str is a regex over full module names, as in PEFT: pass a list for name suffixes, "
+                        f"[{target_modules!r}])")
+            elif everything and bypassed:
+                hint = (f" (an nn.MultiheadAttention's out_proj, {sorted(bypassed)[0]!r}, is never served: the "
+                        "attention reads its weight directly)")
             raise ValueError(f"AdapterPool: target_modules={target_modules!r} matched no nn.Linear, Conv1D or "
                              f"nn.Embedding of {type(self.model).__name__}{hint}")
         modules = dict(self.model.named_modules())
@@ -163,8 +178,14 @@ class AdapterPool:
             except ValueError as e:
                 raise ValueError(f"AdapterPool: module {name!r}: {e}") from e
         for name, layer in layers.items():
-            parent, _, child = name.rpartition(".")
-            setattr(modules[parent] if parent else self.model, child, layer)
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else self.model
+            if isinstance(parent, nn.TransformerEncoderLayer):  # off its fused path, as inject does
+                layer.register_forward_pre_hook(_no_fused_encoder)
+            setattr(parent, child, layer)
+        for m in self.model.modules():  # their stack would hand them nested tensors (its own fused path)
+            if isinstance(m, nn.TransformerEncoder) and any(isinstance(x, _MultiLoRA) for x in m.layers.modules()):
+                m.use_nested_tensor = False
         return layers
 
     # ------------------------------------------------------------------ registry
@@ -190,6 +211,8 @@ class AdapterPool:
             raise ValueError(f"{where}: the adapter carries non-LoRA tensors (modules_to_save or trained "
                              f"biases: {changed[:3]}{' ...' if len(changed) > 3 else ''}) that a shared pool "
                              "cannot apply per request; use lora_ext.load_adapter")
+        # a modules_to_save entry with no tensors in the file (PEFT: KeyError) is not the base's to serve
+        check_modules_to_save(where, ad.config, ad.extra, self.model, set(self.layers))
         dora = sorted(n for n, w in ad.layers.items() if w.magnitude is not None)
         if (dora or ad.config.get("use_dora")) and not self.dora:
             what = f"module {dora[0]!r} has a lora_magnitude_vector" if dora else "its config says use_dora=true"

@@ -123,9 +123,6 @@ def test_layer_errors():
         layer(torch.randn(3, 8))
     with pytest.raises(ValueError, match=r"5 tokens \(leading dims \(5,\)\) but 3 token indices"), torch.no_grad():
         layer(torch.randn(5, 8))
-    layer.context.clear()  # base only, for inputs of any size up to max_tokens
-    with pytest.raises(ValueError, match="5 tokens, more than max_tokens 4"), torch.no_grad():
-        layer(torch.randn(5, 8))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -369,17 +366,39 @@ def test_lm_head_with_own_context():
             assert rel_err(run(x, last), want) < 1e-5 and rel_err(compiled(x, last), want) < 1e-5
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cleared_context_is_the_base_for_any_size(compiled):
+    """Cleared (outside a pool's batch), an input of more tokens than max_tokens gets the base
+    output (it raised "more than max_tokens", eager and compiled); with indices set, an input of
+    another number of tokens still raises (compiled: the op's error naming the mismatch)."""
+    ctx = LoRAContext(4)
+    layer = MultiLoRALinear(nn.Linear(8, 8), 2, 4, context=ctx)
+    ads = adapters(1, 8, 8, [2])
+    layer.set_slot(0, *ads[0])
+    run = torch.compile(layer, dynamic=True, fullgraph=True) if compiled else layer
+    with torch.no_grad():
+        run(torch.randn(3, 8))
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):  # one graph for all sizes
+        for T in (6, 11, 3):
+            x = torch.randn(T, 8)
+            torch.testing.assert_close(run(x), layer.base(x), rtol=1e-6, atol=1e-6)
+        ctx.set_indices([0, -1, 0])
+        x = torch.randn(3, 8)
+        assert rel_err(run(x), expected(layer.base, x, torch.tensor([0, -1, 0]), ads)) < 1e-5
+        kind, msg = (RuntimeError, "rows/tokens differ") if compiled else (ValueError, "6 tokens .* but 3 token")
+        with pytest.raises(kind, match=msg):
+            run(torch.randn(6, 8))
+        ctx.clear()
+        x = torch.randn(9, 8)
+        torch.testing.assert_close(run(x), layer.base(x), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 9),
                     reason="Dynamo before 2.9 traces no torch._check message")
-def test_compiled_input_over_max_tokens_says_so():
-    """Eager raises a ValueError naming max_tokens; compiled, the symbolic check failed with
-    torch's bare 'Expected cond to be True'."""
+def test_compiled_rows_over_max_tokens_says_so():
+    """Compiled, per-row indices for an input of more batch rows than max_tokens: the symbolic
+    check failed with torch's bare 'Expected cond to be True'."""
     layer = MultiLoRALinear(nn.Linear(8, 8), 2, 4, context=LoRAContext(4))
-    compiled = torch.compile(layer, dynamic=True, fullgraph=True)
-    with torch.no_grad():
-        compiled(torch.randn(3, 8))
-        with pytest.raises(Exception, match="more tokens than the context's max_tokens"):
-            compiled(torch.randn(6, 8))
-    layer.context.per_row = True
+    layer.context.set_indices([0, 1], per_row=True)
     with torch.no_grad(), pytest.raises(Exception, match="more batch rows than the context's max_tokens"):
         torch.compile(layer, dynamic=True, fullgraph=True)(torch.randn(6, 2, 8))

@@ -155,6 +155,19 @@ def test_peft_embedding_adapter_with_its_saved_table(base, tmp_path):
         pool.load("changed", ad)
 
 
+def test_modules_to_save_without_its_tensors_is_refused(base, tmp_path):
+    """A config whose modules_to_save selects a module the file holds no tensors for (PEFT:
+    KeyError) is refused, not served with the base model's module."""
+    import json
+    save_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["lm_head"]}))
+    pool = lora_ext.AdapterPool(copy.deepcopy(base), target_modules=["q_proj"], max_adapters=2, max_rank=8)
+    with pytest.raises(ValueError, match=r"AdapterPool.load\('a'.*modules_to_save.*'lm_head'.*lm_head.weight"):
+        pool.load("a", tmp_path / "a")
+    assert "a" not in pool
+
+
 def test_set_indices_refuses_values_it_would_change():
     ctx = LoRAContext(8)
     layer = MultiLoRALinear(torch.nn.Linear(16, 8), 2, 4, context=ctx)
@@ -169,6 +182,30 @@ def test_set_indices_refuses_values_it_would_change():
     ctx.set_indices(torch.tensor([1], dtype=torch.int64))
     with torch.no_grad():
         layer(torch.randn(1, 16))
+
+
+def test_set_indices_takes_unsigned_integers():
+    """uint16/32/64 indices (numpy's too) serve as uint8 and int ones do (they were refused with
+    "indices must be integers, got torch.uint32"); values int32 cannot hold are out of range, never
+    wrapped (uint64 2**64 - 1 is -1 as int64: the base model)."""
+    np = pytest.importorskip("numpy")
+    ctx = LoRAContext(8)
+    layer = MultiLoRALinear(torch.nn.Linear(16, 8), 2, 4, context=ctx)
+    layer.set_slot(1, torch.randn(2, 16), torch.randn(8, 2), 1.0)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ctx.set_indices(torch.tensor([1, 0, 1], dtype=torch.int32))
+        want = layer(x)
+        for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64):
+            ctx.set_indices(torch.tensor([1, 0, 1]).to(dtype))
+            assert torch.equal(layer(x), want), dtype
+        ctx.set_indices(np.array([1, 0, 1], dtype=np.uint32))
+        assert torch.equal(layer(x), want)
+        for big, dtype in ((2**31, np.uint32), (2**32 - 1, np.uint32), (2**32, np.uint64), (2**63, np.uint64),
+                           (2**64 - 1, np.uint64)):
+            ctx.set_indices(np.array([0, big], dtype=dtype))
+            with pytest.raises(RuntimeError, match=r"indices\[1\] = -2147483648 is out of range.*does not fit int32"):
+                layer(x[:2])
 
 
 def trained_adapter(seed, r=4, targets=("q_proj", "v_proj")):
