@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import dora_norm, lora_linear, merge_, unmerge_
+from .ops.merge_state import check_probe, take_probe
 
 __all__ = ["dora_scale", "dora_linear", "dora_merge_", "DoraMergeState", "DoraLayer"]
 
@@ -59,10 +60,13 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 class DoraMergeState:
     """What unmerging a DoRA layer needs (LoRALinear keeps it as its ``_merge_state``): exact, a copy
-    of W0; else the factors and g (PEFT's unmerge, ``W / g - s B A``, not bit for bit)."""
+    of W0; else the factors and g (PEFT's unmerge, ``W / g - s B A``, not bit for bit). ``weight``: the
+    merged weight; an exact state keeps MergeState's probe of it, so unmerging a weight written since
+    the merge (which restoring W0 would undo) raises ValueError, as MergeState does."""
 
-    def __init__(self, w0: torch.Tensor | None, factors: tuple | None, fan_in_fan_out: bool):
+    def __init__(self, weight: torch.Tensor, w0: torch.Tensor | None, factors: tuple | None, fan_in_fan_out: bool):
         self.w0, self.factors, self.fan_in_fan_out = w0, factors, fan_in_fan_out
+        self._probe = take_probe(weight) if w0 is not None else None
 
     @property
     def exact(self) -> bool:
@@ -70,7 +74,8 @@ class DoraMergeState:
 
     def check(self, weight: torch.Tensor) -> None:
         """Raises ValueError (changes nothing) if ``weight`` cannot be the merged weight of this state
-        (another shape; exact: another dtype than W0's copy). lora_ext.unmerge checks every layer first."""
+        (another shape; exact: another dtype than W0's copy, or written since the merge).
+        lora_ext.unmerge checks every layer first."""
         if self.w0 is not None:
             shape, dtype = tuple(self.w0.shape), self.w0.dtype
         else:  # W / g - s B A works in any dtype
@@ -80,12 +85,14 @@ class DoraMergeState:
         if tuple(weight.shape) != shape or weight.dtype != dtype:
             raise ValueError(f"DoraMergeState: the weight is {tuple(weight.shape)} {weight.dtype}, but the DoRA merge "
                              f"was of a {shape} {dtype} weight (replaced since the merge?)")
+        check_probe(weight, getattr(self, "_probe", None), "DoraMergeState")  # None: pickled before probes
 
     def overhead(self) -> float:
         """Bytes kept beside the weight, as a fraction of the weight's (1.0: the W0 copy)."""
         return 1.0 if self.w0 is not None else 0.0
 
     def unmerge(self, weight: torch.Tensor) -> None:
+        self.check(weight)
         if self.w0 is not None:
             weight.copy_(self.w0)
             return
@@ -95,17 +102,23 @@ class DoraMergeState:
         unmerge_(Wf, A.to(Wf.device), B.to(Wf.device), s, fan_in_fan_out=self.fan_in_fan_out)
         weight.copy_(Wf)
 
-    def apply(self, fn, new: torch.Tensor, merge_again) -> None:
-        """After nn.Module._apply(fn) (``.to()``, ``.half()``...) moved the merged weight to ``new``:
-        W0's copy goes through fn too, and after a change to another fp32/fp16/bf16 dtype the merge
-        is redone from it (merge_again(new)), so the converted merged layer equals the converted
-        layer merged (other dtypes, e.g. ``.double()``: the merged weight is converted as it is)."""
+    def apply(self, fn, old: torch.Tensor, new: torch.Tensor, merge_again) -> None:
+        """After nn.Module._apply(fn) (``.to()``, ``.half()``...) moved the merged weight ``old`` to
+        ``new``: W0's copy goes through fn too, and after a change to another fp32/fp16/bf16 dtype the
+        merge is redone from it (merge_again(new)), so the converted merged layer equals the converted
+        layer merged (other dtypes, e.g. ``.double()``: the merged weight is converted as it is). A dtype
+        change first checks ``old`` (ValueError if written since the merge: the write would be lost, as
+        in MergeState.convert), then probes ``new``."""
         if self.w0 is None:
             return
-        dtype, self.w0 = self.w0.dtype, fn(self.w0)
-        if self.w0.dtype != dtype and self.w0.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            new.copy_(self.w0)
-            merge_again(new)
+        w0 = fn(self.w0)
+        if w0.dtype != self.w0.dtype:
+            self.check(old)
+            if w0.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                new.copy_(w0)
+                merge_again(new)
+            self._probe = take_probe(new)
+        self.w0 = w0
 
 
 def _along_out(g: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:

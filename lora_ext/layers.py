@@ -200,7 +200,7 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
         if self.use_dora:  # round(g * (W0 + s B A)); the state unmerges, exactly with a copy of W0
             w0 = W.clone() if exact else None
             g = dora_merge_(W, A, B, s, self.lora_magnitude_vector.detach(), self._weight_in_out)
-            state = DoraMergeState(w0, None if exact else (A.clone(), B.clone(), s, g), self._weight_in_out)
+            state = DoraMergeState(W, w0, None if exact else (A.clone(), B.clone(), s, g), self._weight_in_out)
             factors = None
         else:
             state = MergeState() if exact else None
@@ -261,7 +261,7 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
         new = self.weight.data
         if isinstance(state, DoraMergeState):  # W0's copy moves (and converts) with the weight
             W = self._merge_weight(new)
-            state.apply(fn, W, self._dora_remerge)
+            state.apply(fn, self._merge_weight(old), W, self._dora_remerge)
             self._store_merged(new, W)
             return self
         if (state is not None and new.dtype != old.dtype and old.dtype == state._dtype

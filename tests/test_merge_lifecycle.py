@@ -101,3 +101,65 @@ def test_merge_and_unload_gives_a_transformer_encoder_its_nested_tensors_back():
     with torch.no_grad():
         y, y_base = enc(x, src_key_padding_mask=pad), base(x, src_key_padding_mask=pad)
     assert torch.equal(y, y_base) and not y[1, 3:].any()  # nested path: zeros where padded
+
+
+def _dora_model(channels_last=False):
+    """A merged-ready DoRA model: linear, Conv1D layout, conv2d (channels_last: its merge works on a
+    copy of the [out, in * k] view) and embedding, with trained-looking factors and magnitudes."""
+    torch.manual_seed(0)
+    m = torch.nn.ModuleDict({"lin": torch.nn.Linear(16, 8), "conv": torch.nn.Conv2d(4, 6, 3),
+                             "emb": torch.nn.Embedding(20, 8)})
+    lora_ext.inject(m, target_modules=["lin", "conv", "emb"], r=2, use_dora=True)
+    m["fifo"] = lora_ext.LoRALinear(16, 8, r=2, use_dora=True, fan_in_fan_out=True)
+    if channels_last:
+        m.conv.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for layer in m.values():
+            for n in layer.factor_names:
+                getattr(layer, n).normal_()
+            layer.lora_magnitude_vector.mul_(1.5)
+    return m
+
+
+@pytest.mark.parametrize("name", ["lin", "fifo", "conv", "emb"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dora_unmerge_refuses_a_weight_written_since_the_merge(name, channels_last):
+    """DoRA's exact unmerge copied W0 back over a weight written since the merge, so the write was
+    lost without a word (plain LoRA raised): now the same ValueError, naming the layer, nothing
+    unmerged, for lora_ext.unmerge, the layer's unmerge, model.train() and a dtype conversion."""
+    m = _dora_model(channels_last)
+    lora_ext.merge(m)
+    with torch.no_grad():
+        m[name].weight[(0,) * m[name].weight.dim()] += 1.0  # the first element: one of the probed
+    written = m[name].weight.detach().clone()
+    with pytest.raises(ValueError, match=rf"^unmerge: layer '{name}': DoraMergeState: .*written since the merge"):
+        lora_ext.unmerge(m)
+    assert all(layer.merged for layer in m.values())
+    with pytest.raises(ValueError, match=r"^DoraMergeState: .*written since the merge\); cannot unmerge exactly"):
+        m[name].unmerge()
+    with pytest.raises(ValueError, match="written since the merge"):
+        m.train()
+    assert m[name].merged and torch.equal(m[name].weight, written)
+    with pytest.raises(ValueError, match="written since the merge"):
+        m[name].half()  # the merge is redone from W0 in fp16: the write would be lost
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dora_exact_unmerge_after_conversions(channels_last):
+    """The legitimate cases keep working: merge -> .half() -> unmerge gives W0 in fp16, merge ->
+    .double() -> .float() -> unmerge gives W0 bit for bit (the probe follows the weight)."""
+    m = _dora_model(channels_last)
+    w0 = {n: layer.weight.detach().clone() for n, layer in m.items()}
+    lora_ext.merge(m)
+    m.double().float()
+    assert sorted(lora_ext.unmerge(m)) == sorted(w0)
+    assert all(torch.equal(m[n].weight, w0[n]) for n in w0)
+    lora_ext.merge(m)
+    m.half()
+    lora_ext.unmerge(m)
+    assert all(torch.equal(m[n].weight, w0[n].half()) for n in w0)
+    lora_ext.merge(m, exact=False)  # PEFT's unmerge (W / g - s B A) keeps writes, as plain LoRA's
+    with torch.no_grad():
+        m["lin"].weight.add_(1.0)
+    lora_ext.unmerge(m)
+    assert (m["lin"].weight.float() - w0["lin"]).mean() > 0.3

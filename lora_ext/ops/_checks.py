@@ -5,6 +5,7 @@ import math
 import numbers
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 
 F32_MAX = float(torch.finfo(torch.float32).max)
@@ -49,12 +50,37 @@ def one_device(op: str, **tensors) -> None:
                                    "all tensors must be on one device")
 
 
-def no_grad_needed(op: str, hint: str = "", **tensors) -> None:
-    """The in-place ops are not differentiable: in grad mode an argument that requires grad would
-    get no gradient (and a leaf y would change behind autograd's back), so it raises instead."""
+def no_grad_needed(op: str, hint: str = "", *, why: str = "it writes in place", **tensors) -> None:
+    """The in-place (and serving) ops are not differentiable: in grad mode an argument that requires
+    grad would get no gradient (and a leaf y would change behind autograd's back), so it raises
+    instead; so does a forward-mode AD tangent, in any grad mode (no_tangent)."""
+    no_tangent(op, f"is not differentiable ({why})", **tensors)
     if not torch.is_grad_enabled():
         return
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.requires_grad:
-            raise RuntimeError(f"{op}: {name} requires grad, but {op} is not differentiable (it writes "
-                               f"in place); run it under torch.no_grad() or torch.inference_mode(){hint}")
+            raise RuntimeError(f"{op}: {name} requires grad, but {op} is not differentiable ({why}); "
+                               f"run it under torch.no_grad() or torch.inference_mode(){hint}")
+
+
+def tangent_of(**tensors) -> str | None:
+    """The name of the first tensor (lists of tensors and None allowed) that carries a forward-mode
+    AD tangent (torch.func.jvp / jacfwd, torch.autograd.forward_ad), else None. torch's autograd
+    for custom ops has no forward-mode formula, and when no input requires grad it runs the kernel
+    without looking at tangents, so the output would silently have none: the wrappers look first.
+    Outside a dual level no tensor has a tangent, so the check is one comparison (it is also what
+    torch.compile traces)."""
+    if fwAD._current_level < 0:
+        return None
+    for name, t in tensors.items():
+        for i, x in enumerate(t if isinstance(t, (list, tuple)) else [t]):
+            if isinstance(x, torch.Tensor) and fwAD.unpack_dual(x).tangent is not None:
+                return f"{name}[{i}]" if isinstance(t, (list, tuple)) else name
+    return None
+
+
+def no_tangent(op: str, why: str, **tensors) -> None:
+    """RuntimeError if an argument carries a forward-mode AD tangent, which the op would drop."""
+    if (name := tangent_of(**tensors)) is not None:
+        raise RuntimeError(f"{op}: {name} carries a forward-mode AD tangent (torch.func.jvp / jacfwd or "
+                           f"torch.autograd.forward_ad), but {op} {why}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from ._checks import as_scale, no_grad_needed, one_device
+from ._checks import as_scale, no_grad_needed, one_device, tangent_of
 
 __all__ = ["lora_apply_", "lora_linear", "build_info"]
 
@@ -56,11 +57,19 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     epilogue are lora_ext kernels. Saved for backward per token: x (shared with the caller) and
     the fp32 [T, r] activation x A^T (4·r bytes); the dropout mask is regenerated from a seed:
     ``seed`` (an int64 [1] tensor on x's device) or, by default, one drawn from torch's RNG.
+    Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) runs it as plain torch ops
+    (_lora_linear_composite); with dropout in training it raises RuntimeError.
     """
     scale = as_scale("lora_linear", "scale", scale)
     if not 0.0 <= as_scale("lora_linear", "dropout_p", dropout_p) < 1.0:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
     p = float(dropout_p) if training else 0.0
+    if (name := tangent_of(x=x, weight=weight, bias=bias, A=A, B=B)) is not None:
+        if p > 0:
+            raise RuntimeError(f"lora_linear: forward-mode AD ({name} carries a tangent) is not supported "
+                               f"with dropout in training (dropout_p={dropout_p}): the kernels regenerate "
+                               "the mask from a hash, it is not a tensor; use eval mode or dropout_p=0")
+        return _lora_linear_composite(x, weight, bias, A, B, scale, fan_in_fan_out)
     if p == 0:
         seed = None
     elif seed is None:
@@ -70,8 +79,21 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
-@torch.library.register_fake("lora_ext::lora_linear_fwd")
-def _lora_linear_fwd_fake(x, weight, bias, A, B, scale, dropout_p, seed, fan_in_fan_out):
+def _lora_linear_composite(x, weight, bias, A, B, scale, fan_in_fan_out):
+    """lora_linear without dropout in plain torch ops, which forward-mode AD differentiates (torch's
+    autograd for custom ops has none, and drops tangents silently when nothing requires grad). The
+    kernels' checks and numerics: the [T, r] activation and the low-rank product in fp32, added to
+    the base GEMM's result and rounded once into x's dtype."""
+    _check_lora_linear(x, weight, bias, A, B, None, fan_in_fan_out)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise RuntimeError(f"lora_linear: x has dtype {x.dtype}; supported are float32, float16 and bfloat16")
+    u = F.linear(x.float(), A.float())
+    y = F.linear(x, weight.t() if fan_in_fan_out else weight, bias)
+    return (y.float() + scale * F.linear(u, B.float())).to(x.dtype)
+
+
+def _check_lora_linear(x, weight, bias, A, B, seed, fan_in_fan_out) -> int:
+    """The checks of the kernels (fake kernel, composite path); returns ``out``."""
     one_device("lora_linear", x=x, weight=weight, bias=bias, A=A, B=B, seed=seed)
     out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     inn = weight.shape[0] if fan_in_fan_out else weight.shape[1]
@@ -82,6 +104,12 @@ def _lora_linear_fwd_fake(x, weight, bias, A, B, scale, dropout_p, seed, fan_in_
                          f"{tuple(A.shape)}, B {tuple(B.shape)}, bias {None if bias is None else tuple(bias.shape)} "
                          "do not fit")
     _same_dtype("lora_linear", x=x, weight=weight, bias=bias, A=A, B=B)
+    return out
+
+
+@torch.library.register_fake("lora_ext::lora_linear_fwd")
+def _lora_linear_fwd_fake(x, weight, bias, A, B, scale, dropout_p, seed, fan_in_fan_out):
+    out = _check_lora_linear(x, weight, bias, A, B, seed, fan_in_fan_out)
     T = math.prod(x.shape[:-1])
     for d in x.shape[:-1]:
         torch._check(d >= 0)

@@ -15,10 +15,12 @@ from typing import Sequence
 
 import torch
 
-from ._checks import F32_MAX, as_scale, one_device
+from ._checks import F32_MAX, as_scale, no_tangent, one_device
 from .merge_state import CODE_WIDTHS, MergeState
 
 __all__ = ["merge_", "unmerge_", "check_merge_finite", "dora_norm"]
+
+_NOT_DIFFERENTIABLE = "is not differentiable (it writes in place)"
 
 
 def _as_lists(op, A, B, scale):
@@ -50,6 +52,7 @@ def merge_(weight: torch.Tensor, A, B, scale, *, fan_in_fan_out: bool = False,
     non-finite values.
     """
     As, Bs, scales = _as_lists("merge_", A, B, scale)
+    no_tangent("merge_", _NOT_DIFFERENTIABLE, weight=weight, A=As, B=Bs)
     if safe:
         check_merge_finite(weight, As, Bs, scales, fan_in_fan_out=fan_in_fan_out)
     if state is None:
@@ -70,6 +73,7 @@ def unmerge_(weight: torch.Tensor, A=None, B=None, scale=None, *, fan_in_fan_out
     is not merged raises ValueError. Without ``state``: ``W -= scale * B @ A`` rounded once,
     like every other implementation (not bit-exact: use a state for that).
     """
+    no_tangent("unmerge_", _NOT_DIFFERENTIABLE, weight=weight, A=A, B=B)
     if state is None:
         if A is None or B is None or scale is None:
             raise ValueError("unmerge_: without a MergeState, A, B and scale are required")
@@ -92,8 +96,11 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale, *,
     neither is materialised (W is read once). Squares are summed in fp32 in a fixed order
     (csrc/dora_math.h): the same bits on every run, thread count and device (CPU and CUDA).
     Not differentiable (DoRA detaches this norm): runs without autograd, the result does not
-    require grad. Works under ``torch.compile(fullgraph=True)`` and in CUDA-graph capture.
+    require grad; a forward-mode AD tangent on an argument raises RuntimeError. Works under
+    ``torch.compile(fullgraph=True)`` and in CUDA-graph capture.
     """
+    no_tangent("dora_norm", "is not differentiable (DoRA detaches this norm): pass detached tensors",
+               weight=weight, A=A, B=B)
     s = as_scale("dora_norm", "scale", scale)
     with torch.no_grad():
         return torch.ops.lora_ext.dora_norm.default(weight, A, B, s, fan_in_fan_out)

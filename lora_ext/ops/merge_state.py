@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MergeState", "MergedAdapter", "CODE_WIDTHS"]
+__all__ = ["MergeState", "MergedAdapter", "CODE_WIDTHS", "take_probe", "check_probe"]
 
 CODE_WIDTHS = (0, 1, 2, 4)  # bits of W0 kept per element (csrc/merge_math.h: code_width)
 
@@ -149,7 +149,7 @@ class MergeState:
         if self._dense is not None:
             self._check_same(weight)
             self._apply_dense(weight, new)
-            self._probe = _probe(weight) if new else None
+            self._probe = take_probe(weight) if new else None
             return
         if not old:
             _validate(weight, new, self._fan_in_fan_out)
@@ -196,17 +196,14 @@ class MergeState:
             return
         if self.nbytes() > weight.numel() * weight.element_size():
             self._densify(weight)
-        self._probe = _probe(weight)
+        self._probe = take_probe(weight)
 
     def _check_same(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != self._shape or weight.dtype != self._dtype:
             raise ValueError(f"MergeState: weight is now {tuple(weight.shape)} {weight.dtype}, but "
                              f"{self._shape} {self._dtype} when merged; cannot unmerge exactly")
-        probe = getattr(self, "_probe", None)  # None: a state pickled before probes existed
-        if probe is not None and not torch.equal(_probe(weight, probe[0].to(weight.device))[1],
-                                                 probe[1].to(weight.device)):
-            raise ValueError("MergeState: the weight differs from the one this state merged into (another "
-                             "tensor, or written since the merge); cannot unmerge exactly")
+        # None: a state pickled before probes existed
+        check_probe(weight, getattr(self, "_probe", None), "MergeState")
 
     def _densify(self, weight: torch.Tensor) -> None:
         """Pathological deltas (|S| >> |W0| almost everywhere): a plain copy of W0 is smaller."""
@@ -244,14 +241,24 @@ class MergeState:
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _probe(weight: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def take_probe(weight: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat indices, bit patterns) of 64 evenly spread elements of the merged weight: a later
-    transition checks it still has them (a state used on another weight would rewrite that one)."""
+    transition checks it still has them (check_probe; a state used on another weight would rewrite
+    that one). MergeState and DoraMergeState keep one."""
     flat = weight.reshape(-1)
     if idx is None:
         idx = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 64), device=weight.device).long()
-    ints = torch.int32 if flat.element_size() == 4 else torch.int16
+    ints = {4: torch.int32, 2: torch.int16}.get(flat.element_size(), torch.uint8)  # (DoRA: any dtype)
     return idx, flat[idx].view(ints).clone()
+
+
+def check_probe(weight: torch.Tensor, probe: tuple[torch.Tensor, torch.Tensor] | None, who: str) -> None:
+    """ValueError if ``weight`` lacks the bits ``probe`` (take_probe's) recorded of the merged weight:
+    another tensor, or one written since the merge, which unmerging would undo. None: no probe."""
+    if probe is not None and not torch.equal(take_probe(weight, probe[0].to(weight.device))[1],
+                                             probe[1].to(weight.device)):
+        raise ValueError(f"{who}: the weight differs from the one this state merged into (another "
+                         "tensor, or written since the merge); cannot unmerge exactly")
 
 
 def _validate(weight: torch.Tensor, adapters: list[MergedAdapter], fan_in_fan_out: bool) -> None:

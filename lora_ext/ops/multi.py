@@ -2,7 +2,8 @@
 
 ``multi_lora_`` is the whole update; ``lora_shrink`` and ``lora_expand_`` are its two halves
 for callers that fuse differently. Fake kernels make all three traceable by
-``torch.compile(fullgraph=True)``; none is differentiable (serving ops).
+``torch.compile(fullgraph=True)``; none is differentiable (serving ops): arguments that require
+grad (in grad mode) or carry forward-mode AD tangents raise RuntimeError.
 
 Out-of-range indices: the CPU kernels raise. The CUDA kernels never touch memory for them:
 such a token is treated as "no adapter" and counted into ``bad_index_count`` (an int32 tensor
@@ -57,6 +58,7 @@ def lora_shrink(x: torch.Tensor, A_pool: torch.Tensor, indices: torch.Tensor,
     token's rank and rows of tokens without adapter are zero. (``scale`` as in vLLM's
     ``lora_shrink``; per-adapter scales belong to ``lora_expand_``.)
     """
+    no_grad_needed("lora_shrink", why="a serving op", x=x, A_pool=A_pool)
     scale = as_scale("lora_shrink", "scale", scale)
     if bad_index_count is None:
         return torch.ops.lora_ext.lora_shrink.default(x, A_pool, indices, ranks, scale)
