@@ -302,7 +302,7 @@ def test_bad_state_use():
         MergeState(bits=3)
     with pytest.raises(ValueError, match="A, B and scale are required"):
         unmerge_(W)
-    with pytest.raises(RuntimeError, match="scales"):
+    with pytest.raises(ValueError, match=r"merge_: scale must hold one value per adapter \(1\), got 2"):
         merge_(W, [A], [B], [1.0, 2.0])
     with pytest.raises(ValueError, match="finite"):
         merge_(W, A, B, float("nan"), state=state, name="c")

@@ -24,14 +24,34 @@ _NOT_DIFFERENTIABLE = "is not differentiable (it writes in place)"
 
 
 def _as_lists(op, A, B, scale):
-    if isinstance(A, torch.Tensor):
+    """(As, Bs, scales) from one adapter (A and B tensors) or sequences of several; TypeError /
+    ValueError naming the op and the argument for anything else."""
+    if isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor):
         return [A], [B], [as_scale(op, "scale", scale)]
-    As, Bs = list(A), list(B)
+    As, Bs = _tensor_list(op, "A", A, B), _tensor_list(op, "B", B, A)
+    if len(As) != len(Bs):
+        raise ValueError(f"{op}: A and B must hold one tensor per adapter, got {len(As)} and {len(Bs)}")
     if isinstance(scale, (list, tuple)):
+        if len(scale) != len(As):
+            raise ValueError(f"{op}: scale must hold one value per adapter ({len(As)}), got {len(scale)}")
         scales = [as_scale(op, f"scale[{i}]", s) for i, s in enumerate(scale)]
     else:
         scales = [as_scale(op, "scale", scale)] * len(As)
     return As, Bs, scales
+
+
+def _tensor_list(op, name, value, other):
+    if isinstance(value, torch.Tensor):  # and `other` is not: one adapter needs both
+        raise TypeError(f"{op}: {name} is a tensor but {'B' if name == 'A' else 'A'} is "
+                        f"{type(other).__name__}; pass both as tensors (one adapter) or both as "
+                        "sequences of tensors (several)")
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a tensor or a list/tuple of tensors, got "
+                        f"{type(value).__name__}")
+    for i, t in enumerate(value):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name}[{i}] must be a tensor, got {type(t).__name__}")
+    return list(value)
 
 
 def merge_(weight: torch.Tensor, A, B, scale, *, fan_in_fan_out: bool = False,
@@ -48,18 +68,22 @@ def merge_(weight: torch.Tensor, A, B, scale, *, fan_in_fan_out: bool = False,
     With ``state`` (a :class:`MergeState` of this weight), the adapters are merged exactly: they
     can later be unmerged bit for bit with ``unmerge_(..., state=state, name=...)``. ``name``
     names the adapter (default ``"default"``; with several adapters, a sequence of names).
-    ``safe=True`` raises ValueError, before touching the weight, if the result would hold
-    non-finite values.
+    ``safe=True`` raises ValueError, before touching the weight, exactly when the result would
+    hold non-finite values (check_merge_finite; with a state, the result of all merged adapters).
     """
     As, Bs, scales = _as_lists("merge_", A, B, scale)
     no_tangent("merge_", _NOT_DIFFERENTIABLE, weight=weight, A=As, B=Bs)
-    if safe:
-        check_merge_finite(weight, As, Bs, scales, fan_in_fan_out=fan_in_fan_out)
     if state is None:
+        if safe:
+            check_merge_finite(weight, As, Bs, scales, fan_in_fan_out=fan_in_fan_out)
         torch.ops.lora_ext.merge_.default(weight, As, Bs, scales, fan_in_fan_out)
         return weight
-    names = _names(name, len(As))
+    names = _names("merge_", name, len(As))
     state._check_layout(weight, fan_in_fan_out)
+    new = [i for i, n in enumerate(names) if n not in state.merged]  # merged names: no-ops
+    if safe and new:
+        check_merge_finite(weight, [As[i] for i in new], [Bs[i] for i in new],
+                           [scales[i] for i in new], fan_in_fan_out=fan_in_fan_out, state=state)
     state.merge(weight, list(zip(names, As, Bs, scales)))
     return weight
 
@@ -81,8 +105,7 @@ def unmerge_(weight: torch.Tensor, A=None, B=None, scale=None, *, fan_in_fan_out
         torch.ops.lora_ext.merge_.default(weight, As, Bs, [-s for s in scales], fan_in_fan_out)
         return weight
     state._check_layout(weight, fan_in_fan_out)
-    names = None if name is None else ([name] if isinstance(name, str) else list(name))
-    state.unmerge(weight, names)
+    state.unmerge(weight, None if name is None else _name_list("unmerge_", name))
     return weight
 
 
@@ -106,52 +129,93 @@ def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale, *,
         return torch.ops.lora_ext.dora_norm.default(weight, A, B, s, fan_in_fan_out)
 
 
-def _names(name, n):
+def _name_list(op, name) -> list[str]:
+    names = [name] if isinstance(name, str) else name
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{op}: name must be a str or a list/tuple of str, got {name!r:.80}")
+    return list(names)
+
+
+def _names(op, name, n):
     if name is None:
         return ["default"] if n == 1 else [f"adapter{i}" for i in range(n)]
-    names = [name] if isinstance(name, str) else list(name)
+    names = _name_list(op, name)
     if len(names) != n:
-        raise ValueError(f"merge_: got {len(names)} names for {n} adapters")
+        raise ValueError(f"{op}: got {len(names)} names for {n} adapters")
     if len(set(names)) != n:
-        raise ValueError(f"merge_: adapter names must be distinct, got {names}")
+        raise ValueError(f"{op}: adapter names must be distinct, got {names}")
     return names
 
 
 def check_merge_finite(weight: torch.Tensor, As, Bs, scales, *, fan_in_fan_out: bool = False,
-                       chunk: int = 1 << 20) -> None:
-    """Raises ValueError if merging would leave non-finite values in ``weight``.
+                       chunk: int = 1 << 20, state: MergeState | None = None) -> None:
+    """Raises ValueError (changing nothing) exactly when ``merge_(weight, As, Bs, scales)`` would
+    leave non-finite values (inf or NaN) in ``weight``; with ``state`` (the weight's MergeState,
+    ``merge_(..., state=state)``), when the exact merge of the adapters merged so far and these
+    would, i.e. ``round(W0 + S)`` over all of them.
 
-    Cheap in the common case (reductions and a magnitude bound); only when the bound cannot
-    rule out an overflow is the merged result computed, in row chunks of ~``chunk`` elements.
+    It follows the kernels' arithmetic (csrc/merge_math.h): ``S`` is one fp32 fma chain over all
+    adapters' concatenated ranks of ``fl32(s_a * B_a)`` times ``A_a``, and ``W0 + S`` is added in
+    fp32 and rounded once. A weight already holding inf/NaN, or inf/NaN in an A or B, is refused
+    (both always give a non-finite result). Then a magnitude bound, in float64 (it cannot overflow
+    itself): ``max|W| + sum_a |s_a| max_o sum_j |B_a[o, j]| max|A_a|``; below half the dtype's
+    largest value (room for every fp32 rounding), no overflow is possible and that is all
+    (reductions over A, B and W: the common case). Else (or when ``fl32(s_a * B_a)`` itself may
+    overflow) it runs the merge_ kernel itself on copies of ~``chunk`` elements of the weight at a
+    time and looks at the bits it would write.
     """
     if weight.numel() == 0:
         return  # nothing to overflow
-    lo, hi = torch.aminmax(weight)
-    if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+    w_max = _max_abs(weight)
+    if not math.isfinite(w_max):
         raise ValueError("merge: the weight already holds non-finite values (inf or NaN)")
-    bound = max(abs(lo.item()), abs(hi.item()))
-    for i, (A, B, s) in enumerate(zip(As, Bs, scales)):
-        amin, amax = torch.aminmax(A) if A.numel() else (torch.zeros(()), torch.zeros(()))
-        bsum = B.float().abs().sum(1).max().item() if B.numel() else 0.0
-        vals = (amin.item(), amax.item(), bsum, float(s))
-        if not all(math.isfinite(v) for v in vals):
-            raise ValueError(f"merge: adapter {i} has non-finite values in A, B or its scale")
-        bound += abs(float(s)) * bsum * max(abs(vals[0]), abs(vals[1]))
-        if abs(float(s)) * bsum >= F32_MAX / 2:  # fl32(s * B) itself may overflow: check for real
-            bound = math.inf
-    if bound < torch.finfo(weight.dtype).max / 2:
+    dev = weight.device  # (a state's snapshots follow its weight when it next changes)
+    old = [(a.A.to(dev), a.B.to(dev), a.scale) for a in state._adapters] if state is not None else []
+    new = list(zip(As, Bs, scales))
+    exact, s_old, s_new = False, 0.0, 0.0
+    for i, (A, B, s) in enumerate(old + new):
+        s = float(s)
+        if not abs(s) <= F32_MAX:
+            raise ValueError(f"merge: adapter {i - len(old)}: scale must be finite in float32, got {s}")
+        if A.numel() == 0 or B.numel() == 0:
+            continue  # no products (the kernel refuses rank 0 with its own message)
+        a_max, b_max = _max_abs(A), _max_abs(B)
+        if not (math.isfinite(a_max) and math.isfinite(b_max)):
+            raise ValueError(f"merge: adapter {i - len(old)} has non-finite values (inf or NaN) in A or B")
+        exact |= abs(s) * b_max >= F32_MAX / 2  # fl32(s * B) itself may overflow
+        bound = abs(s) * B.double().abs().sum(1).max().item() * a_max
+        s_old, s_new = (s_old + bound, s_new) if i < len(old) else (s_old, s_new + bound)
+    # with a state, weight = round(W0 + S_old), so |W0| <= |weight| (1 + 2^-9) + |S_old| + 2^-25
+    # (half an ulp; |S_old| <= 2 s_old with the fp32 roundings)
+    bound = w_max * (1 + 2**-7) + 2 * s_old + 2**-20 + s_new if old else w_max + s_new
+    if not exact and bound < torch.finfo(weight.dtype).max / 2:
         return
+    if old:
+        weight = state.original(weight)  # W0: the exact merge computes round(W0 + S_old+new)
+    _check_merged_bits(weight, [t[0] for t in old + new], [t[1] for t in old + new],
+                       [float(t[2]) for t in old + new], fan_in_fan_out, chunk)
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    """max |t| as a Python float (inf or NaN when t holds one)."""
+    lo, hi = torch.aminmax(t)
+    lo, hi = lo.item(), hi.item()
+    return math.nan if math.isnan(lo) or math.isnan(hi) else max(abs(lo), abs(hi))
+
+
+def _check_merged_bits(weight, As, Bs, scales, fan_in_fan_out, chunk) -> None:
+    """Runs merge_'s kernel on copies of row blocks of ``weight`` (each element's S is the same fp32
+    fma chain in any block or layout: csrc/merge_glue.h) and raises if a written value is not finite."""
     rows = weight.shape[0]
     step = max(1, chunk // max(weight.shape[1], 1))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        w = weight[r0:r1].to(torch.float32, copy=True)  # a copy: the check never writes weight
-        for A, B, s in zip(As, Bs, scales):
-            if fan_in_fan_out:
-                w += A[:, r0:r0 + step].float().t() @ (B.float() * s).t()
-            else:
-                w += (B[r0:r0 + step].float() * s) @ A.float()
-        if not torch.isfinite(w.to(weight.dtype)).all():
+        w = weight[r0:r1].clone(memory_format=torch.contiguous_format)  # the check never writes weight
+        if fan_in_fan_out:  # weight [in, out]: its rows are A's columns
+            torch.ops.lora_ext.merge_.default(w, [A[:, r0:r1] for A in As], Bs, scales, True)
+        else:
+            torch.ops.lora_ext.merge_.default(w, As, [B[r0:r1] for B in Bs], scales, False)
+        if not torch.isfinite(w).all():
             raise ValueError(f"merge: merging would overflow to inf/NaN in rows {r0}..{r1 - 1} "
                              f"of the {weight.dtype} weight; nothing was changed")
 

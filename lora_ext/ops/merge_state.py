@@ -205,16 +205,31 @@ class MergeState:
         # None: a state pickled before probes existed
         check_probe(weight, getattr(self, "_probe", None), "MergeState")
 
+    def original(self, weight: torch.Tensor) -> torch.Tensor:
+        """A new tensor holding W0, the weight before the first merge, bit for bit, recomputed from
+        ``weight`` (the merged weight of this state; a copy of it when nothing is merged). Neither
+        ``weight`` nor the state changes."""
+        if not self._adapters:
+            return weight.clone()
+        self._check_same(weight)
+        return self._w0(weight)
+
+    def _w0(self, weight: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None:
+            return self._dense.to(weight.device, copy=True)
+        w0 = weight.clone()
+        dev = weight.device
+        unused = torch.zeros((w0.numel() + 31) // 32, dtype=torch.int32, device=dev)
+        a = self._adapters
+        torch.ops.lora_ext.remerge_.default(w0, self._codes.to(dev), unused, self.bits,
+                                            [x.A.to(dev) for x in a], [x.B.to(dev) for x in a],
+                                            [x.scale for x in a], [], [], [], self._fan_in_fan_out)
+        w0.view(-1)[self._exc_idx.long().to(dev)] = self._exc_val.to(dev)
+        return w0
+
     def _densify(self, weight: torch.Tensor) -> None:
         """Pathological deltas (|S| >> |W0| almost everywhere): a plain copy of W0 is smaller."""
-        w0 = weight.clone()
-        unused = torch.zeros((w0.numel() + 31) // 32, dtype=torch.int32, device=w0.device)
-        a = self._adapters
-        torch.ops.lora_ext.remerge_.default(w0, self._codes, unused, self.bits,
-                                            [x.A for x in a], [x.B for x in a],
-                                            [x.scale for x in a], [], [], [], self._fan_in_fan_out)
-        w0.view(-1)[self._exc_idx.long()] = self._exc_val
-        self._dense = w0
+        self._dense = self._w0(weight)
         self._codes = self._exc_idx = self._exc_val = None
 
     def _apply_dense(self, weight: torch.Tensor, new: list[MergedAdapter]) -> None:
