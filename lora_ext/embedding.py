@@ -6,7 +6,12 @@ lora_embedding_B [dim, r]; A starts at zero, as in PEFT). Merge, factors and the
 ``n[o] = ||E[:, o] + s (B A)[o, :]||`` over the vocabulary (ops.dora_norm, fan_in_fan_out=True); with
 g = m / n (n detached) the output is ``g * (E[ids] + s A^T[ids] B^T)`` (times embed_scale, as the
 plain output; PEFT: g * base_result + g * s * lora * embed_scale). No dropout (PEFT's embedding LoRA
-has none). Merge / exact unmerge / dtype changes while merged: lora_ext.dora on the [in, out] weight."""
+has none). Merge / exact unmerge / dtype changes while merged: lora_ext.dora on the [in, out] weight.
+
+``max_norm`` (as nn.Embedding: looked-up rows renormalized in place) renormalizes the rows of W0 and
+of A^T separately, as PEFT; a merged table's rows would be renormalized together (other outputs, and
+the merged weight rewritten in place), so merge refuses such a layer (merge_refusal: ValueError
+naming max_norm; PEFT merges it and the outputs change), plain or DoRA."""
 from __future__ import annotations
 
 import torch
@@ -96,6 +101,13 @@ class LoRAEmbedding(LoRALayer):
     @property
     def _weight_in_out(self) -> bool:  # weight [num, dim] = [in, out]: the Conv1D layout
         return True
+
+    def merge_refusal(self) -> str | None:
+        if self.max_norm is None:
+            return None
+        return (f"max_norm={self.max_norm}: the merged layer would renormalize the looked-up rows of W0 + "
+                "scaling (B A)^T together, not those of W0 and lora_embedding_A^T separately (as the unmerged layer "
+                "and PEFT's do), so it would compute something else")
 
     def _new_base(self) -> nn.Module:
         cls = getattr(self, "base_class", nn.Embedding)

@@ -16,10 +16,11 @@ from .conv import LoRAConvNd, check_conv_base, is_conv
 from .embedding import LoRAEmbedding
 from .layers import LoRALayer, LoRALinear, is_conv1d
 from .hparams import _check_hparams
-from .param_lora import LoRAParameter, _chain, _inner, apply_plan, outermost, parameter_layers, plan_parameters
+from .param_lora import (LoRAParameter, _chain, _inner, apply_plan, check_init, outermost, parameter_layers,
+                         plan_parameters, target_hparams)
 from .sharding import sharding_of, unwrapped
-from .targets import (PEFT_PREFIX, check_layers, check_regex, in_layers, matches, pattern_value, read_directly,
-                      select_targets, unwrappable)
+from .targets import (PEFT_PREFIX, check_layers, check_regex, in_layers, matches, read_directly, select_targets,
+                      unwrappable)
 
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "peft_parameter_layers", "PEFT_PREFIX"]
 
@@ -64,8 +65,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
             raise ValueError("inject: target_parameters does not work with " + ("dropout" if dropout else "use_dora=True")
                              + " (the LoRA term is folded into the parameter, as in PEFT); inject those separately")
         _check_hparams("inject", r, alpha, dropout)
-        if init not in ("kaiming", "gaussian"):
-            raise ValueError(f"inject: init must be 'kaiming' or 'gaussian', got {init!r}")
+        check_init(init)
         skip = ()
         if target_modules:
             check_regex("inject", "target_modules", target_modules)
@@ -83,6 +83,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
         target_modules = list(target_modules)
     check_regex("inject", "target_modules", target_modules)
     check_regex("inject", "exclude_modules", exclude_modules)
+    check_init(init)  # (an embedding takes no init: checked here, not when the first linear is built)
     layers, pattern = check_layers("inject", layers_to_transform, layers_pattern, target_modules, allow_negative=False)
     chosen = select_targets(model, target_modules, exclude_modules, layers, pattern)
     modules = dict(model.named_modules())
@@ -107,7 +108,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
         raise ValueError(f"inject: target_modules={target_modules!r} matched no module of "
                          f"{type(model).__name__}{where}; Linear/Conv1D/Embedding/Conv names there: {leaves}")
     bypassed = read_directly(model)
-    for name in chosen:  # the first, before anything changes
+    hparams = {}
+    for name in chosen:  # every target, before anything changes
         if name in bypassed:
             raise TypeError(f"inject: module {name!r} is the out_proj of an nn.MultiheadAttention, which "
                             "reads its weight directly (F.multi_head_attention_forward): a LoRA layer there "
@@ -116,10 +118,11 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
             raise TypeError(f"inject: module {name!r} {problems[name]}")
         if is_conv(modules[name]):
             check_conv_base(f"inject: module {name!r}", modules[name])
+        hparams[name] = target_hparams(f"inject: module {name!r}", name, r, alpha, rank_pattern, alpha_pattern,
+                                       dropout)
     for name in chosen:
         m = modules[name]
-        rr = pattern_value(name, rank_pattern, r)
-        aa = pattern_value(name, alpha_pattern, alpha)
+        rr, aa = hparams[name]
         try:
             if isinstance(m, nn.Linear) or is_conv1d(m):
                 new = LoRALinear.from_linear(m, rr, aa, dropout, use_rslora, init, use_dora=use_dora)

@@ -23,6 +23,7 @@ from torch import nn
 from .hparams import _check_hparams, lora_alpha_for, lora_scaling  # noqa: F401  (imported from here too)
 from .dora import DoraLayer, DoraMergeState, dora_linear, dora_merge_
 from .ops import MergeState, check_merge_finite, lora_linear, merge_, unmerge_
+from .ops._checks import as_scale
 from .sharding import is_dtensor, is_fsdp
 
 __all__ = ["LoRALayer", "LoRALinear", "is_conv1d", "parametrized"]
@@ -108,11 +109,14 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
         A DoRA layer also takes ``magnitude`` (DoRA's lora_magnitude_vector, in its shape: [out], a
         convolution's [1, out, 1, ...]); without one, it is set to ||W0 + scale B A|| per row, so the layer computes what the plain LoRA adapter does.
         A merged layer is unmerged, updated and merged again (exactly if it was), so its weight
-        holds the new adapter; one merged for good (``drop_merge_state``) raises ValueError."""
+        holds the new adapter; one merged for good (``drop_merge_state``) raises ValueError.
+        ``scale``: a real number finite in float32, as the LoRA ops take it (ops._checks.as_scale),
+        else TypeError / ValueError naming it, before anything changes."""
         a_name, b_name = self.factor_names
         A_old, B_old = getattr(self, a_name), getattr(self, b_name)
         where = f"{type(self).__name__}.set_lora_factors"
         A, B, r = self._new_factors(A, B, where)
+        scale = as_scale(where, "scale", scale)
         if magnitude is not None and (not self.use_dora or tuple(magnitude.shape) != self._magnitude_shape(B.shape[0])):
             raise ValueError(f"{where}: " + (f"magnitude must be {list(self._magnitude_shape(B.shape[0]))}, got "
                                              f"{list(magnitude.shape)}"
@@ -168,7 +172,7 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
         return self.lora_factors()
 
     def merge_refusal(self) -> str | None:
-        """Why merging would change what the layer computes (None: it would not; see conv.py)."""
+        """Why merging would change what the layer computes (None: it would not; see conv.py, embedding.py)."""
         return None
 
     def check_merge(self) -> None:

@@ -101,7 +101,7 @@ def merge(model: nn.Module, safe: bool = False, exact: bool = True,
 
 def _check_all(layers: dict[str, nn.Module], finite: bool) -> None:
     """Before any weight changes: ValueError naming the first layer that cannot merge exactly what it
-    computes (LoRALayer.merge_refusal: some LoRAConv layers) or, with ``finite``, would overflow."""
+    computes (LoRALayer.merge_refusal: some LoRAConv layers, LoRAEmbedding with max_norm) or, with ``finite``, would overflow."""
     for name, m in layers.items():
         try:
             if finite:

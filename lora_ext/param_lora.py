@@ -29,10 +29,12 @@ from torch import nn
 
 from .hparams import _check_hparams, lora_alpha_for, lora_scaling
 from .ops import MergeState, check_merge_finite, merge_, unmerge_
+from .ops._checks import as_scale
 from .sharding import is_dtensor, is_fsdp
 from .targets import pattern_value
 
-__all__ = ["LoRAParameter", "inject_parameters", "parameter_layers", "outermost", "generic_path"]
+__all__ = ["LoRAParameter", "inject_parameters", "parameter_layers", "outermost", "generic_path", "target_hparams",
+           "check_init"]
 
 _GENERIC = [False]  # generic_path() sets it: every LoRAParameter forward takes the generic path
 
@@ -127,13 +129,16 @@ class LoRAParameter(nn.Module):
 
     def set_lora_factors(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
         """Sets lora_A [E * r, in] and lora_B [out, E * r] (PEFT's layout; another r resizes them,
-        requires_grad kept) and the scaling; ``lora_alpha`` follows (scale * r, or * sqrt(r) with rsLoRA)."""
+        requires_grad kept) and the scaling; ``lora_alpha`` follows (scale * r, or * sqrt(r) with rsLoRA).
+        ``scale``: a real number finite in float32, as the LoRA ops take it (ops._checks.as_scale), else
+        TypeError / ValueError naming it, before anything changes."""
         where = f"LoRAParameter({self.parameter_name!r}).set_lora_factors"
         E = self.num_experts
         if (A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] == 0 or A.shape[0] % E
                 or A.shape[1] != self.in_features or B.shape[0] != self.out_features):
             raise ValueError(f"{where}: expected A [{E} * r, {self.in_features}] and B [{self.out_features}, "
                              f"{E} * r] with r > 0, got A {tuple(A.shape)}, B {tuple(B.shape)}")
+        scale = as_scale(where, "scale", scale)
         self._check_unmerged("set_lora_factors")
         old_A, old_B = self.lora_A, self.lora_B
         A, B = A.to(old_A.device, old_A.dtype), B.to(old_A.device, old_A.dtype)
@@ -145,8 +150,8 @@ class LoRAParameter(nn.Module):
                 old_A.copy_(A)
                 old_B.copy_(B)
         self.r = A.shape[0] // E
-        self.scaling = float(scale)
-        self.lora_alpha = lora_alpha_for(float(scale), self.r, self.use_rslora)
+        self.scaling = scale
+        self.lora_alpha = lora_alpha_for(scale, self.r, self.use_rslora)
 
     def _check_unmerged(self, what: str) -> None:
         if getattr(self, "merged", False):
@@ -351,12 +356,29 @@ def _unwrapped_name(name: str, modules: dict[str, nn.Module]) -> str:
     return "" if name == "base_layer" and isinstance(modules.get(""), LoRAParameter) else name
 
 
+def check_init(init) -> None:
+    """inject's ``init``: ValueError unless "kaiming" or "gaussian" (checked before the model changes)."""
+    if init not in ("kaiming", "gaussian"):
+        raise ValueError(f"inject: init must be 'kaiming' or 'gaussian', got {init!r}")
+
+
+def target_hparams(where: str, name: str, r, alpha, rank_pattern: dict | None = None,
+                   alpha_pattern: dict | None = None, dropout=0.0) -> tuple[int, float]:
+    """The r / alpha of the target ``name`` (its rank_pattern / alpha_pattern value, else ``r`` /
+    ``alpha``), checked as every LoRA layer checks them (hparams._check_hparams, with ``dropout``):
+    ValueError starting with ``where``. inject runs it on every target before the model changes."""
+    rr, aa = pattern_value(name, rank_pattern, r), pattern_value(name, alpha_pattern, alpha)
+    _check_hparams(where, rr, aa, dropout)
+    return rr, aa
+
+
 def plan_parameters(model: nn.Module, target_parameters, r: int = 8, alpha: float = 8,
                     rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
                     skip_modules=()) -> list[tuple[str, str, str, int, float]]:
     """What inject_parameters would wrap, checked, changing nothing: (module name, parameter name,
-    full name, r, alpha) per parameter, in nesting order. ``skip_modules``: names that
-    target_modules replaces by LoRA layers in the same inject call (a parameter there is refused)."""
+    full name, r, alpha) per parameter, in nesting order, each r / alpha checked (target_hparams).
+    ``skip_modules``: names that target_modules replaces by LoRA layers in the same inject call (a
+    parameter there is refused)."""
     where = "inject"
     if isinstance(target_parameters, str) or not all(isinstance(t, str) and t for t in target_parameters):
         raise ValueError(f"{where}: target_parameters must be a list of parameter names (suffixes), "
@@ -383,7 +405,8 @@ def plan_parameters(model: nn.Module, target_parameters, r: int = 8, alpha: floa
                             "makes a LoRA layer; target one or the other")
         if (why := wrap_problem(model.get_submodule(clean), pname)) is not None:
             raise why[0](f"{where}: target_parameters: {key!r}: {why[1]}")
-    return [(clean, pname, key, pattern_value(key, rank_pattern, r), pattern_value(key, alpha_pattern, alpha))
+    return [(clean, pname, key, *target_hparams(f"{where}: target_parameters: {key!r}", key, r, alpha,
+                                                rank_pattern, alpha_pattern))
             for clean, pname, key in chosen]
 
 
@@ -405,7 +428,6 @@ def inject_parameters(model: nn.Module, target_parameters, r: int = 8, alpha: fl
     one module nest in registration order. Everything is checked before the model changes.
     Returns the parameter names."""
     _check_hparams("inject", r, alpha, 0.0)
-    if init not in ("kaiming", "gaussian"):
-        raise ValueError(f"inject: init must be 'kaiming' or 'gaussian', got {init!r}")
+    check_init(init)
     return apply_plan(model, plan_parameters(model, target_parameters, r, alpha, rank_pattern, alpha_pattern),
                       use_rslora, init)

@@ -67,6 +67,68 @@ def test_embedding_layer_matches_formula():
     torch.testing.assert_close(layer(ids), ref)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_embedding_with_max_norm_refuses_every_merge(use_dora):
+    # max_norm renormalizes the rows of W0 and A^T apart; merged, the rows of W0 + s (B A)^T together:
+    # other outputs (and the merged table rewritten in place, so no exact unmerge)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(8, 6, max_norm=1.0), nn.Linear(6, 6))
+    lora_ext.inject(model, target_modules=["1", "0"], r=4, alpha=6, use_dora=use_dora)
+    with torch.no_grad():
+        model[0].lora_embedding_A.normal_()
+    model.eval()
+    ids = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        want = model(ids)
+    state = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    msg = r"LoRAEmbedding\.merge: max_norm=1\.0: the merged layer would renormalize"
+    for merge in (lambda: lora_ext.merge(model), lambda: lora_ext.merge(model, safe=True, exact=False),
+                  lambda: lora_ext.merge_and_unload(model)):
+        with pytest.raises(ValueError, match=r"merge: layer '0': " + msg):
+            merge()
+    for safe in (False, True):
+        with pytest.raises(ValueError, match="^" + msg):
+            model[0].merge(safe=safe)
+    with pytest.raises(ValueError, match="^" + msg):
+        model[0].check_merge()
+    # every layer checked before any changes: the Linear, first in the model, is not merged either
+    assert not model[0].merged and not model[1].merged and isinstance(model[0], LoRAEmbedding)
+    assert all(torch.equal(p, state[n]) for n, p in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want, rtol=0, atol=0)
+    # without max_norm the same layer merges
+    plain = LoRAEmbedding.from_embedding(nn.Embedding(8, 6), r=4, use_dora=use_dora)
+    assert plain.merge_refusal() is None
+    lora_ext.merge(plain)
+    assert plain.merged
+
+
+@pytest.mark.parametrize("make", ["linear", "embedding", "dora"])
+def test_set_lora_factors_refuses_a_scale_the_ops_refuse(make):
+    # ops._checks.as_scale's rule, before anything changes (merged layers stay merged as they were)
+    layer = {"linear": lambda: LoRALinear.from_linear(nn.Linear(4, 3), r=2, alpha=4),
+             "embedding": lambda: LoRAEmbedding.from_embedding(nn.Embedding(5, 3), r=2, alpha=4),
+             "dora": lambda: LoRALinear.from_linear(nn.Linear(4, 3), r=2, alpha=4, use_dora=True)}[make]()
+    A0, B0 = (t.detach().clone() for t in layer.lora_factors()[:2])
+    name = type(layer).__name__
+    for merged in (False, True):
+        if merged:
+            layer.merge()
+        w = layer.weight.detach().clone()
+        for bad, err, match in [(float("nan"), ValueError, "scale must be finite in float32"),
+                                (float("-inf"), ValueError, "scale must be finite in float32"),
+                                (1e39, ValueError, "scale must be finite in float32"),
+                                ("2", TypeError, "scale must be a real number, got str '2'"),
+                                (None, TypeError, "scale must be a real number")]:
+            with pytest.raises(err, match=rf"{name}\.set_lora_factors: {match}"):
+                layer.set_lora_factors(torch.randn(A0.shape), torch.randn(B0.shape), bad)
+            assert layer.scaling == 2.0 and layer.lora_alpha == 4 and layer.merged == merged
+            assert all(torch.equal(a, b) for a, b in zip(layer.lora_factors()[:2], (A0, B0)))
+            assert torch.equal(layer.weight, w)
+    layer.set_lora_factors(A0, B0, torch.tensor(0.5))  # a 1-element tensor: its value, as the ops take it
+    assert type(layer.scaling) is float and layer.scaling == 0.5 and layer.lora_alpha == 1.0 and layer.merged
+
+
 def test_inject_suffixes_regex_all_linear_and_errors():
     m = Block()
     assert sorted(lora_ext.inject(m, ["q_proj", "v_proj"], r=2)) == ["q_proj", "v_proj"]

@@ -170,6 +170,41 @@ def test_a_bad_shape_among_good_targets_changes_nothing():
     assert not parameter_layers(model) and not lora_ext.lora_layers(model)
 
 
+@pytest.mark.parametrize("pattern, match", [
+    (dict(rank_pattern={"layers.1.mlp.experts.down_proj": 0}), "rank r must be a positive int, got 0"),
+    (dict(rank_pattern={"layers.1.mlp.experts.down_proj": 2.5}), "rank r must be a positive int, got 2.5"),
+    (dict(alpha_pattern={"layers.1.mlp.experts.down_proj": float("nan")}), "alpha must be a finite number, got nan"),
+])
+def test_a_bad_rank_or_alpha_for_a_later_target_changes_nothing(pattern, match):
+    # the bad value is the last target's: every one is checked before the first is wrapped
+    model = tiny_moe("qwen3_moe")
+    where = r"inject: target_parameters: 'model\.layers\.1\.mlp\.experts\.down_proj': LoRA "
+    with pytest.raises(ValueError, match=where + match):
+        lora_ext.inject(model, target_parameters=TARGETS, **pattern)
+    with pytest.raises(ValueError, match=where + match):  # beside target_modules: neither injected
+        lora_ext.inject(model, target_modules=["q_proj"], target_parameters=TARGETS, **pattern)
+    assert not parameter_layers(model) and not lora_ext.lora_layers(model)
+    # the same for target_modules: layer 0's q_proj stays an nn.Linear
+    key = next(iter(pattern.values()))
+    modules = {k.replace("mlp.experts.down_proj", "self_attn.q_proj"): v for k, v in key.items()}
+    bad = {next(iter(pattern)): modules}
+    with pytest.raises(ValueError, match=r"inject: module 'model\.layers\.1\.self_attn\.q_proj': LoRA " + match):
+        lora_ext.inject(model, target_modules=["q_proj"], **bad)
+    with pytest.raises(ValueError, match=r"inject: module 'model\.layers\.1\.self_attn\.q_proj': LoRA " + match):
+        lora_ext.inject(model, target_modules=["q_proj"], target_parameters=TARGETS, **bad)
+    assert not parameter_layers(model) and not lora_ext.lora_layers(model)
+
+
+def test_a_bad_init_or_dropout_with_an_embedding_first_changes_nothing():
+    # an embedding takes no init (nor dropout): before, it was wrapped before the first Linear raised
+    model = tiny_moe("qwen3_moe")
+    with pytest.raises(ValueError, match="inject: init must be 'kaiming' or 'gaussian', got 'xavier'"):
+        lora_ext.inject(model, target_modules=["embed_tokens", "q_proj"], init="xavier")
+    with pytest.raises(ValueError, match=r"inject: module 'model\.embed_tokens': LoRA dropout must be"):
+        lora_ext.inject(model, target_modules=["embed_tokens", "q_proj"], dropout=1.5)
+    assert not lora_ext.lora_layers(model)
+
+
 @pytest.mark.parametrize("what", ["dropout", "use_dora"])
 def test_dropout_and_dora_are_refused(what):
     model = tiny_moe("qwen3_moe")
@@ -231,6 +266,26 @@ def test_set_lora_factors_shapes():
     lora_ext.merge(model)
     with pytest.raises(ValueError, match="merged"):
         w.set_lora_factors(torch.ones(E * 5, i), torch.ones(o, E * 5), 0.5)
+
+
+@pytest.mark.parametrize("scale, err, match", [
+    (float("nan"), ValueError, "scale must be finite in float32"),
+    (float("inf"), ValueError, "scale must be finite in float32"),
+    (1e39, ValueError, "scale must be finite in float32"),
+    ("2", TypeError, "scale must be a real number, got str '2'"),
+    (True, TypeError, "scale must be a real number, got bool"),
+])
+def test_set_lora_factors_refuses_a_scale_the_ops_refuse(scale, err, match):
+    # as ops._checks.as_scale: before, NaN was stored and the MoE forward returned NaN logits silently
+    model = tiny_moe("qwen3_moe")
+    lora_ext.inject(model, target_parameters=TARGETS, r=2, alpha=4)
+    w = experts_of(model)
+    A, B = w.lora_A.detach().clone(), w.lora_B.detach().clone()
+    with pytest.raises(err, match=r"LoRAParameter\('down_proj'\)\.set_lora_factors: " + match):
+        w.set_lora_factors(torch.randn(A.shape), torch.randn(B.shape), scale)
+    assert w.scaling == 2.0 and w.lora_alpha == 4.0 and torch.equal(w.lora_A, A) and torch.equal(w.lora_B, B)
+    w.set_lora_factors(A, B, torch.tensor(0.5))  # a 1-element tensor: its value, as the ops take it
+    assert type(w.scaling) is float and w.scaling == 0.5 and w.lora_alpha == 1.0
 
 
 def test_target_modules_leave_a_module_with_a_lora_parameter_alone():
