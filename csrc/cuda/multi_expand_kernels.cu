@@ -304,9 +304,11 @@ void expand_t(const MultiLoraParams& p, const MultiLoraPlan& plan, int64_t kspli
   ea.vec_x = p.in % V == 0 && p.ldx % V == 0 && aligned16(p.x) && aligned16(p.A);
   // ncg column tiles per block, so that a token tile's ids and u rows are staged once for
   // several column tiles, while about 8 blocks per SM are left (decode: one each). Fused, each
-  // block computes its tiles' u (reading A): about one block per SM bounds that work.
-  ea.ncg = fused ? std::clamp<int64_t>(ceil_div(plan.tiles * ytiles, p.num_sms), 1, ytiles)
-                 : std::clamp<int64_t>(plan.tiles * ytiles / (8LL * p.num_sms), 1, 8);
+  // block computes its tiles' u (reading A): about one block per SM bounds that work. The
+  // tiles that work are at most min(T, S) ungrouped (one per adapter; the others exit).
+  const int64_t busy = plan.grouped ? plan.tiles : std::min(plan.tiles, p.S);
+  ea.ncg = fused ? std::clamp<int64_t>(ceil_div(busy * ytiles, p.num_sms), 1, ytiles)
+                 : std::clamp<int64_t>(busy * ytiles / (8LL * p.num_sms), 1, 8);
   const dim3 grid(plan.tiles * ceil_div(ytiles, ea.ncg));
   // y rows and every slice boundary V-aligned: the tile epilogue uses 16-byte accesses.
   ea.vec_y = aligned16(p.y) && p.ldy % V == 0;
