@@ -47,6 +47,8 @@ shard only, and ``set_slot`` takes the full adapter factors and writes their loc
 """
 from __future__ import annotations
 
+import itertools
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -199,6 +201,15 @@ class LoRAContext:
                                "(treated as no adapter)")
 
 
+def _with_data(op: str, what: str, t, like: torch.Tensor) -> None:
+    """set_slot's check that a factor is a tensor with values (meta only in a layer on meta)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {what} must be a tensor, got {type(t).__name__}")
+    if t.is_meta and not like.is_meta:
+        raise ValueError(f"{op}: {what} is on the meta device (no data, e.g. from a model built under "
+                         "init_empty_weights): load its values first")
+
+
 class _MultiLoRA(nn.Module):
     """S adapter slots of rank <= r_max: A_pool [S, r_max, in] ([n, S, r_max, in] with out_slices),
     B_pool [S, out, r_max], scales and ranks, all updated in place."""
@@ -262,12 +273,8 @@ class _MultiLoRA(nn.Module):
                     setattr(self, k, old.to(getattr(self, k).device))
         return out
 
-    def _slice_bounds(self):
-        widths = self.out_slices or [self.out_features]
-        off = [0]
-        for w in widths:
-            off.append(off[-1] + w)
-        return off
+    def _slice_bounds(self) -> list:
+        return [0, *itertools.accumulate(self.out_slices or [self.out_features])]
 
     @torch.no_grad()
     def set_slot(self, slot: int, A, B, scale) -> None:
@@ -277,21 +284,35 @@ class _MultiLoRA(nn.Module):
         a None pair leaves that slice unadapted: rank 0). r <= r_max. ``scale``: a float, with
         out_slices also n floats, one per slice (packed modules may differ in r, hence in
         alpha/r). Always the full factors: a tensor-parallel layer writes only its shard
-        (columns ``in_shard`` of A, rows ``out_shard`` of B).
-        """
-        name = type(self).__name__
+        (columns ``in_shard`` of A, rows ``out_shard`` of B). All is checked and copied before the
+        slot is written: a rejected call leaves it as it was; views of the pools may be passed."""
+        slot = self._slot_index("set_slot", slot)
+        self._write_slot(slot, self._stage_slot(A, B, scale))
+
+    def _slot_index(self, method: str, slot) -> int:
+        name = f"{type(self).__name__}.{method}"
+        if isinstance(slot, bool) or not isinstance(slot, numbers.Integral):
+            raise TypeError(f"{name}: slot must be an int, got {type(slot).__name__} {slot!r:.80}")
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"{name}: slot {slot} out of range 0..{self.num_slots - 1}")
+        return int(slot)
+
+    def _stage_slot(self, A, B, scale) -> list:
+        """set_slot's checks and copies (new tensors like the pools'), the slot untouched: per slice
+        (A [r_max, local in], this rank's rows of B [rows, r_max], their first local row, rank, scale)."""
+        name = f"{type(self).__name__}.set_slot"
         As, Bs = ([A], [B]) if self.out_slices is None else (list(A), list(B))
         if len(As) != self.num_outputs or len(Bs) != self.num_outputs:
             raise ValueError(f"{name}: expected {self.num_outputs} (A, B) pairs")
         scales = self._slot_scales(scale)
         off = self._slice_bounds()
-        for i, (a, b) in enumerate(zip(As, Bs)):  # every pair checked before the slot changes
+        for i, (a, b) in enumerate(zip(As, Bs)):  # every pair checked before anything is copied
             if (a is None) != (b is None):
                 raise ValueError(f"{name}: A and B of slice {i} must both be tensors or both None")
             if a is None:
                 continue
+            _with_data(name, "A", a, self.A_pool)
+            _with_data(name, "B", b, self.A_pool)
             r = a.shape[0] if a.dim() == 2 else -1
             if r < 0 or a.shape[1] != self.in_features or not 1 <= r <= self.r_max:
                 raise ValueError(f"{name}: A must be [r, {self.in_features}] with "
@@ -301,24 +322,27 @@ class _MultiLoRA(nn.Module):
                                  f"got {tuple(b.shape)}")
         in_lo, in_hi = self.in_shard or (0, self.in_features)
         out_lo, out_hi = self.out_shard or (0, self.out_features)
+        staged = []
         for i, (a, b) in enumerate(zip(As, Bs)):
-            Ap = self.A_pool[slot] if self.out_slices is None else self.A_pool[i, slot]
             # the rows of slice i this rank holds: full rows lo..hi, local rows lo-out_lo..hi-out_lo
             lo, hi = max(off[i], out_lo), min(off[i + 1], out_hi)
-            Bp = self.B_pool[slot, lo - out_lo:max(hi, lo) - out_lo]
-            Ap.zero_()
-            Bp.zero_()
-            r = 0
-            if a is not None:
-                r = a.shape[0]
+            Ap = self.A_pool.new_zeros(self.A_pool.shape[-2:])
+            Bp = self.B_pool.new_zeros(max(hi, lo) - lo, self.r_max)
+            r = 0 if a is None else a.shape[0]
+            if r:
                 Ap[:r].copy_(a[:, in_lo:in_hi])
                 Bp[:, :r].copy_(b[lo - off[i]:max(hi, lo) - off[i]])
-            if self.out_slices is None:
-                self.ranks[slot] = r
-                self.scales[slot] = scales[i] if r else 0.0
-            else:
-                self.ranks[i, slot] = r
-                self.scales[i, slot] = scales[i] if r else 0.0
+            staged.append((Ap, Bp, lo - out_lo, r, scales[i] if r else 0.0))
+        return staged
+
+    def _write_slot(self, slot: int, staged: list) -> None:
+        """Writes _stage_slot's slices into the slot (copies that cannot fail)."""
+        for i, (Ap, Bp, lo, r, s) in enumerate(staged):
+            at = slot if self.out_slices is None else (i, slot)
+            self.A_pool[at].copy_(Ap)
+            self.B_pool[slot, lo:lo + Bp.shape[0]].copy_(Bp)
+            self.ranks[at] = r
+            self.scales[at] = s
 
     def _slot_scales(self, scale) -> list:
         """set_slot's scale as n floats finite in float32 (one per slice; n = 1 without out_slices)."""
@@ -335,8 +359,7 @@ class _MultiLoRA(nn.Module):
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
         """Empties a slot: tokens that still point at it get the base output only."""
-        if not 0 <= slot < self.num_slots:
-            raise IndexError(f"{type(self).__name__}: slot {slot} out of range 0..{self.num_slots - 1}")
+        slot = self._slot_index("clear_slot", slot)
         self.ranks[..., slot] = 0
         self.scales[..., slot] = 0.0
         self.A_pool[..., slot, :, :].zero_()
@@ -402,32 +425,37 @@ class MultiLoRALinear(_MultiLoRA):
         """As _MultiLoRA.set_slot; ``magnitude`` [out] makes it a DoRA adapter (layer built with
         dora=True): its g = m / ||W0 + scale B A|| is computed here, once, in fp32 from m as given
         and the norm rounded to the base weight's dtype (as PEFT, whose norm has the input's dtype,
-        and LoRALinear(use_dora=True), whose m has the weight's). A g that is not finite (a zero
-        row of W0 + scale B A, or a non-finite magnitude) raises ValueError and empties the slot."""
-        name = type(self).__name__
-        if magnitude is not None and (not self.dora or tuple(magnitude.shape) != (self.out_features,)):
-            raise ValueError(f"{name}.set_slot: " + (f"magnitude must be [{self.out_features}], got "
-                                                     f"{tuple(magnitude.shape)}" if self.dora else
-                                                     "a DoRA magnitude needs a layer built with dora=True"))
-        if magnitude is not None and (self.in_shard or self.out_shard):
-            raise ValueError(f"{name}.set_slot: DoRA adapters are not served under tensor parallelism")
-        super().set_slot(slot, A, B, scale)
+        and LoRALinear(use_dora=True), whose m has the weight's), before the slot is written. A g that
+        is not finite (a zero row of W0 + scale B A, or a non-finite magnitude) raises ValueError and
+        empties the slot."""
+        name, W = f"{type(self).__name__}.set_slot", self.base.weight
+        slot = self._slot_index("set_slot", slot)
+        if magnitude is not None:
+            if not self.dora:
+                raise ValueError(f"{name}: a DoRA magnitude needs a layer built with dora=True")
+            _with_data(name, "magnitude", magnitude, W)
+            if tuple(magnitude.shape) != (self.out_features,):
+                raise ValueError(f"{name}: magnitude must be [{self.out_features}], got {tuple(magnitude.shape)}")
+            if self.in_shard or self.out_shard:
+                raise ValueError(f"{name}: DoRA adapters are not served under tensor parallelism")
+        staged = self._stage_slot(A, B, scale)  # the slot is written once g is known too
         if not self.dora:
-            return
+            return self._write_slot(slot, staged)
         g = torch.ones(self.out_features, dtype=torch.float32, device=self.dora_scales.device)
         if magnitude is not None:
-            W, s = self.base.weight, float(self.scales[slot])
-            n = dora_norm(W, A.to(W.device, W.dtype), B.to(W.device, W.dtype), s, fan_in_fan_out=is_conv1d(self.base))
+            Ap, Bp, _, r, s = staged[0]
+            s = float(torch.tensor(s, dtype=torch.float32))  # the scale as the slot holds it
+            n = dora_norm(W, Ap[:r].to(W.device, W.dtype), Bp[:, :r].to(W.device, W.dtype), s,
+                          fan_in_fan_out=is_conv1d(self.base))
             g = (magnitude.to(W.device).float() / n.to(W.dtype).float()).to(g.device)
             bad = torch.nonzero(~torch.isfinite(g)).flatten().tolist()
-            if bad:
-                self.clear_slot(slot)
-                raise ValueError(f"{name}.set_slot: DoRA's g = magnitude / ||W0 + scale·B·A|| is not finite for output "
+            if bad:  # refused before any write: the slot keeps what it held
+                raise ValueError(f"{name}: DoRA's g = magnitude / ||W0 + scale·B·A|| is not finite for output "
                                  f"feature(s) {bad[:8]}{' ...' if len(bad) > 8 else ''} (a zero row of W0 + scale·B·A, "
-                                 f"or a non-finite magnitude; PEFT would output NaN/inf there); slot {slot} was emptied")
-        self.dora_scales[slot] = g
-        b = self.bias
-        self.dora_bias[slot] = 0.0 if b is None else (1 - g) * b.float()
+                                 f"or a non-finite magnitude; PEFT would output NaN/inf there); slot {slot} is unchanged")
+        bias = 0.0 if self.bias is None else ((1 - g) * self.bias.float()).to(g.device)
+        self._write_slot(slot, staged)
+        self.dora_scales[slot], self.dora_bias[slot] = g, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base_forward(x)

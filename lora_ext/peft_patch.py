@@ -152,7 +152,7 @@ def _mixed(module: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor | N
         _warn(module, reason)
         return None
     y = module.base_layer(x)
-    ops = operands(module, x, y, batch, x[0].numel() // x.shape[-1], False)
+    ops = operands(module, x, y, batch, x.shape[1:-1].numel(), False)  # tokens per row (0 rows too)
     if ops is not None:
         A_pool, B_pool, indices, scales, ranks = ops
         multi_lora_(y, x, A_pool, B_pool, indices, scales, ranks)
@@ -167,7 +167,7 @@ def _mixed_embedding(module: nn.Module, x: torch.Tensor, batch: Batch) -> torch.
         _warn(module, f"ids of dtype {x.dtype} / {x.dim()}-D")
         return None
     y = module.base_layer(x)
-    ops = operands(module, x, y, batch, x[0].numel() if x.dim() > 1 else 1, True)
+    ops = operands(module, x, y, batch, x.shape[1:].numel(), True)  # ids per row (0 rows too)
     if ops is None:
         return y
     A_pool, B_pool, indices, scales, ranks = ops

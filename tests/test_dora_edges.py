@@ -155,14 +155,17 @@ def test_zero_rows_output_nan_as_peft_and_safe_merge_and_set_slot_refuse():
     multi = MultiLoRALinear(lin, num_slots=2, r_max=4, context=ctx, dora=True)
     A, B, m = torch.randn(2, 8), torch.randn(4, 2), torch.ones(4)
     multi.set_slot(0, A, B, 1.0, magnitude=m)  # B's row 1 makes that row non-zero: fine
+    ctx.set_indices([0, 1, -1])
+    with torch.no_grad():
+        before = multi(x)
     with pytest.raises(ValueError, match=r"MultiLoRALinear.set_slot: DoRA's g = .* not finite for output "
-                                         r"feature\(s\) \[1\] .*slot 0 was emptied"):
+                                         r"feature\(s\) \[1\] .*slot 0 is unchanged"):
         multi.set_slot(0, A, torch.zeros(4, 2), 1.0, magnitude=m)  # W0 + s·B·A has the zero row
     with pytest.raises(ValueError, match=r"feature\(s\) \[2\]"):
         multi.set_slot(1, A, B, 1.0, magnitude=torch.tensor([1.0, 1.0, float("nan"), 1.0]))
-    ctx.set_indices([0, 1, -1])
-    with torch.no_grad():
-        torch.testing.assert_close(multi(x), lin(x), rtol=0, atol=0)  # emptied slots: the base output
+    with torch.no_grad():  # refused calls change nothing: slot 0 still serves A, B; slot 1 is empty
+        torch.testing.assert_close(multi(x), before, rtol=0, atol=0)
+        torch.testing.assert_close(multi(x)[1:], lin(x)[1:], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- lifecycle paths (were fine)

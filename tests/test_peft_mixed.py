@@ -86,6 +86,40 @@ def test_embedding_mixed_batches_in_one_expand(monkeypatch):
     assert len(expands) == 2
 
 
+class _EmbFc(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+def test_empty_mixed_batch_is_the_empty_base_output():
+    # adapter_names=[] with 0 rows: PEFT returns the empty base output, model or layer called
+    # directly (was: IndexError from x[0] in the patched Linear and Embedding).
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(_EmbFc(), peft.LoraConfig(r=2, target_modules=["emb", "fc"]), adapter_name="one").eval()
+    randomize(ref, seed=3)
+    pm = copy.deepcopy(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no fallback to PEFT's forward
+        assert len(lora_ext.patch_peft(pm)) == 2
+        m, r = pm.base_model.model, ref.base_model.model
+        with torch.no_grad():
+            for ids in (torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, dtype=torch.long)):
+                want = ref(ids, adapter_names=[])
+                assert want.shape == (*ids.shape, 8) and torch.equal(pm(ids, adapter_names=[]), want)
+                assert torch.equal(m.emb(ids, adapter_names=[]), r.emb(ids, adapter_names=[]))
+            for x in (torch.randn(0, 8), torch.randn(0, 3, 8)):
+                assert torch.equal(m.fc(x, adapter_names=[]), r.fc(x, adapter_names=[]))
+            ids = torch.randint(0, 10, (2, 5))  # still the same for rows
+            assert rel_err(pm(ids, adapter_names=["one", "__base__"]), ref(ids, adapter_names=["one", "__base__"])) < 1e-5
+            for f in (m.fc, r.fc):  # PEFT's error for names that do not match the rows
+                with pytest.raises(ValueError, match="Length of `adapter_names`"):
+                    f(torch.randn(0, 8), adapter_names=["one"])
+
+
 def test_mixed_batch_plumbing_without_per_call_hooks(monkeypatch):
     # A patched model hands adapter_names to its patched layers (Linear and Embedding) without
     # registering PEFT's per-call pre-hooks on them, and PEFT's own errors and paths (unknown
