@@ -426,8 +426,8 @@ class MultiLoRALinear(_MultiLoRA):
         dora=True): its g = m / ||W0 + scale B A|| is computed here, once, in fp32 from m as given
         and the norm rounded to the base weight's dtype (as PEFT, whose norm has the input's dtype,
         and LoRALinear(use_dora=True), whose m has the weight's), before the slot is written. A g that
-        is not finite (a zero row of W0 + scale B A, or a non-finite magnitude) raises ValueError and
-        empties the slot."""
+        is not finite (a zero row of W0 + scale B A, or a non-finite magnitude) raises ValueError; the
+        slot keeps what it held."""
         name, W = f"{type(self).__name__}.set_slot", self.base.weight
         slot = self._slot_index("set_slot", slot)
         if magnitude is not None:
