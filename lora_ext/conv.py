@@ -27,9 +27,9 @@ fails on the addition). ``groups > 1`` (PEFT: a grouped B, never mergeable) is r
 [1, out, 1, ...] starts at the per-output-channel norm of W + scaling B A (over the [out, in *
 prod(kernel)] view, ops.dora_norm); with g = m / that norm (detached),
 y = conv(x; W, b) + (g - 1) conv(x; W) + g * scaling * B(A(x)); with dropout in training, as PEFT,
-x is dropped out once and conv(d(x); W) and B(A(d(x))) both take d(x) (conv(d(x); W) pads as the
-base layer does; PEFT's pads with zeros there: only a non-"zeros" padding_mode tells them apart,
-and that layer cannot merge anyway). Merge / unmerge: the DoRA
+x is dropped out once and conv(d(x); W) and B(A(d(x))) both take d(x); as PEFT's, conv(d(x); W) pads
+with zeros (F.convNd with the base layer's stride, padding, dilation and groups) whatever its
+padding_mode, while conv(x; W, b) pads as the base layer does. Merge / unmerge: the DoRA
 merge of lora_ext.dora on the 2-D view (exact unmerge with a copy of W0).
 """
 from __future__ import annotations
@@ -218,8 +218,8 @@ class LoRAConvNd(LoRALayer):
         # PEFT's DoraConvNdVariant: out + (g - 1) conv(x or d(x); W) + g * scaling * delta
         g = dora_scale(self.lora_magnitude_vector, self._merge_weight(self.weight), A.flatten(1), B.flatten(1),
                        self.scaling).to(out.dtype).view(1, -1, *[1] * self._dims)
-        if dropped:
-            base = _BASES[self._dims]._conv_forward(self, h, self.weight, None)
+        if dropped:  # PEFT's conv_fn(d(x), W, ...): zero padding whatever the padding_mode, as A's
+            base = conv(h, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
         else:
             base = out if self.bias is None else out - self.bias.view(1, -1, *[1] * self._dims)
         return out + ((g - 1) * base + g * delta * self.scaling)

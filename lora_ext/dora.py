@@ -8,7 +8,11 @@ A DoRA layer computes ``y = g * (W0 + s B A) x + b`` per output feature o, with
 (and x) but not through the norm. The norm comes from ``ops.dora_norm``, which computes the rows of
 W0 + s B A tile by tile in fp32 and never materializes the [out, in] delta (PEFT builds it twice per
 forward); it is rounded to m's dtype before the division, as PEFT rounds it to the weight's, so a
-fresh layer (m = that norm) has g = 1 exactly and computes what the base layer does.
+fresh layer (m = that norm) has g = 1 exactly. It then computes exactly what the base layer does in
+fp32, and in fp16 / bf16 without a bias; in fp16 / bf16 with a bias, ``g * z + b`` adds the bias to
+z = (W0 + s B A) x already rounded to that dtype, where F.linear rounds x W0^T + b once, so an
+output may differ from the base layer's by that one extra rounding (half an ulp of z; PEFT's fresh
+16-bit DoRA layer is not exact either).
 
 With dropout in training, PEFT's forward is ``W0 x + b + (g - 1) W0 d(x) + g s B A d(x)`` (d: the
 dropout): the base GEMM runs on x and on d(x). lora_ext computes the same expression.

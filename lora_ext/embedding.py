@@ -6,7 +6,11 @@ lora_embedding_B [dim, r]; A starts at zero, as in PEFT). Merge, factors and the
 ``n[o] = ||E[:, o] + s (B A)[o, :]||`` over the vocabulary (ops.dora_norm, fan_in_fan_out=True); with
 g = m / n (n detached) the output is ``g * (E[ids] + s A^T[ids] B^T)`` (times embed_scale, as the
 plain output; PEFT: g * base_result + g * s * lora * embed_scale). No dropout (PEFT's embedding LoRA
-has none). Merge / exact unmerge / dtype changes while merged: lora_ext.dora on the [in, out] weight.
+has none). Factors in another dtype than the table (fp32 adapters on a bf16 model, PEFT's default
+autocast_adapter_dtype): the looked-up rows of A^T and B are cast to the table's dtype, so the output
+has the table's dtype, as nn.Embedding's and PEFT's (which computes the delta in fp32 and casts the
+sum back: the same up to that rounding). Merge / exact unmerge / dtype changes while merged:
+lora_ext.dora on the [in, out] weight.
 
 ``max_norm`` (as nn.Embedding: looked-up rows renormalized in place) renormalizes the rows of W0 and
 of A^T separately, as PEFT; a merged table's rows would be renormalized together (other outputs, and
@@ -20,7 +24,7 @@ from torch import nn
 
 from .dora import dora_scale
 from .hparams import _check_hparams, lora_scaling
-from .layers import LoRALayer
+from .layers import LoRALayer, factors_like
 
 __all__ = ["LoRAEmbedding"]
 
@@ -146,9 +150,12 @@ class LoRAEmbedding(LoRALayer):
         out = self._scaled(self._embed(ids, self.weight, self.sparse))
         if self.merged:
             return out
-        # the lookup in A^T (a transposed view) takes a dense gradient: a sparse one cannot be transposed
+        # the lookup in A^T (a transposed view) takes a dense gradient: a sparse one cannot be transposed;
+        # it reads the parameter itself (max_norm renormalizes its rows in place, as PEFT's), then the
+        # looked-up rows and B go to the table's dtype (fp32 factors on a bf16 table: a bf16 output)
         after_a = self._embed(ids, self.lora_embedding_A.t(), sparse=False)
-        out = out + self._scaled((after_a @ self.lora_embedding_B.t()) * self.scaling)
+        after_a, B = factors_like(out, after_a, self.lora_embedding_B)
+        out = out + self._scaled((after_a @ B.t()) * self.scaling)
         if not self.use_dora:
             return out
         # g from the table after the lookups (max_norm renormalizes looked-up rows in place, as in PEFT)

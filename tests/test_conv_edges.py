@@ -45,6 +45,43 @@ def test_padding_mode_matches_peft_forward_and_refuses_merge():
     assert rel_err(copy.deepcopy(pm).merge_and_unload()(x), pm(x)) > 1e-4
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("conv", [lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+                                  lambda: nn.Conv1d(3, 4, 3, padding="same", padding_mode="circular"),
+                                  lambda: nn.Conv3d(3, 4, (1, 3, 3), stride=(1, 2, 1), padding=(0, 1, 2),
+                                                    padding_mode="replicate")],
+                         ids=["2d-reflect", "1d-same-circular", "3d-replicate"])
+def test_padding_mode_with_dropout_in_training_matches_peft(conv, use_dora):
+    # with dropout, PEFT's DoRA term (g - 1) conv(d(x); W) pads d(x) with zeros (F.convNd with the
+    # base's padding), not with the base's padding_mode; only the borders would tell them apart
+    torch.manual_seed(0)
+    base = nn.Sequential(conv())
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5,
+                                                                   target_modules=["0"], use_dora=use_dora))
+    ours = copy.deepcopy(base)
+    lora_ext.inject(ours, ["0"], r=2, alpha=4, dropout=0.5, use_dora=use_dora)
+    theirs = peft_layer(pm, "0")
+    with torch.no_grad():
+        theirs.lora_B["default"].weight.normal_(0, 0.3)
+        ours[0].set_lora_factors(theirs.lora_A["default"].weight, theirs.lora_B["default"].weight, 2.0)
+        if use_dora:
+            theirs.lora_magnitude_vector["default"].weight.mul_(1.5)
+            ours[0].lora_magnitude_vector.copy_(theirs.lora_magnitude_vector["default"].weight)
+    x = torch.randn(2, 3, *[5] * (base[0].weight.dim() - 2))
+    pm.train(), ours.train()
+    torch.manual_seed(1)
+    want = pm(x)
+    torch.manual_seed(1)
+    got = ours(x)
+    assert rel_err(got, want) <= 1e-5
+    want.square().sum().backward()
+    got.square().sum().backward()
+    assert rel_err(ours[0].lora_A.grad, theirs.lora_A["default"].weight.grad) <= 1e-5
+    assert rel_err(ours[0].lora_B.grad, theirs.lora_B["default"].weight.grad) <= 1e-5
+    if use_dora:
+        assert rel_err(ours[0].lora_magnitude_vector.grad, theirs.lora_magnitude_vector["default"].weight.grad) <= 1e-5
+
+
 def test_dilation_follows_peft():
     # PEFT does not pass dilation to lora_A: with padding="same" both sides run an undilated A
     # (the convnet's "dil" layer, checked against PEFT above); merging is refused

@@ -64,13 +64,26 @@ def test_layer_matches_fp64_reference_outputs_and_gradients(fifo, bias):
         assert rel_err(got, ref.grad) < 1e-5
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_new_layer_computes_the_base_layer(dtype):
-    """g = 1 exactly at init: the norm is rounded to the magnitude's dtype before dividing, as PEFT."""
-    lin = nn.Linear(64, 48).to(dtype)
+def test_new_layer_computes_the_base_layer(dtype, bias):
+    """g = 1 exactly at init: the norm is rounded to the magnitude's dtype before dividing, as PEFT.
+    So the base layer's outputs bit for bit in fp32 and without a bias; in 16 bits a bias is added to
+    x W^T already rounded to the dtype (F.linear rounds x W^T + b once): one extra rounding at most."""
+    lin = nn.Linear(64, 48, bias=bias).to(dtype)
+    if bias:
+        with torch.no_grad():
+            lin.bias.normal_()  # as large as x W^T: the bias moves the roundings
     layer = LoRALinear.from_linear(copy.deepcopy(lin), r=4, use_dora=True)
     x = torch.randn(5, 64, dtype=dtype)
-    torch.testing.assert_close(layer(x), lin(x), rtol=0, atol=0 if dtype == torch.float32 else 1e-2)
+    got, want = layer(x), lin(x)
+    if dtype == torch.float32 or not bias:
+        assert torch.equal(got, want)
+    else:  # |round(round(z) + b) - round(z + b)| <= eps/2 (|z| + |got| + |want|), z = x W^T
+        eps = torch.finfo(dtype).eps
+        z = x.double() @ lin.weight.double().t()
+        bound = eps / 2 * (z.abs() + got.double().abs() + want.double().abs())
+        assert ((got.double() - want.double()).abs() <= bound).all()
     n = torch.linalg.norm(lin.weight.double(), dim=1)  # fp32 accumulation, rounded to the dtype
     torch.testing.assert_close(layer.lora_magnitude_vector.double(), n, rtol=1e-6 if dtype == torch.float32 else
                                2 ** -8, atol=0)

@@ -87,6 +87,37 @@ def test_layer_matches_peft_outputs_and_gradients(kind):
         assert rel_err(ours.grad, p.grad) < 1e-5
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_factors_on_a_16_bit_table_keep_its_dtype_as_peft(dtype, use_dora):
+    # PEFT's default (autocast_adapter_dtype=True) keeps the factors in fp32 on a 16-bit model; the
+    # embedding's output stays in the table's dtype (as nn.Embedding's and PEFT's) for the next layer
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Embedding(40, 16), nn.Linear(16, 8)).to(dtype)
+    pm = randomize(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=5, target_modules=["0", "1"],
+                                                                            use_dora=use_dora)))
+    ours = copy.deepcopy(base)
+    inject(ours, ["0", "1"], r=3, alpha=5, use_dora=use_dora)
+    theirs = {ours_name(n): p for n, p in pm.named_parameters() if "lora_" in n}
+    with torch.no_grad():  # a large delta: an error in it would show
+        theirs["0.lora_embedding_B"].mul_(10), theirs["1.lora_B"].mul_(10)
+    for n, p in ours.named_parameters():
+        if "lora_" in n:
+            assert theirs[n].dtype == torch.float32
+            p.data = theirs[n].detach().clone().reshape(p.shape)
+    ids = torch.randint(0, 40, (3, 11))
+    tol = 4 * torch.finfo(dtype).eps
+    for how in ("embedding", "model"):
+        a, b = (pm.base_model.model[0](ids), ours[0](ids)) if how == "embedding" else (pm(ids), ours(ids))
+        assert a.dtype == b.dtype == dtype
+        assert rel_err(b, a) < tol and rel_err(a, base[0](ids) if how == "embedding" else base(ids)) > 0.1
+    g = torch.randn_like(a)
+    a.backward(g), b.backward(g)
+    for n, p in ours.named_parameters():
+        if "lora_" in n:
+            assert p.grad.dtype == torch.float32 and rel_err(p.grad, theirs[n].grad.reshape(p.shape)) < 5 * tol, n
+
+
 def test_exact_unmerge_bit_for_bit_and_dtype_change_while_merged():
     layer = randomize(LoRAEmbedding(30, 8, r=2, alpha=4, use_dora=True))
     w0 = layer.weight.detach().clone()
