@@ -169,6 +169,7 @@ class Adapter:
         under its PEFT wrapper path, e.g. "...experts.base_layer.lora_A.weight")."""
         from safetensors.torch import save_file
 
+        check_not_root(self.layers, None, "Adapter.save")
         os.makedirs(path, exist_ok=True)
         tensors = {}
         for name, w in self.layers.items():
@@ -185,6 +186,16 @@ class Adapter:
                   metadata={"format": "pt"})
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump({"peft_type": "LORA", **self.config}, f, indent=2)
+
+
+def check_not_root(names, model: nn.Module | None, where: str) -> None:
+    """ValueError for a LoRA layer at the model's root (the model is a LoRALinear itself, module name ""):
+    PEFT targets only submodules, and adapter files and state dicts name a layer by its module path."""
+    if "" in names:
+        what = "" if model is None else f" ({type(model).__name__})"
+        raise ValueError(f"{where}: the model{what} is itself a LoRA layer, which has no module path (PEFT "
+                         "adapts only submodules); put it in a module (e.g. nn.Sequential(layer)), or save "
+                         "lora_state_dict(layer, peft_names=False) and load it with layer.load_state_dict(sd, strict=False)")
 
 
 def extra_target(key: str) -> tuple[str, str]:
@@ -211,6 +222,7 @@ def model_config(found: dict[str, nn.Module], model: nn.Module, params: dict[str
     scaling under the config's rule (written to alpha_pattern by peft_config). PEFT refuses
     target_parameters with lora_dropout, use_dora or fan_in_fan_out, which are one field for the
     whole adapter: LoRA layers using them and parameter layers in one model raise ValueError (``where``)."""
+    check_not_root(found, model, where)
     params = params or {}
     root = next((m for n, m in params.items() if not split_path(n)[0]), None)
     if root is not None:  # PEFT: "Targeting an nn.Parameter on the top-level module is not supported"
@@ -424,6 +436,7 @@ def _injected_hparams(adapter: Adapter) -> tuple[float, bool]:
 
 def _from_state_dict(model: nn.Module, state_dict: dict) -> Adapter:
     where = "load_adapter: state_dict"
+    check_not_root([*lora_layers(model), *parameter_layers(model)], model, where)
     check_tensors(state_dict, where, allow_nonfinite=True)
     factors, extra = split_factors(state_dict, where, paired=False)
     found = lora_layers(model)

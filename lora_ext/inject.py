@@ -25,6 +25,12 @@ from .targets import (PEFT_PREFIX, check_layers, check_regex, in_layers, matches
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "peft_parameter_layers", "PEFT_PREFIX"]
 
 
+def join_name(*parts: str) -> str:
+    """A module's name and the names under it, dot-joined as named_modules() / state_dict() do: the
+    root module's name "" adds no dot (a model that is a LoRA layer itself: "lora_A", not ".lora_A")."""
+    return ".".join(p for p in parts if p)
+
+
 def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, r: int = 8,
            alpha: float = 8, dropout: float = 0.0, use_rslora: bool = False,
            rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
@@ -175,7 +181,7 @@ def peft_parameter_layers(model: nn.Module) -> dict[str, LoRAParameter]:
         names = {w.parameter_name for w in chain}
         order = [p for p, _ in _inner(outer).named_parameters(recurse=False) if p in names]
         for w in chain:
-            out[name + ".base_layer" * (len(chain) - 1 - order.index(w.parameter_name))] = w
+            out[join_name(name, *["base_layer"] * (len(chain) - 1 - order.index(w.parameter_name)))] = w
     return out
 
 
@@ -215,8 +221,8 @@ def trained_biases(model: nn.Module, skip=(), bias: str | None = None) -> tuple[
             continue
         if b.requires_grad if bias is None else bias == "all" or (bias == "lora_only" and name in lora):
             seen.add(id(b))
-            out.append((name, f"{name}.base_layer.bias" if name in lora else f"{name}.bias", b))
-    only_lora = all(key.endswith(".base_layer.bias") for _, key, _ in out)
+            out.append((name, join_name(name, "base_layer", "bias") if name in lora else join_name(name, "bias"), b))
+    only_lora = all(name in lora for name, _, _ in out)
     return out, "none" if not out else "lora_only" if only_lora else "all"
 
 
@@ -232,26 +238,31 @@ def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: boo
     "none" / "lora_only" / "all" (loralib's argument) includes no bias / the LoRA layers' / every
     bias instead. PEFT names are those of the model inside a torch.compile / DDP wrapper (no
     "_orig_mod." or "module." in them), as PEFT and a plain model expect.
-    lora_ext.load_adapter(model, sd) takes either and says when a key matches no LoRA layer."""
+    lora_ext.load_adapter(model, sd) takes either and says when a key matches no LoRA layer.
+    Module names are model.state_dict()'s: a LoRAEmbedding's factors are "<path>.lora_embedding_A" / "_B"
+    (loralib's Embedding calls them lora_A / lora_B). A model that is a LoRA layer itself gets "lora_A",
+    "bias" (PEFT: "base_model.model.lora_A.weight"), for model.load_state_dict; load_adapter refuses it."""
     if bias is not None:
         _check_bias(bias, "lora_state_dict")
     if peft_names:
         model = unwrapped(model)[0]
     out = {}
+
+    def put(name: str, leaf: str, peft_leaf: str, t: torch.Tensor) -> None:
+        out[prefix + join_name(name, peft_leaf) if peft_names else join_name(name, leaf)] = t.detach()
+
     for name, m in lora_layers(model).items():
         linear = m.lora_kind != "embedding"  # PEFT: lora_A.weight for Linear and Conv layers
         # PEFT names: lora_factors() (a MergedLinear's fused-layer B); module names: the parameters
         factors = m.lora_factors()[:2] if peft_names else [getattr(m, p) for p in m.factor_names]
         for p, t in zip(m.factor_names, factors):
-            key = f"{prefix}{name}.{p}{'.weight' if linear else ''}" if peft_names else f"{name}.{p}"
-            out[key] = t.detach()
+            put(name, p, f"{p}.weight" if linear else p, t)
         if m.use_dora:  # PEFT's key has no ".weight"
-            key = "lora_magnitude_vector"
-            out[f"{prefix}{name}.{key}" if peft_names else f"{name}.{key}"] = m.lora_magnitude_vector.detach()
+            put(name, "lora_magnitude_vector", "lora_magnitude_vector", m.lora_magnitude_vector)
     params = peft_parameter_layers(model) if peft_names else parameter_layers(model)
     for name, m in params.items():
         for p in ("lora_A", "lora_B"):
-            out[f"{prefix}{name}.{p}.weight" if peft_names else f"{name}.{p}"] = getattr(m, p).detach()
+            put(name, p, f"{p}.weight", getattr(m, p))
     for name, key, b in trained_biases(model, bias=bias)[0]:
-        out[prefix + key if peft_names else f"{name}.bias"] = b.detach()
+        put("", join_name(name, "bias"), key, b)
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,10 @@ from .ops._checks import as_scale
 from .sharding import is_dtensor, is_fsdp
 
 __all__ = ["LoRALayer", "LoRALinear", "is_conv1d", "parametrized"]
+
+# id(weight) -> the layer merged into it last: a tied weight (GPT-2's wte / lm_head) can hold several
+# merged layers, which unmerge exactly only in reverse merge order (LoRALayer._tied_stack)
+_LAST_MERGED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -213,6 +218,18 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
         self._store_merged(self.weight.data, W)
         self._merge_state, self._merged_factors = state, factors
         self.merged = True
+        self._merged_data = self.weight.detach() if exact else None  # merged bits for _apply (no copy)
+        if (prev := _LAST_MERGED.get(id(self.weight))) not in (None, self) and prev.merged and prev.weight is self.weight:
+            prev._merged_under = (self,)  # (a tuple: not a submodule)
+        _LAST_MERGED[id(self.weight)] = self
+
+    def _tied_stack(self) -> list["LoRALayer"]:
+        """This merged layer after the layers merged later into its (tied) weight and still merged, last
+        merged first: the order that unmerges them exactly (each gives back the weight the next merged into)."""
+        stack = [self]
+        while (up := getattr(stack[0], "_merged_under", ())) and up[0].merged and up[0].weight is self.weight:
+            stack.insert(0, up[0])
+        return stack
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -232,7 +249,7 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
             A, B, s = self._merged_factors
             unmerge_(W, A, B, s, fan_in_fan_out=self._weight_in_out)
         self._store_merged(self.weight.data, W)
-        self._merge_state = self._merged_factors = None
+        self._merge_state = self._merged_factors = self._merged_data = None
         self.merged = False
 
     def _merged_exactly(self) -> bool:
@@ -245,10 +262,12 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
     def train(self, mode: bool = True):
         """As nn.Module.train; ``train(True)`` unmerges a merged layer first (as loralib), since a
         merged layer's forward skips LoRA and its factors would get no gradient. A layer merged for
-        good (drop_merge_state) with factors that require grad raises ValueError."""
+        good (drop_merge_state) with factors that require grad raises ValueError. Layers merged later
+        into a tied weight (lm_head's, registered after wte) are unmerged first (_tied_stack)."""
         if mode and self.merged:
             if not self._merged_for_good():
-                self.unmerge()
+                for m in self._tied_stack():
+                    m.unmerge()
             elif any(getattr(self, n).requires_grad for n in self.lora_parameter_names):
                 raise ValueError(f"train: this {type(self).__name__} is merged for good (drop_merge_state), so "
                                  "its forward skips LoRA and its factors would not train; freeze them "
@@ -258,11 +277,16 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
     def _apply(self, fn, recurse: bool = True):
         """As nn.Module._apply (.half(), .to(dtype), .cuda(), ...). An exact merge is redone when
         the weight's dtype changes (MergeState.convert), so unmerge still gives W0 bit for bit, in
-        the new dtype: the merged model converted equals the converted model merged."""
+        the new dtype: the merged model converted equals the converted model merged, also when another
+        module converted a tied weight first (the merged bits are then ``_merged_data``, kept at merge)."""
         state = getattr(self, "_merge_state", None) if self.merged else None
         old = self.weight.detach()
+        kept = getattr(self, "_merged_data", None) if state is not None else None
+        if kept is not None and kept.dtype != old.dtype and kept.shape == old.shape and torch.equal(fn(kept), old):
+            old = kept  # a tied weight another module converted first
         super()._apply(fn, recurse)
         new = self.weight.data
+        self._merged_data = new if state is not None else None  # (old bits, converted, not kept alive)
         if isinstance(state, DoraMergeState):  # W0's copy moves (and converts) with the weight
             W = self._merge_weight(new)
             state.apply(fn, self._merge_weight(old), W, self._dora_remerge)
@@ -309,7 +333,8 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
 
     def drop_merge_state(self) -> None:
         """Forgets how to unmerge (a merged layer then stays merged for good)."""
-        self._merge_state = self._merged_factors = None
+        self._merge_state = self._merged_factors = self._merged_data = None
+        self._merged_under = ()
 
     # ---------------------------------------------------------------- wrapping / unwrapping
     def _adopt(self, module: nn.Module, where: str) -> None:
@@ -330,10 +355,13 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
 
     def base_module(self) -> nn.Module:
         """A module of the wrapped class (``base_class``) holding this layer's weight (merged or
-        not) and bias: what merge_and_unload puts back."""
-        W = self.weight
+        not) and bias: what merge_and_unload puts back. A linear layer built directly with
+        fan_in_fan_out=True (weight [in, out], base_class nn.Linear) gives a transposed copy of it."""
         with torch.device("meta"):
             base = self._new_base()
+        W = self.weight
+        if self._weight_in_out and isinstance(base, nn.Linear):  # nn.Linear's weight is [out, in]
+            W = nn.Parameter(W.detach().t().contiguous(), requires_grad=W.requires_grad)
         base.weight = W if isinstance(W, nn.Parameter) else nn.Parameter(W, requires_grad=False)
         if hasattr(base, "bias") and hasattr(self, "bias"):  # Linear, Conv1D, ConvNd; not Embedding
             base.bias = self.bias
@@ -413,7 +441,8 @@ class LoRALinear(LoRALayer):
         the layer's ``lora_init``): weight Kaiming-uniform (a=sqrt(5)), bias U(-1/sqrt(in), 1/sqrt(in)).
         A merged layer is unmerged first and merged again after, as by set_lora_factors."""
         with self._unmerged(f"{type(self).__name__}.reset_parameters"):
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            w = self.weight.t() if self.fan_in_fan_out else self.weight  # [out, in]: fan in = in_features
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
             if self.bias is not None:
                 bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
                 nn.init.uniform_(self.bias, -bound, bound)
@@ -442,14 +471,12 @@ class LoRALinear(LoRALayer):
 
     def _new_base(self) -> nn.Module:
         cls = getattr(self, "base_class", nn.Linear)
-        if self.fan_in_fan_out:  # transformers Conv1D(nf=out, nx=in)
-            base = cls(self.out_features, self.in_features)
-        else:
-            try:
-                base = cls(self.in_features, self.out_features, bias=self.bias is not None)
-            except TypeError:  # a Linear subclass with another signature
-                base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        return base
+        if self.fan_in_fan_out and not issubclass(cls, nn.Linear):  # transformers Conv1D(nf=out, nx=in)
+            return cls(self.out_features, self.in_features)
+        try:  # (also fan_in_fan_out built directly, base_class nn.Linear: see base_module)
+            return cls(self.in_features, self.out_features, bias=self.bias is not None)
+        except TypeError:  # a Linear subclass with another signature
+            return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.t() if self.fan_in_fan_out else self.weight

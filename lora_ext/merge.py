@@ -115,8 +115,15 @@ def _check_all(layers: dict[str, nn.Module], finite: bool) -> None:
 def unmerge(model: nn.Module) -> list[str]:
     """Unmerges every merged LoRA layer; returns their names. Every layer is checked first (a weight
     written since an exact merge, a layer merged for good): ValueError naming the layer, and
-    nothing unmerged."""
-    layers = {n: m for n, m in _layers_of(model, "unmerge").items() if m.merged}
+    nothing unmerged. Layers merged into one (tied) weight are unmerged last merged first (the
+    exact order); one under a later merge is checked when its turn comes."""
+    merged = {n: m for n, m in _layers_of(model, "unmerge").items() if m.merged}
+    name_of = {id(m): n for n, m in merged.items()}
+    layers: dict[str, nn.Module] = {}
+    for m in merged.values():
+        for s in (m._tied_stack() if isinstance(m, LoRALayer) else [m]):
+            if id(s) in name_of:
+                layers.setdefault(name_of[id(s)], s)
     for name, m in layers.items():
         state = getattr(m, "_merge_state", None)
         try:
@@ -124,7 +131,7 @@ def unmerge(model: nn.Module) -> list[str]:
                 m.check_unmerge()
             elif m._merged_for_good():
                 raise ValueError("merged for good (drop_merge_state), so it cannot be unmerged")
-            elif state is not None:
+            elif state is not None and len(m._tied_stack()) == 1:
                 state.check(m._merge_weight(m.weight.detach()))
         except ValueError as e:
             raise ValueError(f"unmerge: layer {name!r}: {e}") from None

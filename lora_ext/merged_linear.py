@@ -151,15 +151,18 @@ class MergedLinear(LoRALayer):
         if tuple(B.shape) != (out, R):
             raise ValueError(f"{where}: expected B [{k * d}, {r}] (loralib's lora_B) or [{out}, {R}] (the "
                              f"fused layer's, as lora_factors / PEFT export), got B {tuple(B.shape)}")
-        native = self._native(B, r)
-        if not torch.equal(self._padded(native), B) and (order := self._slice_order(B, r)) is not None:
+        if not self._in_blocks(B, r) and (order := self._slice_order(B, r)) is not None:
             A, B = A[order], B[:, order]  # the same delta B @ A, its rank components in slice order
-            native = self._native(B, r)
-        if not torch.equal(self._padded(native), B):  # also NaN outside the blocks
+        if not self._in_blocks(B, r):  # also NaN outside the blocks (inside: lora_B may hold it)
             raise ValueError(f"{where}: B [{out}, {R}] has non-zero entries outside the blocks of the enabled "
                              f"slices (enable_lora={list(self.enable_lora)}), in any order of its {R} columns, "
                              "which a MergedLinear cannot hold; load it into a LoRALinear of the whole layer instead")
-        return A, native, r
+        return A, self._native(B, r), r
+
+    def _in_blocks(self, B: torch.Tensor, r: int) -> bool:
+        """Whether the fused layer's B [out, k·r] is zero (not NaN) outside the enabled slices' blocks."""
+        outside = self._padded(B.new_ones(self.groups * self.slice_size, r)) == 0
+        return bool(B[outside].eq(0).all())
 
     def _native(self, B: torch.Tensor, r: int) -> torch.Tensor:
         """The fused layer's B [out, k·r] -> lora_B [k·d, r]: the j-th enabled slice's rows, columns j·r:(j+1)·r."""
