@@ -30,3 +30,18 @@ def tiny_qwen3_moe(seed: int = 0, dtype=torch.float32, layers: int = 2):
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
                          num_experts_per_tok=2, head_dim=16, max_position_embeddings=128)
     return Qwen3MoeForCausalLM(cfg).to(dtype).eval()
+
+
+def saved_peft(base, path, seed: int, **cfg):
+    """A PEFT adapter of ``base`` (r 4, alpha 8 unless ``cfg`` says) with random LoRA factors, saved
+    to ``path``; returns the PeftModel in eval mode."""
+    import copy
+
+    import peft
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**{"r": 4, "lora_alpha": 8, **cfg}))
+    torch.manual_seed(seed)
+    for n, p in pm.named_parameters():
+        if "lora_" in n:
+            p.data = torch.randn_like(p) * 0.1
+    pm.save_pretrained(path)
+    return pm.eval()

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from models import tiny_llama
+from models import saved_peft, tiny_llama
 from safetensors.torch import load_file, save_file
 
 import lora_ext
@@ -15,27 +15,16 @@ from lora_ext import Adapter
 peft = pytest.importorskip("peft")
 
 
-def saved_peft_adapter(path, base, seed, **cfg):
-    """A PEFT adapter of ``base`` with random LoRA factors, saved to ``path``; the PeftModel."""
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **cfg))
-    torch.manual_seed(seed)
-    for n, p in pm.named_parameters():
-        if "lora_" in n:
-            p.data = torch.randn_like(p) * 0.1
-    pm.save_pretrained(path)
-    return pm.eval()
-
-
 def test_embedding_table_of_an_adapter_loaded_into_a_merged_model_matches_peft(tmp_path):
     """PEFT saves a targeted embedding's table (save_embedding_layers="auto"); loaded into a merged
     model it is written under the merged adapter: the logits are PEFT's and unmerge gives the table."""
     base = tiny_llama()
     d1, d2 = str(tmp_path / "a1"), str(tmp_path / "a2")
-    saved_peft_adapter(d1, base, 1, target_modules=["embed_tokens", "q_proj"])
+    saved_peft(base, d1, 1, target_modules=["embed_tokens", "q_proj"])
     tuned = copy.deepcopy(base)  # adapter 2 was trained on another table: PEFT loads the saved one
     with torch.no_grad():
         tuned.model.embed_tokens.weight.add_(torch.randn_like(tuned.model.embed_tokens.weight) * 0.1)
-    saved_peft_adapter(d2, tuned, 2, target_modules=["embed_tokens", "q_proj"])
+    saved_peft(tuned, d2, 2, target_modules=["embed_tokens", "q_proj"])
     table = load_file(os.path.join(d2, "adapter_model.safetensors"))["base_model.model.model.embed_tokens.base_layer.weight"]
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), d2).eval()
     ids = torch.randint(0, 128, (2, 10))
@@ -54,7 +43,7 @@ def test_embedding_table_of_an_adapter_loaded_into_a_merged_model_matches_peft(t
 def test_embedding_table_for_a_layer_merged_for_good_is_refused_before_any_change(tmp_path):
     base = tiny_llama()
     d = str(tmp_path / "ad")
-    saved_peft_adapter(d, base, 1, target_modules=["embed_tokens", "q_proj"])
+    saved_peft(base, d, 1, target_modules=["embed_tokens", "q_proj"])
     ours = copy.deepcopy(base)
     lora_ext.load_adapter(ours, d)
     lora_ext.merge(ours)
@@ -95,7 +84,7 @@ def test_modules_to_save_missing_from_the_file_is_refused_like_peft(tmp_path):
     file and the module instead of serving the model's own lm_head."""
     base = tiny_llama()
     d = str(tmp_path / "ad")
-    saved_peft_adapter(d, base, 1, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    saved_peft(base, d, 1, target_modules=["q_proj"], modules_to_save=["lm_head"])
     st = os.path.join(d, "adapter_model.safetensors")
     tensors = load_file(st)
     del tensors["base_model.model.lm_head.weight"]
@@ -118,7 +107,7 @@ def test_modules_to_save_entries_match_module_name_ends_as_in_peft(tmp_path):
     no module of the model (PEFT's SEQ_CLS "classifier") are fine."""
     base = tiny_llama()
     d = str(tmp_path / "ad")
-    saved_peft_adapter(d, base, 1, target_modules=["q_proj"], modules_to_save=["head", "classifier"])
+    saved_peft(base, d, 1, target_modules=["q_proj"], modules_to_save=["head", "classifier"])
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), d).eval()
     ours = copy.deepcopy(base).eval()
     lora_ext.load_adapter(ours, d)

@@ -5,23 +5,13 @@ import copy
 import pytest
 import torch
 from conftest import rel_err
-from models import tiny_llama
+from models import saved_peft, tiny_llama
 
 import lora_ext
 from lora_ext import LoRAContext, MultiLoRALinear
 from lora_ext.adapters import Adapter, LayerWeights
 
 peft = pytest.importorskip("peft")
-
-
-def save_peft(base, path, seed, **cfg):
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**{"r": 4, "lora_alpha": 8, **cfg}))
-    torch.manual_seed(seed)
-    for n, p in pm.named_parameters():
-        if "lora_" in n:
-            p.data = torch.randn_like(p) * 0.1
-    pm.save_pretrained(path)
-    return pm.eval()
 
 
 @pytest.fixture
@@ -35,7 +25,7 @@ def test_compiled_model_compiles_once_for_all_batch_sizes(base, tmp_path):
     a row mismatch under compile is still reported (CPU: an error naming it)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
-    save_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
+    saved_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
     model = copy.deepcopy(base)
     pool = lora_ext.AdapterPool(model, target_modules=["q_proj"], max_adapters=2, max_rank=8)
     pool.load("a", tmp_path / "a")  # a pathlib.Path
@@ -59,14 +49,14 @@ def test_compiled_model_compiles_once_for_all_batch_sizes(base, tmp_path):
 def test_evicted_adapter_is_validated_when_read_again(base, tmp_path):
     """A file that changed after load() (now targeting a module the pool does not serve) is
     refused when an evicted adapter is read again, before the batch changes anything."""
-    save_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
-    save_peft(base, tmp_path / "b", 2, target_modules=["q_proj"])
+    saved_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
+    saved_peft(base, tmp_path / "b", 2, target_modules=["q_proj"])
     model = copy.deepcopy(base)
     pool = lora_ext.AdapterPool(model, target_modules=["q_proj"], max_adapters=1, max_rank=8,
                                 host_cache_bytes=0)
     pool.load("a", str(tmp_path / "a"))
     pool.load("b", str(tmp_path / "b"))  # evicts a, whose host copy is dropped
-    save_peft(base, tmp_path / "a", 3, target_modules=["q_proj", "k_proj"])
+    saved_peft(base, tmp_path / "a", 3, target_modules=["q_proj", "k_proj"])
     with pytest.raises(ValueError, match=r"k_proj.*not served") as e, pool.batch(["a"]):
         pass
     assert str(tmp_path / "a") in str(e.value)
@@ -77,7 +67,7 @@ def test_evicted_adapter_is_validated_when_read_again(base, tmp_path):
 
 @torch.no_grad()
 def test_pool_built_in_inference_mode_and_failed_cleanup(base, tmp_path, monkeypatch):
-    save_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
+    saved_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
     with torch.inference_mode():  # server start-up code
         model = copy.deepcopy(base)
         pool = lora_ext.AdapterPool(model, target_modules=["q_proj"], max_adapters=2, max_rank=8)
@@ -103,7 +93,7 @@ def test_pool_built_in_inference_mode_and_failed_cleanup(base, tmp_path, monkeyp
 
 @torch.no_grad()
 def test_failed_write_keeps_the_slot_table_consistent(base, tmp_path, monkeypatch):
-    save_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
+    saved_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
     model = copy.deepcopy(base)
     pool = lora_ext.AdapterPool(model, target_modules=["q_proj"], max_adapters=1, max_rank=8)
     pool.load("a", str(tmp_path / "a"))
@@ -140,7 +130,7 @@ def test_set_slot_checks_every_pair_before_writing():
 def test_peft_embedding_adapter_with_its_saved_table(base, tmp_path):
     """PEFT saves a targeted embedding's table beside its factors: equal to the model's, the pool
     takes the adapter; a changed table is still refused."""
-    pm = save_peft(base, tmp_path / "e", 1, target_modules=["q_proj", "embed_tokens"])
+    pm = saved_peft(base, tmp_path / "e", 1, target_modules=["q_proj", "embed_tokens"])
     model = copy.deepcopy(base)
     pool = lora_ext.AdapterPool(model, target_modules=["q_proj", "embed_tokens"], max_adapters=2, max_rank=8)
     assert "model.embed_tokens.base_layer.weight" in Adapter.load(tmp_path / "e").extra
@@ -159,7 +149,7 @@ def test_modules_to_save_without_its_tensors_is_refused(base, tmp_path):
     """A config whose modules_to_save selects a module the file holds no tensors for (PEFT:
     KeyError) is refused, not served with the base model's module."""
     import json
-    save_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
+    saved_peft(base, tmp_path / "a", 1, target_modules=["q_proj"])
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["lm_head"]}))
     pool = lora_ext.AdapterPool(copy.deepcopy(base), target_modules=["q_proj"], max_adapters=2, max_rank=8)
@@ -362,7 +352,7 @@ def test_random_mixes_match_peft_through_evictions_and_reloads(base, tmp_path):
              "": dict(r=16, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "embed_tokens"])}
     paths = {n: tmp_path / f"ad{i}" for i, n in enumerate(specs)}
     for i, (n, cfg) in enumerate(specs.items()):
-        save_peft(base, paths[n], 10 + i, **cfg)
+        saved_peft(base, paths[n], 10 + i, **cfg)
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths["a"], adapter_name="p0")
     for i, n in enumerate(list(specs)[1:], 1):
         pm.load_adapter(paths[n], adapter_name=f"p{i}")
