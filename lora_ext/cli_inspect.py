@@ -127,7 +127,7 @@ def run_inspect(args) -> int:
         for k, t in sorted(adapter.extra.items()):
             ex.add_row(k, str(tuple(t.shape)), str(t.dtype).removeprefix("torch."), _extra_kind(k, adapter))
         out.print(ex)
-    # AdapterPool._validate's rules, as far as the file alone tells them
+    # AdapterPool's rules (lora_ext.pool_checks), as far as the file alone tells them
     trained = sorted(k for k in adapter.extra if not _extra_kind(k, adapter).startswith("the embedding"))
     max_r = max(w.r for w in adapter.layers.values())
     why = []
@@ -135,16 +135,13 @@ def run_inspect(args) -> int:
         why.append(f"it carries trained non-LoRA tensors ({', '.join(trained[:3])}{' ...' if len(trained) > 3 else ''}) "
                    "that a shared pool cannot apply per request")
     convs = sorted(n for n, w in adapter.layers.items() if w.kind == "conv")
-    if convs:  # AdapterPool._validate refuses conv factors (no multi-adapter convolution layers)
+    if convs:  # AdapterPool refuses conv factors (no multi-adapter convolution layers)
         why.append(f"it adapts convolutions ({', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}), which "
                    "multi-adapter serving does not have")
     dora_emb = sorted(n for n, w in adapter.layers.items() if w.kind == "embedding" and w.magnitude is not None)
-    if dora_emb:  # AdapterPool._validate refuses them (MultiLoRAEmbedding has no DoRA)
+    if dora_emb:  # AdapterPool refuses them (MultiLoRAEmbedding has no DoRA)
         why.append(f"it has DoRA on embeddings ({', '.join(dora_emb[:3])}), which multi-adapter serving does not compute")
     params = sorted(n for n, w in adapter.layers.items() if w.kind == "parameter")
-    if params:  # AdapterPool._validate refuses them
-        why.append(f"it has LoRA on parameters ({', '.join(params[:2])}{' ...' if len(params) > 2 else ''}: "
-                   "target_parameters), which multi-adapter serving does not serve in mixed batches yet")
     if max_r > args.max_rank:
         why.append(f"rank {max_r} > max_rank {args.max_rank}")
     out.print("lora_ext: loads (Adapter.load, load_adapter) and merges (python -m lora_ext merge" +
@@ -153,6 +150,8 @@ def run_inspect(args) -> int:
     if why:
         out.print(f"AdapterPool: cannot serve it: {'; '.join(why)}")
     else:
-        out.print(f"AdapterPool: can serve it ({'dora=True, ' if dora else ''}max_rank >= {max_r}, target_modules covering "
-                  f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in adapter.layers}))})")
+        modules = sorted({n.rsplit('.', 1)[-1] for n, w in adapter.layers.items() if w.kind != "parameter"})
+        serve = ([f"target_modules covering {', '.join(modules)}"] if modules else []) + (
+            [f"target_parameters={adapter.config.get('target_parameters')} (MoE experts)"] if params else [])
+        out.print(f"AdapterPool: can serve it ({'dora=True, ' if dora else ''}max_rank >= {max_r}, {', '.join(serve)})")
     return 1 if why and args.pool else 0

@@ -45,7 +45,7 @@ subclasses (DTensor, ...), non-float parameters, LoRA on other parameter names.
 from __future__ import annotations
 
 import numbers
-from typing import Collection, Mapping, Optional, Tuple
+from typing import Callable, Collection, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -54,7 +54,7 @@ from transformers.integrations import moe as hf_moe
 
 from .ops import multi_lora_
 
-__all__ = ["fast_path_problem", "experts_forward"]
+__all__ = ["fast_path_problem", "experts_forward", "routed_forward"]
 
 LoRASpec = Tuple[torch.Tensor, torch.Tensor, float]  # (A [E, r, in], B [E, out, r], s)
 
@@ -152,8 +152,20 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     problem = fast_path_problem(experts, loras.keys())
     if problem is not None:
         raise ValueError(f"experts_forward: experts: {problem}")
-    first, second = _projection_names(experts)
     checked = {name: _checked_lora(experts, name, spec) for name, spec in loras.items()}
+    return routed_forward(experts, hidden_states, top_k_index, top_k_weights,
+                          lambda name, y, x, ids, offs, tokens: _add_lora(y, x, ids, offs, checked.get(name)))
+
+
+def routed_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor, add_lora: Callable) -> torch.Tensor:
+    """experts_forward's routing and projections, with the LoRA terms left to the caller: for each
+    projection ``add_lora(name, y, x, ids, offs, tokens)`` returns y [S, out] (in place or not) plus
+    the LoRA term of the rows x [S, in], which are sorted by expert (ids [S] the rows' expert ids,
+    offs [E] the group ends, tokens [S] the token each row routes). The caller has checked the
+    module (fast_path_problem); the arguments are checked here. lora_ext.multi_experts adds
+    per-token adapters this way (index slot * E + expert)."""
+    first, second = _projection_names(experts)
     H = _in_out(experts, first)[0]
     x = _checked_hidden(experts, hidden_states, H)
     T = x.shape[0]
@@ -180,10 +192,11 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     offs = torch.searchsorted(ids.masked_fill(~kept.squeeze(-1), E), experts_range, right=True,
                               out_int32=True)  # [E] group ends
 
-    xs = x[perm // k].masked_fill(~kept, 0)
-    h = _project(experts, first, xs, ids, offs, checked.get(first))  # [S, I or 2I]
+    tokens = perm // k
+    xs = x[tokens].masked_fill(~kept, 0)
+    h = _project(experts, first, xs, ids, offs, tokens, add_lora)  # [S, I or 2I]
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)  # [S, I] (tail rows: never read)
-    out = _project(experts, second, h, ids, offs, checked.get(second))  # [S, H]
+    out = _project(experts, second, h, ids, offs, tokens, add_lora)  # [S, H]
     if _post_norm(experts):
         out = experts.post_expert_norm(out)
     out = out.masked_fill(~kept, 0) * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
@@ -236,18 +249,24 @@ def _checked_lora(experts: nn.Module, name: str, spec) -> LoRASpec:
 
 
 def _project(experts: nn.Module, name: str, x: torch.Tensor, ids: torch.Tensor,
-             offs: torch.Tensor, lora: Optional[LoRASpec]) -> torch.Tensor:
+             offs: torch.Tensor, tokens: torch.Tensor, add_lora: Callable) -> torch.Tensor:
     """y [S, out] = x [S, in] through projection ``name`` of each row's expert ids[i] (+ bias),
-    plus s * (x @ A[e].T) @ B[e].T when ``lora`` is given; rows are grouped by expert (offs)."""
+    then add_lora's term; rows are grouped by expert (offs)."""
     weight = getattr(experts, name)
     x = x.to(weight.dtype)
     y = _grouped_mm(x, weight if experts.is_transposed else weight.transpose(1, 2), offs)
     if experts.has_bias:
         y = y.add_(getattr(experts, name + "_bias")[ids])
+    return add_lora(name, y, x, ids, offs, tokens)
+
+
+def _add_lora(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, offs: torch.Tensor,
+              lora: Optional[LoRASpec]) -> torch.Tensor:
+    """y + s * (x @ A[e].T) @ B[e].T for each row's expert e = ids[i] (rows grouped by expert)."""
     if lora is None:
         return y
     A, B, s = lora
-    A, B = A.to(weight.dtype), B.to(weight.dtype)
+    A, B = A.to(y.dtype), B.to(y.dtype)
     needs_grad = torch.is_grad_enabled() and (y.requires_grad or x.requires_grad
                                               or A.requires_grad or B.requires_grad)
     if not needs_grad and y.dtype in _GROUPED_MM_DTYPES:

@@ -32,18 +32,13 @@ own A (``A_pool`` [n, S, r_max, in]) and its rows of B, rank and scale.
 token's u is the A column of its id, then ``lora_expand_`` adds ``scale * B @ u``.
 The layers are for inference: they mutate the base output in place and have no backward.
 
-DoRA (``MultiLoRALinear(..., dora=True)``, ``AdapterPool(..., dora=True)``): a slot may hold a DoRA
-adapter, whose tokens get ``g * (W0 x + s B A x) + b`` with g = m / ||W0 + s B A|| per output feature
-(lora_ext.dora). The norm is constant for a loaded adapter, so ``set_slot`` computes g once
-(``dora_norm``) into ``dora_scales`` [S + 1, out] (fp32; row S: ones, for tokens without an adapter
-or a plain LoRA one) with ``dora_bias`` = (1 - g) b; after multi_lora_, one fused pass gathers the
-token's rows and writes ``y * g + (1 - g) b`` into y (the base output's rounding is scaled, not
-repeated). Not with out_slices or tensor parallelism.
-
-Tensor parallelism (``lora_ext.tp``): ColwiseParallelLoRA / RowwiseParallelLoRA shard a
-MultiLoRALinear like its base layer: colwise keeps rows ``out_shard`` = (lo, hi) of B_pool
-(dim 1), rowwise columns ``in_shard`` of A_pool (last dim). The pools then hold this rank's
-shard only, and ``set_slot`` takes the full adapter factors and writes their local shard.
+DoRA (``dora=True``): a DoRA slot's tokens get ``g * (W0 x + s B A x) + b``, g = m / ||W0 + s B A||
+per output feature (lora_ext.dora), constant per adapter: ``set_slot`` computes it once into
+``dora_scales`` [S + 1, out] (fp32; row S: ones) with ``dora_bias`` = (1 - g) b, and one fused pass
+after multi_lora_ writes ``y * g + (1 - g) b``. Not with out_slices or tensor parallelism.
+Tensor parallelism (``lora_ext.tp``): a colwise layer keeps rows ``out_shard`` = (lo, hi) of B_pool,
+a rowwise one columns ``in_shard`` of A_pool; ``set_slot`` takes full factors, writes the shard.
+MoE experts: lora_ext.multi_experts (MultiLoRAExperts), on the same context.
 """
 from __future__ import annotations
 
@@ -59,7 +54,7 @@ from .sharding import is_dtensor
 from .ops import dora_norm, lora_expand_, multi_lora_
 from .ops._checks import as_scale
 
-__all__ = ["LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding", "attach_context"]
+__all__ = ["LoRAContext", "MultiLoRALinear", "MultiLoRAEmbedding", "attach_context", "apply_keeping_fp32", "ContextLayer"]
 
 
 _INT32_MAX = 2**31 - 1
@@ -210,7 +205,25 @@ def _with_data(op: str, what: str, t, like: torch.Tensor) -> None:
                          "init_empty_weights): load its values first")
 
 
-class _MultiLoRA(nn.Module):
+def apply_keeping_fp32(module: nn.Module, apply, keys) -> nn.Module:
+    """``module._apply`` (``apply()``) keeping buffers ``keys`` fp32: model.to(torch.bfloat16) /
+    .half() casts the pools with the base weight, but per-slot scales stay fp32 (the ops take them
+    in fp32; a bf16 alpha/r would also lose digits). Outside inference mode: pools made there would
+    be inference tensors, which set_slot could not update in place outside it (a loader thread)."""
+    fp32 = {k: getattr(module, k) for k in keys if hasattr(module, k)}
+    with torch.inference_mode(False):
+        out = apply()
+        for k, old in fp32.items():
+            if getattr(module, k).dtype != torch.float32:
+                setattr(module, k, old.to(getattr(module, k).device))
+    return out
+
+
+class ContextLayer(nn.Module):
+    """A multi-adapter layer: reads its tokens' slots from ``self.context`` (a LoRAContext)."""
+
+
+class _MultiLoRA(ContextLayer):
     """S adapter slots of rank <= r_max: A_pool [S, r_max, in] ([n, S, r_max, in] with out_slices),
     B_pool [S, out, r_max], scales and ranks, all updated in place."""
 
@@ -261,17 +274,8 @@ class _MultiLoRA(nn.Module):
         return getattr(self.base, "bias", None)
 
     def _apply(self, fn, *args, **kwargs):
-        # model.to(torch.bfloat16) / .half() casts the pools with the base weight, but the per-slot
-        # scales (and DoRA's) stay fp32 (the ops take them in fp32; a bf16 alpha/r would also lose
-        # digits). Run outside inference mode: pools made there would be inference tensors, which
-        # set_slot could not update in place outside it (e.g. in a loader thread)
-        fp32 = {k: getattr(self, k) for k in ("scales", "dora_scales", "dora_bias") if hasattr(self, k)}
-        with torch.inference_mode(False):
-            out = super()._apply(fn, *args, **kwargs)
-            for k, old in fp32.items():
-                if getattr(self, k).dtype != torch.float32:
-                    setattr(self, k, old.to(getattr(self, k).device))
-        return out
+        return apply_keeping_fp32(self, lambda: super(_MultiLoRA, self)._apply(fn, *args, **kwargs),
+                                  ("scales", "dora_scales", "dora_bias"))
 
     def _slice_bounds(self) -> list:
         return [0, *itertools.accumulate(self.out_slices or [self.out_features])]
@@ -494,10 +498,11 @@ class MultiLoRAEmbedding(_MultiLoRA):
 
 
 def attach_context(model: nn.Module, context: LoRAContext) -> int:
-    """Points every MultiLoRALinear / MultiLoRAEmbedding in ``model`` at ``context``; returns how many."""
+    """Points every multi-adapter layer (MultiLoRALinear / Embedding / Experts) of ``model`` at ``context``;
+    returns how many."""
     n = 0
     for m in model.modules():
-        if isinstance(m, _MultiLoRA):
+        if isinstance(m, ContextLayer):
             m.context = context
             n += 1
     return n

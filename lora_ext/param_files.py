@@ -150,14 +150,16 @@ def read_parameters(where: str, config: dict, factors: dict, model: nn.Module | 
     return out
 
 
-def resolve(model: nn.Module, given: dict[str, str | None], targets, where: str) -> dict[str, tuple]:
+def resolve(model: nn.Module | None, given: dict[str, str | None], targets, where: str,
+            modules: dict[str, nn.Module] | None = None) -> dict[str, tuple]:
     """path -> (module, parameter name, its LoRAParameter in ``model`` or None, the module holding
     the parameter) for the wrapper paths ``given`` (-> the parameter each says it holds, or None).
     The wrappers on one module hold, innermost first, in registration order: the parameters the
     model wraps there already; or those ``given`` names (all of them); or those ``targets`` select.
-    ValueError (``where``, the module, the key) when the model has no such module or parameters."""
-    modules = dict(model.named_modules())
-    existing = peft_parameter_layers(model)
+    ValueError (``where``, the module, the key) when the model has no such module or parameters.
+    ``modules`` (name -> module) instead of ``model``'s: e.g. an AdapterPool's served experts."""
+    modules = dict(model.named_modules()) if modules is None else modules
+    existing = peft_parameter_layers(model) if model is not None else {}
     out = {}
     for module, by_depth in _groups(given, where).items():
         n, mod = len(by_depth), modules.get(module) if module else None

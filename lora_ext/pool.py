@@ -36,6 +36,7 @@ Design:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import threading
@@ -44,12 +45,13 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .adapter_checks import check_modules_to_save
-from .adapters import Adapter, LayerWeights, extra_target
+from .adapters import Adapter
 from .conv import is_conv
 from .inject import _no_fused_encoder
 from .layers import LoRALayer, is_conv1d
-from .multi import LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
+from .multi import ContextLayer, LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
+from .multi_experts import expert_factors, wrap_experts
+from .pool_checks import check_adapter
 from .param_lora import parameter_layers
 from .targets import check_regex, matches, output_head_names, read_directly
 
@@ -84,13 +86,14 @@ class AdapterPool:
     until unload()). max_tokens: the most names one batch() may take (rows, or tokens with
     per_token=True). dora: also serve DoRA adapters (use_dora; linear targets only, a DoRA
     embedding is refused: MultiLoRALinear's dora=True, which costs 2 fp32 rows of out_features per
-    slot and one pass over each output). LoRA on parameters (target_parameters: a model with
-    LoRAParameter layers, an adapter with kind "parameter" layers) is refused by module: not served
-    in mixed batches yet.
+    slot and one pass over each output). target_parameters: PEFT's, MoE experts' projections to serve
+    too (lora_ext.multi_experts: e.g. ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]; a
+    list of target_modules may then be empty). A model with LoRAParameter layers is refused.
     """
 
     def __init__(self, model: nn.Module, target_modules=None, max_adapters: int = 16, max_rank: int = 64,
-                 device=None, host_cache_bytes: int | None = None, max_tokens: int = 65536, dora: bool = False):
+                 device=None, host_cache_bytes: int | None = None, max_tokens: int = 65536, dora: bool = False,
+                 target_parameters=None):
         for arg, v, least in (("max_adapters", max_adapters, 1), ("max_rank", max_rank, 1),
                               ("max_tokens", max_tokens, 1), ("host_cache_bytes", host_cache_bytes, 0)):
             if not (arg == "host_cache_bytes" and v is None or _is_int(v) and v >= least):
@@ -104,7 +107,7 @@ class AdapterPool:
         # built under torch.inference_mode() (inference tensors refuse in-place updates outside it)
         with torch.inference_mode(False):
             self.context = LoRAContext(max_tokens, self.device)
-            self.layers = self._replace_targets(target_modules)
+            self.layers = self._replace_targets(target_modules, target_parameters)
         self._entries: dict[str, _Entry] = {}
         self._resident: OrderedDict[str, None] = OrderedDict()  # LRU order, oldest first
         self._slot_owner: list[str | None] = [None] * max_adapters
@@ -117,10 +120,10 @@ class AdapterPool:
         self._batch_open = False
 
     # ------------------------------------------------------------------ setup
-    def _replace_targets(self, target_modules) -> dict[str, MultiLoRALinear | MultiLoRAEmbedding]:
+    def _replace_targets(self, target_modules, target_parameters) -> dict[str, MultiLoRALinear | MultiLoRAEmbedding]:
         """target_modules=None or "all-linear": every Linear/Conv1D but the output head; an output
         head (lm_head) or embedding only when target_modules names it, as in PEFT."""
-        served = [n for n, m in self.model.named_modules() if isinstance(m, _MultiLoRA)]
+        served = [n for n, m in self.model.named_modules() if isinstance(m, ContextLayer)]
         if served:  # its layers would wrap the other pool's base layers and need both pools' batches
             raise ValueError(f"AdapterPool: {type(self.model).__name__} is already served by an AdapterPool "
                              f"(multi-adapter layers {', '.join(served[:3])}{', ...' if len(served) > 3 else ''}); "
@@ -128,9 +131,9 @@ class AdapterPool:
         wrapped = sorted(parameter_layers(self.model))
         if wrapped:  # their LoRA would apply to every row of a mixed batch, base rows included
             raise ValueError(f"AdapterPool: {type(self.model).__name__} has LoRA on parameters (LoRAParameter "
-                             f"{wrapped[0]!r}{', ...' if len(wrapped) > 1 else ''}), which multi-adapter serving does not "
-                             "serve in mixed batches yet: merge it into the model first (lora_ext.merge_and_unload) or "
-                             "build the pool on the model without it")
+                             f"{wrapped[0]!r}{', ...' if len(wrapped) > 1 else ''}), which would apply to every row of a "
+                             "mixed batch: merge it into the model first (lora_ext.merge_and_unload), or build the pool "
+                             "on the model without it (AdapterPool(..., target_parameters=[...]) serves such adapters)")
         everything = target_modules is None or target_modules == "all-linear"
         check_regex("AdapterPool", "target_modules", None if everything else target_modules)
         heads = output_head_names(self.model) if everything else set()
@@ -158,7 +161,9 @@ class AdapterPool:
                 continue
             if linear if everything else matches(name, targets):
                 chosen[name] = m
-        if not chosen:
+        self.experts = {} if target_parameters is None else wrap_experts(
+            self.model, target_parameters, self.max_adapters, self.max_rank, self.context)
+        if not chosen and not (self.experts and isinstance(target_modules, (list, tuple))):
             hint = ""
             if isinstance(target_modules, str) and not everything:
                 hint = (" (a str is a regex over full module names, as in PEFT: pass a list for name suffixes, "
@@ -177,7 +182,7 @@ class AdapterPool:
                 layers[name] = kind(m, self.max_adapters, self.max_rank, context=self.context, **extra)
             except ValueError as e:
                 raise ValueError(f"AdapterPool: module {name!r}: {e}") from e
-        for name, layer in layers.items():
+        for name, layer in {**layers, **self.experts}.items():
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else self.model
             if isinstance(parent, nn.TransformerEncoderLayer):  # off its fused path, as inject does
@@ -202,56 +207,6 @@ class AdapterPool:
         """Names currently in a GPU/CPU slot, least recently used first."""
         return list(self._resident)
 
-    def _validate(self, name: str, ad: Adapter, source: str | None) -> None:
-        where = f"AdapterPool.load({name!r}{'' if source is None else ', ' + repr(source)})"
-        # per-request serving covers the LoRA factors only; never drop trained tensors (but PEFT
-        # also saves a targeted embedding's unchanged table: equal to the model's, nothing to apply)
-        changed = sorted(k for k, t in ad.extra.items() if not self._same_as_model(k, t))
-        if changed:
-            raise ValueError(f"{where}: the adapter carries non-LoRA tensors (modules_to_save or trained "
-                             f"biases: {changed[:3]}{' ...' if len(changed) > 3 else ''}) that a shared pool "
-                             "cannot apply per request; use lora_ext.load_adapter")
-        # a modules_to_save entry with no tensors in the file (PEFT: KeyError) is not the base's to serve
-        check_modules_to_save(where, ad.config, ad.extra, self.model, set(self.layers))
-        dora = sorted(n for n, w in ad.layers.items() if w.magnitude is not None)
-        if (dora or ad.config.get("use_dora")) and not self.dora:
-            what = f"module {dora[0]!r} has a lora_magnitude_vector" if dora else "its config says use_dora=true"
-            raise ValueError(f"{where}: the adapter is DoRA ({what}) and the pool was built without dora=True "
-                             "(AdapterPool(..., dora=True) serves DoRA and plain adapters in one batch)")
-        for mod, w in ad.layers.items():
-            layer = self.layers.get(mod)
-            if w.kind == "parameter":
-                raise ValueError(f"{where}: module {mod!r} holds LoRA on its parameter "
-                                 f"{w.parameter or '(decided by the model)'} (target_parameters): multi-adapter serving "
-                                 "does not serve LoRA on parameters in mixed batches yet; use lora_ext.load_adapter, "
-                                 "or merge the adapter (python -m lora_ext merge)")
-            if w.kind == "conv":
-                raise ValueError(f"{where}: module {mod!r} holds convolution LoRA factors (A {tuple(w.A.shape)}): "
-                                 "multi-adapter serving has no convolution layers; use lora_ext.load_adapter")
-            if w.kind == "embedding" and w.magnitude is not None:
-                raise ValueError(f"{where}: module {mod!r} is a DoRA embedding (lora_magnitude_vector "
-                                 f"{tuple(w.magnitude.shape)}): multi-adapter serving has no embedding DoRA "
-                                 "(MultiLoRAEmbedding); use lora_ext.load_adapter, or merge the adapter")
-            if layer is None:
-                raise ValueError(f"{where}: module {mod!r} is not served by this pool "
-                                 f"(pool targets e.g. {sorted(self.layers)[:3]})")
-            if (w.kind == "embedding") != isinstance(layer, MultiLoRAEmbedding):
-                raise ValueError(f"{where}: module {mod!r} ({type(layer.base).__name__}) cannot take {w.kind} weights")
-            if not 1 <= w.r <= self.max_rank:
-                raise ValueError(f"{where}: module {mod!r} has rank {w.r}; the pool takes 1 .. max_rank {self.max_rank}")
-            if tuple(w.A.shape) != (w.r, layer.in_features) or tuple(w.B.shape) != (layer.out_features, w.r):
-                raise ValueError(f"{where}: module {mod!r} is {layer.in_features} -> {layer.out_features}, "
-                                 f"the adapter has A {tuple(w.A.shape)}, B {tuple(w.B.shape)}")
-
-    def _same_as_model(self, key: str, t: torch.Tensor) -> bool:
-        """Whether extra tensor `key` (PEFT's name less the prefix) equals the served model's."""
-        mod, leaf = extra_target(key)
-        # a served module's own tensors live on its base layer (PEFT names them base_layer.*)
-        m = self.layers[mod].base if mod in self.layers else dict(self.model.named_modules()).get(mod)
-        old = getattr(m, leaf, None)
-        return (isinstance(old, torch.Tensor) and old.shape == t.shape
-                and torch.equal(old.detach(), t.to(old.device, old.dtype)))
-
     def load(self, name: str, adapter, allow_pickle: bool = False) -> int:
         """Loads (or replaces) adapter `name` from a PEFT directory or an Adapter; returns its slot."""
         if not isinstance(name, str):
@@ -263,7 +218,7 @@ class AdapterPool:
         ad = Adapter.load(source, allow_pickle=allow_pickle) if source is not None else adapter
         if not isinstance(ad, Adapter):
             raise TypeError(f"AdapterPool.load: expected a path or an Adapter, got {type(adapter).__name__}")
-        self._validate(name, ad, source)
+        check_adapter(self, name, ad, source)
         with self._lock:
             old = self._entries.get(name)
             if old is not None and old.in_use:
@@ -389,7 +344,7 @@ class AdapterPool:
     def _release_slot(self, e: _Entry) -> None:
         slot = e.slot
         with self._slot_work(slot):  # after batches reading it and a pending prefetch into it
-            for layer in self.layers.values():
+            for layer in (*self.layers.values(), *self.experts.values()):
                 layer.clear_slot(slot)
         self._slot_owner[slot] = None
         self._resident.pop(e.name, None)
@@ -412,7 +367,7 @@ class AdapterPool:
         if e.adapter is None:
             try:
                 ad = Adapter.load(e.source, allow_pickle=e.allow_pickle)
-                self._validate(e.name, ad, e.source)  # the file may have changed since load()
+                check_adapter(self, e.name, ad, e.source)  # the file may have changed since load()
             except (OSError, ValueError) as err:
                 raise type(err)(f"AdapterPool: adapter {e.name!r} was evicted and cannot be read again "
                                 f"from {e.source}: {err}") from err
@@ -447,6 +402,13 @@ class AdapterPool:
                     mag = {} if w.magnitude is None else {"magnitude": w.magnitude.to(self.device, non_blocking=True)}
                     layer.set_slot(slot, w.A.to(self.device, non_blocking=True),
                                    w.B.to(self.device, non_blocking=True), w.scale, **mag)
+            factors = expert_factors(e.name, e.adapter, self.experts, self.max_rank)
+            for mod, layer in self.experts.items():
+                if mod in factors:
+                    layer.set_slot(slot, {p: (A.to(self.device, non_blocking=True), B.to(self.device, non_blocking=True),
+                                              scale) for p, (A, B, scale) in factors[mod].items()})
+                else:
+                    layer.clear_slot(slot)
         e.ready = self._slot_event[slot] if stream is not None else None
         self._slot_owner[slot] = e.name
         e.slot = slot
@@ -466,9 +428,9 @@ class AdapterPool:
 
 def _pinned(ad: Adapter, name: str) -> Adapter:
     """A copy of `ad` in (pinned, when CUDA is available) host memory."""
-    return Adapter({k: LayerWeights(_pin(w.A), _pin(w.B), w.scale, w.kind,
-                                    None if w.magnitude is None else _pin(w.magnitude)) for k, w in ad.layers.items()},
-                   ad.config, name)
+    return Adapter({k: dataclasses.replace(w, A=_pin(w.A), B=_pin(w.B),
+                                           magnitude=None if w.magnitude is None else _pin(w.magnitude))
+                    for k, w in ad.layers.items()}, ad.config, name)
 
 
 def _is_int(v) -> bool:

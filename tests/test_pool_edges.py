@@ -451,16 +451,17 @@ def _expert_lora_model():
 
 
 def test_lora_on_parameters_is_refused_by_module():
-    """Adapters with LoRA on parameters (target_parameters), and models with LoRAParameter layers, are
-    not served in mixed batches yet: refused naming the module."""
+    """Adapters with LoRA on parameters outside the pool's target_parameters (MoE experts), and models
+    with LoRAParameter layers, are refused naming the module."""
     pool = lora_ext.AdapterPool(torch.nn.Sequential(torch.nn.Linear(4, 4)), target_modules=["0"], max_rank=4)
     ad = Adapter({"0": LayerWeights(torch.randn(2, 4), torch.randn(4, 2), 1.0, "parameter", parameter="weight")})
-    with pytest.raises(ValueError, match=r"AdapterPool.load\('a'\): module '0' holds LoRA on its parameter weight "
-                                         r"\(target_parameters\): .*not serve LoRA on parameters in mixed batches yet"):
+    with pytest.raises(ValueError, match=r"AdapterPool.load\('a'\): module '0' holds LoRA on a parameter "
+                                         r"\(target_parameters\) of '0', which this pool does not serve \(it serves no "
+                                         r"experts \(AdapterPool\(..., target_parameters"):
         pool.load("a", ad)
     assert pool.names() == []
     with pytest.raises(ValueError, match=r"AdapterPool: Sequential has LoRA on parameters \(LoRAParameter '1'\).*"
-                                         r"mixed batches yet: merge it into the model first"):
+                                         r"every row of a mixed batch: merge it into the model first"):
         lora_ext.AdapterPool(_expert_lora_model(), target_modules=["0"])
     with pytest.raises(TypeError, match=r"MultiLoRALinear: base must be an nn.Linear .* got LoRAParameter"):
         MultiLoRALinear(_expert_lora_model()[1], num_slots=2, r_max=2)
