@@ -123,7 +123,7 @@ fi
 if want bench; then
   stage bench
   : >"$OUT/bench.log"
-  for b in ${BENCHES:-multi_lora lora_linear merge dora pool peft_train roofline lora_apply dora_layer moe_lora}; do
+  for b in ${BENCHES:-multi_lora lora_linear merge dora pool pool_moe peft_train roofline lora_apply dora_layer moe_lora}; do
     t0=$SECONDS
     if LORA_EXT_BENCH_OUT="$OUT" timeout "$(left 90)" "$PY" bench/run.py --device cuda --only "$b" >>"$OUT/bench.log" 2>&1; then
       note "bench $b: ok in $((SECONDS - t0)) s"

@@ -17,7 +17,7 @@ from lora_ext.__main__ import device_arg  # noqa: E402  (cpu / cuda / cuda:N, ch
 
 # name -> module in bench/ exposing main(argv)
 BENCHMARKS = ["roofline", "lora_apply", "lora_linear", "dora_layer", "moe_lora", "peft_train", "merge", "dora",
-              "multi_lora", "pool", "distributed"]
+              "multi_lora", "pool", "pool_moe", "distributed"]
 
 
 def main(argv=None, prog: str | None = None) -> int:
