@@ -1,7 +1,7 @@
 """AdapterPool serving LoRA on MoE experts (PEFT's target_parameters; lora_ext.multi_experts).
 
 PEFT is the oracle: each row (token) of a mixed batch gets what the PeftModel of its adapter
-gives for that row alone (the base model for None). Tiny Qwen3-MoE, gpt-oss (transposed experts
+gives for that row alone (the base model for None). Tiny Qwen3-MoE, Qwen2-MoE (shared expert), gpt-oss (transposed experts
 with biases) and Mixtral; adapters of different ranks on both projections or one, with and
 without target_modules beside them; per-row and per-token batches; eviction; errors; compile."""
 import copy
@@ -19,7 +19,7 @@ peft = pytest.importorskip("peft")
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "gpt_oss", "mixtral"])
+@pytest.fixture(scope="module", params=["qwen3_moe", "gpt_oss", "mixtral", "qwen2_moe"])
 def saved(request, tmp_path_factory):
     """(base, {name: (PeftModel, path)}): "a" on q_proj + both projections (r 3), "b" on down_proj
     only (r 5, alpha 3), "c" on both with rsLoRA (r 2)."""
