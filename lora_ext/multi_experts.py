@@ -25,6 +25,7 @@ from .multi import _OUT_OF_RANGE, ContextLayer, LoRAContext, apply_keeping_fp32
 from .ops import multi_lora_
 from .ops._checks import as_scale
 from .param_files import _selects, check_fit, resolve, split_path
+from .targets import hooked
 
 __all__ = ["MultiLoRAExperts", "PEFTFactors", "wrap_experts", "expert_factors"]
 
@@ -61,7 +62,7 @@ class MultiLoRAExperts(ContextLayer):
                  context: Optional[LoRAContext] = None):
         super().__init__()
         where = f"MultiLoRAExperts({type(base).__name__})"
-        problem = _moe().fast_path_problem(base, set(names))
+        problem = _moe().fast_path_problem(base, set(names)) or _hook_problem(base)
         if problem is not None:
             raise ValueError(f"{where}: {problem}")
         if num_slots < 1 or r_max < 1:
@@ -163,6 +164,8 @@ class MultiLoRAExperts(ContextLayer):
         if self.context is None:
             raise RuntimeError("MultiLoRAExperts: no LoRAContext attached (pass context= or call "
                                "lora_ext.multi.attach_context(model, ctx))")
+        if (problem := _hook_problem(self.base)) is not None:
+            raise RuntimeError(f"MultiLoRAExperts({type(self.base).__name__}): {problem}")
         slot = self._token_slots(hidden_states.shape[:-1].numel()).long()
         S, E = self.num_slots, self.num_experts
         bad = (slot < -1) | (slot >= S)
@@ -180,6 +183,13 @@ class MultiLoRAExperts(ContextLayer):
                                bad_index_count=self.context.bad_index_count)
 
         return _moe().routed_forward(self.base, hidden_states, top_k_index, top_k_weights, add_lora)
+
+
+def _hook_problem(base: nn.Module) -> str | None:
+    if hooked(base):  # routed_forward runs the experts from their parameters, never calling the module
+        return ("it has hooks or a forward replaced on the instance (e.g. accelerate's offloading), which serving "
+                "its experts would skip; register them on the MultiLoRAExperts wrapper instead")
+    return None
 
 
 def wrap_experts(model: nn.Module, target_parameters, num_slots: int, r_max: int,

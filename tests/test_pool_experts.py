@@ -154,3 +154,17 @@ def test_compiled_model_does_not_recompile_on_swaps(saved):
             with pool.batch(names):
                 got = fwd(ids)
             assert rel_err(got, reference(base, adapters, ids, names)) < 1e-5, names
+
+
+def test_hooks_on_the_experts_module_are_refused(saved):
+    """Serving runs the experts from their parameters (lora_ext.moe), never calling the module: its
+    hooks (accelerate's offloading, user hooks) would be skipped silently, so they are refused."""
+    base, adapters = saved
+    model = copy.deepcopy(base)
+    model.model.layers[1].mlp.experts.register_forward_hook(lambda m, args, out: out * 2)
+    with pytest.raises(ValueError, match=r"selects model.layers.1.mlp.experts.gate_up_proj.*has hooks"):
+        lora_ext.AdapterPool(model, target_parameters=EXPERTS)
+    model, pool = make_pool(base, adapters)
+    pool.experts["model.layers.0.mlp.experts"].base.register_forward_pre_hook(lambda m, args: None)
+    with torch.no_grad(), pool.batch(["a"]), pytest.raises(RuntimeError, match="has hooks"):
+        model(input_ids=torch.zeros(1, 3, dtype=torch.long))
