@@ -47,7 +47,7 @@ from torch import nn
 
 from .adapters import Adapter
 from .conv import is_conv
-from .inject import _no_fused_encoder
+from .inject import _no_fused_encoder, registrations
 from .layers import LoRALayer, is_conv1d
 from .multi import ContextLayer, LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
 from .multi_experts import expert_factors, wrap_experts
@@ -173,7 +173,6 @@ class AdapterPool:
                         "attention reads its weight directly)")
             raise ValueError(f"AdapterPool: target_modules={target_modules!r} matched no nn.Linear, Conv1D or "
                              f"nn.Embedding of {type(self.model).__name__}{hint}")
-        modules = dict(self.model.named_modules())
         layers = {}
         for name, m in chosen.items():  # all built first: a module that cannot be served changes nothing
             extra = {} if isinstance(m, nn.Embedding) else {"dora": self.dora}
@@ -182,12 +181,15 @@ class AdapterPool:
                 layers[name] = kind(m, self.max_adapters, self.max_rank, context=self.context, **extra)
             except ValueError as e:
                 raise ValueError(f"AdapterPool: module {name!r}: {e}") from e
+        where_is = registrations(self.model)  # a module registered in several places is served in each, as inject's
         for name, layer in {**layers, **self.experts}.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = modules[parent_name] if parent_name else self.model
-            if isinstance(parent, nn.TransformerEncoderLayer):  # off its fused path, as inject does
-                layer.register_forward_pre_hook(_no_fused_encoder)
-            setattr(parent, child, layer)
+            if not name:
+                raise TypeError(f"AdapterPool: the model itself is a {type(layer.base).__name__}; put it in a module "
+                                "(e.g. nn.Sequential(layer)) so the pool can replace it")
+            if any(isinstance(parent, nn.TransformerEncoderLayer) for parent, _ in where_is[id(layer.base)]):
+                layer.register_forward_pre_hook(_no_fused_encoder)  # off its fused path, as inject does
+            for parent, child in where_is[id(layer.base)]:
+                setattr(parent, child, layer)
         for m in self.model.modules():  # their stack would hand them nested tensors (its own fused path)
             if isinstance(m, nn.TransformerEncoder) and any(isinstance(x, _MultiLoRA) for x in m.layers.modules()):
                 m.use_nested_tensor = False

@@ -465,3 +465,25 @@ def test_lora_on_parameters_is_refused_by_module():
         lora_ext.AdapterPool(_expert_lora_model(), target_modules=["0"])
     with pytest.raises(TypeError, match=r"MultiLoRALinear: base must be an nn.Linear .* got LoRAParameter"):
         MultiLoRALinear(_expert_lora_model()[1], num_slots=2, r_max=2)
+
+
+@torch.no_grad()
+def test_a_module_registered_twice_is_served_in_both_places():
+    """nn.Sequential(shared, act, shared): the pool serves the one Linear at both places, as inject
+    adapts it (named_modules() names it once); a model that is itself a target is refused."""
+    shared = torch.nn.Linear(6, 6)
+    model = torch.nn.Sequential(shared, torch.nn.Tanh(), shared)
+    injected = copy.deepcopy(model)
+    lora_ext.inject(injected, target_modules=["0"], r=2)
+    torch.nn.init.normal_(injected[0].lora_B)
+    assert injected[2] is injected[0]
+    pool = lora_ext.AdapterPool(model, target_modules=["0"], max_rank=2)
+    assert model[2] is model[0] and isinstance(model[2], MultiLoRALinear)
+    pool.load("a", Adapter.from_model(injected))
+    x = torch.randn(3, 6)
+    with pool.batch(["a", None, "a"]):
+        got = model(x)
+    assert torch.allclose(got[[0, 2]], injected(x)[[0, 2]], atol=1e-6)
+    assert torch.allclose(got[1], injected[0].base_module()(torch.tanh(injected[0].base_module()(x[1]))), atol=1e-6)
+    with pytest.raises(TypeError, match="the model itself is a Linear"):
+        lora_ext.AdapterPool(torch.nn.Linear(4, 4))
