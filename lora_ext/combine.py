@@ -40,7 +40,12 @@ def _combine_factors(items: list[tuple[torch.Tensor, torch.Tensor, float]], how:
         A = sum(math.copysign(math.sqrt(abs(c)), c) * a.float() for a, _, c in items)
         B = sum(math.sqrt(abs(c)) * b.float() for _, b, c in items)
     out = dtype or torch.float32
-    return A.to(out), B.to(out)
+    A, B = A.to(out), B.to(out)
+    if not (A.isfinite().all() and B.isfinite().all()) and all(a.isfinite().all() and b.isfinite().all()
+                                                                for a, b, _ in items):
+        raise ValueError(f"combine: {where}: the combined factors overflow {out} (inputs finite, weights x "
+                         "scales too large for it); pass a wider dtype or smaller weights")
+    return A, B
 
 
 def _as_factors(x, where: str):

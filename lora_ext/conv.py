@@ -220,9 +220,9 @@ class LoRAConvNd(LoRALayer):
                        self.scaling).to(out.dtype).view(1, -1, *[1] * self._dims)
         if dropped:  # PEFT's conv_fn(d(x), W, ...): zero padding whatever the padding_mode, as A's
             base = conv(h, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
-        else:
+        else:  # (under autocast out is 16-bit, the bias fp32: the sum is cast back, as PEFT's result)
             base = out if self.bias is None else out - self.bias.view(1, -1, *[1] * self._dims)
-        return out + ((g - 1) * base + g * delta * self.scaling)
+        return (out + ((g - 1) * base + g * delta * self.scaling)).to(out.dtype)
 
     def extra_repr(self) -> str:
         opts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"]

@@ -29,7 +29,7 @@ from .adapters import Adapter, layer_weights, model_config, saved_tensors
 from .inject import lora_layers, peft_parameter_layers
 from .layers import LoRALayer
 from .param_lora import LoRAParameter, outermost, parameter_layers
-from .sharding import unwrapped
+from .sharding import fsdp1_of, unwrapped, wrapper_free, wrapper_free_name
 from .tp import ColwiseParallelLoRA, RowwiseParallelLoRA  # tensor parallel (lora_ext/tp.py), re-exported
 
 __all__ = ["lora_parameters", "fully_shard_lora", "save_adapter", "unwrap", "ColwiseParallelLoRA",
@@ -179,6 +179,10 @@ def save_adapter(model: nn.Module, path: str, timeout_s: float = 300.0, modules_
     (target_parameters) are saved as Adapter.from_model saves them (PEFT's nested paths).
     """
     found = _lora_layers_of(model, "save_adapter")
+    if (wrapped := fsdp1_of(unwrap(model))) is not None:  # (every rank raises: no collective started)
+        raise ValueError(f"save_adapter: {wrapped} is wrapped in FSDP1's FullyShardedDataParallel, whose "
+                         "parameters are flattened shards outside its forward; shard with fully_shard (FSDP2, "
+                         "lora_ext.distributed.fully_shard_lora), or save from a single-process copy of the model")
     if dist.is_available() and dist.is_initialized():
         _handshake(found, timeout_s)
     layers = {}
@@ -196,6 +200,10 @@ def save_adapter(model: nn.Module, path: str, timeout_s: float = 300.0, modules_
     # trained biases and modules_to_save, as Adapter.from_model (no module_to_save in a LoRAParameter)
     extra, bias_mode, kept = saved_tensors(unwrap(model), {**modules, **parameter_layers(unwrap(model))},
                                            modules_to_save, _full, "save_adapter")
+    # the file names modules as the unwrapped model does: without the steps activation checkpointing's
+    # wrappers (apply_activation_checkpointing) insert, which PEFT's model and load_adapter's do not have
+    layers, extra, modules, params = map(wrapper_free, (layers, extra, modules, params))
+    kept = None if kept is None else [wrapper_free_name(n) for n in kept]
     distributed = dist.is_available() and dist.is_initialized()
     err = None
     if not distributed or dist.get_rank() == 0:

@@ -18,7 +18,7 @@ from .layers import LoRALayer, LoRALinear, is_conv1d
 from .hparams import _check_hparams
 from .param_lora import (LoRAParameter, _chain, _inner, apply_plan, check_init, outermost, parameter_layers,
                          plan_parameters, target_hparams)
-from .sharding import sharding_of, unwrapped
+from .sharding import sharding_of, unwrapped, wrapper_free_name
 from .targets import (PEFT_PREFIX, check_layers, check_regex, in_layers, matches, read_directly, select_targets,
                       unwrappable)
 
@@ -82,7 +82,9 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
         chosen = [] if not target_modules else inject(
             model, target_modules, r, alpha, dropout, use_rslora, rank_pattern, alpha_pattern, init,
             exclude_modules, layers_to_transform, layers_pattern, use_dora)
-        return chosen + apply_plan(model, plan, use_rslora, init)
+        chosen += apply_plan(model, plan, use_rslora, init)
+        _no_fused_encoders(model)
+        return chosen
     if target_modules is None:
         target_modules = ("q_proj", "v_proj")
     if not isinstance(target_modules, str):
@@ -116,6 +118,10 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
     bypassed = read_directly(model)
     hparams = {}
     for name in chosen:  # every target, before anything changes
+        if not name:
+            raise TypeError(f"inject: the model itself is the target ({type(model).__name__}), which inject cannot "
+                            "replace in place; wrap it with LoRALinear.from_linear / LoRAEmbedding.from_embedding / "
+                            "LoRAConvNd.from_conv")
         if name in bypassed:
             raise TypeError(f"inject: module {name!r} is the out_proj of an nn.MultiheadAttention, which "
                             "reads its weight directly (F.multi_head_attention_forward): a LoRA layer there "
@@ -126,6 +132,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
             check_conv_base(f"inject: module {name!r}", modules[name])
         hparams[name] = target_hparams(f"inject: module {name!r}", name, r, alpha, rank_pattern, alpha_pattern,
                                        dropout)
+    where_is = registrations(model)
     for name in chosen:
         m = modules[name]
         rr, aa = hparams[name]
@@ -141,19 +148,42 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
                                 "be nn.Linear, transformers Conv1D, nn.Embedding or nn.Conv1d/2d/3d")
         except ValueError as e:
             raise ValueError(f"inject: module {name!r}: {e}") from None
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        if isinstance(parent, nn.TransformerEncoderLayer):
-            new.register_forward_pre_hook(_no_fused_encoder)
-        setattr(parent, child, new)
-    for m in model.modules():  # their stack would hand them nested tensors (its own fused path)
-        if isinstance(m, nn.TransformerEncoder) and any(isinstance(x, LoRALayer) for x in m.layers.modules()):
-            m.__dict__.setdefault(NESTED_KEY, m.use_nested_tensor)  # merge_and_unload puts it back
-            m.use_nested_tensor = False  # as torch sets it for layers its fused path cannot run
+        # every place the module is registered (named_modules() names a reused instance once)
+        for parent, child in where_is[id(m)]:
+            setattr(parent, child, new)
+    _no_fused_encoders(model)
     return chosen
 
 
+def registrations(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(module) -> every (parent, attribute name) under which ``model`` holds it: one instance
+    registered in several places (nn.Sequential(shared, act, shared)) is one layer used in each, but
+    named_modules() names it once, so replacing it there only would leave the other uses unadapted."""
+    out: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for child, m in parent._modules.items():
+            if m is not None:
+                out.setdefault(id(m), []).append((parent, child))
+    return out
+
+
 NESTED_KEY = "_lora_ext_use_nested_tensor"  # an nn.TransformerEncoder's own setting, before inject
+
+
+def _no_fused_encoders(model: nn.Module) -> None:
+    """Keeps LoRA layers and LoRAParameters (e.g. on self_attn.in_proj_weight, which the fused path
+    reads through the wrapper, unadapted) in an nn.TransformerEncoderLayer off torch's fused
+    inference path (_no_fused_encoder), and their nn.TransformerEncoder off nested tensors."""
+    lora = (LoRALayer, LoRAParameter)
+    for layer in model.modules():
+        if isinstance(layer, nn.TransformerEncoderLayer):
+            for m in layer.children():
+                if isinstance(m, lora) and _no_fused_encoder not in m._forward_pre_hooks.values():
+                    m.register_forward_pre_hook(_no_fused_encoder)
+    for m in model.modules():  # their stack would hand them nested tensors (its own fused path)
+        if isinstance(m, nn.TransformerEncoder) and any(isinstance(x, lora) for x in m.layers.modules()):
+            m.__dict__.setdefault(NESTED_KEY, m.use_nested_tensor)  # merge_and_unload puts it back
+            m.use_nested_tensor = False  # as torch sets it for layers its fused path cannot run
 
 
 def _no_fused_encoder(module: nn.Module, args) -> None:
@@ -249,7 +279,8 @@ def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: boo
     out = {}
 
     def put(name: str, leaf: str, peft_leaf: str, t: torch.Tensor) -> None:
-        out[prefix + join_name(name, peft_leaf) if peft_names else join_name(name, leaf)] = t.detach()
+        # without the steps of torch's checkpoint / FSDP1 wrappers, as the model's state_dict() and PEFT name it
+        out[wrapper_free_name(prefix + join_name(name, peft_leaf) if peft_names else join_name(name, leaf))] = t.detach()
 
     for name, m in lora_layers(model).items():
         linear = m.lora_kind != "embedding"  # PEFT: lora_A.weight for Linear and Conv layers

@@ -323,8 +323,8 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
         # while forward skips LoRA); a DTensor weight is a shard the merge kernels do not take
         if is_dtensor(self.weight) or is_fsdp(self):
             raise ValueError(f"{what}: this {type(self).__name__} is sharded (fully_shard / tensor "
-                             f"parallel); {what} before sharding, or in a single-process copy of the model "
-                             "(get_model_state_dict(..., full_state_dict=True))")
+                             f"parallel); {what} before tensor-parallel sharding (fully_shard takes "
+                             "unmerged layers), or in a copy (get_model_state_dict(..., full_state_dict=True))")
 
     def merge_overhead(self) -> float | None:
         """Exact-unmerge side information as a fraction of the weight's bytes (None: none kept)."""

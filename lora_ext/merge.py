@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import NESTED_KEY, lora_layers
+from .inject import NESTED_KEY, lora_layers, registrations
 from .layers import LoRALayer
 from .param_lora import LoRAParameter, outermost, parameter_layers
 from .sharding import sharding_of
@@ -42,7 +42,8 @@ def _layers_of(model: nn.Module, what: str) -> dict[str, nn.Module]:
     or one without lora_ext LoRA layers (a PEFT model: its own merge methods do the work)."""
     wrapped = sharding_of(model, ddp=False)  # (DDP replicas merge like single-process models)
     if wrapped is not None:  # an FSDP block's unsharded weight is a buffer: the merge would be lost
-        raise ValueError(f"{what}: {type(model).__name__} is {wrapped}; merge before sharding, or "
+        raise ValueError(f"{what}: {type(model).__name__} is {wrapped}; merge before tensor-parallel sharding "
+                         "(fully_shard takes unmerged layers only), or "
                          "in a single-process copy (get_model_state_dict(..., full_state_dict=True))")
     if isinstance(model, LoRALayer):
         return {"": model}
@@ -77,7 +78,7 @@ def _check_tied(model: nn.Module, layers: dict[str, nn.Module]) -> None:
             others = [o for o in owners.get(id(getattr(inner, m.parameter_name)), [])
                       if o not in names.get(id(inner), ())]
         else:
-            others = [o for o in owners.get(id(m.weight), []) if o != name]
+            others = [o for o in owners.get(id(m.weight), []) if o not in names.get(id(m), ())]  # (a reused layer's)
         if others:
             raise ValueError(f"merge: layer {name!r} shares its weight with {others} (tied weights): "
                              "merging would change those modules too; pass allow_tied=True to "
@@ -165,16 +166,13 @@ def merge_and_unload(model: nn.Module, safe: bool = False, allow_tied: bool = Fa
     if "" in layers:
         return layers[""].unwrapped() if isinstance(layers[""], LoRAParameter) else layers[""].base_module()
     outer = outermost(model)
-    modules = dict(model.named_modules())
+    where_is = registrations(model)  # (a layer registered in several places is put back in each)
     for name, m in layers.items():
-        if isinstance(m, LoRAParameter):  # the outermost wrapper of a module gives way to the module
-            if name not in outer:
-                continue
-            parent, _, child = name.rpartition(".")
-            setattr(modules[parent] if parent else model, child, m.unwrapped())
+        if isinstance(m, LoRAParameter) and name not in outer:  # the outermost wrapper gives way to the module
             continue
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, m.base_module())
+        base = m.unwrapped() if isinstance(m, LoRAParameter) else m.base_module()
+        for parent, child in where_is[id(m)]:
+            setattr(parent, child, base)
     for m in model.modules():  # inject turned an nn.TransformerEncoder's nested tensors off
         if NESTED_KEY in m.__dict__:
             m.use_nested_tensor = m.__dict__.pop(NESTED_KEY)

@@ -43,6 +43,7 @@ MoE experts: lora_ext.multi_experts (MultiLoRAExperts), on the same context.
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 from typing import Optional, Sequence
 
@@ -140,11 +141,11 @@ class LoRAContext:
         return out
 
     def _tokens(self, lead: torch.Size, compiling: bool) -> torch.Tensor:
-        T = lead.numel()
+        T = math.prod(lead)
         if compiling:  # no Python-int checks (they would specialize the batch size)
             return self._traced_tokens(lead)
         if self.per_row:
-            rows, row_len = (lead[0], lead[1:].numel()) if len(lead) else (1, 1)
+            rows, row_len = (lead[0], math.prod(lead[1:])) if len(lead) else (1, 1)
             if rows != self.count:
                 k = rows // self.count if self.count and rows % self.count == 0 else 0
                 hint = (f"; generate(num_beams={k}) / num_return_sequences={k} expand each row {k}x in "
@@ -167,7 +168,7 @@ class LoRAContext:
         report (CPU: an error; CUDA: bad_index_count, see check()) as the eager path's ValueError
         cannot be raised from a graph."""
         if self.per_row:
-            rows, row_len = (lead[0], lead[1:].numel()) if len(lead) else (1, 1)
+            rows, row_len = (lead[0], math.prod(lead[1:])) if len(lead) else (1, 1)
             if _CHECK_MESSAGES:  # symbolic
                 torch._check(rows <= self.indices.shape[0],
                              lambda: "LoRAContext: a layer input has more batch rows than the context's max_tokens")
@@ -175,7 +176,7 @@ class LoRAContext:
                 torch._check(rows <= self.indices.shape[0])
             idx, n = self.indices[:rows, None].expand(rows, row_len).reshape(-1), rows
             return idx.masked_fill((self.count_t >= 0) & (self.count_t != n), _OUT_OF_RANGE)
-        return self._padded(lead.numel())
+        return self._padded(math.prod(lead))
 
     def _padded(self, n) -> torch.Tensor:
         """indices[:n] for any n (a symbolic one too), -1 (base) past max_tokens, all out of range

@@ -16,6 +16,7 @@ Per-row indices (``pool.batch(names)``) expand over the [B * L] tokens the MoE b
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -166,7 +167,7 @@ class MultiLoRAExperts(ContextLayer):
                                "lora_ext.multi.attach_context(model, ctx))")
         if (problem := _hook_problem(self.base)) is not None:
             raise RuntimeError(f"MultiLoRAExperts({type(self.base).__name__}): {problem}")
-        slot = self._token_slots(hidden_states.shape[:-1].numel()).long()
+        slot = self._token_slots(math.prod(hidden_states.shape[:-1])).long()
         S, E = self.num_slots, self.num_experts
         bad = (slot < -1) | (slot >= S)
 

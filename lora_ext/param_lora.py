@@ -31,7 +31,7 @@ from .hparams import _check_hparams, lora_alpha_for, lora_scaling
 from .ops import MergeState, check_merge_finite, merge_, unmerge_
 from .ops._checks import as_scale
 from .sharding import is_dtensor, is_fsdp
-from .targets import pattern_value
+from .targets import hooked, pattern_value, read_directly
 
 __all__ = ["LoRAParameter", "inject_parameters", "parameter_layers", "outermost", "generic_path", "target_hparams",
            "check_init"]
@@ -181,7 +181,8 @@ class LoRAParameter(nn.Module):
         if not active:
             return base(*args, **kwargs)
         names = [w.parameter_name for w in active]
-        moe = None if _GENERIC[0] else _moe()
+        # (hooks or a forward replaced on the module, e.g. accelerate's: only the generic path calls it)
+        moe = None if _GENERIC[0] or hooked(base) else _moe()
         if moe is not None and len(args) + len(kwargs) == 3 and moe.fast_path_problem(base, names) is None:
             return moe.experts_forward(base, *args, **kwargs,
                                        loras={w.parameter_name: w.expert_factors() for w in active})
@@ -247,7 +248,8 @@ class LoRAParameter(nn.Module):
         # an FSDP module's unsharded parameter is a temporary buffer; a DTensor shard is not the weight
         if is_dtensor(getattr(self.target(), self.parameter_name)) or is_fsdp(self) or is_fsdp(self.target()):
             raise ValueError(f"{what}: LoRAParameter({self.parameter_name!r}) is sharded (fully_shard / tensor "
-                             f"parallel); {what} before sharding, or in a single-process copy of the model")
+                             f"parallel); {what} before tensor-parallel sharding (fully_shard takes "
+                             "unmerged layers), or in a single-process copy of the model")
 
     def merge_refusal(self) -> str | None:  # merge.py asks every layer; a parameter always merges
         return None
@@ -279,9 +281,16 @@ class LoRAParameter(nn.Module):
         self._merge_states = self._merged_factors = None
 
     def train(self, mode: bool = True):
-        """As nn.Module.train; train(True) unmerges a merged wrapper first (its forward skips LoRA)."""
-        if mode and self.merged and not self._merged_for_good():
-            self.unmerge()
+        """As nn.Module.train; train(True) unmerges a merged wrapper first (its forward skips LoRA);
+        one merged for good (drop_merge_state) with factors that require grad raises ValueError, as
+        LoRALayer.train."""
+        if mode and self.merged:
+            if not self._merged_for_good():
+                self.unmerge()
+            elif self.lora_A.requires_grad or self.lora_B.requires_grad:
+                raise ValueError(f"train: LoRAParameter({self.parameter_name!r}) is merged for good "
+                                 "(drop_merge_state), so its forward skips LoRA and its factors would not train; "
+                                 "freeze them (requires_grad_(False)) or use merge_and_unload")
         return super().train(mode)
 
     def _apply(self, fn, recurse: bool = True):
@@ -296,6 +305,29 @@ class LoRAParameter(nn.Module):
             for st, o, n in zip(states, self._expert_views(old), self._expert_views(new)):
                 st.convert(o, n, fn)
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """As LoRALayer's: a merged wrapper takes new factors unmerged, loaded and merged again
+        (exactly if it was), so the parameter holds the loaded adapter; a state dict with the merged
+        parameter itself (merged or not?), or factors for a wrapper merged for good, is an error
+        (load_state_dict raises RuntimeError)."""
+        param = prefix + "base_layer." * len(_chain(self)) + self.parameter_name
+        if not self.merged or not any(k in state_dict for k in (prefix + "lora_A", prefix + "lora_B", param)):
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        where = f"LoRAParameter {prefix[:-1] or self.parameter_name!r} is merged"
+        if param in state_dict:
+            error_msgs.append(f"{where}, so a state dict with its parameter {param!r} is ambiguous (an unmerged "
+                              "model's or a merged one's?); unmerge before loading an unmerged model's state dict")
+        elif self._merged_for_good():
+            error_msgs.append(f"{where} for good (drop_merge_state), so it cannot take new factors")
+        else:
+            exact = self._merge_states is not None
+            self.unmerge()
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            self.merge(exact=exact)
 
     def unwrapped(self) -> nn.Module:
         """The wrapped module itself (for merge_and_unload: merge first)."""
@@ -396,7 +428,12 @@ def plan_parameters(model: nn.Module, target_parameters, r: int = 8, alpha: floa
                 chosen.append((clean, pname, key))
     if not chosen:
         raise ValueError(f"{where}: target_parameters={targets!r} matched no parameter of {type(model).__name__}")
+    bypassed = read_directly(model)
     for clean, pname, key in chosen:
+        if clean in bypassed:
+            raise TypeError(f"{where}: target_parameters: {key!r} belongs to the out_proj of an nn.MultiheadAttention, "
+                            "which reads that weight directly (F.multi_head_attention_forward): a LoRAParameter there "
+                            "would never run")
         if not clean:
             raise ValueError(f"{where}: target_parameters: {key!r} is a parameter of the model itself; "
                              "only parameters of submodules can be wrapped")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["is_dtensor", "is_fsdp", "sharding_of", "unwrapped"]
+__all__ = ["is_dtensor", "is_fsdp", "fsdp1_of", "sharding_of", "unwrapped", "wrapper_free", "wrapper_free_name"]
 
 _FSDP = frozenset({"FSDPModule", "FullyShardedDataParallel"})  # FSDP2 / FSDP1 classes, by name
+# the child names torch's wrappers put between a module and its parent: activation checkpointing's
+# CheckpointWrapper / OffloadWrapper (apply_activation_checkpointing) and FSDP1's wrapper; their
+# state_dict() keys leave them out, and so do PEFT's names of the unwrapped model
+_WRAPPED = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
 
 
 def _classes(m: nn.Module) -> set[str]:
@@ -21,6 +25,24 @@ def is_dtensor(t) -> bool:
 def is_fsdp(m: nn.Module) -> bool:
     """True for a module sharded by FSDP (fully_shard's FSDPModule or FSDP1's wrapper)."""
     return bool(_classes(m) & _FSDP)
+
+
+def wrapper_free_name(name: str) -> str:
+    """A module path without the steps torch's wrappers insert ("blocks.0._checkpoint_wrapped_module.up"
+    -> "blocks.0.up"), as the model's state_dict() and PEFT name it."""
+    return ".".join(a for a in name.split(".") if a not in _WRAPPED)
+
+
+def wrapper_free(named: dict) -> dict:
+    """``named`` (module path -> anything) with wrapper_free_name keys, in the same order."""
+    return {wrapper_free_name(n): v for n, v in named.items()}
+
+
+def fsdp1_of(model: nn.Module) -> str | None:
+    """"the model" or "module <name>": the first module of ``model`` that FSDP1 (FullyShardedDataParallel)
+    wraps, else None."""
+    name = next((n for n, m in model.named_modules() if "FullyShardedDataParallel" in _classes(m)), None)
+    return None if name is None else f"module {name!r}" if name else "the model"
 
 
 def sharding_of(model: nn.Module, ddp: bool = True) -> str | None:

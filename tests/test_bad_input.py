@@ -243,7 +243,7 @@ def test_meta_tensors_get_the_kernels_checks():
     for args in [(m(4, 8), m(6, 9), None, m(2, 8), m(6, 2)), (m(4, 8), m(6, 8), m(5), m(2, 8), m(6, 2))]:
         with pytest.raises(RuntimeError, match="lora_linear: shapes"):
             lora_linear(*args, 1.0)
-    with pytest.raises(RuntimeError, match="lora_linear: dtypes must match"):
+    with pytest.raises(RuntimeError, match="lora_linear: .*dtypes must match"):
         lora_linear(m(4, 8), m(6, 8), None, m(2, 8), m(6, 2, dt=torch.bfloat16), 1.0)
-    with pytest.raises(RuntimeError, match="lora_apply_: shapes"):
+    with pytest.raises(RuntimeError, match="lora_apply_: (shapes|leading dims)"):
         lora_apply_(m(3, 6), m(4, 8), m(2, 8), m(6, 2), 1.0)

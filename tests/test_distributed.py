@@ -287,7 +287,7 @@ def test_fsdp2_world_size_4_uneven_shards(tmp_path):
         assert r["seen"] and all(not any(s[:-1]) and s[-1][0] == 3 for s in r["seen"])
         assert r["save_error"] is not None and "save_adapter: rank 0 could not write" in r["save_error"]
         # a sharded model refuses what would be lost or fail deep inside, by name
-        assert "merge before sharding" in r["misuse"]["merge"]
+        assert "merge before tensor-parallel sharding (fully_shard takes unmerged layers only)" in r["misuse"]["merge"]
         assert "already sharded with fully_shard" in r["misuse"]["inject"]
         assert "use lora_ext.distributed.save_adapter" in r["misuse"]["from_model"]
     assert "rank(s) [1, 2, 3] did not call it within 2 s" in results[0]["misuse"]["rank0_only"]

@@ -402,3 +402,21 @@ def test_compiled_rows_over_max_tokens_says_so():
     layer.context.set_indices([0, 1], per_row=True)
     with torch.no_grad(), pytest.raises(Exception, match="more batch rows than the context's max_tokens"):
         torch.compile(layer, dynamic=True, fullgraph=True)(torch.randn(6, 2, 8))
+
+
+@torch.no_grad()
+def test_export_with_a_dynamic_token_count():
+    """Non-strict torch.export of a MultiLoRALinear with per-row indices and a dynamic sequence length:
+    the token count stays symbolic (torch.Size.numel() would specialize it) and the exported program
+    matches eager at other lengths."""
+    torch.manual_seed(0)
+    ctx = LoRAContext(16)
+    layer = MultiLoRALinear(nn.Linear(8, 6), num_slots=2, r_max=4, context=ctx)
+    layer.set_slot(0, torch.randn(3, 8), torch.randn(6, 3), 0.5)
+    layer.set_slot(1, torch.randn(4, 8), torch.randn(6, 4), 2.0)
+    ctx.set_indices(torch.tensor([1, -1, 0]), per_row=True)
+    holder = nn.Sequential(layer)
+    ep = torch.export.export(holder, (torch.randn(3, 5, 8),), dynamic_shapes=({1: torch.export.Dim("T", max=64)},))
+    for T in (2, 7):
+        x = torch.randn(3, T, 8)
+        torch.testing.assert_close(ep.module()(x), holder(x), rtol=0, atol=0)

@@ -92,3 +92,33 @@ def no_tangent(op: str, why: str, **tensors) -> None:
     if (name := tangent_of(**tensors)) is not None:
         raise RuntimeError(f"{op}: {name} carries a forward-mode AD tangent (torch.func.jvp / jacfwd or "
                            f"torch.autograd.forward_ad), but {op} {why}")
+
+
+# ---- fake kernels (meta tensors, torch.compile tracing) refuse what the kernels refuse ----
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def fake_float(op: str, name: str, t: torch.Tensor) -> None:
+    """A kernel dtype (float32, float16, bfloat16), else the kernels' RuntimeError."""
+    if t.dtype not in KERNEL_DTYPES:
+        raise RuntimeError(f"{op}: {name} has dtype {_dtype_name(t.dtype)}; supported are float32, "
+                           "float16 and bfloat16")
+
+
+def fake_like(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    """Each given tensor (None allowed) has ref's dtype, else the kernels' RuntimeError."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise RuntimeError(f"{op}: {name} has dtype {_dtype_name(t.dtype)} but {ref_name} has "
+                               f"{_dtype_name(ref.dtype)}; dtypes must match")
+
+
+def fake_dims(op: str, **named) -> None:
+    """Each tensor's number of dims is the one given ((tensor, dims, shape text) triples)."""
+    for name, (t, dims, want) in named.items():
+        if t.dim() not in ((dims,) if isinstance(dims, int) else dims):
+            raise RuntimeError(f"{op}: {name} must be {want}, got shape {list(t.shape)}")

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import as_scale, no_grad_needed, one_device, tangent_of
+from ._checks import as_scale, fake_dims, fake_float, fake_like, no_grad_needed, one_device, tangent_of
 
 __all__ = ["lora_apply_", "lora_linear", "build_info"]
 
@@ -29,20 +29,23 @@ def lora_apply_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tens
 
 @torch.library.register_fake("lora_ext::lora_apply_")
 def _lora_apply_fake(y, x, A, B, scale):
-    one_device("lora_apply_", y=y, x=x, A=A, B=B)
-    torch._check(A.dim() == 2 and B.dim() == 2, lambda: "lora_apply_: A and B must be 2-D")
-    torch._check(A.shape[1] == x.shape[-1] and B.shape[1] == A.shape[0] and y.shape[-1] == B.shape[0]
-                 and math.prod(y.shape[:-1]) == math.prod(x.shape[:-1]),
-                 lambda: f"lora_apply_: shapes y {tuple(y.shape)}, x {tuple(x.shape)}, "
+    op = "lora_apply_"
+    one_device(op, y=y, x=x, A=A, B=B)
+    fake_dims(op, A=(A, 2, "2-D [r, in]"), B=(B, 2, "2-D [out, r]"))
+    if x.dim() < 1:
+        raise RuntimeError(f"{op}: x must have at least 1 dim [..., in], got a scalar")
+    if y.dim() != x.dim():
+        raise RuntimeError(f"{op}: y must have the same number of dims as x ([..., out] vs [..., in]), "
+                           f"got y {list(y.shape)} and x {list(x.shape)}")
+    torch._check(A.shape[0] >= 1, lambda: f"{op}: rank r = A.size(0) must be >= 1, got A {list(A.shape)}")
+    torch._check(A.shape[1] == x.shape[-1] and B.shape[1] == A.shape[0] and y.shape[-1] == B.shape[0],
+                 lambda: f"{op}: shapes y {tuple(y.shape)}, x {tuple(x.shape)}, "
                          f"A {tuple(A.shape)}, B {tuple(B.shape)} do not fit")
-    _same_dtype("lora_apply_", y=y, x=x, A=A, B=B)
+    torch._check(all(a == b for a, b in zip(y.shape[:-1], x.shape[:-1])), lambda: f"{op}: leading dims "
+                 f"of y and x must match, got y {list(y.shape)} and x {list(x.shape)}")
+    fake_float(op, "x", x)
+    fake_like(op, "x", x, A=A, B=B, y=y)
     return None
-
-
-def _same_dtype(op: str, **tensors) -> None:
-    """Fake kernels (meta tensors, tracing) refuse the dtype mixes the kernels refuse."""
-    dts = {k: t.dtype for k, t in tensors.items() if t is not None}
-    torch._check(len(set(dts.values())) == 1, lambda: f"{op}: dtypes must match, got {dts}")
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -85,8 +88,6 @@ def _lora_linear_composite(x, weight, bias, A, B, scale, fan_in_fan_out):
     kernels' checks and numerics: the [T, r] activation and the low-rank product in fp32, added to
     the base GEMM's result and rounded once into x's dtype."""
     _check_lora_linear(x, weight, bias, A, B, None, fan_in_fan_out)
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise RuntimeError(f"lora_linear: x has dtype {x.dtype}; supported are float32, float16 and bfloat16")
     u = F.linear(x.float(), A.float())
     y = F.linear(x, weight.t() if fan_in_fan_out else weight, bias)
     return (y.float() + scale * F.linear(u, B.float())).to(x.dtype)
@@ -103,13 +104,19 @@ def _check_lora_linear(x, weight, bias, A, B, seed, fan_in_fan_out) -> int:
                  lambda: f"lora_linear: shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}, A "
                          f"{tuple(A.shape)}, B {tuple(B.shape)}, bias {None if bias is None else tuple(bias.shape)} "
                          "do not fit")
-    _same_dtype("lora_linear", x=x, weight=weight, bias=bias, A=A, B=B)
+    torch._check(A.shape[0] >= 1, lambda: f"lora_linear: rank r = A.size(0) must be >= 1, got A {list(A.shape)}")
+    fake_float("lora_linear", "x", x)
+    fake_like("lora_linear", "x", x, weight=weight, A=A, B=B, bias=bias)
     return out
 
 
 @torch.library.register_fake("lora_ext::lora_linear_fwd")
 def _lora_linear_fwd_fake(x, weight, bias, A, B, scale, dropout_p, seed, fan_in_fan_out):
     out = _check_lora_linear(x, weight, bias, A, B, seed, fan_in_fan_out)
+    if not 0.0 <= dropout_p < 1.0:
+        raise RuntimeError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and (seed is None or seed.dtype != torch.int64 or seed.numel() != 1):
+        raise RuntimeError("lora_linear: dropout needs `seed`, a one-element int64 tensor on x's device")
     T = math.prod(x.shape[:-1])
     for d in x.shape[:-1]:
         torch._check(d >= 0)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import F32_MAX, as_scale, no_tangent, one_device
+from ._checks import F32_MAX, as_scale, fake_dims, fake_float, no_tangent, one_device
 from .merge_state import CODE_WIDTHS, MergeState
 
 __all__ = ["merge_", "unmerge_", "check_merge_finite", "dora_norm"]
@@ -162,8 +162,10 @@ def check_merge_finite(weight: torch.Tensor, As, Bs, scales, *, fan_in_fan_out: 
     largest value (room for every fp32 rounding), no overflow is possible and that is all
     (reductions over A, B and W: the common case). Else (or when ``fl32(s_a * B_a)`` itself may
     overflow) it runs the merge_ kernel itself on copies of ~``chunk`` elements of the weight at a
-    time and looks at the bits it would write.
+    time and looks at the bits it would write. As, Bs and scales take merge_'s forms: one
+    adapter (A and B tensors) or sequences of several.
     """
+    As, Bs, scales = _as_lists("check_merge_finite", As, Bs, scales)
     if weight.numel() == 0:
         return  # nothing to overflow
     w_max = _max_abs(weight)
@@ -223,8 +225,27 @@ def _check_merged_bits(weight, As, Bs, scales, fan_in_fan_out, chunk) -> None:
 @torch.library.register_fake("lora_ext::merge_")
 def _merge_fake(weight, A, B, scales, fan_in_fan_out):
     one_device("merge_", weight=weight, A=A, B=B)
-    torch._check(len(A) == len(B) == len(scales), lambda: "merge_: A, B and scales lengths differ")
+    _check_adapters_fake("merge_", weight, A, B, scales, fan_in_fan_out)
+    fake_float("merge_", "weight", weight)
     return None
+
+
+def _check_adapters_fake(op, weight, As, Bs, scales, fan_in_fan_out) -> None:
+    """The kernels' checks of the adapters against the weight (csrc/merge_glue.h check_adapters)."""
+    if not len(As) == len(Bs) == len(scales):
+        raise RuntimeError(f"{op}: A, B and scales must have the same length, got {len(As)}, "
+                           f"{len(Bs)} and {len(scales)}")
+    fake_dims(op, weight=(weight, 2, "2-D"))
+    out, n_in = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    for i, (A, B) in enumerate(zip(As, Bs)):
+        fake_dims(op, **{f"A[{i}]": (A, 2, "2-D [r, in]"), f"B[{i}]": (B, 2, "2-D [out, r]")})
+        torch._check(A.shape[0] >= 1, lambda: f"{op}: rank r = A[{i}].size(0) must be >= 1, got A {list(A.shape)}")
+        torch._check(A.shape[1] == n_in, lambda: f"{op}: A[{i}] must be [r, in] with in = {n_in}, got A "
+                     f"{list(A.shape)} for weight {list(weight.shape)}")
+        torch._check(B.shape[0] == out and B.shape[1] == A.shape[0], lambda: f"{op}: B[{i}] must be [out, r] "
+                     f"= [{out}, {A.shape[0]}], got B {list(B.shape)} for weight {list(weight.shape)}")
+        fake_float(op, f"A[{i}]", A)
+        fake_float(op, f"B[{i}]", B)
 
 
 @torch.library.register_fake("lora_ext::remerge_")
@@ -232,6 +253,9 @@ def _remerge_fake(weight, codes, fails, bits, A_old, B_old, s_old, A_new, B_new,
                   fan_in_fan_out):
     one_device("remerge_", weight=weight, codes=codes, fails=fails, A_old=A_old, B_old=B_old,
                A_new=A_new, B_new=B_new)
+    _check_adapters_fake("remerge_", weight, A_old, B_old, s_old, fan_in_fan_out)
+    _check_adapters_fake("remerge_", weight, A_new, B_new, s_new, fan_in_fan_out)
+    fake_float("remerge_", "weight", weight)
     torch._check(bits in CODE_WIDTHS, lambda: f"remerge_: bits must be one of {CODE_WIDTHS}")
     return None
 

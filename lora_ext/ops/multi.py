@@ -13,11 +13,12 @@ Ranks are validated on CPU; on CUDA a rank outside 0..r_max is clamped into that
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
 
-from ._checks import as_scale, no_grad_needed, one_device
+from ._checks import as_scale, fake_dims, fake_float, fake_like, no_grad_needed, one_device
 
 __all__ = ["multi_lora_", "lora_shrink", "lora_expand_"]
 
@@ -41,11 +42,12 @@ def multi_lora_(y: torch.Tensor, x: torch.Tensor, A_pool: torch.Tensor, B_pool: 
     ``out_slices`` (n column widths summing to out) applies n pools at once to column
     slices of y, e.g. packed q/k/v: A_pool is then [n, S, r_max, in], slice i uses
     A_pool[i] and rows out_off[i]:out_off[i+1] of B_pool; scales/ranks may be [n, S].
+    Widths are ints (numpy ints and integer tensors too); a float or bool raises TypeError.
     """
     no_grad_needed("multi_lora_", y=y, x=x, A_pool=A_pool, B_pool=B_pool)
     torch.ops.lora_ext.multi_lora_.default(
-        y, x, A_pool, B_pool, indices, scales, ranks,
-        None if out_slices is None else [int(s) for s in out_slices], bad_index_count)
+        y, x, A_pool, B_pool, indices, scales, ranks, _slice_list("multi_lora_", out_slices),
+        bad_index_count)
     return y
 
 
@@ -78,10 +80,28 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, B_pool: torch.Tensor, indices
     """
     no_grad_needed("lora_expand_", y=y, u=u, B_pool=B_pool)
     torch.ops.lora_ext.lora_expand_.default(
-        y, u, B_pool, indices, scales, ranks,
-        None if out_slices is None else [int(s) for s in out_slices], bad_index_count,
-        bool(add_inputs))
+        y, u, B_pool, indices, scales, ranks, _slice_list("lora_expand_", out_slices),
+        bad_index_count, bool(add_inputs))
     return y
+
+
+def _slice_list(op, out_slices):
+    """out_slices as a list of ints (numpy ints and integer tensors too); a float or bool width
+    raises TypeError (int() would truncate 2.5 to a valid width silently)."""
+    if out_slices is None:
+        return None
+    widths = []
+    for i, w in enumerate(out_slices):
+        if isinstance(w, torch.SymInt):  # torch.compile with a varying width: the op checks it
+            widths.append(w)
+            continue
+        if isinstance(w, torch.Tensor) and not w.is_floating_point() and w.dtype != torch.bool:
+            w = int(w)  # a 1-element integer tensor (e.g. iterating over a tensor of widths)
+        if isinstance(w, (bool, torch.Tensor)) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"{op}: out_slices[{i}] must be an int column width, got "
+                            f"{type(w).__name__} {w!r:.40}")
+        widths.append(int(w))
+    return widths
 
 
 def _tokens(x):
@@ -91,21 +111,94 @@ def _tokens(x):
     return t
 
 
+_MAX_SLICES = 8  # kMaxSlices in csrc
+
+
+def _check_slices(op, out, out_slices) -> int:
+    """n, the number of column slices; the kernels' checks of out_slices against out."""
+    if out_slices is None:
+        return 1
+    if not 1 <= len(out_slices) <= _MAX_SLICES:
+        raise RuntimeError(f"{op}: out_slices must list 1 to {_MAX_SLICES} column widths, got {len(out_slices)}")
+    torch._check(all(w >= 0 for w in out_slices) and sum(out_slices) == out,
+                 lambda: f"{op}: out_slices {list(out_slices)} must be >= 0 and sum to out = {out}")
+    return len(out_slices)
+
+
+def _check_pool_a(op, x, A_pool, n, sliced) -> None:
+    if x.dim() < 1:
+        raise RuntimeError(f"{op}: x must have at least 1 dim [..., in], got a scalar")
+    fake_float(op, "x", x)
+    if sliced:
+        torch._check(A_pool.dim() == 4 and A_pool.shape[0] == n, lambda: f"{op}: with out_slices, A_pool "
+                     f"must be 4-D [n, S, r_max, in] with n = {n}, got shape {list(A_pool.shape)}")
+    else:
+        fake_dims(op, A_pool=(A_pool, 3, "3-D [S, r_max, in]"))
+    torch._check(A_pool.shape[-1] == x.shape[-1], lambda: f"{op}: A_pool must be [S, r_max, in] with "
+                 f"in = {x.shape[-1]}, got {list(A_pool.shape)}")
+    torch._check(A_pool.shape[-2] >= 1, lambda: f"{op}: A_pool needs r_max >= 1, got {list(A_pool.shape)}")
+    fake_like(op, "x", x, A_pool=A_pool)
+
+
+def _check_y(op, y, T, x_name, x) -> None:
+    if y.dim() < 1:
+        raise RuntimeError(f"{op}: y must have at least 1 dim [..., out]")
+    torch._check(_tokens(y) == T, lambda: f"{op}: y must hold {T} tokens like {x_name} ({x_name} "
+                 f"{list(x.shape)}, y {list(y.shape)})")
+
+
+def _check_pool_b(op, B_pool, S, out, r_max) -> None:
+    fake_dims(op, B_pool=(B_pool, 3, "3-D [S, out, r_max]"))
+    torch._check(B_pool.shape[0] == S and B_pool.shape[1] == out and B_pool.shape[2] == r_max,
+                 lambda: f"{op}: B_pool must be [S, out, r_max] = [{S}, {out}, {r_max}], got {list(B_pool.shape)}")
+
+
+def _check_slot_args(op, T, S, n, indices, scales, ranks, bad_index_count) -> None:
+    """indices, scales (None: the shrink has none), ranks and bad_index_count as the kernels check them."""
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise RuntimeError(f"{op}: indices must be int32 or int64, got {indices.dtype}")
+    torch._check(indices.numel() == T, lambda: f"{op}: indices must have one entry per token ({T}), "
+                 f"got {indices.numel()}")
+    per_slice = {}
+    for name, t, dt in (("ranks", ranks, torch.int32), ("scales", scales, torch.float32)):
+        if t is None:
+            continue
+        if t.dtype != dt:
+            raise RuntimeError(f"{op}: {name} must be {dt}, got {t.dtype}")
+        if t.dim() not in (1, 2):
+            raise RuntimeError(f"{op}: {name} must be [S] = [{S}] or [n, S] = [{n}, {S}], got {list(t.shape)}")
+        torch._check(t.shape[-1] == S and (t.dim() == 1 or t.shape[0] == n),
+                     lambda: f"{op}: {name} must be [S] = [{S}] or [n, S] = [{n}, {S}], got {list(t.shape)}")
+        per_slice[name] = t.dim() == 2
+    if len(set(per_slice.values())) > 1 and n != 1:
+        raise RuntimeError(f"{op}: scales and ranks must both be [S] or both [n, S]")
+    if bad_index_count is not None and (bad_index_count.dtype != torch.int32 or bad_index_count.numel() < 1
+                                        or not bad_index_count.is_contiguous()):
+        raise RuntimeError(f"{op}: bad_index_count must be a contiguous int32 tensor with >= 1 element, "
+                           f"got {bad_index_count.dtype} {list(bad_index_count.shape)}")
+
+
 @torch.library.register_fake("lora_ext::multi_lora_")
 def _multi_lora_fake(y, x, A_pool, B_pool, indices, scales, ranks, out_slices=None,
                      bad_index_count=None):
-    one_device("multi_lora_", y=y, x=x, A_pool=A_pool, B_pool=B_pool, indices=indices,
+    op = "multi_lora_"
+    one_device(op, y=y, x=x, A_pool=A_pool, B_pool=B_pool, indices=indices,
                scales=scales, ranks=ranks, bad_index_count=bad_index_count)
-    n = 1 if out_slices is None else len(out_slices)
-    torch._check(A_pool.dim() == (3 if out_slices is None else 4),
-                 lambda: "multi_lora_: A_pool must be [S, r_max, in] ([n, S, r_max, in] with out_slices)")
-    torch._check(B_pool.dim() == 3, lambda: "multi_lora_: B_pool must be [S, out, r_max]")
-    torch._check(A_pool.shape[-1] == x.shape[-1] and B_pool.shape[1] == y.shape[-1]
-                 and B_pool.shape[2] == A_pool.shape[-2] and B_pool.shape[0] == A_pool.shape[-3],
-                 lambda: f"multi_lora_: shapes y {tuple(y.shape)}, x {tuple(x.shape)}, A_pool "
-                         f"{tuple(A_pool.shape)}, B_pool {tuple(B_pool.shape)} do not fit")
-    torch._check(indices.numel() == _tokens(x), lambda: "multi_lora_: one index per token")
-    torch._check(n >= 1, lambda: "multi_lora_: out_slices must not be empty")
+    if x.dim() < 1:
+        raise RuntimeError(f"{op}: x must have at least 1 dim [..., in], got a scalar")
+    T = _tokens(x)
+    _check_y(op, y, T, "x", x)
+    if y.dim() != x.dim():
+        raise RuntimeError(f"{op}: y must have the same dims as x ([..., out] vs [..., in]), got y "
+                           f"{list(y.shape)} and x {list(x.shape)}")
+    torch._check(all(a == b for a, b in zip(y.shape[:-1], x.shape[:-1])),
+                 lambda: f"{op}: leading dims of y and x must match, got y {list(y.shape)} and x {list(x.shape)}")
+    n = _check_slices(op, y.shape[-1], out_slices)
+    _check_pool_a(op, x, A_pool, n, out_slices is not None)
+    S, r_max = A_pool.shape[-3], A_pool.shape[-2]
+    _check_pool_b(op, B_pool, S, y.shape[-1], r_max)
+    fake_like(op, "x", x, B_pool=B_pool, y=y)
+    _check_slot_args(op, T, S, n, indices, scales, ranks, bad_index_count)
     return None
 
 
@@ -116,12 +209,15 @@ def _lora_shrink_fake(x, A_pool, indices, ranks, scale=1.0):
 
 @torch.library.register_fake("lora_ext::lora_shrink.counted")
 def _lora_shrink_counted_fake(x, A_pool, indices, ranks, bad_index_count, scale=1.0):
-    one_device("lora_shrink", x=x, A_pool=A_pool, indices=indices, ranks=ranks,
+    op = "lora_shrink"
+    one_device(op, x=x, A_pool=A_pool, indices=indices, ranks=ranks,
                bad_index_count=bad_index_count)
-    torch._check(A_pool.dim() in (3, 4), lambda: "lora_shrink: A_pool must be 3-D or 4-D")
-    torch._check(A_pool.shape[-1] == x.shape[-1], lambda: "lora_shrink: A_pool.shape[-1] != in")
+    fake_dims(op, A_pool=(A_pool, (3, 4), "[S, r_max, in] or [n, S, r_max, in]"))
+    n = A_pool.shape[0] if A_pool.dim() == 4 else 1
+    torch._check(1 <= n <= _MAX_SLICES, lambda: f"{op}: A_pool may hold 1 to {_MAX_SLICES} slices, got {n}")
+    _check_pool_a(op, x, A_pool, n, A_pool.dim() == 4)
     T = _tokens(x)
-    torch._check(indices.numel() == T, lambda: "lora_shrink: one index per token")
+    _check_slot_args(op, T, A_pool.shape[-3], n, indices, None, ranks, bad_index_count)
     shape = (T, A_pool.shape[-2]) if A_pool.dim() == 3 else (A_pool.shape[0], T, A_pool.shape[-2])
     return x.new_empty(shape, dtype=torch.float32)
 
@@ -129,10 +225,23 @@ def _lora_shrink_counted_fake(x, A_pool, indices, ranks, bad_index_count, scale=
 @torch.library.register_fake("lora_ext::lora_expand_")
 def _lora_expand_fake(y, u, B_pool, indices, scales, ranks, out_slices=None,
                       bad_index_count=None, add_inputs=True):
-    one_device("lora_expand_", y=y, u=u, B_pool=B_pool, indices=indices, scales=scales,
+    op = "lora_expand_"
+    one_device(op, y=y, u=u, B_pool=B_pool, indices=indices, scales=scales,
                ranks=ranks, bad_index_count=bad_index_count)
-    torch._check(B_pool.dim() == 3 and B_pool.shape[1] == y.shape[-1]
-                 and B_pool.shape[2] == u.shape[-1],
-                 lambda: f"lora_expand_: shapes y {tuple(y.shape)}, u {tuple(u.shape)}, "
-                         f"B_pool {tuple(B_pool.shape)} do not fit")
+    if u.dtype not in (torch.float32, y.dtype):
+        raise RuntimeError(f"{op}: u must be float32 (lora_shrink's output) or y's dtype {y.dtype}, "
+                           f"got {u.dtype}")
+    fake_dims(op, u=(u, 2 if out_slices is None else 3,
+                     "[T, r_max]" if out_slices is None else "[n, T, r_max] with out_slices"))
+    fake_float(op, "y", y)
+    T, r_max = u.shape[-2], u.shape[-1]
+    _check_y(op, y, T, "u", u)
+    n = _check_slices(op, y.shape[-1], out_slices)
+    torch._check(out_slices is None or u.shape[0] == n,
+                 lambda: f"{op}: u must have n = {n} slices, got {list(u.shape)}")
+    fake_dims(op, B_pool=(B_pool, 3, "3-D [S, out, r_max]"))
+    S = B_pool.shape[0]
+    _check_pool_b(op, B_pool, S, y.shape[-1], r_max)
+    fake_like(op, "y", y, B_pool=B_pool)
+    _check_slot_args(op, T, S, n, indices, scales, ranks, bad_index_count)
     return None
