@@ -18,6 +18,7 @@ import re
 import torch
 from torch import nn
 
+from .sharding import wrapper_free_name
 from .targets import PEFT_PREFIX, _short, check_layers, check_pattern_key, check_regex, in_layers, matches
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -29,6 +30,7 @@ PICKLE_FILE = "adapter_model.bin"
 PEFT_KEY = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
                   r"|lora_magnitude_vector)"
                   r"(?:\.(?!(?:weight|bias)$)[A-Za-z0-9_-]+)?(?:\.weight)?$")  # [.<adapter name>][.weight]
+WRAPPER_INNER = re.compile(r"\.(?P<part>modules_to_save|original_module)\.(?P<leaf>[^.]+)$")
 # Tensors only training uses (VeLoRA's projection, MonteCLoRA's sampler): dropped on load.
 TRAINING_ONLY = re.compile(r"\.lora_(?:velora_embed|monteclora_sampler\.[A-Za-z0-9_]+)$")
 
@@ -55,6 +57,20 @@ UNSUPPORTED = (  # (field, is default, what it does)
     ("kasa_config", functools.partial(operator.is_, None), "KaSA, with a truncated base weight"),
     ("use_bdlora", functools.partial(operator.is_, None), "block-diagonal LoRA"),
 )
+
+
+def check_covered(where: str, adapter_layers, model: nn.Module) -> None:
+    """An adapter directory is a whole adapter (an Adapter or a state dict may update some layers): it
+    sets every LoRA layer of ``model``. ValueError naming those it has no factors for, which would
+    keep the factors they hold (another adapter's: the model would run neither adapter, silently)."""
+    from .inject import lora_layers, peft_parameter_layers  # (inject imports nothing of this module's)
+    has = {wrapper_free_name(n) for n in [*lora_layers(model), *peft_parameter_layers(model)]}
+    left = sorted(has - set(adapter_layers))
+    if left:
+        raise ValueError(f"{where} has no factors for the model's LoRA layers {left[:4]}"
+                         f"{' ...' if len(left) > 4 else ''}, which would keep the factors they hold (another "
+                         "adapter's?): load it into a model without them (the base model), or pass an Adapter or "
+                         "a state dict to update only some layers")
 
 
 def no_duplicates(pairs: list) -> dict:
@@ -159,7 +175,8 @@ def read_weights(path: str, allow_pickle: bool) -> tuple[str, dict]:
     if os.path.isfile(pk):
         if not allow_pickle:
             raise ValueError(f"Adapter.load: refusing to unpickle {pk} (pickle files can run code); "
-                             "convert it to safetensors or pass allow_pickle=True")
+                             "convert it to safetensors or pass allow_pickle=True (load_adapter takes "
+                             "Adapter.load(path, allow_pickle=True))")
         try:
             return pk, torch.load(pk, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  (any unpickling failure is a bad file)
@@ -296,6 +313,14 @@ def split_factors(tensors: dict, where: str, paired: bool = True) -> tuple[dict,
                              "and DoRA's lora_magnitude_vector; no lora_B biases (lora_bias))")
         else:
             extra[key.removeprefix(PEFT_PREFIX)] = t
+    for key in list(extra):
+        # bias="all"/"lora_only" with modules_to_save: PEFT also saves the wrapper's inner tensors,
+        # "<m>.modules_to_save.bias" (the copy "<m>.bias" holds too) and "<m>.original_module.bias"
+        # (the original, unused while the adapter is on); it loads the model from "<m>.<leaf>"
+        inner = WRAPPER_INNER.search(key)
+        twin = key[:inner.start()] + "." + inner["leaf"] if inner else None
+        if twin in extra and (inner["part"] == "original_module" or torch.equal(extra[twin], extra[key])):
+            del extra[key]
     if not parts:
         raise ValueError(f"{where} holds no LoRA weights (keys like '{PEFT_PREFIX}<module>.lora_A.weight' "
                          f"or '<module>.lora_A'; got {sorted(tensors)[:4]})")

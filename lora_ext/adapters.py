@@ -25,16 +25,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter_checks import (CONFIG_FILE, SAFETENSORS_FILE, check_dropout, check_modules_to_save, check_path,
-                             check_targets, check_tensors, read_config, read_weights, split_factors)
+from .adapter_checks import (CONFIG_FILE, SAFETENSORS_FILE, check_covered, check_dropout, check_modules_to_save,
+                             check_path, check_targets, check_tensors, read_config, read_weights, split_factors)
 from .conv import check_conv_factors, is_conv
 from .inject import inject, lora_layers, peft_parameter_layers, trained_biases
 from .layers import LoRALayer, lora_alpha_for, lora_scaling
 from .param_files import load_parameters, parameter_paths, plan_parameters, read_parameters, split_path
 from .param_lora import LoRAParameter, parameter_layers
-from .sharding import is_dtensor, unwrapped
+from .sharding import fsdp1_of, is_dtensor, unwrapped, wrapper_free, wrapper_free_name
 from .ops._checks import F32_MAX
-from .targets import PEFT_PREFIX, _short, check_regex, matches, name_regex, pattern_value, peft_config
+from .targets import PEFT_PREFIX, _short, check_not_peft, check_regex, matches, name_regex, pattern_value, peft_config
 
 __all__ = ["Adapter", "LayerWeights", "load_adapter"]
 
@@ -147,6 +147,9 @@ class Adapter:
         found, params = lora_layers(model), peft_parameter_layers(model)
         if not found and not params:
             raise ValueError(f"Adapter.from_model: {type(model).__name__} has no LoRA layers (use lora_ext.inject)")
+        if (wrapped := fsdp1_of(model)) is not None:
+            raise ValueError(f"Adapter.from_model: {wrapped} is wrapped in FSDP1's FullyShardedDataParallel, whose "
+                             "parameters are flattened shards here; call it before wrapping (or use fully_shard)")
         layers = {}
         dora_layers(found, "Adapter.from_model")
         for name, m in [*found.items(), *params.items()]:
@@ -157,11 +160,12 @@ class Adapter:
                                  "which gathers them (a collective: call it on every rank)")
             layers[name] = layer_weights(m, A.detach().clone(), B.detach().clone(),
                                          m.lora_magnitude_vector.detach().clone() if getattr(m, "use_dora", False) else None)
-        config = model_config(found, model, params, "Adapter.from_model")
-        extra, config["bias"], config["modules_to_save"] = saved_tensors(
+        config = model_config(wrapper_free(found), model, wrapper_free(params), "Adapter.from_model")
+        extra, config["bias"], kept = saved_tensors(
             model, {**found, **parameter_layers(model)}, modules_to_save, lambda t: t.detach().clone(),
             "Adapter.from_model")
-        return cls(layers, config, extra=extra)
+        config["modules_to_save"] = kept and [wrapper_free_name(n) for n in kept]
+        return cls(wrapper_free(layers), config, extra=wrapper_free(extra))
 
     # ---------------------------------------------------------------- writing
     def save(self, path: str) -> None:
@@ -296,11 +300,11 @@ def _scale_for(name: str, r: int, config: dict) -> float:
 def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -> list[str]:
     """Copies an adapter into a model; injects LoRA layers where the model has none yet.
 
-    adapter: an Adapter, a PEFT adapter directory (read by Adapter.load), or a lora_state_dict (PEFT or module names) for LoRA layers the model
-    already has (a state dict holds no alpha: the layers keep their scaling and rank).
+    adapter: an Adapter, a PEFT adapter directory (Adapter.load; it must cover every LoRA layer the model has), or a
+    lora_state_dict (PEFT or module names) for LoRA layers the model has (no alpha: they keep scaling and rank).
     Every module is validated (exists, right type, shapes fit) before anything changes, so a
     mismatched adapter leaves the model untouched. A LoRA layer of another rank is resized.
-    Adapter.extra tensors (modules_to_save, biases) replace the model's, as in PEFT.
+    Adapter.extra tensors (modules_to_save, biases: bias="all"/"lora_only" ones trainable) replace the model's, as PEFT.
     Layers it injects take the config's ``lora_dropout`` and ``use_rslora`` (as PEFT's
     ``from_pretrained``), so training resumes as it ran; layers the model has keep theirs.
     "parameter" layers (target_parameters) go into the model's LoRAParameter wrappers (another rank
@@ -312,8 +316,9 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
     Returns the names of the modules loaded (a parameter layer's: its PEFT wrapper path).
     """
     wrapper, (model, prefix) = model, unwrapped(model)
-    if isinstance(adapter, (str, os.PathLike)):
+    if isinstance(adapter, (str, os.PathLike)):  # a whole adapter: it sets every LoRA layer of the model
         adapter = Adapter.load(check_path("load_adapter", adapter), model=model)
+        check_covered(f"load_adapter: adapter {adapter.name}", adapter.layers, model)
     elif not isinstance(adapter, (Adapter, dict)):
         raise TypeError(f"load_adapter: adapter must be an Adapter, an adapter directory (str / os.PathLike) "
                         f"or a LoRA state dict, got {type(adapter).__name__}")
@@ -332,11 +337,13 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
             continue
         m = modules.get(name)
         if m is None:
-            raise ValueError(f"load_adapter: the model has no module {name!r} (adapter "
-                             f"{adapter.name or ''} targets {sorted(adapter.layers)[:4]}...)")
+            peft = f" (a PeftModel: it has {PEFT_PREFIX + name!r}; lora_ext loads into the plain model)"
+            raise ValueError(f"load_adapter: the model has no module {name!r} (adapter {adapter.name or ''} targets "
+                             f"{sorted(adapter.layers)[:4]}...){peft if PEFT_PREFIX + name in modules else ''}")
         kind, want = _kind_and_size(m)
         wanted = w.kind if w.kind in ("embedding", "conv") else "linear"
         if kind != wanted:
+            check_not_peft("load_adapter", modules, name, ValueError)
             raise ValueError(f"load_adapter: module {name!r} is a {type(m).__name__}, the adapter holds {wanted} weights")
         if kind == "conv":  # kernel shapes and groups too (PEFT's lora_A / lora_B conv weights)
             check_conv_factors(f"load_adapter: module {name!r}", m, w.A, w.B)
@@ -387,6 +394,8 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
                 getattr(m, leaf).copy_(t)
         else:  # modules_to_save and other biases: PEFT uses its own copy, so ties are cut
             setattr(m, leaf, nn.Parameter(t.clone(), old.requires_grad) if isinstance(old, nn.Parameter) else t.clone())
+        if leaf == "bias" and adapter.config.get("bias") in ("all", "lora_only") and isinstance(m.bias, nn.Parameter):
+            m.bias.requires_grad_(True)  # trained, as the factors: from_model saves it again
     return [p[0] for p in plan] + [p[0] for p in params]
 
 

@@ -199,6 +199,8 @@ def _batch_of(layer: nn.Module, args, kwargs: dict, embedding: bool) -> Batch | 
     if batch is None:  # prepare raises PEFT's errors (merged, DoRA); operands the length's
         batch = Batch(kwargs["adapter_names"], None, {id(layer): prepare(layer, kwargs["adapter_names"], embedding)})
     prep = batch.preps[id(layer)]
+    if not isinstance(prep, str) and prep[5] is not None and torch.is_grad_enabled():
+        prep = prep[5]  # autograd on in this call (the batch may have started outside generate's no_grad)
     if isinstance(prep, str):
         _warn(layer, prep)
         return None

@@ -219,15 +219,14 @@ def dropout_p(module: nn.Module, name: str) -> float | None:
     return None
 
 
-def autograd_problem(module: nn.Module, used: list[str], input_grad: bool, op: str) -> str | None:
-    """Mixed batches run inference-only ops, in place on the base layer's output: refuse when
-    autograd would need them (the input, a used adapter's factors or a base parameter, e.g. a
-    bias="all" bias, requires grad)."""
-    if not torch.is_grad_enabled() or not used:
-        return None
+def autograd_problem(module: nn.Module, used: list[str], op: str) -> str | None:
+    """Mixed batches run inference-only ops, in place on the base layer's output: the reason to
+    refuse them when the layer runs with autograd on, if a used adapter's factors or a base
+    parameter (e.g. a bias="all" bias) requires grad. Checked against the grad mode of the layer's
+    own call (generate() turns autograd off inside the model call the batch starts with)."""
     factors = factors_of(module)[1]
     params = [p for n in used for p in factors(n)] + list(module.base_layer.parameters())
-    if input_grad or any(p.requires_grad for p in params):
+    if used and any(p.requires_grad for p in params):
         return f"mixed batch with autograd on ({op} is inference only: use torch.no_grad())"
     return None
 
@@ -247,10 +246,11 @@ def prepare(module: nn.Module, names, embedding: bool, dtype: torch.dtype | None
             shared_rows: dict | None = None):
     """A patched layer's part of a mixed batch, computed eagerly for every layer when a model's
     mixed batch starts (_enter), so that a compiled model traces none of the cache bookkeeping:
-    a reason to run PEFT's forward (str), or (A_pool, B_pool, scales, ranks, rows), rows
+    a reason to run PEFT's forward (str), or (A_pool, B_pool, scales, ranks, rows, grad), rows
     [len(names)] int32 the pool slot of each input row (-1: none), pools None when no row uses
-    one of the layer's adapters. The pools are in the dtype the base layer returns (the autocast
-    dtype under autocast, for Linear)."""
+    one of the layer's adapters, grad the reason to run PEFT's forward if the layer is called
+    with autograd on (None: none). The pools are in the dtype the base layer returns (the
+    autocast dtype under autocast, for Linear)."""
     module._check_forward_args(range(len(names)), adapter_names=names)  # PEFT's errors (merged, DoRA)
     reason = embedding_problem(module) if embedding else base_layer_problem(module)
     if reason is not None:
@@ -266,12 +266,10 @@ def prepare(module: nn.Module, names, embedding: bool, dtype: torch.dtype | None
                 reason = f"adapter '{n}' has active dropout in a mixed batch"
         if reason is not None:
             return reason
-    reason = autograd_problem(module, used, False, "lora_expand_" if embedding else "multi_lora_")
-    if reason is not None:
-        return reason
+    grad = autograd_problem(module, used, "lora_expand_" if embedding else "multi_lora_")
     w = module.base_layer.weight
     if not used:
-        return None, None, None, None, no_rows(len(names), w.device)
+        return None, None, None, None, no_rows(len(names), w.device), None
     if dtype is None:
         dtype = w.dtype
         if not embedding and torch.is_autocast_enabled(w.device.type):
@@ -283,19 +281,19 @@ def prepare(module: nn.Module, names, embedding: bool, dtype: torch.dtype | None
     key = (w.device, tuple(slot.items()))
     if key not in shared_rows:
         shared_rows[key] = token_slots(module, names, 1, w.device, slot)
-    return A_pool, B_pool, scales, ranks, shared_rows[key]
+    return A_pool, B_pool, scales, ranks, shared_rows[key], grad
 
 
 def operands(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: Batch, per_row: int, embedding: bool):
     """(A_pool, B_pool, indices [T], scales, ranks) of a prepared layer (its pools prepared again
     here in y's dtype if they are not in it: an autocast region entered inside the model); None
     when no row uses one of its adapters. Raises PEFT's error when the rows do not match x."""
-    A_pool, B_pool, scales, ranks, rows = batch.preps[id(module)]
+    A_pool, B_pool, scales, ranks, rows, _ = batch.preps[id(module)]
     if x.shape[0] != rows.shape[0]:  # sizes compared in the graph: no guard on len(names)
         raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
                          f"{len(batch.names)} and {len(x)} respectively.")
     if A_pool is None or x.numel() == 0:
         return None
     if A_pool.dtype != y.dtype:
-        A_pool, B_pool, scales, ranks, rows = prepare(module, batch.names, embedding, y.dtype)
+        A_pool, B_pool, scales, ranks, rows, _ = prepare(module, batch.names, embedding, y.dtype)
     return A_pool, B_pool, rows if per_row == 1 else rows.repeat_interleave(per_row), scales, ranks

@@ -24,7 +24,8 @@ from torch import nn
 from .layers import LoRALayer, is_conv1d, parametrized
 
 __all__ = ["PEFT_PREFIX", "matches", "output_head_names", "read_directly", "select_targets", "pattern_value",
-           "check_pattern_key", "name_regex", "peft_config", "check_layers", "in_layers"]
+           "check_pattern_key", "name_regex", "peft_config", "check_layers", "in_layers", "peft_layer",
+           "check_not_peft"]
 
 PEFT_PREFIX = "base_model.model."
 
@@ -105,6 +106,33 @@ def _same_on_probe(m: nn.Module) -> bool:
         return False
     return (isinstance(got, torch.Tensor) and got.shape == want.shape
             and torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3))
+
+
+_PEFT_LAYERS = ("BaseTunerLayer", "AuxiliaryTrainingWrapper")  # peft's tuner layers, modules_to_save wrappers
+
+
+def peft_layer(modules: dict[str, nn.Module], name: str) -> str | None:
+    """The path of the PEFT layer that module ``name`` is or lies inside (``modules``: the model's
+    named_modules()): a PEFT tuner layer (its LoRA Linear, with base_layer / lora_A / lora_B) or a
+    modules_to_save / trainable-tokens wrapper; None if none. lora_ext does not adapt those."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        owner = ".".join(parts[:i])
+        m = modules.get(owner)
+        if m is not None and any(c.__module__.startswith("peft.") and c.__name__ in _PEFT_LAYERS
+                                 for c in type(m).__mro__):
+            return owner
+    return None
+
+
+def check_not_peft(where: str, modules: dict[str, nn.Module], name: str, cls=TypeError) -> None:
+    """Raises ``cls`` naming PEFT's layer when module ``name`` is or lies inside one (peft_layer)."""
+    owner = peft_layer(modules, name)
+    if owner is not None:
+        raise cls(f"{where}: module {name!r} {'is' if owner == name else 'is inside'} PEFT's "
+                  f"{type(modules[owner]).__name__} layer {owner!r}: lora_ext does not adapt PEFT's layers "
+                  "(lora_ext.patch_peft runs a PEFT model on lora_ext's ops; or inject / load_adapter into the "
+                  "model without PEFT's layers)")
 
 
 def check_regex(where: str, field: str, value) -> None:
@@ -222,6 +250,9 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, layer
     if exclude_modules is not None:
         excl = exclude_modules if isinstance(exclude_modules, str) else list(exclude_modules)
         chosen = [n for n in chosen if not matches(n, excl)]
+    modules = dict(model.named_modules())
+    for n in chosen:  # e.g. "all-linear" on a PeftModel: its base_layer, lora_A.default, ...
+        check_not_peft("inject", modules, n)
     return chosen
 
 
