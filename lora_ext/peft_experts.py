@@ -12,12 +12,23 @@ Only when every wrapper of the chain has exactly one active adapter, none is mer
 not disabled and ``lora_ext.moe.fast_path_problem`` accepts the module; otherwise PEFT's forward
 runs (with one warning per layer and reason; a disabled or merged chain without one, as for
 Linear layers). Inner wrappers are never called by a patched outer one.
+
+Mixed batches (``adapter_names``, which PEFT refuses for ParamWrapper): every adapter of the chain
+goes into per-parameter pools [N * E, r_max, in] / [N * E, out, r_max] (adapter n's expert e at row
+n * E + e; an adapter a wrapper lacks has rank 0 there), cached on the wrapper and rebuilt when a
+factor or scaling changes; each projection's LoRA term is one ``multi_lora_`` over the routed rows
+(lora_ext.moe.routed_forward), as in lora_ext.multi_experts. Inference only (no autograd).
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-__all__ = ["is_param_wrapper", "outer_wrappers", "chain_loras"]
+from .ops import multi_lora_
+from .peft_pools import _stamp
+
+__all__ = ["is_param_wrapper", "outer_wrappers", "chain_loras", "prepare_experts", "mixed_experts"]
+POOLS = "_lora_ext_expert_pools"  # ParamWrapper.__dict__ key of the mixed-batch pools
 
 
 def is_param_wrapper(m: nn.Module) -> bool:
@@ -69,3 +80,89 @@ def chain_loras(outer: nn.Module, n_args: int) -> tuple[nn.Module, dict] | str:
     from .moe import fast_path_problem  # imports transformers (an experts module is one of its)
     why = fast_path_problem(base, list(loras))
     return (base, loras) if why is None else why
+
+
+# ---------------------------------------------------------------- mixed batches
+def _stack_problem(w: nn.Module, name: str) -> str | None:
+    A, B, E = w.lora_A[name].weight, w.lora_B[name].weight, w.num_experts
+    if E == 1 or A.shape[0] % E or A.shape[0] != B.shape[1] or not A.dtype.is_floating_point:
+        return f"adapter '{name}' of {w.parameter_name!r} is not an expert stack"
+    return None
+
+
+def _expert_pools(w: nn.Module, names: tuple, in_out: tuple, dtype: torch.dtype, device: torch.device):
+    """(A_pool [N * E, r_max, in], B_pool [N * E, out, r_max], scales, ranks) of wrapper w over the
+    chain's adapters ``names`` (rank 0 for those w lacks), cached on w; rebuilt when an adapter's
+    factors (identity, address, version) or scaling changed."""
+    E, have = w.num_experts, [n for n in names if n in w.lora_A]
+    stamps = tuple(_stamp(w.lora_A[n].weight, w.lora_B[n].weight, w.scaling[n]) for n in have)
+    cached = w.__dict__.get(POOLS)
+    if cached is not None and cached[0] == (names, dtype, device, stamps):
+        return cached[1]
+    r_max = max(w.lora_A[n].weight.shape[0] // E for n in have)
+    with torch.no_grad(), torch.inference_mode(False):
+        A_pool = torch.zeros(len(names) * E, r_max, in_out[0], dtype=dtype, device=device)
+        B_pool = torch.zeros(len(names) * E, in_out[1], r_max, dtype=dtype, device=device)
+        scales = torch.zeros(len(names) * E, dtype=torch.float32, device=device)
+        ranks = torch.zeros(len(names) * E, dtype=torch.int32, device=device)
+        for n in have:
+            A, B, rows = w.lora_A[n].weight, w.lora_B[n].weight, slice(names.index(n) * E, (names.index(n) + 1) * E)
+            r = A.shape[0] // E
+            A_pool[rows, :r] = A.reshape(E, r, -1)
+            B_pool[rows, :, :r] = B.reshape(B.shape[0], r, E).permute(2, 0, 1)
+            scales[rows], ranks[rows] = float(w.scaling[n]), r
+    w.__dict__[POOLS] = ((names, dtype, device, stamps), (A_pool, B_pool, scales, ranks))
+    return A_pool, B_pool, scales, ranks
+
+
+def prepare_experts(outer: nn.Module, adapter_names):
+    """A patched outer ParamWrapper's part of a mixed batch: a reason to run PEFT's forward (which
+    raises PEFT's error), or (base, {parameter: pools}, rows, grad): rows [len(adapter_names)] int32
+    the adapter of each input row (-1: "__base__" or none of the chain's), grad the reason to refuse
+    the batch if the layer is called with autograd on (None: none)."""
+    chain = _chain(outer)
+    if outer.disable_adapters or any(w.merged for w in chain):
+        return "mixed batch on a disabled or merged ParamWrapper"
+    base = chain[-1].base_layer
+    from .moe import _in_out, fast_path_problem  # imports transformers (an experts module is one of its)
+    why = fast_path_problem(base, [w.parameter_name for w in chain])
+    if why is not None:
+        return why
+    names = tuple(dict.fromkeys(n for w in chain for n in w.lora_A))
+    used = [n for n in dict.fromkeys(adapter_names) if n in names]
+    for w in chain:
+        for n in used:
+            if n in w.lora_A and (why := _stack_problem(w, n)) is not None:
+                return why
+    params = [p for w in chain for n in used if n in w.lora_A for p in (w.lora_A[n].weight, w.lora_B[n].weight)]
+    grad = ("mixed batch with autograd on (multi_lora_ is inference only: use torch.no_grad())"
+            if any(p.requires_grad for p in params + list(base.parameters())) else None)
+    weight = getattr(base, chain[0].parameter_name)
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"experts weights are {weight.dtype} (multi_lora_ takes float32/16, bfloat16)"
+    pools = {w.parameter_name: _expert_pools(w, names, _in_out(base, w.parameter_name), weight.dtype, weight.device)
+             for w in chain} if used else {}
+    rows = torch.tensor([names.index(n) if n in used else -1 for n in adapter_names], dtype=torch.int32)
+    return base, pools, rows.to(weight.device), grad
+
+
+def mixed_experts(prep, n_names: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts module's output with each batch row's adapter (prepare_experts' ``prep``): the
+    [B * L, H] tokens the MoE block passes are rows of B = n_names sequences (row-major)."""
+    base, pools, rows, _ = prep
+    T = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
+    if T % n_names:
+        raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{n_names} and {T} tokens in an experts module (not a multiple) respectively.")
+    slot = rows.long().repeat_interleave(T // n_names)
+    from .moe import routed_forward
+
+    def add_lora(name, y, x, ids, offs, tokens):
+        if name not in pools:
+            return y
+        A_pool, B_pool, scales, ranks = pools[name]
+        s = slot[tokens]
+        return multi_lora_(y, x, A_pool, B_pool, torch.where(s < 0, -1, s * base.num_experts + ids), scales, ranks)
+
+    return routed_forward(base, hidden_states, top_k_index, top_k_weights, add_lora)

@@ -38,8 +38,8 @@ left to fuse: it calls PEFT's forward without a warning. LoRA Embedding layers r
 one gather + ``lora_expand_`` over per-layer pools (PEFT loops over the adapters) and PEFT's forward
 otherwise (lora_ext has no fused single-adapter embedding op: the same F.embedding math). PEFT's
 ParamWrapper (LoRA on parameters, target_parameters) of a transformers experts module: the
-outermost wrapper runs lora_ext.moe's experts forward on PEFT's factors (lora_ext/peft_experts.py;
-a mixed batch raises PEFT's own error). Other PEFT LoRA layer types (Conv2d, bitsandbytes, ...)
+outermost wrapper runs lora_ext.moe's experts forward on PEFT's factors, mixed batches too (which
+PEFT refuses there; lora_ext/peft_experts.py). Other PEFT LoRA layer types (Conv2d, bitsandbytes, ...)
 stay on PEFT's forward: one warning per layer when patching.
 Layers that a later ``add_adapter`` creates are patched by calling ``patch_peft`` again.
 """
@@ -58,7 +58,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .layers import factors_like, is_conv1d
 from .dora import dora_linear
 from .ops import lora_expand_, lora_linear, multi_lora_
-from .peft_experts import chain_loras, is_param_wrapper, outer_wrappers
+from .peft_experts import chain_loras, is_param_wrapper, mixed_experts, outer_wrappers, prepare_experts
 from .peft_pools import (INDICES, POOL, Batch, adapter_problem, base_layer_problem, dora_problem, dropout_p,
                          input_problem, is_dora, operands, optimizer_stepped, prepare)
 
@@ -239,8 +239,18 @@ def _patched_forward(self, x: torch.Tensor, *args, **kwargs):
 
 def _patched_param_forward(self, *args, **kwargs):
     """The outermost ParamWrapper of an experts module: lora_ext.moe's experts forward on PEFT's
-    factors (peft_experts.chain_loras), else PEFT's forward (mixed batches: PEFT's own error)."""
-    got = "mixed batch" if kwargs.get("adapter_names") is not None else chain_loras(self, len(args) + len(kwargs))
+    factors (peft_experts.chain_loras; mixed batches: peft_experts.mixed_experts), else PEFT's forward."""
+    if kwargs.get("adapter_names") is not None or _model_batch(self, kwargs) is not None:
+        batch = _model_batch(self, kwargs)
+        names = batch.names if batch is not None else kwargs.pop("adapter_names")
+        prep = batch.preps[id(self)] if batch is not None else prepare_experts(self, names)
+        if not isinstance(prep, str) and prep[3] is not None and torch.is_grad_enabled():
+            prep = prep[3]
+        if isinstance(prep, str):
+            _warn(self, prep)
+            return type(self).forward(self, *args, **kwargs, adapter_names=names)  # PEFT's error
+        return mixed_experts(prep, len(names), *args, **kwargs)
+    got = chain_loras(self, len(args) + len(kwargs))
     if isinstance(got, str):
         if got and got != "mixed batch":
             _warn(self, got)
@@ -372,7 +382,8 @@ def _enter(model: nn.Module, names) -> Batch:
     if unexpected:  # PEFT's message
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
     rows: dict = {}
-    return Batch(names, reached, {id(m): prepare(m, names, embedding, shared_rows=rows) for m, embedding in patched})
+    return Batch(names, reached, {id(m): prepare_experts(m, names) if is_param_wrapper(m) else
+                                  prepare(m, names, embedding, shared_rows=rows) for m, embedding in patched})
 
 
 # ------------------------------------------------------------------------------------ public API

@@ -245,7 +245,7 @@ def test_param_wrapper_experts_run_lora_ext_moe():
     """PEFT's ParamWrapper chain on a transformers experts module (target_parameters) runs
     lora_ext.moe.experts_forward on PEFT's own factors: the outer wrapper is patched, logits and
     every gradient equal PEFT's; two active adapters, a merged wrapper and disable_adapter() run
-    PEFT's forward; a mixed batch raises PEFT's own error; unpatch restores PEFT's forward."""
+    PEFT's forward; unpatch restores PEFT's forward."""
     import copy
     from unittest import mock
 
@@ -270,8 +270,8 @@ def test_param_wrapper_experts_run_lora_ext_moe():
     with torch.no_grad(), spy as calls:
         assert rel_err(pm(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
         assert calls.call_count == 2
-        with pytest.raises(ValueError, match="ParamWrapper does not support mixed adapter batches"):
-            pm(input_ids=ids, adapter_names=["default", "b"])
+        calls.reset_mock()  # a mixed batch runs too (tests/test_peft_patch_experts.py), not experts_forward
+        assert pm(input_ids=ids, adapter_names=["default", "b"]).logits.shape[0] == 2 and calls.call_count == 0
     pm.train(), ref.train()
     with spy as calls:
         pm(input_ids=ids, labels=ids).loss.backward()
