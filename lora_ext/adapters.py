@@ -4,15 +4,12 @@
     lora_ext.load_adapter(model, adapter)                    # into an (injected or plain) model
     lora_ext.Adapter.from_model(model).save("out/")          # loads in peft.PeftModel.from_pretrained
 
-Pickle files (adapter_model.bin) are refused unless allow_pickle=True, then read with
-torch.load(weights_only=True). Bad files (wrong types or values, NaN/inf weights unless
-allow_nonfinite=True, duplicate keys) raise ValueError / FileNotFoundError naming the file and the
-field or module; so do configs of LoRA variants lora_ext does not implement (lora_bias, aLoRA,
-...: UNSUPPORTED). DoRA adapters (use_dora) of linear, convolution and embedding layers load: their magnitudes are
-LayerWeights.magnitude. LoRA on parameters (target_parameters, PEFT's ParamWrapper: MoE expert stacks)
-loads and saves as kind "parameter" layers (lora_ext.param_files; the layers are LoRAParameter).
-load_adapter validates everything before it touches the model. Non-LoRA tensors
-PEFT saves (modules_to_save, bias="all"/"lora_only") are kept in Adapter.extra and loaded too.
+Pickle files (adapter_model.bin) need allow_pickle=True (torch.load(weights_only=True)). Bad files
+(wrong types or values, NaN/inf weights unless allow_nonfinite=True, duplicate keys, LoRA variants
+lora_ext does not implement) raise ValueError / FileNotFoundError naming the file and the field or
+module. DoRA magnitudes are LayerWeights.magnitude; LoRA on parameters (target_parameters: MoE expert
+stacks) are kind "parameter" layers (lora_ext.param_files). load_adapter validates everything before
+it touches the model. Non-LoRA tensors (modules_to_save, bias="all"/"lora_only") are Adapter.extra.
 """
 from __future__ import annotations
 
@@ -37,6 +34,7 @@ from .ops._checks import F32_MAX
 from .targets import PEFT_PREFIX, _short, check_not_peft, check_regex, matches, name_regex, pattern_value, peft_config
 
 __all__ = ["Adapter", "LayerWeights", "load_adapter"]
+LOADED_MODULES = "_lora_ext_modules_to_save"  # model.__dict__: modules_to_save of the adapters loaded into it
 
 @dataclass
 class LayerWeights:
@@ -139,11 +137,13 @@ class Adapter:
         Trained biases (requires_grad) go into ``extra`` under PEFT's names, and the config's
         ``bias`` says "lora_only" or "all" as PEFT would. ``modules_to_save`` (PEFT's: module-name
         suffixes or a regex, e.g. ["classifier"] or ["lm_head"]): those modules' parameters are
-        saved whole (``extra``) and listed in the config, so PEFT and load_adapter restore them.
+        saved whole (``extra``) and listed in the config, so PEFT and load_adapter restore them;
+        None: those of the adapters load_adapter put into the model (their config's list), if any.
         A torch.compile / DDP wrapper is looked through: module names are those of the model inside.
         LoRAParameter layers (target_parameters) are kind "parameter" layers under PEFT's nested paths
         (inject.peft_parameter_layers) and the config's target_parameters."""
         model = unwrapped(model)[0]
+        modules_to_save = model.__dict__.get(LOADED_MODULES) if modules_to_save is None else modules_to_save
         found, params = lora_layers(model), peft_parameter_layers(model)
         if not found and not params:
             raise ValueError(f"Adapter.from_model: {type(model).__name__} has no LoRA layers (use lora_ext.inject)")
@@ -396,6 +396,8 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
             setattr(m, leaf, nn.Parameter(t.clone(), old.requires_grad) if isinstance(old, nn.Parameter) else t.clone())
         if leaf == "bias" and adapter.config.get("bias") in ("all", "lora_only") and isinstance(m.bias, nn.Parameter):
             m.bias.requires_grad_(True)  # trained, as the factors: from_model saves it again
+    if adapter.config.get("modules_to_save"):  # from_model saves them again by default
+        model.__dict__[LOADED_MODULES] = [*model.__dict__.get(LOADED_MODULES, []), *adapter.config["modules_to_save"]]
     return [p[0] for p in plan] + [p[0] for p in params]
 
 

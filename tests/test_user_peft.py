@@ -3,8 +3,13 @@
 import copy
 import warnings
 
+import pytest
 import torch
+from conftest import rel_err
+from models import saved_peft, tiny_gpt2, tiny_llama
 from peft_cases import CASES, Count, build, ids_for, n_linear, patch, peft, randomize
+
+import lora_ext
 
 
 def test_generate_without_no_grad_runs_mixed_batches_fused(monkeypatch):
@@ -41,10 +46,7 @@ def test_inject_and_load_adapter_refuse_peft_layers_by_name(tmp_path):
     # and lora_B.default in lora_ext LoRA layers (LoRA on LoRA factors, silently); a named PEFT
     # layer got "is a Linear; LoRA targets must be nn.Linear", and load_adapter into the model
     # under a PeftModel "is a Linear, the adapter holds linear weights". All now name PEFT's layer.
-    import pytest
-    from models import saved_peft, tiny_llama
 
-    import lora_ext
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     keys = set(pm.state_dict())
     for target in ("all-linear", ["q_proj"]):
@@ -65,12 +67,9 @@ def test_bias_all_with_modules_to_save_loads_like_peft(tmp_path):
     # holds the wrapper's inner "classifier.modules_to_save.bias" and "classifier.original_module.bias",
     # which load_adapter refused ("the model has no such tensor"); PEFT loads the file. They are
     # now read as PEFT does (the model takes "classifier.bias"), and the adapter saves back for PEFT.
-    import pytest
-    from conftest import rel_err
     from safetensors.torch import load_file
     from transformers import BertConfig, BertForSequenceClassification
 
-    import lora_ext
 
     def bert():
         torch.manual_seed(0)
@@ -110,10 +109,7 @@ def test_biases_loaded_from_a_peft_file_are_saved_again(tmp_path):
     # then Adapter.from_model(model).save: the biases it had loaded stayed frozen, so from_model
     # wrote bias "none" without them (no warning), and PEFT loaded that file 1.5 (relative) away from
     # the adapter's logits. The loaded biases are now trainable, as the loaded factors are.
-    from conftest import rel_err
-    from models import tiny_gpt2
 
-    import lora_ext
     ids = ids_for(batch=2, seq=8)
     for bias, targets in (("all", ["c_attn"]), ("lora_only", ["c_attn", "c_fc"])):
         pm = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, target_modules=targets, fan_in_fan_out=True,
@@ -143,11 +139,7 @@ def test_loading_an_adapter_directory_over_another_adapter_covers_every_layer(tm
     # (q, k). v_proj kept adapter a's factors, silently: logits 1.09 (relative) away from adapter b's
     # (PEFT's hotswap_adapter zeroes the layers the new adapter lacks). A directory is a whole
     # adapter: such a load now raises naming the layers, before anything changes.
-    import pytest
-    from conftest import rel_err
-    from models import saved_peft, tiny_llama
 
-    import lora_ext
     a = saved_peft(tiny_llama(), tmp_path / "a", 1, target_modules=["q_proj", "v_proj"])
     b = saved_peft(tiny_llama(), tmp_path / "b", 2, target_modules=["q_proj", "k_proj"])
     ids = ids_for(batch=2, seq=8)
@@ -167,11 +159,7 @@ def test_loading_an_adapter_directory_over_another_adapter_covers_every_layer(tm
 def test_pickled_peft_adapter_refusal_says_how_load_adapter_takes_it(tmp_path):
     # save_pretrained(safe_serialization=False) writes adapter_model.bin; load_adapter(model, dir)
     # said "pass allow_pickle=True", which load_adapter does not take
-    import pytest
-    from conftest import rel_err
-    from models import tiny_llama
 
-    import lora_ext
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     randomize(pm).eval().save_pretrained(tmp_path, safe_serialization=False)
     with pytest.raises(ValueError, match=r"refusing to unpickle .*load_adapter takes Adapter.load\(path, allow_pickle=True\)"):
@@ -181,3 +169,24 @@ def test_pickled_peft_adapter_refusal_says_how_load_adapter_takes_it(tmp_path):
     ids = ids_for(batch=2, seq=8)
     with torch.no_grad():
         assert rel_err(model(input_ids=ids).logits, pm(input_ids=ids).logits) < 1e-5
+
+
+@torch.no_grad()
+def test_modules_to_save_of_a_loaded_adapter_are_saved_again(tmp_path):
+    """load_adapter of a PEFT file with modules_to_save (a trained head), then Adapter.from_model
+    without modules_to_save=: the head is saved again (it used to be dropped silently, so a reload
+    into a fresh base model got the base's head)."""
+    base = tiny_llama()
+    pm = saved_peft(base, tmp_path / "peft", seed=3, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    with torch.no_grad():  # a trained head: the saved file holds it
+        pm.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
+    pm.save_pretrained(tmp_path / "peft")
+    model = copy.deepcopy(base)
+    lora_ext.load_adapter(model, str(tmp_path / "peft"))
+    again = lora_ext.Adapter.from_model(model)
+    assert again.config["modules_to_save"] == ["lm_head"] and "lm_head.weight" in again.extra
+    again.save(str(tmp_path / "again"))
+    fresh = copy.deepcopy(base)
+    lora_ext.load_adapter(fresh, str(tmp_path / "again"))
+    ids = torch.randint(0, 128, (2, 6))
+    assert rel_err(fresh(input_ids=ids).logits, pm(input_ids=ids).logits) < 1e-5
