@@ -112,16 +112,19 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
                              "set_lora_factors / load_adapter replace their factors")
         leaves = sorted({n.split(".")[-1] for n, m in model.named_modules()
                          if isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m) or is_conv(m)})
+        if leaves == [""]:  # the model itself is a layer (any target_modules): refused as "all-linear" picking it
+            chosen = [""]
+    if "" in chosen:
+        raise TypeError(f"inject: the model itself is the target ({type(model).__name__}), which inject cannot "
+                        "replace in place; wrap it with LoRALinear.from_linear / LoRAEmbedding.from_embedding / "
+                        "LoRAConvNd.from_conv")
+    if not chosen:
         where = "" if layers is None else f" in layers_to_transform={layers!r} (layers_pattern={layers_pattern!r})"
         raise ValueError(f"inject: target_modules={target_modules!r} matched no module of "
                          f"{type(model).__name__}{where}; Linear/Conv1D/Embedding/Conv names there: {leaves}")
     bypassed = read_directly(model)
     hparams = {}
     for name in chosen:  # every target, before anything changes
-        if not name:
-            raise TypeError(f"inject: the model itself is the target ({type(model).__name__}), which inject cannot "
-                            "replace in place; wrap it with LoRALinear.from_linear / LoRAEmbedding.from_embedding / "
-                            "LoRAConvNd.from_conv")
         if name in bypassed:
             raise TypeError(f"inject: module {name!r} is the out_proj of an nn.MultiheadAttention, which "
                             "reads its weight directly (F.multi_head_attention_forward): a LoRA layer there "

@@ -233,3 +233,13 @@ def test_train_of_a_lora_parameter_merged_for_good_with_trainable_factors_raises
     model[0].requires_grad_(False)
     model.train()  # frozen factors: nothing to train
     assert model[0].merged and model.training
+
+
+def test_inject_into_a_bare_layer_names_the_constructors_whatever_the_targets():
+    """inject(nn.Linear(4, 4), ["q_proj"]) said "matched no module ... names there: ['']"; the model
+    itself cannot be replaced in place: TypeError naming the from_* constructors, as with "all-linear"."""
+    for target in (["q_proj"], "all-linear", ["weight"]):
+        with pytest.raises(TypeError, match="the model itself is the target.*from_linear"):
+            lora_ext.inject(torch.nn.Linear(4, 4), target_modules=target)
+    with pytest.raises(TypeError, match="the model itself is the target.*from_embedding"):
+        lora_ext.inject(torch.nn.Embedding(5, 4), target_modules=["q_proj"])
