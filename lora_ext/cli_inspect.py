@@ -1,6 +1,6 @@
 """`python -m lora_ext inspect ADAPTER` (the parser: lora_ext/cli_merge.py add_parsers): what a PEFT
 adapter directory holds and whether lora_ext loads and merges it and an AdapterPool can serve it
-(LoRA on parameters, target_parameters: listed by PEFT wrapper path and parameter; not pool-servable)."""
+(LoRA on parameters, target_parameters: listed by PEFT wrapper path and parameter)."""
 from __future__ import annotations
 
 import json
@@ -52,6 +52,23 @@ def _alpha(adapter: Adapter, name: str, w) -> float:
     return pattern_value(name, adapter.config.get("alpha_pattern"), adapter.config["lora_alpha"])
 
 
+def _config_max_rank(raw: dict) -> int:
+    """The largest rank the config gives (r, rank_pattern): Adapter.load checks the file's against it."""
+    ranks = [raw.get("r"), *(raw.get("rank_pattern") or {}).values()]
+    return max((r for r in ranks if isinstance(r, int)), default=0)
+
+
+def _pool_problems_from_config(raw: dict, max_rank: int) -> list[str]:
+    """AdapterPool's refusals as far as the config tells them (a file whose layers only the model reads)."""
+    why = []
+    if raw.get("modules_to_save") or raw.get("bias") not in (None, "none"):
+        why.append(f"it carries trained non-LoRA tensors (modules_to_save={json.dumps(raw.get('modules_to_save'))}, "
+                   f"bias={json.dumps(raw.get('bias'))}) that a shared pool cannot apply per request")
+    if _config_max_rank(raw) > max_rank:
+        why.append(f"rank {_config_max_rank(raw)} > max_rank {max_rank}")
+    return why
+
+
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -84,9 +101,16 @@ def run_inspect(args) -> int:
     except NeedsModel as e:  # readable only with the model: the table cannot show its layers
         out.print(head)
         out.print(f"lora_ext: loads and merges with the model only (load_adapter, python -m lora_ext merge): {one_line(e)}")
-        out.print("AdapterPool: cannot serve it: it has LoRA on parameters (target_parameters), which multi-adapter "
-                  "serving does not serve in mixed batches yet")
-        return 1 if args.pool else 0
+        why = _pool_problems_from_config(raw, args.max_rank)
+        if why:
+            out.print(f"AdapterPool: cannot serve it: {'; '.join(why)}")
+        else:  # AdapterPool.load reads such a file against the pool's experts modules
+            modules = raw.get("target_modules")
+            serve = ([f"target_modules={json.dumps(modules)}"] if modules else []) + [
+                f"target_parameters={raw.get('target_parameters')} (MoE experts)"]
+            out.print(f"AdapterPool: can serve it (max_rank >= {_config_max_rank(raw)}, {', '.join(serve)}; "
+                      "AdapterPool.load reads it against the pool's experts modules)")
+        return 1 if why and args.pool else 0
     except (ValueError, TypeError, FileNotFoundError, OSError) as e:
         out.print(head)
         out.print(f"lora_ext: cannot load this adapter: {one_line(e)}")

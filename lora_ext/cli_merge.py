@@ -88,7 +88,8 @@ def add_parsers(sub, device_arg) -> None:
                        help="merge PEFT LoRA adapter(s) into a transformers model; save a plain model",
                        description="Merges PEFT LoRA adapters into a transformers model with lora_ext's merge "
                                    "(ΔW summed in fp32, rounded once into each weight) and saves a plain "
-                                   "transformers model (safetensors) with BASE's tokenizer and generation files.")
+                                   "transformers model (safetensors) with the tokenizer files (a single adapter's own, else "
+                                   "BASE's) and BASE's generation config.")
     m.add_argument("paths", nargs="+", metavar="PATH",
                    help="BASE: a transformers model directory; omitted, the first adapter's "
                         "base_model_name_or_path (a local directory) is used. ADAPTER: PEFT adapter directories")
@@ -163,9 +164,10 @@ def _split_paths(paths: list[str], parser) -> tuple[str, list[str]]:
     if base is None:
         with open(os.path.join(first, CONFIG_FILE)) as f:
             try:
-                named = json.load(f).get("base_model_name_or_path")
-            except (ValueError, AttributeError):
-                named = None
+                named = json.load(f)
+            except ValueError as e:  # a refused adapter file (exit 1), as Adapter.load refuses it
+                raise CommandError(f"{os.path.join(first, CONFIG_FILE)} is not valid JSON ({e})") from None
+        named = named.get("base_model_name_or_path") if isinstance(named, dict) else None
         if not named:
             parser.error(f"BASE omitted and {os.path.join(first, CONFIG_FILE)} names no base_model_name_or_path: "
                          "pass the base model directory first")
@@ -228,8 +230,22 @@ def _num_labels(base: str, adapters: list[Adapter], task: str | None) -> dict:
 
 
 def _load_base(cls, base: str, dtype: str, device: str, extra: set[str], **kwargs):
-    with _quiet_transformers():
-        model, info = cls.from_pretrained(base, dtype=DTYPES.get(dtype, "auto"), output_loading_info=True, **kwargs)
+    import safetensors
+
+    # a truncated or corrupt checkpoint (SafetensorError), weights that do not fit config.json: one line
+    # (transformers logs its size report as a warning, which _quiet_transformers hides; named here instead)
+    unreadable = (RuntimeError, getattr(safetensors, "SafetensorError", RuntimeError))
+    try:
+        with _quiet_transformers():
+            model, info = cls.from_pretrained(base, dtype=DTYPES.get(dtype, "auto"), output_loading_info=True,
+                                              ignore_mismatched_sizes=True, **kwargs)
+    except unreadable as e:
+        raise CommandError(f"cannot load {base} as {cls.__name__}: {one_line(e)}") from None
+    bad = sorted(f"{m[0]} ({list(m[1])} in the checkpoint, {list(m[2])} in the model)" if isinstance(m, tuple)
+                 else str(m) for m in info.get("mismatched_keys", ()))
+    if bad:
+        raise CommandError(f"{base}: its weights do not fit its config.json ({type(model).__name__}): "
+                           f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
     # weights the class has but BASE lacks are random: only the adapters' modules_to_save may fill them
     missing = sorted(k for k in info.get("missing_keys", ()) if k not in extra)
     if missing:

@@ -12,23 +12,31 @@ LoRA term is one ``multi_lora_`` over the routed rows, with index ``s * E + e`` 
 token t (slot s = the context's index of t) to expert e: -1 where the token has no adapter, an
 out-of-range index where its slot is (the op reports it as for any multi-adapter layer).
 Per-row indices (``pool.batch(names)``) expand over the [B * L] tokens the MoE block flattens its
-[B, L, H] input to (row-major, as transformers does). Inference only, as the other multi layers.
+[B, L, H] input to (row-major, as transformers does); the block's input is seen by a forward
+pre-hook on it (``watch_block``), so its B rows are checked against the names as in the other
+layers, compiled too (a block given [T, H] tokens: T must be a multiple of the rows). Inference
+only, as the other multi layers.
 """
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .multi import _OUT_OF_RANGE, ContextLayer, LoRAContext, apply_keeping_fp32
+from .adapters import Adapter
+from .multi import _OUT_OF_RANGE, ContextLayer, LoRAContext, _with_data, apply_keeping_fp32
 from .ops import multi_lora_
 from .ops._checks import as_scale
-from .param_files import _selects, check_fit, resolve, split_path
-from .targets import hooked
+from .param_files import NeedsModel, _selects, check_fit, resolve, split_path
+from .targets import hooked, outer_wrappers
 
-__all__ = ["MultiLoRAExperts", "PEFTFactors", "wrap_experts", "expert_factors"]
+__all__ = ["MultiLoRAExperts", "PEFTFactors", "wrap_experts", "expert_factors", "read_adapter", "watch_block",
+           "block_rows"]
+ROWS = "_lora_ext_block_rows"  # __dict__ key: leading dims of the MoE block's last input (watch_block)
 
 def _moe():  # lora_ext.moe imports transformers: only when experts are served
     from . import moe
@@ -92,10 +100,12 @@ class MultiLoRAExperts(ContextLayer):
 
     # ---------------------------------------------------------------- slots
     def _slot_rows(self, method: str, slot) -> slice:
-        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_slots:
+        if isinstance(slot, bool) or not isinstance(slot, numbers.Integral):
+            raise TypeError(f"MultiLoRAExperts.{method}: slot must be an int, got {type(slot).__name__} {slot!r:.80}")
+        if not 0 <= slot < self.num_slots:
             raise IndexError(f"MultiLoRAExperts.{method}: slot must be an int in 0..{self.num_slots - 1}, "
                              f"got {slot!r:.80}")
-        E = self.num_experts
+        E, slot = self.num_experts, int(slot)
         return slice(slot * E, (slot + 1) * E)
 
     @torch.no_grad()
@@ -109,8 +119,14 @@ class MultiLoRAExperts(ContextLayer):
         if unknown:
             raise ValueError(f"MultiLoRAExperts.set_slot: {unknown} not served (projections {list(self.slots)})")
         staged = {}
-        for name, (A, B, scale) in factors.items():
+        for name, spec in factors.items():
+            if not isinstance(spec, (tuple, list)) or len(spec) != 3:
+                raise ValueError(f"MultiLoRAExperts.set_slot: factors[{name!r}] must be a tuple (A, B, scale), "
+                                 f"got {type(spec).__name__}")
+            A, B, scale = spec
             pools = self.slots[name]
+            _with_data("MultiLoRAExperts.set_slot", f"{name} A", A, pools.A_pool)
+            _with_data("MultiLoRAExperts.set_slot", f"{name} B", B, pools.A_pool)
             n_out, r_max, n_in = pools.B_pool.shape[1], self.r_max, pools.A_pool.shape[2]
             r = A.shape[0] // E if A.dim() == 2 else 0
             if r < 1 or A.shape != (E * r, n_in) or B.shape != (n_out, E * r) or r > r_max:
@@ -146,11 +162,14 @@ class MultiLoRAExperts(ContextLayer):
         pools.B_pool[rows] = 0
 
     # ---------------------------------------------------------------- forward
-    def _token_slots(self, T: int) -> torch.Tensor:
-        """[T] slot of each of the T = B * L tokens the MoE block passes (per-row indices: row t // L)."""
+    def _token_slots(self, T: int, lead: Optional[torch.Size]) -> torch.Tensor:
+        """[T] slot of each of the T = B * L tokens the MoE block passes (per-row indices: row t // L);
+        ``lead``: the block's input's leading dims [B, L] (block_rows), checked as any layer's input."""
         ctx = self.context
         if not ctx.per_row:
             return ctx.tokens(torch.Size([T]))
+        if lead is not None:  # traced: rows other than the names' give out-of-range indices, as in any layer
+            return ctx.tokens(lead)
         if not torch.compiler.is_compiling():
             if T % ctx.count:
                 raise ValueError(f"MultiLoRAExperts: the experts got {T} tokens, not a multiple of the {ctx.count} "
@@ -162,12 +181,14 @@ class MultiLoRAExperts(ContextLayer):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        T = math.prod(hidden_states.shape[:-1])
+        lead = block_rows(self, T) or (hidden_states.shape[:-1] if hidden_states.dim() >= 3 else None)
         if self.context is None:
             raise RuntimeError("MultiLoRAExperts: no LoRAContext attached (pass context= or call "
                                "lora_ext.multi.attach_context(model, ctx))")
         if (problem := _hook_problem(self.base)) is not None:
             raise RuntimeError(f"MultiLoRAExperts({type(self.base).__name__}): {problem}")
-        slot = self._token_slots(math.prod(hidden_states.shape[:-1])).long()
+        slot = self._token_slots(T, lead).long()
         S, E = self.num_slots, self.num_experts
         bad = (slot < -1) | (slot >= S)
 
@@ -186,6 +207,28 @@ class MultiLoRAExperts(ContextLayer):
         return _moe().routed_forward(self.base, hidden_states, top_k_index, top_k_weights, add_lora)
 
 
+def watch_block(block: nn.Module, holder: nn.Module) -> None:
+    """A forward pre-hook on ``block`` (the MoE block calling an experts module) that keeps its input's
+    leading dims on ``holder`` for block_rows: transformers' blocks flatten hidden states [B, L, H] to the
+    [B * L, H] tokens the experts get, so only the block sees the B rows a per-row batch must match."""
+    block.register_forward_pre_hook(functools.partial(_record_rows, holder), with_kwargs=True)
+
+
+def _record_rows(holder: nn.Module, block: nn.Module, args, kwargs) -> None:
+    # a dict, not an attribute: Dynamo traces its updates as side effects (no guard, no graph break)
+    x = args[0] if args else kwargs.get("hidden_states")
+    holder.__dict__.setdefault(ROWS, {})["lead"] = (x.shape[:-1] if isinstance(x, torch.Tensor) and x.dim() >= 3
+                                                    else None)
+
+
+def block_rows(holder: nn.Module, T: int) -> Optional[torch.Size]:
+    """The leading dims [B, L, ...] of the watched block's last input if they hold the T tokens the
+    experts got (None otherwise, or when the experts are called directly); consumed."""
+    box = holder.__dict__.get(ROWS)
+    lead = None if box is None else box.pop("lead", None)
+    return lead if lead is not None and math.prod(lead) == T else None
+
+
 def _hook_problem(base: nn.Module) -> str | None:
     if hooked(base):  # routed_forward runs the experts from their parameters, never calling the module
         return ("it has hooks or a forward replaced on the instance (e.g. accelerate's offloading), which serving "
@@ -198,11 +241,19 @@ def wrap_experts(model: nn.Module, target_parameters, num_slots: int, r_max: int
     """{module name: MultiLoRAExperts} for the modules of ``model`` one of whose own parameters
     ``target_parameters`` selects (PEFT's rule: the full name "<module>.<param>" is a target or ends
     with "." + one), not yet put into the model. ValueError naming the module when it cannot be
-    served (lora_ext.moe.fast_path_problem's reason), or when nothing is selected."""
+    served (lora_ext.moe.fast_path_problem's reason), when nothing is selected, or when the model
+    holds PEFT's ParamWrapper layers (its forward would fail on the wrapped experts, and their LoRA
+    would apply to every row)."""
     where = "AdapterPool: target_parameters"
     if isinstance(target_parameters, str) or not all(isinstance(t, str) for t in target_parameters):
         raise TypeError(f"{where} must be a list of parameter names (as PEFT's), got {target_parameters!r:.80}")
     targets = list(target_parameters)
+    peft = sorted(outer_wrappers(model))
+    if peft:
+        raise ValueError(f"AdapterPool: {type(model).__name__} has PEFT LoRA on parameters (ParamWrapper {peft[0]!r}"
+                         f"{', ...' if len(peft) > 1 else ''}), which would apply to every row of a mixed batch: build "
+                         "the pool on the base model (e.g. PeftModel.unload() or merge_and_unload()), or serve PEFT's "
+                         "adapters with lora_ext.patch_peft(model) and adapter_names")
     out = {}
     for name, m in model.named_modules():
         selected = [p for p, _ in m.named_parameters(recurse=False) if _selects(f"{name}.{p}", targets)]
@@ -216,6 +267,26 @@ def wrap_experts(model: nn.Module, target_parameters, num_slots: int, r_max: int
         raise ValueError(f"{where}={targets} selects no parameter of {type(model).__name__} (full names "
                          "'<module>.<parameter>', e.g. 'mlp.experts.gate_up_proj')")
     return out
+
+
+def read_adapter(source: str, allow_pickle: bool, experts: Mapping[str, MultiLoRAExperts]) -> Adapter:
+    """Adapter.load(source) for an AdapterPool; a file that needs the model to tell which parameter
+    each of a module's nested factors holds (rank_pattern / alpha_pattern giving its projections
+    different r / alpha: param_files.NeedsModel) is read against the pool's experts modules."""
+    try:
+        return Adapter.load(source, allow_pickle=allow_pickle)
+    except NeedsModel:
+        if not experts:
+            raise
+    view = nn.Module()  # the served experts modules at their names in the model, nothing else
+    for name, layer in experts.items():
+        parent, (*path, leaf) = view, name.split(".")
+        for part in path:
+            if part not in parent._modules:
+                parent.add_module(part, nn.Module())
+            parent = parent._modules[part]
+        parent.add_module(leaf, layer.base)
+    return Adapter.load(source, allow_pickle=allow_pickle, model=view)
 
 
 def expert_factors(where: str, ad, experts: Mapping[str, MultiLoRAExperts], r_max: int) -> dict[str, dict]:

@@ -24,22 +24,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .multi_experts import block_rows
 from .ops import multi_lora_
 from .peft_pools import _stamp
+from .targets import is_param_wrapper, outer_wrappers
 
 __all__ = ["is_param_wrapper", "outer_wrappers", "chain_loras", "prepare_experts", "mixed_experts"]
 POOLS = "_lora_ext_expert_pools"  # ParamWrapper.__dict__ key of the mixed-batch pools
-
-
-def is_param_wrapper(m: nn.Module) -> bool:
-    return type(m).__name__ == "ParamWrapper" and type(m).__module__.startswith("peft.")
-
-
-def outer_wrappers(model: nn.Module) -> dict[str, nn.Module]:
-    """Name -> outermost ParamWrapper of each wrapped module (inner ones are ``<name>.base_layer``...)."""
-    found = {n: m for n, m in model.named_modules() if is_param_wrapper(m)}
-    return {n: m for n, m in found.items()
-            if not (n.rpartition(".")[2] == "base_layer" and n.rpartition(".")[0] in found)}
 
 
 def _chain(outer: nn.Module) -> list[nn.Module]:
@@ -57,7 +48,7 @@ def chain_loras(outer: nn.Module, n_args: int) -> tuple[nn.Module, dict] | str:
     chain = _chain(outer)
     if outer.disable_adapters or any(w.merged for w in chain):
         return ""
-    loras = {}
+    loras, base = {}, chain[-1].base_layer
     for w in chain:
         active = [a for a in w.active_adapters if a in w.lora_A]
         if len(active) > 1:
@@ -67,14 +58,13 @@ def chain_loras(outer: nn.Module, n_args: int) -> tuple[nn.Module, dict] | str:
         name = active[0]
         E = w.num_experts
         A, B = w.lora_A[name].weight, w.lora_B[name].weight
-        if E == 1 or B.shape[1] % E or A.shape[0] != B.shape[1]:
+        if not _is_stack(base, w) or B.shape[1] % E or A.shape[0] != B.shape[1]:
             return f"{w.parameter_name!r} is not an expert stack"
         r = A.shape[0] // E
         loras[w.parameter_name] = (A.view(E, r, A.shape[1]), B.view(B.shape[0], r, E).permute(2, 0, 1),
                                    float(w.scaling[name]))
     if not loras:
         return ""
-    base = chain[-1].base_layer
     if n_args != 3:
         return f"{n_args} forward arguments (an experts module takes hidden_states, top_k_index, top_k_weights)"
     from .moe import fast_path_problem  # imports transformers (an experts module is one of its)
@@ -83,9 +73,16 @@ def chain_loras(outer: nn.Module, n_args: int) -> tuple[nn.Module, dict] | str:
 
 
 # ---------------------------------------------------------------- mixed batches
-def _stack_problem(w: nn.Module, name: str) -> str | None:
+def _is_stack(base: nn.Module, w: nn.Module) -> bool:
+    """Whether wrapper w's parameter is a 3-D expert stack (PEFT's num_experts is 1 for a 2-D one,
+    and for a stack of one expert)."""
+    P = getattr(base, w.parameter_name, None)
+    return isinstance(P, torch.Tensor) and P.dim() == 3
+
+
+def _stack_problem(base: nn.Module, w: nn.Module, name: str) -> str | None:
     A, B, E = w.lora_A[name].weight, w.lora_B[name].weight, w.num_experts
-    if E == 1 or A.shape[0] % E or A.shape[0] != B.shape[1] or not A.dtype.is_floating_point:
+    if not _is_stack(base, w) or A.shape[0] % E or A.shape[0] != B.shape[1] or not A.dtype.is_floating_point:
         return f"adapter '{name}' of {w.parameter_name!r} is not an expert stack"
     return None
 
@@ -132,7 +129,7 @@ def prepare_experts(outer: nn.Module, adapter_names):
     used = [n for n in dict.fromkeys(adapter_names) if n in names]
     for w in chain:
         for n in used:
-            if n in w.lora_A and (why := _stack_problem(w, n)) is not None:
+            if n in w.lora_A and (why := _stack_problem(base, w, n)) is not None:
                 return why
     params = [p for w in chain for n in used if n in w.lora_A for p in (w.lora_A[n].weight, w.lora_B[n].weight)]
     grad = ("mixed batch with autograd on (multi_lora_ is inference only: use torch.no_grad())"
@@ -146,16 +143,26 @@ def prepare_experts(outer: nn.Module, adapter_names):
     return base, pools, rows.to(weight.device), grad
 
 
-def mixed_experts(prep, n_names: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                  top_k_weights: torch.Tensor) -> torch.Tensor:
+def mixed_experts(prep, names, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor, holder: nn.Module | None = None) -> torch.Tensor:
     """The experts module's output with each batch row's adapter (prepare_experts' ``prep``): the
-    [B * L, H] tokens the MoE block passes are rows of B = n_names sequences (row-major)."""
+    [B * L, H] tokens the MoE block passes are rows of B = len(names) sequences (row-major).
+    ``holder``: the patched wrapper, whose MoE block patch_peft watches (multi_experts.watch_block):
+    its B rows must be len(names), as PEFT checks every layer's input. Traced, sizes are compared,
+    never len(names) (a guard on it: one graph per batch size)."""
     base, pools, rows, _ = prep
     T = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
-    if T % n_names:
+    lead = (None if holder is None else block_rows(holder, T)) or (
+        hidden_states.shape[:-1] if hidden_states.dim() >= 3 else None)
+    n = rows.shape[0]  # len(names) as a size: traced, compared in the graph (no guard on the batch size)
+    if lead is not None and lead[0] != n:
         raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
-                         f"{n_names} and {T} tokens in an experts module (not a multiple) respectively.")
-    slot = rows.long().repeat_interleave(T // n_names)
+                         f"{len(names)} and {lead[0]} respectively (the input of the MoE block around an experts "
+                         "module).")
+    if T % n:
+        raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(names)} and {T} tokens in an experts module (not a multiple) respectively.")
+    slot = rows.long().repeat_interleave(T // n)
     from .moe import routed_forward
 
     def add_lora(name, y, x, ids, offs, tokens):

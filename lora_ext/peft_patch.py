@@ -59,6 +59,7 @@ from .layers import factors_like, is_conv1d
 from .dora import dora_linear
 from .ops import lora_expand_, lora_linear, multi_lora_
 from .peft_experts import chain_loras, is_param_wrapper, mixed_experts, outer_wrappers, prepare_experts
+from .multi_experts import _record_rows, watch_block
 from .peft_pools import (INDICES, POOL, Batch, adapter_problem, base_layer_problem, dora_problem, dropout_p,
                          input_problem, is_dora, operands, optimizer_stepped, prepare)
 
@@ -249,7 +250,7 @@ def _patched_param_forward(self, *args, **kwargs):
         if isinstance(prep, str):
             _warn(self, prep)
             return type(self).forward(self, *args, **kwargs, adapter_names=names)  # PEFT's error
-        return mixed_experts(prep, len(names), *args, **kwargs)
+        return mixed_experts(prep, names, *args, **kwargs, holder=self)
     got = chain_loras(self, len(args) + len(kwargs))
     if isinstance(got, str):
         if got and got != "mixed batch":
@@ -420,6 +421,7 @@ def patch_peft(model: nn.Module) -> list[str]:
         elif is_param_wrapper(m) and name in outer and "forward" not in m.__dict__:
             m.__dict__[_ORIG] = True  # the inner wrappers of its chain are never called
             m.forward = functools.partial(_patched_param_forward, m)
+            watch_block(model.get_submodule(name.rpartition(".")[0]), m)  # its MoE block: the batch rows
             patched.append(name)
         elif is_param_wrapper(m):
             continue
@@ -439,4 +441,7 @@ def unpatch_peft(model: nn.Module) -> list[str]:
         for attr in (_NAME, POOL, INDICES, _WARNED, _HOOKS, _WALK):
             m.__dict__.pop(attr, None)
         _remove_context_hook(m)
+        for k in [k for k, h in m._forward_pre_hooks.items() if getattr(h, "func", None) is _record_rows]:
+            del m._forward_pre_hooks[k]  # watch_block's (patch_peft registers one per experts wrapper)
+            m._forward_pre_hooks_with_kwargs.pop(k, None)
     return restored

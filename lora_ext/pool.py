@@ -50,7 +50,7 @@ from .conv import is_conv
 from .inject import _no_fused_encoder, registrations
 from .layers import LoRALayer, is_conv1d
 from .multi import ContextLayer, LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
-from .multi_experts import expert_factors, wrap_experts
+from .multi_experts import MultiLoRAExperts, expert_factors, read_adapter, watch_block, wrap_experts
 from .pool_checks import check_adapter
 from .param_lora import parameter_layers
 from .targets import check_regex, matches, output_head_names, read_directly
@@ -190,6 +190,8 @@ class AdapterPool:
                 layer.register_forward_pre_hook(_no_fused_encoder)  # off its fused path, as inject does
             for parent, child in where_is[id(layer.base)]:
                 setattr(parent, child, layer)
+                if isinstance(layer, MultiLoRAExperts):  # its MoE block sees the batch rows
+                    watch_block(parent, layer)
         for m in self.model.modules():  # their stack would hand them nested tensors (its own fused path)
             if isinstance(m, nn.TransformerEncoder) and any(isinstance(x, _MultiLoRA) for x in m.layers.modules()):
                 m.use_nested_tensor = False
@@ -217,7 +219,7 @@ class AdapterPool:
             raise ValueError(f"AdapterPool.load: {name!r} is reserved for the base model")
         # absolute: an evicted adapter is re-read from the same directory after a chdir
         source = os.path.abspath(os.fspath(adapter)) if isinstance(adapter, (str, os.PathLike)) else None
-        ad = Adapter.load(source, allow_pickle=allow_pickle) if source is not None else adapter
+        ad = read_adapter(source, allow_pickle, self.experts) if source is not None else adapter
         if not isinstance(ad, Adapter):
             raise TypeError(f"AdapterPool.load: expected a path or an Adapter, got {type(adapter).__name__}")
         check_adapter(self, name, ad, source)
@@ -368,7 +370,7 @@ class AdapterPool:
         read, else an error (the pool never serves another version than load()'s under a name)."""
         if e.adapter is None:
             try:
-                ad = Adapter.load(e.source, allow_pickle=e.allow_pickle)
+                ad = read_adapter(e.source, e.allow_pickle, self.experts)
                 check_adapter(self, e.name, ad, e.source)  # the file may have changed since load()
             except (OSError, ValueError) as err:
                 raise type(err)(f"AdapterPool: adapter {e.name!r} was evicted and cannot be read again "

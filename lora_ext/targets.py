@@ -25,7 +25,7 @@ from .layers import LoRALayer, is_conv1d, parametrized
 
 __all__ = ["PEFT_PREFIX", "matches", "output_head_names", "read_directly", "select_targets", "pattern_value",
            "check_pattern_key", "name_regex", "peft_config", "check_layers", "in_layers", "peft_layer",
-           "check_not_peft"]
+           "check_not_peft", "is_param_wrapper", "outer_wrappers"]
 
 PEFT_PREFIX = "base_model.model."
 
@@ -109,6 +109,17 @@ def _same_on_probe(m: nn.Module) -> bool:
 
 
 _PEFT_LAYERS = ("BaseTunerLayer", "AuxiliaryTrainingWrapper")  # peft's tuner layers, modules_to_save wrappers
+
+
+def is_param_wrapper(m: nn.Module) -> bool:
+    return type(m).__name__ == "ParamWrapper" and type(m).__module__.startswith("peft.")
+
+
+def outer_wrappers(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> outermost ParamWrapper of each wrapped module (inner ones are ``<name>.base_layer``...)."""
+    found = {n: m for n, m in model.named_modules() if is_param_wrapper(m)}
+    return {n: m for n, m in found.items()
+            if not (n.rpartition(".")[2] == "base_layer" and n.rpartition(".")[0] in found)}
 
 
 def peft_layer(modules: dict[str, nn.Module], name: str) -> str | None:
