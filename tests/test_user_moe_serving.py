@@ -18,6 +18,18 @@ peft = pytest.importorskip("peft")
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
+def peft_pair(base, tmp_path, target_modules, r_a, r_b):
+    """(PEFT model with adapters "a" (rank r_a) and "b" (r_b) on the experts, loaded from their saved
+    directories; a patch_peft'd copy)."""
+    saved_peft(base, tmp_path / "a", seed=1, target_modules=target_modules, target_parameters=EXPERTS, r=r_a)
+    saved_peft(base, tmp_path / "b", seed=2, target_modules=target_modules, target_parameters=EXPERTS, r=r_b)
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a").eval()
+    ref.load_adapter(tmp_path / "b", adapter_name="b")
+    pm = copy.deepcopy(ref)
+    lora_ext.patch_peft(pm)
+    return ref, pm
+
+
 @torch.no_grad()
 def per_row(models, base, ids, names):
     """Each row through its adapter's PeftModel alone (None / "__base__": the base model)."""
@@ -104,12 +116,7 @@ def test_patched_experts_only_checks_adapter_names_length(tmp_path):
     """patch_peft on a model whose only LoRA is on experts: adapter_names of another length than the
     batch raises PEFT's message (PEFT checks it in every Linear layer) instead of spreading them."""
     base = tiny_moe("mixtral")
-    saved_peft(base, tmp_path / "a", seed=1, target_modules=[], target_parameters=EXPERTS, r=3)
-    saved_peft(base, tmp_path / "b", seed=2, target_modules=[], target_parameters=EXPERTS, r=2)
-    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a").eval()
-    ref.load_adapter(tmp_path / "b", adapter_name="b")
-    pm = copy.deepcopy(ref)
-    lora_ext.patch_peft(pm)
+    ref, pm = peft_pair(base, tmp_path, [], 3, 2)
     ids = torch.randint(0, 128, (4, 5), generator=torch.Generator().manual_seed(2))
     with pytest.raises(ValueError, match=r"Length of `adapter_names` should be the same as the number of inputs, "
                                          r"but got 2 and 4"):
@@ -134,12 +141,7 @@ def test_single_expert_stacks(tmp_path):
     base = tiny_moe("mixtral")
     base.config.num_local_experts, base.config.num_experts_per_tok = 1, 1
     base = type(base)(base.config).eval()
-    saved_peft(base, tmp_path / "a", seed=1, target_modules=["q_proj"], target_parameters=EXPERTS, r=2)
-    saved_peft(base, tmp_path / "b", seed=2, target_modules=["q_proj"], target_parameters=EXPERTS, r=3)
-    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a").eval()
-    ref.load_adapter(tmp_path / "b", adapter_name="b")
-    pm = copy.deepcopy(ref)
-    lora_ext.patch_peft(pm)
+    ref, pm = peft_pair(base, tmp_path, ["q_proj"], 2, 3)
     ids = torch.randint(0, 128, (3, 4), generator=torch.Generator().manual_seed(3))
     names = ["b", "a", "__base__"]
     want = []
@@ -204,12 +206,7 @@ def test_compiled_patched_experts_reuse_one_graph_for_every_batch_size(tmp_path)
     still raise PEFT's error."""
     from torch._dynamo.testing import CompileCounter
     base = tiny_moe("qwen3_moe")
-    saved_peft(base, tmp_path / "a", seed=1, target_modules=[], target_parameters=EXPERTS, r=4)
-    saved_peft(base, tmp_path / "b", seed=2, target_modules=[], target_parameters=EXPERTS, r=5)
-    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a").eval()
-    ref.load_adapter(tmp_path / "b", adapter_name="b")
-    pm = copy.deepcopy(ref)
-    lora_ext.patch_peft(pm)
+    ref, pm = peft_pair(base, tmp_path, [], 4, 5)
     torch._dynamo.reset()  # batch sizes below: none equal to a size of the first trace (duck sizing)
     counter = CompileCounter()
     fwd = torch.compile(pm, backend=counter, dynamic=True)
