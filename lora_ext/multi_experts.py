@@ -32,10 +32,11 @@ from .multi import _OUT_OF_RANGE, ContextLayer, LoRAContext, _with_data, apply_k
 from .ops import multi_lora_
 from .ops._checks import as_scale
 from .param_files import NeedsModel, _selects, check_fit, resolve, split_path
+from .param_lora import expert_views
 from .targets import hooked, outer_wrappers
 
 __all__ = ["MultiLoRAExperts", "PEFTFactors", "wrap_experts", "expert_factors", "read_adapter", "watch_block",
-           "block_rows"]
+           "block_rows", "block_lead", "lora_adder"]
 ROWS = "_lora_ext_block_rows"  # __dict__ key: leading dims of the MoE block's last input (watch_block)
 
 def _moe():  # lora_ext.moe imports transformers: only when experts are served
@@ -134,8 +135,7 @@ class MultiLoRAExperts(ContextLayer):
                                  f"with 1 <= r <= r_max {r_max}, got A {tuple(A.shape)}, B {tuple(B.shape)}")
             scale = as_scale("MultiLoRAExperts.set_slot", "scale", scale)
             Ap, Bp = pools.A_pool.new_zeros(E, r_max, n_in), pools.B_pool.new_zeros(E, n_out, r_max)
-            Ap[:, :r] = A.reshape(E, r, n_in)
-            Bp[:, :, :r] = B.reshape(n_out, r, E).permute(2, 0, 1)
+            Ap[:, :r], Bp[:, :, :r] = expert_views(A.contiguous(), B.contiguous(), E)
             staged[name] = (Ap, Bp, scale, r)
         for name, pools in self.slots.items():
             if name not in staged:
@@ -181,30 +181,38 @@ class MultiLoRAExperts(ContextLayer):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        T = math.prod(hidden_states.shape[:-1])
-        lead = block_rows(self, T) or (hidden_states.shape[:-1] if hidden_states.dim() >= 3 else None)
+        T, lead = math.prod(hidden_states.shape[:-1]), block_lead(self, hidden_states)
         if self.context is None:
             raise RuntimeError("MultiLoRAExperts: no LoRAContext attached (pass context= or call "
                                "lora_ext.multi.attach_context(model, ctx))")
         if (problem := _hook_problem(self.base)) is not None:
             raise RuntimeError(f"MultiLoRAExperts({type(self.base).__name__}): {problem}")
-        slot = self._token_slots(T, lead).long()
-        S, E = self.num_slots, self.num_experts
-        bad = (slot < -1) | (slot >= S)
-
-        def add_lora(name, y, x, ids, offs, tokens):
-            if y.requires_grad:
-                raise RuntimeError("MultiLoRAExperts is an inference layer; run it under torch.no_grad() or "
-                                   "torch.inference_mode()")
-            pools = self.slots[name] if name in self.slots else None
-            if pools is None:
-                return y
-            s = slot[tokens]
-            index = torch.where(bad[tokens], S * E, torch.where(s < 0, -1, s * E + ids))
-            return multi_lora_(y, x, pools.A_pool, pools.B_pool, index, pools.scales, pools.ranks,
-                               bad_index_count=self.context.bad_index_count)
-
+        pools = {n: (p.A_pool, p.B_pool, p.scales, p.ranks) for n, p in self.slots.items()}
+        add_lora = lora_adder(pools, self._token_slots(T, lead), self.num_experts, self.context.bad_index_count)
         return _moe().routed_forward(self.base, hidden_states, top_k_index, top_k_weights, add_lora)
+
+
+def lora_adder(pools: Mapping[str, tuple], slot: torch.Tensor, num_experts: int,
+               bad_index_count: Optional[torch.Tensor] = None):
+    """routed_forward's add_lora for per-token adapters: pools[name] = (A_pool [S * E, r_max, in],
+    B_pool [S * E, out, r_max], scales, ranks); slot [T] each token's slot (-1: none; outside
+    -1 .. S-1: an out-of-range index, which the op reports). The rows' index s * E + e is computed once
+    and serves both projections (their rows, expert ids and tokens are the same). Inference only."""
+    index, num_slots = [], next(iter(pools.values()))[0].shape[0] // num_experts if pools else 0
+
+    def add_lora(name, y, x, ids, offs, tokens):
+        if y.requires_grad:
+            raise RuntimeError("MultiLoRAExperts is an inference layer; run it under torch.no_grad() or "
+                               "torch.inference_mode()")
+        if name not in pools:
+            return y
+        if not index:
+            s = slot[tokens].long()
+            bad = (s < -1) | (s >= num_slots)
+            index.append(torch.where(bad, num_slots * num_experts, torch.where(s < 0, -1, s * num_experts + ids)))
+        return multi_lora_(y, x, *pools[name][:2], index[0], *pools[name][2:], bad_index_count=bad_index_count)
+
+    return add_lora
 
 
 def watch_block(block: nn.Module, holder: nn.Module) -> None:
@@ -219,6 +227,13 @@ def _record_rows(holder: nn.Module, block: nn.Module, args, kwargs) -> None:
     x = args[0] if args else kwargs.get("hidden_states")
     holder.__dict__.setdefault(ROWS, {})["lead"] = (x.shape[:-1] if isinstance(x, torch.Tensor) and x.dim() >= 3
                                                     else None)
+
+
+def block_lead(holder: Optional[nn.Module], hidden_states: torch.Tensor) -> Optional[torch.Size]:
+    """The leading dims whose rows the names must match: the watched block's input's (block_rows), or
+    hidden_states' own when they have rows (3-D+); None for bare [T, H] tokens."""
+    found = None if holder is None else block_rows(holder, math.prod(hidden_states.shape[:-1]))
+    return found or (hidden_states.shape[:-1] if hidden_states.dim() >= 3 else None)
 
 
 def block_rows(holder: nn.Module, T: int) -> Optional[torch.Size]:

@@ -34,7 +34,7 @@ from .sharding import is_dtensor, is_fsdp
 from .targets import hooked, pattern_value, read_directly
 
 __all__ = ["LoRAParameter", "inject_parameters", "parameter_layers", "outermost", "generic_path", "target_hparams",
-           "check_init"]
+           "check_init", "expert_views"]
 
 _GENERIC = [False]  # generic_path() sets it: every LoRAParameter forward takes the generic path
 
@@ -122,10 +122,7 @@ class LoRAParameter(nn.Module):
 
     def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A [E, r, in], B [E, out, r], s): per-expert views of lora_A / lora_B (differentiable)."""
-        E, r = self.num_experts, self.r
-        A = self.lora_A.view(E, r, self.in_features)
-        B = self.lora_B.view(self.out_features, r, E).permute(2, 0, 1)
-        return A, B, float(self.scaling)
+        return (*expert_views(self.lora_A, self.lora_B, self.num_experts), float(self.scaling))
 
     def set_lora_factors(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
         """Sets lora_A [E * r, in] and lora_B [out, E * r] (PEFT's layout; another r resizes them,
@@ -332,6 +329,13 @@ class LoRAParameter(nn.Module):
     def unwrapped(self) -> nn.Module:
         """The wrapped module itself (for merge_and_unload: merge first)."""
         return _inner(self)
+
+
+def expert_views(A: torch.Tensor, B: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [E, r, in], B [E, out, r]): per-expert views of PEFT's lora_A [E * r, in] (expert-major rows)
+    and lora_B [out, E * r] (column j * E + e is expert e's column j)."""
+    r = A.shape[0] // E
+    return A.view(E, r, A.shape[1]), B.view(B.shape[0], r, E).permute(2, 0, 1)
 
 
 def wrap_problem(module: nn.Module, parameter_name: str) -> tuple[type, str] | None:

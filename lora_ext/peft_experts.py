@@ -21,11 +21,13 @@ factor or scaling changes; each projection's LoRA term is one ``multi_lora_`` ov
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from .multi_experts import block_rows
-from .ops import multi_lora_
+from .multi_experts import block_lead, lora_adder
+from .param_lora import expert_views
 from .peft_pools import _stamp
 from .targets import is_param_wrapper, outer_wrappers
 
@@ -60,9 +62,7 @@ def chain_loras(outer: nn.Module, n_args: int) -> tuple[nn.Module, dict] | str:
         A, B = w.lora_A[name].weight, w.lora_B[name].weight
         if not _is_stack(base, w) or B.shape[1] % E or A.shape[0] != B.shape[1]:
             return f"{w.parameter_name!r} is not an expert stack"
-        r = A.shape[0] // E
-        loras[w.parameter_name] = (A.view(E, r, A.shape[1]), B.view(B.shape[0], r, E).permute(2, 0, 1),
-                                   float(w.scaling[name]))
+        loras[w.parameter_name] = (*expert_views(A, B, E), float(w.scaling[name]))
     if not loras:
         return ""
     if n_args != 3:
@@ -105,8 +105,7 @@ def _expert_pools(w: nn.Module, names: tuple, in_out: tuple, dtype: torch.dtype,
         for n in have:
             A, B, rows = w.lora_A[n].weight, w.lora_B[n].weight, slice(names.index(n) * E, (names.index(n) + 1) * E)
             r = A.shape[0] // E
-            A_pool[rows, :r] = A.reshape(E, r, -1)
-            B_pool[rows, :, :r] = B.reshape(B.shape[0], r, E).permute(2, 0, 1)
+            A_pool[rows, :r], B_pool[rows, :, :r] = expert_views(A, B, E)
             scales[rows], ranks[rows] = float(w.scaling[n]), r
     w.__dict__[POOLS] = ((names, dtype, device, stamps), (A_pool, B_pool, scales, ranks))
     return A_pool, B_pool, scales, ranks
@@ -151,9 +150,7 @@ def mixed_experts(prep, names, hidden_states: torch.Tensor, top_k_index: torch.T
     its B rows must be len(names), as PEFT checks every layer's input. Traced, sizes are compared,
     never len(names) (a guard on it: one graph per batch size)."""
     base, pools, rows, _ = prep
-    T = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
-    lead = (None if holder is None else block_rows(holder, T)) or (
-        hidden_states.shape[:-1] if hidden_states.dim() >= 3 else None)
+    T, lead = math.prod(hidden_states.shape[:-1]), block_lead(holder, hidden_states)
     n = rows.shape[0]  # len(names) as a size: traced, compared in the graph (no guard on the batch size)
     if lead is not None and lead[0] != n:
         raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
@@ -162,14 +159,6 @@ def mixed_experts(prep, names, hidden_states: torch.Tensor, top_k_index: torch.T
     if T % n:
         raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
                          f"{len(names)} and {T} tokens in an experts module (not a multiple) respectively.")
-    slot = rows.long().repeat_interleave(T // n)
     from .moe import routed_forward
-
-    def add_lora(name, y, x, ids, offs, tokens):
-        if name not in pools:
-            return y
-        A_pool, B_pool, scales, ranks = pools[name]
-        s = slot[tokens]
-        return multi_lora_(y, x, A_pool, B_pool, torch.where(s < 0, -1, s * base.num_experts + ids), scales, ranks)
-
+    add_lora = lora_adder(pools, rows.repeat_interleave(T // n), base.num_experts)
     return routed_forward(base, hidden_states, top_k_index, top_k_weights, add_lora)
