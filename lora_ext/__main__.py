@@ -122,10 +122,20 @@ def _positive_int(s: str) -> int:
 
 
 def _out_dir(s: str) -> str:
-    try:
-        os.makedirs(s, exist_ok=True)
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot create directory {s}: {e.strerror}") from None
+    """Checks that ``s`` is, or can be made, a directory; main creates it once every argument is
+    checked (an argparse type runs before the arguments after it are)."""
+    path = os.path.abspath(s)
+    reason = "File exists" if os.path.exists(path) and not os.path.isdir(path) else None
+    parent = path
+    while reason is None and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if reason is None and parent != path:
+        if not os.path.isdir(parent):
+            reason = "Not a directory"
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            reason = "Permission denied"
+    if reason is not None:
+        raise argparse.ArgumentTypeError(f"cannot create directory {s}: {reason}")
     return s
 
 
@@ -151,6 +161,8 @@ def main(argv=None) -> int:
         if args.cmd == "demo":
             from .demo import run
 
+            if args.out is not None:
+                os.makedirs(args.out, exist_ok=True)
             run(args.device, args.steps, args.out)
             return 0
         if args.cmd in ("merge", "inspect"):

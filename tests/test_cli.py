@@ -230,3 +230,14 @@ def test_demo_out_is_a_directory(cli, capsys, tmp_path):
     assert calls == []
     assert main(["demo", "--out", str(tmp_path / "new" / "dir")]) == 0  # created if missing
     assert (tmp_path / "new" / "dir").is_dir() and calls == [("demo", None, 150, str(tmp_path / "new" / "dir"))]
+
+
+def test_demo_out_not_created_when_another_argument_is_bad(cli, capsys, tmp_path):
+    main, calls = cli
+    out = tmp_path / "new" / "dir"
+    assert "argument --steps: expected an integer >= 1, got '0'" in _usage_error(
+        main, ["demo", "--out", str(out), "--steps", "0"], capsys)
+    assert not (tmp_path / "new").exists() and calls == []
+    (tmp_path / "file").write_text("")
+    assert f"cannot create directory {tmp_path / 'file' / 'x'}: Not a directory" in _usage_error(
+        main, ["demo", "--out", str(tmp_path / "file" / "x")], capsys)
