@@ -308,7 +308,7 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
     Layers it injects take the config's ``lora_dropout`` and ``use_rslora`` (as PEFT's
     ``from_pretrained``), so training resumes as it ran; layers the model has keep theirs.
     "parameter" layers (target_parameters) go into the model's LoRAParameter wrappers (another rank
-    resizes them; merged ones raise), or wrappers are injected, nested as PEFT's; each must fit its
+    resizes them; merged ones take it merged), or wrappers are injected, nested as PEFT's; each must fit its
     parameter (lora_A [E * r, in], lora_B [out, E * r]), and every parameter the config's
     target_parameters select must have factors (lora_ext.param_files.plan_parameters).
     A torch.compile / DDP wrapper is looked through (module names are those of the model inside;

@@ -240,7 +240,7 @@ def check_covered(model: nn.Module, found: dict, targets, where: str) -> None:
 
 def plan_parameters(model: nn.Module, layers: dict, config: dict, where: str) -> list[tuple]:
     """load_adapter's checks for an adapter's "parameter" layers ({path: LayerWeights}) in ``model``:
-    resolve, check_fit, unmerged wrappers, and, if the config has target_parameters,
+    resolve, check_fit, no wrapper merged for good, and, if the config has target_parameters,
     check_covered. Returns load_parameters' items (path, module, parameter name, LoRAParameter or
     None, LayerWeights); nothing changes."""
     found = resolve(model, {p: w.parameter for p, w in layers.items()}, config.get("target_parameters") or [], where)
@@ -248,9 +248,9 @@ def plan_parameters(model: nn.Module, layers: dict, config: dict, where: str) ->
     for path, (module, pname, layer, inner) in found.items():
         w = layers[path]
         check_fit(f"{where}: module {path!r}", module, inner, pname, w.A, w.B, w.num_experts)
-        if layer is not None and layer.merged:
-            raise ValueError(f"{where}: module {path!r} (LoRAParameter {pname!r}) is merged into the parameter; "
-                             "unmerge it first (lora_ext.unmerge)")
+        if layer is not None and layer._merged_for_good():  # (a merged one takes it as a merged LoRALayer)
+            raise ValueError(f"{where}: module {path!r} (LoRAParameter {pname!r}) is merged for good "
+                             "(drop_merge_state / merge_and_unload), so its adapter cannot be replaced")
         items.append((path, module, pname, layer, w))
     check_covered(model, found, config.get("target_parameters") or [], where)
     return items

@@ -112,8 +112,7 @@ class LoRAParameter(nn.Module):
         """A: Kaiming-uniform (a=sqrt(5)) over the whole [E * r, in] as PEFT, or Gaussian (std 1/r); B: zeros."""
         if init not in ("kaiming", "gaussian"):
             raise ValueError(f"LoRAParameter: init must be 'kaiming' or 'gaussian', got {init!r}")
-        self._check_unmerged("reset_lora_parameters")
-        with torch.no_grad():
+        with self._unmerged("reset_lora_parameters"), torch.no_grad():
             if init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             else:
@@ -136,23 +135,34 @@ class LoRAParameter(nn.Module):
             raise ValueError(f"{where}: expected A [{E} * r, {self.in_features}] and B [{self.out_features}, "
                              f"{E} * r] with r > 0, got A {tuple(A.shape)}, B {tuple(B.shape)}")
         scale = as_scale(where, "scale", scale)
-        self._check_unmerged("set_lora_factors")
-        old_A, old_B = self.lora_A, self.lora_B
-        A, B = A.to(old_A.device, old_A.dtype), B.to(old_A.device, old_A.dtype)
-        if A.shape != old_A.shape:
-            self.lora_A = nn.Parameter(A.clone(), requires_grad=old_A.requires_grad)
-            self.lora_B = nn.Parameter(B.clone(), requires_grad=old_B.requires_grad)
-        else:
-            with torch.no_grad():
-                old_A.copy_(A)
-                old_B.copy_(B)
-        self.r = A.shape[0] // E
-        self.scaling = scale
-        self.lora_alpha = lora_alpha_for(scale, self.r, self.use_rslora)
+        with self._unmerged("set_lora_factors"):
+            old_A, old_B = self.lora_A, self.lora_B
+            A, B = A.to(old_A.device, old_A.dtype), B.to(old_A.device, old_A.dtype)
+            if A.shape != old_A.shape:
+                self.lora_A = nn.Parameter(A.clone(), requires_grad=old_A.requires_grad)
+                self.lora_B = nn.Parameter(B.clone(), requires_grad=old_B.requires_grad)
+            else:
+                with torch.no_grad():
+                    old_A.copy_(A)
+                    old_B.copy_(B)
+            self.r = A.shape[0] // E
+            self.scaling = scale
+            self.lora_alpha = lora_alpha_for(scale, self.r, self.use_rslora)
 
-    def _check_unmerged(self, what: str) -> None:
-        if getattr(self, "merged", False):
-            raise ValueError(f"LoRAParameter({self.parameter_name!r}).{what}: the adapter is merged; unmerge first")
+    @contextlib.contextmanager
+    def _unmerged(self, what: str):
+        """Runs the block (which changes the factors) on the unmerged parameter, then merges again
+        (exactly if it was), as LoRALayer does; merged for good (drop_merge_state): ValueError."""
+        if not getattr(self, "merged", False):
+            yield
+            return
+        if self._merged_for_good():
+            raise ValueError(f"LoRAParameter({self.parameter_name!r}).{what}: merged for good "
+                             "(drop_merge_state), so its adapter cannot be replaced")
+        exact = self._merge_states is not None
+        self.unmerge()
+        yield
+        self.merge(exact=exact)
 
     # ---------------------------------------------------------------- forward
     def target(self) -> nn.Module:

@@ -188,11 +188,11 @@ def fast_path_problem(module, names):
         return f"lora_ext.moe does not import: {e}"
     return moe.fast_path_problem(module, names)
 
-def expert_reference(w: LoRAParameter) -> torch.Tensor:
-    """P + s B_e A_e per expert in fp64, from PEFT's layout by hand (lora_A rows e*r..(e+1)*r,
-    lora_B columns j*E + e), transposed for an [E, in, out] stack."""
+def expert_reference(w: LoRAParameter, P: torch.Tensor | None = None) -> torch.Tensor:
+    """P (default: the wrapped parameter) + s B_e A_e per expert in fp64, from PEFT's layout by hand
+    (lora_A rows e*r..(e+1)*r, lora_B columns j*E + e), transposed for an [E, in, out] stack."""
     E, r = w.num_experts, w.r
-    P = getattr(w.target(), w.parameter_name).detach().double()
+    P = (getattr(w.target(), w.parameter_name) if P is None else P).detach().double()
     A, B = w.lora_A.detach().double(), w.lora_B.detach().double()
     out = P.clone() if P.dim() == 3 else P.clone()[None]
     for e in range(E):

@@ -318,8 +318,10 @@ def test_model_mismatches_are_named(base, mixed):
     model = copy.deepcopy(base)
     lora_ext.inject(model, target_parameters=EXPERTS, r=4, alpha=8)
     lora_ext.merge(model)
+    for w in lora_ext.param_lora.parameter_layers(model).values():
+        w.drop_merge_state()
     with pytest.raises(ValueError, match=r"load_adapter: adapter ad: module 'model.layers.0.mlp.experts' \(LoRAParameter "
-                                         r"'down_proj'\) is merged into the parameter; unmerge it first"):
+                                         r"'down_proj'\) is merged for good \(drop_merge_state"):
         load_adapter(model, d)
     ad = Adapter.load(d)
     ad.layers["model.layers.0.mlp.experts"].parameter = "gate_up_proj"  # PEFT puts down_proj there

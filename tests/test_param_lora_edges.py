@@ -263,9 +263,31 @@ def test_set_lora_factors_shapes():
     assert w.r == 3 and w.lora_A.shape == (12, 64)
     w.set_lora_factors(torch.ones(E * 5, i), torch.ones(o, E * 5), 0.5)  # another r resizes
     assert (w.r, w.lora_A.shape, w.lora_B.shape, w.scaling, w.lora_alpha) == (5, (20, 64), (64, 20), 0.5, 2.5)
+
+
+def test_set_lora_factors_on_a_merged_stack_replaces_the_merged_adapter():
+    """As a merged LoRALayer: unmerged, set, merged again (exactly), so the stack holds the new
+    adapter and unmerge still gives the original back bit for bit; merged for good: refused."""
+    model = tiny_moe("qwen3_moe")
+    lora_ext.inject(model, target_parameters=TARGETS, r=3)
+    randomize(model, std=0.2)
+    w = experts_of(model).base_layer
+    P = getattr(w.target(), w.parameter_name)
+    P0 = P.detach().clone()
     lora_ext.merge(model)
-    with pytest.raises(ValueError, match="merged"):
-        w.set_lora_factors(torch.ones(E * 5, i), torch.ones(o, E * 5), 0.5)
+    A, B = torch.randn(20, 64) * 0.1, torch.randn(64, 20) * 0.1
+    w.set_lora_factors(A, B, 0.5)
+    assert w.merged and w.r == 5
+    assert rel_err(P, expert_reference(w, P0)) < 1e-6  # P0 + the new adapter, not the old one
+    w.reset_lora_parameters()  # B = 0: the merged stack is P0 again
+    assert w.merged and torch.equal(P, P0)
+    w.set_lora_factors(A, B, 0.5)
+    lora_ext.unmerge(model)
+    assert torch.equal(P, P0)
+    lora_ext.merge(model)
+    w.drop_merge_state()
+    with pytest.raises(ValueError, match=r"set_lora_factors: merged for good \(drop_merge_state\)"):
+        w.set_lora_factors(A, B, 0.5)
 
 
 @pytest.mark.parametrize("scale, err, match", [
@@ -332,3 +354,24 @@ def test_inexact_merge_keeps_its_own_copy_of_the_factors():
         w.lora_B.mul_(3.0)
     lora_ext.unmerge(model)
     torch.testing.assert_close(w.target().weight, before, rtol=0, atol=1e-5)
+
+
+def test_load_adapter_into_a_merged_model_as_into_merged_lora_layers(tmp_path):
+    """load_adapter into a merged model with expert-parameter layers gives the merged model of the
+    loaded adapter (as for merged LoRALayers), and unmerge gives the base stacks back exactly."""
+    src = tiny_moe("qwen3_moe")
+    lora_ext.inject(src, target_parameters=TARGETS, r=3)
+    randomize(src, std=0.2)
+    lora_ext.Adapter.from_model(src).save(str(tmp_path / "a"))
+    model = tiny_moe("qwen3_moe")
+    lora_ext.inject(model, target_parameters=TARGETS, r=3)
+    randomize(model, std=0.1)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    lora_ext.merge(model)
+    lora_ext.load_adapter(model, str(tmp_path / "a"))
+    assert all(m.merged for m in parameter_layers(model).values())
+    ids = ids_for("cpu")
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, src(input_ids=ids).logits) < 1e-5
+    lora_ext.unmerge(model)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if "lora_" not in n)
