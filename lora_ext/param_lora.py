@@ -31,6 +31,7 @@ from .hparams import _check_hparams, lora_alpha_for, lora_scaling
 from .ops import MergeState, check_merge_finite, merge_, unmerge_
 from .ops._checks import as_scale
 from .sharding import is_dtensor, is_fsdp
+from .layers import LoRALayer
 from .targets import hooked, pattern_value, read_directly
 
 __all__ = ["LoRAParameter", "inject_parameters", "parameter_layers", "outermost", "generic_path", "target_hparams",
@@ -112,7 +113,7 @@ class LoRAParameter(nn.Module):
         """A: Kaiming-uniform (a=sqrt(5)) over the whole [E * r, in] as PEFT, or Gaussian (std 1/r); B: zeros."""
         if init not in ("kaiming", "gaussian"):
             raise ValueError(f"LoRAParameter: init must be 'kaiming' or 'gaussian', got {init!r}")
-        with self._unmerged("reset_lora_parameters"), torch.no_grad():
+        with self._unmerged(f"LoRAParameter({self.parameter_name!r}).reset_lora_parameters"), torch.no_grad():
             if init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             else:
@@ -135,7 +136,7 @@ class LoRAParameter(nn.Module):
             raise ValueError(f"{where}: expected A [{E} * r, {self.in_features}] and B [{self.out_features}, "
                              f"{E} * r] with r > 0, got A {tuple(A.shape)}, B {tuple(B.shape)}")
         scale = as_scale(where, "scale", scale)
-        with self._unmerged("set_lora_factors"):
+        with self._unmerged(where):
             old_A, old_B = self.lora_A, self.lora_B
             A, B = A.to(old_A.device, old_A.dtype), B.to(old_A.device, old_A.dtype)
             if A.shape != old_A.shape:
@@ -149,20 +150,12 @@ class LoRAParameter(nn.Module):
             self.scaling = scale
             self.lora_alpha = lora_alpha_for(scale, self.r, self.use_rslora)
 
-    @contextlib.contextmanager
-    def _unmerged(self, what: str):
-        """Runs the block (which changes the factors) on the unmerged parameter, then merges again
-        (exactly if it was), as LoRALayer does; merged for good (drop_merge_state): ValueError."""
-        if not getattr(self, "merged", False):
-            yield
-            return
-        if self._merged_for_good():
-            raise ValueError(f"LoRAParameter({self.parameter_name!r}).{what}: merged for good "
-                             "(drop_merge_state), so its adapter cannot be replaced")
-        exact = self._merge_states is not None
-        self.unmerge()
-        yield
-        self.merge(exact=exact)
+    # set_lora_factors / reset_lora_parameters on a merged wrapper: unmerge, change, merge again
+    # (exactly if it was), as on a LoRALayer; merged for good: ValueError
+    _unmerged = LoRALayer._unmerged
+
+    def _merged_exactly(self) -> bool:
+        return self._merge_states is not None
 
     # ---------------------------------------------------------------- forward
     def target(self) -> nn.Module:

@@ -286,7 +286,7 @@ def test_set_lora_factors_on_a_merged_stack_replaces_the_merged_adapter():
     assert torch.equal(P, P0)
     lora_ext.merge(model)
     w.drop_merge_state()
-    with pytest.raises(ValueError, match=r"set_lora_factors: merged for good \(drop_merge_state\)"):
+    with pytest.raises(ValueError, match=r"set_lora_factors: the layer is merged for good \(drop_merge_state"):
         w.set_lora_factors(A, B, 0.5)
 
 
