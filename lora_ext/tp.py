@@ -181,12 +181,16 @@ class _TPLoRALinear:
                 seed = torch.randint(0, 2**62, (1,), device=x_l.device, dtype=torch.int64) + mesh.get_local_rank()
             y = lora_linear(x_l, W, b, A, B, self.scaling, self.lora_dropout, self.training,
                             self.fan_in_fan_out, seed)
-        if colwise:
-            return DTensor.from_local(y, mesh, [Shard(y.dim() - 1)], run_check=False)
-        y = DTensor.from_local(y, mesh, [Partial()], run_check=False)
-        if self.bias is not None:
-            y = y + self.bias  # Partial + Replicate: the bias lands in the sum once, no collective
-        return y
+        return _output(y, mesh, colwise, self.bias)
+
+
+def _output(y: torch.Tensor, mesh, colwise: bool, bias) -> DTensor:
+    """A shard's local output as the layer's DTensor: colwise Shard(-1); rowwise Partial (summed by
+    the next redistribute) plus the replicated bias, which so lands in the sum once, no collective."""
+    if colwise:
+        return DTensor.from_local(y, mesh, [Shard(y.dim() - 1)], run_check=False)
+    y = DTensor.from_local(y, mesh, [Partial()], run_check=False)
+    return y if bias is None else y + bias
 
 
 class _TPMultiLoRALinear:
@@ -218,12 +222,7 @@ class _TPMultiLoRALinear:
         # so y gets this rank's partial of the LoRA term, summed by the base layer's all-reduce
         multi_lora_(y, x_l, self.A_pool, self.B_pool, self.context.tokens(x_l.shape[:-1]), self.scales,
                     self.ranks, self.out_slices, bad_index_count=self.context.bad_index_count)
-        if colwise:
-            return DTensor.from_local(y, mesh, [Shard(y.dim() - 1)], run_check=False)
-        y = DTensor.from_local(y, mesh, [Partial()], run_check=False)
-        if base.bias is not None:
-            y = y + base.bias  # Partial + Replicate: the bias lands in the sum once, no collective
-        return y
+        return _output(y, mesh, colwise, base.bias)
 
 
 _CLASSES: dict[tuple[str, type], type] = {}
