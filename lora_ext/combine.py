@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -39,12 +39,16 @@ def _combine_factors(items: list[tuple[torch.Tensor, torch.Tensor, float]], how:
                              "use how='cat'")
         A = sum(math.copysign(math.sqrt(abs(c)), c) * a.float() for a, _, c in items)
         B = sum(math.sqrt(abs(c)) * b.float() for _, b, c in items)
-    out = dtype or torch.float32
-    A, B = A.to(out), B.to(out)
-    if not (A.isfinite().all() and B.isfinite().all()) and all(a.isfinite().all() and b.isfinite().all()
-                                                                for a, b, _ in items):
-        raise ValueError(f"combine: {where}: the combined factors overflow {out} (inputs finite, weights x "
-                         "scales too large for it); pass a wider dtype or smaller weights")
+    # finite inputs whose factors overflow: in the fp32 arithmetic above (whatever ``dtype``: a wider
+    # one cannot help), or in ``dtype``
+    for t in dict.fromkeys((torch.float32, dtype or torch.float32)):
+        A, B = A.to(t), B.to(t)
+        if not (A.isfinite().all() and B.isfinite().all()) and all(a.isfinite().all() and b.isfinite().all()
+                                                                    for a, b, _ in items):
+            fix = ("pass a wider dtype or smaller weights" if t != torch.float32 else
+                   "they are computed in it, as the merge kernels compute, whatever dtype; use smaller weights")
+            raise ValueError(f"combine: {where}: the combined factors overflow {t} (inputs finite, weights x "
+                             f"scales too large for it); {fix}")
     return A, B
 
 
@@ -83,6 +87,11 @@ def combine(adapters: Sequence, weights: Sequence[float] | None = None, how: str
       B = sum sqrt|c_i| B_i. Same rank, but B A has cross terms B_i A_j: it is not the sum of
       the effects (n copies of one adapter come out scaled by (sum sqrt w_i)^2, not sum w_i).
     """
+    single = isinstance(adapters, (Adapter, LayerWeights)) or (  # one adapter, not a list of them
+        isinstance(adapters, tuple) and len(adapters) == 3 and isinstance(adapters[0], torch.Tensor))
+    if single or isinstance(adapters, (str, bytes, dict, torch.Tensor)) or not isinstance(adapters, Iterable):
+        raise TypeError(f"combine: adapters must be a list of Adapters, LayerWeights or (A, B, scale) tuples, got "
+                        f"{'one ' if single else ''}{type(adapters).__name__}" + (" (pass [it])" if single else ""))
     adapters = list(adapters)
     if not adapters:
         raise ValueError("combine: no adapters given")

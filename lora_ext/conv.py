@@ -217,11 +217,11 @@ class LoRAConvNd(LoRALayer):
             return out + delta * self.scaling
         # PEFT's DoraConvNdVariant: out + (g - 1) conv(x or d(x); W) + g * scaling * delta
         g = dora_scale(self.lora_magnitude_vector, self._merge_weight(self.weight), A.flatten(1), B.flatten(1),
-                       self.scaling).to(out.dtype).view(1, -1, *[1] * self._dims)
+                       self.scaling).to(out.dtype).view(-1, *[1] * self._dims)  # (also unbatched x: [C, ...])
         if dropped:  # PEFT's conv_fn(d(x), W, ...): zero padding whatever the padding_mode, as A's
             base = conv(h, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
         else:  # (under autocast out is 16-bit, the bias fp32: the sum is cast back, as PEFT's result)
-            base = out if self.bias is None else out - self.bias.view(1, -1, *[1] * self._dims)
+            base = out if self.bias is None else out - self.bias.view(-1, *[1] * self._dims)
         return (out + ((g - 1) * base + g * delta * self.scaling)).to(out.dtype)
 
     def extra_repr(self) -> str:

@@ -15,7 +15,9 @@ lora_ext.dora on the [in, out] weight.
 ``max_norm`` (as nn.Embedding: looked-up rows renormalized in place) renormalizes the rows of W0 and
 of A^T separately, as PEFT; a merged table's rows would be renormalized together (other outputs, and
 the merged weight rewritten in place), so merge refuses such a layer (merge_refusal: ValueError
-naming max_norm; PEFT merges it and the outputs change), plain or DoRA."""
+naming max_norm; PEFT merges it and the outputs change), plain or DoRA. DoRA's g is taken, as PEFT's,
+between the two renormalizations (after W0's rows, before A^T's), so the first lookup of rows of A^T
+longer than max_norm gives another output than the next."""
 from __future__ import annotations
 
 import torch
@@ -150,18 +152,17 @@ class LoRAEmbedding(LoRALayer):
         out = self._scaled(self._embed(ids, self.weight, self.sparse))
         if self.merged:
             return out
+        # DoRA's g as PEFT takes it (max_norm renormalizes looked-up rows in place): from the table after
+        # its lookup, from A before A's lookup below
+        g = None if not self.use_dora else dora_scale(self.lora_magnitude_vector, self.weight, self.lora_embedding_A,
+                                                      self.lora_embedding_B, self.scaling, fan_in_fan_out=True)
         # the lookup in A^T (a transposed view) takes a dense gradient: a sparse one cannot be transposed;
         # it reads the parameter itself (max_norm renormalizes its rows in place, as PEFT's), then the
         # looked-up rows and B go to the table's dtype (fp32 factors on a bf16 table: a bf16 output)
         after_a = self._embed(ids, self.lora_embedding_A.t(), sparse=False)
         after_a, B = factors_like(out, after_a, self.lora_embedding_B)
         out = out + self._scaled((after_a @ B.t()) * self.scaling)
-        if not self.use_dora:
-            return out
-        # g from the table after the lookups (max_norm renormalizes looked-up rows in place, as in PEFT)
-        g = dora_scale(self.lora_magnitude_vector, self.weight, self.lora_embedding_A, self.lora_embedding_B,
-                       self.scaling, fan_in_fan_out=True)
-        return out * g.to(out.dtype)
+        return out if g is None else out * g.to(out.dtype)
 
     def extra_repr(self) -> str:
         opts = [f"{k}={getattr(self, k)}" for k, default in (("padding_idx", None), ("max_norm", None),

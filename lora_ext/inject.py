@@ -19,8 +19,8 @@ from .hparams import _check_hparams
 from .param_lora import (LoRAParameter, _chain, _inner, apply_plan, check_init, outermost, parameter_layers,
                          plan_parameters, target_hparams)
 from .sharding import sharding_of, unwrapped, wrapper_free_name
-from .targets import (PEFT_PREFIX, check_layers, check_regex, in_layers, matches, read_directly, select_targets,
-                      unwrappable)
+from .targets import (PEFT_PREFIX, check_layers, check_patterns, check_regex, in_layers, matches, read_directly,
+                      select_targets, unwrappable)
 
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "peft_parameter_layers", "PEFT_PREFIX"]
 
@@ -66,6 +66,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
     if wrapped is not None:  # DDP would not all-reduce factors added now; FSDP/TP shards are in place
         raise ValueError(f"inject: the model is already {wrapped}; inject the LoRA layers "
                          "first, then wrap or shard (lora_ext.distributed)")
+    check_patterns("inject", rank_pattern, alpha_pattern)
     if target_parameters is not None:  # everything checked before the model changes
         if dropout or use_dora:
             raise ValueError("inject: target_parameters does not work with " + ("dropout" if dropout else "use_dora=True")

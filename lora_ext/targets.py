@@ -11,6 +11,7 @@ import functools
 import re
 import reprlib
 from collections import Counter
+from collections.abc import Mapping
 
 try:
     from re import _parser as _sre  # Python >= 3.11
@@ -460,3 +461,22 @@ def peft_config(ranks: dict[str, int], alphas: dict[str, float], *, use_rslora: 
     if params:
         shape["target_parameters"] = _parameter_names(sorted(params), model, full_names)
     return {**shape, "lora_dropout": lora_dropout, **_FROM_SCRATCH, "use_dora": use_dora}
+
+
+def check_patterns(where: str, rank_pattern, alpha_pattern) -> None:
+    """ValueError starting with ``where`` for a rank_pattern / alpha_pattern that is not None or a dict
+    of str keys (regexes pattern_value can run: lora_ext.targets.check_pattern_key) to values (these are
+    checked per target, by _check_hparams)."""
+    for field, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if pattern is None:
+            continue
+        if not isinstance(pattern, Mapping):
+            raise ValueError(f"{where}: {field} must be a dict (module-name regex -> value), got "
+                             f"{type(pattern).__name__} {pattern!r:.80}")
+        for key in pattern:
+            if not isinstance(key, str):
+                raise ValueError(f"{where}: {field} keys must be str (module-name regexes), got {key!r}")
+            try:
+                check_pattern_key(key)
+            except ValueError as e:
+                raise ValueError(f"{where}: {field} {e}") from None
