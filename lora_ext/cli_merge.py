@@ -28,6 +28,7 @@ from torch import nn
 from .adapter_checks import read_config
 from .adapters import CONFIG_FILE, Adapter, extra_target, load_adapter
 from .param_files import NeedsModel
+from .param_lora import LoRAParameter
 from .cli_inspect import one_line, run_inspect
 from .combine import combine
 from .inject import lora_layers, peft_parameter_layers
@@ -104,6 +105,8 @@ def add_parsers(sub, device_arg) -> None:
     m.add_argument("--task", choices=sorted(TASK_CLASSES),
                    help="PEFT task type deciding the model class (default: the adapters' task_type, "
                         "else BASE's config.architectures)")
+    m.add_argument("--allow-pickle", action="store_true",
+                   help="also read adapter_model.bin (older PEFT adapters; torch.load(weights_only=True))")
     m.add_argument("--tied", choices=["untie", "share"],
                    help="an adapter on a tied embedding / LM head: 'untie' gives the head its own copy of the "
                         "table (the merged model computes what the adapter did), 'share' merges into the "
@@ -340,12 +343,17 @@ def run_merge(args, base: str, paths: list[str]) -> int:
     log = Console(stderr=True, highlight=False)
     t0 = time.perf_counter()
     adapters, deferred = [], []
+    pickle = getattr(args, "allow_pickle", False)
     for i, p in enumerate(paths):
         try:
-            adapters.append(Adapter.load(p))
+            adapters.append(Adapter.load(p, allow_pickle=pickle))
         except NeedsModel:  # LoRA on parameters whose scales the model's parameter order decides: read
             adapters.append(Adapter({}, read_config(os.path.join(p, CONFIG_FILE))))  # again once it is loaded
             deferred.append(i)
+        except ValueError as e:  # (the message names Adapter.load's allow_pickle=True: here a flag)
+            if "refusing to unpickle" not in str(e):
+                raise
+            raise CommandError(f"{str(e).split(';')[0]}; convert it to safetensors or pass --allow-pickle") from None
     weights = args.weights or [1.0] * len(adapters)
     dora = [p for p, a in zip(paths, adapters) if a.config.get("use_dora")]
     if dora and (len(adapters) > 1 or weights[0] != 1.0):
@@ -361,7 +369,7 @@ def run_merge(args, base: str, paths: list[str]) -> int:
     model = _load_base(cls, base, args.dtype, args.device, {k for a in adapters for k in a.extra},
                        **_num_labels(base, adapters, task))
     for i in deferred:
-        adapters[i] = Adapter.load(paths[i], model=model)
+        adapters[i] = Adapter.load(paths[i], allow_pickle=pickle, model=model)
     if len(adapters) == 1 and weights[0] == 1.0:
         combined = adapters[0]
     else:
@@ -393,6 +401,11 @@ def run_merge(args, base: str, paths: list[str]) -> int:
         if (why := layer.merge_refusal()) is not None:
             raise CommandError(f"module {name!r} cannot be merged: {why}; this adapter runs only unmerged "
                                "(lora_ext.load_adapter, or PEFT without merge_and_unload)")
+    for name, layer in {**lora_layers(model), **peft_parameter_layers(model)}.items():
+        w = getattr(layer.target(), layer.parameter_name) if isinstance(layer, LoRAParameter) else layer.weight
+        if w.dtype not in DTYPES.values():  # (a float64 checkpoint under --dtype auto): the kernels' dtypes
+            raise CommandError(f"module {name!r} has a {str(w.dtype).removeprefix('torch.')} weight; the merge "
+                               f"takes {', '.join(DTYPES)}: pass --dtype (e.g. --dtype float32)")
     try:
         merged = merge_and_unload(model, safe=args.safe, allow_tied=args.tied == "share")
     except ValueError as e:  # checked before any weight changes

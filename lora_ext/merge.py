@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .dora import dora_merge_
 from .inject import NESTED_KEY, lora_layers, registrations
 from .layers import LoRALayer
+from .ops import merge_
 from .param_lora import LoRAParameter, outermost, parameter_layers
 from .sharding import sharding_of
 
@@ -102,15 +104,43 @@ def merge(model: nn.Module, safe: bool = False, exact: bool = True,
 
 def _check_all(layers: dict[str, nn.Module], finite: bool) -> None:
     """Before any weight changes: ValueError naming the first layer that cannot merge exactly what it
-    computes (LoRALayer.merge_refusal: some LoRAConv layers, LoRAEmbedding with max_norm) or, with ``finite``, would overflow."""
+    computes (LoRALayer.merge_refusal: some LoRAConv layers, LoRAEmbedding with max_norm), whose weight
+    has a dtype the kernels lack (float64) or, with ``finite``, would overflow."""
     for name, m in layers.items():
         try:
+            w = getattr(m.target(), m.parameter_name) if isinstance(m, LoRAParameter) else m.weight
+            if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # (else a half-merged model)
+                raise ValueError(f"its weight is {w.dtype}; the merge kernels take float32, float16 and bfloat16")
             if finite:
                 m.check_merge()
             elif (why := m.merge_refusal()) is not None:
                 raise ValueError(f"{type(m).__name__}.merge: {why}")
         except ValueError as e:
             raise ValueError(f"merge: layer {name!r}: {e}") from None
+    if finite:
+        _check_tied_finite(layers)
+
+
+def _check_tied_finite(layers: dict[str, nn.Module]) -> None:
+    """Layers merging into one (tied) weight: each check_merge saw the weight as it is, but a later one
+    merges into it plus the earlier deltas. Merges them into a copy, in merge order, and looks."""
+    tied: dict[int, list[tuple[str, LoRALayer]]] = {}
+    for name, m in layers.items():
+        if isinstance(m, LoRALayer):
+            tied.setdefault(id(m.weight), []).append((name, m))
+    for group in (g for g in tied.values() if len(g) > 1):
+        w = group[0][1].weight.detach().clone()
+        for i, (name, m) in enumerate(group):
+            A, B, s = m._merge_factors()
+            W = m._merge_weight(w)
+            if m.use_dora:
+                dora_merge_(W, A.detach(), B.detach(), s, m.lora_magnitude_vector.detach(), m._weight_in_out)
+            else:
+                merge_(W, A.detach(), B.detach(), s, fan_in_fan_out=m._weight_in_out)
+            m._store_merged(w, W)
+            if not torch.isfinite(w).all():
+                raise ValueError(f"merge: layer {name!r}: merged after {[n for n, _ in group[:i]]} into their shared "
+                                 "(tied) weight, it would write inf/NaN; nothing was changed")
 
 
 def unmerge(model: nn.Module) -> list[str]:

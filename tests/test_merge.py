@@ -306,9 +306,7 @@ def test_bad_state_use():
         merge_(W, [A], [B], [1.0, 2.0])
     with pytest.raises(ValueError, match="finite"):
         merge_(W, A, B, float("nan"), state=state, name="c")
-    with pytest.raises(ValueError, match="contiguous"):
-        state2 = MergeState()
-        merge_(W.T.contiguous().T, A, B, 1.0, state=state2)
+    # (a non-contiguous weight merges exactly: tests/test_user_merge.py)
     # the state of W used on another weight of the same shape (or W written since): refused,
     # nothing written; W itself still unmerges exactly
     other = torch.randn_like(W)

@@ -3,6 +3,7 @@ element maths; merge_ / unmerge_ in merge.py take a state)."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,9 +42,10 @@ class MergeState:
     """
 
     def __init__(self, bits: int | str = "auto"):
-        if bits != "auto" and bits not in CODE_WIDTHS:
+        if bits != "auto" and (isinstance(bits, bool) or not isinstance(bits, numbers.Integral)
+                               or bits not in CODE_WIDTHS):  # (1.0 reached torch.zeros; True passed as 1)
             raise ValueError(f"MergeState: bits must be 'auto' or one of {CODE_WIDTHS}, got {bits!r}")
-        self.requested_bits = bits
+        self.requested_bits = bits if bits == "auto" else int(bits)
         self.bits = 0
         self._adapters: list[MergedAdapter] = []
         self._fan_in_fan_out = False
@@ -142,8 +144,11 @@ class MergeState:
     def _apply(self, weight: torch.Tensor, new: list[MergedAdapter]) -> None:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError("MergeState: weight must be a 2-D tensor")
-        if not weight.is_contiguous():
-            raise ValueError("MergeState: weight must be contiguous for an exact merge")
+        if not weight.is_contiguous():  # (transposed, strided) the codes and exceptions index W0 in
+            work = weight.detach().contiguous()  # row-major order: merge a contiguous copy, write it back
+            self._apply(work, new)
+            weight.detach().copy_(work)
+            return
         old = self._adapters
         dev, numel = weight.device, weight.numel()
         if self._dense is not None:
@@ -217,7 +222,7 @@ class MergeState:
     def _w0(self, weight: torch.Tensor) -> torch.Tensor:
         if self._dense is not None:
             return self._dense.to(weight.device, copy=True)
-        w0 = weight.clone()
+        w0 = weight.clone(memory_format=torch.contiguous_format)  # (flat, row-major indices)
         dev = weight.device
         unused = torch.zeros((w0.numel() + 31) // 32, dtype=torch.int32, device=dev)
         a = self._adapters
@@ -261,8 +266,9 @@ def take_probe(weight: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[t
     transition checks it still has them (check_probe; a state used on another weight would rewrite
     that one). MergeState and DoraMergeState keep one."""
     flat = weight.reshape(-1)
-    if idx is None:
-        idx = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 64), device=weight.device).long()
+    if idx is None:  # integer arithmetic: float32 linspace rounds n - 1 up to n past 2^24 elements
+        k = min(flat.numel(), 64)
+        idx = torch.arange(k, device=weight.device) * max(flat.numel() - 1, 0) // max(k - 1, 1)
     ints = {4: torch.int32, 2: torch.int16}.get(flat.element_size(), torch.uint8)  # (DoRA: any dtype)
     return idx, flat[idx].view(ints).clone()
 
