@@ -198,9 +198,10 @@ class LoRAContext:
 
 
 def _with_data(op: str, what: str, t, like: torch.Tensor) -> None:
-    """set_slot's check that a factor is a tensor with values (meta only in a layer on meta)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {what} must be a tensor, got {type(t).__name__}")
+    """set_slot's check that a factor is a float tensor with values (meta only in a layer on meta)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():  # ints / bools would be cast silently
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{op}: {what} must be a {'floating-point ' * isinstance(t, torch.Tensor)}tensor, got {got}")
     if t.is_meta and not like.is_meta:
         raise ValueError(f"{op}: {what} is on the meta device (no data, e.g. from a model built under "
                          "init_empty_weights): load its values first")
@@ -370,8 +371,7 @@ class _MultiLoRA(ContextLayer):
         self.A_pool[..., slot, :, :].zero_()
         self.B_pool[slot].zero_()
         if getattr(self, "dora", False):
-            self.dora_scales[slot] = 1.0
-            self.dora_bias[slot] = 0.0
+            self.dora_scales[slot], self.dora_bias[slot] = 1.0, 0.0
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.context is None:

@@ -51,7 +51,7 @@ from .inject import _no_fused_encoder, registrations
 from .layers import LoRALayer, is_conv1d
 from .multi import ContextLayer, LoRAContext, MultiLoRAEmbedding, MultiLoRALinear, _MultiLoRA
 from .multi_experts import MultiLoRAExperts, expert_factors, read_adapter, watch_block, wrap_experts
-from .pool_checks import check_adapter
+from .pool_checks import check_adapter, check_model, watch_encoder
 from .param_lora import parameter_layers
 from .targets import check_regex, matches, output_head_names, read_directly
 
@@ -80,15 +80,17 @@ class AdapterPool:
     target_modules: name suffixes, a regex or "all-linear" (None: every Linear/Conv1D but the head and
     an nn.MultiheadAttention's out_proj, which is refused by name, as by inject).
     max_adapters: resident slots (load() evicts the least recently used beyond it).
-    max_rank: the largest adapter rank a slot holds. device: the pools' device (default: the
-    model's). host_cache_bytes: pinned host copies kept of evicted adapters (None: no limit; beyond
-    it they are re-read from their files; adapters loaded as Adapter objects have none and stay
-    until unload()). max_tokens: the most names one batch() may take (rows, or tokens with
-    per_token=True). dora: also serve DoRA adapters (use_dora; linear targets only, a DoRA
-    embedding is refused: MultiLoRALinear's dora=True, which costs 2 fp32 rows of out_features per
-    slot and one pass over each output). target_parameters: PEFT's, MoE experts' projections to serve
-    too (lora_ext.multi_experts: e.g. ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]; a
-    list of target_modules may then be empty). A model with LoRAParameter layers is refused.
+    max_rank: the largest adapter rank a slot holds. device: the model's (default: its first parameter's;
+    the pools live beside each base layer: a target on another device raises). host_cache_bytes:
+    pinned host copies kept of evicted adapters (None: no limit; beyond it they are re-read from their
+    files; adapters loaded as Adapter objects have none and stay until unload()). max_tokens: the
+    most names one batch() may take (rows, or tokens with per_token=True). dora: also serve DoRA
+    adapters (use_dora; linear targets only, a DoRA embedding is refused: MultiLoRALinear's dora=True,
+    which costs 2 fp32 rows of out_features per slot and one pass over each output).
+    target_parameters: PEFT's, MoE experts' projections to serve too (lora_ext.multi_experts: e.g.
+    ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]; a list of target_modules may then be
+    empty). A model with LoRAParameter layers, unmerged injected
+    LoRA layers or PEFT's layers is refused.
     """
 
     def __init__(self, model: nn.Module, target_modules=None, max_adapters: int = 16, max_rank: int = 64,
@@ -102,12 +104,15 @@ class AdapterPool:
         self.model, self.max_adapters, self.max_rank, self.dora = model, max_adapters, max_rank, bool(dora)
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current one, as tensors get
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.host_cache_bytes = host_cache_bytes
         # buffers updated in place by every load and batch: normal tensors even when the pool is
         # built under torch.inference_mode() (inference tensors refuse in-place updates outside it)
         with torch.inference_mode(False):
             self.context = LoRAContext(max_tokens, self.device)
             self.layers = self._replace_targets(target_modules, target_parameters)
+        watch_encoder(model, self.context)
         self._entries: dict[str, _Entry] = {}
         self._resident: OrderedDict[str, None] = OrderedDict()  # LRU order, oldest first
         self._slot_owner: list[str | None] = [None] * max_adapters
@@ -163,6 +168,7 @@ class AdapterPool:
                 chosen[name] = m
         self.experts = {} if target_parameters is None else wrap_experts(
             self.model, target_parameters, self.max_adapters, self.max_rank, self.context)
+        check_model(self.model)  # LoRA layers outside the pool's (nothing is replaced yet)
         if not chosen and not (self.experts and isinstance(target_modules, (list, tuple))):
             hint = ""
             if isinstance(target_modules, str) and not everything:
@@ -181,6 +187,15 @@ class AdapterPool:
                 layers[name] = kind(m, self.max_adapters, self.max_rank, context=self.context, **extra)
             except ValueError as e:
                 raise ValueError(f"AdapterPool: module {name!r}: {e}") from e
+        for name, layer in {**layers, **self.experts}.items():  # the ops take the indices beside the pools
+            w = next(layer.base.parameters())
+            if w.device != self.device:
+                raise ValueError(f"AdapterPool: module {name!r} is on {w.device}, the pool's indices on {self.device} "
+                                 "(device=, default: the model's first parameter's): the pools live beside each base "
+                                 "layer, so a pool serves a model on one device; move the model there first")
+            if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # the ops' dtypes (pools: the weight's)
+                raise ValueError(f"AdapterPool: module {name!r} has {w.dtype} weights; multi-adapter serving runs "
+                                 "float32, float16 and bfloat16 models (cast it first, e.g. model.float())")
         where_is = registrations(self.model)  # a module registered in several places is served in each, as inject's
         for name, layer in {**layers, **self.experts}.items():
             if not name:

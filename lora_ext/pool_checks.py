@@ -1,14 +1,38 @@
-"""AdapterPool's checks of an adapter against the pool's layers, before anything changes."""
+"""AdapterPool's checks of an adapter against the pool's layers, before anything changes, and of the
+model; the rows an encoder-decoder model's encoder sees (watch_encoder)."""
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch import nn
 
 from .adapter_checks import check_modules_to_save
 from .adapters import Adapter, extra_target
-from .multi import MultiLoRAEmbedding
+from .layers import LoRALayer
+from .multi import ContextLayer, LoRAContext, MultiLoRAEmbedding
 from .multi_experts import expert_factors
+from .targets import peft_layer
 
-__all__ = ["check_adapter"]
+__all__ = ["check_adapter", "check_model", "watch_encoder"]
+
+
+def check_model(model: nn.Module) -> None:
+    """ValueError naming the layer when ``model`` holds LoRA that is not the pool's, which would apply
+    to every row of a mixed batch, base rows included: an unmerged injected lora_ext layer, or any PEFT
+    layer (its "all-linear" would also wrap PEFT's lora_A / lora_B as base layers)."""
+    modules = dict(model.named_modules())
+    for name, m in modules.items():
+        if isinstance(m, LoRALayer) and not getattr(m, "merged", False):
+            raise ValueError(f"AdapterPool: {type(model).__name__} has an injected {type(m).__name__} {name!r} (not "
+                             "merged), whose adapter would apply to every row of a mixed batch, base rows included: "
+                             "merge it into the model first (lora_ext.merge_and_unload), or build the pool on the "
+                             "model without it")
+        if peft_layer(modules, name) == name:
+            raise ValueError(f"AdapterPool: {type(model).__name__} has PEFT's {type(m).__name__} layer {name!r}, whose "
+                             "adapter would apply to every row of a mixed batch, base rows included: build the pool on "
+                             "the base model (PeftModel.unload() or merge_and_unload()), or serve PEFT's adapters "
+                             "with lora_ext.patch_peft(model) and adapter_names")
 
 
 def check_adapter(pool, name: str, ad: Adapter, source: str | None) -> None:
@@ -62,3 +86,43 @@ def _same_as_model(pool, key: str, t: torch.Tensor) -> bool:
     old = getattr(m, leaf, None)
     return (isinstance(old, torch.Tensor) and old.shape == t.shape
             and torch.equal(old.detach(), t.to(old.device, old.dtype)))
+
+
+def watch_encoder(model: nn.Module, context: LoRAContext) -> None:
+    """Hooks on an encoder-decoder model's encoder (T5, BART): generate(num_beams=k) / num_return_sequences=k
+    run it on the original rows, the decoder on each row k times; with each name repeated k times the
+    encoder takes every k-th one (PEFT's generate(adapter_names=...) gives its encoder the original names)."""
+    get_encoder = getattr(model, "get_encoder", None)
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not callable(get_encoder):
+        return
+    encoder, saved = get_encoder(), {}  # saved: the batch's indices while the encoder runs on fewer rows
+    if isinstance(encoder, nn.Module) and any(isinstance(m, ContextLayer) for m in encoder.modules()):
+        encoder.register_forward_pre_hook(functools.partial(_encoder_rows, context, saved), with_kwargs=True)
+        encoder.register_forward_hook(functools.partial(_encoder_done, context, saved), always_call=True)
+
+
+_ENCODER_INPUTS = ("input_ids", "inputs_embeds", "input_features", "input_values", "pixel_values")
+
+
+def _encoder_rows(context: LoRAContext, saved: dict, encoder: nn.Module, args, kwargs) -> None:
+    if torch.compiler.is_compiling() or not context.per_row or context.count is None:
+        return  # compiled: rows that differ from the names are out-of-range indices, as in any layer
+    x = next((t for t in (*args[:1], *map(kwargs.get, _ENCODER_INPUTS)) if t is not None), None)
+    n = context.count
+    rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() >= 1 else n
+    if rows in (0, n) or n % rows or not n:  # the layers check the rows
+        return
+    k, full = n // rows, context.indices[:n].clone()
+    if not bool((full.view(rows, k) == full.view(rows, k)[:, :1]).all()):
+        raise ValueError(f"AdapterPool.batch: the encoder ({type(encoder).__name__}) gets {rows} rows and the batch "
+                         f"has {n} names; generate(num_beams={k}) / num_return_sequences={k} run the encoder on the "
+                         f"original rows and the decoder on each row {k}x: pass each row's name {k} times, one "
+                         f"after the other ([n for n in names for _ in range({k})])")
+    saved["indices"] = full
+    context.set_indices(full[::k].clone(), per_row=True)
+
+
+def _encoder_done(context: LoRAContext, saved: dict, encoder: nn.Module, args, out) -> None:
+    full = saved.pop("indices", None)
+    if full is not None:  # the decoder's rows: each name k times
+        context.set_indices(full, per_row=True)
