@@ -176,7 +176,7 @@ def read_weights(path: str, allow_pickle: bool) -> tuple[str, dict]:
         if not allow_pickle:
             raise ValueError(f"Adapter.load: refusing to unpickle {pk} (pickle files can run code); "
                              "convert it to safetensors or pass allow_pickle=True (load_adapter takes "
-                             "Adapter.load(path, allow_pickle=True))")
+                             "Adapter.load(path, allow_pickle=True); the CLI's merge / inspect: --allow-pickle)")
         try:
             return pk, torch.load(pk, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  (any unpickling failure is a bad file)
@@ -200,6 +200,15 @@ def check_number(where: str, field: str, value, kind: type) -> None:
         raise ValueError(f"{where}: {field} must be {what}, got {_short(value)}")
 
 
+def to_save(name: str, modules_to_save) -> bool:
+    """Whether ``modules_to_save`` selects module ``name``: PEFT's rule for its list, the names that end
+    with an entry (plain str.endswith, so "classifier" also selects DistilBERT's "pre_classifier"), or
+    a full-name regex (lora_ext's Adapter.from_model takes one too)."""
+    if isinstance(modules_to_save, str):
+        return re.fullmatch(modules_to_save, name) is not None
+    return any(name.endswith(t) for t in modules_to_save)
+
+
 def check_modules_to_save(where: str, config: dict, extra: dict, model: nn.Module, lora) -> None:
     """The modules PEFT's from_pretrained wraps for the config's modules_to_save (its rule: the module
     names ending with an entry; here the outermost ones that are not LoRA layers (``lora``: their
@@ -208,7 +217,7 @@ def check_modules_to_save(where: str, config: dict, extra: dict, model: nn.Modul
     the module and the tensor."""
     targets = config.get("modules_to_save") or []
     inside = (lambda n, names: any(n == k or n.startswith(k + ".") for k in names))
-    found = [n for n, _ in model.named_modules() if n and any(n.endswith(t) for t in targets)
+    found = [n for n, _ in model.named_modules() if n and to_save(n, targets)
              and not inside(n, lora) and not any(inside(k, [n]) for k in lora)]
     modules = dict(model.named_modules())
     for n in found:
@@ -219,6 +228,21 @@ def check_modules_to_save(where: str, config: dict, extra: dict, model: nn.Modul
             raise ValueError(f"{where}: modules_to_save={_short(targets)} selects module {n!r}, but the adapter "
                              f"holds no {missing[0]} (PeftModel.from_pretrained raises KeyError; lora_ext would "
                              "leave the model's own): fix the config or the weights")
+
+
+def check_saved_modules(where: str, modules_to_save, keep: list[str], lora, model: nn.Module) -> None:
+    """The modules ``keep`` a model's adapter saves whole for ``modules_to_save`` (Adapter.from_model):
+    at least one, and none holding a LoRA layer (``lora``: their names). PEFT adapts no module inside a
+    modules_to_save one (it wraps the whole module and drops those factors), so such a file would not
+    load as saved. ValueError naming the module and the layer."""
+    if not keep:
+        raise ValueError(f"{where}: modules_to_save={modules_to_save!r} matched no module "
+                         f"of {type(model).__name__} (LoRA layers excluded)")
+    held = next(((n, k) for n in keep for k in lora if k.startswith(n + ".")), None)
+    if held is not None:
+        raise ValueError(f"{where}: modules_to_save={_short(modules_to_save)} selects module {held[0]!r}, which "
+                         f"holds the LoRA layer {held[1]!r}; PEFT adapts no module inside a modules_to_save "
+                         "one (save its other submodules instead, or do not inject LoRA there)")
 
 
 def check_dropout(where: str, value) -> float:
@@ -232,7 +256,9 @@ def check_dropout(where: str, value) -> float:
 
 def check_tensors(tensors, where: str, allow_nonfinite: bool) -> None:
     """`tensors` is a dict of str -> dense float tensors with data (a pickle may hold sparse, meta or
-    quantized tensors, on which the checks below and the LoRA kernels fail), finite unless allowed."""
+    quantized tensors, on which the checks below and the LoRA kernels fail), finite unless allowed.
+    A tensor that is not a LoRA factor (a modules_to_save module's) may also be an integer or bool
+    buffer, as PEFT saves them (BatchNorm's num_batches_tracked)."""
     if not isinstance(tensors, dict):
         raise ValueError(f"{where} holds a {type(tensors).__name__}, not a dict of tensors")
     for key, t in tensors.items():
@@ -241,8 +267,10 @@ def check_tensors(tensors, where: str, allow_nonfinite: bool) -> None:
         if t.layout != torch.strided or t.is_meta:
             what = "a meta tensor (no data)" if t.is_meta else f"a {t.layout} tensor"
             raise ValueError(f"{where}: {key} is {what}; expected a dense tensor")
-        if t.dtype not in DTYPES:
-            raise ValueError(f"{where}: {key} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
+        buffer = not t.is_floating_point() and not t.is_complex() and "lora_" not in key
+        if t.dtype not in DTYPES and not buffer:
+            raise ValueError(f"{where}: {key} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64"
+                             + ("" if "lora_" in key else " (or an integer buffer of a modules_to_save module)"))
         if not allow_nonfinite and not torch.isfinite(t).all():
             raise ValueError(f"{where}: {key} holds NaN or inf values; pass allow_nonfinite=True to load it anyway")
 
@@ -331,12 +359,14 @@ def split_factors(tensors: dict, where: str, paired: bool = True) -> tuple[dict,
         if a_key not in p or b_key not in p:
             raise ValueError(f"{where}: module {name!r} has {sorted(p)} but needs {a_key} and {b_key}")
         A, B = p[a_key][1], p[b_key][1]
-        # a Conv1d/2d/3d's (PEFT): lora_A [r, in, *kernel], lora_B [out, r, 1, ...]
+        # a Conv1d/2d/3d's (PEFT): lora_A [r, in, *kernel], lora_B [out, r / groups, 1, ...] (load_adapter
+        # checks the groups against the model's convolution)
         conv = not emb and A.dim() in (3, 4, 5) and B.dim() == A.dim() and all(n == 1 for n in B.shape[2:])
-        if (not conv and (A.dim() != 2 or B.dim() != 2)) or (paired and A.shape[0] != B.shape[1]) or A.shape[0] == 0:
+        if (not conv and (A.dim() != 2 or B.dim() != 2)) or A.shape[0] == 0 or (paired and (
+                A.shape[0] % max(B.shape[1], 1) if conv else A.shape[0] != B.shape[1])):
             raise ValueError(f"{where}: module {name!r} has {a_key} {tuple(A.shape)} and "
                              f"{b_key} {tuple(B.shape)}; expected [r, in] and [out, r] with r > 0"
-                             + ("" if emb else " (a convolution's: [r, in, *kernel] and [out, r, 1, ...])"))
+                             + ("" if emb else " (a convolution's: [r, in, *kernel] and [out, r / groups, 1, ...])"))
         kind = "embedding" if emb else "conv" if conv else "linear"
         mag = p.get("lora_magnitude_vector", (None, None))[1]
         # PEFT's magnitude: [out] (linear; an embedding's [dim]), [1, out, 1, ...] (a convolution's, its

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .adapter_checks import (CONFIG_FILE, SAFETENSORS_FILE, check_covered, check_dropout, check_modules_to_save,
-                             check_path, check_targets, check_tensors, read_config, read_weights, split_factors)
+                             check_path, check_saved_modules, check_targets, check_tensors, read_config, read_weights,
+                             split_factors, to_save)
 from .conv import check_conv_factors, is_conv
 from .inject import inject, lora_layers, peft_parameter_layers, trained_biases
 from .layers import LoRALayer, lora_alpha_for, lora_scaling
@@ -31,7 +32,7 @@ from .param_files import load_parameters, parameter_paths, plan_parameters, read
 from .param_lora import LoRAParameter, parameter_layers
 from .sharding import fsdp1_of, is_dtensor, unwrapped, wrapper_free, wrapper_free_name
 from .ops._checks import F32_MAX
-from .targets import PEFT_PREFIX, _short, check_not_peft, check_regex, matches, name_regex, pattern_value, peft_config
+from .targets import PEFT_PREFIX, _short, check_not_peft, check_regex, name_regex, pattern_value, peft_config
 
 __all__ = ["Adapter", "LayerWeights", "load_adapter"]
 LOADED_MODULES = "_lora_ext_modules_to_save"  # model.__dict__: modules_to_save of the adapters loaded into it
@@ -109,7 +110,7 @@ class Adapter:
             params[name] = (A, B)
         check_targets(f"Adapter.load: {os.path.join(path, CONFIG_FILE)}", config, factors, os.path.basename(file))
         read = read_parameters(where, config, params, None if model is None else unwrapped(model)[0])
-        conv = (lambda t: t.to(device=device, dtype=dtype or t.dtype))
+        conv = (lambda t: t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype))
         layers = {}
         dora = bool(config.get("use_dora"))
         for name, (A, B, kind, mag) in factors.items():
@@ -265,22 +266,20 @@ def dora_layers(found: dict[str, nn.Module], where: str) -> bool:
 
 def saved_tensors(model: nn.Module, found: dict, modules_to_save, copy, where: str):
     """(Adapter.extra, PEFT ``bias`` mode, ``modules_to_save`` list or None) of a model with LoRA
-    layers ``found`` (LoRAParameter wrappers too, so that no module_to_save is one or inside one): the parameters of the modules matching ``modules_to_save`` (PEFT's rule:
-    name suffixes or a regex; LoRA layers excluded), saved whole, and the trained biases
+    layers ``found`` (LoRAParameter wrappers too, so that no module_to_save is one or inside one): the state dicts of the modules matching ``modules_to_save`` (PEFT's rule:
+    adapter_checks.to_save; LoRA layers excluded), saved whole, and the trained biases
     outside them, each through copy(tensor). Warns for a module whose bias would be saved
     without its other trainable parameters (a head trained like PEFT's modules_to_save)."""
     keep = []
     if modules_to_save is not None:
+        check_regex(where, "modules_to_save", modules_to_save)
         targets = modules_to_save if isinstance(modules_to_save, str) else list(modules_to_save)
-        check_regex(where, "modules_to_save", targets)
-        keep = [n for n, _ in model.named_modules() if n and n not in found and matches(n, targets)
+        keep = [n for n, _ in model.named_modules() if n and n not in found and to_save(n, targets)
                 and not any(n.startswith(k + ".") for k in found)]
         keep = [n for n in keep if not any(n.startswith(k + ".") for k in keep if k != n)]
-        if not keep:
-            raise ValueError(f"{where}: modules_to_save={modules_to_save!r} matched no module "
-                             f"of {type(model).__name__} (LoRA layers excluded)")
+        check_saved_modules(where, modules_to_save, keep, found, model)
     modules = dict(model.named_modules())
-    extra = {f"{n}.{pn}": copy(p) for n in keep for pn, p in modules[n].named_parameters()}
+    extra = {f"{n}.{k}": copy(t) for n in keep for k, t in modules[n].state_dict(keep_vars=True).items()}
     trained, mode = trained_biases(model, skip=keep)
     extra.update({key: copy(b) for _, key, b in trained})
     half = sorted(n for n, key, _ in trained if not key.endswith(".base_layer.bias") and any(
@@ -474,7 +473,7 @@ def _from_state_dict(model: nn.Module, state_dict: dict) -> Adapter:
             A, B = m.lora_factors_of(A, B)
         except ValueError as e:
             raise ValueError(f"{where}: {name!r}: {e}") from None
-        if B.dim() != A.dim() or B.shape[1] != A.shape[0]:
+        if B.dim() != A.dim() or B.shape[1] * (m.groups if m.lora_kind == "conv" else 1) != A.shape[0]:
             raise ValueError(f"{where}: module {name!r} has A {tuple(A.shape)} and B {tuple(B.shape)}; "
                              "expected [r, in] and [out, r] with r > 0")
         if m.use_dora != (mag is not None):

@@ -97,7 +97,7 @@ def run_inspect(args) -> int:
         if key in raw and raw[key] not in (None, {}, []) or key in ("peft_type", "peft_version"):
             head.add_row(key, json.dumps(raw.get(key)) if key in raw else "not recorded")
     try:
-        adapter = Adapter.load(path)
+        adapter = Adapter.load(path, allow_pickle=args.allow_pickle)
     except NeedsModel as e:  # readable only with the model: the table cannot show its layers
         out.print(head)
         out.print(f"lora_ext: loads and merges with the model only (load_adapter, python -m lora_ext merge): {one_line(e)}")

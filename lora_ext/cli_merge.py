@@ -105,8 +105,6 @@ def add_parsers(sub, device_arg) -> None:
     m.add_argument("--task", choices=sorted(TASK_CLASSES),
                    help="PEFT task type deciding the model class (default: the adapters' task_type, "
                         "else BASE's config.architectures)")
-    m.add_argument("--allow-pickle", action="store_true",
-                   help="also read adapter_model.bin (older PEFT adapters; torch.load(weights_only=True))")
     m.add_argument("--tied", choices=["untie", "share"],
                    help="an adapter on a tied embedding / LM head: 'untie' gives the head its own copy of the "
                         "table (the merged model computes what the adapter did), 'share' merges into the "
@@ -115,6 +113,9 @@ def add_parsers(sub, device_arg) -> None:
     i.add_argument("adapter", type=_directory, metavar="ADAPTER", help="a PEFT adapter directory")
     i.add_argument("--pool", action="store_true", help="exit 1 also when an AdapterPool cannot serve it")
     i.add_argument("--max-rank", type=_rank, default=64, help="the AdapterPool's max_rank to check (default 64)")
+    for p in (m, i):
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="also read adapter_model.bin (older PEFT adapters; torch.load(weights_only=True))")
 
 
 def run(cmd: str, args, parser: argparse.ArgumentParser) -> int:
@@ -343,17 +344,13 @@ def run_merge(args, base: str, paths: list[str]) -> int:
     log = Console(stderr=True, highlight=False)
     t0 = time.perf_counter()
     adapters, deferred = [], []
-    pickle = getattr(args, "allow_pickle", False)
+    pickle = args.allow_pickle
     for i, p in enumerate(paths):
         try:
             adapters.append(Adapter.load(p, allow_pickle=pickle))
         except NeedsModel:  # LoRA on parameters whose scales the model's parameter order decides: read
             adapters.append(Adapter({}, read_config(os.path.join(p, CONFIG_FILE))))  # again once it is loaded
             deferred.append(i)
-        except ValueError as e:  # (the message names Adapter.load's allow_pickle=True: here a flag)
-            if "refusing to unpickle" not in str(e):
-                raise
-            raise CommandError(f"{str(e).split(';')[0]}; convert it to safetensors or pass --allow-pickle") from None
     weights = args.weights or [1.0] * len(adapters)
     dora = [p for p, a in zip(paths, adapters) if a.config.get("use_dora")]
     if dora and (len(adapters) > 1 or weights[0] != 1.0):

@@ -133,6 +133,9 @@ def _check_pair(A, B, where):
             A.dim() == 2 or (A.dim() in (3, 4, 5) and all(n == 1 for n in B.shape[2:]))):
         raise ValueError(f"combine: {where}: A and B must be 2-D tensors (a convolution's: A [r, in, *kernel], "
                          f"B [out, r, 1, ...] as PEFT's), got A {_shape(A)}, B {_shape(B)}")
+    if A.dim() > 2 and B.shape[1] < A.shape[0] and A.shape[0] % B.shape[1] == 0:
+        raise ValueError(f"combine: {where}: A {tuple(A.shape)} and B {tuple(B.shape)} are a grouped convolution's "
+                         "(lora_B [out, r / groups, 1, ...]), which combine does not take")
     if B.shape[1] != A.shape[0]:
         raise ValueError(f"combine: {where}: A {tuple(A.shape)} and B {tuple(B.shape)} ranks differ")
     if not A.is_floating_point() or not B.is_floating_point():

@@ -21,7 +21,13 @@ padding only). Where that makes the merged layer compute something else (a dilat
 kernel dimension > 1; a padding_mode other than "zeros" with a non-zero padding) merge raises
 ValueError (PEFT merges anyway and changes the outputs); a dilated base with an explicit padding
 gives A another output size than the base, so forward raises ValueError naming the layer (PEFT
-fails on the addition). ``groups > 1`` (PEFT: a grouped B, never mergeable) is refused.
+fails on the addition).
+
+A grouped base (``groups`` = G > 1), as PEFT's: A is still the full convolution from in to r channels
+(not grouped) and B a grouped 1x1 convolution (G groups of r / G channels to out / G), lora_B
+[out, r / G, 1, ...]; r must be divisible by G. Such a LoRA term is no weight of the grouped base's
+shape: merge is refused (merge_refusal; PEFT refuses too), and so are DoRA (PEFT reshapes B @ A, which
+is not the term's weight, into the base weight's shape for its norm) and combine.
 
 ``use_dora=True``: DoRA as PEFT's DoraConvNdVariant. ``lora_magnitude_vector`` in PEFT's shape
 [1, out, 1, ...] starts at the per-output-channel norm of W + scaling B A (over the [out, in *
@@ -56,26 +62,36 @@ def is_conv(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
-def check_conv_base(where: str, conv: nn.Module) -> None:
-    """ValueError starting with ``where`` for a convolution a LoRA conv layer cannot stand in for."""
-    if conv.groups != 1:
-        raise ValueError(f"{where}: {type(conv).__name__} with groups={conv.groups} is not supported: PEFT's "
-                         "LoRA of a grouped convolution has a grouped lora_B and cannot be merged (PEFT "
-                         "refuses to merge it too); leave this layer out of target_modules")
+def check_conv_base(where: str, conv: nn.Module, r: int | None = None, use_dora: bool = False) -> None:
+    """ValueError starting with ``where`` for a convolution a LoRA conv layer of rank ``r`` (None: any)
+    cannot stand in for: a grouped one takes a rank divisible by its groups and no DoRA."""
+    G = conv.groups
+    if G > 1 and r is not None and r % G:
+        raise ValueError(f"{where}: {type(conv).__name__} with groups={G} takes a rank r divisible by groups "
+                         f"(lora_B is grouped as the convolution, as PEFT's), got r={r}")
+    if G > 1 and use_dora:
+        raise ValueError(f"{where}: DoRA of a {type(conv).__name__} with groups={G} is not supported: the LoRA "
+                         "term of a grouped convolution is no weight of its shape, which DoRA's norm needs (PEFT "
+                         "reshapes B @ A into it, another function); use plain LoRA here")
 
 
 def check_conv_factors(where: str, conv: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
-    """ValueError starting with ``where`` unless A is [r, in, *kernel] and B [out, r, 1, ...] (r > 0)
-    for the convolution ``conv`` (an nn.ConvNd or a LoRA conv layer): PEFT's lora_A / lora_B weights."""
-    check_conv_base(where, conv)
+    """ValueError starting with ``where`` unless A is [r, in, *kernel] and B [out, r / groups, 1, ...]
+    (r > 0, divisible by groups) for the convolution ``conv`` (an nn.ConvNd or a LoRA conv layer):
+    PEFT's lora_A / lora_B weights."""
     out_c, in_c, *kernel = conv.weight.shape
+    G = conv.groups
+    in_c *= G  # the weight's dim 1 is in / groups; A takes every input channel
     r = A.shape[0] if A.dim() >= 1 else 0
-    want_a, want_b = (r, in_c, *kernel), (out_c, r, *[1] * len(kernel))
-    if r == 0 or tuple(A.shape) != want_a or tuple(B.shape) != want_b:
+    want_a, want_b = (r, in_c, *kernel), (out_c, r // G, *[1] * len(kernel))
+    if r == 0 or r % G or tuple(A.shape) != want_a or tuple(B.shape) != want_b:
         k = ", ".join(map(str, kernel))
-        raise ValueError(f"{where}: the {type(conv).__name__} ({in_c} -> {out_c} channels, kernel ({k})) takes "
-                         f"lora_A [r, {in_c}, {k}] and lora_B [{out_c}, r, {', '.join('1' * len(kernel))}] "
-                         f"with r > 0, got lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
+        per = "r" if G == 1 else f"r / {G}"
+        raise ValueError(f"{where}: the {type(conv).__name__} ({in_c} -> {out_c} channels, kernel ({k})"
+                         + (f", groups={G}" if G > 1 else "") + f") takes lora_A [r, {in_c}, {k}] and lora_B "
+                         f"[{out_c}, {per}, {', '.join('1' * len(kernel))}] with r > 0"
+                         + (f" divisible by {G}" if G > 1 else "")
+                         + f", got lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
 
 
 class LoRAConvNd(LoRALayer):
@@ -99,7 +115,7 @@ class LoRAConvNd(LoRALayer):
         # the base class's own argument checks and normal forms (tuples; "same" / "valid" kept)
         probe = _BASES[self._dims](in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                                    bias, padding_mode, device="meta")
-        check_conv_base(name, probe)
+        check_conv_base(name, probe, r, use_dora)
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                      "padding_mode", "_reversed_padding_repeated_twice"):
             setattr(self, attr, getattr(probe, attr))
@@ -110,7 +126,7 @@ class LoRAConvNd(LoRALayer):
         self.weight = nn.Parameter(torch.empty(probe.weight.shape, **kw), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_channels, **kw), requires_grad=False) if bias else None
         self.lora_A = nn.Parameter(torch.empty(self.r, in_channels, *self.kernel_size, **kw))
-        self.lora_B = nn.Parameter(torch.empty(out_channels, self.r, *[1] * self._dims, **kw))
+        self.lora_B = nn.Parameter(torch.empty(out_channels, self.r // self.groups, *[1] * self._dims, **kw))
         self.use_dora = bool(use_dora)
         if self.use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.empty(self._magnitude_shape(out_channels), **kw))
@@ -129,7 +145,7 @@ class LoRAConvNd(LoRALayer):
             want = "nn.Conv1d, nn.Conv2d or nn.Conv3d" if cls is LoRAConvNd else _BASES[cls._dims].__name__
             raise TypeError(f"{cls.__name__}.from_conv: expected {want}, got {type(conv).__name__}")
         klass = _LAYERS[dims] if cls is LoRAConvNd else cls
-        check_conv_base(f"{klass.__name__}.from_conv", conv)
+        check_conv_base(f"{klass.__name__}.from_conv", conv, r, use_dora)
         with torch.device("meta"):
             layer = klass(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                           conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, r=r, alpha=alpha,
@@ -176,6 +192,9 @@ class LoRAConvNd(LoRALayer):
         return any(d > 1 and k > 1 for d, k in zip(self.dilation, self.kernel_size))
 
     def merge_refusal(self) -> str | None:
+        if self.groups > 1:
+            return (f"groups={self.groups}: lora_A takes every input channel (as PEFT's), so the LoRA term is no "
+                    "weight of the grouped convolution's shape (PEFT refuses to merge it too)")
         if self._dilated():
             return (f"dilation={self.dilation}: lora_A is not dilated (as PEFT's), so the merged weight, which "
                     "the convolution dilates, would compute something else")
@@ -207,7 +226,7 @@ class LoRAConvNd(LoRALayer):
         dropped = self.lora_dropout > 0 and self.training
         h = F.dropout(x, self.lora_dropout, True) if dropped else x
         conv = _FUNCS[self._dims]
-        delta = conv(conv(h, A, None, self.stride, self.padding), B)
+        delta = conv(conv(h, A, None, self.stride, self.padding), B, None, 1, 0, 1, self.groups)
         if delta.shape != out.shape:  # only a dilated base with an explicit padding (see the module docstring)
             raise ValueError(f"{type(self).__name__}.forward: lora_A (not dilated, as PEFT's) gives "
                              f"{tuple(delta.shape)} but the dilated convolution {tuple(out.shape)} for input "
@@ -226,7 +245,8 @@ class LoRAConvNd(LoRALayer):
 
     def extra_repr(self) -> str:
         opts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"]
-        for k, default in (("padding", (0,) * self._dims), ("dilation", (1,) * self._dims), ("padding_mode", "zeros")):
+        for k, default in (("padding", (0,) * self._dims), ("dilation", (1,) * self._dims), ("groups", 1),
+                           ("padding_mode", "zeros")):
             if getattr(self, k) != default:
                 opts.append(f"{k}={getattr(self, k)!r}" if isinstance(getattr(self, k), str) else f"{k}={getattr(self, k)}")
         opts.append(f"r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:.4g}, dropout={self.lora_dropout}")
@@ -235,17 +255,17 @@ class LoRAConvNd(LoRALayer):
 
 
 class LoRAConv1d(LoRAConvNd):
-    """PEFT's LoRA of an nn.Conv1d: lora_A [r, in, k], lora_B [out, r, 1]."""
+    """PEFT's LoRA of an nn.Conv1d: lora_A [r, in, k], lora_B [out, r / groups, 1]."""
     _dims = 1
 
 
 class LoRAConv2d(LoRAConvNd):
-    """PEFT's LoRA of an nn.Conv2d: lora_A [r, in, kh, kw], lora_B [out, r, 1, 1]."""
+    """PEFT's LoRA of an nn.Conv2d: lora_A [r, in, kh, kw], lora_B [out, r / groups, 1, 1]."""
     _dims = 2
 
 
 class LoRAConv3d(LoRAConvNd):
-    """PEFT's LoRA of an nn.Conv3d: lora_A [r, in, kd, kh, kw], lora_B [out, r, 1, 1, 1]."""
+    """PEFT's LoRA of an nn.Conv3d: lora_A [r, in, kd, kh, kw], lora_B [out, r / groups, 1, 1, 1]."""
     _dims = 3
 
 

@@ -49,7 +49,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
     target_modules: a list of module-name suffixes (``"q_proj"`` matches ``...attn.q_proj``), a
     regex matched against the full name, or ``"all-linear"`` (every Linear/Conv1D but the output
     head; no convolutions, as in PEFT). Targets must be nn.Linear, transformers Conv1D, nn.Embedding
-    or nn.Conv1d/2d/3d (LoRAConvNd, PEFT's conv LoRA; groups > 1 refused). rank_pattern /
+    or nn.Conv1d/2d/3d (LoRAConvNd, PEFT's conv LoRA; grouped: r divisible by groups). rank_pattern /
     alpha_pattern map name regexes to per-module r / alpha, as in PEFT. layers_to_transform (an
     int or a list of ints) / layers_pattern (str or list: the layer list's name, e.g. "layers"),
     with a list of target_modules only: PEFT's selection of layers (targets.in_layers; a
@@ -88,10 +88,10 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
         return chosen
     if target_modules is None:
         target_modules = ("q_proj", "v_proj")
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
     check_regex("inject", "target_modules", target_modules)
     check_regex("inject", "exclude_modules", exclude_modules)
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
     check_init(init)  # (an embedding takes no init: checked here, not when the first linear is built)
     layers, pattern = check_layers("inject", layers_to_transform, layers_pattern, target_modules, allow_negative=False)
     chosen = select_targets(model, target_modules, exclude_modules, layers, pattern)
@@ -132,10 +132,10 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
                             "would never run")
         if problems.get(name) is not None:
             raise TypeError(f"inject: module {name!r} {problems[name]}")
-        if is_conv(modules[name]):
-            check_conv_base(f"inject: module {name!r}", modules[name])
         hparams[name] = target_hparams(f"inject: module {name!r}", name, r, alpha, rank_pattern, alpha_pattern,
                                        dropout)
+        if is_conv(modules[name]):
+            check_conv_base(f"inject: module {name!r}", modules[name], hparams[name][0], use_dora)
     where_is = registrations(model)
     for name in chosen:
         m = modules[name]

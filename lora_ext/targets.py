@@ -11,7 +11,7 @@ import functools
 import re
 import reprlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 try:
     from re import _parser as _sre  # Python >= 3.11
@@ -149,12 +149,18 @@ def check_not_peft(where: str, modules: dict[str, nn.Module], name: str, cls=Typ
 
 def check_regex(where: str, field: str, value) -> None:
     """ValueError starting with ``where`` and naming ``field`` when ``value`` is a string that is not a
-    valid regex (a str target is a full-name regex; lists of suffixes need no check)."""
+    valid regex (a str target is a full-name regex); TypeError when it is neither None, a str nor
+    an iterable of str (module-name suffixes; a list's items are checked, a generator's are not:
+    that would consume it)."""
     if isinstance(value, str):
         try:
             re.compile(value)
         except re.error as e:
             raise ValueError(f"{where}: {field}={_short(value)} is not a valid regex: {e}") from None
+    elif value is not None and (isinstance(value, (bytes, bytearray)) or not isinstance(value, Iterable) or (
+            isinstance(value, Collection) and not all(isinstance(v, str) for v in value))):
+        raise TypeError(f"{where}: {field} must be a str (a regex) or a list of str (module-name suffixes), "
+                        f"got {_short(value)}")
 
 
 def matches(name: str, target) -> bool:

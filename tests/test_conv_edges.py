@@ -1,5 +1,6 @@
 """LoRA conv layers at their edges, with HF PEFT as the oracle where it has one: padding modes and
-dilation as PEFT runs them (and the merges that would change them, refused), grouped convs, bad
+dilation as PEFT runs them (and the merges that would change them, refused), grouped convs (as
+PEFT's; never merged), bad
 factor shapes in files and set_lora_factors, combine, the serving / tensor-parallel refusals, the
 layer API and conv subclasses. The models and helpers: tests/test_conv.py."""
 import copy
@@ -103,23 +104,116 @@ def test_dilation_follows_peft():
         layer(x)
 
 
-def test_grouped_conv_is_refused_by_name():
+class GroupedNet(nn.Module):
+    """A depthwise-separable block (MobileNet / ConvNeXt style) and a grouped Conv1d and Conv3d."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)                   # depthwise
+        self.grouped = nn.Conv2d(8, 12, (3, 2), stride=(2, 1), padding=1, groups=4)
+        self.pw = nn.Conv2d(12, 8, 1)
+        self.c1 = nn.Conv1d(8, 6, 3, padding=1, groups=2, bias=False)
+        self.c3 = nn.Conv3d(6, 6, 2, groups=3)
+
+    def forward(self, x):  # [N, 8, H, W]
+        y = self.pw(torch.relu(self.grouped(self.dw(x))))          # [N, 8, H', W']
+        y = self.c1(y.flatten(2))                                     # [N, 6, H'W']
+        return self.c3(y.view(y.shape[0], 6, 1, -1, 1).expand(-1, -1, 2, -1, 2))
+
+
+GROUPED = ["dw", "grouped", "pw", "c1", "c3"]
+
+
+def _grouped_pair(r=8, alpha=16, dropout=0.0):
+    torch.manual_seed(0)
+    base = GroupedNet()
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=GROUPED, lora_dropout=dropout,
+                          rank_pattern={"c3": 6})  # (3 groups)
+    with pytest.warns(UserWarning, match="groups > 1"):
+        pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    for n in GROUPED:
+        nn.init.normal_(peft_layer(pm, n).lora_B["default"].weight, std=0.3)
+    ours = copy.deepcopy(base)
+    lora_ext.inject(ours, GROUPED, r=r, alpha=alpha, dropout=dropout, rank_pattern={"c3": 6})
+    for n in GROUPED:
+        lay = peft_layer(pm, n)
+        ours.get_submodule(n).set_lora_factors(lay.lora_A["default"].weight.detach(),
+                                               lay.lora_B["default"].weight.detach(), lay.scaling["default"])
+    return base, pm, ours
+
+
+def test_grouped_conv_matches_peft_forward_backward_and_files(tmp_path):
+    """PEFT's LoRA of a grouped convolution: A the full conv to r channels, B grouped as the base
+    (lora_B [out, r / groups, 1, ...]); same outputs and gradients, files both ways."""
+    base, pm, ours = _grouped_pair()
+    assert ours.dw.lora_B.shape == (8, 1, 1, 1) and ours.grouped.lora_B.shape == (12, 2, 1, 1)
+    assert "groups=4" in repr(ours.grouped)
+    x = torch.randn(2, 8, 6, 5)
+    y_p, y_o = pm(x), ours(x)
+    assert rel_err(y_o, y_p) <= 1e-5
+    y_p.square().sum().backward()
+    y_o.square().sum().backward()
+    for n in GROUPED:
+        for f in ("lora_A", "lora_B"):
+            assert rel_err(getattr(ours.get_submodule(n), f).grad, getattr(peft_layer(pm, n), f)["default"].weight.grad) <= 1e-5
+    pm.save_pretrained(tmp_path / "peft")  # PEFT's file -> lora_ext
+    other = copy.deepcopy(base)
+    lora_ext.load_adapter(other, str(tmp_path / "peft"))
+    assert rel_err(other(x), y_p) <= 1e-5
+    lora_ext.Adapter.from_model(ours).save(str(tmp_path / "ours"))  # lora_ext's file -> PEFT
+    with pytest.warns(UserWarning, match="groups > 1"):
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    assert rel_err(back(x), y_p) <= 1e-5
+    state = lora_ext.lora_state_dict(ours)  # a state dict back into injected layers
+    fresh = copy.deepcopy(base)
+    lora_ext.inject(fresh, GROUPED, r=8, alpha=16, rank_pattern={"c3": 6})
+    lora_ext.load_adapter(fresh, state)
+    assert torch.equal(fresh(x), ours(x))
+
+
+def test_grouped_conv_dropout_in_training_matches_peft():
+    _, pm, ours = _grouped_pair(dropout=0.25)
+    pm.train(), ours.train()
+    x = torch.randn(2, 8, 6, 5)
+    torch.manual_seed(3)
+    y_p = pm(x)
+    torch.manual_seed(3)
+    assert rel_err(ours(x), y_p) <= 1e-5
+
+
+def test_grouped_conv_refusals_are_named():
     model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(8, 8, 1))
-    with pytest.raises(ValueError, match=r"inject: module '0': Conv2d with groups=2 is not supported"):
-        lora_ext.inject(model, ["0", "1"], r=4)
+    with pytest.raises(ValueError, match=r"inject: module '0': Conv2d with groups=2 takes a rank r divisible by "
+                                         r"groups .*got r=3"):
+        lora_ext.inject(model, ["0", "1"], r=3)
+    with pytest.raises(ValueError, match=r"inject: module '0': DoRA of a Conv2d with groups=2 is not supported"):
+        lora_ext.inject(model, ["0", "1"], r=4, use_dora=True)
     assert type(model[1]) is nn.Conv2d  # refused before anything changed
-    with pytest.raises(ValueError, match=r"LoRAConv2d\.from_conv: Conv2d with groups=2"):
-        LoRAConv2d.from_conv(model[0], r=4)
-    with pytest.raises(ValueError, match=r"LoRAConv2d: Conv2d with groups=4"):
-        LoRAConv2d(4, 8, 3, groups=4)
-    # PEFT's own adapter of the grouped conv (forward-only there: it refuses to merge it)
+    with pytest.raises(ValueError, match=r"LoRAConv2d\.from_conv: Conv2d with groups=2 takes a rank r divisible"):
+        LoRAConv2d.from_conv(model[0], r=5)
+    with pytest.raises(ValueError, match=r"LoRAConv2d: Conv2d with groups=4 takes a rank r divisible by groups"):
+        LoRAConv2d(4, 8, 3, groups=4, r=2)
+    layer = LoRAConv2d.from_conv(model[0], r=4)
+    with pytest.raises(ValueError, match=r"set_lora_factors: the LoRAConv2d \(4 -> 8 channels, kernel \(3, 3\), "
+                                         r"groups=2\) takes lora_A \[r, 4, 3, 3\] and lora_B \[8, r / 2, 1, 1\]"):
+        layer.set_lora_factors(torch.zeros(4, 4, 3, 3), torch.zeros(8, 4, 1, 1), 1.0)  # an ungrouped B
+    w0 = layer.weight.clone()
+    with pytest.raises(ValueError, match=r"LoRAConv2d\.merge: groups=2: lora_A takes every input channel"):
+        layer.merge()
+    with pytest.raises(ValueError, match=r"merge: layer '0': LoRAConv2d\.merge: groups=2"):
+        lora_ext.merge(nn.Sequential(layer))
+    assert torch.equal(layer.weight, w0) and not layer.merged
+    # PEFT refuses to merge it too
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, target_modules=["0"]))
     with pytest.raises(NotImplementedError):
         copy.deepcopy(pm).merge_and_unload()
-    ad = lora_ext.Adapter(
-        {"0": lora_ext.LayerWeights(peft_layer(pm, "0").lora_A["default"].weight.detach(),
-                                    peft_layer(pm, "0").lora_B["default"].weight.detach(), 1.0, "conv")})
-    with pytest.raises(ValueError, match=r"load_adapter: module '0': Conv2d with groups=2"):
+    A, B = (peft_layer(pm, "0").lora_A["default"].weight.detach(), peft_layer(pm, "0").lora_B["default"].weight.detach())
+    with pytest.raises(ValueError, match=r"combine: adapter 0: A \(4, 4, 3, 3\) and B \(8, 2, 1, 1\) are a grouped "
+                                         r"convolution's"):
+        lora_ext.combine([(A, B, 1.0), (A, B, 1.0)])
+    ad = lora_ext.Adapter({"0": lora_ext.LayerWeights(A, B[:, :1], 1.0, "conv")})  # B of 4 groups
+    with pytest.raises(ValueError, match=r"load_adapter: module '0': the Conv2d \(4 -> 8 channels, kernel \(3, 3\), "
+                                         r"groups=2\) takes lora_A"):
         lora_ext.load_adapter(model, ad)
     assert type(model[0]) is nn.Conv2d
 
@@ -152,7 +246,7 @@ def test_wrong_factor_shapes_in_a_file_are_named(tmp_path):
     bad[key_b] = good[key_b].expand(-1, -1, 3, 3).contiguous()
     save_file(bad, path)
     with pytest.raises(ValueError, match=rf"Adapter.load: {path}: module 'down.conv1' has lora_A .* and lora_B "
-                                         r"\(12, 4, 3, 3\).*\[r, in, \*kernel\] and \[out, r, 1, \.\.\.\]"):
+                                         r"\(12, 4, 3, 3\).*\[r, in, \*kernel\] and \[out, r / groups, 1, \.\.\.\]"):
         lora_ext.Adapter.load(str(tmp_path))
 
     bad = dict(good)  # conv factors on a linear layer's name, linear ones on a conv's

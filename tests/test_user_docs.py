@@ -60,10 +60,10 @@ def test_inspect_pool_verdict_holds_for_a_file_only_the_model_reads(experts_adap
     serve adapters on parameters; with --pool and a max_rank below the config's ranks it exits 1."""
     base, pm, path = experts_adapter
     monkeypatch.setenv("COLUMNS", "400")
-    assert run_inspect(argparse.Namespace(adapter=path, pool=True, max_rank=64)) == 0
+    assert run_inspect(argparse.Namespace(adapter=path, pool=True, max_rank=64, allow_pickle=False)) == 0
     verdict = " ".join(capsys.readouterr().out.split()).partition("AdapterPool: ")[2]
     assert verdict.startswith("can serve it (max_rank >= 4,") and "mlp.experts.down_proj" in verdict, verdict
-    assert run_inspect(argparse.Namespace(adapter=path, pool=True, max_rank=3)) == 1
+    assert run_inspect(argparse.Namespace(adapter=path, pool=True, max_rank=3, allow_pickle=False)) == 1
     assert "cannot serve it: rank 4 > max_rank 3" in " ".join(capsys.readouterr().out.split())
 
     model = copy.deepcopy(base)

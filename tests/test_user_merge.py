@@ -236,7 +236,9 @@ def test_cli_merges_a_pickled_adapter_with_allow_pickle(tmp_path, capsys):
 
     assert cli.main(["merge", str(base), str(old), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "refusing to unpickle" in err and "pass --allow-pickle" in err and "allow_pickle=True" not in err
+    assert "refusing to unpickle" in err and "the CLI's merge / inspect: --allow-pickle" in err
+    assert cli.main(["inspect", str(old)]) == 1 and "--allow-pickle" in capsys.readouterr().out
+    assert cli.main(["inspect", str(old), "--allow-pickle"]) == 0 and "2 LoRA modules" in capsys.readouterr().out
     assert cli.main(["merge", str(base), str(old), "--allow-pickle", "--out", str(tmp_path / "o")]) == 0
     assert cli.main(["merge", str(base), str(ad), "--out", str(tmp_path / "ref")]) == 0
     got, ref = load_file(tmp_path / "o" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
