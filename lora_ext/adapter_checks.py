@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 import operator
 import os
 import re
@@ -378,3 +379,25 @@ def split_factors(tensors: dict, where: str, paired: bool = True) -> tuple[dict,
                              f"{list(want)} ({owner}'s output features)")
         factors[name] = (A, B, kind, mag)
     return factors, extra
+
+
+def check_not_root(names, model: nn.Module | None, where: str) -> None:
+    """ValueError for a LoRA layer at the model's root (the model is a LoRALinear itself, module name ""):
+    PEFT targets only submodules, and adapter files and state dicts name a layer by its module path."""
+    if "" in names:
+        what = "" if model is None else f" ({type(model).__name__})"
+        raise ValueError(f"{where}: the model{what} is itself a LoRA layer, which has no module path (PEFT "
+                         "adapts only submodules); put it in a module (e.g. nn.Sequential(layer)), or save "
+                         "lora_state_dict(layer, peft_names=False) and load it with layer.load_state_dict(sd, strict=False)")
+
+
+def config_json(config: dict, where: str) -> str:
+    """adapter_config.json's text; numpy / torch scalars (an alpha given as np.float32) as plain numbers,
+    anything else JSON cannot hold: TypeError naming it (before any file is written)."""
+    def plain(o):
+        if isinstance(o, torch.Tensor) and o.numel() == 1:
+            return o.item()
+        if isinstance(o, numbers.Real):  # (numpy's bool_ is no numbers.Real: refused below)
+            return int(o) if isinstance(o, numbers.Integral) else float(o)
+        raise TypeError(f"{where}: the adapter config holds a {type(o).__name__} ({o!r:.60}), which JSON cannot hold")
+    return json.dumps(config, indent=2, default=plain)

@@ -14,7 +14,6 @@ it touches the model. Non-LoRA tensors (modules_to_save, bias="all"/"lora_only")
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -23,8 +22,8 @@ import torch
 from torch import nn
 
 from .adapter_checks import (CONFIG_FILE, SAFETENSORS_FILE, check_covered, check_dropout, check_modules_to_save,
-                             check_path, check_saved_modules, check_targets, check_tensors, read_config, read_weights,
-                             split_factors, to_save)
+                             check_not_root, check_path, check_saved_modules, check_targets, check_tensors, config_json,
+                             read_config, read_weights, split_factors, to_save)
 from .conv import check_conv_factors, is_conv
 from .inject import inject, lora_layers, peft_parameter_layers, trained_biases
 from .layers import LoRALayer, lora_alpha_for, lora_scaling
@@ -187,20 +186,11 @@ class Adapter:
             if w.magnitude is not None:
                 tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = w.magnitude.contiguous()
         tensors.update({PEFT_PREFIX + k: t.contiguous() for k, t in self.extra.items()})
+        config = config_json({"peft_type": "LORA", **self.config}, "Adapter.save")  # (checked before any file)
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, os.path.join(path, SAFETENSORS_FILE),
                   metadata={"format": "pt"})
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
-            json.dump({"peft_type": "LORA", **self.config}, f, indent=2)
-
-
-def check_not_root(names, model: nn.Module | None, where: str) -> None:
-    """ValueError for a LoRA layer at the model's root (the model is a LoRALinear itself, module name ""):
-    PEFT targets only submodules, and adapter files and state dicts name a layer by its module path."""
-    if "" in names:
-        what = "" if model is None else f" ({type(model).__name__})"
-        raise ValueError(f"{where}: the model{what} is itself a LoRA layer, which has no module path (PEFT "
-                         "adapts only submodules); put it in a module (e.g. nn.Sequential(layer)), or save "
-                         "lora_state_dict(layer, peft_names=False) and load it with layer.load_state_dict(sd, strict=False)")
+            f.write(config)
 
 
 def extra_target(key: str) -> tuple[str, str]:

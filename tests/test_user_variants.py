@@ -2,6 +2,7 @@
 embedding LoRA, combine, rank / alpha patterns, rsLoRA): regressions found by trying them against
 PEFT and plain-torch references."""
 import copy
+import json
 
 import pytest
 import torch
@@ -117,3 +118,25 @@ def test_combine_of_one_adapter_not_in_a_list_names_the_argument():
     for many in ([ad], (ad,), (a for a in [ad])):  # any iterable of them works
         both = lora_ext.combine(many, [2.0])
         assert rel_err(both.layers["x"].B @ both.layers["x"].A, B @ A) < 1e-6
+
+
+def test_numpy_hyperparameters_save_as_plain_json_numbers(tmp_path):
+    """inject accepts numpy numbers (numbers.Real); Adapter.save wrote the weights, then json.dump failed on
+    np.float32 (a half-written directory). The config is plain numbers, PEFT loads it, and what JSON
+    cannot hold is refused before any file is written."""
+    import numpy as np
+    peft = pytest.importorskip("peft")
+
+    model = nn.Sequential(nn.Linear(6, 5))
+    lora_ext.inject(model, ["0"], r=np.int64(2), alpha=np.float32(6), dropout=np.float32(0.25))
+    ad = lora_ext.Adapter.from_model(model)
+    ad.save(str(tmp_path / "a"))
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (2, 6.0, 0.25)
+    assert type(cfg["r"]) is int
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(nn.Sequential(nn.Linear(6, 5))), str(tmp_path / "a"))
+    assert back.peft_config["default"].r == 2
+    ad.config["note"] = object()
+    with pytest.raises(TypeError, match=r"Adapter.save: the adapter config holds a object"):
+        ad.save(str(tmp_path / "b"))
+    assert not (tmp_path / "b" / "adapter_model.safetensors").exists()
