@@ -1,12 +1,15 @@
 """Merge benchmarks.
 
 1. merge_ (W += s B A, fp32 sum rounded once) vs torch's W.addmm_(B, A, alpha=s) and vs the
-   bytes-moved roofline: W read and written once at the measured copy bandwidth (W.copy_).
+   bytes-moved roofline: W read and written once at the faster of two measured ways to stream
+   W's bytes, W.copy_ (copy_ms) and an in-place pass over W (pass_ms; on a CPU the copy's stores
+   first read their destination, so copy_ alone moves 3 bytes for the 2 it is credited with).
    On CUDA all three as CUDA-graph replays over 4 rotating weights (device time, beyond L2),
    merge_ also eagerly (eager_ms: one call, host overhead included).
 2. Exact merge + unmerge through a MergeState (side information included) vs plain ones.
 3. Side information of the exact unmerge as a fraction of W, for several delta sizes.
-4. Inference time of a merged model vs the base model (no LoRA) and vs the unmerged LoRA model.
+4. Inference time of a merged model vs the base model (no LoRA) and vs the unmerged LoRA model
+   (interleaved runs, ratios per run).
 5. PEFT's own merge/unmerge of its LoRA Linear (layer.merge(); layer.unmerge()) vs lora_ext's
    plain and exact cycles on the same weights, interleaved; and the bits PEFT's cycles change
    (its unmerge subtracts a rounded delta) vs lora_ext's exact cycles (none, asserted).
@@ -15,6 +18,7 @@ Run: python bench/bench_merge.py [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -40,6 +44,15 @@ def make(n_out, n_in, r, dt, device, ratio=0.05, seed=0):
     return W, A, B
 
 
+def roofline(W, A, B, t_copy: float, t_pass: float) -> tuple[int, float]:
+    """(bytes merge_ moves at least, their time in ms): W read and written once plus A and B read
+    once, at the bandwidth (2 |W| bytes per run) of the faster of W.copy_ and the in-place pass."""
+    w = W.numel() * W.element_size()
+    nbytes = 2 * w + (A.numel() + B.numel()) * A.element_size()
+    gbps = 2 * w / min(t_copy, t_pass) / 1e6
+    return nbytes, nbytes / gbps / 1e6
+
+
 def bench_kernel(device, quick):
     """On CUDA every variant is timed as replays of a CUDA graph of 8 calls that rotate over
     4 weights (and 4 copy pairs), so that the working set exceeds the L2 cache and the numbers
@@ -61,15 +74,15 @@ def bench_kernel(device, quick):
                     return lambda: fn(next(k) % len(Ws))
                 kw = {"calls": 8} if cuda else {"min_time_s": 0.3}
                 t_copy = time_graph(rotate(lambda j: Ws[j].copy_(srcs[j])), device, **kw)
+                ints = {4: torch.int32, 2: torch.int16}[W.element_size()]  # W read and written in place
+                t_pass = time_graph(rotate(lambda j: Ws[j].view(ints).bitwise_xor_(0)), device, **kw)
                 t_ours = time_graph(rotate(lambda j: merge_(Ws[j], A, B, 1e-9)), device, **kw)
                 t_torch = time_graph(rotate(lambda j: Ws[j].addmm_(B, A, alpha=1e-9)), device, **kw)
                 extra = {"eager_ms": time_fn(lambda: merge_(W, A, B, 1e-9), device)} if cuda else {}
-                nbytes = 2 * W.numel() * W.element_size() + (A.numel() + B.numel()) * A.element_size()
-                copy_bw = 2 * W.numel() * W.element_size() / t_copy / 1e6  # GB/s
-                roof = nbytes / copy_bw / 1e6
+                nbytes, roof = roofline(W, A, B, t_copy, t_pass)
                 rows.append({"out": o, "in": i, "r": r, "dtype": _dt(dt), "merge_ms": t_ours,
                              "addmm_ms": t_torch, "speedup": t_torch / t_ours, "copy_ms": t_copy,
-                             "roofline_ms": roof, "%roofline": 100 * roof / t_ours,
+                             "pass_ms": t_pass, "roofline_ms": roof, "%roofline": 100 * roof / t_ours,
                              "GB/s": nbytes / t_ours / 1e6, **extra})
     return rows
 
@@ -139,14 +152,15 @@ def bench_inference(device, quick):
             with torch.no_grad():
                 for m in lora_ext.lora_layers(model).values():
                     m.lora_B.normal_(0, 0.01)
+            merged = copy.deepcopy(model)
+            lora_ext.merge(merged)
             x = torch.randn(T, width, device=device, dtype=dt)
-            with torch.no_grad():
-                t_base = time_fn(lambda: base(x), device, min_time_s=0.3)
-                t_lora = time_fn(lambda: model(x), device, min_time_s=0.3)
-                lora_ext.merge(model)
-                t_merged = time_fn(lambda: model(x), device, min_time_s=0.3)
-            rows.append({"width": width, "depth": depth, "T": T, "dtype": _dt(dt), "base_ms": t_base,
-                         "lora_ms": t_lora, "merged_ms": t_merged, "merged/base": t_merged / t_base})
+            with torch.no_grad():  # interleaved, ratios per run: the three models see the same load
+                t = interleaved({"base": lambda: base(x), "lora": lambda: model(x), "merged": lambda: merged(x)},
+                                device, runs=30 if quick else 60)
+            rows.append({"width": width, "depth": depth, "T": T, "dtype": _dt(dt), "base_ms": Timing.of(t["base"]),
+                         "lora_ms": Timing.of(t["lora"]), "merged_ms": Timing.of(t["merged"]),
+                         "merged/base": ratios(t, "merged", "base"), "lora/base": ratios(t, "lora", "base")})
     return rows
 
 

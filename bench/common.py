@@ -11,7 +11,8 @@ table(title, rows) prints with rich; a Timing cell reads "median (min–max)", a
     the table for every timing whose max/min exceeds SPREAD_WARN (1.5; $LORA_EXT_BENCH_SPREAD_WARN);
 save(name, rows, meta) writes bench/results/<name>-<device>.json: a Timing value is written as its
     median, as before, plus "<key>_min" and "<key>_max" fields;
-arg_parser(name, doc) / cli(name, title, run): the command line every benchmark shares.
+arg_parser(name, doc) / cli(name, title, run): the command line every benchmark shares;
+bench_device(s): its --device type (cuda:N is made the current device and becomes "cuda").
 """
 from __future__ import annotations
 
@@ -136,15 +137,18 @@ def _time_once(fn, device) -> float:
 
 def interleaved(fns: dict, device="cpu", runs: int = 30, warmup: int = 2) -> dict:
     """{name: [ms per run]}: each run times every variant once, back to back (after `warmup`
-    untimed runs of each), so that the machine's load hits all variants of a run alike."""
+    untimed runs of each), so that the machine's load hits all variants of a run alike. Run i
+    starts at variant i mod len(fns), so that no variant always follows the same one (or always
+    comes first after the previous run's last)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
     times = {k: [] for k in fns}
-    for _ in range(runs):
-        for k, fn in fns.items():
-            times[k].append(_time_once(fn, device))
+    names = list(fns)
+    for i in range(runs):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            times[k].append(_time_once(fns[k], device))
     return times
 
 
@@ -245,16 +249,28 @@ def table(title: str, rows: list[dict]) -> None:
         sys.stdout.flush()
 
 
+def bench_device(s: str) -> str:
+    """The --device type: cpu, cuda or cuda:N (a usage error without that GPU). cuda:N becomes the
+    current CUDA device and is returned as "cuda": the benchmarks choose their CUDA cases, dtypes
+    and graph timing by device == "cuda", and CUDA events and syncs act on the current device."""
+    from lora_ext.__main__ import device_arg
+
+    s = device_arg(s)
+    if s.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(s))
+        return "cuda"
+    return s
+
+
 def arg_parser(name: str, doc: str | None = None):
     """--device, --quick; prog is the benchmark's file (not sys.argv[0]: bench/run.py and
     `python -m lora_ext bench` call every benchmark in one process)."""
     import argparse
 
-    from lora_ext.__main__ import device_arg  # cpu / cuda / cuda:N, a usage error without that GPU
-
     p = argparse.ArgumentParser(prog=f"bench_{name}.py", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=bench_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--quick", action="store_true", help="a few sizes only, no result file")
     return p
 

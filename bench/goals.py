@@ -105,11 +105,16 @@ def load(paths: list[str]) -> dict[str, dict]:
     """{benchmark name: its result document} from files (one document or a list) and folders."""
     files = []
     for p in paths:
+        if not os.path.exists(p):
+            raise ValueError(f"{p}: no such file or folder")
         files += sorted(glob.glob(os.path.join(p, "*.json"))) if os.path.isdir(p) else [p]
     docs = {}
     for f in files:
-        with open(f) as fh:
-            d = json.load(fh)
+        try:
+            with open(f) as fh:
+                d = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{f}: not a readable JSON result file ({e})") from None
         for doc in d if isinstance(d, list) else [d]:
             if isinstance(doc, dict) and "benchmark" in doc and "rows" in doc:
                 docs[doc["benchmark"]] = doc
@@ -169,7 +174,12 @@ def main(argv=None) -> int:
     p.add_argument("--md", help="write the table here (markdown)")
     p.add_argument("--json", help="write the evaluated goals here")
     a = p.parse_args(argv)
-    docs = load(a.paths)
+    try:
+        docs = load(a.paths)
+    except ValueError as e:
+        p.error(str(e))
+    if not docs:
+        print(f"goals.py: no benchmark results in {', '.join(a.paths)}: every goal is missing", file=sys.stderr)
     results = evaluate(docs)
     md = markdown(results, docs)
     print(md)

@@ -26,27 +26,13 @@ from .dora import DoraLayer, DoraMergeState, dora_linear, dora_merge_
 from .ops import MergeState, check_merge_finite, lora_linear, merge_, unmerge_
 from .ops._checks import as_scale
 from .sharding import is_dtensor, is_fsdp
+from .wrappable import is_conv1d, parametrized, unwrappable  # noqa: F401  (imported from here too)
 
 __all__ = ["LoRALayer", "LoRALinear", "is_conv1d", "parametrized"]
 
 # id(weight) -> the layer merged into it last: a tied weight (GPT-2's wte / lm_head) can hold several
 # merged layers, which unmerge exactly only in reverse merge order (LoRALayer._tied_stack)
 _LAST_MERGED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers.pytorch_utils.Conv1D (GPT-2): weight [in, out], y = x @ W + b."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-def parametrized(module: nn.Module) -> str | None:
-    """Why a LoRA layer cannot share a parametrized module's weight (None: not parametrized)."""
-    names = sorted(getattr(module, "parametrizations", None) or ())
-    if not names:
-        return None
-    return (f"has parametrizations on {names} (weight_norm, spectral_norm...), so its weight is recomputed "
-            "on every access and cannot be shared; remove them first (torch.nn.utils.parametrize."
-            "remove_parametrizations)")
 
 
 def factors_like(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,8 +325,9 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
     # ---------------------------------------------------------------- wrapping / unwrapping
     def _adopt(self, module: nn.Module, where: str) -> None:
         """from_* constructors (layer built on meta): shares and freezes ``module``'s weight (and bias),
-        allocates the factors on its device and dtype, records base_class; TypeError if parametrized."""
-        if (why := parametrized(module)) is not None:
+        allocates the factors on its device and dtype, records base_class; TypeError if the layer cannot
+        stand in for it (wrappable.unwrappable: hooks, parametrizations, a subclass's own forward)."""
+        if (why := unwrappable(module)) is not None:  # (hooks, parametrizations, a forward of its own)
             raise TypeError(f"{where}: the {type(module).__name__} {why}")
         w = module.weight
         self.weight = w

@@ -88,7 +88,8 @@ def test_time_graph_is_time_fn_off_cuda():
 def test_interleaved_runs_and_per_run_ratios():
     order = []
     t = common.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, runs=3, warmup=1)
-    assert order == ["a", "b"] + ["a", "b"] * 3  # warmup, then each run times every variant once
+    # warmup, then each run times every variant once, run i starting at variant i mod 2
+    assert order == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]
     assert [len(v) for v in t.values()] == [3, 3]
     r = common.ratios({"x": [2.0, 6.0, 3.0], "base": [1.0, 2.0, 3.0]}, "x", "base")
     assert (float(r), r.min, r.max, r.n) == (2.0, 1.0, 3.0, 3)

@@ -243,3 +243,44 @@ def test_inject_into_a_bare_layer_names_the_constructors_whatever_the_targets():
             lora_ext.inject(torch.nn.Linear(4, 4), target_modules=target)
     with pytest.raises(TypeError, match="the model itself is the target.*from_embedding"):
         lora_ext.inject(torch.nn.Embedding(5, 4), target_modules=["q_proj"])
+
+
+def test_from_constructors_refuse_what_inject_refuses():
+    """from_linear / from_embedding / from_conv compute the base output from the weight (F.linear, ...):
+    a subclass with a forward of its own, hooks or a forward replaced on the instance would be skipped
+    silently, so they are refused as inject refuses them; a subclass computing the plain function
+    (FalconLinear's x @ W^T + b) is taken."""
+    class Routed(nn.Linear):  # a forward that is not F.linear of its weight
+        def forward(self, x):
+            return super().forward(x).relu()
+
+    class PlainAgain(nn.Linear):
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    torch.manual_seed(0)
+    with pytest.raises(TypeError, match=r"LoRALinear\.from_linear: the Routed is a Routed whose forward is not the "
+                                        r"plain layer's"):
+        lora_ext.LoRALinear.from_linear(Routed(4, 3), r=2)
+    plain = PlainAgain(4, 3)
+    layer = lora_ext.LoRALinear.from_linear(plain, r=2)
+    x = torch.randn(5, 4)
+    assert torch.allclose(layer(x), plain(x))  # B = 0: the base layer's function
+    hooked = nn.Linear(4, 3)
+    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(TypeError, match=r"from_linear: the Linear has hooks"):
+        lora_ext.LoRALinear.from_linear(hooked, r=2)
+
+    class Scaled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 3.0
+
+    with pytest.raises(TypeError, match=r"LoRAEmbedding\.from_embedding: the Scaled is a Scaled whose forward"):
+        lora_ext.LoRAEmbedding.from_embedding(Scaled(10, 4), r=2)
+
+    class Clipped(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x).clamp(max=0.0)
+
+    with pytest.raises(TypeError, match=r"LoRAConv2d\.from_conv: the Clipped is a Clipped whose forward"):
+        lora_ext.LoRAConvNd.from_conv(Clipped(3, 4, 3), r=2)
