@@ -99,7 +99,7 @@ def time_fn(fn, device="cpu", warmup: int = 3, reps: int = 11, min_time_s: float
 def time_graph(fn, device="cpu", calls: int = 10, reps: int = 11, **kw) -> Timing:
     """Milliseconds per call of fn. On CUDA, timed as replays of one CUDA graph that holds `calls`
     calls: no launch gaps between the kernels, as in a server that captures its decode step (and
-    what METHOD.md asks for many small launches); fn runs 3 times on a side stream first. Falls
+    what the GPU machines' measuring notes ask for many small launches); fn runs 3 times on a side stream first. Falls
     back to time_fn (eager, with a note) if fn cannot be captured. Elsewhere: time_fn(fn, **kw)."""
     if torch.device(device).type != "cuda":
         return time_fn(fn, device, reps=reps, **kw)
