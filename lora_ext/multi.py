@@ -484,6 +484,9 @@ class MultiLoRAEmbedding(_MultiLoRA):
 
     def __init__(self, base: nn.Embedding, num_slots: int, r_max: int,
                  context: Optional[LoRAContext] = None):
+        if getattr(base, "max_norm", None) is not None:  # PEFT renormalizes each adapter's looked-up A rows in place
+            raise ValueError(f"MultiLoRAEmbedding: an nn.Embedding with max_norm={base.max_norm} is not served "
+                             "(PEFT renormalizes each adapter's looked-up rows of A in place); use LoRAEmbedding")
         super().__init__(base, base.num_embeddings, base.embedding_dim, num_slots, r_max, None, context)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -178,3 +178,13 @@ def test_pool_refuses_a_float64_model_by_module():
     ids = torch.randint(0, 128, (2, 5))
     with pool.batch([None, None]):
         assert torch.equal(model(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits)
+
+
+def test_embedding_with_max_norm_is_refused_by_name():
+    """PEFT's LoRA embedding renormalizes the looked-up rows of A^T (max_norm) in place; the pool's
+    lookup did not (another output, silently): refused, naming the module."""
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, max_norm=1.0), torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"AdapterPool: module '0': MultiLoRAEmbedding: an nn.Embedding with "
+                                         r"max_norm=1.0 is not served"):
+        lora_ext.AdapterPool(model, target_modules=["0", "1"], max_adapters=2, max_rank=4)
+    assert type(model[0]) is torch.nn.Embedding  # nothing replaced

@@ -71,6 +71,16 @@ def no_grad_needed(op: str, hint: str = "", *, why: str = "it writes in place", 
                                f"run it under torch.no_grad() or torch.inference_mode(){hint}")
 
 
+def wrote(*tensors) -> None:
+    """Bumps the version counters of the tensors an op wrote in place (None skipped), as torch's
+    in-place ops do (lora_ext's C++ ops have no ADInplaceOrView kernel, so the dispatcher does not):
+    autograd then refuses to backward through a value it saved before the write ("modified by an
+    inplace operation") instead of silently using the new values. Not while torch.compile traces:
+    the compiled graph writes its mutated inputs back with copy_, which bumps them."""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version([t for t in tensors if t is not None])
+
+
 def tangent_of(**tensors) -> str | None:
     """The name of the first tensor (lists of tensors and None allowed) that carries a forward-mode
     AD tangent (torch.func.jvp / jacfwd, torch.autograd.forward_ad), else None. torch's autograd

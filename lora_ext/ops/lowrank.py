@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import as_scale, fake_dims, fake_float, fake_like, no_grad_needed, one_device, tangent_of
+from ._checks import (as_scale, fake_dims, fake_float, fake_like, no_grad_needed, one_device, tangent_of,
+                      wrote)
 
 __all__ = ["lora_apply_", "lora_linear", "build_info"]
 
@@ -24,6 +25,7 @@ def lora_apply_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tens
     """
     no_grad_needed("lora_apply_", ", or use lora_linear to train", y=y, x=x, A=A, B=B)
     torch.ops.lora_ext.lora_apply_.default(y, x, A, B, as_scale("lora_apply_", "scale", scale))
+    wrote(y)
     return y
 
 

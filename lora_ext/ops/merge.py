@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import F32_MAX, as_scale, fake_dims, fake_float, no_tangent, one_device
+from ._checks import F32_MAX, as_scale, fake_dims, fake_float, no_tangent, one_device, wrote
 from .merge_state import CODE_WIDTHS, MergeState
 
 __all__ = ["merge_", "unmerge_", "check_merge_finite", "dora_norm"]
@@ -77,6 +77,7 @@ def merge_(weight: torch.Tensor, A, B, scale, *, fan_in_fan_out: bool = False,
         if safe:
             check_merge_finite(weight, As, Bs, scales, fan_in_fan_out=fan_in_fan_out)
         torch.ops.lora_ext.merge_.default(weight, As, Bs, scales, fan_in_fan_out)
+        wrote(weight)
         return weight
     names = _names("merge_", name, len(As))
     state._check_layout(weight, fan_in_fan_out)
@@ -103,6 +104,7 @@ def unmerge_(weight: torch.Tensor, A=None, B=None, scale=None, *, fan_in_fan_out
             raise ValueError("unmerge_: without a MergeState, A, B and scale are required")
         As, Bs, scales = _as_lists("unmerge_", A, B, scale)
         torch.ops.lora_ext.merge_.default(weight, As, Bs, [-s for s in scales], fan_in_fan_out)
+        wrote(weight)
         return weight
     state._check_layout(weight, fan_in_fan_out)
     state.unmerge(weight, None if name is None else _name_list("unmerge_", name))

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import wrote
+
 __all__ = ["MergeState", "MergedAdapter", "CODE_WIDTHS", "take_probe", "check_probe"]
 
 CODE_WIDTHS = (0, 1, 2, 4)  # bits of W0 kept per element (csrc/merge_math.h: code_width)
@@ -181,6 +183,7 @@ class MergeState:
             if not old:
                 self._reset()
             raise
+        wrote(weight)
         # Elements the codes cannot restore under the new sum hold W0 now: keep them exactly.
         fresh = _set_bits(fails)
         if self._exc_idx.numel() and fresh.numel():

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._checks import as_scale, fake_dims, fake_float, fake_like, no_grad_needed, one_device
+from ._checks import as_scale, fake_dims, fake_float, fake_like, no_grad_needed, one_device, wrote
 
 __all__ = ["multi_lora_", "lora_shrink", "lora_expand_"]
 
@@ -44,10 +44,11 @@ def multi_lora_(y: torch.Tensor, x: torch.Tensor, A_pool: torch.Tensor, B_pool: 
     A_pool[i] and rows out_off[i]:out_off[i+1] of B_pool; scales/ranks may be [n, S].
     Widths are ints (numpy ints and integer tensors too); a float or bool raises TypeError.
     """
-    no_grad_needed("multi_lora_", y=y, x=x, A_pool=A_pool, B_pool=B_pool)
+    no_grad_needed("multi_lora_", y=y, x=x, A_pool=A_pool, B_pool=B_pool, scales=scales)
     torch.ops.lora_ext.multi_lora_.default(
         y, x, A_pool, B_pool, indices, scales, ranks, _slice_list("multi_lora_", out_slices),
         bad_index_count)
+    wrote(y, bad_index_count)
     return y
 
 
@@ -64,7 +65,9 @@ def lora_shrink(x: torch.Tensor, A_pool: torch.Tensor, indices: torch.Tensor,
     scale = as_scale("lora_shrink", "scale", scale)
     if bad_index_count is None:
         return torch.ops.lora_ext.lora_shrink.default(x, A_pool, indices, ranks, scale)
-    return torch.ops.lora_ext.lora_shrink.counted(x, A_pool, indices, ranks, bad_index_count, scale)
+    u = torch.ops.lora_ext.lora_shrink.counted(x, A_pool, indices, ranks, bad_index_count, scale)
+    wrote(bad_index_count)
+    return u
 
 
 def lora_expand_(y: torch.Tensor, u: torch.Tensor, B_pool: torch.Tensor, indices: torch.Tensor,
@@ -78,10 +81,11 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, B_pool: torch.Tensor, indices
     y's dtype. ``add_inputs=False`` overwrites instead: ``y[t] = scales[a] * B_pool[a] @ u[t]``
     (rows of tokens without adapter become zero), as vLLM's ``add_inputs``.
     """
-    no_grad_needed("lora_expand_", y=y, u=u, B_pool=B_pool)
+    no_grad_needed("lora_expand_", y=y, u=u, B_pool=B_pool, scales=scales)
     torch.ops.lora_ext.lora_expand_.default(
         y, u, B_pool, indices, scales, ranks, _slice_list("lora_expand_", out_slices),
         bad_index_count, bool(add_inputs))
+    wrote(y, bad_index_count)
     return y
 
 
