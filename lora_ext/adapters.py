@@ -230,7 +230,10 @@ def model_config(found: dict[str, nn.Module], model: nn.Module, params: dict[str
     alphas = {n: m.lora_alpha if bool(m.use_rslora) == rslora and ranks[n] == m.r else
               lora_alpha_for(float(m.scaling), ranks[n], rslora) for n, m in layers.items()}
     fan_in_fan_out = any(getattr(m, "fan_in_fan_out", False) for m in found.values())
-    dropout = max((m.lora_dropout for m in found.values() if hasattr(m, "lora_dropout")), default=0.0)
+    dropout = max(drops := {float(m.lora_dropout) for m in found.values() if hasattr(m, "lora_dropout")}, default=0.0)
+    if len(drops) > 1:  # (layers load_adapter injects from the file all get the config's)
+        warnings.warn(f"{where}: the LoRA layers have different lora_dropout {sorted(drops)}, and PEFT's config "
+                      f"has one: saved as {dropout:g}, which every layer loaded from it trains with", stacklevel=3)
     if params and (dora or fan_in_fan_out or dropout):
         what = "use_dora" if dora else "fan_in_fan_out (transformers Conv1D)" if fan_in_fan_out else f"lora_dropout={dropout:g}"
         layer = next(n for n, m in found.items() if m.use_dora or getattr(m, "fan_in_fan_out", False)
@@ -272,12 +275,17 @@ def saved_tensors(model: nn.Module, found: dict, modules_to_save, copy, where: s
     extra = {f"{n}.{k}": copy(t) for n in keep for k, t in modules[n].state_dict(keep_vars=True).items()}
     trained, mode = trained_biases(model, skip=keep)
     extra.update({key: copy(b) for _, key, b in trained})
-    half = sorted(n for n, key, _ in trained if not key.endswith(".base_layer.bias") and any(
-        p.requires_grad for pn, p in modules[n].named_parameters(recurse=False) if pn != "bias"))
+    # trained weights the file would lose (a head trained beside the LoRA layers): only a bias saved, or in a mostly
+    # frozen base (an unfrozen one, as after inject alone, is not "trained"), any; (n, names) -> n is or is inside one
+    inside, with_bias = lambda n, names: any(n == k or n.startswith(k + ".") for k in names), {t[0] for t in trained}
+    base = [p for n, m in modules.items() if not inside(n, found) for p in m.parameters(recurse=False)]
+    frozen = 2 * sum(p.numel() for p in base if not p.requires_grad) > sum(p.numel() for p in base)
+    half = sorted(n for n, m in modules.items() if (frozen or n in with_bias and n not in found) and not inside(n, keep) and any(
+        p.requires_grad for pn, p in m.named_parameters(recurse=False) if pn != "bias" and not (n in found and "lora_" in pn)))
     if half:
         warnings.warn(f"{where}: {half[:4]}{' ...' if len(half) > 4 else ''} have trainable weights that "
-                      "are not saved (only their biases are); pass modules_to_save=[...] to save those "
-                      "modules, or freeze them (lora_ext.mark_only_lora_trainable)", stacklevel=3)
+                      "are not saved (only LoRA factors and biases are); pass modules_to_save=[...] to save "
+                      "those modules, or freeze them (lora_ext.mark_only_lora_trainable)", stacklevel=3)
     return extra, mode, keep or None
 
 

@@ -19,8 +19,8 @@ from .hparams import _check_hparams
 from .param_lora import (LoRAParameter, _chain, _inner, apply_plan, check_init, outermost, parameter_layers,
                          plan_parameters, target_hparams)
 from .sharding import sharding_of, unwrapped, wrapper_free_name
-from .targets import (PEFT_PREFIX, check_layers, check_patterns, check_regex, in_layers, matches, read_directly,
-                      select_targets, unwrappable)
+from .targets import (PEFT_PREFIX, check_layers, check_patterns, check_regex, in_layers, matches, peft_layer,
+                      read_directly, select_targets, unwrappable)
 
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "peft_parameter_layers", "PEFT_PREFIX"]
 
@@ -131,7 +131,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
                             "reads its weight directly (F.multi_head_attention_forward): a LoRA layer there "
                             "would never run")
         if problems.get(name) is not None:
-            raise TypeError(f"inject: module {name!r} {problems[name]}")
+            raise TypeError(f"inject: module {name!r} {problems[name]}{_hook_advice(modules[name])}")
         hparams[name] = target_hparams(f"inject: module {name!r}", name, r, alpha, rank_pattern, alpha_pattern,
                                        dropout)
         if is_conv(modules[name]):
@@ -157,6 +157,17 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
             setattr(parent, child, new)
     _no_fused_encoders(model)
     return chosen
+
+
+def _hook_advice(m: nn.Module) -> str:
+    """The hooks of a target inject refuses for them, named, and what to do (transformers'
+    gradient_checkpointing_enable registers one on the input embeddings)."""
+    hooks = [getattr(h, "__qualname__", type(h).__name__) for d in (m._forward_pre_hooks, m._forward_hooks,
+             m._backward_pre_hooks, m._backward_hooks) for h in d.values()]
+    if not hooks:
+        return ""
+    return (f" ({', '.join(hooks)}); inject before registering them (transformers' gradient_checkpointing_enable / "
+            "enable_input_require_grads hook the input embeddings: call them after inject), or remove them")
 
 
 def registrations(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -219,14 +230,28 @@ def peft_parameter_layers(model: nn.Module) -> dict[str, LoRAParameter]:
     return out
 
 
+def _peft_owner(model: nn.Module) -> tuple[str, str] | None:
+    """(path, class name) of a PEFT layer in ``model`` (targets.peft_layer), or None."""
+    modules = dict(model.named_modules())
+    owner = next((o for n in modules if (o := peft_layer(modules, n)) is not None), None)
+    return None if owner is None else (owner, type(modules[owner]).__name__)
+
+
 def _check_bias(bias, where: str) -> None:
     if bias not in ("none", "all", "lora_only"):
         raise ValueError(f"{where}: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
 
 
 def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> None:
-    """requires_grad only for LoRA parameters; bias="all" adds every bias, "lora_only" the LoRA layers'."""
+    """requires_grad only for LoRA parameters; bias="all" adds every bias, "lora_only" the LoRA layers'.
+    A model with PEFT's layers raises TypeError naming one (their factors, "lora_A.default.weight", would
+    be frozen too: PEFT's get_peft_model already trains only its adapters)."""
     _check_bias(bias, "mark_only_lora_trainable")
+    if (owner := _peft_owner(model)) is not None:
+        raise TypeError(f"mark_only_lora_trainable: {type(model).__name__} has PEFT's {owner[1]} "
+                        f"layer {owner[0]!r}, whose parameters it does not know (it would freeze PEFT's factors too); "
+                        "get_peft_model / PeftModel.from_pretrained(..., is_trainable=True) already train only "
+                        "the adapters (LoraConfig(bias=...) for biases)")
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n.split(".")[-1])
     if bias == "all":
@@ -275,7 +300,8 @@ def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: boo
     lora_ext.load_adapter(model, sd) takes either and says when a key matches no LoRA layer.
     Module names are model.state_dict()'s: a LoRAEmbedding's factors are "<path>.lora_embedding_A" / "_B"
     (loralib's Embedding calls them lora_A / lora_B). A model that is a LoRA layer itself gets "lora_A",
-    "bias" (PEFT: "base_model.model.lora_A.weight"), for model.load_state_dict; load_adapter refuses it."""
+    "bias" (PEFT: "base_model.model.lora_A.weight"), for model.load_state_dict; load_adapter refuses it.
+    A model without lora_ext LoRA layers (none injected, or PEFT's) raises ValueError: not an empty dict."""
     if bias is not None:
         _check_bias(bias, "lora_state_dict")
     if peft_names:
@@ -286,7 +312,13 @@ def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: boo
         # without the steps of torch's checkpoint / FSDP1 wrappers, as the model's state_dict() and PEFT name it
         out[wrapper_free_name(prefix + join_name(name, peft_leaf) if peft_names else join_name(name, leaf))] = t.detach()
 
-    for name, m in lora_layers(model).items():
+    layers, params = lora_layers(model), peft_parameter_layers(model) if peft_names else parameter_layers(model)
+    if not layers and not params:  # (an empty file would be saved, and load as "no adapter")
+        owner = _peft_owner(model)
+        raise ValueError(f"lora_state_dict: {type(model).__name__} has no lora_ext LoRA layers" + (
+            f" (PEFT's {owner[0]!r}: peft.get_peft_model_state_dict(model) or save_pretrained save PEFT's)"
+            if owner is not None else " (use lora_ext.inject first)"))
+    for name, m in layers.items():
         linear = m.lora_kind != "embedding"  # PEFT: lora_A.weight for Linear and Conv layers
         # PEFT names: lora_factors() (a MergedLinear's fused-layer B); module names: the parameters
         factors = m.lora_factors()[:2] if peft_names else [getattr(m, p) for p in m.factor_names]
@@ -294,7 +326,6 @@ def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: boo
             put(name, p, f"{p}.weight" if linear else p, t)
         if m.use_dora:  # PEFT's key has no ".weight"
             put(name, "lora_magnitude_vector", "lora_magnitude_vector", m.lora_magnitude_vector)
-    params = peft_parameter_layers(model) if peft_names else parameter_layers(model)
     for name, m in params.items():
         for p in ("lora_A", "lora_B"):
             put(name, p, f"{p}.weight", getattr(m, p))

@@ -9,7 +9,8 @@ disable_adapter(), merge/unmerge, rsLoRA, rank/alpha patterns and modules_to_sav
 ``unpatch_peft(model)`` restores the original forwards.
 
 Fast paths:
-  * one active adapter, not merged, not disabled, vanilla LoRA, plain float base weight:
+  * one active adapter, not merged, not disabled, vanilla LoRA, plain float base weight (nn.Linear,
+    Conv1D, or an nn.Linear subclass computing F.linear: peft_pools.plain_linear):
     ``lora_ext.ops.lora_linear`` (base GEMM + fused low-rank part, dropout via dropout_p);
   * the same with a DoRA adapter (use_dora=True, PEFT's DoraLinearVariant; nn.Linear or Conv1D
     base): ``lora_ext.dora.dora_linear`` on PEFT's ``lora_magnitude_vector[name].weight``,
@@ -61,7 +62,7 @@ from .ops import lora_expand_, lora_linear, multi_lora_
 from .peft_experts import chain_loras, is_param_wrapper, mixed_experts, outer_wrappers, prepare_experts
 from .multi_experts import _record_rows, watch_block
 from .peft_pools import (INDICES, POOL, Batch, adapter_problem, base_layer_problem, dora_problem, dropout_p,
-                         input_problem, is_dora, operands, optimizer_stepped, prepare)
+                         input_problem, is_dora, operands, optimizer_stepped, plain_linear, prepare)
 
 __all__ = ["patch_peft", "unpatch_peft", "is_patched"]
 
@@ -134,12 +135,14 @@ def _single(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | Non
     base = module.base_layer
     # e.g. fp32 adapters (PEFT's autocast_adapter_dtype) on a bf16 model
     A, B = factors_like(x, module.lora_A[name].weight, module.lora_B[name].weight)
+    scale = module.scaling[name]
+    if isinstance(scale, torch.Tensor):  # PEFT's prepare_model_for_compiled_hotswap: s·B, as float(s)
+        B, scale = B * scale.to(B.dtype), 1.0  # would be a graph break (and a device sync) per layer
     if dora:  # PEFT's DoraLinearVariant: dropout only when the layer itself trains
         p = p if module.training else 0.0
         return dora_linear(x, base.weight, base.bias, A, B, module.lora_magnitude_vector[name].weight,
-                           float(module.scaling[name]), p, p > 0.0, is_conv1d(base))
-    return lora_linear(x, base.weight, base.bias, A, B, float(module.scaling[name]), p,
-                       p > 0.0, is_conv1d(base))
+                           float(scale), p, p > 0.0, is_conv1d(base))
+    return lora_linear(x, base.weight, base.bias, A, B, float(scale), p, p > 0.0, is_conv1d(base))
 
 
 # ------------------------------------------------------------------------------------ mixed batches
@@ -194,7 +197,11 @@ def _batch_of(layer: nn.Module, args, kwargs: dict, embedding: bool) -> Batch | 
     """The mixed batch of a layer call that is one: its model's, or, for a layer called with
     adapter_names directly, one of its own; None when lora_ext does not run it (other arguments,
     adapters disabled, a reason found by prepare: PEFT's forward then)."""
-    if args or any(k != "adapter_names" and v is not None for k, v in kwargs.items()) or layer.disable_adapters:
+    if layer.disable_adapters:
+        return None
+    extra = [k for k, v in kwargs.items() if k != "adapter_names" and v is not None]
+    if args or extra:
+        _warn(layer, f"unsupported forward arguments {extra or f'{len(args)} positional'}")
         return None
     batch = _model_batch(layer, kwargs)
     if batch is None:  # prepare raises PEFT's errors (merged, DoRA); operands the length's
@@ -413,6 +420,7 @@ def patch_peft(model: nn.Module) -> list[str]:
         elif isinstance(m, Linear) and type(m).forward is Linear.forward:
             m.__dict__[_ORIG] = True
             m.forward = functools.partial(_patched_forward, m)
+            plain_linear(m.base_layer)  # probes an nn.Linear subclass now, eagerly (once per class)
             patched.append(name)
         elif isinstance(m, Embedding) and "forward" not in m.__dict__ and type(m).forward is Embedding.forward:
             m.__dict__[_ORIG] = True

@@ -12,19 +12,22 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .layers import is_conv1d
-from .targets import hooked
+from .layers import is_conv1d, parametrized
+from .targets import _same_on_probe, hooked
 
 POOL = "_lora_ext_pool"  # module.__dict__ keys of the caches
 INDICES = "_lora_ext_indices"  # last (adapter_names, rows per name, slot map) -> device indices
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 OPT_STEPS = [0]  # optimizer steps taken in this process (any optimizer; optimizer_stepped counts)
+_PLAIN_LINEAR: dict = {}  # (nn.Linear subclass, its forward, no bias) -> whether that is F.linear
 
 
 def _stamp(A: torch.Tensor, B: torch.Tensor, scale) -> tuple:
     # id() too: the cache holds the parameters, so a new adapter's tensors can never reuse a
     # cached (address, version) pair of a deleted one. OPT_STEPS: fused optimizers (AdamW(fused=
     # True), HF Trainer's default on torch >= 2.8) update parameters without bumping _version
+    # A tensor scale (PEFT's prepare_model_for_compiled_hotswap) changes in place (scale_layer's *=)
+    scale = (scale, scale._version) if isinstance(scale, torch.Tensor) else scale
     return id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version, scale, OPT_STEPS[0]
 
 
@@ -130,18 +133,44 @@ def base_layer_problem(module: nn.Module, traced: bool = False) -> str | None:
     tracing swaps every plain parameter for one (a quantized subclass stays its own class
     there); the single-adapter path passes it, the mixed batches' pools need real tensors."""
     base = module.base_layer
-    conv1d = is_conv1d(base)
-    if not (type(base) is nn.Linear or conv1d):
-        return f"base layer {type(base).__name__} is not a plain nn.Linear/Conv1D (quantized or wrapped)"
     if hooked(base):
         return "base layer has hooks or a patched forward"
+    simple = type(base) is nn.Linear or is_conv1d(base)
+    if not (simple or isinstance(base, nn.Linear)):
+        return f"base layer {type(base).__name__} is not a plain nn.Linear/Conv1D (quantized or wrapped)"
     w, b = base.weight, base.bias
     plain = (nn.Parameter, torch.Tensor, FakeTensor) if traced else (nn.Parameter, torch.Tensor)
     if type(w) not in plain or w.dtype not in FLOATS:
         return f"base weight is {type(w).__name__} {w.dtype} (quantized or not a plain float tensor)"
     if b is not None and b.dtype != w.dtype:
         return f"base bias dtype {b.dtype} differs from the base weight's {w.dtype}"
+    if not (simple or plain_linear(base)):  # an nn.Linear subclass: fused only if its forward is F.linear
+        return parametrized(base) or (f"base layer {type(base).__name__} is an nn.Linear subclass whose forward "
+                                      "is not F.linear on a probe, or that holds more than weight and bias")
     return None
+
+
+def plain_linear(base: nn.Module) -> bool:
+    """Whether ``base`` is an unhooked nn.Linear subclass whose forward is F.linear (transformers'
+    FalconLinear: x @ W^T + b), so lora_linear may compute its output from its weight. Only one
+    holding nothing but weight and bias (a learned logit scale or an extra head, which the forward
+    may use, make another instance of a class compute something else; parametrizations too), and
+    whose class's forward gave F.linear's output on a probe (targets._same_on_probe), run once per
+    class, forward and bias presence, eagerly: patch_peft probes every base layer; a class first
+    met while tracing or without real weights (meta, FakeTensor) is not probed there, nor cached
+    (PEFT's forward then)."""
+    if (not isinstance(base, nn.Linear) or base._modules or base._buffers
+            or base._parameters.keys() - {"weight", "bias"}):
+        return False
+    cls = type(base)
+    key = (cls, cls.forward, base.bias is None)  # FalconLinear's forward branches on the bias
+    if key in _PLAIN_LINEAR:
+        return _PLAIN_LINEAR[key]
+    w = base.weight
+    if torch.compiler.is_compiling() or type(w) not in (nn.Parameter, torch.Tensor) or w.is_meta:
+        return False
+    _PLAIN_LINEAR[key] = cls.forward is nn.Linear.forward or _same_on_probe(base)
+    return _PLAIN_LINEAR[key]
 
 
 def input_problem(module: nn.Module, x: torch.Tensor) -> str | None:
