@@ -20,7 +20,7 @@ from .param_lora import (LoRAParameter, _chain, _inner, apply_plan, check_init, 
                          plan_parameters, target_hparams)
 from .sharding import sharding_of, unwrapped, wrapper_free_name
 from .targets import (PEFT_PREFIX, check_layers, check_patterns, check_regex, in_layers, matches, peft_layer,
-                      read_directly, select_targets, unwrappable)
+                      read_directly, select_targets, served_layer, unwrappable)
 
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "peft_parameter_layers", "PEFT_PREFIX"]
 
@@ -67,6 +67,13 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] | None = None, 
         raise ValueError(f"inject: the model is already {wrapped}; inject the LoRA layers "
                          "first, then wrap or shard (lora_ext.distributed)")
     check_patterns("inject", rank_pattern, alpha_pattern)
+    if (served := served_layer(model)) is not None:
+        kind = type(model.get_submodule(served)).__name__
+        raise ValueError(f"inject: {type(model).__name__} is served ({served!r} is a {kind}): a LoRA layer injected "
+                         "now would add its adapter to every row of a mixed batch, base rows included; load adapters "
+                         "into the pool (AdapterPool.load), or inject into the model before serving it")
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":  # as PEFT, any case
+        target_modules = "all-linear"
     if target_parameters is not None:  # everything checked before the model changes
         if dropout or use_dora:
             raise ValueError("inject: target_parameters does not work with " + ("dropout" if dropout else "use_dora=True")

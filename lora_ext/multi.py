@@ -224,6 +224,8 @@ def apply_keeping_fp32(module: nn.Module, apply, keys) -> nn.Module:
 class ContextLayer(nn.Module):
     """A multi-adapter layer: reads its tokens' slots from ``self.context`` (a LoRAContext)."""
 
+    serves_adapters = True  # what inject looks for (targets.SERVING): no LoRA goes into a served model
+
 
 class _MultiLoRA(ContextLayer):
     """S adapter slots of rank <= r_max: A_pool [S, r_max, in] ([n, S, r_max, in] with out_slices),

@@ -139,6 +139,8 @@ class AdapterPool:
                              f"{wrapped[0]!r}{', ...' if len(wrapped) > 1 else ''}), which would apply to every row of a "
                              "mixed batch: merge it into the model first (lora_ext.merge_and_unload), or build the pool "
                              "on the model without it (AdapterPool(..., target_parameters=[...]) serves such adapters)")
+        if isinstance(target_modules, str) and target_modules.lower() == "all-linear":  # as PEFT, any case
+            target_modules = "all-linear"
         everything = target_modules is None or target_modules == "all-linear"
         check_regex("AdapterPool", "target_modules", None if everything else target_modules)
         heads = output_head_names(self.model) if everything else set()

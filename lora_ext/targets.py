@@ -30,6 +30,12 @@ __all__ = ["PEFT_PREFIX", "matches", "output_head_names", "read_directly", "sele
            "check_not_peft", "is_param_wrapper", "outer_wrappers"]
 
 PEFT_PREFIX = "base_model.model."
+SERVING = "serves_adapters"  # the class attribute of lora_ext.multi's multi-adapter layers
+
+
+def served_layer(model: nn.Module) -> str | None:
+    """The name of a multi-adapter serving layer in ``model`` (an AdapterPool's, MultiLoRALinear...), else None."""
+    return next((n for n, m in model.named_modules() if getattr(type(m), SERVING, False)), None)
 
 
 def output_head_names(model: nn.Module) -> set[str]:

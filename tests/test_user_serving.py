@@ -188,3 +188,34 @@ def test_embedding_with_max_norm_is_refused_by_name():
                                          r"max_norm=1.0 is not served"):
         lora_ext.AdapterPool(model, target_modules=["0", "1"], max_adapters=2, max_rank=4)
     assert type(model[0]) is torch.nn.Embedding  # nothing replaced
+
+
+def test_inject_or_load_adapter_into_a_served_model_is_refused(tmp_path):
+    """LoRA injected into a served model (inject, or load_adapter of modules the pool does not serve)
+    added its adapter to every row of a mixed batch, base rows included, silently: refused, naming the
+    serving layer, before anything changes."""
+    base = tiny_llama(seed=0, layers=1)
+    saved_peft(base, tmp_path / "a", 1, target_modules=["q_proj", "o_proj"])
+    saved_peft(base, tmp_path / "b", 2, target_modules=["o_proj"])
+    served = copy.deepcopy(base)
+    pool = lora_ext.AdapterPool(served, target_modules=["q_proj"], max_adapters=2, max_rank=8)
+    before = {n: p.detach().clone() for n, p in served.state_dict().items()}
+    with pytest.raises(ValueError, match=r"inject: LlamaForCausalLM is served \('model.layers.0.self_attn.q_proj' is a "
+                                         r"MultiLoRALinear\)"):
+        lora_ext.inject(served, ["o_proj"], r=4)
+    with pytest.raises(ValueError, match=r"load_adapter: module 'model.layers.0.self_attn.q_proj' is a MultiLoRALinear"):
+        lora_ext.load_adapter(served, str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"inject: LlamaForCausalLM is served"):
+        lora_ext.load_adapter(served, str(tmp_path / "b"))
+    assert not lora_ext.lora_layers(served)
+    assert all(torch.equal(t, before[n]) for n, t in served.state_dict().items())
+    del pool
+
+
+def test_all_linear_in_any_case_as_peft():
+    """PEFT lowercases target_modules="ALL-LINEAR"; inject and the pool matched no module."""
+    model = tiny_llama(seed=0, layers=1)
+    ref = copy.deepcopy(model)
+    assert sorted(lora_ext.inject(copy.deepcopy(model), "ALL-Linear", r=2)) == sorted(lora_ext.inject(ref, "all-linear", r=2))
+    pool = lora_ext.AdapterPool(model, target_modules="All-Linear", max_adapters=2, max_rank=4)
+    assert len(pool.layers) == 7  # q k v o gate up down; not lm_head
