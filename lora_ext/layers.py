@@ -205,15 +205,17 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
         self._merge_state, self._merged_factors = state, factors
         self.merged = True
         self._merged_data = self.weight.detach() if exact else None  # merged bits for _apply (no copy)
+        self._merged_under, self._merged_over = (), ()  # merged last: on top (older links are stale)
         if (prev := _LAST_MERGED.get(id(self.weight))) not in (None, self) and prev.merged and prev.weight is self.weight:
-            prev._merged_under = (self,)  # (a tuple: not a submodule)
+            prev._merged_under, self._merged_over = (self,), (prev,)  # (tuples: not submodules)
         _LAST_MERGED[id(self.weight)] = self
 
     def _tied_stack(self) -> list["LoRALayer"]:
         """This merged layer after the layers merged later into its (tied) weight and still merged, last
         merged first: the order that unmerges them exactly (each gives back the weight the next merged into)."""
         stack = [self]
-        while (up := getattr(stack[0], "_merged_under", ())) and up[0].merged and up[0].weight is self.weight:
+        while ((up := getattr(stack[0], "_merged_under", ())) and up[0].merged and up[0].weight is self.weight
+               and up[0] not in stack):
             stack.insert(0, up[0])
         return stack
 
@@ -267,6 +269,11 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
         module converted a tied weight first (the merged bits are then ``_merged_data``, kept at merge)."""
         state = getattr(self, "_merge_state", None) if self.merged else None
         old = self.weight.detach()
+        low = getattr(self, "_merged_over", ())
+        if self.merged and fn(old.reshape(-1)[:0]).dtype != old.dtype and (len(self._tied_stack()) > 1 or (
+                low and low[0].merged and low[0].weight is self.weight)):  # (checked before anything converts)
+            raise ValueError(f"{type(self).__name__}: several merged LoRA layers share this (tied) weight; converting "
+                             "it to another dtype is not supported: unmerge the model (lora_ext.unmerge), convert, merge again")
         kept = getattr(self, "_merged_data", None) if state is not None else None
         if kept is not None and kept.dtype != old.dtype and kept.shape == old.shape and torch.equal(fn(kept), old):
             old = kept  # a tied weight another module converted first

@@ -116,3 +116,42 @@ def test_merged_linear_nan_inside_a_block_is_not_outside():
     B[4, 0] = float("nan")  # slice 1 (disabled): outside every block
     with pytest.raises(ValueError, match="outside the blocks"):
         m.set_lora_factors(A.detach(), B, s)
+
+
+@pytest.mark.parametrize("first", ["emb", "head"])
+def test_converting_a_weight_two_merged_layers_share_is_refused_before_anything_converts(first):
+    """Both tied layers merged into one weight: each converted its own MergeState, which cannot hold the
+    other's delta (a ValueError from inside Module._apply with the weight half converted, or a later
+    unmerge failing). Refused by name before any parameter converts; unmerge, convert, merge works."""
+    m, W0 = _tied(["emb", "head"])
+    if first == "head":
+        m.head.merge()
+        m.emb.merge()
+    else:
+        lora_ext.merge(m, allow_tied=True)
+    merged = m.emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"several merged LoRA layers share this \(tied\) weight; converting it"):
+        m.half()
+    assert all(p.dtype == torch.float32 for p in m.parameters()) and torch.equal(m.emb.weight, merged)
+    lora_ext.unmerge(m)
+    assert torch.equal(m.emb.weight, W0)
+    m.half()
+    lora_ext.merge(m, allow_tied=True)
+    lora_ext.unmerge(m)
+    assert torch.equal(m.emb.weight, W0.half())
+    m.float()  # one merged layer on a tied weight converts as before
+    m.head.merge()
+    m.half()
+
+
+def test_tied_layers_merged_again_in_the_other_order_unmerge():
+    """Merge order head, emb; unmerge; merge order emb, head: a stale link from the first round made the
+    two layers each other's upper layer, and unmerge looped forever."""
+    m, W0 = _tied(["emb", "head"])
+    m.head.merge()
+    m.emb.merge()
+    lora_ext.unmerge(m)
+    lora_ext.merge(m, allow_tied=True)  # emb, then head
+    assert [type(x).__name__ for x in m.emb._tied_stack()] == ["LoRALinear", "LoRAEmbedding"]
+    lora_ext.unmerge(m)
+    assert torch.equal(m.emb.weight, W0)
