@@ -79,14 +79,9 @@ class LogitScaleLinear(torch.nn.Linear):  # transformers' DoryLMHead: a learned 
         return super().forward(x) * self.logit_scale
 
 
-def test_linear_subclass_instances_holding_more_than_weight_and_bias_run_peft(monkeypatch):
-    """The probe is per class, so a subclass whose forward reads other state (DoryLMHead's
-    logit_scale: F.linear's output while it is 1) never takes the fused path: a trained instance
-    (scale 2) beside a new one would compute without its scale."""
-    monkeypatch.setattr(peft_pools, "_PLAIN_LINEAR", {})
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(LogitScaleLinear(8, 8), LogitScaleLinear(8, 8, scale=2.0))
-    ref = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "1"]))
+def _patched_matches_peft(net, targets):
+    """PEFT on ``net`` vs a patched copy: equal outputs; returns the warnings patching and the call gave."""
+    ref = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
     randomize(ref)
     pm = copy.deepcopy(ref)
     with warnings.catch_warnings(record=True) as seen:
@@ -95,6 +90,17 @@ def test_linear_subclass_instances_holding_more_than_weight_and_bias_run_peft(mo
         x = torch.randn(5, 8)
         with torch.no_grad():
             assert rel_err(pm(x), ref(x)) < 1e-6
+    return seen
+
+
+def test_linear_subclass_instances_holding_more_than_weight_and_bias_run_peft(monkeypatch):
+    """The probe is per class, so a subclass whose forward reads other state (DoryLMHead's
+    logit_scale: F.linear's output while it is 1) never takes the fused path: a trained instance
+    (scale 2) beside a new one would compute without its scale."""
+    monkeypatch.setattr(peft_pools, "_PLAIN_LINEAR", {})
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(LogitScaleLinear(8, 8), LogitScaleLinear(8, 8, scale=2.0))
+    seen = _patched_matches_peft(net, ["0", "1"])
     msgs = [str(w.message) for w in seen if "lora_ext" in str(w.message)]
     assert len(msgs) == 2 and all("holds more than weight and bias" in m for m in msgs), msgs
 
@@ -108,15 +114,7 @@ def test_linear_subclasses_are_probed_once_per_class(monkeypatch):
     monkeypatch.setattr(peft_pools, "_same_on_probe", lambda m: probes.append(type(m)) or real(m))
     torch.manual_seed(0)
     net = torch.nn.Sequential(ScaledLinear(8, 8), HiddenLinear(8, 8), HiddenLinear(8, 8), ScaledLinear(8, 8))
-    ref = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "1", "2", "3"]))
-    randomize(ref)
-    pm = copy.deepcopy(ref)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        lora_ext.patch_peft(pm)
-        x = torch.randn(5, 8)
-        with torch.no_grad():
-            assert rel_err(pm(x), ref(x)) < 1e-6
+    seen = _patched_matches_peft(net, ["0", "1", "2", "3"])
     assert sorted(p.__name__ for p in probes) == ["HiddenLinear", "ScaledLinear"]
     msgs = [str(w.message) for w in seen]
     assert sum("ScaledLinear is an nn.Linear subclass whose forward is not F.linear" in m for m in msgs) == 2, msgs
