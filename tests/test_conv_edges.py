@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import devices, rel_err
 from test_conv import UNET_TARGETS, ConvNet, base_model, build_pair, inputs, peft_layer
 from torch import nn
 
@@ -142,13 +142,15 @@ def _grouped_pair(r=8, alpha=16, dropout=0.0):
     return base, pm, ours
 
 
-def test_grouped_conv_matches_peft_forward_backward_and_files(tmp_path):
+@pytest.mark.parametrize("device", devices())
+def test_grouped_conv_matches_peft_forward_backward_and_files(tmp_path, device):
     """PEFT's LoRA of a grouped convolution: A the full conv to r channels, B grouped as the base
     (lora_B [out, r / groups, 1, ...]); same outputs and gradients, files both ways."""
     base, pm, ours = _grouped_pair()
+    pm, ours = pm.to(device), ours.to(device)
     assert ours.dw.lora_B.shape == (8, 1, 1, 1) and ours.grouped.lora_B.shape == (12, 2, 1, 1)
     assert "groups=4" in repr(ours.grouped)
-    x = torch.randn(2, 8, 6, 5)
+    x = torch.randn(2, 8, 6, 5, device=device)
     y_p, y_o = pm(x), ours(x)
     assert rel_err(y_o, y_p) <= 1e-5
     y_p.square().sum().backward()
@@ -157,18 +159,18 @@ def test_grouped_conv_matches_peft_forward_backward_and_files(tmp_path):
         for f in ("lora_A", "lora_B"):
             assert rel_err(getattr(ours.get_submodule(n), f).grad, getattr(peft_layer(pm, n), f)["default"].weight.grad) <= 1e-5
     pm.save_pretrained(tmp_path / "peft")  # PEFT's file -> lora_ext
-    other = copy.deepcopy(base)
+    other = copy.deepcopy(base).to(device)
     lora_ext.load_adapter(other, str(tmp_path / "peft"))
     assert rel_err(other(x), y_p) <= 1e-5
     lora_ext.Adapter.from_model(ours).save(str(tmp_path / "ours"))  # lora_ext's file -> PEFT
     with pytest.warns(UserWarning, match="groups > 1"):
-        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(base).to(device), str(tmp_path / "ours"))
     assert rel_err(back(x), y_p) <= 1e-5
     state = lora_ext.lora_state_dict(ours)  # a state dict back into injected layers
-    fresh = copy.deepcopy(base)
+    fresh = copy.deepcopy(base).to(device)
     lora_ext.inject(fresh, GROUPED, r=8, alpha=16, rank_pattern={"c3": 6})
     lora_ext.load_adapter(fresh, state)
-    assert torch.equal(fresh(x), ours(x))
+    assert rel_err(fresh(x), ours(x)) <= 1e-6
 
 
 def test_grouped_conv_dropout_in_training_matches_peft():
