@@ -28,11 +28,10 @@ from torch import nn
 from .adapter_checks import read_config
 from .adapters import CONFIG_FILE, Adapter, extra_target, load_adapter
 from .param_files import NeedsModel
-from .param_lora import LoRAParameter
 from .cli_inspect import one_line, run_inspect
 from .combine import combine
 from .inject import lora_layers, peft_parameter_layers
-from .merge import merge_and_unload
+from .merge import merge_and_unload, unmergeable_dtype
 
 __all__ = ["add_parsers", "run", "run_merge", "CommandError"]
 
@@ -399,9 +398,8 @@ def run_merge(args, base: str, paths: list[str]) -> int:
             raise CommandError(f"module {name!r} cannot be merged: {why}; this adapter runs only unmerged "
                                "(lora_ext.load_adapter, or PEFT without merge_and_unload)")
     for name, layer in {**lora_layers(model), **peft_parameter_layers(model)}.items():
-        w = getattr(layer.target(), layer.parameter_name) if isinstance(layer, LoRAParameter) else layer.weight
-        if w.dtype not in DTYPES.values():  # (a float64 checkpoint under --dtype auto): the kernels' dtypes
-            raise CommandError(f"module {name!r} has a {str(w.dtype).removeprefix('torch.')} weight; the merge "
+        if (dt := unmergeable_dtype(layer)) is not None:  # (a float64 checkpoint under --dtype auto)
+            raise CommandError(f"module {name!r} has a {str(dt).removeprefix('torch.')} weight; the merge "
                                f"takes {', '.join(DTYPES)}: pass --dtype (e.g. --dtype float32)")
     try:
         merged = merge_and_unload(model, safe=args.safe, allow_tied=args.tied == "share")

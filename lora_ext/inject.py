@@ -19,7 +19,7 @@ from .hparams import _check_hparams
 from .param_lora import (LoRAParameter, _chain, _inner, apply_plan, check_init, outermost, parameter_layers,
                          plan_parameters, target_hparams)
 from .sharding import sharding_of, unwrapped, wrapper_free_name
-from .targets import (PEFT_PREFIX, check_layers, check_patterns, check_regex, in_layers, matches, peft_layer,
+from .targets import (PEFT_PREFIX, check_layers, check_patterns, check_regex, first_peft_layer, in_layers, matches,
                       read_directly, select_targets, served_layer, unwrappable)
 
 __all__ = ["inject", "mark_only_lora_trainable", "lora_state_dict", "lora_layers", "peft_parameter_layers", "PEFT_PREFIX"]
@@ -237,13 +237,6 @@ def peft_parameter_layers(model: nn.Module) -> dict[str, LoRAParameter]:
     return out
 
 
-def _peft_owner(model: nn.Module) -> tuple[str, str] | None:
-    """(path, class name) of a PEFT layer in ``model`` (targets.peft_layer), or None."""
-    modules = dict(model.named_modules())
-    owner = next((o for n in modules if (o := peft_layer(modules, n)) is not None), None)
-    return None if owner is None else (owner, type(modules[owner]).__name__)
-
-
 def _check_bias(bias, where: str) -> None:
     if bias not in ("none", "all", "lora_only"):
         raise ValueError(f"{where}: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
@@ -254,9 +247,9 @@ def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> None:
     A model with PEFT's layers raises TypeError naming one (their factors, "lora_A.default.weight", would
     be frozen too: PEFT's get_peft_model already trains only its adapters)."""
     _check_bias(bias, "mark_only_lora_trainable")
-    if (owner := _peft_owner(model)) is not None:
-        raise TypeError(f"mark_only_lora_trainable: {type(model).__name__} has PEFT's {owner[1]} "
-                        f"layer {owner[0]!r}, whose parameters it does not know (it would freeze PEFT's factors too); "
+    if (owner := first_peft_layer(model)) is not None:
+        raise TypeError(f"mark_only_lora_trainable: {type(model).__name__} has PEFT's "
+                        f"{type(model.get_submodule(owner)).__name__} layer {owner!r}, whose parameters it does not know (it would freeze PEFT's factors too); "
                         "get_peft_model / PeftModel.from_pretrained(..., is_trainable=True) already train only "
                         "the adapters (LoraConfig(bias=...) for biases)")
     for n, p in model.named_parameters():
@@ -321,9 +314,9 @@ def lora_state_dict(model: nn.Module, prefix: str = PEFT_PREFIX, peft_names: boo
 
     layers, params = lora_layers(model), peft_parameter_layers(model) if peft_names else parameter_layers(model)
     if not layers and not params:  # (an empty file would be saved, and load as "no adapter")
-        owner = _peft_owner(model)
+        owner = first_peft_layer(model)
         raise ValueError(f"lora_state_dict: {type(model).__name__} has no lora_ext LoRA layers" + (
-            f" (PEFT's {owner[0]!r}: peft.get_peft_model_state_dict(model) or save_pretrained save PEFT's)"
+            f" (PEFT's {owner!r}: peft.get_peft_model_state_dict(model) or save_pretrained save PEFT's)"
             if owner is not None else " (use lora_ext.inject first)"))
     for name, m in layers.items():
         linear = m.lora_kind != "embedding"  # PEFT: lora_A.weight for Linear and Conv layers

@@ -108,9 +108,8 @@ def _check_all(layers: dict[str, nn.Module], finite: bool) -> None:
     has a dtype the kernels lack (float64) or, with ``finite``, would overflow."""
     for name, m in layers.items():
         try:
-            w = getattr(m.target(), m.parameter_name) if isinstance(m, LoRAParameter) else m.weight
-            if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # (else a half-merged model)
-                raise ValueError(f"its weight is {w.dtype}; the merge kernels take float32, float16 and bfloat16")
+            if (dt := unmergeable_dtype(m)) is not None:  # (else a half-merged model)
+                raise ValueError(f"its weight is {dt}; the merge kernels take float32, float16 and bfloat16")
             if finite:
                 m.check_merge()
             elif (why := m.merge_refusal()) is not None:
@@ -119,6 +118,12 @@ def _check_all(layers: dict[str, nn.Module], finite: bool) -> None:
             raise ValueError(f"merge: layer {name!r}: {e}") from None
     if finite:
         _check_tied_finite(layers)
+
+
+def unmergeable_dtype(m: nn.Module) -> torch.dtype | None:
+    """The dtype of LoRA layer / LoRAParameter ``m``'s weight when the merge kernels lack it (float64), else None."""
+    w = getattr(m.target(), m.parameter_name) if isinstance(m, LoRAParameter) else m.weight
+    return None if w.dtype in (torch.float32, torch.float16, torch.bfloat16) else w.dtype
 
 
 def _check_tied_finite(layers: dict[str, nn.Module]) -> None:

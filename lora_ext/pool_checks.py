@@ -12,7 +12,7 @@ from .adapters import Adapter, extra_target
 from .layers import LoRALayer
 from .multi import ContextLayer, LoRAContext, MultiLoRAEmbedding
 from .multi_experts import expert_factors
-from .targets import peft_layer
+from .targets import first_peft_layer
 
 __all__ = ["check_adapter", "check_model", "watch_encoder"]
 
@@ -21,18 +21,18 @@ def check_model(model: nn.Module) -> None:
     """ValueError naming the layer when ``model`` holds LoRA that is not the pool's, which would apply
     to every row of a mixed batch, base rows included: an unmerged injected lora_ext layer, or any PEFT
     layer (its "all-linear" would also wrap PEFT's lora_A / lora_B as base layers)."""
-    modules = dict(model.named_modules())
-    for name, m in modules.items():
+    for name, m in model.named_modules():
         if isinstance(m, LoRALayer) and not getattr(m, "merged", False):
             raise ValueError(f"AdapterPool: {type(model).__name__} has an injected {type(m).__name__} {name!r} (not "
                              "merged), whose adapter would apply to every row of a mixed batch, base rows included: "
                              "merge it into the model first (lora_ext.merge_and_unload), or build the pool on the "
                              "model without it")
-        if peft_layer(modules, name) == name:
-            raise ValueError(f"AdapterPool: {type(model).__name__} has PEFT's {type(m).__name__} layer {name!r}, whose "
-                             "adapter would apply to every row of a mixed batch, base rows included: build the pool on "
-                             "the base model (PeftModel.unload() or merge_and_unload()), or serve PEFT's adapters "
-                             "with lora_ext.patch_peft(model) and adapter_names")
+    if (name := first_peft_layer(model)) is not None:
+        raise ValueError(f"AdapterPool: {type(model).__name__} has PEFT's {type(model.get_submodule(name)).__name__} "
+                         f"layer {name!r}, whose "
+                         "adapter would apply to every row of a mixed batch, base rows included: build the pool on "
+                         "the base model (PeftModel.unload() or merge_and_unload()), or serve PEFT's adapters "
+                         "with lora_ext.patch_peft(model) and adapter_names")
 
 
 def check_adapter(pool, name: str, ad: Adapter, source: str | None) -> None:

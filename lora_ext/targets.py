@@ -77,11 +77,19 @@ def peft_layer(modules: dict[str, nn.Module], name: str) -> str | None:
     parts = name.split(".")
     for i in range(len(parts), 0, -1):
         owner = ".".join(parts[:i])
-        m = modules.get(owner)
-        if m is not None and any(c.__module__.startswith("peft.") and c.__name__ in _PEFT_LAYERS
-                                 for c in type(m).__mro__):
+        if _is_peft_layer(modules.get(owner)):
             return owner
     return None
+
+
+def first_peft_layer(model: nn.Module) -> str | None:
+    """The path of the first PEFT layer (peft_layer's kinds) in ``model``, else None."""
+    return next((n for n, m in model.named_modules() if _is_peft_layer(m)), None)
+
+
+def _is_peft_layer(m: nn.Module | None) -> bool:
+    return m is not None and any(c.__module__.startswith("peft.") and c.__name__ in _PEFT_LAYERS
+                                 for c in type(m).__mro__)
 
 
 def check_not_peft(where: str, modules: dict[str, nn.Module], name: str, cls=TypeError) -> None:
