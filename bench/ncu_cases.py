@@ -1,7 +1,8 @@
 """One call of each kernel behind a failed bandwidth/overhead goal, at benchmark size, for
 ``ncu`` (bench/gpu_check.sh's ncu stage): multi_lora_ decode (T = 16, 16 adapters, 4096, r = 16;
-and T = 4, one fused launch) and prefill (T = 8192, 8 adapters), merge_ (4096^2, r = 16: the
-strip kernel), lora_linear forward + backward (T = 8192, 4096^2, r = 16; tensor-core tiles), all
+T = 4, r = 16: shrink + expand; T = 4, r = 4: one fused launch) and prefill (T = 8192, 8
+adapters), merge_ (4096^2, r = 16: the strip kernel), lora_linear forward + backward (T = 8192,
+4096^2, r = 16; tensor-core tiles) and the PEFT-style composition of torch ops beside it, all
 bf16, each after one warm-up call outside the profiled range (--profile-from-start off)."""
 import torch
 
@@ -28,7 +29,9 @@ def cases():
     yp = torch.zeros(8192, h, device=dev, dtype=bf)
     idxp = torch.arange(8192, device=dev, dtype=torch.int32) * 8 // 8192  # 8 runs of 1024 tokens
     yield "multi_lora_ decode", lambda: multi_lora_(y, x, A, B, idx, sc, rk)
-    yield "multi_lora_ decode T=4 (one launch)", lambda: multi_lora_(y[:4], x[:4], A, B, idx[:4], sc, rk)
+    yield "multi_lora_ decode T=4", lambda: multi_lora_(y[:4], x[:4], A, B, idx[:4], sc, rk)
+    A4, B4, rk4 = A[:, :4].contiguous(), B[..., :4].contiguous(), torch.full_like(rk, 4)
+    yield "multi_lora_ decode T=4 r=4 (one launch)", lambda: multi_lora_(y[:4], x[:4], A4, B4, idx[:4], sc, rk4)
     yield "multi_lora_ prefill", lambda: multi_lora_(yp, xl.detach(), A, B, idxp, sc, rk)
     yield "merge_", lambda: merge_(W, A[0], B[0], 1e-3)
 
@@ -37,6 +40,12 @@ def cases():
             t.grad = None
         lora_linear(xl, W, None, Al, Bl, 2.0).backward(gy)
     yield "lora_linear fwd+bwd", linear
+
+    def peft_style():  # what bench_lora_linear's "PEFT-style" row times
+        for t in (xl, Al, Bl):
+            t.grad = None
+        (torch.nn.functional.linear(xl, W) + 2.0 * (xl @ Al.T) @ Bl.T).backward(gy)
+    yield "PEFT-style fwd+bwd", peft_style
 
 
 if __name__ == "__main__":

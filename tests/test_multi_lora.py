@@ -278,7 +278,7 @@ def test_cuda_out_of_range_counted_without_launch(shape):
     T, out = shape
     x, A = torch.randn(T, 8, device="cuda"), torch.randn(3, 4, 8, device="cuda")
     B, u = torch.randn(3, out, 4, device="cuda"), torch.randn(T, 4, device="cuda")
-    idx = torch.tensor([0, 3, -1, -2, 1 << 20, 2, -1][:T], device="cuda")
+    idx = torch.tensor([0, 3, -1, -2, 1 << 20, 2, -1][:T], dtype=torch.long, device="cuda")
     sc, rk = torch.ones(3, device="cuda"), torch.full((3,), 4, dtype=torch.int32, device="cuda")
     count = torch.zeros(1, dtype=torch.int32, device="cuda")
     multi_lora_(torch.zeros(T, out, device="cuda"), x, A, B, idx, sc, rk, bad_index_count=count)

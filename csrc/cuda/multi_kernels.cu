@@ -195,9 +195,10 @@ cudaError_t multi_lora(DType dt, const MultiLoraParams& p, const MultiLoraPlan& 
                        cudaStream_t stream) {
   using namespace multi;
   const bool shrink = phases & kMultiShrink, expand = phases & kMultiExpand;
-  // decode, T <= 8: one launch, the expand computes u itself (every tile streams; its u must
-  // fit one staging pass)
-  if (shrink && expand && !(phases & kMultiReduce) && p.T <= kSkinny && p.r_max <= kUChunk) {
+  // decode, T <= 8 and a small shrink: one launch, the expand computes u itself (every tile
+  // streams; its u must fit one staging pass)
+  if (shrink && expand && !(phases & kMultiReduce) && p.T <= kSkinny && p.r_max <= kUChunk &&
+      p.r_max * p.in <= kFusedMaxWork) {
     launch_expand(dt, p, plan, plan.ksplit, true, true, stream);
     return cudaGetLastError();
   }
