@@ -179,3 +179,16 @@ def test_merge_inference_times_the_three_models_interleaved(monkeypatch):
     assert float(r["lora/base"]) == 1.0 and float(r["merged_ms"]) == 2.0
     assert not torch.equal(outs["merged"], outs["base"])  # the merged model holds the adapter...
     torch.testing.assert_close(outs["merged"], outs["lora"], rtol=2e-2, atol=2e-2)  # ...as the LoRA model
+
+
+def test_ncu_cases_run_on_small_shapes():
+    # bench/ncu_cases.py runs only on a lent GPU: an error there costs device time, so every
+    # case runs here first (CPU, small shapes; the cuBLAS-halves case takes the CPU kernels)
+    from bench import ncu_cases
+
+    names = []
+    for name, call in ncu_cases.cases("cpu", h=256, big=64):
+        call()
+        names.append(name)
+    assert len(names) == len(set(names)) == 9
+    assert "LORA_EXT_CUDA_BLAS" not in os.environ
