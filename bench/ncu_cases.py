@@ -1,6 +1,6 @@
 """One call of each kernel behind a failed bandwidth/overhead goal, at benchmark size, for
 ``ncu`` (bench/gpu_check.sh's ncu stage): multi_lora_ decode (T = 16, 16 adapters, 4096, r = 16;
-T = 4, r = 16: shrink + expand; T = 4, r = 4: one fused launch) and prefill (T = 8192, 8
+T = 4, r = 16: shrink + expand; T = 4, r = 1: one fused launch) and prefill (T = 8192, 8
 adapters), merge_ (4096^2, r = 16: the strip kernel), lora_linear forward + backward (T = 8192,
 4096^2, r = 16; tensor-core tiles; and with LORA_EXT_CUDA_BLAS=1, the cuBLAS halves) and the
 PEFT-style composition of torch ops beside it, lora_apply_ at T = 16 (2 launches, 2x cuBLAS's
@@ -36,8 +36,8 @@ def cases(dev="cuda", h=4096, big=8192):
     idxp = torch.arange(big, device=dev, dtype=torch.int32) * 8 // big  # 8 runs of big / 8 tokens
     yield "multi_lora_ decode", lambda: multi_lora_(y, x, A, B, idx, sc, rk)
     yield "multi_lora_ decode T=4", lambda: multi_lora_(y[:4], x[:4], A, B, idx[:4], sc, rk)
-    A4, B4, rk4 = A[:, :4].contiguous(), B[..., :4].contiguous(), torch.full_like(rk, 4)
-    yield "multi_lora_ decode T=4 r=4 (one launch)", lambda: multi_lora_(y[:4], x[:4], A4, B4, idx[:4], sc, rk4)
+    A1, B1, rk1 = A[:, :1].contiguous(), B[..., :1].contiguous(), torch.ones_like(rk)  # r * in = 4096
+    yield "multi_lora_ decode T=4 r=1 (one launch)", lambda: multi_lora_(y[:4], x[:4], A1, B1, idx[:4], sc, rk1)
     yield "multi_lora_ prefill", lambda: multi_lora_(yp, xl.detach(), A, B, idxp, sc, rk)
     yield "merge_", lambda: merge_(W, A[0], B[0], 1e-3)
     yield "lora_apply_ T=16", lambda: lora_apply_(y, x, A[0], B[0], 1.0)

@@ -27,9 +27,10 @@ constexpr int64_t kKAlign = 256;       // split-K chunks are multiples of this
 constexpr int64_t kMaxSplits = 16;     // at most this many K chunks
 // The fused decode repeats the shrink (r_max x in products per token) in each of its out / 64
 // blocks, serially per block: on the H200 (2026-11-30, T = 1, in = out = 4096) it took 22 /
-// 38 / 133 us at r = 8 / 16 / 64, about 0.5 ns per r * in, against one launch saved (~4 us).
-// Beyond this much work per token the shrink runs as its own split-K launch.
-constexpr int64_t kFusedMaxWork = 16384;
+// 38 / 133 us at r = 8 / 16 / 64 against 9.3 / 9.4 / 15.4 us for shrink + expand, and under
+// ncu 29 us at r = 4 (T = 4) against 16 us for the two. Beyond this much work per token (e.g.
+// in = 1024 with r = 4, in = 256 with r = 16) the shrink runs as its own split-K launch.
+constexpr int64_t kFusedMaxWork = 4096;
 
 __device__ __forceinline__ int64_t load_idx(const void* idx, bool idx64, int64_t t) {
   return idx64 ? static_cast<const int64_t*>(idx)[t] : static_cast<const int32_t*>(idx)[t];
