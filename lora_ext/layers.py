@@ -43,6 +43,19 @@ def factors_like(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[tor
     return A, B
 
 
+def set_factor(p: nn.Parameter, value: torch.Tensor) -> None:
+    """p takes value (a copy), also of another shape (a new rank): the same Parameter object, so an
+    optimizer built before steps it (its per-parameter state of the old shape, e.g. Adam's moments,
+    then raises torch's size error: make a new optimizer after changing the rank); a stale .grad
+    is dropped."""
+    with torch.no_grad():
+        if p.shape == value.shape:
+            p.copy_(value)
+        else:
+            p.data = value.clone()
+            p.grad = None
+
+
 class LoRALayer(DoraLayer, nn.Module, abc.ABC):
     """Base of the LoRA layers: ``weight`` (frozen) plus factors A [r, in], B [out, r] with
     ``scaling`` (``r``, ``lora_alpha``, ``use_rslora``, ``merged``, ``base_class`` attributes).
@@ -95,7 +108,7 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
     def set_lora_factors(self, A: torch.Tensor, B: torch.Tensor, scale: float,
                          magnitude: torch.Tensor | None = None) -> None:
         """Sets A [r, in], B [out, r] (converted to the layer's device and dtype) and the scaling.
-        Same rank: copied in place; another rank: new parameters (requires_grad kept), ``r`` and
+        Copied into the same Parameter objects, also for another rank (``set_factor``), with ``r`` and
         ``lora_alpha`` updated (``lora_alpha`` = scale * r, or scale * sqrt(r) with rsLoRA).
         A DoRA layer also takes ``magnitude`` (DoRA's lora_magnitude_vector, in its shape: [out], a
         convolution's [1, out, 1, ...]); without one, it is set to ||W0 + scale B A|| per row, so the layer computes what the plain LoRA adapter does.
@@ -117,14 +130,8 @@ class LoRALayer(DoraLayer, nn.Module, abc.ABC):
             if is_dtensor(A_old) or is_dtensor(B_old):
                 raise ValueError(f"{where}: the factors are sharded (DTensor, after fully_shard or tensor "
                                  "parallelism); load the adapter before sharding, or into a single-process copy")
-            A, B = A.to(A_old.device, A_old.dtype), B.to(A_old.device, A_old.dtype)
-            if A_old.shape != A.shape:
-                setattr(self, a_name, nn.Parameter(A.clone(), requires_grad=A_old.requires_grad))
-                setattr(self, b_name, nn.Parameter(B.clone(), requires_grad=B_old.requires_grad))
-            else:
-                with torch.no_grad():
-                    A_old.copy_(A)
-                    B_old.copy_(B)
+            set_factor(A_old, A.to(A_old.device, A_old.dtype))
+            set_factor(B_old, B.to(A_old.device, A_old.dtype))
             self.r = r
             self.scaling = scale
             self.lora_alpha = lora_alpha_for(scale, r, self.use_rslora)

@@ -31,7 +31,7 @@ from .hparams import _check_hparams, lora_alpha_for, lora_scaling
 from .ops import MergeState, check_merge_finite, merge_, unmerge_
 from .ops._checks import as_scale
 from .sharding import is_dtensor, is_fsdp
-from .layers import LoRALayer
+from .layers import LoRALayer, set_factor
 from .targets import hooked, pattern_value, read_directly
 
 __all__ = ["LoRAParameter", "inject_parameters", "parameter_layers", "outermost", "generic_path", "target_hparams",
@@ -125,8 +125,8 @@ class LoRAParameter(nn.Module):
         return (*expert_views(self.lora_A, self.lora_B, self.num_experts), float(self.scaling))
 
     def set_lora_factors(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
-        """Sets lora_A [E * r, in] and lora_B [out, E * r] (PEFT's layout; another r resizes them,
-        requires_grad kept) and the scaling; ``lora_alpha`` follows (scale * r, or * sqrt(r) with rsLoRA).
+        """Sets lora_A [E * r, in] and lora_B [out, E * r] (PEFT's layout; another r resizes them in
+        place: layers.set_factor) and the scaling; ``lora_alpha`` follows (scale * r, or * sqrt(r) with rsLoRA).
         ``scale``: a real number finite in float32, as the LoRA ops take it (ops._checks.as_scale), else
         TypeError / ValueError naming it, before anything changes."""
         where = f"LoRAParameter({self.parameter_name!r}).set_lora_factors"
@@ -138,14 +138,8 @@ class LoRAParameter(nn.Module):
         scale = as_scale(where, "scale", scale)
         with self._unmerged(where):
             old_A, old_B = self.lora_A, self.lora_B
-            A, B = A.to(old_A.device, old_A.dtype), B.to(old_A.device, old_A.dtype)
-            if A.shape != old_A.shape:
-                self.lora_A = nn.Parameter(A.clone(), requires_grad=old_A.requires_grad)
-                self.lora_B = nn.Parameter(B.clone(), requires_grad=old_B.requires_grad)
-            else:
-                with torch.no_grad():
-                    old_A.copy_(A)
-                    old_B.copy_(B)
+            set_factor(old_A, A.to(old_A.device, old_A.dtype))
+            set_factor(old_B, B.to(old_A.device, old_A.dtype))
             self.r = A.shape[0] // E
             self.scaling = scale
             self.lora_alpha = lora_alpha_for(scale, self.r, self.use_rslora)

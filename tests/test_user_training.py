@@ -177,3 +177,30 @@ def test_adapter_of_layers_with_different_dropouts_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lora_ext.Adapter.from_model(resumed)  # one dropout: no warning
+
+
+
+@pytest.mark.parametrize("kind", ["linear", "parameter"])
+def test_a_new_rank_keeps_the_parameter_objects_an_optimizer_steps(kind):
+    """set_lora_factors / load_adapter of another rank used to make new Parameter objects: an
+    optimizer made before kept stepping the old ones, and the LoRA factors silently stopped
+    training. Now the same objects take the new shape (SGD just works; Adam's old-shape state
+    raises torch's size error instead of training nothing)."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = lora_ext.LoRALinear.from_linear(torch.nn.Linear(12, 10), r=4, alpha=8)
+        A, B = torch.randn(6, 12), torch.randn(10, 6)
+    else:  # an experts stack [E = 2, 12, 10]: A [E * r, 10], B [12, E * r]
+        experts = torch.nn.Module()
+        experts.w = torch.nn.Parameter(torch.randn(2, 12, 10))
+        layer = lora_ext.LoRAParameter(experts, "w", r=4, alpha=8)
+        A, B = torch.randn(2 * 6, 10), torch.randn(12, 2 * 6)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    layer.lora_A.grad = torch.ones_like(layer.lora_A)  # a stale gradient of the old shape
+    layer.set_lora_factors(A, B, 0.5)
+    assert [id(p) for p in layer.parameters() if p.requires_grad] == [id(p) for p in params]  # the same objects
+    assert layer.lora_A.shape == A.shape and layer.lora_A.grad is None and layer.r == 6
+    layer.lora_A.grad, layer.lora_B.grad = torch.ones_like(A), torch.ones_like(B)
+    opt.step()  # steps the new factors
+    assert torch.allclose(layer.lora_A, A - 0.1) and torch.allclose(layer.lora_B, B - 0.1)
