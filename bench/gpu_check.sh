@@ -6,12 +6,13 @@
 #   deps      unpack the carried wheels whose module is missing (bench/gpu_deps.py)
 #   build     from source for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a)
 #   cuda      every CUDA test but the torch.compile ones (pytest -m cuda)
-#   bench     every GPU benchmark (ceilings measured in the same run), then bench/goals.py: the
-#             table of measured vs goal (goals-h200.md / .json)
+#   bench     every GPU benchmark (ceilings measured in the same run; the kernels' first, the
+#             model-level ones last: pool_moe alone took 76 s), then bench/goals.py: the table of
+#             measured vs goal (goals-h200.md / .json)
+#   ncu       Speed Of Light + occupancy of every kernel in bench/ncu_cases.py (if time)
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck, initcheck over bench/sanitize_cases.py
 #             --quick (every kernel path on small awkward shapes vs the CPU), then memcheck over
-#             all its cases if time allows
-#   ncu       Speed Of Light + occupancy of every kernel in bench/ncu_cases.py (if time)
+#             all its cases if time allows (all clean on the 2026-11-30 H200 runs)
 #   compile   the CUDA torch.compile tests (inductor + triton compile slowly)
 #   rest      the CPU tests (pytest -m "not cuda"), with what time is left
 # Writes under $OUT: bench-h200.json, goals-h200.md, goals-h200.json, multi_lora-cuda.png and logs.tar.gz
@@ -123,7 +124,7 @@ fi
 if want bench; then
   stage bench
   : >"$OUT/bench.log"
-  for b in ${BENCHES:-multi_lora lora_linear merge dora pool pool_moe peft_train roofline lora_apply dora_layer moe_lora}; do
+  for b in ${BENCHES:-multi_lora lora_linear merge lora_apply roofline pool dora peft_train dora_layer moe_lora pool_moe}; do
     t0=$SECONDS
     if LORA_EXT_BENCH_OUT="$OUT" timeout "$(left 90)" "$PY" bench/run.py --device cuda --only "$b" >>"$OUT/bench.log" 2>&1; then
       note "bench $b: ok in $((SECONDS - t0)) s"
@@ -142,6 +143,22 @@ for p in paths:
     os.remove(p)
 PY
   "$PY" bench/goals.py "$OUT/bench-h200.json" --md "$OUT/goals-h200.md" --json "$OUT/goals-h200.json"
+fi
+
+if want ncu; then
+  stage ncu
+  NCU=$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")
+  if [ -x "$NCU" ] && [ $((BUDGET - (SECONDS - start))) -gt 60 ]; then
+    # the kernels behind the bandwidth / overhead goals (bench/ncu_cases.py): every kernel of one
+    # multi_lora_ decode, one merge_ and one lora_linear fwd+bwd, cuBLAS's beside ours
+    timeout "$(left 90)" "$NCU" --clock-control none --section SpeedOfLight --section Occupancy \
+      --profile-from-start off "$PY" bench/ncu_cases.py >"$OUT/ncu.log" 2>&1
+    rc=$?
+    grep -E "^  [A-Za-z_].*\(|Memory Throughput|DRAM Throughput|Duration|Compute \(SM\) Throughput|Achieved Occupancy" "$OUT/ncu.log" | head -80
+    note "ncu: rc $rc (informational; gVisor machines cannot read the counters)"
+  else
+    note "ncu: skipped (not found or no time left)"
+  fi
 fi
 
 if want sanitize; then
@@ -179,22 +196,6 @@ if want sanitize; then
       fi
     done
     grep -E "=========|MISMATCH" "$OUT/sanitizer.log" | grep -v "^========= COMPUTE-SANITIZER" | head -40
-  fi
-fi
-
-if want ncu; then
-  stage ncu
-  NCU=$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")
-  if [ -x "$NCU" ] && [ $((BUDGET - (SECONDS - start))) -gt 60 ]; then
-    # the kernels behind the bandwidth / overhead goals (bench/ncu_cases.py): every kernel of one
-    # multi_lora_ decode, one merge_ and one lora_linear fwd+bwd, cuBLAS's beside ours
-    timeout "$(left 90)" "$NCU" --clock-control none --section SpeedOfLight --section Occupancy \
-      --profile-from-start off "$PY" bench/ncu_cases.py >"$OUT/ncu.log" 2>&1
-    rc=$?
-    grep -E "^  [A-Za-z_].*\(|Memory Throughput|DRAM Throughput|Duration|Compute \(SM\) Throughput|Achieved Occupancy" "$OUT/ncu.log" | head -80
-    note "ncu: rc $rc (informational; gVisor machines cannot read the counters)"
-  else
-    note "ncu: skipped (not found or no time left)"
   fi
 fi
 
