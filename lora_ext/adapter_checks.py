@@ -19,8 +19,10 @@ import re
 import torch
 from torch import nn
 
+from .hparams import lora_alpha_for, lora_scaling
 from .sharding import wrapper_free_name
-from .targets import PEFT_PREFIX, _short, check_layers, check_pattern_key, check_regex, in_layers, matches
+from .targets import (PEFT_PREFIX, _short, check_layers, check_pattern_key, check_regex, in_layers, matches,
+                      pattern_value, peft_config)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BIAS_MODES = ("none", "all", "lora_only")  # LoraConfig.bias values PEFT implements
@@ -72,6 +74,35 @@ def check_covered(where: str, adapter_layers, model: nn.Module) -> None:
                          f"{' ...' if len(left) > 4 else ''}, which would keep the factors they hold (another "
                          "adapter's?): load it into a model without them (the base model), or pass an Adapter or "
                          "a state dict to update only some layers")
+
+
+# model.__dict__ keys: what load_adapter put into the model that Adapter.from_model saves again by default
+LOADED_MODULES = "_lora_ext_modules_to_save"  # the modules_to_save of the adapters loaded into it
+LOADED_TABLES = "_lora_ext_loaded_tables"  # LoRA layers whose own weight a file held ("<layer>.base_layer.weight")
+
+
+def remember(model: nn.Module, key: str, names) -> None:
+    """Adds ``names`` (if any) to the list model.__dict__[key] (LOADED_MODULES, LOADED_TABLES)."""
+    if names:
+        model.__dict__[key] = list(dict.fromkeys([*model.__dict__.get(key, []), *names]))
+
+
+def loaded_tables(model: nn.Module, found: dict, copy, where: str) -> dict:
+    """{"<layer>.base_layer.weight": copy(weight)} of the LoRA layers (of ``found``) whose own weight
+    load_adapter wrote from a file (PEFT saves a targeted embedding's table, e.g. one with new tokens),
+    unmerged, so that an adapter saved again keeps it, as PEFT's save_pretrained does; ValueError for
+    one merged for good (its weight holds the adapter for good)."""
+    out = {}
+    for name in model.__dict__.get(LOADED_TABLES, []):
+        m = found.get(name)
+        if m is None or not hasattr(m, "_unmerged"):  # merged and unloaded, or replaced since
+            continue
+        if m._merged_for_good():
+            raise ValueError(f"{where}: {name!r} holds the weight an adapter file gave it ({name}.base_layer.weight), "
+                             "but it is merged for good (drop_merge_state / merge_and_unload), so that weight is lost")
+        with m._unmerged(where):
+            out[f"{name}.base_layer.weight"] = copy(m.weight).clone() if m.merged else copy(m.weight)
+    return out
 
 
 def no_duplicates(pairs: list) -> dict:
@@ -182,7 +213,9 @@ def read_weights(path: str, allow_pickle: bool) -> tuple[str, dict]:
             return pk, torch.load(pk, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  (any unpickling failure is a bad file)
             raise ValueError(f"Adapter.load: {pk} could not be read: {e}") from None
-    raise FileNotFoundError(f"Adapter.load: no {SAFETENSORS_FILE} (or {PICKLE_FILE}) in {path}")
+    broken = next((f for f in (st, pk) if os.path.islink(f)), None)  # e.g. a half-downloaded hub cache
+    raise FileNotFoundError(f"Adapter.load: no {SAFETENSORS_FILE} (or {PICKLE_FILE}) in {path}" + (
+        f" ({broken} is a broken symbolic link to {os.readlink(broken)})" if broken else ""))
 
 
 def check_number(where: str, field: str, value, kind: type) -> None:
@@ -276,14 +309,16 @@ def check_tensors(tensors, where: str, allow_nonfinite: bool) -> None:
             raise ValueError(f"{where}: {key} holds NaN or inf values; pass allow_nonfinite=True to load it anyway")
 
 
-def check_targets(where: str, config: dict, modules, weights: str) -> None:
+def check_targets(where: str, config: dict, modules, weights: str, extra=()) -> None:
     """Every module the weights file holds factors for is one PEFT would adapt under the config's
     target_modules / exclude_modules / layers_to_transform / layers_pattern (PeftModel.from_pretrained
     injects only those and silently drops the other tensors, so loading them would not compute what
     PEFT does; lora_ext.inject selects layers by the same rule, targets.in_layers). Checked for the
     forms that need no model: module-name suffixes or a full-name regex; None (PEFT's per-model
     defaults) and "all-linear" are not checked. Fields of another type, and layer fields PEFT's
-    LoraConfig refuses (targets.check_layers), are refused."""
+    LoraConfig refuses (targets.check_layers), are refused. An ``extra`` tensor (Adapter.extra keys) of
+    an adapted module must be under PEFT's "<module>.base_layer.<name>": PEFT skips "<module>.<name>"
+    (older PEFT's layout), which lora_ext would load."""
     fields = {}
     for fld in ("target_modules", "exclude_modules"):
         value = config.get(fld)
@@ -307,6 +342,12 @@ def check_targets(where: str, config: dict, modules, weights: str) -> None:
             continue
         raise ValueError(f"{where}: {why} module {name!r}, but {weights} holds its LoRA factors "
                          "(PeftModel.from_pretrained would not load them): fix the config or the weights")
+    own = next((k for k in extra if k.rpartition(".")[0] in modules), None)
+    if own is not None:
+        mod, _, leaf = own.rpartition(".")
+        raise ValueError(f"{where}: {weights} holds {own}, but {mod!r} has LoRA factors, so PEFT names its own {leaf} "
+                         f"{mod}.base_layer.{leaf} and PeftModel.from_pretrained would not load this key (older PEFT "
+                         f"saved it so): rename it to {PEFT_PREFIX}{mod}.base_layer.{leaf}, or drop it")
 
 
 def check_path(where: str, path) -> str:
@@ -389,6 +430,42 @@ def check_not_root(names, model: nn.Module | None, where: str) -> None:
         raise ValueError(f"{where}: the model{what} is itself a LoRA layer, which has no module path (PEFT "
                          "adapts only submodules); put it in a module (e.g. nn.Sequential(layer)), or save "
                          "lora_state_dict(layer, peft_names=False) and load it with layer.load_state_dict(sd, strict=False)")
+
+
+def saved_config(layers: dict, config: dict, where: str) -> dict:
+    """The config Adapter.save writes for ``layers`` (Adapter.layers, none at the root: check_not_root):
+    ``config``, whose target_modules ... must select every module (check_targets) and r / rank_pattern,
+    lora_alpha / alpha_pattern, use_rslora and use_dora give it its rank, scale and DoRA magnitude,
+    else ValueError naming the module (PEFT and
+    Adapter.load would load the file with the config's scale, silently); for an Adapter built in
+    memory (no "r"), first the fields of exactly its modules (targets.peft_config, full names; the
+    config's own fields win). Parameter layers (target_parameters) are read with the model and not checked here."""
+    check_not_root(layers, None, where)
+    plain = {n: w for n, w in layers.items() if w.kind != "parameter"}
+    if "r" not in config and plain:
+        if len(plain) != len(layers):
+            raise ValueError(f"{where}: the adapter has LoRA on parameters and no config (r, target_parameters ...): "
+                             "save one that Adapter.load or Adapter.from_model gave")
+        ranks = {n: w.r for n, w in plain.items()}
+        config = {**peft_config(ranks, {n: lora_alpha_for(float(w.scale), w.r, False) for n, w in plain.items()},
+                                full_names=True, use_dora=any(w.magnitude is not None for w in plain.values())), **config}
+    check_targets(where, config, plain, "the adapter")  # (PEFT would drop a module its target_modules leave out)
+    for name, w in plain.items():
+        if w.A.shape[0] == 0:
+            raise ValueError(f"{where}: module {name!r} has rank 0 (A {tuple(w.A.shape)}): PEFT's r is >= 1")
+        r = pattern_value(name, config.get("rank_pattern"), config.get("r"))
+        alpha = pattern_value(name, config.get("alpha_pattern"), config.get("lora_alpha"))
+        if not (isinstance(r, int) and r > 0 and isinstance(alpha, numbers.Real)):
+            continue  # (a file Adapter.load refuses, naming the field)
+        scale = lora_scaling(alpha, r, bool(config.get("use_rslora")))
+        if r != w.r or not math.isclose(scale, float(w.scale), rel_tol=1e-6):
+            raise ValueError(f"{where}: module {name!r} has rank {w.r} and scale {float(w.scale):g}, but the config "
+                             f"gives r={r}, scale {scale:g} (r / rank_pattern, lora_alpha / alpha_pattern, use_rslora), "
+                             "which PEFT and Adapter.load would use: fix adapter.config (or build the Adapter without one)")
+        if bool(config.get("use_dora")) != (w.magnitude is not None):
+            raise ValueError(f"{where}: module {name!r} " + ("has a DoRA magnitude but the config says use_dora=false"
+                             if w.magnitude is not None else "has no DoRA magnitude but the config says use_dora=true"))
+    return config
 
 
 def config_json(config: dict, where: str) -> str:

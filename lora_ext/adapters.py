@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter_checks import (CONFIG_FILE, SAFETENSORS_FILE, check_covered, check_dropout, check_modules_to_save,
-                             check_not_root, check_path, check_saved_modules, check_targets, check_tensors, config_json,
-                             read_config, read_weights, split_factors, to_save)
+from .adapter_checks import (CONFIG_FILE, LOADED_MODULES, LOADED_TABLES, SAFETENSORS_FILE, check_covered, check_dropout,
+                             check_modules_to_save, check_not_root, check_path, check_saved_modules, check_targets,
+                             check_tensors, config_json, loaded_tables, read_config, read_weights, remember,
+                             saved_config, split_factors, to_save)
 from .conv import check_conv_factors, is_conv
 from .inject import inject, lora_layers, peft_parameter_layers, trained_biases
 from .layers import LoRALayer, lora_alpha_for, lora_scaling
@@ -34,7 +35,6 @@ from .ops._checks import F32_MAX
 from .targets import PEFT_PREFIX, _short, check_not_peft, check_regex, name_regex, pattern_value, peft_config
 
 __all__ = ["Adapter", "LayerWeights", "load_adapter"]
-LOADED_MODULES = "_lora_ext_modules_to_save"  # model.__dict__: modules_to_save of the adapters loaded into it
 
 @dataclass
 class LayerWeights:
@@ -107,7 +107,7 @@ class Adapter:
                                  f"(target_parameters), which has 2-D factors and no lora_magnitude_vector; got "
                                  f"A {tuple(A.shape)}, B {tuple(B.shape)}" + ("" if mag is None else " and a magnitude"))
             params[name] = (A, B)
-        check_targets(f"Adapter.load: {os.path.join(path, CONFIG_FILE)}", config, factors, os.path.basename(file))
+        check_targets(f"Adapter.load: {os.path.join(path, CONFIG_FILE)}", config, factors, os.path.basename(file), extra)
         read = read_parameters(where, config, params, None if model is None else unwrapped(model)[0])
         conv = (lambda t: t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype))
         layers = {}
@@ -173,7 +173,7 @@ class Adapter:
         under its PEFT wrapper path, e.g. "...experts.base_layer.lora_A.weight")."""
         from safetensors.torch import save_file
 
-        check_not_root(self.layers, None, "Adapter.save")
+        config = saved_config(self.layers, self.config, "Adapter.save")  # (checked before any file)
         os.makedirs(path, exist_ok=True)
         tensors = {}
         for name, w in self.layers.items():
@@ -186,7 +186,7 @@ class Adapter:
             if w.magnitude is not None:
                 tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = w.magnitude.contiguous()
         tensors.update({PEFT_PREFIX + k: t.contiguous() for k, t in self.extra.items()})
-        config = config_json({"peft_type": "LORA", **self.config}, "Adapter.save")  # (checked before any file)
+        config = config_json({"peft_type": "LORA", **config}, "Adapter.save")  # (checked before any file)
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, os.path.join(path, SAFETENSORS_FILE),
                   metadata={"format": "pt"})
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
@@ -274,7 +274,7 @@ def saved_tensors(model: nn.Module, found: dict, modules_to_save, copy, where: s
     modules = dict(model.named_modules())
     extra = {f"{n}.{k}": copy(t) for n in keep for k, t in modules[n].state_dict(keep_vars=True).items()}
     trained, mode = trained_biases(model, skip=keep)
-    extra.update({key: copy(b) for _, key, b in trained})
+    extra.update({key: copy(b) for _, key, b in trained} | loaded_tables(model, found, copy, where))
     # trained weights the file would lose (a head trained beside the LoRA layers): only a bias saved, or in a mostly
     # frozen base (an unfrozen one, as after inject alone, is not "trained"), any; (n, names) -> n is or is inside one
     inside, with_bias = lambda n, names: any(n == k or n.startswith(k + ".") for k in names), {t[0] for t in trained}
@@ -386,15 +386,15 @@ def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -
         if ".base_layer." in key or isinstance(m, LoRALayer):
             # an adapted layer's own bias/table: PEFT loads it in place (ties kept); a merged layer's
             # weight is written unmerged, then merged again (it holds the merged adapter)
-            unmerge = isinstance(m, LoRALayer) and leaf == "weight"
+            if unmerge := isinstance(m, LoRALayer) and leaf == "weight":
+                remember(model, LOADED_TABLES, [mod])  # from_model saves it again (loaded_tables)
             with m._unmerged(f"{where}: {key}") if unmerge else contextlib.nullcontext(), torch.no_grad():
                 getattr(m, leaf).copy_(t)
         else:  # modules_to_save and other biases: PEFT uses its own copy, so ties are cut
             setattr(m, leaf, nn.Parameter(t.clone(), old.requires_grad) if isinstance(old, nn.Parameter) else t.clone())
         if leaf == "bias" and adapter.config.get("bias") in ("all", "lora_only") and isinstance(m.bias, nn.Parameter):
             m.bias.requires_grad_(True)  # trained, as the factors: from_model saves it again
-    if adapter.config.get("modules_to_save"):  # from_model saves them again by default
-        model.__dict__[LOADED_MODULES] = [*model.__dict__.get(LOADED_MODULES, []), *adapter.config["modules_to_save"]]
+    remember(model, LOADED_MODULES, adapter.config.get("modules_to_save"))  # from_model saves them again by default
     return [p[0] for p in plan] + [p[0] for p in params]
 
 

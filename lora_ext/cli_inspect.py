@@ -3,6 +3,7 @@ adapter directory holds and whether lora_ext loads and merges it and an AdapterP
 (LoRA on parameters, target_parameters: listed by PEFT wrapper path and parameter)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -80,7 +81,9 @@ def run_inspect(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    out = Console(highlight=False)
+    # no markup: paths and regexes ("[qk]_proj") print as they are; a verdict is one line (soft_wrap)
+    out = Console(highlight=False, markup=False)
+    line = functools.partial(out.print, soft_wrap=True)
     path = args.adapter
     cfg_path = os.path.join(path, CONFIG_FILE)
     try:
@@ -100,20 +103,20 @@ def run_inspect(args) -> int:
         adapter = Adapter.load(path, allow_pickle=args.allow_pickle)
     except NeedsModel as e:  # readable only with the model: the table cannot show its layers
         out.print(head)
-        out.print(f"lora_ext: loads and merges with the model only (load_adapter, python -m lora_ext merge): {one_line(e)}")
+        line(f"lora_ext: loads and merges with the model only (load_adapter, python -m lora_ext merge): {one_line(e)}")
         why = _pool_problems_from_config(raw, args.max_rank)
         if why:
-            out.print(f"AdapterPool: cannot serve it: {'; '.join(why)}")
+            line(f"AdapterPool: cannot serve it: {'; '.join(why)}")
         else:  # AdapterPool.load reads such a file against the pool's experts modules
             modules = raw.get("target_modules")
             serve = ([f"target_modules={json.dumps(modules)}"] if modules else []) + [
                 f"target_parameters={raw.get('target_parameters')} (MoE experts)"]
-            out.print(f"AdapterPool: can serve it (max_rank >= {_config_max_rank(raw)}, {', '.join(serve)}; "
-                      "AdapterPool.load reads it against the pool's experts modules)")
+            line(f"AdapterPool: can serve it (max_rank >= {_config_max_rank(raw)}, {', '.join(serve)}; "
+                 "AdapterPool.load reads it against the pool's experts modules)")
         return 1 if why and args.pool else 0
     except (ValueError, TypeError, FileNotFoundError, OSError) as e:
         out.print(head)
-        out.print(f"lora_ext: cannot load this adapter: {one_line(e)}")
+        line(f"lora_ext: cannot load this adapter: {one_line(e)}")
         return 1
     groups: dict[tuple, list[str]] = {}
     for name, w in adapter.layers.items():
@@ -168,14 +171,14 @@ def run_inspect(args) -> int:
     params = sorted(n for n, w in adapter.layers.items() if w.kind == "parameter")
     if max_r > args.max_rank:
         why.append(f"rank {max_r} > max_rank {args.max_rank}")
-    out.print("lora_ext: loads (Adapter.load, load_adapter) and merges (python -m lora_ext merge" +
-              (", alone and with weight 1: DoRA adapters are not combined)" if dora else
-               ", alone and with weight 1: LoRA on parameters is not combined)" if params else ")"))
+    line("lora_ext: loads (Adapter.load, load_adapter) and merges (python -m lora_ext merge" +
+         (", alone and with weight 1: DoRA adapters are not combined)" if dora else
+          ", alone and with weight 1: LoRA on parameters is not combined)" if params else ")"))
     if why:
-        out.print(f"AdapterPool: cannot serve it: {'; '.join(why)}")
+        line(f"AdapterPool: cannot serve it: {'; '.join(why)}")
     else:
         modules = sorted({n.rsplit('.', 1)[-1] for n, w in adapter.layers.items() if w.kind != "parameter"})
         serve = ([f"target_modules covering {', '.join(modules)}"] if modules else []) + (
             [f"target_parameters={adapter.config.get('target_parameters')} (MoE experts)"] if params else [])
-        out.print(f"AdapterPool: can serve it ({'dora=True, ' if dora else ''}max_rank >= {max_r}, {', '.join(serve)})")
+        line(f"AdapterPool: can serve it ({'dora=True, ' if dora else ''}max_rank >= {max_r}, {', '.join(serve)})")
     return 1 if why and args.pool else 0

@@ -55,14 +55,23 @@ class CommandError(Exception):
 # ---------------------------------------------------------------- argparse
 def _directory(s: str) -> str:
     if not os.path.isdir(s):
-        raise argparse.ArgumentTypeError(f"{s}: no such directory")
+        what = "not a directory (pass the adapter directory that holds it)" if os.path.exists(s) else "no such directory"
+        raise argparse.ArgumentTypeError(f"{s}: {what}")
     return s
 
 
 def _new_dir(s: str) -> str:
+    if not s:
+        raise argparse.ArgumentTypeError("expected a directory path, got ''")
     if os.path.exists(s) and not (os.path.isdir(s) and not os.listdir(s)):
         what = "is not empty" if os.path.isdir(s) else "exists and is not a directory"
         raise argparse.ArgumentTypeError(f"{s} {what}: pick a new directory (nothing is overwritten)")
+    parent = os.path.dirname(os.path.abspath(s))  # checked now, not after the merge: its nearest existing folder
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        why = "Not a directory" if not os.path.isdir(parent) else "Permission denied"
+        raise argparse.ArgumentTypeError(f"cannot create directory {s}: {why} ({parent})")
     return s
 
 
@@ -148,22 +157,33 @@ def _quiet_transformers():
 
 
 # ---------------------------------------------------------------- merge
+def _subadapters(path: str) -> str:
+    """A hint naming the adapters in ``path``'s subdirectories (PEFT's save_pretrained of several
+    adapters puts each non-default one in <dir>/<name>/), else ""."""
+    try:
+        subs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, CONFIG_FILE)))
+    except OSError:  # an unreadable directory: the error says what it lacks
+        subs = []
+    return f"; adapters in its subdirectories: {', '.join(subs)} (pass {os.path.join(path, '<name>')})" if subs else ""
+
+
 def _split_paths(paths: list[str], parser) -> tuple[str, list[str]]:
     """(BASE, adapters) from the positional paths; BASE from the first adapter's config if omitted."""
     for p in paths:
         if not os.path.isdir(p):
-            parser.error(f"{p}: no such directory")
+            parser.error(f"{p}: " + ("not a directory (pass the model or adapter directory that holds it)"
+                                     if os.path.exists(p) else "no such directory"))
     first = paths[0]
     is_adapter = os.path.isfile(os.path.join(first, CONFIG_FILE))
     if not is_adapter and not os.path.isfile(os.path.join(first, "config.json")):
         parser.error(f"{first}: neither a transformers model directory (config.json) nor a PEFT adapter "
-                     f"directory ({CONFIG_FILE})")
+                     f"directory ({CONFIG_FILE}){_subadapters(first)}")
     base, adapters = (None, paths) if is_adapter else (first, paths[1:])
     if not adapters:
         parser.error(f"no adapter given after BASE {first}")
     for p in adapters:
         if not os.path.isfile(os.path.join(p, CONFIG_FILE)):
-            parser.error(f"{p}: not a PEFT adapter directory (no {CONFIG_FILE})")
+            parser.error(f"{p}: not a PEFT adapter directory (no {CONFIG_FILE}){_subadapters(p)}")
     if base is None:
         with open(os.path.join(first, CONFIG_FILE)) as f:
             try:
@@ -171,6 +191,9 @@ def _split_paths(paths: list[str], parser) -> tuple[str, list[str]]:
             except ValueError as e:  # a refused adapter file (exit 1), as Adapter.load refuses it
                 raise CommandError(f"{os.path.join(first, CONFIG_FILE)} is not valid JSON ({e})") from None
         named = named.get("base_model_name_or_path") if isinstance(named, dict) else None
+        if named and not isinstance(named, str):  # a hand-edited config: refused as Adapter.load refuses one
+            raise CommandError(f"{os.path.join(first, CONFIG_FILE)}: base_model_name_or_path must be a string (a "
+                               f"model directory), got {json.dumps(named)[:80]}")
         if not named:
             parser.error(f"BASE omitted and {os.path.join(first, CONFIG_FILE)} names no base_model_name_or_path: "
                          "pass the base model directory first")
@@ -205,17 +228,24 @@ def _model_class(base: str, adapters: list[Adapter], task: str | None):
 
 
 def _checkpoint_keys(base: str) -> set[str] | None:
-    """The tensor names of BASE's safetensors checkpoint (one file or an index), None if not found."""
+    """The tensor names of BASE's checkpoint (safetensors or an older pytorch_model.bin: one file or
+    an index), None if not found or unreadable (from_pretrained then names the problem)."""
     from safetensors import safe_open
 
-    index = os.path.join(base, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return set(json.load(f).get("weight_map", {}))
-    single = os.path.join(base, "model.safetensors")
-    if os.path.isfile(single):
-        with safe_open(single, "pt") as f:
-            return set(f.keys())
+    try:
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if os.path.isfile(os.path.join(base, index)):
+                with open(os.path.join(base, index)) as f:
+                    return set(json.load(f).get("weight_map", {}))
+        single = os.path.join(base, "model.safetensors")
+        if os.path.isfile(single):
+            with safe_open(single, "pt") as f:
+                return set(f.keys())
+        single = os.path.join(base, "pytorch_model.bin")
+        if os.path.isfile(single):  # mmap: the names without reading the tensors
+            return set(torch.load(single, map_location="cpu", weights_only=True, mmap=True))
+    except Exception:  # noqa: BLE001  (a corrupt checkpoint: _load_base's error names it)
+        return None
     return None
 
 
@@ -339,8 +369,10 @@ def run_merge(args, base: str, paths: list[str]) -> int:
     """Loads BASE, folds the adapters in (lora_ext.load_adapter + merge_and_unload), saves the model."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    log = Console(stderr=True, highlight=False)
+    # no markup, no wrapping: paths print as they are ("run[v2]"), one line each
+    log = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
     t0 = time.perf_counter()
     adapters, deferred = [], []
     pickle = args.allow_pickle
@@ -409,7 +441,7 @@ def run_merge(args, base: str, paths: list[str]) -> int:
         raise CommandError(f"refusing to write non-finite weights (--no-safe writes them): {e}") from None
     bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
     if bad:  # only with --no-safe (or a base that held them already)
-        log.print(f"[yellow]warning:[/] non-finite values in {bad[:4]}{' ...' if len(bad) > 4 else ''}")
+        log.print(Text("warning:", style="yellow"), f"non-finite values in {bad[:4]}{' ...' if len(bad) > 4 else ''}")
     log.print(f"merged {len(loaded)} module(s); writing {args.out}")
     os.makedirs(args.out, exist_ok=True)
     with _quiet_transformers():
@@ -430,5 +462,5 @@ def run_merge(args, base: str, paths: list[str]) -> int:
     table.add_row("files", ", ".join(sorted(os.listdir(args.out))))
     table.add_row("copied", f"from {tok_src}" + (f": {', '.join(copied)}" if copied else ": nothing (no tokenizer files)"))
     table.add_row("time", f"{time.perf_counter() - t0:.1f} s")
-    Console(highlight=False).print(table)
+    Console(highlight=False, markup=False).print(table)
     return 0

@@ -138,6 +138,8 @@ def _check_pair(A, B, where):
                          "(lora_B [out, r / groups, 1, ...]), which combine does not take")
     if B.shape[1] != A.shape[0]:
         raise ValueError(f"combine: {where}: A {tuple(A.shape)} and B {tuple(B.shape)} ranks differ")
+    if A.shape[0] == 0:  # (the result would be no LoRA layer: inject / PEFT need r >= 1)
+        raise ValueError(f"combine: {where}: A {tuple(A.shape)} and B {tuple(B.shape)} have rank 0")
     if not A.is_floating_point() or not B.is_floating_point():
         raise ValueError(f"combine: {where}: A and B must be floating point, got {A.dtype}, {B.dtype}")
 
@@ -161,6 +163,17 @@ def _check_same_shapes(items, where):
     if len(ins) != 1 or len(outs) != 1:
         raise ValueError(f"combine: {where}: adapters have different in/out sizes (in {sorted(ins)}, "
                          f"out {sorted(outs)})")
+
+
+def _leaves_select_all(config: dict) -> bool:
+    """Whether an adapter's config selects every module its modules' leaf names name: "all-linear" or
+    a list of leaf names (no dots: "layers.0.q_proj" is a full name, "self_attn.q_proj" skips
+    cross_attn.q_proj), no layers_to_transform / exclude_modules. An Adapter built in memory (no
+    target_modules) cannot tell."""
+    targets = config.get("target_modules")
+    leaves = targets == "all-linear" or (isinstance(targets, (list, tuple)) and
+                                         all(isinstance(t, str) and "." not in t for t in targets))
+    return leaves and config.get("layers_to_transform") in (None, []) and not config.get("exclude_modules")
 
 
 def _combine_adapters(adapters: list[Adapter], weights, how, dtype) -> Adapter:
@@ -197,9 +210,7 @@ def _combine_adapters(adapters: list[Adapter], weights, how, dtype) -> Adapter:
     # make PEFT skip combined modules; only metadata all inputs agree on is kept. Inputs that
     # selected fewer modules than their leaves name get full module names (PEFT would wrap the
     # leaves in every layer)
-    narrowed = any(a.config.get("layers_to_transform") not in (None, []) or a.config.get("exclude_modules")
-                   or (isinstance(a.config.get("target_modules"), str) and a.config["target_modules"] != "all-linear")
-                   for a in adapters)
+    narrowed = not all(_leaves_select_all(a.config) for a in adapters)
     config = peft_config(ranks, ranks, fan_in_fan_out=any(a.config.get("fan_in_fan_out", False) for a in adapters),
                          full_names=narrowed)
     config |= {k: adapters[0].config[k] for k in ("task_type", "base_model_name_or_path")

@@ -5,10 +5,9 @@ Parameter names and shapes follow loralib / HF PEFT: ``lora_A`` [r, in], ``lora_
 base ``weight``/``bias`` are frozen; ``scaling`` is alpha / r (alpha / sqrt(r) with rsLoRA).
 B (A for embeddings, as in PEFT) starts at zero, so wrapping a layer leaves its output unchanged.
 
-Both derive from LoRALayer (as PEFT's LoraLayer), which owns what the rest of lora_ext needs of a
-LoRA layer: merge()/unmerge() (exact, via lora_ext.ops.MergeState), lora_factors() /
-set_lora_factors() in PEFT's orientation, and base_module() (the unwrapped module). Other
-subclasses: LoRAEmbedding (embedding.py), MergedLinear (merged_linear.py), LoRAConv1d/2d/3d (conv.py).
+Both derive from LoRALayer (as PEFT's LoraLayer), which owns what the rest of lora_ext needs of a LoRA layer:
+merge()/unmerge() (exact, via lora_ext.ops.MergeState), lora_factors() / set_lora_factors() in PEFT's orientation,
+and base_module() (the unwrapped module). Others: LoRAEmbedding, MergedLinear, LoRAConv1d/2d/3d (conv.py).
 """
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from torch import nn
 from .hparams import _check_hparams, lora_alpha_for, lora_scaling  # noqa: F401  (imported from here too)
 from .dora import DoraLayer, DoraMergeState, dora_linear, dora_merge_
 from .ops import MergeState, check_merge_finite, lora_linear, merge_, unmerge_
+from .merged_sd import MergedStateDict
 from .ops._checks import as_scale
 from .sharding import is_dtensor, is_fsdp
 from .wrappable import is_conv1d, parametrized, unwrappable  # noqa: F401  (imported from here too)
@@ -56,7 +56,7 @@ def set_factor(p: nn.Parameter, value: torch.Tensor) -> None:
             p.grad = None
 
 
-class LoRALayer(DoraLayer, nn.Module, abc.ABC):
+class LoRALayer(DoraLayer, MergedStateDict, nn.Module, abc.ABC):
     """Base of the LoRA layers: ``weight`` (frozen) plus factors A [r, in], B [out, r] with
     ``scaling`` (``r``, ``lora_alpha``, ``use_rslora``, ``merged``, ``base_class`` attributes).
 

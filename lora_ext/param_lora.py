@@ -32,6 +32,7 @@ from .ops import MergeState, check_merge_finite, merge_, unmerge_
 from .ops._checks import as_scale
 from .sharding import is_dtensor, is_fsdp
 from .layers import LoRALayer, set_factor
+from .merged_sd import MergedStateDict
 from .targets import hooked, pattern_value, read_directly
 
 __all__ = ["LoRAParameter", "inject_parameters", "parameter_layers", "outermost", "generic_path", "target_hparams",
@@ -58,7 +59,7 @@ def _moe():  # lora_ext.moe imports transformers lazily; this module stays impor
     return moe
 
 
-class LoRAParameter(nn.Module):
+class LoRAParameter(MergedStateDict, nn.Module):
     """LoRA on ``base_layer.<parameter_name>`` (2-D [out, in] or a 3-D expert stack); see the module doc.
 
     Attributes as PEFT's: ``r``, ``lora_alpha``, ``scaling``, ``use_rslora``, ``num_experts``,
@@ -300,13 +301,16 @@ class LoRAParameter(nn.Module):
                 st.convert(o, n, fn)
         return self
 
+    def _merged_weight_key(self, prefix: str) -> str:  # (merged_sd) the wrapped parameter, saved by base_layer
+        return prefix + "base_layer." * len(_chain(self)) + self.parameter_name
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         """As LoRALayer's: a merged wrapper takes new factors unmerged, loaded and merged again
         (exactly if it was), so the parameter holds the loaded adapter; a state dict with the merged
         parameter itself (merged or not?), or factors for a wrapper merged for good, is an error
         (load_state_dict raises RuntimeError)."""
-        param = prefix + "base_layer." * len(_chain(self)) + self.parameter_name
+        param = self._merged_weight_key(prefix)
         if not self.merged or not any(k in state_dict for k in (prefix + "lora_A", prefix + "lora_B", param)):
             return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                                  unexpected_keys, error_msgs)

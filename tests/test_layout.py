@@ -10,7 +10,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 # Lowest first. A module may import only modules before it; lora_ext/ops/* (as "ops") is at the
 # bottom and imports nothing else of lora_ext. "__init__" is `import lora_ext` / `from lora_ext import X`.
-ORDER = ["ops", "sharding", "hparams", "dora", "wrappable", "layers", "embedding", "merged_linear", "conv", "targets", "moe", "param_lora", "inject", "merge", "adapter_checks", "param_files", "adapters", "combine", "multi", "multi_experts", "pool_checks",
+ORDER = ["ops", "sharding", "hparams", "dora", "wrappable", "merged_sd", "layers", "embedding", "merged_linear", "conv", "targets", "moe", "param_lora", "inject", "merge", "adapter_checks", "param_files", "adapters", "combine", "multi", "multi_experts", "pool_checks",
          "pool", "tp", "distributed", "peft_pools", "peft_experts", "peft_patch", "__init__", "demo", "cli_inspect", "cli_merge", "__main__"]
 COMPILED = {"_C"}  # the extension (no Python imports)
 

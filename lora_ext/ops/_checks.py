@@ -17,19 +17,21 @@ def as_scale(op: str, name: str, value) -> float:
     (torch.compile with a varying scale) pass through: the op checks them when it runs.
     A tensor's value is unknown while torch.compile traces, and the kernels take a float argument,
     which cannot hold it: the call graph-breaks there (runs eagerly, checked as above); under
-    ``fullgraph=True`` that is an error naming the op and the argument."""
+    ``fullgraph=True`` and ``torch.export`` that is an error naming the op and the argument."""
     if isinstance(value, (torch.SymFloat, torch.SymInt)):
         return value
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         if value.requires_grad:
             raise TypeError(f"{op}: {name} is a tensor that requires grad, but {name} is not "
                             "differentiated; pass a float (or detach it)")
+        why = (f"{op}: {name} is a tensor, whose value torch.compile / torch.export cannot pass to the "
+               f"kernel's float argument while tracing; pass {name} as a Python float (float({name}) outside "
+               "the compiled or exported function) to compile the call into the graph")
         if torch.compiler.is_compiling():
-            torch._dynamo.graph_break(msg=(
-                f"{op}: {name} is a tensor, whose value torch.compile cannot pass to the kernel's "
-                f"float argument while tracing; pass {name} as a Python float (float({name}) outside "
-                "the compiled function) to compile the call into the graph"))
+            torch._dynamo.graph_break(msg=why)
         value = value.item()
+        if isinstance(value, (torch.SymFloat, torch.SymInt)):  # torch.export (non-strict): no graph break there
+            raise RuntimeError(why)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} {value!r:.80}")
     try:
