@@ -100,8 +100,8 @@ def loaded_tables(model: nn.Module, found: dict, copy, where: str) -> dict:
         if m._merged_for_good():
             raise ValueError(f"{where}: {name!r} holds the weight an adapter file gave it ({name}.base_layer.weight), "
                              "but it is merged for good (drop_merge_state / merge_and_unload), so that weight is lost")
-        with m._unmerged(where):
-            out[f"{name}.base_layer.weight"] = copy(m.weight).clone() if m.merged else copy(m.weight)
+        with m._unmerged(where):  # (copy clones: the weight is merged again after the block)
+            out[f"{name}.base_layer.weight"] = copy(m.weight)
     return out
 
 
@@ -432,6 +432,15 @@ def check_not_root(names, model: nn.Module | None, where: str) -> None:
                          "lora_state_dict(layer, peft_names=False) and load it with layer.load_state_dict(sd, strict=False)")
 
 
+def config_scale(name: str, r: int, config: dict) -> float | None:
+    """The scale an adapter config gives module ``name`` of rank r: alpha (alpha_pattern, else lora_alpha)
+    / r, or / sqrt(r) with use_rslora; None without a numeric alpha."""
+    alpha = pattern_value(name, config.get("alpha_pattern"), config.get("lora_alpha"))
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        return None
+    return lora_scaling(alpha, r, bool(config.get("use_rslora")))
+
+
 def saved_config(layers: dict, config: dict, where: str) -> dict:
     """The config Adapter.save writes for ``layers`` (Adapter.layers, none at the root: check_not_root):
     ``config``, whose target_modules ... must select every module (check_targets) and r / rank_pattern,
@@ -454,10 +463,9 @@ def saved_config(layers: dict, config: dict, where: str) -> dict:
         if w.A.shape[0] == 0:
             raise ValueError(f"{where}: module {name!r} has rank 0 (A {tuple(w.A.shape)}): PEFT's r is >= 1")
         r = pattern_value(name, config.get("rank_pattern"), config.get("r"))
-        alpha = pattern_value(name, config.get("alpha_pattern"), config.get("lora_alpha"))
-        if not (isinstance(r, int) and r > 0 and isinstance(alpha, numbers.Real)):
+        scale = config_scale(name, r, config) if isinstance(r, int) and r > 0 else None
+        if scale is None:
             continue  # (a file Adapter.load refuses, naming the field)
-        scale = lora_scaling(alpha, r, bool(config.get("use_rslora")))
         if r != w.r or not math.isclose(scale, float(w.scale), rel_tol=1e-6):
             raise ValueError(f"{where}: module {name!r} has rank {w.r} and scale {float(w.scale):g}, but the config "
                              f"gives r={r}, scale {scale:g} (r / rank_pattern, lora_alpha / alpha_pattern, use_rslora), "

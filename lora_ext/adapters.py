@@ -23,11 +23,11 @@ from torch import nn
 
 from .adapter_checks import (CONFIG_FILE, LOADED_MODULES, LOADED_TABLES, SAFETENSORS_FILE, check_covered, check_dropout,
                              check_modules_to_save, check_not_root, check_path, check_saved_modules, check_targets,
-                             check_tensors, config_json, loaded_tables, read_config, read_weights, remember,
+                             check_tensors, config_json, config_scale, loaded_tables, read_config, read_weights, remember,
                              saved_config, split_factors, to_save)
 from .conv import check_conv_factors, is_conv
 from .inject import inject, lora_layers, peft_parameter_layers, trained_biases
-from .layers import LoRALayer, lora_alpha_for, lora_scaling
+from .layers import LoRALayer, lora_alpha_for
 from .param_files import load_parameters, parameter_paths, plan_parameters, read_parameters, split_path
 from .param_lora import LoRAParameter, parameter_layers
 from .sharding import fsdp1_of, is_dtensor, unwrapped, wrapper_free, wrapper_free_name
@@ -120,7 +120,7 @@ class Adapter:
                 raise ValueError(f"{where}: module {name!r} " + (
                     "has no lora_magnitude_vector but the config says use_dora=true" if dora else
                     "has a lora_magnitude_vector (DoRA) but the config says use_dora=false"))
-            layers[name] = LayerWeights(conv(A), conv(B), _scale_for(name, A.shape[0], config), kind,
+            layers[name] = LayerWeights(conv(A), conv(B), config_scale(name, A.shape[0], config), kind,
                                         None if mag is None else conv(mag))
         for name, (A, B, scale, pname, experts) in read.items():
             layers[name] = LayerWeights(conv(A), conv(B), scale, "parameter", parameter=pname, num_experts=experts)
@@ -287,11 +287,6 @@ def saved_tensors(model: nn.Module, found: dict, modules_to_save, copy, where: s
                       "are not saved (only LoRA factors and biases are); pass modules_to_save=[...] to save "
                       "those modules, or freeze them (lora_ext.mark_only_lora_trainable)", stacklevel=3)
     return extra, mode, keep or None
-
-
-def _scale_for(name: str, r: int, config: dict) -> float:
-    alpha = pattern_value(name, config.get("alpha_pattern"), config["lora_alpha"])
-    return lora_scaling(alpha, r, bool(config.get("use_rslora")))
 
 
 def load_adapter(model: nn.Module, adapter: Adapter | dict[str, torch.Tensor]) -> list[str]:
